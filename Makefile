@@ -1,0 +1,24 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create .venv from the repo's own files on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@mkdir -p out
+	$(BIN)/elasticplan solve problems/scenarios/bert-base-phone.yaml -o out/bert-base-phone.plan.json
+	$(BIN)/elasticplan verify out/bert-base-phone.plan.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .hypothesis .pytest_cache

@@ -1,0 +1,177 @@
+"""The `elasticplan` command: solve, verify, sweep.
+
+A user mistake (bad file, bad flag value, infeasible problem) prints one line
+`elasticplan: error: ...` on stderr and exits non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError, \
+    NoPlanFoundError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import Plan
+from elasticplan.report import plan_table
+from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_THREADS, \
+    DEFAULT_TIME_LIMIT_S, solve
+from elasticplan.verify import scenario_for, verify_plan
+
+
+def _range(text: str) -> list[float]:
+    """'A:B:STEP' inclusive, or a single value, or 'a,b,c'."""
+    try:
+        if "," in text:
+            return [float(v) for v in text.split(",")]
+        parts = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B:STEP or a,b,c, got {text!r}") from None
+    if len(parts) == 1:
+        return parts
+    if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+        raise argparse.ArgumentTypeError(f"expected A:B:STEP with A <= B and STEP > 0, got {text!r}")
+    start, stop, step = parts
+    n = int((stop - start) / step + 1e-9) + 1
+    if n > 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} has {n} points; at most 10000")
+    return [round(start + i * step, 9) for i in range(n)]
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", choices=sorted(BACKENDS), default="cpsat")
+    p.add_argument("--time-limit", type=_positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
+                   help=f"seconds per solve (default {DEFAULT_TIME_LIMIT_S:g})")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    p.add_argument("--gap", type=float, default=DEFAULT_RELATIVE_GAP,
+                   help=f"relative gap at which a solve counts as optimal "
+                        f"(default {DEFAULT_RELATIVE_GAP:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elasticplan", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("solve", help="solve a scenario and print the plan")
+    s.add_argument("scenario")
+    _solver_args(s)
+    s.add_argument("--target-ms", type=_positive, help="override target_latency_ms")
+    s.add_argument("--buffer-mb", type=float, help="override preload_budget_mb")
+    s.add_argument("-o", "--output", help="write the plan as JSON")
+
+    v = sub.add_parser("verify", help="check a plan file against its scenario")
+    v.add_argument("plan")
+    v.add_argument("--scenario", help="scenario file (default: the path the plan records)")
+
+    w = sub.add_parser("sweep", help="solve over a range of buffers or targets")
+    w.add_argument("scenario")
+    axis = w.add_mutually_exclusive_group(required=True)
+    axis.add_argument("--buffer-mb", type=_range, metavar="A:B:STEP")
+    axis.add_argument("--target-ms", type=_range, metavar="A:B:STEP")
+    _solver_args(w)
+    w.add_argument("--csv", help="also write the frontier as CSV")
+    return parser
+
+
+def _overrides(target_ms, buffer_mb) -> dict:
+    out = {}
+    if target_ms is not None:
+        out["target_latency_ms"] = target_ms
+    if buffer_mb is not None:
+        out["preload_budget_mb"] = buffer_mb
+    return out
+
+
+def cmd_solve(a) -> int:
+    scenario = load_scenario(a.scenario)
+    scenario = scenario.with_overrides(**_overrides(a.target_ms, a.buffer_mb))
+    plan = solve(scenario, a.solver, time_limit_s=a.time_limit, threads=a.threads,
+                 relative_gap=a.gap)
+    print(plan_table(scenario, plan))
+    if a.output:
+        plan.save(a.output)
+        print(f"plan written to {a.output}")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan, a.scenario)
+    schedule = verify_plan(scenario, plan)
+    print(f"{a.plan}: OK ({plan.solver}, {plan.status.value}): latency "
+          f"{schedule.latency_ms:.3f} ms <= {scenario.target_latency_ms:g} ms, buffer "
+          f"{schedule.preload_bytes / 1e6:.3f} MB <= {scenario.preload_budget_mb:g} MB, "
+          f"importance {schedule.importance:.6g}, {plan.n_shards} shards; every predicted "
+          f"time matches the simulation")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    base = load_scenario(a.scenario)
+    param, values = ("buffer_mb", a.buffer_mb) if a.buffer_mb else ("target_ms", a.target_ms)
+    rows = []
+    print(f"{param:>10}  {'status':>10}  {'importance':>10}  {'latency ms':>10}  "
+          f"{'buffer MB':>9}  {'gap':>8}  {'solve s':>7}")
+    for value in values:
+        ov = {"preload_budget_mb": value} if param == "buffer_mb" else {"target_latency_ms": value}
+        row = {param: value, "solver": a.solver}
+        try:
+            plan = solve(base.with_overrides(**ov), a.solver, time_limit_s=a.time_limit,
+                         threads=a.threads, relative_gap=a.gap, explain=False)
+            row.update(status=plan.status.value, importance=plan.importance,
+                       latency_ms=plan.predicted_latency_ms, buffer_mb=plan.preload_bytes / 1e6,
+                       gap=plan.gap, solve_seconds=plan.solve_seconds)
+            if param == "buffer_mb":
+                row["buffer_mb"] = plan.preload_bytes / 1e6
+                row[param] = value
+        except (InfeasibleError, SolverTimeoutError, NoPlanFoundError) as e:
+            row.update(status={InfeasibleError: "infeasible", SolverTimeoutError: "timeout",
+                               NoPlanFoundError: "no-plan"}[type(e)])
+        rows.append(row)
+        print(f"{value:>10g}  {row['status']:>10}  {_fmt(row.get('importance'), '.6g'):>10}  "
+              f"{_fmt(row.get('latency_ms'), '.3f'):>10}  {_fmt(row.get('buffer_mb'), '.3f'):>9}  "
+              f"{_fmt(row.get('gap'), '.1e'):>8}  {_fmt(row.get('solve_seconds'), '.2f'):>7}")
+    if a.csv:
+        fields = [param, "solver", "status", "importance", "latency_ms", "buffer_mb", "gap",
+                  "solve_seconds"]
+        with open(a.csv, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"frontier written to {a.csv}")
+    return 0
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep}[args.command]
+    try:
+        return handler(args)
+    except ElasticplanError as e:
+        print(f"elasticplan: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # e.g. -o into a missing directory
+        print(f"elasticplan: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("elasticplan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""One root exception with specific subclasses.
+
+Every error a user can cause derives from ElasticplanError and carries a
+one-line message; the CLI prints that line and exits non-zero, never a
+traceback. Anything else escaping the library is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ElasticplanError(Exception):
+    """Root of every error elasticplan raises on purpose."""
+
+    exit_code = 1
+
+
+class SpecError(ElasticplanError):
+    """A problem file is malformed: names the file, the key path and what is wrong."""
+
+    exit_code = 2
+
+    def __init__(self, file: str | None, key_path: str, message: str):
+        self.file = file
+        self.key_path = key_path
+        self.message = message
+        where = file or "<inline>"
+        if key_path:
+            where += f": {key_path}"
+        super().__init__(f"{where}: {message}")
+
+
+class InfeasibleError(ElasticplanError):
+    """The solver proved that no plan exists; the message says what is short and by how much."""
+
+    exit_code = 3
+
+
+class SolverTimeoutError(ElasticplanError):
+    """The time limit ran out before any feasible plan was found (not a proof of infeasibility)."""
+
+    exit_code = 4
+
+
+class NoPlanFoundError(ElasticplanError):
+    """A heuristic (the greedy baseline) found no plan; this proves nothing about feasibility."""
+
+    exit_code = 5
+
+
+class PlanFormatError(ElasticplanError):
+    """A plan file is unreadable, of another schema, or stale against its scenario."""
+
+    exit_code = 2
+
+
+class VerificationError(ElasticplanError):
+    """A plan violates a constraint, checked by the independent verifier."""
+
+    exit_code = 6
+
+    def __init__(self, violations: list[str]):
+        self.violations = list(violations)
+        head = self.violations[0] if self.violations else "unknown violation"
+        more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+        super().__init__(f"plan rejected: {head}{more}")
+
+
+class SolverError(ElasticplanError):
+    """A solver answered with a status the project does not expect (model invalid, crash)."""
+
+    exit_code = 7

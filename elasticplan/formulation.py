@@ -1,0 +1,177 @@
+"""The integer program, written once and solver-neutral (ARCHITECTURE.md, "The integer program").
+
+Variables (booleans, per layer l, shard s, bitwidth b):
+  q[l,s,b] = 1  the shard runs at bitwidth b and is streamed from storage
+  p[l,s,b] = 1  the shard runs at bitwidth b and is held in the preload buffer
+  (ARCHITECTURE.md's x = q + p and p <= x; splitting x this way keeps every cost
+   coefficient non-negative, which makes conservative integer rounding exact to state)
+  y[l]     = 1  layer l runs (only when min_shards_per_layer = 0; otherwise y = 1)
+Times (continuous, ms, >= 0):  F[l] = end of layer l's reads,  C[l] = end of its compute.
+
+Each backend lowers `Program.rows` as they are; CP-SAT first goes through
+elasticplan.scaling. The cost coefficients are the cost model's (elasticplan.costmodel).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from dataclasses import dataclass
+
+from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
+from elasticplan.spec import Objective, Scenario
+
+
+class Unit(str, enum.Enum):
+    COUNT = "count"
+    BYTES = "bytes"
+    TIME_MS = "ms"
+    IMPORTANCE = "importance"
+
+
+@dataclass(frozen=True)
+class Row:
+    """sum(coef * var) <sense> rhs, in one unit. sense is "<=" or ">="."""
+
+    label: str
+    unit: Unit
+    terms: tuple[tuple[str, float], ...]
+    sense: str
+    rhs: float
+
+
+@dataclass(frozen=True)
+class Program:
+    scenario: Scenario
+    bools: tuple[str, ...]
+    times: tuple[str, ...]  # continuous, >= 0, in ms
+    time_horizon_ms: float  # no time variable needs to exceed this
+    rows: tuple[Row, ...]
+    objective: tuple[tuple[str, float], ...]
+    maximize: bool
+    objective_unit: Unit
+    q: dict  # (l, s, b) -> variable name
+    p: dict  # (l, s, b) -> variable name
+
+    def selection(self, value) -> Selection:
+        """Read a solution back: `value(name)` gives a variable's value (rounded here)."""
+        layers = defaultdict(list)
+        for key, name in self.q.items():
+            if value(name) > 0.5:
+                layers[key[0]].append(Pick(key[1], key[2], False))
+        for key, name in self.p.items():
+            if value(name) > 0.5:
+                layers[key[0]].append(Pick(key[1], key[2], True))
+        n = len(self.scenario.model.layers)
+        # Read order inside a layer: by shard index (the runtime streams in plan order).
+        return tuple(tuple(sorted(layers[li], key=lambda pk: pk.shard)) for li in range(n))
+
+    def assignment(self, selection: Selection) -> dict[str, int]:
+        """The booleans of a selection (for hints and tests); unset ones are 0."""
+        values = {name: 0 for name in self.bools}
+        for li, picks in enumerate(selection):
+            if picks and f"y[{li}]" in values:
+                values[f"y[{li}]"] = 1
+            for pk in picks:
+                table = self.p if pk.preloaded else self.q
+                values[table[li, pk.shard, pk.bit]] = 1
+        return values
+
+
+def build(scenario: Scenario) -> Program:
+    """Data, variables, constraints, objective, in that order."""
+    device, model = scenario.device, scenario.model
+    L, B = len(model.layers), len(model.bitwidths)
+    skippable = scenario.min_shards_per_layer == 0
+
+    # --- variables ---------------------------------------------------------------------
+    q, p, bools = {}, {}, []
+    for li, layer in enumerate(model.layers):
+        for si in range(len(layer.shards)):
+            for b in range(B):
+                q[li, si, b] = f"q[{li},{si},{b}]"
+                p[li, si, b] = f"p[{li},{si},{b}]"
+                bools += [q[li, si, b], p[li, si, b]]
+        if skippable:
+            bools.append(f"y[{li}]")
+    times = ["Z"] if scenario.objective == Objective.MIN_LATENCY else []
+    io_terms, comp_terms, fixed_compute = [], [], []
+
+    rows: list[Row] = []
+
+    def row(label, unit, terms, sense, rhs):
+        merged = defaultdict(float)
+        for var, coef in terms:
+            merged[var] += coef
+        rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
+                        sense, float(rhs)))
+
+    horizon = 0.0
+    for li, layer in enumerate(model.layers):
+        run = [(q[li, si, b], p[li, si, b]) for si in range(len(layer.shards)) for b in range(B)]
+        # pick[l,s]: each shard runs at most once, at one bitwidth:  sum_b q + p <= 1
+        for si in range(len(layer.shards)):
+            row(f"pick[{li},{si}]", Unit.COUNT,
+                [(q[li, si, b], 1) for b in range(B)] + [(p[li, si, b], 1) for b in range(B)],
+                "<=", 1)
+        if skippable:
+            y = f"y[{li}]"
+            # shard runs only in a running layer (sum_b q+p <= y); a running layer has a shard
+            for si in range(len(layer.shards)):
+                row(f"in_layer[{li},{si}]", Unit.COUNT,
+                    [(q[li, si, b], 1) for b in range(B)] + [(p[li, si, b], 1) for b in range(B)]
+                    + [(y, -1)], "<=", 0)
+            row(f"nonempty[{li}]", Unit.COUNT, [(v, 1) for pair in run for v in pair] + [(y, -1)],
+                ">=", 0)
+            overhead_terms, overhead_rhs = [(y, device.layer_overhead_ms)], 0.0
+        else:
+            # min_shards[l]: sum (q + p) >= min_shards_per_layer
+            row(f"min_shards[{li}]", Unit.COUNT, [(v, 1) for pair in run for v in pair], ">=",
+                scenario.min_shards_per_layer)
+            overhead_terms, overhead_rhs = [], device.layer_overhead_ms
+
+        io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
+                         for si, s in enumerate(layer.shards) for b in range(B)])
+        comp = {(si, b): shard_compute_ms(device, model, s, b)
+                for si, s in enumerate(layer.shards) for b in range(B)}
+        comp_terms.append([(q[li, si, b], c) for (si, b), c in comp.items()]
+                          + [(p[li, si, b], c) for (si, b), c in comp.items()]
+                          + overhead_terms)
+        fixed_compute.append(overhead_rhs)
+        horizon += device.layer_overhead_ms + sum(
+            max(read_ms(device, s.bytes[b]) + comp[si, b] for b in range(B))
+            for si, s in enumerate(layer.shards))
+
+    # The recurrence C[l] = max(F[l], C[l-1]) + c[l] unrolls to
+    #   latency = max over l of ( F[l] + sum_{k>=l} c[k] ),  F[l] = sum_{k<=l} io[k],
+    # so "latency <= T" is exactly one row per layer over the booleans:
+    # latency[l]: sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T.
+    for li in range(L):
+        terms = [t for k in range(li + 1) for t in io_terms[k]]
+        terms += [t for k in range(li, L) for t in comp_terms[k]]
+        constant = sum(fixed_compute[li:])
+        if scenario.objective == Objective.MIN_LATENCY:
+            # Z >= the same sum for every l; minimise Z.
+            row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],
+                ">=", constant)
+        else:
+            row(f"latency[{li}]", Unit.TIME_MS, terms, "<=",
+                scenario.target_latency_ms - constant)
+
+    preloads = [(p[key], model.layers[key[0]].shards[key[1]].bytes[key[2]]) for key in p]
+    importance = [(var, model.layers[key[0]].shards[key[1]].importance[key[2]])
+                  for table in (q, p) for key, var in table.items()]
+    # buffer: sum bytes * p <= budget
+    row("buffer", Unit.BYTES, preloads, "<=", scenario.preload_budget_bytes)
+    if scenario.objective == Objective.MIN_BUFFER:
+        # floor: sum importance * (q + p) >= importance_floor
+        row("importance_floor", Unit.IMPORTANCE, importance, ">=", scenario.importance_floor)
+
+    objective, maximize, unit = {
+        Objective.MAX_IMPORTANCE: (importance, True, Unit.IMPORTANCE),
+        Objective.MIN_BUFFER: (preloads, False, Unit.BYTES),
+        Objective.MIN_LATENCY: ([("Z", 1.0)], False, Unit.TIME_MS),
+    }[scenario.objective]
+    return Program(scenario=scenario, bools=tuple(bools), times=tuple(times),
+                   time_horizon_ms=horizon, rows=tuple(rows), objective=tuple(objective),
+                   maximize=maximize, objective_unit=unit, q=q, p=p)

@@ -1,0 +1,42 @@
+"""Human-readable text for plans (the CLI's tables). No logic beyond formatting."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from elasticplan.plan import Plan
+from elasticplan.spec import Scenario
+
+
+def bits_summary(plan_layer) -> str:
+    counts = Counter(c.bits for c in plan_layer.shards)
+    return " ".join(f"{n}x{b}b" for b, n in sorted(counts.items())) or "-"
+
+
+def plan_table(scenario: Scenario, plan: Plan) -> str:
+    model, device = scenario.model, scenario.device
+    best = sum(max(s.importance) for layer in model.layers for s in layer.shards)
+    lines = [
+        f"scenario {scenario.name}: {model.name} on {device.name}, target "
+        f"{scenario.target_latency_ms:g} ms, buffer {scenario.preload_budget_mb:g} MB, "
+        f"objective {scenario.objective.value}"
+        + (f" (floor {scenario.importance_floor:g})" if scenario.importance_floor is not None
+           else ""),
+        f"{'layer':>5}  {'kept':>7}  {'preloaded':>9}  {'io ms (start-end)':>19}  "
+        f"{'compute ms (start-end)':>22}  bits",
+    ]
+    for lp, layer in zip(plan.layers, model.layers):
+        pre = sum(c.preloaded for c in lp.shards)
+        lines.append(
+            f"{lp.index:>5}  {len(lp.shards):>3}/{len(layer.shards):<3}  {pre:>9}  "
+            f"{lp.io_start_ms:>8.2f}-{lp.io_end_ms:<10.2f}  "
+            f"{lp.compute_start_ms:>8.2f}-{lp.compute_end_ms:<13.2f}  {bits_summary(lp)}")
+    gap = "n/a (heuristic)" if plan.gap is None else f"{plan.gap:.2g}"
+    lines += [
+        f"importance {plan.importance:.6g} of {best:.6g} possible; latency "
+        f"{plan.predicted_latency_ms:.3f} ms (target {scenario.target_latency_ms:g}); buffer "
+        f"{plan.preload_bytes / 1e6:.3f} MB (budget {scenario.preload_budget_mb:g}); streamed "
+        f"{plan.streamed_bytes / 1e6:.3f} MB; {plan.n_shards}/{model.n_shards} shards",
+        f"solver {plan.solver}: {plan.status.value}, gap {gap}, {plan.solve_seconds:.2f} s",
+    ]
+    return "\n".join(lines)

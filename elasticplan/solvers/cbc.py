@@ -1,0 +1,99 @@
+"""PuLP + CBC backend: the same rows, in floating point.
+
+PuLP maps CBC's "stopped on time with a solution" to LpStatusOptimal; the real
+distinction is in `sol_status`, which is what this backend reads. CBC's best
+bound is not exposed by PuLP, so it is read from CBC's own log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+
+import pulp
+
+from elasticplan import formulation
+from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
+from elasticplan.formulation import Unit
+from elasticplan.plan import Plan, SolveStatus
+from elasticplan.spec import Scenario
+
+NAME = "cbc"
+# CBC works to a feasibility tolerance of ~1e-7; the latency row is tightened by this margin
+# so that the rounded plan meets the target exactly when re-simulated in floating point.
+TIME_MARGIN_MS = 1e-5
+IMPORTANCE_MARGIN = 1e-9  # relative, for the importance floor row
+
+
+def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
+              relative_gap: float, hint=None) -> Plan:
+    del hint  # CBC through PuLP takes no warm start for this model (see issue on solver speed)
+    started = time.perf_counter()
+    program = formulation.build(scenario)
+
+    prob = pulp.LpProblem("elasticplan", pulp.LpMaximize if program.maximize else pulp.LpMinimize)
+    var = {name: pulp.LpVariable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
+    var.update({name: pulp.LpVariable(_safe(name), lowBound=0, upBound=program.time_horizon_ms)
+                for name in program.times})
+    for r in program.rows:
+        expr = pulp.lpSum(c * var[v] for v, c in r.terms)
+        rhs = r.rhs
+        if r.unit == Unit.TIME_MS and r.sense == "<=":
+            rhs -= TIME_MARGIN_MS
+        elif r.unit == Unit.IMPORTANCE and r.sense == ">=":
+            rhs += IMPORTANCE_MARGIN * max(abs(rhs), 1.0)
+        prob += (expr <= rhs) if r.sense == "<=" else (expr >= rhs), _safe(r.label)
+    # CBC prints its final bound with ~3 decimals; scaling the objective to ~1e6 makes that
+    # line precise enough to compute a real gap. Feasibility is unaffected.
+    top = max((abs(c) for _, c in program.objective), default=1.0) or 1.0
+    obj_scale = 10.0 ** round(math.log10(1e6 / top))
+    prob += pulp.lpSum(obj_scale * c * var[v] for v, c in program.objective)
+
+    with tempfile.TemporaryDirectory(prefix="elasticplan-cbc-") as tmp:
+        log_path = os.path.join(tmp, "cbc.log")
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=float(time_limit_s), gapRel=relative_gap,
+                                threads=max(1, int(threads)), logPath=log_path)
+        prob.solve(cmd)
+        log = open(log_path, encoding="utf-8", errors="replace").read() \
+            if os.path.exists(log_path) else ""
+    elapsed = time.perf_counter() - started
+
+    if prob.status == pulp.LpStatusInfeasible:
+        raise InfeasibleError("CBC proved the problem infeasible")
+    if prob.sol_status == pulp.LpSolutionNoSolutionFound or prob.status == pulp.LpStatusNotSolved:
+        raise SolverTimeoutError(
+            f"CBC found no plan within the {time_limit_s:g} s time limit "
+            f"(not a proof that none exists); raise --time-limit")
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        status = SolveStatus.OPTIMAL
+    elif prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status = SolveStatus.FEASIBLE
+    else:
+        raise SolverError(f"CBC returned status {pulp.LpStatus.get(prob.status)} / "
+                          f"solution status {pulp.LpSolution.get(prob.sol_status)}")
+
+    value = pulp.value(prob.objective) or 0.0
+    gap = _gap_from_log(log, value, status, program.maximize)
+    selection = program.selection(lambda name: var[name].varValue or 0.0)
+    return Plan.from_selection(scenario, selection, solver=NAME, status=status, gap=gap,
+                               solve_seconds=elapsed)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _gap_from_log(log: str, value: float, status: SolveStatus, maximize: bool) -> float | None:
+    """Relative gap from CBC's final report ("Upper bound:" when maximising, "Lower bound:"
+    when minimising); 0 when CBC proved optimality; None when it stated no bound."""
+    if status == SolveStatus.OPTIMAL:
+        return 0.0
+    label = "Upper bound" if maximize else "Lower bound"
+    m = re.search(rf"^{label}:\s*([-+0-9.eE]+)", log, re.MULTILINE)
+    if not m:
+        return None
+    bound = float(m.group(1))
+    return abs(bound - value) / max(abs(value), 1e-9)

@@ -1,0 +1,151 @@
+"""STI's own planner (Guo et al., ASPLOS 2023), the baseline every comparison runs beside.
+
+1. Compute plan: the largest uniform submodel -- the first n layers, each keeping its m
+   most important shards (importance at full precision) -- whose compute fits the
+   target, on STI's premise that bitwidth barely changes compute (so it is costed at
+   full precision, without dequantisation).
+2. IO plan: one uniform base bitwidth for every shard, the highest for which the
+   accumulated IO budget never goes negative. AIB[l] = (T - compute of layers l..L-1)
+   - end of layer l's reads: the IO time that earlier layers' compute has freed. The
+   preload buffer takes the first layers' shards (layer order, most important first)
+   at the base bitwidth while they fit.
+3. Upgrades: leftover budget is spent raising the most important shards to the highest
+   bitwidth that keeps every AIB >= 0 (and a preloaded shard inside the buffer).
+
+Where the paper leaves a gap, this reading fills it so:
+- "largest" = most shards n*m; ties go to more layers. With min_shards_per_layer >= 1
+  every layer must run, so n = L; with 0, depth may be trimmed (the last layers go).
+- m may not exceed any kept layer's shard count; shard kinds (heads, FFN slices) are
+  ranked together by importance.
+- Our cost model charges dequantisation, which STI's premise ignores: if no base
+  bitwidth keeps AIB >= 0 for (n, m), the next smaller submodel is tried.
+- The buffer is filled as a prefix: it stops at the first shard that does not fit.
+AIB >= 0 at every layer is exactly "latency <= T" under the cost model, since
+latency = max over l of (end of layer l's reads + compute of layers l..L-1).
+"""
+
+from __future__ import annotations
+
+import time
+
+from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
+from elasticplan.errors import NoPlanFoundError
+from elasticplan.plan import Plan, SolveStatus
+from elasticplan.spec import Scenario
+
+NAME = "greedy"
+
+
+class _Pipeline:
+    """Per-layer IO and compute sums of a selection, for O(L) feasibility checks."""
+
+    def __init__(self, scenario: Scenario, picks: list[list[Pick]]):
+        self.sc, self.picks = scenario, picks
+        d, m = scenario.device, scenario.model
+        self.io = [sum(read_ms(d, m.layers[li].shards[p.shard].bytes[p.bit])
+                       for p in ps if not p.preloaded) for li, ps in enumerate(picks)]
+        self.comp = [(d.layer_overhead_ms if ps else 0.0)
+                     + sum(shard_compute_ms(d, m, m.layers[li].shards[p.shard], p.bit) for p in ps)
+                     for li, ps in enumerate(picks)]
+        self.buffer = sum(m.layers[li].shards[p.shard].bytes[p.bit]
+                          for li, ps in enumerate(picks) for p in ps if p.preloaded)
+
+    def aib_ok(self) -> bool:
+        remaining = sum(self.comp)
+        reads_end = 0.0
+        for io, comp in zip(self.io, self.comp):
+            reads_end += io
+            if self.sc.target_latency_ms - remaining - reads_end < -1e-12:
+                return False
+            remaining -= comp
+        return True
+
+    def try_replace(self, li: int, k: int, new: Pick) -> bool:
+        """Swap picks[li][k] for `new` if the pipeline and the buffer still hold."""
+        d, m = self.sc.device, self.sc.model
+        old = self.picks[li][k]
+        shard = m.layers[li].shards[old.shard]
+
+        def cost(p: Pick):
+            nbytes = shard.bytes[p.bit]
+            return (0.0 if p.preloaded else read_ms(d, nbytes),
+                    shard_compute_ms(d, m, shard, p.bit), nbytes if p.preloaded else 0)
+
+        (io0, c0, b0), (io1, c1, b1) = cost(old), cost(new)
+        if self.buffer - b0 + b1 > self.sc.preload_budget_bytes:
+            return False
+        self.io[li] += io1 - io0
+        self.comp[li] += c1 - c0
+        if self.aib_ok():
+            self.buffer += b1 - b0
+            self.picks[li][k] = new
+            return True
+        self.io[li] -= io1 - io0
+        self.comp[li] -= c1 - c0
+        return False
+
+
+def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 1,
+                 relative_gap: float = 0, hint=None) -> Plan:
+    del time_limit_s, threads, relative_gap, hint  # a heuristic: none of these apply
+    started = time.perf_counter()
+    selection = _plan(scenario)
+    if selection is None:
+        raise NoPlanFoundError(
+            f"greedy (STI) found no plan for target {scenario.target_latency_ms:g} ms and "
+            f"buffer {scenario.preload_budget_mb:g} MB; this proves nothing: an exact solver "
+            f"(--solver cpsat) finds a plan or explains why none exists")
+    return Plan.from_selection(scenario, selection, solver=NAME, status=SolveStatus.FEASIBLE,
+                               gap=None, solve_seconds=time.perf_counter() - started)
+
+
+def _plan(sc: Scenario) -> Selection | None:
+    d, m = sc.device, sc.model
+    L, top = len(m.layers), len(m.bitwidths) - 1
+    ranked = [sorted(range(len(layer.shards)), key=lambda s: (-layer.shards[s].importance[top], s))
+              for layer in m.layers]
+    depths = range(1, L + 1) if sc.min_shards_per_layer == 0 else [L]
+    candidates = []
+    for n in depths:
+        widest = min(len(layer.shards) for layer in m.layers[:n])
+        for width in range(max(1, sc.min_shards_per_layer), widest + 1):
+            compute = sum(d.layer_overhead_ms + sum(
+                m.layers[li].shards[s].flops for s in ranked[li][:width]) / (d.gflops * 1e6)
+                for li in range(n))
+            if compute <= sc.target_latency_ms:
+                candidates.append((n * width, n, width))
+    for _, n, width in sorted(candidates, reverse=True):
+        chosen = _io_plan(sc, ranked, n, width)
+        if chosen is not None:
+            return chosen
+    return None
+
+
+def _io_plan(sc: Scenario, ranked, n: int, width: int) -> Selection | None:
+    m = sc.model
+    top = len(m.bitwidths) - 1
+    for base in range(top, -1, -1):
+        picks, buffer, full = [], 0, False
+        for li in range(len(m.layers)):
+            layer_picks = []
+            for s in (ranked[li][:width] if li < n else []):
+                nbytes = m.layers[li].shards[s].bytes[base]
+                preload = not full and buffer + nbytes <= sc.preload_budget_bytes
+                full = full or not preload
+                buffer += nbytes if preload else 0
+                layer_picks.append(Pick(s, base, preload))
+            picks.append(layer_picks)
+        pipe = _Pipeline(sc, picks)
+        if not pipe.aib_ok():
+            continue
+        # Upgrades, most important shard first, each to the highest bitwidth that fits.
+        order = sorted(((li, k) for li, ps in enumerate(picks) for k in range(len(ps))),
+                       key=lambda lk: -m.layers[lk[0]].shards[picks[lk[0]][lk[1]].shard]
+                       .importance[top])
+        for li, k in order:
+            cur = pipe.picks[li][k]
+            for b in range(top, cur.bit, -1):
+                if pipe.try_replace(li, k, Pick(cur.shard, b, cur.preloaded)):
+                    break
+        return tuple(tuple(sorted(ps, key=lambda p: p.shard)) for ps in pipe.picks)
+    return None

@@ -1,0 +1,122 @@
+"""The independent checker: never trusts the solver.
+
+It reloads nothing but the scenario, recomputes the schedule from the plan's
+shard choices alone (elasticplan.costmodel.simulate, a plain event replay, not
+the solver's variables) and checks every constraint and every predicted figure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from elasticplan.costmodel import Schedule, simulate
+from elasticplan.errors import PlanFormatError, VerificationError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import SCHEMA, Plan
+from elasticplan.spec import Objective, Scenario
+
+# Floating-point slack for re-summing the same numbers in another order; nothing else.
+TIME_TOL_MS = 1e-9
+REL_TOL = 1e-9
+
+
+def _close(a: float, b: float, abs_tol: float) -> bool:
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=abs_tol)
+
+
+def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
+    """All violations of `plan` against `scenario` (empty: the plan is valid)."""
+    bad: list[str] = []
+    model = scenario.model
+    ref = plan.scenario
+    if plan.schema != SCHEMA:
+        bad.append(f"schema {plan.schema!r} is not {SCHEMA!r}")
+    if ref.sha256 != scenario.content_hash:
+        bad.append("stale plan: the scenario's device, model or settings changed since it was "
+                   f"solved (hash {ref.sha256[:12]} != {scenario.content_hash[:12]})")
+    if ref.model != model.name:
+        bad.append(f"plan is for model {ref.model!r}, scenario has {model.name!r}")
+    if len(plan.layers) != len(model.layers):
+        bad.append(f"plan has {len(plan.layers)} layers, model {model.name!r} has "
+                   f"{len(model.layers)}")
+        return bad, None
+    for li, lp in enumerate(plan.layers):
+        if lp.index != li:
+            bad.append(f"layer at position {li} has index {lp.index}")
+        layer = model.layers[li]
+        names = [c.name for c in lp.shards]
+        for c in lp.shards:
+            if layer.shard_index(c.name) is None:
+                bad.append(f"layer {li}: no shard named {c.name!r}")
+            if model.bit_index(c.bits) is None:
+                bad.append(f"layer {li}: shard {c.name!r} at {c.bits} bits, but the model stores "
+                           f"{list(model.bitwidths)}")
+        if len(set(names)) != len(names):
+            bad.append(f"layer {li}: a shard appears more than once")
+        if lp.shards and len(lp.shards) < scenario.min_shards_per_layer or \
+                not lp.shards and scenario.min_shards_per_layer > 0:
+            bad.append(f"layer {li}: {len(lp.shards)} shards, fewer than min_shards_per_layer "
+                       f"{scenario.min_shards_per_layer}")
+    if bad:
+        return bad, None
+
+    s = simulate(scenario, plan.selection(scenario))
+    # Constraints.
+    if scenario.objective != Objective.MIN_LATENCY and \
+            s.latency_ms > scenario.target_latency_ms + TIME_TOL_MS:
+        bad.append(f"latency {s.latency_ms:.6f} ms exceeds the target "
+                   f"{scenario.target_latency_ms:g} ms")
+    if s.preload_bytes > scenario.preload_budget_bytes:
+        bad.append(f"preload buffer {s.preload_bytes} B exceeds the budget "
+                   f"{scenario.preload_budget_bytes} B")
+    if scenario.objective == Objective.MIN_BUFFER and \
+            s.importance < scenario.importance_floor * (1 - REL_TOL):
+        bad.append(f"importance {s.importance:.9g} is below the floor "
+                   f"{scenario.importance_floor:.9g}")
+    # Predicted figures must be the cost model's.
+    for li, (lp, t) in enumerate(zip(plan.layers, s.layers)):
+        for field in ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms"):
+            claimed, actual = getattr(lp, field), getattr(t, field)
+            if not _close(claimed, actual, TIME_TOL_MS):
+                bad.append(f"layer {li}: predicted {field} {claimed:.6f} != simulated {actual:.6f}")
+    if not _close(plan.predicted_latency_ms, s.latency_ms, TIME_TOL_MS):
+        bad.append(f"predicted_latency_ms {plan.predicted_latency_ms:.6f} != simulated "
+                   f"{s.latency_ms:.6f}")
+    if plan.preload_bytes != s.preload_bytes:
+        bad.append(f"preload_bytes {plan.preload_bytes} != {s.preload_bytes} of the chosen shards")
+    if plan.streamed_bytes != s.streamed_bytes:
+        bad.append(f"streamed_bytes {plan.streamed_bytes} != {s.streamed_bytes} of the chosen shards")
+    if not _close(plan.importance, s.importance, 1e-12):
+        bad.append(f"importance {plan.importance:.9g} != {s.importance:.9g} of the chosen shards")
+    expected_objective = {Objective.MAX_IMPORTANCE.value: s.importance,
+                          Objective.MIN_BUFFER.value: float(s.preload_bytes),
+                          Objective.MIN_LATENCY.value: s.latency_ms}.get(ref.objective)
+    if expected_objective is None or not _close(plan.objective, expected_objective, 1e-12):
+        bad.append(f"objective {plan.objective:.9g} does not match its {ref.objective} value")
+    return bad, s
+
+
+def verify_plan(scenario: Scenario, plan: Plan) -> Schedule:
+    """Raise VerificationError listing every violation; return the simulated schedule."""
+    bad, schedule = check(scenario, plan)
+    if bad:
+        raise VerificationError(bad)
+    return schedule
+
+
+def scenario_for(plan: Plan, scenario_path: str | os.PathLike | None = None) -> Scenario:
+    """Reload the scenario a plan answers, with the plan's recorded question applied."""
+    path = scenario_path or plan.scenario.path
+    if path is None:
+        raise PlanFormatError("the plan names no scenario file; pass one with --scenario")
+    base = load_scenario(path)
+    ref = plan.scenario
+    try:
+        objective = Objective(ref.objective)
+    except ValueError:
+        raise PlanFormatError(f"plan objective {ref.objective!r} is not known") from None
+    return base.with_overrides(target_latency_ms=ref.target_latency_ms,
+                               preload_budget_mb=ref.preload_budget_mb,
+                               min_shards_per_layer=ref.min_shards_per_layer,
+                               objective=objective, importance_floor=ref.importance_floor)
