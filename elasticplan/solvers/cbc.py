@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pulp
 
@@ -34,9 +36,10 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     started = time.perf_counter()
     program = formulation.build(scenario)
 
+    cbc_path = _cbc_binary()
     prob = pulp.LpProblem("elasticplan", pulp.LpMaximize if program.maximize else pulp.LpMinimize)
-    var = {name: pulp.LpVariable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
-    var.update({name: pulp.LpVariable(_safe(name), lowBound=0, upBound=program.time_horizon_ms)
+    var = {name: prob.add_variable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
+    var.update({name: prob.add_variable(_safe(name), 0, program.time_horizon_ms)
                 for name in program.times})
     for r in program.rows:
         expr = pulp.lpSum(c * var[v] for v, c in r.terms)
@@ -54,10 +57,10 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
 
     with tempfile.TemporaryDirectory(prefix="elasticplan-cbc-") as tmp:
         log_path = os.path.join(tmp, "cbc.log")
-        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=float(time_limit_s), gapRel=relative_gap,
-                                threads=max(1, int(threads)), logPath=log_path)
+        cmd = pulp.COIN_CMD(path=cbc_path, msg=False, timeLimit=float(time_limit_s),
+                            gapRel=relative_gap, threads=max(1, int(threads)), logPath=log_path)
         prob.solve(cmd)
-        log = open(log_path, encoding="utf-8", errors="replace").read() \
+        log = Path(log_path).read_text(encoding="utf-8", errors="replace") \
             if os.path.exists(log_path) else ""
     elapsed = time.perf_counter() - started
 
@@ -80,6 +83,20 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     selection = program.selection(lambda name: var[name].varValue or 0.0)
     return Plan.from_selection(scenario, selection, solver=NAME, status=status, gap=gap,
                                solve_seconds=elapsed)
+
+
+def _cbc_binary() -> str:
+    """The CBC executable: the one PuLP 3.3 bundles, else `cbc` on PATH."""
+    from pulp.apis import coin_api
+
+    bundled = getattr(coin_api, "pulp_cbc_path", None)
+    if bundled and os.path.isfile(bundled) and os.access(bundled, os.X_OK):
+        return bundled
+    found = shutil.which("cbc")
+    if found:
+        return found
+    raise SolverError("no CBC executable found (PuLP's bundled one is missing and `cbc` is not "
+                      "on PATH); reinstall with `make test` or use --solver cpsat")
 
 
 def _safe(name: str) -> str:

@@ -1,0 +1,58 @@
+"""Brute-force enumeration: every shard dropped, or at any bitwidth streamed or preloaded."""
+
+from __future__ import annotations
+
+import itertools
+
+from elasticplan.costmodel import Pick, simulate
+from elasticplan.spec import Objective, Scenario
+
+
+def all_selections(sc: Scenario):
+    B = len(sc.model.bitwidths)
+    options_per_layer = []
+    for layer in sc.model.layers:
+        per_shard = [[None] + [Pick(si, b, pre) for b in range(B) for pre in (False, True)]
+                     for si in range(len(layer.shards))]
+        layer_options = []
+        for combo in itertools.product(*per_shard):
+            picks = tuple(p for p in combo if p is not None)
+            if len(picks) >= sc.min_shards_per_layer:
+                layer_options.append(picks)
+        options_per_layer.append(layer_options)
+    return itertools.product(*options_per_layer)
+
+
+def best(sc: Scenario, slack_ms: float = 0.0):
+    """Best objective over plans meeting the target with `slack_ms` to spare; None if none."""
+    top = None
+    for sel in all_selections(sc):
+        s = simulate(sc, sel)
+        if s.preload_bytes > sc.preload_budget_bytes:
+            continue
+        if sc.objective != Objective.MIN_LATENCY and s.latency_ms > sc.target_latency_ms - slack_ms:
+            continue
+        if sc.objective == Objective.MIN_BUFFER and s.importance < sc.importance_floor:
+            continue
+        value = {Objective.MAX_IMPORTANCE: s.importance, Objective.MIN_BUFFER: -s.preload_bytes,
+                 Objective.MIN_LATENCY: -s.latency_ms}[sc.objective]
+        top = value if top is None else max(top, value)
+    return top
+
+
+def rounding_margin_ms(sc: Scenario) -> float:
+    """Most that conservative integer rounding (CP-SAT ticks) or CBC's time margin can cost."""
+    from elasticplan import scaling
+    from elasticplan.solvers.cbc import TIME_MARGIN_MS
+
+    tick_ms = scaling.DEFAULT_TICK_NS * 1e-6
+    terms = sum(2 * len(layer.shards) + 2 for layer in sc.model.layers) + 2
+    return max(tick_ms * terms, TIME_MARGIN_MS) * 1.01
+
+
+def importance_margin(sc: Scenario) -> float:
+    """Most that conservative rounding of the importance-floor row can cost (scaling.py)."""
+    from elasticplan import scaling
+
+    top = max(max(s.importance) for layer in sc.model.layers for s in layer.shards)
+    return (sc.model.n_shards + 1) * top / scaling.IMPORTANCE_UNITS * 1.01

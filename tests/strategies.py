@@ -1,0 +1,51 @@
+"""Shared constructive strategies: valid small problems built directly, never filtered."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+
+BITS = (2, 3, 4, 8, 32)
+
+
+def _num(lo: float, hi: float):
+    # Rounded to 4 significant digits: realistic inputs, no denormal noise.
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False).map(lambda v: float(f"{v:.4g}"))
+
+
+devices = st.builds(
+    Device, name=st.just("dev"), bandwidth_mb_s=_num(20, 2000), latency_us=_num(0, 500),
+    gflops=_num(1, 200), layer_overhead_ms=_num(0, 2), dequant_gb_s=_num(0.5, 20),
+    memory_mb=st.just(1e4))
+
+
+@st.composite
+def models(draw, max_layers=2, max_shards=2, max_bits=2):
+    bitwidths = tuple(sorted(draw(st.sets(st.sampled_from(BITS), min_size=1, max_size=max_bits))))
+    layers = []
+    for li in range(draw(st.integers(1, max_layers))):
+        shards = []
+        for si in range(draw(st.integers(1, max_shards))):
+            # bytes grow with bits, importance too (as real quantisation behaves)
+            per_bit = draw(st.integers(500, 300_000))
+            nbytes = tuple(per_bit * b // 8 + draw(st.integers(0, 500)) for b in bitwidths)
+            base = draw(_num(0.001, 1.0))
+            quality = sorted(draw(st.lists(_num(0.05, 1.0), min_size=len(bitwidths),
+                                           max_size=len(bitwidths))))
+            shards.append(Shard(name=f"s{si}", kind=draw(st.sampled_from(["head", "ffn"])),
+                                flops=draw(_num(1e4, 2e8)), bytes=nbytes,
+                                importance=tuple(float(f"{base * q:.6g}") for q in quality)))
+        layers.append(Layer(shards=tuple(shards)))
+    return ModelProfile(name="m", seq_len=16, bitwidths=bitwidths, layers=tuple(layers))
+
+
+@st.composite
+def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None):
+    model = draw(models(max_layers, max_shards, max_bits))
+    widest = min(len(layer.shards) for layer in model.layers)
+    m = draw(st.integers(0, min(2, widest))) if min_shards is None else min(min_shards, widest)
+    return Scenario(name="generated", device=draw(devices), model=model,
+                    target_latency_ms=draw(_num(0.2, 60)), preload_budget_mb=draw(_num(0, 0.6)),
+                    min_shards_per_layer=m, objective=Objective.MAX_IMPORTANCE,
+                    content_hash="generated")

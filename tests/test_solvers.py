@@ -1,0 +1,125 @@
+"""Planner invariants, checked on generated small problems against a brute-force oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from elasticplan.errors import InfeasibleError, NoPlanFoundError, SolverTimeoutError
+from elasticplan.solvers import solve
+from elasticplan.spec import Objective
+from elasticplan.verify import check
+from tests import oracle
+from tests.strategies import scenarios
+
+EXACT = ["cpsat", "cbc"]
+GAP = 1e-9  # tiny problems: ask for exact proofs
+TOL = 1e-6  # importance rounding (CP-SAT's 1e9 units) and float sums
+
+
+def exact(sc, solver):
+    """Objective of the solver's plan, or None if it proved infeasibility."""
+    try:
+        plan = solve(sc, solver, time_limit_s=20, threads=1, relative_gap=GAP)
+    except InfeasibleError:
+        return None
+    assert check(sc, plan)[0] == []
+    assert plan.status.value == "optimal"
+    return plan.objective
+
+
+@pytest.mark.parametrize("solver", EXACT)
+@given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2))
+def test_optimum_equals_brute_force(solver, sc):
+    """The exact solvers find the enumerated optimum; conservative rounding may only cost
+    plans whose latency is within the documented rounding margin of the target."""
+    got = exact(sc, solver)
+    best = oracle.best(sc)
+    best_with_margin = oracle.best(sc, slack_ms=oracle.rounding_margin_ms(sc))
+    if best is None:
+        assert got is None
+        return
+    if best_with_margin is None:
+        return  # only plans within the rounding margin exist: either answer is allowed
+    assert got is not None
+    assert best_with_margin - TOL <= got <= best + TOL
+
+
+@given(sc=scenarios(max_layers=3, max_shards=3, max_bits=3))
+def test_backends_agree_and_beat_greedy(sc):
+    results = {s: exact(sc, s) for s in EXACT}
+    try:
+        greedy = solve(sc, "greedy")
+    except NoPlanFoundError:
+        greedy = None
+    if greedy is not None:
+        assert check(sc, greedy)[0] == []  # the heuristic's plans are verified too
+        slack = sc.target_latency_ms - greedy.predicted_latency_ms
+        if slack > oracle.rounding_margin_ms(sc):
+            for s in EXACT:
+                assert results[s] is not None and results[s] >= greedy.objective - TOL
+    a, b = results["cpsat"], results["cbc"]
+    if a is not None and b is not None:
+        assert math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) or _near_target(sc)
+    elif (a is None) != (b is None):
+        assert _near_target(sc)
+
+
+def _near_target(sc) -> bool:
+    """The best plan sits within rounding margin of the target (backends round differently)."""
+    return oracle.best(sc, slack_ms=oracle.rounding_margin_ms(sc)) != oracle.best(sc)
+
+
+@given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2), grow=st.floats(1.0, 3.0))
+def test_monotone_in_target_and_buffer(sc, grow):
+    base = exact(sc, "cpsat")
+    if base is None:
+        return
+    for bigger in (sc.with_overrides(target_latency_ms=sc.target_latency_ms * grow),
+                   sc.with_overrides(preload_budget_mb=sc.preload_budget_mb * grow + 0.01)):
+        more = exact(bigger, "cpsat")
+        assert more is not None and more >= base - TOL
+
+
+@given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2))
+def test_min_buffer_agrees_with_max_importance(sc):
+    """The least buffer that reaches the optimum's importance is at most the buffer it was
+    found with, and min_buffer matches brute force."""
+    try:
+        best = solve(sc, "cpsat", time_limit_s=20, threads=1, relative_gap=GAP)
+    except InfeasibleError:
+        return
+    floor = max(0.0, best.importance - oracle.importance_margin(sc))
+    sizing = sc.with_overrides(objective=Objective.MIN_BUFFER, importance_floor=floor)
+    try:
+        smallest = solve(sizing, "cpsat", time_limit_s=20, threads=1, relative_gap=GAP)
+    except InfeasibleError:
+        assert _near_target(sc)
+        return
+    assert check(sizing, smallest)[0] == []
+    assert smallest.importance >= floor
+    assert smallest.preload_bytes <= best.preload_bytes
+    assert -smallest.preload_bytes >= oracle.best(sizing) - 0.5 or _near_target(sc)
+
+
+@given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2, min_shards=1))
+def test_infeasible_is_explained_never_a_plan(sc):
+    tight = sc.with_overrides(target_latency_ms=min(sc.target_latency_ms, 0.05))
+    if oracle.best(tight) is not None:
+        return
+    for solver in EXACT:
+        with pytest.raises(InfeasibleError) as info:
+            solve(tight, solver, time_limit_s=20, threads=1)
+        message = str(info.value)
+        assert "fastest possible schedule" in message
+        assert "raise the target to >=" in message
+
+
+def test_timeout_is_distinct_from_infeasible():
+    """A time-out with no plan is SolverTimeoutError, never a plan and never 'infeasible'."""
+    from elasticplan.errors import ElasticplanError
+
+    assert not issubclass(SolverTimeoutError, InfeasibleError)
+    assert issubclass(SolverTimeoutError, ElasticplanError)
