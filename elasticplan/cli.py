@@ -122,7 +122,7 @@ def cmd_sweep(a) -> int:
     param, values = ("buffer_mb", a.buffer_mb) if a.buffer_mb else ("target_ms", a.target_ms)
     rows = []
     print(f"{param:>10}  {'status':>10}  {'importance':>10}  {'latency ms':>10}  "
-          f"{'buffer MB':>9}  {'gap':>8}  {'solve s':>7}")
+          f"{'used MB':>9}  {'gap':>8}  {'solve s':>7}")
     for value in values:
         ov = {"preload_budget_mb": value} if param == "buffer_mb" else {"target_latency_ms": value}
         row = {param: value, "solver": a.solver}
@@ -130,20 +130,17 @@ def cmd_sweep(a) -> int:
             plan = solve(base.with_overrides(**ov), a.solver, time_limit_s=a.time_limit,
                          threads=a.threads, relative_gap=a.gap, explain=False)
             row.update(status=plan.status.value, importance=plan.importance,
-                       latency_ms=plan.predicted_latency_ms, buffer_mb=plan.preload_bytes / 1e6,
+                       latency_ms=plan.predicted_latency_ms, used_mb=plan.preload_bytes / 1e6,
                        gap=plan.gap, solve_seconds=plan.solve_seconds)
-            if param == "buffer_mb":
-                row["buffer_mb"] = plan.preload_bytes / 1e6
-                row[param] = value
         except (InfeasibleError, SolverTimeoutError, NoPlanFoundError) as e:
             row.update(status={InfeasibleError: "infeasible", SolverTimeoutError: "timeout",
                                NoPlanFoundError: "no-plan"}[type(e)])
         rows.append(row)
         print(f"{value:>10g}  {row['status']:>10}  {_fmt(row.get('importance'), '.6g'):>10}  "
-              f"{_fmt(row.get('latency_ms'), '.3f'):>10}  {_fmt(row.get('buffer_mb'), '.3f'):>9}  "
+              f"{_fmt(row.get('latency_ms'), '.3f'):>10}  {_fmt(row.get('used_mb'), '.3f'):>9}  "
               f"{_fmt(row.get('gap'), '.1e'):>8}  {_fmt(row.get('solve_seconds'), '.2f'):>7}")
     if a.csv:
-        fields = [param, "solver", "status", "importance", "latency_ms", "buffer_mb", "gap",
+        fields = [param, "solver", "status", "importance", "latency_ms", "used_mb", "gap",
                   "solve_seconds"]
         with open(a.csv, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, restval="")

@@ -1,0 +1,103 @@
+"""The cost model by hand, and the integer scaling's soundness and bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, strategies as st
+
+from elasticplan import formulation, scaling
+from elasticplan.costmodel import Pick, read_ms, simulate
+from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from tests import oracle
+from tests.strategies import scenarios
+
+
+def _hand_scenario(min_shards=1):
+    dev = Device("d", bandwidth_mb_s=100, latency_us=1000, gflops=1, layer_overhead_ms=0.5,
+                 dequant_gb_s=0.1, memory_mb=100)
+    shard = Shard("a", "head", flops=2e6, bytes=(100_000, 400_000), importance=(0.5, 1.0))
+    model = ModelProfile("m", 8, (8, 32), (Layer((shard,)), Layer((shard,))))
+    return Scenario("s", dev, model, target_latency_ms=100, preload_budget_mb=1,
+                    min_shards_per_layer=min_shards)
+
+
+def test_schedule_by_hand():
+    sc = _hand_scenario()
+    # layer 0: 8-bit streamed: read 1 ms + 100000 B / 100 MB/s = 2 ms;
+    #          compute 0.5 + 2e6 flop / 1 GFLOP/s (2 ms) + 100000 B / 0.1 GB/s (1 ms) = 3.5 ms
+    # layer 1: fp32 preloaded: no read; compute 0.5 + 2 = 2.5 ms
+    s = simulate(sc, ((Pick(0, 0, False),), (Pick(0, 1, True),)))
+    assert read_ms(sc.device, 100_000) == pytest.approx(2.0)
+    t0, t1 = s.layers
+    assert (t0.io_start_ms, t0.io_end_ms, t0.compute_start_ms, t0.compute_end_ms) == \
+        pytest.approx((0, 2, 2, 5.5))
+    assert (t1.io_start_ms, t1.io_end_ms, t1.compute_start_ms, t1.compute_end_ms) == \
+        pytest.approx((2, 2, 5.5, 8.0))
+    assert s.latency_ms == pytest.approx(8.0)
+    assert (s.preload_bytes, s.streamed_bytes, s.importance) == (400_000, 100_000, 1.5)
+
+
+def test_skipped_layer_costs_nothing():
+    sc = _hand_scenario(min_shards=0)
+    s = simulate(sc, ((), (Pick(0, 1, False),)))
+    # layer 1 alone: read 1 + 4 = 5 ms, compute 2.5 ms; layer 0 adds no overhead
+    assert s.layers[0].compute_end_ms == 0
+    assert s.latency_ms == pytest.approx(7.5)
+
+
+@given(coefs=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=8),
+       rhs=st.floats(-100, 100, allow_nan=False), sense=st.sampled_from(["<=", ">="]),
+       scale=st.sampled_from([1.0, 1e5, 1e8]), data=st.data())
+def test_row_rounding_is_conservative_and_bounded(coefs, rhs, sense, scale, data):
+    row = formulation.Row("r", formulation.Unit.TIME_MS,
+                          tuple((f"x{i}", c) for i, c in enumerate(coefs)), sense, rhs)
+    ints = scaling.scale_row(row, scale, frozenset())
+    x = data.draw(st.lists(st.integers(0, 1), min_size=len(coefs), max_size=len(coefs)))
+    exact_lhs = sum(c * v for c, v in zip(coefs, x)) * scale
+    int_lhs = sum(c * v for (_, c), v in zip(ints.terms, x))
+    active = sum(x)
+    sign = 1 if sense == "<=" else -1
+    # conservative: the scaled slack is never larger than the exact one
+    assert sign * (int_lhs - exact_lhs) >= -1e-6 * max(1.0, abs(exact_lhs))
+    assert sign * (ints.rhs - rhs * scale) <= 1e-6 * max(1.0, abs(rhs * scale))
+    # bounded: less than one unit per active boolean, and one for the bound
+    assert abs(int_lhs - exact_lhs) <= active + 1e-6 * max(1.0, abs(exact_lhs))
+    assert abs(ints.rhs - rhs * scale) <= 1 + 1e-6 * max(1.0, abs(rhs * scale))
+
+
+@given(sc=scenarios(max_layers=3, max_shards=3, max_bits=3), data=st.data())
+def test_scaled_latency_of_any_plan_is_within_bound(sc, data):
+    """For any selection: exact latency <= scaled latency <= exact + documented margin."""
+    sel = data.draw(st.sampled_from(list(_few_selections(sc))))
+    lat = sc.with_overrides(objective=Objective.MIN_LATENCY)
+    program = formulation.build(lat)
+    ip = scaling.to_integers(program)
+    bools = program.assignment(sel)
+    z = scaling.earliest_times(ip, bools)["Z"] * ip.tick_ms
+    exact = simulate(sc, sel).latency_ms
+    assert exact - 1e-9 <= z <= exact + oracle.rounding_margin_ms(sc)
+    violated = scaling.satisfies(ip, {**bools, **scaling.earliest_times(ip, bools)})
+    assert [label for label in violated if label.startswith("latency")] == []
+
+
+def _few_selections(sc, limit=200):
+    for i, sel in enumerate(oracle.all_selections(sc)):
+        if i >= limit:
+            return
+        yield sel
+
+
+def test_formulation_matches_cost_model_on_shipped_plan(tmp_path):
+    """The solver's own objective equals the cost model's on a returned plan."""
+    from elasticplan.loader import load_scenario
+    from elasticplan.solvers import solve
+
+    sc = load_scenario("problems/scenarios/minilm-phone.yaml")
+    plan = solve(sc, "cpsat", time_limit_s=60)
+    program = formulation.build(sc)
+    values = program.assignment(plan.selection(sc))
+    objective = sum(c * values[v] for v, c in program.objective)
+    assert math.isclose(objective, plan.importance, rel_tol=1e-12)
+    assert simulate(sc, plan.selection(sc)).latency_ms == pytest.approx(plan.predicted_latency_ms)

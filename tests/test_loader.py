@@ -1,0 +1,182 @@
+"""Every shipped problem loads; every malformed one is a one-line SpecError naming file and key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, strategies as st
+
+from elasticplan.cli import main
+from elasticplan.errors import SpecError
+from elasticplan.loader import load_scenario, parse_device, parse_model, read_yaml
+
+PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
+SCENARIOS = sorted((PROBLEMS / "scenarios").glob("*.yaml"))
+MINILM = PROBLEMS / "models" / "minilm-l6.yaml"
+PHONE = PROBLEMS / "devices" / "phone-ufs31.yaml"
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_every_scenario_loads(path):
+    sc = load_scenario(path)
+    assert sc.model.layers and sc.content_hash
+
+
+@pytest.mark.parametrize("path", sorted((PROBLEMS / "devices").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_device_loads(path):
+    assert parse_device(read_yaml(path), str(path)).bandwidth_mb_s > 0
+
+
+@pytest.mark.parametrize("path", sorted((PROBLEMS / "models").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_model_loads_and_matches_its_generator(path):
+    from elasticplan.archgen import ARCHITECTURES, profile_dict
+
+    raw = read_yaml(path)
+    model = parse_model(raw, str(path))
+    assert model.synthetic  # importance is synthetic until measured profiles land
+    assert raw == yaml.safe_load(yaml.safe_dump(profile_dict(ARCHITECTURES[model.name])))
+
+
+def test_minilm_bytes_match_runtime_notes():
+    """RUNTIME-NOTES.md: a head is 197 KB fp32, 50 KB 8-bit, 25 KB 4-bit, 13 KB 2-bit."""
+    model = parse_model(read_yaml(MINILM), str(MINILM))
+    head = model.layers[0].shards[0]
+    kb = dict(zip(model.bitwidths, (round(b / 1000) for b in head.bytes)))
+    assert (kb[32], kb[8], kb[4], kb[2]) == (197, 50, 25, 13)
+    ffn = model.layers[0].shards[12]
+    assert round(ffn.bytes[-1] / 1000) == 394
+
+
+def _model():
+    return read_yaml(MINILM)
+
+
+CASES = [
+    # (mutation, key path, words in the message)
+    (lambda m: m.update(extra=1), "extra", "unknown key"),
+    (lambda m: m.update(seq_len="long"), "seq_len", "expected an integer"),
+    (lambda m: m["layers"][1]["shards"][2]["bytes"].pop(), "layers[1].shards[2].bytes",
+     "must be aligned"),
+    (lambda m: m["layers"][0]["shards"][0]["bytes"].__setitem__(3, -5),
+     "layers[0].shards[0].bytes[3]", "must be >= 0"),
+    (lambda m: m.update(bitwidths=[2, 8, 4, 6, 3, 32]), "bitwidths[2]", "strictly increasing"),
+    (lambda m: m["layers"][0]["shards"][1].update(name="head0"), "layers[0].shards[1].name",
+     "duplicate"),
+    (lambda m: m["layers"][0]["shards"][0].update(flops=float("nan")),
+     "layers[0].shards[0].flops", "finite"),
+    (lambda m: m["layers"][0]["shards"][0].pop("kind"), "layers[0].shards[0].kind", "missing"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,words", CASES)
+def test_model_errors_name_file_key_and_problem(tmp_path, mutate, key, words):
+    data = _model()
+    mutate(data)
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as info:
+        parse_model(read_yaml(path), str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {key}: ") and words in msg and "\n" not in msg
+
+
+def _scenario(tmp_path, **fields):
+    data = {"name": "t", "device": str(PHONE), "model": str(MINILM), "target_latency_ms": 25,
+            "preload_budget_mb": 2}
+    data.update(fields)
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("fields,key,words", [
+    ({"device": "missing.yaml"}, "device", "file not found"),
+    ({"target_latency_ms": -1}, "target_latency_ms", "must be > 0"),
+    ({"objective": "fastest"}, "objective", "must be one of"),
+    ({"objective": "min_buffer"}, "importance_floor", "needs an importance_floor"),
+    ({"min_shards_per_layer": 99}, "min_shards_per_layer", "exceeds the 24 shards"),
+    ({"preload_budget_mb": 2000}, "preload_budget_mb", "does not fit"),
+    ({"target_latency_ms": None}, "target_latency_ms", "missing"),
+    ({"device": 5}, "device", "path (string) or an inline mapping"),
+])
+def test_scenario_errors(tmp_path, fields, key, words):
+    path = _scenario(tmp_path, **fields)
+    with pytest.raises(SpecError) as info:
+        load_scenario(path)
+    assert str(info.value).startswith(f"{path}: {key}: ") and words in str(info.value)
+
+
+def test_inline_device_errors_name_the_inline_key_path(tmp_path):
+    device = read_yaml(PHONE)
+    device["storage"]["bandwidth_mb_s"] = 0
+    path = _scenario(tmp_path, device=device)
+    with pytest.raises(SpecError, match=r"scenario.yaml: device.storage.bandwidth_mb_s: must be > 0"):
+        load_scenario(path)
+
+
+def _mutations():
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True),
+                     st.text(max_size=5), st.lists(st.integers(), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    return st.lists(st.tuples(st.sampled_from(["set", "delete", "add"]), st.integers(0, 10_000),
+                              leaf), min_size=1, max_size=4)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:3]):
+            yield from _paths(v, prefix + (i,))
+
+
+@given(mutations=_mutations())
+def test_malformed_models_never_traceback(tmp_path_factory, mutations):
+    data = copy.deepcopy(_SMALL)
+    for op, pick, value in mutations:
+        paths = [p for p in _paths(data) if p]
+        path = paths[pick % len(paths)]
+        parent = data
+        for k in path[:-1]:
+            parent = parent[k]
+        if op == "set":
+            parent[path[-1]] = value
+        elif op == "delete" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[f"x{pick}"] = value
+    file = tmp_path_factory.mktemp("m") / "model.yaml"
+    file.write_text(yaml.safe_dump(data))
+    try:
+        parse_model(read_yaml(file), str(file))
+    except SpecError as e:
+        assert str(e).startswith(str(file)) and "\n" not in str(e)
+
+
+@given(text=st.text(max_size=200))
+def test_arbitrary_text_never_tracebacks(tmp_path_factory, text):
+    file = tmp_path_factory.mktemp("t") / "scenario.yaml"
+    file.write_text(text, encoding="utf-8")
+    try:
+        load_scenario(file)
+    except SpecError as e:
+        assert str(e).startswith(str(file)) and "\n" not in str(e)
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+    path = _scenario(tmp_path, target_latency_ms="soon")
+    assert main(["solve", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "target_latency_ms: expected a number" in err
+    assert "Traceback" not in err
+
+
+_SMALL = {"name": "m", "seq_len": 8, "bitwidths": [4, 32],
+          "layers": [{"shards": [{"name": "a", "kind": "head", "flops": 10,
+                                  "bytes": [1, 4], "importance": [0.1, 0.2]}]}]}

@@ -1,0 +1,142 @@
+"""The plan file contract, the verifier's rejections, and the CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from elasticplan.cli import main
+from elasticplan.errors import PlanFormatError, VerificationError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import SCHEMA, Plan, ShardChoice
+from elasticplan.solvers import solve
+from elasticplan.verify import check, scenario_for, verify_plan
+
+PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
+MINILM = PROBLEMS / "scenarios" / "minilm-phone.yaml"
+
+
+@pytest.fixture(scope="module")
+def solved():
+    sc = load_scenario(MINILM)
+    return sc, solve(sc, "cpsat", time_limit_s=60)
+
+
+def test_plan_json_round_trip_and_fields(solved, tmp_path):
+    sc, plan = solved
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == SCHEMA
+    for key in ("scenario", "solver", "status", "gap", "solve_seconds", "objective",
+                "predicted_latency_ms", "preload_bytes", "layers"):
+        assert key in data
+    layer = data["layers"][0]
+    assert set(layer) >= {"index", "shards", "io_start_ms", "io_end_ms", "compute_start_ms",
+                          "compute_end_ms"}
+    assert set(layer["shards"][0]) == {"name", "bits", "preloaded"}
+    back = Plan.load(path)
+    assert dataclasses.replace(back, scenario=plan.scenario) == plan
+    verify_plan(scenario_for(back), back)
+
+
+def test_plan_moves_with_its_scenario(solved, tmp_path):
+    """The scenario path is stored relative to the plan, so the pair can be copied together."""
+    sc, plan = solved
+    copy = tmp_path / "problems"
+    shutil.copytree(PROBLEMS, copy)
+    moved = load_scenario(copy / "scenarios" / "minilm-phone.yaml")
+    plan2 = solve(moved, "greedy")
+    (tmp_path / "plans").mkdir()
+    plan2.save(tmp_path / "plans" / "p.json")
+    assert main(["verify", str(tmp_path / "plans" / "p.json")]) == 0
+
+
+def test_stale_plan_is_rejected(solved, tmp_path):
+    sc, plan = solved
+    copy = tmp_path / "problems"
+    shutil.copytree(PROBLEMS, copy)
+    scenario_path = copy / "scenarios" / "minilm-phone.yaml"
+    plan2 = solve(load_scenario(scenario_path), "greedy")
+    plan2.save(tmp_path / "p.json")
+    device = copy / "devices" / "phone-ufs31.yaml"
+    device.write_text(device.read_text().replace("bandwidth_mb_s: 1200", "bandwidth_mb_s: 1100"))
+    with pytest.raises(VerificationError, match="stale plan"):
+        verify_plan(scenario_for(Plan.load(tmp_path / "p.json")), Plan.load(tmp_path / "p.json"))
+
+
+def _tamper(plan: Plan, li: int, **changes) -> Plan:
+    layers = list(plan.layers)
+    layers[li] = dataclasses.replace(layers[li], **changes)
+    return dataclasses.replace(plan, layers=tuple(layers))
+
+
+@pytest.mark.parametrize("tamper,words", [
+    (lambda p: _tamper(p, 0, io_end_ms=p.layers[0].io_end_ms + 1), "predicted io_end_ms"),
+    (lambda p: _tamper(p, 1, shards=p.layers[1].shards + (ShardChoice("head99", 8, False),)),
+     "no shard named 'head99'"),
+    (lambda p: _tamper(p, 1, shards=p.layers[1].shards[:1] * 2), "more than once"),
+    (lambda p: _tamper(p, 2, shards=tuple(dataclasses.replace(c, bits=5)
+                                          for c in p.layers[2].shards)), "at 5 bits"),
+    (lambda p: _tamper(p, 3, shards=()), "fewer than min_shards_per_layer"),
+    (lambda p: dataclasses.replace(p, predicted_latency_ms=1.0), "predicted_latency_ms"),
+    (lambda p: dataclasses.replace(p, objective=p.objective + 1), "objective"),
+])
+def test_verifier_rejects_tampered_plans(solved, tamper, words):
+    sc, plan = solved
+    bad, _ = check(sc, tamper(plan))
+    assert any(words in b for b in bad), bad
+
+
+def test_verifier_rejects_constraint_violations(solved):
+    sc, plan = solved
+    tighter = sc.with_overrides(target_latency_ms=plan.predicted_latency_ms * 0.99)
+    assert any("exceeds the target" in b for b in check(tighter, plan)[0])
+    smaller = sc.with_overrides(preload_budget_mb=plan.preload_bytes / 2e6)
+    assert any("exceeds the budget" in b for b in check(smaller, plan)[0])
+
+
+def test_unreadable_plan_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlanFormatError, match="not a readable JSON plan"):
+        Plan.load(bad)
+    bad.write_text(json.dumps({"schema": "other/9"}))
+    with pytest.raises(PlanFormatError, match="schema"):
+        Plan.load(bad)
+    assert main(["verify", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize("scenario", sorted((PROBLEMS / "scenarios").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_scenario_solves_optimal_and_verifies(scenario, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["solve", str(scenario), "--time-limit", "120", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "solver cpsat: optimal" in printed
+    assert main(["verify", str(out)]) == 0
+    assert ": OK (cpsat, optimal)" in capsys.readouterr().out
+
+
+def test_cli_infeasible_explains_and_exits_3(capsys):
+    assert main(["solve", str(MINILM), "--target-ms", "1", "--solver", "cbc"]) == 3
+    err = capsys.readouterr().err
+    assert "below the fastest possible schedule" in err and err.count("\n") == 1
+
+
+def test_cli_sweep_writes_monotone_frontier(tmp_path, capsys):
+    out = tmp_path / "frontier.csv"
+    assert main(["sweep", str(MINILM), "--buffer-mb", "0:2:1", "--time-limit", "120",
+                 "--csv", str(out)]) == 0
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["buffer_mb"]) for r in rows] == [0.0, 1.0, 2.0]
+    assert {r["status"] for r in rows} == {"optimal"}
+    values = [float(r["importance"]) for r in rows]
+    for smaller, larger in zip(values, values[1:]):  # monotone up to the 1e-4 gap tolerance
+        assert larger >= smaller * (1 - 2e-4)
