@@ -27,7 +27,11 @@ NAME = "cbc"
 # CBC works to a feasibility tolerance of ~1e-7; the latency row is tightened by this margin
 # so that the rounded plan meets the target exactly when re-simulated in floating point.
 TIME_MARGIN_MS = 1e-5
-IMPORTANCE_MARGIN = 1e-9  # relative, for the importance floor row
+# Importance rows are multiplied by IMPORTANCE_SCALE / (largest shard importance), so that
+# CBC's absolute tolerance (~1e-7) is 1e-13 of an importance; the floor row keeps 1e-6
+# scaled units (1e-12 of the largest importance) to spare.
+IMPORTANCE_SCALE = 1e6
+IMPORTANCE_MARGIN = 1e-6
 
 
 def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
@@ -41,13 +45,16 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     var = {name: prob.add_variable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
     var.update({name: prob.add_variable(_safe(name), 0, program.time_horizon_ms)
                 for name in program.times})
+    most_important = max((max(s.importance) for layer in scenario.model.layers
+                          for s in layer.shards), default=1.0) or 1.0
     for r in program.rows:
-        expr = pulp.lpSum(c * var[v] for v, c in r.terms)
-        rhs = r.rhs
+        k = IMPORTANCE_SCALE / most_important if r.unit == Unit.IMPORTANCE else 1.0
+        expr = pulp.lpSum(k * c * var[v] for v, c in r.terms)
+        rhs = k * r.rhs
         if r.unit == Unit.TIME_MS and r.sense == "<=":
             rhs -= TIME_MARGIN_MS
         elif r.unit == Unit.IMPORTANCE and r.sense == ">=":
-            rhs += IMPORTANCE_MARGIN * max(abs(rhs), 1.0)
+            rhs += IMPORTANCE_MARGIN
         prob += (expr <= rhs) if r.sense == "<=" else (expr >= rhs), _safe(r.label)
     # CBC prints its final bound with ~3 decimals; scaling the objective to ~1e6 makes that
     # line precise enough to compute a real gap. Feasibility is unaffected.

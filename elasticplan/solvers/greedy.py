@@ -31,7 +31,7 @@ import time
 from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
 from elasticplan.errors import NoPlanFoundError
 from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import Scenario
+from elasticplan.spec import Objective, Scenario
 
 NAME = "greedy"
 
@@ -95,8 +95,15 @@ def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 
             f"greedy (STI) found no plan for target {scenario.target_latency_ms:g} ms and "
             f"buffer {scenario.preload_budget_mb:g} MB; this proves nothing: an exact solver "
             f"(--solver cpsat) finds a plan or explains why none exists")
-    return Plan.from_selection(scenario, selection, solver=NAME, status=SolveStatus.FEASIBLE,
+    plan = Plan.from_selection(scenario, selection, solver=NAME, status=SolveStatus.FEASIBLE,
                                gap=None, solve_seconds=time.perf_counter() - started)
+    if scenario.objective == Objective.MIN_BUFFER and plan.importance < scenario.importance_floor:
+        # STI plans for importance within a buffer; it has no way to size the buffer itself.
+        raise NoPlanFoundError(
+            f"greedy (STI) reaches importance {plan.importance:.6g} within the "
+            f"{scenario.preload_budget_mb:g} MB budget, below the floor "
+            f"{scenario.importance_floor:.6g}; it does not size buffers (use --solver cpsat)")
+    return plan
 
 
 def _plan(sc: Scenario) -> Selection | None:
