@@ -6,7 +6,9 @@ Variables (booleans, per layer l, shard s, bitwidth b):
   (ARCHITECTURE.md's x = q + p and p <= x; splitting x this way keeps every cost
    coefficient non-negative, which makes conservative integer rounding exact to state)
   y[l]     = 1  layer l runs (only when min_shards_per_layer = 0; otherwise y = 1)
-Times (continuous, ms, >= 0):  F[l] = end of layer l's reads,  C[l] = end of its compute.
+No time variables: ARCHITECTURE.md's recurrence (F = end of reads, C = end of compute)
+unrolls exactly into one knapsack row per layer (see the latency rows below). Only the
+internal min_latency objective has one continuous variable, Z >= every such row.
 
 Each backend lowers `Program.rows` as they are; CP-SAT first goes through
 elasticplan.scaling. The cost coefficients are the cost model's (elasticplan.costmodel).
