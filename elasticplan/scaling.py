@@ -71,9 +71,7 @@ def scale_row(row: Row, scale: float, exact_vars: frozenset[str]) -> IntRow:
 
 def to_integers(program: Program, tick_ns: float = DEFAULT_TICK_NS) -> IntProgram:
     tick_ms = tick_ns * 1e-6
-    importances = [s.importance[b] for layer in program.scenario.model.layers
-                   for s in layer.shards for b in range(len(s.importance))]
-    top = max(importances, default=0.0)
+    top = program.scenario.model.max_importance
     importance_scale = IMPORTANCE_UNITS / top if top > 0 else 1.0
     scales = {Unit.COUNT: 1.0, Unit.BYTES: 1.0, Unit.TIME_MS: 1.0 / tick_ms,
               Unit.IMPORTANCE: importance_scale}

@@ -67,6 +67,12 @@ class ModelProfile:
             return None
 
     @property
+    def max_importance(self) -> float:
+        """The largest importance of any shard at any bitwidth (0 for an all-zero profile)."""
+        return max((max(s.importance) for layer in self.layers for s in layer.shards),
+                   default=0.0)
+
+    @property
     def n_shards(self) -> int:
         return sum(len(layer.shards) for layer in self.layers)
 

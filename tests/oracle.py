@@ -54,5 +54,4 @@ def importance_margin(sc: Scenario) -> float:
     """Most that conservative rounding of the importance-floor row can cost (scaling.py)."""
     from elasticplan import scaling
 
-    top = max(max(s.importance) for layer in sc.model.layers for s in layer.shards)
-    return (sc.model.n_shards + 1) * top / scaling.IMPORTANCE_UNITS * 1.01
+    return (sc.model.n_shards + 1) * sc.model.max_importance / scaling.IMPORTANCE_UNITS * 1.01

@@ -45,8 +45,7 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     var = {name: prob.add_variable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
     var.update({name: prob.add_variable(_safe(name), 0, program.time_horizon_ms)
                 for name in program.times})
-    most_important = max((max(s.importance) for layer in scenario.model.layers
-                          for s in layer.shards), default=1.0) or 1.0
+    most_important = scenario.model.max_importance or 1.0
     for r in program.rows:
         k = IMPORTANCE_SCALE / most_important if r.unit == Unit.IMPORTANCE else 1.0
         expr = pulp.lpSum(k * c * var[v] for v, c in r.terms)
