@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test shards profile additive clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,19 @@ demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/elasticplan solve problems/scenarios/bert-base-phone.yaml -o out/bert-base-phone.plan.json
 	$(BIN)/elasticplan verify out/bert-base-phone.plan.json
+
+# The real model: shard store (build/shards/minilm-l6, ~10 s) and the measured profile
+# (problems/models/minilm-l6.yaml, ~7 min on 2 cores; cached in build/profile, resumable).
+shards: $(STAMP)
+	$(BIN)/elasticplan shard
+
+profile: shards
+	$(BIN)/elasticplan profile
+
+# Does the planner's additive importance predict the real submodels? (~2 min)
+additive: shards
+	@mkdir -p out
+	$(BIN)/python -m runtime.additive --json out/additive.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The `elasticplan` command: solve, verify, sweep.
+"""The `elasticplan` command: solve, verify, sweep; shard, profile.
 
 A user mistake (bad file, bad flag value, infeasible problem) prints one line
 `elasticplan: error: ...` on stderr and exits non-zero; never a traceback.
@@ -18,6 +18,12 @@ from elasticplan.report import plan_table
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_THREADS, \
     DEFAULT_TIME_LIMIT_S, solve
 from elasticplan.verify import scenario_for, verify_plan
+
+
+DEFAULT_STORE = "build/shards/minilm-l6"
+DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
+DEFAULT_CACHE = "build/profile/minilm-l6"
+DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
 
 
 def _range(text: str) -> list[float]:
@@ -81,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     axis.add_argument("--target-ms", type=_range, metavar="A:B:STEP")
     _solver_args(w)
     w.add_argument("--csv", help="also write the frontier as CSV")
+
+    h = sub.add_parser("shard", help="build the MiniLM shard store (idempotent, resumable)")
+    h.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    h.add_argument("--force", action="store_true", help="rewrite every file")
+
+    p = sub.add_parser("profile", help="measure shard importance on the real model and write "
+                                       "the model profile (minutes; resumable)")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    p.add_argument("--out", default=DEFAULT_PROFILE, help=f"profile YAML (default {DEFAULT_PROFILE})")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help=f"measurement cache (default {DEFAULT_CACHE})")
+    p.add_argument("--head", default=DEFAULT_HEAD, help=f"task head JSON (default {DEFAULT_HEAD})")
+    p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
+                   help="what importance measures (default fidelity: cosine to fp32)")
     return parser
 
 
@@ -150,13 +169,34 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_shard(a) -> int:
+    import time
+
+    from runtime.store import build_store
+
+    t0 = time.monotonic()
+    report = build_store(a.out, force=a.force, log=lambda s: print(s, file=sys.stderr))
+    print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
+          f"(checksums match), {report.total_bytes / 1e6:.1f} MB in all, "
+          f"{time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    from runtime.profile import profile_model
+
+    profile_model(a.store, a.out, cache_dir=a.cache, head_path=a.head, metric=a.metric)
+    return 0
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep}[args.command]
+    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep,
+               "shard": cmd_shard, "profile": cmd_profile}[args.command]
     try:
         return handler(args)
     except ElasticplanError as e:

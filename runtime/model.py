@@ -322,9 +322,27 @@ class ReferenceModel:
 
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            b = self.tokenizer(texts[i:i + batch_size])
-            out.append(self.encoder.forward(b.ids, b.mask, self.full_layers))
-        return torch.cat(out) if out else torch.empty(0, self.config.hidden)
+        """fp32 embeddings; texts are batched by length so little compute goes to padding."""
+        return embed_batched(self.tokenizer, texts, batch_size,
+                             lambda b: self.encoder.forward(b.ids, b.mask, self.full_layers),
+                             self.config.hidden)
 
+
+def length_batches(tokenizer: Tokenizer, texts: list[str], batch_size: int
+                   ) -> list[tuple[list[int], Batch]]:
+    """(original indices, batch) with texts sorted by token count, padded per batch."""
+    lengths = [len(e.ids) for e in tokenizer.tok.encode_batch(list(texts))]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        out.append((idx, tokenizer([texts[j] for j in idx])))
+    return out
+
+
+def embed_batched(tokenizer: Tokenizer, texts: list[str], batch_size: int, run, hidden: int
+                  ) -> torch.Tensor:
+    out = torch.empty(len(texts), hidden)
+    for idx, batch in length_batches(tokenizer, texts, batch_size):
+        out[idx] = run(batch)
+    return out

@@ -58,7 +58,8 @@ def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(matrix, dtype=np.float32)
     lo, hi = _levels(bits)
     amax = np.abs(w).max(axis=1).astype(np.float64)
-    amax[amax == 0] = 1.0  # an all-zero row: any scale reconstructs it within s/2
+    zero = amax == 0
+    amax[zero] = 1.0  # placeholder; an all-zero row gets scale 0 (exact zeros) below
     best_err = np.full(w.shape[0], np.inf)
     best_scale = np.zeros(w.shape[0])
     for ratio in CLIP_GRID:  # vectorised over rows; 81 candidates
@@ -69,6 +70,7 @@ def quantize(matrix: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         best_err[better], best_scale[better] = err[better], s[better]
     scales = best_scale.astype(np.float32)
     q = np.clip(np.floor(w / scales[:, None]), lo, hi)
+    scales[zero] = 0.0
     return (q - lo).astype(np.uint8), scales
 
 

@@ -1,0 +1,173 @@
+"""Check the planner's additive importance against the real submodels it selects.
+
+Solves the MiniLM scenario over a grid of targets and buffers, runs each plan's submodel
+(exactly the planned shards at the planned bitwidths, weights from the shard store) on
+the held-out test tweets, and compares the planner's objective with what was measured:
+
+- Spearman rank correlation of the objective with measured fidelity and with accuracy;
+- the additive prediction of the loss, Σ_s loss(choice of s) = Σ_s loss(drop) - objective,
+  against the measured loss 1 - fidelity, with a fitted calibration
+  measured ≈ k * predicted (least squares through the origin) and its R².
+
+    python -m runtime.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from elasticplan.errors import ElasticplanError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import Plan
+from elasticplan.solvers import solve
+from elasticplan.spec import FULL_PRECISION_BITS, Scenario
+from runtime.profile import DROP, Profiler
+from runtime.store import ShardStore
+from runtime.task import TaskHead, load_splits
+
+DEFAULT_SCENARIO = "problems/scenarios/minilm-phone.yaml"
+DEFAULT_TARGETS = (4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 25)
+DEFAULT_BUFFERS = (0, 2)
+
+
+@dataclass
+class PlanPoint:
+    target_ms: float
+    buffer_mb: float
+    status: str
+    objective: float
+    predicted_loss: float  # additive: Σ_s loss(choice of s)
+    measured_fidelity: float
+    measured_accuracy: float
+    shards: int
+    quantised: int
+
+    @property
+    def measured_loss(self) -> float:
+        return 1.0 - self.measured_fidelity
+
+
+def plan_changes(plan: Plan, shard_names: list[str]) -> list[dict[str, int]]:
+    """Per layer: shard name -> DROP or bits, for every shard the plan does not run at fp32."""
+    out = []
+    for layer in plan.layers:
+        chosen = {c.name: c.bits for c in layer.shards}
+        out.append({n: chosen.get(n, DROP) for n in shard_names
+                    if chosen.get(n, DROP) != FULL_PRECISION_BITS})
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho with average ranks for ties."""
+    def ranks(x):
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # ties share their mean rank
+            idx = x == v
+            r[idx] = r[idx].mean()
+        return r
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def calibrate(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+    """measured ≈ k * predicted through the origin: (k, R² of that fit)."""
+    k = float(predicted @ measured / (predicted @ predicted)) if predicted.any() else 0.0
+    resid = measured - k * predicted
+    tot = ((measured - measured.mean()) ** 2).sum()
+    return k, float(1 - (resid ** 2).sum() / tot) if tot > 0 else float("nan")
+
+
+def run(scenario_path: str, store_path: str, head_path: str, targets, buffers,
+        time_limit_s: float = 20.0, log=print) -> list[PlanPoint]:
+    base = load_scenario(scenario_path)
+    store = ShardStore(store_path)
+    head = TaskHead.load(head_path)
+    test = load_splits().test
+    evaluator = Profiler(store, list(test.texts), test.labels, head)
+    drop_loss = _drop_loss(base)
+    points = []
+    for buffer_mb in buffers:
+        for target in targets:
+            sc = base.with_overrides(target_latency_ms=target, preload_budget_mb=buffer_mb)
+            try:
+                plan = solve(sc, "cpsat", time_limit_s=time_limit_s, explain=False)
+            except ElasticplanError as e:
+                log(f"target {target} ms, buffer {buffer_mb} MB: no plan ({e})")
+                continue
+            fid, acc, _ = evaluator.measure_selection(
+                plan_changes(plan, store.config.shard_names()))
+            quantised = sum(1 for layer in plan.layers for c in layer.shards
+                            if c.bits != FULL_PRECISION_BITS)
+            p = PlanPoint(target, buffer_mb, plan.status.value, plan.importance,
+                          drop_loss - plan.importance, fid, acc, plan.n_shards, quantised)
+            points.append(p)
+            log(f"target {target:5g} ms  buffer {buffer_mb:g} MB  {p.status:8}  objective "
+                f"{p.objective:.5f}  predicted loss {p.predicted_loss:.5f}  measured fidelity "
+                f"{fid:.5f}  accuracy {acc:.3f}  shards {p.shards} ({quantised} quantised)")
+    return points
+
+
+def _drop_loss(scenario: Scenario) -> float:
+    """Σ_s loss(drop) = Σ_s importance at fp32 (the profile's definition)."""
+    i32 = scenario.model.bit_index(FULL_PRECISION_BITS)
+    return sum(s.importance[i32] for layer in scenario.model.layers for s in layer.shards)
+
+
+def summary(points: list[PlanPoint]) -> dict:
+    obj = np.array([p.objective for p in points])
+    fid = np.array([p.measured_fidelity for p in points])
+    acc = np.array([p.measured_accuracy for p in points])
+    pred = np.array([p.predicted_loss for p in points])
+    meas = 1 - fid
+    k, r2 = calibrate(pred, meas)
+    return {"plans": len(points),
+            "spearman_objective_fidelity": spearman(obj, fid),
+            "spearman_objective_accuracy": spearman(obj, acc),
+            "calibration_k": k, "calibration_r2": r2,
+            "mean_abs_error_fidelity_uncalibrated": float(np.abs(pred - meas).mean()),
+            "mean_abs_error_fidelity_calibrated": float(np.abs(k * pred - meas).mean())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.additive", description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", default=DEFAULT_SCENARIO)
+    ap.add_argument("--store", default="build/shards/minilm-l6")
+    ap.add_argument("--head", default="problems/models/minilm-l6.taskhead.json")
+    ap.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)))
+    ap.add_argument("--buffers", default=",".join(map(str, DEFAULT_BUFFERS)))
+    ap.add_argument("--json", help="write points and summary as JSON")
+    a = ap.parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        points = run(a.scenario, a.store, a.head, [float(v) for v in a.targets.split(",")],
+                     [float(v) for v in a.buffers.split(",")])
+    except ElasticplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    s = summary(points)
+    print(f"\n{s['plans']} plans in {time.monotonic() - t0:.0f} s")
+    print(f"Spearman(objective, measured fidelity) = {s['spearman_objective_fidelity']:.3f}")
+    print(f"Spearman(objective, measured accuracy) = {s['spearman_objective_accuracy']:.3f}")
+    print(f"measured loss = {s['calibration_k']:.3f} x additive prediction "
+          f"(R² {s['calibration_r2']:.3f}); mean |error| of predicted fidelity "
+          f"{s['mean_abs_error_fidelity_uncalibrated']:.4f} raw, "
+          f"{s['mean_abs_error_fidelity_calibrated']:.4f} calibrated")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": s, "points": [asdict(p) for p in points]},
+                                           indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Importance profiling: the measured effect of each shard, alone, at each bitwidth.
+
+For every layer l, shard s and variant v (dropped, or stored at b bits), the model runs on
+the calibration tweets with only shard s of layer l changed and everything else at fp32
+(weights read from the shard store). Three numbers are recorded per variant:
+- fidelity: mean cosine between its sentence embeddings and the fp32 model's;
+- accuracy and log-loss of the task head (runtime/task.py) on those tweets' labels.
+Layers before l are unchanged, so their outputs are computed once and reused.
+
+Importance (what the planner adds up). With loss(v) = 1 - fidelity(v):
+
+    importance[l, s, b] = max(0, loss(dropped) - loss(b))
+
+i.e. how much of the damage of dropping the shard is avoided by keeping it at b bits; the
+fp32 importance is the drop loss itself. The planner's objective Σ importance is then the
+drop loss of all shards minus the *additive prediction* of the plan's loss,
+Σ_s loss(choice of s). What is additive: single-shard losses, each measured with all other
+shards at fp32. What is not: interactions (two shards dropped together can hurt more or
+less than the sum), which runtime/additive.py measures on solved plans. Clamping at 0
+means a bitwidth that hurts more than dropping the shard is worth nothing, never negative.
+
+Resumable: measurements are appended to a JSON-lines cache keyed by a digest of the
+inputs (store build, calibration set, task head, this module's version); a rerun skips
+every variant already measured for the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from elasticplan.archgen import ARCHITECTURES, ffn_flops, head_flops
+from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
+from runtime.store import ShardStore
+from runtime.task import TaskHead, load_splits
+
+PROFILE_VERSION = 1
+DROP = 0  # variant key for "shard dropped"
+PROFILE_SEQ_LEN = 128  # flops in the profile are for this sequence length
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class Measurement:
+    layer: int
+    shard: str
+    variant: int  # DROP, or bits
+    fidelity: float
+    accuracy: float
+    logloss: float
+
+    def key(self) -> tuple[int, str, int]:
+        return self.layer, self.shard, self.variant
+
+
+class Progress:
+    """A one-line progress bar on stderr (a plain line per step when not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.done, self.t0 = 0, time.monotonic()
+        self.tty = stream.isatty()
+
+    def step(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        elapsed = time.monotonic() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0
+        eta = (self.total - self.done) / rate if rate > 0 else 0
+        frac = self.done / self.total if self.total else 1
+        bar = "#" * int(30 * frac)
+        line = (f"{self.label} [{bar:<30}] {self.done}/{self.total} "
+                f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left {note}")
+        if self.tty:
+            self.stream.write("\r" + line[:120])
+            if self.done >= self.total:
+                self.stream.write("\n")
+        elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class Profiler:
+    """Runs single-shard variants of the model from a shard store on calibration text."""
+
+    def __init__(self, store: ShardStore, texts: list[str], labels: np.ndarray, head: TaskHead,
+                 max_length: int = PROFILE_SEQ_LEN):
+        self.store, self.head = store, head
+        self.config = c = store.config
+        self.labels = labels
+        self.encoder = store.encoder()
+        tokenizer = store.tokenizer(max_length)
+        self.batches = length_batches(tokenizer, texts, BATCH)
+        self.order = [i for idx, _ in self.batches for i in idx]
+        self.fp32 = [{n: store.load(l, n, 32) for n in c.shard_names()} for l in range(c.layers)]
+        self.full = [self._layer(l, {}) for l in range(c.layers)]
+        # inputs[l][k]: batch k's hidden state entering layer l, all layers at fp32
+        self.inputs: list[list[torch.Tensor]] = []
+        with torch.inference_mode():
+            xs = [self.encoder.embed(b.ids) for _, b in self.batches]
+            for l in range(c.layers):
+                self.inputs.append(xs)
+                xs = [self.encoder.layer(l, x, b.mask, self.full[l])
+                      for x, (_, b) in zip(xs, self.batches)]
+            self.reference = torch.cat([self.encoder.pool(x, b.mask)
+                                        for x, (_, b) in zip(xs, self.batches)])
+        self.sorted_labels = labels[self.order]
+
+    def _layer(self, l: int, changes: dict[str, int]) -> LayerWeights:
+        """Layer l at fp32 except `changes` (shard -> DROP or bits)."""
+        names = [n for n in self.config.shard_names() if changes.get(n) != DROP]
+        w = LayerWeights(self.config, names)
+        for n in names:
+            bits = changes.get(n, 32)
+            w.put(n, *(self.fp32[l][n] if bits == 32 else self.store.load(l, n, bits)))
+        return w
+
+    @torch.inference_mode()
+    def run_from(self, l: int, layers: list[LayerWeights]) -> torch.Tensor:
+        """Embeddings (in length-sorted order) when layers l.. use `layers[l:]`."""
+        out = []
+        for k, (_, b) in enumerate(self.batches):
+            x = self.inputs[l][k]
+            for j in range(l, self.config.layers):
+                x = self.encoder.layer(j, x, b.mask, layers[j])
+            out.append(self.encoder.pool(x, b.mask))
+        return torch.cat(out)
+
+    def score(self, emb: torch.Tensor) -> tuple[float, float, float]:
+        fidelity = float((emb * self.reference).sum(1).mean())
+        return (fidelity, self.head.accuracy(emb, self.sorted_labels),
+                self.head.logloss(emb, self.sorted_labels))
+
+    def measure(self, l: int, shard: str, variant: int) -> Measurement:
+        layers = list(self.full)
+        layers[l] = self._layer(l, {shard: variant})
+        return Measurement(l, shard, variant, *self.score(self.run_from(l, layers)))
+
+    def measure_selection(self, changes: list[dict[str, int]]) -> tuple[float, float, float]:
+        """A whole submodel: per layer, shard -> DROP or bits (missing = fp32)."""
+        layers = [self._layer(l, ch) if ch else self.full[l] for l, ch in enumerate(changes)]
+        return self.score(self.run_from(0, layers))
+
+
+def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(store.index["build"], sort_keys=True).encode())
+    h.update(calibration_digest.encode())
+    h.update(json.dumps(head.to_json(), sort_keys=True).encode())
+    h.update(f"profile/{PROFILE_VERSION}".encode())
+    return h.hexdigest()
+
+
+class MeasurementCache:
+    """JSON lines: a header {"inputs": digest} then one Measurement per line. A cache for
+    other inputs is discarded; a torn last line (interrupted run) is ignored."""
+
+    def __init__(self, path: Path, digest: str):
+        self.path, self.digest = path, digest
+        self.items: dict[tuple[int, str, int], Measurement] = {}
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            try:
+                ok = json.loads(lines[0]).get("inputs") == digest
+            except (ValueError, IndexError, AttributeError):
+                ok = False
+            if ok:
+                for line in lines[1:]:
+                    try:
+                        m = Measurement(**json.loads(line))
+                    except (ValueError, TypeError):
+                        continue
+                    self.items[m.key()] = m
+        if not self.items:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"inputs": digest}) + "\n")
+
+    def add(self, m: Measurement) -> None:
+        self.items[m.key()] = m
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(m.__dict__) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@dataclass
+class ProfileResult:
+    measurements: dict[tuple[int, str, int], Measurement]
+    baseline: tuple[float, float, float]  # fp32 model on the calibration set
+    measured_now: int
+
+
+def train_head(store: ShardStore, out: Path, log: Callable[[str], None]) -> TaskHead:
+    """Train the task head on the fp32 model's embeddings of the train split; saved to
+    `out` with its accuracy. Reused when `out` records the same store build."""
+    splits = load_splits()
+    key = hashlib.sha256((json.dumps(store.index["build"], sort_keys=True) +
+                          splits.train.digest()).encode()).hexdigest()
+    if out.is_file():
+        meta = json.loads(out.read_text())
+        if meta.get("inputs") == key:
+            return TaskHead.load(out)
+    log(f"training the task head on {len(splits.train)} tweets (fp32 embeddings)...")
+    encoder, tokenizer = store.encoder(), store.tokenizer(PROFILE_SEQ_LEN)
+    c = store.config
+    full = []
+    for l in range(c.layers):
+        w = LayerWeights(c, c.shard_names())
+        for n in c.shard_names():
+            w.put(n, *store.load(l, n, 32))
+        full.append(w)
+
+    def embed(texts):
+        with torch.inference_mode():
+            return embed_batched(tokenizer, list(texts), 64,
+                                 lambda b: encoder.forward(b.ids, b.mask, full), c.hidden)
+
+    head = TaskHead.train(embed(splits.train.texts), splits.train.labels)
+    acc = head.accuracy(embed(splits.test.texts), splits.test.labels)
+    head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} tweets",
+              test_accuracy=acc, test_size=len(splits.test))
+    log(f"task head: test accuracy {acc:.4f} on {len(splits.test)} held-out tweets")
+    return head
+
+
+def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
+                layers: list[int] | None = None, bitwidths: list[int] | None = None,
+                calibration_size: int | None = None, progress: bool = True) -> ProfileResult:
+    """Measure every (layer, shard, variant) not already in the cache."""
+    splits = load_splits()
+    cal = splits.calibration
+    texts, labels = list(cal.texts), cal.labels
+    if calibration_size is not None:  # a smaller, still balanced, set (tests)
+        pick = np.r_[np.flatnonzero(labels == 0)[:calibration_size // 2],
+                     np.flatnonzero(labels == 1)[:calibration_size - calibration_size // 2]]
+        texts, labels = [texts[i] for i in pick], labels[pick]
+    digest = inputs_digest(store, hashlib.sha256("\n".join(texts).encode()).hexdigest(), head)
+    cache = MeasurementCache(cache_path, digest)
+    c = store.config
+    layers = list(range(c.layers)) if layers is None else layers
+    bits = [b for b in (bitwidths or store.bitwidths) if b != 32]
+    todo = [(l, n, v) for l in layers for n in c.shard_names() for v in [DROP] + bits
+            if (l, n, v) not in cache.items]
+    profiler = Profiler(store, texts, labels, head)
+    bar = Progress(len(todo), "profile") if progress and todo else None
+    for l, n, v in todo:
+        cache.add(profiler.measure(l, n, v))
+        if bar:
+            bar.step(note=f"layer {l} {n}")
+    baseline = profiler.score(profiler.reference)
+    return ProfileResult(cache.items, baseline, len(todo))
+
+
+def importance(ms: dict, baseline: tuple[float, float, float], l: int, shard: str,
+               bits: tuple[int, ...], metric: str = "fidelity") -> list[float]:
+    """importance[b] = max(0, loss(drop) - loss(b)); loss is measured against the fp32
+    model (1 - fidelity, or the log-loss increase), so the fp32 loss is 0."""
+    def loss(v: int) -> float:
+        if v == 32:
+            return 0.0
+        m = ms[l, shard, v]
+        if metric == "fidelity":
+            return max(0.0, 1.0 - m.fidelity)  # a cosine above 1 is rounding noise
+        return m.logloss - baseline[2]
+    drop = loss(DROP)
+    return [max(0.0, drop - loss(b)) for b in bits]
+
+
+def profile_dict(store: ShardStore, ms: dict, baseline: tuple[float, float, float],
+                 test_accuracy: float, metric: str = "fidelity") -> dict:
+    """The measured model profile (the planner's input), as written to YAML."""
+    c = store.config
+    arch = ARCHITECTURES["minilm-l6"]
+    bits = tuple(store.bitwidths)
+    layers = []
+    for l in range(c.layers):
+        shards = []
+        for n in c.shard_names():
+            kind, _ = parse_shard_name(n)
+            flops = head_flops(arch) if kind == "head" else ffn_flops(arch)
+            imp = importance(ms, baseline, l, n, bits, metric)
+            shards.append({"name": n, "kind": kind, "flops": flops,
+                           "bytes": [store.variant(l, n, b).nbytes for b in bits],
+                           "importance": [float(f"{v:.6g}") for v in imp]})
+        layers.append({"shards": shards})
+    return {
+        "name": "minilm-l6",
+        "description": f"all-MiniLM-L6-v2 (sentence-transformers), measured: bytes as stored "
+                       f"by `elasticplan shard`, importance from `elasticplan profile` on "
+                       f"{len(load_splits().calibration)} calibration tweets (fp32 model: "
+                       f"task accuracy {test_accuracy:.4f} on the held-out test split)",
+        "architecture": {"layers": c.layers, "hidden": c.hidden, "heads": c.heads,
+                         "ffn": c.ffn, "ffn_slice": c.ffn_slice, "vocab": c.vocab,
+                         "max_positions": c.max_positions, "type_vocab": c.type_vocab},
+        "synthetic": False,
+        "importance_metric": (
+            "importance[b] = max(0, loss(dropped) - loss(b bits)), one shard changed at a "
+            "time, all others fp32; loss = 1 - mean cosine to the fp32 model's embedding"
+            if metric == "fidelity" else
+            "importance[b] = max(0, logloss(dropped) - logloss(b bits)) of the task head"),
+        "seq_len": PROFILE_SEQ_LEN,
+        "bitwidths": list(bits),
+        "resident_bytes": store.resident_bytes,
+        "layers": layers,
+    }
+
+
+def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | Path,
+                  head_path: str | Path, metric: str = "fidelity",
+                  log: Callable[[str], None] = print) -> ProfileResult:
+    """`elasticplan profile`: train (or reuse) the task head, measure what the cache lacks,
+    and write the model profile YAML plus every measurement as JSON beside it."""
+    from elasticplan.loader import write_model_profile
+
+    store = ShardStore(store_path)
+    head_path, out = Path(head_path), Path(out)
+    head = train_head(store, head_path, log)
+    test_accuracy = json.loads(head_path.read_text())["test_accuracy"]
+    result = run_profile(store, head, Path(cache_dir) / "measurements.jsonl")
+    data = profile_dict(store, result.measurements, result.baseline, test_accuracy, metric)
+    write_model_profile(out, data, "Generated by `elasticplan profile` from the shard store "
+                                   "and measured importance: do not edit by hand.")
+    cal = load_splits().calibration
+    raw = {"calibration": {"tweets": len(cal), "split_seed": 0, "digest": cal.digest()},
+           "baseline": dict(zip(("fidelity", "accuracy", "logloss"), result.baseline)),
+           "fp32_test_accuracy": test_accuracy,
+           "measurements": [m.__dict__ for m in sorted(result.measurements.values(),
+                                                       key=lambda m: m.key())]}
+    measurements_path(out).write_text(json.dumps(raw, indent=0) + "\n")
+    log(f"measured {result.measured_now} variants now, "
+        f"{len(result.measurements) - result.measured_now} from the cache; wrote {out} and "
+        f"{measurements_path(out)}")
+    return result
+
+
+def measurements_path(profile_path: Path) -> Path:
+    return profile_path.with_name(profile_path.name.removesuffix(".yaml") + ".measurements.json")

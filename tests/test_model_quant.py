@@ -1,0 +1,134 @@
+"""The real model: golden embeddings, elastic layers against an independent oracle,
+quantisation bounds and packing."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from runtime import quant
+from runtime.model import LayerWeights, parse_shard_name
+
+GOLDEN = Path(__file__).parent / "data" / "golden_minilm.json"
+
+
+def test_full_encoder_matches_golden_embeddings(reference):
+    g = json.loads(GOLDEN.read_text())
+    assert g["max_seq_length"] == 256
+    emb = reference.embed(g["sentences"], batch_size=3)
+    ref = torch.tensor(g["embeddings"])
+    assert emb.shape == ref.shape == (len(g["sentences"]), 384)
+    assert (emb - ref).abs().max().item() < 1e-5
+    assert [len(reference.tokenizer([s]).ids[0]) for s in g["sentences"]] == g["tokens"]
+
+
+def _zeroed_layer(reference, l, drop):
+    """Oracle for dropping shards: the full layer with the dropped shards' output weights
+    (Wo columns of a head, W2 columns of an FFN slice) zeroed; nothing else changes."""
+    c = reference.config
+    w = reference.layer_weights(l, c.shard_names())
+    for name in drop:
+        m, _ = w.slot(name)
+        m[-1].zero_()  # last block: Wo columns (head) or W2 columns (ffn) of this shard
+    return w
+
+
+@pytest.mark.parametrize("drop", [["head0"], ["head3", "head7", "ffn0"], ["ffn11"],
+                                  [f"head{h}" for h in range(12)],
+                                  [f"ffn{f}" for f in range(12)]])
+def test_dropping_shards_equals_zeroing_their_output_weights(reference, drop):
+    c = reference.config
+    b = reference.tokenizer(["Sharding a transformer layer by heads.", "Short one"])
+    enc = reference.encoder
+    with torch.inference_mode():
+        for l in (0, 5):
+            keep = [n for n in c.shard_names() if n not in drop]
+            layers = list(reference.full_layers)
+            layers[l] = reference.layer_weights(l, keep)
+            got = enc.forward(b.ids, b.mask, layers)
+            layers[l] = _zeroed_layer(reference, l, drop)
+            want = enc.forward(b.ids, b.mask, layers)
+            assert (got - want).abs().max().item() < 1e-5
+            full = enc.forward(b.ids, b.mask, reference.full_layers)
+            assert (got - full).abs().max().item() > 1e-4  # the drop did change the output
+
+
+def test_layer_with_no_shards_is_skipped(reference):
+    c = reference.config
+    b = reference.tokenizer(["x y z"])
+    x = reference.encoder.embed(b.ids)
+    out = reference.encoder.layer(2, x, b.mask, LayerWeights(c, []))
+    assert torch.equal(out, x)
+
+
+def test_shard_order_in_a_layer_does_not_change_the_result(reference):
+    c = reference.config
+    b = reference.tokenizer(["The order of shards in the fused buffer is irrelevant."])
+    names = c.shard_names()
+    shuffled = [names[i] for i in np.random.default_rng(1).permutation(len(names))]
+    with torch.inference_mode():
+        a = reference.encoder.layer(1, reference.encoder.embed(b.ids), b.mask,
+                                    reference.layer_weights(1, names))
+        z = reference.encoder.layer(1, reference.encoder.embed(b.ids), b.mask,
+                                    reference.layer_weights(1, shuffled))
+    assert (a - z).abs().max().item() < 1e-5
+
+
+def test_shard_names_parse():
+    assert parse_shard_name("head11") == ("head", 11)
+    assert parse_shard_name("ffn0") == ("ffn", 0)
+    for bad in ("head", "ffnx", "attn1", ""):
+        with pytest.raises(ValueError):
+            parse_shard_name(bad)
+
+
+@given(bits=st.sampled_from(quant.QUANT_BITS), rows=st.integers(1, 5),
+       cols=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_pack_unpack_round_trip(bits, rows, cols, seed):
+    codes = np.random.default_rng(seed).integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
+    packed = quant.pack(codes, bits)
+    assert packed.shape == (rows, quant.row_bytes(cols, bits))
+    back = quant.unpack(torch.from_numpy(packed.copy()), bits, cols)
+    assert np.array_equal(back.numpy(), codes)
+
+
+@given(bits=st.sampled_from(quant.QUANT_BITS), seed=st.integers(0, 2**31),
+       scale=st.floats(1e-4, 10.0), heavy=st.booleans())
+def test_quantisation_error_within_documented_bound(bits, seed, scale, heavy):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(3, size=(6, 48)) if heavy else rng.normal(size=(6, 48))) * scale
+    w = w.astype(np.float32)
+    w[0] = 0.0  # an all-zero row must come back as (near) zero too
+    codes, scales = quant.quantize(w, bits)
+    assert codes.max() < 2 ** bits
+    deq = quant.dequantize_np(codes, scales, bits)
+    rms = np.sqrt(((deq - w) ** 2).mean(axis=1))
+    assert np.all(rms <= quant.error_bound(w, bits) * (1 + 1e-5) + 1e-12)
+    # the chosen clip is at least as good as not clipping (ratio 1.0 is in the grid)
+    lo = -(2 ** (bits - 1))
+    s1 = np.abs(w).max(axis=1) / -lo
+    s1[s1 == 0] = 1.0 / -lo
+    q1 = np.clip(np.floor(w / s1[:, None]), lo, -lo - 1)
+    mse1 = (((q1 + 0.5) * s1[:, None] - w) ** 2).mean(axis=1)
+    assert np.all((rms ** 2) <= mse1 * (1 + 1e-4) + 1e-12)
+
+
+def test_dequantize_into_a_strided_view_matches_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 40)).astype(np.float32)
+    for bits in quant.QUANT_BITS:
+        codes, scales = quant.quantize(w, bits)
+        dest = torch.zeros(2, 10, 40)
+        view = dest[:, 3:7, :]  # [2, 4, 40]: 8 rows scattered in two blocks
+        quant.dequantize_into(view, torch.from_numpy(quant.pack(codes, bits)),
+                              torch.from_numpy(scales), bits)
+        assert np.array_equal(view.reshape(8, 40).numpy(), quant.dequantize_np(codes, scales, bits))
+        assert dest[:, :3].abs().sum() == 0 and dest[:, 7:].abs().sum() == 0
+
+
+def test_unsupported_bitwidth_is_a_clear_error():
+    with pytest.raises(ValueError, match="not stored"):
+        quant.check_bits(5)
