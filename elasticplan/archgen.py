@@ -3,13 +3,15 @@
 Shards (STI's vertical cut): one per attention head, one per FFN slice of
 ffn_dim / heads neurons, so each layer has 2 x heads shards.
 
-Stored layout of a shard at b bits (the layout the shard store writes):
-- head h: a [4 * d_head, hidden] matrix (Wq, Wk, Wv rows of the head and Wo's columns,
-  as rows) plus the 3 * d_head Q/K/V biases in fp32;
-- FFN slice of f neurons: a [2 * f, hidden] matrix (W1 rows, W2 columns as rows) plus
-  the f W1 biases in fp32;
-- b = 32: the matrix in fp32. b < 32: each row packed at b bits, padded to a whole
-  byte, plus one fp32 scale per row (symmetric per-row quantisation).
+Stored layout of a shard at b bits (the layout the shard store writes), two blocks, each
+quantised per output channel:
+- head h: the input block [3 * d_head, hidden] (Wq, Wk, Wv rows of the head), the output
+  block [hidden, d_head] (Wo's columns of the head, as in Wo), then the 3 * d_head
+  Q/K/V biases in fp32;
+- FFN slice of f neurons: the input block [f, hidden] (W1 rows), the output block
+  [hidden, f] (W2's columns), then the f W1 biases in fp32;
+- b = 32: each block in fp32. b < 32: each block row packed at b bits, padded to a
+  whole byte, plus one fp32 scale per row (symmetric per-row quantisation).
 Everything else (embeddings, layer norms, the Wo and W2 biases) is resident, fp32.
 
 Flops at seq_len n (multiply-add = 2 flop; softmax, norms and biases are in the
@@ -75,11 +77,13 @@ def matrix_bytes(rows: int, cols: int, bits: int) -> int:
 
 
 def head_bytes(a: Architecture, bits: int) -> int:
-    return matrix_bytes(4 * a.d_head, a.hidden, bits) + 3 * a.d_head * 4
+    return (matrix_bytes(3 * a.d_head, a.hidden, bits) + matrix_bytes(a.hidden, a.d_head, bits)
+            + 3 * a.d_head * 4)
 
 
 def ffn_bytes(a: Architecture, bits: int) -> int:
-    return matrix_bytes(2 * a.ffn_slice, a.hidden, bits) + a.ffn_slice * 4
+    return (matrix_bytes(a.ffn_slice, a.hidden, bits) + matrix_bytes(a.hidden, a.ffn_slice, bits)
+            + a.ffn_slice * 4)
 
 
 def head_flops(a: Architecture) -> int:

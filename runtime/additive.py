@@ -7,7 +7,12 @@ the held-out test tweets, and compares the planner's objective with what was mea
 - Spearman rank correlation of the objective with measured fidelity and with accuracy;
 - the additive prediction of the loss, Σ_s loss(choice of s) = Σ_s loss(drop) - objective,
   against the measured loss 1 - fidelity, with a fitted calibration
-  measured ≈ k * predicted (least squares through the origin) and its R².
+  measured ≈ k * predicted (least squares through the origin) and its R²;
+- the multiplicative reading of the same profile, fidelity ≈ Π_s (1 - loss(choice of s)),
+  which cannot go below 0 as the additive sum can;
+- pairwise: at each (target, buffer) STI's greedy plan is run too, and the check counts
+  how often the plan with the higher objective also has the higher measured fidelity and
+  accuracy (the planner's real job is choosing between plans).
 
     python -m runtime.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4] [--json F]
 """
@@ -41,9 +46,11 @@ DEFAULT_BUFFERS = (0, 2)
 class PlanPoint:
     target_ms: float
     buffer_mb: float
+    solver: str
     status: str
     objective: float
     predicted_loss: float  # additive: Σ_s loss(choice of s)
+    predicted_product: float  # multiplicative: Π_s (1 - loss(choice of s))
     measured_fidelity: float
     measured_accuracy: float
     shards: int
@@ -89,7 +96,7 @@ def calibrate(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float
 
 
 def run(scenario_path: str, store_path: str, head_path: str, targets, buffers,
-        time_limit_s: float = 20.0, log=print) -> list[PlanPoint]:
+        time_limit_s: float = 10.0, log=print) -> list[PlanPoint]:
     base = load_scenario(scenario_path)
     store = ShardStore(store_path)
     head = TaskHead.load(head_path)
@@ -100,22 +107,53 @@ def run(scenario_path: str, store_path: str, head_path: str, targets, buffers,
     for buffer_mb in buffers:
         for target in targets:
             sc = base.with_overrides(target_latency_ms=target, preload_budget_mb=buffer_mb)
-            try:
-                plan = solve(sc, "cpsat", time_limit_s=time_limit_s, explain=False)
-            except ElasticplanError as e:
-                log(f"target {target} ms, buffer {buffer_mb} MB: no plan ({e})")
-                continue
-            fid, acc, _ = evaluator.measure_selection(
-                plan_changes(plan, store.config.shard_names()))
-            quantised = sum(1 for layer in plan.layers for c in layer.shards
-                            if c.bits != FULL_PRECISION_BITS)
-            p = PlanPoint(target, buffer_mb, plan.status.value, plan.importance,
-                          drop_loss - plan.importance, fid, acc, plan.n_shards, quantised)
-            points.append(p)
-            log(f"target {target:5g} ms  buffer {buffer_mb:g} MB  {p.status:8}  objective "
-                f"{p.objective:.5f}  predicted loss {p.predicted_loss:.5f}  measured fidelity "
-                f"{fid:.5f}  accuracy {acc:.3f}  shards {p.shards} ({quantised} quantised)")
+            for solver in ("cpsat", "greedy"):
+                try:
+                    plan = solve(sc, solver, time_limit_s=time_limit_s, explain=False)
+                except ElasticplanError as e:
+                    log(f"target {target} ms, buffer {buffer_mb} MB, {solver}: no plan ({e})")
+                    continue
+                fid, acc, _ = evaluator.measure_selection(
+                    plan_changes(plan, store.config.shard_names()))
+                quantised = sum(1 for layer in plan.layers for c in layer.shards
+                                if c.bits != FULL_PRECISION_BITS)
+                p = PlanPoint(target, buffer_mb, solver, plan.status.value, plan.importance,
+                              drop_loss - plan.importance, _product(sc, plan), fid, acc,
+                              plan.n_shards, quantised)
+                points.append(p)
+                log(f"target {target:5g} ms  buffer {buffer_mb:g} MB  {solver:6} {p.status:8}  "
+                    f"objective {p.objective:.5f}  predicted loss {p.predicted_loss:.4f}  "
+                    f"measured fidelity {fid:.4f}  accuracy {acc:.3f}  shards {p.shards} "
+                    f"({quantised} quantised)")
     return points
+
+
+def uniform_points(store_path: str, head_path: str) -> list[tuple[str, float, float]]:
+    """Reference submodels on the test split: every shard at b bits, for each stored b."""
+    store = ShardStore(store_path)
+    test = load_splits().test
+    ev = Profiler(store, list(test.texts), test.labels, TaskHead.load(head_path))
+    names = store.config.shard_names()
+    out = []
+    for bits in sorted(store.bitwidths, reverse=True):
+        changes = [{} if bits == FULL_PRECISION_BITS else {n: bits for n in names}
+                   for _ in range(store.config.layers)]
+        fid, acc, _ = ev.measure_selection(changes)
+        out.append((f"all shards at {bits} bits", fid, acc))
+    return out
+
+
+def _product(scenario: Scenario, plan: Plan) -> float:
+    """Π_s (1 - loss(choice of s)), with loss(b) = loss(drop) - importance[b]."""
+    model, out = scenario.model, 1.0
+    i32 = model.bit_index(FULL_PRECISION_BITS)
+    for layer, lp in zip(model.layers, plan.layers):
+        chosen = {c.name: model.bit_index(c.bits) for c in lp.shards}
+        for shard in layer.shards:
+            drop = shard.importance[i32]
+            b = chosen.get(shard.name)
+            out *= 1.0 - (drop if b is None else drop - shard.importance[b])
+    return out
 
 
 def _drop_loss(scenario: Scenario) -> float:
@@ -125,18 +163,36 @@ def _drop_loss(scenario: Scenario) -> float:
 
 
 def summary(points: list[PlanPoint]) -> dict:
-    obj = np.array([p.objective for p in points])
-    fid = np.array([p.measured_fidelity for p in points])
-    acc = np.array([p.measured_accuracy for p in points])
-    pred = np.array([p.predicted_loss for p in points])
-    meas = 1 - fid
-    k, r2 = calibrate(pred, meas)
-    return {"plans": len(points),
+    exact = [p for p in points if p.solver == "cpsat"]
+    obj = np.array([p.objective for p in exact])
+    fid = np.array([p.measured_fidelity for p in exact])
+    acc = np.array([p.measured_accuracy for p in exact])
+    pred = np.array([p.predicted_loss for p in exact])
+    prod = np.array([p.predicted_product for p in exact])
+    k, r2 = calibrate(pred, 1 - fid)
+    # pairs: same question, two solvers
+    by_q = {}
+    for p in points:
+        by_q.setdefault((p.target_ms, p.buffer_mb), {})[p.solver] = p
+    pairs = [(q["cpsat"], q["greedy"]) for q in by_q.values() if len(q) == 2
+             and q["cpsat"].objective != q["greedy"].objective]
+
+    def agree(attr):
+        return sum((a.objective > b.objective) == (getattr(a, attr) > getattr(b, attr))
+                   for a, b in pairs)
+    return {"plans": len(exact), "pairs": len(pairs),
             "spearman_objective_fidelity": spearman(obj, fid),
             "spearman_objective_accuracy": spearman(obj, acc),
             "calibration_k": k, "calibration_r2": r2,
-            "mean_abs_error_fidelity_uncalibrated": float(np.abs(pred - meas).mean()),
-            "mean_abs_error_fidelity_calibrated": float(np.abs(k * pred - meas).mean())}
+            "mae_fidelity_additive": float(np.abs((1 - pred) - fid).mean()),
+            "mae_fidelity_additive_calibrated": float(np.abs((1 - k * pred) - fid).mean()),
+            "mae_fidelity_product": float(np.abs(prod - fid).mean()),
+            "pairs_fidelity_agree": agree("measured_fidelity"),
+            "pairs_accuracy_agree": agree("measured_accuracy"),
+            "mean_fidelity_gain_over_greedy": float(np.mean(
+                [a.measured_fidelity - b.measured_fidelity for a, b in pairs])) if pairs else 0.0,
+            "mean_accuracy_gain_over_greedy": float(np.mean(
+                [a.measured_accuracy - b.measured_accuracy for a, b in pairs])) if pairs else 0.0}
 
 
 def main(argv=None) -> int:
@@ -147,8 +203,15 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)))
     ap.add_argument("--buffers", default=",".join(map(str, DEFAULT_BUFFERS)))
     ap.add_argument("--json", help="write points and summary as JSON")
+    ap.add_argument("--uniform", action="store_true",
+                    help="only evaluate the uniform-bitwidth reference models")
     a = ap.parse_args(argv)
     t0 = time.monotonic()
+    if a.uniform:
+        print(f"{'model (test split, 1000 tweets)':32} {'fidelity':>9} {'accuracy':>9}")
+        for name, fid, acc in uniform_points(a.store, a.head):
+            print(f"{name:32} {fid:9.4f} {acc:9.3f}")
+        return 0
     try:
         points = run(a.scenario, a.store, a.head, [float(v) for v in a.targets.split(",")],
                      [float(v) for v in a.buffers.split(",")])
@@ -156,13 +219,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     s = summary(points)
-    print(f"\n{s['plans']} plans in {time.monotonic() - t0:.0f} s")
+    print(f"\n{s['plans']} exact plans (+ greedy) in {time.monotonic() - t0:.0f} s")
     print(f"Spearman(objective, measured fidelity) = {s['spearman_objective_fidelity']:.3f}")
     print(f"Spearman(objective, measured accuracy) = {s['spearman_objective_accuracy']:.3f}")
-    print(f"measured loss = {s['calibration_k']:.3f} x additive prediction "
-          f"(R² {s['calibration_r2']:.3f}); mean |error| of predicted fidelity "
-          f"{s['mean_abs_error_fidelity_uncalibrated']:.4f} raw, "
-          f"{s['mean_abs_error_fidelity_calibrated']:.4f} calibrated")
+    print(f"measured loss = {s['calibration_k']:.3f} x additive prediction (R² "
+          f"{s['calibration_r2']:.3f})")
+    print(f"mean |predicted - measured fidelity|: additive {s['mae_fidelity_additive']:.4f}, "
+          f"additive calibrated {s['mae_fidelity_additive_calibrated']:.4f}, product "
+          f"{s['mae_fidelity_product']:.4f}")
+    print(f"cpsat vs greedy at the same question ({s['pairs']} pairs): the higher objective "
+          f"has the higher measured fidelity in {s['pairs_fidelity_agree']}, the higher "
+          f"accuracy in {s['pairs_accuracy_agree']}; mean gain fidelity "
+          f"{s['mean_fidelity_gain_over_greedy']:+.4f}, accuracy "
+          f"{s['mean_accuracy_gain_over_greedy']:+.4f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": s, "points": [asdict(p) for p in points]},
                                            indent=1) + "\n")

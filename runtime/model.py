@@ -9,7 +9,8 @@ over real tokens and L2 normalisation. It has no I/O: a layer's elastic weights 
 a `LayerWeights`, filled by whoever chose the shards (the shard store, the profiler, the
 runtime executor).
 
-Shards (STI's vertical cut), in the layout the shard store writes:
+Shards (STI's vertical cut), as matrices in memory (runtime/store.py says how they are
+stored: the output-projection rows are stored transposed, per output channel):
 - head h: matrix [4 * d_head, hidden] = Wq rows, Wk rows, Wv rows of the head, then Wo's
   columns of the head as rows; bias [3 * d_head] = its Q, K, V biases;
 - FFN slice f of `ffn_slice` neurons: matrix [2 * ffn_slice, hidden] = W1 rows, then W2's
@@ -83,12 +84,11 @@ class Config:
         return [f"head{h}" for h in range(self.heads)] + \
                [f"ffn{f}" for f in range(self.ffn_slices)]
 
-    def shard_shape(self, name: str) -> tuple[int, int, int]:
-        """(matrix rows, matrix cols, bias length) of a shard, by name."""
+    def shard_in_rows(self, name: str) -> int:
+        """Rows of the shard matrix that feed from the layer input (Wq/Wk/Wv; W1); the rest
+        are output-projection columns (Wo; W2)."""
         kind, _ = parse_shard_name(name)
-        if kind == "head":
-            return 4 * self.d_head, self.hidden, 3 * self.d_head
-        return 2 * self.ffn_slice, self.hidden, self.ffn_slice
+        return 3 * self.d_head if kind == "head" else self.ffn_slice
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,

@@ -1,6 +1,6 @@
 """Per-row symmetric quantisation with an MSE-optimal clip, and the packed layout.
 
-Scheme (for b < 32 bits), row by row of a shard's matrix:
+Scheme (for b < 32 bits), row by row of a stored block (rows are output channels):
 - a clip c is chosen among CLIP_GRID ratios of the row's max |w| (1.0 included) to
   minimise the row's squared error; the scale is s = c / 2^(b-1);
 - codes are mid-rise: q = clamp(floor(w / s), -2^(b-1), 2^(b-1) - 1), reconstructed as

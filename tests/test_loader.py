@@ -49,11 +49,13 @@ def test_every_model_loads_and_matches_its_generator(path):
 
 
 def test_minilm_bytes_match_runtime_notes():
-    """RUNTIME-NOTES.md: a head is 197 KB fp32, 50 KB 8-bit, 25 KB 4-bit, 13 KB 2-bit."""
+    """RUNTIME-NOTES.md: a head is 197 KB fp32, 50 KB 8-bit, 25 KB 4-bit, 13 KB 2-bit with one
+    scale per row of [128, 384]; the store quantises Wo per output channel (384 scales
+    instead of 32), which adds 1.4 KB per head: 51, 27, 15 KB."""
     model = parse_model(read_yaml(MINILM), str(MINILM))
     head = model.layers[0].shards[0]
     kb = dict(zip(model.bitwidths, (round(b / 1000) for b in head.bytes)))
-    assert (kb[32], kb[8], kb[4], kb[2]) == (197, 50, 25, 13)
+    assert (kb[32], kb[8], kb[4], kb[2]) == (197, 51, 27, 15)
     ffn = model.layers[0].shards[12]
     assert round(ffn.bytes[-1] / 1000) == 394
 
