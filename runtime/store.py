@@ -40,8 +40,8 @@ import torch
 
 from elasticplan.errors import StoreError
 from runtime import quant
-from runtime.model import (MODEL_NAME, Config, Encoder, Tokenizer, load_hf_tensors, model_dir,
-                           resident_names, shard_from_hf)
+from runtime.model import (MODEL_NAME, Config, Encoder, LayerWeights, Tokenizer, load_hf_tensors,
+                           model_dir, resident_names, shard_from_hf)
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
@@ -243,6 +243,16 @@ class ShardStore:
         matrix, bias = torch.empty(v.rows, v.cols), torch.empty(v.bias)
         decode_into(v, self.read(v), matrix[:v.in_rows], matrix[v.in_rows:], bias)
         return matrix, bias
+
+    def layer_weights(self, layer: int, bits_by_name: dict[str, int]) -> LayerWeights:
+        """Layer `layer` with exactly these shards at these bitwidths, each decoded straight
+        into its slot of the fused buffers."""
+        w = LayerWeights(self.config, list(bits_by_name))
+        for name, bits in bits_by_name.items():
+            v = self.variant(layer, name, bits)
+            matrix, bias = w.slot(name)
+            decode_into(v, self.read(v), matrix[:-1], matrix[-1], bias)
+        return w
 
     def verify(self) -> list[str]:
         """Every file against its checksum; returns the problems found (empty if none)."""

@@ -58,13 +58,8 @@ def test_encoder_from_the_store_equals_the_reference(store_dir, reference):
     tok = store.tokenizer(128)
     texts = ["A real model, read back from real files.", "tweets are short"]
     b = tok(texts)
-    from runtime.model import LayerWeights
-    layers = []
-    for l in range(store.config.layers):
-        w = LayerWeights(store.config, store.config.shard_names())
-        for n in store.config.shard_names():
-            w.put(n, *store.load(l, n, 32))
-        layers.append(w)
+    layers = [store.layer_weights(l, dict.fromkeys(store.config.shard_names(), 32))
+              for l in range(store.config.layers)]
     with torch.inference_mode():
         got = enc.forward(b.ids, b.mask, layers)
     assert torch.equal(got, reference.embed(texts))
