@@ -19,14 +19,14 @@ demo: $(STAMP)
 	$(BIN)/elasticplan verify out/bert-base-phone.plan.json
 
 # The real model: shard store (build/shards/minilm-l6, ~10 s) and the measured profile
-# (problems/models/minilm-l6.yaml, ~7 min on 2 cores; cached in build/profile, resumable).
+# (problems/models/minilm-l6.yaml, ~5.5 min on 2 cores; cached in build/profile, resumable).
 shards: $(STAMP)
 	$(BIN)/elasticplan shard
 
 profile: shards
 	$(BIN)/elasticplan profile
 
-# Does the planner's additive importance predict the real submodels? (~2 min)
+# Does the planner's additive importance predict the real submodels? (~4.5 min)
 additive: shards
 	@mkdir -p out
 	$(BIN)/python -m runtime.additive --json out/additive.json
