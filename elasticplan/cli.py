@@ -1,4 +1,4 @@
-"""The `elasticplan` command: solve, verify, sweep; shard, profile.
+"""The `elasticplan` command: solve, verify, sweep; shard, profile, calibrate, run.
 
 A user mistake (bad file, bad flag value, infeasible problem) prints one line
 `elasticplan: error: ...` on stderr and exits non-zero; never a traceback.
@@ -24,6 +24,9 @@ DEFAULT_STORE = "build/shards/minilm-l6"
 DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
 DEFAULT_CACHE = "build/profile/minilm-l6"
 DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
+DEFAULT_CALIBRATED = "build/calibrated"
+DEFAULT_RUN_THREADS = 1
+DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
 
 
 def _range(text: str) -> list[float]:
@@ -52,6 +55,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
 
 
@@ -100,6 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=DEFAULT_HEAD, help=f"task head JSON (default {DEFAULT_HEAD})")
     p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
                    help="what importance measures (default fidelity: cosine to fp32)")
+
+    c = sub.add_parser("calibrate", help="measure this machine's compute in the pipelined "
+                                         "runtime; write a device spec and a scenario on it")
+    c.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    c.add_argument("--scenario", default=DEFAULT_BASE_SCENARIO,
+                   help=f"whose model and question to pose on this machine "
+                        f"(default {DEFAULT_BASE_SCENARIO})")
+    c.add_argument("--storage-mb-s", type=_positive, metavar="X",
+                   help="emulated storage bandwidth; omitted: measure this machine's disk")
+    c.add_argument("--storage-latency-us", type=_non_negative, default=100.0, metavar="U",
+                   help="emulated per-read latency (default 100)")
+    c.add_argument("--target-ms", type=_positive,
+                   help="the scenario's target (default: every shard at 8 bits, streamed)")
+    c.add_argument("--plans", type=int, default=16, help="random calibration plans (default 16)")
+    c.add_argument("--repeats", type=int, default=3, help="measured runs per plan (default 3)")
+    c.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+                   help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
+    c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
+                   help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
+
+    r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
+    r.add_argument("plan")
+    r.add_argument("--scenario", help="scenario file (default: the path the plan records)")
+    r.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    r.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
+    r.add_argument("--repeat", type=int, default=5, metavar="N",
+                   help="measured runs, after one discarded warm-up (default 5)")
+    r.add_argument("--tolerance", type=_positive, default=0.10, metavar="F",
+                   help="relative tolerance on the total latency (default 0.10)")
+    r.add_argument("--enforce", action="store_true",
+                   help="exit 10 when the median latency is outside the tolerance")
+    r.add_argument("--no-emulate", action="store_true",
+                   help="read at this machine's real disk speed instead of the device's")
+    r.add_argument("--baselines", action="store_true",
+                   help="also run hold-in-memory, load-then-execute and layer-wise pipelining "
+                        "on the same device and model, in the same run")
+    r.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+                   help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
+    r.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
     return parser
 
 
@@ -189,6 +242,95 @@ def cmd_profile(a) -> int:
     return 0
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise ElasticplanError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def cmd_calibrate(a) -> int:
+    from pathlib import Path
+
+    from runtime.calibrate import calibrate, write_calibration
+    from runtime.measure import query_batches
+    from runtime.store import ShardStore
+
+    if a.plans < 2 or a.repeats < 1:
+        raise ElasticplanError("--plans must be >= 2 and --repeats >= 1")
+    _set_threads(a.threads)
+    base = load_scenario(a.scenario)
+    store = ShardStore(a.store)
+    queries = query_batches(store, base.model.seq_len, a.repeats)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    device, fit, facts = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
+                                   latency_us=a.storage_latency_us, plans=a.plans,
+                                   repeats=a.repeats, queries=queries, log=log)
+    device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, device, fit,
+                                                           facts, a.target_ms)
+    print(f"compute: layer_overhead_ms {device.layer_overhead_ms:g}, gflops {device.gflops:g}, "
+          f"dequant_gb_s {device.dequant_gb_s:g} (fit over {fit.samples} layer runs: R^2 "
+          f"{fit.r2:.3f}, mean abs error {fit.mae_ms:.3f} ms)")
+    print(f"storage: {facts['storage']}")
+    print(f"wrote {device_path} and {scenario_path} (target {target:g} ms, buffer "
+          f"{base.preload_budget_mb:g} MB)")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import json
+
+    from elasticplan.baselines import STRATEGIES, baseline_plan
+    from elasticplan.errors import ToleranceError
+    from runtime.measure import (Reference, format_comparison, format_report, gantt,
+                                 measure_plan, query_batches)
+    from runtime.store import ShardStore
+    from runtime.task import TaskHead
+
+    if a.repeat < 1:
+        raise ElasticplanError(f"--repeat must be >= 1, got {a.repeat}")
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan, a.scenario)
+    verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
+    store = ShardStore(a.store)
+    _set_threads(a.threads)
+    head = TaskHead.load(a.head)
+    queries = query_batches(store, scenario.model.seq_len, a.repeat)
+    reference = Reference(store)
+    common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
+                  reference=reference, head=head, tolerance=a.tolerance)
+    report = measure_plan(plan, scenario, store, plan_path=a.plan, **common)
+    print(format_report(report))
+    reports = [report]
+    if a.baselines:
+        for strategy in STRATEGIES:
+            try:
+                b = baseline_plan(scenario, strategy)
+            except ElasticplanError as e:
+                print(f"{strategy}: not run: {e}")
+                continue
+            reports.append(measure_plan(b, scenario_for(b, a.scenario), store, **common))
+        print()
+        print(format_comparison(reports))
+    if a.json:
+        data = dict(report)
+        if a.baselines:
+            data["baselines"] = reports[1:]
+        with open(a.json, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        print(f"report written to {a.json}")
+    if a.gantt:
+        gantt(reports, a.gantt)
+        print(f"pipelines drawn to {a.gantt}")
+    if a.enforce and not report["within_tolerance"]:
+        raise ToleranceError(f"measured {report['measured_latency_ms']:.2f} ms vs predicted "
+                             f"{report['predicted_latency_ms']:.2f} ms "
+                             f"({report['relative_error']:+.1%}) is outside "
+                             f"±{a.tolerance:.0%}")
+    return 0
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -196,7 +338,8 @@ def _fmt(v, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep,
-               "shard": cmd_shard, "profile": cmd_profile}[args.command]
+               "shard": cmd_shard, "profile": cmd_profile, "calibrate": cmd_calibrate,
+               "run": cmd_run}[args.command]
     try:
         return handler(args)
     except ElasticplanError as e:

@@ -10,6 +10,8 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - Layer l computes once its reads are done and layer l-1 has computed:
   compute_start = max(io_end[l], compute_end[l-1]).  Latency = compute_end of the last layer.
+- Execution `sequential` (the load-then-execute baseline) has no overlap: compute starts
+  only when every read is done, compute_start = max(io_end[L-1], compute_end[l-1]).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class Pick:
 
 
 Selection = tuple[tuple[Pick, ...], ...]  # per layer, the shards that run (in read order)
+
+PIPELINED = "pipelined"  # layer l computes as soon as its own reads are done (the plans solved)
+SEQUENTIAL = "sequential"  # every read first, then every layer (load-then-execute)
+EXECUTIONS = (PIPELINED, SEQUENTIAL)
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,17 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     return ms
 
 
-def simulate(scenario: Scenario, selection: Selection) -> Schedule:
+def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED) -> Schedule:
     """Replay the pipeline event by event for the chosen shards."""
     device, model = scenario.device, scenario.model
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     io_end = compute_end = 0.0
     preload = streamed = 0
     importance = 0.0
-    times = []
+    io, compute_ms = [], []
     for layer, picks in zip(model.layers, selection):
         io_start = io_end
         compute = device.layer_overhead_ms if picks else 0.0
@@ -83,8 +91,12 @@ def simulate(scenario: Scenario, selection: Selection) -> Schedule:
                 io_end += read_ms(device, nbytes)
             compute += shard_compute_ms(device, model, shard, pick.bit)
             importance += shard.importance[pick.bit]
-        start = max(io_end, compute_end)
+        io.append((io_start, io_end))
+        compute_ms.append(compute)
+    times = []
+    for (io_start, layer_io_end), compute in zip(io, compute_ms):
+        start = max(layer_io_end if execution == PIPELINED else io_end, compute_end)
         compute_end = start + compute
-        times.append(LayerTimes(io_start, io_end, start, compute_end))
+        times.append(LayerTimes(io_start, layer_io_end, start, compute_end))
     return Schedule(layers=tuple(times), latency_ms=compute_end, preload_bytes=preload,
                     streamed_bytes=streamed, importance=importance)

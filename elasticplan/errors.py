@@ -76,3 +76,15 @@ class StoreError(ElasticplanError):
     the message names the file and what is wrong."""
 
     exit_code = 8
+
+
+class CalibrationError(ElasticplanError):
+    """Calibration measurements do not determine the device's figures (a degenerate fit)."""
+
+    exit_code = 9
+
+
+class ToleranceError(ElasticplanError):
+    """`elasticplan run --enforce`: the measured latency is outside the stated tolerance."""
+
+    exit_code = 10

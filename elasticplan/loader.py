@@ -156,13 +156,18 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise SpecError(file, "", "invalid YAML: nested too deeply") from None
 
 
-def write_model_profile(path: str | os.PathLike, data: dict, header: str) -> None:
-    """Write a model-profile mapping as YAML (after checking that it loads back), with
-    `header` as leading comment lines. Used by the profile generators."""
-    parse_model(data, str(path))
+def write_checked_yaml(path: str | os.PathLike, data: dict, header: str, parse) -> None:
+    """Write a mapping as YAML, after checking that `parse(data, file)` accepts it, with
+    `header` as leading comment lines. Used by everything that generates problem files."""
+    parse(data, str(path))
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     Path(path).write_text(comment + yaml.safe_dump(data, sort_keys=False,
                                                    default_flow_style=None, width=120))
+
+
+def write_model_profile(path: str | os.PathLike, data: dict, header: str) -> None:
+    """A model profile (the profile generators: archgen, `elasticplan profile`)."""
+    write_checked_yaml(path, data, header, parse_model)
 
 
 # --- device -----------------------------------------------------------------------------

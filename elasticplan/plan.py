@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from elasticplan.costmodel import Pick, Selection, simulate
+from elasticplan.costmodel import EXECUTIONS, PIPELINED, Pick, Selection, simulate
 from elasticplan.errors import PlanFormatError
 from elasticplan.spec import Objective, Scenario
 
@@ -72,15 +72,19 @@ class Plan:
     preload_bytes: int
     streamed_bytes: int
     layers: tuple[LayerPlan, ...]
+    # "pipelined" (every solved plan) or "sequential": all reads, then all compute (the
+    # load-then-execute baseline). Absent in older plan files, which are all pipelined.
+    execution: str = PIPELINED
     schema: str = SCHEMA
 
     # --- building ------------------------------------------------------------------
 
     @staticmethod
     def from_selection(scenario: Scenario, selection: Selection, *, solver: str,
-                       status: SolveStatus, gap: float | None, solve_seconds: float) -> "Plan":
+                       status: SolveStatus, gap: float | None, solve_seconds: float,
+                       execution: str = PIPELINED) -> "Plan":
         """Lower a solver's shard choices into a plan; times come from the cost model."""
-        schedule = simulate(scenario, selection)
+        schedule = simulate(scenario, selection, execution)
         model = scenario.model
         layers = tuple(
             LayerPlan(index=li,
@@ -104,7 +108,7 @@ class Plan:
                     solve_seconds=solve_seconds, objective=objective,
                     importance=schedule.importance, predicted_latency_ms=schedule.latency_ms,
                     preload_bytes=schedule.preload_bytes, streamed_bytes=schedule.streamed_bytes,
-                    layers=layers)
+                    layers=layers, execution=execution)
 
     def selection(self, scenario: Scenario) -> Selection:
         """Map names back to indices. Unknown names raise KeyError; the verifier reports them."""
@@ -177,11 +181,15 @@ class Plan:
                         objective=float(data["objective"]), importance=float(data["importance"]),
                         predicted_latency_ms=float(data["predicted_latency_ms"]),
                         preload_bytes=int(data["preload_bytes"]),
-                        streamed_bytes=int(data["streamed_bytes"]), layers=layers)
+                        streamed_bytes=int(data["streamed_bytes"]), layers=layers,
+                        execution=str(data.get("execution", PIPELINED)))
         except KeyError as e:
             raise PlanFormatError(f"{file}: missing key {e}") from None
         except (TypeError, ValueError) as e:
             raise PlanFormatError(f"{file}: malformed plan: {e}") from None
+        if plan.execution not in EXECUTIONS:
+            raise PlanFormatError(f"{file}: execution: expected one of {list(EXECUTIONS)}, got "
+                                  f"{plan.execution!r}")
         for x in (plan.objective, plan.predicted_latency_ms):
             if not math.isfinite(x):
                 raise PlanFormatError(f"{file}: non-finite number in plan")

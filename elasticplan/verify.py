@@ -61,7 +61,7 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
     if bad:
         return bad, None
 
-    s = simulate(scenario, plan.selection(scenario))
+    s = simulate(scenario, plan.selection(scenario), plan.execution)
     # Constraints.
     if scenario.objective != Objective.MIN_LATENCY and \
             s.latency_ms > scenario.target_latency_ms + TIME_TOL_MS:

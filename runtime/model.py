@@ -17,9 +17,9 @@ stored: the output-projection rows are stored transposed, per output channel):
   columns as rows; bias [ffn_slice] = its W1 biases.
 Resident (always in memory, fp32): embeddings, LayerNorms, the Wo and W2 biases.
 
-`LayerWeights` holds the selected shards fused: `attn[:, i*d:(i+1)*d, :]` is the i-th
-selected head's matrix viewed [4, d_head, hidden], so a shard lands in its slot with one
-scattered read (os.preadv) or one dequantisation, and the layer runs as fused matmuls.
+`LayerWeights` holds the selected shards fused (`slot(name)` says where a shard lives), so
+a shard lands in its slot with one scattered read (os.preadv) or one dequantisation, and
+the layer runs as fused matmuls.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -147,12 +148,24 @@ def resident_names(c: Config) -> dict[str, str]:
     return names
 
 
+class Slot(NamedTuple):
+    """Where one shard lives inside a layer's fused weights (views, no copies)."""
+
+    inp: torch.Tensor  # input block: head [3, d_head, hidden] (Wq, Wk, Wv rows); ffn [f, hidden]
+    out: torch.Tensor  # output block, original orientation: [hidden, d_head] or [hidden, f]
+    bias: torch.Tensor  # head [3, d_head] (Q, K, V biases); ffn [f] (W1 biases)
+
+
 class LayerWeights:
     """The elastic weights of one layer: the selected heads and FFN slices, fused.
 
-    `attn` [4, H*d_head, hidden] and `attn_bias` [3, H*d_head]; `ffn` [2, S*ffn_slice,
-    hidden] and `ffn_bias` [S*ffn_slice]. `slot(i)` gives the (matrix, bias) views that the
-    i-th shard of `names` fills; allocation is uninitialised, so every slot must be filled.
+    Heads: `attn_in` [3, H*d_head, hidden] (Wq, Wk, Wv rows), `attn_out` [hidden, H*d_head]
+    (Wo's columns, in Wo's own orientation), `attn_bias` [3, H*d_head]. FFN slices: `ffn_in`
+    [S*f, hidden] (W1 rows), `ffn_out` [hidden, S*f] (W2's columns), `ffn_bias` [S*f]. The
+    output blocks keep the checkpoint's orientation, as the shard store does, so every
+    stored row of a shard is one contiguous run in memory and an fp32 shard can be read
+    from its file straight into its slot with one scattered read (runtime/executor.py).
+    Allocation is uninitialised, so every slot must be filled.
     """
 
     def __init__(self, c: Config, names: list[str]):
@@ -163,28 +176,31 @@ class LayerWeights:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"duplicate shard in {self.names}")
         h, s = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice
-        self.attn = torch.empty(4, h, c.hidden)
+        self.attn_in = torch.empty(3, h, c.hidden)
+        self.attn_out = torch.empty(c.hidden, h)
         self.attn_bias = torch.empty(3, h)
-        self.ffn = torch.empty(2, s, c.hidden)
+        self.ffn_in = torch.empty(s, c.hidden)
+        self.ffn_out = torch.empty(c.hidden, s)
         self.ffn_bias = torch.empty(s)
 
-    def slot(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views (matrix [k, rows/k, hidden], bias [k', rows/k]) where shard `name` goes."""
+    def slot(self, name: str) -> Slot:
         c = self.config
         kind, _ = parse_shard_name(name)
         if kind == "head":
             i = self.heads.index(name)
             r = slice(i * c.d_head, (i + 1) * c.d_head)
-            return self.attn[:, r, :], self.attn_bias[:, r]
+            return Slot(self.attn_in[:, r, :], self.attn_out[:, r], self.attn_bias[:, r])
         i = self.slices.index(name)
         r = slice(i * c.ffn_slice, (i + 1) * c.ffn_slice)
-        return self.ffn[:, r, :], self.ffn_bias[r]
+        return Slot(self.ffn_in[r], self.ffn_out[:, r], self.ffn_bias[r])
 
     def put(self, name: str, matrix: torch.Tensor, bias: torch.Tensor) -> None:
-        """Copy a shard's (matrix [rows, hidden], bias) into its slot."""
-        m, b = self.slot(name)
-        m.copy_(matrix.view(m.shape))
-        b.copy_(bias.view(b.shape))
+        """Copy a shard's (matrix [rows, hidden], as shard_from_hf cuts it; bias) into its slot."""
+        slot = self.slot(name)
+        n_in = self.config.shard_in_rows(name)
+        slot.inp.copy_(matrix[:n_in].reshape(slot.inp.shape))
+        slot.out.copy_(matrix[n_in:].t())
+        slot.bias.copy_(bias.view(slot.bias.shape))
 
     @property
     def empty(self) -> bool:
@@ -217,16 +233,16 @@ class Encoder:
         attn_out = r[f"l{l}.out_bias"].expand(B, n, d)
         if H:
             qkv = torch.addmm(w.attn_bias.reshape(-1), x.reshape(B * n, d),
-                              w.attn[:3].reshape(3 * H * c.d_head, d).t())
+                              w.attn_in.reshape(3 * H * c.d_head, d).t())
             q, k, v = qkv.view(B, n, 3, H, c.d_head).permute(2, 0, 3, 1, 4)
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
             ctx = ctx.transpose(1, 2).reshape(B * n, H * c.d_head)
-            attn_out = torch.addmm(r[f"l{l}.out_bias"], ctx, w.attn[3]).view(B, n, d)
+            attn_out = torch.addmm(r[f"l{l}.out_bias"], ctx, w.attn_out.t()).view(B, n, d)
         x = F.layer_norm(x + attn_out, (d,), r[f"l{l}.ln1_w"], r[f"l{l}.ln1_b"], c.eps)
         ffn_out = r[f"l{l}.ffn_out_bias"].expand(B, n, d)
         if w.slices:
-            h = F.gelu(torch.addmm(w.ffn_bias, x.reshape(B * n, d), w.ffn[0].t()))
-            ffn_out = torch.addmm(r[f"l{l}.ffn_out_bias"], h, w.ffn[1]).view(B, n, d)
+            h = F.gelu(torch.addmm(w.ffn_bias, x.reshape(B * n, d), w.ffn_in.t()))
+            ffn_out = torch.addmm(r[f"l{l}.ffn_out_bias"], h, w.ffn_out.t()).view(B, n, d)
         return F.layer_norm(x + ffn_out, (d,), r[f"l{l}.ln2_w"], r[f"l{l}.ln2_b"], c.eps)
 
     @staticmethod

@@ -108,14 +108,43 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.reshape(rows, groups * per)[:, :cols]
 
 
+def _lut(bits: int, width: int) -> torch.Tensor:
+    """[2^width, width/bits] fp32: the reconstruction offsets (code + lo + 1/2) of the values
+    packed in every possible `width`-bit chunk."""
+    lo, _ = _levels(bits)
+    chunk = torch.arange(2 ** width, dtype=torch.int32)
+    codes = (chunk[:, None] >> (torch.arange(width // bits, dtype=torch.int32) * bits)) \
+        & ((1 << bits) - 1)
+    return codes.to(torch.float32) + (lo + 0.5)
+
+
+# Lookup tables for dequantisation: a byte holds whole 2/4/8-bit values; 3- and 6-bit values
+# straddle bytes, but a 24-bit group splits into two 12-bit halves that hold whole values.
+_LUTS: dict[int, torch.Tensor] = {}
+
+
 def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     bits: int) -> torch.Tensor:
     """Dequantise packed rows straight into `out` (any view with rows * cols elements whose
-    last dimension is cols): out = (code + lo + 1/2) * scale."""
+    last dimension is cols): out = (code + lo + 1/2) * scale, through a lookup table (a few
+    torch ops per block: small shards are dominated by per-op cost, measured 2-3x faster
+    than unpacking bit by bit)."""
     cols = out.shape[-1]
-    rows = packed.shape[0]
-    lo, _ = _levels(bits)
-    codes = unpack(packed, bits, cols).to(torch.float32)
-    codes.add_(lo + 0.5).mul_(scales.view(rows, 1))
-    out.copy_(codes.view(out.shape))
+    rows, nbytes = packed.shape
+    byte_aligned = 8 % bits == 0
+    if bits not in _LUTS:
+        _LUTS[bits] = _lut(bits, 8 if byte_aligned else 12)
+    if byte_aligned:
+        chunks = packed.reshape(-1).to(torch.int32)
+    else:
+        groups = -(-cols // (24 // bits))
+        if groups * 3 != nbytes:
+            full = torch.zeros(rows, groups * 3, dtype=torch.uint8)
+            full[:, :nbytes] = packed
+            packed = full
+        b = packed.view(rows, groups, 3).to(torch.int32)
+        chunks = torch.stack([b[..., 0] | ((b[..., 1] & 15) << 8),
+                              (b[..., 1] >> 4) | (b[..., 2] << 4)], dim=-1).view(-1)
+    values = _LUTS[bits].index_select(0, chunks).view(rows, -1)[:, :cols]
+    torch.mul(values.reshape(out.shape), scales.view(*out.shape[:-1], 1), out=out)
     return out

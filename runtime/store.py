@@ -40,8 +40,8 @@ import torch
 
 from elasticplan.errors import StoreError
 from runtime import quant
-from runtime.model import (MODEL_NAME, Config, Encoder, LayerWeights, Tokenizer, load_hf_tensors,
-                           model_dir, resident_names, shard_from_hf)
+from runtime.model import (MODEL_NAME, Config, Encoder, LayerWeights, Slot, Tokenizer,
+                           load_hf_tensors, model_dir, resident_names, shard_from_hf)
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
@@ -93,15 +93,14 @@ def encode_variant(matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int
                     + [bias.astype("<f4").tobytes()])
 
 
-def decode_into(v: Variant, raw: memoryview | bytes, in_out: torch.Tensor,
-                out_out: torch.Tensor, bias_out: torch.Tensor) -> None:
-    """Decode one variant's bytes straight into destination views (the one decoder):
-    `in_out` takes the input block (any view of in_rows x cols elements, last dim cols),
-    `out_out` the output block as shard-matrix rows [rows - in_rows, cols] (it is written
-    through its transpose), `bias_out` the bias."""
+def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot) -> None:
+    """Decode one variant's bytes straight into its slot's views (the one decoder): the
+    input block into `slot.inp` (any view of in_rows x cols elements, last dim cols), the
+    output block into `slot.out` (stored orientation [cols, rows - in_rows]), the bias."""
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
     pos = 0
-    for (r, c), dest in zip(v.blocks(), (in_out, out_out.t())):
+    bias_out = slot.bias
+    for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
         n = r * quant.row_bytes(c, v.bits)
         if v.bits == quant.FP32:
             dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
@@ -241,7 +240,7 @@ class ShardStore:
         """One shard, decoded to fp32 (matrix [rows, cols], bias)."""
         v = self.variant(layer, name, bits)
         matrix, bias = torch.empty(v.rows, v.cols), torch.empty(v.bias)
-        decode_into(v, self.read(v), matrix[:v.in_rows], matrix[v.in_rows:], bias)
+        decode_into(v, self.read(v), Slot(matrix[:v.in_rows], matrix[v.in_rows:].t(), bias))
         return matrix, bias
 
     def layer_weights(self, layer: int, bits_by_name: dict[str, int]) -> LayerWeights:
@@ -250,8 +249,7 @@ class ShardStore:
         w = LayerWeights(self.config, list(bits_by_name))
         for name, bits in bits_by_name.items():
             v = self.variant(layer, name, bits)
-            matrix, bias = w.slot(name)
-            decode_into(v, self.read(v), matrix[:-1], matrix[-1], bias)
+            decode_into(v, self.read(v), w.slot(name))
         return w
 
     def verify(self) -> list[str]:

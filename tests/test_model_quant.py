@@ -31,8 +31,7 @@ def _zeroed_layer(reference, l, drop):
     c = reference.config
     w = reference.layer_weights(l, c.shard_names())
     for name in drop:
-        m, _ = w.slot(name)
-        m[-1].zero_()  # last block: Wo columns (head) or W2 columns (ffn) of this shard
+        w.slot(name).out.zero_()  # Wo columns (head) or W2 columns (ffn) of this shard
     return w
 
 

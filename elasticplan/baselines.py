@@ -1,0 +1,54 @@
+"""The classic strategies, as plans, so the one runtime executes and measures them the same
+way as a solved plan (ARCHITECTURE: baselines for comparison).
+
+- hold-in-memory: every shard at full precision, all in the preload buffer; no reads.
+- load-then-execute: every shard at full precision, streamed; compute starts after the
+  last read (execution "sequential").
+- layer-wise pipelining: every shard at full precision, streamed; layer l computes once
+  its own reads are done (the pipeline of the solved plans, without elasticity).
+
+A baseline answers its own question: it takes the scenario's device and model but not
+its target or budget, so its plan records the scenario with the target set to the
+baseline's own predicted latency and the budget to its own buffer (what it would need).
+The plan therefore verifies, and its prediction is checked like any other.
+"""
+
+from __future__ import annotations
+
+from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
+from elasticplan.errors import ElasticplanError
+from elasticplan.plan import Plan, SolveStatus
+from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
+from elasticplan.verify import verify_plan
+
+HOLD_IN_MEMORY = "hold-in-memory"
+LOAD_THEN_EXECUTE = "load-then-execute"
+LAYERWISE = "layerwise-pipelining"
+STRATEGIES = (HOLD_IN_MEMORY, LOAD_THEN_EXECUTE, LAYERWISE)
+
+
+def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
+    """The plan of a classic strategy on the scenario's device and model (verified)."""
+    if strategy not in STRATEGIES:
+        raise ElasticplanError(f"unknown baseline {strategy!r}; choose one of "
+                               f"{', '.join(STRATEGIES)}")
+    model = scenario.model
+    bit = model.bit_index(FULL_PRECISION_BITS)
+    if bit is None:
+        bit = len(model.bitwidths) - 1  # the most precise stored form
+    preloaded = strategy == HOLD_IN_MEMORY
+    selection = tuple(tuple(Pick(s, bit, preloaded) for s in range(len(layer.shards)))
+                      for layer in model.layers)
+    execution = SEQUENTIAL if strategy == LOAD_THEN_EXECUTE else PIPELINED
+    schedule = simulate(scenario, selection, execution)
+    try:
+        own = scenario.with_overrides(target_latency_ms=schedule.latency_ms,
+                                      preload_budget_mb=schedule.preload_bytes / 1e6,
+                                      objective=Objective.MAX_IMPORTANCE, importance_floor=None)
+    except ElasticplanError as e:
+        raise ElasticplanError(f"baseline {strategy} does not fit device "
+                               f"{scenario.device.name!r}: {e}") from None
+    plan = Plan.from_selection(own, selection, solver=strategy, status=SolveStatus.FEASIBLE,
+                               gap=None, solve_seconds=0.0, execution=execution)
+    verify_plan(own, plan)
+    return plan
