@@ -285,6 +285,7 @@ def cmd_run(a) -> int:
     from elasticplan.errors import ToleranceError
     from runtime.measure import (Reference, format_comparison, format_report, gantt,
                                  measure_plan, query_batches)
+    from runtime.executor import check_model
     from runtime.store import ShardStore
     from runtime.task import TaskHead
 
@@ -294,6 +295,7 @@ def cmd_run(a) -> int:
     scenario = scenario_for(plan, a.scenario)
     verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
     store = ShardStore(a.store)
+    check_model(plan, store)
     _set_threads(a.threads)
     head = TaskHead.load(a.head)
     queries = query_batches(store, scenario.model.seq_len, a.repeat)

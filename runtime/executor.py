@@ -102,17 +102,22 @@ class FillReport:
     resident_bytes: int  # measured: see Executor.fill_preload
 
 
+def check_model(plan: Plan, store: ShardStore) -> None:
+    """The plan must be for the model this store holds."""
+    if plan.scenario.model != store.model:
+        raise StoreError(f"{store.path}: the plan is for model {plan.scenario.model!r}, this "
+                         f"shard store holds {store.model!r}")
+    if len(plan.layers) != store.config.layers:
+        raise StoreError(f"{store.path}: the plan has {len(plan.layers)} layers, the store's "
+                         f"model has {store.config.layers}")
+
+
 class Executor:
     def __init__(self, plan: Plan, scenario: Scenario, store: ShardStore, *,
                  emulate: bool = True):
         self.plan, self.scenario, self.store = plan, scenario, store
         c = store.config
-        if plan.scenario.model != store.model:
-            raise StoreError(f"{store.path}: the plan is for model {plan.scenario.model!r}, this "
-                             f"shard store holds {store.model!r}")
-        if len(plan.layers) != c.layers:
-            raise StoreError(f"{store.path}: the plan has {len(plan.layers)} layers, the store's "
-                             f"model has {c.layers}")
+        check_model(plan, store)
         profile = scenario.model
         device = scenario.device
         self.clock = DeviceClock(device.bandwidth_mb_s if emulate else None,

@@ -1,0 +1,336 @@
+"""The runtime: it computes exactly what the plan says, its timeline is consistent, its reads
+are the plan's streamed shards (counted at the system call), bad input stops it before any
+compute, and the baselines and calibration fit are sound. No timing thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticplan.baselines import STRATEGIES, baseline_plan
+from elasticplan.cli import main
+from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
+from elasticplan.errors import StoreError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import Plan, SolveStatus
+from elasticplan.verify import verify_plan
+from runtime import quant
+from runtime.calibrate import fit_compute, nnls
+from runtime.executor import Executor
+from runtime.iodev import DeviceClock
+from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
+from runtime.model import LayerWeights, shard_from_hf
+from runtime.store import ShardStore
+
+PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
+MINILM = PROBLEMS / "scenarios" / "minilm-phone.yaml"
+TEXTS = ["The pipeline streams shards while the previous layer computes.",
+         "short one"]
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return load_scenario(MINILM)
+
+
+@pytest.fixture(scope="module")
+def store(store_dir):
+    return ShardStore(store_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(store):
+    return store.tokenizer(128)(TEXTS, pad_to=128)
+
+
+def _plan(scenario, selection, execution=PIPELINED) -> Plan:
+    return Plan.from_selection(scenario, selection, solver="test", status=SolveStatus.FEASIBLE,
+                               gap=None, solve_seconds=0.0, execution=execution)
+
+
+def _oracle_layers(reference, scenario, selection):
+    """Independent of the store and the executor: cut each shard from the checkpoint,
+    quantise and dequantise it with numpy, and place it with LayerWeights.put."""
+    c, model = reference.config, scenario.model
+    layers = []
+    for l, picks in enumerate(selection):
+        names = [model.layers[l].shards[p.shard].name for p in picks]
+        w = LayerWeights(c, names)
+        for p, name in zip(picks, names):
+            m, b = shard_from_hf(reference.tensors, c, l, name)
+            bits = model.bitwidths[p.bit]
+            if bits != quant.FP32:
+                k = c.shard_in_rows(name)
+                m = m.copy()
+                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
+                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
+            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
+        layers.append(w)
+    return layers
+
+
+def _run(plan, scenario, store, batch, emulate=False):
+    with Executor(plan, scenario, store, emulate=emulate) as ex:
+        ex.fill_preload()
+        return ex.run(batch)
+
+
+def test_all_fp32_equals_reference_encoder(scenario, store, reference, batch):
+    plan = baseline_plan(scenario, "layerwise-pipelining")
+    trace = _run(plan, scenario, store, batch)
+    with torch.inference_mode():
+        want = reference.encoder.forward(batch.ids, batch.mask, reference.full_layers)
+    assert trace.embedding.shape == want.shape
+    assert (trace.embedding - want).abs().max().item() < 1e-5
+
+
+@st.composite
+def selections(draw, model):
+    out = []
+    for layer in model.layers:
+        n = len(layer.shards)
+        chosen = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+        out.append(tuple(Pick(s, draw(st.integers(0, len(model.bitwidths) - 1)),
+                              draw(st.booleans())) for s in chosen))
+    return tuple(out)
+
+
+@settings(max_examples=4)
+@given(data=st.data())
+def test_dropped_and_quantised_plan_computes_exactly_that_submodel(data, scenario, store,
+                                                                   reference, batch):
+    sel = data.draw(selections(scenario.model))
+    plan = _plan(scenario, sel)
+    trace = _run(plan, scenario, store, batch)
+    with torch.inference_mode():
+        want = reference.encoder.forward(batch.ids, batch.mask,
+                                         _oracle_layers(reference, scenario, sel))
+    assert (trace.embedding - want).abs().max().item() < 1e-5
+
+
+def _count_preadv(monkeypatch):
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset, *args):
+        calls.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset))
+        return real(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    return calls
+
+
+def test_timeline_is_consistent_and_preloaded_shards_cause_no_reads(scenario, store, batch,
+                                                                     monkeypatch):
+    rng = np.random.default_rng(3)
+    model = scenario.model
+    sel = tuple(tuple(Pick(int(s), int(rng.integers(len(model.bitwidths))), bool(s % 3 == 0))
+                      for s in rng.choice(len(layer.shards), 10, replace=False))
+                for layer in model.layers)
+    plan = _plan(scenario, sel)
+    calls = _count_preadv(monkeypatch)
+    with Executor(plan, scenario, store, emulate=False) as ex:
+        ex.fill_preload()
+        fill_calls = list(calls)
+        calls.clear()
+        trace = ex.run(batch)
+    where = {}
+    for lp in plan.layers:
+        for c in lp.shards:
+            v = store.variant(lp.index, c.name, c.bits)
+            where[v.file, v.offset] = c.preloaded
+    streamed = [k for k, pre in where.items() if not pre]
+    # every streamed shard read exactly once per query (fp32 ones may need several
+    # preadv calls only beyond IOV_MAX iovecs, which MiniLM's shards never reach)
+    assert sorted(calls) == sorted(streamed)
+    assert all(not where[k] for k in calls)
+    assert sorted(fill_calls) == sorted(k for k, pre in where.items() if pre)
+    assert trace.reads == len(streamed)
+    prev_end = trace.embed_ms[1]
+    for lt, lp in zip(trace.layers, plan.layers):
+        assert lt.reads == sum(not c.preloaded for c in lp.shards)
+        assert lt.io_start_ms <= lt.io_end_ms
+        assert lt.compute_start_ms >= lt.io_end_ms
+        assert lt.compute_start_ms >= prev_end
+        assert lt.compute_end_ms >= lt.compute_start_ms
+        prev_end = lt.compute_end_ms
+    for a, b in zip(trace.layers, trace.layers[1:]):
+        assert b.io_start_ms >= a.io_end_ms  # one channel, in layer order
+    assert trace.latency_ms >= trace.layers[-1].compute_end_ms
+
+
+def test_sequential_plan_computes_after_every_read(scenario, store, batch):
+    plan = baseline_plan(scenario, "load-then-execute")
+    assert plan.execution == SEQUENTIAL
+    trace = _run(plan, scenario, store, batch)
+    last_io = trace.layers[-1].io_end_ms
+    assert all(lt.compute_start_ms >= last_io for lt in trace.layers)
+
+
+def test_emulated_reads_never_finish_before_the_device_would(scenario, store, batch):
+    model = scenario.model
+    sel = tuple(tuple(Pick(s, 0, False) for s in range(3)) for _ in model.layers)
+    slow = dataclasses.replace(scenario.device, bandwidth_mb_s=100.0, latency_us=500.0)
+    sc = scenario.with_overrides(device=slow, target_latency_ms=1e6)
+    plan = _plan(sc, sel)
+    trace = _run(plan, sc, store, batch, emulate=True)
+    clock_ms = 0.0
+    for lt, lp in zip(trace.layers, plan.layers):
+        for c in lp.shards:
+            clock_ms += 0.5 + store.variant(lp.index, c.name, c.bits).nbytes / 100e3
+        assert lt.io_end_ms >= clock_ms - 1e-6  # the device clock is a lower bound
+
+
+def test_device_clock_books_reads_back_to_back():
+    clock = DeviceClock(100.0, 1000.0)  # 100 MB/s, 1 ms per read
+    clock.start(10.0)
+    assert clock.complete(1_000_000, 10.0001) == pytest.approx(10.011)
+    assert clock.complete(0, 10.0002) == pytest.approx(10.012)
+    assert clock.complete(0, 99.0) == 99.0  # a read that really took longer
+    real = DeviceClock(None)
+    assert real.complete(10**9, 5.0) == 5.0
+
+
+def test_corrupt_shard_is_an_error_before_any_compute(scenario, store_dir, tmp_path, batch):
+    bad = tmp_path / "store"
+    shutil.copytree(store_dir, bad)
+    store = ShardStore(bad)
+    plan = baseline_plan(scenario, "layerwise-pipelining")
+    v = store.variant(2, "ffn3", 32)
+    with open(bad / v.file, "r+b") as fh:
+        fh.seek(v.offset + 100)
+        byte = fh.read(1)
+        fh.seek(v.offset + 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match=r"layer2\.b32\.bin: shard ffn3 of layer 2 at 32 bits "
+                                         r"fails its checksum"):
+        Executor(plan, scenario, store)
+    (bad / v.file).unlink()
+    with pytest.raises(StoreError, match="cannot open shard file"):
+        Executor(plan, scenario, store)
+
+
+@pytest.fixture(scope="module")
+def plan_file(scenario, tmp_path_factory):
+    from elasticplan.solvers import solve
+
+    path = tmp_path_factory.mktemp("plans") / "minilm.plan.json"
+    solve(scenario, "greedy").save(path)
+    return path
+
+
+def test_run_rejects_bad_plans_with_clear_errors(plan_file, store_dir, tmp_path, capsys):
+    # a plan for another model
+    bert = tmp_path / "bert.plan.json"
+    assert main(["solve", str(PROBLEMS / "scenarios" / "distilbert-sbc.yaml"), "--solver",
+                 "greedy", "-o", str(bert)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(bert), "--store", str(store_dir)]) == 8
+    assert "the plan is for model 'distilbert', this shard store holds 'minilm-l6'" in \
+        capsys.readouterr().err
+    # a stale scenario: the plan's scenario changed since it was solved
+    moved = tmp_path / "s"
+    shutil.copytree(PROBLEMS, moved)
+    stale = moved / "p.json"
+    plan = Plan.load(plan_file)
+    plan.save(stale)
+    data = json.loads(stale.read_text())
+    data["scenario"]["path"] = "scenarios/minilm-phone.yaml"
+    stale.write_text(json.dumps(data))
+    dev = moved / "devices" / "phone-ufs31.yaml"
+    dev.write_text(dev.read_text().replace("bandwidth_mb_s: 1200", "bandwidth_mb_s: 1100"))
+    assert main(["run", str(stale), "--store", str(store_dir)]) == 6
+    assert "stale plan" in capsys.readouterr().err
+    # a plan the verifier rejects
+    data = json.loads(plan_file.read_text())
+    data["layers"][3]["compute_end_ms"] -= 1.0
+    data["scenario"]["path"] = str(MINILM)
+    tampered = tmp_path / "t.json"
+    tampered.write_text(json.dumps(data))
+    assert main(["run", str(tampered), "--store", str(store_dir)]) == 6
+    assert "plan rejected: layer 3: predicted compute_end_ms" in capsys.readouterr().err
+    # no store
+    assert main(["run", str(plan_file), "--store", str(tmp_path / "none")]) == 8
+    assert "no shard store here" in capsys.readouterr().err
+
+
+def test_run_cli_report_json_and_baselines(plan_file, store_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["run", str(plan_file), "--store", str(store_dir), "--repeat", "2",
+                 "--no-emulate", "--baselines", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "latency: predicted" in text and "hold-in-memory" in text
+    r = json.loads(out.read_text())
+    for key in ("predicted_latency_ms", "measured_latency_ms", "measured_runs_ms",
+                "relative_error", "emulated_bandwidth_mb_s", "fidelity",
+                "preload_resident_bytes", "layers"):
+        assert key in r
+    assert len(r["measured_runs_ms"]) == 2
+    assert r["measured_latency_ms"] == pytest.approx(float(np.median(r["measured_runs_ms"])))
+    assert r["emulated_bandwidth_mb_s"] is None  # --no-emulate
+    assert r["relative_error"] == pytest.approx(
+        (r["measured_latency_ms"] - r["predicted_latency_ms"]) / r["predicted_latency_ms"])
+    assert 0.5 < r["fidelity"] <= 1.0 + 1e-6
+    assert r["preload_resident_bytes"] >= r["preload_bytes"]
+    plan = Plan.load(plan_file)
+    assert r["reads_per_run"] == sum(not c.preloaded for lp in plan.layers for c in lp.shards)
+    for lay, lp in zip(r["layers"], plan.layers):
+        assert lay["predicted"]["compute_end_ms"] == lp.compute_end_ms
+        assert set(lay["measured"]) == {"io_start_ms", "io_end_ms", "compute_start_ms",
+                                        "compute_end_ms"}
+    assert [b["solver"] for b in r["baselines"]] == list(STRATEGIES)
+    hold = r["baselines"][0]
+    assert hold["reads_per_run"] == 0 and hold["fidelity"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
+    plan = baseline_plan(scenario, "hold-in-memory")
+    queries = query_batches(store, scenario.model.seq_len, 2)
+    r = measure_plan(plan, scenario, store, repeats=2, emulate=True, queries=queries,
+                     reference=Reference(store), head=None)
+    assert r["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert r["reads_per_run"] == 0
+    assert r["preload_resident_bytes"] == plan.preload_bytes  # every fp32 shard held in place
+    assert r["tolerance"] == DEFAULT_TOLERANCE
+
+
+def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
+    for strategy in STRATEGIES:
+        plan = baseline_plan(scenario, strategy)
+        verify_plan(scenario.with_overrides(target_latency_ms=plan.scenario.target_latency_ms,
+                                            preload_budget_mb=plan.scenario.preload_budget_mb),
+                    plan)
+        assert plan.n_shards == scenario.model.n_shards
+    seq = baseline_plan(scenario, "load-then-execute")
+    sel = seq.selection(scenario)
+    pipe = simulate(scenario, sel, PIPELINED)
+    s = simulate(scenario, sel, SEQUENTIAL)
+    compute = sum(t.compute_end_ms - t.compute_start_ms for t in pipe.layers)
+    assert s.latency_ms == pytest.approx(pipe.layers[-1].io_end_ms + compute)
+    assert s.latency_ms >= pipe.latency_ms
+
+
+def test_compute_fit_recovers_known_costs():
+    rng = np.random.default_rng(1)
+    samples = []
+    for _ in range(40):
+        flops, qbytes = rng.uniform(1e6, 5e8), rng.uniform(0, 3e6)
+        samples.append((flops, qbytes, 0.3 + flops / 60e6 + qbytes / 0.25e6))
+    fit = fit_compute(samples)
+    assert fit.layer_overhead_ms == pytest.approx(0.3, rel=1e-6)
+    assert fit.gflops == pytest.approx(60.0, rel=1e-6)
+    assert fit.dequant_gb_s == pytest.approx(0.25, rel=1e-6)
+    assert fit.r2 == pytest.approx(1.0)
+    # non-negative: a negative intercept in the data is clipped to 0, not returned
+    A = np.column_stack([np.ones(5), np.arange(5.0)])
+    x = nnls(A, np.arange(5.0) * 2 - 1)
+    assert x[0] == 0 and x[1] > 0
