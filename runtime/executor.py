@@ -15,12 +15,13 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
   straight into their fused slots (they are held there, no copy per query).
 - `run(batch)`: every streamed file's pages are evicted first (and counted with mincore,
   so the trace says how cold the run really was). Then one IO thread streams the streamed
-  shards in plan order: an fp32 shard with one scattered `preadv` straight into its fused
-  slot, a quantised one into its staging slice; it sleeps once per layer to the emulated
-  device's deadline and signals the layer. The compute thread (the caller's; torch only
-  runs there) embeds, then per layer waits for the layer's IO (or for all IO, when
-  sequential) and for the previous layer, dequantises the layer's quantised shards into
-  the fused slots, runs the layer, and finally pools.
+  shards in plan order, back to back: an fp32 shard with one scattered `preadv` straight
+  into its fused slot, a quantised one into its staging slice; the device clock books
+  when each read completes on the emulated device. The compute thread (the caller's;
+  torch only runs there) embeds, then per layer waits for the layer's reads (or for all
+  reads, when sequential), sleeps once to the device's completion time for them, and
+  after the previous layer dequantises the layer's quantised shards into the fused slots,
+  runs the layer, and finally pools.
 """
 
 from __future__ import annotations
@@ -243,29 +244,30 @@ class Executor:
         L = len(self.shards)
         streamed = [s for row in self.shards for s in row if not s.preloaded]
         cached, total = self._evict(streamed)
-        io_times = [(0.0, 0.0)] * L
+        io_real: list[tuple[float, float, float | None]] = [(0.0, 0.0, None)] * L
         io_counts = [(0, 0)] * L
         done = [threading.Event() for _ in range(L)]
         go = threading.Event()
         failure: list[BaseException] = []
-        t0_box = [0.0]
 
         def io_worker() -> None:
+            # Reads back to back in plan order, never sleeping: real reads run ahead of the
+            # emulated device (absorbing the real disk's latency spikes), and the device
+            # clock books when each read would complete on the device. The compute thread
+            # sleeps to a layer's deadline before using it.
             try:
                 go.wait()
-                t0 = t0_box[0]
-                deadline = t0
                 for l, row in enumerate(self.shards):
                     start = time.perf_counter()
                     n = nbytes = 0
+                    deadline = None
                     for s in row:
                         if s.preloaded:
                             continue
                         self._read(s)
                         deadline = self.clock.complete(s.variant.nbytes, time.perf_counter())
                         n, nbytes = n + 1, nbytes + s.variant.nbytes
-                    end = DeviceClock.sleep_until(deadline) if n else time.perf_counter()
-                    io_times[l] = ((start - t0) * 1e3, (end - t0) * 1e3)
+                    io_real[l] = (start, time.perf_counter(), deadline)
                     io_counts[l] = (n, nbytes)
                     done[l].set()
             except BaseException as e:  # reported on the compute thread
@@ -278,7 +280,6 @@ class Executor:
         compute: list[tuple[float, float, float]] = []
         with torch.inference_mode():
             t0 = time.perf_counter()
-            t0_box[0] = t0
             self.clock.start(t0)
             go.set()
             ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
@@ -286,9 +287,12 @@ class Executor:
             x = self.encoder.embed(batch.ids)
             e1 = ms()
             for l, row in enumerate(self.shards):
-                done[l if self.execution == PIPELINED else L - 1].wait()
+                wait_for = l if self.execution == PIPELINED else L - 1
+                done[wait_for].wait()
                 if failure:
                     break
+                if io_real[wait_for][2] is not None:
+                    DeviceClock.sleep_until(io_real[wait_for][2])  # the device's completion
                 start = ms()
                 for s in row:
                     if s.raw is not None:
@@ -305,7 +309,18 @@ class Executor:
             if isinstance(e, StoreError):
                 raise e
             raise StoreError(f"{self.store.path}: IO worker failed: {e}") from e
-        layers = [LayerTrace(l, io_counts[l][0], io_counts[l][1], io_times[l][0], io_times[l][1],
-                             compute[l][0], compute[l][1], compute[l][2]) for l in range(L)]
+        # A layer's IO, as the (emulated) device served it: it starts when its first read
+        # really started or when the channel freed up, whichever is later, and ends when its
+        # last read completed on the device (never before it really completed).
+        layers, prev_end = [], 0.0
+        for l in range(L):
+            start, end, deadline = io_real[l]
+            if io_counts[l][0]:
+                io_start = max((start - t0) * 1e3, prev_end)
+                prev_end = max((end - t0) * 1e3, (deadline - t0) * 1e3)
+            else:
+                io_start = prev_end
+            layers.append(LayerTrace(l, io_counts[l][0], io_counts[l][1], io_start, prev_end,
+                                     compute[l][0], compute[l][1], compute[l][2]))
         return RunTrace(latency_ms=p1, layers=layers, embed_ms=(e0, e1), pool_ms=(p0, p1),
                         cached_pages_before=cached, streamed_pages=total, embedding=embedding)
