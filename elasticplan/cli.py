@@ -17,7 +17,7 @@ from elasticplan.plan import Plan
 from elasticplan.report import plan_table
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_THREADS, \
     DEFAULT_TIME_LIMIT_S, solve
-from elasticplan.verify import scenario_for, verify_plan
+from elasticplan.verify import scenario_for, verify_plan, with_plan_question
 
 
 DEFAULT_STORE = "build/shards/minilm-l6"
@@ -48,24 +48,22 @@ def _range(text: str) -> list[float]:
     return [round(start + i * step, 9) for i in range(n)]
 
 
-def _positive(text: str) -> float:
+def _number(text: str, *, zero_ok: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (v >= 0 if zero_ok else v > 0):
+        raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
     return v
+
+
+def _positive(text: str) -> float:
+    return _number(text, zero_ok=False)
 
 
 def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+    return _number(text, zero_ok=True)
 
 
 def _solver_args(p: argparse.ArgumentParser) -> None:
@@ -312,7 +310,7 @@ def cmd_run(a) -> int:
             except ElasticplanError as e:
                 print(f"{strategy}: not run: {e}")
                 continue
-            reports.append(measure_plan(b, scenario_for(b, a.scenario), store, **common))
+            reports.append(measure_plan(b, with_plan_question(scenario, b), store, **common))
         print()
         print(format_comparison(reports))
     if a.json:

@@ -110,7 +110,12 @@ def scenario_for(plan: Plan, scenario_path: str | os.PathLike | None = None) -> 
     path = scenario_path or plan.scenario.path
     if path is None:
         raise PlanFormatError("the plan names no scenario file; pass one with --scenario")
-    base = load_scenario(path)
+    return with_plan_question(load_scenario(path), plan)
+
+
+def with_plan_question(base: Scenario, plan: Plan) -> Scenario:
+    """The scenario with the question the plan recorded (target, budget, objective...)
+    applied: e.g. a baseline plan's own target and buffer."""
     ref = plan.scenario
     try:
         objective = Objective(ref.objective)

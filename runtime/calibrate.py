@@ -174,7 +174,7 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
                     layer_overhead_ms=round(float(fit.layer_overhead_ms), 5),
                     dequant_gb_s=round(float(fit.dequant_gb_s), 5),
                     memory_mb=round(float(memory_mb), 1))
-    facts = {"storage": storage, "emulate": emulate, "plans": plans, "repeats": repeats,
+    facts = {"storage": storage, "plans": plans, "repeats": repeats,
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
     return device, fit, facts
 

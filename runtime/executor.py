@@ -149,7 +149,6 @@ class Executor:
         self.shards: list[list[_Shard]] = []
         self.preload_buffer = np.empty(sum(v.nbytes for row in variants for v, p in row
                                            if p and v.bits != quant.FP32), np.uint8)
-        self.staging: list[np.ndarray] = []
         ppos = 0
         for l, row in enumerate(variants):
             w = LayerWeights(c, [v.name for v, _ in row])
@@ -177,7 +176,6 @@ class Executor:
                     raise AssertionError(f"{v}: buffer layout does not match the stored size")
                 shards.append(_Shard(v, preloaded, slot, iov, raw))
             self.weights.append(w)
-            self.staging.append(stage)
             self.shards.append(shards)
         self.filled = not any(s.preloaded for row in self.shards for s in row)
 

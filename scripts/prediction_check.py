@@ -23,6 +23,7 @@ from elasticplan.baselines import STRATEGIES, baseline_plan
 from elasticplan.errors import ElasticplanError
 from elasticplan.loader import load_scenario
 from elasticplan.solvers import solve
+from elasticplan.verify import with_plan_question
 from runtime.calibrate import calibrate, write_calibration
 from runtime.measure import Reference, measure_plan, query_batches
 from runtime.store import ShardStore
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
                     print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB: {e}")
         for strategy in STRATEGIES:
             b = baseline_plan(sc0, strategy)
-            plans.append((sc0.with_overrides(target_latency_ms=b.scenario.target_latency_ms,
-                                              preload_budget_mb=b.scenario.preload_budget_mb),
-                          b))
+            plans.append((with_plan_question(sc0, b), b))
         for sc, plan in plans:
             r = measure_plan(plan, sc, store, repeats=a.repeat, emulate=True, queries=queries,
                              reference=reference, head=None)

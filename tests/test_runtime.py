@@ -22,7 +22,7 @@ from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
 from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
-from elasticplan.verify import verify_plan
+from elasticplan.verify import verify_plan, with_plan_question
 from runtime import quant
 from runtime.calibrate import fit_compute, nnls
 from runtime.executor import Executor
@@ -306,9 +306,7 @@ def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
 def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
     for strategy in STRATEGIES:
         plan = baseline_plan(scenario, strategy)
-        verify_plan(scenario.with_overrides(target_latency_ms=plan.scenario.target_latency_ms,
-                                            preload_budget_mb=plan.scenario.preload_budget_mb),
-                    plan)
+        verify_plan(with_plan_question(scenario, plan), plan)
         assert plan.n_shards == scenario.model.n_shards
     seq = baseline_plan(scenario, "load-then-execute")
     sel = seq.selection(scenario)
