@@ -21,7 +21,7 @@ demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/elasticplan shard
 	$(BIN)/elasticplan calibrate --storage-mb-s 200
-	$(BIN)/elasticplan solve build/calibrated/scenario.yaml -o out/minilm-this-machine.plan.json
+	$(BIN)/elasticplan solve build/calibrated/scenario.yaml --solver cpsat -o out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan verify out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan run out/minilm-this-machine.plan.json --baselines \
 		--json out/minilm-this-machine.run.json --gantt out/minilm-this-machine.png

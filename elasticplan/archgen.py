@@ -1,7 +1,10 @@
-"""Model profiles computed exactly from a transformer encoder's architecture.
+"""Model profiles computed exactly from a transformer's architecture.
 
-Shards (STI's vertical cut): one per attention head, one per FFN slice of
-ffn_dim / heads neurons, so each layer has 2 x heads shards.
+Shards (STI's vertical cut): for the encoders, one per attention head and one per FFN
+slice of ffn_dim / heads neurons, so each layer has 2 x heads shards. Decoder LLMs (the
+problem zoo at LLM scale) set the cut explicitly: `attn_shards` attention shards (each a
+group of query heads with its key/value heads; with grouped-query attention one shard is
+one KV group) and `ffn_shards` FFN slices of ffn_dim / ffn_shards neurons.
 
 Stored layout of a shard at b bits (the layout the shard store writes), two blocks, each
 quantised per output channel:
@@ -10,14 +13,23 @@ quantised per output channel:
   Q/K/V biases in fp32;
 - FFN slice of f neurons: the input block [f, hidden] (W1 rows), the output block
   [hidden, f] (W2's columns), then the f W1 biases in fp32;
-- b = 32: each block in fp32. b < 32: each block row packed at b bits, padded to a
-  whole byte, plus one fp32 scale per row (symmetric per-row quantisation).
-Everything else (embeddings, layer norms, the Wo and W2 biases) is resident, fp32.
+- decoders: an attention shard of q query heads and k KV heads has the input block
+  [(q + 2k) d_head, hidden] and the output block [hidden, q d_head]; a gated (SwiGLU)
+  FFN slice has the input block [2f, hidden] (gate and up rows) and the output block
+  [hidden, f]; no biases;
+- b = 32: each block in fp32; b = 16: fp16, no scales. Other b: each block row packed
+  at b bits, padded to a whole byte, plus one fp32 scale per row (symmetric per-row
+  quantisation).
+Everything else is resident: for the encoders embeddings, layer norms and the Wo and W2
+biases in fp32; for the decoders the token embedding, the LM head and the RMSNorm gains
+in fp16.
 
 Flops at seq_len n (multiply-add = 2 flop; softmax, norms and biases are in the
 device's per-layer overhead):
 - head: Q, K, V and O projections 8 n hidden d_head, scores and weighted sum 4 n^2 d_head
-- FFN slice: 4 n hidden f
+  (a decoder's attention shard: 2 n x its projection weights + 4 n^2 d_head per query
+  head; causal masking is not discounted)
+- FFN slice: 4 n hidden f (gated: 6 n hidden f)
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
+LLM_BITWIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 = fp16, as the checkpoints ship
 
 # Synthetic fidelity of a shard quantised to b bits, relative to fp32, before a per-shard
 # sensitivity exponent; shaped after RUNTIME-NOTES.md (8-bit ~lossless, 2-bit unusable).
@@ -48,14 +61,35 @@ class Architecture:
     seq_len: int = 128
     bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS
     description: str = ""
+    kv_heads: int = 0  # grouped-query attention: key/value heads; 0 = heads (multi-head)
+    attn_shards: int = 0  # attention shards per layer; 0 = one per head
+    ffn_shards: int = 0  # FFN slices per layer; 0 = as many as heads
+    gated_ffn: bool = False  # SwiGLU FFN (gate, up and down projections)
+    decoder: bool = False  # LLaMA-style: no biases, RMSNorm, untied LM head, fp16 resident
 
     @property
     def d_head(self) -> int:
         return self.hidden // self.heads
 
     @property
+    def n_attn(self) -> int:
+        return self.attn_shards or self.heads
+
+    @property
+    def n_ffn(self) -> int:
+        return self.ffn_shards or self.heads
+
+    @property
     def ffn_slice(self) -> int:
-        return self.ffn // self.heads
+        return self.ffn // self.n_ffn
+
+    @property
+    def q_per_shard(self) -> int:
+        return self.heads // self.n_attn
+
+    @property
+    def kv_per_shard(self) -> int:
+        return (self.kv_heads or self.heads) // self.n_attn
 
 
 ARCHITECTURES = {
@@ -67,35 +101,62 @@ ARCHITECTURES = {
                                description="BERT-large uncased (Devlin et al. 2019)"),
     "minilm-l6": Architecture("minilm-l6", 6, 384, 12, 1536, 30522, 512, 2,
                               description="all-MiniLM-L6-v2 (sentence-transformers)"),
+    # The problem zoo at LLM scale (prefill of 128 tokens); config.json figures of the
+    # public checkpoints.
+    "llama2-7b": Architecture("llama2-7b", 32, 4096, 32, 11008, 32000, 0, 0,
+                              bitwidths=LLM_BITWIDTHS, attn_shards=32, ffn_shards=32,
+                              gated_ffn=True, decoder=True,
+                              description="Llama 2 7B (Touvron et al. 2023): 32 layers, "
+                                          "hidden 4096, 32 heads, SwiGLU FFN 11008"),
+    "llama2-70b": Architecture("llama2-70b", 80, 8192, 64, 28672, 32000, 0, 0,
+                               bitwidths=LLM_BITWIDTHS, kv_heads=8, attn_shards=8,
+                               ffn_shards=56, gated_ffn=True, decoder=True,
+                               description="Llama 2 70B (Touvron et al. 2023): 80 layers, "
+                                           "hidden 8192, 64 query heads in 8 KV groups, "
+                                           "SwiGLU FFN 28672; shards: 8 KV groups and 56 "
+                                           "FFN slices of 512 neurons"),
 }
 
 
 def matrix_bytes(rows: int, cols: int, bits: int) -> int:
     if bits >= 32:
         return rows * cols * 4
+    if bits == 16:
+        return rows * cols * 2
     return rows * math.ceil(cols * bits / 8) + rows * 4
 
 
+def _attn_rows(a: Architecture) -> tuple[int, int]:
+    """(input-block rows, output-block columns) of one attention shard."""
+    return (a.q_per_shard + 2 * a.kv_per_shard) * a.d_head, a.q_per_shard * a.d_head
+
+
 def head_bytes(a: Architecture, bits: int) -> int:
-    return (matrix_bytes(3 * a.d_head, a.hidden, bits) + matrix_bytes(a.hidden, a.d_head, bits)
-            + 3 * a.d_head * 4)
+    rows_in, cols_out = _attn_rows(a)
+    bias = 0 if a.decoder else rows_in * 4
+    return matrix_bytes(rows_in, a.hidden, bits) + matrix_bytes(a.hidden, cols_out, bits) + bias
 
 
 def ffn_bytes(a: Architecture, bits: int) -> int:
-    return (matrix_bytes(a.ffn_slice, a.hidden, bits) + matrix_bytes(a.hidden, a.ffn_slice, bits)
-            + a.ffn_slice * 4)
+    rows_in = (2 if a.gated_ffn else 1) * a.ffn_slice
+    bias = 0 if a.decoder else a.ffn_slice * 4
+    return (matrix_bytes(rows_in, a.hidden, bits) + matrix_bytes(a.hidden, a.ffn_slice, bits)
+            + bias)
 
 
 def head_flops(a: Architecture) -> int:
     n = a.seq_len
-    return 8 * n * a.hidden * a.d_head + 4 * n * n * a.d_head
+    rows_in, cols_out = _attn_rows(a)
+    return 2 * n * a.hidden * (rows_in + cols_out) + 4 * n * n * a.d_head * a.q_per_shard
 
 
 def ffn_flops(a: Architecture) -> int:
-    return 4 * a.seq_len * a.hidden * a.ffn_slice
+    return (6 if a.gated_ffn else 4) * a.seq_len * a.hidden * a.ffn_slice
 
 
 def resident_bytes(a: Architecture) -> int:
+    if a.decoder:  # token embedding + untied LM head + 2 RMSNorms per layer + final, fp16
+        return 2 * (2 * a.vocab * a.hidden + (2 * a.layers + 1) * a.hidden)
     embeddings = (a.vocab + a.max_positions + a.type_vocab) * a.hidden + 2 * a.hidden
     per_layer = 6 * a.hidden  # Wo bias, W2 bias, two layer norms (gain + bias)
     return 4 * (embeddings + a.layers * per_layer)
@@ -107,7 +168,7 @@ def synthetic_importance(a: Architecture, seed: int | None = None) -> np.ndarray
     if seed is None:
         seed = int.from_bytes(hashlib.sha256(a.name.encode()).digest()[:4], "little")
     rng = np.random.default_rng(seed)
-    n = 2 * a.heads
+    n = a.n_attn + a.n_ffn
     depth = 1.0 + 1.5 * np.arange(a.layers) / max(1, a.layers - 1)
     base = rng.lognormal(0.0, 0.6, size=(a.layers, n)) * depth[:, None]
     base /= base.sum()
@@ -118,9 +179,13 @@ def synthetic_importance(a: Architecture, seed: int | None = None) -> np.ndarray
 
 def architecture_dict(a: Architecture) -> dict:
     """The free-form `architecture` block of a model profile."""
-    return {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "ffn": a.ffn,
-            "ffn_slice": a.ffn_slice, "vocab": a.vocab, "max_positions": a.max_positions,
-            "type_vocab": a.type_vocab}
+    out = {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "ffn": a.ffn,
+           "ffn_slice": a.ffn_slice, "vocab": a.vocab, "max_positions": a.max_positions,
+           "type_vocab": a.type_vocab}
+    if a.decoder:
+        out.update(kv_heads=a.kv_heads or a.heads, attn_shards=a.n_attn, ffn_shards=a.n_ffn,
+                   gated_ffn=a.gated_ffn, decoder=True)
+    return out
 
 
 def profile_dict(a: Architecture) -> dict:
@@ -129,14 +194,15 @@ def profile_dict(a: Architecture) -> dict:
     layers = []
     for li in range(a.layers):
         shards = []
-        for h in range(a.heads):
-            shards.append({"name": f"head{h}", "kind": "head", "flops": head_flops(a),
+        attn = "kvgroup" if a.kv_per_shard < a.q_per_shard else "head"
+        for h in range(a.n_attn):
+            shards.append({"name": f"{attn}{h}", "kind": "head", "flops": head_flops(a),
                            "bytes": [head_bytes(a, b) for b in a.bitwidths],
                            "importance": [float(f"{v:.6g}") for v in imp[li, h]]})
-        for f in range(a.heads):
+        for f in range(a.n_ffn):
             shards.append({"name": f"ffn{f}", "kind": "ffn", "flops": ffn_flops(a),
                            "bytes": [ffn_bytes(a, b) for b in a.bitwidths],
-                           "importance": [float(f"{v:.6g}") for v in imp[li, a.heads + f]]})
+                           "importance": [float(f"{v:.6g}") for v in imp[li, a.n_attn + f]]})
         layers.append({"shards": shards})
     return {
         "name": a.name,

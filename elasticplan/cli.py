@@ -1,4 +1,4 @@
-"""The `elasticplan` command: solve, verify, sweep; shard, profile, calibrate, run.
+"""The `elasticplan` command: solve, verify, sweep, table, lookup; shard, profile, calibrate, run.
 
 A user mistake (bad file, bad flag value, infeasible problem) prints one line
 `elasticplan: error: ...` on stderr and exits non-zero; never a traceback.
@@ -15,7 +15,7 @@ from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutE
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
 from elasticplan.report import plan_table
-from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_THREADS, \
+from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, DEFAULT_THREADS, \
     DEFAULT_TIME_LIMIT_S, solve
 from elasticplan.verify import scenario_for, verify_plan, with_plan_question
 
@@ -67,7 +67,8 @@ def _non_negative(text: str) -> float:
 
 
 def _solver_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", choices=sorted(BACKENDS), default="cpsat")
+    p.add_argument("--solver", choices=sorted(BACKENDS), default=DEFAULT_SOLVER,
+                   help=f"default {DEFAULT_SOLVER}")
     p.add_argument("--time-limit", type=_positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help=f"seconds per solve (default {DEFAULT_TIME_LIMIT_S:g})")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
@@ -98,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     axis.add_argument("--target-ms", type=_range, metavar="A:B:STEP")
     _solver_args(w)
     w.add_argument("--csv", help="also write the frontier as CSV")
+
+    t = sub.add_parser("table", help="solve a grid of targets x buffers into a plan table "
+                                     "(solved plans are reused wherever they fit)")
+    t.add_argument("scenario")
+    t.add_argument("--target-ms", type=_range, required=True, metavar="A:B:STEP")
+    t.add_argument("--buffer-mb", type=_range, required=True, metavar="A:B:STEP")
+    _solver_args(t)
+    t.add_argument("-o", "--output", required=True, help="write the table as JSON")
+
+    k = sub.add_parser("lookup", help="answer a target and buffer from a plan table")
+    k.add_argument("table")
+    k.add_argument("--target-ms", type=_positive, required=True)
+    k.add_argument("--buffer-mb", type=_non_negative, required=True)
+    k.add_argument("-o", "--output", help="write the plan as JSON")
 
     h = sub.add_parser("shard", help="build the MiniLM shard store (idempotent, resumable)")
     h.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
@@ -188,27 +203,38 @@ def cmd_verify(a) -> int:
 
 
 def cmd_sweep(a) -> int:
+    from elasticplan.table import build_table
+
     base = load_scenario(a.scenario)
-    param, values = ("buffer_mb", a.buffer_mb) if a.buffer_mb else ("target_ms", a.target_ms)
-    rows = []
-    print(f"{param:>10}  {'status':>10}  {'importance':>10}  {'latency ms':>10}  "
+    if a.buffer_mb:
+        param, values = "buffer_mb", a.buffer_mb
+        targets, buffers = [base.target_latency_ms], a.buffer_mb
+    else:
+        param, values = "target_ms", a.target_ms
+        targets, buffers = a.target_ms, [base.preload_budget_mb]
+    print(f"{param:>10}  {'status':>18}  {'importance':>10}  {'latency ms':>10}  "
           f"{'used MB':>9}  {'gap':>8}  {'solve s':>7}")
-    for value in values:
-        ov = {"preload_budget_mb": value} if param == "buffer_mb" else {"target_latency_ms": value}
-        row = {param: value, "solver": a.solver}
-        try:
-            plan = solve(base.with_overrides(**ov), a.solver, time_limit_s=a.time_limit,
-                         threads=a.threads, relative_gap=a.gap, explain=False)
-            row.update(status=plan.status.value, importance=plan.importance,
-                       latency_ms=plan.predicted_latency_ms, used_mb=plan.preload_bytes / 1e6,
-                       gap=plan.gap, solve_seconds=plan.solve_seconds)
-        except (InfeasibleError, SolverTimeoutError, NoPlanFoundError) as e:
-            row.update(status={InfeasibleError: "infeasible", SolverTimeoutError: "timeout",
-                               NoPlanFoundError: "no-plan"}[type(e)])
-        rows.append(row)
-        print(f"{value:>10g}  {row['status']:>10}  {_fmt(row.get('importance'), '.6g'):>10}  "
-              f"{_fmt(row.get('latency_ms'), '.3f'):>10}  {_fmt(row.get('used_mb'), '.3f'):>9}  "
-              f"{_fmt(row.get('gap'), '.1e'):>8}  {_fmt(row.get('solve_seconds'), '.2f'):>7}")
+    table = build_table(base, targets, buffers, solver=a.solver, time_limit_s=a.time_limit,
+                        threads=a.threads, relative_gap=a.gap)
+    rows = []
+    for i, T in enumerate(table.targets_ms):
+        for j, B in enumerate(table.buffers_mb):
+            cell = table.cells[i][j]
+            value = B if param == "buffer_mb" else T
+            row = {param: value, "solver": a.solver, "status": cell.status}
+            if cell.plan is not None:
+                plan = table.plans[cell.plan]
+                gap = None if cell.bound is None else \
+                    max(0.0, cell.bound - plan.objective) / max(plan.objective, 1e-12)
+                row.update(importance=plan.importance, latency_ms=plan.predicted_latency_ms,
+                           used_mb=plan.preload_bytes / 1e6, gap=gap,
+                           solve_seconds=plan.solve_seconds if cell.status == "solved" else None)
+            rows.append(row)
+            print(f"{value:>10g}  {row['status']:>18}  {_fmt(row.get('importance'), '.6g'):>10}  "
+                  f"{_fmt(row.get('latency_ms'), '.3f'):>10}  "
+                  f"{_fmt(row.get('used_mb'), '.3f'):>9}  {_fmt(row.get('gap'), '.1e'):>8}  "
+                  f"{_fmt(row.get('solve_seconds'), '.2f'):>7}")
+    print(_saved_line(table))
     if a.csv:
         fields = [param, "solver", "status", "importance", "latency_ms", "used_mb", "gap",
                   "solve_seconds"]
@@ -217,6 +243,58 @@ def cmd_sweep(a) -> int:
             writer.writeheader()
             writer.writerows(rows)
         print(f"frontier written to {a.csv}")
+    return 0
+
+
+def _saved_line(table) -> str:
+    from collections import Counter
+
+    n = Counter(c.status for row in table.cells for c in row)
+    return (f"{table.solves} solve(s) for {table.n_cells} point(s): {n['reused']} answered by a "
+            f"solved plan that fits, {n['implied-infeasible']} by inherited infeasibility "
+            f"({table.n_cells - table.solves} saved); {table.build_seconds:.2f} s")
+
+
+def cmd_table(a) -> int:
+    from elasticplan.table import build_table
+
+    base = load_scenario(a.scenario)
+    table = build_table(base, a.target_ms, a.buffer_mb, solver=a.solver,
+                        time_limit_s=a.time_limit, threads=a.threads, relative_gap=a.gap)
+    worst = max((c.bound - table.plans[c.plan].objective) / max(table.plans[c.plan].objective,
+                                                                 1e-12)
+                for row in table.cells for c in row
+                if c.plan is not None and c.bound is not None) if table.plans else None
+    print(f"table {base.name}: {len(table.targets_ms)} targets x {len(table.buffers_mb)} buffers, "
+          f"{len(table.plans)} distinct plans, largest proven gap {_fmt(worst, '.1e')}")
+    print(_saved_line(table))
+    table.save(a.output)
+    print(f"table written to {a.output}")
+    return 0
+
+
+def cmd_lookup(a) -> int:
+    from elasticplan.table import PlanTable
+
+    table = PlanTable.load(a.table)
+    found = table.lookup(a.target_ms, a.buffer_mb)
+    where = f"target {a.target_ms:g} ms, buffer {a.buffer_mb:g} MB"
+    if found.plan is None:
+        raise InfeasibleError(
+            f"{a.table}: no plan for {where}: "
+            + ("below the table's grid (targets from "
+               f"{table.targets_ms[0]:g} ms, buffers from {table.buffers_mb[0]:g} MB)"
+               if found.cell is None else
+               f"the grid cell at or below it is {table.cells[found.cell[0]][found.cell[1]].status}"))
+    p = found.plan
+    bound = "unknown (beyond the grid)" if found.bound is None else \
+        f"{found.bound:.6g} (gap {found.gap:.1e})"
+    print(f"{where}: importance {p.importance:.6g}, latency {p.predicted_latency_ms:.3f} ms, "
+          f"buffer {p.preload_bytes / 1e6:.3f} MB, {p.n_shards} shards; proven bound {bound}; "
+          f"looked up in {found.seconds * 1e6:.1f} us")
+    if a.output:
+        p.save(a.output)
+        print(f"plan written to {a.output}")
     return 0
 
 
@@ -337,7 +415,8 @@ def _fmt(v, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep,
+    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep, "table": cmd_table,
+               "lookup": cmd_lookup,
                "shard": cmd_shard, "profile": cmd_profile, "calibrate": cmd_calibrate,
                "run": cmd_run}[args.command]
     try:

@@ -145,18 +145,14 @@ class Plan:
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Plan":
-        file = str(path)
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlanFormatError(f"{file}: file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PlanFormatError(f"{file}: not a readable JSON plan: {e}") from None
-        plan = Plan.from_dict(data, file)
-        if plan.scenario.path is not None and not os.path.isabs(plan.scenario.path):
-            resolved = os.path.normpath(os.path.join(os.path.dirname(file), plan.scenario.path))
-            plan = _replace_scenario_path(plan, resolved)
-        return plan
+        return Plan.from_dict(read_json(path, "plan"), str(path)).relative_to(path)
+
+    def relative_to(self, file: str | os.PathLike) -> "Plan":
+        """The plan with its scenario path, stored relative to `file`, made usable from here."""
+        if self.scenario.path is None or os.path.isabs(self.scenario.path):
+            return self
+        return _replace_scenario_path(
+            self, os.path.normpath(os.path.join(os.path.dirname(str(file)), self.scenario.path)))
 
     @staticmethod
     def from_dict(data, file: str = "<plan>") -> "Plan":
@@ -194,6 +190,17 @@ class Plan:
             if not math.isfinite(x):
                 raise PlanFormatError(f"{file}: non-finite number in plan")
         return plan
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """A JSON document, or a PlanFormatError naming the file (plans and plan tables)."""
+    file = str(path)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanFormatError(f"{file}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanFormatError(f"{file}: not a readable JSON {what}: {e}") from None
 
 
 def _replace_scenario_path(plan: Plan, path: str) -> Plan:

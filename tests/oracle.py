@@ -41,9 +41,9 @@ def best(sc: Scenario, slack_ms: float = 0.0):
 
 
 def rounding_margin_ms(sc: Scenario) -> float:
-    """Most that conservative integer rounding (CP-SAT ticks) or CBC's time margin can cost."""
+    """Most that conservative integer rounding (CP-SAT ticks) or the float backends' time margin can cost."""
     from elasticplan import scaling
-    from elasticplan.solvers.cbc import TIME_MARGIN_MS
+    from elasticplan.solvers.floats import TIME_MARGIN_MS
 
     tick_ms = scaling.DEFAULT_TICK_NS * 1e-6
     terms = sum(2 * len(layer.shards) + 2 for layer in sc.model.layers) + 2
@@ -55,3 +55,17 @@ def importance_margin(sc: Scenario) -> float:
     from elasticplan import scaling
 
     return (sc.model.n_shards + 1) * sc.model.max_importance / scaling.IMPORTANCE_UNITS * 1.01
+
+
+def assert_matches(sc: Scenario, got, tol: float) -> None:
+    """`got` (an objective, or None for infeasible) is brute force's optimum, up to plans
+    whose latency is within the backends' rounding margin of the target."""
+    top = best(sc)
+    top_with_margin = best(sc, slack_ms=rounding_margin_ms(sc))
+    if top is None:
+        assert got is None
+        return
+    if top_with_margin is None:
+        return  # only plans within the rounding margin exist: either answer is allowed
+    assert got is not None
+    assert top_with_margin - tol <= got <= top + tol

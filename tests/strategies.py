@@ -21,28 +21,35 @@ devices = st.builds(
 
 
 @st.composite
-def models(draw, max_layers=2, max_shards=2, max_bits=2):
+def models(draw, max_layers=2, max_shards=2, max_bits=2, shared_costs=False):
+    """With `shared_costs`, shards of a layer come in cost classes (equal flops and bytes,
+    own importance), as heads and FFN slices do: the aggregated program's structure."""
     bitwidths = tuple(sorted(draw(st.sets(st.sampled_from(BITS), min_size=1, max_size=max_bits))))
     layers = []
     for li in range(draw(st.integers(1, max_layers))):
         shards = []
+        costs = None
         for si in range(draw(st.integers(1, max_shards))):
-            # bytes grow with bits, importance too (as real quantisation behaves)
-            per_bit = draw(st.integers(500, 300_000))
-            nbytes = tuple(per_bit * b // 8 + draw(st.integers(0, 500)) for b in bitwidths)
+            if costs is None or not (shared_costs and draw(st.booleans())):
+                # bytes grow with bits, importance too (as real quantisation behaves)
+                per_bit = draw(st.integers(500, 300_000))
+                costs = (tuple(per_bit * b // 8 + draw(st.integers(0, 500)) for b in bitwidths),
+                         draw(_num(1e4, 2e8)))
+            nbytes, flops = costs
             base = draw(_num(0.001, 1.0))
             quality = sorted(draw(st.lists(_num(0.05, 1.0), min_size=len(bitwidths),
                                            max_size=len(bitwidths))))
             shards.append(Shard(name=f"s{si}", kind=draw(st.sampled_from(["head", "ffn"])),
-                                flops=draw(_num(1e4, 2e8)), bytes=nbytes,
+                                flops=flops, bytes=nbytes,
                                 importance=tuple(float(f"{base * q:.6g}") for q in quality)))
         layers.append(Layer(shards=tuple(shards)))
     return ModelProfile(name="m", seq_len=16, bitwidths=bitwidths, layers=tuple(layers))
 
 
 @st.composite
-def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None):
-    model = draw(models(max_layers, max_shards, max_bits))
+def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
+              shared_costs=False):
+    model = draw(models(max_layers, max_shards, max_bits, shared_costs))
     widest = min(len(layer.shards) for layer in model.layers)
     m = draw(st.integers(0, min(2, widest))) if min_shards is None else min(min_shards, widest)
     return Scenario(name="generated", device=draw(devices), model=model,

@@ -118,9 +118,9 @@ def test_every_shipped_scenario_solves_optimal_and_verifies(scenario, tmp_path, 
     out = tmp_path / "plan.json"
     assert main(["solve", str(scenario), "--time-limit", "120", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "solver cpsat: optimal" in printed
+    assert "solver highs: optimal" in printed
     assert main(["verify", str(out)]) == 0
-    assert ": OK (cpsat, optimal)" in capsys.readouterr().out
+    assert ": OK (highs, optimal)" in capsys.readouterr().out
 
 
 def test_cli_infeasible_explains_and_exits_3(capsys):

@@ -1,6 +1,6 @@
 """Solver backends behind one signature: scenario in, verified plan out.
 
-    solve(scenario, solver="cpsat", *, time_limit_s=..., threads=..., relative_gap=...)
+    solve(scenario, solver="highs", *, time_limit_s=..., threads=..., relative_gap=...)
 
 Every plan returned here has passed the independent verifier. A proven-infeasible
 problem raises InfeasibleError with an explanation of what is short and by how much;
@@ -14,11 +14,15 @@ from elasticplan.plan import Plan
 from elasticplan.solvers.cbc import solve_cbc
 from elasticplan.solvers.cpsat import solve_cpsat
 from elasticplan.solvers.greedy import solve_greedy
+from elasticplan.solvers.highs import solve_highs
 from elasticplan.spec import Scenario
 from elasticplan.verify import verify_plan
 
-BACKENDS = {"cpsat": solve_cpsat, "cbc": solve_cbc, "greedy": solve_greedy}
+BACKENDS = {"cpsat": solve_cpsat, "cbc": solve_cbc, "highs": solve_highs, "greedy": solve_greedy}
 
+# HiGHS on the aggregated program: measured 10-50x faster to a proof than CP-SAT on the
+# shipped scenarios, and the only backend that plans LLM-scale models (benchmarks/).
+DEFAULT_SOLVER = "highs"
 DEFAULT_TIME_LIMIT_S = 30.0
 DEFAULT_THREADS = 2
 # Both exact backends stop once (bound - objective) / objective <= this; status "optimal"
@@ -26,7 +30,7 @@ DEFAULT_THREADS = 2
 DEFAULT_RELATIVE_GAP = 1e-4
 
 
-def solve(scenario: Scenario, solver: str = "cpsat", *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+def solve(scenario: Scenario, solver: str = DEFAULT_SOLVER, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
           threads: int = DEFAULT_THREADS, relative_gap: float = DEFAULT_RELATIVE_GAP,
           hint_greedy: bool = False, explain: bool = True) -> Plan:
     if solver not in BACKENDS:
@@ -34,7 +38,7 @@ def solve(scenario: Scenario, solver: str = "cpsat", *, time_limit_s: float = DE
     if not time_limit_s > 0:
         raise ElasticplanError(f"time limit must be > 0 s, got {time_limit_s:g}")
     hint = None
-    if hint_greedy and solver == "cpsat":
+    if hint_greedy and solver in ("cpsat", "highs"):
         try:
             hint = solve_greedy(scenario).selection(scenario)
         except ElasticplanError:

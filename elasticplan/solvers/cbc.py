@@ -21,17 +21,10 @@ from elasticplan import formulation
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.formulation import Unit
 from elasticplan.plan import Plan, SolveStatus
+from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
 from elasticplan.spec import Scenario
 
 NAME = "cbc"
-# CBC works to a feasibility tolerance of ~1e-7; the latency row is tightened by this margin
-# so that the rounded plan meets the target exactly when re-simulated in floating point.
-TIME_MARGIN_MS = 1e-5
-# Importance rows are multiplied by IMPORTANCE_SCALE / (largest shard importance), so that
-# CBC's absolute tolerance (~1e-7) is 1e-13 of an importance; the floor row keeps 1e-6
-# scaled units (1e-12 of the largest importance) to spare.
-IMPORTANCE_SCALE = 1e6
-IMPORTANCE_MARGIN = 1e-6
 
 
 def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,

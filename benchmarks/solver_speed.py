@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Solver speed, side by side in one run: per problem-zoo instance and backend, the model
+build time, the solve time (median of --repeats), status, gap, and the objective relative
+to the best proven bound of any backend on that instance.
+
+    .venv/bin/python benchmarks/solver_speed.py [--time-limit 20] [--repeats 5] [--csv F]
+
+Instances: every shipped scenario at its own question, plus targets that force shards to
+be dropped (the hard, knapsack-like regime). Backends: greedy (STI), CP-SAT and CBC on the
+plain per-shard program, HiGHS on the aggregated program at the gaps the solver-speed
+goals name (1e-6, 1e-3, 1e-2). A solve that reaches the time limit is run once, not
+--repeats times. The plain program is not built above PLAIN_MAX_BOOLS booleans (its dense
+latency rows grow as layers^2 x shards; the row says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from elasticplan import aggregate, formulation  # noqa: E402
+from elasticplan.errors import ElasticplanError  # noqa: E402
+from elasticplan.loader import load_scenario  # noqa: E402
+from elasticplan.solvers import solve  # noqa: E402
+
+PLAIN_MAX_BOOLS = 20_000
+HARD = {"bert-base-phone": 140.0, "minilm-phone": 17.0, "distilbert-sbc": 450.0}
+RUNS = [("greedy", None), ("cpsat", 1e-6), ("cbc", 1e-6), ("highs", 1e-6), ("highs", 1e-3),
+        ("highs", 1e-2)]
+
+
+def instances():
+    for path in sorted((ROOT / "problems" / "scenarios").glob("*.yaml")):
+        sc = load_scenario(path)
+        yield sc.name, sc
+        if sc.name in HARD:
+            yield f"{sc.name}@{HARD[sc.name]:g}ms", sc.with_overrides(
+                target_latency_ms=HARD[sc.name])
+
+
+def size(sc) -> str:
+    m = sc.model
+    shards = max(len(layer.shards) for layer in m.layers)
+    return f"{len(m.layers)}x{shards}x{len(m.bitwidths)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--time-limit", type=float, default=20.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--csv", default=str(ROOT / "out" / "bench" / "solver_speed.csv"))
+    ap.add_argument("--only", help="run only instances whose name contains this")
+    a = ap.parse_args()
+    print(f"# {' '.join(['benchmarks/solver_speed.py'] + sys.argv[1:])}; {platform.node()}, "
+          f"{os.cpu_count()} cores, {platform.machine()}, {datetime.date.today()}")
+    head = (f"{'instance':<28} {'size':>9} {'solver':<6} {'gap asked':>9} {'build ms':>9} "
+            f"{'solve ms':>9} {'status':<9} {'gap':>8} {'vs bound':>9}")
+    print(head)
+    rows = []
+    for name, sc in instances():
+        if a.only and a.only not in name:
+            continue
+        results = []
+        n_bools = 2 * sum(len(layer.shards) for layer in sc.model.layers) * len(sc.model.bitwidths)
+        for solver, gap in RUNS:
+            row = {"instance": name, "size": size(sc), "solver": solver,
+                   "gap_asked": gap, "bools": n_bools}
+            build = formulation.build if solver in ("cpsat", "cbc") else aggregate.build
+            if solver in ("cpsat", "cbc") and n_bools > PLAIN_MAX_BOOLS:
+                row["status"] = f"not built: {n_bools} booleans > {PLAIN_MAX_BOOLS}"
+                results.append(row)
+                continue
+            if solver != "greedy":
+                t = time.perf_counter()
+                build(sc)
+                row["build_ms"] = (time.perf_counter() - t) * 1e3
+            times, plan = [], None
+            for _ in range(a.repeats):
+                try:
+                    plan = solve(sc, solver, time_limit_s=a.time_limit, threads=a.threads,
+                                 relative_gap=gap if gap is not None else 1e-4)
+                except ElasticplanError as e:
+                    row["status"] = f"{type(e).__name__}"
+                    break
+                times.append(plan.solve_seconds * 1e3)
+                if plan.solve_seconds >= 0.9 * a.time_limit:
+                    break  # at the limit: once is enough
+            if plan is not None and times:
+                row.update(solve_ms=statistics.median(times), runs=len(times),
+                           status=plan.status.value, gap=plan.gap, objective=plan.objective)
+            results.append(row)
+        bounds = [r["objective"] * (1 + r["gap"]) for r in results
+                  if r.get("gap") is not None and "objective" in r]
+        best_bound = min(bounds) if bounds else None
+        for r in results:
+            if best_bound and "objective" in r:
+                r["vs_bound"] = r["objective"] / best_bound
+            rows.append(r)
+            print(f"{r['instance']:<28} {r['size']:>9} {r['solver']:<6} "
+                  f"{_f(r.get('gap_asked'), '.0e'):>9} {_f(r.get('build_ms'), '.1f'):>9} "
+                  f"{_f(r.get('solve_ms'), '.1f'):>9} {r.get('status', ''):<9} "
+                  f"{_f(r.get('gap'), '.1e'):>8} {_f(r.get('vs_bound'), '.6f'):>9}", flush=True)
+    Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
+    fields = ["instance", "size", "bools", "solver", "gap_asked", "build_ms", "solve_ms", "runs",
+              "status", "gap", "objective", "vs_bound"]
+    with open(a.csv, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# written {a.csv}")
+
+
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The aggregated program: counts per cost class, with an exact assignment of shards.
+
+Shards of one layer that cost the same (equal flops and equal bytes at every bitwidth,
+e.g. all heads, or all FFN slices) differ only in importance. So the program's integer
+variables are counts, not per-shard booleans:
+
+  n[c,b,S] in {0..|c|}   members of cost class c streamed at bitwidth index b
+  n[c,b,P] in {0..|c|}   members of cost class c preloaded at bitwidth index b
+  x[c,s,b] in [0, 1]     member s of class c runs at bitwidth b   (continuous)
+  y[l]     in {0, 1}     layer l runs (only when min_shards_per_layer = 0)
+  I[l], C[l] >= 0        end of layer l's reads; compute of layers l..L-1 (continuous, ms)
+
+Latency, buffer and the minimum shard count depend on the counts only; importance on
+which shard gets which bitwidth, the x. For fixed integer counts the x live in a
+transportation polytope (shards on one side, bitwidths on the other, "dropped" as
+slack: pick and link rows below), whose vertices are integral. So integral counts
+with continuous x are exact: every vertex of the program with integral n has integral
+x (a split of x would split the vertex). `selection` reads a solution back and, should
+a solver hand over a non-vertex x, re-solves the class's assignment at its vertex.
+
+The rows, each with its one-line math:
+  pick[s]       sum_b x[c,s,b] <= 1                          (a shard runs at most once)
+  link[c,b]     sum_s x[c,s,b] - n[c,b,S] - n[c,b,P] = 0     (the counts are the x's)
+  count[l]      sum n[l] >= min_shards_per_layer             (or, skippable: n <= |c| y,
+                                                              sum n >= y)
+  io[l]         I[l] - I[l-1] - sum read_ms * n[S] = 0       (one channel, layer order)
+  compute[l]    C[l] - C[l+1] - sum compute_ms * n = overhead
+  latency[l]    I[l] + C[l] <= T                             (the unrolled recurrence of
+                                                              elasticplan.formulation)
+  buffer        sum bytes * n[P] <= budget
+  floor         sum importance * x >= importance_floor       (min_buffer only)
+The cost coefficients come from elasticplan.costmodel, the one cost model; the matrix
+is built with numpy (no per-term Python objects), so an 80-layer x 64-shard x 8-bit
+model builds in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
+from elasticplan.spec import Objective, Scenario
+
+STREAMED, PRELOADED = 0, 1
+
+
+@dataclass(frozen=True)
+class CostClass:
+    """Shards of one layer with identical costs at every bitwidth."""
+
+    layer: int
+    members: tuple[int, ...]  # shard indices in the layer
+    read_ms: np.ndarray  # [B] one read of a member at each bitwidth
+    compute_ms: np.ndarray  # [B] a member's compute (flops + dequantisation)
+    bytes: np.ndarray  # [B] int64
+    importance: np.ndarray  # [members, B]
+
+
+def cost_classes(scenario: Scenario) -> list[list[CostClass]]:
+    """Per layer, its shards grouped by (flops, bytes), in order of first member."""
+    device, model = scenario.device, scenario.model
+    B = len(model.bitwidths)
+    out = []
+    for li, layer in enumerate(model.layers):
+        groups: dict[tuple, list[int]] = {}
+        for si, s in enumerate(layer.shards):
+            groups.setdefault((s.flops, s.bytes), []).append(si)
+        classes = []
+        for members in groups.values():
+            rep = layer.shards[members[0]]
+            classes.append(CostClass(
+                layer=li, members=tuple(members),
+                read_ms=np.array([read_ms(device, rep.bytes[b]) for b in range(B)]),
+                compute_ms=np.array([shard_compute_ms(device, model, rep, b) for b in range(B)]),
+                bytes=np.array(rep.bytes, dtype=np.int64),
+                importance=np.array([layer.shards[si].importance for si in members])))
+        out.append(classes)
+    return out
+
+
+@dataclass
+class MatrixProgram:
+    """`row_lower <= A x <= row_upper`, `col_lower <= x <= col_upper`, some x integer;
+    optimise `cost . x`. A in coordinate form (rows, cols, vals)."""
+
+    scenario: Scenario
+    classes: list[list[CostClass]]
+    col_lower: np.ndarray
+    col_upper: np.ndarray
+    col_integer: np.ndarray  # bool
+    cost: np.ndarray
+    maximize: bool
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    a_rows: np.ndarray
+    a_cols: np.ndarray
+    a_vals: np.ndarray
+    n_col: list  # per layer, per class: int array [B, 2] of column indices (STREAMED, PRELOADED)
+    x_col: list  # per layer, per class: int array [members, B]
+    y_col: np.ndarray | None  # [L], when layers may be skipped
+    io_col: np.ndarray  # [L]  I[l]
+    comp_col: np.ndarray  # [L]  C[l]
+    z_col: int | None  # min_latency only
+    objective_scale: float  # cost = objective_scale * the objective in its own unit
+
+    @property
+    def num_cols(self) -> int:
+        return len(self.col_lower)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lower)
+
+    def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Column-wise compressed (start, index, value) of A."""
+        order = np.lexsort((self.a_rows, self.a_cols))
+        start = np.zeros(self.num_cols + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.a_cols, minlength=self.num_cols), out=start[1:])
+        return start, self.a_rows[order], self.a_vals[order]
+
+    # --- reading back ------------------------------------------------------------------
+
+    def selection(self, values: np.ndarray) -> Selection:
+        """Shard choices of a solution. Counts are rounded; per class an integral x says
+        which member takes which bitwidth. A fractional x (a solver may return a
+        non-vertex optimum) is not rounded: the class's assignment is re-solved exactly
+        for the counts, which can only match or beat the fractional x's importance."""
+        layers = []
+        for li, classes in enumerate(self.classes):
+            picks = []
+            for ci, c in enumerate(classes):
+                counts = np.rint(values[self.n_col[li][ci]]).astype(np.int64)  # [B, 2]
+                x = values[self.x_col[li][ci]]  # [members, B]
+                chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
+                if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
+                    chosen = best_assignment(c.importance, counts.sum(axis=1))
+                for b in range(counts.shape[0]):
+                    at_b = [c.members[k] for k in np.flatnonzero(chosen == b)]
+                    # Members at one bitwidth cost the same: the first n[P] are preloaded.
+                    for k, si in enumerate(at_b):
+                        picks.append(Pick(si, b, bool(k < counts[b, PRELOADED])))
+            layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
+        return tuple(layers)
+
+    def solution_of(self, selection: Selection) -> np.ndarray:
+        """The complete column vector of a selection (a warm start): counts, x, y and the
+        I/C chain evaluated exactly."""
+        v = np.zeros(self.num_cols)
+        io = np.zeros(len(self.classes))
+        comp = np.zeros(len(self.classes))
+        device = self.scenario.device
+        for li, (classes, picks) in enumerate(zip(self.classes, selection)):
+            where = {si: (ci, k) for ci, c in enumerate(classes) for k, si in enumerate(c.members)}
+            for p in picks:
+                ci, k = where[p.shard]
+                c = classes[ci]
+                v[self.n_col[li][ci][p.bit, PRELOADED if p.preloaded else STREAMED]] += 1
+                v[self.x_col[li][ci][k, p.bit]] = 1
+                io[li] += 0.0 if p.preloaded else c.read_ms[p.bit]
+                comp[li] += c.compute_ms[p.bit]
+            if picks:
+                comp[li] += device.layer_overhead_ms
+                if self.y_col is not None:
+                    v[self.y_col[li]] = 1
+            elif self.y_col is None:
+                comp[li] += device.layer_overhead_ms
+        v[self.io_col] = np.cumsum(io)
+        v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
+        if self.z_col is not None:
+            v[self.z_col] = float(np.max(v[self.io_col] + v[self.comp_col]))
+        return v
+
+
+def _matches(chosen: np.ndarray, per_bit: np.ndarray) -> bool:
+    return bool(np.array_equal(np.bincount(chosen[chosen >= 0], minlength=len(per_bit)),
+                               per_bit))
+
+
+def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
+    """Which member takes which bitwidth, given how many run at each: the max-importance
+    transportation problem, solved exactly (its LP optimum at a vertex is integral).
+    Returns per member the bitwidth index, -1 for dropped."""
+    import highspy
+
+    from elasticplan.solvers.highs import new_highs
+
+    m, B = importance.shape
+    if int(per_bit.sum()) > m:
+        raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
+    h = new_highs()
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = m * B, m + B
+    lp.sense_ = highspy.ObjSense.kMaximize
+    lp.col_cost_ = importance.reshape(-1).astype(float)
+    lp.col_lower_ = np.zeros(m * B)
+    lp.col_upper_ = np.ones(m * B)
+    # rows 0..m-1: member runs at most once; rows m..m+B-1: exactly per_bit[b] at b
+    lp.row_lower_ = np.concatenate([np.zeros(m), per_bit.astype(float)])
+    lp.row_upper_ = np.concatenate([np.ones(m), per_bit.astype(float)])
+    col = np.arange(m * B)
+    rows = np.stack([col // B, m + col % B], axis=1).reshape(-1)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.arange(0, 2 * m * B + 1, 2, dtype=np.int32)
+    lp.a_matrix_.index_ = rows.astype(np.int32)
+    lp.a_matrix_.value_ = np.ones(2 * m * B)
+    h.passModel(lp)
+    h.setOptionValue("solver", "simplex")  # a basic (vertex) solution, hence integral
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"assignment LP: {h.modelStatusToString(h.getModelStatus())}")
+    x = np.asarray(h.getSolution().col_value).reshape(m, B)
+    if np.abs(x - np.rint(x)).max() > 1e-6:
+        raise RuntimeError("assignment LP returned a fractional vertex")
+    return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
+
+
+def build(scenario: Scenario, *, time_margin_ms: float = 0.0,
+          importance_scale: float = 1.0, importance_margin: float = 0.0) -> MatrixProgram:
+    """Data, variables, constraints, objective. Latency rows are tightened by
+    `time_margin_ms` and the floor raised by `importance_margin` (scaled units), for
+    floating-point backends; importance is multiplied by `importance_scale`."""
+    device, model = scenario.device, scenario.model
+    classes = cost_classes(scenario)
+    L, B = len(model.layers), len(model.bitwidths)
+    skippable = scenario.min_shards_per_layer == 0
+    budget = scenario.preload_budget_bytes
+
+    # --- variables ---------------------------------------------------------------------
+    lower, upper, integer = [], [], []
+
+    def columns(count, lo, hi, is_int):
+        start = len(lower)
+        lower.extend(np.broadcast_to(lo, count).tolist())
+        upper.extend(np.broadcast_to(hi, count).tolist())
+        integer.extend([is_int] * count)
+        return np.arange(start, start + count)
+
+    n_col, x_col = [], []
+    for classes_l in classes:
+        n_l, x_l = [], []
+        for c in classes_l:
+            size = len(c.members)
+            # A class member at b fits the buffer at most budget // bytes[b] times.
+            pre_cap = np.minimum(size, budget // np.maximum(c.bytes, 1))
+            hi = np.stack([np.full(B, size), pre_cap], axis=1).reshape(-1)
+            n_l.append(columns(2 * B, 0.0, hi.astype(float), True).reshape(B, 2))
+            x_l.append(columns(size * B, 0.0, 1.0, False).reshape(size, B))
+        n_col.append(n_l)
+        x_col.append(x_l)
+    y_col = columns(L, 0.0, 1.0, True) if skippable else None
+    io_col = columns(L, 0.0, np.inf, False)
+    comp_col = columns(L, 0.0, np.inf, False)
+    z_col = int(columns(1, 0.0, np.inf, False)[0]) \
+        if scenario.objective == Objective.MIN_LATENCY else None
+
+    # --- constraints -------------------------------------------------------------------
+    r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
+
+    def add_rows(cols: np.ndarray, coefs: np.ndarray, lo, hi):
+        """Rows given as a [rows, k] block of columns and coefficients."""
+        cols = np.atleast_2d(cols)
+        coefs = np.broadcast_to(coefs, cols.shape)
+        first = len(r_lo)
+        rows = first + np.repeat(np.arange(cols.shape[0]), cols.shape[1])
+        r_idx.append(rows)
+        c_idx.append(cols.reshape(-1))
+        vals.append(np.asarray(coefs, dtype=float).reshape(-1))
+        r_lo.extend(np.broadcast_to(lo, cols.shape[0]).tolist())
+        r_hi.extend(np.broadcast_to(hi, cols.shape[0]).tolist())
+
+    inf = np.inf
+    overhead = device.layer_overhead_ms
+    for li, classes_l in enumerate(classes):
+        ns = [n.reshape(-1) for n in n_col[li]]
+        for ci, c in enumerate(classes_l):
+            n, x = n_col[li][ci], x_col[li][ci]
+            # pick[s]: sum_b x[s,b] <= 1
+            add_rows(x, 1.0, -inf, 1.0)
+            # link[c,b]: sum_s x[s,b] - n[b,S] - n[b,P] = 0
+            add_rows(np.concatenate([x.T, n], axis=1),
+                     np.concatenate([np.ones(x.T.shape), -np.ones(n.shape)], axis=1), 0.0, 0.0)
+            if skippable:
+                # in_layer[c]: sum n[c] - |c| y[l] <= 0
+                add_rows(np.append(n.reshape(-1), y_col[li]),
+                         np.append(np.ones(n.size), -len(c.members)), -inf, 0.0)
+        all_n = np.concatenate(ns)
+        if skippable:
+            # nonempty[l]: sum n[l] - y[l] >= 0
+            add_rows(np.append(all_n, y_col[li]), np.append(np.ones(all_n.size), -1.0), 0.0, inf)
+        elif scenario.min_shards_per_layer > 0:
+            # count[l]: sum n[l] >= min_shards_per_layer
+            add_rows(all_n, 1.0, float(scenario.min_shards_per_layer), inf)
+        # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0
+        streamed = np.concatenate([n[:, STREAMED] for n in n_col[li]])
+        reads = np.concatenate([c.read_ms for c in classes_l])
+        cols = [io_col[li], *streamed] + ([io_col[li - 1]] if li else [])
+        coefs = [1.0, *(-reads)] + ([-1.0] if li else [])
+        add_rows(np.array(cols), np.array(coefs), 0.0, 0.0)
+        # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
+        comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
+        cols = [comp_col[li], *all_n] + ([comp_col[li + 1]] if li + 1 < L else [])
+        coefs = [1.0, *(-comp)] + ([-1.0] if li + 1 < L else [])
+        fixed = 0.0 if skippable else overhead
+        if skippable:
+            cols.append(y_col[li])
+            coefs.append(-overhead)
+        add_rows(np.array(cols), np.array(coefs), fixed, fixed)
+        if z_col is None:
+            # latency[l]: I[l] + C[l] <= T
+            add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf,
+                     scenario.target_latency_ms - time_margin_ms)
+        else:
+            # latency[l]: Z - I[l] - C[l] >= 0
+            add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
+                     0.0, inf)
+
+    pre_cols = np.concatenate([n[:, PRELOADED] for nl in n_col for n in nl])
+    pre_bytes = np.concatenate([c.bytes for cl in classes for c in cl]).astype(float)
+    all_x = np.concatenate([x.reshape(-1) for xl in x_col for x in xl])
+    all_imp = np.concatenate([c.importance.reshape(-1) for cl in classes for c in cl])
+    # buffer: sum bytes n[P] <= budget
+    add_rows(pre_cols, pre_bytes, -inf, float(budget))
+    if scenario.objective == Objective.MIN_BUFFER:
+        # floor: sum importance x >= importance_floor
+        add_rows(all_x, all_imp * importance_scale, importance_scale * scenario.importance_floor
+                 + importance_margin, inf)
+
+    # --- objective ---------------------------------------------------------------------
+    cost = np.zeros(len(lower))
+    if scenario.objective == Objective.MAX_IMPORTANCE:
+        cost[all_x] = all_imp * importance_scale
+        maximize, scale = True, importance_scale
+    elif scenario.objective == Objective.MIN_BUFFER:
+        cost[pre_cols] = pre_bytes
+        maximize, scale = False, 1.0
+    else:
+        cost[z_col] = 1.0
+        maximize, scale = False, 1.0
+
+    return MatrixProgram(
+        scenario=scenario, classes=classes,
+        col_lower=np.array(lower), col_upper=np.array(upper),
+        col_integer=np.array(integer, dtype=bool), cost=cost, maximize=maximize,
+        row_lower=np.array(r_lo), row_upper=np.array(r_hi),
+        a_rows=np.concatenate(r_idx).astype(np.int64), a_cols=np.concatenate(c_idx).astype(np.int64),
+        a_vals=np.concatenate(vals), n_col=n_col, x_col=x_col, y_col=y_col, io_col=io_col,
+        comp_col=comp_col, z_col=z_col, objective_scale=scale)
+
+
+def round_down(program: MatrixProgram, values: np.ndarray) -> Selection | None:
+    """A feasible plan from a fractional solution (the LP relaxation), or None.
+
+    First try: per class and placement, the number of members at bitwidth >= b is
+    rounded down (a member whose count was split between two bitwidths takes the lower
+    one instead of being dropped), then checked against the cost model's sums. Fallback:
+    every count rounded down, which only shortens reads and compute and shrinks the
+    buffer, so the latency and buffer rows still hold. None if a layer then falls below
+    min_shards_per_layer. Members go to bitwidths in order of their x. The plan's distance
+    from the relaxation's bound is the caller's proven gap."""
+    from elasticplan.costmodel import simulate
+
+    sc = program.scenario
+    for cumulative in (True, False):
+        selection = _rounded(program, values, cumulative)
+        if selection is None:
+            continue
+        s = simulate(sc, selection)
+        if s.latency_ms <= sc.target_latency_ms and s.preload_bytes <= sc.preload_budget_bytes:
+            return selection
+    return None
+
+
+def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
+    need = program.scenario.min_shards_per_layer
+    layers = []
+    for li, classes in enumerate(program.classes):
+        picks = []
+        for ci, c in enumerate(classes):
+            frac = values[program.n_col[li][ci]]  # [B, 2]
+            if cumulative:  # floor of the counts at >= b, from the top bitwidth down
+                at_least = np.floor(np.cumsum(frac[::-1], axis=0)[::-1] + 1e-6)
+                counts = (at_least - np.vstack([at_least[1:], np.zeros((1, 2))]))
+                counts = np.maximum(counts, 0).astype(np.int64)
+            else:
+                counts = np.floor(frac + 1e-6).astype(np.int64)
+            per_bit = counts.sum(axis=1)
+            x = values[program.x_col[li][ci]]
+            taken = np.zeros(len(c.members), dtype=bool)
+            # Highest bitwidths first: each takes its members with the most x at >= b.
+            x_at_least = np.cumsum(x[:, ::-1], axis=1)[:, ::-1]
+            for b in range(len(per_bit) - 1, -1, -1):
+                if per_bit[b] == 0:
+                    continue
+                order = np.lexsort((-c.importance[:, b], -x_at_least[:, b]))
+                chosen = [k for k in order if not taken[k]][:per_bit[b]]
+                taken[chosen] = True
+                for j, k in enumerate(sorted(chosen)):
+                    picks.append(Pick(int(c.members[k]), int(b), bool(j < counts[b, PRELOADED])))
+        if len(picks) < need:
+            return None
+        layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
+    return tuple(layers)

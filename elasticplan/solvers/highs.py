@@ -1,0 +1,178 @@
+"""HiGHS backend on the aggregated program (elasticplan.aggregate): counts per cost
+class as integers, the assignment of shards as continuous variables.
+
+Data, variables, constraints and objective come from `aggregate.build` as one sparse
+matrix, passed to HiGHS in a single call; then solve, map the status by name, read back.
+HiGHS works in floating point, so the latency rows are tightened by
+`floats.TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.solvers.floats).
+Its branch and bound runs on one thread; `threads` is accepted for the common signature.
+
+LP first, when the gap asked for is loose (>= LP_FIRST_GAP): the LP relaxation is solved,
+rounded down to a feasible plan (aggregate.round_down), and returned if it is within the
+gap of the relaxation's bound, which is a proof. On LLM-scale models this is several
+times faster than the MIP's root (measured: benchmarks/solver_speed.py); otherwise the
+MIP runs from scratch (a warm start from the rounded or greedy plan measured slower).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import highspy
+import numpy as np
+
+from elasticplan import aggregate
+from elasticplan.costmodel import Selection
+from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
+from elasticplan.plan import Plan, SolveStatus
+from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
+from elasticplan.spec import Objective, Scenario
+
+NAME = "highs"
+LP_FIRST_GAP = 1e-4
+
+_STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
+    highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kIterationLimit,
+    highspy.HighsModelStatus.kSolutionLimit, highspy.HighsModelStatus.kInterrupt,
+}
+
+
+def build(scenario: Scenario) -> aggregate.MatrixProgram:
+    top = scenario.model.max_importance or 1.0
+    return aggregate.build(scenario, time_margin_ms=TIME_MARGIN_MS,
+                           importance_scale=IMPORTANCE_SCALE / top,
+                           importance_margin=IMPORTANCE_MARGIN)
+
+
+def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
+                hint: Selection | None = None) -> Plan:
+    del threads  # HiGHS's branch and bound is serial
+    started = time.perf_counter()
+    program = build(scenario)
+    # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
+    if relative_gap >= LP_FIRST_GAP and hint is None \
+            and scenario.objective == Objective.MAX_IMPORTANCE:
+        plan = _lp_rounded(program, time_limit_s=time_limit_s, relative_gap=relative_gap,
+                           started=started)
+        if plan is not None:
+            return plan
+    h = _highs(program, time_limit_s=max(1e-3, time_limit_s - (time.perf_counter() - started)),
+               relative_gap=relative_gap)
+    if hint is not None:
+        warm = highspy.HighsSolution()
+        warm.col_value = program.solution_of(hint).tolist()
+        warm.value_valid = True
+        h.setSolution(warm)
+    h.run()
+    elapsed = time.perf_counter() - started
+
+    status = h.getModelStatus()
+    info = h.getInfo()
+    has_plan = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
+    if status in (highspy.HighsModelStatus.kInfeasible,
+                  highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        # The program is bounded by construction (every column is bounded or pinned by an
+        # equality), so "unbounded or infeasible" can only mean infeasible.
+        raise InfeasibleError("HiGHS proved the problem infeasible")
+    if status == highspy.HighsModelStatus.kOptimal:
+        solve_status = SolveStatus.OPTIMAL
+    elif status in _STOPPED and has_plan:
+        solve_status = SolveStatus.FEASIBLE
+    elif status in _STOPPED:
+        raise SolverTimeoutError(
+            f"HiGHS found no plan within the {time_limit_s:g} s time limit "
+            f"(not a proof that none exists); raise --time-limit")
+    else:
+        raise SolverError(f"HiGHS returned status {h.modelStatusToString(status)}")
+
+    selection = program.selection(np.asarray(h.getSolution().col_value))
+    plan = Plan.from_selection(scenario, selection, solver=NAME, status=solve_status, gap=None,
+                               solve_seconds=elapsed)
+    bound = info.mip_dual_bound / program.objective_scale
+    gap = abs(bound - plan.objective) / max(abs(plan.objective), 1e-9) \
+        if plan.objective or bound else 0.0
+    return _with_gap(plan, gap)
+
+
+def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relative_gap: float,
+                started: float) -> Plan | None:
+    """The relaxation's rounded-down plan, if it is provably within `relative_gap`."""
+    h = _highs(program, time_limit_s=time_limit_s, relative_gap=relative_gap)
+    h.setOptionValue("solve_relaxation", True)
+    h.setOptionValue("presolve", "off")  # measured faster on these LPs
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None  # infeasible, or out of time: the MIP path reports it properly
+    bound = h.getInfo().objective_function_value / program.objective_scale
+    selection = aggregate.round_down(program, np.asarray(h.getSolution().col_value))
+    if selection is None:
+        return None
+    plan = Plan.from_selection(program.scenario, selection, solver=NAME,
+                               status=SolveStatus.OPTIMAL, gap=None,
+                               solve_seconds=time.perf_counter() - started)
+    gap = abs(bound - plan.objective) / max(abs(plan.objective), 1e-9) \
+        if plan.objective or bound else 0.0
+    if gap > relative_gap:
+        return None
+    return _with_gap(plan, gap)
+
+
+_banner_shown = False
+
+
+def new_highs() -> highspy.Highs:
+    """A silent HiGHS instance. The library prints its banner on stdout when the first
+    instance of a process is made, before any option can be set; that one is sent to
+    /dev/null so that the CLI's output stays the plan."""
+    global _banner_shown
+    if _banner_shown:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+        _banner_shown = True
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+def _highs(program: aggregate.MatrixProgram, *, time_limit_s: float,
+           relative_gap: float) -> highspy.Highs:
+    h = new_highs()
+    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("mip_rel_gap", float(relative_gap))
+    h.setOptionValue("mip_abs_gap", 0.0)
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = program.num_cols, program.num_rows
+    lp.sense_ = highspy.ObjSense.kMaximize if program.maximize else highspy.ObjSense.kMinimize
+    lp.col_cost_ = program.cost
+    lp.col_lower_ = program.col_lower
+    lp.col_upper_ = program.col_upper
+    lp.row_lower_ = program.row_lower
+    lp.row_upper_ = program.row_upper
+    start, index, value = program.csc()
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = start.astype(np.int32)
+    lp.a_matrix_.index_ = index.astype(np.int32)
+    lp.a_matrix_.value_ = value
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in program.col_integer]
+    # kWarning: coefficients below HiGHS's small_matrix_value (1e-9) were dropped; a
+    # latency term that small is inside the rows' TIME_MARGIN_MS.
+    if h.passModel(lp) == highspy.HighsStatus.kError:
+        raise SolverError("HiGHS rejected the model")
+    return h
+
+
+def _with_gap(plan: Plan, gap: float) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, gap=gap)

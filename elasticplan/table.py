@@ -1,0 +1,224 @@
+"""Plan tables: the frontier over a grid of targets and buffers, solved once, looked up in
+microseconds (re-planning on the device when the target or the buffer changes).
+
+Two facts about `max_importance` make most of a grid free:
+- **Reuse.** A plan solved at (T, B) with latency t <= T and buffer b <= B is feasible at
+  every (T', B') with t <= T' <= T and b <= B' <= B, whose feasible set is a subset of
+  (T, B)'s. So its value is within the solve's gap of the optimum there too, and the
+  solve's bound is a bound there. Cells are visited from the largest (T, B) down, and a
+  cell that a solved plan already fits is answered without a solve.
+- **Infeasibility is inherited.** If (T, B) has no plan, no smaller (T', B') has one.
+Every cell keeps the smallest proven bound of the solved cells that contain it, so its
+gap is real.
+
+Lookup of an arbitrary (T, B) between grid points: the cell at the grid's (T_i <= T,
+B_j <= B) holds a plan that is feasible at (T, B); the cell just above (T_{i+1}, B_{j+1})
+bounds the optimum at (T, B). Beyond the grid's top corner no bound is known (None).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from elasticplan.errors import ElasticplanError, InfeasibleError, NoPlanFoundError, \
+    PlanFormatError, SolverTimeoutError
+from elasticplan.plan import Plan, read_json
+from elasticplan.spec import Objective, Scenario
+
+SCHEMA = "elasticplan.table/1"
+SOLVED, REUSED, INFEASIBLE, IMPLIED_INFEASIBLE, TIMEOUT, NO_PLAN = (
+    "solved", "reused", "infeasible", "implied-infeasible", "timeout", "no-plan")
+STATUSES = (SOLVED, REUSED, INFEASIBLE, IMPLIED_INFEASIBLE, TIMEOUT, NO_PLAN)
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str  # one of STATUSES
+    plan: int | None  # index into PlanTable.plans
+    bound: float | None  # proven upper bound on the optimum at this cell
+
+
+@dataclass(frozen=True)
+class Lookup:
+    plan: Plan | None  # feasible at the queried (T, B); None: none known
+    bound: float | None  # proven upper bound on the optimum at (T, B); None: unknown
+    cell: tuple[int, int] | None  # grid indices of the plan's cell
+    seconds: float  # time the lookup took
+
+    @property
+    def gap(self) -> float | None:
+        if self.plan is None or self.bound is None:
+            return None
+        return max(0.0, self.bound - self.plan.objective) / max(abs(self.plan.objective), 1e-12)
+
+
+@dataclass(frozen=True)
+class PlanTable:
+    scenario_path: str | None
+    scenario_sha256: str
+    scenario_name: str
+    solver: str
+    relative_gap: float
+    targets_ms: tuple[float, ...]  # increasing
+    buffers_mb: tuple[float, ...]  # increasing
+    cells: tuple[tuple[Cell, ...], ...]  # [target index][buffer index]
+    plans: tuple[Plan, ...]
+    solves: int
+    build_seconds: float
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.targets_ms) * len(self.buffers_mb)
+
+    def lookup(self, target_ms: float, buffer_mb: float) -> Lookup:
+        started = time.perf_counter()
+        i = bisect.bisect_right(self.targets_ms, target_ms) - 1
+        j = bisect.bisect_right(self.buffers_mb, buffer_mb) - 1
+        if i < 0 or j < 0:  # below the grid: nothing solved that fits
+            return Lookup(None, None, None, time.perf_counter() - started)
+        cell = self.cells[i][j]
+        ui = i if self.targets_ms[i] == target_ms else i + 1
+        uj = j if self.buffers_mb[j] == buffer_mb else j + 1
+        bound = None
+        if ui < len(self.targets_ms) and uj < len(self.buffers_mb):
+            upper = self.cells[ui][uj]
+            bound = 0.0 if upper.status in (INFEASIBLE, IMPLIED_INFEASIBLE) else upper.bound
+        plan = None if cell.plan is None else self.plans[cell.plan]
+        return Lookup(plan, bound, (i, j), time.perf_counter() - started)
+
+    # --- JSON ----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        scenario_path = None if self.scenario_path is None else os.path.relpath(
+            os.path.abspath(self.scenario_path), os.path.dirname(os.path.abspath(path)))
+        data = {
+            "schema": SCHEMA,
+            "scenario": {"path": scenario_path, "sha256": self.scenario_sha256,
+                         "name": self.scenario_name},
+            "solver": self.solver, "relative_gap": self.relative_gap,
+            "targets_ms": list(self.targets_ms), "buffers_mb": list(self.buffers_mb),
+            "solves": self.solves, "build_seconds": self.build_seconds,
+            "cells": [[{"status": c.status, "plan": c.plan, "bound": c.bound} for c in row]
+                      for row in self.cells],
+            "plans": [json.loads(p.to_json(path)) for p in self.plans],
+        }
+        Path(path).write_text(json.dumps(data, indent=None) + "\n", encoding="utf-8")
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "PlanTable":
+        file = str(path)
+        data = read_json(path, "plan table")
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise PlanFormatError(f"{file}: schema: expected {SCHEMA!r}, got {got!r}")
+        try:
+            plans = tuple(Plan.from_dict(p, f"{file}: plans[{k}]").relative_to(file)
+                          for k, p in enumerate(data["plans"]))
+            targets = tuple(float(v) for v in data["targets_ms"])
+            buffers = tuple(float(v) for v in data["buffers_mb"])
+            cells = tuple(tuple(Cell(str(c["status"]), None if c["plan"] is None else int(c["plan"]),
+                                     None if c["bound"] is None else float(c["bound"]))
+                                for c in row) for row in data["cells"])
+            ref = data["scenario"]
+            scenario_path = ref["path"]
+            if scenario_path is not None and not os.path.isabs(scenario_path):
+                scenario_path = os.path.normpath(os.path.join(os.path.dirname(file), scenario_path))
+            table = PlanTable(scenario_path, str(ref["sha256"]), str(ref["name"]),
+                              str(data["solver"]), float(data["relative_gap"]), targets, buffers,
+                              cells, plans, int(data["solves"]), float(data["build_seconds"]))
+        except KeyError as e:
+            raise PlanFormatError(f"{file}: missing key {e}") from None
+        except (TypeError, ValueError) as e:
+            raise PlanFormatError(f"{file}: malformed plan table: {e}") from None
+        _check_shape(table, file)
+        return table
+
+
+def _check_shape(t: PlanTable, file: str) -> None:
+    for name, axis in (("targets_ms", t.targets_ms), ("buffers_mb", t.buffers_mb)):
+        if not axis or any(b <= a for a, b in zip(axis, axis[1:])):
+            raise PlanFormatError(f"{file}: {name}: expected a non-empty increasing list")
+    if len(t.cells) != len(t.targets_ms) or any(len(r) != len(t.buffers_mb) for r in t.cells):
+        raise PlanFormatError(f"{file}: cells: expected {len(t.targets_ms)} rows of "
+                              f"{len(t.buffers_mb)} cells")
+    for i, row in enumerate(t.cells):
+        for j, c in enumerate(row):
+            if c.status not in STATUSES:
+                raise PlanFormatError(f"{file}: cells[{i}][{j}].status: {c.status!r} is not one "
+                                      f"of {list(STATUSES)}")
+            if c.plan is not None and not 0 <= c.plan < len(t.plans):
+                raise PlanFormatError(f"{file}: cells[{i}][{j}].plan: no plan {c.plan}")
+
+
+def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,
+                time_limit_s: float, threads: int, relative_gap: float,
+                log=None) -> PlanTable:
+    """Solve the grid from the largest (target, buffer) down, reusing and inheriting as the
+    module docstring says; `log(i, j, cell)` reports progress. The greedy heuristic proves
+    no bound and no infeasibility, so with it every cell is solved (a plain sweep)."""
+    from elasticplan.solvers import solve as solve_one
+
+    if scenario.objective != Objective.MAX_IMPORTANCE:
+        raise ElasticplanError(f"plan tables answer max_importance questions; the scenario "
+                               f"asks {scenario.objective.value}")
+
+    def solve(question: Scenario) -> Plan:
+        return solve_one(question, solver, time_limit_s=time_limit_s, threads=threads,
+                         relative_gap=relative_gap, explain=False)
+
+    started = time.perf_counter()
+    targets = tuple(sorted(set(float(t) for t in targets_ms)))
+    buffers = tuple(sorted(set(float(b) for b in buffers_mb)))
+    cells: dict[tuple[int, int], Cell] = {}
+    plans: list[Plan] = []
+    solved: list[tuple[int, int]] = []  # cells solved here, with a plan and a bound
+    infeasible: list[tuple[int, int]] = []
+    solves = 0
+    for i in range(len(targets) - 1, -1, -1):
+        for j in range(len(buffers) - 1, -1, -1):
+            T, B = targets[i], buffers[j]
+            budget = int(B * 1e6 + 1e-6)
+            if any(i <= a and j <= b for a, b in infeasible):
+                cell = Cell(IMPLIED_INFEASIBLE, None, None)
+            else:
+                containing = [(a, b) for a, b in solved if a >= i and b >= j]
+                bound = min((cells[c].bound for c in containing), default=None)
+                fits = [cells[c].plan for c in containing
+                        if plans[cells[c].plan].predicted_latency_ms <= T
+                        and plans[cells[c].plan].preload_bytes <= budget]
+                if fits:
+                    best = max(fits, key=lambda k: plans[k].objective)
+                    cell = Cell(REUSED, best, bound)
+                else:
+                    solves += 1
+                    try:
+                        plan = solve(scenario.with_overrides(target_latency_ms=T,
+                                                             preload_budget_mb=B))
+                    except InfeasibleError:
+                        infeasible.append((i, j))
+                        cell = Cell(INFEASIBLE, None, None)
+                    except SolverTimeoutError:
+                        cell = Cell(TIMEOUT, None, bound)
+                    except NoPlanFoundError:
+                        cell = Cell(NO_PLAN, None, bound)
+                    else:
+                        own = plan.objective * (1 + plan.gap) if plan.gap is not None else None
+                        bounds = [v for v in (own, bound) if v is not None]
+                        plans.append(plan)
+                        cell = Cell(SOLVED, len(plans) - 1, min(bounds) if bounds else None)
+                        if cell.bound is not None:
+                            solved.append((i, j))
+            cells[i, j] = cell
+            if log is not None:
+                log(i, j, cell)
+    return PlanTable(
+        scenario_path=scenario.source, scenario_sha256=scenario.content_hash,
+        scenario_name=scenario.name, solver=solver, relative_gap=relative_gap,
+        targets_ms=targets, buffers_mb=buffers,
+        cells=tuple(tuple(cells[i, j] for j in range(len(buffers))) for i in range(len(targets))),
+        plans=tuple(plans), solves=solves, build_seconds=time.perf_counter() - started)
