@@ -221,23 +221,27 @@ def cmd_sweep(a) -> int:
         for j, B in enumerate(table.buffers_mb):
             cell = table.cells[i][j]
             value = B if param == "buffer_mb" else T
-            row = {param: value, "solver": a.solver, "status": cell.status}
+            # status: the plan's (optimal/feasible) or why there is none; source: solved
+            # here, or reused from a larger point's plan (elasticplan.table)
+            row = {param: value, "solver": a.solver, "status": cell.status, "source": cell.status}
             if cell.plan is not None:
                 plan = table.plans[cell.plan]
+                row["status"] = plan.status.value
                 gap = None if cell.bound is None else \
                     max(0.0, cell.bound - plan.objective) / max(plan.objective, 1e-12)
                 row.update(importance=plan.importance, latency_ms=plan.predicted_latency_ms,
                            used_mb=plan.preload_bytes / 1e6, gap=gap,
                            solve_seconds=plan.solve_seconds if cell.status == "solved" else None)
             rows.append(row)
-            print(f"{value:>10g}  {row['status']:>18}  {_fmt(row.get('importance'), '.6g'):>10}  "
+            print(f"{value:>10g}  {row['status'] + ' (' + row['source'] + ')':>18}  "
+                  f"{_fmt(row.get('importance'), '.6g'):>10}  "
                   f"{_fmt(row.get('latency_ms'), '.3f'):>10}  "
                   f"{_fmt(row.get('used_mb'), '.3f'):>9}  {_fmt(row.get('gap'), '.1e'):>8}  "
                   f"{_fmt(row.get('solve_seconds'), '.2f'):>7}")
     print(_saved_line(table))
     if a.csv:
-        fields = [param, "solver", "status", "importance", "latency_ms", "used_mb", "gap",
-                  "solve_seconds"]
+        fields = [param, "solver", "status", "source", "importance", "latency_ms", "used_mb",
+                  "gap", "solve_seconds"]
         with open(a.csv, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, restval="")
             writer.writeheader()
