@@ -25,13 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from elasticplan import aggregate, formulation
+from elasticplan.errors import ElasticplanError
+from elasticplan.loader import load_scenario
+from elasticplan.solvers import solve
 
-from elasticplan import aggregate, formulation  # noqa: E402
-from elasticplan.errors import ElasticplanError  # noqa: E402
-from elasticplan.loader import load_scenario  # noqa: E402
-from elasticplan.solvers import solve  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PLAIN_MAX_BOOLS = 20_000
 HARD = {"bert-base-phone": 140.0, "minilm-phone": 17.0, "distilbert-sbc": 450.0}

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
+from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms, simulate
 from elasticplan.spec import Objective, Scenario
 
 STREAMED, PRELOADED = 0, 1
@@ -136,11 +136,7 @@ class MatrixProgram:
                 chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
                 if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
                     chosen = best_assignment(c.importance, counts.sum(axis=1))
-                for b in range(counts.shape[0]):
-                    at_b = [c.members[k] for k in np.flatnonzero(chosen == b)]
-                    # Members at one bitwidth cost the same: the first n[P] are preloaded.
-                    for k, si in enumerate(at_b):
-                        picks.append(Pick(si, b, bool(k < counts[b, PRELOADED])))
+                picks += _class_picks(c, chosen, counts)
             layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
         return tuple(layers)
 
@@ -173,6 +169,17 @@ class MatrixProgram:
         return v
 
 
+def _class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray) -> list[Pick]:
+    """Picks of a class: `chosen` per member a bitwidth index (-1: dropped), `counts`
+    [B, 2] how many at each bitwidth are streamed and preloaded. Members at one bitwidth
+    cost the same, so the first n[P] of them (by index) are preloaded."""
+    picks = []
+    for b in range(counts.shape[0]):
+        for k, m in enumerate(np.flatnonzero(chosen == b)):
+            picks.append(Pick(c.members[m], b, bool(k < counts[b, PRELOADED])))
+    return picks
+
+
 def _matches(chosen: np.ndarray, per_bit: np.ndarray) -> bool:
     return bool(np.array_equal(np.bincount(chosen[chosen >= 0], minlength=len(per_bit)),
                                per_bit))
@@ -184,28 +191,21 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
     Returns per member the bitwidth index, -1 for dropped."""
     import highspy
 
-    from elasticplan.solvers.highs import new_highs
+    from elasticplan.solvers.highs import new_highs, pass_model
 
     m, B = importance.shape
     if int(per_bit.sum()) > m:
         raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
     h = new_highs()
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = m * B, m + B
-    lp.sense_ = highspy.ObjSense.kMaximize
-    lp.col_cost_ = importance.reshape(-1).astype(float)
-    lp.col_lower_ = np.zeros(m * B)
-    lp.col_upper_ = np.ones(m * B)
-    # rows 0..m-1: member runs at most once; rows m..m+B-1: exactly per_bit[b] at b
-    lp.row_lower_ = np.concatenate([np.zeros(m), per_bit.astype(float)])
-    lp.row_upper_ = np.concatenate([np.ones(m), per_bit.astype(float)])
     col = np.arange(m * B)
-    rows = np.stack([col // B, m + col % B], axis=1).reshape(-1)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.arange(0, 2 * m * B + 1, 2, dtype=np.int32)
-    lp.a_matrix_.index_ = rows.astype(np.int32)
-    lp.a_matrix_.value_ = np.ones(2 * m * B)
-    h.passModel(lp)
+    # column x[k,b] sits in row k (member k runs at most once) and row m+b (exactly
+    # per_bit[b] members at b)
+    csc = (np.arange(0, 2 * m * B + 1, 2), np.stack([col // B, m + col % B], axis=1).reshape(-1),
+           np.ones(2 * m * B))
+    pass_model(h, csc, maximize=True, cost=importance.reshape(-1), col_lower=np.zeros(m * B),
+               col_upper=np.ones(m * B),
+               row_lower=np.concatenate([np.zeros(m), per_bit]),
+               row_upper=np.concatenate([np.ones(m), per_bit]))
     h.setOptionValue("solver", "simplex")  # a basic (vertex) solution, hence integral
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
@@ -359,8 +359,6 @@ def round_down(program: MatrixProgram, values: np.ndarray) -> Selection | None:
     buffer, so the latency and buffer rows still hold. None if a layer then falls below
     min_shards_per_layer. Members go to bitwidths in order of their x. The plan's distance
     from the relaxation's bound is the caller's proven gap."""
-    from elasticplan.costmodel import simulate
-
     sc = program.scenario
     for cumulative in (True, False):
         selection = _rounded(program, values, cumulative)
@@ -387,17 +385,15 @@ def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Se
                 counts = np.floor(frac + 1e-6).astype(np.int64)
             per_bit = counts.sum(axis=1)
             x = values[program.x_col[li][ci]]
-            taken = np.zeros(len(c.members), dtype=bool)
+            chosen = np.full(len(c.members), -1)
             # Highest bitwidths first: each takes its members with the most x at >= b.
             x_at_least = np.cumsum(x[:, ::-1], axis=1)[:, ::-1]
             for b in range(len(per_bit) - 1, -1, -1):
                 if per_bit[b] == 0:
                     continue
                 order = np.lexsort((-c.importance[:, b], -x_at_least[:, b]))
-                chosen = [k for k in order if not taken[k]][:per_bit[b]]
-                taken[chosen] = True
-                for j, k in enumerate(sorted(chosen)):
-                    picks.append(Pick(int(c.members[k]), int(b), bool(j < counts[b, PRELOADED])))
+                chosen[[k for k in order if chosen[k] < 0][:per_bit[b]]] = b
+            picks += _class_picks(c, chosen, counts)
         if len(picks) < need:
             return None
         layers.append(tuple(sorted(picks, key=lambda p: p.shard)))

@@ -203,7 +203,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from elasticplan.table import build_table
+    from elasticplan.table import build_table, proven_gap
 
     base = load_scenario(a.scenario)
     if a.buffer_mb:
@@ -224,11 +224,10 @@ def cmd_sweep(a) -> int:
             # status: the plan's (optimal/feasible) or why there is none; source: solved
             # here, or reused from a larger point's plan (elasticplan.table)
             row = {param: value, "solver": a.solver, "status": cell.status, "source": cell.status}
-            if cell.plan is not None:
-                plan = table.plans[cell.plan]
+            plan = table.plan_of(cell)
+            if plan is not None:
                 row["status"] = plan.status.value
-                gap = None if cell.bound is None else \
-                    max(0.0, cell.bound - plan.objective) / max(plan.objective, 1e-12)
+                gap = proven_gap(plan, cell.bound)
                 row.update(importance=plan.importance, latency_ms=plan.predicted_latency_ms,
                            used_mb=plan.preload_bytes / 1e6, gap=gap,
                            solve_seconds=plan.solve_seconds if cell.status == "solved" else None)
@@ -253,22 +252,22 @@ def cmd_sweep(a) -> int:
 def _saved_line(table) -> str:
     from collections import Counter
 
+    from elasticplan.table import IMPLIED_INFEASIBLE, REUSED
+
     n = Counter(c.status for row in table.cells for c in row)
-    return (f"{table.solves} solve(s) for {table.n_cells} point(s): {n['reused']} answered by a "
-            f"solved plan that fits, {n['implied-infeasible']} by inherited infeasibility "
+    return (f"{table.solves} solve(s) for {table.n_cells} point(s): {n[REUSED]} answered by a "
+            f"solved plan that fits, {n[IMPLIED_INFEASIBLE]} by inherited infeasibility "
             f"({table.n_cells - table.solves} saved); {table.build_seconds:.2f} s")
 
 
 def cmd_table(a) -> int:
-    from elasticplan.table import build_table
+    from elasticplan.table import build_table, proven_gap
 
     base = load_scenario(a.scenario)
     table = build_table(base, a.target_ms, a.buffer_mb, solver=a.solver,
                         time_limit_s=a.time_limit, threads=a.threads, relative_gap=a.gap)
-    worst = max((c.bound - table.plans[c.plan].objective) / max(table.plans[c.plan].objective,
-                                                                 1e-12)
-                for row in table.cells for c in row
-                if c.plan is not None and c.bound is not None) if table.plans else None
+    gaps = [proven_gap(table.plan_of(c), c.bound) for row in table.cells for c in row]
+    worst = max((g for g in gaps if g is not None), default=None)
     print(f"table {base.name}: {len(table.targets_ms)} targets x {len(table.buffers_mb)} buffers, "
           f"{len(table.plans)} distinct plans, largest proven gap {_fmt(worst, '.1e')}")
     print(_saved_line(table))

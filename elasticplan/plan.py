@@ -192,6 +192,12 @@ class Plan:
         return plan
 
 
+def gap_to_bound(value: float, bound: float) -> float:
+    """|bound - value| / |value|: how far a plan may be from the optimum, given a proven bound
+    (0 when both are 0)."""
+    return abs(bound - value) / max(abs(value), 1e-9) if value or bound else 0.0
+
+
 def read_json(path: str | os.PathLike, what: str):
     """A JSON document, or a PlanFormatError naming the file (plans and plan tables)."""
     file = str(path)

@@ -52,9 +52,14 @@ class Lookup:
 
     @property
     def gap(self) -> float | None:
-        if self.plan is None or self.bound is None:
-            return None
-        return max(0.0, self.bound - self.plan.objective) / max(abs(self.plan.objective), 1e-12)
+        return proven_gap(self.plan, self.bound)
+
+
+def proven_gap(plan: Plan | None, bound: float | None) -> float | None:
+    """How far `plan` may be from the optimum that `bound` caps (None: unknown)."""
+    if plan is None or bound is None:
+        return None
+    return max(0.0, bound - plan.objective) / max(abs(plan.objective), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ class PlanTable:
     def n_cells(self) -> int:
         return len(self.targets_ms) * len(self.buffers_mb)
 
+    def plan_of(self, cell: Cell) -> Plan | None:
+        return None if cell.plan is None else self.plans[cell.plan]
+
     def lookup(self, target_ms: float, buffer_mb: float) -> Lookup:
         started = time.perf_counter()
         i = bisect.bisect_right(self.targets_ms, target_ms) - 1
@@ -88,8 +96,7 @@ class PlanTable:
         if ui < len(self.targets_ms) and uj < len(self.buffers_mb):
             upper = self.cells[ui][uj]
             bound = 0.0 if upper.status in (INFEASIBLE, IMPLIED_INFEASIBLE) else upper.bound
-        plan = None if cell.plan is None else self.plans[cell.plan]
-        return Lookup(plan, bound, (i, j), time.perf_counter() - started)
+        return Lookup(self.plan_of(cell), bound, (i, j), time.perf_counter() - started)
 
     # --- JSON ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import pulp
 from elasticplan import formulation
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.formulation import Unit
-from elasticplan.plan import Plan, SolveStatus
+from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
 from elasticplan.spec import Scenario
 
@@ -112,4 +112,4 @@ def _gap_from_log(log: str, value: float, status: SolveStatus, maximize: bool) -
     if not m:
         return None
     bound = float(m.group(1))
-    return abs(bound - value) / max(abs(value), 1e-9)
+    return gap_to_bound(value, bound)

@@ -9,7 +9,7 @@ from ortools.sat.python import cp_model
 from elasticplan import formulation, scaling
 from elasticplan.costmodel import Selection
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus
+from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Scenario
 
 NAME = "cpsat"
@@ -55,7 +55,7 @@ def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relati
 
     value = solver.objective_value
     bound = solver.best_objective_bound
-    gap = abs(bound - value) / max(abs(value), 1e-9) if value or bound else 0.0
+    gap = gap_to_bound(value, bound)
     selection = program.selection(lambda name: solver.boolean_value(var[name]))
     return Plan.from_selection(
         scenario, selection, solver=NAME,

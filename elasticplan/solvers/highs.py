@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 
 import highspy
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from elasticplan import aggregate
 from elasticplan.costmodel import Selection
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus
+from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
 from elasticplan.spec import Objective, Scenario
 
@@ -91,9 +92,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int, relati
     plan = Plan.from_selection(scenario, selection, solver=NAME, status=solve_status, gap=None,
                                solve_seconds=elapsed)
     bound = info.mip_dual_bound / program.objective_scale
-    gap = abs(bound - plan.objective) / max(abs(plan.objective), 1e-9) \
-        if plan.objective or bound else 0.0
-    return _with_gap(plan, gap)
+    return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
 def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relative_gap: float,
@@ -112,11 +111,10 @@ def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relati
     plan = Plan.from_selection(program.scenario, selection, solver=NAME,
                                status=SolveStatus.OPTIMAL, gap=None,
                                solve_seconds=time.perf_counter() - started)
-    gap = abs(bound - plan.objective) / max(abs(plan.objective), 1e-9) \
-        if plan.objective or bound else 0.0
+    gap = gap_to_bound(plan.objective, bound)
     if gap > relative_gap:
         return None
-    return _with_gap(plan, gap)
+    return replace(plan, gap=gap)
 
 
 _banner_shown = False
@@ -150,29 +148,35 @@ def _highs(program: aggregate.MatrixProgram, *, time_limit_s: float,
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", float(relative_gap))
     h.setOptionValue("mip_abs_gap", 0.0)
+    pass_model(h, program.csc(), maximize=program.maximize, cost=program.cost,
+               col_lower=program.col_lower, col_upper=program.col_upper,
+               row_lower=program.row_lower, row_upper=program.row_upper,
+               integer=program.col_integer)
+    return h
+
+
+def pass_model(h: highspy.Highs, csc, *, maximize: bool, cost, col_lower, col_upper,
+               row_lower, row_upper, integer=None) -> None:
+    """Load `row_lower <= A x <= row_upper` (A column-wise: start, index, value) into `h`;
+    `integer` marks integer columns (None: an LP)."""
+    start, index, value = csc
     lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = program.num_cols, program.num_rows
-    lp.sense_ = highspy.ObjSense.kMaximize if program.maximize else highspy.ObjSense.kMinimize
-    lp.col_cost_ = program.cost
-    lp.col_lower_ = program.col_lower
-    lp.col_upper_ = program.col_upper
-    lp.row_lower_ = program.row_lower
-    lp.row_upper_ = program.row_upper
-    start, index, value = program.csc()
+    lp.num_col_, lp.num_row_ = len(cost), len(row_lower)
+    lp.sense_ = highspy.ObjSense.kMaximize if maximize else highspy.ObjSense.kMinimize
+    lp.col_cost_ = np.asarray(cost, dtype=float)
+    lp.col_lower_ = np.asarray(col_lower, dtype=float)
+    lp.col_upper_ = np.asarray(col_upper, dtype=float)
+    lp.row_lower_ = np.asarray(row_lower, dtype=float)
+    lp.row_upper_ = np.asarray(row_upper, dtype=float)
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = start.astype(np.int32)
-    lp.a_matrix_.index_ = index.astype(np.int32)
-    lp.a_matrix_.value_ = value
-    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
-                       for i in program.col_integer]
+    lp.a_matrix_.start_ = np.asarray(start, dtype=np.int32)
+    lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.asarray(value, dtype=float)
+    if integer is not None:
+        lp.integrality_ = [highspy.HighsVarType.kInteger if i
+                           else highspy.HighsVarType.kContinuous for i in integer]
     # kWarning: coefficients below HiGHS's small_matrix_value (1e-9) were dropped; a
     # latency term that small is inside the rows' TIME_MARGIN_MS.
     if h.passModel(lp) == highspy.HighsStatus.kError:
         raise SolverError("HiGHS rejected the model")
-    return h
 
-
-def _with_gap(plan: Plan, gap: float) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, gap=gap)
