@@ -2,7 +2,7 @@
 
 Solves the MiniLM scenario over a grid of targets and buffers, runs each plan's submodel
 (exactly the planned shards at the planned bitwidths, weights from the shard store) on
-the held-out test tweets, and compares the planner's objective with what was measured:
+the held-out test tweets (runtime/submodel.py), and compares the planner's objective with what was measured:
 
 - Spearman rank correlation of the objective with measured fidelity and with accuracy;
 - the additive prediction of the loss, Σ_s loss(choice of s) = Σ_s loss(drop) - objective,
@@ -14,7 +14,8 @@ the held-out test tweets, and compares the planner's objective with what was mea
   how often the plan with the higher objective also has the higher measured fidelity and
   accuracy (the planner's real job is choosing between plans).
 
-    python -m runtime.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4] [--json F]
+    python -m runtime.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4]
+                               [--solver highs] [--json F]
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ import numpy as np
 from elasticplan.errors import ElasticplanError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
-from elasticplan.solvers import solve
+from elasticplan.solvers import DEFAULT_SOLVER, solve
 from elasticplan.spec import FULL_PRECISION_BITS, Scenario
-from runtime.profile import DROP, Profiler
 from runtime.store import ShardStore
-from runtime.task import TaskHead, load_splits
+from runtime.submodel import TestSplit
 
 DEFAULT_SCENARIO = "problems/scenarios/minilm-phone.yaml"
 DEFAULT_TARGETS = (4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 25)
@@ -59,16 +59,6 @@ class PlanPoint:
     @property
     def measured_loss(self) -> float:
         return 1.0 - self.measured_fidelity
-
-
-def plan_changes(plan: Plan, shard_names: list[str]) -> list[dict[str, int]]:
-    """Per layer: shard name -> DROP or bits, for every shard the plan does not run at fp32."""
-    out = []
-    for layer in plan.layers:
-        chosen = {c.name: c.bits for c in layer.shards}
-        out.append({n: chosen.get(n, DROP) for n in shard_names
-                    if chosen.get(n, DROP) != FULL_PRECISION_BITS})
-    return out
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,50 +86,46 @@ def calibrate(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float
 
 
 def run(scenario_path: str, store_path: str, head_path: str, targets, buffers,
-        time_limit_s: float = 10.0, log=print) -> list[PlanPoint]:
+        time_limit_s: float = 10.0, solver: str = DEFAULT_SOLVER, relative_gap: float = 1e-4,
+        log=print, evaluator: TestSplit | None = None) -> list[PlanPoint]:
+    """At each (target, buffer): the exact plan (`solver`) and STI's greedy plan, each with
+    its submodel measured on the test split."""
     base = load_scenario(scenario_path)
-    store = ShardStore(store_path)
-    head = TaskHead.load(head_path)
-    test = load_splits().test
-    evaluator = Profiler(store, list(test.texts), test.labels, head)
+    evaluator = evaluator or TestSplit(ShardStore(store_path), head_path)
     drop_loss = _drop_loss(base)
     points = []
     for buffer_mb in buffers:
         for target in targets:
             sc = base.with_overrides(target_latency_ms=target, preload_budget_mb=buffer_mb)
-            for solver in ("cpsat", "greedy"):
+            for name in (solver, "greedy"):
                 try:
-                    plan = solve(sc, solver, time_limit_s=time_limit_s, explain=False)
+                    plan = solve(sc, name, time_limit_s=time_limit_s, relative_gap=relative_gap,
+                                 explain=False)
                 except ElasticplanError as e:
-                    log(f"target {target} ms, buffer {buffer_mb} MB, {solver}: no plan ({e})")
+                    log(f"target {target} ms, buffer {buffer_mb} MB, {name}: no plan ({e})")
                     continue
-                fid, acc, _ = evaluator.measure_selection(
-                    plan_changes(plan, store.config.shard_names()))
+                q = evaluator.plan(plan)
                 quantised = sum(1 for layer in plan.layers for c in layer.shards
                                 if c.bits != FULL_PRECISION_BITS)
-                p = PlanPoint(target, buffer_mb, solver, plan.status.value, plan.importance,
-                              drop_loss - plan.importance, _product(sc, plan), fid, acc,
-                              plan.n_shards, quantised)
+                p = PlanPoint(target, buffer_mb, name, plan.status.value, plan.importance,
+                              drop_loss - plan.importance, _product(sc, plan), q.fidelity,
+                              q.accuracy, plan.n_shards, quantised)
                 points.append(p)
-                log(f"target {target:5g} ms  buffer {buffer_mb:g} MB  {solver:6} {p.status:8}  "
+                log(f"target {target:5g} ms  buffer {buffer_mb:g} MB  {name:6} {p.status:8}  "
                     f"objective {p.objective:.5f}  predicted loss {p.predicted_loss:.4f}  "
-                    f"measured fidelity {fid:.4f}  accuracy {acc:.3f}  shards {p.shards} "
-                    f"({quantised} quantised)")
+                    f"measured fidelity {q.fidelity:.4f}  accuracy {q.accuracy:.3f}  shards "
+                    f"{p.shards} ({quantised} quantised)")
     return points
 
 
 def uniform_points(store_path: str, head_path: str) -> list[tuple[str, float, float]]:
     """Reference submodels on the test split: every shard at b bits, for each stored b."""
     store = ShardStore(store_path)
-    test = load_splits().test
-    ev = Profiler(store, list(test.texts), test.labels, TaskHead.load(head_path))
-    names = store.config.shard_names()
+    ev = TestSplit(store, head_path)
     out = []
     for bits in sorted(store.bitwidths, reverse=True):
-        changes = [{} if bits == FULL_PRECISION_BITS else {n: bits for n in names}
-                   for _ in range(store.config.layers)]
-        fid, acc, _ = ev.measure_selection(changes)
-        out.append((f"all shards at {bits} bits", fid, acc))
+        q = ev.uniform(bits)
+        out.append((f"all shards at {bits} bits", q.fidelity, q.accuracy))
     return out
 
 
@@ -163,7 +149,7 @@ def _drop_loss(scenario: Scenario) -> float:
 
 
 def summary(points: list[PlanPoint]) -> dict:
-    exact = [p for p in points if p.solver == "cpsat"]
+    exact = [p for p in points if p.solver != "greedy"]
     obj = np.array([p.objective for p in exact])
     fid = np.array([p.measured_fidelity for p in exact])
     acc = np.array([p.measured_accuracy for p in exact])
@@ -174,8 +160,9 @@ def summary(points: list[PlanPoint]) -> dict:
     by_q = {}
     for p in points:
         by_q.setdefault((p.target_ms, p.buffer_mb), {})[p.solver] = p
-    pairs = [(q["cpsat"], q["greedy"]) for q in by_q.values() if len(q) == 2
-             and q["cpsat"].objective != q["greedy"].objective]
+    pairs = [(e, q["greedy"]) for q in by_q.values() if len(q) == 2
+             for e in [next(p for s, p in q.items() if s != "greedy")]
+             if e.objective != q["greedy"].objective]
 
     def agree(attr):
         return sum((a.objective > b.objective) == (getattr(a, attr) > getattr(b, attr))
@@ -202,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--head", default="problems/models/minilm-l6.taskhead.json")
     ap.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)))
     ap.add_argument("--buffers", default=",".join(map(str, DEFAULT_BUFFERS)))
+    ap.add_argument("--solver", default=DEFAULT_SOLVER, help=f"the exact backend (default "
+                                                             f"{DEFAULT_SOLVER})")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="per solve, s (default 10)")
     ap.add_argument("--json", help="write points and summary as JSON")
     ap.add_argument("--uniform", action="store_true",
                     help="only evaluate the uniform-bitwidth reference models")
@@ -214,7 +204,8 @@ def main(argv=None) -> int:
         return 0
     try:
         points = run(a.scenario, a.store, a.head, [float(v) for v in a.targets.split(",")],
-                     [float(v) for v in a.buffers.split(",")])
+                     [float(v) for v in a.buffers.split(",")], time_limit_s=a.time_limit,
+                     solver=a.solver)
     except ElasticplanError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -227,7 +218,7 @@ def main(argv=None) -> int:
     print(f"mean |predicted - measured fidelity|: additive {s['mae_fidelity_additive']:.4f}, "
           f"additive calibrated {s['mae_fidelity_additive_calibrated']:.4f}, product "
           f"{s['mae_fidelity_product']:.4f}")
-    print(f"cpsat vs greedy at the same question ({s['pairs']} pairs): the higher objective "
+    print(f"{a.solver} vs greedy at the same question ({s['pairs']} pairs): the higher objective "
           f"has the higher measured fidelity in {s['pairs_fidelity_agree']}, the higher "
           f"accuracy in {s['pairs_accuracy_agree']}; mean gain fidelity "
           f"{s['mean_fidelity_gain_over_greedy']:+.4f}, accuracy "

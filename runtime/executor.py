@@ -96,6 +96,26 @@ class RunTrace:
 
 
 @dataclass
+class MemoryAccount:
+    """The executor's own accounting of the weight buffers it holds for a plan (bytes).
+
+    `preload_bytes`: held across queries, the preload buffer (quantised preloaded shards in
+    stored form) plus the fused slots of fp32 preloaded shards. `working_bytes[l]`: what
+    layer l needs during a query, its fused weights (less the fp32 preloaded slots, counted
+    above) plus the staging area for its quantised streamed shards. The executor allocates
+    every layer's working buffers up front; `peak_live_bytes` (runtime/measure.py) is what
+    a pipeline needs at once, from a run's timeline."""
+
+    preload_bytes: int
+    working_bytes: list[int]
+    resident_model_bytes: int  # embeddings, LayerNorms, shared biases: every strategy holds them
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.preload_bytes + sum(self.working_bytes)
+
+
+@dataclass
 class FillReport:
     fill_ms: float
     shards: int
@@ -149,7 +169,8 @@ class Executor:
         self.shards: list[list[_Shard]] = []
         self.preload_buffer = np.empty(sum(v.nbytes for row in variants for v, p in row
                                            if p and v.bits != quant.FP32), np.uint8)
-        ppos = 0
+        ppos = preload_fp32 = 0
+        working: list[int] = []
         for l, row in enumerate(variants):
             w = LayerWeights(c, [v.name for v, _ in row])
             for t in (w.attn_in, w.attn_out, w.attn_bias, w.ffn_in, w.ffn_out, w.ffn_bias):
@@ -177,6 +198,13 @@ class Executor:
                 shards.append(_Shard(v, preloaded, slot, iov, raw))
             self.weights.append(w)
             self.shards.append(shards)
+            fused = sum(t.nbytes for t in (w.attn_in, w.attn_out, w.attn_bias, w.ffn_in,
+                                           w.ffn_out, w.ffn_bias))
+            held = sum(s.variant.nbytes for s in shards if s.preloaded and s.fp32)
+            working.append(fused - held + stage.nbytes)
+            preload_fp32 += held
+        self.memory = MemoryAccount(self.preload_buffer.nbytes + preload_fp32, working,
+                                    store.resident_bytes)
         self.filled = not any(s.preloaded for row in self.shards for s in row)
 
     def close(self) -> None:

@@ -50,6 +50,21 @@ class Reference:
         return self.encoder.forward(batch.ids, batch.mask, self.layers)
 
 
+def peak_live_bytes(layers: list, working_bytes: list[int]) -> int:
+    """The most working-buffer bytes a pipeline needs at once on a run's timeline: layer l's
+    buffers are live from its first read (from its compute, if it reads nothing) to the
+    end of its compute. `layers` are LayerTrace-like (io/compute start and end, reads)."""
+    events = []
+    for lt, nbytes in zip(layers, working_bytes):
+        start = lt.io_start_ms if lt.reads else lt.compute_start_ms
+        events += [(start, 1, nbytes), (lt.compute_end_ms, 0, -nbytes)]  # frees sort first
+    live = peak = 0
+    for _, _, delta in sorted(events):
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
 def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: int,
                  emulate: bool, queries: list[Batch], reference: Reference,
                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
@@ -59,6 +74,7 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
         ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
         traces: list[RunTrace] = [ex.run(queries[i % len(queries)]) for i in range(repeats)]
         emulated = ex.clock.emulated
+        memory = ex.memory
     runs = [t.latency_ms for t in traces]
     median = statistics.median(runs)
     mid = min(range(len(traces)), key=lambda i: abs(runs[i] - median))
@@ -102,6 +118,14 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
         "reads_per_run": trace.reads, "streamed_bytes": plan.streamed_bytes,
         "preload_bytes": plan.preload_bytes, "preload_resident_bytes": fill.resident_bytes,
         "preload_fill_ms": round(fill.fill_ms, 4), "preload_shards": fill.shards,
+        "memory": {"resident_model_bytes": memory.resident_model_bytes,
+                   "preload_bytes": memory.preload_bytes,
+                   "working_allocated_bytes": sum(memory.working_bytes),
+                   "working_peak_live_bytes": max(peak_live_bytes(t.layers, memory.working_bytes)
+                                                  for t in traces),
+                   "method": "the executor's own accounting of its weight buffers; working "
+                             "buffers of a layer live from its first read to the end of its "
+                             "compute, peak over every measured run's timeline"},
         "fidelity": statistics.fmean(fidelities), "fidelity_min": min(fidelities),
         "task_agreement": agree / len(traces) if head is not None else None,
         "task_labels": labels,
@@ -123,6 +147,10 @@ def format_report(r: dict) -> str:
            f"preload: {r['preload_shards']} shards, {r['preload_bytes'] / 1e6:.3f} MB, filled in "
            f"{r['preload_fill_ms']:.1f} ms before the query; resident "
            f"{r['preload_resident_bytes'] / 1e6:.3f} MB (measured)",
+           f"memory: preload {r['memory']['preload_bytes'] / 1e6:.3f} MB + working buffers "
+           f"{r['memory']['working_peak_live_bytes'] / 1e6:.3f} MB live at peak (of "
+           f"{r['memory']['working_allocated_bytes'] / 1e6:.3f} MB allocated), beside "
+           f"{r['memory']['resident_model_bytes'] / 1e6:.3f} MB of always-resident weights",
            "",
            f"{'layer':>5} {'shards':>6} {'reads':>5} | {'IO predicted':>15} {'IO measured':>15} "
            f"| {'compute predicted':>17} {'compute measured':>17} {'end err':>8}"]
@@ -148,14 +176,19 @@ def format_report(r: dict) -> str:
     return "\n".join(out)
 
 
+def peak_bytes(r: dict) -> int:
+    """A report's peak weight memory: the preload plus the working buffers live at peak."""
+    return r["memory"]["preload_bytes"] + r["memory"]["working_peak_live_bytes"]
+
+
 def format_comparison(reports: list[dict]) -> str:
     out = [f"{'strategy':<22} {'execution':<10} {'predicted ms':>12} {'measured ms':>11} "
-           f"{'error':>7} {'preload MB':>10} {'streamed MB':>11} {'fidelity':>8}"]
+           f"{'error':>7} {'preload MB':>10} {'streamed MB':>11} {'peak MB':>7} {'fidelity':>8}"]
     for r in reports:
         out.append(f"{r['solver']:<22} {r['execution']:<10} {r['predicted_latency_ms']:>12.2f} "
                    f"{r['measured_latency_ms']:>11.2f} {r['relative_error']:>+7.1%} "
                    f"{r['preload_bytes'] / 1e6:>10.3f} {r['streamed_bytes'] / 1e6:>11.3f} "
-                   f"{r['fidelity']:>8.4f}")
+                   f"{peak_bytes(r) / 1e6:>7.2f} {r['fidelity']:>8.4f}")
     return "\n".join(out)
 
 

@@ -27,7 +27,8 @@ from runtime import quant
 from runtime.calibrate import fit_compute, nnls
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
-from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
+from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, peak_live_bytes, \
+    query_batches
 from runtime.model import LayerWeights, shard_from_hf
 from runtime.store import ShardStore
 
@@ -171,9 +172,34 @@ def test_timeline_is_consistent_and_preloaded_shards_cause_no_reads(scenario, st
 def test_sequential_plan_computes_after_every_read(scenario, store, batch):
     plan = baseline_plan(scenario, "load-then-execute")
     assert plan.execution == SEQUENTIAL
-    trace = _run(plan, scenario, store, batch)
+    with Executor(plan, scenario, store, emulate=False) as ex:
+        ex.fill_preload()
+        trace = ex.run(batch)
+        memory = ex.memory
     last_io = trace.layers[-1].io_end_ms
     assert all(lt.compute_start_ms >= last_io for lt in trace.layers)
+    # Nothing preloaded, every fp32 shard streamed into its layer's fused weights, and all
+    # of them are live at once before the first layer computes.
+    assert memory.preload_bytes == 0
+    assert sum(memory.working_bytes) == plan.streamed_bytes
+    assert peak_live_bytes(trace.layers, memory.working_bytes) == plan.streamed_bytes
+
+
+def test_peak_live_bytes_on_a_timeline():
+    from types import SimpleNamespace as T
+
+    def lay(io0, io1, c0, c1, reads=1):
+        return T(io_start_ms=io0, io_end_ms=io1, compute_start_ms=c0, compute_end_ms=c1,
+                 reads=reads)
+    # pipelined: layer 1's reads overlap layer 0's compute; layer 2 starts reading after
+    # layer 0 is done; a buffer freed at t is reusable by a read starting at t
+    layers = [lay(0, 2, 2, 5), lay(2, 4, 5, 8), lay(5, 7, 8, 9)]
+    assert peak_live_bytes(layers, [10, 20, 40]) == 60
+    assert peak_live_bytes(layers, [10, 20, 4]) == 30
+    # a layer that reads nothing (all preloaded) holds its buffers only while it computes
+    assert peak_live_bytes([lay(0, 0, 0, 1, reads=0), lay(1, 3, 3, 4)], [50, 7]) == 50
+    assert peak_live_bytes([lay(0, 0, 2, 3, reads=0), lay(0, 1, 3, 4)], [50, 7]) == 57
+    assert peak_live_bytes([], []) == 0
 
 
 def test_emulated_reads_never_finish_before_the_device_would(scenario, store, batch):
@@ -300,6 +326,11 @@ def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
     assert r["fidelity"] == pytest.approx(1.0, abs=1e-5)
     assert r["reads_per_run"] == 0
     assert r["preload_resident_bytes"] == plan.preload_bytes  # every fp32 shard held in place
+    # held in place: the preload is the fused weights, no working buffers besides
+    assert r["memory"]["preload_bytes"] == plan.preload_bytes
+    assert r["memory"]["working_allocated_bytes"] == 0
+    assert r["memory"]["working_peak_live_bytes"] == 0
+    assert r["memory"]["resident_model_bytes"] == store.resident_bytes > 0
     assert r["tolerance"] == DEFAULT_TOLERANCE
 
 

@@ -214,7 +214,8 @@ def test_cli_shard_is_idempotent_and_profile_errors_are_clear(store_dir, tmp_pat
 
 
 def test_additive_statistics():
-    from runtime.additive import calibrate, plan_changes, spearman
+    from runtime.additive import calibrate, spearman
+    from runtime.submodel import plan_changes
 
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)

@@ -1,0 +1,70 @@
+"""What a plan keeps of the model: its submodel's fidelity and task accuracy, measured.
+
+A plan runs exactly its planned shards at their planned bitwidths. That submodel is
+rebuilt here from the shard store (the same weights the executor reads) and run on the
+1,000 held-out test tweets (runtime/task.py), batched: fidelity is the mean cosine of its
+embedding to the fp32 model's, accuracy the task head's on the tweets' labels. The
+executor's output equals this submodel's (tests/test_runtime.py checks it against an
+independent oracle), so these are the plan's real quality figures, measured on far more
+text than a latency run's few queries.
+
+Evaluations are memoised by the submodel itself: two plans that keep the same shards at
+the same bitwidths (preloaded or not) are one evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from elasticplan.plan import Plan
+from elasticplan.spec import FULL_PRECISION_BITS
+from runtime.profile import DROP, Profiler
+from runtime.store import ShardStore
+from runtime.task import TaskHead, load_splits
+
+
+@dataclass(frozen=True)
+class Quality:
+    fidelity: float  # mean cosine to the fp32 model's embedding, test split
+    accuracy: float  # task head accuracy on the test split's labels
+
+
+def plan_changes(plan: Plan, shard_names: list[str]) -> list[dict[str, int]]:
+    """Per layer: shard name -> DROP or bits, for every shard the plan does not run at fp32."""
+    out = []
+    for layer in plan.layers:
+        chosen = {c.name: c.bits for c in layer.shards}
+        out.append({n: chosen.get(n, DROP) for n in shard_names
+                    if chosen.get(n, DROP) != FULL_PRECISION_BITS})
+    return out
+
+
+class TestSplit:
+    """Submodels of one shard store, evaluated on the test split (memoised)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, store: ShardStore, head_path: str | Path):
+        test = load_splits().test
+        self.store = store
+        self.names = store.config.shard_names()
+        self._profiler = Profiler(store, list(test.texts), test.labels, TaskHead.load(head_path))
+        self._memo: dict[tuple, Quality] = {}
+        self.evaluations = 0  # submodels actually run (not answered from the memo)
+
+    def changes(self, changes: list[dict[str, int]]) -> Quality:
+        key = tuple(tuple(sorted(ch.items())) for ch in changes)
+        if key not in self._memo:
+            fid, acc, _ = self._profiler.measure_selection(changes)
+            self._memo[key] = Quality(fid, acc)
+            self.evaluations += 1
+        return self._memo[key]
+
+    def plan(self, plan: Plan) -> Quality:
+        return self.changes(plan_changes(plan, self.names))
+
+    def uniform(self, bits: int) -> Quality:
+        """Every shard at `bits` (FULL_PRECISION_BITS: the full model)."""
+        one = {} if bits == FULL_PRECISION_BITS else {n: bits for n in self.names}
+        return self.changes([dict(one) for _ in range(self.store.config.layers)])
