@@ -1,0 +1,116 @@
+"""What every benchmark shares: its header line (command, machine, date), where it writes,
+CSV, plots, statistics, and the calibrated devices of the runtime benchmarks.
+
+Benchmarks run from the repository root as modules: `python -m benchmarks.<name>`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "bench"
+CALIBRATED = ROOT / "build" / "bench"
+STORE = ROOT / "build" / "shards" / "minilm-l6"
+HEAD = ROOT / "problems" / "models" / "minilm-l6.taskhead.json"
+MINILM_PHONE = ROOT / "problems" / "scenarios" / "minilm-phone.yaml"
+EXACT = "highs"  # the default backend (elasticplan.solvers.DEFAULT_SOLVER)
+GREEDY = "greedy"
+
+
+def header(module: str, argv: list[str] | None = None, **facts) -> str:
+    """'# python -m benchmarks.X ARGS; host, N cores, arch, Python, date[, k v ...]'."""
+    args = sys.argv[1:] if argv is None else argv
+    extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in facts.items())
+    return (f"# {' '.join(['python -m', module] + list(args))}; {platform.node()}, "
+            f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+            f"{datetime.date.today()}{extra}")
+
+
+def out_path(name: str, out_dir: str | Path | None = None) -> Path:
+    d = Path(out_dir) if out_dir else OUT
+    d.mkdir(parents=True, exist_ok=True)
+    return d / name
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# written {_rel(path)}")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, command: str) -> None:
+    """Save with the command that made it in the figure's own footer."""
+    fig.text(0.005, 0.005, command.lstrip("# "), fontsize=5.5, color="grey", va="bottom")
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    print(f"# written {_rel(path)}")
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (linear interpolation, numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def relative(measured: float, predicted: float) -> float:
+    """(measured - predicted) / predicted; inf when nothing was predicted but time passed."""
+    if predicted > 0:
+        return (measured - predicted) / predicted
+    return 0.0 if measured == 0 else float("inf")
+
+
+def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print):
+    """MiniLM's question on this machine with storage emulated at `bandwidth_mb_s`.
+
+    Calibrates once (as `elasticplan calibrate` does; ~10 s) into build/bench/calibrated-X
+    and reuses that on later calls, so the benchmarks of one `make bench` run share one
+    device per bandwidth (`make bench` deletes them first: every run calibrates afresh).
+    Returns (scenario, default target ms)."""
+    from elasticplan.loader import load_scenario
+    from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, write_calibration
+
+    out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}"
+    path = out / "scenario.yaml"
+    if path.is_file():
+        sc = load_scenario(path)
+        log(f"# {bandwidth_mb_s:g} MB/s: reusing {_rel(out)} (calibrated {_when(path)}); "
+            f"gflops {sc.device.gflops:g}, layer_overhead_ms {sc.device.layer_overhead_ms:g}, "
+            f"dequant_gb_s {sc.device.dequant_gb_s:g}; default target {sc.target_latency_ms:g} ms")
+        return sc, sc.target_latency_ms
+    base = load_scenario(MINILM_PHONE)
+    device, fit, facts = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s,
+                                   latency_us=DEFAULT_LATENCY_US, queries=queries)
+    _, scen_path, target = write_calibration(out, base, device, fit, facts, None)
+    log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: gflops {device.gflops:g}, "
+        f"layer_overhead_ms {device.layer_overhead_ms:g}, dequant_gb_s {device.dequant_gb_s:g} "
+        f"(R^2 {fit.r2:.3f}, {fit.samples} layer samples); default target {target:g} ms")
+    return load_scenario(scen_path), target
+
+
+def _when(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
