@@ -1,0 +1,133 @@
+"""The classic strategies and the planned ones, on the real runtime, side by side.
+
+MiniLM-L6 on this machine's calibrated device with storage emulated at each bandwidth
+(default 200 MB/s and 1 GB/s; benchmarks/common.calibrated_scenario). The question: the
+target is --fraction (default 0.5) of the calibrated default target (every shard at 8
+bits, streamed), tight enough that the plans must drop and quantise shards; the buffer is
+2 MB. Five plans run through the one executor and the one measurement (runtime/measure.py: a discarded warm-up, then --repeat cold runs
+on test-split queries, median): hold-in-memory, load-then-execute, layer-wise pipelining
+(elasticplan/baselines.py), the greedy plan and the exact plan (HiGHS).
+
+Per plan: predicted and measured latency, measured vs the target (a solved plan is
+planned up to the target, so run-to-run noise puts it on either side), the preload
+buffer, the working buffers live at peak on the measured timeline and their sum (the
+executor's own accounting of its weight buffers; the always-resident embeddings and
+LayerNorms are the same for every plan and listed once), and the submodel's fidelity and
+accuracy on the 1,000 test tweets (runtime/submodel.py).
+
+    python -m benchmarks.runtime_baselines [--bandwidths 200,1000] [--repeat 9] [--out-dir D]
+
+Writes runtime_baselines.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, calibrated_scenario, header, \
+    out_path, relative, write_csv
+from elasticplan.baselines import STRATEGIES, baseline_plan
+from elasticplan.errors import ElasticplanError
+from elasticplan.loader import load_scenario
+from elasticplan.solvers import solve
+from elasticplan.verify import verify_plan, with_plan_question
+from runtime.measure import Reference, measure_plan, peak_bytes, query_batches
+from runtime.store import ShardStore
+from runtime.submodel import TestSplit
+
+MODULE = "benchmarks.runtime_baselines"
+COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms",
+           "measured_ms", "error", "vs_target", "preload_mb", "working_peak_mb",
+           "working_allocated_mb", "peak_mb", "resident_model_mb", "streamed_mb",
+           "fidelity", "accuracy", "runtime_fidelity", "runs_ms"]
+
+
+def plans_for(sc, time_limit_s: float, gap: float):
+    """(label, plan, the scenario it answers) for the five strategies, the solved ones last."""
+    out = []
+    for strategy in STRATEGIES:
+        try:
+            b = baseline_plan(sc, strategy)
+        except ElasticplanError as e:
+            print(f"# {strategy}: not run: {e}")
+            continue
+        out.append((strategy, b, with_plan_question(sc, b)))
+    for label, solver in (("greedy", GREEDY), ("exact (highs)", EXACT)):
+        try:
+            plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap, explain=False)
+        except ElasticplanError as e:
+            print(f"# {label}: no plan: {e}")
+            continue
+        verify_plan(sc, plan)
+        out.append((label, plan, sc))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    ap.add_argument("--bandwidths", default="200,1000", help="emulated storage, MB/s")
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="the target, as a fraction of the calibrated default target")
+    ap.add_argument("--buffer", type=float, default=2.0, help="preload budget, MB")
+    ap.add_argument("--repeat", type=int, default=9, help="measured runs per plan")
+    ap.add_argument("--gap", type=float, default=1e-4, help="relative gap the exact solve proves")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="per solve, s")
+    ap.add_argument("--out-dir", help="default out/bench")
+    a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    torch.set_num_threads(1)
+    command = header(MODULE, argv, torch_threads=1)
+    print(command)
+    t0 = time.monotonic()
+    store = ShardStore(STORE)
+    evaluator = TestSplit(store, HEAD)
+    reference = Reference(store)
+    queries = query_batches(store, load_scenario(MINILM_PHONE).model.seq_len, a.repeat)
+    rows = []
+    for bw in [float(v) for v in a.bandwidths.split(",")]:
+        sc, default = calibrated_scenario(bw, store=store, queries=queries)
+        target = round(default * a.fraction, 1)
+        sc = sc.with_overrides(target_latency_ms=target, preload_budget_mb=a.buffer)
+        print(f"# {bw:g} MB/s: target {target:g} ms ({a.fraction:g} x {default:g}), buffer {a.buffer:g} MB; {a.repeat} cold runs "
+              f"per plan after a warm-up, median")
+        print(f"{'strategy':<22} {'predicted':>9} {'measured':>8} {'error':>7} {'vs target':>9} "
+              f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'fidelity':>8} "
+              f"{'accuracy':>8}")
+        resident = None
+        for label, plan, question in plans_for(sc, a.time_limit, a.gap):
+            r = measure_plan(plan, question, store, repeats=a.repeat, emulate=True,
+                             queries=queries, reference=reference, head=None)
+            q = evaluator.plan(plan)
+            m = r["memory"]
+            resident = m["resident_model_bytes"]
+            row = {"bandwidth_mb_s": bw, "target_ms": target, "strategy": label,
+                   "execution": plan.execution, "predicted_ms": r["predicted_latency_ms"],
+                   "measured_ms": r["measured_latency_ms"], "error": r["relative_error"],
+                   "vs_target": relative(r["measured_latency_ms"], target),
+                   "preload_mb": m["preload_bytes"] / 1e6,
+                   "working_peak_mb": m["working_peak_live_bytes"] / 1e6,
+                   "working_allocated_mb": m["working_allocated_bytes"] / 1e6,
+                   "peak_mb": peak_bytes(r) / 1e6, "resident_model_mb": resident / 1e6,
+                   "streamed_mb": r["streamed_bytes"] / 1e6, "fidelity": q.fidelity,
+                   "accuracy": q.accuracy, "runtime_fidelity": r["fidelity"],
+                   "runs_ms": " ".join(f"{v:g}" for v in r["measured_runs_ms"])}
+            rows.append(row)
+            print(f"{label:<22} {row['predicted_ms']:>9.2f} {row['measured_ms']:>8.2f} "
+                  f"{row['error']:>+7.1%} {row['vs_target']:>+9.1%} "
+                  f"{row['preload_mb']:>10.2f} {row['working_peak_mb']:>10.2f} "
+                  f"{row['peak_mb']:>7.2f} {row['fidelity']:>8.4f} {row['accuracy']:>8.3f}",
+                  flush=True)
+        if resident is not None:
+            print(f"# every plan also keeps {resident / 1e6:.2f} MB of embeddings and LayerNorms "
+                  f"resident (not in the peak column)")
+    write_csv(out_path("runtime_baselines.csv", a.out_dir), rows, COLUMNS)
+    print(f"# {time.monotonic() - t0:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
