@@ -1,0 +1,193 @@
+"""Prediction truth: does a solved plan's predicted pipeline hold when it runs?
+
+For each emulated bandwidth (default 200 MB/s and 1 GB/s), this machine's calibrated
+device (benchmarks/common.calibrated_scenario) and a grid of MiniLM questions: --fractions
+of the calibrated default target x --buffers. Each question is solved exactly (HiGHS) and
+the plan runs through the runtime (runtime/measure.py: a discarded warm-up, then --repeat
+cold runs on test-split queries; the median run's timeline). Per plan it compares, predicted
+vs measured:
+
+- total: the latency (median run);
+- IO stage: the time the IO thread spends reading, summed over layers (io_end - io_start);
+- compute stage: the time the compute thread spends in layers, summed (compute_end -
+  compute_start).
+
+and reports the median and 95th percentile of the absolute relative error, per bandwidth
+and overall, with a scatter plot of the three.
+
+    python -m benchmarks.prediction [--bandwidths 200,1000] [--fractions ...] [--buffers ...]
+
+Writes prediction.csv and prediction.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import EXACT, MINILM_PHONE, STORE, calibrated_scenario, header, \
+    out_path, percentile, pyplot, relative, save_figure, write_csv
+from elasticplan.errors import ElasticplanError
+from elasticplan.loader import load_scenario
+from elasticplan.solvers import solve
+from elasticplan.verify import verify_plan
+from runtime.measure import Reference, measure_plan, query_batches
+from runtime.store import ShardStore
+
+MODULE = "benchmarks.prediction"
+METRICS = ("total", "io", "compute")
+COLUMNS = ["bandwidth_mb_s", "target_ms", "buffer_mb", "status", "gap", "shards", "reads",
+           "streamed_mb", "predicted_ms", "measured_ms", "error", "io_predicted_ms",
+           "io_measured_ms", "io_error", "compute_predicted_ms", "compute_measured_ms",
+           "compute_error", "fidelity", "runs_ms"]
+
+
+def stage_ms(layers: list[dict], side: str, stage: str) -> float:
+    """Σ over layers of a stage's busy time, from a report's layers ('predicted'/'measured')."""
+    return sum(lay[side][f"{stage}_end_ms"] - lay[side][f"{stage}_start_ms"] for lay in layers)
+
+
+def row_of(bw: float, plan, r: dict) -> dict:
+    lays = r["layers"]
+    io_p, io_m = stage_ms(lays, "predicted", "io"), stage_ms(lays, "measured", "io")
+    cp_p, cp_m = stage_ms(lays, "predicted", "compute"), stage_ms(lays, "measured", "compute")
+    sc = plan.scenario
+    return {"bandwidth_mb_s": bw, "target_ms": sc.target_latency_ms,
+            "buffer_mb": sc.preload_budget_mb, "status": plan.status.value, "gap": plan.gap,
+            "shards": plan.n_shards, "reads": r["reads_per_run"],
+            "streamed_mb": r["streamed_bytes"] / 1e6,
+            "predicted_ms": r["predicted_latency_ms"], "measured_ms": r["measured_latency_ms"],
+            "error": r["relative_error"], "io_predicted_ms": io_p, "io_measured_ms": io_m,
+            "io_error": relative(io_m, io_p), "compute_predicted_ms": cp_p,
+            "compute_measured_ms": cp_m, "compute_error": relative(cp_m, cp_p),
+            "fidelity": r["fidelity"],
+            "runs_ms": " ".join(f"{v:g}" for v in r["measured_runs_ms"])}
+
+
+def error_key(metric: str) -> str:
+    return "error" if metric == "total" else f"{metric}_error"
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Median and p95 of |relative error| per bandwidth (and 'all') and metric."""
+    out = []
+    groups = sorted({r["bandwidth_mb_s"] for r in rows})
+    for g in groups + ["all"]:
+        sel = [r for r in rows if g == "all" or r["bandwidth_mb_s"] == g]
+        for m in METRICS:
+            errs = [abs(r[error_key(m)]) for r in sel]
+            out.append({"bandwidth": g, "metric": m, "plans": len(sel),
+                        "median_abs_error": percentile(errs, 50),
+                        "p95_abs_error": percentile(errs, 95), "max_abs_error": max(errs),
+                        "mean_signed_error": sum(r[error_key(m)] for r in sel) / len(sel)})
+    return out
+
+
+def plot(rows: list[dict], stats: list[dict], path, command) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    labels = {"total": "latency (total)", "io": "IO stage (Σ layer reads)",
+              "compute": "compute stage (Σ layer compute)"}
+    keys = {"total": ("predicted_ms", "measured_ms"),
+            "io": ("io_predicted_ms", "io_measured_ms"),
+            "compute": ("compute_predicted_ms", "compute_measured_ms")}
+    bws = sorted({r["bandwidth_mb_s"] for r in rows})
+    for ax, m in zip(axes, METRICS):
+        kp, km = keys[m]
+        hi = max(max(r[kp], r[km]) for r in rows) * 1.05
+        lo = min(min(r[kp], r[km]) for r in rows) * 0.9
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="grey",
+                        alpha=0.15, label="±10 %")
+        for bw, colour in zip(bws, colours):
+            sel = [r for r in rows if r["bandwidth_mb_s"] == bw]
+            st = next(s for s in stats if s["bandwidth"] == bw and s["metric"] == m)
+            ax.scatter([r[kp] for r in sel], [r[km] for r in sel], s=14, color=colour,
+                       label=f"{bw:g} MB/s: median {st['median_abs_error']:.1%}, "
+                             f"p95 {st['p95_abs_error']:.1%}")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("predicted (ms)")
+        ax.set_ylabel("measured (ms)")
+        ax.set_title(labels[m], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"MiniLM-L6 plans on this machine (emulated storage): predicted vs measured, "
+                 f"{len(rows)} plans", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_figure(fig, path, command)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    ap.add_argument("--bandwidths", default="200,1000", help="emulated storage, MB/s")
+    ap.add_argument("--fractions", default="0.5,0.6,0.7,0.8,0.9,1.0",
+                    help="targets, as fractions of the calibrated default target")
+    ap.add_argument("--buffers", default="0,1,2,4", help="preload budgets, MB")
+    ap.add_argument("--repeat", type=int, default=5, help="measured runs per plan")
+    ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
+    ap.add_argument("--time-limit", type=float, default=5.0, help="per solve, s")
+    ap.add_argument("--out-dir", help="default out/bench")
+    a = ap.parse_args(argv)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    torch.set_num_threads(1)
+    command = header(MODULE, argv, torch_threads=1)
+    print(command)
+    t0 = time.monotonic()
+    store = ShardStore(STORE)
+    reference = Reference(store)
+    queries = query_batches(store, load_scenario(MINILM_PHONE).model.seq_len, a.repeat)
+    fractions = [float(v) for v in a.fractions.split(",")]
+    buffers = [float(v) for v in a.buffers.split(",")]
+    rows = []
+    for bw in [float(v) for v in a.bandwidths.split(",")]:
+        sc0, default = calibrated_scenario(bw, store=store, queries=queries)
+        print(f"{'MB/s':>5} {'target':>6} {'buf MB':>6} {'status':<8} {'shards':>6} "
+              f"{'predicted':>9} {'measured':>8} {'error':>7} {'IO pred':>7} {'IO meas':>7} "
+              f"{'IO err':>7} {'comp pred':>9} {'comp meas':>9} {'comp err':>8}")
+        for frac in fractions:
+            for buf in buffers:
+                sc = sc0.with_overrides(target_latency_ms=round(default * frac, 1),
+                                        preload_budget_mb=buf)
+                try:
+                    plan = solve(sc, EXACT, time_limit_s=a.time_limit, relative_gap=a.gap,
+                                 explain=False)
+                except ElasticplanError as e:
+                    print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB: no plan: {e}")
+                    continue
+                verify_plan(sc, plan)
+                r = measure_plan(plan, sc, store, repeats=a.repeat, emulate=True,
+                                 queries=queries, reference=reference, head=None)
+                row = row_of(bw, plan, r)
+                rows.append(row)
+                print(f"{bw:>5g} {row['target_ms']:>6.1f} {buf:>6g} {row['status']:<8} "
+                      f"{row['shards']:>6} {row['predicted_ms']:>9.2f} {row['measured_ms']:>8.2f} "
+                      f"{row['error']:>+7.1%} {row['io_predicted_ms']:>7.2f} "
+                      f"{row['io_measured_ms']:>7.2f} {row['io_error']:>+7.1%} "
+                      f"{row['compute_predicted_ms']:>9.2f} {row['compute_measured_ms']:>9.2f} "
+                      f"{row['compute_error']:>+8.1%}", flush=True)
+    if not rows:
+        print("# no plan was solved; nothing to report")
+        return 1
+    stats = summary(rows)
+    print()
+    print(f"{'bandwidth':>9} {'metric':<8} {'plans':>5} {'median |err|':>12} {'p95 |err|':>9} "
+          f"{'max |err|':>9} {'mean err':>8}")
+    for s in stats:
+        bw = s["bandwidth"] if s["bandwidth"] == "all" else f"{s['bandwidth']:g}"
+        print(f"{bw:>9} {s['metric']:<8} {s['plans']:>5} {s['median_abs_error']:>12.1%} "
+              f"{s['p95_abs_error']:>9.1%} {s['max_abs_error']:>9.1%} "
+              f"{s['mean_signed_error']:>+8.1%}")
+    write_csv(out_path("prediction.csv", a.out_dir), rows, COLUMNS)
+    write_csv(out_path("prediction_summary.csv", a.out_dir), stats, list(stats[0]))
+    plot(rows, stats, out_path("prediction.png", a.out_dir), command)
+    print(f"# {time.monotonic() - t0:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
