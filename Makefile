@@ -1,11 +1,12 @@
 # Two entry points (see README): `make demo` and `make test`.
 # Both create .venv from the repo's own files on first use.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test shards profile additive plan-bert clean
+.PHONY: demo test shards profile additive plan-bert bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/elasticplan shard
 	$(BIN)/elasticplan calibrate --storage-mb-s 200
-	$(BIN)/elasticplan solve build/calibrated/scenario.yaml --solver cpsat -o out/minilm-this-machine.plan.json
+	$(BIN)/elasticplan solve build/calibrated/scenario.yaml -o out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan verify out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan run out/minilm-this-machine.plan.json --baselines \
 		--json out/minilm-this-machine.run.json --gantt out/minilm-this-machine.png
@@ -44,6 +45,19 @@ profile: shards
 additive: shards
 	@mkdir -p out
 	$(BIN)/python -m runtime.additive --json out/additive.json
+
+# Every benchmark, from a fresh calibration (~20 min on 2 cores). Each prints its table
+# (kept in out/bench/NAME.txt) and writes its CSV and plots to out/bench/.
+bench_run = set -o pipefail; $(BIN)/python -m benchmarks.$(1) $(2) 2>&1 | tee out/bench/$(1).txt
+
+bench: shards
+	rm -rf build/bench
+	@mkdir -p out/bench
+	$(call bench_run,runtime_baselines)
+	$(call bench_run,prediction)
+	$(call bench_run,plan_quality)
+	$(call bench_run,frontier)
+	$(call bench_run,solver_speed,--time-limit 10)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -26,6 +26,7 @@ from benchmarks.common import EXACT, HEAD, MINILM_PHONE, STORE, header, out_path
 from elasticplan.baselines import HOLD_IN_MEMORY, baseline_plan
 from elasticplan.errors import ElasticplanError, SolverTimeoutError
 from elasticplan.loader import load_scenario
+from elasticplan.report import optional
 from elasticplan.solvers import solve
 from elasticplan.spec import Objective
 from runtime.store import ShardStore
@@ -75,7 +76,7 @@ def frontier(base, target: float, points: int, gap: float, time_limit_s: float,
                "accuracy": q.accuracy, "source": source}
         rows.append(row)
         print(f"{target:>9g} {floor:>8.4f} {row['buffer_mb']:>9.3f} {row['importance']:>10.4f} "
-              f"{row['status']:<8} {_f(row['gap'], '.1e'):>8} {row['solve_s']:>7.2f} "
+              f"{row['status']:<8} {optional(row['gap'], '.1e'):>8} {row['solve_s']:>7.2f} "
               f"{row['shards']:>6} {row['preloaded']:>9} {row['fidelity']:>8.4f} "
               f"{row['accuracy']:>8.3f} {source}", flush=True)
     return rows
@@ -148,10 +149,6 @@ def main(argv=None) -> int:
     plot(rows, targets, hold, hold_q, out_path("frontier.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")
     return 0
-
-
-def _f(v, spec):
-    return "-" if v is None else format(v, spec)
 
 
 if __name__ == "__main__":

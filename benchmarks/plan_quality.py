@@ -57,9 +57,9 @@ def scenarios(gap: float, time_limit_s: float) -> list[dict]:
         unit = (lambda v: f"{v / 1e6:.3f} MB") if minimise else (lambda v: f"{v:.5f}")
         print(f"{name:<28} {sc.objective.value:<15} "
               f"{unit(row[EXACT]) if EXACT in row else row.get(EXACT + '_error', '-'):>12} "
-              f"{row.get('status', '-'):<8} {_f(row.get('gap'), '.1e'):>8} "
+              f"{row.get('status', '-'):<8} {optional(row.get('gap'), '.1e'):>8} "
               f"{unit(row[GREEDY]) if GREEDY in row else row.get(GREEDY + '_error', '-'):>12} "
-              f"{_f(row.get('ratio'), '.4f'):>12}", flush=True)
+              f"{optional(row.get('ratio'), '.4f'):>12}", flush=True)
     return rows
 
 
@@ -172,10 +172,6 @@ def main(argv=None) -> int:
     plot(points, buffers, full, out_path("plan_quality.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")
     return 0
-
-
-def _f(v, spec):
-    return "-" if v is None else format(v, spec)
 
 
 if __name__ == "__main__":

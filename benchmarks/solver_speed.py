@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Solver speed, side by side in one run: per problem-zoo instance and backend, the model
 build time, the solve time (median of --repeats), status, gap, and the objective relative
 to the best proven bound of any backend on that instance.
 
-    .venv/bin/python benchmarks/solver_speed.py [--time-limit 20] [--repeats 5] [--csv F]
+    python -m benchmarks.solver_speed [--time-limit 20] [--repeats 5] [--out-dir D]
 
 Instances: every shipped scenario at its own question, plus targets that force shards to
 be dropped (the hard, knapsack-like regime). Backends: greedy (STI), CP-SAT and CBC on the
@@ -16,21 +15,17 @@ latency rows grow as layers^2 x shards; the row says so).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
+from benchmarks.common import ROOT, header, out_path, write_csv
 from elasticplan import aggregate, formulation
 from elasticplan.errors import ElasticplanError
 from elasticplan.loader import load_scenario
+from elasticplan.report import optional
 from elasticplan.solvers import solve
 
-ROOT = Path(__file__).resolve().parent.parent
+MODULE = "benchmarks.solver_speed"
 
 PLAIN_MAX_BOOLS = 20_000
 HARD = {"bert-base-phone": 140.0, "minilm-phone": 17.0, "distilbert-sbc": 450.0}
@@ -53,16 +48,17 @@ def size(sc) -> str:
     return f"{len(m.layers)}x{shards}x{len(m.bitwidths)}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--time-limit", type=float, default=20.0)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
+    ap.add_argument("--time-limit", type=float, default=20.0, help="per solve, s")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--csv", default=str(ROOT / "out" / "bench" / "solver_speed.csv"))
     ap.add_argument("--only", help="run only instances whose name contains this")
-    a = ap.parse_args()
-    print(f"# {' '.join(['benchmarks/solver_speed.py'] + sys.argv[1:])}; {platform.node()}, "
-          f"{os.cpu_count()} cores, {platform.machine()}, {datetime.date.today()}")
+    ap.add_argument("--out-dir", help="default out/bench")
+    a = ap.parse_args(argv)
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    print(header(MODULE, argv, solver_threads=a.threads))
     head = (f"{'instance':<28} {'size':>9} {'solver':<6} {'gap asked':>9} {'build ms':>9} "
             f"{'solve ms':>9} {'status':<9} {'gap':>8} {'vs bound':>9}")
     print(head)
@@ -107,22 +103,14 @@ def main() -> None:
                 r["vs_bound"] = r["objective"] / best_bound
             rows.append(r)
             print(f"{r['instance']:<28} {r['size']:>9} {r['solver']:<6} "
-                  f"{_f(r.get('gap_asked'), '.0e'):>9} {_f(r.get('build_ms'), '.1f'):>9} "
-                  f"{_f(r.get('solve_ms'), '.1f'):>9} {r.get('status', ''):<9} "
-                  f"{_f(r.get('gap'), '.1e'):>8} {_f(r.get('vs_bound'), '.6f'):>9}", flush=True)
-    Path(a.csv).parent.mkdir(parents=True, exist_ok=True)
+                  f"{optional(r.get('gap_asked'), '.0e'):>9} {optional(r.get('build_ms'), '.1f'):>9} "
+                  f"{optional(r.get('solve_ms'), '.1f'):>9} {r.get('status', ''):<9} "
+                  f"{optional(r.get('gap'), '.1e'):>8} {optional(r.get('vs_bound'), '.6f'):>9}", flush=True)
     fields = ["instance", "size", "bools", "solver", "gap_asked", "build_ms", "solve_ms", "runs",
               "status", "gap", "objective", "vs_bound"]
-    with open(a.csv, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    print(f"# written {a.csv}")
-
-
-def _f(v, spec):
-    return "-" if v is None else format(v, spec)
+    write_csv(out_path("solver_speed.csv", a.out_dir), rows, fields)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutE
     NoPlanFoundError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
-from elasticplan.report import plan_table
+from elasticplan.report import optional, plan_table
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, DEFAULT_THREADS, \
     DEFAULT_TIME_LIMIT_S, solve
 from elasticplan.verify import scenario_for, verify_plan, with_plan_question
@@ -233,10 +233,10 @@ def cmd_sweep(a) -> int:
                            solve_seconds=plan.solve_seconds if cell.status == "solved" else None)
             rows.append(row)
             print(f"{value:>10g}  {row['status'] + ' (' + row['source'] + ')':>18}  "
-                  f"{_fmt(row.get('importance'), '.6g'):>10}  "
-                  f"{_fmt(row.get('latency_ms'), '.3f'):>10}  "
-                  f"{_fmt(row.get('used_mb'), '.3f'):>9}  {_fmt(row.get('gap'), '.1e'):>8}  "
-                  f"{_fmt(row.get('solve_seconds'), '.2f'):>7}")
+                  f"{optional(row.get('importance'), '.6g'):>10}  "
+                  f"{optional(row.get('latency_ms'), '.3f'):>10}  "
+                  f"{optional(row.get('used_mb'), '.3f'):>9}  {optional(row.get('gap'), '.1e'):>8}  "
+                  f"{optional(row.get('solve_seconds'), '.2f'):>7}")
     print(_saved_line(table))
     if a.csv:
         fields = [param, "solver", "status", "source", "importance", "latency_ms", "used_mb",
@@ -269,7 +269,7 @@ def cmd_table(a) -> int:
     gaps = [proven_gap(table.plan_of(c), c.bound) for row in table.cells for c in row]
     worst = max((g for g in gaps if g is not None), default=None)
     print(f"table {base.name}: {len(table.targets_ms)} targets x {len(table.buffers_mb)} buffers, "
-          f"{len(table.plans)} distinct plans, largest proven gap {_fmt(worst, '.1e')}")
+          f"{len(table.plans)} distinct plans, largest proven gap {optional(worst, '.1e')}")
     print(_saved_line(table))
     table.save(a.output)
     print(f"table written to {a.output}")
@@ -410,10 +410,6 @@ def cmd_run(a) -> int:
                              f"({report['relative_error']:+.1%}) is outside "
                              f"±{a.tolerance:.0%}")
     return 0
-
-
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,11 @@ from elasticplan.plan import Plan
 from elasticplan.spec import Scenario
 
 
+def optional(value, spec: str) -> str:
+    """format(value, spec), or '-' for a value that is not there (None)."""
+    return "-" if value is None else format(value, spec)
+
+
 def bits_summary(plan_layer) -> str:
     counts = Counter(c.bits for c in plan_layer.shards)
     return " ".join(f"{n}x{b}b" for b, n in sorted(counts.items())) or "-"
