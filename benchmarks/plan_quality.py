@@ -26,6 +26,7 @@ from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, header, 
     pyplot, save_figure, write_csv
 from benchmarks.solver_speed import instances
 from elasticplan.errors import ElasticplanError
+from elasticplan.report import optional
 from elasticplan.spec import FULL_PRECISION_BITS, Objective
 from elasticplan.solvers import solve
 from runtime import additive

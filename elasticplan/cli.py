@@ -10,8 +10,7 @@ import argparse
 import csv
 import sys
 
-from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError, \
-    NoPlanFoundError
+from elasticplan.errors import ElasticplanError, InfeasibleError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
@@ -207,10 +206,10 @@ def cmd_sweep(a) -> int:
 
     base = load_scenario(a.scenario)
     if a.buffer_mb:
-        param, values = "buffer_mb", a.buffer_mb
+        param = "buffer_mb"
         targets, buffers = [base.target_latency_ms], a.buffer_mb
     else:
-        param, values = "target_ms", a.target_ms
+        param = "target_ms"
         targets, buffers = a.target_ms, [base.preload_budget_mb]
     print(f"{param:>10}  {'status':>18}  {'importance':>10}  {'latency ms':>10}  "
           f"{'used MB':>9}  {'gap':>8}  {'solve s':>7}")
