@@ -1,0 +1,99 @@
+"""The benchmark scripts' own arithmetic and plumbing (their numbers are in the README).
+
+No timing asserts: what is checked is that the statistics are right, that every entry
+point parses its arguments, and that one small solver-speed run writes a table whose
+invariants hold (no plan above the best proven bound, every exact row with its gap).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks import common, prediction, solver_speed
+
+MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed")
+
+
+def test_relative_error():
+    assert common.relative(110.0, 100.0) == pytest.approx(0.10)
+    assert common.relative(90.0, 100.0) == pytest.approx(-0.10)
+    assert common.relative(0.0, 0.0) == 0.0
+    assert common.relative(1.0, 0.0) == float("inf")
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=50), st.floats(0, 100))
+def test_percentile_is_numpys_and_within_the_data(values, q):
+    p = common.percentile(values, q)
+    assert p == pytest.approx(float(np.percentile(values, q)))
+    assert min(values) - 1e-9 <= p <= max(values) + 1e-9
+
+
+def test_header_names_command_machine_and_date():
+    h = common.header("benchmarks.x", ["--a", "1"], torch_threads=1)
+    assert h.startswith("# python -m benchmarks.x --a 1; ")
+    assert "cores" in h and str(datetime.date.today()) in h and h.endswith("torch threads 1")
+
+
+def _layer(p_io, m_io, p_c, m_c):
+    def side(io, c):
+        return {"io_start_ms": io[0], "io_end_ms": io[1], "compute_start_ms": c[0],
+                "compute_end_ms": c[1]}
+    return {"predicted": side(p_io, p_c), "measured": side(m_io, m_c)}
+
+
+def test_stage_sums_are_busy_time_per_layer():
+    layers = [_layer((0, 2), (0, 3), (2, 5), (3, 7)), _layer((2, 6), (3, 6), (6, 8), (7, 9))]
+    assert prediction.stage_ms(layers, "predicted", "io") == 6
+    assert prediction.stage_ms(layers, "measured", "io") == 6
+    assert prediction.stage_ms(layers, "predicted", "compute") == 5
+    assert prediction.stage_ms(layers, "measured", "compute") == 6
+
+
+def test_summary_median_and_p95_per_bandwidth_and_overall():
+    rows = []
+    for bw, errs in ((200.0, [0.01, -0.02, 0.03, -0.04]), (1000.0, [0.10, -0.20])):
+        rows += [{"bandwidth_mb_s": bw, "error": e, "io_error": 2 * e, "compute_error": -e}
+                 for e in errs]
+    stats = {(s["bandwidth"], s["metric"]): s for s in prediction.summary(rows)}
+    assert set(stats) == {(g, m) for g in (200.0, 1000.0, "all") for m in prediction.METRICS}
+    assert stats[200.0, "total"]["median_abs_error"] == pytest.approx(0.025)
+    assert stats[200.0, "io"]["median_abs_error"] == pytest.approx(0.05)
+    assert stats[1000.0, "compute"]["max_abs_error"] == pytest.approx(0.20)
+    assert stats["all", "total"]["plans"] == 6
+    assert stats["all", "total"]["p95_abs_error"] == pytest.approx(
+        np.percentile([0.01, 0.02, 0.03, 0.04, 0.10, 0.20], 95))
+    assert stats[200.0, "compute"]["mean_signed_error"] == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_benchmark_parses_its_arguments(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    assert f"python -m benchmarks.{name}" in capsys.readouterr().out
+
+
+def test_solver_speed_table_respects_the_bounds(tmp_path, capsys):
+    assert solver_speed.main(["--only", "minilm-phone@", "--repeats", "1", "--time-limit", "1",
+                              "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# python -m benchmarks.solver_speed --only minilm-phone@")
+    with open(tmp_path / "solver_speed.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["solver"] for r in rows] == [s for s, _ in solver_speed.RUNS]
+    assert {r["instance"] for r in rows} == {"minilm-phone@17ms"}
+    solved = [r for r in rows if r["objective"]]
+    assert {"greedy", "highs"} <= {r["solver"] for r in solved}
+    for r in solved:
+        assert float(r["vs_bound"]) <= 1 + 1e-9  # no plan above the best proven bound
+    for r in rows:
+        if r["solver"] != "greedy" and r["objective"]:
+            assert float(r["gap"]) >= 0 and r["status"] in ("optimal", "feasible")
