@@ -9,6 +9,11 @@ the target). Every frontier plan's submodel runs on the 1,000 held-out test twee
 its real fidelity and accuracy (runtime/submodel.py). Hold-in-memory (the whole fp32 model
 resident, 42.5 MB of layer weights) is marked for scale, with its predicted latency.
 
+Near the top of the frontier min_buffer is the harder program: a solve may end at its time
+limit with a feasible plan (its gap is in the row), or with none; then the max-importance
+plan, which reaches the floor, stands in, and its row says source=max_importance (its
+buffer bounds the least one from above).
+
     python -m benchmarks.frontier [--targets 12,17,25] [--points 8] [--out-dir D]
 
 Writes frontier.csv and frontier.png.
