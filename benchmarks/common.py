@@ -34,6 +34,29 @@ def header(module: str, argv: list[str] | None = None, **facts) -> str:
             f"{datetime.date.today()}{extra}")
 
 
+def start(module: str, argv: list[str] | None = None) -> str:
+    """A benchmark's start: one torch thread (the runtime's default: the IO thread needs
+    the other core), and its header printed. Returns the header (for figure footers)."""
+    import torch
+
+    torch.set_num_threads(1)
+    command = header(module, argv, torch_threads=1)
+    print(command)
+    return command
+
+
+def runtime_inputs(repeat: int):
+    """What the runtime benchmarks measure with: the shard store, the fp32 reference, and
+    `repeat` test-split queries at MiniLM's profiled seq_len."""
+    from elasticplan.loader import load_scenario
+    from runtime.measure import Reference, query_batches
+    from runtime.store import ShardStore
+
+    store = ShardStore(STORE)
+    seq_len = load_scenario(MINILM_PHONE).model.seq_len
+    return store, Reference(store), query_batches(store, seq_len, repeat)
+
+
 def out_path(name: str, out_dir: str | Path | None = None) -> Path:
     d = Path(out_dir) if out_dir else OUT
     d.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from benchmarks.common import EXACT, HEAD, MINILM_PHONE, STORE, header, out_path, pyplot, \
-    save_figure, write_csv
+from benchmarks.common import EXACT, HEAD, MINILM_PHONE, STORE, out_path, pyplot, \
+    save_figure, start, write_csv
 from elasticplan.baselines import HOLD_IN_MEMORY, baseline_plan
+from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError, SolverTimeoutError
 from elasticplan.loader import load_scenario
 from elasticplan.report import optional
@@ -123,7 +122,7 @@ def plot(rows, targets, hold, hold_q, path, command) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="12,17,25", help="ms")
+    ap.add_argument("--targets", type=number_list, default="12,17,25", help="ms")
     ap.add_argument("--points", type=int, default=8, help="floors per target (>= 2)")
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
     ap.add_argument("--time-limit", type=float, default=20.0, help="per solve, s")
@@ -131,9 +130,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.points < 2:
         ap.error("--points must be at least 2")
-    torch.set_num_threads(1)
-    command = header(MODULE, argv, torch_threads=1)
-    print(command)
+    command = start(MODULE, argv)
     t0 = time.monotonic()
     base = load_scenario(MINILM_PHONE)
     evaluator = TestSplit(ShardStore(STORE), HEAD)
@@ -146,12 +143,11 @@ def main(argv=None) -> int:
     print(f"{'target ms':>9} {'floor':>8} {'buffer MB':>9} {'importance':>10} {'status':<8} "
           f"{'gap':>8} {'solve s':>7} {'shards':>6} {'preloaded':>9} {'fidelity':>8} "
           f"{'accuracy':>8} source")
-    targets = [float(v) for v in a.targets.split(",")]
     rows = []
-    for t in targets:
+    for t in a.targets:
         rows += frontier(base, t, a.points, a.gap, a.time_limit, evaluator)
     write_csv(out_path("frontier.csv", a.out_dir), rows, list(rows[0]) if rows else ["target_ms"])
-    plot(rows, targets, hold, hold_q, out_path("frontier.png", a.out_dir), command)
+    plot(rows, a.targets, hold, hold_q, out_path("frontier.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")
     return 0
 

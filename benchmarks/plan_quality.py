@@ -20,11 +20,11 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
-from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, header, out_path, \
-    pyplot, save_figure, write_csv
+from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, out_path, pyplot, \
+    save_figure, start, write_csv
 from benchmarks.solver_speed import instances
+from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
 from elasticplan.report import optional
 from elasticplan.spec import FULL_PRECISION_BITS, Objective
@@ -148,29 +148,27 @@ def plot(points, buffers, full, path, command) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="4,5,6,7,8,10,12,14,17,20,25", help="MiniLM grid, ms")
-    ap.add_argument("--buffers", default="0,2", help="MiniLM grid, MB (two for the plot)")
+    ap.add_argument("--targets", type=number_list, default="4,5,6,7,8,10,12,14,17,20,25",
+                    help="MiniLM grid, ms")
+    ap.add_argument("--buffers", type=number_list, default="0,2",
+                    help="MiniLM grid, MB (two for the plot)")
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap the exact plan proves")
     ap.add_argument("--time-limit", type=float, default=10.0, help="per solve, s")
     ap.add_argument("--out-dir", help="default out/bench")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    command = header(MODULE, argv, torch_threads=1)
-    print(command)
+    command = start(MODULE, argv)
     t0 = time.monotonic()
     rows = scenarios(a.gap, a.time_limit)
     write_csv(out_path("plan_quality_scenarios.csv", a.out_dir), rows,
               ["scenario", "objective", EXACT, "status", "gap", GREEDY, "ratio",
                f"{EXACT}_error", f"{GREEDY}_error"])
-    targets = [float(v) for v in a.targets.split(",")]
-    buffers = [float(v) for v in a.buffers.split(",")]
     evaluator = TestSplit(ShardStore(STORE), HEAD)
     full = evaluator.uniform(FULL_PRECISION_BITS)
-    points = minilm_grid(targets, buffers, a.gap, a.time_limit, evaluator)
+    points = minilm_grid(a.targets, a.buffers, a.gap, a.time_limit, evaluator)
     grid_summary(points, full)
     write_csv(out_path("plan_quality_minilm.csv", a.out_dir), [vars(p) for p in points],
               list(additive.PlanPoint.__dataclass_fields__))
-    plot(points, buffers, full, out_path("plan_quality.png", a.out_dir), command)
+    plot(points, a.buffers, full, out_path("plan_quality.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")
     return 0
 

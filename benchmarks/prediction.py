@@ -25,16 +25,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from benchmarks.common import EXACT, MINILM_PHONE, STORE, calibrated_scenario, header, \
-    out_path, percentile, pyplot, relative, save_figure, write_csv
+from benchmarks.common import EXACT, calibrated_scenario, out_path, percentile, pyplot, \
+    relative, runtime_inputs, save_figure, start, write_csv
+from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.loader import load_scenario
 from elasticplan.solvers import solve
-from elasticplan.verify import verify_plan
-from runtime.measure import Reference, measure_plan, query_batches
-from runtime.store import ShardStore
+from runtime.measure import measure_plan
 
 MODULE = "benchmarks.prediction"
 METRICS = ("total", "io", "compute")
@@ -123,10 +119,11 @@ def plot(rows: list[dict], stats: list[dict], path, command) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    ap.add_argument("--bandwidths", default="200,1000", help="emulated storage, MB/s")
-    ap.add_argument("--fractions", default="0.5,0.6,0.7,0.8,0.9,1.0",
+    ap.add_argument("--bandwidths", type=number_list, default="200,1000",
+                    help="emulated storage, MB/s")
+    ap.add_argument("--fractions", type=number_list, default="0.5,0.6,0.7,0.8,0.9,1.0",
                     help="targets, as fractions of the calibrated default target")
-    ap.add_argument("--buffers", default="0,1,2,4", help="preload budgets, MB")
+    ap.add_argument("--buffers", type=number_list, default="0,1,2,4", help="preload budgets, MB")
     ap.add_argument("--repeat", type=int, default=5, help="measured runs per plan")
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
     ap.add_argument("--time-limit", type=float, default=5.0, help="per solve, s")
@@ -134,23 +131,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.repeat < 1:
         ap.error("--repeat must be at least 1")
-    torch.set_num_threads(1)
-    command = header(MODULE, argv, torch_threads=1)
-    print(command)
+    command = start(MODULE, argv)
     t0 = time.monotonic()
-    store = ShardStore(STORE)
-    reference = Reference(store)
-    queries = query_batches(store, load_scenario(MINILM_PHONE).model.seq_len, a.repeat)
-    fractions = [float(v) for v in a.fractions.split(",")]
-    buffers = [float(v) for v in a.buffers.split(",")]
+    store, reference, queries = runtime_inputs(a.repeat)
     rows = []
-    for bw in [float(v) for v in a.bandwidths.split(",")]:
+    for bw in a.bandwidths:
         sc0, default = calibrated_scenario(bw, store=store, queries=queries)
         print(f"{'MB/s':>5} {'target':>6} {'buf MB':>6} {'status':<8} {'shards':>6} "
               f"{'predicted':>9} {'measured':>8} {'error':>7} {'IO pred':>7} {'IO meas':>7} "
               f"{'IO err':>7} {'comp pred':>9} {'comp meas':>9} {'comp err':>8}")
-        for frac in fractions:
-            for buf in buffers:
+        for frac in a.fractions:
+            for buf in a.buffers:
                 sc = sc0.with_overrides(target_latency_ms=round(default * frac, 1),
                                         preload_budget_mb=buf)
                 try:
@@ -159,7 +150,6 @@ def main(argv=None) -> int:
                 except ElasticplanError as e:
                     print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB: no plan: {e}")
                     continue
-                verify_plan(sc, plan)
                 r = measure_plan(plan, sc, store, repeats=a.repeat, emulate=True,
                                  queries=queries, reference=reference, head=None)
                 row = row_of(bw, plan, r)

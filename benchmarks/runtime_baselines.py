@@ -4,8 +4,9 @@ MiniLM-L6 on this machine's calibrated device with storage emulated at each band
 (default 200 MB/s and 1 GB/s; benchmarks/common.calibrated_scenario). The question: the
 target is --fraction (default 0.5) of the calibrated default target (every shard at 8
 bits, streamed), tight enough that the plans must drop and quantise shards; the buffer is
-2 MB. Five plans run through the one executor and the one measurement (runtime/measure.py: a discarded warm-up, then --repeat cold runs
-on test-split queries, median): hold-in-memory, load-then-execute, layer-wise pipelining
+2 MB. Five plans run through the one executor and the one measurement
+(runtime/measure.py: a discarded warm-up, then --repeat cold runs on test-split queries,
+median): hold-in-memory, load-then-execute, layer-wise pipelining
 (elasticplan/baselines.py), the greedy plan and the exact plan (HiGHS).
 
 Per plan: predicted and measured latency, measured vs the target (a solved plan is
@@ -25,17 +26,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, calibrated_scenario, header, \
-    out_path, relative, write_csv
-from elasticplan.baselines import STRATEGIES, baseline_plan
+from benchmarks.common import EXACT, GREEDY, HEAD, calibrated_scenario, out_path, relative, \
+    runtime_inputs, start, write_csv
+from elasticplan.baselines import baseline_questions
+from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.loader import load_scenario
 from elasticplan.solvers import solve
-from elasticplan.verify import verify_plan, with_plan_question
-from runtime.measure import Reference, measure_plan, peak_bytes, query_batches
-from runtime.store import ShardStore
+from runtime.measure import measure_plan, peak_bytes
 from runtime.submodel import TestSplit
 
 MODULE = "benchmarks.runtime_baselines"
@@ -47,28 +44,22 @@ COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms
 
 def plans_for(sc, time_limit_s: float, gap: float):
     """(label, plan, the scenario it answers) for the five strategies, the solved ones last."""
-    out = []
-    for strategy in STRATEGIES:
-        try:
-            b = baseline_plan(sc, strategy)
-        except ElasticplanError as e:
-            print(f"# {strategy}: not run: {e}")
-            continue
-        out.append((strategy, b, with_plan_question(sc, b)))
+    skipped = lambda strategy, e: print(f"# {strategy}: not run: {e}")  # noqa: E731
+    out = [(b.solver, b, question) for b, question in baseline_questions(sc, skipped)]
     for label, solver in (("greedy", GREEDY), ("exact (highs)", EXACT)):
         try:
             plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap, explain=False)
         except ElasticplanError as e:
             print(f"# {label}: no plan: {e}")
             continue
-        verify_plan(sc, plan)
         out.append((label, plan, sc))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    ap.add_argument("--bandwidths", default="200,1000", help="emulated storage, MB/s")
+    ap.add_argument("--bandwidths", type=number_list, default="200,1000",
+                    help="emulated storage, MB/s")
     ap.add_argument("--fraction", type=float, default=0.5,
                     help="the target, as a fraction of the calibrated default target")
     ap.add_argument("--buffer", type=float, default=2.0, help="preload budget, MB")
@@ -79,21 +70,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.repeat < 1:
         ap.error("--repeat must be at least 1")
-    torch.set_num_threads(1)
-    command = header(MODULE, argv, torch_threads=1)
-    print(command)
+    start(MODULE, argv)
     t0 = time.monotonic()
-    store = ShardStore(STORE)
+    store, reference, queries = runtime_inputs(a.repeat)
     evaluator = TestSplit(store, HEAD)
-    reference = Reference(store)
-    queries = query_batches(store, load_scenario(MINILM_PHONE).model.seq_len, a.repeat)
     rows = []
-    for bw in [float(v) for v in a.bandwidths.split(",")]:
+    for bw in a.bandwidths:
         sc, default = calibrated_scenario(bw, store=store, queries=queries)
         target = round(default * a.fraction, 1)
         sc = sc.with_overrides(target_latency_ms=target, preload_budget_mb=a.buffer)
-        print(f"# {bw:g} MB/s: target {target:g} ms ({a.fraction:g} x {default:g}), buffer {a.buffer:g} MB; {a.repeat} cold runs "
-              f"per plan after a warm-up, median")
+        print(f"# {bw:g} MB/s: target {target:g} ms ({a.fraction:g} x {default:g}), buffer "
+              f"{a.buffer:g} MB; {a.repeat} cold runs per plan after a warm-up, median")
         print(f"{'strategy':<22} {'predicted':>9} {'measured':>8} {'error':>7} {'vs target':>9} "
               f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'fidelity':>8} "
               f"{'accuracy':>8}")

@@ -103,9 +103,11 @@ def main(argv=None) -> int:
                 r["vs_bound"] = r["objective"] / best_bound
             rows.append(r)
             print(f"{r['instance']:<28} {r['size']:>9} {r['solver']:<6} "
-                  f"{optional(r.get('gap_asked'), '.0e'):>9} {optional(r.get('build_ms'), '.1f'):>9} "
+                  f"{optional(r.get('gap_asked'), '.0e'):>9} "
+                  f"{optional(r.get('build_ms'), '.1f'):>9} "
                   f"{optional(r.get('solve_ms'), '.1f'):>9} {r.get('status', ''):<9} "
-                  f"{optional(r.get('gap'), '.1e'):>8} {optional(r.get('vs_bound'), '.6f'):>9}", flush=True)
+                  f"{optional(r.get('gap'), '.1e'):>8} {optional(r.get('vs_bound'), '.6f'):>9}",
+                  flush=True)
     fields = ["instance", "size", "bools", "solver", "gap_asked", "build_ms", "solve_ms", "runs",
               "status", "gap", "objective", "vs_bound"]
     write_csv(out_path("solver_speed.csv", a.out_dir), rows, fields)

@@ -19,7 +19,7 @@ from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
 from elasticplan.errors import ElasticplanError
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
-from elasticplan.verify import verify_plan
+from elasticplan.verify import verify_plan, with_plan_question
 
 HOLD_IN_MEMORY = "hold-in-memory"
 LOAD_THEN_EXECUTE = "load-then-execute"
@@ -52,3 +52,18 @@ def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
                                gap=None, solve_seconds=0.0, execution=execution)
     verify_plan(own, plan)
     return plan
+
+
+def baseline_questions(scenario: Scenario, skipped) -> list[tuple[Plan, Scenario]]:
+    """Every classic strategy's plan with the question it answers (what the runtime runs
+    and checks it against). A strategy that does not fit the device is left out and
+    reported as skipped(strategy, error)."""
+    out = []
+    for strategy in STRATEGIES:
+        try:
+            plan = baseline_plan(scenario, strategy)
+        except ElasticplanError as e:
+            skipped(strategy, e)
+            continue
+        out.append((plan, with_plan_question(scenario, plan)))
+    return out

@@ -16,7 +16,7 @@ from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, DEFAULT_THREADS, \
     DEFAULT_TIME_LIMIT_S, solve
-from elasticplan.verify import scenario_for, verify_plan, with_plan_question
+from elasticplan.verify import scenario_for, verify_plan
 
 
 DEFAULT_STORE = "build/shards/minilm-l6"
@@ -28,7 +28,7 @@ DEFAULT_RUN_THREADS = 1
 DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
 
 
-def _range(text: str) -> list[float]:
+def number_list(text: str) -> list[float]:
     """'A:B:STEP' inclusive, or a single value, or 'a,b,c'."""
     try:
         if "," in text:
@@ -94,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="solve over a range of buffers or targets")
     w.add_argument("scenario")
     axis = w.add_mutually_exclusive_group(required=True)
-    axis.add_argument("--buffer-mb", type=_range, metavar="A:B:STEP")
-    axis.add_argument("--target-ms", type=_range, metavar="A:B:STEP")
+    axis.add_argument("--buffer-mb", type=number_list, metavar="A:B:STEP")
+    axis.add_argument("--target-ms", type=number_list, metavar="A:B:STEP")
     _solver_args(w)
     w.add_argument("--csv", help="also write the frontier as CSV")
 
     t = sub.add_parser("table", help="solve a grid of targets x buffers into a plan table "
                                      "(solved plans are reused wherever they fit)")
     t.add_argument("scenario")
-    t.add_argument("--target-ms", type=_range, required=True, metavar="A:B:STEP")
-    t.add_argument("--buffer-mb", type=_range, required=True, metavar="A:B:STEP")
+    t.add_argument("--target-ms", type=number_list, required=True, metavar="A:B:STEP")
+    t.add_argument("--buffer-mb", type=number_list, required=True, metavar="A:B:STEP")
     _solver_args(t)
     t.add_argument("-o", "--output", required=True, help="write the table as JSON")
 
@@ -234,7 +234,8 @@ def cmd_sweep(a) -> int:
             print(f"{value:>10g}  {row['status'] + ' (' + row['source'] + ')':>18}  "
                   f"{optional(row.get('importance'), '.6g'):>10}  "
                   f"{optional(row.get('latency_ms'), '.3f'):>10}  "
-                  f"{optional(row.get('used_mb'), '.3f'):>9}  {optional(row.get('gap'), '.1e'):>8}  "
+                  f"{optional(row.get('used_mb'), '.3f'):>9}  "
+                  f"{optional(row.get('gap'), '.1e'):>8}  "
                   f"{optional(row.get('solve_seconds'), '.2f'):>7}")
     print(_saved_line(table))
     if a.csv:
@@ -359,7 +360,7 @@ def cmd_calibrate(a) -> int:
 def cmd_run(a) -> int:
     import json
 
-    from elasticplan.baselines import STRATEGIES, baseline_plan
+    from elasticplan.baselines import baseline_questions
     from elasticplan.errors import ToleranceError
     from runtime.measure import (Reference, format_comparison, format_report, gantt,
                                  measure_plan, query_batches)
@@ -384,13 +385,9 @@ def cmd_run(a) -> int:
     print(format_report(report))
     reports = [report]
     if a.baselines:
-        for strategy in STRATEGIES:
-            try:
-                b = baseline_plan(scenario, strategy)
-            except ElasticplanError as e:
-                print(f"{strategy}: not run: {e}")
-                continue
-            reports.append(measure_plan(b, with_plan_question(scenario, b), store, **common))
+        skipped = lambda strategy, e: print(f"{strategy}: not run: {e}")  # noqa: E731
+        for b, question in baseline_questions(scenario, skipped):
+            reports.append(measure_plan(b, question, store, **common))
         print()
         print(format_comparison(reports))
     if a.json:
