@@ -48,7 +48,7 @@ def frontier(base, target: float, points: int, gap: float, time_limit_s: float,
     ends = {}
     for buf in (0.0, cap_mb):
         sc = base.with_overrides(target_latency_ms=target, preload_budget_mb=buf)
-        ends[buf] = solve(sc, EXACT, time_limit_s=time_limit_s, relative_gap=gap, explain=False)
+        ends[buf] = solve(sc, EXACT, time_limit_s=time_limit_s, relative_gap=gap)
     lo, hi = ends[0.0].importance, ends[cap_mb].importance
     rows = []
     for k in range(points):
@@ -57,7 +57,7 @@ def frontier(base, target: float, points: int, gap: float, time_limit_s: float,
                                  objective=Objective.MIN_BUFFER, importance_floor=floor)
         source = "min_buffer"
         try:
-            plan = solve(sc, EXACT, time_limit_s=time_limit_s, relative_gap=gap, explain=False)
+            plan = solve(sc, EXACT, time_limit_s=time_limit_s, relative_gap=gap)
         except SolverTimeoutError as e:
             if ends[cap_mb].importance < floor:
                 print(f"# target {target:g} ms, floor {floor:.5f}: no plan ({e})")

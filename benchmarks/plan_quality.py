@@ -44,8 +44,7 @@ def scenarios(gap: float, time_limit_s: float) -> list[dict]:
         row = {"scenario": name, "objective": sc.objective.value}
         for solver in (EXACT, GREEDY):
             try:
-                plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap,
-                             explain=False)
+                plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap)
                 row[solver] = plan.objective
                 if solver == EXACT:
                     row.update(status=plan.status.value, gap=plan.gap)

@@ -145,8 +145,7 @@ def main(argv=None) -> int:
                 sc = sc0.with_overrides(target_latency_ms=round(default * frac, 1),
                                         preload_budget_mb=buf)
                 try:
-                    plan = solve(sc, EXACT, time_limit_s=a.time_limit, relative_gap=a.gap,
-                                 explain=False)
+                    plan = solve(sc, EXACT, time_limit_s=a.time_limit, relative_gap=a.gap)
                 except ElasticplanError as e:
                     print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB: no plan: {e}")
                     continue

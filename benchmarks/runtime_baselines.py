@@ -48,7 +48,7 @@ def plans_for(sc, time_limit_s: float, gap: float):
     out = [(b.solver, b, question) for b, question in baseline_questions(sc, skipped)]
     for label, solver in (("greedy", GREEDY), ("exact (highs)", EXACT)):
         try:
-            plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap, explain=False)
+            plan = solve(sc, solver, time_limit_s=time_limit_s, relative_gap=gap)
         except ElasticplanError as e:
             print(f"# {label}: no plan: {e}")
             continue

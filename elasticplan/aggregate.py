@@ -38,9 +38,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import highspy
 import numpy as np
 
 from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms, simulate
+from elasticplan.highs_model import new_highs, pass_model
+from elasticplan.margins import EXACT, Margins
 from elasticplan.spec import Objective, Scenario
 
 STREAMED, PRELOADED = 0, 1
@@ -109,10 +112,6 @@ class MatrixProgram:
     def num_cols(self) -> int:
         return len(self.col_lower)
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_lower)
-
     def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Column-wise compressed (start, index, value) of A."""
         order = np.lexsort((self.a_rows, self.a_cols))
@@ -141,28 +140,20 @@ class MatrixProgram:
         return tuple(layers)
 
     def solution_of(self, selection: Selection) -> np.ndarray:
-        """The complete column vector of a selection (a warm start): counts, x, y and the
-        I/C chain evaluated exactly."""
+        """The complete column vector of a selection: counts, x, y, and the I/C chain from
+        the cost model's schedule (elasticplan.costmodel.simulate)."""
         v = np.zeros(self.num_cols)
-        io = np.zeros(len(self.classes))
-        comp = np.zeros(len(self.classes))
-        device = self.scenario.device
         for li, (classes, picks) in enumerate(zip(self.classes, selection)):
             where = {si: (ci, k) for ci, c in enumerate(classes) for k, si in enumerate(c.members)}
             for p in picks:
                 ci, k = where[p.shard]
-                c = classes[ci]
                 v[self.n_col[li][ci][p.bit, PRELOADED if p.preloaded else STREAMED]] += 1
                 v[self.x_col[li][ci][k, p.bit]] = 1
-                io[li] += 0.0 if p.preloaded else c.read_ms[p.bit]
-                comp[li] += c.compute_ms[p.bit]
-            if picks:
-                comp[li] += device.layer_overhead_ms
-                if self.y_col is not None:
-                    v[self.y_col[li]] = 1
-            elif self.y_col is None:
-                comp[li] += device.layer_overhead_ms
-        v[self.io_col] = np.cumsum(io)
+            if picks and self.y_col is not None:
+                v[self.y_col[li]] = 1
+        schedule = simulate(self.scenario, selection)
+        comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
+        v[self.io_col] = [t.io_end_ms for t in schedule.layers]
         v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
         if self.z_col is not None:
             v[self.z_col] = float(np.max(v[self.io_col] + v[self.comp_col]))
@@ -189,10 +180,6 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
     """Which member takes which bitwidth, given how many run at each: the max-importance
     transportation problem, solved exactly (its LP optimum at a vertex is integral).
     Returns per member the bitwidth index, -1 for dropped."""
-    import highspy
-
-    from elasticplan.solvers.highs import new_highs, pass_model
-
     m, B = importance.shape
     if int(per_bit.sum()) > m:
         raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
@@ -216,11 +203,10 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
     return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
 
 
-def build(scenario: Scenario, *, time_margin_ms: float = 0.0,
-          importance_scale: float = 1.0, importance_margin: float = 0.0) -> MatrixProgram:
+def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     """Data, variables, constraints, objective. Latency rows are tightened by
-    `time_margin_ms` and the floor raised by `importance_margin` (scaled units), for
-    floating-point backends; importance is multiplied by `importance_scale`."""
+    `margins` (elasticplan.margins) for floating-point backends."""
+    importance_scale = margins.importance_scale
     device, model = scenario.device, scenario.model
     classes = cost_classes(scenario)
     L, B = len(model.layers), len(model.bitwidths)
@@ -310,7 +296,7 @@ def build(scenario: Scenario, *, time_margin_ms: float = 0.0,
         if z_col is None:
             # latency[l]: I[l] + C[l] <= T
             add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf,
-                     scenario.target_latency_ms - time_margin_ms)
+                     margins.latency_rhs(scenario.target_latency_ms))
         else:
             # latency[l]: Z - I[l] - C[l] >= 0
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
@@ -324,8 +310,8 @@ def build(scenario: Scenario, *, time_margin_ms: float = 0.0,
     add_rows(pre_cols, pre_bytes, -inf, float(budget))
     if scenario.objective == Objective.MIN_BUFFER:
         # floor: sum importance x >= importance_floor
-        add_rows(all_x, all_imp * importance_scale, importance_scale * scenario.importance_floor
-                 + importance_margin, inf)
+        add_rows(all_x, all_imp * importance_scale, margins.floor_rhs(scenario.importance_floor),
+                 inf)
 
     # --- objective ---------------------------------------------------------------------
     cost = np.zeros(len(lower))

@@ -44,7 +44,7 @@ DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
 LLM_BITWIDTHS = (2, 3, 4, 5, 6, 7, 8, 16)  # 16 = fp16, as the checkpoints ship
 
 # Synthetic fidelity of a shard quantised to b bits, relative to fp32, before a per-shard
-# sensitivity exponent; shaped after RUNTIME-NOTES.md (8-bit ~lossless, 2-bit unusable).
+# sensitivity exponent; shaped after the measured MiniLM figures (docs/runtime.md: 8-bit ~lossless, 2-bit unusable).
 _SYNTHETIC_QUALITY = {1: 0.05, 2: 0.3, 3: 0.75, 4: 0.9, 5: 0.95, 6: 0.985, 7: 0.993, 8: 0.998}
 
 

@@ -1,5 +1,5 @@
 """The classic strategies, as plans, so the one runtime executes and measures them the same
-way as a solved plan (ARCHITECTURE: baselines for comparison).
+way as a solved plan (docs/design.md: baselines for comparison).
 
 - hold-in-memory: every shard at full precision, all in the preload buffer; no reads.
 - load-then-execute: every shard at full precision, streamed; compute starts after the

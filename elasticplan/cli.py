@@ -10,7 +10,8 @@ import argparse
 import csv
 import sys
 
-from elasticplan.errors import ElasticplanError, InfeasibleError
+from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
+from elasticplan.explain import explain_failure
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
@@ -180,8 +181,12 @@ def _overrides(target_ms, buffer_mb) -> dict:
 def cmd_solve(a) -> int:
     scenario = load_scenario(a.scenario)
     scenario = scenario.with_overrides(**_overrides(a.target_ms, a.buffer_mb))
-    plan = solve(scenario, a.solver, time_limit_s=a.time_limit, threads=a.threads,
-                 relative_gap=a.gap)
+    try:
+        plan = solve(scenario, a.solver, time_limit_s=a.time_limit, threads=a.threads,
+                     relative_gap=a.gap)
+    except (InfeasibleError, SolverTimeoutError) as failed:
+        raise explain_failure(scenario, failed, time_limit_s=a.time_limit,
+                              threads=a.threads) from failed
     print(plan_table(scenario, plan))
     if a.output:
         plan.save(a.output)

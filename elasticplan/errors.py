@@ -14,6 +14,14 @@ class ElasticplanError(Exception):
     exit_code = 1
 
 
+class InvalidArgument(ElasticplanError):
+    """An argument (a command-line flag, or a keyword of a library call) is out of range or
+    of the wrong kind; the message names it and what it accepts. Like argparse's own usage
+    errors, it exits 2."""
+
+    exit_code = 2
+
+
 class SpecError(ElasticplanError):
     """A problem file is malformed: names the file, the key path and what is wrong."""
 

@@ -1,12 +1,12 @@
-"""The integer program, written once and solver-neutral (ARCHITECTURE.md, "The integer program").
+"""The integer program, written once and solver-neutral (docs/programs.md, "The plain program").
 
 Variables (booleans, per layer l, shard s, bitwidth b):
   q[l,s,b] = 1  the shard runs at bitwidth b and is streamed from storage
   p[l,s,b] = 1  the shard runs at bitwidth b and is held in the preload buffer
-  (ARCHITECTURE.md's x = q + p and p <= x; splitting x this way keeps every cost
+  (the textbook form's x = q + p and p <= x; splitting x this way keeps every cost
    coefficient non-negative, which makes conservative integer rounding exact to state)
   y[l]     = 1  layer l runs (only when min_shards_per_layer = 0; otherwise y = 1)
-No time variables: ARCHITECTURE.md's recurrence (F = end of reads, C = end of compute)
+No time variables: the pipeline's recurrence (F = end of reads, C = end of compute)
 unrolls exactly into one knapsack row per layer (see the latency rows below). Only the
 internal min_latency objective has one continuous variable, Z >= every such row.
 

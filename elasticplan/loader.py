@@ -272,13 +272,11 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     digest = hashlib.sha256(json.dumps(
         {"device": device_raw, "model": model_raw, "scenario": scenario_raw},
         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    scenario = Scenario(
+    return Scenario(
         name=name, device=device, model=model, target_latency_ms=target,
         preload_budget_mb=budget, min_shards_per_layer=1 if min_shards is None else min_shards,
         objective=Objective(objective_raw), importance_floor=floor, source=file,
         content_hash=digest)
-    validate_scenario_fields(scenario)
-    return scenario
 
 
 def _load_part(f: _Fields, key: str, base: Path, parse):
@@ -293,28 +291,3 @@ def _load_part(f: _Fields, key: str, base: Path, parse):
     if isinstance(value, dict):
         return parse(value, f.file, key), value
     raise f.err(key, f"expected a path (string) or an inline mapping, got {_show(value)}")
-
-
-def validate_scenario_fields(s: Scenario) -> None:
-    """Checks that relate fields to each other; run at load and after every override."""
-    file = s.source
-    if not (math.isfinite(s.target_latency_ms) and s.target_latency_ms > 0):
-        raise SpecError(file, "target_latency_ms", f"must be > 0, got {s.target_latency_ms:g}")
-    if not (math.isfinite(s.preload_budget_mb) and s.preload_budget_mb >= 0):
-        raise SpecError(file, "preload_budget_mb", f"must be >= 0, got {s.preload_budget_mb:g}")
-    cap_mb = s.memory_cap_bytes / 1e6
-    if s.preload_budget_bytes > s.memory_cap_bytes:
-        raise SpecError(file, "preload_budget_mb",
-                        f"{s.preload_budget_mb:g} MB does not fit in the device's memory_mb "
-                        f"{s.device.memory_mb:g} less the model's resident_bytes "
-                        f"{s.model.resident_bytes / 1e6:g} MB ({cap_mb:g} MB left)")
-    for li, layer in enumerate(s.model.layers):
-        if s.min_shards_per_layer > len(layer.shards):
-            raise SpecError(file, "min_shards_per_layer",
-                            f"{s.min_shards_per_layer} exceeds the {len(layer.shards)} shards "
-                            f"of layer {li} of model {s.model.name!r}")
-    if s.objective == Objective.MIN_BUFFER and s.importance_floor is None:
-        raise SpecError(file, "importance_floor", "objective min_buffer needs an importance_floor")
-    if s.objective == Objective.MAX_IMPORTANCE and s.importance_floor is not None:
-        raise SpecError(file, "importance_floor",
-                        "only used with objective min_buffer (remove it, or set objective)")

@@ -48,10 +48,6 @@ class IntProgram:
     objective: tuple[tuple[str, int], ...]
     time_horizon: int  # upper bound for every time variable, in ticks
 
-    def scale_of(self, unit: Unit) -> float:
-        return {Unit.COUNT: 1.0, Unit.BYTES: 1.0, Unit.TIME_MS: 1.0 / self.tick_ms,
-                Unit.IMPORTANCE: self.importance_scale}[unit]
-
 
 def scale_row(row: Row, scale: float, exact_vars: frozenset[str]) -> IntRow:
     """Conservative rounding of one row; `exact_vars` (time variables, already in

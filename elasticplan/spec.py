@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
+
+from elasticplan.errors import SpecError
 
 FULL_PRECISION_BITS = 32
 
@@ -77,11 +80,18 @@ class ModelProfile:
         return sum(len(layer.shards) for layer in self.layers)
 
 
+def bytes_of_mb(mb: float) -> int:
+    """Whole bytes in `mb` MB (10**6 bytes each), robust to the float's last digit."""
+    return int(mb * 1e6 + 1e-6)
+
+
 @dataclass(frozen=True)
 class Scenario:
     """A device + a model + the planning question. `content_hash` covers the
     device, model and scenario contents as loaded (not the file bytes), so a
-    plan can detect that its inputs changed."""
+    plan can detect that its inputs changed. Construction validates the fields that
+    relate to each other (SpecError naming `source` and the key), so every way of
+    building one -- the loader, `with_overrides`, a test -- is checked alike."""
 
     name: str
     device: Device
@@ -94,19 +104,55 @@ class Scenario:
     source: str | None = None  # path of the scenario file, if loaded from one
     content_hash: str = ""
 
+    def __post_init__(self) -> None:
+        file = self.source
+        if not (_finite(self.target_latency_ms) and self.target_latency_ms > 0):
+            raise SpecError(file, "target_latency_ms",
+                            f"must be a finite number > 0, got {self.target_latency_ms!r}")
+        if not (_finite(self.preload_budget_mb) and self.preload_budget_mb >= 0):
+            raise SpecError(file, "preload_budget_mb",
+                            f"must be a finite number >= 0, got {self.preload_budget_mb!r}")
+        if isinstance(self.min_shards_per_layer, bool) or \
+                not isinstance(self.min_shards_per_layer, int) or self.min_shards_per_layer < 0:
+            raise SpecError(file, "min_shards_per_layer",
+                            f"must be an integer >= 0, got {self.min_shards_per_layer!r}")
+        if not isinstance(self.objective, Objective):
+            raise SpecError(file, "objective", f"must be an Objective, got {self.objective!r}")
+        if self.importance_floor is not None and not (
+                _finite(self.importance_floor) and self.importance_floor >= 0):
+            raise SpecError(file, "importance_floor",
+                            f"must be a finite number >= 0, got {self.importance_floor!r}")
+        cap_mb = self.memory_cap_bytes / 1e6
+        if self.preload_budget_bytes > self.memory_cap_bytes:
+            raise SpecError(file, "preload_budget_mb",
+                            f"{self.preload_budget_mb:g} MB does not fit in the device's memory_mb "
+                            f"{self.device.memory_mb:g} less the model's resident_bytes "
+                            f"{self.model.resident_bytes / 1e6:g} MB ({cap_mb:g} MB left)")
+        for li, layer in enumerate(self.model.layers):
+            if self.min_shards_per_layer > len(layer.shards):
+                raise SpecError(file, "min_shards_per_layer",
+                                f"{self.min_shards_per_layer} exceeds the {len(layer.shards)} "
+                                f"shards of layer {li} of model {self.model.name!r}")
+        if self.objective == Objective.MIN_BUFFER and self.importance_floor is None:
+            raise SpecError(file, "importance_floor",
+                            "objective min_buffer needs an importance_floor")
+        if self.objective == Objective.MAX_IMPORTANCE and self.importance_floor is not None:
+            raise SpecError(file, "importance_floor",
+                            "only used with objective min_buffer (remove it, or set objective)")
+
     @property
     def preload_budget_bytes(self) -> int:
-        return int(self.preload_budget_mb * 1e6 + 1e-6)
+        return bytes_of_mb(self.preload_budget_mb)
 
     @property
     def memory_cap_bytes(self) -> int:
         """Most bytes the preload buffer may ever hold: the device memory less resident weights."""
-        return max(0, int(self.device.memory_mb * 1e6 + 1e-6) - self.model.resident_bytes)
+        return max(0, bytes_of_mb(self.device.memory_mb) - self.model.resident_bytes)
 
     def with_overrides(self, **changes) -> "Scenario":
         """Same inputs, another question (target, budget, objective, floor). Validated again."""
-        from elasticplan.loader import validate_scenario_fields
+        return dataclasses.replace(self, **changes)
 
-        updated = dataclasses.replace(self, **changes)
-        validate_scenario_fields(updated)
-        return updated
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from elasticplan.errors import ElasticplanError, InfeasibleError, NoPlanFoundError, \
+from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, \
     PlanFormatError, SolverTimeoutError
-from elasticplan.plan import Plan, read_json
-from elasticplan.spec import Objective, Scenario
+from elasticplan.plan import Plan, gap_to_bound, read_json
+from elasticplan.solvers import solve as solve_one
+from elasticplan.spec import Objective, Scenario, bytes_of_mb
 
 SCHEMA = "elasticplan.table/1"
 SOLVED, REUSED, INFEASIBLE, IMPLIED_INFEASIBLE, TIMEOUT, NO_PLAN = (
@@ -59,7 +60,7 @@ def proven_gap(plan: Plan | None, bound: float | None) -> float | None:
     """How far `plan` may be from the optimum that `bound` caps (None: unknown)."""
     if plan is None or bound is None:
         return None
-    return max(0.0, bound - plan.objective) / max(abs(plan.objective), 1e-12)
+    return gap_to_bound(plan.objective, bound)
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,13 @@ def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,
     """Solve the grid from the largest (target, buffer) down, reusing and inheriting as the
     module docstring says; `log(i, j, cell)` reports progress. The greedy heuristic proves
     no bound and no infeasibility, so with it every cell is solved (a plain sweep)."""
-    from elasticplan.solvers import solve as solve_one
-
     if scenario.objective != Objective.MAX_IMPORTANCE:
-        raise ElasticplanError(f"plan tables answer max_importance questions; the scenario "
-                               f"asks {scenario.objective.value}")
+        raise InvalidArgument(f"plan tables answer max_importance questions; the scenario "
+                              f"asks {scenario.objective.value}")
 
     def solve(question: Scenario) -> Plan:
         return solve_one(question, solver, time_limit_s=time_limit_s, threads=threads,
-                         relative_gap=relative_gap, explain=False)
+                         relative_gap=relative_gap)
 
     started = time.perf_counter()
     targets = tuple(sorted(set(float(t) for t in targets_ms)))
@@ -189,7 +188,7 @@ def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,
     for i in range(len(targets) - 1, -1, -1):
         for j in range(len(buffers) - 1, -1, -1):
             T, B = targets[i], buffers[j]
-            budget = int(B * 1e6 + 1e-6)
+            budget = bytes_of_mb(B)
             if any(i <= a and j <= b for a, b in infeasible):
                 cell = Cell(IMPLIED_INFEASIBLE, None, None)
             else:

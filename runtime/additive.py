@@ -56,10 +56,6 @@ class PlanPoint:
     shards: int
     quantised: int
 
-    @property
-    def measured_loss(self) -> float:
-        return 1.0 - self.measured_fidelity
-
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho with average ranks for ties."""
@@ -99,8 +95,7 @@ def run(scenario_path: str, store_path: str, head_path: str, targets, buffers,
             sc = base.with_overrides(target_latency_ms=target, preload_budget_mb=buffer_mb)
             for name in (solver, "greedy"):
                 try:
-                    plan = solve(sc, name, time_limit_s=time_limit_s, relative_gap=relative_gap,
-                                 explain=False)
+                    plan = solve(sc, name, time_limit_s=time_limit_s, relative_gap=relative_gap)
                 except ElasticplanError as e:
                     log(f"target {target} ms, buffer {buffer_mb} MB, {name}: no plan ({e})")
                     continue

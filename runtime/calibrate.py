@@ -6,7 +6,7 @@ Compute. The device spec's compute model is, per layer that runs,
 (elasticplan.costmodel). Calibration runs random plans (random shard subsets, bitwidths
 and preload flags per layer, seeded) through the real executor, with the storage emulated
 as it will be in real runs, so the measured layer times carry the pipeline's own effects
-(idle OpenMP threads, the IO thread; RUNTIME-NOTES). Each plan runs after a discarded
+(idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). Each plan runs after a discarded
 warm-up; each (plan, layer) sample is the median over the repeats. The three figures come
 from a non-negative least-squares fit of the measured compute times to the model, and
 the fit's R^2 and mean error are written into the file.

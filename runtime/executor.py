@@ -110,10 +110,6 @@ class MemoryAccount:
     working_bytes: list[int]
     resident_model_bytes: int  # embeddings, LayerNorms, shared biases: every strategy holds them
 
-    @property
-    def allocated_bytes(self) -> int:
-        return self.preload_bytes + sum(self.working_bytes)
-
 
 @dataclass
 class FillReport:
@@ -141,8 +137,7 @@ class Executor:
         check_model(plan, store)
         profile = scenario.model
         device = scenario.device
-        self.clock = DeviceClock(device.bandwidth_mb_s if emulate else None,
-                                 device.latency_us if emulate else 0.0)
+        self.clock = DeviceClock(device if emulate else None)
         self.encoder = store.encoder()
         self.execution = plan.execution
         # Every planned variant: present, the size the profile claims, its checksum.

@@ -3,7 +3,7 @@ device clock.
 
 Cold reads. Shard files are fsync'ed when the store is built (runtime/store.py), so
 `posix_fadvise(DONTNEED)` can evict their pages (it silently keeps dirty pages;
-RUNTIME-NOTES). `evict` does that per file, and `resident_pages` asks the kernel
+docs/runtime.md). `evict` does that per file, and `resident_pages` asks the kernel
 (`mincore`) how many pages of a file range or a buffer are in memory, so a run can say
 "0 of N pages were cached before it" instead of assuming it.
 
@@ -13,7 +13,7 @@ earlier than the previous completion + latency + bytes / bandwidth (the channel 
 the query's arrival and the runtime issues reads back to back, ahead of the device), and never
 before it really completed. Whoever needs the data sleeps once per batch of reads (a
 layer), to the batch's last deadline: per-read sleeps overshoot by ~80 us each and a
-busy-wait holds the GIL against the compute thread (both measured; RUNTIME-NOTES). The
+busy-wait holds the GIL against the compute thread (both measured; docs/runtime.md). The
 real reads run ahead of the deadlines, so a real latency spike (cold reads of ~200 KB
 here take 0.3 ms, sometimes 1.5 ms) does not delay the device unless the real disk falls
 behind it.
@@ -26,6 +26,9 @@ import ctypes.util
 import mmap
 import os
 import time
+
+from elasticplan.costmodel import read_ms
+from elasticplan.spec import Device
 
 PAGE = mmap.PAGESIZE
 
@@ -92,29 +95,27 @@ def evict(fd: int) -> None:
 
 
 class DeviceClock:
-    """A storage channel of `bandwidth_mb_s` and `latency_us` per read, on perf_counter time.
+    """A device's storage channel, on perf_counter time: each read takes what the cost
+    model's `read_ms` charges for it (latency_us + bytes / bandwidth_mb_s).
 
     `start(t)` opens the channel at time t; `complete(nbytes, finished)` books the next read,
     which really finished at `finished`, and returns when the emulated device would have
     finished it. Deadlines are absolute, so sleep overshoot does not accumulate. None for
-    bandwidth: no emulation (a read completes when it really does)."""
+    the device: no emulation (a read completes when it really does)."""
 
-    def __init__(self, bandwidth_mb_s: float | None, latency_us: float = 0.0):
-        if bandwidth_mb_s is not None and not bandwidth_mb_s > 0:
-            raise ValueError(f"bandwidth must be > 0 MB/s, got {bandwidth_mb_s}")
-        self.bandwidth_mb_s = bandwidth_mb_s
-        self.latency_us = latency_us
+    def __init__(self, device: Device | None):
+        self.device = device
         self.busy_until = 0.0
 
     @property
     def emulated(self) -> bool:
-        return self.bandwidth_mb_s is not None
+        return self.device is not None
 
     def start(self, at: float) -> None:
         self.busy_until = at
 
     def read_seconds(self, nbytes: int) -> float:
-        return self.latency_us * 1e-6 + nbytes / (self.bandwidth_mb_s * 1e6)
+        return read_ms(self.device, nbytes) / 1e3
 
     def complete(self, nbytes: int, finished: float) -> float:
         if not self.emulated:

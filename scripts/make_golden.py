@@ -1,4 +1,4 @@
-"""Golden embeddings for tests/test_model.py, from the reference implementation.
+"""Golden embeddings for tests/test_model_quant.py, from the reference implementation.
 
 Run once, in a throw-away venv that has the reference stack (NOT the project's venv):
 

@@ -43,7 +43,7 @@ def best(sc: Scenario, slack_ms: float = 0.0):
 def rounding_margin_ms(sc: Scenario) -> float:
     """Most that conservative integer rounding (CP-SAT ticks) or the float backends' time margin can cost."""
     from elasticplan import scaling
-    from elasticplan.solvers.floats import TIME_MARGIN_MS
+    from elasticplan.margins import TIME_MARGIN_MS
 
     tick_ms = scaling.DEFAULT_TICK_NS * 1e-6
     terms = sum(2 * len(layer.shards) + 2 for layer in sc.model.layers) + 2

@@ -48,8 +48,8 @@ def test_every_model_loads_and_matches_its_generator(path):
         assert raw["resident_bytes"] == generated["resident_bytes"]
 
 
-def test_minilm_bytes_match_runtime_notes():
-    """RUNTIME-NOTES.md: a head is 197 KB fp32, 50 KB 8-bit, 25 KB 4-bit, 13 KB 2-bit with one
+def test_minilm_bytes_match_measured_sizes():
+    """docs/runtime.md: a head is 197 KB fp32, 50 KB 8-bit, 25 KB 4-bit, 13 KB 2-bit with one
     scale per row of [128, 384]; the store quantises Wo per output channel (384 scales
     instead of 32), which adds 1.4 KB per head: 51, 27, 15 KB."""
     model = parse_model(read_yaml(MINILM), str(MINILM))

@@ -22,6 +22,7 @@ from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
 from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
+from elasticplan.spec import Device
 from elasticplan.verify import verify_plan, with_plan_question
 from runtime import quant
 from runtime.calibrate import fit_compute, nnls
@@ -217,7 +218,9 @@ def test_emulated_reads_never_finish_before_the_device_would(scenario, store, ba
 
 
 def test_device_clock_books_reads_back_to_back():
-    clock = DeviceClock(100.0, 1000.0)  # 100 MB/s, 1 ms per read
+    device = Device(name="t", bandwidth_mb_s=100.0, latency_us=1000.0, gflops=1.0,
+                    layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=1.0)
+    clock = DeviceClock(device)  # 100 MB/s, 1 ms per read
     clock.start(10.0)
     assert clock.complete(1_000_000, 10.0001) == pytest.approx(10.011)
     assert clock.complete(0, 10.0002) == pytest.approx(10.012)

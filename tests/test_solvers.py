@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
+from elasticplan.explain import explain_failure
 from elasticplan.errors import InfeasibleError, NoPlanFoundError, SolverTimeoutError
 from elasticplan.solvers import solve
 from elasticplan.spec import Objective
@@ -105,7 +106,9 @@ def test_infeasible_is_explained_never_a_plan(sc):
     for solver in EXACT:
         with pytest.raises(InfeasibleError) as info:
             solve(tight, solver, time_limit_s=20, threads=1)
-        message = str(info.value)
+        explained = explain_failure(tight, info.value, time_limit_s=20, threads=1)
+        assert isinstance(explained, InfeasibleError)
+        message = str(explained)
         assert "fastest possible schedule" in message
         assert "raise the target to >=" in message
 

@@ -21,15 +21,14 @@ from elasticplan import formulation
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.formulation import Unit
 from elasticplan.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
+from elasticplan.margins import float_margins
 from elasticplan.spec import Scenario
 
 NAME = "cbc"
 
 
 def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
-              relative_gap: float, hint=None) -> Plan:
-    del hint  # CBC through PuLP takes no warm start for this model (see issue on solver speed)
+              relative_gap: float) -> Plan:
     started = time.perf_counter()
     program = formulation.build(scenario)
 
@@ -38,15 +37,17 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     var = {name: prob.add_variable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
     var.update({name: prob.add_variable(_safe(name), 0, program.time_horizon_ms)
                 for name in program.times})
-    most_important = scenario.model.max_importance or 1.0
+    margins = float_margins(scenario)
     for r in program.rows:
-        k = IMPORTANCE_SCALE / most_important if r.unit == Unit.IMPORTANCE else 1.0
+        k = margins.importance_scale if r.unit == Unit.IMPORTANCE else 1.0
         expr = pulp.lpSum(k * c * var[v] for v, c in r.terms)
-        rhs = k * r.rhs
+        rhs = r.rhs
         if r.unit == Unit.TIME_MS and r.sense == "<=":
-            rhs -= TIME_MARGIN_MS
+            rhs = margins.latency_rhs(rhs)
         elif r.unit == Unit.IMPORTANCE and r.sense == ">=":
-            rhs += IMPORTANCE_MARGIN
+            rhs = margins.floor_rhs(rhs)
+        else:
+            rhs = k * rhs
         prob += (expr <= rhs) if r.sense == "<=" else (expr >= rhs), _safe(r.label)
     # CBC prints its final bound with ~3 decimals; scaling the objective to ~1e6 makes that
     # line precise enough to compute a real gap. Feasibility is unaffected.
@@ -95,7 +96,7 @@ def _cbc_binary() -> str:
     if found:
         return found
     raise SolverError("no CBC executable found (PuLP's bundled one is missing and `cbc` is not "
-                      "on PATH); reinstall with `make test` or use --solver cpsat")
+                      "on PATH); reinstall with `make test` or use --solver highs")
 
 
 def _safe(name: str) -> str:

@@ -7,7 +7,6 @@ import time
 from ortools.sat.python import cp_model
 
 from elasticplan import formulation, scaling
-from elasticplan.costmodel import Selection
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Scenario
@@ -16,7 +15,7 @@ NAME = "cpsat"
 
 
 def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
-                hint: Selection | None = None, tick_ns: float = scaling.DEFAULT_TICK_NS) -> Plan:
+                tick_ns: float = scaling.DEFAULT_TICK_NS) -> Plan:
     started = time.perf_counter()
     program = formulation.build(scenario)
     ip = scaling.to_integers(program, tick_ns)
@@ -29,11 +28,6 @@ def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relati
         model.add(expr <= r.rhs if r.sense == "<=" else expr >= r.rhs)
     objective = sum(c * var[v] for v, c in ip.objective)
     model.maximize(objective) if program.maximize else model.minimize(objective)
-    if hint is not None:
-        # A complete hint: CP-SAT ignores a partial one, so the times come with the booleans.
-        bools = program.assignment(hint)
-        for name, value in {**bools, **scaling.earliest_times(ip, bools)}.items():
-            model.add_hint(var[name], value)
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = float(time_limit_s)

@@ -86,15 +86,15 @@ class _Pipeline:
 
 
 def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 1,
-                 relative_gap: float = 0, hint=None) -> Plan:
-    del time_limit_s, threads, relative_gap, hint  # a heuristic: none of these apply
+                 relative_gap: float = 0) -> Plan:
+    del time_limit_s, threads, relative_gap  # a heuristic: none of these apply
     started = time.perf_counter()
     selection = _plan(scenario)
     if selection is None:
         raise NoPlanFoundError(
             f"greedy (STI) found no plan for target {scenario.target_latency_ms:g} ms and "
             f"buffer {scenario.preload_budget_mb:g} MB; this proves nothing: an exact solver "
-            f"(--solver cpsat) finds a plan or explains why none exists")
+            f"(--solver highs) finds a plan or explains why none exists")
     plan = Plan.from_selection(scenario, selection, solver=NAME, status=SolveStatus.FEASIBLE,
                                gap=None, solve_seconds=time.perf_counter() - started)
     if scenario.objective == Objective.MIN_BUFFER and plan.importance < scenario.importance_floor:
@@ -102,7 +102,7 @@ def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 
         raise NoPlanFoundError(
             f"greedy (STI) reaches importance {plan.importance:.6g} within the "
             f"{scenario.preload_budget_mb:g} MB budget, below the floor "
-            f"{scenario.importance_floor:.6g}; it does not size buffers (use --solver cpsat)")
+            f"{scenario.importance_floor:.6g}; it does not size buffers (use --solver highs)")
     return plan
 
 

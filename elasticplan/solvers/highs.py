@@ -4,7 +4,7 @@ class as integers, the assignment of shards as continuous variables.
 Data, variables, constraints and objective come from `aggregate.build` as one sparse
 matrix, passed to HiGHS in a single call; then solve, map the status by name, read back.
 HiGHS works in floating point, so the latency rows are tightened by
-`floats.TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.solvers.floats).
+`TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.margins).
 Its branch and bound runs on one thread; `threads` is accepted for the common signature.
 
 LP first, when the gap asked for is loose (>= LP_FIRST_GAP): the LP relaxation is solved,
@@ -16,8 +16,6 @@ MIP runs from scratch (a warm start from the rounded or greedy plan measured slo
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import replace
 
@@ -25,10 +23,10 @@ import highspy
 import numpy as np
 
 from elasticplan import aggregate
-from elasticplan.costmodel import Selection
+from elasticplan.highs_model import new_highs, pass_model
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.solvers.floats import IMPORTANCE_MARGIN, IMPORTANCE_SCALE, TIME_MARGIN_MS
+from elasticplan.margins import float_margins
 from elasticplan.spec import Objective, Scenario
 
 NAME = "highs"
@@ -41,31 +39,22 @@ _STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
 
 
 def build(scenario: Scenario) -> aggregate.MatrixProgram:
-    top = scenario.model.max_importance or 1.0
-    return aggregate.build(scenario, time_margin_ms=TIME_MARGIN_MS,
-                           importance_scale=IMPORTANCE_SCALE / top,
-                           importance_margin=IMPORTANCE_MARGIN)
+    return aggregate.build(scenario, float_margins(scenario))
 
 
-def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
-                hint: Selection | None = None) -> Plan:
+def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
+                relative_gap: float) -> Plan:
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
     program = build(scenario)
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
-    if relative_gap >= LP_FIRST_GAP and hint is None \
-            and scenario.objective == Objective.MAX_IMPORTANCE:
+    if relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE:
         plan = _lp_rounded(program, time_limit_s=time_limit_s, relative_gap=relative_gap,
                            started=started)
         if plan is not None:
             return plan
     h = _highs(program, time_limit_s=max(1e-3, time_limit_s - (time.perf_counter() - started)),
                relative_gap=relative_gap)
-    if hint is not None:
-        warm = highspy.HighsSolution()
-        warm.col_value = program.solution_of(hint).tolist()
-        warm.value_valid = True
-        h.setSolution(warm)
     h.run()
     elapsed = time.perf_counter() - started
 
@@ -117,31 +106,6 @@ def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relati
     return replace(plan, gap=gap)
 
 
-_banner_shown = False
-
-
-def new_highs() -> highspy.Highs:
-    """A silent HiGHS instance. The library prints its banner on stdout when the first
-    instance of a process is made, before any option can be set; that one is sent to
-    /dev/null so that the CLI's output stays the plan."""
-    global _banner_shown
-    if _banner_shown:
-        h = highspy.Highs()
-    else:
-        sys.stdout.flush()
-        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 1)
-            h = highspy.Highs()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(devnull)
-        _banner_shown = True
-    h.setOptionValue("output_flag", False)
-    return h
-
-
 def _highs(program: aggregate.MatrixProgram, *, time_limit_s: float,
            relative_gap: float) -> highspy.Highs:
     h = new_highs()
@@ -153,30 +117,3 @@ def _highs(program: aggregate.MatrixProgram, *, time_limit_s: float,
                row_lower=program.row_lower, row_upper=program.row_upper,
                integer=program.col_integer)
     return h
-
-
-def pass_model(h: highspy.Highs, csc, *, maximize: bool, cost, col_lower, col_upper,
-               row_lower, row_upper, integer=None) -> None:
-    """Load `row_lower <= A x <= row_upper` (A column-wise: start, index, value) into `h`;
-    `integer` marks integer columns (None: an LP)."""
-    start, index, value = csc
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = len(cost), len(row_lower)
-    lp.sense_ = highspy.ObjSense.kMaximize if maximize else highspy.ObjSense.kMinimize
-    lp.col_cost_ = np.asarray(cost, dtype=float)
-    lp.col_lower_ = np.asarray(col_lower, dtype=float)
-    lp.col_upper_ = np.asarray(col_upper, dtype=float)
-    lp.row_lower_ = np.asarray(row_lower, dtype=float)
-    lp.row_upper_ = np.asarray(row_upper, dtype=float)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.asarray(start, dtype=np.int32)
-    lp.a_matrix_.index_ = np.asarray(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.asarray(value, dtype=float)
-    if integer is not None:
-        lp.integrality_ = [highspy.HighsVarType.kInteger if i
-                           else highspy.HighsVarType.kContinuous for i in integer]
-    # kWarning: coefficients below HiGHS's small_matrix_value (1e-9) were dropped; a
-    # latency term that small is inside the rows' TIME_MARGIN_MS.
-    if h.passModel(lp) == highspy.HighsStatus.kError:
-        raise SolverError("HiGHS rejected the model")
-
