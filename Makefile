@@ -1,4 +1,4 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test` (lint + tests, what CI runs).
 # Both create .venv from the repo's own files on first use.
 SHELL  := /bin/bash
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test shards profile additive plan-bert bench clean
+.PHONY: demo test lint shards profile additive plan-bert bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,11 @@ bench: shards
 	$(call bench_run,frontier)
 	$(call bench_run,solver_speed,--time-limit 10)
 
-test: $(STAMP)
+# The linter (ruff, pinned in pyproject.toml; rules in [tool.ruff]) runs before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 clean:

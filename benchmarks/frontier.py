@@ -24,8 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import EXACT, HEAD, MINILM_PHONE, STORE, out_path, pyplot, \
-    save_figure, start, write_csv
+from benchmarks.common import EXACT, HEAD, MINILM_PHONE, STORE, out_path, pyplot, save_figure, start, write_csv
 from elasticplan.baselines import HOLD_IN_MEMORY, baseline_plan
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError, SolverTimeoutError

@@ -21,14 +21,13 @@ import time
 
 import numpy as np
 
-from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, out_path, pyplot, \
-    save_figure, start, write_csv
+from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, out_path, pyplot, save_figure, start, write_csv
 from benchmarks.solver_speed import instances
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
 from elasticplan.report import optional
-from elasticplan.spec import FULL_PRECISION_BITS, Objective
 from elasticplan.solvers import solve
+from elasticplan.spec import FULL_PRECISION_BITS, Objective
 from runtime import additive
 from runtime.store import ShardStore
 from runtime.submodel import TestSplit

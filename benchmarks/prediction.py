@@ -25,12 +25,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import EXACT, calibrated_scenario, out_path, percentile, pyplot, \
-    relative, runtime_inputs, save_figure, start, write_csv
+from benchmarks.common import (
+    EXACT,
+    calibrated_scenario,
+    out_path,
+    percentile,
+    pyplot,
+    relative,
+    runtime_inputs,
+    save_figure,
+    start,
+    write_csv,
+)
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
 from elasticplan.solvers import solve
 from runtime.measure import measure_plan
+from runtime.report import LayerReport, RunReport
 
 MODULE = "benchmarks.prediction"
 METRICS = ("total", "io", "compute")
@@ -40,26 +51,27 @@ COLUMNS = ["bandwidth_mb_s", "target_ms", "buffer_mb", "status", "gap", "shards"
            "compute_error", "fidelity", "runs_ms"]
 
 
-def stage_ms(layers: list[dict], side: str, stage: str) -> float:
+def stage_ms(layers: list[LayerReport], side: str, stage: str) -> float:
     """Σ over layers of a stage's busy time, from a report's layers ('predicted'/'measured')."""
-    return sum(lay[side][f"{stage}_end_ms"] - lay[side][f"{stage}_start_ms"] for lay in layers)
+    return sum(getattr(getattr(lay, side), f"{stage}_end_ms")
+               - getattr(getattr(lay, side), f"{stage}_start_ms") for lay in layers)
 
 
-def row_of(bw: float, plan, r: dict) -> dict:
-    lays = r["layers"]
+def row_of(bw: float, plan, r: RunReport) -> dict:
+    lays = r.layers
     io_p, io_m = stage_ms(lays, "predicted", "io"), stage_ms(lays, "measured", "io")
     cp_p, cp_m = stage_ms(lays, "predicted", "compute"), stage_ms(lays, "measured", "compute")
     sc = plan.scenario
     return {"bandwidth_mb_s": bw, "target_ms": sc.target_latency_ms,
             "buffer_mb": sc.preload_budget_mb, "status": plan.status.value, "gap": plan.gap,
-            "shards": plan.n_shards, "reads": r["reads_per_run"],
-            "streamed_mb": r["streamed_bytes"] / 1e6,
-            "predicted_ms": r["predicted_latency_ms"], "measured_ms": r["measured_latency_ms"],
-            "error": r["relative_error"], "io_predicted_ms": io_p, "io_measured_ms": io_m,
+            "shards": plan.n_shards, "reads": r.reads_per_run,
+            "streamed_mb": r.streamed_bytes / 1e6,
+            "predicted_ms": r.predicted_latency_ms, "measured_ms": r.measured_latency_ms,
+            "error": r.relative_error, "io_predicted_ms": io_p, "io_measured_ms": io_m,
             "io_error": relative(io_m, io_p), "compute_predicted_ms": cp_p,
             "compute_measured_ms": cp_m, "compute_error": relative(cp_m, cp_p),
-            "fidelity": r["fidelity"],
-            "runs_ms": " ".join(f"{v:g}" for v in r["measured_runs_ms"])}
+            "fidelity": r.fidelity,
+            "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
 
 
 def error_key(metric: str) -> str:

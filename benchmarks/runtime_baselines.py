@@ -26,13 +26,22 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import EXACT, GREEDY, HEAD, calibrated_scenario, out_path, relative, \
-    runtime_inputs, start, write_csv
+from benchmarks.common import (
+    EXACT,
+    GREEDY,
+    HEAD,
+    calibrated_scenario,
+    out_path,
+    relative,
+    runtime_inputs,
+    start,
+    write_csv,
+)
 from elasticplan.baselines import baseline_questions
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
 from elasticplan.solvers import solve
-from runtime.measure import measure_plan, peak_bytes
+from runtime.measure import measure_plan
 from runtime.submodel import TestSplit
 
 MODULE = "benchmarks.runtime_baselines"
@@ -89,19 +98,19 @@ def main(argv=None) -> int:
             r = measure_plan(plan, question, store, repeats=a.repeat, emulate=True,
                              queries=queries, reference=reference, head=None)
             q = evaluator.plan(plan)
-            m = r["memory"]
-            resident = m["resident_model_bytes"]
+            m = r.memory
+            resident = m.resident_model_bytes
             row = {"bandwidth_mb_s": bw, "target_ms": target, "strategy": label,
-                   "execution": plan.execution, "predicted_ms": r["predicted_latency_ms"],
-                   "measured_ms": r["measured_latency_ms"], "error": r["relative_error"],
-                   "vs_target": relative(r["measured_latency_ms"], target),
-                   "preload_mb": m["preload_bytes"] / 1e6,
-                   "working_peak_mb": m["working_peak_live_bytes"] / 1e6,
-                   "working_allocated_mb": m["working_allocated_bytes"] / 1e6,
-                   "peak_mb": peak_bytes(r) / 1e6, "resident_model_mb": resident / 1e6,
-                   "streamed_mb": r["streamed_bytes"] / 1e6, "fidelity": q.fidelity,
-                   "accuracy": q.accuracy, "runtime_fidelity": r["fidelity"],
-                   "runs_ms": " ".join(f"{v:g}" for v in r["measured_runs_ms"])}
+                   "execution": plan.execution, "predicted_ms": r.predicted_latency_ms,
+                   "measured_ms": r.measured_latency_ms, "error": r.relative_error,
+                   "vs_target": relative(r.measured_latency_ms, target),
+                   "preload_mb": m.preload_bytes / 1e6,
+                   "working_peak_mb": m.working_peak_live_bytes / 1e6,
+                   "working_allocated_mb": m.working_allocated_bytes / 1e6,
+                   "peak_mb": m.peak_bytes / 1e6, "resident_model_mb": resident / 1e6,
+                   "streamed_mb": r.streamed_bytes / 1e6, "fidelity": q.fidelity,
+                   "accuracy": q.accuracy, "runtime_fidelity": r.fidelity,
+                   "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
             rows.append(row)
             print(f"{label:<22} {row['predicted_ms']:>9.2f} {row['measured_ms']:>8.2f} "
                   f"{row['error']:>+7.1%} {row['vs_target']:>+9.1%} "

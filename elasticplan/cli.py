@@ -1,7 +1,13 @@
-"""The `elasticplan` command: solve, verify, sweep, table, lookup; shard, profile, calibrate, run.
+"""The `elasticplan` command: solve, verify, sweep, table, lookup.
+
+Other packages add commands through the entry-point group `elasticplan.commands`: each
+entry is a function `register(subparsers)` that adds its sub-commands, each with a
+`handler`. The runtime registers shard, profile, calibrate and run that way
+(runtime.commands), so the planner imports nothing of it.
 
 A user mistake (bad file, bad flag value, infeasible problem) prints one line
-`elasticplan: error: ...` on stderr and exits non-zero; never a traceback.
+`elasticplan: error: ...` on stderr and exits with the code documented in docs/cli.md;
+never a traceback.
 """
 
 from __future__ import annotations
@@ -9,24 +15,22 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from importlib.metadata import entry_points
 
 from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
 from elasticplan.explain import explain_failure
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
-from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, DEFAULT_THREADS, \
-    DEFAULT_TIME_LIMIT_S, solve
+from elasticplan.solvers import (
+    BACKENDS,
+    DEFAULT_RELATIVE_GAP,
+    DEFAULT_SOLVER,
+    DEFAULT_THREADS,
+    DEFAULT_TIME_LIMIT_S,
+    solve,
+)
 from elasticplan.verify import scenario_for, verify_plan
-
-
-DEFAULT_STORE = "build/shards/minilm-l6"
-DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
-DEFAULT_CACHE = "build/profile/minilm-l6"
-DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
-DEFAULT_CALIBRATED = "build/calibrated"
-DEFAULT_RUN_THREADS = 1
-DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
 
 
 def number_list(text: str) -> list[float]:
@@ -58,18 +62,18 @@ def _number(text: str, *, zero_ok: bool) -> float:
     return v
 
 
-def _positive(text: str) -> float:
+def positive(text: str) -> float:
     return _number(text, zero_ok=False)
 
 
-def _non_negative(text: str) -> float:
+def non_negative(text: str) -> float:
     return _number(text, zero_ok=True)
 
 
 def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=sorted(BACKENDS), default=DEFAULT_SOLVER,
                    help=f"default {DEFAULT_SOLVER}")
-    p.add_argument("--time-limit", type=_positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
+    p.add_argument("--time-limit", type=positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help=f"seconds per solve (default {DEFAULT_TIME_LIMIT_S:g})")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     p.add_argument("--gap", type=float, default=DEFAULT_RELATIVE_GAP,
@@ -77,22 +81,40 @@ def _solver_args(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_RELATIVE_GAP:g})")
 
 
+COMMAND_GROUP = "elasticplan.commands"
+
+
+def _plugins():
+    """The `register` functions of every installed package that adds commands."""
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            yield ep.load()
+        except Exception as e:  # a broken add-on must not take the planner down with it
+            print(f"elasticplan: warning: commands of {ep.value} not loaded: {e}",
+                  file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticplan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="elasticplan", description="Exact elastic-pipelining plans for transformer inference "
+                                        "on memory-starved edge devices.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("solve", help="solve a scenario and print the plan")
+    s.set_defaults(handler=cmd_solve)
     s.add_argument("scenario")
     _solver_args(s)
-    s.add_argument("--target-ms", type=_positive, help="override target_latency_ms")
+    s.add_argument("--target-ms", type=positive, help="override target_latency_ms")
     s.add_argument("--buffer-mb", type=float, help="override preload_budget_mb")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     v = sub.add_parser("verify", help="check a plan file against its scenario")
+    v.set_defaults(handler=cmd_verify)
     v.add_argument("plan")
     v.add_argument("--scenario", help="scenario file (default: the path the plan records)")
 
     w = sub.add_parser("sweep", help="solve over a range of buffers or targets")
+    w.set_defaults(handler=cmd_sweep)
     w.add_argument("scenario")
     axis = w.add_mutually_exclusive_group(required=True)
     axis.add_argument("--buffer-mb", type=number_list, metavar="A:B:STEP")
@@ -102,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("table", help="solve a grid of targets x buffers into a plan table "
                                      "(solved plans are reused wherever they fit)")
+    t.set_defaults(handler=cmd_table)
     t.add_argument("scenario")
     t.add_argument("--target-ms", type=number_list, required=True, metavar="A:B:STEP")
     t.add_argument("--buffer-mb", type=number_list, required=True, metavar="A:B:STEP")
@@ -109,63 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="write the table as JSON")
 
     k = sub.add_parser("lookup", help="answer a target and buffer from a plan table")
+    k.set_defaults(handler=cmd_lookup)
     k.add_argument("table")
-    k.add_argument("--target-ms", type=_positive, required=True)
-    k.add_argument("--buffer-mb", type=_non_negative, required=True)
+    k.add_argument("--target-ms", type=positive, required=True)
+    k.add_argument("--buffer-mb", type=non_negative, required=True)
     k.add_argument("-o", "--output", help="write the plan as JSON")
 
-    h = sub.add_parser("shard", help="build the MiniLM shard store (idempotent, resumable)")
-    h.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
-    h.add_argument("--force", action="store_true", help="rewrite every file")
-
-    p = sub.add_parser("profile", help="measure shard importance on the real model and write "
-                                       "the model profile (minutes; resumable)")
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    p.add_argument("--out", default=DEFAULT_PROFILE, help=f"profile YAML (default {DEFAULT_PROFILE})")
-    p.add_argument("--cache", default=DEFAULT_CACHE, help=f"measurement cache (default {DEFAULT_CACHE})")
-    p.add_argument("--head", default=DEFAULT_HEAD, help=f"task head JSON (default {DEFAULT_HEAD})")
-    p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
-                   help="what importance measures (default fidelity: cosine to fp32)")
-
-    c = sub.add_parser("calibrate", help="measure this machine's compute in the pipelined "
-                                         "runtime; write a device spec and a scenario on it")
-    c.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    c.add_argument("--scenario", default=DEFAULT_BASE_SCENARIO,
-                   help=f"whose model and question to pose on this machine "
-                        f"(default {DEFAULT_BASE_SCENARIO})")
-    c.add_argument("--storage-mb-s", type=_positive, metavar="X",
-                   help="emulated storage bandwidth; omitted: measure this machine's disk")
-    c.add_argument("--storage-latency-us", type=_non_negative, default=100.0, metavar="U",
-                   help="emulated per-read latency (default 100)")
-    c.add_argument("--target-ms", type=_positive,
-                   help="the scenario's target (default: every shard at 8 bits, streamed)")
-    c.add_argument("--plans", type=int, default=16, help="random calibration plans (default 16)")
-    c.add_argument("--repeats", type=int, default=3, help="measured runs per plan (default 3)")
-    c.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
-                   help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
-    c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
-                   help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
-
-    r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
-    r.add_argument("plan")
-    r.add_argument("--scenario", help="scenario file (default: the path the plan records)")
-    r.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    r.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
-    r.add_argument("--repeat", type=int, default=5, metavar="N",
-                   help="measured runs, after one discarded warm-up (default 5)")
-    r.add_argument("--tolerance", type=_positive, default=0.10, metavar="F",
-                   help="relative tolerance on the total latency (default 0.10)")
-    r.add_argument("--enforce", action="store_true",
-                   help="exit 10 when the median latency is outside the tolerance")
-    r.add_argument("--no-emulate", action="store_true",
-                   help="read at this machine's real disk speed instead of the device's")
-    r.add_argument("--baselines", action="store_true",
-                   help="also run hold-in-memory, load-then-execute and layer-wise pipelining "
-                        "on the same device and model, in the same run")
-    r.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
-                   help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
-    r.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
+    for register in _plugins():
+        register(sub)
     return parser
 
 
@@ -306,121 +280,10 @@ def cmd_lookup(a) -> int:
     return 0
 
 
-def cmd_shard(a) -> int:
-    import time
-
-    from runtime.store import build_store
-
-    t0 = time.monotonic()
-    report = build_store(a.out, force=a.force, log=lambda s: print(s, file=sys.stderr))
-    print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
-          f"(checksums match), {report.total_bytes / 1e6:.1f} MB in all, "
-          f"{time.monotonic() - t0:.1f} s")
-    return 0
-
-
-def cmd_profile(a) -> int:
-    from runtime.profile import profile_model
-
-    profile_model(a.store, a.out, cache_dir=a.cache, head_path=a.head, metric=a.metric)
-    return 0
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    if n < 1:
-        raise ElasticplanError(f"--threads must be >= 1, got {n}")
-    torch.set_num_threads(n)
-
-
-def cmd_calibrate(a) -> int:
-    from pathlib import Path
-
-    from runtime.calibrate import calibrate, write_calibration
-    from runtime.measure import query_batches
-    from runtime.store import ShardStore
-
-    if a.plans < 2 or a.repeats < 1:
-        raise ElasticplanError("--plans must be >= 2 and --repeats >= 1")
-    _set_threads(a.threads)
-    base = load_scenario(a.scenario)
-    store = ShardStore(a.store)
-    queries = query_batches(store, base.model.seq_len, a.repeats)
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    device, fit, facts = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
-                                   latency_us=a.storage_latency_us, plans=a.plans,
-                                   repeats=a.repeats, queries=queries, log=log)
-    device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, device, fit,
-                                                           facts, a.target_ms)
-    print(f"compute: layer_overhead_ms {device.layer_overhead_ms:g}, gflops {device.gflops:g}, "
-          f"dequant_gb_s {device.dequant_gb_s:g} (fit over {fit.samples} layer runs: R^2 "
-          f"{fit.r2:.3f}, mean abs error {fit.mae_ms:.3f} ms)")
-    print(f"storage: {facts['storage']}")
-    print(f"wrote {device_path} and {scenario_path} (target {target:g} ms, buffer "
-          f"{base.preload_budget_mb:g} MB)")
-    return 0
-
-
-def cmd_run(a) -> int:
-    import json
-
-    from elasticplan.baselines import baseline_questions
-    from elasticplan.errors import ToleranceError
-    from runtime.measure import (Reference, format_comparison, format_report, gantt,
-                                 measure_plan, query_batches)
-    from runtime.executor import check_model
-    from runtime.store import ShardStore
-    from runtime.task import TaskHead
-
-    if a.repeat < 1:
-        raise ElasticplanError(f"--repeat must be >= 1, got {a.repeat}")
-    plan = Plan.load(a.plan)
-    scenario = scenario_for(plan, a.scenario)
-    verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
-    store = ShardStore(a.store)
-    check_model(plan, store)
-    _set_threads(a.threads)
-    head = TaskHead.load(a.head)
-    queries = query_batches(store, scenario.model.seq_len, a.repeat)
-    reference = Reference(store)
-    common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
-                  reference=reference, head=head, tolerance=a.tolerance)
-    report = measure_plan(plan, scenario, store, plan_path=a.plan, **common)
-    print(format_report(report))
-    reports = [report]
-    if a.baselines:
-        skipped = lambda strategy, e: print(f"{strategy}: not run: {e}")  # noqa: E731
-        for b, question in baseline_questions(scenario, skipped):
-            reports.append(measure_plan(b, question, store, **common))
-        print()
-        print(format_comparison(reports))
-    if a.json:
-        data = dict(report)
-        if a.baselines:
-            data["baselines"] = reports[1:]
-        with open(a.json, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        print(f"report written to {a.json}")
-    if a.gantt:
-        gantt(reports, a.gantt)
-        print(f"pipelines drawn to {a.gantt}")
-    if a.enforce and not report["within_tolerance"]:
-        raise ToleranceError(f"measured {report['measured_latency_ms']:.2f} ms vs predicted "
-                             f"{report['predicted_latency_ms']:.2f} ms "
-                             f"({report['relative_error']:+.1%}) is outside "
-                             f"±{a.tolerance:.0%}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"solve": cmd_solve, "verify": cmd_verify, "sweep": cmd_sweep, "table": cmd_table,
-               "lookup": cmd_lookup,
-               "shard": cmd_shard, "profile": cmd_profile, "calibrate": cmd_calibrate,
-               "run": cmd_run}[args.command]
     try:
-        return handler(args)
+        return args.handler(args)
     except ElasticplanError as e:
         print(f"elasticplan: error: {e}", file=sys.stderr)
         return e.exit_code

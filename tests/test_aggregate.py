@@ -9,11 +9,11 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from elasticplan import aggregate, archgen
 from elasticplan.costmodel import simulate
-from elasticplan.errors import InfeasibleError
 from elasticplan.loader import load_scenario
 from elasticplan.solvers import highs, solve
 from elasticplan.spec import Objective
@@ -21,18 +21,10 @@ from elasticplan.verify import check
 from tests import oracle
 from tests.strategies import scenarios
 
-GAP = 1e-9
-TOL = 1e-6
+GAP, TOL = oracle.GAP, oracle.TOL
 SHARED = dict(max_layers=2, max_shards=3, max_bits=2, shared_costs=True)
-
-
-def _solve(sc, solver, gap=GAP):
-    try:
-        plan = solve(sc, solver, time_limit_s=20, threads=1, relative_gap=gap)
-    except InfeasibleError:
-        return None
-    assert check(sc, plan)[0] == []
-    return plan
+_solve = oracle.solve_or_none
+_near = oracle.near_target
 
 
 @given(sc=scenarios(**SHARED), objective=st.sampled_from(list(Objective)))
@@ -59,10 +51,6 @@ def test_aggregated_optimum_equals_brute_force(sc, objective):
         if got is not None and best is not None:
             # bytes are exact; latency within float noise
             assert math.isclose(got, best, rel_tol=1e-9, abs_tol=1e-6) or _near(sc)
-
-
-def _near(sc) -> bool:
-    return oracle.best(sc, slack_ms=oracle.rounding_margin_ms(sc)) != oracle.best(sc)
 
 
 @given(sc=scenarios(max_layers=3, max_shards=5, max_bits=3, shared_costs=True))

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import common, prediction, solver_speed
+from runtime.report import LayerReport, StageTimes
 
 MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed")
 
@@ -43,9 +44,10 @@ def test_header_names_command_machine_and_date():
 
 def _layer(p_io, m_io, p_c, m_c):
     def side(io, c):
-        return {"io_start_ms": io[0], "io_end_ms": io[1], "compute_start_ms": c[0],
-                "compute_end_ms": c[1]}
-    return {"predicted": side(p_io, p_c), "measured": side(m_io, m_c)}
+        return StageTimes(io_start_ms=io[0], io_end_ms=io[1], compute_start_ms=c[0],
+                          compute_end_ms=c[1])
+    return LayerReport(index=0, shards=1, preloaded=0, reads=1, read_bytes=1,
+                       predicted=side(p_io, p_c), measured=side(m_io, m_c), decode_ms=0.0)
 
 
 def test_stage_sums_are_busy_time_per_layer():

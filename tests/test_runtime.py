@@ -28,8 +28,7 @@ from runtime import quant
 from runtime.calibrate import fit_compute, nnls
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
-from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, peak_live_bytes, \
-    query_batches
+from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, peak_live_bytes, query_batches
 from runtime.model import LayerWeights, shard_from_hf
 from runtime.store import ShardStore
 
@@ -326,15 +325,16 @@ def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
     queries = query_batches(store, scenario.model.seq_len, 2)
     r = measure_plan(plan, scenario, store, repeats=2, emulate=True, queries=queries,
                      reference=Reference(store), head=None)
-    assert r["fidelity"] == pytest.approx(1.0, abs=1e-5)
-    assert r["reads_per_run"] == 0
-    assert r["preload_resident_bytes"] == plan.preload_bytes  # every fp32 shard held in place
+    assert r.fidelity == pytest.approx(1.0, abs=1e-5)
+    assert r.reads_per_run == 0
+    assert r.preload_resident_bytes == plan.preload_bytes  # every fp32 shard held in place
     # held in place: the preload is the fused weights, no working buffers besides
-    assert r["memory"]["preload_bytes"] == plan.preload_bytes
-    assert r["memory"]["working_allocated_bytes"] == 0
-    assert r["memory"]["working_peak_live_bytes"] == 0
-    assert r["memory"]["resident_model_bytes"] == store.resident_bytes > 0
-    assert r["tolerance"] == DEFAULT_TOLERANCE
+    assert r.memory.preload_bytes == plan.preload_bytes
+    assert r.memory.working_allocated_bytes == 0
+    assert r.memory.working_peak_live_bytes == 0
+    assert r.memory.resident_model_bytes == store.resident_bytes > 0
+    assert r.tolerance == DEFAULT_TOLERANCE
+    assert json.loads(json.dumps(r.to_dict()))["memory"]["preload_bytes"] == plan.preload_bytes
 
 
 def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):

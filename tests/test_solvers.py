@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from elasticplan.explain import explain_failure
 from elasticplan.errors import InfeasibleError, NoPlanFoundError, SolverTimeoutError
+from elasticplan.explain import explain_failure
 from elasticplan.solvers import solve
 from elasticplan.spec import Objective
 from elasticplan.verify import check
@@ -16,17 +17,15 @@ from tests import oracle
 from tests.strategies import scenarios
 
 EXACT = ["cpsat", "cbc", "highs"]
-GAP = 1e-9  # tiny problems: ask for exact proofs
-TOL = 1e-6  # importance rounding (CP-SAT's 1e9 units) and float sums
+GAP, TOL = oracle.GAP, oracle.TOL
+_near_target = oracle.near_target
 
 
 def exact(sc, solver):
     """Objective of the solver's plan, or None if it proved infeasibility."""
-    try:
-        plan = solve(sc, solver, time_limit_s=20, threads=1, relative_gap=GAP)
-    except InfeasibleError:
+    plan = oracle.solve_or_none(sc, solver)
+    if plan is None:
         return None
-    assert check(sc, plan)[0] == []
     assert plan.status.value == "optimal"
     return plan.objective
 
@@ -59,11 +58,6 @@ def test_backends_agree_and_beat_greedy(sc):
             assert math.isclose(a, b, rel_tol=TOL, abs_tol=TOL) or _near_target(sc)
         elif (a is None) != (b is None):
             assert _near_target(sc)
-
-
-def _near_target(sc) -> bool:
-    """The best plan sits within rounding margin of the target (backends round differently)."""
-    return oracle.best(sc, slack_ms=oracle.rounding_margin_ms(sc)) != oracle.best(sc)
 
 
 @given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2), grow=st.floats(1.0, 3.0))

@@ -15,8 +15,7 @@ from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario, read_yaml
 from runtime import quant
 from runtime.model import shard_from_hf
-from runtime.profile import (DROP, Measurement, Profiler, importance,
-                             run_profile)
+from runtime.profile import DROP, Measurement, Profiler, importance, run_profile
 from runtime.store import ShardStore, build_store
 from runtime.task import LABELS, TaskHead, load_splits
 

@@ -20,8 +20,8 @@ import pulp
 from elasticplan import formulation
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.formulation import Unit
-from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.margins import float_margins
+from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Scenario
 
 NAME = "cbc"

@@ -23,10 +23,10 @@ import highspy
 import numpy as np
 
 from elasticplan import aggregate
-from elasticplan.highs_model import new_highs, pass_model
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus, gap_to_bound
+from elasticplan.highs_model import new_highs, pass_model
 from elasticplan.margins import float_margins
+from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Objective, Scenario
 
 NAME = "highs"

@@ -1,0 +1,186 @@
+"""The runtime's commands, registered with the `elasticplan` CLI through the entry-point
+group `elasticplan.commands` (pyproject.toml): shard, profile, calibrate, run. The MiniLM
+defaults live here, beside the code that uses them. Heavy imports (torch) happen inside
+the handlers, so that the planner's commands start without them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from elasticplan.baselines import baseline_questions
+from elasticplan.cli import non_negative, positive
+from elasticplan.errors import InvalidArgument, ToleranceError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import Plan
+from elasticplan.verify import scenario_for, verify_plan
+
+DEFAULT_STORE = "build/shards/minilm-l6"
+DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
+DEFAULT_CACHE = "build/profile/minilm-l6"
+DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
+DEFAULT_CALIBRATED = "build/calibrated"
+DEFAULT_RUN_THREADS = 1
+DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
+
+
+def register(sub) -> None:
+    """Add shard, profile, calibrate and run to the `elasticplan` sub-command parsers."""
+    h = sub.add_parser("shard", help="build the MiniLM shard store (idempotent, resumable)")
+    h.set_defaults(handler=cmd_shard)
+    h.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    h.add_argument("--force", action="store_true", help="rewrite every file")
+
+    p = sub.add_parser("profile", help="measure shard importance on the real model and write "
+                                       "the model profile (minutes; resumable)")
+    p.set_defaults(handler=cmd_profile)
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    p.add_argument("--out", default=DEFAULT_PROFILE, help=f"profile YAML (default {DEFAULT_PROFILE})")
+    p.add_argument("--cache", default=DEFAULT_CACHE, help=f"measurement cache (default {DEFAULT_CACHE})")
+    p.add_argument("--head", default=DEFAULT_HEAD, help=f"task head JSON (default {DEFAULT_HEAD})")
+    p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
+                   help="what importance measures (default fidelity: cosine to fp32)")
+
+    c = sub.add_parser("calibrate", help="measure this machine's compute in the pipelined "
+                                         "runtime; write a device spec and a scenario on it")
+    c.set_defaults(handler=cmd_calibrate)
+    c.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    c.add_argument("--scenario", default=DEFAULT_BASE_SCENARIO,
+                   help=f"whose model and question to pose on this machine "
+                        f"(default {DEFAULT_BASE_SCENARIO})")
+    c.add_argument("--storage-mb-s", type=positive, metavar="X",
+                   help="emulated storage bandwidth; omitted: measure this machine's disk")
+    c.add_argument("--storage-latency-us", type=non_negative, default=100.0, metavar="U",
+                   help="emulated per-read latency (default 100)")
+    c.add_argument("--target-ms", type=positive,
+                   help="the scenario's target (default: every shard at 8 bits, streamed)")
+    c.add_argument("--plans", type=int, default=16, help="random calibration plans (default 16)")
+    c.add_argument("--repeats", type=int, default=3, help="measured runs per plan (default 3)")
+    c.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+                   help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
+    c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
+                   help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
+
+    r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
+    r.set_defaults(handler=cmd_run)
+    r.add_argument("plan")
+    r.add_argument("--scenario", help="scenario file (default: the path the plan records)")
+    r.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    r.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
+    r.add_argument("--repeat", type=int, default=5, metavar="N",
+                   help="measured runs, after one discarded warm-up (default 5)")
+    r.add_argument("--tolerance", type=positive, default=0.10, metavar="F",
+                   help="relative tolerance on the total latency (default 0.10)")
+    r.add_argument("--enforce", action="store_true",
+                   help="exit 10 when the median latency is outside the tolerance")
+    r.add_argument("--no-emulate", action="store_true",
+                   help="read at this machine's real disk speed instead of the device's")
+    r.add_argument("--baselines", action="store_true",
+                   help="also run hold-in-memory, load-then-execute and layer-wise pipelining "
+                        "on the same device and model, in the same run")
+    r.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+                   help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
+    r.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
+
+
+def cmd_shard(a) -> int:
+    from runtime.store import build_store
+
+    t0 = time.monotonic()
+    report = build_store(a.out, force=a.force, log=lambda s: print(s, file=sys.stderr))
+    print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
+          f"(checksums match), {report.total_bytes / 1e6:.1f} MB in all, "
+          f"{time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    from runtime.profile import profile_model
+
+    profile_model(a.store, a.out, cache_dir=a.cache, head_path=a.head, metric=a.metric)
+    return 0
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise InvalidArgument(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def cmd_calibrate(a) -> int:
+    from runtime.calibrate import calibrate, write_calibration
+    from runtime.measure import query_batches
+    from runtime.store import ShardStore
+
+    if a.plans < 2 or a.repeats < 1:
+        raise InvalidArgument("--plans must be >= 2 and --repeats >= 1")
+    _set_threads(a.threads)
+    base = load_scenario(a.scenario)
+    store = ShardStore(a.store)
+    queries = query_batches(store, base.model.seq_len, a.repeats)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    device, fit, facts = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
+                                   latency_us=a.storage_latency_us, plans=a.plans,
+                                   repeats=a.repeats, queries=queries, log=log)
+    device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, device, fit,
+                                                           facts, a.target_ms)
+    print(f"compute: layer_overhead_ms {device.layer_overhead_ms:g}, gflops {device.gflops:g}, "
+          f"dequant_gb_s {device.dequant_gb_s:g} (fit over {fit.samples} layer runs: R^2 "
+          f"{fit.r2:.3f}, mean abs error {fit.mae_ms:.3f} ms)")
+    print(f"storage: {facts['storage']}")
+    print(f"wrote {device_path} and {scenario_path} (target {target:g} ms, buffer "
+          f"{base.preload_budget_mb:g} MB)")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from runtime.executor import check_model
+    from runtime.measure import Reference, measure_plan, query_batches
+    from runtime.report import format_comparison, format_report, gantt
+    from runtime.store import ShardStore
+    from runtime.task import TaskHead
+
+    if a.repeat < 1:
+        raise InvalidArgument(f"--repeat must be >= 1, got {a.repeat}")
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan, a.scenario)
+    verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
+    store = ShardStore(a.store)
+    check_model(plan, store)
+    _set_threads(a.threads)
+    head = TaskHead.load(a.head)
+    queries = query_batches(store, scenario.model.seq_len, a.repeat)
+    reference = Reference(store)
+    common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
+                  reference=reference, head=head, tolerance=a.tolerance)
+    report = measure_plan(plan, scenario, store, plan_path=a.plan, **common)
+    print(format_report(report))
+    reports = [report]
+    if a.baselines:
+        skipped = lambda strategy, e: print(f"{strategy}: not run: {e}")  # noqa: E731
+        for b, question in baseline_questions(scenario, skipped):
+            reports.append(measure_plan(b, question, store, **common))
+        print()
+        print(format_comparison(reports))
+    if a.json:
+        data = report.to_dict()
+        if a.baselines:
+            data["baselines"] = [r.to_dict() for r in reports[1:]]
+        with open(a.json, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        print(f"report written to {a.json}")
+    if a.gantt:
+        gantt(reports, a.gantt)
+        print(f"pipelines drawn to {a.gantt}")
+    if a.enforce and not report.within_tolerance:
+        raise ToleranceError(f"measured {report.measured_latency_ms:.2f} ms vs predicted "
+                             f"{report.predicted_latency_ms:.2f} ms "
+                             f"({report.relative_error:+.1%}) is outside "
+                             f"±{a.tolerance:.0%}")
+    return 0
