@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import os
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from elasticplan.outputs import save_figure as write_figure
+from elasticplan.outputs import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -64,10 +68,11 @@ def out_path(name: str, out_dir: str | Path | None = None) -> Path:
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, restval="", extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, text.getvalue())
     print(f"# written {_rel(path)}")
 
 
@@ -83,8 +88,10 @@ def pyplot():
 def save_figure(fig, path: Path, command: str) -> None:
     """Save with the command that made it in the figure's own footer."""
     fig.text(0.005, 0.005, command.lstrip("# "), fontsize=5.5, color="grey", va="bottom")
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
+    try:
+        write_figure(fig, path)
+    finally:
+        pyplot().close(fig)
     print(f"# written {_rel(path)}")
 
 

@@ -16,7 +16,7 @@ The plan therefore verifies, and its prediction is checked like any other.
 from __future__ import annotations
 
 from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
-from elasticplan.errors import ElasticplanError
+from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
 from elasticplan.verify import verify_plan, with_plan_question
@@ -30,8 +30,8 @@ STRATEGIES = (HOLD_IN_MEMORY, LOAD_THEN_EXECUTE, LAYERWISE)
 def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
     """The plan of a classic strategy on the scenario's device and model (verified)."""
     if strategy not in STRATEGIES:
-        raise ElasticplanError(f"unknown baseline {strategy!r}; choose one of "
-                               f"{', '.join(STRATEGIES)}")
+        raise InvalidArgument(f"unknown baseline {strategy!r}; choose one of "
+                              f"{', '.join(STRATEGIES)}")
     model = scenario.model
     bit = model.bit_index(FULL_PRECISION_BITS)
     if bit is None:
@@ -46,8 +46,8 @@ def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
                                       preload_budget_mb=schedule.preload_bytes / 1e6,
                                       objective=Objective.MAX_IMPORTANCE, importance_floor=None)
     except ElasticplanError as e:
-        raise ElasticplanError(f"baseline {strategy} does not fit device "
-                               f"{scenario.device.name!r}: {e}") from None
+        raise InfeasibleError(f"baseline {strategy} does not fit device "
+                              f"{scenario.device.name!r}: {e}") from None
     plan = Plan.from_selection(own, selection, solver=strategy, status=SolveStatus.FEASIBLE,
                                gap=None, solve_seconds=0.0, execution=execution)
     verify_plan(own, plan)

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import math
+import os
 import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
 from importlib.metadata import entry_points
 
-from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
+from tqdm import tqdm
+
+from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
 from elasticplan.explain import explain_failure
 from elasticplan.loader import load_scenario
+from elasticplan.outputs import refuse_inputs, write_text
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
 from elasticplan.solvers import (
@@ -30,58 +40,121 @@ from elasticplan.solvers import (
     DEFAULT_TIME_LIMIT_S,
     solve,
 )
+from elasticplan.spec import MAX_BUFFER_MB, MAX_TARGET_MS
+from elasticplan.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.verify import scenario_for, verify_plan
+
+MAX_AXIS_POINTS = 10_000
+MIN_SOLVE_S = 0.01  # what a solve gets when loading took the whole time limit
+DEFAULT_MAX_POINTS = 10_000  # a table or sweep grid larger than this needs --max-points
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
 
 
 def number_list(text: str) -> list[float]:
-    """'A:B:STEP' inclusive, or a single value, or 'a,b,c'."""
+    """'A:B:STEP' inclusive, or a single value, or 'a,b,c'; finite numbers only."""
     try:
         if "," in text:
-            return [float(v) for v in text.split(",")]
-        parts = [float(v) for v in text.split(":")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A:B:STEP or a,b,c, got {text!r}") from None
+            return [_float(v) for v in text.split(",")]
+        parts = [_float(v) for v in text.split(":")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected A:B:STEP or a,b,c of finite numbers, "
+                                         f"got {text!r}") from None
     if len(parts) == 1:
         return parts
     if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
         raise argparse.ArgumentTypeError(f"expected A:B:STEP with A <= B and STEP > 0, got {text!r}")
     start, stop, step = parts
-    n = int((stop - start) / step + 1e-9) + 1
-    if n > 10_000:
-        raise argparse.ArgumentTypeError(f"{text!r} has {n} points; at most 10000")
+    span = (stop - start) / step
+    if not span < MAX_AXIS_POINTS:
+        raise argparse.ArgumentTypeError(f"{text!r} has more than {MAX_AXIS_POINTS} points")
+    n = int(span + 1e-9) + 1
     return [round(start + i * step, 9) for i in range(n)]
 
 
 def _number(text: str, *, zero_ok: bool) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = _float(text)
     if not (v >= 0 if zero_ok else v > 0):
         raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
     return v
 
 
 def positive(text: str) -> float:
+    """A finite number > 0 (an argparse type)."""
     return _number(text, zero_ok=False)
 
 
 def non_negative(text: str) -> float:
+    """A finite number >= 0 (an argparse type)."""
     return _number(text, zero_ok=True)
+
+
+def target_ms(text: str) -> float:
+    """A latency target in (0, MAX_TARGET_MS] ms (an argparse type)."""
+    v = positive(text)
+    if v > MAX_TARGET_MS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_TARGET_MS:g} ms, got {text}")
+    return v
+
+
+def buffer_mb(text: str) -> float:
+    """A buffer in [0, MAX_BUFFER_MB] MB (an argparse type)."""
+    v = non_negative(text)
+    if v > MAX_BUFFER_MB:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_BUFFER_MB:g} MB, got {text}")
+    return v
+
+
+def count(text: str) -> int:
+    """An integer >= 1 (an argparse type)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def gap(text: str) -> float:
+    """A relative gap in [0, 1) (an argparse type)."""
+    v = _float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
 
 
 def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=sorted(BACKENDS), default=DEFAULT_SOLVER,
                    help=f"default {DEFAULT_SOLVER}")
     p.add_argument("--time-limit", type=positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
-                   help=f"seconds per solve (default {DEFAULT_TIME_LIMIT_S:g})")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS)
-    p.add_argument("--gap", type=float, default=DEFAULT_RELATIVE_GAP,
-                   help=f"relative gap at which a solve counts as optimal "
+                   help=f"seconds for the whole command's solving, explanations included "
+                        f"(default {DEFAULT_TIME_LIMIT_S:g}; per point for sweep and table)")
+    p.add_argument("--threads", type=count, default=DEFAULT_THREADS)
+    p.add_argument("--gap", type=gap, default=DEFAULT_RELATIVE_GAP,
+                   help=f"relative gap at which a solve counts as optimal, in [0, 1) "
                         f"(default {DEFAULT_RELATIVE_GAP:g})")
 
 
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-points", type=count, default=DEFAULT_MAX_POINTS, metavar="N",
+                   help=f"refuse a grid of more points than this (default {DEFAULT_MAX_POINTS})")
+
+
 COMMAND_GROUP = "elasticplan.commands"
+# Exit codes besides each error class's own (elasticplan.errors; docs/cli.md).
+EXIT_BUG = 1
+EXIT_IO = 11
+EXIT_MEMORY = 12
+EXIT_INTERRUPTED = 130
 
 
 def _plugins():
@@ -104,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(handler=cmd_solve)
     s.add_argument("scenario")
     _solver_args(s)
-    s.add_argument("--target-ms", type=positive, help="override target_latency_ms")
-    s.add_argument("--buffer-mb", type=float, help="override preload_budget_mb")
+    s.add_argument("--target-ms", type=target_ms, help="override target_latency_ms")
+    s.add_argument("--buffer-mb", type=buffer_mb, help="override preload_budget_mb")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     v = sub.add_parser("verify", help="check a plan file against its scenario")
@@ -120,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     axis.add_argument("--buffer-mb", type=number_list, metavar="A:B:STEP")
     axis.add_argument("--target-ms", type=number_list, metavar="A:B:STEP")
     _solver_args(w)
+    _grid_args(w)
     w.add_argument("--csv", help="also write the frontier as CSV")
 
     t = sub.add_parser("table", help="solve a grid of targets x buffers into a plan table "
@@ -129,13 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-ms", type=number_list, required=True, metavar="A:B:STEP")
     t.add_argument("--buffer-mb", type=number_list, required=True, metavar="A:B:STEP")
     _solver_args(t)
+    _grid_args(t)
     t.add_argument("-o", "--output", required=True, help="write the table as JSON")
 
     k = sub.add_parser("lookup", help="answer a target and buffer from a plan table")
     k.set_defaults(handler=cmd_lookup)
     k.add_argument("table")
-    k.add_argument("--target-ms", type=positive, required=True)
-    k.add_argument("--buffer-mb", type=non_negative, required=True)
+    k.add_argument("--target-ms", type=target_ms, required=True)
+    k.add_argument("--buffer-mb", type=buffer_mb, required=True)
+    k.add_argument("--scenario", help="scenario file (default: the path the table records)")
     k.add_argument("-o", "--output", help="write the plan as JSON")
 
     for register in _plugins():
@@ -153,17 +229,19 @@ def _overrides(target_ms, buffer_mb) -> dict:
 
 
 def cmd_solve(a) -> int:
+    deadline = time.monotonic() + a.time_limit  # the whole command: load, solve, explain
     scenario = load_scenario(a.scenario)
     scenario = scenario.with_overrides(**_overrides(a.target_ms, a.buffer_mb))
+    if a.output:
+        refuse_inputs(a.output, scenario.files)
     try:
-        plan = solve(scenario, a.solver, time_limit_s=a.time_limit, threads=a.threads,
-                     relative_gap=a.gap)
+        plan = solve(scenario, a.solver, threads=a.threads, relative_gap=a.gap,
+                     time_limit_s=max(MIN_SOLVE_S, deadline - time.monotonic()))
     except (InfeasibleError, SolverTimeoutError) as failed:
-        raise explain_failure(scenario, failed, time_limit_s=a.time_limit,
-                              threads=a.threads) from failed
+        raise explain_failure(scenario, failed, deadline=deadline, threads=a.threads) from failed
     print(plan_table(scenario, plan))
     if a.output:
-        plan.save(a.output)
+        plan.save(a.output, inputs=scenario.files)
         print(f"plan written to {a.output}")
     return 0
 
@@ -180,20 +258,39 @@ def cmd_verify(a) -> int:
     return 0
 
 
-def cmd_sweep(a) -> int:
-    from elasticplan.table import build_table, proven_gap
+def _check_grid(n_points: int, limit: int) -> None:
+    if n_points > limit:
+        raise InvalidArgument(f"the grid has {n_points:,} points, more than --max-points "
+                              f"{limit:,}; narrow the ranges or raise --max-points")
 
+
+def _build(base, targets, buffers, a):
+    """A plan table over the grid, with a progress bar on stderr (points, solves, ETA)."""
+    n = len(set(targets)) * len(set(buffers))
+    _check_grid(n, a.max_points)
+    with tqdm(total=n, unit="point", desc=f"{base.name}", file=sys.stderr,
+              disable=None, dynamic_ncols=True) as bar:
+        def log(i, j, cell) -> None:
+            bar.update(1)
+            if cell.status not in (REUSED, IMPLIED_INFEASIBLE):
+                bar.set_postfix_str(f"last: {cell.status}", refresh=False)
+        return build_table(base, targets, buffers, solver=a.solver, time_limit_s=a.time_limit,
+                           threads=a.threads, relative_gap=a.gap, log=log)
+
+
+def cmd_sweep(a) -> int:
     base = load_scenario(a.scenario)
+    if a.csv:
+        refuse_inputs(a.csv, base.files)
     if a.buffer_mb:
         param = "buffer_mb"
         targets, buffers = [base.target_latency_ms], a.buffer_mb
     else:
         param = "target_ms"
         targets, buffers = a.target_ms, [base.preload_budget_mb]
+    table = _build(base, targets, buffers, a)
     print(f"{param:>10}  {'status':>18}  {'importance':>10}  {'latency ms':>10}  "
           f"{'used MB':>9}  {'gap':>8}  {'solve s':>7}")
-    table = build_table(base, targets, buffers, solver=a.solver, time_limit_s=a.time_limit,
-                        threads=a.threads, relative_gap=a.gap)
     rows = []
     for i, T in enumerate(table.targets_ms):
         for j, B in enumerate(table.buffers_mb):
@@ -205,9 +302,8 @@ def cmd_sweep(a) -> int:
             plan = table.plan_of(cell)
             if plan is not None:
                 row["status"] = plan.status.value
-                gap = proven_gap(plan, cell.bound)
                 row.update(importance=plan.importance, latency_ms=plan.predicted_latency_ms,
-                           used_mb=plan.preload_bytes / 1e6, gap=gap,
+                           used_mb=plan.preload_bytes / 1e6, gap=proven_gap(plan, cell.bound),
                            solve_seconds=plan.solve_seconds if cell.status == "solved" else None)
             rows.append(row)
             print(f"{value:>10g}  {row['status'] + ' (' + row['source'] + ')':>18}  "
@@ -220,19 +316,16 @@ def cmd_sweep(a) -> int:
     if a.csv:
         fields = [param, "solver", "status", "source", "importance", "latency_ms", "used_mb",
                   "gap", "solve_seconds"]
-        with open(a.csv, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(a.csv, text.getvalue(), inputs=base.files)
         print(f"frontier written to {a.csv}")
     return 0
 
 
 def _saved_line(table) -> str:
-    from collections import Counter
-
-    from elasticplan.table import IMPLIED_INFEASIBLE, REUSED
-
     n = Counter(c.status for row in table.cells for c in row)
     return (f"{table.solves} solve(s) for {table.n_cells} point(s): {n[REUSED]} answered by a "
             f"solved plan that fits, {n[IMPLIED_INFEASIBLE]} by inherited infeasibility "
@@ -240,25 +333,32 @@ def _saved_line(table) -> str:
 
 
 def cmd_table(a) -> int:
-    from elasticplan.table import build_table, proven_gap
-
     base = load_scenario(a.scenario)
-    table = build_table(base, a.target_ms, a.buffer_mb, solver=a.solver,
-                        time_limit_s=a.time_limit, threads=a.threads, relative_gap=a.gap)
+    refuse_inputs(a.output, base.files)
+    table = _build(base, a.target_ms, a.buffer_mb, a)
     gaps = [proven_gap(table.plan_of(c), c.bound) for row in table.cells for c in row]
     worst = max((g for g in gaps if g is not None), default=None)
     print(f"table {base.name}: {len(table.targets_ms)} targets x {len(table.buffers_mb)} buffers, "
           f"{len(table.plans)} distinct plans, largest proven gap {optional(worst, '.1e')}")
     print(_saved_line(table))
-    table.save(a.output)
+    table.save(a.output, inputs=base.files)
     print(f"table written to {a.output}")
     return 0
 
 
 def cmd_lookup(a) -> int:
-    from elasticplan.table import PlanTable
-
     table = PlanTable.load(a.table)
+    scenario_path = a.scenario or table.scenario_path
+    if scenario_path is None:
+        raise InvalidArgument(f"{a.table}: the table names no scenario file; pass --scenario")
+    base = load_scenario(scenario_path)
+    inputs = (a.table, *base.files)
+    if a.output:
+        refuse_inputs(a.output, inputs)
+    if base.content_hash != table.scenario_sha256:
+        raise PlanFormatError(f"{a.table}: stale table: the scenario's device, model or "
+                              f"settings changed since it was built (hash "
+                              f"{table.scenario_sha256[:12]} != {base.content_hash[:12]})")
     found = table.lookup(a.target_ms, a.buffer_mb)
     where = f"target {a.target_ms:g} ms, buffer {a.buffer_mb:g} MB"
     if found.plan is None:
@@ -269,13 +369,16 @@ def cmd_lookup(a) -> int:
                if found.cell is None else
                f"the grid cell at or below it is {table.cells[found.cell[0]][found.cell[1]].status}"))
     p = found.plan
+    # The answer is a plan like any other: verified at the question asked, never trusted.
+    verify_plan(base.with_overrides(target_latency_ms=a.target_ms, preload_budget_mb=a.buffer_mb,
+                                    min_shards_per_layer=p.scenario.min_shards_per_layer), p)
     bound = "unknown (beyond the grid)" if found.bound is None else \
         f"{found.bound:.6g} (gap {found.gap:.1e})"
     print(f"{where}: importance {p.importance:.6g}, latency {p.predicted_latency_ms:.3f} ms, "
           f"buffer {p.preload_bytes / 1e6:.3f} MB, {p.n_shards} shards; proven bound {bound}; "
-          f"looked up in {found.seconds * 1e6:.1f} us")
+          f"looked up in {found.seconds * 1e6:.1f} us, verified")
     if a.output:
-        p.save(a.output)
+        p.save(a.output, inputs=inputs)
         print(f"plan written to {a.output}")
     return 0
 
@@ -287,12 +390,24 @@ def main(argv: list[str] | None = None) -> int:
     except ElasticplanError as e:
         print(f"elasticplan: error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # e.g. -o into a missing directory
-        print(f"elasticplan: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
+    except OSError as e:  # an I/O error the command did not expect (disk, permissions)
+        print(f"elasticplan: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_IO
+    except MemoryError:
+        print("elasticplan: error: out of memory; the problem is larger than this machine can "
+              "hold (docs/formats.md, 'Limits and ranges')", file=sys.stderr)
+        return EXIT_MEMORY
     except KeyboardInterrupt:
         print("elasticplan: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: say so, keep the traceback for the report
+        fd, where = tempfile.mkstemp(prefix="elasticplan-bug-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"argv: {sys.argv!r}\n{traceback.format_exc()}")
+        print(f"elasticplan: internal error (a bug, not your input's fault): "
+              f"{type(e).__name__}: {e}; please report it with the command line and the "
+              f"traceback in {where}", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ class CalibrationError(ElasticplanError):
     exit_code = 9
 
 
+class OutputError(ElasticplanError):
+    """An output file could not be written (full disk, no permission, missing directory);
+    the message names the path. The previous file, if any, is unchanged."""
+
+    exit_code = 11
+
+
 class ToleranceError(ElasticplanError):
     """`elasticplan run --enforce`: the measured latency is outside the stated tolerance."""
 

@@ -69,7 +69,7 @@ class Program:
         return tuple(tuple(sorted(layers[li], key=lambda pk: pk.shard)) for li in range(n))
 
     def assignment(self, selection: Selection) -> dict[str, int]:
-        """The booleans of a selection (for hints and tests); unset ones are 0."""
+        """The booleans of a selection (the tests check rows with it); unset ones are 0."""
         values = {name: 0 for name in self.bools}
         for li, picks in enumerate(selection):
             if picks and f"y[{li}]" in values:

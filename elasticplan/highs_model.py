@@ -1,12 +1,22 @@
 """HiGHS, loaded the one way the project loads it: a silent instance, and a sparse model
 passed in one call. A leaf module: the HiGHS backend (elasticplan.solvers.highs) and the
 aggregated program's exact assignment (elasticplan.aggregate) both use it.
+
+Deadlines. HiGHS checks its time limit, and calls its interrupt callback, only between
+steps; on a large MIP a step (presolve, the root's heuristics) can take tens of seconds
+(measured: a 200,000-variant model overran a 30 s limit by 30 s). `solve_mip` therefore
+runs a large model's MIP in a child process that is killed at the deadline, so a time
+limit holds whatever HiGHS does; small models, where a step is milliseconds, run in
+process.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 import highspy
 import numpy as np
@@ -63,3 +73,78 @@ def pass_model(h: highspy.Highs, csc, *, maximize: bool, cost, col_lower, col_up
     if h.passModel(lp) == highspy.HighsStatus.kError:
         raise SolverError("HiGHS rejected the model")
 
+
+
+_INTERRUPTS = (highspy.cb.HighsCallbackType.kCallbackMipInterrupt,
+               highspy.cb.HighsCallbackType.kCallbackSimplexInterrupt,
+               highspy.cb.HighsCallbackType.kCallbackIpmInterrupt)
+
+
+def interrupt_at(h: highspy.Highs, deadline: float) -> None:
+    """Interrupt `h` at its next interrupt check after `deadline` (time.perf_counter())."""
+    def check(kind, message, data_out, data_in, user_data) -> None:
+        if time.perf_counter() >= deadline:
+            data_in.user_interrupt = True
+
+    h.setCallback(check, None)
+    for kind in _INTERRUPTS:
+        h.startCallback(kind)
+
+
+ISOLATE_COLS = 50_000  # MIPs with more columns than this run in a child process
+KILL_GRACE_S = 0.5  # the child's own limits come first; this is for the steps they miss
+
+
+@dataclass(frozen=True)
+class MipOutcome:
+    status: highspy.HighsModelStatus
+    has_plan: bool
+    values: np.ndarray | None  # column values of the best plan, if any
+    dual_bound: float
+    killed: bool = False  # the child outran its deadline and was killed
+
+
+def solve_mip(model: dict, *, deadline: float, relative_gap: float) -> MipOutcome:
+    """Solve `model` (pass_model's keyword arguments plus `csc`) as a MIP by `deadline`
+    (time.perf_counter()), in a child process if it is large."""
+    if len(model["cost"]) <= ISOLATE_COLS:
+        return _mip(model, deadline - time.perf_counter(), relative_gap)
+    ctx = multiprocessing.get_context("spawn")  # no HiGHS threads inherited by a fork
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_mip_child, daemon=True,
+                        args=(send, model, deadline - time.perf_counter(), relative_gap))
+    child.start()
+    send.close()
+    try:
+        if receive.poll(max(0.0, deadline - time.perf_counter()) + KILL_GRACE_S):
+            status, has_plan, values, bound = receive.recv()
+            return MipOutcome(highspy.HighsModelStatus(status), has_plan, values, bound)
+        child.kill()
+        return MipOutcome(highspy.HighsModelStatus.kTimeLimit, False, None, float("nan"),
+                          killed=True)
+    except EOFError:  # the child died without an answer (out of memory, a crash)
+        raise SolverError(f"HiGHS's process ended without an answer (exit code "
+                          f"{child.exitcode})") from None
+    finally:
+        child.join(timeout=5)
+        receive.close()
+
+
+def _mip(model: dict, seconds: float, relative_gap: float) -> MipOutcome:
+    h = new_highs()
+    h.setOptionValue("time_limit", max(1e-3, seconds))
+    interrupt_at(h, time.perf_counter() + seconds)
+    h.setOptionValue("mip_rel_gap", float(relative_gap))
+    h.setOptionValue("mip_abs_gap", 0.0)
+    pass_model(h, **model)
+    h.run()
+    has_plan = h.getInfo().primal_solution_status == \
+        highspy.SolutionStatus.kSolutionStatusFeasible
+    values = np.asarray(h.getSolution().col_value) if has_plan else None
+    return MipOutcome(h.getModelStatus(), has_plan, values, h.getInfo().mip_dual_bound)
+
+
+def _mip_child(send, model: dict, seconds: float, relative_gap: float) -> None:
+    out = _mip(model, seconds, relative_gap)
+    send.send((int(out.status), out.has_plan, out.values, out.dual_bound))
+    send.close()

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from elasticplan.costmodel import EXECUTIONS, PIPELINED, Pick, Selection, simulate
 from elasticplan.errors import PlanFormatError
-from elasticplan.spec import Objective, Scenario
+from elasticplan.inputs import Fields, load_json, show
+from elasticplan.outputs import write_text
+from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_SHARDS_PER_LAYER, MAX_TARGET_MS, Objective, Scenario
 
 SCHEMA = "elasticplan.plan/1"
 
@@ -140,8 +140,9 @@ class Plan:
         ordered = {"schema": data.pop("schema"), **data}
         return json.dumps(ordered, indent=1)
 
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json(path) + "\n", encoding="utf-8")
+    def save(self, path: str | os.PathLike, *, inputs=()) -> None:
+        """Write the plan atomically; refuses to write onto any of `inputs`."""
+        write_text(path, self.to_json(path) + "\n", inputs=inputs)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Plan":
@@ -155,41 +156,72 @@ class Plan:
             self, os.path.normpath(os.path.join(os.path.dirname(str(file)), self.scenario.path)))
 
     @staticmethod
-    def from_dict(data, file: str = "<plan>") -> "Plan":
-        if not isinstance(data, dict):
-            raise PlanFormatError(f"{file}: expected a JSON object")
-        if data.get("schema") != SCHEMA:
-            raise PlanFormatError(f"{file}: schema: expected {SCHEMA!r}, got {data.get('schema')!r}")
-        try:
-            ref = ScenarioRef(**data["scenario"])
-            layers = tuple(
-                LayerPlan(index=int(lp["index"]),
-                          shards=tuple(ShardChoice(str(c["name"]), int(c["bits"]),
-                                                   bool(c["preloaded"])) for c in lp["shards"]),
-                          io_start_ms=float(lp["io_start_ms"]), io_end_ms=float(lp["io_end_ms"]),
-                          compute_start_ms=float(lp["compute_start_ms"]),
-                          compute_end_ms=float(lp["compute_end_ms"]))
-                for lp in data["layers"])
-            plan = Plan(scenario=ref, solver=str(data["solver"]),
-                        status=SolveStatus(data["status"]),
-                        gap=None if data["gap"] is None else float(data["gap"]),
-                        solve_seconds=float(data["solve_seconds"]),
-                        objective=float(data["objective"]), importance=float(data["importance"]),
-                        predicted_latency_ms=float(data["predicted_latency_ms"]),
-                        preload_bytes=int(data["preload_bytes"]),
-                        streamed_bytes=int(data["streamed_bytes"]), layers=layers,
-                        execution=str(data.get("execution", PIPELINED)))
-        except KeyError as e:
-            raise PlanFormatError(f"{file}: missing key {e}") from None
-        except (TypeError, ValueError) as e:
-            raise PlanFormatError(f"{file}: malformed plan: {e}") from None
-        if plan.execution not in EXECUTIONS:
-            raise PlanFormatError(f"{file}: execution: expected one of {list(EXECUTIONS)}, got "
-                                  f"{plan.execution!r}")
-        for x in (plan.objective, plan.predicted_latency_ms):
-            if not math.isfinite(x):
-                raise PlanFormatError(f"{file}: non-finite number in plan")
-        return plan
+    def from_dict(data, file: str = "<plan>", path: str = "") -> "Plan":
+        """Read a plan strictly: every field of its type and range, no unknown keys; errors
+        name the file and the key path (PlanFormatError)."""
+        f = Fields(data, file, path, "a plan", PlanFormatError)
+        schema = f.string("schema")
+        if schema != SCHEMA:
+            raise f.err("schema", f"expected {SCHEMA!r}, got {show(schema)}")
+        q = f.mapping("scenario", "the question the plan answers")
+        ref = ScenarioRef(
+            path=q.string("path", required=False), sha256=q.string("sha256"),
+            name=q.string("name"), model=q.string("model"), device=q.string("device"),
+            target_latency_ms=q.number("target_latency_ms", positive=True,
+                                       maximum=MAX_TARGET_MS),
+            preload_budget_mb=q.number("preload_budget_mb", minimum=0, maximum=MAX_BUFFER_MB),
+            min_shards_per_layer=q.integer("min_shards_per_layer", minimum=0,
+                                           maximum=MAX_SHARDS_PER_LAYER),
+            objective=_choice(q, "objective", [o.value for o in Objective]),
+            importance_floor=q.number("importance_floor", minimum=0, required=False))
+        q.done()
+        solver = f.string("solver")
+        status = SolveStatus(_choice(f, "status", [s.value for s in SolveStatus]))
+        gap = f.number("gap", minimum=0, required=False)
+        solve_seconds = f.number("solve_seconds", minimum=0)
+        objective = f.number("objective", minimum=0)
+        importance = f.number("importance", minimum=0)
+        latency = f.number("predicted_latency_ms", minimum=0)
+        preload = f.integer("preload_bytes", minimum=0)
+        streamed = f.integer("streamed_bytes", minimum=0)
+        execution = _choice(f, "execution", list(EXECUTIONS), default=PIPELINED)
+        raw_layers = f.sequence("layers")
+        if len(raw_layers) > MAX_LAYERS:
+            raise f.err("layers", f"{len(raw_layers)} layers; at most {MAX_LAYERS}")
+        layers = tuple(_layer(raw, file, f"{f.key('layers')}[{li}]")
+                       for li, raw in enumerate(raw_layers))
+        f.done()
+        return Plan(scenario=ref, solver=solver, status=status, gap=gap,
+                    solve_seconds=solve_seconds, objective=objective, importance=importance,
+                    predicted_latency_ms=latency, preload_bytes=preload, streamed_bytes=streamed,
+                    layers=layers, execution=execution)
+
+
+def _choice(f: Fields, key: str, allowed: list[str], default: str | None = None) -> str:
+    v = f.string(key, required=default is None)
+    if v is None:
+        return default
+    if v not in allowed:
+        raise f.err(key, f"expected one of {', '.join(allowed)}, got {show(v)}")
+    return v
+
+
+def _layer(raw, file: str, path: str) -> LayerPlan:
+    lf = Fields(raw, file, path, "a layer of the plan", PlanFormatError)
+    index = lf.integer("index", minimum=0, maximum=MAX_LAYERS)
+    raw_shards = lf.sequence("shards", allow_empty=True)
+    if len(raw_shards) > MAX_SHARDS_PER_LAYER:
+        raise lf.err("shards", f"{len(raw_shards)} shards; at most {MAX_SHARDS_PER_LAYER}")
+    shards = []
+    for si, c in enumerate(raw_shards):
+        cf = Fields(c, file, f"{lf.key('shards')}[{si}]", "a shard choice", PlanFormatError)
+        shards.append(ShardChoice(cf.string("name"), cf.integer("bits", minimum=1, maximum=32),
+                                  cf.boolean("preloaded")))
+        cf.done()
+    times = {k: lf.number(k, minimum=0) for k in
+             ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms")}
+    lf.done()
+    return LayerPlan(index=index, shards=tuple(shards), **times)
 
 
 def gap_to_bound(value: float, bound: float) -> float:
@@ -199,14 +231,9 @@ def gap_to_bound(value: float, bound: float) -> float:
 
 
 def read_json(path: str | os.PathLike, what: str):
-    """A JSON document, or a PlanFormatError naming the file (plans and plan tables)."""
-    file = str(path)
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanFormatError(f"{file}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlanFormatError(f"{file}: not a readable JSON {what}: {e}") from None
+    """A JSON document (a plan or plan table) within the input limits, or a PlanFormatError
+    naming the file."""
+    return load_json(path, what=what, error=PlanFormatError)
 
 
 def _replace_scenario_path(plan: Plan, path: str) -> Plan:

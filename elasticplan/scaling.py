@@ -85,8 +85,8 @@ def earliest_times(ip: IntProgram, bools: dict[str, int]) -> dict[str, int]:
     """Smallest integer times (ticks) that satisfy the scaled time rows for fixed booleans.
 
     The rows are built in layer order, so one pass propagates F and C forward; the
-    result is the scaled program's own schedule (used for complete CP-SAT hints and to
-    measure rounding error against the exact cost model)."""
+    result is the scaled program's own schedule (the tests measure its rounding error
+    against the exact cost model with it)."""
     exact = frozenset(ip.program.times)
     times = {t: 0 for t in ip.program.times}
     for r in ip.rows:

@@ -16,6 +16,27 @@ from elasticplan.errors import SpecError
 
 FULL_PRECISION_BITS = 32
 
+# Physical ranges (docs/formats.md, "Limits and ranges"): values outside them are refused
+# at load, so that no solver ever sees a number it would misread.
+MIN_BANDWIDTH_MB_S = 1e-3  # 1 KB/s: slower overflows no time, but is no storage
+MAX_BANDWIDTH_MB_S = 1e6  # 1 TB/s
+MAX_LATENCY_US = 1e6  # one second per read request
+MIN_GFLOPS = 1e-3
+MAX_GFLOPS = 1e7  # 10 PFLOP/s
+MAX_OVERHEAD_MS = 1e4
+MIN_DEQUANT_GB_S = 1e-6
+MAX_DEQUANT_GB_S = 1e4
+MAX_MEMORY_MB = 1e9  # 1 PB
+MAX_SEQ_LEN = 1 << 20
+MAX_LAYERS = 10_000
+MAX_SHARDS_PER_LAYER = 10_000
+MAX_VARIANTS = 500_000  # layers x shards x bitwidths: what the planner is sized for (docs)
+MAX_FLOPS = 1e18
+MAX_SHARD_BYTES = 1 << 40  # 1 TiB
+MAX_IMPORTANCE = 1e6
+MAX_TARGET_MS = 1e7
+MAX_BUFFER_MB = MAX_MEMORY_MB
+
 
 class Objective(str, enum.Enum):
     MAX_IMPORTANCE = "max_importance"  # given the buffer budget, maximise importance
@@ -103,15 +124,16 @@ class Scenario:
     importance_floor: float | None = None
     source: str | None = None  # path of the scenario file, if loaded from one
     content_hash: str = ""
+    files: tuple[str, ...] = ()  # every file it was loaded from (no command may write onto them)
 
     def __post_init__(self) -> None:
         file = self.source
-        if not (_finite(self.target_latency_ms) and self.target_latency_ms > 0):
-            raise SpecError(file, "target_latency_ms",
-                            f"must be a finite number > 0, got {self.target_latency_ms!r}")
-        if not (_finite(self.preload_budget_mb) and self.preload_budget_mb >= 0):
-            raise SpecError(file, "preload_budget_mb",
-                            f"must be a finite number >= 0, got {self.preload_budget_mb!r}")
+        if not (_finite(self.target_latency_ms) and 0 < self.target_latency_ms <= MAX_TARGET_MS):
+            raise SpecError(file, "target_latency_ms", f"must be a number in (0, "
+                            f"{MAX_TARGET_MS:g}], got {self.target_latency_ms!r}")
+        if not (_finite(self.preload_budget_mb) and 0 <= self.preload_budget_mb <= MAX_BUFFER_MB):
+            raise SpecError(file, "preload_budget_mb", f"must be a number in [0, "
+                            f"{MAX_BUFFER_MB:g}], got {self.preload_budget_mb!r}")
         if isinstance(self.min_shards_per_layer, bool) or \
                 not isinstance(self.min_shards_per_layer, int) or self.min_shards_per_layer < 0:
             raise SpecError(file, "min_shards_per_layer",

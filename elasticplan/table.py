@@ -23,9 +23,10 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, PlanFormatError, SolverTimeoutError
+from elasticplan.inputs import Fields, fail, number, show
+from elasticplan.outputs import write_text
 from elasticplan.plan import Plan, gap_to_bound, read_json
 from elasticplan.solvers import solve as solve_one
 from elasticplan.spec import Objective, Scenario, bytes_of_mb
@@ -100,7 +101,8 @@ class PlanTable:
 
     # --- JSON ----------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, *, inputs=()) -> None:
+        """Write the table atomically; refuses to write onto any of `inputs`."""
         scenario_path = None if self.scenario_path is None else os.path.relpath(
             os.path.abspath(self.scenario_path), os.path.dirname(os.path.abspath(path)))
         data = {
@@ -114,34 +116,45 @@ class PlanTable:
                       for row in self.cells],
             "plans": [json.loads(p.to_json(path)) for p in self.plans],
         }
-        Path(path).write_text(json.dumps(data, indent=None) + "\n", encoding="utf-8")
+        write_text(path, json.dumps(data, indent=None) + "\n", inputs=inputs)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "PlanTable":
+        """Read a table strictly (as plans are read) and check its shape and its bounds."""
         file = str(path)
-        data = read_json(path, "plan table")
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise PlanFormatError(f"{file}: schema: expected {SCHEMA!r}, got {got!r}")
-        try:
-            plans = tuple(Plan.from_dict(p, f"{file}: plans[{k}]").relative_to(file)
-                          for k, p in enumerate(data["plans"]))
-            targets = tuple(float(v) for v in data["targets_ms"])
-            buffers = tuple(float(v) for v in data["buffers_mb"])
-            cells = tuple(tuple(Cell(str(c["status"]), None if c["plan"] is None else int(c["plan"]),
-                                     None if c["bound"] is None else float(c["bound"]))
-                                for c in row) for row in data["cells"])
-            ref = data["scenario"]
-            scenario_path = ref["path"]
-            if scenario_path is not None and not os.path.isabs(scenario_path):
-                scenario_path = os.path.normpath(os.path.join(os.path.dirname(file), scenario_path))
-            table = PlanTable(scenario_path, str(ref["sha256"]), str(ref["name"]),
-                              str(data["solver"]), float(data["relative_gap"]), targets, buffers,
-                              cells, plans, int(data["solves"]), float(data["build_seconds"]))
-        except KeyError as e:
-            raise PlanFormatError(f"{file}: missing key {e}") from None
-        except (TypeError, ValueError) as e:
-            raise PlanFormatError(f"{file}: malformed plan table: {e}") from None
+        f = Fields(read_json(path, "plan table"), file, "", "a plan table", PlanFormatError)
+        schema = f.string("schema")
+        if schema != SCHEMA:
+            raise f.err("schema", f"expected {SCHEMA!r}, got {show(schema)}")
+        ref = f.mapping("scenario", "{path, sha256, name}")
+        scenario_path = ref.string("path", required=False)
+        if scenario_path is not None and not os.path.isabs(scenario_path):
+            scenario_path = os.path.normpath(os.path.join(os.path.dirname(file), scenario_path))
+        sha, name = ref.string("sha256"), ref.string("name")
+        ref.done()
+        axes = {k: tuple(number(v, file, f"{k}[{n}]", minimum=0, error=PlanFormatError)
+                         for n, v in enumerate(f.sequence(k)))
+                for k in ("targets_ms", "buffers_mb")}
+        raw_plans = f.sequence("plans", allow_empty=True)
+        plans = tuple(Plan.from_dict(p, file, f"plans[{k}]").relative_to(file)
+                      for k, p in enumerate(raw_plans))
+        cells = []
+        for i, row in enumerate(f.sequence("cells")):
+            if not isinstance(row, list):
+                raise fail(PlanFormatError, file, f"cells[{i}]", f"expected a list, got {show(row)}")
+            out = []
+            for j, c in enumerate(row):
+                cf = Fields(c, file, f"cells[{i}][{j}]", "a cell", PlanFormatError)
+                out.append(Cell(cf.string("status"),
+                                cf.integer("plan", minimum=0, required=False),
+                                cf.number("bound", minimum=0, required=False)))
+                cf.done()
+            cells.append(tuple(out))
+        table = PlanTable(scenario_path, sha, name, f.string("solver"),
+                          f.number("relative_gap", minimum=0, maximum=1),
+                          axes["targets_ms"], axes["buffers_mb"], tuple(cells), plans,
+                          f.integer("solves", minimum=0), f.number("build_seconds", minimum=0))
+        f.done()
         _check_shape(table, file)
         return table
 
@@ -160,6 +173,15 @@ def _check_shape(t: PlanTable, file: str) -> None:
                                       f"of {list(STATUSES)}")
             if c.plan is not None and not 0 <= c.plan < len(t.plans):
                 raise PlanFormatError(f"{file}: cells[{i}][{j}].plan: no plan {c.plan}")
+            if (c.plan is not None) != (c.status in (SOLVED, REUSED)):
+                raise PlanFormatError(f"{file}: cells[{i}][{j}]: a {c.status} cell "
+                                      f"{'has no' if c.plan is None else 'cannot have a'} plan")
+            plan = t.plan_of(c)
+            if plan is not None and c.bound is not None and \
+                    c.bound < plan.objective * (1 - 1e-9) - 1e-12:
+                raise PlanFormatError(f"{file}: cells[{i}][{j}].bound: {c.bound:.9g} is below "
+                                      f"its own plan's objective {plan.objective:.9g}; not a "
+                                      f"bound")
 
 
 def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,

@@ -25,12 +25,12 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from elasticplan.errors import ElasticplanError
 from elasticplan.loader import load_scenario
+from elasticplan.outputs import write_text
 from elasticplan.plan import Plan
 from elasticplan.solvers import DEFAULT_SOLVER, solve
 from elasticplan.spec import FULL_PRECISION_BITS, Scenario
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
           f"{s['mean_fidelity_gain_over_greedy']:+.4f}, accuracy "
           f"{s['mean_accuracy_gain_over_greedy']:+.4f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"summary": s, "points": [asdict(p) for p in points]},
+        write_text(a.json, json.dumps({"summary": s, "points": [asdict(p) for p in points]},
                                            indent=1) + "\n")
     return 0
 

@@ -33,6 +33,7 @@ import torch
 from elasticplan.costmodel import Pick
 from elasticplan.errors import CalibrationError
 from elasticplan.loader import load_scenario, parse_device, write_checked_yaml
+from elasticplan.outputs import refuse_inputs
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import FULL_PRECISION_BITS, Device, Scenario
 from runtime.executor import Executor
@@ -195,6 +196,9 @@ def write_calibration(out_dir: Path, base: Scenario, device: Device, fit: Fit, f
     calibrated device). Returns both paths and the scenario's target."""
     from elasticplan.costmodel import simulate
 
+    device_path, scenario_path = out_dir / "device.yaml", out_dir / "scenario.yaml"
+    for path in (device_path, scenario_path):  # before anything is written
+        refuse_inputs(path, base.files)
     out_dir.mkdir(parents=True, exist_ok=True)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     header = (f"Written by `elasticplan calibrate` on {platform.node()} ({os.cpu_count()} cores), "
@@ -206,7 +210,6 @@ def write_calibration(out_dir: Path, base: Scenario, device: Device, fit: Fit, f
               f"  R^2 {fit.r2:.3f}, mean abs error {fit.mae_ms:.3f} ms per layer.\n"
               f"Storage: {facts['storage']}.\n"
               f"Memory: this machine's RAM.")
-    device_path = out_dir / "device.yaml"
     write_checked_yaml(device_path, device_dict(device), header, parse_device)
     if target_ms is None:
         # Default question: the latency of every shard at 8 bits, streamed, on this device:
@@ -226,7 +229,6 @@ def write_calibration(out_dir: Path, base: Scenario, device: Device, fit: Fit, f
                 "objective": base.objective.value}
     if base.importance_floor is not None:
         scenario["importance_floor"] = base.importance_floor
-    scenario_path = out_dir / "scenario.yaml"
     write_checked_yaml(scenario_path, scenario, f"Written by `elasticplan calibrate`, {when}: "
                        f"{base.source} on device.yaml.", lambda d, f: None)
     load_scenario(scenario_path)  # it must load (paths resolve, fields valid)

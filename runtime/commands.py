@@ -15,6 +15,7 @@ from elasticplan.baselines import baseline_questions
 from elasticplan.cli import non_negative, positive
 from elasticplan.errors import InvalidArgument, ToleranceError
 from elasticplan.loader import load_scenario
+from elasticplan.outputs import refuse_inputs, write_text
 from elasticplan.plan import Plan
 from elasticplan.verify import scenario_for, verify_plan
 
@@ -150,6 +151,10 @@ def cmd_run(a) -> int:
         raise InvalidArgument(f"--repeat must be >= 1, got {a.repeat}")
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
+    inputs = (a.plan, a.store, a.head, *scenario.files)
+    for out in (a.json, a.gantt):
+        if out:
+            refuse_inputs(out, inputs)
     verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
@@ -172,11 +177,10 @@ def cmd_run(a) -> int:
         data = report.to_dict()
         if a.baselines:
             data["baselines"] = [r.to_dict() for r in reports[1:]]
-        with open(a.json, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
+        write_text(a.json, json.dumps(data, indent=1) + "\n", inputs=inputs)
         print(f"report written to {a.json}")
     if a.gantt:
-        gantt(reports, a.gantt)
+        gantt(reports, a.gantt, inputs=inputs)
         print(f"pipelines drawn to {a.gantt}")
     if a.enforce and not report.within_tolerance:
         raise ToleranceError(f"measured {report.measured_latency_ms:.2f} ms vs predicted "

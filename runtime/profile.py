@@ -31,15 +31,16 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from elasticplan.archgen import architecture_dict, ffn_flops, head_flops
+from elasticplan.outputs import write_text
 from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
 from runtime.store import ShardStore
 from runtime.task import Split, TaskHead, load_splits
@@ -61,32 +62,6 @@ class Measurement:
 
     def key(self) -> tuple[int, str, int]:
         return self.layer, self.shard, self.variant
-
-
-class Progress:
-    """A one-line progress bar on stderr (a plain line per step when not a terminal)."""
-
-    def __init__(self, total: int, label: str, stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
-        self.done, self.t0 = 0, time.monotonic()
-        self.tty = stream.isatty()
-
-    def step(self, n: int = 1, note: str = "") -> None:
-        self.done += n
-        elapsed = time.monotonic() - self.t0
-        rate = self.done / elapsed if elapsed > 0 else 0
-        eta = (self.total - self.done) / rate if rate > 0 else 0
-        frac = self.done / self.total if self.total else 1
-        bar = "#" * int(30 * frac)
-        line = (f"{self.label} [{bar:<30}] {self.done}/{self.total} "
-                f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left {note}")
-        if self.tty:
-            self.stream.write("\r" + line[:120])
-            if self.done >= self.total:
-                self.stream.write("\n")
-        elif self.done == self.total or self.done % max(1, self.total // 20) == 0:
-            self.stream.write(line + "\n")
-        self.stream.flush()
 
 
 class Profiler:
@@ -242,11 +217,12 @@ def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
     todo = [(l, n, v) for l in layers for n in c.shard_names() for v in [DROP] + bits
             if (l, n, v) not in cache.items]
     profiler = Profiler(store, texts, labels, head)
-    bar = Progress(len(todo), "profile") if progress and todo else None
-    for l, n, v in todo:
-        cache.add(profiler.measure(l, n, v))
-        if bar:
-            bar.step(note=f"layer {l} {n}")
+    with tqdm(total=len(todo), desc="profile", unit="variant", file=sys.stderr,
+              disable=not (progress and todo), mininterval=1.0) as bar:
+        for l, n, v in todo:
+            cache.add(profiler.measure(l, n, v))
+            bar.set_postfix_str(f"layer {l} {n}", refresh=False)
+            bar.update(1)
     baseline = profiler.score(profiler.reference)
     return ProfileResult(cache.items, baseline, len(todo), cal)
 
@@ -325,7 +301,7 @@ def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | P
            "fp32_test_accuracy": test_accuracy,
            "measurements": [m.__dict__ for m in sorted(result.measurements.values(),
                                                        key=lambda m: m.key())]}
-    measurements_path(out).write_text(json.dumps(raw, indent=0) + "\n")
+    write_text(measurements_path(out), json.dumps(raw, indent=0) + "\n")
     log(f"measured {result.measured_now} variants now, "
         f"{len(result.measurements) - result.measured_now} from the cache; wrote {out} and "
         f"{measurements_path(out)}")

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from elasticplan.outputs import save_figure
+
 STAGES = ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms")
 
 
@@ -148,7 +150,7 @@ def format_comparison(reports: list[RunReport]) -> str:
     return "\n".join(out)
 
 
-def gantt(reports: list[RunReport], path: str | Path) -> None:
+def gantt(reports: list[RunReport], path: str | Path, *, inputs=()) -> None:
     """Predicted and measured pipelines one above the other, per report (IO and compute rows)."""
     import matplotlib
 
@@ -178,5 +180,7 @@ def gantt(reports: list[RunReport], path: str | Path) -> None:
                      f"{r.storage}", fontsize=8)
     axes[-1, 0].set_xlabel("ms since the query arrived (bars numbered by layer)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, inputs=inputs)
+    finally:
+        plt.close(fig)

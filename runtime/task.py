@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
+from elasticplan.inputs import Fields, load_json, number
+from elasticplan.outputs import write_text
 
 LABELS = ("negative", "positive")
 SPLIT_SEED = 0
@@ -144,12 +146,13 @@ class TaskHead:
 
     def save(self, path: str | Path, **meta) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**meta, **self.to_json()}, indent=1) + "\n")
+        write_text(path, json.dumps({**meta, **self.to_json()}, indent=1) + "\n")
 
     @staticmethod
     def load(path: str | Path) -> "TaskHead":
-        try:
-            d = json.loads(Path(path).read_text())
-            return TaskHead(torch.tensor(d["w"], dtype=torch.float32), d["b"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{path}: not a task head file ({e})") from None
+        file = str(path)
+        f = Fields(load_json(path, what="task head", limit=10**7, error=StoreError), file, "",
+                   "a task head: {w, b, ...}", StoreError)
+        w = [number(v, file, f"w[{i}]", error=StoreError)
+             for i, v in enumerate(f.sequence("w"))]
+        return TaskHead(torch.tensor(w, dtype=torch.float32), f.number("b"))

@@ -125,7 +125,7 @@ def test_inline_device_errors_name_the_inline_key_path(tmp_path):
     device = read_yaml(PHONE)
     device["storage"]["bandwidth_mb_s"] = 0
     path = _scenario(tmp_path, device=device)
-    with pytest.raises(SpecError, match=r"scenario.yaml: device.storage.bandwidth_mb_s: must be > 0"):
+    with pytest.raises(SpecError, match=r"scenario.yaml: device.storage.bandwidth_mb_s: must be >= 0.001"):
         load_scenario(path)
 
 

@@ -94,7 +94,7 @@ def test_store_errors_name_the_file(tmp_path):
     with pytest.raises(StoreError, match="no shard store here"):
         ShardStore(tmp_path)
     (tmp_path / "index.json").write_text("{not json")
-    with pytest.raises(StoreError, match="index.json: unreadable index"):
+    with pytest.raises(StoreError, match="index.json: not a readable JSON shard store index"):
         ShardStore(tmp_path)
     (tmp_path / "index.json").write_text(json.dumps({"schema": "other/1"}))
     with pytest.raises(StoreError, match="expected 'elasticplan.store/1'"):
@@ -126,7 +126,7 @@ def test_task_head_learns_a_separable_rule_and_round_trips(tmp_path):
     assert np.array_equal(back.predict(x), head.predict(x))
     assert TaskHead.train(x, y).w.tolist() == head.w.tolist()  # deterministic
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(StoreError, match="not a task head"):
+    with pytest.raises(StoreError, match=r"bad.json: expected a mapping \(a task head"):
         TaskHead.load(tmp_path / "bad.json")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from elasticplan import aggregate
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.highs_model import new_highs, pass_model
+from elasticplan.highs_model import interrupt_at, new_highs, pass_model, solve_mip
 from elasticplan.margins import float_margins
 from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Objective, Scenario
@@ -46,21 +46,17 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relative_gap: float) -> Plan:
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
+    deadline = started + time_limit_s
     program = build(scenario)
+    rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
     if relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE:
-        plan = _lp_rounded(program, time_limit_s=time_limit_s, relative_gap=relative_gap,
-                           started=started)
-        if plan is not None:
-            return plan
-    h = _highs(program, time_limit_s=max(1e-3, time_limit_s - (time.perf_counter() - started)),
-               relative_gap=relative_gap)
-    h.run()
+        rounded = _lp_rounded(program, deadline=deadline, started=started)
+        if rounded is not None and rounded.gap <= relative_gap:
+            return rounded
+    mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap)
     elapsed = time.perf_counter() - started
-
-    status = h.getModelStatus()
-    info = h.getInfo()
-    has_plan = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
+    status, has_plan = mip.status, mip.has_plan
     if status in (highspy.HighsModelStatus.kInfeasible,
                   highspy.HighsModelStatus.kUnboundedOrInfeasible):
         # The program is bounded by construction (every column is bounded or pinned by an
@@ -70,24 +66,29 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
         solve_status = SolveStatus.OPTIMAL
     elif status in _STOPPED and has_plan:
         solve_status = SolveStatus.FEASIBLE
+    elif status in _STOPPED and rounded is not None:
+        # Out of time with no MIP plan: the rounded relaxation is a plan, and its distance
+        # from the relaxation's bound is a proven gap.
+        return replace(rounded, status=SolveStatus.FEASIBLE, solve_seconds=elapsed)
     elif status in _STOPPED:
         raise SolverTimeoutError(
             f"HiGHS found no plan within the {time_limit_s:g} s time limit "
             f"(not a proof that none exists); raise --time-limit")
     else:
-        raise SolverError(f"HiGHS returned status {h.modelStatusToString(status)}")
+        raise SolverError(f"HiGHS returned status {status.name}")
 
-    selection = program.selection(np.asarray(h.getSolution().col_value))
+    selection = program.selection(mip.values)
     plan = Plan.from_selection(scenario, selection, solver=NAME, status=solve_status, gap=None,
                                solve_seconds=elapsed)
-    bound = info.mip_dual_bound / program.objective_scale
+    bound = mip.dual_bound / program.objective_scale
     return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
-def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relative_gap: float,
+def _lp_rounded(program: aggregate.MatrixProgram, *, deadline: float,
                 started: float) -> Plan | None:
-    """The relaxation's rounded-down plan, if it is provably within `relative_gap`."""
-    h = _highs(program, time_limit_s=time_limit_s, relative_gap=relative_gap)
+    """The relaxation's rounded-down plan with its proven gap to the relaxation's bound
+    (status optimal; the caller decides whether the gap is good enough)."""
+    h = _highs(program, deadline=deadline, relative_gap=LP_FIRST_GAP)
     h.setOptionValue("solve_relaxation", True)
     h.setOptionValue("presolve", "off")  # measured faster on these LPs
     h.run()
@@ -100,20 +101,26 @@ def _lp_rounded(program: aggregate.MatrixProgram, *, time_limit_s: float, relati
     plan = Plan.from_selection(program.scenario, selection, solver=NAME,
                                status=SolveStatus.OPTIMAL, gap=None,
                                solve_seconds=time.perf_counter() - started)
-    gap = gap_to_bound(plan.objective, bound)
-    if gap > relative_gap:
-        return None
-    return replace(plan, gap=gap)
+    return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
-def _highs(program: aggregate.MatrixProgram, *, time_limit_s: float,
+def _model(program: aggregate.MatrixProgram) -> dict:
+    """The program as pass_model's arguments."""
+    return dict(csc=program.csc(), maximize=program.maximize, cost=program.cost,
+                col_lower=program.col_lower, col_upper=program.col_upper,
+                row_lower=program.row_lower, row_upper=program.row_upper,
+                integer=program.col_integer)
+
+
+def _highs(program: aggregate.MatrixProgram, *, deadline: float,
            relative_gap: float) -> highspy.Highs:
+    """HiGHS loaded with the program, to stop at `deadline` (time.perf_counter()): by its
+    own time limit, and by an interrupt callback, which its simplex asks more often than
+    it checks the clock."""
     h = new_highs()
-    h.setOptionValue("time_limit", float(time_limit_s))
+    h.setOptionValue("time_limit", max(1e-3, deadline - time.perf_counter()))
+    interrupt_at(h, deadline)
     h.setOptionValue("mip_rel_gap", float(relative_gap))
     h.setOptionValue("mip_abs_gap", 0.0)
-    pass_model(h, program.csc(), maximize=program.maximize, cost=program.cost,
-               col_lower=program.col_lower, col_upper=program.col_upper,
-               row_lower=program.row_lower, row_upper=program.row_upper,
-               integer=program.col_integer)
+    pass_model(h, **_model(program))
     return h

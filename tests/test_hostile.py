@@ -1,0 +1,523 @@
+"""Hostile input and faults, as an adversarial user would try them.
+
+Every case asserts the same contract (docs/cli.md, "Exit codes"): a documented exit code
+other than 1 (1 is a bug), one `elasticplan: error:` line and no traceback, bounded time
+and memory (subprocess cases run under RLIMIT_AS and a timeout), and no damage: inputs
+unchanged, an old output intact after a failed write, no temporary files left behind.
+
+Classes: unbounded reads, time limits, atomic outputs and inputs protected, user
+mistakes that used to raise, extreme values, checks that must not trust their input,
+debris, grid sizes; plus hypothesis-generated documents for every format the tool
+reads (valid structure with hostile values, and arbitrary structure).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from elasticplan.cli import main
+from elasticplan.errors import StoreError
+from elasticplan.outputs import TEMP_SUFFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "problems" / "scenarios"
+MINILM = SCENARIOS / "minilm-phone.yaml"
+DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 130}
+MEMORY_LIMIT = 3 << 30  # address space of a subprocess case
+
+
+def _limits():
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def cli(*args, timeout=60, fsize: int | None = None, cwd=ROOT):
+    """Run `elasticplan ARGS` in a subprocess under resource limits; return (rc, out, err)."""
+    def limits():
+        _limits()
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "elasticplan.cli", *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, preexec_fn=limits,
+                       cwd=cwd)
+    p.seconds = time.monotonic() - started
+    return p
+
+
+def assert_clean_error(p, code: int | set[int], *, says: str | None = None):
+    """A documented non-zero code, one error line, no traceback."""
+    codes = {code} if isinstance(code, int) else code
+    assert p.returncode in codes, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("elasticplan: error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    if says is not None:
+        assert says in lines[0], lines[0]
+
+
+def no_debris(directory: Path):
+    assert not [p for p in directory.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+
+
+def snapshot(*paths: Path) -> dict:
+    return {p: p.read_bytes() for p in paths}
+
+
+# --- a small world: scenario files, a plan, a table ----------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    for name in ("minilm-phone.yaml",):
+        shutil.copy(SCENARIOS / name, d / name)
+    text = (d / "minilm-phone.yaml").read_text()
+    # point device and model at the shipped files, by absolute path
+    data = yaml.safe_load(text)
+    for k in ("device", "model"):
+        data[k] = str((SCENARIOS / data[k]).resolve())
+    (d / "minilm-phone.yaml").write_text(yaml.safe_dump(data))
+    sc = d / "minilm-phone.yaml"
+    assert main(["solve", str(sc), "--solver", "greedy", "-o", str(d / "plan.json")]) == 0
+    assert main(["table", str(sc), "--target-ms", "20,25", "--buffer-mb", "0,2", "--gap", "1e-2",
+                 "-o", str(d / "table.json")]) == 0
+    return d
+
+
+# --- 1. unbounded reads -------------------------------------------------------------------
+
+def test_device_files_and_pipes_are_refused_before_reading(world, tmp_path):
+    assert_clean_error(cli("solve", "/dev/zero", timeout=20), 2, says="not a regular file")
+    plan = json.loads((world / "plan.json").read_text())
+    plan["scenario"]["path"] = "/dev/zero"
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    assert_clean_error(cli("verify", tmp_path / "p.json", timeout=20), 2,
+                       says="not a regular file")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert_clean_error(cli("solve", fifo, timeout=20), 2, says="not a regular file")
+    sc = yaml.safe_load((world / "minilm-phone.yaml").read_text())
+    sc["model"] = "/dev/urandom"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sc))
+    assert_clean_error(cli("solve", tmp_path / "s.yaml", timeout=20), 2)
+
+
+def test_oversized_files_are_refused_by_size(tmp_path):
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as fh:  # sparse: costs no disk
+        fh.truncate(200 * 10**6)
+    assert_clean_error(cli("solve", big, timeout=20), 2, says="may be at most")
+    bigjson = tmp_path / "big.json"
+    with open(bigjson, "wb") as fh:
+        fh.truncate(300 * 10**6)
+    assert_clean_error(cli("verify", bigjson, timeout=20), 2, says="may be at most")
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append("device: {name: d, storage: *a9}")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 2000
+    p = cli("solve", bomb, timeout=20)
+    assert_clean_error(p, 2, says="expands to more than")
+    recursive = tmp_path / "rec.yaml"
+    recursive.write_text("device: &d [*d]\n")
+    assert_clean_error(cli("solve", recursive, timeout=20), 2)
+
+
+def test_deep_and_huge_json_is_refused(world, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert_clean_error(cli("verify", deep, timeout=20), 2, says="nested")
+    plan = json.loads((world / "plan.json").read_text())
+    for value in ("1" * 5000, "1e999", "NaN", "-Infinity"):
+        text = json.dumps(plan).replace('"solve_seconds": ', f'"solve_seconds": {value}, "x": ', 1)
+        (tmp_path / "n.json").write_text(text)
+        assert_clean_error(cli("verify", tmp_path / "n.json", timeout=20), 2)
+
+
+# --- 2. time limits bound the whole command -------------------------------------------------
+
+def test_time_limit_bounds_solve_and_its_explanation():
+    p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--time-limit", "0.1", timeout=60)
+    assert p.returncode in (0, 3, 4), p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.seconds < 15  # load + build + 0.1 s of solving, not a diagnosis of minutes
+
+
+def test_diagnosis_cut_short_says_so(tmp_path):
+    """An infeasible question whose diagnosis cannot finish in the time left says so."""
+    p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--target-ms", "0.001",
+            "--time-limit", "0.05", timeout=60)
+    assert_clean_error(p, {3, 4})
+    assert p.seconds < 15
+
+
+# --- 3. outputs are atomic, inputs are never written ---------------------------------------
+
+@pytest.mark.parametrize("command", ["solve", "table", "sweep", "lookup", "run"])
+def test_outputs_onto_inputs_are_refused(world, tmp_path, command):
+    for name in ("minilm-phone.yaml", "plan.json", "table.json"):
+        shutil.copy(world / name, tmp_path / name)
+    sc, plan, table = (tmp_path / n for n in ("minilm-phone.yaml", "plan.json", "table.json"))
+    model = Path(yaml.safe_load(sc.read_text())["model"])
+    before = snapshot(sc, plan, table, model)
+    args = {"solve": ["solve", sc, "-o", sc],
+            "table": ["table", sc, "--target-ms", "17", "--buffer-mb", "0", "-o", model],
+            "sweep": ["sweep", sc, "--buffer-mb", "0,1", "--csv", sc],
+            "lookup": ["lookup", table, "--target-ms", "22", "--buffer-mb", "2", "-o", table],
+            "run": ["run", plan, "--json", plan]}[command]
+    assert_clean_error(cli(*args, timeout=60), 2, says="refusing to write")
+    assert snapshot(sc, plan, table, model) == before
+    no_debris(tmp_path)
+
+
+def test_a_full_disk_leaves_the_old_output_intact(world, tmp_path):
+    out = tmp_path / "old.json"
+    shutil.copy(world / "plan.json", out)
+    before = out.read_bytes()
+    # RLIMIT_FSIZE: writes past 4 KB fail as on a full disk (EFBIG)
+    p = cli("solve", world / "minilm-phone.yaml", "-o", out, fsize=4096, timeout=60)
+    assert_clean_error(p, 11, says=str(out))
+    assert out.read_bytes() == before
+    no_debris(tmp_path)
+
+
+def test_a_full_tmpfs_leaves_the_old_output_intact(world, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    try:
+        out = mnt / "table.json"
+        old = b'{"an": "old table"}\n'
+        out.write_bytes(old)
+        try:  # fill the rest
+            (mnt / "filler").write_bytes(b"\0" * (64 << 10))
+        except OSError:
+            pass
+        p = cli("table", world / "minilm-phone.yaml", "--target-ms", "20,25",
+                "--buffer-mb", "0,2", "--gap", "1e-2", "-o", out, timeout=60)
+        assert_clean_error(p, 11, says="No space left")
+        assert out.read_bytes() == old
+        no_debris(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_write_to_a_missing_directory_names_the_path(world, tmp_path):
+    out = tmp_path / "nowhere" / "plan.json"
+    p = cli("solve", world / "minilm-phone.yaml", "-o", out, timeout=60)
+    assert_clean_error(p, 11, says=str(out))
+
+
+# --- 4, 5. user mistakes and extreme values get a one-line error at load --------------------
+
+def _with(doc: dict, path: list, value):
+    doc = copy.deepcopy(doc)
+    d = doc
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("path, value, code", [
+    (["device", "memory_mb"], 1.0e308, 2),
+    (["device", "storage", "latency_us"], 1.0e308, 2),
+    (["device", "storage", "bandwidth_mb_s"], 1e-300, 2),  # would overflow every read time
+    (["device", "compute", "gflops"], 10**30, 2),
+    (["model", "resident_bytes"], 10**30, 2),
+    (["model", "layers", 0, "shards", 0, "bytes", 0], 10**30, 2),
+    (["model", "layers", 0, "shards", 0, "importance", 0], 1e300, 2),
+    (["model", "seq_len"], 2**62, 2),
+    (["target_latency_ms"], 1e308, 2),
+])
+def test_out_of_range_values_are_refused_at_load(tmp_path, path, value, code):
+    sc = yaml.safe_load(MINILM.read_text())
+    sc["device"] = yaml.safe_load((SCENARIOS / sc["device"]).read_text())
+    sc["model"] = yaml.safe_load((SCENARIOS / sc["model"]).read_text())
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_with(sc, path, value)))
+    # the load refuses it, whichever backend would have run (once a solver misread it)
+    solvers = ("highs", "cbc", "greedy") if path[-1] == "latency_us" else ("highs",)
+    for solver in solvers:
+        p = cli("solve", f, "--solver", solver, "--time-limit", "5", timeout=60)
+        assert_clean_error(p, code, says=".".join(str(k) for k in path).replace(".0", "[0]")
+                           .split("[")[0])
+
+
+@pytest.mark.parametrize("args", [
+    ["--buffer-mb", "1e308"], ["--target-ms", "1e308"], ["--target-ms", "inf"],
+    ["--buffer-mb", "nan"], ["--gap", "2"], ["--gap", "-1"], ["--gap", "nan"],
+    ["--threads", "0"], ["--time-limit", "0"], ["--time-limit", "inf"],
+])
+def test_bad_flags_are_usage_errors(world, args):
+    p = cli("solve", world / "minilm-phone.yaml", *args, timeout=30)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("axis", ["0:inf:1", "nan", "0:1e300:1", "5:1:1", "1,2,inf"])
+def test_bad_sweep_ranges_are_usage_errors(world, axis):
+    p = cli("sweep", world / "minilm-phone.yaml", "--buffer-mb", axis, timeout=30)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    text = MINILM.read_text()
+    f = tmp_path / "dup.yaml"
+    f.write_text(text + "\ntarget_latency_ms: 99\n")
+    f2 = tmp_path / "s.yaml"
+    data = yaml.safe_load(text)
+    data["device"] = str((SCENARIOS / data["device"]).resolve())
+    data["model"] = str((SCENARIOS / data["model"]).resolve())
+    f.write_text(yaml.safe_dump(data) + "target_latency_ms: 99\n")
+    assert main(["solve", str(f)]) == 2
+    f2.write_text(yaml.safe_dump(data))
+    assert main(["solve", str(f2), "--solver", "greedy"]) == 0
+
+
+# --- 6. checks that verify instead of trusting ----------------------------------------------
+
+@pytest.mark.parametrize("mutate", [
+    lambda p: p.__setitem__("gap", -5),
+    lambda p: p.__setitem__("gap", "0.1"),
+    lambda p: p["layers"][0]["shards"][0].__setitem__("bits", 8.9),
+    lambda p: p["layers"][0]["shards"][0].__setitem__("preloaded", "false"),
+    lambda p: p["scenario"].__setitem__("path", 123),
+    lambda p: p["scenario"].__setitem__("target_latency_ms", "25"),
+    lambda p: p.__setitem__("status", "proven"),
+    lambda p: p.__setitem__("extra", 1),
+    lambda p: p.__setitem__("layers", {}),
+], ids=["gap-negative", "gap-string", "bits-float", "preloaded-string", "path-int",
+        "target-string", "status", "unknown-key", "layers-mapping"])
+def test_verify_refuses_mistyped_plans(world, tmp_path, capsys, mutate):
+    plan = json.loads((world / "plan.json").read_text())
+    plan["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
+    mutate(plan)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(plan))
+    assert main(["verify", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elasticplan: error:") and err.count("\n") == 1
+
+
+def _table(world, tmp_path, mutate):
+    data = json.loads((world / "table.json").read_text())
+    data["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
+    mutate(data)
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(data))
+    return f
+
+
+def test_lookup_verifies_the_plan_it_returns(world, tmp_path, capsys):
+    ok = _table(world, tmp_path, lambda d: None)
+    assert main(["lookup", str(ok), "--target-ms", "22", "--buffer-mb", "2"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+    def tamper(d):  # shards changed under the plan's figures: the verifier catches it
+        for p in d["plans"]:
+            p["layers"][-1]["shards"][0]["bits"] = 2
+    bad = _table(world, tmp_path, tamper)
+    assert main(["lookup", str(bad), "--target-ms", "22", "--buffer-mb", "2"]) == 6
+
+    def negative(d):
+        d["cells"][-1][-1]["bound"] = -1.0
+    assert main(["lookup", str(_table(world, tmp_path, negative)), "--target-ms", "22",
+                 "--buffer-mb", "2"]) == 2
+
+    def below(d):
+        d["cells"][-1][-1]["bound"] = 1e-6
+    assert main(["lookup", str(_table(world, tmp_path, below)), "--target-ms", "22",
+                 "--buffer-mb", "2"]) == 2
+    assert "not a bound" in capsys.readouterr().err
+
+
+def test_store_index_names_only_files_inside_the_store(store_dir, tmp_path):
+    from runtime.store import INDEX, ShardStore
+
+    bad = tmp_path / "store"
+    shutil.copytree(store_dir, bad)
+    index = json.loads((bad / INDEX).read_text())
+    first = next(iter(index["files"]))
+    index["files"]["../../etc/passwd"] = index["files"].pop(first)
+    (bad / INDEX).write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="not a file name inside the store"):
+        ShardStore(bad)
+    for key in ("files", "model"):
+        broken = json.loads((store_dir / INDEX).read_text())
+        del broken[key]
+        (bad / INDEX).write_text(json.dumps(broken))
+        with pytest.raises(StoreError, match=f"{key}: required key is missing"):
+            ShardStore(bad)
+
+
+def test_run_checks_the_tokenizer_checksum(store_dir, tmp_path):
+    from runtime.store import ShardStore
+
+    bad = tmp_path / "store"
+    shutil.copytree(store_dir, bad)
+    tok = bad / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes().replace(b'"[CLS]"', b'"[CLX]"', 1))
+    with pytest.raises(StoreError, match="tokenizer.json: checksum mismatch"):
+        ShardStore(bad).tokenizer(128)
+
+
+# --- 7. debris ----------------------------------------------------------------------------
+
+def test_a_killed_shard_build_leaves_nothing_after_the_next_build(store_dir, tmp_path):
+    from runtime.store import ShardStore, build_store
+
+    out = tmp_path / "store"
+    shutil.copytree(store_dir, out)
+    (out / "layer0.b2.bin").unlink()
+    p = subprocess.Popen([sys.executable, "-m", "elasticplan.cli", "shard", "--out", str(out),
+                          "--force"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, preexec_fn=_limits)
+    time.sleep(3.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    (out / ".layer0.b3.bin.killed.tmp").write_bytes(b"partial")  # as a kill mid-write leaves
+    report = build_store(out)
+    no_debris(out)
+    assert ShardStore(out).verify() == []
+    assert report.written or report.kept
+
+
+# --- 8. grids are checked up front ----------------------------------------------------------
+
+def test_a_huge_grid_is_refused_before_any_solve(world, tmp_path):
+    p = cli("table", world / "minilm-phone.yaml", "--target-ms", "1:1000:1",
+            "--buffer-mb", "0:999:1", "-o", tmp_path / "t.json", timeout=30)
+    assert_clean_error(p, 2, says="--max-points")
+    assert p.seconds < 10
+    assert not (tmp_path / "t.json").exists()
+
+
+# --- generated documents for every format ---------------------------------------------------
+
+HOSTILE = st.sampled_from([float("nan"), float("inf"), -1, -1e308, 1e308, 10**30, 0, "",
+                           "x" * 5000, [], {}, None, True, "../../etc/passwd", 1.5, "25"])
+LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**25, 10**25),
+                 st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
+ARBITRARY = st.recursive(LEAF, lambda kids: st.one_of(
+    st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=12), kids, max_size=4)),
+    max_leaves=25)
+
+
+def _paths(doc, prefix=()):
+    """Every leaf path of a JSON-like document."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc[:3]):
+            yield from _paths(v, prefix + (i,))
+    else:
+        yield prefix
+
+
+def _mutated(doc, data):
+    paths = list(_paths(doc))
+    path = data.draw(st.sampled_from(paths))
+    return _with(doc, list(path), data.draw(HOSTILE)) if path else data.draw(HOSTILE)
+
+
+def _inline_scenario() -> dict:
+    sc = yaml.safe_load(MINILM.read_text())
+    sc["device"] = yaml.safe_load((SCENARIOS / sc["device"]).read_text())
+    model = yaml.safe_load((SCENARIOS / sc["model"]).read_text())
+    model["layers"] = model["layers"][:2]
+    sc["model"] = model
+    return sc
+
+
+def _check_run(argv, files, capsys):
+    before = snapshot(*files)
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc in DOCUMENTED and rc != 1, err
+    assert "Traceback" not in err
+    if rc:
+        assert err.count("elasticplan: error:") == 1, err
+    assert snapshot(*files) == before
+
+
+FUZZ = settings(max_examples=25, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_scenarios(tmp_path, capsys, data):
+    doc = _mutated(_inline_scenario(), data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    _check_run(["solve", f, "--solver", "greedy"], [f], capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_plans(world, tmp_path, capsys, data):
+    plan = json.loads((world / "plan.json").read_text())
+    plan["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
+    doc = _mutated(plan, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(doc))
+    _check_run(["verify", f], [f], capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_tables(world, tmp_path, capsys, data):
+    table = json.loads((world / "table.json").read_text())
+    table["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
+    doc = _mutated(table, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps(doc))
+    _check_run(["lookup", f, "--target-ms", "22", "--buffer-mb", "2"], [f], capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_store_indexes(store_dir, tmp_path_factory, data):
+    from runtime.store import INDEX, ShardStore
+
+    index = json.loads((store_dir / INDEX).read_text())
+    doc = _mutated(index, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
+    d = tmp_path_factory.mktemp("idx")
+    (d / INDEX).write_text(json.dumps(doc))
+    try:
+        ShardStore(d)
+    except StoreError as e:
+        assert str(e).startswith(str(d))
+
+
+@FUZZ
+@given(doc=ARBITRARY)
+def test_generated_task_heads(tmp_path, doc):
+    from runtime.task import TaskHead
+
+    f = tmp_path / "head.json"
+    f.write_text(json.dumps(doc))
+    with pytest.raises(StoreError):
+        TaskHead.load(f)
