@@ -8,7 +8,7 @@ Instances: every shipped scenario at its own question, plus targets that force s
 be dropped (the hard, knapsack-like regime). Backends: greedy (STI), CP-SAT and CBC on the
 plain per-shard program, HiGHS on the aggregated program at the gaps the solver-speed
 goals name (1e-6, 1e-3, 1e-2). A solve that reaches the time limit is run once, not
---repeats times. The plain program is not built above PLAIN_MAX_BOOLS booleans (its dense
+--repeats times. The plain program is not built above formulation.PLAIN_MAX_BOOLS booleans (its dense
 latency rows grow as layers^2 x shards; the row says so).
 """
 
@@ -27,7 +27,6 @@ from elasticplan.solvers import solve
 
 MODULE = "benchmarks.solver_speed"
 
-PLAIN_MAX_BOOLS = 20_000
 HARD = {"bert-base-phone": 140.0, "minilm-phone": 17.0, "distilbert-sbc": 450.0}
 RUNS = [("greedy", None), ("cpsat", 1e-6), ("cbc", 1e-6), ("highs", 1e-6), ("highs", 1e-3),
         ("highs", 1e-2)]
@@ -67,13 +66,13 @@ def main(argv=None) -> int:
         if a.only and a.only not in name:
             continue
         results = []
-        n_bools = 2 * sum(len(layer.shards) for layer in sc.model.layers) * len(sc.model.bitwidths)
+        n_bools = formulation.n_bools(sc)
         for solver, gap in RUNS:
             row = {"instance": name, "size": size(sc), "solver": solver,
                    "gap_asked": gap, "bools": n_bools}
             build = formulation.build if solver in ("cpsat", "cbc") else aggregate.build
-            if solver in ("cpsat", "cbc") and n_bools > PLAIN_MAX_BOOLS:
-                row["status"] = f"not built: {n_bools} booleans > {PLAIN_MAX_BOOLS}"
+            if solver in ("cpsat", "cbc") and n_bools > formulation.PLAIN_MAX_BOOLS:
+                row["status"] = f"not built: {n_bools} booleans > {formulation.PLAIN_MAX_BOOLS}"
                 results.append(row)
                 continue
             if solver != "greedy":

@@ -113,15 +113,32 @@ def buffer_mb(text: str) -> float:
     return v
 
 
-def count(text: str) -> int:
-    """An integer >= 1 (an argparse type)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
+def whole(lo: int, hi: int):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return v
+    return parse
+
+
+def real(lo: float, hi: float, *, open_low: bool = False):
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi] with open_low)."""
+    def parse(text: str) -> float:
+        v = _float(text)
+        if not ((lo < v) if open_low else (lo <= v)) or v > hi:
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if open_low else '['}{lo:g}, {hi:g}], got {text}")
+        return v
+    return parse
+
+
+MAX_THREADS = 256
+MAX_TIME_LIMIT_S = 1e6
 
 
 def gap(text: str) -> float:
@@ -135,17 +152,18 @@ def gap(text: str) -> float:
 def _solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=sorted(BACKENDS), default=DEFAULT_SOLVER,
                    help=f"default {DEFAULT_SOLVER}")
-    p.add_argument("--time-limit", type=positive, default=DEFAULT_TIME_LIMIT_S, metavar="S",
+    p.add_argument("--time-limit", type=real(0, MAX_TIME_LIMIT_S, open_low=True),
+                   default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help=f"seconds for the whole command's solving, explanations included "
                         f"(default {DEFAULT_TIME_LIMIT_S:g}; per point for sweep and table)")
-    p.add_argument("--threads", type=count, default=DEFAULT_THREADS)
+    p.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_THREADS)
     p.add_argument("--gap", type=gap, default=DEFAULT_RELATIVE_GAP,
                    help=f"relative gap at which a solve counts as optimal, in [0, 1) "
                         f"(default {DEFAULT_RELATIVE_GAP:g})")
 
 
 def _grid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-points", type=count, default=DEFAULT_MAX_POINTS, metavar="N",
+    p.add_argument("--max-points", type=whole(1, 10**7), default=DEFAULT_MAX_POINTS, metavar="N",
                    help=f"refuse a grid of more points than this (default {DEFAULT_MAX_POINTS})")
 
 

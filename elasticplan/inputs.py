@@ -171,6 +171,8 @@ def load_yaml(path: str | os.PathLike, *, what: str = "YAML problem file",
         raise fail(error, file, "", f"invalid YAML: {where}{problem}") from None
     except RecursionError:
         raise fail(error, file, "", "invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as e:  # a scalar its constructor refuses (a huge integer)
+        raise fail(error, file, "", f"invalid YAML: {str(e).split(';')[0]}") from None
     finally:
         loader.dispose()
 

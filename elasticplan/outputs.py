@@ -49,7 +49,16 @@ def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
     """Atomically replace `path` with `data` (bytes, or chunks of bytes)."""
     target = Path(path)
     refuse_inputs(target, inputs)
+    if target.is_symlink():  # write the file the link names; the link stays
+        try:
+            target = target.resolve(strict=False)
+        except (OSError, RuntimeError) as e:
+            raise OutputError(f"{path}: cannot write: {e}") from None
     directory = target.parent
+    if target.exists() and not target.is_file():
+        # a rename would replace the device (/dev/null), the pipe or the directory itself
+        raise OutputError(f"{path}: cannot write: not a regular file (a device, pipe or "
+                          f"directory); name a plain file")
     if not directory.is_dir():
         raise OutputError(f"{target}: cannot write: directory {directory} does not exist")
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 from elasticplan.baselines import baseline_questions
-from elasticplan.cli import non_negative, positive
+from elasticplan.cli import MAX_THREADS, positive, real, target_ms, whole
 from elasticplan.errors import InvalidArgument, ToleranceError
 from elasticplan.loader import load_scenario
 from elasticplan.outputs import refuse_inputs, write_text
 from elasticplan.plan import Plan
+from elasticplan.spec import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
 from elasticplan.verify import scenario_for, verify_plan
 
 DEFAULT_STORE = "build/shards/minilm-l6"
@@ -52,15 +53,17 @@ def register(sub) -> None:
     c.add_argument("--scenario", default=DEFAULT_BASE_SCENARIO,
                    help=f"whose model and question to pose on this machine "
                         f"(default {DEFAULT_BASE_SCENARIO})")
-    c.add_argument("--storage-mb-s", type=positive, metavar="X",
+    c.add_argument("--storage-mb-s", type=real(MIN_BANDWIDTH_MB_S, MAX_BANDWIDTH_MB_S), metavar="X",
                    help="emulated storage bandwidth; omitted: measure this machine's disk")
-    c.add_argument("--storage-latency-us", type=non_negative, default=100.0, metavar="U",
+    c.add_argument("--storage-latency-us", type=real(0, MAX_LATENCY_US), default=100.0, metavar="U",
                    help="emulated per-read latency (default 100)")
-    c.add_argument("--target-ms", type=positive,
+    c.add_argument("--target-ms", type=target_ms,
                    help="the scenario's target (default: every shard at 8 bits, streamed)")
-    c.add_argument("--plans", type=int, default=16, help="random calibration plans (default 16)")
-    c.add_argument("--repeats", type=int, default=3, help="measured runs per plan (default 3)")
-    c.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+    c.add_argument("--plans", type=whole(2, 1000), default=16,
+                   help="random calibration plans (default 16)")
+    c.add_argument("--repeats", type=whole(1, 100), default=3,
+                   help="measured runs per plan (default 3)")
+    c.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
     c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
                    help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
@@ -71,7 +74,7 @@ def register(sub) -> None:
     r.add_argument("--scenario", help="scenario file (default: the path the plan records)")
     r.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
     r.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
-    r.add_argument("--repeat", type=int, default=5, metavar="N",
+    r.add_argument("--repeat", type=whole(1, 1000), default=5, metavar="N",
                    help="measured runs, after one discarded warm-up (default 5)")
     r.add_argument("--tolerance", type=positive, default=0.10, metavar="F",
                    help="relative tolerance on the total latency (default 0.10)")
@@ -82,7 +85,7 @@ def register(sub) -> None:
     r.add_argument("--baselines", action="store_true",
                    help="also run hold-in-memory, load-then-execute and layer-wise pipelining "
                         "on the same device and model, in the same run")
-    r.add_argument("--threads", type=int, default=DEFAULT_RUN_THREADS,
+    r.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
     r.add_argument("--json", metavar="FILE", help="write the report as JSON")
     r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")

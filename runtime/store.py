@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, integer, load_json, show
+from elasticplan.inputs import Fields, integer, load_json, read_bytes, show
 from elasticplan.outputs import remove_debris, write_bytes
 from runtime import quant
 from runtime.model import (
@@ -125,8 +126,12 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """The sha256 of a regular file (a device or pipe in its place is a StoreError: it
+    could be read forever)."""
     with open(path, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise StoreError(f"{path}: not a regular file (a device, pipe or socket)")
+        h = hashlib.sha256()
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -239,7 +244,7 @@ class ShardStore:
 
     def resident(self) -> dict[str, torch.Tensor]:
         entry = self.index["resident"]
-        data = self._checked_bytes(entry["file"], entry["sha256"])
+        data = self._checked_bytes(entry["file"], entry["sha256"], entry["bytes"])
         out = {}
         for name, t in entry["tensors"].items():
             a = np.frombuffer(data, dtype="<f4", count=int(np.prod(t["shape"])), offset=t["offset"])
@@ -262,12 +267,9 @@ class ShardStore:
                              f"store was built); rebuild with `elasticplan shard`")
         return Tokenizer(path, max_length)
 
-    def _checked_bytes(self, fname: str, sha: str) -> bytes:
+    def _checked_bytes(self, fname: str, sha: str, nbytes: int) -> bytes:
         path = self.path / fname
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+        data = read_bytes(path, what="shard store file", limit=nbytes, error=StoreError)
         if hashlib.sha256(data).hexdigest() != sha:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
                              f"store was built); rebuild with `elasticplan shard`")

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from elasticplan.cli import main
 from elasticplan.errors import StoreError
+from elasticplan.loader import load_scenario
 from elasticplan.outputs import TEMP_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +153,23 @@ def test_deep_and_huge_json_is_refused(world, tmp_path):
         assert_clean_error(cli("verify", tmp_path / "n.json", timeout=20), 2)
 
 
+def test_huge_yaml_integers_are_refused(tmp_path):
+    f = tmp_path / "int.yaml"
+    f.write_text("target_latency_ms: 1" + "0" * 5000 + "\n")
+    assert_clean_error(cli("solve", f, timeout=20), 2, says="invalid YAML")
+
+
+def test_store_files_that_are_devices_are_not_read(store_dir, tmp_path):
+    from runtime.store import ShardStore
+
+    bad = tmp_path / "store"
+    shutil.copytree(store_dir, bad)
+    (bad / "resident.bin").unlink()
+    (bad / "resident.bin").symlink_to("/dev/zero")
+    with pytest.raises(StoreError, match="not a regular file"):
+        ShardStore(bad).resident()
+
+
 # --- 2. time limits bound the whole command -------------------------------------------------
 
 def test_time_limit_bounds_solve_and_its_explanation():
@@ -166,6 +184,24 @@ def test_diagnosis_cut_short_says_so(tmp_path):
     p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--target-ms", "0.001",
             "--time-limit", "0.05", timeout=60)
     assert_clean_error(p, {3, 4})
+    assert p.seconds < 15
+
+
+def test_greedy_honours_its_time_limit():
+    """An expired limit stops greedy before it plans (it used to ignore the limit)."""
+    from elasticplan.errors import SolverTimeoutError
+    from elasticplan.solvers.greedy import solve_greedy
+
+    sc = load_scenario(SCENARIOS / "llama2-70b-laptop.yaml")
+    with pytest.raises(SolverTimeoutError, match="time limit"):
+        solve_greedy(sc, time_limit_s=0.0)
+    assert solve_greedy(sc, time_limit_s=60).status.value == "feasible"
+
+
+def test_plain_program_backends_refuse_llm_scale_models():
+    p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--solver", "cpsat", "--time-limit",
+            "5", timeout=60)
+    assert_clean_error(p, 2, says="use --solver highs")
     assert p.seconds < 15
 
 
@@ -220,6 +256,24 @@ def test_a_full_tmpfs_leaves_the_old_output_intact(world, tmp_path):
         no_debris(mnt)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_devices_and_links_as_outputs(world, tmp_path):
+    """A device is never replaced by a file; a link is written through, and stays a link."""
+    before = os.stat("/dev/null")
+    p = cli("solve", world / "minilm-phone.yaml", "--solver", "greedy", "-o", "/dev/null",
+            timeout=60)
+    assert_clean_error(p, 11, says="not a regular file")
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_rdev) == (before.st_mode, before.st_rdev)
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert main(["solve", str(world / "minilm-phone.yaml"), "--solver", "greedy",
+                 "-o", str(link)]) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["solver"] == "greedy"
+    no_debris(tmp_path)
 
 
 def test_write_to_a_missing_directory_names_the_path(world, tmp_path):

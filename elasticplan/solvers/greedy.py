@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 
 from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
-from elasticplan.errors import NoPlanFoundError
+from elasticplan.errors import NoPlanFoundError, SolverTimeoutError
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import Objective, Scenario
 
@@ -85,11 +85,14 @@ class _Pipeline:
         return False
 
 
-def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 1,
+def solve_greedy(scenario: Scenario, *, time_limit_s: float | None = None, threads: int = 1,
                  relative_gap: float = 0) -> Plan:
-    del time_limit_s, threads, relative_gap  # a heuristic: none of these apply
+    """STI's plan. At the time limit the upgrades stop (the plan holds: each upgrade kept it
+    feasible); a limit reached before any plan raises SolverTimeoutError."""
+    del threads, relative_gap  # a heuristic: neither applies
     started = time.perf_counter()
-    selection = _plan(scenario)
+    deadline = None if time_limit_s is None else started + time_limit_s
+    selection = _plan(scenario, deadline)
     if selection is None:
         raise NoPlanFoundError(
             f"greedy (STI) found no plan for target {scenario.target_latency_ms:g} ms and "
@@ -106,7 +109,11 @@ def solve_greedy(scenario: Scenario, *, time_limit_s: float = 0, threads: int = 
     return plan
 
 
-def _plan(sc: Scenario) -> Selection | None:
+def _out_of_time(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
+def _plan(sc: Scenario, deadline: float | None) -> Selection | None:
     d, m = sc.device, sc.model
     L, top = len(m.layers), len(m.bitwidths) - 1
     ranked = [sorted(range(len(layer.shards)), key=lambda s: (-layer.shards[s].importance[top], s))
@@ -122,13 +129,17 @@ def _plan(sc: Scenario) -> Selection | None:
             if compute <= sc.target_latency_ms:
                 candidates.append((n * width, n, width))
     for _, n, width in sorted(candidates, reverse=True):
-        chosen = _io_plan(sc, ranked, n, width)
+        if _out_of_time(deadline):
+            raise SolverTimeoutError("greedy (STI) found no plan within the time limit (not a "
+                                     "proof that none exists); raise --time-limit")
+        chosen = _io_plan(sc, ranked, n, width, deadline)
         if chosen is not None:
             return chosen
     return None
 
 
-def _io_plan(sc: Scenario, ranked, n: int, width: int) -> Selection | None:
+def _io_plan(sc: Scenario, ranked, n: int, width: int,
+             deadline: float | None) -> Selection | None:
     m = sc.model
     top = len(m.bitwidths) - 1
     for base in range(top, -1, -1):
@@ -150,6 +161,8 @@ def _io_plan(sc: Scenario, ranked, n: int, width: int) -> Selection | None:
                        key=lambda lk: -m.layers[lk[0]].shards[picks[lk[0]][lk[1]].shard]
                        .importance[top])
         for li, k in order:
+            if _out_of_time(deadline):
+                break  # every upgrade so far kept the plan feasible
             cur = pipe.picks[li][k]
             for b in range(top, cur.bit, -1):
                 if pipe.try_replace(li, k, Pick(cur.shard, b, cur.preloaded)):
