@@ -103,8 +103,10 @@ def cmd_shard(a) -> int:
 
 
 def cmd_profile(a) -> int:
-    from runtime.profile import profile_model
+    from runtime.profile import measurements_path, profile_model
 
+    for out in (Path(a.out), measurements_path(Path(a.out))):  # before minutes of measuring
+        refuse_inputs(out, (a.store, a.head))
     profile_model(a.store, a.out, cache_dir=a.cache, head_path=a.head, metric=a.metric)
     return 0
 
