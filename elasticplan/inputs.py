@@ -333,19 +333,23 @@ def number(v: Any, file, key, *, minimum=None, positive=False, maximum=None,
         raise fail(error, file, key, f"expected a finite number, got {v}")
     if positive and v <= 0:
         raise fail(error, file, key, f"must be > 0, got {v:g}")
-    if minimum is not None and v < minimum:
-        raise fail(error, file, key, f"must be >= {minimum:g}, got {v:g}")
-    if maximum is not None and v > maximum:
-        raise fail(error, file, key, f"must be <= {maximum:g}, got {v:g}")
-    return v
+    return _in_range(v, file, key, minimum, maximum, error)
 
 
 def integer(v: Any, file, key, *, minimum=None, maximum=None,
             error: type[ElasticplanError] = SpecError) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise fail(error, file, key, f"expected an integer, got {show(v)}")
+    return _in_range(v, file, key, minimum, maximum, error)
+
+
+def _in_range(v, file, key, minimum, maximum, error):
     if minimum is not None and v < minimum:
-        raise fail(error, file, key, f"must be >= {minimum}, got {show(v)}")
+        raise fail(error, file, key, f"must be >= {minimum:g}, got {_num(v)}")
     if maximum is not None and v > maximum:
-        raise fail(error, file, key, f"must be <= {maximum:g}, got {show(v)}")
+        raise fail(error, file, key, f"must be <= {maximum:g}, got {_num(v)}")
     return v
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else show(v)

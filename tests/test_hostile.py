@@ -529,26 +529,27 @@ def test_generated_scenarios(tmp_path, capsys, data):
     _check_run(["solve", f, "--solver", "greedy"], [f], capsys)
 
 
+def _generated_json(world, tmp_path, capsys, data, name: str, args: list) -> None:
+    """A shipped plan or table, one leaf made hostile, or arbitrary structure, run."""
+    doc = json.loads((world / name).read_text())
+    doc["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
+    doc = _mutated(doc, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
+    f = tmp_path / name
+    f.write_text(json.dumps(doc))
+    _check_run([args[0], f, *args[1:]], [f], capsys)
+
+
 @FUZZ
 @given(data=st.data())
 def test_generated_plans(world, tmp_path, capsys, data):
-    plan = json.loads((world / "plan.json").read_text())
-    plan["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
-    doc = _mutated(plan, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
-    f = tmp_path / "p.json"
-    f.write_text(json.dumps(doc))
-    _check_run(["verify", f], [f], capsys)
+    _generated_json(world, tmp_path, capsys, data, "plan.json", ["verify"])
 
 
 @FUZZ
 @given(data=st.data())
 def test_generated_tables(world, tmp_path, capsys, data):
-    table = json.loads((world / "table.json").read_text())
-    table["scenario"]["path"] = str((world / "minilm-phone.yaml").resolve())
-    doc = _mutated(table, data) if data.draw(st.booleans()) else data.draw(ARBITRARY)
-    f = tmp_path / "t.json"
-    f.write_text(json.dumps(doc))
-    _check_run(["lookup", f, "--target-ms", "22", "--buffer-mb", "2"], [f], capsys)
+    _generated_json(world, tmp_path, capsys, data, "table.json",
+                    ["lookup", "--target-ms", "22", "--buffer-mb", "2"])
 
 
 @FUZZ
