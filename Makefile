@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint shards profile additive plan-bert bench clean
+.PHONY: demo test lint shards profile additive plan-bert fleet bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ plan-bert: $(STAMP)
 	@mkdir -p out
 	$(BIN)/elasticplan solve problems/scenarios/bert-base-phone.yaml -o out/bert-base-phone.plan.json
 	$(BIN)/elasticplan verify out/bert-base-phone.plan.json
+
+# Every shipped device x the model zoo x a target grid, on a local process pool (~4 min
+# on 2 cores): results, plan tables and a report in out/fleet.
+fleet: $(STAMP)
+	$(BIN)/elasticplan fleet problems/fleets/example.yaml -o out/fleet
 
 # The real model: shard store (build/shards/minilm-l6, ~10 s) and the measured profile
 # (problems/models/minilm-l6.yaml, ~5.5 min on 2 cores; cached in build/profile, resumable).

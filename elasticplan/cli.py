@@ -232,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--scenario", help="scenario file (default: the path the table records)")
     k.add_argument("-o", "--output", help="write the plan as JSON")
 
+    f = sub.add_parser("fleet", help="solve every device x model x question of a fleet file, "
+                                     "locally or on a Ray cluster")
+    f.set_defaults(handler=cmd_fleet)
+    f.add_argument("fleet")
+    f.add_argument("-o", "--out", required=True, metavar="DIR",
+                   help="results directory (a rerun skips what is done there)")
+    f.add_argument("--workers", type=whole(0, MAX_THREADS), metavar="N",
+                   help="local worker processes (default: one per core; 0: this process)")
+    f.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray: 'local' starts one on this machine, else a cluster address")
+
     for register in _plugins():
         register(sub)
     return parser
@@ -398,6 +409,17 @@ def cmd_lookup(a) -> int:
     if a.output:
         p.save(a.output, inputs=inputs)
         print(f"plan written to {a.output}")
+    return 0
+
+
+def cmd_fleet(a) -> int:
+    from elasticplan.fleet import load_fleet
+    from elasticplan.fleet_run import run_fleet, summary_line
+
+    fleet = load_fleet(a.fleet)
+    refuse_inputs(a.out, (a.fleet, *fleet.devices, *fleet.models))
+    summary = run_fleet(fleet, a.out, workers=a.workers, ray_address=a.ray)
+    print(summary_line(summary))
     return 0
 
 

@@ -1,0 +1,163 @@
+"""Fleet planning: the same answers wherever the tasks run, nothing lost, clear errors."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from elasticplan.cli import main
+from elasticplan.errors import SpecError
+from elasticplan.fleet import load_fleet
+from elasticplan.fleet_run import run_fleet
+from elasticplan.table import PlanTable
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEMS = ROOT / "problems"
+
+
+def _fleet(tmp_path, name="small", **changes) -> Path:
+    data = {"schema": "elasticplan.fleet/1", "name": name,
+            "devices": [str(PROBLEMS / "devices" / "phone-ufs31.yaml"),
+                        str(PROBLEMS / "devices" / "sbc-rpi5-nvme.yaml")],
+            "models": [str(PROBLEMS / "models" / "minilm-l6.yaml"),
+                       str(PROBLEMS / "models" / "distilbert.yaml")],
+            "questions": {"targets_ms": [8, 400], "buffers_mb": [0, 2]},
+            "solver": {"name": "highs", "time_limit_s": 20, "gap": 1e-2}}
+    data.update(changes)
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def _plans(out: Path) -> dict[str, dict]:
+    """Every plan of a run, by task key, without its solve time (the one field that is a
+    measurement of the run rather than its answer)."""
+    plans = {}
+    for p in sorted((out / "plans").glob("*.json")):
+        d = json.loads(p.read_text())
+        d.pop("solve_seconds")
+        plans[p.stem] = d
+    return plans
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "rows").glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fleet")
+    fleet = load_fleet(_fleet(d))
+    summary = run_fleet(fleet, d / "seq", workers=0, progress=False)
+    return fleet, d / "seq", summary
+
+
+def test_sequential_run_writes_every_result(sequential):
+    fleet, out, summary = sequential
+    assert summary.tasks == 2 * 2 * 4 == len(_rows(out))
+    rows = _rows(out)
+    # proven answers only, so that every executor must return the same ones
+    assert {r["status"] for r in rows.values()} <= {"optimal", "infeasible"}
+    for r in rows.values():
+        if r["plan"]:  # every plan verifies against the scenario file it names
+            assert main(["verify", str(out / r["plan"])]) == 0
+        else:
+            assert r["explanation"]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + summary.tasks
+    table = pq.read_table(out / "results.parquet")
+    assert table.num_rows == summary.tasks and "predicted_memory_bytes" in table.column_names
+    assert sorted(p.name for p in (out / "tables").glob("*.json")) == sorted(
+        f"{d}--{m}.json" for d in ("phone-ufs31", "sbc-rpi5-nvme")
+        for m in ("minilm-l6", "distilbert"))
+    t = PlanTable.load(out / "tables" / "phone-ufs31--minilm-l6.json")
+    assert t.targets_ms == (8.0, 400.0) and t.buffers_mb == (0.0, 2.0)
+    assert "# Fleet small" in (out / "report.md").read_text() and (out / "report.png").is_file()
+
+
+def test_rerun_solves_nothing_new(sequential):
+    fleet, out, _ = sequential
+    before = {p: p.read_bytes() for p in (out / "rows").glob("*.json")}
+    again = run_fleet(fleet, out, workers=0, progress=False)
+    assert again.solved_now == 0 and again.skipped == again.tasks
+    assert {p: p.read_bytes() for p in (out / "rows").glob("*.json")} == before
+
+
+def test_process_pool_equals_sequential(sequential, tmp_path):
+    fleet, seq, _ = sequential
+    run_fleet(fleet, tmp_path / "pool", workers=2, progress=False)
+    assert _plans(tmp_path / "pool") == _plans(seq)
+
+
+def test_local_ray_cluster_equals_sequential(sequential, tmp_path):
+    ray = pytest.importorskip("ray")
+    fleet, seq, _ = sequential
+    try:
+        summary = run_fleet(fleet, tmp_path / "ray", workers=2, ray_address="local",
+                            progress=False)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    assert summary.solved_now == summary.tasks
+    assert _plans(tmp_path / "ray") == _plans(seq)
+    assert {k: r["status"] for k, r in _rows(tmp_path / "ray").items()} == \
+        {k: r["status"] for k, r in _rows(seq).items()}
+
+
+def test_a_killed_worker_loses_nothing(tmp_path):
+    """SIGKILL one pool worker mid-run: its chunk is retried, every task gets its row."""
+    f = _fleet(tmp_path, name="kill", questions={"targets_ms": [12, 14, 16, 18, 20, 22],
+                                                 "buffers_mb": [0, 1, 2]},
+               devices=[str(PROBLEMS / "devices" / "phone-ufs31.yaml")],
+               models=[str(PROBLEMS / "models" / "minilm-l6.yaml")])
+    fleet = load_fleet(f)
+    out = tmp_path / "out"
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        s=run_fleet(fleet, out, workers=2, progress=False)))
+    runner.start()
+    killed = False
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline and not killed:
+        children = multiprocessing.active_children()
+        written = len(list((out / "rows").glob("*.json"))) if (out / "rows").is_dir() else 0
+        if children and 0 < written < 18:
+            os.kill(children[0].pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.05)
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    rows = _rows(out)
+    assert len(rows) == result["s"].tasks == 18
+    assert all(r["status"] != "failed" for r in rows.values())
+    assert killed, "the run ended before a worker could be killed"
+    assert any(r["attempts"] > 1 for r in rows.values())  # the killed chunk ran again
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"schema": "x/1"}, "schema"),
+    ({"devices": ["nothing-*.yaml"]}, "devices[0]: 'nothing-*.yaml' matches no file"),
+    ({"questions": {"targets_ms": [], "buffers_mb": [0]}}, "questions.targets_ms"),
+    ({"questions": {"targets_ms": [10], "buffers_mb": [-1]}}, "questions.buffers_mb[0]"),
+    ({"questions": {"targets_ms": [10], "buffers_mb": [0], "objective": "min_latency"}},
+     "questions.objective"),
+    ({"solver": {"name": "gurobi"}}, "solver.name"),
+    ({"workers": 3}, "workers: unknown key"),
+])
+def test_bad_fleet_files_get_one_line(tmp_path, capsys, change, words):
+    f = _fleet(tmp_path, **change)
+    with pytest.raises(SpecError, match=None) as info:
+        load_fleet(f)
+    assert words in str(info.value)
+    assert main(["fleet", str(f), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("elasticplan: error:") and err.count("\n") == 1
