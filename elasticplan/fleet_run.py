@@ -114,8 +114,13 @@ def done_rows(out: Path, tasks: list[Task]) -> dict[str, dict]:
 
 # --- executors -----------------------------------------------------------------------------
 
-def _chunks(tasks: list[Task], size: int = CHUNK) -> list[list[Task]]:
-    return [tasks[i:i + size] for i in range(0, len(tasks), size)]
+def _chunks(tasks: list[Task], workers: int = 1) -> list[list[Task]]:
+    """Chunks of CHUNK tasks, which amortise the cost of a submission, except the last
+    CHUNK x workers tasks, which go one by one: solve times differ by 100x, and a last
+    chunk of slow solves would keep one worker busy while the others idle."""
+    tail = min(len(tasks), CHUNK * max(1, workers))
+    head = len(tasks) - tail
+    return [tasks[i:i + CHUNK] for i in range(0, head, CHUNK)] + [[t] for t in tasks[head:]]
 
 
 def _sequential(fid, bundles, fleet, tasks, on_result) -> None:
@@ -139,7 +144,7 @@ def _pool_chunk(fid, objective, options, chunk):
 def _pool(fid, bundles, fleet, tasks, workers, on_result, on_failed) -> None:
     """A process pool; a worker that dies breaks the pool, so the chunks that were in flight
     are counted as one attempt more and resubmitted to a new pool."""
-    pending = _chunks(tasks)
+    pending = _chunks(tasks, workers)
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or solver state
     while pending:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_init,
@@ -187,7 +192,7 @@ def _ray(fid, bundles, fleet, tasks, workers, address, on_result, on_failed) -> 
         remote = ray.remote(max_retries=fleet.retries, num_cpus=1)(_ray_chunk)
         refs = [ray.put(bundles)]
         futures = {remote.remote(fid, refs, fleet.objective, fleet.options, c): c
-                   for c in _chunks(tasks)}
+                   for c in _chunks(tasks, workers)}
         waiting = list(futures)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from benchmarks import common, prediction, solver_speed
 from runtime.report import LayerReport, StageTimes
 
-MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed")
+MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed",
+           "fleet")
 
 
 def test_relative_error():
