@@ -35,7 +35,7 @@ from elasticplan.errors import CalibrationError
 from elasticplan.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.outputs import refuse_inputs
 from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import FULL_PRECISION_BITS, Device, Scenario
+from elasticplan.spec import FULL_PRECISION_BITS, MAX_TARGET_MS, Device, Scenario
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -143,7 +143,7 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     draft = Device(name="draft", bandwidth_mb_s=bandwidth_mb_s, latency_us=latency_us, gflops=1.0,
                    layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=memory_mb)
     draft_scenario = Scenario(name="calibration", device=draft, model=base.model,
-                              target_latency_ms=1e9, preload_budget_mb=0.0,
+                              target_latency_ms=MAX_TARGET_MS, preload_budget_mb=0.0,
                               min_shards_per_layer=0)
     batch = queries[0]
     model = base.model

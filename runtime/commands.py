@@ -128,6 +128,8 @@ def cmd_calibrate(a) -> int:
         raise InvalidArgument("--plans must be >= 2 and --repeats >= 1")
     _set_threads(a.threads)
     base = load_scenario(a.scenario)
+    for name in ("device.yaml", "scenario.yaml"):  # before minutes of measuring
+        refuse_inputs(Path(a.out_dir) / name, base.files)
     store = ShardStore(a.store)
     queries = query_batches(store, base.model.seq_len, a.repeats)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731

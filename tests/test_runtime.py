@@ -366,3 +366,17 @@ def test_compute_fit_recovers_known_costs():
     A = np.column_stack([np.ones(5), np.arange(5.0)])
     x = nnls(A, np.arange(5.0) * 2 - 1)
     assert x[0] == 0 and x[1] > 0
+
+
+def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_path, capsys):
+    """`elasticplan calibrate` end to end (2 plans, 1 repeat): both files load and the
+    scenario solves; writing onto its own base scenario is refused before measuring."""
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
+                 "--plans", "2", "--repeats", "1", "--out-dir", str(out)]) == 0
+    sc = load_scenario(out / "scenario.yaml")
+    assert sc.device.bandwidth_mb_s == 200 and sc.device.gflops > 0
+    assert main(["solve", str(out / "scenario.yaml"), "--solver", "greedy"]) == 0
+    assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
+                 "--scenario", str(out / "scenario.yaml"), "--out-dir", str(out)]) == 2
+    assert "refusing to write" in capsys.readouterr().err
