@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from elasticplan.errors import SpecError
+from elasticplan.errors import InvalidArgument, SpecError
 from elasticplan.fleet import (
     CHUNK,
     FAILED,
@@ -107,6 +107,9 @@ def done_rows(out: Path, tasks: list[Task]) -> dict[str, dict]:
                 row = load_json(path, what="fleet result row", limit=10**6, error=SpecError)
             except SpecError:
                 continue  # unreadable: solve again
+            plan = row.get("plan") if isinstance(row, dict) else None
+            if plan is not None and not (isinstance(plan, str) and (out / plan).is_file()):
+                continue  # its plan file is gone: solve again
             if isinstance(row, dict) and row.get("status") not in (None, FAILED):
                 rows[t.key] = row
     return rows
@@ -219,6 +222,8 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
     CSV, Parquet and report."""
     started = time.monotonic()
     out = Path(out)
+    if ray_address is not None and workers == 0:
+        raise InvalidArgument("--workers 0 means this process, without Ray; give Ray 1 or more")
     bundles, tasks, meta = prepare(fleet, out)
     by_key = {t.key: t for t in tasks}
     rows = done_rows(out, tasks)

@@ -92,6 +92,18 @@ def test_rerun_solves_nothing_new(sequential):
     assert {p: p.read_bytes() for p in (out / "rows").glob("*.json")} == before
 
 
+def test_a_row_whose_plan_is_gone_is_solved_again(sequential, tmp_path):
+    import shutil
+
+    fleet, seq, _ = sequential
+    out = tmp_path / "copy"
+    shutil.copytree(seq, out)
+    row = next(r for r in _rows(out).values() if r["plan"])
+    (out / row["plan"]).unlink()
+    again = run_fleet(fleet, out, workers=0, progress=False)
+    assert again.solved_now == 1 and (out / row["plan"]).is_file()
+
+
 def test_process_pool_equals_sequential(sequential, tmp_path):
     fleet, seq, _ = sequential
     run_fleet(fleet, tmp_path / "pool", workers=2, progress=False)
