@@ -6,9 +6,7 @@ Benchmarks run from the repository root as modules: `python -m benchmarks.<name>
 
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import os
 import platform
 import sys
@@ -16,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elasticplan.outputs import save_figure as write_figure
-from elasticplan.outputs import write_text
+from elasticplan import outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -68,11 +65,7 @@ def out_path(name: str, out_dir: str | Path | None = None) -> Path:
 
 
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(path, text.getvalue())
+    outputs.write_csv(path, rows, fields)
     print(f"# written {_rel(path)}")
 
 
@@ -89,7 +82,7 @@ def save_figure(fig, path: Path, command: str) -> None:
     """Save with the command that made it in the figure's own footer."""
     fig.text(0.005, 0.005, command.lstrip("# "), fontsize=5.5, color="grey", va="bottom")
     try:
-        write_figure(fig, path)
+        outputs.save_figure(fig, path)
     finally:
         pyplot().close(fig)
     print(f"# written {_rel(path)}")

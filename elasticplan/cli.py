@@ -13,8 +13,6 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import sys
@@ -29,7 +27,7 @@ from tqdm import tqdm
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
 from elasticplan.explain import explain_failure
 from elasticplan.loader import load_scenario
-from elasticplan.outputs import refuse_inputs, write_text
+from elasticplan.outputs import refuse_inputs, write_csv
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
 from elasticplan.solvers import (
@@ -345,11 +343,7 @@ def cmd_sweep(a) -> int:
     if a.csv:
         fields = [param, "solver", "status", "source", "importance", "latency_ms", "used_mb",
                   "gap", "solve_seconds"]
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(a.csv, text.getvalue(), inputs=base.files)
+        write_csv(a.csv, rows, fields, inputs=base.files)
         print(f"frontier written to {a.csv}")
     return 0
 

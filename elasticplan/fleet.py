@@ -44,7 +44,6 @@ MAX_TASKS = 1_000_000
 DEFAULT_RETRIES = 2
 CHUNK = 8  # tasks per submission to a worker: amortises the per-task overhead
 FAILED = "failed"
-STATUSES = ("optimal", "feasible", "infeasible", "timeout", "no-plan", FAILED)
 
 
 # --- the fleet file --------------------------------------------------------------------------
@@ -180,6 +179,11 @@ def task_key(content_hash: str, q: Question, objective: Objective, options: Opti
 
 # --- the one solve code path -----------------------------------------------------------------
 
+def full_importance(model) -> float:
+    """The model's importance with every shard at its most important bitwidth."""
+    return sum(max(s.importance) for layer in model.layers for s in layer.shards)
+
+
 class Solver:
     """Solves tasks of one fleet; each process (this one, a pool worker, a Ray worker) keeps
     one, with the pairs' scenarios loaded once."""
@@ -205,8 +209,7 @@ class Solver:
         q = task.question
         floor = None
         if q.floor_fraction is not None:
-            full = sum(max(s.importance) for layer in base.model.layers for s in layer.shards)
-            floor = q.floor_fraction * full
+            floor = q.floor_fraction * full_importance(base.model)
         return base.with_overrides(target_latency_ms=q.target_ms, preload_budget_mb=q.buffer_mb,
                                    objective=self.objective, importance_floor=floor)
 
@@ -215,11 +218,15 @@ class Solver:
         o = self.options
         started = time.monotonic()
         row = {"key": task.key, "attempts": task.attempt}
+
+        def unsolved(status: str, why: Exception) -> tuple[dict, None]:
+            return {**row, "status": status, "explanation": str(why),
+                    "solve_seconds": time.monotonic() - started}, None
+
         try:
             sc = self.question(task)
         except SpecError as e:  # e.g. a buffer larger than the device's memory allows
-            return {**row, "status": "infeasible", "explanation": str(e),
-                    "solve_seconds": time.monotonic() - started}, None
+            return unsolved("infeasible", e)
         try:
             plan = solve(sc, o.solver, time_limit_s=o.time_limit_s, threads=o.threads,
                          relative_gap=o.gap)
@@ -229,16 +236,13 @@ class Solver:
                                             threads=o.threads)
             except ElasticplanError as inner:
                 explained = inner
-            status = "infeasible" if isinstance(explained, InfeasibleError) else "timeout"
-            return {**row, "status": status, "explanation": str(explained),
-                    "solve_seconds": time.monotonic() - started}, None
+            return unsolved("infeasible" if isinstance(explained, InfeasibleError) else "timeout",
+                            explained)
         except NoPlanFoundError as e:
-            return {**row, "status": "no-plan", "explanation": str(e),
-                    "solve_seconds": time.monotonic() - started}, None
+            return unsolved("no-plan", e)
         except ElasticplanError as e:
-            return {**row, "status": FAILED, "explanation": str(e),
-                    "solve_seconds": time.monotonic() - started}, None
-        full = sum(max(s.importance) for layer in sc.model.layers for s in layer.shards) or 1.0
+            return unsolved(FAILED, e)
+        full = full_importance(sc.model) or 1.0
         row.update(status=plan.status.value, explanation="", objective_value=plan.objective,
                    importance=plan.importance, importance_fraction=plan.importance / full,
                    gap=plan.gap, predicted_latency_ms=plan.predicted_latency_ms,

@@ -11,7 +11,6 @@ Executors, all running `fleet.solve_chunk` on chunks of tasks:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import csv
 import io
 import json
 import multiprocessing
@@ -40,7 +39,7 @@ from elasticplan.fleet import (
 )
 from elasticplan.inputs import load_json
 from elasticplan.loader import load_scenario
-from elasticplan.outputs import save_figure, write_bytes, write_text
+from elasticplan.outputs import save_figure, write_bytes, write_csv, write_text
 from elasticplan.plan import Plan
 from elasticplan.spec import Objective
 from elasticplan.table import INFEASIBLE, NO_PLAN, SOLVED, TIMEOUT, Cell, PlanTable
@@ -283,11 +282,7 @@ def _describe(fleet: Fleet, t: Task, meta: dict) -> dict:
 # --- results -------------------------------------------------------------------------------
 
 def write_results(out: Path, rows: list[dict]) -> None:
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=COLUMNS, restval="", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "results.csv", text.getvalue())
+    write_csv(out / "results.csv", rows, COLUMNS)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

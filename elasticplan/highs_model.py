@@ -101,7 +101,6 @@ class MipOutcome:
     has_plan: bool
     values: np.ndarray | None  # column values of the best plan, if any
     dual_bound: float
-    killed: bool = False  # the child outran its deadline and was killed
 
 
 def solve_mip(model: dict, *, deadline: float, relative_gap: float) -> MipOutcome:
@@ -120,8 +119,7 @@ def solve_mip(model: dict, *, deadline: float, relative_gap: float) -> MipOutcom
             status, has_plan, values, bound = receive.recv()
             return MipOutcome(highspy.HighsModelStatus(status), has_plan, values, bound)
         child.kill()
-        return MipOutcome(highspy.HighsModelStatus.kTimeLimit, False, None, float("nan"),
-                          killed=True)
+        return MipOutcome(highspy.HighsModelStatus.kTimeLimit, False, None, float("nan"))
     except EOFError:  # the child died without an answer (out of memory, a crash)
         raise SolverError(f"HiGHS's process ended without an answer (exit code "
                           f"{child.exitcode})") from None
@@ -130,13 +128,21 @@ def solve_mip(model: dict, *, deadline: float, relative_gap: float) -> MipOutcom
         receive.close()
 
 
-def _mip(model: dict, seconds: float, relative_gap: float) -> MipOutcome:
+def loaded(model: dict, *, deadline: float, relative_gap: float) -> highspy.Highs:
+    """A silent HiGHS holding `model`, to stop at `deadline` (time.perf_counter()): by its
+    own time limit, and by an interrupt callback, which its simplex and MIP ask more often
+    than they check the clock."""
     h = new_highs()
-    h.setOptionValue("time_limit", max(1e-3, seconds))
-    interrupt_at(h, time.perf_counter() + seconds)
+    h.setOptionValue("time_limit", max(1e-3, deadline - time.perf_counter()))
+    interrupt_at(h, deadline)
     h.setOptionValue("mip_rel_gap", float(relative_gap))
     h.setOptionValue("mip_abs_gap", 0.0)
     pass_model(h, **model)
+    return h
+
+
+def _mip(model: dict, seconds: float, relative_gap: float) -> MipOutcome:
+    h = loaded(model, deadline=time.perf_counter() + seconds, relative_gap=relative_gap)
     h.run()
     has_plan = h.getInfo().primal_solution_status == \
         highspy.SolutionStatus.kSolutionStatusFeasible

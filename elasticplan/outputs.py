@@ -10,6 +10,7 @@ link, or a file inside an input directory) is refused before anything is written
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import tempfile
@@ -92,6 +93,16 @@ def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
 def write_text(path: str | os.PathLike, text: str, *,
                inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     write_bytes(path, text.encode("utf-8"), inputs=inputs)
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str], *,
+              inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Rows as CSV with a header of `fields` (missing values empty, other keys left out)."""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, text.getvalue(), inputs=inputs)
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,

@@ -24,7 +24,7 @@ import numpy as np
 
 from elasticplan import aggregate
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.highs_model import interrupt_at, new_highs, pass_model, solve_mip
+from elasticplan.highs_model import loaded, solve_mip
 from elasticplan.margins import float_margins
 from elasticplan.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.spec import Objective, Scenario
@@ -114,13 +114,4 @@ def _model(program: aggregate.MatrixProgram) -> dict:
 
 def _highs(program: aggregate.MatrixProgram, *, deadline: float,
            relative_gap: float) -> highspy.Highs:
-    """HiGHS loaded with the program, to stop at `deadline` (time.perf_counter()): by its
-    own time limit, and by an interrupt callback, which its simplex asks more often than
-    it checks the clock."""
-    h = new_highs()
-    h.setOptionValue("time_limit", max(1e-3, deadline - time.perf_counter()))
-    interrupt_at(h, deadline)
-    h.setOptionValue("mip_rel_gap", float(relative_gap))
-    h.setOptionValue("mip_abs_gap", 0.0)
-    pass_model(h, **_model(program))
-    return h
+    return loaded(_model(program), deadline=deadline, relative_gap=relative_gap)
