@@ -8,7 +8,10 @@ variables are counts, not per-shard booleans:
   n[c,b,P] in {0..|c|}   members of cost class c preloaded at bitwidth index b
   x[c,s,b] in [0, 1]     member s of class c runs at bitwidth b   (continuous)
   y[l]     in {0, 1}     layer l runs (only when min_shards_per_layer = 0)
-  I[l], C[l] >= 0        end of layer l's reads; compute of layers l..L-1 (continuous, ms)
+  I[l], C[l] >= 0        end of layer l's reads; compute of layers l..L-1 (continuous, ms);
+                         with a binding prefetch window W, C[l] is the end of layer l's compute
+  e        in {0, 1}     the embedding table is streamed (memory bounded, model has a table)
+  M        >= 0          bytes: the IO arena (memory bounded only)
 
 Latency, buffer and the minimum shard count depend on the counts only; importance on
 which shard gets which bitwidth, the x. For fixed integer counts the x live in a
@@ -27,8 +30,14 @@ The rows, each with its one-line math:
   compute[l]    C[l] - C[l+1] - sum compute_ms * n = overhead
   latency[l]    I[l] + C[l] <= T                             (the unrolled recurrence of
                                                               elasticplan.formulation)
+  (a binding window W replaces io, compute and latency by the recurrence's edges:
+  io[l] I[l] - I[l-1] - reads >= 0, gate[l] I[l] - C[l-W-1] - reads >= 0,
+  ready[l] C[l] - I[l] - c[l] >= 0, order[l] C[l] - C[l-1] - c[l] >= 0, C[L-1] <= T;
+  I[-1] is e * the embedding rows' read time in both forms)
   buffer        sum bytes * n[P] <= budget
-  floor         sum importance * x >= importance_floor       (min_buffer only)
+  window_bytes  M - sum bytes * n[S] over layers l..l+W >= 0  (memory bounded only)
+  memory        M + sum bytes * n[P] + e (rows - table) <= budget - fixed terms
+  floor         sum importance * x >= importance_floor       (min_buffer, min_memory)
 The cost coefficients come from elasticplan.costmodel, the one cost model; the matrix
 is built with numpy (no per-term Python objects), so an 80-layer x 64-shard x 8-bit
 model builds in tens of milliseconds.
@@ -41,7 +50,15 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
-from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms, simulate
+from elasticplan.costmodel import (
+    Layout,
+    Pick,
+    Selection,
+    embedding_read_ms,
+    read_ms,
+    shard_compute_ms,
+    simulate,
+)
 from elasticplan.highs_model import new_highs, pass_model
 from elasticplan.margins import EXACT, Margins
 from elasticplan.spec import Objective, Scenario
@@ -104,9 +121,17 @@ class MatrixProgram:
     x_col: list  # per layer, per class: int array [members, B]
     y_col: np.ndarray | None  # [L], when layers may be skipped
     io_col: np.ndarray  # [L]  I[l]
-    comp_col: np.ndarray  # [L]  C[l]
+    comp_col: np.ndarray  # [L]  C[l]: compute of layers l..L-1, or (chained) end of l's compute
     z_col: int | None  # min_latency only
-    objective_scale: float  # cost = objective_scale * the objective in its own unit
+    objective_scale: float  # cost = objective_scale * (the objective in its own unit - offset)
+    chained: bool = False  # a binding prefetch window: forward time columns
+    e_col: int | None = None  # the embedding table is streamed
+    m_col: int | None = None  # the IO arena's bytes
+    objective_offset: float = 0.0  # the objective's constant part (min_memory: fixed terms)
+
+    def layout(self, values: np.ndarray) -> Layout:
+        stream = self.e_col is not None and values[self.e_col] > 0.5
+        return Layout(self.scenario.prefetch_window, bool(stream))
 
     @property
     def num_cols(self) -> int:
@@ -139,9 +164,10 @@ class MatrixProgram:
             layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
         return tuple(layers)
 
-    def solution_of(self, selection: Selection) -> np.ndarray:
-        """The complete column vector of a selection: counts, x, y, and the I/C chain from
-        the cost model's schedule (elasticplan.costmodel.simulate)."""
+    def solution_of(self, selection: Selection, layout: Layout | None = None) -> np.ndarray:
+        """The complete column vector of a selection: counts, x, y, e, M and the I/C chain
+        from the cost model's schedule (elasticplan.costmodel.simulate)."""
+        layout = layout or Layout(self.scenario.prefetch_window)
         v = np.zeros(self.num_cols)
         for li, (classes, picks) in enumerate(zip(self.classes, selection)):
             where = {si: (ci, k) for ci, c in enumerate(classes) for k, si in enumerate(c.members)}
@@ -151,12 +177,19 @@ class MatrixProgram:
                 v[self.x_col[li][ci][k, p.bit]] = 1
             if picks and self.y_col is not None:
                 v[self.y_col[li]] = 1
-        schedule = simulate(self.scenario, selection)
+        schedule = simulate(self.scenario, selection, layout=layout)
         comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
         v[self.io_col] = [t.io_end_ms for t in schedule.layers]
-        v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
+        if self.chained:
+            v[self.comp_col] = [t.compute_end_ms for t in schedule.layers]
+        else:
+            v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
+        if self.e_col is not None:
+            v[self.e_col] = float(layout.stream_embeddings)
+        if self.m_col is not None:
+            v[self.m_col] = schedule.memory.working_peak_bytes - self.scenario.model.scratch_bytes
         if self.z_col is not None:
-            v[self.z_col] = float(np.max(v[self.io_col] + v[self.comp_col]))
+            v[self.z_col] = schedule.latency_ms
         return v
 
 
@@ -212,6 +245,8 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     L, B = len(model.layers), len(model.bitwidths)
     skippable = scenario.min_shards_per_layer == 0
     budget = scenario.preload_budget_bytes
+    window = scenario.prefetch_window
+    chained = window is not None and window + 1 < L
 
     # --- variables ---------------------------------------------------------------------
     lower, upper, integer = [], [], []
@@ -240,6 +275,10 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     comp_col = columns(L, 0.0, np.inf, False)
     z_col = int(columns(1, 0.0, np.inf, False)[0]) \
         if scenario.objective == Objective.MIN_LATENCY else None
+    e_col = int(columns(1, 0.0, 1.0, True)[0]) \
+        if scenario.memory_bounded and model.embedding_rows else None
+    m_col = int(columns(1, 0.0, np.inf, False)[0]) if scenario.memory_bounded else None
+    t_emb = embedding_read_ms(device, model)
 
     # --- constraints -------------------------------------------------------------------
     r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
@@ -278,20 +317,33 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
         elif scenario.min_shards_per_layer > 0:
             # count[l]: sum n[l] >= min_shards_per_layer
             add_rows(all_n, 1.0, float(scenario.min_shards_per_layer), inf)
-        # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0
+        # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1] = e t_emb)
         streamed = np.concatenate([n[:, STREAMED] for n in n_col[li]])
         reads = np.concatenate([c.read_ms for c in classes_l])
-        cols = [io_col[li], *streamed] + ([io_col[li - 1]] if li else [])
-        coefs = [1.0, *(-reads)] + ([-1.0] if li else [])
-        add_rows(np.array(cols), np.array(coefs), 0.0, 0.0)
-        # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
+        before = ([io_col[li - 1]], [-1.0]) if li else \
+            (([e_col], [-t_emb]) if e_col is not None else ([], []))
+        cols = [io_col[li], *streamed, *before[0]]
+        coefs = [1.0, *(-reads), *before[1]]
+        add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
         comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
-        cols = [comp_col[li], *all_n] + ([comp_col[li + 1]] if li + 1 < L else [])
-        coefs = [1.0, *(-comp)] + ([-1.0] if li + 1 < L else [])
         fixed = 0.0 if skippable else overhead
+        work_cols, work_coefs = list(all_n), list(-comp)
         if skippable:
-            cols.append(y_col[li])
-            coefs.append(-overhead)
+            work_cols.append(y_col[li])
+            work_coefs.append(-overhead)
+        if chained:
+            # gate[l]: I[l] - C[l-W-1] - sum read_ms n[S] >= 0  (the window is full until then)
+            if li > window:
+                add_rows(np.array([io_col[li], *streamed, comp_col[li - window - 1]]),
+                         np.array([1.0, *(-reads), -1.0]), 0.0, inf)
+            # ready[l]: C[l] - I[l] - c[l] >= overhead;  order[l]: C[l] - C[l-1] - c[l] >= ..
+            for other in [io_col[li]] + ([comp_col[li - 1]] if li else []):
+                add_rows(np.array([comp_col[li], other, *work_cols]),
+                         np.array([1.0, -1.0, *work_coefs]), fixed, inf)
+            continue
+        # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
+        cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
+        coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
         add_rows(np.array(cols), np.array(coefs), fixed, fixed)
         if z_col is None:
             # latency[l]: I[l] + C[l] <= T
@@ -302,13 +354,38 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
                      0.0, inf)
 
+    if chained:
+        # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= 0)
+        if z_col is None:
+            add_rows(np.array([comp_col[L - 1]]), 1.0, -inf,
+                     margins.latency_rhs(scenario.target_latency_ms))
+        else:
+            add_rows(np.array([z_col, comp_col[L - 1]]), np.array([1.0, -1.0]), 0.0, inf)
     pre_cols = np.concatenate([n[:, PRELOADED] for nl in n_col for n in nl])
     pre_bytes = np.concatenate([c.bytes for cl in classes for c in cl]).astype(float)
     all_x = np.concatenate([x.reshape(-1) for xl in x_col for x in xl])
     all_imp = np.concatenate([c.importance.reshape(-1) for cl in classes for c in cl])
     # buffer: sum bytes n[P] <= budget
     add_rows(pre_cols, pre_bytes, -inf, float(budget))
-    if scenario.objective == Objective.MIN_BUFFER:
+    fixed_memory = 0.0
+    if m_col is not None:
+        # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
+        span = L if window is None else min(window + 1, L)
+        layer_cols = [np.concatenate([n[:, STREAMED] for n in n_col[li]]) for li in range(L)]
+        layer_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
+        for li in range(L - span + 1):
+            add_rows(np.concatenate([[m_col], *layer_cols[li:li + span]]),
+                     np.concatenate([[1.0], *(-b for b in layer_bytes[li:li + span])]), 0.0, inf)
+        # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
+        mem_cols = np.concatenate([[m_col], pre_cols] + ([[e_col]] if e_col is not None else []))
+        mem_coefs = np.concatenate([[1.0], pre_bytes] + (
+            [[float(model.embedding_query_bytes - model.embedding_table_bytes)]]
+            if e_col is not None else []))
+        fixed_memory = float(model.resident_bytes + model.embedding_table_bytes
+                             + model.scratch_bytes + model.activation_bytes)
+        if scenario.memory_budget_bytes is not None:
+            add_rows(mem_cols, mem_coefs, -inf, scenario.memory_budget_bytes - fixed_memory)
+    if scenario.importance_floor is not None:
         # floor: sum importance x >= importance_floor
         add_rows(all_x, all_imp * importance_scale, margins.floor_rhs(scenario.importance_floor),
                  inf)
@@ -321,6 +398,9 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     elif scenario.objective == Objective.MIN_BUFFER:
         cost[pre_cols] = pre_bytes
         maximize, scale = False, 1.0
+    elif scenario.objective == Objective.MIN_MEMORY:
+        cost[mem_cols] = mem_coefs
+        maximize, scale = False, 1.0
     else:
         cost[z_col] = 1.0
         maximize, scale = False, 1.0
@@ -332,10 +412,13 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
         row_lower=np.array(r_lo), row_upper=np.array(r_hi),
         a_rows=np.concatenate(r_idx).astype(np.int64), a_cols=np.concatenate(c_idx).astype(np.int64),
         a_vals=np.concatenate(vals), n_col=n_col, x_col=x_col, y_col=y_col, io_col=io_col,
-        comp_col=comp_col, z_col=z_col, objective_scale=scale)
+        comp_col=comp_col, z_col=z_col, objective_scale=scale, chained=chained, e_col=e_col,
+        m_col=m_col, objective_offset=fixed_memory
+        if scenario.objective == Objective.MIN_MEMORY else 0.0)
 
 
-def round_down(program: MatrixProgram, values: np.ndarray) -> Selection | None:
+def round_down(program: MatrixProgram, values: np.ndarray
+               ) -> tuple[Selection, Layout] | None:
     """A feasible plan from a fractional solution (the LP relaxation), or None.
 
     First try: per class and placement, the number of members at bitwidth >= b is
@@ -344,15 +427,23 @@ def round_down(program: MatrixProgram, values: np.ndarray) -> Selection | None:
     every count rounded down, which only shortens reads and compute and shrinks the
     buffer, so the latency and buffer rows still hold. None if a layer then falls below
     min_shards_per_layer. Members go to bitwidths in order of their x. The plan's distance
-    from the relaxation's bound is the caller's proven gap."""
+    from the relaxation's bound is the caller's proven gap. Where the table lives follows
+    the relaxation's e, else the other place if only that one fits."""
     sc = program.scenario
+    first = program.layout(values)
+    layouts = [first] if program.e_col is None else \
+        [first, Layout(first.window, not first.stream_embeddings)]
+    budget = sc.memory_budget_bytes
     for cumulative in (True, False):
         selection = _rounded(program, values, cumulative)
         if selection is None:
             continue
-        s = simulate(sc, selection)
-        if s.latency_ms <= sc.target_latency_ms and s.preload_bytes <= sc.preload_budget_bytes:
-            return selection
+        for layout in layouts:
+            s = simulate(sc, selection, layout=layout)
+            if s.latency_ms <= sc.target_latency_ms and \
+                    s.preload_bytes <= sc.preload_budget_bytes and \
+                    (budget is None or s.memory.peak_bytes <= budget):
+                return selection, layout
     return None
 
 

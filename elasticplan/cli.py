@@ -31,14 +31,16 @@ from elasticplan.outputs import refuse_inputs, write_csv
 from elasticplan.plan import Plan
 from elasticplan.report import optional, plan_table
 from elasticplan.solvers import (
+    AUTO_WINDOW,
     BACKENDS,
     DEFAULT_RELATIVE_GAP,
     DEFAULT_SOLVER,
     DEFAULT_THREADS,
     DEFAULT_TIME_LIMIT_S,
     solve,
+    solve_any_window,
 )
-from elasticplan.spec import MAX_BUFFER_MB, MAX_TARGET_MS
+from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_TARGET_MS, Objective
 from elasticplan.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.verify import scenario_for, verify_plan
 
@@ -195,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     _solver_args(s)
     s.add_argument("--target-ms", type=target_ms, help="override target_latency_ms")
     s.add_argument("--buffer-mb", type=buffer_mb, help="override preload_budget_mb")
+    s.add_argument("--memory-mb", type=memory_mb,
+                   help="override memory_budget_mb: bound the predicted peak memory")
+    s.add_argument("--window", type=window_arg, metavar="N|auto|unbounded",
+                   help="override prefetch_window: layers IO may run ahead of compute; 'auto' "
+                        "solves every window and keeps the best plan (ties: the least memory)")
+    s.add_argument("--objective", choices=[o.value for o in Objective if o != Objective.MIN_LATENCY],
+                   help="override objective (min_buffer and min_memory need --floor)")
+    s.add_argument("--floor", type=non_negative, help="override importance_floor")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     v = sub.add_parser("verify", help="check a plan file against its scenario")
@@ -255,15 +265,59 @@ def _overrides(target_ms, buffer_mb) -> dict:
     return out
 
 
+def memory_mb(text: str) -> float:
+    """A memory budget in (0, MAX_MEMORY_MB] MB (an argparse type)."""
+    v = positive(text)
+    if v > MAX_MEMORY_MB:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_MEMORY_MB:g} MB, got {text}")
+    return v
+
+
+def window_arg(text: str):
+    """A prefetch window: a whole number of layers >= 1, 'auto' or 'unbounded'."""
+    if text in (AUTO_WINDOW, "unbounded"):
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= MAX_LAYERS:
+        raise argparse.ArgumentTypeError(f"must be a whole number of layers in [1, "
+                                         f"{MAX_LAYERS}], 'auto' or 'unbounded', got {text!r}")
+    return v
+
+
+def _question(scenario, a):
+    """The scenario with the solve command's overrides applied (validated again)."""
+    changes = _overrides(a.target_ms, a.buffer_mb)
+    if a.memory_mb is not None:
+        changes["memory_budget_mb"] = a.memory_mb
+    if a.objective is not None:
+        changes["objective"] = Objective(a.objective)
+        if changes["objective"] == Objective.MAX_IMPORTANCE:
+            changes["importance_floor"] = None
+    if a.floor is not None:
+        changes["importance_floor"] = a.floor
+    if a.window == "unbounded":
+        changes["prefetch_window"] = None
+    elif isinstance(a.window, int):
+        changes["prefetch_window"] = a.window
+    return scenario.with_overrides(**changes)
+
+
 def cmd_solve(a) -> int:
     deadline = time.monotonic() + a.time_limit  # the whole command: load, solve, explain
-    scenario = load_scenario(a.scenario)
-    scenario = scenario.with_overrides(**_overrides(a.target_ms, a.buffer_mb))
+    scenario = _question(load_scenario(a.scenario), a)
     if a.output:
         refuse_inputs(a.output, scenario.files)
     try:
-        plan = solve(scenario, a.solver, threads=a.threads, relative_gap=a.gap,
-                     time_limit_s=max(MIN_SOLVE_S, deadline - time.monotonic()))
+        limit = max(MIN_SOLVE_S, deadline - time.monotonic())
+        if a.window == AUTO_WINDOW:
+            plan, scenario = solve_any_window(scenario, a.solver, threads=a.threads,
+                                              relative_gap=a.gap, time_limit_s=limit)
+        else:
+            plan = solve(scenario, a.solver, threads=a.threads, relative_gap=a.gap,
+                         time_limit_s=limit)
     except (InfeasibleError, SolverTimeoutError) as failed:
         raise explain_failure(scenario, failed, deadline=deadline, threads=a.threads) from failed
     print(plan_table(scenario, plan))

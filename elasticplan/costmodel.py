@@ -10,8 +10,22 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - Layer l computes once its reads are done and layer l-1 has computed:
   compute_start = max(io_end[l], compute_end[l-1]).  Latency = compute_end of the last layer.
+- Prefetch window W (layers; None = unbounded): layer l's reads wait until layer l-W-1 has
+  computed and released its buffers, io_start[l] = max(io_end[l-1], compute_end[l-W-1]).
+  W = 1 is classic layer-wise pipelining: one layer read while one computes.
+- Streamed embeddings: the query's token rows (one read per position, seq_len reads) are
+  read first, so the channel starts at their end; with the table resident it starts at 0.
 - Execution `sequential` (the load-then-execute baseline) has no overlap: compute starts
-  only when every read is done, compute_start = max(io_end[L-1], compute_end[l-1]).
+  only when every read is done, compute_start = max(io_end[L-1], compute_end[l-1]). It
+  needs an unbounded window (every layer is read before any computes).
+
+Memory (bytes; the peak the process holds during a query, docs/design.md "Memory"):
+  resident    model.resident_bytes, plus the embedding table when it is resident
+  preload     stored bytes of the preloaded shards
+  working     the IO arena, max over W+1 consecutive layers of their streamed bytes (the
+              layers that can be in flight at once), plus the compute scratch
+  activation  model.activation_bytes, plus one query's embedding rows when streamed
+  peak        their sum
 """
 
 from __future__ import annotations
@@ -38,6 +52,36 @@ EXECUTIONS = (PIPELINED, SEQUENTIAL)
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How a plan runs besides its shards: the prefetch window and where the embedding
+    table lives. The default is the unbounded window with the table resident."""
+
+    window: int | None = None
+    stream_embeddings: bool = False
+
+
+UNBOUNDED = Layout()
+
+
+@dataclass(frozen=True)
+class Memory:
+    resident_bytes: int
+    preload_bytes: int
+    working_peak_bytes: int
+    activation_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.resident_bytes + self.preload_bytes + self.working_peak_bytes + \
+            self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {"resident_bytes": self.resident_bytes, "preload_bytes": self.preload_bytes,
+                "working_peak_bytes": self.working_peak_bytes,
+                "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes}
+
+
+@dataclass(frozen=True)
 class LayerTimes:
     io_start_ms: float
     io_end_ms: float
@@ -52,6 +96,8 @@ class Schedule:
     preload_bytes: int
     streamed_bytes: int
     importance: float
+    memory: Memory
+    layout: Layout = UNBOUNDED
 
 
 def read_ms(device: Device, nbytes: int) -> float:
@@ -67,36 +113,95 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     return ms
 
 
-def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED) -> Schedule:
+def embedding_read_ms(device: Device, model: ModelProfile) -> float:
+    """One query's embedding rows, streamed: one read per position."""
+    if not model.embedding_rows:
+        return 0.0
+    return model.seq_len * read_ms(device, model.embedding_row_bytes)
+
+
+def window_peak(streamed: list[int], window: int | None) -> int:
+    """Most streamed bytes of any W+1 consecutive layers (all of them when unbounded)."""
+    if window is None or window + 1 >= len(streamed):
+        return sum(streamed)
+    run = sum(streamed[:window + 1])
+    peak = run
+    for l in range(window + 1, len(streamed)):
+        run += streamed[l] - streamed[l - window - 1]
+        peak = max(peak, run)
+    return peak
+
+
+def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[int]) -> Memory:
+    """The predicted peak memory, by term, of a plan with these per-layer streamed bytes."""
+    if layout.stream_embeddings and not model.embedding_rows:
+        raise ValueError(f"model {model.name!r} has no embedding table to stream")
+    table = model.embedding_table_bytes
+    return Memory(
+        resident_bytes=model.resident_bytes + (0 if layout.stream_embeddings else table),
+        preload_bytes=preload,
+        working_peak_bytes=window_peak(streamed, layout.window) + model.scratch_bytes,
+        activation_bytes=model.activation_bytes
+        + (model.embedding_query_bytes if layout.stream_embeddings else 0))
+
+
+def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None = None,
+             start_ms: float = 0.0, execution: str = PIPELINED) -> list[LayerTimes]:
+    """The schedule of layers with these read and compute times (the rules above)."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
+    if execution == SEQUENTIAL and window is not None and window + 1 < len(io_ms):
+        raise ValueError("sequential execution reads every layer first: it needs an unbounded "
+                         "prefetch window")
+    io, io_end = [], start_ms
+    if execution == SEQUENTIAL:
+        for read in io_ms:
+            io.append((io_end, io_end + read))
+            io_end += read
+    times: list[LayerTimes] = []
+    compute_end = 0.0
+    for l, (read, compute) in enumerate(zip(io_ms, compute_ms)):
+        if execution == PIPELINED:
+            gate = times[l - window - 1].compute_end_ms \
+                if window is not None and l > window else 0.0
+            io_start = max(io_end, gate)
+            io_end = io_start + read
+            io.append((io_start, io_end))
+        ready = io[l][1] if execution == PIPELINED else io[-1][1]
+        start = max(ready, compute_end)
+        compute_end = start + compute
+        times.append(LayerTimes(io[l][0], io[l][1], start, compute_end))
+    return times
+
+
+def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED,
+             layout: Layout = UNBOUNDED) -> Schedule:
     """Replay the pipeline event by event for the chosen shards."""
     device, model = scenario.device, scenario.model
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
-    io_end = compute_end = 0.0
-    preload = streamed = 0
+    preload = 0
     importance = 0.0
-    io, compute_ms = [], []
+    io_ms, compute_ms, streamed = [], [], []
     for layer, picks in zip(model.layers, selection):
-        io_start = io_end
         compute = device.layer_overhead_ms if picks else 0.0
+        read, nstream = 0.0, 0
         for pick in picks:
             shard = layer.shards[pick.shard]
             nbytes = shard.bytes[pick.bit]
             if pick.preloaded:
                 preload += nbytes
             else:
-                streamed += nbytes
-                io_end += read_ms(device, nbytes)
+                nstream += nbytes
+                read += read_ms(device, nbytes)
             compute += shard_compute_ms(device, model, shard, pick.bit)
             importance += shard.importance[pick.bit]
-        io.append((io_start, io_end))
+        io_ms.append(read)
         compute_ms.append(compute)
-    times = []
-    for (io_start, layer_io_end), compute in zip(io, compute_ms):
-        start = max(layer_io_end if execution == PIPELINED else io_end, compute_end)
-        compute_end = start + compute
-        times.append(LayerTimes(io_start, layer_io_end, start, compute_end))
-    return Schedule(layers=tuple(times), latency_ms=compute_end, preload_bytes=preload,
-                    streamed_bytes=streamed, importance=importance)
+        streamed.append(nstream)
+    start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
+    times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
+                     execution=execution)
+    return Schedule(layers=tuple(times), latency_ms=times[-1].compute_end_ms if times else 0.0,
+                    preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,
+                    memory=memory_of(model, layout, preload, streamed), layout=layout)

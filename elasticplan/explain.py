@@ -8,7 +8,9 @@ program takes gigabytes), within what is left of the command's time limit:
 - the fastest schedule at the given buffer (objective min_latency) and with the whole
   memory as buffer -- is the target reachable at all, and with how much buffer?
 - the least buffer that meets the target (min_buffer, importance floor 0), and for a
-  min_buffer question the best importance reachable at the target.
+  min_buffer question the best importance reachable at the target;
+- with a memory budget, first the least peak memory that meets the target and the floor
+  (min_memory without the budget): is the budget what is short, and by how much?
 """
 
 from __future__ import annotations
@@ -85,6 +87,25 @@ def diagnose(scenario: Scenario, deadline: float, threads: int) -> str | None:
     T = scenario.target_latency_ms
     M = scenario.preload_budget_mb
     cap_mb = scenario.memory_cap_bytes / 1e6
+    if scenario.memory_budget_mb is not None:
+        floor = scenario.importance_floor or 0.0
+        try:
+            least = _sub(scenario, deadline, threads, objective=Objective.MIN_MEMORY,
+                         importance_floor=floor, memory_budget_mb=None)
+        except ElasticplanError:
+            least = None  # out of reach even without the budget: explain that below
+        if least is not None and least.status == SolveStatus.OPTIMAL and \
+                least.memory.peak_bytes > scenario.memory_budget_bytes:
+            m = least.memory
+            return (f"memory_budget_mb {scenario.memory_budget_mb:g} is short: at target {T:g} "
+                    f"ms" + (f" and importance floor {floor:.6g}" if floor else "") +
+                    f" the plan that holds the least needs at least {m.peak_bytes / 1e6:.4g} MB "
+                    f"(resident {m.resident_bytes / 1e6:.4g}, preload "
+                    f"{m.preload_bytes / 1e6:.4g}, working {m.working_peak_bytes / 1e6:.4g}, "
+                    f"activations {m.activation_bytes / 1e6:.4g}; embeddings "
+                    f"{least.embeddings}); raise the memory budget to >= "
+                    f"{m.peak_bytes / 1e6:.4g} MB, or the target")
+        scenario = scenario.with_overrides(memory_budget_mb=None)
     try:
         fastest = _sub(scenario, deadline, threads,
                        objective=Objective.MIN_LATENCY, importance_floor=None)

@@ -6,9 +6,17 @@ Variables (booleans, per layer l, shard s, bitwidth b):
   (the textbook form's x = q + p and p <= x; splitting x this way keeps every cost
    coefficient non-negative, which makes conservative integer rounding exact to state)
   y[l]     = 1  layer l runs (only when min_shards_per_layer = 0; otherwise y = 1)
-No time variables: the pipeline's recurrence (F = end of reads, C = end of compute)
-unrolls exactly into one knapsack row per layer (see the latency rows below). Only the
-internal min_latency objective has one continuous variable, Z >= every such row.
+  e        = 1  the embedding table is streamed, one query's rows at a time (only when
+                memory is bounded and the model has a table; otherwise it is resident)
+With an unbounded prefetch window there are no time variables: the pipeline's recurrence
+(F = end of reads, C = end of compute) unrolls exactly into one knapsack row per layer
+(see the latency rows below). A window W couples a layer's reads to the compute of layer
+l-W-1, and the unrolled form would need a row per path; so then F[l] and C[l] are
+continuous variables with one row per edge of the recurrence (window rows below), which
+is exact because every coefficient of the max-plus system is non-negative. The internal
+min_latency objective has one continuous variable, Z >= the latency. When memory is
+bounded, M (bytes) >= the streamed bytes of every W+1 consecutive layers (window_bytes
+rows) and the memory row bounds the predicted peak (elasticplan.costmodel.memory_of).
 
 Each backend lowers `Program.rows` as they are; CP-SAT first goes through
 elasticplan.scaling. The cost coefficients are the cost model's (elasticplan.costmodel).
@@ -20,7 +28,7 @@ import enum
 from collections import defaultdict
 from dataclasses import dataclass
 
-from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
+from elasticplan.costmodel import Layout, Pick, Selection, embedding_read_ms, read_ms, shard_compute_ms
 from elasticplan.errors import InvalidArgument
 from elasticplan.spec import Objective, Scenario
 
@@ -55,6 +63,14 @@ class Program:
     objective_unit: Unit
     q: dict  # (l, s, b) -> variable name
     p: dict  # (l, s, b) -> variable name
+    byte_vars: tuple[str, ...] = ()  # continuous, >= 0, in bytes (M)
+    byte_horizon: int = 0  # no byte variable needs to exceed this
+    embed_var: str | None = None  # e, when the program chooses where the table lives
+
+    def layout(self, value) -> Layout:
+        """The layout of a solution: the scenario's window, the table where e says."""
+        stream = self.embed_var is not None and value(self.embed_var) > 0.5
+        return Layout(self.scenario.prefetch_window, stream)
 
     def selection(self, value) -> Selection:
         """Read a solution back: `value(name)` gives a variable's value (rounded here)."""
@@ -69,9 +85,11 @@ class Program:
         # Read order inside a layer: by shard index (the runtime streams in plan order).
         return tuple(tuple(sorted(layers[li], key=lambda pk: pk.shard)) for li in range(n))
 
-    def assignment(self, selection: Selection) -> dict[str, int]:
+    def assignment(self, selection: Selection, layout: Layout = Layout()) -> dict[str, int]:
         """The booleans of a selection (the tests check rows with it); unset ones are 0."""
         values = {name: 0 for name in self.bools}
+        if self.embed_var is not None:
+            values[self.embed_var] = int(layout.stream_embeddings)
         for li, picks in enumerate(selection):
             if picks and f"y[{li}]" in values:
                 values[f"y[{li}]"] = 1
@@ -104,6 +122,10 @@ def build(scenario: Scenario) -> Program:
     device, model = scenario.device, scenario.model
     L, B = len(model.layers), len(model.bitwidths)
     skippable = scenario.min_shards_per_layer == 0
+    window = scenario.prefetch_window
+    chained = window is not None and window + 1 < L  # the window binds: time variables
+    embed = "e" if scenario.memory_bounded and model.embedding_rows else None
+    t_emb = embedding_read_ms(device, model)
 
     # --- variables ---------------------------------------------------------------------
     q, p, bools = {}, {}, []
@@ -115,7 +137,12 @@ def build(scenario: Scenario) -> Program:
                 bools += [q[li, si, b], p[li, si, b]]
         if skippable:
             bools.append(f"y[{li}]")
+    if embed:
+        bools.append(embed)
     times = ["Z"] if scenario.objective == Objective.MIN_LATENCY else []
+    if chained:
+        times += [f"F[{li}]" for li in range(L)] + [f"C[{li}]" for li in range(L)]
+    byte_vars = ("M",) if scenario.memory_bounded else ()
     io_terms, comp_terms, fixed_compute = [], [], []
 
     rows: list[Row] = []
@@ -127,7 +154,7 @@ def build(scenario: Scenario) -> Program:
         rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
                         sense, float(rhs)))
 
-    horizon = 0.0
+    horizon = t_emb if embed else 0.0
     for li, layer in enumerate(model.layers):
         run = [(q[li, si, b], p[li, si, b]) for si in range(len(layer.shards)) for b in range(B)]
         # pick[l,s]: each shard runs at most once, at one bitwidth:  sum_b q + p <= 1
@@ -163,12 +190,38 @@ def build(scenario: Scenario) -> Program:
             max(read_ms(device, s.bytes[b]) + comp[si, b] for b in range(B))
             for si, s in enumerate(layer.shards))
 
-    # The recurrence C[l] = max(F[l], C[l-1]) + c[l] unrolls to
-    #   latency = max over l of ( F[l] + sum_{k>=l} c[k] ),  F[l] = sum_{k<=l} io[k],
+    embed_read = [(embed, t_emb)] if embed else []
+    if chained:
+        # window rows, one per edge of the recurrence (F, C continuous, ms):
+        #   io[l]:      F[l] - F[l-1] - io[l] >= 0   (e * t_emb for l = 0: the query's rows)
+        #   gate[l]:    F[l] - C[l-W-1] - io[l] >= 0 (l > W: the window is full until then)
+        #   ready[l]:   C[l] - F[l] - c[l] >= 0
+        #   order[l]:   C[l] - C[l-1] - c[l] >= 0
+        #   latency:    C[L-1] <= T   (min_latency: Z - C[L-1] >= 0)
+        neg = lambda terms: [(v, -c) for v, c in terms]  # noqa: E731
+        for li in range(L):
+            F, C = f"F[{li}]", f"C[{li}]"
+            prev = [(f"F[{li - 1}]", -1)] if li else neg(embed_read)
+            row(f"io[{li}]", Unit.TIME_MS, [(F, 1)] + prev + neg(io_terms[li]), ">=", 0)
+            if li > window:
+                row(f"gate[{li}]", Unit.TIME_MS,
+                    [(F, 1), (f"C[{li - window - 1}]", -1)] + neg(io_terms[li]), ">=", 0)
+            row(f"ready[{li}]", Unit.TIME_MS, [(C, 1), (F, -1)] + neg(comp_terms[li]), ">=",
+                fixed_compute[li])
+            if li:
+                row(f"order[{li}]", Unit.TIME_MS, [(C, 1), (f"C[{li - 1}]", -1)]
+                    + neg(comp_terms[li]), ">=", fixed_compute[li])
+        last = f"C[{L - 1}]"
+        if scenario.objective == Objective.MIN_LATENCY:
+            row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", 0)
+        else:
+            row("latency", Unit.TIME_MS, [(last, 1)], "<=", scenario.target_latency_ms)
+    # Unbounded window: the recurrence C[l] = max(F[l], C[l-1]) + c[l] unrolls to
+    #   latency = max over l of ( F[l] + sum_{k>=l} c[k] ),  F[l] = e t_emb + sum_{k<=l} io[k],
     # so "latency <= T" is exactly one row per layer over the booleans:
-    # latency[l]: sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T.
-    for li in range(L):
-        terms = [t for k in range(li + 1) for t in io_terms[k]]
+    # latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T.
+    for li in range(0 if not chained else L, L):
+        terms = embed_read + [t for k in range(li + 1) for t in io_terms[k]]
         terms += [t for k in range(li, L) for t in comp_terms[k]]
         constant = sum(fixed_compute[li:])
         if scenario.objective == Objective.MIN_LATENCY:
@@ -184,15 +237,35 @@ def build(scenario: Scenario) -> Program:
                   for table in (q, p) for key, var in table.items()]
     # buffer: sum bytes * p <= budget
     row("buffer", Unit.BYTES, preloads, "<=", scenario.preload_budget_bytes)
-    if scenario.objective == Objective.MIN_BUFFER:
+    memory = []
+    if byte_vars:
+        # window_bytes[l]: M - sum_{k=l..l+W} bytes * q[k] >= 0  (the IO arena)
+        streams = [[(q[li, si, b], s.bytes[b]) for si, s in enumerate(layer.shards)
+                    for b in range(B)] for li, layer in enumerate(model.layers)]
+        span = L if window is None else min(window + 1, L)
+        for li in range(L - span + 1):
+            row(f"window_bytes[{li}]", Unit.BYTES,
+                [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
+                ">=", 0)
+        # memory: M + preload + e (rows - table) <= budget - resident - table - scratch - act
+        memory = [("M", 1.0)] + preloads + ([(embed, model.embedding_query_bytes
+                                                - model.embedding_table_bytes)] if embed else [])
+        fixed = model.resident_bytes + model.embedding_table_bytes + model.scratch_bytes \
+            + model.activation_bytes
+        if scenario.memory_budget_bytes is not None:
+            row("memory", Unit.BYTES, memory, "<=", scenario.memory_budget_bytes - fixed)
+    if scenario.importance_floor is not None:
         # floor: sum importance * (q + p) >= importance_floor
         row("importance_floor", Unit.IMPORTANCE, importance, ">=", scenario.importance_floor)
 
     objective, maximize, unit = {
         Objective.MAX_IMPORTANCE: (importance, True, Unit.IMPORTANCE),
         Objective.MIN_BUFFER: (preloads, False, Unit.BYTES),
+        Objective.MIN_MEMORY: (memory, False, Unit.BYTES),
         Objective.MIN_LATENCY: ([("Z", 1.0)], False, Unit.TIME_MS),
     }[scenario.objective]
     return Program(scenario=scenario, bools=tuple(bools), times=tuple(times),
                    time_horizon_ms=horizon, rows=tuple(rows), objective=tuple(objective),
-                   maximize=maximize, objective_unit=unit, q=q, p=p)
+                   maximize=maximize, objective_unit=unit, q=q, p=p, byte_vars=byte_vars,
+                   byte_horizon=sum(max(s.bytes) for layer in model.layers for s in layer.shards),
+                   embed_var=embed)

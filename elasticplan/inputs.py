@@ -302,8 +302,9 @@ class Fields:
                               f"got {show(v)}")
         return v
 
-    def mapping(self, k: str, what: str) -> "Fields":
-        return Fields(self.raw(k), self.file, self.key(k), what, self.error)
+    def mapping(self, k: str, what: str, required: bool = True) -> "Fields | None":
+        v = self.raw(k, required)
+        return None if v is None else Fields(v, self.file, self.key(k), what, self.error)
 
     def free_form(self, k: str, kind: type) -> None:
         """A documented key whose content elasticplan does not interpret."""

@@ -128,12 +128,34 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
     resident = f.integer("resident_bytes", minimum=0, maximum=bytes_of_mb(MAX_MEMORY_MB),
                          required=False) or 0
     synthetic = f.boolean("synthetic", default=False)
+    memory = _memory_terms(f.mapping("memory", "the model's fixed memory terms", required=False))
     f.free_form("description", str)
     f.free_form("architecture", dict)
     f.free_form("importance_metric", str)
     f.done()
     return ModelProfile(name=name, seq_len=seq_len, bitwidths=bitwidths, layers=tuple(layers),
-                        resident_bytes=resident, synthetic=synthetic)
+                        resident_bytes=resident, synthetic=synthetic, **memory)
+
+
+def _memory_terms(m: Fields | None) -> dict:
+    """`memory: {embedding_rows, embedding_row_bytes, activation_bytes, scratch_bytes}`
+    (docs/formats.md); absent: no streamable table, no activation or scratch term."""
+    if m is None:
+        return {}
+    limit = bytes_of_mb(MAX_MEMORY_MB)
+    terms = {"embedding_rows": m.integer("embedding_rows", minimum=0, maximum=1 << 32,
+                                         required=False) or 0,
+             "embedding_row_bytes": m.integer("embedding_row_bytes", minimum=0,
+                                              maximum=MAX_SHARD_BYTES, required=False) or 0,
+             "activation_bytes": m.integer("activation_bytes", minimum=0, maximum=limit),
+             "scratch_bytes": m.integer("scratch_bytes", minimum=0, maximum=limit)}
+    if bool(terms["embedding_rows"]) != bool(terms["embedding_row_bytes"]):
+        raise m.err("embedding_rows", "embedding_rows and embedding_row_bytes go together "
+                                      "(both > 0, or both absent)")
+    if terms["embedding_rows"] * terms["embedding_row_bytes"] > limit:
+        raise m.err("embedding_rows", "the embedding table exceeds the memory limit")
+    m.done()
+    return terms
 
 
 def _parse_shard(data: Any, file, path: str, bitwidths: tuple[int, ...]) -> Shard:
@@ -172,11 +194,14 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     min_shards = f.integer("min_shards_per_layer", minimum=0, maximum=MAX_SHARDS_PER_LAYER,
                            required=False)
     objective_raw = f.string("objective", required=False) or Objective.MAX_IMPORTANCE.value
-    public = (Objective.MAX_IMPORTANCE.value, Objective.MIN_BUFFER.value)
+    public = (Objective.MAX_IMPORTANCE.value, Objective.MIN_BUFFER.value,
+              Objective.MIN_MEMORY.value)
     if objective_raw not in public:
         raise f.err("objective", f"must be one of {', '.join(public)}, got {objective_raw!r}")
     floor = f.number("importance_floor", minimum=0, maximum=MAX_IMPORTANCE * MAX_VARIANTS,
                      required=False)
+    memory = f.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB, required=False)
+    window = f.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS, required=False)
     f.free_form("description", str)
     f.done()
     scenario_raw = {k: v for k, v in data.items() if k not in ("device", "model")}
@@ -187,6 +212,7 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
         name=name, device=device, model=model, target_latency_ms=target,
         preload_budget_mb=budget, min_shards_per_layer=1 if min_shards is None else min_shards,
         objective=Objective(objective_raw), importance_floor=floor, source=file,
+        memory_budget_mb=memory, prefetch_window=window,
         content_hash=digest, files=tuple(p for p in (file, device_file, model_file) if p))
 
 

@@ -12,11 +12,19 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from elasticplan.costmodel import EXECUTIONS, PIPELINED, Pick, Selection, simulate
+from elasticplan.costmodel import EXECUTIONS, PIPELINED, UNBOUNDED, Layout, Memory, Pick, Selection, simulate
 from elasticplan.errors import PlanFormatError
 from elasticplan.inputs import Fields, load_json, show
 from elasticplan.outputs import write_text
-from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_SHARDS_PER_LAYER, MAX_TARGET_MS, Objective, Scenario
+from elasticplan.spec import (
+    MAX_BUFFER_MB,
+    MAX_LAYERS,
+    MAX_MEMORY_MB,
+    MAX_SHARDS_PER_LAYER,
+    MAX_TARGET_MS,
+    Objective,
+    Scenario,
+)
 
 SCHEMA = "elasticplan.plan/1"
 
@@ -57,6 +65,19 @@ class ScenarioRef:
     min_shards_per_layer: int
     objective: str
     importance_floor: float | None
+    memory_budget_mb: float | None = None  # absent in plans recorded before memory was planned
+    prefetch_window: int | None = None
+
+
+EMBEDDINGS = ("resident", "streamed")  # where the token-embedding table lives
+
+
+def objective_value(objective: Objective, schedule) -> float:
+    """A plan's objective, in its own unit, from the cost model's schedule."""
+    return {Objective.MAX_IMPORTANCE: schedule.importance,
+            Objective.MIN_BUFFER: float(schedule.preload_bytes),
+            Objective.MIN_MEMORY: float(schedule.memory.peak_bytes),
+            Objective.MIN_LATENCY: schedule.latency_ms}[objective]
 
 
 @dataclass(frozen=True)
@@ -75,16 +96,26 @@ class Plan:
     # "pipelined" (every solved plan) or "sequential": all reads, then all compute (the
     # load-then-execute baseline). Absent in older plan files, which are all pipelined.
     execution: str = PIPELINED
+    # How it runs and what it holds (docs/formats.md). Plans recorded before memory was
+    # planned have neither: their window is unbounded, the table resident, memory None.
+    window: int | None = None
+    embeddings: str = "resident"
+    memory: Memory | None = None
     schema: str = SCHEMA
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.window, self.embeddings == "streamed")
 
     # --- building ------------------------------------------------------------------
 
     @staticmethod
     def from_selection(scenario: Scenario, selection: Selection, *, solver: str,
                        status: SolveStatus, gap: float | None, solve_seconds: float,
-                       execution: str = PIPELINED) -> "Plan":
-        """Lower a solver's shard choices into a plan; times come from the cost model."""
-        schedule = simulate(scenario, selection, execution)
+                       execution: str = PIPELINED, layout: Layout = UNBOUNDED) -> "Plan":
+        """Lower a solver's shard choices into a plan; times and memory come from the cost
+        model."""
+        schedule = simulate(scenario, selection, execution, layout)
         model = scenario.model
         layers = tuple(
             LayerPlan(index=li,
@@ -94,21 +125,21 @@ class Plan:
                       io_start_ms=t.io_start_ms, io_end_ms=t.io_end_ms,
                       compute_start_ms=t.compute_start_ms, compute_end_ms=t.compute_end_ms)
             for li, (picks, t) in enumerate(zip(selection, schedule.layers)))
-        objective = {Objective.MAX_IMPORTANCE: schedule.importance,
-                     Objective.MIN_BUFFER: float(schedule.preload_bytes),
-                     Objective.MIN_LATENCY: schedule.latency_ms}[scenario.objective]
+        objective = objective_value(scenario.objective, schedule)
         ref = ScenarioRef(
             path=scenario.source, sha256=scenario.content_hash, name=scenario.name,
             model=model.name, device=scenario.device.name,
             target_latency_ms=scenario.target_latency_ms,
             preload_budget_mb=scenario.preload_budget_mb,
             min_shards_per_layer=scenario.min_shards_per_layer,
-            objective=scenario.objective.value, importance_floor=scenario.importance_floor)
+            objective=scenario.objective.value, importance_floor=scenario.importance_floor,
+            memory_budget_mb=scenario.memory_budget_mb, prefetch_window=scenario.prefetch_window)
         return Plan(scenario=ref, solver=solver, status=status, gap=gap,
                     solve_seconds=solve_seconds, objective=objective,
                     importance=schedule.importance, predicted_latency_ms=schedule.latency_ms,
                     preload_bytes=schedule.preload_bytes, streamed_bytes=schedule.streamed_bytes,
-                    layers=layers, execution=execution)
+                    layers=layers, execution=execution, window=layout.window,
+                    embeddings=EMBEDDINGS[layout.stream_embeddings], memory=schedule.memory)
 
     def selection(self, scenario: Scenario) -> Selection:
         """Map names back to indices. Unknown names raise KeyError; the verifier reports them."""
@@ -133,6 +164,8 @@ class Plan:
     def to_json(self, plan_path: str | os.PathLike | None = None) -> str:
         data = asdict(self)
         data["status"] = self.status.value
+        if self.memory is not None:
+            data["memory"] = self.memory.to_dict()
         # The scenario path is stored relative to the plan file, so the pair can move together.
         if plan_path is not None and self.scenario.path is not None:
             data["scenario"]["path"] = os.path.relpath(
@@ -173,7 +206,11 @@ class Plan:
             min_shards_per_layer=q.integer("min_shards_per_layer", minimum=0,
                                            maximum=MAX_SHARDS_PER_LAYER),
             objective=_choice(q, "objective", [o.value for o in Objective]),
-            importance_floor=q.number("importance_floor", minimum=0, required=False))
+            importance_floor=q.number("importance_floor", minimum=0, required=False),
+            memory_budget_mb=q.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB,
+                                      required=False),
+            prefetch_window=q.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS,
+                                      required=False))
         q.done()
         solver = f.string("solver")
         status = SolveStatus(_choice(f, "status", [s.value for s in SolveStatus]))
@@ -185,6 +222,10 @@ class Plan:
         preload = f.integer("preload_bytes", minimum=0)
         streamed = f.integer("streamed_bytes", minimum=0)
         execution = _choice(f, "execution", list(EXECUTIONS), default=PIPELINED)
+        window = f.integer("window", minimum=1, maximum=MAX_LAYERS, required=False)
+        embeddings = _choice(f, "embeddings", list(EMBEDDINGS), default="resident")
+        terms = f.mapping("memory", "the predicted memory by term", required=False)
+        memory = None if terms is None else _memory(terms)
         raw_layers = f.sequence("layers")
         if len(raw_layers) > MAX_LAYERS:
             raise f.err("layers", f"{len(raw_layers)} layers; at most {MAX_LAYERS}")
@@ -194,7 +235,19 @@ class Plan:
         return Plan(scenario=ref, solver=solver, status=status, gap=gap,
                     solve_seconds=solve_seconds, objective=objective, importance=importance,
                     predicted_latency_ms=latency, preload_bytes=preload, streamed_bytes=streamed,
-                    layers=layers, execution=execution)
+                    layers=layers, execution=execution, window=window, embeddings=embeddings,
+                    memory=memory)
+
+
+def _memory(m: Fields) -> Memory:
+    terms = {k: m.integer(k, minimum=0) for k in
+             ("resident_bytes", "preload_bytes", "working_peak_bytes", "activation_bytes")}
+    memory = Memory(**terms)
+    peak = m.integer("peak_bytes", minimum=0)
+    if peak != memory.peak_bytes:
+        raise m.err("peak_bytes", f"{peak} is not the sum of the terms ({memory.peak_bytes})")
+    m.done()
+    return memory
 
 
 def _choice(f: Fields, key: str, allowed: list[str], default: str | None = None) -> str:

@@ -44,4 +44,15 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
         f"{plan.streamed_bytes / 1e6:.3f} MB; {plan.n_shards}/{model.n_shards} shards",
         f"solver {plan.solver}: {plan.status.value}, gap {gap}, {plan.solve_seconds:.2f} s",
     ]
+    if plan.memory is not None:
+        m = plan.memory
+        budget = scenario.memory_budget_mb
+        lines.insert(-1, (
+            f"memory {m.peak_bytes / 1e6:.3f} MB peak" +
+            (f" (budget {budget:g})" if budget is not None else "") +
+            f" = resident {m.resident_bytes / 1e6:.3f} + preload {m.preload_bytes / 1e6:.3f} "
+            f"+ working {m.working_peak_bytes / 1e6:.3f} + activations "
+            f"{m.activation_bytes / 1e6:.3f}; window "
+            f"{'unbounded' if plan.window is None else plan.window}, embeddings "
+            f"{plan.embeddings}"))
     return "\n".join(lines)

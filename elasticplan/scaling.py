@@ -71,7 +71,7 @@ def to_integers(program: Program, tick_ns: float = DEFAULT_TICK_NS) -> IntProgra
     importance_scale = IMPORTANCE_UNITS / top if top > 0 else 1.0
     scales = {Unit.COUNT: 1.0, Unit.BYTES: 1.0, Unit.TIME_MS: 1.0 / tick_ms,
               Unit.IMPORTANCE: importance_scale}
-    exact = frozenset(program.times)
+    exact = frozenset(program.times) | frozenset(program.byte_vars)
     rows = tuple(scale_row(r, scales[r.unit], exact) for r in program.rows)
     obj_scale = scales[program.objective_unit]
     objective = tuple((v, int(c) if v in exact else round(c * obj_scale))

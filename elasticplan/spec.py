@@ -41,7 +41,11 @@ MAX_BUFFER_MB = MAX_MEMORY_MB
 class Objective(str, enum.Enum):
     MAX_IMPORTANCE = "max_importance"  # given the buffer budget, maximise importance
     MIN_BUFFER = "min_buffer"  # given an importance floor, minimise preloaded bytes
+    MIN_MEMORY = "min_memory"  # given an importance floor, minimise the predicted peak memory
     MIN_LATENCY = "min_latency"  # internal: fastest schedule, used to explain infeasibility
+
+
+FLOOR_OBJECTIVES = (Objective.MIN_BUFFER, Objective.MIN_MEMORY)  # they need an importance floor
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Device:
     gflops: float  # effective throughput for shard math
     layer_overhead_ms: float  # fixed compute per executed layer (norms, residuals, biases)
     dequant_gb_s: float  # dequantisation throughput, on stored bytes of quantised shards
-    memory_mb: float  # memory the app may use (resident weights + preload buffer)
+    memory_mb: float  # memory the app may use (every term of a plan's predicted peak)
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,22 @@ class ModelProfile:
     seq_len: int
     bitwidths: tuple[int, ...]  # strictly increasing; 32 means full precision (no dequantisation)
     layers: tuple[Layer, ...]
-    resident_bytes: int = 0  # embeddings and other always-resident weights
+    resident_bytes: int = 0  # always-resident weights (norms, biases, embeddings not in a table)
     synthetic: bool = False  # importance values are synthetic, not measured
+    # Memory terms that do not depend on the shards chosen (docs/design.md, "Memory"):
+    embedding_rows: int = 0  # token-embedding table in the shard store (0: none, all resident)
+    embedding_row_bytes: int = 0  # stored bytes of one row of it
+    activation_bytes: int = 0  # the encoder's activations at seq_len, batch 1
+    scratch_bytes: int = 0  # compute scratch: one shard at full precision
+
+    @property
+    def embedding_table_bytes(self) -> int:
+        return self.embedding_rows * self.embedding_row_bytes
+
+    @property
+    def embedding_query_bytes(self) -> int:
+        """Bytes of the rows one query reads when the table is streamed (one per token)."""
+        return self.seq_len * self.embedding_row_bytes if self.embedding_rows else 0
 
     def bit_index(self, bits: int) -> int | None:
         try:
@@ -99,6 +117,14 @@ class ModelProfile:
     @property
     def n_shards(self) -> int:
         return sum(len(layer.shards) for layer in self.layers)
+
+    @property
+    def fixed_memory_bytes(self) -> int:
+        """What every plan holds whatever it chooses: resident weights, activations, compute
+        scratch, and the embedding table or, streamed, one query's rows of it (the less)."""
+        table = min(self.embedding_table_bytes, self.embedding_query_bytes) \
+            if self.embedding_rows else 0
+        return self.resident_bytes + self.activation_bytes + self.scratch_bytes + table
 
 
 def bytes_of_mb(mb: float) -> int:
@@ -125,6 +151,8 @@ class Scenario:
     source: str | None = None  # path of the scenario file, if loaded from one
     content_hash: str = ""
     files: tuple[str, ...] = ()  # every file it was loaded from (no command may write onto them)
+    memory_budget_mb: float | None = None  # bound on the predicted peak memory (None: none)
+    prefetch_window: int | None = None  # layers IO may run ahead of compute (None: unbounded)
 
     def __post_init__(self) -> None:
         file = self.source
@@ -144,6 +172,26 @@ class Scenario:
                 _finite(self.importance_floor) and self.importance_floor >= 0):
             raise SpecError(file, "importance_floor",
                             f"must be a finite number >= 0, got {self.importance_floor!r}")
+        if self.prefetch_window is not None and (
+                isinstance(self.prefetch_window, bool) or not isinstance(self.prefetch_window, int)
+                or not 1 <= self.prefetch_window <= MAX_LAYERS):
+            raise SpecError(file, "prefetch_window", f"must be an integer in [1, {MAX_LAYERS}] "
+                            f"(layers IO may run ahead of compute) or absent for unbounded, got "
+                            f"{self.prefetch_window!r}")
+        if self.memory_budget_mb is not None:
+            if not (_finite(self.memory_budget_mb) and 0 < self.memory_budget_mb <= MAX_MEMORY_MB):
+                raise SpecError(file, "memory_budget_mb", f"must be a number in (0, "
+                                f"{MAX_MEMORY_MB:g}], got {self.memory_budget_mb!r}")
+            if self.memory_budget_mb > self.device.memory_mb:
+                raise SpecError(file, "memory_budget_mb",
+                                f"{self.memory_budget_mb:g} MB exceeds the device's memory_mb "
+                                f"{self.device.memory_mb:g}")
+            fixed = self.model.fixed_memory_bytes
+            if self.memory_budget_bytes < fixed:
+                raise SpecError(file, "memory_budget_mb",
+                                f"{self.memory_budget_mb:g} MB is below what every plan of model "
+                                f"{self.model.name!r} holds: {fixed / 1e6:.6g} MB (resident "
+                                f"weights, activations and compute scratch)")
         cap_mb = self.memory_cap_bytes / 1e6
         if self.preload_budget_bytes > self.memory_cap_bytes:
             raise SpecError(file, "preload_budget_mb",
@@ -155,16 +203,26 @@ class Scenario:
                 raise SpecError(file, "min_shards_per_layer",
                                 f"{self.min_shards_per_layer} exceeds the {len(layer.shards)} "
                                 f"shards of layer {li} of model {self.model.name!r}")
-        if self.objective == Objective.MIN_BUFFER and self.importance_floor is None:
+        if self.objective in FLOOR_OBJECTIVES and self.importance_floor is None:
             raise SpecError(file, "importance_floor",
-                            "objective min_buffer needs an importance_floor")
+                            f"objective {self.objective.value} needs an importance_floor")
         if self.objective == Objective.MAX_IMPORTANCE and self.importance_floor is not None:
-            raise SpecError(file, "importance_floor",
-                            "only used with objective min_buffer (remove it, or set objective)")
+            raise SpecError(file, "importance_floor", "only used with objectives min_buffer and "
+                            "min_memory (remove it, or set objective)")
 
     @property
     def preload_budget_bytes(self) -> int:
         return bytes_of_mb(self.preload_budget_mb)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_mb is None else bytes_of_mb(self.memory_budget_mb)
+
+    @property
+    def memory_bounded(self) -> bool:
+        """Does the question constrain or minimise the peak memory (so the program carries
+        memory rows and may stream the embedding table)?"""
+        return self.memory_budget_mb is not None or self.objective == Objective.MIN_MEMORY
 
     @property
     def memory_cap_bytes(self) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import os
 
-from elasticplan.costmodel import Schedule, simulate
+from elasticplan.costmodel import SEQUENTIAL, Schedule, simulate
 from elasticplan.errors import PlanFormatError, VerificationError
 from elasticplan.loader import load_scenario
-from elasticplan.plan import SCHEMA, Plan
+from elasticplan.plan import SCHEMA, Plan, objective_value
 from elasticplan.spec import Objective, Scenario
 
 # Floating-point slack for re-summing the same numbers in another order; nothing else.
@@ -58,10 +58,18 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
                 not lp.shards and scenario.min_shards_per_layer > 0:
             bad.append(f"layer {li}: {len(lp.shards)} shards, fewer than min_shards_per_layer "
                        f"{scenario.min_shards_per_layer}")
+    if plan.window is not None and plan.execution == SEQUENTIAL and \
+            plan.window + 1 < len(plan.layers):
+        bad.append(f"window {plan.window}: sequential execution needs an unbounded window")
+    if scenario.prefetch_window is not None and plan.window != scenario.prefetch_window:
+        bad.append(f"window {plan.window} is not the scenario's prefetch_window "
+                   f"{scenario.prefetch_window}")
+    if plan.embeddings == "streamed" and not model.embedding_rows:
+        bad.append(f"embeddings streamed, but model {model.name!r} has no embedding table")
     if bad:
         return bad, None
 
-    s = simulate(scenario, plan.selection(scenario), plan.execution)
+    s = simulate(scenario, plan.selection(scenario), plan.execution, plan.layout)
     # Constraints.
     if scenario.objective != Objective.MIN_LATENCY and \
             s.latency_ms > scenario.target_latency_ms + TIME_TOL_MS:
@@ -70,7 +78,10 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
     if s.preload_bytes > scenario.preload_budget_bytes:
         bad.append(f"preload buffer {s.preload_bytes} B exceeds the budget "
                    f"{scenario.preload_budget_bytes} B")
-    if scenario.objective == Objective.MIN_BUFFER and \
+    budget = scenario.memory_budget_bytes
+    if budget is not None and s.memory.peak_bytes > budget:
+        bad.append(f"predicted peak memory {s.memory.peak_bytes} B exceeds the budget {budget} B")
+    if scenario.importance_floor is not None and \
             s.importance < scenario.importance_floor * (1 - REL_TOL):
         bad.append(f"importance {s.importance:.9g} is below the floor "
                    f"{scenario.importance_floor:.9g}")
@@ -89,9 +100,16 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
         bad.append(f"streamed_bytes {plan.streamed_bytes} != {s.streamed_bytes} of the chosen shards")
     if not _close(plan.importance, s.importance, 1e-12):
         bad.append(f"importance {plan.importance:.9g} != {s.importance:.9g} of the chosen shards")
-    expected_objective = {Objective.MAX_IMPORTANCE.value: s.importance,
-                          Objective.MIN_BUFFER.value: float(s.preload_bytes),
-                          Objective.MIN_LATENCY.value: s.latency_ms}.get(ref.objective)
+    if plan.memory is not None:
+        for field, actual in s.memory.to_dict().items():
+            claimed = plan.memory.to_dict()[field]
+            if claimed != actual:
+                bad.append(f"memory.{field} {claimed} != {actual} predicted for the chosen "
+                           f"shards and layout")
+    try:
+        expected_objective = objective_value(Objective(ref.objective), s)
+    except ValueError:
+        expected_objective = None
     if expected_objective is None or not _close(plan.objective, expected_objective, 1e-12):
         bad.append(f"objective {plan.objective:.9g} does not match its {ref.objective} value")
     return bad, s
@@ -124,4 +142,6 @@ def with_plan_question(base: Scenario, plan: Plan) -> Scenario:
     return base.with_overrides(target_latency_ms=ref.target_latency_ms,
                                preload_budget_mb=ref.preload_budget_mb,
                                min_shards_per_layer=ref.min_shards_per_layer,
-                               objective=objective, importance_floor=ref.importance_floor)
+                               objective=objective, importance_floor=ref.importance_floor,
+                               memory_budget_mb=ref.memory_budget_mb,
+                               prefetch_window=ref.prefetch_window)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from elasticplan.costmodel import Pick, simulate
+from elasticplan.costmodel import Layout, Pick, simulate
 from elasticplan.errors import InfeasibleError
 from elasticplan.solvers import solve
 from elasticplan.spec import Objective, Scenario
@@ -26,20 +26,35 @@ def all_selections(sc: Scenario):
     return itertools.product(*options_per_layer)
 
 
+def layouts(sc: Scenario) -> list[Layout]:
+    """Every layout a program may choose: the scenario's window; the table resident, or
+    also streamed when memory is bounded and the model has one."""
+    stream = [False, True] if sc.memory_bounded and sc.model.embedding_rows else [False]
+    return [Layout(sc.prefetch_window, e) for e in stream]
+
+
 def best(sc: Scenario, slack_ms: float = 0.0):
-    """Best objective over plans meeting the target with `slack_ms` to spare; None if none."""
+    """Best objective (larger is better: costs are negated) over plans meeting the target
+    with `slack_ms` to spare; None if none."""
     top = None
+    budget = sc.memory_budget_bytes
     for sel in all_selections(sc):
-        s = simulate(sc, sel)
-        if s.preload_bytes > sc.preload_budget_bytes:
-            continue
-        if sc.objective != Objective.MIN_LATENCY and s.latency_ms > sc.target_latency_ms - slack_ms:
-            continue
-        if sc.objective == Objective.MIN_BUFFER and s.importance < sc.importance_floor:
-            continue
-        value = {Objective.MAX_IMPORTANCE: s.importance, Objective.MIN_BUFFER: -s.preload_bytes,
-                 Objective.MIN_LATENCY: -s.latency_ms}[sc.objective]
-        top = value if top is None else max(top, value)
+        for layout in layouts(sc):
+            s = simulate(sc, sel, layout=layout)
+            if s.preload_bytes > sc.preload_budget_bytes:
+                continue
+            if budget is not None and s.memory.peak_bytes > budget:
+                continue
+            if sc.objective != Objective.MIN_LATENCY and \
+                    s.latency_ms > sc.target_latency_ms - slack_ms:
+                continue
+            if sc.importance_floor is not None and s.importance < sc.importance_floor:
+                continue
+            value = {Objective.MAX_IMPORTANCE: s.importance,
+                     Objective.MIN_BUFFER: -s.preload_bytes,
+                     Objective.MIN_MEMORY: -s.memory.peak_bytes,
+                     Objective.MIN_LATENCY: -s.latency_ms}[sc.objective]
+            top = value if top is None else max(top, value)
     return top
 
 

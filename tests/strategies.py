@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import strategies as st
 
 from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
@@ -56,3 +58,25 @@ def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
                     target_latency_ms=draw(_num(0.2, 60)), preload_budget_mb=draw(_num(0, 0.6)),
                     min_shards_per_layer=m, objective=Objective.MAX_IMPORTANCE,
                     content_hash="generated")
+
+
+@st.composite
+def memory_scenarios(draw, max_layers=3, max_shards=2, max_bits=2, shared_costs=False):
+    """A scenario with the memory model in play: fixed memory terms, perhaps a streamable
+    embedding table, a prefetch window, and a memory budget between the least any plan
+    holds and everything held at once (so it binds, or is infeasible, or is slack)."""
+    sc = draw(scenarios(max_layers, max_shards, max_bits, shared_costs=shared_costs))
+    rows = draw(st.sampled_from([0, 0, 50, 5000]))
+    model = dataclasses.replace(
+        sc.model, resident_bytes=draw(st.integers(0, 100_000)),
+        embedding_rows=rows, embedding_row_bytes=draw(st.integers(4, 2000)) if rows else 0,
+        activation_bytes=draw(st.integers(0, 50_000)), scratch_bytes=draw(st.integers(0, 50_000)))
+    window = draw(st.sampled_from([None, 1, 2]))
+    everything = sum(max(s.bytes) for layer in model.layers for s in layer.shards)
+    budget = None
+    if draw(st.booleans()):
+        share = draw(st.floats(0, 1.2))
+        budget = (model.fixed_memory_bytes + model.embedding_table_bytes
+                  + share * everything) / 1e6
+        budget = float(f"{max(budget, model.fixed_memory_bytes / 1e6 + 1e-6):.6g}")
+    return dataclasses.replace(sc, model=model, prefetch_window=window, memory_budget_mb=budget)

@@ -16,10 +16,10 @@ from elasticplan import aggregate, archgen
 from elasticplan.costmodel import simulate
 from elasticplan.loader import load_scenario
 from elasticplan.solvers import highs, solve
-from elasticplan.spec import Objective
+from elasticplan.spec import FLOOR_OBJECTIVES, Objective
 from elasticplan.verify import check
 from tests import oracle
-from tests.strategies import scenarios
+from tests.strategies import memory_scenarios, scenarios
 
 GAP, TOL = oracle.GAP, oracle.TOL
 SHARED = dict(max_layers=2, max_shards=3, max_bits=2, shared_costs=True)
@@ -27,10 +27,26 @@ _solve = oracle.solve_or_none
 _near = oracle.near_target
 
 
+SIGN = {Objective.MAX_IMPORTANCE: 1, Objective.MIN_BUFFER: -1, Objective.MIN_MEMORY: -1,
+        Objective.MIN_LATENCY: -1}
+
+
 @given(sc=scenarios(**SHARED), objective=st.sampled_from(list(Objective)))
 def test_aggregated_optimum_equals_brute_force(sc, objective):
     """Counts per cost class with a continuous assignment are exact, for every objective."""
-    if objective == Objective.MIN_BUFFER:
+    _check_against_brute_force(sc, objective)
+
+
+@given(sc=memory_scenarios(max_layers=3, max_shards=2, max_bits=2, shared_costs=True),
+       objective=st.sampled_from(list(Objective)))
+def test_memory_rows_equal_brute_force(sc, objective):
+    """With a prefetch window, a memory budget and a streamable embedding table, both exact
+    programs still find brute force's optimum, for every objective (min_memory included)."""
+    _check_against_brute_force(sc, objective, also="cpsat")
+
+
+def _check_against_brute_force(sc, objective, also=None):
+    if objective in FLOOR_OBJECTIVES:
         reference = _solve(sc, "cpsat")
         if reference is None:
             return
@@ -38,11 +54,15 @@ def test_aggregated_optimum_equals_brute_force(sc, objective):
         sc = sc.with_overrides(objective=objective, importance_floor=floor)
     else:
         sc = sc.with_overrides(objective=objective)
-    plan = _solve(sc, "highs")
+    for solver in ("highs",) + ((also,) if also else ()):
+        _check_solver(sc, objective, solver)
+
+
+def _check_solver(sc, objective, solver):
+    plan = _solve(sc, solver)
     if plan is not None:
         assert plan.status.value == "optimal"
-    sign = {Objective.MAX_IMPORTANCE: 1, Objective.MIN_BUFFER: -1, Objective.MIN_LATENCY: -1}
-    got = None if plan is None else sign[objective] * plan.objective
+    got = None if plan is None else SIGN[objective] * plan.objective
     if objective == Objective.MAX_IMPORTANCE:
         oracle.assert_matches(sc, got, TOL)
     else:

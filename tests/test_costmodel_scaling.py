@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 
 import pytest
@@ -9,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from elasticplan import formulation, scaling
-from elasticplan.costmodel import Pick, read_ms, simulate
+from elasticplan.costmodel import Layout, Pick, read_ms, simulate
 from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
 from tests import oracle
 from tests.strategies import scenarios
@@ -38,6 +40,56 @@ def test_schedule_by_hand():
         pytest.approx((2, 2, 5.5, 8.0))
     assert s.latency_ms == pytest.approx(8.0)
     assert (s.preload_bytes, s.streamed_bytes, s.importance) == (400_000, 100_000, 1.5)
+
+
+def test_window_and_memory_by_hand():
+    """Three layers, each one 8-bit shard streamed: read 2 ms, compute 3.5 ms, 100 kB."""
+    import dataclasses
+
+    sc = _hand_scenario()
+    shard = sc.model.layers[0].shards[0]
+    model = dataclasses.replace(sc.model, layers=(Layer((shard,)),) * 3, resident_bytes=1000,
+                                embedding_rows=100, embedding_row_bytes=10,
+                                activation_bytes=300, scratch_bytes=20)
+    sc = dataclasses.replace(sc, model=model)
+    sel = ((Pick(0, 0, False),),) * 3
+    free = simulate(sc, sel)  # unbounded: reads back to back
+    assert [t.io_start_ms for t in free.layers] == pytest.approx([0, 2, 4])
+    assert free.latency_ms == pytest.approx(2 + 3 * 3.5)
+    assert free.memory.to_dict() == {"resident_bytes": 1000 + 1000, "preload_bytes": 0,
+                                     "working_peak_bytes": 300_000 + 20,
+                                     "activation_bytes": 300, "peak_bytes": 302_320}
+    # W = 1: layer 2's reads wait for layer 0's compute (ends at 5.5)
+    w1 = simulate(sc, sel, layout=Layout(window=1))
+    assert [t.io_start_ms for t in w1.layers] == pytest.approx([0, 2, 5.5])
+    assert [t.compute_end_ms for t in w1.layers] == pytest.approx([5.5, 9, 12.5])
+    assert w1.memory.working_peak_bytes == 200_000 + 20
+    # streamed table: 8 rows (seq_len) of 1 ms + 10 B / 100 MB/s each, read first
+    st_ = simulate(sc, sel, layout=Layout(window=1, stream_embeddings=True))
+    assert st_.layers[0].io_start_ms == pytest.approx(8 * 1.0001)
+    assert st_.memory.resident_bytes == 1000
+    assert st_.memory.activation_bytes == 300 + 8 * 10
+
+
+@given(sc=scenarios(max_layers=4, max_shards=2, max_bits=2), data=st.data())
+def test_window_reduces_to_unbounded_and_trades_memory_for_time(sc, data):
+    """A window as deep as the model is the unbounded pipeline; a deeper window is never
+    slower and never holds less."""
+    from tests.oracle import all_selections
+
+    L = len(sc.model.layers)
+    sel = data.draw(st.sampled_from(list(itertools.islice(all_selections(sc), 200))))
+    free = simulate(sc, sel)
+    assert simulate(sc, sel, layout=Layout(window=L)) == \
+        dataclasses.replace(free, layout=Layout(window=L))
+    prev = None
+    for w in range(1, L + 1):
+        s = simulate(sc, sel, layout=Layout(window=w))
+        if prev is not None:
+            assert s.latency_ms <= prev.latency_ms + 1e-9
+            assert s.memory.working_peak_bytes >= prev.memory.working_peak_bytes
+        prev = s
+    assert prev.latency_ms == pytest.approx(free.latency_ms, abs=1e-9)
 
 
 def test_skipped_layer_costs_nothing():

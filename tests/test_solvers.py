@@ -15,7 +15,7 @@ from elasticplan.solvers import solve
 from elasticplan.spec import Objective
 from elasticplan.verify import check
 from tests import oracle
-from tests.strategies import scenarios
+from tests.strategies import memory_scenarios, scenarios
 
 EXACT = ["cpsat", "cbc", "highs"]
 GAP, TOL = oracle.GAP, oracle.TOL
@@ -70,6 +70,50 @@ def test_monotone_in_target_and_buffer(sc, grow):
                    sc.with_overrides(preload_budget_mb=sc.preload_budget_mb * grow + 0.01)):
         more = exact(bigger, "cpsat")
         assert more is not None and more >= base - TOL
+
+
+@given(sc=memory_scenarios(max_layers=3, max_shards=2, max_bits=2), grow=st.floats(1.0, 3.0))
+def test_memory_plans_monotone_and_beat_greedy(sc, grow):
+    """With the memory model in play: greedy's plans verify and never beat the exact
+    program; more memory or a deeper window never lowers the optimum."""
+    base = exact(sc, "highs")
+    try:
+        greedy = solve(sc, "greedy")
+    except NoPlanFoundError:
+        greedy = None
+    if greedy is not None:
+        assert check(sc, greedy)[0] == []
+        if sc.target_latency_ms - greedy.predicted_latency_ms > oracle.rounding_margin_ms(sc):
+            assert base is not None and base >= greedy.objective - TOL
+    if base is None:
+        return
+    looser = [sc.with_overrides(memory_budget_mb=None)]
+    if sc.memory_budget_mb is not None:
+        looser.append(sc.with_overrides(memory_budget_mb=min(sc.memory_budget_mb * grow,
+                                                             sc.device.memory_mb)))
+    if sc.prefetch_window is not None:
+        looser.append(sc.with_overrides(prefetch_window=sc.prefetch_window + 1))
+    for bigger in looser:
+        more = exact(bigger, "highs")
+        assert more is not None and more >= base - TOL
+
+
+@given(sc=memory_scenarios(max_layers=2, max_shards=2, max_bits=2))
+def test_min_memory_is_the_least_budget_that_keeps_the_plan(sc):
+    """min_memory at a floor: its peak is feasible as a budget for the same floor, and no
+    budget a byte below it is."""
+    reference = exact(sc.with_overrides(memory_budget_mb=None), "highs")
+    if reference is None:
+        return
+    floor = reference * 0.8
+    q = sc.with_overrides(objective=Objective.MIN_MEMORY, importance_floor=floor,
+                          memory_budget_mb=None)
+    least = exact(q, "highs")
+    assert least is not None and least == oracle.best(q) * -1
+    if least / 1e6 > q.model.fixed_memory_bytes / 1e6 + 2e-6:
+        below = sc.with_overrides(memory_budget_mb=(least - 1) / 1e6)
+        got = exact(below, "highs")
+        assert got is None or got < floor - TOL or oracle.near_target(below)
 
 
 @given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2))

@@ -11,8 +11,9 @@ own entry point (elasticplan.explain.explain_failure), which the CLI asks.
 from __future__ import annotations
 
 import math
+import time
 
-from elasticplan.errors import InvalidArgument
+from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plan import Plan
 from elasticplan.solvers.cbc import solve_cbc
 from elasticplan.solvers.cpsat import solve_cpsat
@@ -55,3 +56,35 @@ def solve(scenario: Scenario, solver: str = DEFAULT_SOLVER, *,
                             relative_gap=relative_gap)
     verify_plan(scenario, plan)
     return plan
+
+
+AUTO_WINDOW = "auto"
+
+
+def solve_any_window(scenario: Scenario, solver: str = DEFAULT_SOLVER, *,
+                     time_limit_s: float = DEFAULT_TIME_LIMIT_S, threads: int = DEFAULT_THREADS,
+                     relative_gap: float = DEFAULT_RELATIVE_GAP) -> tuple[Plan, Scenario]:
+    """The window chosen by the solver: every prefetch window from 1 layer to unbounded is
+    solved (sharing the time limit) and the best plan kept; ties go to the plan with the
+    least predicted peak memory, then the shallower window. Returns the plan and the
+    question it answers (the scenario with that window). Infeasible only if every window
+    is; a time-out on one window is reported if no window gave a plan."""
+    L = len(scenario.model.layers)
+    deadline = time.monotonic() + time_limit_s
+    found, failures = [], []
+    for window in [*range(1, L), None]:
+        question = scenario.with_overrides(prefetch_window=window)
+        try:
+            plan = solve(question, solver, threads=threads, relative_gap=relative_gap,
+                         time_limit_s=max(0.1, deadline - time.monotonic()))
+        except (InfeasibleError, NoPlanFoundError, SolverTimeoutError) as e:
+            failures.append(e)
+            continue
+        found.append((plan, question))
+    if not found:
+        timeouts = [e for e in failures if not isinstance(e, InfeasibleError)]
+        raise timeouts[0] if timeouts else failures[-1]
+    sign = 1 if scenario.objective.value == "max_importance" else -1
+    return max(found, key=lambda pq: (round(sign * pq[0].objective, 12),
+                                      -pq[0].memory.peak_bytes,
+                                      -(pq[0].window or L)))

@@ -37,6 +37,8 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     var = {name: prob.add_variable(_safe(name), cat=pulp.LpBinary) for name in program.bools}
     var.update({name: prob.add_variable(_safe(name), 0, program.time_horizon_ms)
                 for name in program.times})
+    var.update({name: prob.add_variable(_safe(name), 0, program.byte_horizon)
+                for name in program.byte_vars})
     margins = float_margins(scenario)
     for r in program.rows:
         k = margins.importance_scale if r.unit == Unit.IMPORTANCE else 1.0
@@ -80,9 +82,10 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
 
     value = pulp.value(prob.objective) or 0.0
     gap = _gap_from_log(log, value, status, program.maximize)
-    selection = program.selection(lambda name: var[name].varValue or 0.0)
-    return Plan.from_selection(scenario, selection, solver=NAME, status=status, gap=gap,
-                               solve_seconds=elapsed)
+    value_of = lambda name: var[name].varValue or 0.0  # noqa: E731
+    return Plan.from_selection(scenario, program.selection(value_of), solver=NAME,
+                               status=status, gap=gap, solve_seconds=elapsed,
+                               layout=program.layout(value_of))
 
 
 def _cbc_binary() -> str:

@@ -23,6 +23,8 @@ def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relati
     model = cp_model.CpModel()
     var = {name: model.new_bool_var(name) for name in program.bools}
     var.update({name: model.new_int_var(0, ip.time_horizon, name) for name in program.times})
+    var.update({name: model.new_int_var(0, program.byte_horizon, name)
+                for name in program.byte_vars})
     for r in ip.rows:
         expr = sum(c * var[v] for v, c in r.terms)
         model.add(expr <= r.rhs if r.sense == "<=" else expr >= r.rhs)
@@ -50,8 +52,8 @@ def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relati
     value = solver.objective_value
     bound = solver.best_objective_bound
     gap = gap_to_bound(value, bound)
-    selection = program.selection(lambda name: solver.boolean_value(var[name]))
+    value_of = lambda name: solver.boolean_value(var[name])  # noqa: E731
     return Plan.from_selection(
-        scenario, selection, solver=NAME,
+        scenario, program.selection(value_of), solver=NAME,
         status=SolveStatus.OPTIMAL if status == cp_model.OPTIMAL else SolveStatus.FEASIBLE,
-        gap=gap, solve_seconds=elapsed)
+        gap=gap, solve_seconds=elapsed, layout=program.layout(value_of))

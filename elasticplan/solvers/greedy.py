@@ -20,16 +20,29 @@ Where the paper leaves a gap, this reading fills it so:
 - Our cost model charges dequantisation, which STI's premise ignores: if no base
   bitwidth keeps AIB >= 0 for (n, m), the next smaller submodel is tried.
 - The buffer is filled as a prefix: it stops at the first shard that does not fit.
-AIB >= 0 at every layer is exactly "latency <= T" under the cost model, since
-latency = max over l of (end of layer l's reads + compute of layers l..L-1).
+AIB >= 0 at every layer is exactly "latency <= T" under the cost model with an unbounded
+window, since latency = max over l of (end of layer l's reads + compute of layers l..L-1);
+with a prefetch window, or streamed embeddings, feasibility is the cost model's own
+schedule (elasticplan.costmodel.pipeline). STI has no memory model: with a memory budget
+every step also keeps the predicted peak within it, the table resident if a plan fits
+so, else streamed; it does not minimise memory (min_memory needs an exact solver).
 """
 
 from __future__ import annotations
 
 import time
 
-from elasticplan.costmodel import Pick, Selection, read_ms, shard_compute_ms
-from elasticplan.errors import NoPlanFoundError, SolverTimeoutError
+from elasticplan.costmodel import (
+    Layout,
+    Pick,
+    Selection,
+    embedding_read_ms,
+    memory_of,
+    pipeline,
+    read_ms,
+    shard_compute_ms,
+)
+from elasticplan.errors import InvalidArgument, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import Objective, Scenario
 
@@ -39,9 +52,12 @@ NAME = "greedy"
 class _Pipeline:
     """Per-layer IO and compute sums of a selection, for O(L) feasibility checks."""
 
-    def __init__(self, scenario: Scenario, picks: list[list[Pick]]):
-        self.sc, self.picks = scenario, picks
+    def __init__(self, scenario: Scenario, picks: list[list[Pick]], layout: Layout):
+        self.sc, self.picks, self.layout = scenario, picks, layout
         d, m = scenario.device, scenario.model
+        self.streamed = [sum(m.layers[li].shards[p.shard].bytes[p.bit] for p in ps
+                             if not p.preloaded) for li, ps in enumerate(picks)]
+        self.start = embedding_read_ms(d, m) if layout.stream_embeddings else 0.0
         self.io = [sum(read_ms(d, m.layers[li].shards[p.shard].bytes[p.bit])
                        for p in ps if not p.preloaded) for li, ps in enumerate(picks)]
         self.comp = [(d.layer_overhead_ms if ps else 0.0)
@@ -49,6 +65,16 @@ class _Pipeline:
                      for li, ps in enumerate(picks)]
         self.buffer = sum(m.layers[li].shards[p.shard].bytes[p.bit]
                           for li, ps in enumerate(picks) for p in ps if p.preloaded)
+
+    def ok(self) -> bool:
+        budget = self.sc.memory_budget_bytes
+        if budget is not None and \
+                memory_of(self.sc.model, self.layout, self.buffer, self.streamed).peak_bytes > budget:
+            return False
+        if self.layout != Layout():
+            times = pipeline(self.io, self.comp, window=self.layout.window, start_ms=self.start)
+            return times[-1].compute_end_ms <= self.sc.target_latency_ms
+        return self.aib_ok()
 
     def aib_ok(self) -> bool:
         remaining = sum(self.comp)
@@ -69,19 +95,23 @@ class _Pipeline:
         def cost(p: Pick):
             nbytes = shard.bytes[p.bit]
             return (0.0 if p.preloaded else read_ms(d, nbytes),
-                    shard_compute_ms(d, m, shard, p.bit), nbytes if p.preloaded else 0)
+                    shard_compute_ms(d, m, shard, p.bit), nbytes if p.preloaded else 0,
+                    0 if p.preloaded else nbytes)
 
-        (io0, c0, b0), (io1, c1, b1) = cost(old), cost(new)
+        (io0, c0, b0, s0), (io1, c1, b1, s1) = cost(old), cost(new)
         if self.buffer - b0 + b1 > self.sc.preload_budget_bytes:
             return False
         self.io[li] += io1 - io0
         self.comp[li] += c1 - c0
-        if self.aib_ok():
-            self.buffer += b1 - b0
+        self.buffer += b1 - b0
+        self.streamed[li] += s1 - s0
+        if self.ok():
             self.picks[li][k] = new
             return True
         self.io[li] -= io1 - io0
         self.comp[li] -= c1 - c0
+        self.buffer -= b1 - b0
+        self.streamed[li] -= s1 - s0
         return False
 
 
@@ -90,16 +120,26 @@ def solve_greedy(scenario: Scenario, *, time_limit_s: float | None = None, threa
     """STI's plan. At the time limit the upgrades stop (the plan holds: each upgrade kept it
     feasible); a limit reached before any plan raises SolverTimeoutError."""
     del threads, relative_gap  # a heuristic: neither applies
+    if scenario.objective == Objective.MIN_MEMORY:
+        raise InvalidArgument("greedy (STI) has no memory model to minimise; use --solver "
+                              "highs for objective min_memory")
     started = time.perf_counter()
     deadline = None if time_limit_s is None else started + time_limit_s
-    selection = _plan(scenario, deadline)
+    layouts = [Layout(scenario.prefetch_window)]
+    if scenario.memory_budget_mb is not None and scenario.model.embedding_rows:
+        layouts.append(Layout(scenario.prefetch_window, stream_embeddings=True))
+    for layout in layouts:
+        selection = _plan(scenario, layout, deadline)
+        if selection is not None:
+            break
     if selection is None:
         raise NoPlanFoundError(
             f"greedy (STI) found no plan for target {scenario.target_latency_ms:g} ms and "
             f"buffer {scenario.preload_budget_mb:g} MB; this proves nothing: an exact solver "
             f"(--solver highs) finds a plan or explains why none exists")
     plan = Plan.from_selection(scenario, selection, solver=NAME, status=SolveStatus.FEASIBLE,
-                               gap=None, solve_seconds=time.perf_counter() - started)
+                               gap=None, solve_seconds=time.perf_counter() - started,
+                               layout=layout)
     if scenario.objective == Objective.MIN_BUFFER and plan.importance < scenario.importance_floor:
         # STI plans for importance within a buffer; it has no way to size the buffer itself.
         raise NoPlanFoundError(
@@ -113,7 +153,7 @@ def _out_of_time(deadline: float | None) -> bool:
     return deadline is not None and time.perf_counter() > deadline
 
 
-def _plan(sc: Scenario, deadline: float | None) -> Selection | None:
+def _plan(sc: Scenario, layout: Layout, deadline: float | None) -> Selection | None:
     d, m = sc.device, sc.model
     L, top = len(m.layers), len(m.bitwidths) - 1
     ranked = [sorted(range(len(layer.shards)), key=lambda s: (-layer.shards[s].importance[top], s))
@@ -132,13 +172,13 @@ def _plan(sc: Scenario, deadline: float | None) -> Selection | None:
         if _out_of_time(deadline):
             raise SolverTimeoutError("greedy (STI) found no plan within the time limit (not a "
                                      "proof that none exists); raise --time-limit")
-        chosen = _io_plan(sc, ranked, n, width, deadline)
+        chosen = _io_plan(sc, ranked, n, width, layout, deadline)
         if chosen is not None:
             return chosen
     return None
 
 
-def _io_plan(sc: Scenario, ranked, n: int, width: int,
+def _io_plan(sc: Scenario, ranked, n: int, width: int, layout: Layout,
              deadline: float | None) -> Selection | None:
     m = sc.model
     top = len(m.bitwidths) - 1
@@ -153,8 +193,8 @@ def _io_plan(sc: Scenario, ranked, n: int, width: int,
                 buffer += nbytes if preload else 0
                 layer_picks.append(Pick(s, base, preload))
             picks.append(layer_picks)
-        pipe = _Pipeline(sc, picks)
-        if not pipe.aib_ok():
+        pipe = _Pipeline(sc, picks, layout)
+        if not pipe.ok():
             continue
         # Upgrades, most important shard first, each to the highest bitwidth that fits.
         order = sorted(((li, k) for li, ps in enumerate(picks) for k in range(len(ps))),

@@ -77,10 +77,10 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     else:
         raise SolverError(f"HiGHS returned status {status.name}")
 
-    selection = program.selection(mip.values)
-    plan = Plan.from_selection(scenario, selection, solver=NAME, status=solve_status, gap=None,
-                               solve_seconds=elapsed)
-    bound = mip.dual_bound / program.objective_scale
+    plan = Plan.from_selection(scenario, program.selection(mip.values), solver=NAME,
+                               status=solve_status, gap=None, solve_seconds=elapsed,
+                               layout=program.layout(mip.values))
+    bound = mip.dual_bound / program.objective_scale + program.objective_offset
     return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
@@ -95,12 +95,13 @@ def _lp_rounded(program: aggregate.MatrixProgram, *, deadline: float,
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None  # infeasible, or out of time: the MIP path reports it properly
     bound = h.getInfo().objective_function_value / program.objective_scale
-    selection = aggregate.round_down(program, np.asarray(h.getSolution().col_value))
-    if selection is None:
+    rounded = aggregate.round_down(program, np.asarray(h.getSolution().col_value))
+    if rounded is None:
         return None
+    selection, layout = rounded
     plan = Plan.from_selection(program.scenario, selection, solver=NAME,
                                status=SolveStatus.OPTIMAL, gap=None,
-                               solve_seconds=time.perf_counter() - started)
+                               solve_seconds=time.perf_counter() - started, layout=layout)
     return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
