@@ -47,7 +47,7 @@ from runtime.submodel import TestSplit
 MODULE = "benchmarks.runtime_baselines"
 COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms",
            "measured_ms", "error", "vs_target", "preload_mb", "working_peak_mb",
-           "working_allocated_mb", "peak_mb", "resident_model_mb", "streamed_mb",
+           "predicted_peak_mb", "peak_mb", "process_peak_mb", "resident_model_mb", "streamed_mb",
            "fidelity", "accuracy", "runtime_fidelity", "runs_ms"]
 
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         print(f"# {bw:g} MB/s: target {target:g} ms ({a.fraction:g} x {default:g}), buffer "
               f"{a.buffer:g} MB; {a.repeat} cold runs per plan after a warm-up, median")
         print(f"{'strategy':<22} {'predicted':>9} {'measured':>8} {'error':>7} {'vs target':>9} "
-              f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'fidelity':>8} "
+              f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'process':>7} {'fidelity':>8} "
               f"{'accuracy':>8}")
         resident = None
         for label, plan, question in plans_for(sc, a.time_limit, a.gap):
@@ -99,15 +99,17 @@ def main(argv=None) -> int:
                              queries=queries, reference=reference, head=None)
             q = evaluator.plan(plan)
             m = r.memory
-            resident = m.resident_model_bytes
+            resident = m.resident_bytes
             row = {"bandwidth_mb_s": bw, "target_ms": target, "strategy": label,
                    "execution": plan.execution, "predicted_ms": r.predicted_latency_ms,
                    "measured_ms": r.measured_latency_ms, "error": r.relative_error,
                    "vs_target": relative(r.measured_latency_ms, target),
                    "preload_mb": m.preload_bytes / 1e6,
-                   "working_peak_mb": m.working_peak_live_bytes / 1e6,
-                   "working_allocated_mb": m.working_allocated_bytes / 1e6,
-                   "peak_mb": m.peak_bytes / 1e6, "resident_model_mb": resident / 1e6,
+                   "working_peak_mb": m.predicted["working_peak_bytes"] / 1e6,
+                   "predicted_peak_mb": m.predicted_peak_bytes / 1e6,
+                   "peak_mb": m.measured_peak_bytes / 1e6,
+                   "process_peak_mb": m.measured_process_peak_bytes / 1e6,
+                   "resident_model_mb": resident / 1e6,
                    "streamed_mb": r.streamed_bytes / 1e6, "fidelity": q.fidelity,
                    "accuracy": q.accuracy, "runtime_fidelity": r.fidelity,
                    "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
@@ -115,11 +117,12 @@ def main(argv=None) -> int:
             print(f"{label:<22} {row['predicted_ms']:>9.2f} {row['measured_ms']:>8.2f} "
                   f"{row['error']:>+7.1%} {row['vs_target']:>+9.1%} "
                   f"{row['preload_mb']:>10.2f} {row['working_peak_mb']:>10.2f} "
-                  f"{row['peak_mb']:>7.2f} {row['fidelity']:>8.4f} {row['accuracy']:>8.3f}",
+                  f"{row['peak_mb']:>7.2f} {row['process_peak_mb']:>7.2f} "
+                  f"{row['fidelity']:>8.4f} {row['accuracy']:>8.3f}",
                   flush=True)
         if resident is not None:
-            print(f"# every plan also keeps {resident / 1e6:.2f} MB of embeddings and LayerNorms "
-                  f"resident (not in the peak column)")
+            print("# peak MB: resident + preload + ring + scratch + activations (measured, "
+                  "activations predicted); process: VmHWM above a baseline (runtime.memprobe)")
     write_csv(out_path("runtime_baselines.csv", a.out_dir), rows, COLUMNS)
     print(f"# {time.monotonic() - t0:.0f} s in all")
     return 0

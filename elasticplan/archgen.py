@@ -162,6 +162,30 @@ def resident_bytes(a: Architecture) -> int:
     return 4 * (embeddings + a.layers * per_layer)
 
 
+def memory_terms(a: Architecture, seq_len: int) -> dict:
+    """The model profile's fixed memory terms (docs/design.md, "Memory") for the encoders'
+    runtime (runtime/executor.py): the word-embedding table streamable by rows (fp32),
+    one reused compute scratch of a whole layer's fused fp32 weights, and the activations
+    of one query (batch 1) at seq_len -- the larger of the attention step (input, fused
+    Q/K/V, scores and their softmax per head, context) and the FFN step (input, hidden
+    pre-activation and GELU output, output), fp32."""
+    n, d = seq_len, a.hidden
+    per_layer = sum(_shard_fp32(a, kind) * count for kind, count in
+                    (("head", a.n_attn), ("ffn", a.n_ffn)))
+    attention = n * (2 * d + 3 * d + 2 * a.heads * n + d)
+    ffn = n * (2 * d + 2 * a.ffn + d)
+    return {"embedding_rows": a.vocab, "embedding_row_bytes": 4 * a.hidden,
+            "activation_bytes": 4 * max(attention, ffn), "scratch_bytes": per_layer}
+
+
+def _shard_fp32(a: Architecture, kind: str) -> int:
+    """fp32 bytes of one shard as the runtime fuses it: matrix rows x hidden + biases."""
+    if kind == "head":
+        return 4 * (4 * a.d_head * a.hidden + 3 * a.d_head)
+    f = a.ffn // a.n_ffn
+    return 4 * (2 * f * a.hidden + f)
+
+
 def synthetic_importance(a: Architecture, seed: int | None = None) -> np.ndarray:
     """[layers, 2*heads, bitwidths] importance; fp32 importances sum to 1. Later layers
     weigh more (as measured for MiniLM); each shard has its own quantisation sensitivity."""

@@ -79,7 +79,8 @@ def register(sub) -> None:
     r.add_argument("--tolerance", type=positive, default=0.10, metavar="F",
                    help="relative tolerance on the total latency (default 0.10)")
     r.add_argument("--enforce", action="store_true",
-                   help="exit 10 when the median latency is outside the tolerance")
+                   help="exit 10 when the median latency is outside the tolerance, or the "
+                        "measured peak memory exceeds the plan's memory budget")
     r.add_argument("--no-emulate", action="store_true",
                    help="read at this machine's real disk speed instead of the device's")
     r.add_argument("--baselines", action="store_true",
@@ -189,6 +190,10 @@ def cmd_run(a) -> int:
     if a.gantt:
         gantt(reports, a.gantt, inputs=inputs)
         print(f"pipelines drawn to {a.gantt}")
+    budget = scenario.memory_budget_bytes
+    if a.enforce and budget is not None and report.memory.measured_peak_bytes > budget:
+        raise ToleranceError(f"measured peak memory {report.memory.measured_peak_bytes / 1e6:.3f}"
+                             f" MB exceeds the plan's memory budget {budget / 1e6:g} MB")
     if a.enforce and not report.within_tolerance:
         raise ToleranceError(f"measured {report.measured_latency_ms:.2f} ms vs predicted "
                              f"{report.predicted_latency_ms:.2f} ms "

@@ -6,22 +6,25 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
 
 - Before anything runs (`Executor(...)`): the plan must be for the store's model, every
   planned variant must exist with the size the profile claims, and every planned variant
-  is read once and checked against its sha256. Then all buffers are allocated: the
-  layers' fused weights (runtime/model.py), one staging buffer per layer for its
-  quantised streamed shards, one preload buffer for the preloaded quantised shards.
+  is read once and checked against its sha256. Then every buffer is allocated, once, at
+  the sizes the cost model predicts (elasticplan.costmodel.memory_of), and never grown:
+  the preload buffer (preloaded shards in stored form), the IO ring (the most streamed
+  bytes of any W+1 consecutive layers, W the plan's prefetch window), one compute
+  scratch (a whole layer's fused fp32 weights, reused by every layer), and, when the
+  plan streams the embedding table, a buffer for one query's rows.
 - `fill_preload()`, before the query (timed, not part of query latency): preloaded shards
-  are read cold through the device clock; quantised ones into the preload buffer (held in
-  their stored form, dequantised per query: the cost model charges that), fp32 ones
-  straight into their fused slots (they are held there, no copy per query).
+  are read cold through the device clock into the preload buffer.
 - `run(batch)`: every streamed file's pages are evicted first (and counted with mincore,
-  so the trace says how cold the run really was). Then one IO thread streams the streamed
-  shards in plan order, back to back: an fp32 shard with one scattered `preadv` straight
-  into its fused slot, a quantised one into its staging slice; the device clock books
-  when each read completes on the emulated device. The compute thread (the caller's;
-  torch only runs there) embeds, then per layer waits for the layer's reads (or for all
-  reads, when sequential), sleeps once to the device's completion time for them, and
-  after the previous layer dequantises the layer's quantised shards into the fused slots,
-  runs the layer, and finally pools.
+  so the trace says how cold the run really was). One IO thread reads, in plan order:
+  the query's embedding rows (streamed table: one pread per position), then per layer
+  its streamed shards into the ring, each at the ring offset that follows the previous
+  one (a shard crossing the ring's end is read as two pieces). Before layer l's reads it
+  waits until layer l-W-1 has computed (the window), which also frees that layer's part
+  of the ring. The device clock books when each read completes on the emulated device.
+  The compute thread (the caller's; torch only runs there) embeds, then per layer waits
+  for the layer's reads (or all reads, when sequential), sleeps to the device's
+  completion time for them, decodes the layer's shards (preloaded and streamed, any
+  bitwidth) into the scratch, runs the layer, releases its ring bytes, and finally pools.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from elasticplan.costmodel import PIPELINED
+from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plan import Plan
 from elasticplan.spec import Scenario
@@ -44,13 +47,6 @@ from runtime.model import Batch, LayerWeights
 from runtime.store import ShardStore, Variant, decode_into
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-def _runs(t: torch.Tensor) -> list[memoryview]:
-    """The tensor view's memory as maximal contiguous runs, in row-major element order."""
-    if t.is_contiguous():
-        return [memoryview(t.numpy()).cast("B")] if t.numel() else []
-    return [mv for sub in t for mv in _runs(sub)]
 
 
 @dataclass
@@ -97,18 +93,29 @@ class RunTrace:
 
 @dataclass
 class MemoryAccount:
-    """The executor's own accounting of the weight buffers it holds for a plan (bytes).
+    """The executor's own accounting of the memory it holds for a plan (bytes), exact.
 
-    `preload_bytes`: held across queries, the preload buffer (quantised preloaded shards in
-    stored form) plus the fused slots of fp32 preloaded shards. `working_bytes[l]`: what
-    layer l needs during a query, its fused weights (less the fp32 preloaded slots, counted
-    above) plus the staging area for its quantised streamed shards. The executor allocates
-    every layer's working buffers up front; `peak_live_bytes` (runtime/measure.py) is what
-    a pipeline needs at once, from a run's timeline."""
+    `resident_bytes`: the resident tensors it loaded (the word-embedding table only when
+    the plan keeps it resident). `preload_bytes`: the preload buffer (every preloaded
+    shard in stored form). `ring_bytes`: the IO arena the streamed shards land in, sized
+    for the plan's window; `ring_high_water_bytes`: the most of it ever in use (a layer's
+    bytes are in use from the start of its first read to the end of its compute).
+    `scratch_bytes`: the one compute scratch every layer is decoded into in turn.
+    `query_rows_bytes`: the buffer one query's embedding rows are read into (streamed)."""
 
+    resident_bytes: int
     preload_bytes: int
-    working_bytes: list[int]
-    resident_model_bytes: int  # embeddings, LayerNorms, shared biases: every strategy holds them
+    ring_bytes: int
+    scratch_bytes: int
+    query_rows_bytes: int
+    ring_high_water_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Everything but the activations: resident + preload + the arena's high-water
+        mark (ring in use + scratch) + the query rows."""
+        return (self.resident_bytes + self.preload_bytes + self.ring_high_water_bytes
+                + self.scratch_bytes + self.query_rows_bytes)
 
 
 @dataclass
@@ -138,8 +145,9 @@ class Executor:
         profile = scenario.model
         device = scenario.device
         self.clock = DeviceClock(device if emulate else None)
-        self.encoder = store.encoder()
         self.execution = plan.execution
+        self.layout = plan.layout
+        self.stream_embeddings = self.layout.stream_embeddings
         # Every planned variant: present, the size the profile claims, its checksum.
         variants = []
         for lp in plan.layers:
@@ -157,50 +165,64 @@ class Executor:
                 store.read(v)  # raises StoreError naming the file if missing or corrupt
                 row.append((v, ch.preloaded))
             variants.append(row)
-        self.fds = {f: os.open(store.file(f), os.O_RDONLY)
-                    for f in sorted({v.file for row in variants for v, _ in row})}
-        # Buffers, all allocated before any query.
+        predicted = simulate(scenario, plan.selection(scenario), plan.execution,
+                             self.layout).memory
+        if self.stream_embeddings and profile.embedding_row_bytes != 4 * c.hidden:
+            raise StoreError(f"{store.path}: the profile's embedding rows are "
+                             f"{profile.embedding_row_bytes} B, the store's are {4 * c.hidden} B")
+        self.encoder = store.encoder(without_word=self.stream_embeddings)
+        files = {v.file for row in variants for v, _ in row}
+        if self.stream_embeddings:
+            files.add(store.index["resident"]["file"])
+        self.fds = {f: os.open(store.file(f), os.O_RDONLY) for f in sorted(files)}
+        # Buffers, all allocated (and touched) before any query, at the predicted sizes.
+        ring_bytes = predicted.working_peak_bytes - profile.scratch_bytes
+        self.preload_buffer = _touched(sum(v.nbytes for row in variants for v, p in row if p))
+        self.ring = _touched(ring_bytes)
+        self.scratch = torch.zeros(max(profile.scratch_bytes, 0) // 4)
+        self.query_rows = torch.zeros(profile.seq_len, c.hidden) if self.stream_embeddings \
+            else None
         self.weights: list[LayerWeights] = []
         self.shards: list[list[_Shard]] = []
-        self.preload_buffer = np.empty(sum(v.nbytes for row in variants for v, p in row
-                                           if p and v.bits != quant.FP32), np.uint8)
-        ppos = preload_fp32 = 0
-        working: list[int] = []
-        for l, row in enumerate(variants):
-            w = LayerWeights(c, [v.name for v, _ in row])
-            for t in (w.attn_in, w.attn_out, w.attn_bias, w.ffn_in, w.ffn_out, w.ffn_bias):
-                t.zero_()  # touch every page now, not during a query
-            stage = np.empty(sum(v.nbytes for v, p in row if not p and v.bits != quant.FP32),
-                             np.uint8)
-            stage[:] = 0  # touch its pages now, not during a query
-            spos = 0
+        self.layer_bytes: list[int] = []
+        ppos = rpos = 0
+        for row in variants:
+            w = LayerWeights(c, [v.name for v, _ in row], storage=self.scratch)
             shards = []
             for v, preloaded in row:
-                slot = w.slot(v.name)
-                if v.bits == quant.FP32:
-                    iov = _runs(slot.inp) + _runs(slot.out) + _runs(slot.bias)
-                    raw = None
-                else:
-                    buf, pos = (self.preload_buffer, ppos) if preloaded else (stage, spos)
-                    raw = memoryview(buf[pos:pos + v.nbytes]).cast("B")
+                if preloaded:
+                    raw = memoryview(self.preload_buffer[ppos:ppos + v.nbytes]).cast("B")
                     iov = [raw]
-                    if preloaded:
-                        ppos += v.nbytes
-                    else:
-                        spos += v.nbytes
-                if sum(m.nbytes for m in iov) != v.nbytes:
-                    raise AssertionError(f"{v}: buffer layout does not match the stored size")
-                shards.append(_Shard(v, preloaded, slot, iov, raw))
+                    ppos += v.nbytes
+                else:
+                    iov = self._ring_views(rpos, v.nbytes)
+                    raw = iov[0] if len(iov) == 1 else None  # None: joined per query
+                    rpos += v.nbytes
+                shards.append(_Shard(v, preloaded, w.slot(v.name), iov, raw))
             self.weights.append(w)
             self.shards.append(shards)
-            fused = sum(t.nbytes for t in (w.attn_in, w.attn_out, w.attn_bias, w.ffn_in,
-                                           w.ffn_out, w.ffn_bias))
-            held = sum(s.variant.nbytes for s in shards if s.preloaded and s.fp32)
-            working.append(fused - held + stage.nbytes)
-            preload_fp32 += held
-        self.memory = MemoryAccount(self.preload_buffer.nbytes + preload_fp32, working,
-                                    store.resident_bytes)
+            self.layer_bytes.append(sum(s.variant.nbytes for s in shards if not s.preloaded))
+        self.memory = MemoryAccount(
+            resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
+            preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
+            scratch_bytes=self.scratch.numel() * 4,
+            query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
+        self.predicted_memory = predicted
         self.filled = not any(s.preloaded for row in self.shards for s in row)
+
+    def _ring_views(self, pos: int, nbytes: int) -> list[memoryview]:
+        """Where `nbytes` read at ring position `pos` (mod its size) land: one or two views."""
+        size = self.ring.nbytes
+        if nbytes == 0:
+            return []
+        if nbytes > size:
+            raise AssertionError(f"a shard of {nbytes} B does not fit the ring of {size} B")
+        start = pos % size
+        first = min(nbytes, size - start)
+        views = [memoryview(self.ring[start:start + first]).cast("B")]
+        if first < nbytes:
+            views.append(memoryview(self.ring[:nbytes - first]).cast("B"))
+        return views
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -226,9 +248,24 @@ class Executor:
                                  f"layer {v.layer} ({n} bytes at offset {off + done})")
             done += n
 
+    def _read_rows(self, ids: torch.Tensor) -> int:
+        """One query's word-embedding rows from the store, one pread per position."""
+        fd = self.fds[self.store.index["resident"]["file"]]
+        row = 4 * self.store.config.hidden
+        base = self.store.word_table_offset
+        out = self.query_rows.numpy()
+        for i, token in enumerate(ids.tolist()):
+            view = memoryview(out[i]).cast("B")
+            if os.preadv(fd, [view], base + token * row) != row:
+                raise StoreError(f"{self.store.file(self.store.index['resident']['file'])}: "
+                                 f"short read of embedding row {token}")
+        return len(ids)
+
     def _evict(self, shards) -> tuple[int, int]:
         """Evict the files of these shards; (resident, total) pages of their ranges after."""
         files = {s.variant.file for s in shards}
+        if self.stream_embeddings:
+            files.add(self.store.index["resident"]["file"])
         for f in files:
             evict(self.fds[f])
         cached = total = 0
@@ -239,8 +276,7 @@ class Executor:
 
     def fill_preload(self) -> FillReport:
         """Read the preloaded shards (cold, through the device clock) before any query.
-        Resident bytes are measured: the preload buffer's resident pages (mincore) plus the
-        fp32 preloaded shards, which are read into their fused slots and held there."""
+        Resident bytes are measured: the preload buffer's resident pages (mincore)."""
         pre = [s for row in self.shards for s in row if s.preloaded]
         self._evict(pre)
         t0 = time.perf_counter()
@@ -251,34 +287,57 @@ class Executor:
             deadline = self.clock.complete(s.variant.nbytes, time.perf_counter())
         end = DeviceClock.sleep_until(deadline)
         self.filled = True
-        fp32 = sum(s.variant.nbytes for s in pre if s.fp32)
         return FillReport(fill_ms=(end - t0) * 1e3, shards=len(pre),
                           bytes=sum(s.variant.nbytes for s in pre),
                           resident_bytes=min(buffer_resident_bytes(self.preload_buffer),
-                                             self.preload_buffer.nbytes) + fp32)
+                                             self.preload_buffer.nbytes))
 
     # --- one query -------------------------------------------------------------------
 
     def run(self, batch: Batch) -> RunTrace:
         if not self.filled:
             raise RuntimeError("fill_preload() must run before the first query")
+        if self.stream_embeddings and batch.ids.shape != (1, self.query_rows.shape[0]):
+            raise ValueError(f"a streamed embedding table takes one query of "
+                             f"{self.query_rows.shape[0]} tokens, got {tuple(batch.ids.shape)}")
         L = len(self.shards)
+        window = self.layout.window
         streamed = [s for row in self.shards for s in row if not s.preloaded]
         cached, total = self._evict(streamed)
         io_real: list[tuple[float, float, float | None]] = [(0.0, 0.0, None)] * L
         io_counts = [(0, 0)] * L
         done = [threading.Event() for _ in range(L)]
+        computed = [threading.Event() for _ in range(L)]
+        rows_ready = threading.Event()
+        rows_deadline: list[float] = []
         go = threading.Event()
         failure: list[BaseException] = []
+        ring = {"live": 0, "high": 0}
+        lock = threading.Lock()
 
         def io_worker() -> None:
-            # Reads back to back in plan order, never sleeping: real reads run ahead of the
-            # emulated device (absorbing the real disk's latency spikes), and the device
-            # clock books when each read would complete on the device. The compute thread
-            # sleeps to a layer's deadline before using it.
+            # Reads back to back in plan order: real reads run ahead of the emulated device
+            # (absorbing the real disk's latency spikes), and the device clock books when
+            # each read would complete on the device. Layer l's reads wait for layer
+            # l-W-1's compute (the window); the compute thread sleeps to a layer's deadline.
             try:
                 go.wait()
+                if self.stream_embeddings:
+                    deadline = None
+                    n = self._read_rows(batch.ids[0])
+                    for _ in range(n):
+                        deadline = self.clock.complete(4 * self.store.config.hidden,
+                                                       time.perf_counter())
+                    rows_deadline.append(deadline)
+                    rows_ready.set()
                 for l, row in enumerate(self.shards):
+                    if window is not None and l > window:
+                        computed[l - window - 1].wait()
+                        if failure:
+                            return
+                    with lock:
+                        ring["live"] += self.layer_bytes[l]
+                        ring["high"] = max(ring["high"], ring["live"])
                     start = time.perf_counter()
                     n = nbytes = 0
                     deadline = None
@@ -293,38 +352,53 @@ class Executor:
                     done[l].set()
             except BaseException as e:  # reported on the compute thread
                 failure.append(e)
+                rows_ready.set()
                 for ev in done:
                     ev.set()
 
         io = threading.Thread(target=io_worker, name="elasticplan-io", daemon=True)
         io.start()
         compute: list[tuple[float, float, float]] = []
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            self.clock.start(t0)
-            go.set()
-            ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
-            e0 = ms()
-            x = self.encoder.embed(batch.ids)
-            e1 = ms()
-            for l, row in enumerate(self.shards):
-                wait_for = l if self.execution == PIPELINED else L - 1
-                done[wait_for].wait()
-                if failure:
-                    break
-                if io_real[wait_for][2] is not None:
-                    DeviceClock.sleep_until(io_real[wait_for][2])  # the device's completion
-                start = ms()
-                for s in row:
-                    if s.raw is not None:
-                        decode_into(s.variant, s.raw, s.slot)
-                decoded = ms()
-                x = self.encoder.layer(l, x, batch.mask, self.weights[l])
-                compute.append((start, ms(), decoded - start))
-            p0 = ms()
-            embedding = self.encoder.pool(x, batch.mask) if not failure else None
-            p1 = ms()
-        io.join()
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                self.clock.start(t0)
+                go.set()
+                ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+                e0 = ms()
+                rows = None
+                if self.stream_embeddings:
+                    rows_ready.wait()
+                    if not failure:
+                        DeviceClock.sleep_until(rows_deadline[0])
+                        rows = self.query_rows.unsqueeze(0)
+                x = self.encoder.embed(batch.ids, rows) if not failure else None
+                e1 = ms()
+                for l, row in enumerate(self.shards):
+                    wait_for = l if self.execution == PIPELINED else L - 1
+                    done[wait_for].wait()
+                    if failure:
+                        break
+                    if io_real[wait_for][2] is not None:
+                        DeviceClock.sleep_until(io_real[wait_for][2])  # the device's completion
+                    start = ms()
+                    for s in row:
+                        raw = s.raw if s.raw is not None else b"".join(s.iov)
+                        decode_into(s.variant, raw, s.slot)
+                    decoded = ms()
+                    x = self.encoder.layer(l, x, batch.mask, self.weights[l])
+                    compute.append((start, ms(), decoded - start))
+                    with lock:
+                        ring["live"] -= self.layer_bytes[l]
+                    computed[l].set()
+                p0 = ms()
+                embedding = self.encoder.pool(x, batch.mask) if not failure else None
+                p1 = ms()
+        finally:
+            for ev in computed:  # an IO thread waiting on the window must not hang
+                ev.set()
+            io.join()
+        self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, ring["high"])
         if failure:
             e = failure[0]
             if isinstance(e, StoreError):
@@ -333,15 +407,24 @@ class Executor:
         # A layer's IO, as the (emulated) device served it: it starts when its first read
         # really started or when the channel freed up, whichever is later, and ends when its
         # last read completed on the device (never before it really completed).
-        layers, prev_end = [], 0.0
+        layers = []
+        prev_end = (rows_deadline[0] - t0) * 1e3 if rows_deadline else 0.0
         for l in range(L):
             start, end, deadline = io_real[l]
             if io_counts[l][0]:
                 io_start = max((start - t0) * 1e3, prev_end)
                 prev_end = max((end - t0) * 1e3, (deadline - t0) * 1e3)
             else:
-                io_start = prev_end
+                io_start = max(prev_end, (start - t0) * 1e3)
+                prev_end = io_start
             layers.append(LayerTrace(l, io_counts[l][0], io_counts[l][1], io_start, prev_end,
                                      compute[l][0], compute[l][1], compute[l][2]))
         return RunTrace(latency_ms=p1, layers=layers, embed_ms=(e0, e1), pool_ms=(p0, p1),
                         cached_pages_before=cached, streamed_pages=total, embedding=embedding)
+
+
+def _touched(nbytes: int) -> np.ndarray:
+    """A byte buffer with every page touched now, not during a query."""
+    buf = np.empty(max(nbytes, 0), np.uint8)
+    buf[:] = 0
+    return buf

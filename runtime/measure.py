@@ -12,6 +12,7 @@ and compute intervals (of the median run).
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
@@ -50,31 +51,47 @@ class Reference:
         return self.encoder.forward(batch.ids, batch.mask, self.layers)
 
 
-def peak_live_bytes(layers: list, working_bytes: list[int]) -> int:
-    """The most working-buffer bytes a pipeline needs at once on a run's timeline: layer l's
-    buffers are live from its first read (from its compute, if it reads nothing) to the
-    end of its compute. `layers` are LayerTrace-like (io/compute start and end, reads)."""
-    events = []
-    for lt, nbytes in zip(layers, working_bytes):
-        start = lt.io_start_ms if lt.reads else lt.compute_start_ms
-        events += [(start, 1, nbytes), (lt.compute_end_ms, 0, -nbytes)]  # frees sort first
-    live = peak = 0
-    for _, _, delta in sorted(events):
-        live += delta
-        peak = max(peak, live)
-    return peak
+def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> int | None:
+    """The plan's process-level peak above a baseline, from runtime.memprobe in a fresh
+    process (None when the plan names no scenario file to reload there)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    if plan.scenario.path is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="elasticplan-memprobe-") as tmp:
+        path = os.path.join(tmp, "plan.json")
+        plan.save(path)
+        out = subprocess.run(
+            [sys.executable, "-m", "runtime.memprobe", path, "--store", str(store.path),
+             "--scenario", os.path.abspath(plan.scenario.path), "--repeat", str(repeats),
+             "--threads", str(threads)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"runtime.memprobe failed: {out.stderr.strip()[-2000:]}")
+    return int(json.loads(out.stdout)["peak_above_baseline_bytes"])
+
+
+PROCESS_METHOD = ("runtime.memprobe: VmHWM minus VmRSS of a fresh process, the baseline taken "
+                  "after imports, the queries and one throwaway run of the plan (warm kernels), "
+                  "then gc + malloc_trim; the peak reset via /proc/self/clear_refs")
 
 
 def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: int,
                  emulate: bool, queries: list[Batch], reference: Reference,
                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
-                 plan_path: str | None = None) -> RunReport:
+                 plan_path: str | None = None, process: bool = True) -> RunReport:
     with Executor(plan, scenario, store, emulate=emulate) as ex:
         fill = ex.fill_preload()
         ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
         traces: list[RunTrace] = [ex.run(queries[i % len(queries)]) for i in range(repeats)]
         emulated = ex.clock.emulated
         memory = ex.memory
+        predicted = ex.predicted_memory
+    # The activations' own term (the query rows are in the executor's accounting already).
+    measured = memory.peak_bytes + scenario.model.activation_bytes
+    proc = process_peak(plan, store, repeats, torch.get_num_threads()) if process else None
     runs = [t.latency_ms for t in traces]
     median = round(statistics.median(runs), 4)  # as reported: the error is computed from it
     mid = min(range(len(traces)), key=lambda i: abs(runs[i] - median))
@@ -120,14 +137,21 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
         preload_bytes=plan.preload_bytes, preload_resident_bytes=fill.resident_bytes,
         preload_fill_ms=round(fill.fill_ms, 4), preload_shards=fill.shards,
         memory=MemoryReport(
-            resident_model_bytes=memory.resident_model_bytes,
-            preload_bytes=memory.preload_bytes,
-            working_allocated_bytes=sum(memory.working_bytes),
-            working_peak_live_bytes=max(peak_live_bytes(t.layers, memory.working_bytes)
-                                        for t in traces),
-            method="the executor's own accounting of its weight buffers; working buffers of "
-                   "a layer live from its first read to the end of its compute, peak over "
-                   "every measured run's timeline"),
+            window=plan.window, embeddings=plan.embeddings, predicted=predicted.to_dict(),
+            predicted_peak_bytes=predicted.peak_bytes, measured_peak_bytes=measured,
+            relative_error=(measured - predicted.peak_bytes) / predicted.peak_bytes,
+            resident_bytes=memory.resident_bytes, preload_bytes=memory.preload_bytes,
+            ring_bytes=memory.ring_bytes, ring_high_water_bytes=memory.ring_high_water_bytes,
+            scratch_bytes=memory.scratch_bytes, query_rows_bytes=memory.query_rows_bytes,
+            measured_process_peak_bytes=proc,
+            process_relative_error=None if proc is None else
+            (proc - predicted.peak_bytes) / predicted.peak_bytes,
+            method="the executor's exact accounting of what it holds: resident tensors, "
+                   "preload buffer, the IO ring's high-water mark over every measured run "
+                   "(a layer's bytes in use from its first read to the end of its compute), "
+                   "the compute scratch and the query's embedding rows; plus the predicted "
+                   "activations (torch's temporaries, checked by the process measurement)",
+            process_method=None if proc is None else PROCESS_METHOD),
         fidelity=statistics.fmean(fidelities), fidelity_min=min(fidelities),
         task_agreement=agree / len(traces) if head is not None else None,
         task_labels=tuple(labels),

@@ -168,20 +168,27 @@ class LayerWeights:
     Allocation is uninitialised, so every slot must be filled.
     """
 
-    def __init__(self, c: Config, names: list[str]):
+    def __init__(self, c: Config, names: list[str], storage: torch.Tensor | None = None):
+        """`storage`: a flat fp32 tensor to carve the fused buffers from (the executor's one
+        reused compute scratch); by default they are allocated here."""
         self.config = c
         self.names = list(names)
         self.heads = [n for n in self.names if parse_shard_name(n)[0] == "head"]
         self.slices = [n for n in self.names if parse_shard_name(n)[0] == "ffn"]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"duplicate shard in {self.names}")
-        h, s = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice
-        self.attn_in = torch.empty(3, h, c.hidden)
-        self.attn_out = torch.empty(c.hidden, h)
-        self.attn_bias = torch.empty(3, h)
-        self.ffn_in = torch.empty(s, c.hidden)
-        self.ffn_out = torch.empty(c.hidden, s)
-        self.ffn_bias = torch.empty(s)
+        h, s, d = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice, c.hidden
+        shapes = [(3, h, d), (d, h), (3, h), (s, d), (d, s), (s,)]
+        if storage is None:
+            parts = [torch.empty(shape) for shape in shapes]
+        else:
+            sizes = [int(np.prod(shape)) for shape in shapes]
+            if sum(sizes) > storage.numel():
+                raise ValueError(f"{sum(sizes)} floats do not fit a scratch of {storage.numel()}")
+            parts = [p.view(shape) for p, shape in
+                     zip(storage[:sum(sizes)].split(sizes), shapes)]
+        (self.attn_in, self.attn_out, self.attn_bias, self.ffn_in, self.ffn_out,
+         self.ffn_bias) = parts
 
     def slot(self, name: str) -> Slot:
         c = self.config
@@ -215,11 +222,14 @@ class Encoder:
         self.config = c
         self.r = resident
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of `ids` [B, n]; `rows` [B, n, hidden], when given, are the word
+        embeddings of those ids already read (the table is not resident)."""
         n = ids.shape[1]
         if n > self.config.max_positions:
             raise ValueError(f"sequence of {n} tokens exceeds {self.config.max_positions}")
-        x = self.r["word"][ids] + self.r["position"][:n] + self.r["token_type"][0]
+        words = self.r["word"][ids] if rows is None else rows
+        x = words + self.r["position"][:n] + self.r["token_type"][0]
         return F.layer_norm(x, (self.config.hidden,), self.r["emb_ln_w"], self.r["emb_ln_b"],
                             self.config.eps)
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from elasticplan import archgen
 from elasticplan.archgen import architecture_dict, ffn_flops, head_flops
 from elasticplan.outputs import write_text
 from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
@@ -275,7 +276,9 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
             "importance[b] = max(0, logloss(dropped) - logloss(b bits)) of the task head"),
         "seq_len": PROFILE_SEQ_LEN,
         "bitwidths": list(bits),
-        "resident_bytes": store.resident_bytes,
+        # The word-embedding table is streamable by rows (memory.embedding_*), the rest resident.
+        "resident_bytes": store.resident_bytes - store.word_table_bytes,
+        "memory": archgen.memory_terms(c, PROFILE_SEQ_LEN),
         "layers": layers,
     }
 

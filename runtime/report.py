@@ -44,18 +44,25 @@ class ColdReads:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """The executor's own accounting of the weight buffers it holds (bytes)."""
+    """Predicted against measured peak memory (bytes); `method` and `process_method` say
+    how each measured figure was taken."""
 
-    resident_model_bytes: int  # embeddings, LayerNorms: every strategy holds them
+    window: int | None  # the plan's prefetch window (None: unbounded)
+    embeddings: str  # resident or streamed
+    predicted: dict  # the cost model's terms (elasticplan.costmodel.Memory.to_dict)
+    predicted_peak_bytes: int
+    measured_peak_bytes: int  # executor accounting + predicted activations, exact
+    relative_error: float  # (measured - predicted) / predicted, of the two above
+    resident_bytes: int
     preload_bytes: int
-    working_allocated_bytes: int
-    working_peak_live_bytes: int
+    ring_bytes: int
+    ring_high_water_bytes: int
+    scratch_bytes: int
+    query_rows_bytes: int
+    measured_process_peak_bytes: int | None  # VmHWM above a baseline, in a fresh process
+    process_relative_error: float | None
     method: str
-
-    @property
-    def peak_bytes(self) -> int:
-        """Peak weight memory: the preload plus the working buffers live at peak."""
-        return self.preload_bytes + self.working_peak_live_bytes
+    process_method: str | None
 
 
 @dataclass(frozen=True)
@@ -111,10 +118,16 @@ def format_report(r: RunReport) -> str:
            f"preload: {r.preload_shards} shards, {r.preload_bytes / 1e6:.3f} MB, filled in "
            f"{r.preload_fill_ms:.1f} ms before the query; resident "
            f"{r.preload_resident_bytes / 1e6:.3f} MB (measured)",
-           f"memory: preload {mem.preload_bytes / 1e6:.3f} MB + working buffers "
-           f"{mem.working_peak_live_bytes / 1e6:.3f} MB live at peak (of "
-           f"{mem.working_allocated_bytes / 1e6:.3f} MB allocated), beside "
-           f"{mem.resident_model_bytes / 1e6:.3f} MB of always-resident weights",
+           f"memory (window {'unbounded' if mem.window is None else mem.window}, embeddings "
+           f"{mem.embeddings}): predicted peak {mem.predicted_peak_bytes / 1e6:.3f} MB, "
+           f"measured {mem.measured_peak_bytes / 1e6:.3f} MB ({mem.relative_error:+.2%}; "
+           f"resident {mem.resident_bytes / 1e6:.3f} + preload {mem.preload_bytes / 1e6:.3f} "
+           f"+ ring {mem.ring_high_water_bytes / 1e6:.3f} of {mem.ring_bytes / 1e6:.3f} "
+           f"+ scratch {mem.scratch_bytes / 1e6:.3f} + rows {mem.query_rows_bytes / 1e6:.3f} "
+           f"+ activations {mem.predicted['activation_bytes'] / 1e6:.3f} predicted)" + (
+               "" if mem.measured_process_peak_bytes is None else
+               f"; process {mem.measured_process_peak_bytes / 1e6:.3f} MB "
+               f"({mem.process_relative_error:+.2%})"),
            "",
            f"{'layer':>5} {'shards':>6} {'reads':>5} | {'IO predicted':>15} {'IO measured':>15} "
            f"| {'compute predicted':>17} {'compute measured':>17} {'end err':>8}"]
@@ -139,14 +152,21 @@ def format_report(r: RunReport) -> str:
     return "\n".join(out)
 
 
+def optional_mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1e6:.2f}"
+
+
 def format_comparison(reports: list[RunReport]) -> str:
     out = [f"{'strategy':<22} {'execution':<10} {'predicted ms':>12} {'measured ms':>11} "
-           f"{'error':>7} {'preload MB':>10} {'streamed MB':>11} {'peak MB':>7} {'fidelity':>8}"]
+           f"{'error':>7} {'preload MB':>10} {'streamed MB':>11} {'peak MB pred':>12} "
+           f"{'meas':>7} {'process':>7} {'fidelity':>8}"]
     for r in reports:
         out.append(f"{r.solver:<22} {r.execution:<10} {r.predicted_latency_ms:>12.2f} "
                    f"{r.measured_latency_ms:>11.2f} {r.relative_error:>+7.1%} "
                    f"{r.preload_bytes / 1e6:>10.3f} {r.streamed_bytes / 1e6:>11.3f} "
-                   f"{r.memory.peak_bytes / 1e6:>7.2f} {r.fidelity:>8.4f}")
+                   f"{r.memory.predicted_peak_bytes / 1e6:>12.2f} "
+                   f"{r.memory.measured_peak_bytes / 1e6:>7.2f} "
+                   f"{optional_mb(r.memory.measured_process_peak_bytes):>7} {r.fidelity:>8.4f}")
     return "\n".join(out)
 
 

@@ -242,17 +242,46 @@ class ShardStore:
     def resident_bytes(self) -> int:
         return self.index["resident"]["bytes"]
 
-    def resident(self) -> dict[str, torch.Tensor]:
+    @property
+    def word_table_bytes(self) -> int:
+        """The word-embedding table, fp32 rows in resident.bin (streamable by rows)."""
+        return 4 * int(np.prod(self.index["resident"]["tensors"]["word"]["shape"]))
+
+    @property
+    def word_table_offset(self) -> int:
+        return self.index["resident"]["tensors"]["word"]["offset"]
+
+    def resident(self, *, without_word: bool = False) -> dict[str, torch.Tensor]:
+        """The resident tensors (checksum-checked); `without_word` leaves the word-embedding
+        table in the file (the executor then reads one query's rows of it)."""
         entry = self.index["resident"]
-        data = self._checked_bytes(entry["file"], entry["sha256"], entry["bytes"])
-        out = {}
-        for name, t in entry["tensors"].items():
-            a = np.frombuffer(data, dtype="<f4", count=int(np.prod(t["shape"])), offset=t["offset"])
-            out[name] = torch.from_numpy(a.reshape(t["shape"]).copy())
+        path = self.path / entry["file"]
+        try:
+            with open(path, "rb") as f:
+                # The checksum is taken in 1 MiB pieces, so loading holds no second copy.
+                digest, chunk, size = hashlib.sha256(), bytearray(1 << 20), 0
+                while n := f.readinto(chunk):
+                    digest.update(memoryview(chunk)[:n])
+                    size += n
+                out = {}
+                for name, t in entry["tensors"].items():
+                    if without_word and name == "word":
+                        continue
+                    tensor = torch.empty(t["shape"])
+                    f.seek(t["offset"])
+                    got = f.readinto(memoryview(tensor.numpy()).cast("B"))
+                    if got != tensor.numel() * 4:
+                        size = -1
+                    out[name] = tensor
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+            raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
+                             f"store was built); rebuild with `elasticplan shard`")
         return out
 
-    def encoder(self) -> Encoder:
-        return Encoder(self.config, self.resident())
+    def encoder(self, *, without_word: bool = False) -> Encoder:
+        return Encoder(self.config, self.resident(without_word=without_word))
 
     def tokenizer(self, max_length: int) -> Tokenizer:
         """The store's tokenizer, after checking it against the checksum the index records."""

@@ -28,7 +28,7 @@ from runtime import quant
 from runtime.calibrate import fit_compute, nnls
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
-from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, peak_live_bytes, query_batches
+from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
 from runtime.model import LayerWeights, shard_from_hf
 from runtime.store import ShardStore
 
@@ -178,28 +178,45 @@ def test_sequential_plan_computes_after_every_read(scenario, store, batch):
         memory = ex.memory
     last_io = trace.layers[-1].io_end_ms
     assert all(lt.compute_start_ms >= last_io for lt in trace.layers)
-    # Nothing preloaded, every fp32 shard streamed into its layer's fused weights, and all
-    # of them are live at once before the first layer computes.
+    # Nothing preloaded, every fp32 shard streamed into the ring, and all of them in use
+    # at once before the first layer computes: the ring is exactly that big, and full.
     assert memory.preload_bytes == 0
-    assert sum(memory.working_bytes) == plan.streamed_bytes
-    assert peak_live_bytes(trace.layers, memory.working_bytes) == plan.streamed_bytes
+    assert memory.ring_bytes == memory.ring_high_water_bytes == plan.streamed_bytes
 
 
-def test_peak_live_bytes_on_a_timeline():
-    from types import SimpleNamespace as T
+def test_windowed_plan_keeps_its_ring_and_matches_the_reference(scenario, store):
+    """A plan solved under a memory budget with window 1 and the embedding table streamed:
+    the executor allocates exactly the predicted buffers, never uses more ring than the
+    two-layer window, reads only the query's rows, and computes what the full-precision
+    shards of the same selection compute."""
+    from elasticplan.costmodel import simulate
+    from elasticplan.solvers import solve
 
-    def lay(io0, io1, c0, c1, reads=1):
-        return T(io_start_ms=io0, io_end_ms=io1, compute_start_ms=c0, compute_end_ms=c1,
-                 reads=reads)
-    # pipelined: layer 1's reads overlap layer 0's compute; layer 2 starts reading after
-    # layer 0 is done; a buffer freed at t is reusable by a read starting at t
-    layers = [lay(0, 2, 2, 5), lay(2, 4, 5, 8), lay(5, 7, 8, 9)]
-    assert peak_live_bytes(layers, [10, 20, 40]) == 60
-    assert peak_live_bytes(layers, [10, 20, 4]) == 30
-    # a layer that reads nothing (all preloaded) holds its buffers only while it computes
-    assert peak_live_bytes([lay(0, 0, 0, 1, reads=0), lay(1, 3, 3, 4)], [50, 7]) == 50
-    assert peak_live_bytes([lay(0, 0, 2, 3, reads=0), lay(0, 1, 3, 4)], [50, 7]) == 57
-    assert peak_live_bytes([], []) == 0
+    batch = store.tokenizer(128)(TEXTS[:1], pad_to=128)
+    q = scenario.with_overrides(memory_budget_mb=16, prefetch_window=1)
+    plan = solve(q)
+    assert plan.embeddings == "streamed"  # the 46.9 MB table cannot be resident in 16 MB
+    assert plan.window == 1 and plan.memory.peak_bytes <= 16e6
+    predicted = simulate(q, plan.selection(q), layout=plan.layout).memory
+    with Executor(plan, q, store, emulate=False) as ex:
+        ex.fill_preload()
+        trace = ex.run(batch)
+        memory = ex.memory
+    streamed = [sum(s.variant.nbytes for s in row if not s.preloaded) for row in ex.shards]
+    two = max(a + b for a, b in zip(streamed, streamed[1:]))
+    assert memory.ring_bytes == two == predicted.working_peak_bytes - q.model.scratch_bytes
+    assert memory.ring_high_water_bytes <= memory.ring_bytes
+    assert memory.scratch_bytes == q.model.scratch_bytes
+    assert memory.preload_bytes == predicted.preload_bytes
+    assert memory.resident_bytes == predicted.resident_bytes
+    assert memory.query_rows_bytes == q.model.embedding_query_bytes
+    # the same selection, decoded by the store into separate fused layers
+    enc = store.encoder()
+    layers = [store.layer_weights(lp.index, {c.name: c.bits for c in lp.shards})
+              for lp in plan.layers]
+    with torch.inference_mode():
+        expect = enc.forward(batch.ids, batch.mask, layers)
+    assert torch.allclose(trace.embedding, expect, atol=1e-5)
 
 
 def test_emulated_reads_never_finish_before_the_device_would(scenario, store, batch):
@@ -327,12 +344,14 @@ def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
                      reference=Reference(store), head=None)
     assert r.fidelity == pytest.approx(1.0, abs=1e-5)
     assert r.reads_per_run == 0
-    assert r.preload_resident_bytes == plan.preload_bytes  # every fp32 shard held in place
-    # held in place: the preload is the fused weights, no working buffers besides
+    assert r.preload_resident_bytes == plan.preload_bytes
+    # every shard in the preload buffer, nothing in the ring, the table resident
     assert r.memory.preload_bytes == plan.preload_bytes
-    assert r.memory.working_allocated_bytes == 0
-    assert r.memory.working_peak_live_bytes == 0
-    assert r.memory.resident_model_bytes == store.resident_bytes > 0
+    assert r.memory.ring_bytes == r.memory.ring_high_water_bytes == 0
+    assert r.memory.resident_bytes == store.resident_bytes > 0
+    # the executor's accounting is the prediction, exactly (activations are predicted)
+    assert r.memory.measured_peak_bytes == r.memory.predicted_peak_bytes
+    assert r.memory.measured_process_peak_bytes > 0
     assert r.tolerance == DEFAULT_TOLERANCE
     assert json.loads(json.dumps(r.to_dict()))["memory"]["preload_bytes"] == plan.preload_bytes
 

@@ -189,7 +189,12 @@ def test_shipped_measured_profile_matches_the_store(store_dir):
     data = read_yaml(ROOT / "problems" / "models" / "minilm-l6.yaml")
     assert data["synthetic"] is False
     store = ShardStore(store_dir)
-    assert data["resident_bytes"] == store.resident_bytes
+    assert data["resident_bytes"] + store.word_table_bytes == store.resident_bytes
+    from elasticplan import archgen
+
+    assert data["memory"] == archgen.memory_terms(store.config, data["seq_len"])
+    assert data["memory"]["embedding_rows"] * data["memory"]["embedding_row_bytes"] == \
+        store.word_table_bytes
     for l, layer in enumerate(data["layers"]):
         for s in layer["shards"]:
             assert s["bytes"] == [store.variant(l, s["name"], b).nbytes for b in data["bitwidths"]]

@@ -1,0 +1,81 @@
+"""The process's own peak memory while it runs a plan, measured in a fresh process.
+
+    python -m runtime.memprobe PLAN --store DIR [--scenario S] [--repeat N] [--threads T]
+
+Prints one JSON object: `baseline_bytes` (VmRSS before the plan's executor exists),
+`peak_bytes` (VmHWM after its queries) and `peak_above_baseline_bytes`, their difference:
+what running the plan costs the process. Method, in order: imports; the store's
+tokenizer and the test queries; one throwaway run of the same plan (so torch's kernels,
+thread pools and code pages are in memory before the baseline, as in any warm process);
+garbage collection and malloc_trim (freed memory goes back to the system); the baseline
+from /proc/self/status VmRSS; the peak reset ("5" to /proc/self/clear_refs, Linux); then
+the executor is built, the preload filled and the queries run; VmHWM is read last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import sys
+
+import torch
+
+from elasticplan.plan import Plan
+from elasticplan.verify import scenario_for
+from runtime.executor import Executor
+from runtime.measure import query_batches
+from runtime.store import ShardStore
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def release() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_plan(plan, scenario, store, queries) -> None:
+    with Executor(plan, scenario, store) as ex:
+        ex.fill_preload()
+        for q in queries:
+            ex.run(q)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.memprobe")
+    p.add_argument("plan")
+    p.add_argument("--store", required=True)
+    p.add_argument("--scenario")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan, a.scenario)
+    store = ShardStore(a.store)
+    queries = query_batches(store, scenario.model.seq_len, a.repeat)
+    run_plan(plan, scenario, store, queries[:1])  # warm: kernels, pools, code pages
+    release()
+    baseline = status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run_plan(plan, scenario, store, queries)
+    peak = status_bytes("VmHWM")
+    json.dump({"baseline_bytes": baseline, "peak_bytes": peak,
+               "peak_above_baseline_bytes": peak - baseline}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
