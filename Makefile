@@ -58,6 +58,7 @@ bench_run = set -o pipefail; $(BIN)/python -m benchmarks.$(1) $(2) 2>&1 | tee ou
 bench: shards
 	rm -rf build/bench
 	@mkdir -p out/bench
+	$(call bench_run,compute_layout)
 	$(call bench_run,runtime_baselines)
 	$(call bench_run,prediction)
 	$(call bench_run,plan_quality)

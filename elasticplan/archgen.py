@@ -162,24 +162,32 @@ def resident_bytes(a: Architecture) -> int:
     return 4 * (embeddings + a.layers * per_layer)
 
 
+# Decode temporaries per element of the largest shard, in fp32 units (measured on MiniLM:
+# the lookup-table dequantisation's int32 indices and fp32 values, live together).
+DECODE_TEMPORARIES = 2
+
+
 def memory_terms(a: Architecture, seq_len: int) -> dict:
     """The model profile's fixed memory terms (docs/design.md, "Memory") for the encoders'
-    runtime (runtime/executor.py): the word-embedding table streamable by rows (fp32),
-    one reused compute scratch of a whole layer's fused fp32 weights, and the activations
-    of one query (batch 1) at seq_len -- the larger of the attention step (input, fused
-    Q/K/V, scores and their softmax per head, context) and the FFN step (input, hidden
-    pre-activation and GELU output, output), fp32."""
-    n, d = seq_len, a.hidden
-    per_layer = sum(_shard_fp32(a, kind) * count for kind, count in
-                    (("head", a.n_attn), ("ffn", a.n_ffn)))
-    attention = n * (2 * d + 3 * d + 2 * a.heads * n + d)
-    ffn = n * (2 * d + 2 * a.ffn + d)
+    runtime (runtime/executor.py), which computes a layer shard by shard:
+    - the word-embedding table, streamable by rows (fp32);
+    - scratch: one shard's fp32 weights (the largest), the decode target every quantised
+      shard is dequantised into in turn;
+    - activations of one query (batch 1) at seq_len, fp32, all preallocated: hidden state
+      and accumulator [n, hidden], one head's Q/K/V [n, 3 d_head], scores [n, n] and
+      context [n, d_head], one FFN slice's units twice [n, f], the mask [n]; plus the
+      temporaries of decoding one shard (DECODE_TEMPORARIES x the scratch)."""
+    n, d, dh = seq_len, a.hidden, a.d_head
+    f = a.ffn // a.n_ffn
+    scratch = max(_shard_fp32(a, "head"), _shard_fp32(a, "ffn"))
+    workspace = 4 * (2 * n * d + 3 * n * dh + n * n + n * dh + 2 * n * f + n)
     return {"embedding_rows": a.vocab, "embedding_row_bytes": 4 * a.hidden,
-            "activation_bytes": 4 * max(attention, ffn), "scratch_bytes": per_layer}
+            "activation_bytes": workspace + DECODE_TEMPORARIES * scratch,
+            "scratch_bytes": scratch}
 
 
 def _shard_fp32(a: Architecture, kind: str) -> int:
-    """fp32 bytes of one shard as the runtime fuses it: matrix rows x hidden + biases."""
+    """fp32 bytes of one shard as the runtime decodes it: matrix rows x hidden + biases."""
     if kind == "head":
         return 4 * (4 * a.d_head * a.hidden + 3 * a.d_head)
     f = a.ffn // a.n_ffn

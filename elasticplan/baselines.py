@@ -5,7 +5,8 @@ way as a solved plan (docs/design.md: baselines for comparison).
 - load-then-execute: every shard at full precision, streamed; compute starts after the
   last read (execution "sequential").
 - layer-wise pipelining: every shard at full precision, streamed; layer l computes once
-  its own reads are done (the pipeline of the solved plans, without elasticity).
+  its own reads are done, and layer l+1 is read while layer l computes, no further ahead
+  (prefetch window 1: two layers in memory at once).
 
 A baseline answers its own question: it takes the scenario's device and model but not
 its target or budget, so its plan records the scenario with the target set to the
@@ -15,7 +16,7 @@ The plan therefore verifies, and its prediction is checked like any other.
 
 from __future__ import annotations
 
-from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
+from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, simulate
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
@@ -40,16 +41,18 @@ def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
     selection = tuple(tuple(Pick(s, bit, preloaded) for s in range(len(layer.shards)))
                       for layer in model.layers)
     execution = SEQUENTIAL if strategy == LOAD_THEN_EXECUTE else PIPELINED
-    schedule = simulate(scenario, selection, execution)
+    layout = Layout(window=1 if strategy == LAYERWISE else None)
+    schedule = simulate(scenario, selection, execution, layout)
     try:
         own = scenario.with_overrides(target_latency_ms=schedule.latency_ms,
                                       preload_budget_mb=schedule.preload_bytes / 1e6,
-                                      objective=Objective.MAX_IMPORTANCE, importance_floor=None)
+                                      objective=Objective.MAX_IMPORTANCE, importance_floor=None,
+                                      memory_budget_mb=None, prefetch_window=layout.window)
     except ElasticplanError as e:
         raise InfeasibleError(f"baseline {strategy} does not fit device "
                               f"{scenario.device.name!r}: {e}") from None
     plan = Plan.from_selection(own, selection, solver=strategy, status=SolveStatus.FEASIBLE,
-                               gap=None, solve_seconds=0.0, execution=execution)
+                               gap=None, solve_seconds=0.0, execution=execution, layout=layout)
     verify_plan(own, plan)
     return plan
 

@@ -43,7 +43,7 @@ from elasticplan.plan import Plan
 from elasticplan.spec import Scenario
 from runtime import quant
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
-from runtime.model import Batch, LayerWeights
+from runtime.model import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
 from runtime.store import ShardStore, Variant, decode_into
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -55,13 +55,25 @@ class _Shard:
 
     variant: Variant
     preloaded: bool
-    slot: object  # runtime.model.Slot
-    iov: list[memoryview]  # where its read lands: the fused slot (fp32) or a raw slice
-    raw: memoryview | None  # quantised: the stored bytes to dequantise per query
+    iov: list[memoryview]  # where its read lands: the preload buffer or the ring
+    raw: memoryview | None  # its stored bytes in one piece (None: split at the ring's end)
+    head: bool  # an attention head (else an FFN slice)
+    # fp32 in one piece: views of its weights where they lie (no copy per query)
+    views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def fp32(self) -> bool:
         return self.variant.bits == quant.FP32
+
+
+def _stored_views(v: Variant, raw: memoryview) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An fp32 variant's (input rows [in_rows, cols], output rows [rows - in_rows, cols], bias)
+    as views of its stored bytes (the output block is stored transposed: a transposed view)."""
+    buf = torch.frombuffer(raw, dtype=torch.float32)
+    n_in, n_out = v.in_rows * v.cols, v.cols * (v.rows - v.in_rows)
+    return (buf[:n_in].view(v.in_rows, v.cols),
+            buf[n_in:n_in + n_out].view(v.cols, v.rows - v.in_rows).t(),
+            buf[n_in + n_out:n_in + n_out + v.bias])
 
 
 @dataclass
@@ -108,14 +120,15 @@ class MemoryAccount:
     ring_bytes: int
     scratch_bytes: int
     query_rows_bytes: int
+    workspace_bytes: int  # the preallocated activations of one query (runtime.model.Workspace)
     ring_high_water_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
-        """Everything but the activations: resident + preload + the arena's high-water
-        mark (ring in use + scratch) + the query rows."""
+        """What the executor holds at its peak: resident + preload + the arena's high-water
+        mark (ring in use + scratch) + the query rows + the activation workspace."""
         return (self.resident_bytes + self.preload_bytes + self.ring_high_water_bytes
-                + self.scratch_bytes + self.query_rows_bytes)
+                + self.scratch_bytes + self.query_rows_bytes + self.workspace_bytes)
 
 
 @dataclass
@@ -179,15 +192,18 @@ class Executor:
         ring_bytes = predicted.working_peak_bytes - profile.scratch_bytes
         self.preload_buffer = _touched(sum(v.nbytes for row in variants for v, p in row if p))
         self.ring = _touched(ring_bytes)
-        self.scratch = torch.zeros(max(profile.scratch_bytes, 0) // 4)
+        if profile.scratch_bytes != 4 * shard_scratch_floats(c):
+            raise StoreError(f"{store.path}: the profile's scratch_bytes "
+                             f"{profile.scratch_bytes} is not the runtime's "
+                             f"{4 * shard_scratch_floats(c)} (one shard in fp32); re-profile")
+        self.scratch = torch.zeros(shard_scratch_floats(c))
+        self.workspace = Workspace(c, 1, profile.seq_len)
         self.query_rows = torch.zeros(profile.seq_len, c.hidden) if self.stream_embeddings \
             else None
-        self.weights: list[LayerWeights] = []
         self.shards: list[list[_Shard]] = []
         self.layer_bytes: list[int] = []
         ppos = rpos = 0
         for row in variants:
-            w = LayerWeights(c, [v.name for v, _ in row], storage=self.scratch)
             shards = []
             for v, preloaded in row:
                 if preloaded:
@@ -198,14 +214,16 @@ class Executor:
                     iov = self._ring_views(rpos, v.nbytes)
                     raw = iov[0] if len(iov) == 1 else None  # None: joined per query
                     rpos += v.nbytes
-                shards.append(_Shard(v, preloaded, w.slot(v.name), iov, raw))
-            self.weights.append(w)
+                fp32_views = _stored_views(v, raw) if v.bits == quant.FP32 and raw is not None \
+                    else None
+                shards.append(_Shard(v, preloaded, iov, raw, parse_shard_name(v.name)[0] ==
+                                     "head", fp32_views))
             self.shards.append(shards)
             self.layer_bytes.append(sum(s.variant.nbytes for s in shards if not s.preloaded))
         self.memory = MemoryAccount(
             resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
             preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
-            scratch_bytes=self.scratch.numel() * 4,
+            scratch_bytes=self.scratch.numel() * 4, workspace_bytes=self.workspace.nbytes,
             query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
         self.predicted_memory = predicted
         self.filled = not any(s.preloaded for row in self.shards for s in row)
@@ -356,6 +374,10 @@ class Executor:
                 for ev in done:
                     ev.set()
 
+        B, n = batch.ids.shape
+        ws = self.workspace
+        if (B, n) != (ws.batch, ws.n):  # not the planned query shape: its own, not accounted
+            ws = Workspace(self.store.config, B, n)
         io = threading.Thread(target=io_worker, name="elasticplan-io", daemon=True)
         io.start()
         compute: list[tuple[float, float, float]] = []
@@ -372,7 +394,8 @@ class Executor:
                     if not failure:
                         DeviceClock.sleep_until(rows_deadline[0])
                         rows = self.query_rows.unsqueeze(0)
-                x = self.encoder.embed(batch.ids, rows) if not failure else None
+                if not failure:
+                    self.encoder.embed_into(ws, batch.ids, batch.mask, rows)
                 e1 = ms()
                 for l, row in enumerate(self.shards):
                     wait_for = l if self.execution == PIPELINED else L - 1
@@ -382,17 +405,14 @@ class Executor:
                     if io_real[wait_for][2] is not None:
                         DeviceClock.sleep_until(io_real[wait_for][2])  # the device's completion
                     start = ms()
-                    for s in row:
-                        raw = s.raw if s.raw is not None else b"".join(s.iov)
-                        decode_into(s.variant, raw, s.slot)
-                    decoded = ms()
-                    x = self.encoder.layer(l, x, batch.mask, self.weights[l])
-                    compute.append((start, ms(), decoded - start))
+                    decode_s = self._compute_layer(l, row, ws) if row else 0.0
+                    compute.append((start, ms(), decode_s * 1e3))
                     with lock:
                         ring["live"] -= self.layer_bytes[l]
                     computed[l].set()
                 p0 = ms()
-                embedding = self.encoder.pool(x, batch.mask) if not failure else None
+                embedding = None if failure else \
+                    self.encoder.pool(ws.x.view(*batch.ids.shape, -1), batch.mask)
                 p1 = ms()
         finally:
             for ev in computed:  # an IO thread waiting on the window must not hang
@@ -421,6 +441,32 @@ class Executor:
                                      compute[l][0], compute[l][1], compute[l][2]))
         return RunTrace(latency_ms=p1, layers=layers, embed_ms=(e0, e1), pool_ms=(p0, p1),
                         cached_pages_before=cached, streamed_pages=total, embedding=embedding)
+
+
+    def _compute_layer(self, l: int, row: list[_Shard], ws: Workspace) -> float:
+        """Layer l shard by shard (heads, then FFN slices, in plan order): each quantised
+        (or split) shard is decoded into the one scratch and applied at once; fp32 shards
+        are applied where they lie. Returns the seconds spent decoding."""
+        decode = 0.0
+        scratch = self.scratch
+        for part in ("attn", "ffn"):
+            self.encoder.layer_start(ws, l, part)
+            for s in row:
+                if s.head != (part == "attn"):
+                    continue
+                views = s.views
+                if views is None:
+                    t = time.perf_counter()
+                    v = s.variant
+                    w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
+                    bias = scratch[v.rows * v.cols:v.rows * v.cols + v.bias]
+                    raw = s.raw if s.raw is not None else b"".join(s.iov)
+                    decode_into(v, raw, Slot(w[:v.in_rows], w[v.in_rows:].t(), bias))
+                    views = (w[:v.in_rows], w[v.in_rows:], bias)
+                    decode += time.perf_counter() - t
+                (self.encoder.head if s.head else self.encoder.ffn_slice)(ws, *views)
+            self.encoder.layer_end(ws, l, part)
+        return decode
 
 
 def _touched(nbytes: int) -> np.ndarray:

@@ -25,6 +25,7 @@ the layer runs as fused matmuls.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -214,6 +215,42 @@ class LayerWeights:
         return not self.names
 
 
+class Workspace:
+    """Preallocated activations for running one query shard by shard (`Encoder.embed_into`,
+    `layer_start`/`head`/`ffn_slice`/`layer_end`): every tensor a layer needs while it
+    runs, allocated once, so what a query holds is what was allocated here plus the
+    shard scratch. Shapes for B sequences of n tokens (N = B n): the hidden state x and an
+    accumulator [N, hidden]; per head Q/K/V [n, 3 d_head], scores [n, n] and context
+    [n, d_head] (one sequence at a time); per FFN slice its hidden units [N, f] twice
+    (pre-activation and the GELU factor); one shard's fp32 weights [rows, hidden] + bias,
+    the decode target of quantised shards (the scratch)."""
+
+    def __init__(self, c: Config, batch: int, n: int):
+        N, d = batch * n, c.hidden
+        self.batch, self.n = batch, n
+        self.x, self.acc = torch.zeros(N, d), torch.zeros(N, d)
+        self.qkv, self.scores = torch.zeros(n, 3 * c.d_head), torch.zeros(n, n)
+        self.ctx = torch.zeros(n, c.d_head)
+        self.h, self.h2 = torch.zeros(N, c.ffn_slice), torch.zeros(N, c.ffn_slice)
+        self.mask_bias = torch.zeros(batch, n)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * sum(t.numel() for t in (self.x, self.acc, self.qkv, self.scores, self.ctx,
+                                            self.h, self.h2, self.mask_bias))
+
+
+def shard_scratch_floats(c: Config) -> int:
+    """fp32 elements of the largest shard's matrix and bias: the decode scratch."""
+    return max(4 * c.d_head * c.hidden + 3 * c.d_head, 2 * c.ffn_slice * c.hidden + c.ffn_slice)
+
+
+def _layer_norm_(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> None:
+    """LayerNorm over the last dimension, in place (F.layer_norm's arithmetic)."""
+    var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+    x.sub_(mean).mul_(var.add_(eps).rsqrt_()).mul_(w).add_(b)
+
+
 class Encoder:
     """Resident weights + forward pass. `layers[l]` of `forward` is the layer's
     LayerWeights; a layer with no shards is skipped (identity), as the cost model says."""
@@ -254,6 +291,59 @@ class Encoder:
             h = F.gelu(torch.addmm(w.ffn_bias, x.reshape(B * n, d), w.ffn_in.t()))
             ffn_out = torch.addmm(r[f"l{l}.ffn_out_bias"], h, w.ffn_out.t()).view(B, n, d)
         return F.layer_norm(x + ffn_out, (d,), r[f"l{l}.ln2_w"], r[f"l{l}.ln2_b"], c.eps)
+
+    # --- shard by shard, in a Workspace (the runtime's executor) ------------------------
+
+    def embed_into(self, ws: Workspace, ids: torch.Tensor, mask: torch.Tensor,
+                   rows: torch.Tensor | None = None) -> None:
+        """Embeddings of `ids` [B, n] into ws.x (`rows` [B, n, hidden]: the word rows read
+        from the store, when the table is not resident); the mask into ws.mask_bias."""
+        B, n = ids.shape
+        x = ws.x.view(B, n, -1)
+        x.copy_(self.r["word"][ids] if rows is None else rows)
+        x.add_(self.r["position"][:n]).add_(self.r["token_type"][0])
+        _layer_norm_(ws.x, self.r["emb_ln_w"], self.r["emb_ln_b"], self.config.eps)
+        ws.mask_bias.zero_().masked_fill_(~mask, float("-inf"))
+
+    def layer_start(self, ws: Workspace, l: int, part: str) -> None:
+        """Start the attention ("attn") or FFN ("ffn") half of layer l: the accumulator
+        holds its output bias; heads or slices then add their contributions."""
+        bias = self.r[f"l{l}.out_bias"] if part == "attn" else self.r[f"l{l}.ffn_out_bias"]
+        ws.acc.copy_(bias.expand_as(ws.acc))
+
+    def layer_end(self, ws: Workspace, l: int, part: str) -> None:
+        """Residual and post-norm of the half: x = LN(x + acc)."""
+        ln = "ln1" if part == "attn" else "ln2"
+        ws.x.add_(ws.acc)
+        _layer_norm_(ws.x, self.r[f"l{l}.{ln}_w"], self.r[f"l{l}.{ln}_b"], self.config.eps)
+
+    def head(self, ws: Workspace, inp: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
+             ) -> None:
+        """One attention head: inp [3 d_head, hidden] (Wq, Wk, Wv rows), out [d_head, hidden]
+        (Wo's columns as rows), bias [3 d_head]; adds its output projection to ws.acc."""
+        dh, n = self.config.d_head, ws.n
+        scale = 1.0 / math.sqrt(dh)
+        for i in range(ws.batch):
+            rows = slice(i * n, (i + 1) * n)
+            torch.addmm(bias, ws.x[rows], inp.t(), out=ws.qkv)
+            q, k, v = ws.qkv[:, :dh], ws.qkv[:, dh:2 * dh], ws.qkv[:, 2 * dh:]
+            torch.mm(q, k.t(), out=ws.scores)
+            ws.scores.mul_(scale).add_(ws.mask_bias[i])
+            ws.scores.sub_(ws.scores.amax(dim=-1, keepdim=True)).exp_()
+            ws.scores.div_(ws.scores.sum(dim=-1, keepdim=True))
+            torch.mm(ws.scores, v, out=ws.ctx)
+            ws.acc[rows].addmm_(ws.ctx, out)
+
+    def ffn_slice(self, ws: Workspace, inp: torch.Tensor, out: torch.Tensor,
+                  bias: torch.Tensor) -> None:
+        """One FFN slice: inp [f, hidden] (W1 rows), out [f, hidden] (W2's columns as rows),
+        bias [f]; adds GELU(x W1^T + b) W2-part to ws.acc (exact, erf GELU)."""
+        torch.addmm(bias, ws.x, inp.t(), out=ws.h)
+        torch.mul(ws.h, 1.0 / math.sqrt(2.0), out=ws.h2)
+        torch.special.erf(ws.h2, out=ws.h2)
+        ws.h2.add_(1.0).mul_(0.5)
+        ws.h.mul_(ws.h2)
+        ws.acc.addmm_(ws.h, out)
 
     @staticmethod
     def pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
