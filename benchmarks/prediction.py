@@ -10,12 +10,17 @@ vs measured:
 - total: the latency (median run);
 - IO stage: the time the IO thread spends reading, summed over layers (io_end - io_start);
 - compute stage: the time the compute thread spends in layers, summed (compute_end -
-  compute_start).
+  compute_start);
+- memory: the predicted peak against the executor's exact accounting (runtime/measure.py)
+  and against the process's own peak above a baseline (runtime.memprobe, a fresh process).
 
-and reports the median and 95th percentile of the absolute relative error, per bandwidth
-and overall, with a scatter plot of the three.
+Questions also carry --memory-mb budgets ("none": unbounded); a bounded question lets the
+solver choose the prefetch window (solve_any_window) and where the embedding table lives.
+It reports the median and 95th percentile of the absolute relative error, per bandwidth
+and overall, with a scatter plot of latency, IO and compute.
 
     python -m benchmarks.prediction [--bandwidths 200,1000] [--fractions ...] [--buffers ...]
+                                    [--memory-mb none,10,16]
 
 Writes prediction.csv and prediction.png.
 """
@@ -23,6 +28,7 @@ Writes prediction.csv and prediction.png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 from benchmarks.common import (
@@ -39,16 +45,28 @@ from benchmarks.common import (
 )
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.solvers import solve
+from elasticplan.report import optional
+from elasticplan.solvers import solve, solve_any_window
 from runtime.measure import measure_plan
 from runtime.report import LayerReport, RunReport
 
 MODULE = "benchmarks.prediction"
+
+
+def memory_list(text: str) -> list[float | None]:
+    """'none,10,16' -> [None, 10.0, 16.0] (an argparse type)."""
+    out = []
+    for part in text.split(","):
+        out.append(None if part.strip() == "none" else number_list(part)[0])
+    return out
 METRICS = ("total", "io", "compute")
+MEMORY_METRICS = ("memory", "process")
 COLUMNS = ["bandwidth_mb_s", "target_ms", "buffer_mb", "status", "gap", "shards", "reads",
            "streamed_mb", "predicted_ms", "measured_ms", "error", "io_predicted_ms",
            "io_measured_ms", "io_error", "compute_predicted_ms", "compute_measured_ms",
-           "compute_error", "fidelity", "runs_ms"]
+           "compute_error", "memory_budget_mb", "window", "embeddings", "predicted_peak_mb",
+           "measured_peak_mb", "memory_error", "process_peak_mb", "process_error", "fidelity",
+           "runs_ms"]
 
 
 def stage_ms(layers: list[LayerReport], side: str, stage: str) -> float:
@@ -70,6 +88,13 @@ def row_of(bw: float, plan, r: RunReport) -> dict:
             "error": r.relative_error, "io_predicted_ms": io_p, "io_measured_ms": io_m,
             "io_error": relative(io_m, io_p), "compute_predicted_ms": cp_p,
             "compute_measured_ms": cp_m, "compute_error": relative(cp_m, cp_p),
+            "memory_budget_mb": sc.memory_budget_mb, "window": plan.window or "unbounded",
+            "embeddings": plan.embeddings,
+            "predicted_peak_mb": r.memory.predicted_peak_bytes / 1e6,
+            "measured_peak_mb": r.memory.measured_peak_bytes / 1e6,
+            "memory_error": r.memory.relative_error,
+            "process_peak_mb": r.memory.measured_process_peak_bytes / 1e6,
+            "process_error": r.memory.process_relative_error,
             "fidelity": r.fidelity,
             "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
 
@@ -84,7 +109,7 @@ def summary(rows: list[dict]) -> list[dict]:
     groups = sorted({r["bandwidth_mb_s"] for r in rows})
     for g in groups + ["all"]:
         sel = [r for r in rows if g == "all" or r["bandwidth_mb_s"] == g]
-        for m in METRICS:
+        for m in METRICS + MEMORY_METRICS:
             errs = [abs(r[error_key(m)]) for r in sel]
             out.append({"bandwidth": g, "metric": m, "plans": len(sel),
                         "median_abs_error": percentile(errs, 50),
@@ -135,7 +160,9 @@ def main(argv=None) -> int:
                     help="emulated storage, MB/s")
     ap.add_argument("--fractions", type=number_list, default="0.5,0.6,0.7,0.8,0.9,1.0",
                     help="targets, as fractions of the calibrated default target")
-    ap.add_argument("--buffers", type=number_list, default="0,1,2,4", help="preload budgets, MB")
+    ap.add_argument("--buffers", type=number_list, default="0,2", help="preload budgets, MB")
+    ap.add_argument("--memory-mb", type=memory_list, default="none,10,16",
+                    help="memory budgets, MB ('none': unbounded)")
     ap.add_argument("--repeat", type=int, default=5, help="measured runs per plan")
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
     ap.add_argument("--time-limit", type=float, default=5.0, help="per solve, s")
@@ -151,15 +178,21 @@ def main(argv=None) -> int:
         sc0, default = calibrated_scenario(bw, store=store, queries=queries)
         print(f"{'MB/s':>5} {'target':>6} {'buf MB':>6} {'status':<8} {'shards':>6} "
               f"{'predicted':>9} {'measured':>8} {'error':>7} {'IO pred':>7} {'IO meas':>7} "
-              f"{'IO err':>7} {'comp pred':>9} {'comp meas':>9} {'comp err':>8}")
-        for frac in a.fractions:
-            for buf in a.buffers:
+              f"{'IO err':>7} {'comp pred':>9} {'comp meas':>9} {'comp err':>8} {'mem MB':>6} "
+              f"{'window':>9} {'table':<8} {'peak pred':>8} {'meas':>8} {'err':>7} "
+              f"{'process':>8} {'err':>7}")
+        for frac, buf, mem in itertools.product(a.fractions, a.buffers, a.memory_mb):
                 sc = sc0.with_overrides(target_latency_ms=round(default * frac, 1),
-                                        preload_budget_mb=buf)
+                                        preload_budget_mb=buf, memory_budget_mb=mem)
                 try:
-                    plan = solve(sc, EXACT, time_limit_s=a.time_limit, relative_gap=a.gap)
+                    if mem is None:
+                        plan = solve(sc, EXACT, time_limit_s=a.time_limit, relative_gap=a.gap)
+                    else:
+                        plan, sc = solve_any_window(sc, EXACT, time_limit_s=a.time_limit,
+                                                    relative_gap=a.gap)
                 except ElasticplanError as e:
-                    print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB: no plan: {e}")
+                    print(f"# target {sc.target_latency_ms:g} ms, {buf:g} MB buffer, memory "
+                          f"{mem}: no plan: {e}")
                     continue
                 r = measure_plan(plan, sc, store, repeats=a.repeat, emulate=True,
                                  queries=queries, reference=reference, head=None)
@@ -170,7 +203,11 @@ def main(argv=None) -> int:
                       f"{row['error']:>+7.1%} {row['io_predicted_ms']:>7.2f} "
                       f"{row['io_measured_ms']:>7.2f} {row['io_error']:>+7.1%} "
                       f"{row['compute_predicted_ms']:>9.2f} {row['compute_measured_ms']:>9.2f} "
-                      f"{row['compute_error']:>+8.1%}", flush=True)
+                      f"{row['compute_error']:>+8.1%} {optional(mem, 'g'):>6} "
+                      f"{str(row['window']):>9} {row['embeddings']:<8} "
+                      f"{row['predicted_peak_mb']:>8.3f} {row['measured_peak_mb']:>8.3f} "
+                      f"{row['memory_error']:>+7.2%} {row['process_peak_mb']:>8.3f} "
+                      f"{row['process_error']:>+7.1%}", flush=True)
     if not rows:
         print("# no plan was solved; nothing to report")
         return 1
@@ -183,6 +220,8 @@ def main(argv=None) -> int:
         print(f"{bw:>9} {s['metric']:<8} {s['plans']:>5} {s['median_abs_error']:>12.1%} "
               f"{s['p95_abs_error']:>9.1%} {s['max_abs_error']:>9.1%} "
               f"{s['mean_signed_error']:>+8.1%}")
+    held = sum(r["measured_peak_mb"] <= r["predicted_peak_mb"] for r in rows)
+    print(f"# memory: measured (executor) <= predicted for {held} of {len(rows)} plans")
     write_csv(out_path("prediction.csv", a.out_dir), rows, COLUMNS)
     write_csv(out_path("prediction_summary.csv", a.out_dir), stats, list(stats[0]))
     plot(rows, stats, out_path("prediction.png", a.out_dir), command)

@@ -162,28 +162,53 @@ def resident_bytes(a: Architecture) -> int:
     return 4 * (embeddings + a.layers * per_layer)
 
 
-# Decode temporaries per element of the largest shard, in fp32 units (measured on MiniLM:
-# the lookup-table dequantisation's int32 indices and fp32 values, live together).
-DECODE_TEMPORARIES = 2
+def decode_work(rows: int, cols: int, bits: int) -> tuple[int, int, int]:
+    """Elements of the runtime's dequantisation workspace for one stored block [rows, cols]
+    at `bits` (runtime/quant.py, lookup tables): (int32 copies of the packed bytes, for
+    widths that straddle bytes; int32 table indices; fp32 table values)."""
+    if bits >= 16:
+        return 0, 0, 0
+    if 8 % bits == 0:  # a byte holds whole values: one index per byte
+        nbytes = rows * math.ceil(cols * bits / 8)
+        return 0, nbytes, nbytes * (8 // bits)
+    groups = -(-cols // (24 // bits))  # 24-bit groups, split into two 12-bit indices
+    return rows * groups * 3, rows * groups * 2, rows * groups * 2 * (12 // bits)
+
+
+def decode_buffers(a: Architecture) -> tuple[tuple[int, int, int], int]:
+    """The runtime's decode buffers: the dequantisation workspace (elements, the largest of
+    every stored block at every quantised bitwidth) and the bounce buffer (bytes, the
+    largest quantised shard)."""
+    rows_in, cols_out = _attn_rows(a)
+    f = a.ffn // a.n_ffn
+    blocks = [(rows_in, a.hidden), (a.hidden, cols_out),
+              ((2 if a.gated_ffn else 1) * f, a.hidden), (a.hidden, f)]
+    quantised = [b for b in a.bitwidths if b < 16]
+    work = tuple(max((decode_work(r, c, b)[k] for r, c in blocks for b in quantised), default=0)
+                 for k in range(3))
+    bounce = max((max(head_bytes(a, b), ffn_bytes(a, b)) for b in quantised), default=0)
+    return work, bounce
 
 
 def memory_terms(a: Architecture, seq_len: int) -> dict:
     """The model profile's fixed memory terms (docs/design.md, "Memory") for the encoders'
-    runtime (runtime/executor.py), which computes a layer shard by shard:
+    runtime (runtime/executor.py), which computes a layer shard by shard, every buffer
+    preallocated:
     - the word-embedding table, streamable by rows (fp32);
     - scratch: one shard's fp32 weights (the largest), the decode target every quantised
       shard is dequantised into in turn;
-    - activations of one query (batch 1) at seq_len, fp32, all preallocated: hidden state
-      and accumulator [n, hidden], one head's Q/K/V [n, 3 d_head], scores [n, n] and
-      context [n, d_head], one FFN slice's units twice [n, f], the mask [n]; plus the
-      temporaries of decoding one shard (DECODE_TEMPORARIES x the scratch)."""
+    - activations of one query (batch 1) at seq_len, fp32: hidden state and accumulator
+      [n, hidden], one head's Q/K/V [n, 3 d_head], scores [n, n] and context [n, d_head],
+      one FFN slice's units twice [n, f], the mask [n]; the dequantisation workspace of
+      the largest block (decode_work); and a bounce buffer of the largest quantised
+      shard, for a shard whose bytes wrap around the end of the IO ring."""
     n, d, dh = seq_len, a.hidden, a.d_head
     f = a.ffn // a.n_ffn
+    work, bounce = decode_buffers(a)
     scratch = max(_shard_fp32(a, "head"), _shard_fp32(a, "ffn"))
     workspace = 4 * (2 * n * d + 3 * n * dh + n * n + n * dh + 2 * n * f + n)
     return {"embedding_rows": a.vocab, "embedding_row_bytes": 4 * a.hidden,
-            "activation_bytes": workspace + DECODE_TEMPORARIES * scratch,
-            "scratch_bytes": scratch}
+            "activation_bytes": workspace + 4 * sum(work) + bounce, "scratch_bytes": scratch}
 
 
 def _shard_fp32(a: Architecture, kind: str) -> int:

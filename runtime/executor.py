@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from elasticplan import archgen
 from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plan import Plan
@@ -175,7 +176,6 @@ class Executor:
                                      f"{ch.bits} bits is {v.nbytes} B in the store, but the "
                                      f"profile {profile.name!r} says {claimed} B: profile and "
                                      f"store do not match")
-                store.read(v)  # raises StoreError naming the file if missing or corrupt
                 row.append((v, ch.preloaded))
             variants.append(row)
         predicted = simulate(scenario, plan.selection(scenario), plan.execution,
@@ -187,17 +187,31 @@ class Executor:
         files = {v.file for row in variants for v, _ in row}
         if self.stream_embeddings:
             files.add(store.index["resident"]["file"])
-        self.fds = {f: os.open(store.file(f), os.O_RDONLY) for f in sorted(files)}
+        self.fds = {}
+        for f in sorted(files):
+            try:
+                self.fds[f] = os.open(store.file(f), os.O_RDONLY)
+            except OSError as e:
+                self.close()
+                raise StoreError(f"{store.file(f)}: cannot open shard file ({e.strerror})") \
+                    from None
         # Buffers, all allocated (and touched) before any query, at the predicted sizes.
         ring_bytes = predicted.working_peak_bytes - profile.scratch_bytes
         self.preload_buffer = _touched(sum(v.nbytes for row in variants for v, p in row if p))
         self.ring = _touched(ring_bytes)
-        if profile.scratch_bytes != 4 * shard_scratch_floats(c):
-            raise StoreError(f"{store.path}: the profile's scratch_bytes "
-                             f"{profile.scratch_bytes} is not the runtime's "
-                             f"{4 * shard_scratch_floats(c)} (one shard in fp32); re-profile")
         self.scratch = torch.zeros(shard_scratch_floats(c))
+        self.scratch_bytes = self.scratch.numpy().view(np.uint8)
         self.workspace = Workspace(c, 1, profile.seq_len)
+        work, bounce = archgen.decode_buffers(c)
+        self.work = quant.DecodeWork(*work)
+        self.bounce = _touched(bounce)
+        activations = self.workspace.nbytes + self.work.nbytes + self.bounce.nbytes
+        if (profile.scratch_bytes, profile.activation_bytes) != (4 * self.scratch.numel(),
+                                                                 activations):
+            raise StoreError(f"{store.path}: the profile's scratch_bytes and activation_bytes "
+                             f"({profile.scratch_bytes}, {profile.activation_bytes}) are not "
+                             f"the runtime's ({4 * self.scratch.numel()}, {activations}) at "
+                             f"seq_len {profile.seq_len}; re-profile the model")
         self.query_rows = torch.zeros(profile.seq_len, c.hidden) if self.stream_embeddings \
             else None
         self.shards: list[list[_Shard]] = []
@@ -223,9 +237,19 @@ class Executor:
         self.memory = MemoryAccount(
             resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
             preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
-            scratch_bytes=self.scratch.numel() * 4, workspace_bytes=self.workspace.nbytes,
+            scratch_bytes=self.scratch.numel() * 4, workspace_bytes=activations,
             query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
         self.predicted_memory = predicted
+        # Every planned variant against its checksum, read into the buffer it will use
+        # (so checking allocates nothing): streamed ones into the ring, preloaded in place.
+        try:
+            for row in self.shards:
+                for s in row:
+                    view = s.raw if s.preloaded else memoryview(self.ring[:s.variant.nbytes])
+                    store.check_into(s.variant, view)
+        except StoreError:
+            self.close()
+            raise
         self.filled = not any(s.preloaded for row in self.shards for s in row)
 
     def _ring_views(self, pos: int, nbytes: int) -> list[memoryview]:
@@ -458,11 +482,22 @@ class Executor:
                 if views is None:
                     t = time.perf_counter()
                     v = s.variant
-                    w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
-                    bias = scratch[v.rows * v.cols:v.rows * v.cols + v.bias]
-                    raw = s.raw if s.raw is not None else b"".join(s.iov)
-                    decode_into(v, raw, Slot(w[:v.in_rows], w[v.in_rows:].t(), bias))
-                    views = (w[:v.in_rows], w[v.in_rows:], bias)
+                    raw = s.raw
+                    if raw is None:  # wrapped around the ring's end: joined first
+                        target = self.scratch_bytes if s.fp32 else self.bounce
+                        pos = 0
+                        for piece in s.iov:
+                            target[pos:pos + piece.nbytes] = piece
+                            pos += piece.nbytes
+                        raw = memoryview(target[:v.nbytes]).cast("B")
+                    if s.fp32 and s.raw is None:
+                        views = _stored_views(v, raw)  # now lying in the scratch
+                    else:
+                        w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
+                        bias = scratch[v.rows * v.cols:v.rows * v.cols + v.bias]
+                        decode_into(v, raw, Slot(w[:v.in_rows], w[v.in_rows:].t(), bias),
+                                    self.work)
+                        views = (w[:v.in_rows], w[v.in_rows:], bias)
                     decode += time.perf_counter() - t
                 (self.encoder.head if s.head else self.encoder.ffn_slice)(ws, *views)
             self.encoder.layer_end(ws, l, part)

@@ -105,7 +105,8 @@ def encode_variant(matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int
                     + [bias.astype("<f4").tobytes()])
 
 
-def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot) -> None:
+def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
+                work: quant.DecodeWork | None = None) -> None:
     """Decode one variant's bytes straight into its slot's views (the one decoder): the
     input block into `slot.inp` (any view of in_rows x cols elements, last dim cols), the
     output block into `slot.out` (stored orientation [cols, rows - in_rows]), the bias."""
@@ -120,7 +121,7 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot) -> None:
         else:
             packed = buf[pos:pos + n].view(r, n // r)
             scales = buf[pos + n:pos + n + 4 * r].view(torch.float32)
-            quant.dequantize_into(dest, packed, scales, v.bits)
+            quant.dequantize_into(dest, packed, scales, v.bits, work)
             pos += n + 4 * r
     bias_out.copy_(buf[pos:pos + 4 * v.bias].view(torch.float32).view(bias_out.shape))
 
@@ -258,8 +259,8 @@ class ShardStore:
         path = self.path / entry["file"]
         try:
             with open(path, "rb") as f:
-                # The checksum is taken in 1 MiB pieces, so loading holds no second copy.
-                digest, chunk, size = hashlib.sha256(), bytearray(1 << 20), 0
+                # The checksum is taken in 64 KiB pieces, so loading holds no second copy.
+                digest, chunk, size = hashlib.sha256(), bytearray(1 << 16), 0
                 while n := f.readinto(chunk):
                     digest.update(memoryview(chunk)[:n])
                     size += n
@@ -319,6 +320,21 @@ class ShardStore:
             raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
                              f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
         return raw
+
+    def check_into(self, v: Variant, view: memoryview) -> None:
+        """Read one variant into `view` (its size) and check its sha256: no allocation."""
+        path = self.path / v.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
+        try:
+            n = os.preadv(fd, [view], v.offset)
+        finally:
+            os.close(fd)
+        if n != v.nbytes or hashlib.sha256(view).hexdigest() != v.sha256:
+            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
+                             f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
 
     def load(self, layer: int, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One shard, decoded to fp32 (matrix [rows, cols], bias)."""

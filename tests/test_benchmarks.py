@@ -63,10 +63,12 @@ def test_stage_sums_are_busy_time_per_layer():
 def test_summary_median_and_p95_per_bandwidth_and_overall():
     rows = []
     for bw, errs in ((200.0, [0.01, -0.02, 0.03, -0.04]), (1000.0, [0.10, -0.20])):
-        rows += [{"bandwidth_mb_s": bw, "error": e, "io_error": 2 * e, "compute_error": -e}
-                 for e in errs]
+        rows += [{"bandwidth_mb_s": bw, "error": e, "io_error": 2 * e, "compute_error": -e,
+                  "memory_error": 0.0, "process_error": e / 10} for e in errs]
     stats = {(s["bandwidth"], s["metric"]): s for s in prediction.summary(rows)}
-    assert set(stats) == {(g, m) for g in (200.0, 1000.0, "all") for m in prediction.METRICS}
+    assert set(stats) == {(g, m) for g in (200.0, 1000.0, "all")
+                          for m in prediction.METRICS + prediction.MEMORY_METRICS}
+    assert stats[1000.0, "process"]["max_abs_error"] == pytest.approx(0.02)
     assert stats[200.0, "total"]["median_abs_error"] == pytest.approx(0.025)
     assert stats[200.0, "io"]["median_abs_error"] == pytest.approx(0.05)
     assert stats[1000.0, "compute"]["max_abs_error"] == pytest.approx(0.20)
