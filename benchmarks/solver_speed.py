@@ -5,7 +5,9 @@ to the best proven bound of any backend on that instance.
     python -m benchmarks.solver_speed [--time-limit 20] [--repeats 5] [--out-dir D]
 
 Instances: every shipped scenario at its own question, plus targets that force shards to
-be dropped (the hard, knapsack-like regime). Backends: greedy (STI), CP-SAT and CBC on the
+be dropped (the hard, knapsack-like regime), plus memory questions (a memory budget with
+a prefetch window, and min_memory at an importance floor: the programs' memory rows and
+time variables). Backends: greedy (STI), CP-SAT and CBC on the
 plain per-shard program, HiGHS on the aggregated program at the gaps the solver-speed
 goals name (1e-6, 1e-3, 1e-2). A solve that reaches the time limit is run once, not
 --repeats times. The plain program is not built above formulation.PLAIN_MAX_BOOLS booleans (its dense
@@ -24,12 +26,18 @@ from elasticplan.errors import ElasticplanError
 from elasticplan.loader import load_scenario
 from elasticplan.report import optional
 from elasticplan.solvers import solve
+from elasticplan.spec import Objective
 
 MODULE = "benchmarks.solver_speed"
 
 HARD = {"bert-base-phone": 140.0, "minilm-phone": 17.0, "distilbert-sbc": 450.0}
 RUNS = [("greedy", None), ("cpsat", 1e-6), ("cbc", 1e-6), ("highs", 1e-6), ("highs", 1e-3),
         ("highs", 1e-2)]
+
+
+# name -> (memory budget MB, prefetch window); and min_memory at an importance floor
+MEMORY = {"minilm-phone": (9.0, 1), "bert-base-phone": (110.0, 1)}
+MIN_MEMORY = {"minilm-phone": 1.2}
 
 
 def instances():
@@ -39,6 +47,13 @@ def instances():
         if sc.name in HARD:
             yield f"{sc.name}@{HARD[sc.name]:g}ms", sc.with_overrides(
                 target_latency_ms=HARD[sc.name])
+        if sc.name in MEMORY:
+            mb, window = MEMORY[sc.name]
+            yield f"{sc.name}+{mb:g}MB/w{window}", sc.with_overrides(
+                memory_budget_mb=mb, prefetch_window=window)
+        if sc.name in MIN_MEMORY:
+            yield f"{sc.name}:min_memory", sc.with_overrides(
+                objective=Objective.MIN_MEMORY, importance_floor=MIN_MEMORY[sc.name])
 
 
 def size(sc) -> str:

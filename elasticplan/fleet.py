@@ -246,8 +246,8 @@ class Solver:
         row.update(status=plan.status.value, explanation="", objective_value=plan.objective,
                    importance=plan.importance, importance_fraction=plan.importance / full,
                    gap=plan.gap, predicted_latency_ms=plan.predicted_latency_ms,
-                   preload_bytes=plan.preload_bytes, resident_bytes=sc.model.resident_bytes,
-                   predicted_memory_bytes=sc.model.resident_bytes + plan.preload_bytes,
+                   preload_bytes=plan.preload_bytes, resident_bytes=plan.memory.resident_bytes,
+                   predicted_memory_bytes=plan.memory.peak_bytes,
                    shards=plan.n_shards, solve_seconds=plan.solve_seconds)
         return row, plan.to_json()
 

@@ -191,7 +191,8 @@ class Scenario:
                 raise SpecError(file, "memory_budget_mb",
                                 f"{self.memory_budget_mb:g} MB is below what every plan of model "
                                 f"{self.model.name!r} holds: {fixed / 1e6:.6g} MB (resident "
-                                f"weights, activations and compute scratch)")
+                                f"weights, activations, compute scratch and the embedding "
+                                f"rows)")
         cap_mb = self.memory_cap_bytes / 1e6
         if self.preload_budget_bytes > self.memory_cap_bytes:
             raise SpecError(file, "preload_budget_mb",

@@ -290,24 +290,25 @@ class Executor:
                                  f"layer {v.layer} ({n} bytes at offset {off + done})")
             done += n
 
-    def _read_rows(self, ids: torch.Tensor) -> int:
-        """One query's word-embedding rows from the store, one pread per position."""
+    def _read_rows(self, ids: torch.Tensor) -> float | None:
+        """One query's word-embedding rows from the store, one pread per position, each
+        booked on the device clock as it completes; returns the last completion."""
         fd = self.fds[self.store.index["resident"]["file"]]
         row = 4 * self.store.config.hidden
         base = self.store.word_table_offset
         out = self.query_rows.numpy()
+        deadline = None
         for i, token in enumerate(ids.tolist()):
             view = memoryview(out[i]).cast("B")
             if os.preadv(fd, [view], base + token * row) != row:
                 raise StoreError(f"{self.store.file(self.store.index['resident']['file'])}: "
                                  f"short read of embedding row {token}")
-        return len(ids)
+            deadline = self.clock.complete(row, time.perf_counter())
+        return deadline
 
     def _evict(self, shards) -> tuple[int, int]:
         """Evict the files of these shards; (resident, total) pages of their ranges after."""
         files = {s.variant.file for s in shards}
-        if self.stream_embeddings:
-            files.add(self.store.index["resident"]["file"])
         for f in files:
             evict(self.fds[f])
         cached = total = 0
@@ -365,12 +366,7 @@ class Executor:
             try:
                 go.wait()
                 if self.stream_embeddings:
-                    deadline = None
-                    n = self._read_rows(batch.ids[0])
-                    for _ in range(n):
-                        deadline = self.clock.complete(4 * self.store.config.hidden,
-                                                       time.perf_counter())
-                    rows_deadline.append(deadline)
+                    rows_deadline.append(self._read_rows(batch.ids[0]))
                     rows_ready.set()
                 for l, row in enumerate(self.shards):
                     if window is not None and l > window:

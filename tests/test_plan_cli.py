@@ -140,3 +140,78 @@ def test_cli_sweep_writes_monotone_frontier(tmp_path, capsys):
     values = [float(r["importance"]) for r in rows]
     for smaller, larger in zip(values, values[1:]):  # monotone up to the 1e-4 gap tolerance
         assert larger >= smaller * (1 - 2e-4)
+
+
+# --- memory ------------------------------------------------------------------------------
+
+def test_memory_plan_round_trips_verifies_and_records_its_terms(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["solve", str(MINILM), "--memory-mb", "9", "--window", "1", "--time-limit",
+                 "5", "-o", str(out)]) == 0
+    assert "(budget 9) = resident" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["window"] == 1 and data["embeddings"] == "streamed"
+    assert data["scenario"]["memory_budget_mb"] == 9 and data["scenario"]["prefetch_window"] == 1
+    m = data["memory"]
+    assert m["peak_bytes"] == sum(m[k] for k in ("resident_bytes", "preload_bytes",
+                                                 "working_peak_bytes", "activation_bytes"))
+    assert m["peak_bytes"] <= 9e6
+    assert main(["verify", str(out)]) == 0
+    # a memory term that does not match the shards: named by the verifier
+    m["working_peak_bytes"] -= 1000
+    m["resident_bytes"] += 1000
+    out.write_text(json.dumps(data))
+    assert main(["verify", str(out)]) == 6
+    assert "memory.resident_bytes 848872 != 847872" in capsys.readouterr().err
+    # a peak that is not the sum of its terms: refused when read, naming the key
+    m["peak_bytes"] += 1
+    out.write_text(json.dumps(data))
+    with pytest.raises(PlanFormatError, match=r"memory\.peak_bytes: .* not the sum"):
+        Plan.load(out)
+
+
+def test_plan_recorded_before_memory_still_loads_and_verifies(solved, tmp_path):
+    sc, plan = solved
+    path = tmp_path / "old.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    for key in ("window", "embeddings", "memory"):
+        del data[key]
+    for key in ("memory_budget_mb", "prefetch_window"):
+        del data["scenario"][key]
+    path.write_text(json.dumps(data))
+    old = Plan.load(path)
+    assert old.window is None and old.embeddings == "resident" and old.memory is None
+    assert verify_plan(scenario_for(old), old).memory.peak_bytes > 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--memory-mb", "1"], "memory_budget_mb: 1 MB is below what every plan"),
+    (["--memory-mb", "5000"], "exceeds the device's memory_mb"),
+])
+def test_bad_memory_budgets_name_the_field(args, words, capsys):
+    assert main(["solve", str(MINILM), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_window_of_zero_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["solve", str(MINILM), "--window", "0"])
+    assert e.value.code == 2
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(MINILM.read_text().replace("../devices", str(PROBLEMS / "devices"))
+                        .replace("../models", str(PROBLEMS / "models"))
+                        + "prefetch_window: 0\n")
+    assert main(["solve", str(scenario)]) == 2
+    assert "prefetch_window: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_min_memory_is_explained_and_bounded(capsys):
+    assert main(["solve", str(MINILM), "--objective", "min_memory", "--floor", "1.2",
+                 "--time-limit", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "objective min_memory (floor 1.2)" in out
+    assert main(["solve", str(MINILM), "--memory-mb", "3", "--target-ms", "14"]) == 3
+    err = capsys.readouterr().err
+    assert "memory_budget_mb 3 is short" in err and "raise the memory budget to >=" in err

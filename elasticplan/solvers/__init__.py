@@ -65,18 +65,20 @@ def solve_any_window(scenario: Scenario, solver: str = DEFAULT_SOLVER, *,
                      time_limit_s: float = DEFAULT_TIME_LIMIT_S, threads: int = DEFAULT_THREADS,
                      relative_gap: float = DEFAULT_RELATIVE_GAP) -> tuple[Plan, Scenario]:
     """The window chosen by the solver: every prefetch window from 1 layer to unbounded is
-    solved (sharing the time limit) and the best plan kept; ties go to the plan with the
+    solved (each with an even share of the time left) and the best plan kept; ties go to the plan with the
     least predicted peak memory, then the shallower window. Returns the plan and the
     question it answers (the scenario with that window). Infeasible only if every window
     is; a time-out on one window is reported if no window gave a plan."""
     L = len(scenario.model.layers)
     deadline = time.monotonic() + time_limit_s
     found, failures = [], []
-    for window in [*range(1, L), None]:
+    windows = [*range(1, L), None]
+    for i, window in enumerate(windows):
         question = scenario.with_overrides(prefetch_window=window)
+        share = (deadline - time.monotonic()) / (len(windows) - i)  # the rest, evenly
         try:
             plan = solve(question, solver, threads=threads, relative_gap=relative_gap,
-                         time_limit_s=max(0.1, deadline - time.monotonic()))
+                         time_limit_s=max(0.1, share))
         except (InfeasibleError, NoPlanFoundError, SolverTimeoutError) as e:
             failures.append(e)
             continue
