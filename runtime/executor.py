@@ -300,10 +300,11 @@ class Executor:
         deadline = None
         for i, token in enumerate(ids.tolist()):
             view = memoryview(out[i]).cast("B")
+            issued = time.perf_counter()
             if os.preadv(fd, [view], base + token * row) != row:
                 raise StoreError(f"{self.store.file(self.store.index['resident']['file'])}: "
                                  f"short read of embedding row {token}")
-            deadline = self.clock.complete(row, time.perf_counter())
+            deadline = self.clock.complete(row, time.perf_counter(), issued)
         return deadline
 
     def _evict(self, shards) -> tuple[int, int]:
@@ -382,8 +383,10 @@ class Executor:
                     for s in row:
                         if s.preloaded:
                             continue
+                        issued = time.perf_counter()
                         self._read(s)
-                        deadline = self.clock.complete(s.variant.nbytes, time.perf_counter())
+                        deadline = self.clock.complete(s.variant.nbytes, time.perf_counter(),
+                                                       issued)
                         n, nbytes = n + 1, nbytes + s.variant.nbytes
                     io_real[l] = (start, time.perf_counter(), deadline)
                     io_counts[l] = (n, nbytes)

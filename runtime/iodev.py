@@ -98,9 +98,11 @@ class DeviceClock:
     """A device's storage channel, on perf_counter time: each read takes what the cost
     model's `read_ms` charges for it (latency_us + bytes / bandwidth_mb_s).
 
-    `start(t)` opens the channel at time t; `complete(nbytes, finished)` books the next read,
-    which really finished at `finished`, and returns when the emulated device would have
-    finished it. Deadlines are absolute, so sleep overshoot does not accumulate. None for
+    `start(t)` opens the channel at time t; `complete(nbytes, finished, issued)` books the
+    next read, issued at `issued` and really finished at `finished`, and returns when the
+    emulated device would have finished it: it starts when the channel is free or when it
+    was issued, whichever is later (a reader that waited, e.g. for the prefetch window,
+    finds the channel idle). Deadlines are absolute, so sleep overshoot does not accumulate. None for
     the device: no emulation (a read completes when it really does)."""
 
     def __init__(self, device: Device | None):
@@ -117,11 +119,12 @@ class DeviceClock:
     def read_seconds(self, nbytes: int) -> float:
         return read_ms(self.device, nbytes) / 1e3
 
-    def complete(self, nbytes: int, finished: float) -> float:
+    def complete(self, nbytes: int, finished: float, issued: float | None = None) -> float:
         if not self.emulated:
             self.busy_until = finished
         else:
-            self.busy_until = max(finished, self.busy_until + self.read_seconds(nbytes))
+            start = self.busy_until if issued is None else max(self.busy_until, issued)
+            self.busy_until = max(finished, start + self.read_seconds(nbytes))
         return self.busy_until
 
     @staticmethod
