@@ -7,7 +7,8 @@ run first, through the same runtime, for their measured latency and peak. The ta
 from the least that any plan holds (min_shards_per_layer 1: one shard per layer) to the
 most any plan reaches (max importance, no memory bound); between them --points importance
 floors, and at each floor the exact min_memory plan, its window chosen by the solver
-(solve_any_window). Every plan then
+(solve_any_window); and, at each --memory-mb budget, the max-importance plan within it
+(window chosen likewise). Every plan then
 - runs on the 1,000 held-out test tweets, for its real fidelity and accuracy
   (runtime/submodel.py);
 - runs through the runtime (runtime/measure.py) for its measured latency and peak memory:
@@ -17,7 +18,8 @@ It closes with the goal of the memory-true-plans work: the least measured peak o
 whose test accuracy is within --accuracy-drop of fp32 and whose measured latency is within
 --latency-factor of hold-in-memory's measured latency in the same run.
 
-    python -m benchmarks.frontier [--bandwidth 1000] [--factors 1.25,1.5,2] [--points 6]
+    python -m benchmarks.frontier [--bandwidth 1000] [--factors 1.25,1.4] [--points 5]
+                                  [--memory-mb 6,9,12,16,24,32]
 
 Writes frontier.csv and frontier.png.
 """
@@ -88,18 +90,23 @@ def frontier(base, target: float, points: int, a, inputs) -> list[dict]:
         target_latency_ms=target, objective=Objective.MIN_MEMORY, importance_floor=0.0),
         EXACT, time_limit_s=a.time_limit, relative_gap=a.gap)[0]
     lo, hi = least.importance, top.importance
-    rows = []
+    questions = []
     for k in range(points):
         floor = (lo + (hi - lo) * k / (points - 1)) * (1 - FLOOR_SLACK)
-        sc = base.with_overrides(target_latency_ms=target, objective=Objective.MIN_MEMORY,
-                                 importance_floor=floor)
+        questions.append(("min_memory", f"floor {floor:.5f}", base.with_overrides(
+            target_latency_ms=target, objective=Objective.MIN_MEMORY, importance_floor=floor)))
+    for mb in a.memory_mb:
+        questions.append((f"max_importance {mb:g}MB", f"{mb:g} MB", base.with_overrides(
+            target_latency_ms=target, memory_budget_mb=mb)))
+    rows = []
+    for label, what, sc in questions:
         try:
             plan, question = solve_any_window(sc, EXACT, time_limit_s=a.time_limit,
                                               relative_gap=a.gap)
         except ElasticplanError as e:
-            print(f"# target {target:g} ms, floor {floor:.5f}: no plan ({type(e).__name__}: {e})")
+            print(f"# target {target:g} ms, {what}: no plan ({type(e).__name__}: {e})")
             continue
-        row = measured_row("min_memory", target, plan, question, *inputs, a.repeat)
+        row = measured_row(label, target, plan, question, *inputs, a.repeat)
         rows.append(row)
         print_row(row)
     return rows
@@ -113,12 +120,12 @@ def plot(rows, baselines, goal, path, command) -> None:
     for t, colour in zip(targets, colours):
         pts = sorted((r for r in rows if r["target_ms"] == t), key=lambda r: r["measured_peak_mb"])
         ax.plot([r["measured_peak_mb"] for r in pts], [r["accuracy"] for r in pts], "o-",
-                color=colour, markersize=4, label=f"min_memory plans, target {t:.1f} ms")
-    for b, marker in zip(baselines, ("k*", "kD")):
+                color=colour, markersize=4, label=f"exact plans, target {t:.1f} ms")
+    for b, marker, dy in zip(baselines, ("k*", "kD"), (-32, -62)):
         ax.plot([b["measured_peak_mb"]], [b["accuracy"]], marker, markersize=10)
         ax.annotate(f"{b['strategy']}\n{b['measured_peak_mb']:.1f} MB, {b['measured_ms']:.1f} ms",
                     (b["measured_peak_mb"], b["accuracy"]), textcoords="offset points",
-                    xytext=(-110, -30), fontsize=7)
+                    xytext=(-120, dy), fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})
     if goal is not None:
         ax.axhline(goal, color="grey", lw=0.8, ls="--", label="fp32 accuracy - 0.5 point")
     ax.set_xscale("log")
@@ -135,9 +142,11 @@ def plot(rows, baselines, goal, path, command) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     ap.add_argument("--bandwidth", type=float, default=1000.0, help="emulated storage, MB/s")
-    ap.add_argument("--factors", type=number_list, default="1.25,1.5,2",
+    ap.add_argument("--factors", type=number_list, default="1.25,1.4",
                     help="targets, as multiples of hold-in-memory's measured latency")
-    ap.add_argument("--points", type=int, default=6, help="floors per target (>= 2)")
+    ap.add_argument("--points", type=int, default=5, help="floors per target (>= 2)")
+    ap.add_argument("--memory-mb", type=number_list, default="6,9,12,16,24,32",
+                    help="memory budgets of the max-importance plans, MB")
     ap.add_argument("--repeat", type=int, default=5, help="measured runs per plan")
     ap.add_argument("--accuracy-drop", type=float, default=0.005)
     ap.add_argument("--latency-factor", type=float, default=1.5)

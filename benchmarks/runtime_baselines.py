@@ -4,19 +4,20 @@ MiniLM-L6 on this machine's calibrated device with storage emulated at each band
 (default 200 MB/s and 1 GB/s; benchmarks/common.calibrated_scenario). The question: the
 target is --fraction (default 0.5) of the calibrated default target (every shard at 8
 bits, streamed), tight enough that the plans must drop and quantise shards; the buffer is
-2 MB. Five plans run through the one executor and the one measurement
+2 MB. Six plans run through the one executor and the one measurement
 (runtime/measure.py: a discarded warm-up, then --repeat cold runs on test-split queries,
-median): hold-in-memory, load-then-execute, layer-wise pipelining
-(elasticplan/baselines.py), the greedy plan and the exact plan (HiGHS).
+median): hold-in-memory, load-then-execute, layer-wise pipelining (window 1)
+(elasticplan/baselines.py), the greedy plan, the exact plan (HiGHS), and the exact plan
+within a --memory-mb budget (window chosen by the solver).
 
 Per plan: predicted and measured latency, measured vs the target (a solved plan is
 planned up to the target, so run-to-run noise puts it on either side), the preload
-buffer, the working buffers live at peak on the measured timeline and their sum (the
-executor's own accounting of its weight buffers; the always-resident embeddings and
-LayerNorms are the same for every plan and listed once), and the submodel's fidelity and
-accuracy on the 1,000 test tweets (runtime/submodel.py).
+buffer, the working set (IO ring + scratch, predicted), the peak memory measured by the
+executor's accounting and by the process (runtime.memprobe), and the submodel's fidelity
+and accuracy on the 1,000 test tweets (runtime/submodel.py).
 
-    python -m benchmarks.runtime_baselines [--bandwidths 200,1000] [--repeat 9] [--out-dir D]
+    python -m benchmarks.runtime_baselines [--bandwidths 200,1000] [--memory-mb 10]
+                                           [--repeat 9] [--out-dir D]
 
 Writes runtime_baselines.csv.
 """
@@ -40,7 +41,7 @@ from benchmarks.common import (
 from elasticplan.baselines import baseline_questions
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.solvers import solve
+from elasticplan.solvers import solve, solve_any_window
 from runtime.measure import measure_plan
 from runtime.submodel import TestSplit
 
@@ -51,8 +52,8 @@ COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms
            "fidelity", "accuracy", "runtime_fidelity", "runs_ms"]
 
 
-def plans_for(sc, time_limit_s: float, gap: float):
-    """(label, plan, the scenario it answers) for the five strategies, the solved ones last."""
+def plans_for(sc, time_limit_s: float, gap: float, memory_mb: float | None = None):
+    """(label, plan, the scenario it answers) for the strategies, the solved ones last."""
     skipped = lambda strategy, e: print(f"# {strategy}: not run: {e}")  # noqa: E731
     out = [(b.solver, b, question) for b, question in baseline_questions(sc, skipped)]
     for label, solver in (("greedy", GREEDY), ("exact (highs)", EXACT)):
@@ -62,6 +63,15 @@ def plans_for(sc, time_limit_s: float, gap: float):
             print(f"# {label}: no plan: {e}")
             continue
         out.append((label, plan, sc))
+    if memory_mb is not None:
+        label = f"exact, {memory_mb:g} MB"
+        try:
+            plan, question = solve_any_window(sc.with_overrides(memory_budget_mb=memory_mb),
+                                              EXACT, time_limit_s=time_limit_s,
+                                              relative_gap=gap)
+            out.append((label, plan, question))
+        except ElasticplanError as e:
+            print(f"# {label}: no plan: {e}")
     return out
 
 
@@ -72,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, default=0.5,
                     help="the target, as a fraction of the calibrated default target")
     ap.add_argument("--buffer", type=float, default=2.0, help="preload budget, MB")
+    ap.add_argument("--memory-mb", type=float, default=10.0,
+                    help="memory budget of the last exact plan, MB")
     ap.add_argument("--repeat", type=int, default=9, help="measured runs per plan")
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap the exact solve proves")
     ap.add_argument("--time-limit", type=float, default=10.0, help="per solve, s")
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
               f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'process':>7} {'fidelity':>8} "
               f"{'accuracy':>8}")
         resident = None
-        for label, plan, question in plans_for(sc, a.time_limit, a.gap):
+        for label, plan, question in plans_for(sc, a.time_limit, a.gap, a.memory_mb):
             r = measure_plan(plan, question, store, repeats=a.repeat, emulate=True,
                              queries=queries, reference=reference, head=None)
             q = evaluator.plan(plan)

@@ -270,6 +270,17 @@ def profile_dict(a: Architecture) -> dict:
         "importance_metric": "synthetic: share of the fp32 model's total importance",
         "seq_len": a.seq_len,
         "bitwidths": list(a.bitwidths),
-        "resident_bytes": resident_bytes(a),
+        **memory_fields(a),
         "layers": layers,
     }
+
+
+def memory_fields(a: Architecture) -> dict:
+    """A profile's `resident_bytes` and `memory` block. An encoder's word-embedding table
+    is streamable by rows (memory_terms), so it is not in resident_bytes; the decoders
+    (planner only, no runtime) keep every non-shard weight resident."""
+    if a.decoder:
+        return {"resident_bytes": resident_bytes(a)}
+    terms = memory_terms(a, a.seq_len)
+    table = terms["embedding_rows"] * terms["embedding_row_bytes"]
+    return {"resident_bytes": resident_bytes(a) - table, "memory": terms}

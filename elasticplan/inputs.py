@@ -17,11 +17,12 @@ file, the key path and the rule. The limits are documented in docs/formats.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import stat
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -49,9 +50,12 @@ def fail(error: type[ElasticplanError], file: str | None, key_path: str,
     return error(f"{where}: {message}")
 
 
-def read_bytes(path: str | os.PathLike, *, what: str, limit: int,
-               error: type[ElasticplanError] = SpecError) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes."""
+@contextlib.contextmanager
+def regular_file(path: str | os.PathLike, *, what: str, limit: int,
+                 error: type[ElasticplanError] = SpecError) -> Iterator[int]:
+    """An open descriptor of a regular file of at most `limit` bytes (a device, pipe,
+    socket or directory is refused before a byte is read); closed on exit. Read errors
+    inside the block become `error` naming the file."""
     file = str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
@@ -71,6 +75,17 @@ def read_bytes(path: str | os.PathLike, *, what: str, limit: int,
         if st.st_size > limit:
             raise fail(error, file, "", f"is {st.st_size / MB:.1f} MB; a {what} may be at most "
                                         f"{limit / MB:g} MB")
+        yield fd
+    except OSError as e:
+        raise fail(error, file, "", f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: str | os.PathLike, *, what: str, limit: int,
+               error: type[ElasticplanError] = SpecError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes."""
+    with regular_file(path, what=what, limit=limit, error=error) as fd:
         chunks, total = [], 0
         while total <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - total))
@@ -79,13 +94,9 @@ def read_bytes(path: str | os.PathLike, *, what: str, limit: int,
             chunks.append(chunk)
             total += len(chunk)
         if total > limit:  # it grew while being read
-            raise fail(error, file, "", f"is more than {limit / MB:g} MB, the most a {what} "
-                                        f"may be")
+            raise fail(error, str(path), "", f"is more than {limit / MB:g} MB, the most a "
+                                             f"{what} may be")
         return b"".join(chunks)
-    except OSError as e:
-        raise fail(error, file, "", f"cannot read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
 
 
 def _text(data: bytes, file: str, what: str, error) -> str:

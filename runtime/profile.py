@@ -277,8 +277,7 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
         "seq_len": PROFILE_SEQ_LEN,
         "bitwidths": list(bits),
         # The word-embedding table is streamable by rows (memory.embedding_*), the rest resident.
-        "resident_bytes": store.resident_bytes - store.word_table_bytes,
-        "memory": archgen.memory_terms(c, PROFILE_SEQ_LEN),
+        **archgen.memory_fields(dataclasses.replace(c, seq_len=PROFILE_SEQ_LEN)),
         "layers": layers,
     }
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, integer, load_json, read_bytes, show
+from elasticplan.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.outputs import remove_debris, write_bytes
 from runtime import quant
 from runtime.model import (
@@ -257,25 +257,22 @@ class ShardStore:
         table in the file (the executor then reads one query's rows of it)."""
         entry = self.index["resident"]
         path = self.path / entry["file"]
-        try:
-            with open(path, "rb") as f:
-                # The checksum is taken in 64 KiB pieces, so loading holds no second copy.
-                digest, chunk, size = hashlib.sha256(), bytearray(1 << 16), 0
-                while n := f.readinto(chunk):
-                    digest.update(memoryview(chunk)[:n])
-                    size += n
-                out = {}
-                for name, t in entry["tensors"].items():
-                    if without_word and name == "word":
-                        continue
-                    tensor = torch.empty(t["shape"])
-                    f.seek(t["offset"])
-                    got = f.readinto(memoryview(tensor.numpy()).cast("B"))
-                    if got != tensor.numel() * 4:
-                        size = -1
-                    out[name] = tensor
-        except OSError as e:
-            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+        out = {}
+        with regular_file(path, what="shard store file", limit=entry["bytes"],
+                          error=StoreError) as fd:
+            # The checksum is taken in 64 KiB pieces, so loading holds no second copy.
+            digest, chunk, size = hashlib.sha256(), bytearray(1 << 16), 0
+            while n := os.readv(fd, [chunk]):
+                digest.update(memoryview(chunk)[:n])
+                size += n
+            for name, t in entry["tensors"].items():
+                if without_word and name == "word":
+                    continue
+                tensor = torch.empty(t["shape"])
+                view = memoryview(tensor.numpy()).cast("B")
+                if os.preadv(fd, [view], t["offset"]) != view.nbytes:
+                    size = -1
+                out[name] = tensor
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
                              f"store was built); rebuild with `elasticplan shard`")
@@ -297,29 +294,11 @@ class ShardStore:
                              f"store was built); rebuild with `elasticplan shard`")
         return Tokenizer(path, max_length)
 
-    def _checked_bytes(self, fname: str, sha: str, nbytes: int) -> bytes:
-        path = self.path / fname
-        data = read_bytes(path, what="shard store file", limit=nbytes, error=StoreError)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
-                             f"store was built); rebuild with `elasticplan shard`")
-        return data
-
-    def read(self, v: Variant) -> bytes:
+    def read(self, v: Variant) -> bytearray:
         """One variant's bytes (one pread), checksum-checked."""
-        path = self.path / v.file
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
-        try:
-            raw = os.pread(fd, v.nbytes, v.offset)
-        finally:
-            os.close(fd)
-        if len(raw) != v.nbytes or hashlib.sha256(raw).hexdigest() != v.sha256:
-            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
-                             f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
-        return raw
+        buf = bytearray(v.nbytes)
+        self.check_into(v, memoryview(buf))
+        return buf
 
     def check_into(self, v: Variant, view: memoryview) -> None:
         """Read one variant into `view` (its size) and check its sha256: no allocation."""

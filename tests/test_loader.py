@@ -47,6 +47,7 @@ def test_every_model_loads_and_matches_its_generator(path):
         assert strip == [[{k: v for k, v in s.items() if k != "importance"}
                           for s in layer["shards"]] for layer in generated["layers"]]
         assert raw["resident_bytes"] == generated["resident_bytes"]
+        assert raw["memory"] == generated["memory"]
 
 
 def test_minilm_bytes_match_measured_sizes():
