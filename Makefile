@@ -51,7 +51,7 @@ additive: shards
 	@mkdir -p out
 	$(BIN)/python -m runtime.additive --json out/additive.json
 
-# Every benchmark, from a fresh calibration (~31 min on 2 cores: 15 of them the fleet's). Each prints its table
+# Every benchmark, from a fresh calibration (~41 min on 2 cores, summed from the parts: 15 of them the fleet's). Each prints its table
 # (kept in out/bench/NAME.txt) and writes its CSV and plots to out/bench/.
 bench_run = set -o pipefail; $(BIN)/python -m benchmarks.$(1) $(2) 2>&1 | tee out/bench/$(1).txt
 
