@@ -97,9 +97,11 @@ def test_reported_gap_is_a_real_bound(sc, gap):
 
 
 @given(imp=st.lists(st.lists(st.floats(0, 1), min_size=3, max_size=3), min_size=1, max_size=4),
-       data=st.data())
-def test_best_assignment_equals_enumeration(imp, data):
-    importance = np.array(imp)
+       scale=st.sampled_from([1.0, 1e-3, 1e-5]), data=st.data())
+def test_best_assignment_equals_enumeration(imp, scale, data):
+    """Exact to float precision whatever the importances' magnitude (measured profiles are
+    ~1e-3: a solver tolerance in absolute units once cost 1.6e-8 and missed a floor)."""
+    importance = np.array(imp) * scale
     m, B = importance.shape
     per_bit = np.zeros(B, dtype=np.int64)
     for _ in range(data.draw(st.integers(0, m))):
@@ -110,7 +112,32 @@ def test_best_assignment_equals_enumeration(imp, data):
     slots = [b for b in range(B) for _ in range(per_bit[b])] + [-1] * (m - per_bit.sum())
     best = max(sum(importance[k, b] for k, b in enumerate(perm) if b >= 0)
                for perm in set(itertools.permutations(slots)))
-    assert value == pytest.approx(best, abs=1e-9)
+    assert value == pytest.approx(best, rel=1e-12, abs=1e-300)
+
+
+@given(data=st.data())
+def test_best_assignment_on_measured_classes_equals_an_assignment_solver(data):
+    """A class of the measured MiniLM profile (12 heads or 12 FFN slices, importances ~1e-3)
+    at random counts per bitwidth: best_assignment's importance equals OR-Tools' exact
+    min-cost assignment (integer costs, 1e-15 units) to float precision."""
+    from ortools.graph.python import linear_sum_assignment
+
+    sc = load_scenario("problems/scenarios/minilm-phone.yaml")
+    classes = [c for cl in aggregate.cost_classes(sc) for c in cl]
+    c = data.draw(st.sampled_from(classes))
+    m, B = c.importance.shape
+    per_bit = np.zeros(B, dtype=np.int64)
+    for _ in range(data.draw(st.integers(0, m))):
+        per_bit[data.draw(st.integers(0, B - 1))] += 1
+    chosen = aggregate.best_assignment(c.importance, per_bit)
+    value = sum(c.importance[k, b] for k, b in enumerate(chosen) if b >= 0)
+    slots = [b for b in range(B) for _ in range(per_bit[b])] + [-1] * (m - per_bit.sum())
+    solver = linear_sum_assignment.SimpleLinearSumAssignment()
+    for k in range(m):
+        for j, b in enumerate(slots):
+            solver.add_arc_with_cost(k, j, -round(c.importance[k, b] * 1e15) if b >= 0 else 0)
+    assert solver.solve() == solver.OPTIMAL
+    assert value == pytest.approx(-solver.optimal_cost() / 1e15, rel=1e-12, abs=m * 1e-15)
 
 
 @given(sc=scenarios(**SHARED))
