@@ -197,7 +197,7 @@ def test_windowed_plan_keeps_its_ring_and_matches_the_reference(scenario, store)
 
     batch = store.tokenizer(128)(TEXTS[:1], pad_to=128)
     q = scenario.with_overrides(memory_budget_mb=16, prefetch_window=1)
-    plan = solve(q)
+    plan = solve(q, time_limit_s=5)
     assert plan.embeddings == "streamed"  # the 46.9 MB table cannot be resident in 16 MB
     assert plan.window == 1 and plan.memory.peak_bytes <= 16e6
     predicted = simulate(q, plan.selection(q), layout=plan.layout).memory
@@ -402,3 +402,31 @@ def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_p
     assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
                  "--scenario", str(out / "scenario.yaml"), "--out-dir", str(out)]) == 2
     assert "refusing to write" in capsys.readouterr().err
+
+
+def test_run_enforce_fails_on_a_measured_peak_above_the_budget(scenario, store_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    """A memory-budgeted plan whose run measures more than its budget exits 10 with
+    --enforce (the measurement is inflated here; the executor itself never exceeds it)."""
+    import dataclasses
+
+    import runtime.measure as measure
+    from elasticplan.solvers import solve
+
+    plan_path = tmp_path / "mem.plan.json"
+    solve(scenario.with_overrides(memory_budget_mb=16, prefetch_window=1),
+          time_limit_s=5).save(plan_path)
+    real = measure.measure_plan
+
+    def inflated(*args, **kwargs):
+        r = real(*args, **kwargs)
+        return dataclasses.replace(r, memory=dataclasses.replace(
+            r.memory, measured_peak_bytes=16_000_001))
+
+    args = ["run", str(plan_path), "--store", str(store_dir), "--repeat", "1", "--no-emulate",
+            "--enforce", "--tolerance", "100"]
+    assert main(args) == 0  # as measured: within the budget
+    monkeypatch.setattr(measure, "measure_plan", inflated)  # run imports it when it runs
+    assert main(args) == 10
+    assert "measured peak memory 16.000 MB exceeds the plan's memory budget 16 MB" in \
+        capsys.readouterr().err
