@@ -55,6 +55,7 @@ from elasticplan.costmodel import (
     Pick,
     Selection,
     embedding_read_ms,
+    memory_constants,
     read_ms,
     shard_compute_ms,
     simulate,
@@ -382,12 +383,11 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
             add_rows(np.concatenate([[m_col], *layer_cols[li:li + span]]),
                      np.concatenate([[1.0], *(-b for b in layer_bytes[li:li + span])]), 0.0, inf)
         # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
+        fixed, stream_delta = memory_constants(model)
         mem_cols = np.concatenate([[m_col], pre_cols] + ([[e_col]] if e_col is not None else []))
         mem_coefs = np.concatenate([[1.0], pre_bytes] + (
-            [[float(model.embedding_query_bytes - model.embedding_table_bytes)]]
-            if e_col is not None else []))
-        fixed_memory = float(model.resident_bytes + model.embedding_table_bytes
-                             + model.scratch_bytes + model.activation_bytes)
+            [[float(stream_delta)]] if e_col is not None else []))
+        fixed_memory = float(fixed)
         if scenario.memory_budget_bytes is not None:
             add_rows(mem_cols, mem_coefs, -inf, scenario.memory_budget_bytes - fixed_memory)
     if scenario.importance_floor is not None:

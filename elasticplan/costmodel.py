@@ -145,6 +145,19 @@ def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[
         + (model.embedding_query_bytes if layout.stream_embeddings else 0))
 
 
+def memory_constants(model: ModelProfile) -> tuple[int, int]:
+    """The two constants the programs' memory rows need, from memory_of itself: the peak of
+    a plan that streams and preloads nothing with the table resident, and what streaming
+    the table adds to it (negative: the rows are smaller than the table; 0 without one).
+    A plan's peak is then the first + its ring + its preload + e x the second."""
+    empty = [0] * len(model.layers)
+    resident = memory_of(model, UNBOUNDED, 0, empty).peak_bytes
+    if not model.embedding_rows:
+        return resident, 0
+    return resident, memory_of(model, Layout(stream_embeddings=True), 0, empty).peak_bytes \
+        - resident
+
+
 def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None = None,
              start_ms: float = 0.0, execution: str = PIPELINED) -> list[LayerTimes]:
     """The schedule of layers with these read and compute times (the rules above)."""

@@ -28,7 +28,15 @@ import enum
 from collections import defaultdict
 from dataclasses import dataclass
 
-from elasticplan.costmodel import Layout, Pick, Selection, embedding_read_ms, read_ms, shard_compute_ms
+from elasticplan.costmodel import (
+    Layout,
+    Pick,
+    Selection,
+    embedding_read_ms,
+    memory_constants,
+    read_ms,
+    shard_compute_ms,
+)
 from elasticplan.errors import InvalidArgument
 from elasticplan.spec import Objective, Scenario
 
@@ -247,11 +255,9 @@ def build(scenario: Scenario) -> Program:
             row(f"window_bytes[{li}]", Unit.BYTES,
                 [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
                 ">=", 0)
-        # memory: M + preload + e (rows - table) <= budget - resident - table - scratch - act
-        memory = [("M", 1.0)] + preloads + ([(embed, model.embedding_query_bytes
-                                                - model.embedding_table_bytes)] if embed else [])
-        fixed = model.resident_bytes + model.embedding_table_bytes + model.scratch_bytes \
-            + model.activation_bytes
+        # memory: M + preload + e (rows - table) <= budget - the fixed terms
+        fixed, stream_delta = memory_constants(model)
+        memory = [("M", 1.0)] + preloads + ([(embed, stream_delta)] if embed else [])
         if scenario.memory_budget_bytes is not None:
             row("memory", Unit.BYTES, memory, "<=", scenario.memory_budget_bytes - fixed)
     if scenario.importance_floor is not None:
