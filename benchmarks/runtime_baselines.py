@@ -133,8 +133,8 @@ def main(argv=None) -> int:
                   f"{row['fidelity']:>8.4f} {row['accuracy']:>8.3f}",
                   flush=True)
         if resident is not None:
-            print("# peak MB: resident + preload + ring + scratch + activations (measured, "
-                  "activations predicted); process: VmHWM above a baseline (runtime.memprobe)")
+            print("# peak MB: resident + preload + ring + scratch + activations, as the "
+                  "executor holds them; process: VmHWM above a baseline (runtime.memprobe)")
     write_csv(out_path("runtime_baselines.csv", a.out_dir), rows, COLUMNS)
     print(f"# {time.monotonic() - t0:.0f} s in all")
     return 0

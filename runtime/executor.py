@@ -10,8 +10,10 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
   the sizes the cost model predicts (elasticplan.costmodel.memory_of), and never grown:
   the preload buffer (preloaded shards in stored form), the IO ring (the most streamed
   bytes of any W+1 consecutive layers, W the plan's prefetch window), one compute
-  scratch (a whole layer's fused fp32 weights, reused by every layer), and, when the
-  plan streams the embedding table, a buffer for one query's rows.
+  scratch (the largest shard in fp32, reused by every shard), the activation workspace,
+  the dequantisation workspace and a bounce buffer (runtime.model.Workspace,
+  runtime.quant.DecodeWork), and, when the plan streams the embedding table, a buffer for
+  one query's rows.
 - `fill_preload()`, before the query (timed, not part of query latency): preloaded shards
   are read cold through the device clock into the preload buffer.
 - `run(batch)`: every streamed file's pages are evicted first (and counted with mincore,
@@ -23,8 +25,9 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
   of the ring. The device clock books when each read completes on the emulated device.
   The compute thread (the caller's; torch only runs there) embeds, then per layer waits
   for the layer's reads (or all reads, when sequential), sleeps to the device's
-  completion time for them, decodes the layer's shards (preloaded and streamed, any
-  bitwidth) into the scratch, runs the layer, releases its ring bytes, and finally pools.
+  completion time for them, computes the layer shard by shard (a quantised shard is first
+  decoded into the scratch; an fp32 one is used where it lies), releases its ring bytes,
+  and finally pools.
 """
 
 from __future__ import annotations
@@ -113,15 +116,17 @@ class MemoryAccount:
     shard in stored form). `ring_bytes`: the IO arena the streamed shards land in, sized
     for the plan's window; `ring_high_water_bytes`: the most of it ever in use (a layer's
     bytes are in use from the start of its first read to the end of its compute).
-    `scratch_bytes`: the one compute scratch every layer is decoded into in turn.
-    `query_rows_bytes`: the buffer one query's embedding rows are read into (streamed)."""
+    `scratch_bytes`: the one compute scratch every quantised shard is decoded into in turn.
+    `query_rows_bytes`: the buffer one query's embedding rows are read into (streamed).
+    `workspace_bytes`: the activation workspace, dequantisation workspace and bounce buffer
+    (the profile's `activation_bytes`: the executor refuses a profile that says otherwise)."""
 
     resident_bytes: int
     preload_bytes: int
     ring_bytes: int
     scratch_bytes: int
     query_rows_bytes: int
-    workspace_bytes: int  # the preallocated activations of one query (runtime.model.Workspace)
+    workspace_bytes: int
     ring_high_water_bytes: int = 0
 
     @property
@@ -246,7 +251,7 @@ class Executor:
             for row in self.shards:
                 for s in row:
                     view = s.raw if s.preloaded else memoryview(self.ring[:s.variant.nbytes])
-                    store.check_into(s.variant, view)
+                    store.check_into(s.variant, view, self.fds[s.variant.file])
         except StoreError:
             self.close()
             raise

@@ -12,8 +12,12 @@ and compute intervals (of the median run).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -54,11 +58,6 @@ class Reference:
 def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> int | None:
     """The plan's process-level peak above a baseline, from runtime.memprobe in a fresh
     process (None when the plan names no scenario file to reload there)."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
     if plan.scenario.path is None:
         return None
     with tempfile.TemporaryDirectory(prefix="elasticplan-memprobe-") as tmp:
@@ -81,7 +80,7 @@ PROCESS_METHOD = ("runtime.memprobe: VmHWM minus VmRSS of a fresh process, the b
 def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: int,
                  emulate: bool, queries: list[Batch], reference: Reference,
                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
-                 plan_path: str | None = None, process: bool = True) -> RunReport:
+                 plan_path: str | None = None) -> RunReport:
     with Executor(plan, scenario, store, emulate=emulate) as ex:
         fill = ex.fill_preload()
         ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
@@ -89,10 +88,8 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
         emulated = ex.clock.emulated
         memory = ex.memory
         predicted = ex.predicted_memory
-    # The executor's exact accounting, plus the part of the activation term it does not
-    # allocate itself: torch's temporaries while decoding a shard (predicted).
-    measured = memory.peak_bytes + scenario.model.activation_bytes - memory.workspace_bytes
-    proc = process_peak(plan, store, repeats, torch.get_num_threads()) if process else None
+    measured = memory.peak_bytes
+    proc = process_peak(plan, store, repeats, torch.get_num_threads())
     runs = [t.latency_ms for t in traces]
     median = round(statistics.median(runs), 4)  # as reported: the error is computed from it
     mid = min(range(len(traces)), key=lambda i: abs(runs[i] - median))
@@ -144,14 +141,15 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
             resident_bytes=memory.resident_bytes, preload_bytes=memory.preload_bytes,
             ring_bytes=memory.ring_bytes, ring_high_water_bytes=memory.ring_high_water_bytes,
             scratch_bytes=memory.scratch_bytes, query_rows_bytes=memory.query_rows_bytes,
+            workspace_bytes=memory.workspace_bytes,
             measured_process_peak_bytes=proc,
             process_relative_error=None if proc is None else
             (proc - predicted.peak_bytes) / predicted.peak_bytes,
             method="the executor's exact accounting of what it holds: resident tensors, "
                    "preload buffer, the IO ring's high-water mark over every measured run "
                    "(a layer's bytes in use from its first read to the end of its compute), "
-                   "the compute scratch and the query's embedding rows; plus the predicted "
-                   "activations (torch's temporaries, checked by the process measurement)",
+                   "the compute scratch, the query's embedding rows, and the activation "
+                   "and dequantisation workspaces and bounce buffer",
             process_method=None if proc is None else PROCESS_METHOD),
         fidelity=statistics.fmean(fidelities), fidelity_min=min(fidelities),
         task_agreement=agree / len(traces) if head is not None else None,

@@ -169,27 +169,20 @@ class LayerWeights:
     Allocation is uninitialised, so every slot must be filled.
     """
 
-    def __init__(self, c: Config, names: list[str], storage: torch.Tensor | None = None):
-        """`storage`: a flat fp32 tensor to carve the fused buffers from (the executor's one
-        reused compute scratch); by default they are allocated here."""
+    def __init__(self, c: Config, names: list[str]):
         self.config = c
         self.names = list(names)
         self.heads = [n for n in self.names if parse_shard_name(n)[0] == "head"]
         self.slices = [n for n in self.names if parse_shard_name(n)[0] == "ffn"]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"duplicate shard in {self.names}")
-        h, s, d = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice, c.hidden
-        shapes = [(3, h, d), (d, h), (3, h), (s, d), (d, s), (s,)]
-        if storage is None:
-            parts = [torch.empty(shape) for shape in shapes]
-        else:
-            sizes = [int(np.prod(shape)) for shape in shapes]
-            if sum(sizes) > storage.numel():
-                raise ValueError(f"{sum(sizes)} floats do not fit a scratch of {storage.numel()}")
-            parts = [p.view(shape) for p, shape in
-                     zip(storage[:sum(sizes)].split(sizes), shapes)]
-        (self.attn_in, self.attn_out, self.attn_bias, self.ffn_in, self.ffn_out,
-         self.ffn_bias) = parts
+        h, s = len(self.heads) * c.d_head, len(self.slices) * c.ffn_slice
+        self.attn_in = torch.empty(3, h, c.hidden)
+        self.attn_out = torch.empty(c.hidden, h)
+        self.attn_bias = torch.empty(3, h)
+        self.ffn_in = torch.empty(s, c.hidden)
+        self.ffn_out = torch.empty(c.hidden, s)
+        self.ffn_bias = torch.empty(s)
 
     def slot(self, name: str) -> Slot:
         c = self.config
@@ -222,8 +215,8 @@ class Workspace:
     shard scratch. Shapes for B sequences of n tokens (N = B n): the hidden state x and an
     accumulator [N, hidden]; per head Q/K/V [n, 3 d_head], scores [n, n] and context
     [n, d_head] (one sequence at a time); per FFN slice its hidden units [N, f] twice
-    (pre-activation and the GELU factor); one shard's fp32 weights [rows, hidden] + bias,
-    the decode target of quantised shards (the scratch)."""
+    (pre-activation and the GELU factor); the mask as additive biases [B, n]. The shard
+    weights themselves are decoded into the executor's scratch (shard_scratch_floats)."""
 
     def __init__(self, c: Config, batch: int, n: int):
         N, d = batch * n, c.hidden

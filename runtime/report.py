@@ -51,7 +51,7 @@ class MemoryReport:
     embeddings: str  # resident or streamed
     predicted: dict  # the cost model's terms (elasticplan.costmodel.Memory.to_dict)
     predicted_peak_bytes: int
-    measured_peak_bytes: int  # executor accounting + predicted activations, exact
+    measured_peak_bytes: int  # the executor's exact accounting (every buffer it holds)
     relative_error: float  # (measured - predicted) / predicted, of the two above
     resident_bytes: int
     preload_bytes: int
@@ -59,6 +59,7 @@ class MemoryReport:
     ring_high_water_bytes: int
     scratch_bytes: int
     query_rows_bytes: int
+    workspace_bytes: int  # activation and dequantisation workspaces, bounce buffer
     measured_process_peak_bytes: int | None  # VmHWM above a baseline, in a fresh process
     process_relative_error: float | None
     method: str
@@ -124,7 +125,7 @@ def format_report(r: RunReport) -> str:
            f"resident {mem.resident_bytes / 1e6:.3f} + preload {mem.preload_bytes / 1e6:.3f} "
            f"+ ring {mem.ring_high_water_bytes / 1e6:.3f} of {mem.ring_bytes / 1e6:.3f} "
            f"+ scratch {mem.scratch_bytes / 1e6:.3f} + rows {mem.query_rows_bytes / 1e6:.3f} "
-           f"+ activations {mem.predicted['activation_bytes'] / 1e6:.3f} predicted)" + (
+           f"+ workspaces {mem.workspace_bytes / 1e6:.3f})" + (
                "" if mem.measured_process_peak_bytes is None else
                f"; process {mem.measured_process_peak_bytes / 1e6:.3f} MB "
                f"({mem.process_relative_error:+.2%})"),

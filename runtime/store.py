@@ -300,17 +300,20 @@ class ShardStore:
         self.check_into(v, memoryview(buf))
         return buf
 
-    def check_into(self, v: Variant, view: memoryview) -> None:
-        """Read one variant into `view` (its size) and check its sha256: no allocation."""
+    def check_into(self, v: Variant, view: memoryview, fd: int | None = None) -> None:
+        """Read one variant into `view` (its size) and check its sha256: no allocation.
+        `fd`: the variant's file, already open (else it is opened here)."""
         path = self.path / v.file
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
-        try:
-            n = os.preadv(fd, [view], v.offset)
-        finally:
-            os.close(fd)
+        if fd is None:
+            try:
+                own = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
+            try:
+                return self.check_into(v, view, own)
+            finally:
+                os.close(own)
+        n = os.preadv(fd, [view], v.offset)
         if n != v.nbytes or hashlib.sha256(view).hexdigest() != v.sha256:
             raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
                              f"its checksum (offset {v.offset}, {v.nbytes} bytes)")

@@ -19,7 +19,7 @@ from elasticplan.solvers.cbc import solve_cbc
 from elasticplan.solvers.cpsat import solve_cpsat
 from elasticplan.solvers.greedy import solve_greedy
 from elasticplan.solvers.highs import solve_highs
-from elasticplan.spec import Scenario
+from elasticplan.spec import Objective, Scenario
 from elasticplan.verify import verify_plan
 
 BACKENDS = {"cpsat": solve_cpsat, "cbc": solve_cbc, "highs": solve_highs, "greedy": solve_greedy}
@@ -65,8 +65,8 @@ def solve_any_window(scenario: Scenario, solver: str = DEFAULT_SOLVER, *,
                      time_limit_s: float = DEFAULT_TIME_LIMIT_S, threads: int = DEFAULT_THREADS,
                      relative_gap: float = DEFAULT_RELATIVE_GAP) -> tuple[Plan, Scenario]:
     """The window chosen by the solver: every prefetch window from 1 layer to unbounded is
-    solved (each with an even share of the time left) and the best plan kept; ties go to the plan with the
-    least predicted peak memory, then the shallower window. Returns the plan and the
+    solved (each with an even share of the time left) and the best plan kept; ties go to
+    the plan with the least predicted peak memory, then the shallower window. Returns the plan and the
     question it answers (the scenario with that window). Infeasible only if every window
     is; a time-out on one window is reported if no window gave a plan."""
     L = len(scenario.model.layers)
@@ -86,7 +86,7 @@ def solve_any_window(scenario: Scenario, solver: str = DEFAULT_SOLVER, *,
     if not found:
         timeouts = [e for e in failures if not isinstance(e, InfeasibleError)]
         raise timeouts[0] if timeouts else failures[-1]
-    sign = 1 if scenario.objective.value == "max_importance" else -1
+    sign = 1 if scenario.objective == Objective.MAX_IMPORTANCE else -1
     return max(found, key=lambda pq: (round(sign * pq[0].objective, 12),
                                       -pq[0].memory.peak_bytes,
                                       -(pq[0].window or L)))
