@@ -69,42 +69,70 @@ STREAMED, PRELOADED = 0, 1
 
 @dataclass(frozen=True)
 class CostClass:
-    """Shards of one layer with identical costs at every bitwidth."""
+    """Shards of one block of layers with identical costs at every bitwidth."""
 
-    layer: int
-    members: tuple[int, ...]  # shard indices in the layer
+    block: int
+    layers: tuple[int, ...]  # per member, its layer
+    members: tuple[int, ...]  # per member, its shard index in that layer
     read_ms: np.ndarray  # [B] one read of a member at each bitwidth
     compute_ms: np.ndarray  # [B] a member's compute (flops + dequantisation)
     bytes: np.ndarray  # [B] int64
     importance: np.ndarray  # [members, B]
 
 
-def cost_classes(scenario: Scenario) -> list[list[CostClass]]:
-    """Per layer, its shards grouped by (flops, bytes), in order of first member."""
+def per_layer(scenario: Scenario) -> list[tuple[int, ...]]:
+    return [(li,) for li in range(len(scenario.model.layers))]
+
+
+def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
+                 ) -> list[list[CostClass]]:
+    """Per block of layers (default: each layer its own), its shards grouped by
+    (flops, bytes), in order of first member."""
     device, model = scenario.device, scenario.model
     B = len(model.bitwidths)
     out = []
-    for li, layer in enumerate(model.layers):
-        groups: dict[tuple, list[int]] = {}
-        for si, s in enumerate(layer.shards):
-            groups.setdefault((s.flops, s.bytes), []).append(si)
+    for gi, block in enumerate(blocks or per_layer(scenario)):
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for li in block:
+            for si, s in enumerate(model.layers[li].shards):
+                groups.setdefault((s.flops, s.bytes), []).append((li, si))
         classes = []
         for members in groups.values():
-            rep = layer.shards[members[0]]
+            rep = model.layers[members[0][0]].shards[members[0][1]]
             classes.append(CostClass(
-                layer=li, members=tuple(members),
+                block=gi, layers=tuple(li for li, _ in members),
+                members=tuple(si for _, si in members),
                 read_ms=np.array([read_ms(device, rep.bytes[b]) for b in range(B)]),
                 compute_ms=np.array([shard_compute_ms(device, model, rep, b) for b in range(B)]),
                 bytes=np.array(rep.bytes, dtype=np.int64),
-                importance=np.array([layer.shards[si].importance for si in members])))
+                importance=np.array([model.layers[li].shards[si].importance
+                                     for li, si in members])))
         out.append(classes)
     return out
+
+
+def blocks_for(num_layers: int, latency_rows) -> list[tuple[int, ...]]:
+    """Layers cut into blocks so that each kept latency row's layer stands alone and the
+    runs between them are one block each: no kept row tells their layers apart."""
+    blocks, run = [], []
+    for li in range(num_layers):
+        if li in latency_rows:
+            if run:
+                blocks.append(tuple(run))
+                run = []
+            blocks.append((li,))
+        else:
+            run.append(li)
+    if run:
+        blocks.append(tuple(run))
+    return blocks
 
 
 @dataclass
 class MatrixProgram:
     """`row_lower <= A x <= row_upper`, `col_lower <= x <= col_upper`, some x integer;
-    optimise `cost . x`. A in coordinate form (rows, cols, vals)."""
+    optimise `cost . x`. A in coordinate form (rows, cols, vals). Per-block arrays are
+    indexed by block (`blocks`; with every latency row kept, a block is one layer)."""
 
     scenario: Scenario
     classes: list[list[CostClass]]
@@ -118,17 +146,20 @@ class MatrixProgram:
     a_rows: np.ndarray
     a_cols: np.ndarray
     a_vals: np.ndarray
-    n_col: list  # per layer, per class: int array [B, 2] of column indices (STREAMED, PRELOADED)
-    x_col: list  # per layer, per class: int array [members, B]
-    y_col: np.ndarray | None  # [L], when layers may be skipped
-    io_col: np.ndarray  # [L]  I[l]
-    comp_col: np.ndarray  # [L]  C[l]: compute of layers l..L-1, or (chained) end of l's compute
+    n_col: list  # per block, per class: int array [B, 2] of column indices (STREAMED, PRELOADED)
+    u_col: list  # per block, per class: [B, 2], the integer counts of members at >= b bits
+    x_col: list  # per block, per class: int array [members, B]
+    y_col: np.ndarray | None  # [L], when layers may be skipped (blocks are layers then)
+    io_col: np.ndarray  # [blocks]  I[g]
+    comp_col: np.ndarray  # [blocks]  C[g]: compute of blocks g.., or (chained) end of g's compute
     z_col: int | None  # min_latency only
     objective_scale: float  # cost = objective_scale * (the objective in its own unit - offset)
     chained: bool = False  # a binding prefetch window: forward time columns
     e_col: int | None = None  # the embedding table is streamed
     m_col: int | None = None  # the IO arena's bytes
     objective_offset: float = 0.0  # the objective's constant part (min_memory: fixed terms)
+    blocks: list[tuple[int, ...]] | None = None  # None: one block per layer
+    latency_rows: frozenset[int] | None = None  # the latency rows kept; None: all (exact)
 
     def layout(self, values: np.ndarray) -> Layout:
         stream = self.e_col is not None and values[self.e_col] > 0.5
@@ -137,6 +168,10 @@ class MatrixProgram:
     @property
     def num_cols(self) -> int:
         return len(self.col_lower)
+
+    @property
+    def block_layers(self) -> list[tuple[int, ...]]:
+        return self.blocks or per_layer(self.scenario)
 
     def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Column-wise compressed (start, index, value) of A."""
@@ -152,39 +187,45 @@ class MatrixProgram:
         which member takes which bitwidth. A fractional x (a solver may return a
         non-vertex optimum) is not rounded: the class's assignment is re-solved exactly
         for the counts, which can only match or beat the fractional x's importance."""
-        layers = []
-        for li, classes in enumerate(self.classes):
-            picks = []
+        layers: list[list[Pick]] = [[] for _ in self.scenario.model.layers]
+        for gi, classes in enumerate(self.classes):
             for ci, c in enumerate(classes):
-                counts = np.rint(values[self.n_col[li][ci]]).astype(np.int64)  # [B, 2]
-                x = values[self.x_col[li][ci]]  # [members, B]
+                counts = np.rint(values[self.n_col[gi][ci]]).astype(np.int64)  # [B, 2]
+                x = values[self.x_col[gi][ci]]  # [members, B]
                 chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
                 if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
                     chosen = best_assignment(c.importance, counts.sum(axis=1))
-                picks += _class_picks(c, chosen, counts)
-            layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
-        return tuple(layers)
+                for li, pick in _class_picks(c, chosen, counts):
+                    layers[li].append(pick)
+        return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
 
     def solution_of(self, selection: Selection, layout: Layout | None = None) -> np.ndarray:
         """The complete column vector of a selection: counts, x, y, e, M and the I/C chain
         from the cost model's schedule (elasticplan.costmodel.simulate)."""
         layout = layout or Layout(self.scenario.prefetch_window)
         v = np.zeros(self.num_cols)
-        for li, (classes, picks) in enumerate(zip(self.classes, selection)):
-            where = {si: (ci, k) for ci, c in enumerate(classes) for k, si in enumerate(c.members)}
+        where = {(li, si): (gi, ci, k) for gi, classes in enumerate(self.classes)
+                 for ci, c in enumerate(classes)
+                 for k, (li, si) in enumerate(zip(c.layers, c.members))}
+        for li, picks in enumerate(selection):
             for p in picks:
-                ci, k = where[p.shard]
-                v[self.n_col[li][ci][p.bit, PRELOADED if p.preloaded else STREAMED]] += 1
-                v[self.x_col[li][ci][k, p.bit]] = 1
+                gi, ci, k = where[(li, p.shard)]
+                v[self.n_col[gi][ci][p.bit, PRELOADED if p.preloaded else STREAMED]] += 1
+                v[self.x_col[gi][ci][k, p.bit]] = 1
             if picks and self.y_col is not None:
                 v[self.y_col[li]] = 1
+        for n_l, u_l in zip(self.n_col, self.u_col):
+            for n, u in zip(n_l, u_l):
+                v[u] = np.cumsum(v[n][::-1], axis=0)[::-1]
         schedule = simulate(self.scenario, selection, layout=layout)
         comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
-        v[self.io_col] = [t.io_end_ms for t in schedule.layers]
+        last = [block[-1] for block in self.block_layers]
+        first = [block[0] for block in self.block_layers]
+        v[self.io_col] = [schedule.layers[li].io_end_ms for li in last]
         if self.chained:
-            v[self.comp_col] = [t.compute_end_ms for t in schedule.layers]
+            v[self.comp_col] = [schedule.layers[li].compute_end_ms for li in last]
         else:
-            v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
+            v[self.comp_col] = np.cumsum(comp[::-1])[::-1][first]
         if self.e_col is not None:
             v[self.e_col] = float(layout.stream_embeddings)
         if self.m_col is not None:
@@ -194,14 +235,16 @@ class MatrixProgram:
         return v
 
 
-def _class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray) -> list[Pick]:
-    """Picks of a class: `chosen` per member a bitwidth index (-1: dropped), `counts`
-    [B, 2] how many at each bitwidth are streamed and preloaded. Members at one bitwidth
-    cost the same, so the first n[P] of them (by index) are preloaded."""
+def _class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray
+                 ) -> list[tuple[int, Pick]]:
+    """(layer, pick) of a class's members: `chosen` per member a bitwidth index (-1:
+    dropped), `counts` [B, 2] how many at each bitwidth are streamed and preloaded.
+    Members at one bitwidth cost the same, so the first n[P] of them (by index) are
+    preloaded."""
     picks = []
     for b in range(counts.shape[0]):
         for k, m in enumerate(np.flatnonzero(chosen == b)):
-            picks.append(Pick(c.members[m], b, bool(k < counts[b, PRELOADED])))
+            picks.append((c.layers[m], Pick(c.members[m], b, bool(k < counts[b, PRELOADED]))))
     return picks
 
 
@@ -242,13 +285,33 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
     return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
 
 
-def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
+def relaxable(scenario: Scenario) -> bool:
+    """Whether `build` can keep only some latency rows: an unrolled program (no binding
+    window) whose layers all run (their fixed overhead is then a constant)."""
+    window, L = scenario.prefetch_window, len(scenario.model.layers)
+    return scenario.min_shards_per_layer > 0 and (window is None or window + 1 >= L)
+
+
+def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> MatrixProgram:
     """Data, variables, constraints, objective. Latency rows are tightened by
-    `margins` (elasticplan.margins) for floating-point backends."""
+    `margins` (elasticplan.margins) for floating-point backends.
+
+    `latency_rows` (layer indices; None: all) keeps only those latency rows, where the
+    scenario is `relaxable`: a relaxation, whose layers between kept rows merge into one
+    block (their shards of equal cost become one class, and a block's count row asks
+    min_shards_per_layer times its layers). Its bound holds for the whole program; a
+    plan of it holds for the scenario if it meets the rows left out (`unmet_rows`)."""
     importance_scale = margins.importance_scale
     device, model = scenario.device, scenario.model
-    classes = cost_classes(scenario)
     L, B = len(model.layers), len(model.bitwidths)
+    if latency_rows is not None and relaxable(scenario) and set(latency_rows) != set(range(L)):
+        kept = frozenset(int(li) for li in latency_rows)
+        blocks = blocks_for(L, kept)
+    else:
+        kept, blocks = None, None
+    layers_of = blocks or per_layer(scenario)
+    classes = cost_classes(scenario, blocks)
+    G = len(classes)
     skippable = scenario.min_shards_per_layer == 0
     budget = scenario.preload_budget_bytes
     window = scenario.prefetch_window
@@ -264,21 +327,24 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
         integer.extend([is_int] * count)
         return np.arange(start, start + count)
 
-    n_col, x_col = [], []
+    n_col, u_col, x_col = [], [], []
     for classes_l in classes:
-        n_l, x_l = [], []
+        n_l, u_l, x_l = [], [], []
         for c in classes_l:
             size = len(c.members)
             # A class member at b fits the buffer at most budget // bytes[b] times.
             pre_cap = np.minimum(size, budget // np.maximum(c.bytes, 1))
-            hi = np.stack([np.full(B, size), pre_cap], axis=1).reshape(-1)
-            n_l.append(columns(2 * B, 0.0, hi.astype(float), True).reshape(B, 2))
+            hi = np.stack([np.full(B, size), pre_cap], axis=1).astype(float)
+            n_l.append(columns(2 * B, 0.0, hi.reshape(-1), False).reshape(B, 2))
+            at_least = np.minimum(np.cumsum(hi[::-1], axis=0)[::-1], size)
+            u_l.append(columns(2 * B, 0.0, at_least.reshape(-1), True).reshape(B, 2))
             x_l.append(columns(size * B, 0.0, 1.0, False).reshape(size, B))
         n_col.append(n_l)
+        u_col.append(u_l)
         x_col.append(x_l)
     y_col = columns(L, 0.0, 1.0, True) if skippable else None
-    io_col = columns(L, 0.0, np.inf, False)
-    comp_col = columns(L, 0.0, np.inf, False)
+    io_col = columns(G, 0.0, np.inf, False)
+    comp_col = columns(G, 0.0, np.inf, False)
     z_col = int(columns(1, 0.0, np.inf, False)[0]) \
         if scenario.objective == Objective.MIN_LATENCY else None
     e_col = int(columns(1, 0.0, 1.0, True)[0]) \
@@ -306,7 +372,12 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     for li, classes_l in enumerate(classes):
         ns = [n.reshape(-1) for n in n_col[li]]
         for ci, c in enumerate(classes_l):
-            n, x = n_col[li][ci], x_col[li][ci]
+            n, u, x = n_col[li][ci], u_col[li][ci], x_col[li][ci]
+            # at_least[b]: n[b] - u[b] + u[b+1] = 0 (per placement; u[B] = 0)
+            if B > 1:
+                add_rows(np.stack([n[:-1].reshape(-1), u[:-1].reshape(-1), u[1:].reshape(-1)],
+                                  axis=1), np.array([1.0, -1.0, 1.0]), 0.0, 0.0)
+            add_rows(np.stack([n[-1], u[-1]], axis=1), np.array([1.0, -1.0]), 0.0, 0.0)
             # pick[s]: sum_b x[s,b] <= 1
             add_rows(x, 1.0, -inf, 1.0)
             # link[c,b]: sum_s x[s,b] - n[b,S] - n[b,P] = 0
@@ -321,8 +392,8 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
             # nonempty[l]: sum n[l] - y[l] >= 0
             add_rows(np.append(all_n, y_col[li]), np.append(np.ones(all_n.size), -1.0), 0.0, inf)
         elif scenario.min_shards_per_layer > 0:
-            # count[l]: sum n[l] >= min_shards_per_layer
-            add_rows(all_n, 1.0, float(scenario.min_shards_per_layer), inf)
+            # count[g]: sum n[g] >= min_shards_per_layer x (layers in block g)
+            add_rows(all_n, 1.0, float(scenario.min_shards_per_layer * len(layers_of[li])), inf)
         # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1] = e t_emb)
         streamed = np.concatenate([n[:, STREAMED] for n in n_col[li]])
         reads = np.concatenate([c.read_ms for c in classes_l])
@@ -332,7 +403,7 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
         coefs = [1.0, *(-reads), *before[1]]
         add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
         comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
-        fixed = 0.0 if skippable else overhead
+        fixed = 0.0 if skippable else overhead * len(layers_of[li])
         work_cols, work_coefs = list(all_n), list(-comp)
         if skippable:
             work_cols.append(y_col[li])
@@ -348,9 +419,11 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
                          np.array([1.0, -1.0, *work_coefs]), fixed, inf)
             continue
         # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
-        cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
-        coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
+        cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < G else [])
+        coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < G else [])
         add_rows(np.array(cols), np.array(coefs), fixed, fixed)
+        if kept is not None and not (len(layers_of[li]) == 1 and layers_of[li][0] in kept):
+            continue  # a merged block, or a row left out
         if z_col is None:
             # latency[l]: I[l] + C[l] <= T
             add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf,
@@ -376,10 +449,11 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
     fixed_memory = 0.0
     if m_col is not None:
         # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
-        span = L if window is None else min(window + 1, L)
-        layer_cols = [np.concatenate([n[:, STREAMED] for n in n_col[li]]) for li in range(L)]
+        # (blocks merge only unchained programs, whose one window is every layer)
+        span = G if window is None else min(window + 1, G)
+        layer_cols = [np.concatenate([n[:, STREAMED] for n in n_col[li]]) for li in range(G)]
         layer_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
-        for li in range(L - span + 1):
+        for li in range(G - span + 1):
             add_rows(np.concatenate([[m_col], *layer_cols[li:li + span]]),
                      np.concatenate([[1.0], *(-b for b in layer_bytes[li:li + span])]), 0.0, inf)
         # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
@@ -416,10 +490,10 @@ def build(scenario: Scenario, margins: Margins = EXACT) -> MatrixProgram:
         col_integer=np.array(integer, dtype=bool), cost=cost, maximize=maximize,
         row_lower=np.array(r_lo), row_upper=np.array(r_hi),
         a_rows=np.concatenate(r_idx).astype(np.int64), a_cols=np.concatenate(c_idx).astype(np.int64),
-        a_vals=np.concatenate(vals), n_col=n_col, x_col=x_col, y_col=y_col, io_col=io_col,
-        comp_col=comp_col, z_col=z_col, objective_scale=scale, chained=chained, e_col=e_col,
+        a_vals=np.concatenate(vals), n_col=n_col, u_col=u_col, x_col=x_col, y_col=y_col,
+        io_col=io_col, comp_col=comp_col, z_col=z_col, objective_scale=scale, chained=chained, e_col=e_col,
         m_col=m_col, objective_offset=fixed_memory
-        if scenario.objective == Objective.MIN_MEMORY else 0.0)
+        if scenario.objective == Objective.MIN_MEMORY else 0.0, blocks=blocks, latency_rows=kept)
 
 
 def round_down(program: MatrixProgram, values: np.ndarray
@@ -454,9 +528,8 @@ def round_down(program: MatrixProgram, values: np.ndarray
 
 def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
     need = program.scenario.min_shards_per_layer
-    layers = []
+    layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
     for li, classes in enumerate(program.classes):
-        picks = []
         for ci, c in enumerate(classes):
             frac = values[program.n_col[li][ci]]  # [B, 2]
             if cumulative:  # floor of the counts at >= b, from the top bitwidth down
@@ -475,8 +548,36 @@ def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Se
                     continue
                 order = np.lexsort((-c.importance[:, b], -x_at_least[:, b]))
                 chosen[[k for k in order if chosen[k] < 0][:per_bit[b]]] = b
-            picks += _class_picks(c, chosen, counts)
-        if len(picks) < need:
-            return None
-        layers.append(tuple(sorted(picks, key=lambda p: p.shard)))
-    return tuple(layers)
+            for layer, pick in _class_picks(c, chosen, counts):
+                layers[layer].append(pick)
+    if any(len(picks) < need for picks in layers):
+        return None
+    return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
+
+
+def row_values(scenario: Scenario, selection: Selection, layout: Layout) -> list[float]:
+    """Per layer l, the left side of the unrolled program's latency row l: the end of
+    layer l's reads plus the compute of layers l..L-1 (unbounded window)."""
+    schedule = simulate(scenario, selection, layout=layout)
+    comp = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    after = np.cumsum(comp[::-1])[::-1]
+    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]
+
+
+def unmet_rows(program: MatrixProgram, selection: Selection, layout: Layout,
+               margins: Margins = EXACT) -> set[int]:
+    """Layers whose rows, left out of a relaxed program, the plan does not meet: latency
+    rows above the target (min_latency: above the rows kept), and layers below
+    min_shards_per_layer. Empty for a program with every row."""
+    if program.latency_rows is None:
+        return set()
+    sc = program.scenario
+    values = row_values(sc, selection, layout)
+    kept = program.latency_rows
+    if sc.objective == Objective.MIN_LATENCY:
+        limit = max((values[li] for li in kept), default=0.0)
+    else:
+        limit = margins.latency_rhs(sc.target_latency_ms)
+    return {li for li, v in enumerate(values) if v > limit + 1e-9 and li not in kept} | \
+        {li for li, picks in enumerate(selection)
+         if len(picks) < sc.min_shards_per_layer and li not in kept}

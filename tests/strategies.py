@@ -23,20 +23,29 @@ devices = st.builds(
 
 
 @st.composite
-def models(draw, max_layers=2, max_shards=2, max_bits=2, shared_costs=False):
+def models(draw, max_layers=2, max_shards=2, max_bits=2, shared_costs=False,
+           same_shape=False, min_layers=1):
     """With `shared_costs`, shards of a layer come in cost classes (equal flops and bytes,
-    own importance), as heads and FFN slices do: the aggregated program's structure."""
+    own importance), as heads and FFN slices do: the aggregated program's structure. With
+    `same_shape`, every layer has the first layer's shard costs (own importances), as the
+    layers of a transformer do."""
     bitwidths = tuple(sorted(draw(st.sets(st.sampled_from(BITS), min_size=1, max_size=max_bits))))
     layers = []
-    for li in range(draw(st.integers(1, max_layers))):
+    shape: list = []
+    for li in range(draw(st.integers(min_layers, max_layers))):
         shards = []
         costs = None
-        for si in range(draw(st.integers(1, max_shards))):
-            if costs is None or not (shared_costs and draw(st.booleans())):
+        count = len(shape) if same_shape and li else draw(st.integers(1, max_shards))
+        for si in range(count):
+            if same_shape and li:
+                costs = shape[si]
+            elif costs is None or not (shared_costs and draw(st.booleans())):
                 # bytes grow with bits, importance too (as real quantisation behaves)
                 per_bit = draw(st.integers(500, 300_000))
                 costs = (tuple(per_bit * b // 8 + draw(st.integers(0, 500)) for b in bitwidths),
                          draw(_num(1e4, 2e8)))
+            if not li:
+                shape.append(costs)
             nbytes, flops = costs
             base = draw(_num(0.001, 1.0))
             quality = sorted(draw(st.lists(_num(0.05, 1.0), min_size=len(bitwidths),
@@ -50,8 +59,8 @@ def models(draw, max_layers=2, max_shards=2, max_bits=2, shared_costs=False):
 
 @st.composite
 def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
-              shared_costs=False):
-    model = draw(models(max_layers, max_shards, max_bits, shared_costs))
+              shared_costs=False, same_shape=False, min_layers=1):
+    model = draw(models(max_layers, max_shards, max_bits, shared_costs, same_shape, min_layers))
     widest = min(len(layer.shards) for layer in model.layers)
     m = draw(st.integers(0, min(2, widest))) if min_shards is None else min(min_shards, widest)
     return Scenario(name="generated", device=draw(devices), model=model,
@@ -61,11 +70,13 @@ def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
 
 
 @st.composite
-def memory_scenarios(draw, max_layers=3, max_shards=2, max_bits=2, shared_costs=False):
+def memory_scenarios(draw, max_layers=3, max_shards=2, max_bits=2, shared_costs=False,
+                     same_shape=False, min_layers=1):
     """A scenario with the memory model in play: fixed memory terms, perhaps a streamable
     embedding table, a prefetch window, and a memory budget between the least any plan
     holds and everything held at once (so it binds, or is infeasible, or is slack)."""
-    sc = draw(scenarios(max_layers, max_shards, max_bits, shared_costs=shared_costs))
+    sc = draw(scenarios(max_layers, max_shards, max_bits, shared_costs=shared_costs,
+                        same_shape=same_shape, min_layers=min_layers))
     rows = draw(st.sampled_from([0, 0, 50, 5000]))
     model = dataclasses.replace(
         sc.model, resident_bytes=draw(st.integers(0, 100_000)),

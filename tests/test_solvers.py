@@ -159,3 +159,92 @@ def test_timeout_is_distinct_from_infeasible():
 
     assert not issubclass(SolverTimeoutError, InfeasibleError)
     assert issubclass(SolverTimeoutError, ElasticplanError)
+
+
+# --- row generation (elasticplan.solvers.highs): latency rows 0 and L-1 first, the layers
+# between them merged into one block, every row a plan misses added back -----------------
+
+def _signed(sc, value):
+    """An objective as brute force ranks it: larger is better."""
+    if value is None or sc.objective == Objective.MAX_IMPORTANCE:
+        return value
+    return -value
+
+
+def _question(sc, objective, data):
+    """`sc` asking `objective`; floors from a fraction of the most importance it holds."""
+    if objective in (Objective.MIN_BUFFER, Objective.MIN_MEMORY):
+        total = sum(max(s.importance) for layer in sc.model.layers for s in layer.shards)
+        floor = float(f"{total * data.draw(st.floats(0.05, 0.9)):.6g}")
+        return sc.with_overrides(objective=objective, importance_floor=floor)
+    return sc.with_overrides(objective=objective)
+
+
+def test_blocks_keep_each_kept_row_alone_and_merge_the_runs_between():
+    from elasticplan.aggregate import blocks_for
+
+    assert blocks_for(6, {0, 5}) == [(0,), (1, 2, 3, 4), (5,)]
+    assert blocks_for(6, {0, 2, 5}) == [(0,), (1,), (2,), (3, 4), (5,)]
+    assert blocks_for(3, set()) == [(0, 1, 2)]
+    assert blocks_for(4, {0, 1, 2, 3}) == [(0,), (1,), (2,), (3,)]
+
+
+@given(sc=scenarios(max_layers=5, min_layers=3, max_shards=1, max_bits=2, min_shards=1,
+                    same_shape=True),
+       objective=st.sampled_from([Objective.MAX_IMPORTANCE, Objective.MIN_BUFFER,
+                                  Objective.MIN_LATENCY]), data=st.data())
+def test_row_generation_equals_brute_force(sc, objective, data):
+    """Layers of one shape (so the middle ones merge into one class): HiGHS's row
+    generation finds the enumerated optimum for every objective."""
+    q = _question(sc, objective, data)
+    oracle.assert_matches(q, _signed(q, exact(q, "highs")), TOL)
+
+
+@given(sc=memory_scenarios(max_layers=6, min_layers=4, max_shards=3, max_bits=3,
+                           shared_costs=True, same_shape=True),
+       objective=st.sampled_from(list(Objective)), data=st.data())
+def test_row_generation_equals_the_whole_plain_program(sc, objective, data):
+    """Medium problems with the memory rows (no binding window, so rows can be left out):
+    the optimum of row generation on the aggregated program is CP-SAT's on the whole
+    plain per-shard program, for every objective."""
+    sc = sc.with_overrides(min_shards_per_layer=1, prefetch_window=None)
+    q = _question(sc, objective, data)
+    a, b = exact(q, "cpsat"), exact(q, "highs")
+    if a is None or b is None:
+        assert (a is None) == (b is None) or _near_target(q)
+        return
+    scale = max(1.0, abs(a))
+    assert math.isclose(a, b, rel_tol=TOL, abs_tol=TOL * scale) or _near_target(q)
+
+
+def test_row_generation_adds_the_row_a_relaxed_plan_misses():
+    """A middle layer that reads and computes the most makes its own latency row the one
+    that binds: the relaxed program (rows 0 and 2) gives a plan that misses it, and the
+    solve adds it back and returns the whole program's optimum."""
+    from elasticplan import aggregate
+    from elasticplan.highs_model import solve_mip
+    from elasticplan.margins import float_margins
+    from elasticplan.solvers import highs
+    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+
+    def layer(nbytes, flops, importance):
+        return Layer(shards=tuple(Shard(name=f"s{i}", kind="head", flops=flops,
+                                        bytes=(nbytes // 4, nbytes), importance=(v * 0.9, v))
+                                  for i, v in enumerate(importance)))
+
+    model = ModelProfile(name="m", seq_len=16, bitwidths=(8, 32), layers=(
+        layer(1_000, 1e5, (0.1, 0.2)), layer(400_000, 4e8, (0.5, 0.6)),
+        layer(1_000, 1e5, (0.1, 0.2))))
+    device = Device(name="d", bandwidth_mb_s=100, latency_us=10, gflops=100,
+                    layer_overhead_ms=0.1, dequant_gb_s=2, memory_mb=1e4)
+    sc = Scenario(name="middle", device=device, model=model, target_latency_ms=15.0,
+                  preload_budget_mb=0.0, min_shards_per_layer=1,
+                  objective=Objective.MAX_IMPORTANCE, content_hash="middle")
+    relaxed = highs.build(sc, highs.first_rows(sc))
+    assert relaxed.latency_rows == {0, 2}
+    out = solve_mip(highs._model(relaxed), deadline=time.perf_counter() + 20, relative_gap=0)
+    missed = aggregate.unmet_rows(relaxed, relaxed.selection(out.values),
+                                  relaxed.layout(out.values), float_margins(sc))
+    assert missed == {1}
+    plan = oracle.solve_or_none(sc, "highs")
+    oracle.assert_matches(sc, plan.objective, TOL)

@@ -38,29 +38,68 @@ _STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
 }
 
 
-def build(scenario: Scenario) -> aggregate.MatrixProgram:
-    return aggregate.build(scenario, float_margins(scenario))
+def build(scenario: Scenario, latency_rows=None) -> aggregate.MatrixProgram:
+    return aggregate.build(scenario, float_margins(scenario), latency_rows)
+
+
+def first_rows(scenario: Scenario) -> set[int] | None:
+    """The latency rows a relaxed program starts from: the first (compute-bound) and the
+    last (IO-bound), the two the LP duals show binding; None where the program cannot be
+    relaxed (aggregate.relaxable)."""
+    if not aggregate.relaxable(scenario):
+        return None
+    return {0, len(scenario.model.layers) - 1}
 
 
 def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relative_gap: float) -> Plan:
+    """Row generation: solve the program with only some latency rows (the layers between
+    them merge into blocks, which removes the near-ties between layers that keep a
+    branch and bound from closing), then add every row its plan misses and solve again.
+    A plan that meets every row is a plan of the scenario, and the relaxation's bound is
+    a bound of the scenario, so its gap is proven. At worst every row comes back: the
+    whole program."""
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
     deadline = started + time_limit_s
-    program = build(scenario)
+    rows = first_rows(scenario)
+    while True:
+        program = build(scenario, rows)
+        plan, values = _solve_program(program, started=started, deadline=deadline,
+                                      relative_gap=relative_gap)
+        if values is None:
+            return plan  # checked against the scenario's own cost model already
+        missing = aggregate.unmet_rows(program, program.selection(values),
+                                       program.layout(values), float_margins(scenario))
+        if not missing:
+            return plan
+        if time.perf_counter() >= deadline:
+            raise SolverTimeoutError(
+                f"HiGHS found no plan within the {time_limit_s:g} s time limit "
+                f"(not a proof that none exists); raise --time-limit")
+        rows = rows | missing
+
+
+def _solve_program(program: aggregate.MatrixProgram, *, started: float, deadline: float,
+                   relative_gap: float) -> tuple[Plan, np.ndarray | None]:
+    """A plan of `program` with its gap to the program's bound, and the solution's columns
+    (None for the relaxation's rounded plan, which is checked against the cost model)."""
+    scenario = program.scenario
+    time_limit_s = deadline - started
     rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
     if relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE:
         rounded = _lp_rounded(program, deadline=deadline, started=started)
         if rounded is not None and rounded.gap <= relative_gap:
-            return rounded
+            return rounded, None
     mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap)
     elapsed = time.perf_counter() - started
     status, has_plan = mip.status, mip.has_plan
     if status in (highspy.HighsModelStatus.kInfeasible,
                   highspy.HighsModelStatus.kUnboundedOrInfeasible):
         # The program is bounded by construction (every column is bounded or pinned by an
-        # equality), so "unbounded or infeasible" can only mean infeasible.
+        # equality), so "unbounded or infeasible" can only mean infeasible; a relaxation
+        # infeasible means the scenario is.
         raise InfeasibleError("HiGHS proved the problem infeasible")
     if status == highspy.HighsModelStatus.kOptimal:
         solve_status = SolveStatus.OPTIMAL
@@ -69,7 +108,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     elif status in _STOPPED and rounded is not None:
         # Out of time with no MIP plan: the rounded relaxation is a plan, and its distance
         # from the relaxation's bound is a proven gap.
-        return replace(rounded, status=SolveStatus.FEASIBLE, solve_seconds=elapsed)
+        return replace(rounded, status=SolveStatus.FEASIBLE, solve_seconds=elapsed), None
     elif status in _STOPPED:
         raise SolverTimeoutError(
             f"HiGHS found no plan within the {time_limit_s:g} s time limit "
@@ -81,7 +120,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                                status=solve_status, gap=None, solve_seconds=elapsed,
                                layout=program.layout(mip.values))
     bound = mip.dual_bound / program.objective_scale + program.objective_offset
-    return replace(plan, gap=gap_to_bound(plan.objective, bound))
+    return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
 def _lp_rounded(program: aggregate.MatrixProgram, *, deadline: float,
