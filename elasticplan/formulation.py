@@ -74,6 +74,7 @@ class Program:
     byte_vars: tuple[str, ...] = ()  # continuous, >= 0, in bytes (M)
     byte_horizon: int = 0  # no byte variable needs to exceed this
     embed_var: str | None = None  # e, when the program chooses where the table lives
+    objective_offset: float = 0.0  # the objective's constant part (min_memory: fixed terms)
 
     def layout(self, value) -> Layout:
         """The layout of a solution: the scenario's window, the table where e says."""
@@ -274,4 +275,6 @@ def build(scenario: Scenario) -> Program:
                    time_horizon_ms=horizon, rows=tuple(rows), objective=tuple(objective),
                    maximize=maximize, objective_unit=unit, q=q, p=p, byte_vars=byte_vars,
                    byte_horizon=sum(max(s.bytes) for layer in model.layers for s in layer.shards),
-                   embed_var=embed)
+                   embed_var=embed,
+                   objective_offset=float(memory_constants(model)[0])
+                   if scenario.objective == Objective.MIN_MEMORY else 0.0)

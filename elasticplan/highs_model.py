@@ -49,14 +49,16 @@ def new_highs() -> highspy.Highs:
 
 
 def pass_model(h: highspy.Highs, csc, *, maximize: bool, cost, col_lower, col_upper,
-               row_lower, row_upper, integer=None) -> None:
+               row_lower, row_upper, integer=None, offset: float = 0.0) -> None:
     """Load `row_lower <= A x <= row_upper` (A column-wise: start, index, value) into `h`;
-    `integer` marks integer columns (None: an LP)."""
+    `integer` marks integer columns (None: an LP); `offset` is the objective's constant
+    (HiGHS's relative gap is then the whole objective's)."""
     start, index, value = csc
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = len(cost), len(row_lower)
     lp.sense_ = highspy.ObjSense.kMaximize if maximize else highspy.ObjSense.kMinimize
     lp.col_cost_ = np.asarray(cost, dtype=float)
+    lp.offset_ = float(offset)
     lp.col_lower_ = np.asarray(col_lower, dtype=float)
     lp.col_upper_ = np.asarray(col_upper, dtype=float)
     lp.row_lower_ = np.asarray(row_lower, dtype=float)

@@ -47,6 +47,7 @@ class IntProgram:
     rows: tuple[IntRow, ...]
     objective: tuple[tuple[str, int], ...]
     time_horizon: int  # upper bound for every time variable, in ticks
+    objective_offset: int = 0  # the objective's constant part, in its units
 
 
 def scale_row(row: Row, scale: float, exact_vars: frozenset[str]) -> IntRow:
@@ -78,7 +79,8 @@ def to_integers(program: Program, tick_ns: float = DEFAULT_TICK_NS) -> IntProgra
                       for v, c in program.objective)
     n_bools = len(program.bools)
     horizon = math.ceil(program.time_horizon_ms / tick_ms) + n_bools + 2 * len(program.times) + 1
-    return IntProgram(program, tick_ms, importance_scale, rows, objective, horizon)
+    return IntProgram(program, tick_ms, importance_scale, rows, objective, horizon,
+                      round(program.objective_offset * obj_scale))
 
 
 def earliest_times(ip: IntProgram, bools: dict[str, int]) -> dict[str, int]:

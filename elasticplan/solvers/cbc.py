@@ -55,7 +55,8 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     # line precise enough to compute a real gap. Feasibility is unaffected.
     top = max((abs(c) for _, c in program.objective), default=1.0) or 1.0
     obj_scale = 10.0 ** round(math.log10(1e6 / top))
-    prob += pulp.lpSum(obj_scale * c * var[v] for v, c in program.objective)
+    prob += pulp.lpSum(obj_scale * c * var[v] for v, c in program.objective) \
+        + obj_scale * program.objective_offset
 
     with tempfile.TemporaryDirectory(prefix="elasticplan-cbc-") as tmp:
         log_path = os.path.join(tmp, "cbc.log")

@@ -119,7 +119,7 @@ def _solve_program(program: aggregate.MatrixProgram, *, started: float, deadline
     plan = Plan.from_selection(scenario, program.selection(mip.values), solver=NAME,
                                status=solve_status, gap=None, solve_seconds=elapsed,
                                layout=program.layout(mip.values))
-    bound = mip.dual_bound / program.objective_scale + program.objective_offset
+    bound = mip.dual_bound / program.objective_scale  # the model carries the offset
     return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
@@ -149,7 +149,8 @@ def _model(program: aggregate.MatrixProgram) -> dict:
     return dict(csc=program.csc(), maximize=program.maximize, cost=program.cost,
                 col_lower=program.col_lower, col_upper=program.col_upper,
                 row_lower=program.row_lower, row_upper=program.row_upper,
-                integer=program.col_integer)
+                integer=program.col_integer,
+                offset=program.objective_offset * program.objective_scale)
 
 
 def _highs(program: aggregate.MatrixProgram, *, deadline: float,
