@@ -54,6 +54,7 @@ from elasticplan.costmodel import (
     Layout,
     Pick,
     Selection,
+    critical_path,
     embedding_read_ms,
     memory_constants,
     read_ms,
@@ -111,21 +112,49 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
     return out
 
 
-def blocks_for(num_layers: int, latency_rows) -> list[tuple[int, ...]]:
-    """Layers cut into blocks so that each kept latency row's layer stands alone and the
-    runs between them are one block each: no kept row tells their layers apart."""
-    blocks, run = [], []
-    for li in range(num_layers):
-        if li in latency_rows:
-            if run:
-                blocks.append(tuple(run))
-                run = []
-            blocks.append((li,))
-        else:
-            run.append(li)
-    if run:
-        blocks.append(tuple(run))
-    return blocks
+@dataclass(frozen=True)
+class Relaxation:
+    """The rows a relaxed program keeps. A latency row is a path through the schedule's
+    recurrence (elasticplan.costmodel.critical_path): per layer, 1 if the path takes its
+    reads, 2 its compute, 3 both; the path's sum, with the embedding rows' read, is at
+    most the latency of any plan, so `sum <= target` holds for every feasible plan. The
+    unrolled rows of an unbounded window are the paths "reads of 0..l, compute of l..L-1".
+    `alone` are the layers kept out of any block (a layer short of min_shards_per_layer)."""
+
+    paths: frozenset[tuple[int, ...]]
+    alone: frozenset[int] = frozenset()
+
+    def blocks(self, num_layers: int) -> list[tuple[int, ...]]:
+        """Layers that every kept row treats alike, as blocks (in order of first layer);
+        a block need not be contiguous."""
+        paths = sorted(self.paths)
+        groups: dict[tuple, list[int]] = {}
+        for li in range(num_layers):
+            key = (tuple(p[li] for p in paths), li if li in self.alone else -1)
+            groups.setdefault(key, []).append(li)
+        return [tuple(g) for g in groups.values()]
+
+
+def relaxable(scenario: Scenario) -> bool:
+    """Whether `build` can keep only some rows: every layer runs (min_shards_per_layer
+    >= 1: a layer's fixed overhead is a constant of every path through it) and the
+    prefetch window does not bind (the IO arena's one window holds every layer, so it
+    tells no layers apart). Measured on binding windows (MiniLM, 9 MB, window 1): the
+    paths a plan misses split every layer from the next within two rounds, and each
+    round's dense path rows solved slower than the whole program's recurrence."""
+    window, L = scenario.prefetch_window, len(scenario.model.layers)
+    return scenario.min_shards_per_layer > 0 and (window is None or window + 1 >= L)
+
+
+def first_relaxation(scenario: Scenario) -> Relaxation | None:
+    """Where row generation starts: the IO-bound path (every layer's reads, then the last
+    layer's compute) and the compute-bound path (the first layer's reads, then every
+    layer's compute), the two latency rows the LP duals show binding. None if the
+    scenario is not `relaxable`."""
+    if not relaxable(scenario):
+        return None
+    L = len(scenario.model.layers)
+    return Relaxation(frozenset({tuple([1] * (L - 1) + [3]), tuple([3] + [2] * (L - 1))}))
 
 
 @dataclass
@@ -159,7 +188,7 @@ class MatrixProgram:
     m_col: int | None = None  # the IO arena's bytes
     objective_offset: float = 0.0  # the objective's constant part (min_memory: fixed terms)
     blocks: list[tuple[int, ...]] | None = None  # None: one block per layer
-    latency_rows: frozenset[int] | None = None  # the latency rows kept; None: all (exact)
+    relaxation: Relaxation | None = None  # the rows kept; None: the whole program
 
     def layout(self, values: np.ndarray) -> Layout:
         stream = self.e_col is not None and values[self.e_col] > 0.5
@@ -219,13 +248,12 @@ class MatrixProgram:
                 v[u] = np.cumsum(v[n][::-1], axis=0)[::-1]
         schedule = simulate(self.scenario, selection, layout=layout)
         comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
-        last = [block[-1] for block in self.block_layers]
-        first = [block[0] for block in self.block_layers]
-        v[self.io_col] = [schedule.layers[li].io_end_ms for li in last]
-        if self.chained:
-            v[self.comp_col] = [schedule.layers[li].compute_end_ms for li in last]
-        else:
-            v[self.comp_col] = np.cumsum(comp[::-1])[::-1][first]
+        if self.relaxation is None:  # the time columns (one block per layer)
+            v[self.io_col] = [t.io_end_ms for t in schedule.layers]
+            if self.chained:
+                v[self.comp_col] = [t.compute_end_ms for t in schedule.layers]
+            else:
+                v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
         if self.e_col is not None:
             v[self.e_col] = float(layout.stream_embeddings)
         if self.m_col is not None:
@@ -285,37 +313,31 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
     return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
 
 
-def relaxable(scenario: Scenario) -> bool:
-    """Whether `build` can keep only some latency rows: an unrolled program (no binding
-    window) whose layers all run (their fixed overhead is then a constant)."""
-    window, L = scenario.prefetch_window, len(scenario.model.layers)
-    return scenario.min_shards_per_layer > 0 and (window is None or window + 1 >= L)
-
-
-def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> MatrixProgram:
+def build(scenario: Scenario, margins: Margins = EXACT,
+          relaxation: Relaxation | None = None) -> MatrixProgram:
     """Data, variables, constraints, objective. Latency rows are tightened by
     `margins` (elasticplan.margins) for floating-point backends.
 
-    `latency_rows` (layer indices; None: all) keeps only those latency rows, where the
-    scenario is `relaxable`: a relaxation, whose layers between kept rows merge into one
-    block (their shards of equal cost become one class, and a block's count row asks
-    min_shards_per_layer times its layers). Its bound holds for the whole program; a
-    plan of it holds for the scenario if it meets the rows left out (`unmet_rows`)."""
+    With a `relaxation` (for a `relaxable` scenario), only its rows are kept: its paths
+    as latency rows written on the counts (no time columns), its arena windows, and one
+    count row per block. Layers that every kept row treats alike merge into one block,
+    whose shards of equal cost form one class: near-ties between layers, which keep a
+    branch and bound from closing, are gone. Its bound holds for the whole program; its
+    plan holds for the scenario if `grow` finds no row it misses."""
     importance_scale = margins.importance_scale
     device, model = scenario.device, scenario.model
     L, B = len(model.layers), len(model.bitwidths)
-    if latency_rows is not None and relaxable(scenario) and set(latency_rows) != set(range(L)):
-        kept = frozenset(int(li) for li in latency_rows)
-        blocks = blocks_for(L, kept)
-    else:
-        kept, blocks = None, None
+    if relaxation is not None and not relaxable(scenario):
+        raise ValueError(f"scenario {scenario.name!r} cannot be relaxed (aggregate.relaxable)")
+    blocks = relaxation.blocks(L) if relaxation is not None else None
     layers_of = blocks or per_layer(scenario)
     classes = cost_classes(scenario, blocks)
     G = len(classes)
     skippable = scenario.min_shards_per_layer == 0
     budget = scenario.preload_budget_bytes
     window = scenario.prefetch_window
-    chained = window is not None and window + 1 < L
+    timed = relaxation is None  # the whole program: time columns I, C per layer
+    chained = timed and window is not None and window + 1 < L
 
     # --- variables ---------------------------------------------------------------------
     lower, upper, integer = [], [], []
@@ -343,8 +365,8 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
         u_col.append(u_l)
         x_col.append(x_l)
     y_col = columns(L, 0.0, 1.0, True) if skippable else None
-    io_col = columns(G, 0.0, np.inf, False)
-    comp_col = columns(G, 0.0, np.inf, False)
+    io_col = columns(G if timed else 0, 0.0, np.inf, False)
+    comp_col = columns(G if timed else 0, 0.0, np.inf, False)
     z_col = int(columns(1, 0.0, np.inf, False)[0]) \
         if scenario.objective == Objective.MIN_LATENCY else None
     e_col = int(columns(1, 0.0, 1.0, True)[0]) \
@@ -394,6 +416,8 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
         elif scenario.min_shards_per_layer > 0:
             # count[g]: sum n[g] >= min_shards_per_layer x (layers in block g)
             add_rows(all_n, 1.0, float(scenario.min_shards_per_layer * len(layers_of[li])), inf)
+        if not timed:
+            continue  # a relaxation's latency rows are its paths, below
         # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1] = e t_emb)
         streamed = np.concatenate([n[:, STREAMED] for n in n_col[li]])
         reads = np.concatenate([c.read_ms for c in classes_l])
@@ -403,7 +427,7 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
         coefs = [1.0, *(-reads), *before[1]]
         add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
         comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
-        fixed = 0.0 if skippable else overhead * len(layers_of[li])
+        fixed = 0.0 if skippable else overhead
         work_cols, work_coefs = list(all_n), list(-comp)
         if skippable:
             work_cols.append(y_col[li])
@@ -419,11 +443,9 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
                          np.array([1.0, -1.0, *work_coefs]), fixed, inf)
             continue
         # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
-        cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < G else [])
-        coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < G else [])
+        cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
+        coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
         add_rows(np.array(cols), np.array(coefs), fixed, fixed)
-        if kept is not None and not (len(layers_of[li]) == 1 and layers_of[li][0] in kept):
-            continue  # a merged block, or a row left out
         if z_col is None:
             # latency[l]: I[l] + C[l] <= T
             add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf,
@@ -433,6 +455,30 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
                      0.0, inf)
 
+    for path in sorted(relaxation.paths) if relaxation is not None else ():
+        # path[p]: e t_emb + sum over the path's reads and compute (+ overheads) <= T
+        # (min_latency: Z - the same >= its constant)
+        cols, coefs, fixed = [], [], 0.0
+        for gi, block in enumerate(layers_of):
+            mark = path[block[0]]  # alike for every layer of a block
+            if mark & 2:
+                fixed += overhead * len(block)
+            for ci, c in enumerate(classes[gi]):
+                coef = np.zeros((B, 2))
+                if mark & 1:
+                    coef[:, STREAMED] += c.read_ms
+                if mark & 2:
+                    coef += c.compute_ms[:, None]
+                cols.append(n_col[gi][ci].reshape(-1))
+                coefs.append(coef.reshape(-1))
+        if e_col is not None:
+            cols.append(np.array([e_col]))
+            coefs.append(np.array([t_emb]))
+        cols, coefs = np.concatenate(cols), np.concatenate(coefs)
+        if z_col is None:
+            add_rows(cols, coefs, -inf, margins.latency_rhs(scenario.target_latency_ms) - fixed)
+        else:
+            add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed, inf)
     if chained:
         # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= 0)
         if z_col is None:
@@ -449,13 +495,14 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
     fixed_memory = 0.0
     if m_col is not None:
         # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
-        # (blocks merge only unchained programs, whose one window is every layer)
-        span = G if window is None else min(window + 1, G)
-        layer_cols = [np.concatenate([n[:, STREAMED] for n in n_col[li]]) for li in range(G)]
-        layer_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
-        for li in range(G - span + 1):
-            add_rows(np.concatenate([[m_col], *layer_cols[li:li + span]]),
-                     np.concatenate([[1.0], *(-b for b in layer_bytes[li:li + span])]), 0.0, inf)
+        # (a relaxation's window holds every layer: it is kept whole, over its blocks)
+        span = L if window is None else min(window + 1, L)
+        block_cols = [np.concatenate([n[:, STREAMED] for n in n_col[gi]]) for gi in range(G)]
+        block_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
+        for k in range(L - span + 1):
+            inside = [gi for gi, block in enumerate(layers_of) if k <= block[0] < k + span]
+            add_rows(np.concatenate([[m_col], *(block_cols[gi] for gi in inside)]),
+                     np.concatenate([[1.0], *(-block_bytes[gi] for gi in inside)]), 0.0, inf)
         # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
         fixed, stream_delta = memory_constants(model)
         mem_cols = np.concatenate([[m_col], pre_cols] + ([[e_col]] if e_col is not None else []))
@@ -493,7 +540,7 @@ def build(scenario: Scenario, margins: Margins = EXACT, latency_rows=None) -> Ma
         a_vals=np.concatenate(vals), n_col=n_col, u_col=u_col, x_col=x_col, y_col=y_col,
         io_col=io_col, comp_col=comp_col, z_col=z_col, objective_scale=scale, chained=chained, e_col=e_col,
         m_col=m_col, objective_offset=fixed_memory
-        if scenario.objective == Objective.MIN_MEMORY else 0.0, blocks=blocks, latency_rows=kept)
+        if scenario.objective == Objective.MIN_MEMORY else 0.0, blocks=blocks, relaxation=relaxation)
 
 
 def round_down(program: MatrixProgram, values: np.ndarray
@@ -555,29 +602,33 @@ def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Se
     return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
 
 
-def row_values(scenario: Scenario, selection: Selection, layout: Layout) -> list[float]:
-    """Per layer l, the left side of the unrolled program's latency row l: the end of
-    layer l's reads plus the compute of layers l..L-1 (unbounded window)."""
-    schedule = simulate(scenario, selection, layout=layout)
-    comp = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
-    after = np.cumsum(comp[::-1])[::-1]
-    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]
-
-
-def unmet_rows(program: MatrixProgram, selection: Selection, layout: Layout,
-               margins: Margins = EXACT) -> set[int]:
-    """Layers whose rows, left out of a relaxed program, the plan does not meet: latency
-    rows above the target (min_latency: above the rows kept), and layers below
-    min_shards_per_layer. Empty for a program with every row."""
-    if program.latency_rows is None:
-        return set()
+def grow(program: MatrixProgram, selection: Selection, layout: Layout,
+         margins: Margins = EXACT) -> Relaxation | None:
+    """The relaxation with the rows a relaxed program's plan misses added, or None if it
+    meets them all (then it is a plan of the scenario): the plan's critical path if it
+    runs past the target (min_latency: past the kept paths' longest), a layer short of
+    min_shards_per_layer."""
+    relax = program.relaxation
+    if relax is None:
+        return None
     sc = program.scenario
-    values = row_values(sc, selection, layout)
-    kept = program.latency_rows
+    schedule = simulate(sc, selection, layout=layout)
+    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
+    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
+
+    def total(path):
+        return start + sum(r for r, m in zip(reads, path) if m & 1) + \
+            sum(c for c, m in zip(work, path) if m & 2)
+
+    paths = set(relax.paths)
     if sc.objective == Objective.MIN_LATENCY:
-        limit = max((values[li] for li in kept), default=0.0)
+        limit = max(total(p) for p in relax.paths)
     else:
         limit = margins.latency_rhs(sc.target_latency_ms)
-    return {li for li, v in enumerate(values) if v > limit + 1e-9 and li not in kept} | \
-        {li for li, picks in enumerate(selection)
-         if len(picks) < sc.min_shards_per_layer and li not in kept}
+    critical = critical_path(schedule.layers, layout.window, start)
+    if total(critical) > limit + 1e-9:
+        paths.add(critical)
+    short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
+    grown = Relaxation(frozenset(paths), relax.alone | short)
+    return None if grown == relax else grown

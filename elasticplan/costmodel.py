@@ -187,6 +187,34 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
     return times
 
 
+def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int | None,
+                  start_ms: float = 0.0) -> tuple[int, ...]:
+    """A longest chain of a pipelined schedule, from the channel's start to the last
+    layer's compute end: per layer, 1 if the chain takes its reads, 2 its compute, 3 both.
+    Its reads and compute (and start_ms) sum to the latency. Walked back from the end:
+    a layer's compute waited on its own reads or on the layer before's compute; its reads
+    on the layer before's reads or, through the window, on layer l-W-1's compute."""
+    marks = [0] * len(times)
+    kind, l = "compute", len(times) - 1
+    while l >= 0:
+        t = times[l]
+        if kind == "compute":
+            marks[l] |= 2
+            if l and times[l - 1].compute_end_ms > t.io_end_ms:
+                l -= 1
+            else:
+                kind = "io"
+            continue
+        marks[l] |= 1
+        before = times[l - 1].io_end_ms if l else start_ms
+        if window is not None and l > window and \
+                times[l - window - 1].compute_end_ms > before:
+            kind, l = "compute", l - window - 1
+        else:
+            l -= 1
+    return tuple(marks)
+
+
 def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED,
              layout: Layout = UNBOUNDED) -> Schedule:
     """Replay the pipeline event by event for the chosen shards."""

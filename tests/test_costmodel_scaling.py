@@ -154,3 +154,29 @@ def test_formulation_matches_cost_model_on_shipped_plan(tmp_path):
     objective = sum(c * values[v] for v, c in program.objective)
     assert math.isclose(objective, plan.importance, rel_tol=1e-12)
     assert simulate(sc, plan.selection(sc)).latency_ms == pytest.approx(plan.predicted_latency_ms)
+
+
+@given(reads=st.lists(st.floats(0, 10), min_size=1, max_size=7), data=st.data())
+def test_critical_path_sums_to_the_latency_and_every_path_is_below_it(reads, data):
+    """The critical path's reads and compute sum to the schedule's latency; any path of
+    the recurrence (here: the unrolled rows "reads of 0..l, compute of l..L-1", valid
+    under every window) sums to at most it, which is what makes a path a valid row."""
+    from elasticplan.costmodel import critical_path, pipeline
+
+    L = len(reads)
+    work = data.draw(st.lists(st.floats(0, 10), min_size=L, max_size=L))
+    window = data.draw(st.sampled_from([None, *range(1, L + 1)]))
+    start = data.draw(st.floats(0, 5))
+    times = pipeline(reads, work, window=window, start_ms=start)
+    latency = times[-1].compute_end_ms
+
+    def total(path):
+        return start + sum(r for r, m in zip(reads, path) if m & 1) + \
+            sum(c for c, m in zip(work, path) if m & 2)
+
+    path = critical_path(times, window, start)
+    assert path[0] & 1 and path[-1] & 2
+    assert total(path) == pytest.approx(latency, rel=1e-9, abs=1e-9)
+    for row in range(L):
+        unrolled = tuple(1 if i < row else 3 if i == row else 2 for i in range(L))
+        assert total(unrolled) <= latency + 1e-9

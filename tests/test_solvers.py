@@ -180,13 +180,21 @@ def _question(sc, objective, data):
     return sc.with_overrides(objective=objective)
 
 
-def test_blocks_keep_each_kept_row_alone_and_merge_the_runs_between():
-    from elasticplan.aggregate import blocks_for
+def _row(L, l):
+    """The unrolled latency row l as a path: reads of layers 0..l, compute of l..L-1."""
+    return tuple(1 if i < l else 3 if i == l else 2 for i in range(L))
 
-    assert blocks_for(6, {0, 5}) == [(0,), (1, 2, 3, 4), (5,)]
-    assert blocks_for(6, {0, 2, 5}) == [(0,), (1,), (2,), (3, 4), (5,)]
-    assert blocks_for(3, set()) == [(0, 1, 2)]
-    assert blocks_for(4, {0, 1, 2, 3}) == [(0,), (1,), (2,), (3,)]
+
+def test_blocks_merge_the_layers_every_kept_row_treats_alike():
+    from elasticplan.aggregate import Relaxation
+
+    assert Relaxation(frozenset({_row(6, 0), _row(6, 5)})).blocks(6) == \
+        [(0,), (1, 2, 3, 4), (5,)]
+    assert Relaxation(frozenset({_row(6, 0), _row(6, 2), _row(6, 5)})).blocks(6) == \
+        [(0,), (1,), (2,), (3, 4), (5,)]
+    assert Relaxation(frozenset({_row(6, 0), _row(6, 5)}), alone=frozenset({2})).blocks(6) == \
+        [(0,), (1, 3, 4), (2,), (5,)]
+    assert Relaxation(frozenset({_row(3, 0)})).blocks(3) == [(0,), (1, 2)]
 
 
 @given(sc=scenarios(max_layers=5, min_layers=3, max_shards=1, max_bits=2, min_shards=1,
@@ -219,8 +227,9 @@ def test_row_generation_equals_the_whole_plain_program(sc, objective, data):
 
 def test_row_generation_adds_the_row_a_relaxed_plan_misses():
     """A middle layer that reads and computes the most makes its own latency row the one
-    that binds: the relaxed program (rows 0 and 2) gives a plan that misses it, and the
-    solve adds it back and returns the whole program's optimum."""
+    that binds: the relaxed program (rows 0 and 2) gives a plan that misses it, `grow`
+    adds it (the plan's critical path), and the solve returns the whole program's
+    optimum."""
     from elasticplan import aggregate
     from elasticplan.highs_model import solve_mip
     from elasticplan.margins import float_margins
@@ -240,12 +249,13 @@ def test_row_generation_adds_the_row_a_relaxed_plan_misses():
     sc = Scenario(name="middle", device=device, model=model, target_latency_ms=15.0,
                   preload_budget_mb=0.0, min_shards_per_layer=1,
                   objective=Objective.MAX_IMPORTANCE, content_hash="middle")
-    relaxed = highs.build(sc, highs.first_rows(sc))
-    assert relaxed.latency_rows == {0, 2}
+    first = aggregate.first_relaxation(sc)
+    assert first.paths == {_row(3, 0), _row(3, 2)}
+    relaxed = highs.build(sc, first)
     out = solve_mip(highs._model(relaxed), deadline=time.perf_counter() + 20, relative_gap=0)
-    missed = aggregate.unmet_rows(relaxed, relaxed.selection(out.values),
-                                  relaxed.layout(out.values), float_margins(sc))
-    assert missed == {1}
+    grown = aggregate.grow(relaxed, relaxed.selection(out.values), relaxed.layout(out.values),
+                           float_margins(sc))
+    assert grown.paths == first.paths | {_row(3, 1)}
     plan = oracle.solve_or_none(sc, "highs")
     oracle.assert_matches(sc, plan.objective, TOL)
 

@@ -38,46 +38,38 @@ _STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
 }
 
 
-def build(scenario: Scenario, latency_rows=None) -> aggregate.MatrixProgram:
-    return aggregate.build(scenario, float_margins(scenario), latency_rows)
-
-
-def first_rows(scenario: Scenario) -> set[int] | None:
-    """The latency rows a relaxed program starts from: the first (compute-bound) and the
-    last (IO-bound), the two the LP duals show binding; None where the program cannot be
-    relaxed (aggregate.relaxable)."""
-    if not aggregate.relaxable(scenario):
-        return None
-    return {0, len(scenario.model.layers) - 1}
+def build(scenario: Scenario,
+          relaxation: aggregate.Relaxation | None = None) -> aggregate.MatrixProgram:
+    return aggregate.build(scenario, float_margins(scenario), relaxation)
 
 
 def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relative_gap: float) -> Plan:
-    """Row generation: solve the program with only some latency rows (the layers between
-    them merge into blocks, which removes the near-ties between layers that keep a
-    branch and bound from closing), then add every row its plan misses and solve again.
-    A plan that meets every row is a plan of the scenario, and the relaxation's bound is
-    a bound of the scenario, so its gap is proven. At worst every row comes back: the
-    whole program."""
+    """Row generation: solve a relaxed program (aggregate.first_relaxation: two latency
+    paths; layers that its rows treat alike merge into blocks, which removes the near-ties
+    between layers that keep a branch and bound from closing), then add every row its plan
+    misses (aggregate.grow) and solve again. A plan that misses none is a plan of the
+    scenario, and a relaxation's bound is a bound of the scenario, so its gap is proven.
+    Scenarios whose layers may be skipped get the whole program at once."""
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
     deadline = started + time_limit_s
-    rows = first_rows(scenario)
+    margins = float_margins(scenario)
+    relaxation = aggregate.first_relaxation(scenario)
     while True:
-        program = build(scenario, rows)
+        program = build(scenario, relaxation)
         plan, values = _solve_program(program, started=started, deadline=deadline,
                                       relative_gap=relative_gap)
         if values is None:
             return plan  # checked against the scenario's own cost model already
-        missing = aggregate.unmet_rows(program, program.selection(values),
-                                       program.layout(values), float_margins(scenario))
-        if not missing:
+        relaxation = aggregate.grow(program, program.selection(values),
+                                    program.layout(values), margins)
+        if relaxation is None:
             return plan
         if time.perf_counter() >= deadline:
             raise SolverTimeoutError(
                 f"HiGHS found no plan within the {time_limit_s:g} s time limit "
                 f"(not a proof that none exists); raise --time-limit")
-        rows = rows | missing
 
 
 def _solve_program(program: aggregate.MatrixProgram, *, started: float, deadline: float,
