@@ -543,7 +543,7 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         if scenario.objective == Objective.MIN_MEMORY else 0.0, blocks=blocks, relaxation=relaxation)
 
 
-def round_down(program: MatrixProgram, values: np.ndarray
+def round_down(program: MatrixProgram, values: np.ndarray, margins: Margins = EXACT
                ) -> tuple[Selection, Layout] | None:
     """A feasible plan from a fractional solution (the LP relaxation), or None.
 
@@ -569,8 +569,20 @@ def round_down(program: MatrixProgram, values: np.ndarray
             if s.latency_ms <= sc.target_latency_ms and \
                     s.preload_bytes <= sc.preload_budget_bytes and \
                     (budget is None or s.memory.peak_bytes <= budget):
+                if relaxable(sc) and sc.objective == Objective.MAX_IMPORTANCE:
+                    selection = fill(sc, selection, layout, margins)
                 return selection, layout
     return None
+
+
+def grow_by_rounding(program: MatrixProgram, values: np.ndarray,
+                     margins: Margins = EXACT) -> Relaxation | None:
+    """`grow` for the plan that rounds a relaxed program's LP solution down (round_down's
+    first rule), or None if it misses no row (or a layer is left short)."""
+    selection = _rounded(program, values, cumulative=True)
+    if selection is None:
+        return None
+    return grow(program, selection, program.layout(values), margins)
 
 
 def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
@@ -632,3 +644,83 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
     short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
     grown = Relaxation(frozenset(paths), relax.alone | short)
     return None if grown == relax else grown
+
+
+def fill(scenario: Scenario, selection: Selection, layout: Layout,
+         margins: Margins = EXACT) -> Selection:
+    """A feasible plan improved greedily (max importance; every layer runs and the window
+    does not bind, so the latency rows are the unrolled ones and each layer's overhead is
+    a constant): while some shard can move to an option of more importance (another
+    bitwidth, streamed or preloaded, or run at all) with every latency row, the buffer
+    and the memory budget still met, the move that gains the most is made. Vectorised
+    over every shard and option; a move changes row l by its read time if l >= its layer
+    and by its compute if l <= its layer."""
+    device, model = scenario.device, scenario.model
+    B = len(model.bitwidths)
+    shards = [(li, si, s) for li, layer in enumerate(model.layers)
+              for si, s in enumerate(layer.shards)]
+    N, O = len(shards), 2 * B + 1  # option 0: dropped; 1 + 2b + p: bitwidth b, placement p
+    read = np.zeros((N, O))
+    comp = np.zeros((N, O))
+    pre = np.zeros((N, O))
+    stream = np.zeros((N, O))
+    imp = np.zeros((N, O))
+    for n, (li, si, s) in enumerate(shards):
+        for b in range(B):
+            o = 1 + 2 * b
+            comp[n, o:o + 2] = shard_compute_ms(device, model, s, b)
+            imp[n, o:o + 2] = s.importance[b]
+            read[n, o + STREAMED] = read_ms(device, s.bytes[b])
+            stream[n, o + STREAMED] = s.bytes[b]
+            pre[n, o + PRELOADED] = s.bytes[b]
+    layer_of = np.array([li for li, _, _ in shards])
+    index = {(li, si): n for n, (li, si, _) in enumerate(shards)}
+    current = np.zeros(N, dtype=np.int64)
+    for li, picks in enumerate(selection):
+        for p in picks:
+            current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
+    rows = np.array(row_values(scenario, selection, layout))
+    limit = margins.latency_rhs(scenario.target_latency_ms)
+    schedule = simulate(scenario, selection, layout=layout)
+    preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
+    budget = scenario.memory_budget_bytes
+    members = np.arange(N)
+    while True:
+        at = current
+        d_read = read - read[members, at][:, None]
+        d_comp = comp - comp[members, at][:, None]
+        d_pre = pre - pre[members, at][:, None]
+        d_stream = stream - stream[members, at][:, None]
+        gain = imp - imp[members, at][:, None]
+        before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
+        after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
+        ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
+            (rows[layer_of][:, None] + d_read + d_comp <= limit) & \
+            (after[:, None] + d_read <= limit) & \
+            (preload + d_pre <= scenario.preload_budget_bytes)
+        if budget is not None:  # the arena holds every streamed byte (unbounded window)
+            ok &= peak + d_pre + d_stream <= budget
+        if not ok.any():
+            break
+        n, o = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), ok.shape)
+        j = layer_of[n]
+        rows[j:] += d_read[n, o]
+        rows[:j + 1] += d_comp[n, o]
+        preload += d_pre[n, o]
+        peak += d_pre[n, o] + d_stream[n, o]
+        current[n] = o
+    layers: list[list[Pick]] = [[] for _ in model.layers]
+    for n, (li, si, _) in enumerate(shards):
+        if current[n]:
+            b, p = divmod(int(current[n]) - 1, 2)
+            layers[li].append(Pick(si, b, p == PRELOADED))
+    return tuple(tuple(picks) for picks in layers)
+
+
+def row_values(scenario: Scenario, selection: Selection, layout: Layout) -> list[float]:
+    """Per layer l, the unrolled latency row l of a plan: the end of layer l's reads plus
+    the compute of layers l..L-1 (the latency, under an unbounded window, is their max)."""
+    schedule = simulate(scenario, selection, layout=layout)
+    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    after = np.cumsum(work[::-1])[::-1]
+    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]

@@ -239,3 +239,41 @@ def test_highs_plan_file_round_trips_and_verifies(tmp_path):
     assert main(["solve", "problems/scenarios/bert-base-phone.yaml", "--solver", "highs",
                  "-o", str(out)]) == 0
     assert main(["verify", str(out)]) == 0
+
+
+@given(sc=memory_scenarios(max_layers=4, max_shards=3, max_bits=3, shared_costs=True))
+def test_fill_keeps_a_plan_feasible_and_leaves_no_single_move_that_gains(sc):
+    """From greedy's plan: the filled plan meets the target, the buffer and the memory
+    budget, holds at least as much importance, and no single shard can move to another
+    option (dropped, any bitwidth, streamed or preloaded) for more importance and stay
+    feasible: checked against the cost model, move by move."""
+    from elasticplan.costmodel import Pick
+    from elasticplan.errors import NoPlanFoundError
+
+    sc = sc.with_overrides(min_shards_per_layer=1, prefetch_window=None)
+    try:
+        start = solve(sc, "greedy")
+    except NoPlanFoundError:
+        return
+    filled = aggregate.fill(sc, start.selection(sc), start.layout)
+
+    def feasible(selection):
+        s = simulate(sc, selection, layout=start.layout)
+        return s.latency_ms <= sc.target_latency_ms and \
+            s.preload_bytes <= sc.preload_budget_bytes and \
+            (sc.memory_budget_bytes is None or s.memory.peak_bytes <= sc.memory_budget_bytes) \
+            and all(len(p) >= sc.min_shards_per_layer for p in selection)
+
+    assert feasible(filled)
+    base = simulate(sc, filled, layout=start.layout).importance
+    assert base >= start.importance - 1e-12
+    B = len(sc.model.bitwidths)
+    for li, layer in enumerate(sc.model.layers):
+        for si in range(len(layer.shards)):
+            others = [p for p in filled[li] if p.shard != si]
+            for option in [None] + [Pick(si, b, pre) for b in range(B) for pre in (False, True)]:
+                picks = tuple(sorted(others + ([option] if option else []),
+                                     key=lambda p: p.shard))
+                moved = filled[:li] + (picks,) + filled[li + 1:]
+                if simulate(sc, moved, layout=start.layout).importance > base + 1e-12:
+                    assert not feasible(moved)

@@ -31,6 +31,9 @@ from elasticplan.spec import Objective, Scenario
 
 NAME = "highs"
 LP_FIRST_GAP = 1e-4
+# A relaxed round may use this share of the time left; the rest is kept for the whole
+# program, should a round stop at its limit with a plan that misses rows.
+RELAXED_SHARE = 0.75
 
 _STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
     highspy.HighsModelStatus.kTimeLimit, highspy.HighsModelStatus.kIterationLimit,
@@ -50,7 +53,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     between layers that keep a branch and bound from closing), then add every row its plan
     misses (aggregate.grow) and solve again. A plan that misses none is a plan of the
     scenario, and a relaxation's bound is a bound of the scenario, so its gap is proven.
-    Scenarios whose layers may be skipped get the whole program at once."""
+    Scenarios that cannot be relaxed (aggregate.relaxable) get the whole program at once;
+    a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it."""
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
     deadline = started + time_limit_s
@@ -58,30 +62,48 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     relaxation = aggregate.first_relaxation(scenario)
     while True:
         program = build(scenario, relaxation)
-        plan, values = _solve_program(program, started=started, deadline=deadline,
-                                      relative_gap=relative_gap)
-        if values is None:
-            return plan  # checked against the scenario's own cost model already
-        relaxation = aggregate.grow(program, program.selection(values),
-                                    program.layout(values), margins)
-        if relaxation is None:
+        now = time.perf_counter()
+        until = deadline if relaxation is None else now + RELAXED_SHARE * (deadline - now)
+        lp_first = relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE
+        lp = _lp(program, deadline=until) if relaxation is not None or lp_first else None
+        if lp is not None and relaxation is not None:
+            # The LP's rounded plan may already miss a row: grow before any branching.
+            grown = aggregate.grow_by_rounding(program, lp[1], margins)
+            if grown is not None:
+                relaxation = grown
+                continue
+        try:
+            plan, values = _solve_program(program, lp if lp_first else None, started=started,
+                                          deadline=until, relative_gap=relative_gap)
+        except SolverTimeoutError:
+            if relaxation is None:
+                raise
+            relaxation = None  # the rest of the time goes to the whole program
+            continue
+        if values is None or relaxation is None:
+            return plan  # the whole program's, or checked against the cost model already
+        grown = aggregate.grow(program, program.selection(values), program.layout(values),
+                               margins)
+        if grown is None:
             return plan
-        if time.perf_counter() >= deadline:
-            raise SolverTimeoutError(
-                f"HiGHS found no plan within the {time_limit_s:g} s time limit "
-                f"(not a proof that none exists); raise --time-limit")
+        # A proven round grows; a stopped round's plan misses rows, and the time left is
+        # the whole program's, which gives a plan if there is one in reach.
+        relaxation = grown if plan.status == SolveStatus.OPTIMAL else None
 
 
-def _solve_program(program: aggregate.MatrixProgram, *, started: float, deadline: float,
+def _solve_program(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray] | None, *,
+                   started: float, deadline: float,
                    relative_gap: float) -> tuple[Plan, np.ndarray | None]:
     """A plan of `program` with its gap to the program's bound, and the solution's columns
-    (None for the relaxation's rounded plan, which is checked against the cost model)."""
+    (None for the relaxation's rounded plan, which is checked against the cost model).
+    Given the LP relaxation (`lp`: bound, columns), its rounded and filled plan comes
+    first, and is the answer if it is within the gap."""
     scenario = program.scenario
     time_limit_s = deadline - started
     rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
-    if relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE:
-        rounded = _lp_rounded(program, deadline=deadline, started=started)
+    if lp is not None:
+        rounded = _lp_rounded(program, lp, started=started)
         if rounded is not None and rounded.gap <= relative_gap:
             return rounded, None
     mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap)
@@ -115,18 +137,27 @@ def _solve_program(program: aggregate.MatrixProgram, *, started: float, deadline
     return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
-def _lp_rounded(program: aggregate.MatrixProgram, *, deadline: float,
-                started: float) -> Plan | None:
-    """The relaxation's rounded-down plan with its proven gap to the relaxation's bound
-    (status optimal; the caller decides whether the gap is good enough)."""
+def _lp(program: aggregate.MatrixProgram, *, deadline: float
+        ) -> tuple[float, np.ndarray] | None:
+    """The LP relaxation's bound (in the objective's unit) and columns; None if it is
+    infeasible or out of time (the MIP then reports it properly)."""
     h = _highs(program, deadline=deadline, relative_gap=LP_FIRST_GAP)
     h.setOptionValue("solve_relaxation", True)
     h.setOptionValue("presolve", "off")  # measured faster on these LPs
     h.run()
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        return None  # infeasible, or out of time: the MIP path reports it properly
-    bound = h.getInfo().objective_function_value / program.objective_scale
-    rounded = aggregate.round_down(program, np.asarray(h.getSolution().col_value))
+        return None
+    return (h.getInfo().objective_function_value / program.objective_scale,
+            np.asarray(h.getSolution().col_value))
+
+
+def _lp_rounded(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray], *,
+                started: float) -> Plan | None:
+    """The relaxation's rounded-down (and filled) plan with its proven gap to the
+    relaxation's bound (status optimal; the caller decides whether the gap is good
+    enough)."""
+    bound, values = lp
+    rounded = aggregate.round_down(program, values, float_margins(program.scenario))
     if rounded is None:
         return None
     selection, layout = rounded
