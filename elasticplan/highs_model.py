@@ -105,15 +105,17 @@ class MipOutcome:
     dual_bound: float
 
 
-def solve_mip(model: dict, *, deadline: float, relative_gap: float) -> MipOutcome:
+def solve_mip(model: dict, *, deadline: float, relative_gap: float,
+              start: np.ndarray | None = None) -> MipOutcome:
     """Solve `model` (pass_model's keyword arguments plus `csc`) as a MIP by `deadline`
-    (time.perf_counter()), in a child process if it is large."""
+    (time.perf_counter()), in a child process if it is large; `start` is a feasible
+    solution's columns, handed to HiGHS as its first incumbent."""
     if len(model["cost"]) <= ISOLATE_COLS:
-        return _mip(model, deadline - time.perf_counter(), relative_gap)
+        return _mip(model, deadline - time.perf_counter(), relative_gap, start)
     ctx = multiprocessing.get_context("spawn")  # no HiGHS threads inherited by a fork
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_mip_child, daemon=True,
-                        args=(send, model, deadline - time.perf_counter(), relative_gap))
+                        args=(send, model, deadline - time.perf_counter(), relative_gap, start))
     child.start()
     send.close()
     try:
@@ -143,8 +145,14 @@ def loaded(model: dict, *, deadline: float, relative_gap: float) -> highspy.High
     return h
 
 
-def _mip(model: dict, seconds: float, relative_gap: float) -> MipOutcome:
+def _mip(model: dict, seconds: float, relative_gap: float,
+         start: np.ndarray | None = None) -> MipOutcome:
     h = loaded(model, deadline=time.perf_counter() + seconds, relative_gap=relative_gap)
+    if start is not None:
+        solution = highspy.HighsSolution()
+        solution.col_value = list(map(float, start))
+        solution.value_valid = True
+        h.setSolution(solution)
     h.run()
     has_plan = h.getInfo().primal_solution_status == \
         highspy.SolutionStatus.kSolutionStatusFeasible
@@ -152,7 +160,8 @@ def _mip(model: dict, seconds: float, relative_gap: float) -> MipOutcome:
     return MipOutcome(h.getModelStatus(), has_plan, values, h.getInfo().mip_dual_bound)
 
 
-def _mip_child(send, model: dict, seconds: float, relative_gap: float) -> None:
-    out = _mip(model, seconds, relative_gap)
+def _mip_child(send, model: dict, seconds: float, relative_gap: float,
+               start: np.ndarray | None) -> None:
+    out = _mip(model, seconds, relative_gap, start)
     send.send((int(out.status), out.has_plan, out.values, out.dual_bound))
     send.close()

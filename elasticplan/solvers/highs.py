@@ -73,8 +73,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relaxation = grown
                 continue
         try:
-            plan, values = _solve_program(program, lp if lp_first else None, started=started,
-                                          deadline=until, relative_gap=relative_gap)
+            plan, values = _solve_program(program, lp, started=started, deadline=until,
+                                          relative_gap=relative_gap)
         except SolverTimeoutError:
             if relaxation is None:
                 raise
@@ -102,11 +102,13 @@ def _solve_program(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray
     time_limit_s = deadline - started
     rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
-    if lp is not None:
+    if lp is not None and scenario.objective == Objective.MAX_IMPORTANCE:
         rounded = _lp_rounded(program, lp, started=started)
         if rounded is not None and rounded.gap <= relative_gap:
             return rounded, None
-    mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap)
+    start = None if rounded is None else \
+        program.solution_of(rounded.selection(scenario), rounded.layout)
+    mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap, start=start)
     elapsed = time.perf_counter() - started
     status, has_plan = mip.status, mip.has_plan
     if status in (highspy.HighsModelStatus.kInfeasible,
