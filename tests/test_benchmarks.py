@@ -103,3 +103,25 @@ def test_solver_speed_table_respects_the_bounds(tmp_path, capsys):
     for r in rows:
         if r["solver"] != "greedy" and r["objective"]:
             assert float(r["gap"]) >= 0 and r["status"] in ("optimal", "feasible")
+
+
+def test_solver_speed_frontier_points_agree_across_paths(monkeypatch, capsys):
+    """One MiniLM frontier point per objective: every path answers, the default path's
+    1e-6 plan and the whole program's 1e-4 plan agree within 1e-4, and the summary counts
+    every point."""
+    import argparse
+
+    monkeypatch.setattr(solver_speed, "FRONTIERS", {"minilm": ("minilm-phone", (25.0,))})
+    rows: list = []
+    solver_speed.frontiers(argparse.Namespace(only=None, frontier_floors=1, time_limit=20,
+                                              threads=1), rows)
+    assert len(rows) == len(solver_speed.FRONTIER_OBJECTIVES) * len(solver_speed.FRONTIER_RUNS)
+    for objective in solver_speed.FRONTIER_OBJECTIVES:
+        got = {(r["solver"], r["gap_asked"]): r for r in rows
+               if f":{objective.value}@" in r["instance"]}
+        fine, whole = got[("highs", 1e-6)], got[(solver_speed.WHOLE, 1e-4)]
+        assert fine["status"] == "optimal" and whole["status"] == "optimal"
+        assert fine["objective"] <= whole["objective"] * (1 + 1e-4) + 1
+        assert whole["objective"] <= fine["objective"] * (1 + 1e-4) + 1
+    out = capsys.readouterr().out
+    assert out.count("1/1   proven") == len(rows)

@@ -47,19 +47,21 @@ def build(scenario: Scenario,
 
 
 def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
-                relative_gap: float) -> Plan:
+                relative_gap: float, row_generation: bool = True) -> Plan:
     """Row generation: solve a relaxed program (aggregate.first_relaxation: two latency
     paths; layers that its rows treat alike merge into blocks, which removes the near-ties
     between layers that keep a branch and bound from closing), then add every row its plan
     misses (aggregate.grow) and solve again. A plan that misses none is a plan of the
     scenario, and a relaxation's bound is a bound of the scenario, so its gap is proven.
     Scenarios that cannot be relaxed (aggregate.relaxable) get the whole program at once;
-    a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it."""
+    a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it.
+    `row_generation=False` solves the whole program from the start (the solver benchmark's
+    side-by-side baseline)."""
     del threads  # HiGHS's branch and bound is serial
     started = time.perf_counter()
     deadline = started + time_limit_s
     margins = float_margins(scenario)
-    relaxation = aggregate.first_relaxation(scenario)
+    relaxation = aggregate.first_relaxation(scenario) if row_generation else None
     while True:
         program = build(scenario, relaxation)
         now = time.perf_counter()
