@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if a.repeats < 1:
         ap.error("--repeats must be at least 1")
     print(header(MODULE, argv, solver_threads=a.threads))
-    head = (f"{'instance':<28} {'size':>9} {'solver':<6} {'gap asked':>9} {'build ms':>9} "
+    head = (f"{'instance':<28} {'size':>9} {'solver':<11} {'gap asked':>9} {'build ms':>9} "
             f"{'solve ms':>9} {'status':<9} {'gap':>8} {'vs bound':>9}")
     print(head)
     rows = []
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             if best_bound and "objective" in r:
                 r["vs_bound"] = r["objective"] / best_bound
             rows.append(r)
-            print(f"{r['instance']:<28} {r['size']:>9} {r['solver']:<6} "
+            print(f"{r['instance']:<28} {r['size']:>9} {r['solver']:<11} "
                   f"{optional(r.get('gap_asked'), '.0e'):>9} "
                   f"{optional(r.get('build_ms'), '.1f'):>9} "
                   f"{optional(r.get('solve_ms'), '.1f'):>9} {r.get('status', ''):<9} "
