@@ -66,6 +66,7 @@ from elasticplan.margins import EXACT, Margins
 from elasticplan.spec import Objective, Scenario
 
 STREAMED, PRELOADED = 0, 1
+EITHER = 2  # u's third column: members at >= b bits, streamed or preloaded
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class MatrixProgram:
     a_cols: np.ndarray
     a_vals: np.ndarray
     n_col: list  # per block, per class: int array [B, 2] of column indices (STREAMED, PRELOADED)
-    u_col: list  # per block, per class: [B, 2], the integer counts of members at >= b bits
+    u_col: list  # per block, per class: [B, 3], members at >= b bits: streamed (integer),
+    # preloaded, either (integer)
     x_col: list  # per block, per class: int array [members, B]
     y_col: np.ndarray | None  # [L], when layers may be skipped (blocks are layers then)
     io_col: np.ndarray  # [blocks]  I[g]
@@ -248,7 +250,9 @@ class MatrixProgram:
                 v[self.y_col[li]] = 1
         for n_l, u_l in zip(self.n_col, self.u_col):
             for n, u in zip(n_l, u_l):
-                v[u] = np.cumsum(v[n][::-1], axis=0)[::-1]
+                at_least = np.cumsum(v[n][::-1], axis=0)[::-1]
+                v[u[:, :2]] = at_least
+                v[u[:, EITHER]] = at_least.sum(axis=1)
         schedule = simulate(self.scenario, selection, layout=layout)
         comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
         if self.relaxation is None:  # the time columns (one block per layer)
@@ -362,7 +366,11 @@ def build(scenario: Scenario, margins: Margins = EXACT,
             hi = np.stack([np.full(B, size), pre_cap], axis=1).astype(float)
             n_l.append(columns(2 * B, 0.0, hi.reshape(-1), False).reshape(B, 2))
             at_least = np.minimum(np.cumsum(hi[::-1], axis=0)[::-1], size)
-            u_l.append(columns(2 * B, 0.0, at_least.reshape(-1), True).reshape(B, 2))
+            u = np.empty((B, 3), dtype=np.int64)  # streamed, preloaded, either
+            u[:, STREAMED] = columns(B, 0.0, at_least[:, STREAMED], True)
+            u[:, PRELOADED] = columns(B, 0.0, at_least[:, PRELOADED], False)
+            u[:, EITHER] = columns(B, 0.0, np.minimum(at_least.sum(axis=1), size), True)
+            u_l.append(u)
             x_l.append(columns(size * B, 0.0, 1.0, False).reshape(size, B))
         n_col.append(n_l)
         u_col.append(u_l)
@@ -399,10 +407,14 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         for ci, c in enumerate(classes_l):
             n, u, x = n_col[li][ci], u_col[li][ci], x_col[li][ci]
             # at_least[b]: n[b] - u[b] + u[b+1] = 0 (per placement; u[B] = 0)
+            placed = u[:, :2]
             if B > 1:
-                add_rows(np.stack([n[:-1].reshape(-1), u[:-1].reshape(-1), u[1:].reshape(-1)],
-                                  axis=1), np.array([1.0, -1.0, 1.0]), 0.0, 0.0)
-            add_rows(np.stack([n[-1], u[-1]], axis=1), np.array([1.0, -1.0]), 0.0, 0.0)
+                add_rows(np.stack([n[:-1].reshape(-1), placed[:-1].reshape(-1),
+                                   placed[1:].reshape(-1)], axis=1),
+                         np.array([1.0, -1.0, 1.0]), 0.0, 0.0)
+            add_rows(np.stack([n[-1], placed[-1]], axis=1), np.array([1.0, -1.0]), 0.0, 0.0)
+            # either[b]: u[b,E] - u[b,S] - u[b,P] = 0
+            add_rows(u[:, [EITHER, STREAMED, PRELOADED]], np.array([1.0, -1.0, -1.0]), 0.0, 0.0)
             # pick[s]: sum_b x[s,b] <= 1
             add_rows(x, 1.0, -inf, 1.0)
             # link[c,b]: sum_s x[s,b] - n[b,S] - n[b,P] = 0
