@@ -4,8 +4,10 @@ Shards of one layer that cost the same (equal flops and equal bytes at every bit
 e.g. all heads, or all FFN slices) differ only in importance. So the program's integer
 variables are counts, not per-shard booleans:
 
-  n[c,b,S] in {0..|c|}   members of cost class c streamed at bitwidth index b
-  n[c,b,P] in {0..|c|}   members of cost class c preloaded at bitwidth index b
+  u[c,b,S] in {0..|c|}   members of cost class c streamed at bitwidth index >= b
+  u[c,b,E] in {0..|c|}   members of cost class c at bitwidth index >= b, either placement
+  u[c,b,P], n[c,b,S|P]   preloaded at >= b (u[E] - u[S]); at exactly b (u[b] - u[b+1])
+                         (continuous, integral whenever the integer u are)
   x[c,s,b] in [0, 1]     member s of class c runs at bitwidth b   (continuous)
   y[l]     in {0, 1}     layer l runs (only when min_shards_per_layer = 0)
   I[l], C[l] >= 0        end of layer l's reads; compute of layers l..L-1 (continuous, ms);
@@ -24,6 +26,8 @@ a solver hand over a non-vertex x, re-solves the class's assignment at its verte
 The rows, each with its one-line math:
   pick[s]       sum_b x[c,s,b] <= 1                          (a shard runs at most once)
   link[c,b]     sum_s x[c,s,b] - n[c,b,S] - n[c,b,P] = 0     (the counts are the x's)
+  at_least[c,b] n[c,b,.] - u[c,b,.] + u[c,b+1,.] = 0         (per placement)
+  either[c,b]   u[c,b,E] - u[c,b,S] - u[c,b,P] = 0
   count[l]      sum n[l] >= min_shards_per_layer             (or, skippable: n <= |c| y,
                                                               sum n >= y)
   io[l]         I[l] - I[l-1] - sum read_ms * n[S] = 0       (one channel, layer order)
@@ -38,6 +42,10 @@ The rows, each with its one-line math:
   window_bytes  M - sum bytes * n[S] over layers l..l+W >= 0  (memory bounded only)
   memory        M + sum bytes * n[P] + e (rows - table) <= budget - fixed terms
   floor         sum importance * x >= importance_floor       (min_buffer, min_memory)
+A relaxation (`Relaxation`, for row generation) keeps only some latency rows, each a path
+through the recurrence written on the counts (no I, C columns), and merges the layers its
+rows treat alike into one block, whose classes span them; a block's count row asks
+min_shards_per_layer per layer. `grow` adds the rows a relaxed plan misses.
 The cost coefficients come from elasticplan.costmodel, the one cost model; the matrix
 is built with numpy (no per-term Python objects), so an 80-layer x 64-shard x 8-bit
 model builds in tens of milliseconds.
@@ -53,6 +61,7 @@ import numpy as np
 from elasticplan.costmodel import (
     Layout,
     Pick,
+    Schedule,
     Selection,
     critical_path,
     embedding_read_ms,
@@ -202,10 +211,6 @@ class MatrixProgram:
     @property
     def num_cols(self) -> int:
         return len(self.col_lower)
-
-    @property
-    def block_layers(self) -> list[tuple[int, ...]]:
-        return self.blocks or per_layer(self.scenario)
 
     def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Column-wise compressed (start, index, value) of A."""
@@ -694,19 +699,18 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     for li, picks in enumerate(selection):
         for p in picks:
             current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
-    rows = np.array(row_values(scenario, selection, layout))
-    limit = margins.latency_rhs(scenario.target_latency_ms)
     schedule = simulate(scenario, selection, layout=layout)
+    rows = np.array(row_values(schedule))
+    limit = margins.latency_rhs(scenario.target_latency_ms)
     preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
     budget = scenario.memory_budget_bytes
     members = np.arange(N)
     while True:
-        at = current
-        d_read = read - read[members, at][:, None]
-        d_comp = comp - comp[members, at][:, None]
-        d_pre = pre - pre[members, at][:, None]
-        d_stream = stream - stream[members, at][:, None]
-        gain = imp - imp[members, at][:, None]
+        d_read = read - read[members, current][:, None]
+        d_comp = comp - comp[members, current][:, None]
+        d_pre = pre - pre[members, current][:, None]
+        d_stream = stream - stream[members, current][:, None]
+        gain = imp - imp[members, current][:, None]
         before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
         after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
         ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
@@ -732,10 +736,10 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     return tuple(tuple(picks) for picks in layers)
 
 
-def row_values(scenario: Scenario, selection: Selection, layout: Layout) -> list[float]:
-    """Per layer l, the unrolled latency row l of a plan: the end of layer l's reads plus
-    the compute of layers l..L-1 (the latency, under an unbounded window, is their max)."""
-    schedule = simulate(scenario, selection, layout=layout)
+def row_values(schedule: Schedule) -> list[float]:
+    """Per layer l, the unrolled latency row l of a schedule: the end of layer l's reads
+    plus the compute of layers l..L-1 (the latency, under an unbounded window, is their
+    max)."""
     work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
     after = np.cumsum(work[::-1])[::-1]
     return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]

@@ -7,11 +7,14 @@ HiGHS works in floating point, so the latency rows are tightened by
 `TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.margins).
 Its branch and bound runs on one thread; `threads` is accepted for the common signature.
 
-LP first, when the gap asked for is loose (>= LP_FIRST_GAP): the LP relaxation is solved,
-rounded down to a feasible plan (aggregate.round_down), and returned if it is within the
-gap of the relaxation's bound, which is a proof. On LLM-scale models this is several
-times faster than the MIP's root (measured: benchmarks/solver_speed.py); otherwise the
-MIP runs from scratch (a warm start from the rounded or greedy plan measured slower).
+Row generation (`solve_highs`): a relaxed program first, grown by the rows its plans
+miss (docs/programs.md, "Row generation").
+
+LP first, for max_importance: the LP relaxation is solved, rounded down to a feasible plan
+and filled (aggregate.round_down, aggregate.fill); when the gap asked for is loose
+(>= LP_FIRST_GAP) that plan is returned if it is within the gap of the relaxation's
+bound, which is a proof. On LLM-scale models this is several times faster than the MIP's
+root (measured: benchmarks/solver_speed.py). Otherwise it is the MIP's first incumbent.
 """
 
 from __future__ import annotations
@@ -62,12 +65,14 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     deadline = started + time_limit_s
     margins = float_margins(scenario)
     relaxation = aggregate.first_relaxation(scenario) if row_generation else None
+    lp_first = relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE
     while True:
         program = build(scenario, relaxation)
+        model = _model(program)
         now = time.perf_counter()
         until = deadline if relaxation is None else now + RELAXED_SHARE * (deadline - now)
-        lp_first = relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE
-        lp = _lp(program, deadline=until) if relaxation is not None or lp_first else None
+        lp = _lp(program, model, deadline=until) if relaxation is not None or lp_first \
+            else None
         if lp is not None and relaxation is not None:
             # The LP's rounded plan may already miss a row: grow before any branching.
             grown = aggregate.grow_by_rounding(program, lp[1], margins)
@@ -75,8 +80,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relaxation = grown
                 continue
         try:
-            plan, values = _solve_program(program, lp, started=started, deadline=until,
-                                          relative_gap=relative_gap)
+            plan, values = _solve_program(program, model, lp, started=started,
+                                          deadline=until, relative_gap=relative_gap)
         except SolverTimeoutError:
             if relaxation is None:
                 raise
@@ -93,10 +98,11 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
         relaxation = grown if plan.status == SolveStatus.OPTIMAL else None
 
 
-def _solve_program(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray] | None, *,
-                   started: float, deadline: float,
+def _solve_program(program: aggregate.MatrixProgram, model: dict,
+                   lp: tuple[float, np.ndarray] | None, *, started: float, deadline: float,
                    relative_gap: float) -> tuple[Plan, np.ndarray | None]:
-    """A plan of `program` with its gap to the program's bound, and the solution's columns
+    """A plan of `program` (`model`: it as pass_model's arguments) with its gap to the
+    program's bound, and the solution's columns
     (None for the relaxation's rounded plan, which is checked against the cost model).
     Given the LP relaxation (`lp`: bound, columns), its rounded and filled plan comes
     first, and is the answer if it is within the gap."""
@@ -110,7 +116,7 @@ def _solve_program(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray
             return rounded, None
     start = None if rounded is None else \
         program.solution_of(rounded.selection(scenario), rounded.layout)
-    mip = solve_mip(_model(program), deadline=deadline, relative_gap=relative_gap, start=start)
+    mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start)
     elapsed = time.perf_counter() - started
     status, has_plan = mip.status, mip.has_plan
     if status in (highspy.HighsModelStatus.kInfeasible,
@@ -141,11 +147,11 @@ def _solve_program(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray
     return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
-def _lp(program: aggregate.MatrixProgram, *, deadline: float
+def _lp(program: aggregate.MatrixProgram, model: dict, *, deadline: float
         ) -> tuple[float, np.ndarray] | None:
     """The LP relaxation's bound (in the objective's unit) and columns; None if it is
     infeasible or out of time (the MIP then reports it properly)."""
-    h = _highs(program, deadline=deadline, relative_gap=LP_FIRST_GAP)
+    h = loaded(model, deadline=deadline, relative_gap=LP_FIRST_GAP)
     h.setOptionValue("solve_relaxation", True)
     h.setOptionValue("presolve", "off")  # measured faster on these LPs
     h.run()
@@ -178,8 +184,3 @@ def _model(program: aggregate.MatrixProgram) -> dict:
                 row_lower=program.row_lower, row_upper=program.row_upper,
                 integer=program.col_integer,
                 offset=program.objective_offset * program.objective_scale)
-
-
-def _highs(program: aggregate.MatrixProgram, *, deadline: float,
-           relative_gap: float) -> highspy.Highs:
-    return loaded(_model(program), deadline=deadline, relative_gap=relative_gap)
