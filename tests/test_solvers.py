@@ -75,7 +75,9 @@ def test_monotone_in_target_and_buffer(sc, grow):
 @given(sc=memory_scenarios(max_layers=3, max_shards=2, max_bits=2), grow=st.floats(1.0, 3.0))
 def test_memory_plans_monotone_and_beat_greedy(sc, grow):
     """With the memory model in play: greedy's plans verify and never beat the exact
-    program; more memory or a deeper window never lowers the optimum."""
+    program; more memory never lowers the optimum, nor does a deeper window where memory
+    is not bounded (under a budget it can: a deeper window's arena holds more, see
+    test_a_deeper_window_can_cost_importance_under_a_memory_budget)."""
     base = exact(sc, "highs")
     try:
         greedy = solve(sc, "greedy")
@@ -91,11 +93,37 @@ def test_memory_plans_monotone_and_beat_greedy(sc, grow):
     if sc.memory_budget_mb is not None:
         looser.append(sc.with_overrides(memory_budget_mb=min(sc.memory_budget_mb * grow,
                                                              sc.device.memory_mb)))
-    if sc.prefetch_window is not None:
-        looser.append(sc.with_overrides(prefetch_window=sc.prefetch_window + 1))
     for bigger in looser:
         more = exact(bigger, "highs")
         assert more is not None and more >= base - TOL
+    if sc.prefetch_window is not None:
+        free = sc.with_overrides(memory_budget_mb=None)
+        shallow = exact(free, "highs")
+        deeper = exact(free.with_overrides(prefetch_window=sc.prefetch_window + 1), "highs")
+        assert deeper is not None and deeper >= shallow - TOL
+
+
+def test_a_deeper_window_can_cost_importance_under_a_memory_budget():
+    """Found by the property above: three one-shard layers, a 264-byte budget. Window 1
+    holds two layers' reads in the arena and runs two of the three shards; window 2 holds
+    three layers' and runs one. Both HiGHS and CP-SAT agree with brute force."""
+    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+
+    shard = Shard(name="s0", kind="head", flops=1e4, bytes=(125, 187), importance=(1.0, 1.0))
+    model = ModelProfile(name="m", seq_len=16, bitwidths=(2, 3),
+                         layers=tuple(Layer(shards=(shard,)) for _ in range(3)),
+                         embedding_rows=50, embedding_row_bytes=4)
+    device = Device(name="d", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
+                    layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=1e4)
+    sc = Scenario(name="window", device=device, model=model, target_latency_ms=1.0,
+                  preload_budget_mb=0.0, min_shards_per_layer=0,
+                  objective=Objective.MAX_IMPORTANCE, content_hash="window",
+                  memory_budget_mb=0.000264, prefetch_window=1)
+    deeper = sc.with_overrides(prefetch_window=2)
+    assert (oracle.best(sc), oracle.best(deeper)) == (2.0, 1.0)
+    for solver in ("highs", "cpsat"):
+        assert exact(sc, solver) == pytest.approx(2.0)
+        assert exact(deeper, solver) == pytest.approx(1.0)
 
 
 @given(sc=memory_scenarios(max_layers=2, max_shards=2, max_bits=2))
