@@ -108,23 +108,23 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print):
     device per bandwidth (`make bench` deletes them first: every run calibrates afresh).
     Returns (scenario, default target ms)."""
     from elasticplan.loader import load_scenario
-    from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, write_calibration
+    from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, fit_report, write_calibration
 
     out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}"
     path = out / "scenario.yaml"
     if path.is_file():
         sc = load_scenario(path)
         log(f"# {bandwidth_mb_s:g} MB/s: reusing {_rel(out)} (calibrated {_when(path)}); "
-            f"gflops {sc.device.gflops:g}, layer_overhead_ms {sc.device.layer_overhead_ms:g}, "
-            f"dequant_gb_s {sc.device.dequant_gb_s:g}; default target {sc.target_latency_ms:g} ms")
+            f"{describe_compute(sc.device)}; default target {sc.target_latency_ms:g} ms")
         return sc, sc.target_latency_ms
     base = load_scenario(MINILM_PHONE)
-    device, fit, facts = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s,
-                                   latency_us=DEFAULT_LATENCY_US, queries=queries)
-    _, scen_path, target = write_calibration(out, base, device, fit, facts, None)
-    log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: gflops {device.gflops:g}, "
-        f"layer_overhead_ms {device.layer_overhead_ms:g}, dequant_gb_s {device.dequant_gb_s:g} "
-        f"(R^2 {fit.r2:.3f}, {fit.samples} layer samples); default target {target:g} ms")
+    cal = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s, latency_us=DEFAULT_LATENCY_US,
+                    queries=queries)
+    _, scen_path, target = write_calibration(out, base, cal, None)
+    log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: {describe_compute(cal.device)}"
+        f"; default target {target:g} ms")
+    for line in fit_report(cal).splitlines():
+        log(f"#   {line.strip()}")
     return load_scenario(scen_path), target
 
 

@@ -407,6 +407,7 @@ def build(scenario: Scenario, margins: Margins = EXACT,
 
     inf = np.inf
     overhead = device.layer_overhead_ms
+    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms  # every row's T
     for li, classes_l in enumerate(classes):
         ns = [n.reshape(-1) for n in n_col[li]]
         for ci, c in enumerate(classes_l):
@@ -461,6 +462,12 @@ def build(scenario: Scenario, margins: Margins = EXACT,
             for other in [io_col[li]] + ([comp_col[li - 1]] if li else []):
                 add_rows(np.array([comp_col[li], other, *work_cols]),
                          np.array([1.0, -1.0, *work_coefs]), fixed, inf)
+            if not li and device.embed_ms:
+                # order[0]: C[0] - e t_emb - c[0] >= overhead + embed_ms (the embedding first)
+                add_rows(np.array([comp_col[0], *work_cols] + ([e_col] if e_col is not None
+                                                               else [])),
+                         np.array([1.0, *work_coefs] + ([-t_emb] if e_col is not None else [])),
+                         fixed + device.embed_ms, inf)
             continue
         # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
         cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
@@ -468,17 +475,26 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         add_rows(np.array(cols), np.array(coefs), fixed, fixed)
         if z_col is None:
             # latency[l]: I[l] + C[l] <= T
-            add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf,
-                     margins.latency_rhs(scenario.target_latency_ms))
+            add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf, limit)
         else:
-            # latency[l]: Z - I[l] - C[l] >= 0
+            # latency[l]: Z - I[l] - C[l] >= pool_ms
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
-                     0.0, inf)
+                     device.pool_ms, inf)
+        if not li and device.embed_ms:
+            # latency[embed]: C[0] + e t_emb <= T - embed_ms  (Z - ... >= embed_ms + pool_ms)
+            cols = [comp_col[0]] + ([e_col] if e_col is not None else [])
+            coefs = [1.0] + ([t_emb] if e_col is not None else [])
+            if z_col is None:
+                add_rows(np.array(cols), np.array(coefs), -inf, limit - device.embed_ms)
+            else:
+                add_rows(np.array([z_col, *cols]), np.array([1.0, *(-np.array(coefs))]),
+                         device.embed_ms + device.pool_ms, inf)
 
     for path in sorted(relaxation.paths) if relaxation is not None else ():
-        # path[p]: e t_emb + sum over the path's reads and compute (+ overheads) <= T
-        # (min_latency: Z - the same >= its constant)
-        cols, coefs, fixed = [], [], 0.0
+        # path[p]: e t_emb + sum over the path's reads and compute (+ overheads, + embed_ms
+        # when it starts at the embedding) <= T  (min_latency: Z - the same >= its constant)
+        cols, coefs = [], []
+        fixed = 0.0 if path[0] & 1 else device.embed_ms
         for gi, block in enumerate(layers_of):
             mark = path[block[0]]  # alike for every layer of a block
             if mark & 2:
@@ -496,16 +512,16 @@ def build(scenario: Scenario, margins: Margins = EXACT,
             coefs.append(np.array([t_emb]))
         cols, coefs = np.concatenate(cols), np.concatenate(coefs)
         if z_col is None:
-            add_rows(cols, coefs, -inf, margins.latency_rhs(scenario.target_latency_ms) - fixed)
+            add_rows(cols, coefs, -inf, limit - fixed)
         else:
-            add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed, inf)
+            add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms, inf)
     if chained:
-        # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= 0)
+        # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= pool_ms)
         if z_col is None:
-            add_rows(np.array([comp_col[L - 1]]), 1.0, -inf,
-                     margins.latency_rhs(scenario.target_latency_ms))
+            add_rows(np.array([comp_col[L - 1]]), 1.0, -inf, limit)
         else:
-            add_rows(np.array([z_col, comp_col[L - 1]]), np.array([1.0, -1.0]), 0.0, inf)
+            add_rows(np.array([z_col, comp_col[L - 1]]), np.array([1.0, -1.0]), device.pool_ms,
+                     inf)
     pre_cols = np.concatenate([n[:, PRELOADED] for nl in n_col for n in nl])
     pre_bytes = np.concatenate([c.bytes for cl in classes for c in cl]).astype(float)
     all_x = np.concatenate([x.reshape(-1) for xl in x_col for x in xl])
@@ -650,15 +666,16 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
     start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
 
     def total(path):
-        return start + sum(r for r, m in zip(reads, path) if m & 1) + \
+        return start + (0.0 if path[0] & 1 else sc.device.embed_ms) + \
+            sum(r for r, m in zip(reads, path) if m & 1) + \
             sum(c for c, m in zip(work, path) if m & 2)
 
     paths = set(relax.paths)
     if sc.objective == Objective.MIN_LATENCY:
         limit = max(total(p) for p in relax.paths)
     else:
-        limit = margins.latency_rhs(sc.target_latency_ms)
-    critical = critical_path(schedule.layers, layout.window, start)
+        limit = margins.latency_rhs(sc.target_latency_ms) - sc.device.pool_ms
+    critical = critical_path(schedule.layers, layout.window, start, sc.device.embed_ms)
     if total(critical) > limit + 1e-9:
         paths.add(critical)
     short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
@@ -701,7 +718,10 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
             current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
     schedule = simulate(scenario, selection, layout=layout)
     rows = np.array(row_values(schedule))
-    limit = margins.latency_rhs(scenario.target_latency_ms)
+    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms
+    # the embedding's row: the compute thread's start, then every layer's compute
+    embed_row = (embedding_read_ms(device, model) if layout.stream_embeddings else 0.0) \
+        + device.embed_ms + sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)
     preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
     budget = scenario.memory_budget_bytes
     members = np.arange(N)
@@ -715,7 +735,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
         ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
             (rows[layer_of][:, None] + d_read + d_comp <= limit) & \
-            (after[:, None] + d_read <= limit) & \
+            (after[:, None] + d_read <= limit) & (embed_row + d_comp <= limit) & \
             (preload + d_pre <= scenario.preload_budget_bytes)
         if budget is not None:  # the arena holds every streamed byte (unbounded window)
             ok &= peak + d_pre + d_stream <= budget
@@ -725,6 +745,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         j = layer_of[n]
         rows[j:] += d_read[n, o]
         rows[:j + 1] += d_comp[n, o]
+        embed_row += d_comp[n, o]
         preload += d_pre[n, o]
         peak += d_pre[n, o] + d_stream[n, o]
         current[n] = o

@@ -144,6 +144,17 @@ def ffn_bytes(a: Architecture, bits: int) -> int:
             + bias)
 
 
+def head_weights(a: Architecture) -> int:
+    """Weight elements of one attention shard (its two blocks; biases not counted)."""
+    rows_in, cols_out = _attn_rows(a)
+    return rows_in * a.hidden + a.hidden * cols_out
+
+
+def ffn_weights(a: Architecture) -> int:
+    """Weight elements of one FFN slice (its two blocks; biases not counted)."""
+    return ((2 if a.gated_ffn else 1) * a.ffn_slice + a.ffn_slice) * a.hidden
+
+
 def head_flops(a: Architecture) -> int:
     n = a.seq_len
     rows_in, cols_out = _attn_rows(a)
@@ -254,10 +265,12 @@ def profile_dict(a: Architecture) -> dict:
         attn = "kvgroup" if a.kv_per_shard < a.q_per_shard else "head"
         for h in range(a.n_attn):
             shards.append({"name": f"{attn}{h}", "kind": "head", "flops": head_flops(a),
+                           "weights": head_weights(a),
                            "bytes": [head_bytes(a, b) for b in a.bitwidths],
                            "importance": [float(f"{v:.6g}") for v in imp[li, h]]})
         for f in range(a.n_ffn):
             shards.append({"name": f"ffn{f}", "kind": "ffn", "flops": ffn_flops(a),
+                           "weights": ffn_weights(a),
                            "bytes": [ffn_bytes(a, b) for b in a.bitwidths],
                            "importance": [float(f"{v:.6g}") for v in imp[li, a.n_attn + f]]})
         layers.append({"shards": shards})

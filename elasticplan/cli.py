@@ -40,7 +40,7 @@ from elasticplan.solvers import (
     solve,
     solve_any_window,
 )
-from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_TARGET_MS, Objective
+from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_QUANTILE, MAX_TARGET_MS, Objective
 from elasticplan.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.verify import scenario_for, verify_plan
 
@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", choices=[o.value for o in Objective if o != Objective.MIN_LATENCY],
                    help="override objective (min_buffer and min_memory need --floor)")
     s.add_argument("--floor", type=non_negative, help="override importance_floor")
+    s.add_argument("--latency-quantile", type=quantile_arg, metavar="Q",
+                   help="override latency_quantile: plan so that this quantile of the "
+                        "latency meets the target (the device's measured spread; 0.5: the "
+                        "median)")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     v = sub.add_parser("verify", help="check a plan file against its scenario")
@@ -273,6 +277,14 @@ def memory_mb(text: str) -> float:
     return v
 
 
+def quantile_arg(text: str) -> float:
+    """A latency quantile in [0.5, MAX_QUANTILE] (an argparse type)."""
+    v = positive(text)
+    if not 0.5 <= v <= MAX_QUANTILE:
+        raise argparse.ArgumentTypeError(f"must be in [0.5, {MAX_QUANTILE:g}], got {text}")
+    return v
+
+
 def window_arg(text: str):
     """A prefetch window: a whole number of layers >= 1, 'auto' or 'unbounded'."""
     if text in (AUTO_WINDOW, "unbounded"):
@@ -302,6 +314,8 @@ def _question(scenario, a):
         changes["prefetch_window"] = None
     elif isinstance(a.window, int):
         changes["prefetch_window"] = a.window
+    if a.latency_quantile is not None:
+        changes["latency_quantile"] = a.latency_quantile
     return scenario.with_overrides(**changes)
 
 

@@ -5,11 +5,15 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
 
 - Each streamed (not preloaded) shard is one read: latency_us + bytes / bandwidth.
   Reads run on one channel, in layer order: layer l's reads start when layer l-1's end.
-- A layer's compute: layer_overhead_ms + sum(flops / gflops)
-  + sum over its quantised shards (bits < 32) of stored bytes / dequant_gb_s.
+- A layer's compute: layer_overhead_ms + per shard that runs, shard_overhead_ms
+  + flops / gflops and, for a quantised shard (bits < 32), its stored bytes / dequant_gb_s
+  + its weights x dequant_ns_per_weight[bits] (the terms the device gives).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
-- Layer l computes once its reads are done and layer l-1 has computed:
-  compute_start = max(io_end[l], compute_end[l-1]).  Latency = compute_end of the last layer.
+- The query's embedding (embed_ms) runs on the compute thread first, once the embedding
+  rows are there; pooling (pool_ms) runs after the last layer.
+- Layer l computes once its reads are done and layer l-1 has computed (layer -1: the
+  embedding): compute_start = max(io_end[l], compute_end[l-1]).
+  Latency = compute_end of the last layer + pool_ms.
 - Prefetch window W (layers; None = unbounded): layer l's reads wait until layer l-W-1 has
   computed and released its buffers, io_start[l] = max(io_end[l-1], compute_end[l-W-1]).
   W = 1 is classic layer-wise pipelining: one layer read while one computes.
@@ -30,6 +34,9 @@ Memory (bytes; the peak the process holds during a query, docs/design.md "Memory
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import statistics
 from dataclasses import dataclass
 
 from elasticplan.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Shard
@@ -100,6 +107,35 @@ class Schedule:
     layout: Layout = UNBOUNDED
 
 
+def stage_factors(device: Device, quantile: float) -> tuple[float, float]:
+    """How much longer than predicted (the median) the IO and the compute stage run at this
+    quantile of the device's measured spread: exp(z_q sigma) per stage (log-normal)."""
+    if quantile == 0.5 or device.spread is None:
+        return 1.0, 1.0
+    z = statistics.NormalDist().inv_cdf(quantile)
+    return math.exp(z * device.spread.io), math.exp(z * device.spread.compute)
+
+
+def at_quantile(scenario: Scenario) -> Scenario:
+    """The scenario as the planner sees it: its device's reads and compute stretched to the
+    scenario's latency quantile (stage_factors), so that a plan whose predicted latency on
+    it meets the target meets it at that quantile (each stage at its own quantile: a bound,
+    since the stages' deviations are not perfectly correlated). The scenario itself when
+    the quantile is 0.5."""
+    io, comp = stage_factors(scenario.device, scenario.latency_quantile)
+    if io == comp == 1.0:
+        return scenario
+    d = scenario.device
+    slow = dataclasses.replace(
+        d, bandwidth_mb_s=d.bandwidth_mb_s / io, latency_us=d.latency_us * io,
+        gflops=d.gflops / comp, layer_overhead_ms=d.layer_overhead_ms * comp,
+        shard_overhead_ms=d.shard_overhead_ms * comp,
+        dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
+        dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
+        embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp)
+    return scenario.with_overrides(device=slow, latency_quantile=0.5)
+
+
 def read_ms(device: Device, nbytes: int) -> float:
     """One read request of `nbytes` on the device's storage."""
     return device.latency_us / 1e3 + nbytes / (device.bandwidth_mb_s * 1e3)
@@ -107,9 +143,14 @@ def read_ms(device: Device, nbytes: int) -> float:
 
 def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int) -> float:
     """Compute of one shard at bitwidth index `bit`, without the layer's fixed overhead."""
-    ms = shard.flops / (device.gflops * 1e6)
-    if model.bitwidths[bit] < FULL_PRECISION_BITS:
-        ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
+    ms = device.shard_overhead_ms + shard.flops / (device.gflops * 1e6)
+    bits = model.bitwidths[bit]
+    if bits < FULL_PRECISION_BITS:
+        if device.dequant_gb_s is not None:
+            ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
+        ns = device.dequant_ns(bits)
+        if ns:  # Scenario checks that the shard's weights are known
+            ms += shard.weights * ns / 1e6
     return ms
 
 
@@ -159,8 +200,11 @@ def memory_constants(model: ModelProfile) -> tuple[int, int]:
 
 
 def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None = None,
-             start_ms: float = 0.0, execution: str = PIPELINED) -> list[LayerTimes]:
-    """The schedule of layers with these read and compute times (the rules above)."""
+             start_ms: float = 0.0, execution: str = PIPELINED,
+             embed_ms: float = 0.0) -> list[LayerTimes]:
+    """The schedule of layers with these read and compute times (the rules above): the
+    channel starts at start_ms (the embedding rows' reads end), the compute thread at
+    start_ms + embed_ms."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     if execution == SEQUENTIAL and window is not None and window + 1 < len(io_ms):
@@ -172,7 +216,7 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
             io.append((io_end, io_end + read))
             io_end += read
     times: list[LayerTimes] = []
-    compute_end = 0.0
+    compute_end = start_ms + embed_ms
     for l, (read, compute) in enumerate(zip(io_ms, compute_ms)):
         if execution == PIPELINED:
             gate = times[l - window - 1].compute_end_ms \
@@ -188,19 +232,24 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
 
 
 def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int | None,
-                  start_ms: float = 0.0) -> tuple[int, ...]:
+                  start_ms: float = 0.0, embed_ms: float = 0.0) -> tuple[int, ...]:
     """A longest chain of a pipelined schedule, from the channel's start to the last
     layer's compute end: per layer, 1 if the chain takes its reads, 2 its compute, 3 both.
-    Its reads and compute (and start_ms) sum to the latency. Walked back from the end:
-    a layer's compute waited on its own reads or on the layer before's compute; its reads
-    on the layer before's reads or, through the window, on layer l-W-1's compute."""
+    Its reads and compute, start_ms, and embed_ms when the first layer's mark has no reads
+    (the chain starts at the embedding), sum to the last layer's compute end. Walked back
+    from the end: a layer's compute waited on its own reads or on the layer before's
+    compute (layer 0: on the embedding); its reads on the layer before's reads or, through
+    the window, on layer l-W-1's compute."""
     marks = [0] * len(times)
     kind, l = "compute", len(times) - 1
     while l >= 0:
         t = times[l]
         if kind == "compute":
             marks[l] |= 2
-            if l and times[l - 1].compute_end_ms > t.io_end_ms:
+            before = times[l - 1].compute_end_ms if l else start_ms + embed_ms
+            if before > t.io_end_ms:
+                if not l:
+                    break  # the chain starts at the embedding
                 l -= 1
             else:
                 kind = "io"
@@ -242,7 +291,8 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         streamed.append(nstream)
     start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
-                     execution=execution)
-    return Schedule(layers=tuple(times), latency_ms=times[-1].compute_end_ms if times else 0.0,
+                     execution=execution, embed_ms=device.embed_ms)
+    end = times[-1].compute_end_ms if times else start + device.embed_ms
+    return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,
                     memory=memory_of(model, layout, preload, streamed), layout=layout)

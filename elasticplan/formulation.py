@@ -163,7 +163,8 @@ def build(scenario: Scenario) -> Program:
         rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
                         sense, float(rhs)))
 
-    horizon = t_emb if embed else 0.0
+    horizon = (t_emb if embed else 0.0) + device.embed_ms + device.pool_ms
+    limit = scenario.target_latency_ms - device.pool_ms  # every latency row's bound
     for li, layer in enumerate(model.layers):
         run = [(q[li, si, b], p[li, si, b]) for si in range(len(layer.shards)) for b in range(B)]
         # pick[l,s]: each shard runs at most once, at one bitwidth:  sum_b q + p <= 1
@@ -220,26 +221,36 @@ def build(scenario: Scenario) -> Program:
             if li:
                 row(f"order[{li}]", Unit.TIME_MS, [(C, 1), (f"C[{li - 1}]", -1)]
                     + neg(comp_terms[li]), ">=", fixed_compute[li])
+            elif device.embed_ms:
+                # order[0]: C[0] - e t_emb - c[0] >= embed_ms (the embedding computes first)
+                row("order[0]", Unit.TIME_MS, [(C, 1)] + neg(embed_read)
+                    + neg(comp_terms[li]), ">=", fixed_compute[li] + device.embed_ms)
         last = f"C[{L - 1}]"
         if scenario.objective == Objective.MIN_LATENCY:
-            row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", 0)
+            row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", device.pool_ms)
         else:
-            row("latency", Unit.TIME_MS, [(last, 1)], "<=", scenario.target_latency_ms)
+            row("latency", Unit.TIME_MS, [(last, 1)], "<=", limit)
     # Unbounded window: the recurrence C[l] = max(F[l], C[l-1]) + c[l] unrolls to
     #   latency = max over l of ( F[l] + sum_{k>=l} c[k] ),  F[l] = e t_emb + sum_{k<=l} io[k],
     # so "latency <= T" is exactly one row per layer over the booleans:
     # latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T.
-    for li in range(0 if not chained else L, L):
-        terms = embed_read + [t for k in range(li + 1) for t in io_terms[k]]
-        terms += [t for k in range(li, L) for t in comp_terms[k]]
-        constant = sum(fixed_compute[li:])
+    # With an embedding time, one more row: latency[embed]: e t_emb + embed_ms + sum c[k] <= T.
+    # (pool_ms is a constant of every row: T is the target less it.)
+    unrolled = [] if chained else list(range(L)) + (["embed"] if device.embed_ms else [])
+    for li in unrolled:
+        if li == "embed":
+            terms = embed_read + [t for k in range(L) for t in comp_terms[k]]
+            constant = sum(fixed_compute) + device.embed_ms
+        else:
+            terms = embed_read + [t for k in range(li + 1) for t in io_terms[k]]
+            terms += [t for k in range(li, L) for t in comp_terms[k]]
+            constant = sum(fixed_compute[li:])
         if scenario.objective == Objective.MIN_LATENCY:
             # Z >= the same sum for every l; minimise Z.
             row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],
-                ">=", constant)
+                ">=", constant + device.pool_ms)
         else:
-            row(f"latency[{li}]", Unit.TIME_MS, terms, "<=",
-                scenario.target_latency_ms - constant)
+            row(f"latency[{li}]", Unit.TIME_MS, terms, "<=", limit - constant)
 
     preloads = [(p[key], model.layers[key[0]].shards[key[1]].bytes[key[2]]) for key in p]
     importance = [(var, model.layers[key[0]].shards[key[1]].importance[key[2]])

@@ -20,6 +20,7 @@ from elasticplan.errors import SpecError
 from elasticplan.inputs import Fields, integer, load_yaml, number, show
 from elasticplan.outputs import write_text
 from elasticplan.spec import (
+    FULL_PRECISION_BITS,
     MAX_BANDWIDTH_MB_S,
     MAX_BUFFER_MB,
     MAX_DEQUANT_GB_S,
@@ -29,10 +30,13 @@ from elasticplan.spec import (
     MAX_LATENCY_US,
     MAX_LAYERS,
     MAX_MEMORY_MB,
+    MAX_NS_PER_WEIGHT,
     MAX_OVERHEAD_MS,
+    MAX_QUANTILE,
     MAX_SEQ_LEN,
     MAX_SHARD_BYTES,
     MAX_SHARDS_PER_LAYER,
+    MAX_SPREAD,
     MAX_TARGET_MS,
     MAX_VARIANTS,
     MIN_BANDWIDTH_MB_S,
@@ -44,6 +48,7 @@ from elasticplan.spec import (
     Objective,
     Scenario,
     Shard,
+    Spread,
     bytes_of_mb,
 )
 
@@ -77,16 +82,51 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
                                maximum=MAX_BANDWIDTH_MB_S)
     latency = storage.number("latency_us", minimum=0, maximum=MAX_LATENCY_US)
     storage.done()
-    compute = f.mapping("compute", "compute: {gflops, layer_overhead_ms, dequant_gb_s}")
+    compute = f.mapping("compute", "compute: {gflops, layer_overhead_ms, dequant_gb_s or "
+                                   "dequant_ns_per_weight, ...}")
     gflops = compute.number("gflops", minimum=MIN_GFLOPS, maximum=MAX_GFLOPS)
     overhead = compute.number("layer_overhead_ms", minimum=0, maximum=MAX_OVERHEAD_MS)
-    dequant = compute.number("dequant_gb_s", minimum=MIN_DEQUANT_GB_S, maximum=MAX_DEQUANT_GB_S)
+    dequant = compute.number("dequant_gb_s", minimum=MIN_DEQUANT_GB_S, maximum=MAX_DEQUANT_GB_S,
+                             required=False)
+    per_weight = _per_weight(compute)
+    if dequant is None and not per_weight:
+        raise compute.err("dequant_gb_s", "a device needs a dequantisation cost: dequant_gb_s "
+                                          "(per stored byte) or dequant_ns_per_weight (per "
+                                          "weight, by bitwidth), or both")
+    optional = {k: compute.number(k, minimum=0, maximum=MAX_OVERHEAD_MS, required=False) or 0.0
+                for k in ("shard_overhead_ms", "embed_ms", "pool_ms")}
     compute.done()
+    spread = f.mapping("spread", "spread: {io, compute, runs}", required=False)
+    if spread is not None:
+        spread_io = spread.number("io", minimum=0, maximum=MAX_SPREAD)
+        spread_compute = spread.number("compute", minimum=0, maximum=MAX_SPREAD)
+        runs = spread.integer("runs", minimum=2)
+        spread.done()
+        spread = Spread(io=spread_io, compute=spread_compute, runs=runs)
     memory = f.number("memory_mb", positive=True, maximum=MAX_MEMORY_MB)
     f.free_form("description", str)
     f.done()
     return Device(name=name, bandwidth_mb_s=bandwidth, latency_us=latency, gflops=gflops,
-                  layer_overhead_ms=overhead, dequant_gb_s=dequant, memory_mb=memory)
+                  layer_overhead_ms=overhead, dequant_gb_s=dequant, memory_mb=memory,
+                  dequant_ns_per_weight=per_weight, spread=spread, **optional)
+
+
+def _per_weight(compute: Fields) -> tuple[tuple[int, float], ...]:
+    """`dequant_ns_per_weight: {bits: ns, ...}` (quantised bitwidths, 1..31)."""
+    raw = compute.raw("dequant_ns_per_weight", required=False)
+    if raw is None:
+        return ()
+    table = Fields(raw, compute.file, compute.key("dequant_ns_per_weight"),
+                   "dequant_ns_per_weight: {bits: ns per weight}")
+    out = []
+    for k in list(raw):
+        key = table.key(str(k))
+        bits = integer(k, compute.file, key, minimum=1, maximum=FULL_PRECISION_BITS - 1)
+        out.append((bits, number(raw[k], compute.file, key, minimum=0, maximum=MAX_NS_PER_WEIGHT)))
+    if not out:
+        raise compute.err("dequant_ns_per_weight", "is empty: give ns per weight for every "
+                                                   "quantised bitwidth, or leave it out")
+    return tuple(sorted(out))
 
 
 # --- model profile ----------------------------------------------------------------------
@@ -159,10 +199,11 @@ def _memory_terms(m: Fields | None) -> dict:
 
 
 def _parse_shard(data: Any, file, path: str, bitwidths: tuple[int, ...]) -> Shard:
-    f = Fields(data, file, path, "a shard: {name, kind, flops, bytes, importance}")
+    f = Fields(data, file, path, "a shard: {name, kind, flops, bytes, importance, weights}")
     name = f.string("name")
     kind = f.string("kind")
     flops = f.number("flops", minimum=0, maximum=MAX_FLOPS)
+    weights = f.integer("weights", minimum=0, maximum=MAX_SHARD_BYTES, required=False)
     arrays = {}
     for k, parse in (("bytes", lambda v, key: integer(v, file, key, minimum=0,
                                                        maximum=MAX_SHARD_BYTES)),
@@ -175,7 +216,7 @@ def _parse_shard(data: Any, file, path: str, bitwidths: tuple[int, ...]) -> Shar
         arrays[k] = tuple(parse(v, f"{f.key(k)}[{i}]") for i, v in enumerate(values))
     f.done()
     return Shard(name=name, kind=kind, flops=flops, bytes=arrays["bytes"],
-                 importance=arrays["importance"])
+                 importance=arrays["importance"], weights=weights)
 
 
 # --- scenario ---------------------------------------------------------------------------
@@ -202,6 +243,7 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
                      required=False)
     memory = f.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB, required=False)
     window = f.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS, required=False)
+    quantile = f.number("latency_quantile", minimum=0.5, maximum=MAX_QUANTILE, required=False)
     f.free_form("description", str)
     f.done()
     scenario_raw = {k: v for k, v in data.items() if k not in ("device", "model")}
@@ -213,7 +255,7 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
         preload_budget_mb=budget, min_shards_per_layer=1 if min_shards is None else min_shards,
         objective=Objective(objective_raw), importance_floor=floor, source=file,
         memory_budget_mb=memory, prefetch_window=window,
-        content_hash=digest, files=tuple(p for p in (file, device_file, model_file) if p))
+        latency_quantile=0.5 if quantile is None else quantile, content_hash=digest, files=tuple(p for p in (file, device_file, model_file) if p))
 
 
 def _load_part(f: Fields, key: str, base: Path, parse):

@@ -12,7 +12,17 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from elasticplan.costmodel import EXECUTIONS, PIPELINED, UNBOUNDED, Layout, Memory, Pick, Selection, simulate
+from elasticplan.costmodel import (
+    EXECUTIONS,
+    PIPELINED,
+    UNBOUNDED,
+    Layout,
+    Memory,
+    Pick,
+    Selection,
+    at_quantile,
+    simulate,
+)
 from elasticplan.errors import PlanFormatError
 from elasticplan.inputs import Fields, load_json, show
 from elasticplan.outputs import write_text
@@ -20,6 +30,7 @@ from elasticplan.spec import (
     MAX_BUFFER_MB,
     MAX_LAYERS,
     MAX_MEMORY_MB,
+    MAX_QUANTILE,
     MAX_SHARDS_PER_LAYER,
     MAX_TARGET_MS,
     Objective,
@@ -67,6 +78,7 @@ class ScenarioRef:
     importance_floor: float | None
     memory_budget_mb: float | None = None  # absent in plans recorded before memory was planned
     prefetch_window: int | None = None
+    latency_quantile: float = 0.5  # absent in plans recorded before quantiles were planned
 
 
 EMBEDDINGS = ("resident", "streamed")  # where the token-embedding table lives
@@ -101,6 +113,8 @@ class Plan:
     window: int | None = None
     embeddings: str = "resident"
     memory: Memory | None = None
+    # The latency at the scenario's latency_quantile (what meets the target), when above 0.5.
+    quantile_latency_ms: float | None = None
     schema: str = SCHEMA
 
     @property
@@ -133,13 +147,17 @@ class Plan:
             preload_budget_mb=scenario.preload_budget_mb,
             min_shards_per_layer=scenario.min_shards_per_layer,
             objective=scenario.objective.value, importance_floor=scenario.importance_floor,
-            memory_budget_mb=scenario.memory_budget_mb, prefetch_window=scenario.prefetch_window)
+            memory_budget_mb=scenario.memory_budget_mb, prefetch_window=scenario.prefetch_window,
+            latency_quantile=scenario.latency_quantile)
+        quantile = at_quantile(scenario)
         return Plan(scenario=ref, solver=solver, status=status, gap=gap,
                     solve_seconds=solve_seconds, objective=objective,
                     importance=schedule.importance, predicted_latency_ms=schedule.latency_ms,
                     preload_bytes=schedule.preload_bytes, streamed_bytes=schedule.streamed_bytes,
                     layers=layers, execution=execution, window=layout.window,
-                    embeddings=EMBEDDINGS[layout.stream_embeddings], memory=schedule.memory)
+                    embeddings=EMBEDDINGS[layout.stream_embeddings], memory=schedule.memory,
+                    quantile_latency_ms=None if quantile is scenario else
+                    simulate(quantile, selection, execution, layout).latency_ms)
 
     def selection(self, scenario: Scenario) -> Selection:
         """Map names back to indices. Unknown names raise KeyError; the verifier reports them."""
@@ -210,7 +228,9 @@ class Plan:
             memory_budget_mb=q.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB,
                                       required=False),
             prefetch_window=q.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS,
-                                      required=False))
+                                      required=False),
+            latency_quantile=q.number("latency_quantile", minimum=0.5, maximum=MAX_QUANTILE,
+                                      required=False) or 0.5)
         q.done()
         solver = f.string("solver")
         status = SolveStatus(_choice(f, "status", [s.value for s in SolveStatus]))
@@ -226,6 +246,7 @@ class Plan:
         embeddings = _choice(f, "embeddings", list(EMBEDDINGS), default="resident")
         terms = f.mapping("memory", "the predicted memory by term", required=False)
         memory = None if terms is None else _memory(terms)
+        quantile_latency = f.number("quantile_latency_ms", minimum=0, required=False)
         raw_layers = f.sequence("layers")
         if len(raw_layers) > MAX_LAYERS:
             raise f.err("layers", f"{len(raw_layers)} layers; at most {MAX_LAYERS}")
@@ -236,7 +257,7 @@ class Plan:
                     solve_seconds=solve_seconds, objective=objective, importance=importance,
                     predicted_latency_ms=latency, preload_bytes=preload, streamed_bytes=streamed,
                     layers=layers, execution=execution, window=window, embeddings=embeddings,
-                    memory=memory)
+                    memory=memory, quantile_latency_ms=quantile_latency)
 
 
 def _memory(m: Fields) -> Memory:

@@ -39,7 +39,10 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
     gap = "n/a (heuristic)" if plan.gap is None else f"{plan.gap:.2g}"
     lines += [
         f"importance {plan.importance:.6g} of {best:.6g} possible; latency "
-        f"{plan.predicted_latency_ms:.3f} ms (target {scenario.target_latency_ms:g}); buffer "
+        f"{plan.predicted_latency_ms:.3f} ms" + (
+            f" (median), {plan.quantile_latency_ms:.3f} ms at quantile "
+            f"{scenario.latency_quantile:g}" if plan.quantile_latency_ms is not None else "")
+        + f" (target {scenario.target_latency_ms:g}); buffer "
         f"{plan.preload_bytes / 1e6:.3f} MB (budget {scenario.preload_budget_mb:g}); streamed "
         f"{plan.streamed_bytes / 1e6:.3f} MB; {plan.n_shards}/{model.n_shards} shards",
         f"solver {plan.solver}: {plan.status.value}, gap {gap}, {plan.solve_seconds:.2f} s",

@@ -26,6 +26,9 @@ MAX_GFLOPS = 1e7  # 10 PFLOP/s
 MAX_OVERHEAD_MS = 1e4
 MIN_DEQUANT_GB_S = 1e-6
 MAX_DEQUANT_GB_S = 1e4
+MAX_NS_PER_WEIGHT = 1e6  # a millisecond per weight
+MAX_QUANTILE = 0.999
+MAX_SPREAD = 1.0  # a stage's relative spread (log-space standard deviation)
 MAX_MEMORY_MB = 1e9  # 1 PB
 MAX_SEQ_LEN = 1 << 20
 MAX_LAYERS = 10_000
@@ -50,13 +53,42 @@ FLOOR_OBJECTIVES = (Objective.MIN_BUFFER, Objective.MIN_MEMORY)  # they need an 
 
 @dataclass(frozen=True)
 class Device:
+    """A device's storage and compute (docs/formats.md, "Device"). The compute terms of a
+    layer that runs: layer_overhead_ms + per shard (shard_overhead_ms + flops / gflops
+    + for a quantised shard its stored bytes / dequant_gb_s and its weights x
+    dequant_ns_per_weight[bits]); per query, embed_ms before the first layer computes and
+    pool_ms after the last. The terms a device file leaves out are 0 (None: no per-byte
+    dequantisation term)."""
+
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
     latency_us: float  # fixed cost of each read request
     gflops: float  # effective throughput for shard math
     layer_overhead_ms: float  # fixed compute per executed layer (norms, residuals, biases)
-    dequant_gb_s: float  # dequantisation throughput, on stored bytes of quantised shards
+    dequant_gb_s: float | None  # dequantisation throughput, on stored bytes of quantised shards
     memory_mb: float  # memory the app may use (every term of a plan's predicted peak)
+    shard_overhead_ms: float = 0.0  # fixed compute per executed shard
+    dequant_ns_per_weight: tuple[tuple[int, float], ...] = ()  # (bits, ns per weight), sorted
+    embed_ms: float = 0.0  # per query: the embedding lookup, before layer 0 computes
+    pool_ms: float = 0.0  # per query: pooling, after the last layer
+    spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
+
+    def dequant_ns(self, bits: int) -> float | None:
+        """ns per weight to dequantise a shard stored at `bits` (None: no per-weight term)."""
+        for b, ns in self.dequant_ns_per_weight:
+            if b == bits:
+                return ns
+        return None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Relative run-to-run spread of each stage (standard deviation of measured / predicted
+    over the calibration runs, in log space), and how many runs it was measured on."""
+
+    io: float
+    compute: float
+    runs: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +98,7 @@ class Shard:
     flops: float  # flop to run this shard at the profile's seq_len
     bytes: tuple[int, ...]  # stored size per bitwidth, aligned with ModelProfile.bitwidths
     importance: tuple[float, ...]  # importance per bitwidth; a dropped shard contributes 0
+    weights: int | None = None  # weight elements (what dequantisation works on); None: unknown
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,7 @@ class Scenario:
     files: tuple[str, ...] = ()  # every file it was loaded from (no command may write onto them)
     memory_budget_mb: float | None = None  # bound on the predicted peak memory (None: none)
     prefetch_window: int | None = None  # layers IO may run ahead of compute (None: unbounded)
+    latency_quantile: float = 0.5  # the quantile of the latency that must meet the target
 
     def __post_init__(self) -> None:
         file = self.source
@@ -178,6 +212,16 @@ class Scenario:
             raise SpecError(file, "prefetch_window", f"must be an integer in [1, {MAX_LAYERS}] "
                             f"(layers IO may run ahead of compute) or absent for unbounded, got "
                             f"{self.prefetch_window!r}")
+        q = self.latency_quantile
+        if not (_finite(q) and 0.5 <= q <= MAX_QUANTILE):
+            raise SpecError(file, "latency_quantile", f"must be a number in [0.5, "
+                            f"{MAX_QUANTILE:g}] (0.5: the median run meets the target), "
+                            f"got {q!r}")
+        if q > 0.5 and self.device.spread is None:
+            raise SpecError(file, "latency_quantile",
+                            f"{q:g} needs the run-to-run spread of device "
+                            f"{self.device.name!r}, which its file does not give (`spread`: "
+                            f"measure it with `elasticplan calibrate`), or latency_quantile 0.5")
         if self.memory_budget_mb is not None:
             if not (_finite(self.memory_budget_mb) and 0 < self.memory_budget_mb <= MAX_MEMORY_MB):
                 raise SpecError(file, "memory_budget_mb", f"must be a number in (0, "
@@ -204,6 +248,24 @@ class Scenario:
                 raise SpecError(file, "min_shards_per_layer",
                                 f"{self.min_shards_per_layer} exceeds the {len(layer.shards)} "
                                 f"shards of layer {li} of model {self.model.name!r}")
+        if self.device.dequant_ns_per_weight:
+            # A per-weight dequantisation term must cover every quantised bitwidth and know
+            # every shard's weights: else a plan would decode for free, silently.
+            missing = [b for b in self.model.bitwidths
+                       if b < FULL_PRECISION_BITS and self.device.dequant_ns(b) is None]
+            if missing:
+                raise SpecError(file, "device.compute.dequant_ns_per_weight",
+                                f"device {self.device.name!r} has no dequantisation cost for "
+                                f"{', '.join(map(str, missing))} bits, which model "
+                                f"{self.model.name!r} stores (calibrate the device on a store "
+                                f"with these bitwidths, or give them)")
+            for li, layer in enumerate(self.model.layers):
+                for si, s in enumerate(layer.shards):
+                    if s.weights is None:
+                        raise SpecError(file, f"model.layers[{li}].shards[{si}].weights",
+                                        f"model {self.model.name!r} does not give its shards' "
+                                        f"weights, which device {self.device.name!r}'s "
+                                        f"dequant_ns_per_weight needs (regenerate the profile)")
         if self.objective in FLOOR_OBJECTIVES and self.importance_floor is None:
             raise SpecError(file, "importance_floor",
                             f"objective {self.objective.value} needs an importance_floor")

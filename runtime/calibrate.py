@@ -1,15 +1,29 @@
 """`elasticplan calibrate`: measure this machine's compute costs inside the pipelined
 runtime and write a device spec ("this machine + storage at X MB/s") and a scenario on it.
 
-Compute. The device spec's compute model is, per layer that runs,
-    layer_ms = layer_overhead_ms + sum(flops) / gflops + sum(quantised stored bytes) / dequant
-(elasticplan.costmodel). Calibration runs random plans (random shard subsets, bitwidths
-and preload flags per layer, seeded) through the real executor, with the storage emulated
-as it will be in real runs, so the measured layer times carry the pipeline's own effects
-(idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). Each plan runs after a discarded
-warm-up; each (plan, layer) sample is the median over the repeats. The three figures come
-from a non-negative least-squares fit of the measured compute times to the model, and
-the fit's R^2 and mean error are written into the file.
+Compute. The device's compute model (elasticplan.costmodel) is, per layer that runs,
+    layer_ms = layer_overhead_ms + sum over its shards of (shard_overhead_ms
+               + flops / gflops + weights x dequant_ns_per_weight[bits], quantised only)
+and per query embed_ms (before layer 0) and pool_ms (after the last layer).
+Calibration runs designed plans through the real executor, with the storage emulated as
+it will be in real runs, so the measured layer times carry the pipeline's own effects
+(idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). The plans
+separate the terms (`design`): one per stored bitwidth (every layer a random subset of
+its shards at that bitwidth: the per-weight cost of each bitwidth), hold-in-memory (every
+shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, then
+random mixed plans; subsets of every size and mix of heads and FFN slices separate the
+per-layer, per-shard and per-flop terms. Each plan runs after a discarded warm-up; each
+(plan, layer) sample is the median over the repeats. The layer terms come from a
+non-negative least-squares fit (scipy.optimize.nnls) with each term's standard error;
+embedding and pooling are the medians of their measured times. The file's header records
+the fit (R^2, mean error, each term's uncertainty), the residual per layer, and the
+stage errors of the calibration runs themselves.
+
+Spread. Every calibration run is then predicted with the fitted device; per stage (IO:
+the sum of the layers' read intervals; compute: the sum of their compute intervals), the
+root mean square of log(measured / predicted) over every run is the stage's spread
+(model error and run-to-run noise together). Scenarios that plan for a latency quantile
+use it (elasticplan.costmodel.at_quantile).
 
 Storage. With `bandwidth_mb_s` given, the device's storage is that (emulated in runs).
 Without it, this machine's disk is measured: cold single reads of every variant of two
@@ -18,24 +32,26 @@ layers, fit to latency + bytes / bandwidth, for runs without emulation.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import itertools
+import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy.optimize
 import torch
 
-from elasticplan.costmodel import Pick
+from elasticplan.costmodel import Pick, Selection, simulate
 from elasticplan.errors import CalibrationError
 from elasticplan.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.outputs import refuse_inputs
 from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import FULL_PRECISION_BITS, MAX_TARGET_MS, Device, Scenario
+from elasticplan.spec import FULL_PRECISION_BITS, MAX_TARGET_MS, Device, ModelProfile, Scenario, Spread
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -47,57 +63,233 @@ DEFAULT_REPEATS = 3
 
 @dataclass
 class Fit:
+    """The fitted compute terms, each with its standard error (same unit), and how well the
+    model fits the calibration samples."""
+
     layer_overhead_ms: float
+    shard_overhead_ms: float
     gflops: float
-    dequant_gb_s: float
-    r2: float
-    mae_ms: float
-    samples: int
+    dequant_ns: dict[int, float]  # per quantised bitwidth
+    embed_ms: float = 0.0
+    pool_ms: float = 0.0
+    stderr: dict[str, float] = field(default_factory=dict)  # term name -> standard error
+    r2: float = 0.0
+    mae_ms: float = 0.0
+    samples: int = 0
+    layer_residuals_ms: list[float] = field(default_factory=list)  # mean measured - predicted
+    layer_residuals_pct: list[float] = field(default_factory=list)
 
 
-def nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0, exactly, for a handful of columns (every active set)."""
-    best, best_res = np.zeros(A.shape[1]), float(np.sum(y ** 2))
-    for k in range(1, A.shape[1] + 1):
-        for cols in itertools.combinations(range(A.shape[1]), k):
-            x_sub, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
-            if np.all(x_sub >= 0):
-                x = np.zeros(A.shape[1])
-                x[list(cols)] = x_sub
-                res = float(np.sum((A @ x - y) ** 2))
-                if res < best_res:
-                    best, best_res = x, res
-    return best
+@dataclass(frozen=True)
+class Sample:
+    """One executed layer of one calibration plan: its features and the median measured
+    compute time over the repeats."""
+
+    layer: int
+    shards: int
+    flops: float
+    weights: dict[int, int]  # quantised bitwidth -> weights of the layer's shards at it
+    ms: float
 
 
-def fit_compute(samples: list[tuple[float, float, float]]) -> Fit:
-    """samples: (flops, quantised stored bytes, measured ms) per executed layer."""
-    a = np.array(samples, dtype=float)
-    A = np.column_stack([np.ones(len(a)), a[:, 0], a[:, 1]])
-    y = a[:, 2]
-    overhead, ms_per_flop, ms_per_byte = nnls(A, y)
-    if ms_per_flop <= 0 or ms_per_byte <= 0:
-        raise CalibrationError(f"the compute fit is degenerate (ms per flop {ms_per_flop:.3g}, "
-                               f"ms per quantised byte {ms_per_byte:.3g}); rerun with more "
-                               f"plans (--plans)")
-    pred = A @ np.array([overhead, ms_per_flop, ms_per_byte])
+def term_names(bits: tuple[int, ...]) -> list[str]:
+    return ["layer_overhead_ms", "shard_overhead_ms", "ms_per_flop"] + \
+        [f"dequant_ns_per_weight[{b}]" for b in bits]
+
+
+def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
+    """Non-negative least squares of the layer model over the samples; `bits` are the
+    quantised bitwidths to fit a per-weight cost for (each needs samples that use it)."""
+    if not samples:
+        raise CalibrationError("no layer was measured")
+    A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
+                  for s in samples])
+    y = np.array([s.ms for s in samples])
+    unused = [b for i, b in enumerate(bits) if not A[:, 3 + i].any()]
+    if unused:
+        raise CalibrationError(f"no calibration plan ran a shard at {unused} bits; rerun with "
+                               f"more plans (--plans)")
+    scale = np.abs(A).max(axis=0)  # columns of ~1: nnls and the covariance well conditioned
+    x, _ = scipy.optimize.nnls(A / scale, y)
+    x = x / scale
+    if x[2] <= 0:
+        raise CalibrationError("the compute fit is degenerate (no time per flop); rerun with "
+                               "more plans (--plans)")
+    pred = A @ x
+    resid = y - pred
     ss_tot = float(np.sum((y - y.mean()) ** 2)) or 1.0
-    return Fit(layer_overhead_ms=float(overhead), gflops=1.0 / (ms_per_flop * 1e6),
-               dequant_gb_s=1.0 / (ms_per_byte * 1e6),
-               r2=1.0 - float(np.sum((y - pred) ** 2)) / ss_tot,
-               mae_ms=float(np.mean(np.abs(y - pred))), samples=len(y))
+    # Standard errors of the terms the fit kept (> 0): s^2 (A'A)^-1 over those columns.
+    active = np.flatnonzero(x > 0)
+    dof = max(1, len(y) - len(active))
+    s2 = float(resid @ resid) / dof
+    scaled = A[:, active] / scale[active]
+    cov = np.linalg.pinv(scaled.T @ scaled) * s2
+    se = np.zeros(len(x))
+    se[active] = np.sqrt(np.clip(np.diag(cov), 0, None)) / scale[active]
+    names = term_names(bits)
+    stderr = dict(zip(names, se))
+    # In the device's units: gflops = 1 / (ms per flop * 1e6) (delta method), ns = ms * 1e6.
+    gflops = 1.0 / (x[2] * 1e6)
+    stderr["gflops"] = stderr.pop("ms_per_flop") / x[2] * gflops
+    for i, b in enumerate(bits):
+        stderr[f"dequant_ns_per_weight[{b}]"] *= 1e6
+    layers = sorted({s.layer for s in samples})
+    by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
+    return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
+               dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
+               stderr={k: float(v) for k, v in stderr.items()},
+               r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
+               samples=len(y),
+               layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
+               layer_residuals_pct=[float(100 * np.mean(resid[by_layer[l]])
+                                          / np.mean(y[by_layer[l]])) for l in layers])
 
 
-def random_selection(scenario: Scenario, rng: np.random.Generator) -> tuple:
-    model = scenario.model
-    out = []
-    for layer in model.layers:
-        n = len(layer.shards)
-        k = int(rng.integers(1, n + 1))
-        picks = [Pick(int(s), int(rng.integers(len(model.bitwidths))), bool(rng.random() < 0.25))
-                 for s in rng.choice(n, size=k, replace=False)]
-        out.append(tuple(picks))
-    return tuple(out)
+def _subset(model: ModelProfile, li: int, bit: int, rng: np.random.Generator,
+            preload_share: float) -> tuple[Pick, ...]:
+    n = len(model.layers[li].shards)
+    k = int(rng.integers(1, n + 1))
+    return tuple(Pick(int(s), bit, bool(rng.random() < preload_share))
+                 for s in rng.choice(n, size=k, replace=False))
+
+
+def design(model: ModelProfile, plans: int, rng: np.random.Generator) -> list[tuple[str, Selection]]:
+    """The calibration plans (module docstring), `plans` of them, named."""
+    B, L = len(model.bitwidths), len(model.layers)
+    if plans < B + 1:
+        raise CalibrationError(f"--plans {plans} is too few: the design needs one plan per "
+                               f"stored bitwidth ({B}) and a compute-bound one, at least {B + 1}")
+    out: list[tuple[str, Selection]] = []
+    for b in range(B):
+        out.append((f"{model.bitwidths[b]}-bit subsets",
+                    tuple(_subset(model, li, b, rng, 0.25) for li in range(L))))
+    out.append(("hold-in-memory", tuple(tuple(Pick(s, B - 1, True)
+                                              for s in range(len(layer.shards)))
+                                        for layer in model.layers)))
+    if plans > len(out):
+        out.append((f"every shard at {model.bitwidths[0]} bits, preloaded",
+                    tuple(tuple(Pick(s, 0, True) for s in range(len(layer.shards)))
+                          for layer in model.layers)))
+    while len(out) < plans:
+        out.append(("random", tuple(_subset(model, li, int(rng.integers(B)), rng, 0.25)
+                                    for li in range(L))))
+    return out
+
+
+@dataclass
+class Calibration:
+    device: Device
+    fit: Fit
+    facts: dict
+    stage_errors: dict[str, tuple[float, float]]  # stage -> (median, p95) |error| in %
+
+
+def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None,
+              latency_us: float, plans: int = DEFAULT_PLANS, repeats: int = DEFAULT_REPEATS,
+              seed: int = 0, queries: list | None = None,
+              log: Callable[[str], None] = lambda s: None) -> Calibration:
+    """Measure; return the calibrated device, the compute fit and facts for the file header."""
+    if bandwidth_mb_s is None:
+        bandwidth_mb_s, latency_us = measure_disk(store)
+        storage = (f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
+                   f"+ {latency_us:.0f} us per read (runs use it without emulation)")
+        emulate = False
+    else:
+        storage = (f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
+                   f"(runs emulate it on top of real cold reads)")
+        emulate = True
+    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
+    model = base.model
+    if any(s.weights is None for layer in model.layers for s in layer.shards):
+        raise CalibrationError(f"{base.source}: model {model.name!r} does not give its shards' "
+                               f"weights; regenerate the profile")
+    quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
+    draft = Device(name="draft", bandwidth_mb_s=bandwidth_mb_s, latency_us=latency_us, gflops=1.0,
+                   layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=memory_mb)
+    draft_scenario = Scenario(name="calibration", device=draft, model=model,
+                              target_latency_ms=MAX_TARGET_MS, preload_budget_mb=0.0,
+                              min_shards_per_layer=0)
+    batch = queries[0]
+    rng = np.random.default_rng(seed)
+    samples, runs_of = [], []
+    embed, pool = [], []
+    for i, (name, sel) in enumerate(design(model, plans, rng)):
+        plan = Plan.from_selection(draft_scenario, sel, solver="calibration",
+                                   status=SolveStatus.FEASIBLE, gap=None, solve_seconds=0.0)
+        with Executor(plan, draft_scenario, store, emulate=emulate) as ex:
+            ex.fill_preload()
+            ex.run(batch)  # warm-up, discarded
+            runs = [ex.run(queries[r % len(queries)]) for r in range(repeats)]
+        runs_of.append((sel, runs))
+        embed += [r.embed_ms[1] - r.embed_ms[0] for r in runs]
+        pool += [r.pool_ms[1] - r.pool_ms[0] for r in runs]
+        for l, picks in enumerate(sel):
+            if not picks:
+                continue
+            layer = model.layers[l]
+            weights: dict[int, int] = {}
+            for p in picks:
+                bits = model.bitwidths[p.bit]
+                if bits < FULL_PRECISION_BITS:
+                    weights[bits] = weights.get(bits, 0) + layer.shards[p.shard].weights
+            ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
+                                  for r in runs]))
+            samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
+                                  weights, ms))
+        log(f"calibration plan {i + 1}/{plans} ({name}): {plan.n_shards} shards, median "
+            f"latency {np.median([r.latency_ms for r in runs]):.1f} ms")
+    fit = fit_compute(samples, quantised)
+    fit.embed_ms, fit.pool_ms = float(np.median(embed)), float(np.median(pool))
+    fit.stderr["embed_ms"] = _median_stderr(embed)
+    fit.stderr["pool_ms"] = _median_stderr(pool)
+    device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
+                    latency_us=round(float(latency_us), 3), gflops=round(float(fit.gflops), 4),
+                    layer_overhead_ms=round(fit.layer_overhead_ms, 5), dequant_gb_s=None,
+                    memory_mb=round(float(memory_mb), 1),
+                    shard_overhead_ms=round(fit.shard_overhead_ms, 6),
+                    dequant_ns_per_weight=tuple((b, round(fit.dequant_ns[b], 5))
+                                                for b in quantised),
+                    embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5))
+    spread, errors = stage_spread(draft_scenario.with_overrides(device=device), runs_of)
+    device = dataclasses.replace(device, spread=spread)
+    facts = {"storage": storage, "plans": plans, "repeats": repeats,
+             "threads": torch.get_num_threads(), "seq_len": model.seq_len}
+    return Calibration(device, fit, facts, errors)
+
+
+def _median_stderr(values: list[float]) -> float:
+    """Standard error of a median: 1.2533 sigma / sqrt(n), sigma from the MAD (robust)."""
+    v = np.asarray(values, dtype=float)
+    sigma = 1.4826 * float(np.median(np.abs(v - np.median(v))))
+    return 1.2533 * sigma / math.sqrt(len(v))
+
+
+STAGES = ("io", "compute", "total")
+
+
+def stage_spread(scenario: Scenario, runs_of: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
+    """Every run against the calibrated device's prediction, per stage: the spread (root
+    mean square of log(measured / predicted)) of IO and compute, and each stage's median
+    and p95 |error| in % (total included)."""
+    logs: dict[str, list[float]] = {k: [] for k in STAGES}
+    for sel, runs in runs_of:
+        s = simulate(scenario, sel)
+        predicted = {"io": sum(t.io_end_ms - t.io_start_ms for t in s.layers),
+                     "compute": sum(t.compute_end_ms - t.compute_start_ms for t in s.layers),
+                     "total": s.latency_ms}
+        for r in runs:
+            measured = {"io": sum(t.io_end_ms - t.io_start_ms for t in r.layers),
+                        "compute": sum(t.compute_end_ms - t.compute_start_ms for t in r.layers),
+                        "total": r.latency_ms}
+            for k in STAGES:
+                if predicted[k] > 0 and measured[k] > 0:
+                    logs[k].append(math.log(measured[k] / predicted[k]))
+    rms = {k: math.sqrt(float(np.mean(np.square(v)))) if v else 0.0 for k, v in logs.items()}
+    errors = {k: (float(np.median(100 * np.abs(np.expm1(v)))),
+                  float(np.percentile(100 * np.abs(np.expm1(v)), 95))) if v else (0.0, 0.0)
+              for k, v in logs.items()}
+    runs = sum(len(r) for _, r in runs_of)
+    return Spread(io=round(rms["io"], 5), compute=round(rms["compute"], 5), runs=runs), errors
 
 
 def measure_disk(store: ShardStore, layers=(1, 4)) -> tuple[float, float]:
@@ -119,83 +311,75 @@ def measure_disk(store: ShardStore, layers=(1, 4)) -> tuple[float, float]:
             finally:
                 os.close(fd)
     A = np.column_stack([np.ones(len(xs)), np.array(xs, float)])
-    lat_s, s_per_byte = nnls(A, np.array(ts))
+    (lat_s, s_per_byte), _ = scipy.optimize.nnls(A, np.array(ts))
     if s_per_byte <= 0:
         raise CalibrationError("the disk fit is degenerate; pass --storage-mb-s")
     return 1.0 / (s_per_byte * 1e6), lat_s * 1e6
 
 
-def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None,
-              latency_us: float, plans: int = DEFAULT_PLANS, repeats: int = DEFAULT_REPEATS,
-              seed: int = 0, queries: list | None = None,
-              log: Callable[[str], None] = lambda s: None) -> tuple[Device, Fit, dict]:
-    """Measure; return the calibrated device, the compute fit and facts for the file header."""
-    if bandwidth_mb_s is None:
-        bandwidth_mb_s, latency_us = measure_disk(store)
-        storage = (f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
-                   f"+ {latency_us:.0f} us per read (runs use it without emulation)")
-        emulate = False
-    else:
-        storage = (f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
-                   f"(runs emulate it on top of real cold reads)")
-        emulate = True
-    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
-    draft = Device(name="draft", bandwidth_mb_s=bandwidth_mb_s, latency_us=latency_us, gflops=1.0,
-                   layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=memory_mb)
-    draft_scenario = Scenario(name="calibration", device=draft, model=base.model,
-                              target_latency_ms=MAX_TARGET_MS, preload_budget_mb=0.0,
-                              min_shards_per_layer=0)
-    batch = queries[0]
-    model = base.model
-    rng = np.random.default_rng(seed)
-    samples = []
-    for i in range(plans):
-        sel = random_selection(draft_scenario, rng)
-        plan = Plan.from_selection(draft_scenario, sel, solver="calibration",
-                                   status=SolveStatus.FEASIBLE, gap=None, solve_seconds=0.0)
-        with Executor(plan, draft_scenario, store, emulate=emulate) as ex:
-            ex.fill_preload()
-            ex.run(batch)  # warm-up, discarded
-            runs = [ex.run(queries[r % len(queries)]) for r in range(repeats)]
-        for l, picks in enumerate(sel):
-            if not picks:
-                continue
-            layer = model.layers[l]
-            flops = sum(layer.shards[p.shard].flops for p in picks)
-            qbytes = sum(layer.shards[p.shard].bytes[p.bit] for p in picks
-                         if model.bitwidths[p.bit] < FULL_PRECISION_BITS)
-            ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
-                                  for r in runs]))
-            samples.append((flops, qbytes, ms))
-        log(f"calibration plan {i + 1}/{plans}: {plan.n_shards} shards, median latency "
-            f"{np.median([r.latency_ms for r in runs]):.1f} ms")
-    fit = fit_compute(samples)
-    device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
-                    latency_us=round(float(latency_us), 3), gflops=round(float(fit.gflops), 4),
-                    layer_overhead_ms=round(float(fit.layer_overhead_ms), 5),
-                    dequant_gb_s=round(float(fit.dequant_gb_s), 5),
-                    memory_mb=round(float(memory_mb), 1))
-    facts = {"storage": storage, "plans": plans, "repeats": repeats,
-             "threads": torch.get_num_threads(), "seq_len": model.seq_len}
-    return device, fit, facts
-
-
 def device_dict(device: Device) -> dict:
-    return {"name": device.name,
-            "description": "This machine's compute, calibrated in the pipelined runtime, with "
-                           "the storage stated in the header",
-            "storage": {"bandwidth_mb_s": device.bandwidth_mb_s, "latency_us": device.latency_us},
-            "compute": {"gflops": device.gflops, "layer_overhead_ms": device.layer_overhead_ms,
-                        "dequant_gb_s": device.dequant_gb_s},
-            "memory_mb": device.memory_mb}
+    compute = {"gflops": device.gflops, "layer_overhead_ms": device.layer_overhead_ms,
+               "shard_overhead_ms": device.shard_overhead_ms}
+    if device.dequant_gb_s is not None:
+        compute["dequant_gb_s"] = device.dequant_gb_s
+    if device.dequant_ns_per_weight:
+        compute["dequant_ns_per_weight"] = dict(device.dequant_ns_per_weight)
+    compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms)
+    out = {"name": device.name,
+           "description": "This machine's compute, calibrated in the pipelined runtime, with "
+                          "the storage stated in the header",
+           "storage": {"bandwidth_mb_s": device.bandwidth_mb_s, "latency_us": device.latency_us},
+           "compute": compute}
+    if device.spread is not None:
+        out["spread"] = {"io": device.spread.io, "compute": device.spread.compute,
+                         "runs": device.spread.runs}
+    out["memory_mb"] = device.memory_mb
+    return out
 
 
-def write_calibration(out_dir: Path, base: Scenario, device: Device, fit: Fit, facts: dict,
+def describe_compute(device: Device) -> str:
+    """The compute terms of a device, on one line."""
+    parts = [f"gflops {device.gflops:g}", f"layer_overhead_ms {device.layer_overhead_ms:g}"]
+    if device.shard_overhead_ms:
+        parts.append(f"shard_overhead_ms {device.shard_overhead_ms:g}")
+    if device.dequant_gb_s is not None:
+        parts.append(f"dequant_gb_s {device.dequant_gb_s:g}")
+    if device.dequant_ns_per_weight:
+        parts.append("dequant ns/weight " + ", ".join(f"{b}b {ns:.3g}"
+                                                      for b, ns in device.dequant_ns_per_weight))
+    if device.embed_ms or device.pool_ms:
+        parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}")
+    return ", ".join(parts)
+
+
+def fit_report(cal: Calibration) -> str:
+    """What the file header and the command print about the fit: each term with its
+    standard error, the residual per layer, the calibration runs' stage errors, the spread."""
+    fit, d = cal.fit, cal.device
+    se = fit.stderr
+    terms = [f"layer_overhead_ms {fit.layer_overhead_ms:.4f} +- {se['layer_overhead_ms']:.4f}",
+             f"shard_overhead_ms {fit.shard_overhead_ms:.5f} +- {se['shard_overhead_ms']:.5f}",
+             f"gflops {fit.gflops:.2f} +- {se['gflops']:.2f}"]
+    terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se[f'dequant_ns_per_weight[{b}]']:.3f}"
+              for b, ns in fit.dequant_ns.items()]
+    terms += [f"embed_ms {fit.embed_ms:.4f} +- {se['embed_ms']:.4f}",
+              f"pool_ms {fit.pool_ms:.4f} +- {se['pool_ms']:.4f}"]
+    residuals = ", ".join(f"{ms:+.3f} ms ({pct:+.1f}%)"
+                          for ms, pct in zip(fit.layer_residuals_ms, fit.layer_residuals_pct))
+    errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
+    return (f"Fit over {fit.samples} layer samples: R^2 {fit.r2:.3f}, mean abs error "
+            f"{fit.mae_ms:.3f} ms per layer; terms (standard error):\n  " + ";\n  ".join(terms)
+            + f".\nResidual (measured - predicted) per layer, mean: {residuals}.\n"
+            f"Stage |error| of the calibration runs themselves, median / p95: {errors}.\n"
+            f"Spread (rms of log measured/predicted over {d.spread.runs} runs): IO "
+            f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}.")
+
+
+def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
                       target_ms: float | None) -> tuple[Path, Path, float]:
     """Write device.yaml and scenario.yaml (the base scenario's model and question on the
     calibrated device). Returns both paths and the scenario's target."""
-    from elasticplan.costmodel import simulate
-
+    device, facts = cal.device, cal.facts
     device_path, scenario_path = out_dir / "device.yaml", out_dir / "scenario.yaml"
     for path in (device_path, scenario_path):  # before anything is written
         refuse_inputs(path, base.files)
@@ -205,9 +389,8 @@ def write_calibration(out_dir: Path, base: Scenario, device: Device, fit: Fit, f
               f"{when}.\n"
               f"Compute: measured inside the pipelined runtime (torch threads "
               f"{facts['threads']}, batch 1, seq_len {facts['seq_len']}),\n"
-              f"  {facts['plans']} random plans x {facts['repeats']} repeats, {fit.samples} "
-              f"layer samples; fit layer_ms = overhead + flops/gflops + quantised bytes/dequant:\n"
-              f"  R^2 {fit.r2:.3f}, mean abs error {fit.mae_ms:.3f} ms per layer.\n"
+              f"  {facts['plans']} designed plans x {facts['repeats']} repeats.\n"
+              + fit_report(cal) + "\n"
               f"Storage: {facts['storage']}.\n"
               f"Memory: this machine's RAM.")
     write_checked_yaml(device_path, device_dict(device), header, parse_device)

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from elasticplan import archgen
-from elasticplan.archgen import architecture_dict, ffn_flops, head_flops
+from elasticplan.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
 from elasticplan.outputs import write_text
 from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
 from runtime.store import ShardStore
@@ -256,8 +256,9 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
         for n in c.shard_names():
             kind, _ = parse_shard_name(n)
             flops = head_flops(arch) if kind == "head" else ffn_flops(arch)
+            weights = head_weights(arch) if kind == "head" else ffn_weights(arch)
             imp = importance(ms, baseline, l, n, bits, metric)
-            shards.append({"name": n, "kind": kind, "flops": flops,
+            shards.append({"name": n, "kind": kind, "flops": flops, "weights": weights,
                            "bytes": [store.variant(l, n, b).nbytes for b in bits],
                            "importance": [float(f"{v:.6g}") for v in imp]})
         layers.append({"shards": shards})

@@ -16,10 +16,20 @@ def _num(lo: float, hi: float):
     return st.floats(lo, hi, allow_nan=False, allow_infinity=False).map(lambda v: float(f"{v:.4g}"))
 
 
-devices = st.builds(
-    Device, name=st.just("dev"), bandwidth_mb_s=_num(20, 2000), latency_us=_num(0, 500),
-    gflops=_num(1, 200), layer_overhead_ms=_num(0, 2), dequant_gb_s=_num(0.5, 20),
-    memory_mb=st.just(1e4))
+@st.composite
+def devices(draw):
+    """Every compute term in play: the per-byte and per-weight dequantisation (either or
+    both), a per-shard overhead, and the per-query embedding and pooling."""
+    per_byte = draw(st.one_of(st.none(), _num(0.5, 20)))
+    per_weight = () if per_byte is not None and draw(st.booleans()) else \
+        tuple((b, draw(_num(0, 5))) for b in BITS if b < 32)
+    return Device(name="dev", bandwidth_mb_s=draw(_num(20, 2000)),
+                  latency_us=draw(_num(0, 500)), gflops=draw(_num(1, 200)),
+                  layer_overhead_ms=draw(_num(0, 2)), dequant_gb_s=per_byte, memory_mb=1e4,
+                  shard_overhead_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))),
+                  dequant_ns_per_weight=per_weight,
+                  embed_ms=draw(st.one_of(st.just(0.0), _num(0, 3))),
+                  pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))))
 
 
 @st.composite
@@ -43,15 +53,15 @@ def models(draw, max_layers=2, max_shards=2, max_bits=2, shared_costs=False,
                 # bytes grow with bits, importance too (as real quantisation behaves)
                 per_bit = draw(st.integers(500, 300_000))
                 costs = (tuple(per_bit * b // 8 + draw(st.integers(0, 500)) for b in bitwidths),
-                         draw(_num(1e4, 2e8)))
+                         draw(_num(1e4, 2e8)), per_bit)
             if not li:
                 shape.append(costs)
-            nbytes, flops = costs
+            nbytes, flops, weights = costs
             base = draw(_num(0.001, 1.0))
             quality = sorted(draw(st.lists(_num(0.05, 1.0), min_size=len(bitwidths),
                                            max_size=len(bitwidths))))
             shards.append(Shard(name=f"s{si}", kind=draw(st.sampled_from(["head", "ffn"])),
-                                flops=flops, bytes=nbytes,
+                                flops=flops, bytes=nbytes, weights=weights,
                                 importance=tuple(float(f"{base * q:.6g}") for q in quality)))
         layers.append(Layer(shards=tuple(shards)))
     return ModelProfile(name="m", seq_len=16, bitwidths=bitwidths, layers=tuple(layers))
@@ -63,7 +73,7 @@ def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
     model = draw(models(max_layers, max_shards, max_bits, shared_costs, same_shape, min_layers))
     widest = min(len(layer.shards) for layer in model.layers)
     m = draw(st.integers(0, min(2, widest))) if min_shards is None else min(min_shards, widest)
-    return Scenario(name="generated", device=draw(devices), model=model,
+    return Scenario(name="generated", device=draw(devices()), model=model,
                     target_latency_ms=draw(_num(0.2, 60)), preload_budget_mb=draw(_num(0, 0.6)),
                     min_shards_per_layer=m, objective=Objective.MAX_IMPORTANCE,
                     content_hash="generated")

@@ -158,25 +158,48 @@ def test_formulation_matches_cost_model_on_shipped_plan(tmp_path):
 
 @given(reads=st.lists(st.floats(0, 10), min_size=1, max_size=7), data=st.data())
 def test_critical_path_sums_to_the_latency_and_every_path_is_below_it(reads, data):
-    """The critical path's reads and compute sum to the schedule's latency; any path of
-    the recurrence (here: the unrolled rows "reads of 0..l, compute of l..L-1", valid
-    under every window) sums to at most it, which is what makes a path a valid row."""
+    """The critical path's reads and compute (and the embedding, for a path that starts
+    there) sum to the schedule's latency; any path of the recurrence (here: the unrolled
+    rows "reads of 0..l, compute of l..L-1", valid under every window, and "the embedding,
+    then every layer's compute") sums to at most it, which is what makes a path a valid
+    row."""
     from elasticplan.costmodel import critical_path, pipeline
 
     L = len(reads)
     work = data.draw(st.lists(st.floats(0, 10), min_size=L, max_size=L))
     window = data.draw(st.sampled_from([None, *range(1, L + 1)]))
     start = data.draw(st.floats(0, 5))
-    times = pipeline(reads, work, window=window, start_ms=start)
+    embed = data.draw(st.sampled_from([0.0, 0.5, 20.0]))
+    times = pipeline(reads, work, window=window, start_ms=start, embed_ms=embed)
     latency = times[-1].compute_end_ms
 
     def total(path):
-        return start + sum(r for r, m in zip(reads, path) if m & 1) + \
+        return start + (0.0 if path[0] & 1 else embed) + \
+            sum(r for r, m in zip(reads, path) if m & 1) + \
             sum(c for c, m in zip(work, path) if m & 2)
 
-    path = critical_path(times, window, start)
-    assert path[0] & 1 and path[-1] & 2
+    path = critical_path(times, window, start, embed)
+    assert path[-1] & 2 and (path[0] & 1 or embed > 0)
     assert total(path) == pytest.approx(latency, rel=1e-9, abs=1e-9)
     for row in range(L):
         unrolled = tuple(1 if i < row else 3 if i == row else 2 for i in range(L))
         assert total(unrolled) <= latency + 1e-9
+    assert total((2,) * L) <= latency + 1e-9
+
+
+def test_embedding_and_pooling_bracket_the_layers():
+    """The compute thread embeds before layer 0 and pools after the last layer: a plan
+    that reads nothing is embed + compute + pool; the streamed rows come first."""
+
+    dev = Device("d", bandwidth_mb_s=100, latency_us=1000, gflops=1, layer_overhead_ms=0.5,
+                 dequant_gb_s=1.0, memory_mb=100, embed_ms=0.3, pool_ms=0.2)
+    shard = Shard("a", "head", flops=2e6, bytes=(100_000, 400_000), importance=(0.5, 1.0))
+    model = ModelProfile("m", 8, (8, 32), (Layer((shard,)), Layer((shard,))),
+                         embedding_rows=10, embedding_row_bytes=100)
+    sc = Scenario("s", dev, model, target_latency_ms=100, preload_budget_mb=1.0)
+    preloaded = ((Pick(0, 1, True),), (Pick(0, 1, True),))
+    assert simulate(sc, preloaded).latency_ms == pytest.approx(0.3 + 2 * (0.5 + 2.0) + 0.2)
+    streamed = simulate(sc, preloaded, layout=Layout(stream_embeddings=True))
+    rows = 8 * (1.0 + 100 / 1e5)  # 8 reads of one 100-byte row
+    assert streamed.layers[0].compute_start_ms == pytest.approx(rows + 0.3)
+    assert streamed.latency_ms == pytest.approx(rows + 0.3 + 5.0 + 0.2)

@@ -130,6 +130,71 @@ def test_inline_device_errors_name_the_inline_key_path(tmp_path):
         load_scenario(path)
 
 
+def _calibrated_device() -> dict:
+    """A device file as `elasticplan calibrate` writes it: per-weight dequantisation for
+    every quantised bitwidth, per-shard overhead, embedding and pooling, the spread."""
+    return {"name": "cal", "storage": {"bandwidth_mb_s": 200, "latency_us": 100},
+            "compute": {"gflops": 70, "layer_overhead_ms": 0.4, "shard_overhead_ms": 0.03,
+                        "dequant_ns_per_weight": {2: 1.2, 3: 2.0, 4: 1.6, 6: 2.6, 8: 2.4},
+                        "embed_ms": 0.4, "pool_ms": 0.15},
+            "spread": {"io": 0.01, "compute": 0.04, "runs": 48}, "memory_mb": 1000}
+
+
+def test_a_calibrated_device_loads_with_every_term():
+    d = parse_device(_calibrated_device(), "cal.yaml")
+    assert d.dequant_gb_s is None and d.dequant_ns(3) == 2.0 and d.dequant_ns(32) is None
+    assert (d.shard_overhead_ms, d.embed_ms, d.pool_ms) == (0.03, 0.4, 0.15)
+    assert (d.spread.io, d.spread.compute, d.spread.runs) == (0.01, 0.04, 48)
+    old = parse_device(read_yaml(PHONE), str(PHONE))  # an older file: its terms, the rest 0
+    assert old.dequant_gb_s == 3.0 and old.dequant_ns_per_weight == () and old.spread is None
+    assert (old.shard_overhead_ms, old.embed_ms, old.pool_ms) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("mutate,key,words", [
+    (lambda d: d["compute"].pop("dequant_ns_per_weight"), "compute.dequant_gb_s",
+     "needs a dequantisation cost"),
+    (lambda d: d["compute"].update(dequant_ns_per_weight={}), "compute.dequant_ns_per_weight",
+     "is empty"),
+    (lambda d: d["compute"]["dequant_ns_per_weight"].update({32: 1.0}),
+     "compute.dequant_ns_per_weight.32", "must be <= 31"),
+    (lambda d: d["compute"]["dequant_ns_per_weight"].update({4: -1}),
+     "compute.dequant_ns_per_weight.4", "must be >= 0"),
+    (lambda d: d["compute"]["dequant_ns_per_weight"].update({"four": 1}),
+     "compute.dequant_ns_per_weight.four", "expected an integer"),
+    (lambda d: d["compute"].update(pool_ms="slow"), "compute.pool_ms", "expected a number"),
+    (lambda d: d["spread"].update(io=2), "spread.io", "must be <= 1"),
+    (lambda d: d["spread"].pop("runs"), "spread.runs", "missing"),
+])
+def test_calibrated_device_errors(mutate, key, words):
+    data = _calibrated_device()
+    mutate(data)
+    with pytest.raises(SpecError) as info:
+        parse_device(data, "cal.yaml")
+    msg = str(info.value)
+    assert msg.startswith(f"cal.yaml: {key}: ") and words in msg, msg
+
+
+def test_a_device_and_model_that_cannot_price_dequantisation_are_refused(tmp_path):
+    """A per-weight device needs every quantised bitwidth the model stores and the shards'
+    weights; a latency quantile needs the device's spread."""
+    device = _calibrated_device()
+    del device["compute"]["dequant_ns_per_weight"][6]
+    with pytest.raises(SpecError, match=r"dequant_ns_per_weight: device 'cal' has no "
+                                        r"dequantisation cost for 6 bits"):
+        load_scenario(_scenario(tmp_path, device=device))
+    model = _model()
+    del model["layers"][2]["shards"][5]["weights"]
+    with pytest.raises(SpecError, match=r"model.layers\[2\].shards\[5\].weights: .* does not "
+                                        r"give its shards' weights"):
+        load_scenario(_scenario(tmp_path, device=_calibrated_device(), model=model))
+    with pytest.raises(SpecError, match="latency_quantile: 0.9 needs the run-to-run spread"):
+        load_scenario(_scenario(tmp_path, latency_quantile=0.9))
+    with pytest.raises(SpecError, match="latency_quantile: must be >= 0.5"):
+        load_scenario(_scenario(tmp_path, latency_quantile=0.2, device=_calibrated_device()))
+    sc = load_scenario(_scenario(tmp_path, latency_quantile=0.95, device=_calibrated_device()))
+    assert sc.latency_quantile == 0.95
+
+
 def _mutations():
     leaf = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True),
                      st.text(max_size=5), st.lists(st.integers(), max_size=3),

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from elasticplan.baselines import STRATEGIES, baseline_plan
 from elasticplan.cli import main
 from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
-from elasticplan.errors import StoreError
+from elasticplan.errors import CalibrationError, StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import Device
 from elasticplan.verify import verify_plan, with_plan_question
 from runtime import quant
-from runtime.calibrate import fit_compute, nnls
+from runtime.calibrate import fit_compute
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
 from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
@@ -373,31 +373,77 @@ def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
     assert s.latency_ms >= pipe.latency_ms
 
 
-def test_compute_fit_recovers_known_costs():
+def test_compute_fit_recovers_known_costs_and_their_uncertainty():
+    """Samples made from known terms (per layer, per shard, per flop, per weight at 2 and
+    8 bits): the fit recovers them exactly with R^2 1; with noise added, each term lies
+    within a few standard errors of the truth, and the standard errors are not zero."""
+    from runtime.calibrate import Sample
+
     rng = np.random.default_rng(1)
-    samples = []
-    for _ in range(40):
-        flops, qbytes = rng.uniform(1e6, 5e8), rng.uniform(0, 3e6)
-        samples.append((flops, qbytes, 0.3 + flops / 60e6 + qbytes / 0.25e6))
-    fit = fit_compute(samples)
+
+    def samples(noise):
+        out = []
+        for i in range(60):
+            k = int(rng.integers(1, 25))
+            flops = float(rng.uniform(1e6, 5e8))
+            w = {2: int(rng.integers(0, 10**6)), 8: int(rng.integers(0, 10**6))}
+            ms = 0.3 + 0.05 * k + flops / 60e6 + (1.2 * w[2] + 2.9 * w[8]) / 1e6
+            out.append(Sample(i % 6, k, flops, w, ms + float(rng.normal(0, noise))))
+        return out
+
+    fit = fit_compute(samples(0.0), (2, 8))
     assert fit.layer_overhead_ms == pytest.approx(0.3, rel=1e-6)
+    assert fit.shard_overhead_ms == pytest.approx(0.05, rel=1e-6)
     assert fit.gflops == pytest.approx(60.0, rel=1e-6)
-    assert fit.dequant_gb_s == pytest.approx(0.25, rel=1e-6)
+    assert fit.dequant_ns == pytest.approx({2: 1.2, 8: 2.9}, rel=1e-6)
     assert fit.r2 == pytest.approx(1.0)
-    # non-negative: a negative intercept in the data is clipped to 0, not returned
-    A = np.column_stack([np.ones(5), np.arange(5.0)])
-    x = nnls(A, np.arange(5.0) * 2 - 1)
-    assert x[0] == 0 and x[1] > 0
+    assert fit.layer_residuals_ms == pytest.approx([0.0] * 6, abs=1e-9)
+    noisy = fit_compute(samples(0.05), (2, 8))
+    for name, truth, got in (("layer_overhead_ms", 0.3, noisy.layer_overhead_ms),
+                             ("shard_overhead_ms", 0.05, noisy.shard_overhead_ms),
+                             ("gflops", 60.0, noisy.gflops),
+                             ("dequant_ns_per_weight[2]", 1.2, noisy.dequant_ns[2]),
+                             ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8])):
+        assert 0 < noisy.stderr[name] and abs(got - truth) < 5 * noisy.stderr[name], name
+    # a bitwidth no sample ran cannot be fitted: a clear error, not a zero cost
+    with pytest.raises(CalibrationError, match="no calibration plan ran a shard at"):
+        fit_compute(samples(0.0), (2, 4, 8))
+
+
+def test_calibration_design_separates_every_term(scenario):
+    """One plan per stored bitwidth (only that bitwidth), then hold-in-memory (every shard
+    fp32, preloaded); too few plans for that is refused."""
+    from runtime.calibrate import design
+
+    model = scenario.model
+    plans = design(model, 9, np.random.default_rng(0))
+    assert len(plans) == 9
+    for b, (_, sel) in enumerate(plans[:len(model.bitwidths)]):
+        assert {p.bit for picks in sel for p in picks} == {b}
+        assert len({len(picks) for picks in sel}) > 1  # subsets of several sizes
+    _, hold = plans[len(model.bitwidths)]
+    assert all(p.preloaded and model.bitwidths[p.bit] == 32 for picks in hold for p in picks)
+    assert sum(map(len, hold)) == model.n_shards
+    with pytest.raises(CalibrationError, match="too few"):
+        design(model, len(model.bitwidths), np.random.default_rng(0))
 
 
 def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_path, capsys):
-    """`elasticplan calibrate` end to end (2 plans, 1 repeat): both files load and the
-    scenario solves; writing onto its own base scenario is refused before measuring."""
+    """`elasticplan calibrate` end to end (7 plans, 1 repeat): both files load, the device
+    has every compute term (a per-weight cost for every quantised bitwidth), its spread and
+    the fit's report in its header, and the scenario solves; writing onto its own base
+    scenario is refused before measuring."""
     out = tmp_path / "cal"
     assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
-                 "--plans", "2", "--repeats", "1", "--out-dir", str(out)]) == 0
+                 "--plans", "7", "--repeats", "1", "--out-dir", str(out)]) == 0
     sc = load_scenario(out / "scenario.yaml")
-    assert sc.device.bandwidth_mb_s == 200 and sc.device.gflops > 0
+    d = sc.device
+    assert d.bandwidth_mb_s == 200 and d.gflops > 0 and d.dequant_gb_s is None
+    assert [b for b, _ in d.dequant_ns_per_weight] == [2, 3, 4, 6, 8]
+    assert d.embed_ms > 0 and d.pool_ms > 0 and d.spread.runs == 7
+    header = (out / "device.yaml").read_text()
+    assert "gflops" in header and "+-" in header and "Residual" in header
+    assert "Stage |error|" in capsys.readouterr().out
     assert main(["solve", str(out / "scenario.yaml"), "--solver", "greedy"]) == 0
     assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
                  "--scenario", str(out / "scenario.yaml"), "--out-dir", str(out)]) == 2

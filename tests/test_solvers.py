@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -303,3 +304,70 @@ def test_min_memory_gap_is_relative_to_the_whole_peak(solver):
     assert plan.status.value == "optimal"
     assert plan.objective == plan.memory.peak_bytes
     assert 0 <= plan.gap <= 1e-2
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_the_embedding_and_pooling_rows_bind(window):
+    """Three 1 ms shards after a 5 ms embedding, with 1 ms of pooling: at 8.5 ms only two
+    run (without the embedding row all three would fit, and without pooling too). Every
+    backend, unrolled (no window) and chained (window 1), agrees with brute force."""
+    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+
+    layers = tuple(Layer(shards=(Shard(name="s", kind="head", flops=1e6, bytes=(125, 500),
+                                       importance=(0.5 * k, 1.0 * k), weights=500),))
+                   for k in (1, 2, 3))
+    model = ModelProfile(name="m", seq_len=16, bitwidths=(8, 32), layers=layers)
+    device = Device(name="d", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
+                    layer_overhead_ms=0.0, dequant_gb_s=None, memory_mb=1e4,
+                    dequant_ns_per_weight=((8, 2.0),), embed_ms=5.0, pool_ms=1.0)
+    sc = Scenario(name="embed", device=device, model=model, target_latency_ms=8.5,
+                  preload_budget_mb=1.0, min_shards_per_layer=0,
+                  objective=Objective.MAX_IMPORTANCE, content_hash="embed",
+                  prefetch_window=window)
+    assert oracle.best(sc) == pytest.approx(5.0)
+    assert oracle.best(sc.with_overrides(device=dataclasses.replace(device, embed_ms=0.0))) \
+        == pytest.approx(6.0)
+    for solver in ("highs", "cpsat", "cbc"):
+        assert exact(sc, solver) == pytest.approx(5.0)
+
+
+def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
+    """At latency_quantile 0.95 the plan meets the target at the quantile (each stage
+    stretched by exp(z sigma)), its median is below that, it keeps no more importance
+    than the median plan, and the verifier checks the quantile it records."""
+    import statistics
+    from pathlib import Path
+
+    from elasticplan.costmodel import at_quantile, simulate, stage_factors
+    from elasticplan.errors import VerificationError
+    from elasticplan.loader import load_scenario
+    from elasticplan.plan import Plan
+    from elasticplan.spec import Spread
+    from elasticplan.verify import verify_plan
+
+    base = load_scenario(Path(__file__).resolve().parent.parent / "problems" / "scenarios"
+                         / "minilm-phone.yaml")
+    device = dataclasses.replace(base.device, spread=Spread(io=0.02, compute=0.05, runs=40))
+    median_q = base.with_overrides(device=device)
+    sc = median_q.with_overrides(latency_quantile=0.95)
+    z = statistics.NormalDist().inv_cdf(0.95)
+    assert stage_factors(device, 0.95) == pytest.approx((math.exp(0.02 * z), math.exp(0.05 * z)))
+    assert at_quantile(median_q) is median_q
+    plan = solve(sc, "highs", time_limit_s=20)
+    median = solve(median_q, "highs", time_limit_s=20)
+    assert plan.quantile_latency_ms == pytest.approx(
+        simulate(at_quantile(sc), plan.selection(sc)).latency_ms)
+    assert plan.predicted_latency_ms < plan.quantile_latency_ms <= sc.target_latency_ms + 1e-6
+    assert median.quantile_latency_ms is None
+    assert plan.importance <= median.importance * (1 + 1e-4)
+    path = tmp_path / "q.plan.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.scenario.latency_quantile == 0.95 and again == plan.relative_to(path)
+    verify_plan(sc, again)
+    with pytest.raises(VerificationError, match="quantile_latency_ms"):
+        verify_plan(sc, dataclasses.replace(again, quantile_latency_ms=1.0))
+    # the median plan does not meet the target at the quantile
+    with pytest.raises(VerificationError, match="latency at quantile 0.95"):
+        verify_plan(sc, Plan.from_selection(sc, median.selection(sc), solver="x",
+                                            status=median.status, gap=None, solve_seconds=0))

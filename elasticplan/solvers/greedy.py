@@ -71,17 +71,23 @@ class _Pipeline:
         if budget is not None and \
                 memory_of(self.sc.model, self.layout, self.buffer, self.streamed).peak_bytes > budget:
             return False
+        d = self.sc.device
         if self.layout != Layout():
-            times = pipeline(self.io, self.comp, window=self.layout.window, start_ms=self.start)
-            return times[-1].compute_end_ms <= self.sc.target_latency_ms
+            times = pipeline(self.io, self.comp, window=self.layout.window, start_ms=self.start,
+                             embed_ms=d.embed_ms)
+            return times[-1].compute_end_ms + d.pool_ms <= self.sc.target_latency_ms
         return self.aib_ok()
 
     def aib_ok(self) -> bool:
+        d = self.sc.device
+        target = self.sc.target_latency_ms - d.pool_ms
         remaining = sum(self.comp)
+        if target - remaining - d.embed_ms < -1e-12:
+            return False
         reads_end = 0.0
         for io, comp in zip(self.io, self.comp):
             reads_end += io
-            if self.sc.target_latency_ms - remaining - reads_end < -1e-12:
+            if target - remaining - reads_end < -1e-12:
                 return False
             remaining -= comp
         return True
