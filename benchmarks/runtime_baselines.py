@@ -10,7 +10,10 @@ median): hold-in-memory, load-then-execute, layer-wise pipelining (window 1)
 (elasticplan/baselines.py), the greedy plan, the exact plan (HiGHS), and the exact plan
 within a --memory-mb budget (window chosen by the solver).
 
-Per plan: predicted and measured latency, measured vs the target (a solved plan is
+Per plan: predicted and measured latency, the prediction's error bar (the 95 % interval
+from the device's measured spread: the plan's latency with every stage at its 0.975
+quantile, relative to the median; elasticplan.costmodel.at_quantile) and whether the
+measured median lies within it, measured vs the target (a solved plan is
 planned up to the target, so run-to-run noise puts it on either side), the preload
 buffer, the working set (IO ring + scratch, predicted), the peak memory measured by the
 executor's accounting and by the process (runtime.memprobe), and the submodel's fidelity
@@ -40,6 +43,7 @@ from benchmarks.common import (
 )
 from elasticplan.baselines import baseline_questions
 from elasticplan.cli import number_list
+from elasticplan.costmodel import at_quantile, simulate
 from elasticplan.errors import ElasticplanError
 from elasticplan.solvers import solve, solve_any_window
 from runtime.measure import measure_plan
@@ -47,7 +51,7 @@ from runtime.submodel import TestSplit
 
 MODULE = "benchmarks.runtime_baselines"
 COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms",
-           "measured_ms", "error", "vs_target", "preload_mb", "working_peak_mb",
+           "measured_ms", "error", "error_bar", "within_bar", "vs_target", "preload_mb", "working_peak_mb",
            "predicted_peak_mb", "peak_mb", "process_peak_mb", "resident_model_mb", "streamed_mb",
            "fidelity", "accuracy", "runtime_fidelity", "runs_ms"]
 
@@ -73,6 +77,17 @@ def plans_for(sc, time_limit_s: float, gap: float, memory_mb: float | None = Non
         except ElasticplanError as e:
             print(f"# {label}: no plan: {e}")
     return out
+
+
+def error_bar(plan, question, quantile: float = 0.975) -> float:
+    """The prediction's relative error bar: the plan's latency on the device stretched to
+    `quantile` of its measured spread, over the median prediction, less 1 (0 without a
+    measured spread)."""
+    if question.device.spread is None:
+        return 0.0
+    stretched = at_quantile(question.with_overrides(latency_quantile=quantile))
+    high = simulate(stretched, plan.selection(question), plan.execution, plan.layout)
+    return high.latency_ms / plan.predicted_latency_ms - 1
 
 
 def main(argv=None) -> int:
@@ -102,7 +117,8 @@ def main(argv=None) -> int:
         sc = sc.with_overrides(target_latency_ms=target, preload_budget_mb=a.buffer)
         print(f"# {bw:g} MB/s: target {target:g} ms ({a.fraction:g} x {default:g}), buffer "
               f"{a.buffer:g} MB; {a.repeat} cold runs per plan after a warm-up, median")
-        print(f"{'strategy':<22} {'predicted':>9} {'measured':>8} {'error':>7} {'vs target':>9} "
+        print(f"{'strategy':<22} {'predicted':>9} {'measured':>8} {'error':>7} {'bar':>6} "
+              f"{'vs target':>9} "
               f"{'preload MB':>10} {'working MB':>10} {'peak MB':>7} {'process':>7} {'fidelity':>8} "
               f"{'accuracy':>8}")
         resident = None
@@ -112,9 +128,11 @@ def main(argv=None) -> int:
             q = evaluator.plan(plan)
             m = r.memory
             resident = m.resident_bytes
+            bar = error_bar(plan, question)
             row = {"bandwidth_mb_s": bw, "target_ms": target, "strategy": label,
                    "execution": plan.execution, "predicted_ms": r.predicted_latency_ms,
                    "measured_ms": r.measured_latency_ms, "error": r.relative_error,
+                   "error_bar": bar, "within_bar": abs(r.relative_error) <= bar,
                    "vs_target": relative(r.measured_latency_ms, target),
                    "preload_mb": m.preload_bytes / 1e6,
                    "working_peak_mb": m.predicted["working_peak_bytes"] / 1e6,
@@ -127,7 +145,8 @@ def main(argv=None) -> int:
                    "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
             rows.append(row)
             print(f"{label:<22} {row['predicted_ms']:>9.2f} {row['measured_ms']:>8.2f} "
-                  f"{row['error']:>+7.1%} {row['vs_target']:>+9.1%} "
+                  f"{row['error']:>+7.1%} {bar:>6.1%}{' ' if row['within_bar'] else '!'}"
+                  f"{row['vs_target']:>+9.1%} "
                   f"{row['preload_mb']:>10.2f} {row['working_peak_mb']:>10.2f} "
                   f"{row['peak_mb']:>7.2f} {row['process_peak_mb']:>7.2f} "
                   f"{row['fidelity']:>8.4f} {row['accuracy']:>8.3f}",

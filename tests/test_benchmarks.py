@@ -64,8 +64,11 @@ def test_summary_median_and_p95_per_bandwidth_and_overall():
     rows = []
     for bw, errs in ((200.0, [0.01, -0.02, 0.03, -0.04]), (1000.0, [0.10, -0.20])):
         rows += [{"bandwidth_mb_s": bw, "error": e, "io_error": 2 * e, "compute_error": -e,
-                  "memory_error": 0.0, "process_error": e / 10} for e in errs]
-    stats = {(s["bandwidth"], s["metric"]): s for s in prediction.summary(rows)}
+                  "embed_pool_error": e, "memory_error": 0.0, "process_error": e / 10,
+                  "latency_quantile": 0.5} for e in errs]
+    # plans at another quantile are not in the error statistics
+    quantile = dict(rows[0], latency_quantile=0.95, error=9.0)
+    stats = {(s["bandwidth"], s["metric"]): s for s in prediction.summary(rows + [quantile])}
     assert set(stats) == {(g, m) for g in (200.0, 1000.0, "all")
                           for m in prediction.METRICS + prediction.MEMORY_METRICS}
     assert stats[1000.0, "process"]["max_abs_error"] == pytest.approx(0.02)
@@ -76,6 +79,20 @@ def test_summary_median_and_p95_per_bandwidth_and_overall():
     assert stats["all", "total"]["p95_abs_error"] == pytest.approx(
         np.percentile([0.01, 0.02, 0.03, 0.04, 0.10, 0.20], 95))
     assert stats[200.0, "compute"]["mean_signed_error"] == pytest.approx(0.005)
+
+
+def test_targets_met_counts_runs_per_quantile_and_the_importance_given_up():
+    def row(q, target, within, importance):
+        return {"bandwidth_mb_s": 200.0, "target_ms": target, "buffer_mb": 0.0,
+                "memory_budget_mb": None, "latency_quantile": q,
+                "runs_within_target": within, "importance": importance}
+
+    rows = [row(0.5, 10, 3, 1.0), row(0.95, 10, 5, 0.9), row(0.5, 20, 2, 2.0),
+            row(0.95, 20, 4, 2.0)]
+    lines = prediction.targets_met(rows, repeats=5)
+    assert "5 of 10 measured runs (50.0%)" in lines[0]
+    assert "9 of 10 measured runs (90.0%)" in lines[1]
+    assert "mean 5.00%, max 10.00% (2 questions)" in lines[1]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -125,3 +142,24 @@ def test_solver_speed_frontier_points_agree_across_paths(monkeypatch, capsys):
         assert whole["objective"] <= fine["objective"] * (1 + 1e-4) + 1
     out = capsys.readouterr().out
     assert out.count("1/1   proven") == len(rows)
+
+
+def test_error_bar_is_the_latency_at_the_0975_quantile_of_the_spread():
+    """No measured spread: no bar. Hold-in-memory reads nothing, so its bar is the compute
+    stretch exp(z_0.975 sigma_compute) - 1 exactly."""
+    import dataclasses
+    import math
+    import statistics
+
+    from benchmarks.runtime_baselines import error_bar
+    from elasticplan.baselines import baseline_plan
+    from elasticplan.loader import load_scenario
+    from elasticplan.spec import Spread
+
+    sc = load_scenario(common.MINILM_PHONE)
+    plan = baseline_plan(sc, "hold-in-memory")
+    assert error_bar(plan, sc) == 0.0
+    spread = dataclasses.replace(sc.device, spread=Spread(io=0.01, compute=0.04, runs=10))
+    question = sc.with_overrides(device=spread)
+    z = statistics.NormalDist().inv_cdf(0.975)
+    assert error_bar(plan, question) == pytest.approx(math.exp(z * 0.04) - 1, rel=1e-9)
