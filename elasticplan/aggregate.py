@@ -66,6 +66,7 @@ from elasticplan.costmodel import (
     critical_path,
     embedding_read_ms,
     memory_constants,
+    path_ms,
     read_ms,
     shard_compute_ms,
     simulate,
@@ -458,10 +459,12 @@ def build(scenario: Scenario, margins: Margins = EXACT,
             if li > window:
                 add_rows(np.array([io_col[li], *streamed, comp_col[li - window - 1]]),
                          np.array([1.0, *(-reads), -1.0]), 0.0, inf)
-            # ready[l]: C[l] - I[l] - c[l] >= overhead;  order[l]: C[l] - C[l-1] - c[l] >= ..
-            for other in [io_col[li]] + ([comp_col[li - 1]] if li else []):
+            # ready[l]: C[l] - I[l] - c[l] >= overhead + wake_ms;
+            # order[l]: C[l] - C[l-1] - c[l] >= overhead
+            for other, wake in [(io_col[li], device.wake_ms)] + \
+                    ([(comp_col[li - 1], 0.0)] if li else []):
                 add_rows(np.array([comp_col[li], other, *work_cols]),
-                         np.array([1.0, -1.0, *work_coefs]), fixed, inf)
+                         np.array([1.0, -1.0, *work_coefs]), fixed + wake, inf)
             if not li and device.embed_ms:
                 # order[0]: C[0] - e t_emb - c[0] >= overhead + embed_ms (the embedding first)
                 add_rows(np.array([comp_col[0], *work_cols] + ([e_col] if e_col is not None
@@ -474,12 +477,12 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
         add_rows(np.array(cols), np.array(coefs), fixed, fixed)
         if z_col is None:
-            # latency[l]: I[l] + C[l] <= T
-            add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf, limit)
+            # latency[l]: I[l] + C[l] <= T - wake_ms
+            add_rows(np.array([io_col[li], comp_col[li]]), 1.0, -inf, limit - device.wake_ms)
         else:
-            # latency[l]: Z - I[l] - C[l] >= pool_ms
+            # latency[l]: Z - I[l] - C[l] >= pool_ms + wake_ms
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
-                     device.pool_ms, inf)
+                     device.pool_ms + device.wake_ms, inf)
         if not li and device.embed_ms:
             # latency[embed]: C[0] + e t_emb <= T - embed_ms  (Z - ... >= embed_ms + pool_ms)
             cols = [comp_col[0]] + ([e_col] if e_col is not None else [])
@@ -494,7 +497,8 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         # path[p]: e t_emb + sum over the path's reads and compute (+ overheads, + embed_ms
         # when it starts at the embedding) <= T  (min_latency: Z - the same >= its constant)
         cols, coefs = [], []
-        fixed = 0.0 if path[0] & 1 else device.embed_ms
+        fixed = (0.0 if path[0] & 1 else device.embed_ms) + \
+            device.wake_ms * sum(m == 3 for m in path)
         for gi, block in enumerate(layers_of):
             mark = path[block[0]]  # alike for every layer of a block
             if mark & 2:
@@ -665,17 +669,17 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
     work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
     start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
 
+    d = sc.device
+
     def total(path):
-        return start + (0.0 if path[0] & 1 else sc.device.embed_ms) + \
-            sum(r for r, m in zip(reads, path) if m & 1) + \
-            sum(c for c, m in zip(work, path) if m & 2)
+        return path_ms(path, reads, work, start, d.embed_ms, d.wake_ms)
 
     paths = set(relax.paths)
     if sc.objective == Objective.MIN_LATENCY:
         limit = max(total(p) for p in relax.paths)
     else:
         limit = margins.latency_rhs(sc.target_latency_ms) - sc.device.pool_ms
-    critical = critical_path(schedule.layers, layout.window, start, sc.device.embed_ms)
+    critical = critical_path(schedule.layers, layout.window, start, d.embed_ms, d.wake_ms)
     if total(critical) > limit + 1e-9:
         paths.add(critical)
     short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
@@ -719,6 +723,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     schedule = simulate(scenario, selection, layout=layout)
     rows = np.array(row_values(schedule))
     limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms
+    rows += device.wake_ms  # each unrolled row waits for its layer's reads once
     # the embedding's row: the compute thread's start, then every layer's compute
     embed_row = (embedding_read_ms(device, model) if layout.stream_embeddings else 0.0) \
         + device.embed_ms + sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)

@@ -12,7 +12,8 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
 - The query's embedding (embed_ms) runs on the compute thread first, once the embedding
   rows are there; pooling (pool_ms) runs after the last layer.
 - Layer l computes once its reads are done and layer l-1 has computed (layer -1: the
-  embedding): compute_start = max(io_end[l], compute_end[l-1]).
+  embedding): compute_start = max(io_end[l] + wake_ms, compute_end[l-1]), wake_ms the
+  compute thread's wake-up after the reads it waited for.
   Latency = compute_end of the last layer + pool_ms.
 - Prefetch window W (layers; None = unbounded): layer l's reads wait until layer l-W-1 has
   computed and released its buffers, io_start[l] = max(io_end[l-1], compute_end[l-W-1]).
@@ -201,10 +202,10 @@ def memory_constants(model: ModelProfile) -> tuple[int, int]:
 
 def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None = None,
              start_ms: float = 0.0, execution: str = PIPELINED,
-             embed_ms: float = 0.0) -> list[LayerTimes]:
+             embed_ms: float = 0.0, wake_ms: float = 0.0) -> list[LayerTimes]:
     """The schedule of layers with these read and compute times (the rules above): the
     channel starts at start_ms (the embedding rows' reads end), the compute thread at
-    start_ms + embed_ms."""
+    start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     if execution == SEQUENTIAL and window is not None and window + 1 < len(io_ms):
@@ -224,7 +225,7 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
             io_start = max(io_end, gate)
             io_end = io_start + read
             io.append((io_start, io_end))
-        ready = io[l][1] if execution == PIPELINED else io[-1][1]
+        ready = (io[l][1] if execution == PIPELINED else io[-1][1]) + wake_ms
         start = max(ready, compute_end)
         compute_end = start + compute
         times.append(LayerTimes(io[l][0], io[l][1], start, compute_end))
@@ -232,11 +233,13 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
 
 
 def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int | None,
-                  start_ms: float = 0.0, embed_ms: float = 0.0) -> tuple[int, ...]:
+                  start_ms: float = 0.0, embed_ms: float = 0.0,
+                  wake_ms: float = 0.0) -> tuple[int, ...]:
     """A longest chain of a pipelined schedule, from the channel's start to the last
     layer's compute end: per layer, 1 if the chain takes its reads, 2 its compute, 3 both.
-    Its reads and compute, start_ms, and embed_ms when the first layer's mark has no reads
-    (the chain starts at the embedding), sum to the last layer's compute end. Walked back
+    Its reads and compute, start_ms, wake_ms per layer marked 3 (compute after its own
+    reads), and embed_ms when the first layer's mark has no reads (the chain starts at the
+    embedding), sum to the last layer's compute end (path_ms). Walked back
     from the end: a layer's compute waited on its own reads or on the layer before's
     compute (layer 0: on the embedding); its reads on the layer before's reads or, through
     the window, on layer l-W-1's compute."""
@@ -247,7 +250,7 @@ def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int 
         if kind == "compute":
             marks[l] |= 2
             before = times[l - 1].compute_end_ms if l else start_ms + embed_ms
-            if before > t.io_end_ms:
+            if before > t.io_end_ms + wake_ms:
                 if not l:
                     break  # the chain starts at the embedding
                 l -= 1
@@ -262,6 +265,16 @@ def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int 
         else:
             l -= 1
     return tuple(marks)
+
+
+def path_ms(path: tuple[int, ...], reads, work, start_ms: float = 0.0, embed_ms: float = 0.0,
+            wake_ms: float = 0.0) -> float:
+    """The length of a path through the recurrence (marks as in critical_path), for
+    per-layer read and compute times: at most the last layer's compute end of any plan with
+    these times, and equal to it for its critical path."""
+    return start_ms + (0.0 if path[0] & 1 else embed_ms) + \
+        sum(r for r, m in zip(reads, path) if m & 1) + \
+        sum(c for c, m in zip(work, path) if m & 2) + wake_ms * sum(m == 3 for m in path)
 
 
 def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED,
@@ -291,7 +304,7 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         streamed.append(nstream)
     start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
-                     execution=execution, embed_ms=device.embed_ms)
+                     execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms)
     end = times[-1].compute_end_ms if times else start + device.embed_ms
     return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,

@@ -163,7 +163,7 @@ def build(scenario: Scenario) -> Program:
         rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
                         sense, float(rhs)))
 
-    horizon = (t_emb if embed else 0.0) + device.embed_ms + device.pool_ms
+    horizon = (t_emb if embed else 0.0) + device.embed_ms + device.pool_ms + L * device.wake_ms
     limit = scenario.target_latency_ms - device.pool_ms  # every latency row's bound
     for li, layer in enumerate(model.layers):
         run = [(q[li, si, b], p[li, si, b]) for si in range(len(layer.shards)) for b in range(B)]
@@ -217,7 +217,7 @@ def build(scenario: Scenario) -> Program:
                 row(f"gate[{li}]", Unit.TIME_MS,
                     [(F, 1), (f"C[{li - window - 1}]", -1)] + neg(io_terms[li]), ">=", 0)
             row(f"ready[{li}]", Unit.TIME_MS, [(C, 1), (F, -1)] + neg(comp_terms[li]), ">=",
-                fixed_compute[li])
+                fixed_compute[li] + device.wake_ms)
             if li:
                 row(f"order[{li}]", Unit.TIME_MS, [(C, 1), (f"C[{li - 1}]", -1)]
                     + neg(comp_terms[li]), ">=", fixed_compute[li])
@@ -230,10 +230,11 @@ def build(scenario: Scenario) -> Program:
             row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", device.pool_ms)
         else:
             row("latency", Unit.TIME_MS, [(last, 1)], "<=", limit)
-    # Unbounded window: the recurrence C[l] = max(F[l], C[l-1]) + c[l] unrolls to
-    #   latency = max over l of ( F[l] + sum_{k>=l} c[k] ),  F[l] = e t_emb + sum_{k<=l} io[k],
+    # Unbounded window: the recurrence C[l] = max(F[l] + wake, C[l-1]) + c[l] unrolls to
+    #   latency = max over l of ( F[l] + wake + sum_{k>=l} c[k] ),
+    #   F[l] = e t_emb + sum_{k<=l} io[k],
     # so "latency <= T" is exactly one row per layer over the booleans:
-    # latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T.
+    # latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T - wake.
     # With an embedding time, one more row: latency[embed]: e t_emb + embed_ms + sum c[k] <= T.
     # (pool_ms is a constant of every row: T is the target less it.)
     unrolled = [] if chained else list(range(L)) + (["embed"] if device.embed_ms else [])
@@ -244,7 +245,7 @@ def build(scenario: Scenario) -> Program:
         else:
             terms = embed_read + [t for k in range(li + 1) for t in io_terms[k]]
             terms += [t for k in range(li, L) for t in comp_terms[k]]
-            constant = sum(fixed_compute[li:])
+            constant = sum(fixed_compute[li:]) + device.wake_ms
         if scenario.objective == Objective.MIN_LATENCY:
             # Z >= the same sum for every l; minimise Z.
             row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],

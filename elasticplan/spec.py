@@ -57,7 +57,8 @@ class Device:
     layer that runs: layer_overhead_ms + per shard (shard_overhead_ms + flops / gflops
     + for a quantised shard its stored bytes / dequant_gb_s and its weights x
     dequant_ns_per_weight[bits]); per query, embed_ms before the first layer computes and
-    pool_ms after the last. The terms a device file leaves out are 0 (None: no per-byte
+    pool_ms after the last; and a layer whose compute waits for its reads starts wake_ms
+    after they end (the compute thread's wake-up). The terms a device file leaves out are 0 (None: no per-byte
     dequantisation term)."""
 
     name: str
@@ -71,6 +72,7 @@ class Device:
     dequant_ns_per_weight: tuple[tuple[int, float], ...] = ()  # (bits, ns per weight), sorted
     embed_ms: float = 0.0  # per query: the embedding lookup, before layer 0 computes
     pool_ms: float = 0.0  # per query: pooling, after the last layer
+    wake_ms: float = 0.0  # a layer that waits for its reads starts computing this long after
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
 
     def dequant_ns(self, bits: int) -> float | None:

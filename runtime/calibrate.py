@@ -17,9 +17,10 @@ per-layer, per-shard and per-flop terms. Each plan runs after a discarded warm-u
 non-negative least-squares fit (scipy.optimize.nnls) with each term's standard error;
 embedding and pooling are the medians of their measured times. The file's header records
 the fit (R^2, mean error, each term's uncertainty), the residual per layer, and the
-stage errors of the calibration runs themselves.
+stage errors of the calibration runs, each predicted out of sample (below).
 
-Spread. Every calibration run is then predicted with the fitted device; per stage (IO:
+Spread. Every calibration run is then predicted out of sample, by the fit of the other
+plans (leave one plan out); per stage (IO:
 the sum of the layers' read intervals; compute: the sum of their compute intervals), the
 root mean square of log(measured / predicted) over every run is the stage's spread
 (model error and run-to-run noise together). Scenarios that plan for a latency quantile
@@ -72,6 +73,7 @@ class Fit:
     dequant_ns: dict[int, float]  # per quantised bitwidth
     embed_ms: float = 0.0
     pool_ms: float = 0.0
+    wake_ms: float = 0.0
     stderr: dict[str, float] = field(default_factory=dict)  # term name -> standard error
     r2: float = 0.0
     mae_ms: float = 0.0
@@ -90,6 +92,7 @@ class Sample:
     flops: float
     weights: dict[int, int]  # quantised bitwidth -> weights of the layer's shards at it
     ms: float
+    plan: int = 0  # which calibration plan it came from
 
 
 def term_names(bits: tuple[int, ...]) -> list[str]:
@@ -235,23 +238,37 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
             ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
                                   for r in runs]))
             samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
-                                  weights, ms))
+                                  weights, ms, i))
         log(f"calibration plan {i + 1}/{plans} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs]):.1f} ms")
     fit = fit_compute(samples, quantised)
     fit.embed_ms, fit.pool_ms = float(np.median(embed)), float(np.median(pool))
     fit.stderr["embed_ms"] = _median_stderr(embed)
     fit.stderr["pool_ms"] = _median_stderr(pool)
-    device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
-                    latency_us=round(float(latency_us), 3), gflops=round(float(fit.gflops), 4),
-                    layer_overhead_ms=round(fit.layer_overhead_ms, 5), dequant_gb_s=None,
-                    memory_mb=round(float(memory_mb), 1),
-                    shard_overhead_ms=round(fit.shard_overhead_ms, 6),
-                    dequant_ns_per_weight=tuple((b, round(fit.dequant_ns[b], 5))
-                                                for b in quantised),
-                    embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5))
-    spread, errors = stage_spread(draft_scenario.with_overrides(device=device), runs_of)
-    device = dataclasses.replace(device, spread=spread)
+    # The compute thread's wake-up: how long after its reads end a layer that waited for
+    # them starts computing (the layer before had finished: it was waiting on the reads).
+    wakes = [t.compute_start_ms - t.io_end_ms for _, runs in runs_of for r in runs
+             for l, t in enumerate(r.layers)
+             if t.reads and t.compute_start_ms >= t.io_end_ms
+             and (r.layers[l - 1].compute_end_ms if l else r.embed_ms[1]) < t.io_end_ms]
+    fit.wake_ms = float(np.median(wakes)) if wakes else 0.0
+    fit.stderr["wake_ms"] = _median_stderr(wakes) if len(wakes) > 1 else 0.0
+    base_device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
+                         latency_us=round(float(latency_us), 3), gflops=1.0,
+                         layer_overhead_ms=0.0, dequant_gb_s=None,
+                         memory_mb=round(float(memory_mb), 1))
+    # The spread and the stage errors out of sample: each plan's runs predicted by the fit
+    # of the other plans (a bitwidth only the left-out plan ran keeps the full fit's cost).
+    held_out = []
+    for i, (sel, runs) in enumerate(runs_of):
+        rest = [smp for smp in samples if smp.plan != i]
+        bits = tuple(b for b in quantised if any(smp.weights.get(b) for smp in rest))
+        other = fit_compute(rest, bits)
+        other.dequant_ns = {**fit.dequant_ns, **other.dequant_ns}
+        other.embed_ms, other.pool_ms, other.wake_ms = fit.embed_ms, fit.pool_ms, fit.wake_ms
+        held_out.append((device_of(other, base_device), sel, runs))
+    spread, errors = stage_spread(draft_scenario, held_out)
+    device = dataclasses.replace(device_of(fit, base_device), spread=spread)
     facts = {"storage": storage, "plans": plans, "repeats": repeats,
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
     return Calibration(device, fit, facts, errors)
@@ -267,13 +284,23 @@ def _median_stderr(values: list[float]) -> float:
 STAGES = ("io", "compute", "total")
 
 
-def stage_spread(scenario: Scenario, runs_of: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
-    """Every run against the calibrated device's prediction, per stage: the spread (root
-    mean square of log(measured / predicted)) of IO and compute, and each stage's median
-    and p95 |error| in % (total included)."""
+def device_of(fit: Fit, base: Device) -> Device:
+    """The device a fit describes: `base`'s storage and memory with the fitted compute."""
+    return dataclasses.replace(
+        base, gflops=round(float(fit.gflops), 4), layer_overhead_ms=round(fit.layer_overhead_ms, 5),
+        dequant_gb_s=None, shard_overhead_ms=round(fit.shard_overhead_ms, 6),
+        dequant_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.dequant_ns.items())),
+        embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5),
+        wake_ms=round(fit.wake_ms, 5))
+
+
+def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
+    """Every run against its prediction on the device given beside it (device, plan, runs),
+    per stage: the spread (root mean square of log(measured / predicted)) of IO and
+    compute, and each stage's median and p95 |error| in % (total included)."""
     logs: dict[str, list[float]] = {k: [] for k in STAGES}
-    for sel, runs in runs_of:
-        s = simulate(scenario, sel)
+    for device, sel, runs in held_out:
+        s = simulate(scenario.with_overrides(device=device), sel)
         predicted = {"io": sum(t.io_end_ms - t.io_start_ms for t in s.layers),
                      "compute": sum(t.compute_end_ms - t.compute_start_ms for t in s.layers),
                      "total": s.latency_ms}
@@ -288,7 +315,7 @@ def stage_spread(scenario: Scenario, runs_of: list) -> tuple[Spread, dict[str, t
     errors = {k: (float(np.median(100 * np.abs(np.expm1(v)))),
                   float(np.percentile(100 * np.abs(np.expm1(v)), 95))) if v else (0.0, 0.0)
               for k, v in logs.items()}
-    runs = sum(len(r) for _, r in runs_of)
+    runs = sum(len(r) for _, _, r in held_out)
     return Spread(io=round(rms["io"], 5), compute=round(rms["compute"], 5), runs=runs), errors
 
 
@@ -324,7 +351,7 @@ def device_dict(device: Device) -> dict:
         compute["dequant_gb_s"] = device.dequant_gb_s
     if device.dequant_ns_per_weight:
         compute["dequant_ns_per_weight"] = dict(device.dequant_ns_per_weight)
-    compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms)
+    compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms)
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -347,8 +374,9 @@ def describe_compute(device: Device) -> str:
     if device.dequant_ns_per_weight:
         parts.append("dequant ns/weight " + ", ".join(f"{b}b {ns:.3g}"
                                                       for b, ns in device.dequant_ns_per_weight))
-    if device.embed_ms or device.pool_ms:
-        parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}")
+    if device.embed_ms or device.pool_ms or device.wake_ms:
+        parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
+                     f"wake_ms {device.wake_ms:g}")
     return ", ".join(parts)
 
 
@@ -363,15 +391,17 @@ def fit_report(cal: Calibration) -> str:
     terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se[f'dequant_ns_per_weight[{b}]']:.3f}"
               for b, ns in fit.dequant_ns.items()]
     terms += [f"embed_ms {fit.embed_ms:.4f} +- {se['embed_ms']:.4f}",
-              f"pool_ms {fit.pool_ms:.4f} +- {se['pool_ms']:.4f}"]
+              f"pool_ms {fit.pool_ms:.4f} +- {se['pool_ms']:.4f}",
+              f"wake_ms {fit.wake_ms:.4f} +- {se['wake_ms']:.4f}"]
     residuals = ", ".join(f"{ms:+.3f} ms ({pct:+.1f}%)"
                           for ms, pct in zip(fit.layer_residuals_ms, fit.layer_residuals_pct))
     errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
     return (f"Fit over {fit.samples} layer samples: R^2 {fit.r2:.3f}, mean abs error "
             f"{fit.mae_ms:.3f} ms per layer; terms (standard error):\n  " + ";\n  ".join(terms)
             + f".\nResidual (measured - predicted) per layer, mean: {residuals}.\n"
-            f"Stage |error| of the calibration runs themselves, median / p95: {errors}.\n"
-            f"Spread (rms of log measured/predicted over {d.spread.runs} runs): IO "
+            f"Stage |error| of the calibration runs, each plan predicted by the fit of the "
+            f"others, median / p95: {errors}.\n"
+            f"Spread (rms of log measured/predicted, same runs, {d.spread.runs}): IO "
             f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}.")
 
 

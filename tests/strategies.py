@@ -19,7 +19,7 @@ def _num(lo: float, hi: float):
 @st.composite
 def devices(draw):
     """Every compute term in play: the per-byte and per-weight dequantisation (either or
-    both), a per-shard overhead, and the per-query embedding and pooling."""
+    both), a per-shard overhead, the per-query embedding and pooling, the wake-up."""
     per_byte = draw(st.one_of(st.none(), _num(0.5, 20)))
     per_weight = () if per_byte is not None and draw(st.booleans()) else \
         tuple((b, draw(_num(0, 5))) for b in BITS if b < 32)
@@ -29,7 +29,8 @@ def devices(draw):
                   shard_overhead_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))),
                   dequant_ns_per_weight=per_weight,
                   embed_ms=draw(st.one_of(st.just(0.0), _num(0, 3))),
-                  pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))))
+                  pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))),
+                  wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))))
 
 
 @st.composite

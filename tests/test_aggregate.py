@@ -69,8 +69,12 @@ def _check_solver(sc, objective, solver):
         best = oracle.best(sc)
         assert (got is None) == (best is None) or _near(sc)
         if got is not None and best is not None:
-            # bytes are exact; latency within float noise
-            assert math.isclose(got, best, rel_tol=1e-9, abs_tol=1e-6) or _near(sc)
+            # bytes are exact; latency within float noise, or for CP-SAT within its tick
+            # rounding (times are integers of DEFAULT_TICK_NS: two plans closer than that
+            # are one to it; found with a 7.8e-6 ms per-weight dequantisation difference)
+            slack = oracle.rounding_margin_ms(sc) \
+                if objective == Objective.MIN_LATENCY and solver == "cpsat" else 1e-6
+            assert math.isclose(got, best, rel_tol=1e-9, abs_tol=slack) or _near(sc)
 
 
 @given(sc=scenarios(max_layers=3, max_shards=5, max_bits=3, shared_costs=True))

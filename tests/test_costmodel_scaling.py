@@ -163,22 +163,21 @@ def test_critical_path_sums_to_the_latency_and_every_path_is_below_it(reads, dat
     rows "reads of 0..l, compute of l..L-1", valid under every window, and "the embedding,
     then every layer's compute") sums to at most it, which is what makes a path a valid
     row."""
-    from elasticplan.costmodel import critical_path, pipeline
+    from elasticplan.costmodel import critical_path, path_ms, pipeline
 
     L = len(reads)
     work = data.draw(st.lists(st.floats(0, 10), min_size=L, max_size=L))
     window = data.draw(st.sampled_from([None, *range(1, L + 1)]))
     start = data.draw(st.floats(0, 5))
     embed = data.draw(st.sampled_from([0.0, 0.5, 20.0]))
-    times = pipeline(reads, work, window=window, start_ms=start, embed_ms=embed)
+    wake = data.draw(st.sampled_from([0.0, 0.08, 3.0]))
+    times = pipeline(reads, work, window=window, start_ms=start, embed_ms=embed, wake_ms=wake)
     latency = times[-1].compute_end_ms
 
     def total(path):
-        return start + (0.0 if path[0] & 1 else embed) + \
-            sum(r for r, m in zip(reads, path) if m & 1) + \
-            sum(c for c, m in zip(work, path) if m & 2)
+        return path_ms(path, reads, work, start, embed, wake)
 
-    path = critical_path(times, window, start, embed)
+    path = critical_path(times, window, start, embed, wake)
     assert path[-1] & 2 and (path[0] & 1 or embed > 0)
     assert total(path) == pytest.approx(latency, rel=1e-9, abs=1e-9)
     for row in range(L):

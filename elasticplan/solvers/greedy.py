@@ -74,7 +74,7 @@ class _Pipeline:
         d = self.sc.device
         if self.layout != Layout():
             times = pipeline(self.io, self.comp, window=self.layout.window, start_ms=self.start,
-                             embed_ms=d.embed_ms)
+                             embed_ms=d.embed_ms, wake_ms=d.wake_ms)
             return times[-1].compute_end_ms + d.pool_ms <= self.sc.target_latency_ms
         return self.aib_ok()
 
@@ -84,7 +84,7 @@ class _Pipeline:
         remaining = sum(self.comp)
         if target - remaining - d.embed_ms < -1e-12:
             return False
-        reads_end = 0.0
+        reads_end = d.wake_ms  # each row waits for its layer's reads once
         for io, comp in zip(self.io, self.comp):
             reads_end += io
             if target - remaining - reads_end < -1e-12:
