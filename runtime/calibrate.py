@@ -10,8 +10,8 @@ it will be in real runs, so the measured layer times carry the pipeline's own ef
 (idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). The plans
 separate the terms (`design`): one per stored bitwidth (every layer a random subset of
 its shards at that bitwidth: the per-weight cost of each bitwidth), hold-in-memory (every
-shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, then
-random mixed plans; subsets of every size and mix of heads and FFN slices separate the
+shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, fp32
+subsets preloaded, then random mixed plans; subsets of every size and mix of heads and FFN slices separate the
 per-layer, per-shard and per-flop terms. Each plan runs after a discarded warm-up; each
 (plan, layer) sample is the median over the repeats. The layer terms come from a
 non-negative least-squares fit (scipy.optimize.nnls) with each term's standard error;
@@ -52,7 +52,7 @@ from elasticplan.errors import CalibrationError
 from elasticplan.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.outputs import refuse_inputs
 from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import FULL_PRECISION_BITS, MAX_TARGET_MS, Device, ModelProfile, Scenario, Spread
+from elasticplan.spec import FULL_PRECISION_BITS, MAX_GFLOPS, MAX_TARGET_MS, Device, ModelProfile, Scenario, Spread
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -80,6 +80,7 @@ class Fit:
     samples: int = 0
     layer_residuals_ms: list[float] = field(default_factory=list)  # mean measured - predicted
     layer_residuals_pct: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the fit could not separate
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,6 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
     scale = np.abs(A).max(axis=0)  # columns of ~1: nnls and the covariance well conditioned
     x, _ = scipy.optimize.nnls(A / scale, y)
     x = x / scale
-    if x[2] <= 0:
-        raise CalibrationError("the compute fit is degenerate (no time per flop); rerun with "
-                               "more plans (--plans)")
     pred = A @ x
     resid = y - pred
     ss_tot = float(np.sum((y - y.mean()) ** 2)) or 1.0
@@ -132,8 +130,18 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
     names = term_names(bits)
     stderr = dict(zip(names, se))
     # In the device's units: gflops = 1 / (ms per flop * 1e6) (delta method), ns = ms * 1e6.
-    gflops = 1.0 / (x[2] * 1e6)
-    stderr["gflops"] = stderr.pop("ms_per_flop") / x[2] * gflops
+    # A model whose shards come in two shapes (heads, FFN slices) separates the per-flop
+    # from the per-shard and per-weight terms only through their differences: a fit that
+    # finds no time per flop beyond them charges none (gflops at its maximum) and says so.
+    notes = []
+    if x[2] > 0:
+        gflops = 1.0 / (x[2] * 1e6)
+        stderr["gflops"] = stderr.pop("ms_per_flop") / x[2] * gflops
+    else:
+        gflops = MAX_GFLOPS
+        stderr["gflops"] = stderr.pop("ms_per_flop") * 0.0
+        notes.append("no time per flop beyond the per-shard and per-weight terms: gflops set "
+                     "to its maximum (no per-flop charge)")
     for i, b in enumerate(bits):
         stderr[f"dequant_ns_per_weight[{b}]"] *= 1e6
     layers = sorted({s.layer for s in samples})
@@ -142,7 +150,7 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
                stderr={k: float(v) for k, v in stderr.items()},
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
-               samples=len(y),
+               samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
                layer_residuals_pct=[float(100 * np.mean(resid[by_layer[l]])
                                           / np.mean(y[by_layer[l]])) for l in layers])
@@ -173,6 +181,9 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator) -> list[tu
         out.append((f"every shard at {model.bitwidths[0]} bits, preloaded",
                     tuple(tuple(Pick(s, 0, True) for s in range(len(layer.shards)))
                           for layer in model.layers)))
+    if plans > len(out):  # the fp32 costs again, on other subsets: per flop vs per shard
+        out.append((f"{model.bitwidths[-1]}-bit subsets, preloaded",
+                    tuple(_subset(model, li, B - 1, rng, 1.0) for li in range(L))))
     while len(out) < plans:
         out.append(("random", tuple(_subset(model, li, int(rng.integers(B)), rng, 0.25)
                                     for li in range(L))))
@@ -396,7 +407,8 @@ def fit_report(cal: Calibration) -> str:
     residuals = ", ".join(f"{ms:+.3f} ms ({pct:+.1f}%)"
                           for ms, pct in zip(fit.layer_residuals_ms, fit.layer_residuals_pct))
     errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
-    return (f"Fit over {fit.samples} layer samples: R^2 {fit.r2:.3f}, mean abs error "
+    notes = "".join(f"Note: {n}.\n" for n in fit.notes)
+    return (notes + f"Fit over {fit.samples} layer samples: R^2 {fit.r2:.3f}, mean abs error "
             f"{fit.mae_ms:.3f} ms per layer; terms (standard error):\n  " + ";\n  ".join(terms)
             + f".\nResidual (measured - predicted) per layer, mean: {residuals}.\n"
             f"Stage |error| of the calibration runs, each plan predicted by the fit of the "
