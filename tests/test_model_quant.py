@@ -132,3 +132,52 @@ def test_dequantize_into_a_strided_view_matches_numpy():
 def test_unsupported_bitwidth_is_a_clear_error():
     with pytest.raises(ValueError, match="not stored"):
         quant.check_bits(5)
+
+
+@given(bits=st.integers(1, 8), rows=st.integers(1, 5), cols=st.integers(1, 70),
+       seed=st.integers(0, 2**31))
+def test_dictionary_codes_pack_and_unpack_at_any_bitwidth(bits, rows, cols, seed):
+    from runtime import dictquant
+
+    codes = np.random.default_rng(seed).integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
+    packed = dictquant.pack_codes(codes, bits)
+    assert packed.shape == (rows, -(-cols * bits // 8))
+    back = dictquant.unpack_codes(torch.from_numpy(packed.copy()), bits, cols)
+    assert np.array_equal(back.numpy(), codes)
+
+
+@given(bits=st.sampled_from([1, 2, 3, 4, 5, 6]), seed=st.integers(0, 2**31),
+       scale=st.floats(1e-4, 10.0), heavy=st.booleans(),
+       share=st.sampled_from([0.0, 0.005, 0.05]), cols=st.integers(2, 80),
+       group=st.sampled_from([1, 3, 4]))
+def test_dictionary_quantisation_error_within_its_bound(bits, seed, scale, heavy, share, cols,
+                                                        group):
+    """Outliers come back exactly; the other weights' RMS error per group of rows is
+    within (max - min) / 2^(b+1) of them; the packed bytes decode (torch) to what numpy
+    reconstructs, and their length is the shape's block_bytes."""
+    from runtime import dictquant
+
+    rng = np.random.default_rng(seed)
+    w = ((rng.standard_t(3, size=(4, cols)) if heavy else rng.normal(size=(4, cols))) * scale)
+    w = w.astype(np.float32)
+    w[0] = 0.5  # a constant row: every weight one centroid
+    codes, dicts, out_cols, out_vals = dictquant.quantize(w, bits, share, group)
+    assert dicts.shape == (-(-4 // group), 2 ** bits)
+    assert codes.max() < 2 ** bits and np.all(np.diff(dicts, axis=1) >= 0)
+    deq = dictquant.dequantize_np(codes, dicts, out_cols, out_vals, group)
+    rows = np.arange(4)[:, None]
+    assert np.array_equal(deq[rows, out_cols.astype(int)], w[rows, out_cols.astype(int)])
+    keep = np.ones(w.shape, bool)
+    keep[rows, out_cols.astype(int)] = False
+    if share == 0:
+        assert keep.all()
+    err = np.where(keep, deq - w, 0.0)
+    rms = np.array([np.sqrt((err[r:r + group] ** 2).sum() / keep[r:r + group].sum())
+                    for r in range(0, 4, group)])
+    bound = dictquant.error_bound(w, bits, share, group)
+    assert np.all(rms <= bound * (1 + 1e-5) + 1e-6 * scale)
+    raw = dictquant.encode_block(w, bits, share, group)
+    assert len(raw) == dictquant.block_bytes(4, cols, bits, share, group)
+    assert np.array_equal(dictquant.decode_block(raw, 4, cols, bits, share, group).numpy(), deq)
+    with pytest.raises(ValueError, match="bytes, got"):
+        dictquant.decode_block(raw[:-1], 4, cols, bits, share, group)
