@@ -16,7 +16,7 @@ The plan therefore verifies, and its prediction is checked like any other.
 
 from __future__ import annotations
 
-from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, simulate
+from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, at_quantile, simulate
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
@@ -43,8 +43,10 @@ def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
     execution = SEQUENTIAL if strategy == LOAD_THEN_EXECUTE else PIPELINED
     layout = Layout(window=1 if strategy == LAYERWISE else None)
     schedule = simulate(scenario, selection, execution, layout)
+    planned = schedule if at_quantile(scenario) is scenario else \
+        simulate(at_quantile(scenario), selection, execution, layout)  # its quantile's latency
     try:
-        own = scenario.with_overrides(target_latency_ms=schedule.latency_ms,
+        own = scenario.with_overrides(target_latency_ms=planned.latency_ms,
                                       preload_budget_mb=schedule.preload_bytes / 1e6,
                                       objective=Objective.MAX_IMPORTANCE, importance_floor=None,
                                       memory_budget_mb=None, prefetch_window=layout.window)

@@ -345,8 +345,10 @@ def cmd_verify(a) -> int:
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
     schedule = verify_plan(scenario, plan)
+    at = "" if plan.quantile_latency_ms is None else \
+        f" at quantile {scenario.latency_quantile:g} (median {schedule.latency_ms:.3f} ms)"
     print(f"{a.plan}: OK ({plan.solver}, {plan.status.value}): latency "
-          f"{schedule.latency_ms:.3f} ms <= {scenario.target_latency_ms:g} ms, buffer "
+          f"{plan.planned_latency_ms:.3f} ms{at} <= {scenario.target_latency_ms:g} ms, buffer "
           f"{schedule.preload_bytes / 1e6:.3f} MB <= {scenario.preload_budget_mb:g} MB, "
           f"importance {schedule.importance:.6g}, {plan.n_shards} shards; every predicted "
           f"time matches the simulation")

@@ -115,14 +115,14 @@ def diagnose(scenario: Scenario, deadline: float, threads: int) -> str | None:
     except ElasticplanError:
         return None
     # Only a proven-fastest schedule proves the target out of reach.
-    if fastest.predicted_latency_ms > T and fastest.status == SolveStatus.OPTIMAL:
+    if fastest.planned_latency_ms > T and fastest.status == SolveStatus.OPTIMAL:
         head = (f"target {T:g} ms is below the fastest possible schedule "
-                f"({fastest.predicted_latency_ms:.4g} ms{_approx(fastest)} with "
+                f"({fastest.planned_latency_ms:.4g} ms{_approx(fastest)} with "
                 f"{_describe(fastest)}, buffer {M:g} MB); raise the target to >= "
-                f"{fastest.predicted_latency_ms:.4g} ms")
-        if fastest_cap.predicted_latency_ms > T:
+                f"{fastest.planned_latency_ms:.4g} ms")
+        if fastest_cap.planned_latency_ms > T:
             return (head + f"; no buffer helps: even with all {cap_mb:.4g} MB of free memory as "
-                    f"buffer the fastest is {fastest_cap.predicted_latency_ms:.4g} ms "
+                    f"buffer the fastest is {fastest_cap.planned_latency_ms:.4g} ms "
                     f"(compute-bound)")
         need = _sub(scenario, deadline, threads, objective=Objective.MIN_BUFFER,
                     importance_floor=0.0, preload_budget_mb=cap_mb)

@@ -121,6 +121,13 @@ class Plan:
     def layout(self) -> Layout:
         return Layout(self.window, self.embeddings == "streamed")
 
+    @property
+    def planned_latency_ms(self) -> float:
+        """The latency that must meet the target: at the scenario's latency quantile when
+        it is above 0.5, else the predicted (median) latency."""
+        return self.predicted_latency_ms if self.quantile_latency_ms is None \
+            else self.quantile_latency_ms
+
     # --- building ------------------------------------------------------------------
 
     @staticmethod

@@ -216,7 +216,7 @@ def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,
                 containing = [(a, b) for a, b in solved if a >= i and b >= j]
                 bound = min((cells[c].bound for c in containing), default=None)
                 fits = [cells[c].plan for c in containing
-                        if plans[cells[c].plan].predicted_latency_ms <= T
+                        if plans[cells[c].plan].planned_latency_ms <= T
                         and plans[cells[c].plan].preload_bytes <= budget]
                 if fits:
                     best = max(fits, key=lambda k: plans[k].objective)

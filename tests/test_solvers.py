@@ -371,3 +371,10 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
     with pytest.raises(VerificationError, match="latency at quantile 0.95"):
         verify_plan(sc, Plan.from_selection(sc, median.selection(sc), solver="x",
                                             status=median.status, gap=None, solve_seconds=0))
+    # a classic strategy's own question is its latency at the quantile, so it verifies
+    from elasticplan.baselines import STRATEGIES, baseline_plan
+
+    for strategy in STRATEGIES:
+        b = baseline_plan(sc, strategy)
+        assert b.scenario.target_latency_ms == pytest.approx(b.planned_latency_ms)
+        assert b.planned_latency_ms == b.quantile_latency_ms > b.predicted_latency_ms
