@@ -55,8 +55,13 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
     # line precise enough to compute a real gap. Feasibility is unaffected.
     top = max((abs(c) for _, c in program.objective), default=1.0) or 1.0
     obj_scale = 10.0 ** round(math.log10(1e6 / top))
+    # The objective's constant (min_memory's fixed terms) as a variable fixed at 1: a
+    # constant of the expression never reaches CBC's model, so its bound and its relative
+    # gap (the stopping rule) would be on the variable part alone, which can be negative.
+    constant = prob.add_variable("objective_constant", 1, 1) if program.objective_offset \
+        else 0.0
     prob += pulp.lpSum(obj_scale * c * var[v] for v, c in program.objective) \
-        + obj_scale * program.objective_offset
+        + obj_scale * program.objective_offset * constant
 
     with tempfile.TemporaryDirectory(prefix="elasticplan-cbc-") as tmp:
         log_path = os.path.join(tmp, "cbc.log")
@@ -109,12 +114,12 @@ def _safe(name: str) -> str:
 
 def _gap_from_log(log: str, value: float, status: SolveStatus, maximize: bool) -> float | None:
     """Relative gap from CBC's final report ("Upper bound:" when maximising, "Lower bound:"
-    when minimising); 0 when CBC proved optimality; None when it stated no bound."""
-    if status == SolveStatus.OPTIMAL:
-        return 0.0
+    when minimising; CBC stops as "optimal" once within the requested gap, so an optimal
+    run reports that bound's gap too); 0 when it proved optimality without stating a
+    bound; None when a feasible run stated none."""
     label = "Upper bound" if maximize else "Lower bound"
     m = re.search(rf"^{label}:\s*([-+0-9.eE]+)", log, re.MULTILINE)
     if not m:
-        return None
+        return 0.0 if status == SolveStatus.OPTIMAL else None
     bound = float(m.group(1))
     return gap_to_bound(value, bound)
