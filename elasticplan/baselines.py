@@ -28,15 +28,28 @@ LAYERWISE = "layerwise-pipelining"
 STRATEGIES = (HOLD_IN_MEMORY, LOAD_THEN_EXECUTE, LAYERWISE)
 
 
+UNIFORM = "uniform-"  # uniform-B: every shard streamed at B bits, pipelined
+
+
 def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
-    """The plan of a classic strategy on the scenario's device and model (verified)."""
-    if strategy not in STRATEGIES:
-        raise InvalidArgument(f"unknown baseline {strategy!r}; choose one of "
-                              f"{', '.join(STRATEGIES)}")
+    """The plan of a classic strategy on the scenario's device and model (verified), or of
+    `uniform-B`: every shard at B bits, streamed, pipelined with an unbounded window. Its
+    question is its own latency (at the scenario's latency quantile) and preload."""
     model = scenario.model
-    bit = model.bit_index(FULL_PRECISION_BITS)
-    if bit is None:
-        bit = len(model.bitwidths) - 1  # the most precise stored form
+    if strategy.startswith(UNIFORM):
+        bits = strategy[len(UNIFORM):]
+        bit = model.bit_index(int(bits)) if bits.isdigit() else None
+        if bit is None:
+            raise InvalidArgument(f"baseline {strategy!r}: model {model.name!r} stores "
+                                  f"{', '.join(map(str, model.bitwidths))} bits; choose "
+                                  f"uniform-B with one of them")
+    elif strategy not in STRATEGIES:
+        raise InvalidArgument(f"unknown baseline {strategy!r}; choose one of "
+                              f"{', '.join(STRATEGIES)} or {UNIFORM}B (B a stored bitwidth)")
+    else:
+        bit = model.bit_index(FULL_PRECISION_BITS)
+        if bit is None:
+            bit = len(model.bitwidths) - 1  # the most precise stored form
     preloaded = strategy == HOLD_IN_MEMORY
     selection = tuple(tuple(Pick(s, bit, preloaded) for s in range(len(layer.shards)))
                       for layer in model.layers)

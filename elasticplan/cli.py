@@ -24,6 +24,7 @@ from importlib.metadata import entry_points
 
 from tqdm import tqdm
 
+from elasticplan.baselines import STRATEGIES, baseline_plan
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
 from elasticplan.explain import explain_failure
 from elasticplan.loader import load_scenario
@@ -42,7 +43,7 @@ from elasticplan.solvers import (
 )
 from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_QUANTILE, MAX_TARGET_MS, Objective
 from elasticplan.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
-from elasticplan.verify import scenario_for, verify_plan
+from elasticplan.verify import scenario_for, verify_plan, with_plan_question
 
 MAX_AXIS_POINTS = 10_000
 MIN_SOLVE_S = 0.01  # what a solve gets when loading took the whole time limit
@@ -211,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "median)")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
+    b = sub.add_parser("baseline", help="write a classic strategy, or uniform-B (every shard "
+                                        "streamed at B bits), as a plan")
+    b.set_defaults(handler=cmd_baseline)
+    b.add_argument("name", help=f"{', '.join(STRATEGIES)} or uniform-B (B a stored bitwidth)")
+    b.add_argument("scenario")
+    b.add_argument("-o", "--output", required=True, help="write the plan as JSON")
+
     v = sub.add_parser("verify", help="check a plan file against its scenario")
     v.set_defaults(handler=cmd_verify)
     v.add_argument("plan")
@@ -338,6 +346,18 @@ def cmd_solve(a) -> int:
     if a.output:
         plan.save(a.output, inputs=scenario.files)
         print(f"plan written to {a.output}")
+    return 0
+
+
+def cmd_baseline(a) -> int:
+    """A strategy's plan on the scenario's device and model; its question is its own
+    latency and preload (so it verifies, runs and evaluates like any plan)."""
+    scenario = load_scenario(a.scenario)
+    refuse_inputs(a.output, scenario.files)
+    plan = baseline_plan(scenario, a.name)
+    print(plan_table(with_plan_question(scenario, plan), plan))
+    plan.save(a.output, inputs=scenario.files)
+    print(f"plan written to {a.output}")
     return 0
 
 

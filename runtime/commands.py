@@ -71,6 +71,14 @@ def register(sub) -> None:
     c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
                    help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
 
+    e = sub.add_parser("evaluate", help="a plan's submodel on the held-out test split: "
+                                        "fidelity and accuracy with their sampling errors")
+    e.set_defaults(handler=cmd_evaluate)
+    e.add_argument("plan")
+    e.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    e.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
+    e.add_argument("--json", metavar="FILE", help="write the evaluation as JSON")
+
     r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
     r.set_defaults(handler=cmd_run)
     r.add_argument("plan")
@@ -145,6 +153,37 @@ def cmd_calibrate(a) -> int:
     print(f"storage: {cal.facts['storage']}")
     print(f"wrote {device_path} and {scenario_path} (target {target:g} ms, buffer "
           f"{base.preload_budget_mb:g} MB)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    """Rebuild the plan's submodel from the store (its shards at their bitwidths) and run
+    it on every test text (runtime/submodel.py)."""
+    from runtime.executor import check_model
+    from runtime.store import ShardStore
+    from runtime.submodel import TestSplit
+
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan)
+    if a.json:
+        refuse_inputs(a.json, (a.plan, a.store, a.head, *scenario.files))
+    verify_plan(scenario, plan)  # a stale or tampered plan stops here, before any compute
+    store = ShardStore(a.store)
+    check_model(plan, store)
+    for lp in plan.layers:  # every planned variant must be in this store
+        for ch in lp.shards:
+            store.variant(lp.index, ch.name, ch.bits)
+    ev = TestSplit(store, a.head).evaluate(plan)
+    print(f"{a.plan} ({plan.solver}): {plan.n_shards} shards; on {ev.texts} test texts: "
+          f"fidelity {ev.fidelity:.4f} +- {ev.fidelity_stderr:.4f} (mean cosine to fp32), "
+          f"accuracy {ev.accuracy:.3f} +- {ev.accuracy_stderr:.3f} (fp32 "
+          f"{ev.fp32_accuracy:.3f}); +- one standard error")
+    if a.json:
+        data = {"plan": a.plan, "solver": plan.solver, "shards": plan.n_shards,
+                **ev.to_dict()}
+        write_text(a.json, json.dumps(data, indent=1) + "\n",
+                   inputs=(a.plan, a.store, a.head, *scenario.files))
+        print(f"evaluation written to {a.json}")
     return 0
 
 

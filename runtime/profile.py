@@ -115,10 +115,14 @@ class Profiler:
         layers[l] = self._layer(l, {shard: variant})
         return Measurement(l, shard, variant, *self.score(self.run_from(l, layers)))
 
-    def measure_selection(self, changes: list[dict[str, int]]) -> tuple[float, float, float]:
-        """A whole submodel: per layer, shard -> DROP or bits (missing = fp32)."""
+    def embed_selection(self, changes: list[dict[str, int]]) -> torch.Tensor:
+        """A whole submodel's embeddings (length-sorted order): per layer, shard -> DROP or
+        bits (missing = fp32)."""
         layers = [self._layer(l, ch) if ch else self.full[l] for l, ch in enumerate(changes)]
-        return self.score(self.run_from(0, layers))
+        return self.run_from(0, layers)
+
+    def measure_selection(self, changes: list[dict[str, int]]) -> tuple[float, float, float]:
+        return self.score(self.embed_selection(changes))
 
 
 def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead) -> str:

@@ -14,6 +14,7 @@ the same bitwidths (preloaded or not) are one evaluation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,23 @@ from runtime.task import TaskHead, load_splits
 class Quality:
     fidelity: float  # mean cosine to the fp32 model's embedding, test split
     accuracy: float  # task head accuracy on the test split's labels
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A plan's submodel on the test split, with the sampling error of each figure: the
+    standard error of the mean cosine (sample standard deviation / sqrt(n)) and of the
+    accuracy (sqrt(p (1 - p) / n))."""
+
+    texts: int
+    fidelity: float
+    fidelity_stderr: float
+    accuracy: float
+    accuracy_stderr: float
+    fp32_accuracy: float  # the full model's, on the same texts
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 def plan_changes(plan: Plan, shard_names: list[str]) -> list[dict[str, int]]:
@@ -63,6 +81,18 @@ class TestSplit:
 
     def plan(self, plan: Plan) -> Quality:
         return self.changes(plan_changes(plan, self.names))
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """The plan's submodel on every test text, with sampling errors."""
+        p = self._profiler
+        emb = p.embed_selection(plan_changes(plan, self.names))
+        cos = (emb * p.reference).sum(1).double()
+        n = cos.numel()
+        acc = p.head.accuracy(emb, p.sorted_labels)
+        return Evaluation(texts=n, fidelity=float(cos.mean()),
+                          fidelity_stderr=float(cos.std()) / math.sqrt(n) if n > 1 else 0.0,
+                          accuracy=float(acc), accuracy_stderr=math.sqrt(acc * (1 - acc) / n),
+                          fp32_accuracy=float(p.head.accuracy(p.reference, p.sorted_labels)))
 
     def uniform(self, bits: int) -> Quality:
         """Every shard at `bits` (FULL_PRECISION_BITS: the full model)."""

@@ -476,3 +476,37 @@ def test_run_enforce_fails_on_a_measured_peak_above_the_budget(scenario, store_d
     assert main(args) == 10
     assert "measured peak memory 16.000 MB exceeds the plan's memory budget 16 MB" in \
         capsys.readouterr().err
+
+
+def test_baseline_and_evaluate_commands(store_dir, tmp_path, capsys):
+    """`elasticplan baseline` writes a strategy as a plan that verifies (uniform-B: every
+    shard streamed at B bits; an unknown name or bitwidth is a one-line error, exit 2), and
+    `elasticplan evaluate` measures a plan's submodel on the test split: hold-in-memory
+    (every shard fp32) is the fp32 model itself, and uniform-3 what the profiler's own
+    whole-model measurement gives, each with its sampling error."""
+    head = str(PROBLEMS / "models" / "minilm-l6.taskhead.json")
+    hold, u3 = tmp_path / "hold.json", tmp_path / "u3.json"
+    assert main(["baseline", "hold-in-memory", str(MINILM), "-o", str(hold)]) == 0
+    assert main(["baseline", "uniform-3", str(MINILM), "-o", str(u3)]) == 0
+    assert main(["verify", str(u3)]) == 0
+    plan = Plan.load(u3)
+    assert plan.solver == "uniform-3" and plan.preload_bytes == 0
+    assert {c.bits for lp in plan.layers for c in lp.shards} == {3}
+    assert plan.n_shards == 144
+    assert main(["baseline", "uniform-5", str(MINILM), "-o", str(tmp_path / "x.json")]) == 2
+    assert "stores 2, 3, 4, 6, 8, 32 bits" in capsys.readouterr().err
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(hold), "--store", str(store_dir), "--head", head,
+                 "--json", str(out)]) == 0
+    full = json.loads(out.read_text())
+    assert full["texts"] == 1000 and full["fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert full["accuracy"] == full["fp32_accuracy"]
+    assert main(["evaluate", str(u3), "--store", str(store_dir), "--head", head,
+                 "--json", str(out)]) == 0
+    e = json.loads(out.read_text())
+    from runtime.submodel import TestSplit
+
+    q = TestSplit(ShardStore(store_dir), head).uniform(3)
+    assert e["fidelity"] == pytest.approx(q.fidelity, abs=1e-6)
+    assert e["accuracy"] == pytest.approx(q.accuracy)
+    assert 0 < e["fidelity_stderr"] < 0.01 and 0 < e["accuracy_stderr"] < 0.02
