@@ -124,12 +124,28 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """[rows, ceil(cols b / 8)] uint8 -> codes int64 [rows, cols] (torch, for decoding)."""
-    rows = packed.shape[0]
-    shifts = torch.arange(8, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, :cols * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int64))
-    return (stream.view(rows, cols, bits).to(torch.int64) * weights).sum(-1)
+    """[rows, ceil(cols b / 8)] uint8 -> codes int64 [rows, cols] (torch, for decoding).
+    Whole codes fill lcm(b, 8) bits = G bytes (G = b / gcd(b, 8) <= 7, so a group fits
+    an int64): each group is assembled from its G bytes, then its 8 G / b codes are cut
+    out with one shift and mask each: G + 8 G / b vector operations a block, about as
+    many as the uniform scheme's lookup-table decode."""
+    rows, nbytes = packed.shape
+    G = bits // math.gcd(bits, 8)
+    per = 8 * G // bits
+    groups = -(-cols // per)
+    if groups * G != nbytes:
+        full = torch.zeros(rows, groups * G, dtype=torch.uint8)
+        full[:, :nbytes] = packed
+        packed = full
+    b = packed.view(rows, groups, G).to(torch.int64)
+    g = b[..., 0].clone()
+    for i in range(1, G):
+        g |= b[..., i] << (8 * i)
+    codes = torch.empty(rows, groups, per, dtype=torch.int64)
+    mask = (1 << bits) - 1
+    for k in range(per):
+        torch.bitwise_and(g >> (k * bits), mask, out=codes[..., k])
+    return codes.view(rows, groups * per)[:, :cols]
 
 
 def encode_block(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
@@ -146,7 +162,7 @@ def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
     if len(raw) != expected:
         raise ValueError(f"a {rows}x{cols} block at {bits} bits is {expected} bytes, got "
                          f"{len(raw)}")
-    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
     n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
     pos = rows * row_bytes
     codes = unpack_codes(buf[:pos].view(rows, row_bytes), bits, cols)
@@ -160,6 +176,40 @@ def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
     out = torch.gather(dicts, 1, codes)
     out.scatter_(1, out_cols, out_vals)
     return out
+
+
+def time_decode(bits_list: list[int], repeats: int = 300) -> int:
+    """The mean time of `repeats` decodes after 20 warm-up ones, one torch thread, of
+    decoding a random block of each MiniLM block shape: head in [96, 384], head out
+    [384, 32], FFN in [128, 384], FFN out [384, 128]."""
+    import time
+
+    from runtime import quant
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"{'block':>9} {'bits':>4} {'dictionary ms':>13} {'uniform ms':>10} {'ratio':>6}")
+    for rows, cols in ((96, 384), (384, 32), (128, 384), (384, 128)):
+        m = rng.normal(size=(rows, cols)).astype(np.float32)
+        for bits in bits_list:
+            raw = memoryview(bytearray(encode_block(m, bits, 0.0, 8)))
+            timings = [lambda: decode_block(raw, rows, cols, bits, 0.0, 8)]
+            if bits in quant.QUANT_BITS:
+                codes, scales = quant.quantize(m, bits)
+                packed, sc = torch.from_numpy(quant.pack(codes, bits)), torch.from_numpy(scales)
+                out = torch.empty(rows, cols)
+                timings.append(lambda: quant.dequantize_into(out, packed, sc, bits))
+            ms = []
+            for fn in timings:
+                for _ in range(20):
+                    fn()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                ms.append((time.perf_counter() - t0) / repeats * 1e3)
+            uniform = f"{ms[1]:>10.3f} {ms[0] / ms[1]:>6.2f}" if len(ms) > 1 else f"{'-':>10} {'-':>6}"
+            print(f"{rows:>4}x{cols:<4} {bits:>4} {ms[0]:>13.3f} {uniform}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -179,7 +229,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shares", default="0,0.005,0.02", help="outlier shares")
     ap.add_argument("--groups", default="1,8,10000", help="rows per dictionary (10000: a block)")
     ap.add_argument("--texts", type=int, default=300)
+    ap.add_argument("--time-decode", action="store_true",
+                    help="instead: time decoding one block of each MiniLM shape, this scheme "
+                         "(per 8 rows, no outliers) against the uniform one, side by side")
     a = ap.parse_args(argv)
+    if a.time_decode:
+        return time_decode([int(b) for b in a.bits.split(",")])
     store = ShardStore(a.store)
     c = store.config
     tensors = load_hf_tensors(model_dir())
