@@ -56,12 +56,19 @@ def model_dir() -> Path:
     return path
 
 
+FAMILIES = ("bert", "distilbert", "roberta")  # the checkpoints' model_type we run
+
+
 @dataclass(frozen=True)
 class Config(Architecture):
     """The model's architecture (shape arithmetic in elasticplan.archgen) plus what the
-    forward pass needs: the LayerNorm epsilon."""
+    forward pass needs: the LayerNorm epsilon, the family (its tensor names and
+    embeddings: DistilBERT has no token types, RoBERTa counts positions from pad_id + 1
+    over the non-padding tokens) and the padding token."""
 
     eps: float = 1e-12
+    family: str = "bert"
+    pad_id: int = 0
 
     @property
     def ffn_slices(self) -> int:
@@ -78,9 +85,12 @@ class Config(Architecture):
         return 3 * self.d_head if kind == "head" else self.ffn_slice
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
-                "ffn": self.ffn, "vocab": self.vocab, "max_positions": self.max_positions,
-                "type_vocab": self.type_vocab, "eps": self.eps}
+        out = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
+               "ffn": self.ffn, "vocab": self.vocab, "max_positions": self.max_positions,
+               "type_vocab": self.type_vocab, "eps": self.eps}
+        if self.family != "bert":  # a BERT store's index stays as it was
+            out.update(family=self.family, pad_id=self.pad_id)
+        return out
 
     @staticmethod
     def from_dict(d: dict) -> "Config":
@@ -88,11 +98,22 @@ class Config(Architecture):
 
     @staticmethod
     def from_hf(path: Path) -> "Config":
-        c = json.loads((path / "config.json").read_text())
+        file = path / "config.json"
+        c = json.loads(file.read_text())
+        family = c.get("model_type", "bert")
+        if family not in FAMILIES:
+            raise StoreError(f"{file}: model_type {family!r} is not supported (supported: "
+                             f"{', '.join(FAMILIES)})")
+        if family == "distilbert":
+            return Config(name=MODEL_NAME, layers=c["n_layers"], hidden=c["dim"],
+                          heads=c["n_heads"], ffn=c["hidden_dim"], vocab=c["vocab_size"],
+                          max_positions=c["max_position_embeddings"], type_vocab=0,
+                          eps=1e-12, family=family, pad_id=c.get("pad_token_id", 0))
         return Config(name=MODEL_NAME, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
                       heads=c["num_attention_heads"], ffn=c["intermediate_size"],
                       vocab=c["vocab_size"], max_positions=c["max_position_embeddings"],
-                      type_vocab=c["type_vocab_size"], eps=c["layer_norm_eps"])
+                      type_vocab=c["type_vocab_size"], eps=c["layer_norm_eps"], family=family,
+                      pad_id=c.get("pad_token_id", 1 if family == "roberta" else 0))
 
 
 def parse_shard_name(name: str) -> tuple[str, int]:
@@ -109,27 +130,44 @@ def load_hf_tensors(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path / "model.safetensors"))
 
 
-def _p(layer: int, rest: str) -> str:
-    return f"encoder.layer.{layer}.{rest}"
+# The checkpoint's tensor names per family (Hugging Face layout): {layer} is the layer.
+_LAYER_NAMES = {
+    "bert": {"q": "attention.self.query", "k": "attention.self.key",
+             "v": "attention.self.value", "o": "attention.output.dense",
+             "ln1": "attention.output.LayerNorm", "ffn_in": "intermediate.dense",
+             "ffn_out": "output.dense", "ln2": "output.LayerNorm",
+             "prefix": "encoder.layer.{layer}."},
+    "distilbert": {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+                   "o": "attention.out_lin", "ln1": "sa_layer_norm", "ffn_in": "ffn.lin1",
+                   "ffn_out": "ffn.lin2", "ln2": "output_layer_norm",
+                   "prefix": "transformer.layer.{layer}."},
+}
+_LAYER_NAMES["roberta"] = _LAYER_NAMES["bert"]
+
+
+def hf_name(c: Config, layer: int, part: str, what: str) -> str:
+    """A layer tensor's name in the checkpoint: part (q, k, v, o, ln1, ffn_in, ffn_out,
+    ln2), what (weight or bias)."""
+    names = _LAYER_NAMES[c.family]
+    return names["prefix"].format(layer=layer) + f"{names[part]}.{what}"
 
 
 def shard_from_hf(t: dict[str, np.ndarray], c: Config, layer: int, name: str
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Cut one shard (matrix, bias), fp32, out of the original tensors."""
     kind, i = parse_shard_name(name)
+
+    def get(part, what="weight"):
+        return t[hf_name(c, layer, part, what)]
+
     if kind == "head":
         r = slice(i * c.d_head, (i + 1) * c.d_head)
-        a = _p(layer, "attention.self.")
-        matrix = np.concatenate([t[a + "query.weight"][r], t[a + "key.weight"][r],
-                                 t[a + "value.weight"][r],
-                                 t[_p(layer, "attention.output.dense.weight")][:, r].T])
-        bias = np.concatenate([t[a + "query.bias"][r], t[a + "key.bias"][r],
-                               t[a + "value.bias"][r]])
+        matrix = np.concatenate([get("q")[r], get("k")[r], get("v")[r], get("o")[:, r].T])
+        bias = np.concatenate([get("q", "bias")[r], get("k", "bias")[r], get("v", "bias")[r]])
     else:
         r = slice(i * c.ffn_slice, (i + 1) * c.ffn_slice)
-        matrix = np.concatenate([t[_p(layer, "intermediate.dense.weight")][r],
-                                 t[_p(layer, "output.dense.weight")][:, r].T])
-        bias = t[_p(layer, "intermediate.dense.bias")][r]
+        matrix = np.concatenate([get("ffn_in")[r], get("ffn_out")[:, r].T])
+        bias = get("ffn_in", "bias")[r]
     return np.ascontiguousarray(matrix, dtype=np.float32), np.ascontiguousarray(bias, np.float32)
 
 
@@ -137,15 +175,16 @@ def shard_from_hf(t: dict[str, np.ndarray], c: Config, layer: int, name: str
 def resident_names(c: Config) -> dict[str, str]:
     names = {"word": "embeddings.word_embeddings.weight",
              "position": "embeddings.position_embeddings.weight",
-             "token_type": "embeddings.token_type_embeddings.weight",
              "emb_ln_w": "embeddings.LayerNorm.weight", "emb_ln_b": "embeddings.LayerNorm.bias"}
+    if c.type_vocab:
+        names["token_type"] = "embeddings.token_type_embeddings.weight"
     for l in range(c.layers):
-        names.update({f"l{l}.out_bias": _p(l, "attention.output.dense.bias"),
-                      f"l{l}.ln1_w": _p(l, "attention.output.LayerNorm.weight"),
-                      f"l{l}.ln1_b": _p(l, "attention.output.LayerNorm.bias"),
-                      f"l{l}.ffn_out_bias": _p(l, "output.dense.bias"),
-                      f"l{l}.ln2_w": _p(l, "output.LayerNorm.weight"),
-                      f"l{l}.ln2_b": _p(l, "output.LayerNorm.bias")})
+        names.update({f"l{l}.out_bias": hf_name(c, l, "o", "bias"),
+                      f"l{l}.ln1_w": hf_name(c, l, "ln1", "weight"),
+                      f"l{l}.ln1_b": hf_name(c, l, "ln1", "bias"),
+                      f"l{l}.ffn_out_bias": hf_name(c, l, "ffn_out", "bias"),
+                      f"l{l}.ln2_w": hf_name(c, l, "ln2", "weight"),
+                      f"l{l}.ln2_b": hf_name(c, l, "ln2", "bias")})
     return names
 
 
@@ -252,14 +291,27 @@ class Encoder:
         self.config = c
         self.r = resident
 
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position ids [B, n] or [n]: 0..n-1, or for RoBERTa pad_id + 1 onwards over the
+        tokens that are not padding (padding keeps pad_id), as its checkpoints expect."""
+        n = ids.shape[-1]
+        if self.config.family != "roberta":
+            return torch.arange(n)
+        real = (ids != self.config.pad_id).long()
+        return torch.cumsum(real, dim=-1) * real + self.config.pad_id
+
     def embed(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of `ids` [B, n]; `rows` [B, n, hidden], when given, are the word
         embeddings of those ids already read (the table is not resident)."""
         n = ids.shape[1]
-        if n > self.config.max_positions:
-            raise ValueError(f"sequence of {n} tokens exceeds {self.config.max_positions}")
+        first = self.config.pad_id + 1 if self.config.family == "roberta" else 0
+        if first + n > self.config.max_positions:
+            raise ValueError(f"sequence of {n} tokens exceeds {self.config.max_positions} "
+                             f"positions" + (f" (from {first})" if first else ""))
         words = self.r["word"][ids] if rows is None else rows
-        x = words + self.r["position"][:n] + self.r["token_type"][0]
+        x = words + self.r["position"][self.positions(ids)]
+        if "token_type" in self.r:
+            x = x + self.r["token_type"][0]
         return F.layer_norm(x, (self.config.hidden,), self.r["emb_ln_w"], self.r["emb_ln_b"],
                             self.config.eps)
 
@@ -294,7 +346,9 @@ class Encoder:
         B, n = ids.shape
         x = ws.x.view(B, n, -1)
         x.copy_(self.r["word"][ids] if rows is None else rows)
-        x.add_(self.r["position"][:n]).add_(self.r["token_type"][0])
+        x.add_(self.r["position"][self.positions(ids)])
+        if "token_type" in self.r:
+            x.add_(self.r["token_type"][0])
         _layer_norm_(ws.x, self.r["emb_ln_w"], self.r["emb_ln_b"], self.config.eps)
         ws.mask_bias.zero_().masked_fill_(~mask, float("-inf"))
 

@@ -43,6 +43,7 @@ from elasticplan.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.outputs import remove_debris, write_bytes
 from runtime import quant
 from runtime.model import (
+    FAMILIES,
     MODEL_NAME,
     Config,
     Encoder,
@@ -165,10 +166,18 @@ def _read_index(path: Path):
     f.string("model")
     f.boolean("complete")
     cf = f.mapping("config", "the model's shape")
+    family = cf.string("family", required=False) or "bert"
+    if family not in FAMILIES:
+        raise cf.err("family", f"must be one of {', '.join(FAMILIES)}, got {show(family)}")
     config = Config.from_dict({k: cf.integer(k, minimum=1, maximum=1 << 20)
                                for k in ("layers", "hidden", "heads", "ffn", "vocab",
-                                         "max_positions", "type_vocab")}
-                              | {"eps": cf.number("eps", positive=True, maximum=1.0)})
+                                         "max_positions")}
+                              | {"type_vocab": cf.integer("type_vocab", minimum=0,
+                                                          maximum=1 << 20),
+                                 "eps": cf.number("eps", positive=True, maximum=1.0),
+                                 "family": family,
+                                 "pad_id": cf.integer("pad_id", minimum=0, maximum=1 << 30,
+                                                      required=False) or 0})
     cf.done()
     bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
