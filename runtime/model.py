@@ -173,11 +173,13 @@ def shard_from_hf(t: dict[str, np.ndarray], c: Config, layer: int, name: str
 
 # Resident tensors: name in the store -> name in the HF checkpoint.
 def resident_names(c: Config) -> dict[str, str]:
+    # (in this order: resident.bin is written in it, and a BERT store's must not change)
     names = {"word": "embeddings.word_embeddings.weight",
-             "position": "embeddings.position_embeddings.weight",
-             "emb_ln_w": "embeddings.LayerNorm.weight", "emb_ln_b": "embeddings.LayerNorm.bias"}
+             "position": "embeddings.position_embeddings.weight"}
     if c.type_vocab:
         names["token_type"] = "embeddings.token_type_embeddings.weight"
+    names.update({"emb_ln_w": "embeddings.LayerNorm.weight",
+                  "emb_ln_b": "embeddings.LayerNorm.bias"})
     for l in range(c.layers):
         names.update({f"l{l}.out_bias": hf_name(c, l, "o", "bias"),
                       f"l{l}.ln1_w": hf_name(c, l, "ln1", "weight"),

@@ -414,7 +414,7 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
     # tokenizer
     tok_sha = sha256_file(src / "tokenizer.json")
     index["tokenizer"] = {"file": "tokenizer.json", "sha256": tok_sha}
-    if not keep("tokenizer.json", old.get("tokenizer")):
+    if not keep("tokenizer.json", index["tokenizer"]):
         _write_durable(out / "tokenizer.json", [(src / "tokenizer.json").read_bytes()])
         written.append("tokenizer.json")
     # resident tensors
@@ -427,7 +427,7 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
     res_entry["bytes"] = offset
     res_entry["sha256"] = hashlib.sha256(b"".join(chunks)).hexdigest()
     index["resident"] = res_entry
-    if not keep("resident.bin", old.get("resident")):
+    if not keep("resident.bin", res_entry):  # the file must be what the index now says
         _write_durable(out / "resident.bin", chunks)
         written.append("resident.bin")
     save_index()

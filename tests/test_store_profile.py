@@ -90,6 +90,30 @@ def test_build_is_idempotent_and_repairs_and_resumes(store_dir, tmp_path):
     assert ShardStore(copy).verify() == []
 
 
+def test_a_rebuild_keeps_a_file_only_if_it_is_what_the_new_index_says(store_dir, tmp_path,
+                                                                        monkeypatch):
+    """Found when the resident tensors' order changed in a development step: the rebuild
+    kept the old resident.bin (its checksum matched the old index) but wrote the new
+    index's offsets and checksum beside it, and the next load failed its checksum. A
+    rebuild now keeps a file only when it matches the entry the new index records."""
+    import runtime.store as store_module
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    real = store_module.resident_names
+
+    def reordered(c):
+        names = real(c)
+        return {k: names[k] for k in reversed(list(names))}
+
+    monkeypatch.setattr(store_module, "resident_names", reordered)
+    report = build_store(copy)
+    assert "resident.bin" in report.written
+    store = ShardStore(copy)
+    assert store.verify() == []
+    assert set(store.resident()) == set(real(store.config))
+
+
 def test_store_errors_name_the_file(tmp_path):
     with pytest.raises(StoreError, match="no shard store here"):
         ShardStore(tmp_path)
