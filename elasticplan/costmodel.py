@@ -133,7 +133,7 @@ def at_quantile(scenario: Scenario) -> Scenario:
         shard_overhead_ms=d.shard_overhead_ms * comp,
         dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
         dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
-        embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp)
+        embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp, wake_ms=d.wake_ms * comp)
     return scenario.with_overrides(device=slow, latency_quantile=0.5)
 
 

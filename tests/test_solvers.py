@@ -355,6 +355,11 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
     z = statistics.NormalDist().inv_cdf(0.95)
     assert stage_factors(device, 0.95) == pytest.approx((math.exp(0.02 * z), math.exp(0.05 * z)))
     assert at_quantile(median_q) is median_q
+    # every compute term is stretched, the wake-up after reads included
+    woken = sc.with_overrides(device=dataclasses.replace(device, wake_ms=0.08, embed_ms=0.4))
+    stretched = at_quantile(woken).device
+    assert (stretched.wake_ms, stretched.embed_ms) == pytest.approx(
+        (0.08 * math.exp(0.05 * z), 0.4 * math.exp(0.05 * z)))
     plan = solve(sc, "highs", time_limit_s=20)
     median = solve(median_q, "highs", time_limit_s=20)
     assert plan.quantile_latency_ms == pytest.approx(
