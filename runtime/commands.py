@@ -159,7 +159,7 @@ def cmd_calibrate(a) -> int:
 def cmd_evaluate(a) -> int:
     """Rebuild the plan's submodel from the store (its shards at their bitwidths) and run
     it on every test text (runtime/submodel.py)."""
-    from runtime.executor import check_model
+    from runtime.executor import check_model, planned_variants
     from runtime.store import ShardStore
     from runtime.submodel import TestSplit
 
@@ -170,9 +170,7 @@ def cmd_evaluate(a) -> int:
     verify_plan(scenario, plan)  # a stale or tampered plan stops here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
-    for lp in plan.layers:  # every planned variant must be in this store
-        for ch in lp.shards:
-            store.variant(lp.index, ch.name, ch.bits)
+    planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
     ev = TestSplit(store, a.head).evaluate(plan)
     print(f"{a.plan} ({plan.solver}): {plan.n_shards} shards; on {ev.texts} test texts: "
           f"fidelity {ev.fidelity:.4f} +- {ev.fidelity_stderr:.4f} (mean cosine to fp32), "

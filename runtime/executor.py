@@ -44,7 +44,7 @@ from elasticplan import archgen
 from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plan import Plan
-from elasticplan.spec import Scenario
+from elasticplan.spec import ModelProfile, Scenario
 from runtime import quant
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
 from runtime.model import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
@@ -155,6 +155,29 @@ def check_model(plan: Plan, store: ShardStore) -> None:
                          f"model has {store.config.layers}")
 
 
+def planned_variants(plan: Plan, profile: ModelProfile, store: ShardStore
+                     ) -> list[list[tuple[Variant, bool]]]:
+    """Per layer, each planned shard's variant in the store and whether it is preloaded;
+    StoreError if one is missing or not the size the profile claims (profile and store
+    do not match)."""
+    out = []
+    for lp in plan.layers:
+        layer = profile.layers[lp.index]
+        row = []
+        for ch in lp.shards:
+            v = store.variant(lp.index, ch.name, ch.bits)
+            si, bi = layer.shard_index(ch.name), profile.bit_index(ch.bits)
+            claimed = layer.shards[si].bytes[bi]
+            if v.nbytes != claimed:
+                raise StoreError(f"{store.path}: shard {ch.name} of layer {lp.index} at "
+                                 f"{ch.bits} bits is {v.nbytes} B in the store, but the "
+                                 f"profile {profile.name!r} says {claimed} B: profile and "
+                                 f"store do not match")
+            row.append((v, ch.preloaded))
+        out.append(row)
+    return out
+
+
 class Executor:
     def __init__(self, plan: Plan, scenario: Scenario, store: ShardStore, *,
                  emulate: bool = True):
@@ -167,22 +190,8 @@ class Executor:
         self.execution = plan.execution
         self.layout = plan.layout
         self.stream_embeddings = self.layout.stream_embeddings
-        # Every planned variant: present, the size the profile claims, its checksum.
-        variants = []
-        for lp in plan.layers:
-            layer = profile.layers[lp.index]
-            row = []
-            for ch in lp.shards:
-                v = store.variant(lp.index, ch.name, ch.bits)
-                si, bi = layer.shard_index(ch.name), profile.bit_index(ch.bits)
-                claimed = layer.shards[si].bytes[bi]
-                if v.nbytes != claimed:
-                    raise StoreError(f"{store.path}: shard {ch.name} of layer {lp.index} at "
-                                     f"{ch.bits} bits is {v.nbytes} B in the store, but the "
-                                     f"profile {profile.name!r} says {claimed} B: profile and "
-                                     f"store do not match")
-                row.append((v, ch.preloaded))
-            variants.append(row)
+        # Every planned variant: present, the size the profile claims (its checksum below).
+        variants = planned_variants(plan, profile, store)
         predicted = simulate(scenario, plan.selection(scenario), plan.execution,
                              self.layout).memory
         if self.stream_embeddings and profile.embedding_row_bytes != 4 * c.hidden:
