@@ -56,8 +56,9 @@ def baseline_plan(scenario: Scenario, strategy: str) -> Plan:
     execution = SEQUENTIAL if strategy == LOAD_THEN_EXECUTE else PIPELINED
     layout = Layout(window=1 if strategy == LAYERWISE else None)
     schedule = simulate(scenario, selection, execution, layout)
-    planned = schedule if at_quantile(scenario) is scenario else \
-        simulate(at_quantile(scenario), selection, execution, layout)  # its quantile's latency
+    quantile = at_quantile(scenario)
+    planned = schedule if quantile is scenario else \
+        simulate(quantile, selection, execution, layout)  # its latency at the quantile
     try:
         own = scenario.with_overrides(target_latency_ms=planned.latency_ms,
                                       preload_budget_mb=schedule.preload_bytes / 1e6,

@@ -255,7 +255,8 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
         preload_budget_mb=budget, min_shards_per_layer=1 if min_shards is None else min_shards,
         objective=Objective(objective_raw), importance_floor=floor, source=file,
         memory_budget_mb=memory, prefetch_window=window,
-        latency_quantile=0.5 if quantile is None else quantile, content_hash=digest, files=tuple(p for p in (file, device_file, model_file) if p))
+        latency_quantile=0.5 if quantile is None else quantile, content_hash=digest,
+        files=tuple(p for p in (file, device_file, model_file) if p))
 
 
 def _load_part(f: Fields, key: str, base: Path, parse):

@@ -28,7 +28,7 @@ MIN_DEQUANT_GB_S = 1e-6
 MAX_DEQUANT_GB_S = 1e4
 MAX_NS_PER_WEIGHT = 1e6  # a millisecond per weight
 MAX_QUANTILE = 0.999
-MAX_SPREAD = 1.0  # a stage's relative spread (log-space standard deviation)
+MAX_SPREAD = 1.0  # a stage's relative spread (rms of log measured / predicted)
 MAX_MEMORY_MB = 1e9  # 1 PB
 MAX_SEQ_LEN = 1 << 20
 MAX_LAYERS = 10_000
@@ -58,8 +58,8 @@ class Device:
     + for a quantised shard its stored bytes / dequant_gb_s and its weights x
     dequant_ns_per_weight[bits]); per query, embed_ms before the first layer computes and
     pool_ms after the last; and a layer whose compute waits for its reads starts wake_ms
-    after they end (the compute thread's wake-up). The terms a device file leaves out are 0 (None: no per-byte
-    dequantisation term)."""
+    after they end (the compute thread's wake-up). The terms a device file leaves out are 0
+    (None: no per-byte dequantisation term)."""
 
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
@@ -85,8 +85,9 @@ class Device:
 
 @dataclass(frozen=True)
 class Spread:
-    """Relative run-to-run spread of each stage (standard deviation of measured / predicted
-    over the calibration runs, in log space), and how many runs it was measured on."""
+    """Relative spread of each stage: the root mean square of log(measured / predicted) over
+    the calibration runs, each predicted out of sample (model error and run-to-run noise
+    together), and how many runs it was measured on."""
 
     io: float
     compute: float

@@ -139,7 +139,8 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
         stderr["gflops"] = stderr.pop("ms_per_flop") / x[2] * gflops
     else:
         gflops = MAX_GFLOPS
-        stderr["gflops"] = stderr.pop("ms_per_flop") * 0.0
+        del stderr["ms_per_flop"]
+        stderr["gflops"] = 0.0
         notes.append("no time per flop beyond the per-shard and per-weight terms: gflops set "
                      "to its maximum (no per-flop charge)")
     for i, b in enumerate(bits):
@@ -305,20 +306,23 @@ def device_of(fit: Fit, base: Device) -> Device:
         wake_ms=round(fit.wake_ms, 5))
 
 
+def _stage_totals(run) -> dict[str, float]:
+    """A schedule's or a measured run's stages: the layers' read intervals summed, their
+    compute intervals summed, and the latency."""
+    return {"io": sum(t.io_end_ms - t.io_start_ms for t in run.layers),
+            "compute": sum(t.compute_end_ms - t.compute_start_ms for t in run.layers),
+            "total": run.latency_ms}
+
+
 def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
     """Every run against its prediction on the device given beside it (device, plan, runs),
     per stage: the spread (root mean square of log(measured / predicted)) of IO and
     compute, and each stage's median and p95 |error| in % (total included)."""
     logs: dict[str, list[float]] = {k: [] for k in STAGES}
     for device, sel, runs in held_out:
-        s = simulate(scenario.with_overrides(device=device), sel)
-        predicted = {"io": sum(t.io_end_ms - t.io_start_ms for t in s.layers),
-                     "compute": sum(t.compute_end_ms - t.compute_start_ms for t in s.layers),
-                     "total": s.latency_ms}
+        predicted = _stage_totals(simulate(scenario.with_overrides(device=device), sel))
         for r in runs:
-            measured = {"io": sum(t.io_end_ms - t.io_start_ms for t in r.layers),
-                        "compute": sum(t.compute_end_ms - t.compute_start_ms for t in r.layers),
-                        "total": r.latency_ms}
+            measured = _stage_totals(r)
             for k in STAGES:
                 if predicted[k] > 0 and measured[k] > 0:
                     logs[k].append(math.log(measured[k] / predicted[k]))

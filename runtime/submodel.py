@@ -14,6 +14,7 @@ the same bitwidths (preloaded or not) are one evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ class Evaluation:
     fp32_accuracy: float  # the full model's, on the same texts
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 def plan_changes(plan: Plan, shard_names: list[str]) -> list[dict[str, int]]:
