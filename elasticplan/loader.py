@@ -169,12 +169,27 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
                          required=False) or 0
     synthetic = f.boolean("synthetic", default=False)
     memory = _memory_terms(f.mapping("memory", "the model's fixed memory terms", required=False))
+    links = _runtime_links(f.mapping("runtime", "where the runtime finds the shard store "
+                                                "and task head", required=False))
     f.free_form("description", str)
     f.free_form("architecture", dict)
     f.free_form("importance_metric", str)
     f.done()
     return ModelProfile(name=name, seq_len=seq_len, bitwidths=bitwidths, layers=tuple(layers),
-                        resident_bytes=resident, synthetic=synthetic, **memory)
+                        resident_bytes=resident, synthetic=synthetic, **memory, **links)
+
+
+def _runtime_links(r: Fields | None) -> dict:
+    """`runtime: {store, task_head}`: paths relative to the profile's file."""
+    if r is None:
+        return {}
+    base = Path(r.file).parent if r.file else Path(".")
+    out = {"store_path": str(base / r.string("store"))}
+    head = r.string("task_head", required=False)
+    if head is not None:
+        out["task_head_path"] = str(base / head)
+    r.done()
+    return out
 
 
 def _memory_terms(m: Fields | None) -> dict:

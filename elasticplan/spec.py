@@ -128,6 +128,10 @@ class ModelProfile:
     embedding_row_bytes: int = 0  # stored bytes of one row of it
     activation_bytes: int = 0  # the encoder's activations at seq_len, batch 1
     scratch_bytes: int = 0  # compute scratch: one shard at full precision
+    # Where the runtime finds the model (a measured profile of a user's checkpoint says;
+    # absolute paths, or None: the packaged MiniLM's defaults). Not part of the program.
+    store_path: str | None = None
+    task_head_path: str | None = None
 
     @property
     def embedding_table_bytes(self) -> int:

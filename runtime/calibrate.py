@@ -456,8 +456,14 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
                 "target_latency_ms": target_ms, "preload_budget_mb": base.preload_budget_mb,
                 "min_shards_per_layer": base.min_shards_per_layer,
                 "objective": base.objective.value}
-    if base.importance_floor is not None:
-        scenario["importance_floor"] = base.importance_floor
+    # the rest of the base question, as it was posed
+    for key, value in (("importance_floor", base.importance_floor),
+                       ("memory_budget_mb", base.memory_budget_mb),
+                       ("prefetch_window", base.prefetch_window),
+                       ("latency_quantile", base.latency_quantile
+                        if base.latency_quantile != 0.5 else None)):
+        if value is not None:
+            scenario[key] = value
     write_checked_yaml(scenario_path, scenario, f"Written by `elasticplan calibrate`, {when}: "
                        f"{base.source} on device.yaml.", lambda d, f: None)
     load_scenario(scenario_path)  # it must load (paths resolve, fields valid)

@@ -1,12 +1,16 @@
 """The runtime's commands, registered with the `elasticplan` CLI through the entry-point
-group `elasticplan.commands` (pyproject.toml): shard, profile, calibrate, run. The MiniLM
-defaults live here, beside the code that uses them. Heavy imports (torch) happen inside
-the handlers, so that the planner's commands start without them.
+group `elasticplan.commands` (pyproject.toml): shard, profile, scenario, calibrate,
+evaluate, run. The MiniLM defaults live here, beside the code that uses them; a profile of
+a user's checkpoint names its store and task head (`runtime:`), and the commands that take
+a plan or scenario default to those. Heavy imports (torch) happen inside the handlers, so
+that the planner's commands start without them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,12 +18,26 @@ from pathlib import Path
 import numpy as np
 
 from elasticplan.baselines import baseline_questions
-from elasticplan.cli import MAX_THREADS, positive, real, target_ms, whole
+from elasticplan.cli import (
+    MAX_THREADS,
+    buffer_mb,
+    memory_mb,
+    positive,
+    quantile_arg,
+    real,
+    target_ms,
+    whole,
+)
 from elasticplan.errors import InvalidArgument, ToleranceError
 from elasticplan.loader import load_scenario
 from elasticplan.outputs import refuse_inputs, write_text
 from elasticplan.plan import Plan
-from elasticplan.spec import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
+from elasticplan.spec import (
+    MAX_BANDWIDTH_MB_S,
+    MAX_LATENCY_US,
+    MIN_BANDWIDTH_MB_S,
+    ModelProfile,
+)
 from elasticplan.verify import scenario_for, verify_plan
 
 DEFAULT_STORE = "build/shards/minilm-l6"
@@ -29,29 +47,86 @@ DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
 DEFAULT_CALIBRATED = "build/calibrated"
 DEFAULT_RUN_THREADS = 1
 DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
+DEFAULT_SCENARIO_BUFFER_MB = 2.0
+
+
+def _is_default_store(store: str) -> bool:
+    return Path(store).resolve() == Path(DEFAULT_STORE).resolve()
+
+
+def store_for(given: str | None, model: ModelProfile) -> str:
+    """--store, else the store the profile names, else MiniLM's."""
+    return given or model.store_path or DEFAULT_STORE
+
+
+def head_for(given: str | None, model: ModelProfile) -> str | None:
+    """--head, else the profile's task head; a profile of a user's checkpoint without one
+    has none (fidelity only); MiniLM's is the tweet head."""
+    if given:
+        return given
+    if model.store_path is not None:
+        return model.task_head_path
+    return DEFAULT_HEAD
 
 
 def register(sub) -> None:
-    """Add shard, profile, calibrate and run to the `elasticplan` sub-command parsers."""
-    h = sub.add_parser("shard", help="build the MiniLM shard store (idempotent, resumable)")
+    """Add shard, profile, scenario, calibrate, evaluate and run to the `elasticplan`
+    sub-command parsers."""
+    h = sub.add_parser("shard", help="build a shard store from a checkpoint (default: the "
+                                     "packaged MiniLM); idempotent, resumable")
     h.set_defaults(handler=cmd_shard)
-    h.add_argument("--out", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    h.add_argument("--checkpoint", metavar="DIR",
+                   help="a Hugging Face checkpoint directory (config.json, model.safetensors, "
+                        "tokenizer.json; modules.json for the pooling); default: MiniLM")
+    h.add_argument("--out", help=f"store directory (default {DEFAULT_STORE}, or "
+                                 f"build/shards/NAME for a checkpoint)")
+    h.add_argument("--name", help="the model's name (default: the checkpoint directory's)")
+    h.add_argument("--pooling", choices=("mean", "cls"),
+                   help="sentence embedding (default: what modules.json declares, else mean)")
+    h.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise the embedding (default: as modules.json declares, "
+                        "else not)")
     h.add_argument("--force", action="store_true", help="rewrite every file")
 
     p = sub.add_parser("profile", help="measure shard importance on the real model and write "
                                        "the model profile (minutes; resumable)")
     p.set_defaults(handler=cmd_profile)
     p.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    p.add_argument("--out", default=DEFAULT_PROFILE, help=f"profile YAML (default {DEFAULT_PROFILE})")
-    p.add_argument("--cache", default=DEFAULT_CACHE, help=f"measurement cache (default {DEFAULT_CACHE})")
-    p.add_argument("--head", default=DEFAULT_HEAD, help=f"task head JSON (default {DEFAULT_HEAD})")
+    p.add_argument("--task", metavar="CSV",
+                   help="a labelled CSV: train a task head on it and profile on its texts "
+                        "(without one, another store than MiniLM's is profiled for "
+                        "fidelity only, on the tweets)")
+    p.add_argument("--text-column", default="text", metavar="C", help="default text")
+    p.add_argument("--label-column", default="label", metavar="C", help="default label")
+    p.add_argument("--out", help=f"profile YAML (default {DEFAULT_PROFILE} for MiniLM, "
+                                 f"else STORE/profile.yaml)")
+    p.add_argument("--cache", help=f"measurement cache (default {DEFAULT_CACHE} for MiniLM, "
+                                   f"else build/profile/NAME)")
+    p.add_argument("--head", help=f"task head JSON (default {DEFAULT_HEAD} for MiniLM, else "
+                                  f"beside the profile, with --task)")
     p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
                    help="what importance measures (default fidelity: cosine to fp32)")
+
+    q = sub.add_parser("scenario", help="pose a question on a store's measured profile: a "
+                                        "device, a target and a memory budget")
+    q.set_defaults(handler=cmd_scenario)
+    q.add_argument("--store", required=True)
+    q.add_argument("--device", required=True, metavar="DEVICE.yaml")
+    q.add_argument("--target-ms", type=target_ms, required=True)
+    q.add_argument("--memory-mb", type=memory_mb, help="the whole process's memory budget")
+    q.add_argument("--buffer-mb", type=buffer_mb, default=DEFAULT_SCENARIO_BUFFER_MB,
+                   help=f"preload buffer (default {DEFAULT_SCENARIO_BUFFER_MB:g})")
+    q.add_argument("--latency-quantile", type=quantile_arg, metavar="Q",
+                   help="plan for this quantile of the latency (needs the device's spread)")
+    q.add_argument("--profile", help="the store's profile (default STORE/profile.yaml; "
+                                     f"{DEFAULT_PROFILE} for MiniLM's store)")
+    q.add_argument("-o", "--output", required=True, help="the scenario YAML to write")
 
     c = sub.add_parser("calibrate", help="measure this machine's compute in the pipelined "
                                          "runtime; write a device spec and a scenario on it")
     c.set_defaults(handler=cmd_calibrate)
-    c.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
+    c.add_argument("--store", help=f"default: the store the model profile names, else "
+                                    f"{DEFAULT_STORE}")
     c.add_argument("--scenario", default=DEFAULT_BASE_SCENARIO,
                    help=f"whose model and question to pose on this machine "
                         f"(default {DEFAULT_BASE_SCENARIO})")
@@ -75,16 +150,20 @@ def register(sub) -> None:
                                         "fidelity and accuracy with their sampling errors")
     e.set_defaults(handler=cmd_evaluate)
     e.add_argument("plan")
-    e.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    e.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
+    e.add_argument("--store", help=f"default: the store the model profile names, else "
+                                    f"{DEFAULT_STORE}")
+    e.add_argument("--head", help=f"task head (default: the profile's, else "
+                                   f"{DEFAULT_HEAD} for MiniLM)")
     e.add_argument("--json", metavar="FILE", help="write the evaluation as JSON")
 
     r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
     r.set_defaults(handler=cmd_run)
     r.add_argument("plan")
     r.add_argument("--scenario", help="scenario file (default: the path the plan records)")
-    r.add_argument("--store", default=DEFAULT_STORE, help=f"default {DEFAULT_STORE}")
-    r.add_argument("--head", default=DEFAULT_HEAD, help=f"task head (default {DEFAULT_HEAD})")
+    r.add_argument("--store", help=f"default: the store the model profile names, else "
+                                    f"{DEFAULT_STORE}")
+    r.add_argument("--head", help=f"task head (default: the profile's, else "
+                                   f"{DEFAULT_HEAD} for MiniLM)")
     r.add_argument("--repeat", type=whole(1, 1000), default=5, metavar="N",
                    help="measured runs, after one discarded warm-up (default 5)")
     r.add_argument("--tolerance", type=positive, default=0.10, metavar="F",
@@ -104,10 +183,26 @@ def register(sub) -> None:
 
 
 def cmd_shard(a) -> int:
+    from runtime.checkpoint import open_checkpoint, packaged
     from runtime.store import build_store
 
     t0 = time.monotonic()
-    report = build_store(a.out, force=a.force, log=lambda s: print(s, file=sys.stderr))
+    if a.checkpoint is None:
+        if a.name or a.pooling or a.normalize is not None:
+            raise InvalidArgument("--name, --pooling and --normalize apply to --checkpoint")
+        ckpt, out = packaged(), a.out or DEFAULT_STORE
+    else:  # every check before anything is written
+        ckpt = open_checkpoint(a.checkpoint, name=a.name, pooling=a.pooling,
+                               normalize=a.normalize)
+        out = a.out or f"build/shards/{ckpt.config.name}"
+        refuse_inputs(Path(out) / "index.json", (str(Path(a.checkpoint) / "config.json"),))
+        if Path(out).resolve() == Path(a.checkpoint).resolve():
+            raise InvalidArgument(f"--out {out}: the store must not be the checkpoint directory")
+    c, pool = ckpt.config, ckpt.pooling
+    print(f"{ckpt.path}: {c.name}, {c.family}, {c.layers} layers x {c.heads} heads, hidden "
+          f"{c.hidden}, FFN {c.ffn}; {pool.mode} pooling"
+          f"{', normalised' if pool.normalize else ''} ({pool.source})", file=sys.stderr)
+    report = build_store(out, ckpt, force=a.force, log=lambda s: print(s, file=sys.stderr))
     print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
           f"(checksums match), {report.total_bytes / 1e6:.1f} MB in all, "
           f"{time.monotonic() - t0:.1f} s")
@@ -116,10 +211,70 @@ def cmd_shard(a) -> int:
 
 def cmd_profile(a) -> int:
     from runtime.profile import measurements_path, profile_model
+    from runtime.store import ShardStore
+    from runtime.task import csv_task
 
-    for out in (Path(a.out), measurements_path(Path(a.out))):  # before minutes of measuring
-        refuse_inputs(out, (a.store, a.head))
-    profile_model(a.store, a.out, cache_dir=a.cache, head_path=a.head, metric=a.metric)
+    store = ShardStore(a.store)  # a missing or unfinished store stops here
+    minilm = _is_default_store(a.store) and a.task is None
+    task = csv_task(a.task, a.text_column, a.label_column) if a.task else None
+    if minilm:
+        out, cache, head = a.out or DEFAULT_PROFILE, a.cache or DEFAULT_CACHE, \
+            a.head or DEFAULT_HEAD
+    else:
+        out = a.out or str(Path(a.store) / "profile.yaml")
+        cache = a.cache or f"build/profile/{store.model}"
+        head = a.head or (str(Path(out).with_name(Path(out).name.removesuffix(".yaml") +
+                                                  ".taskhead.json")) if task else None)
+        if head and not task and not Path(head).is_file():
+            raise InvalidArgument(f"--head {head}: no such task head (give --task CSV to "
+                                  f"train one)")
+    for path in (Path(out), measurements_path(Path(out))):  # before minutes of measuring
+        refuse_inputs(path, (*store.files(), *([head] if head else []),
+                             *([a.task] if a.task else [])))
+    profile_model(a.store, out, cache_dir=cache, head_path=head, task=task, metric=a.metric,
+                  link=not minilm)
+    return 0
+
+
+def cmd_scenario(a) -> int:
+    """A scenario on a store's measured profile: paths relative to the written file."""
+    from elasticplan.loader import parse_device, parse_model, read_yaml, write_checked_yaml
+    from runtime.store import ShardStore
+
+    store = ShardStore(a.store)
+    profile = a.profile or (DEFAULT_PROFILE if _is_default_store(a.store)
+                            else str(Path(a.store) / "profile.yaml"))
+    if not Path(profile).is_file():
+        raise InvalidArgument(f"{profile}: no profile of this store; run `elasticplan profile "
+                              f"--store {a.store}` (or give --profile)")
+    model = parse_model(read_yaml(profile), profile)
+    if model.name != store.model:
+        raise InvalidArgument(f"{profile}: a profile of {model.name!r}, the store "
+                              f"{a.store} holds {store.model!r}")
+    device = parse_device(read_yaml(a.device), a.device)
+    if a.latency_quantile and a.latency_quantile > 0.5 and device.spread is None:
+        raise InvalidArgument(f"{a.device}: --latency-quantile {a.latency_quantile:g} needs the "
+                              f"device's spread (`elasticplan calibrate` measures it)")
+    out = Path(a.output)
+    refuse_inputs(out, (a.device, profile))
+    here = out.resolve().parent
+    data = {"name": out.stem.removesuffix(".scenario") or "scenario",
+            "description": f"{model.name} on {Path(a.device).stem} within {a.target_ms:g} ms",
+            "device": os.path.relpath(Path(a.device).resolve(), here),
+            "model": os.path.relpath(Path(profile).resolve(), here),
+            "target_latency_ms": a.target_ms, "preload_budget_mb": a.buffer_mb,
+            "min_shards_per_layer": 1, "objective": "max_importance"}
+    if a.memory_mb is not None:
+        data["memory_budget_mb"] = a.memory_mb
+    if a.latency_quantile is not None:
+        data["latency_quantile"] = a.latency_quantile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_checked_yaml(out, data, f"Written by `elasticplan scenario` for the store {a.store}.",
+                       lambda d, f: None)
+    scenario = load_scenario(out)  # it must load (paths resolve, fields valid)
+    print(f"wrote {out}: {model.name} ({len(model.layers)} layers) on {Path(a.device).name}, "
+          f"target {scenario.target_latency_ms:g} ms, buffer {scenario.preload_budget_mb:g} MB"
+          + (f", memory {scenario.memory_budget_mb:g} MB" if scenario.memory_budget_mb else ""))
     return 0
 
 
@@ -140,6 +295,7 @@ def cmd_calibrate(a) -> int:
         raise InvalidArgument("--repeats must be >= 1")
     _set_threads(a.threads)
     base = load_scenario(a.scenario)
+    a.store = store_for(a.store, base.model)
     for name in ("device.yaml", "scenario.yaml"):  # before minutes of measuring
         refuse_inputs(Path(a.out_dir) / name, base.files)
     store = ShardStore(a.store)
@@ -165,22 +321,26 @@ def cmd_evaluate(a) -> int:
 
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan)
+    a.store, a.head = store_for(a.store, scenario.model), head_for(a.head, scenario.model)
     if a.json:
-        refuse_inputs(a.json, (a.plan, a.store, a.head, *scenario.files))
+        refuse_inputs(a.json, (a.plan, a.store, *([a.head] if a.head else []),
+                               *scenario.files))
     verify_plan(scenario, plan)  # a stale or tampered plan stops here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
     planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
     ev = TestSplit(store, a.head).evaluate(plan)
+    accuracy = ("no task head: fidelity only" if ev.accuracy is None else
+                f"accuracy {ev.accuracy:.3f} +- {ev.accuracy_stderr:.3f} (fp32 "
+                f"{ev.fp32_accuracy:.3f})")
     print(f"{a.plan} ({plan.solver}): {plan.n_shards} shards; on {ev.texts} test texts: "
           f"fidelity {ev.fidelity:.4f} +- {ev.fidelity_stderr:.4f} (mean cosine to fp32), "
-          f"accuracy {ev.accuracy:.3f} +- {ev.accuracy_stderr:.3f} (fp32 "
-          f"{ev.fp32_accuracy:.3f}); +- one standard error")
+          f"{accuracy}; +- one standard error")
     if a.json:
         data = {"plan": a.plan, "solver": plan.solver, "shards": plan.n_shards,
                 **ev.to_dict()}
         write_text(a.json, json.dumps(data, indent=1) + "\n",
-                   inputs=(a.plan, a.store, a.head, *scenario.files))
+                   inputs=(a.plan, a.store, *([a.head] if a.head else []), *scenario.files))
         print(f"evaluation written to {a.json}")
     return 0
 
@@ -196,7 +356,8 @@ def cmd_run(a) -> int:
         raise InvalidArgument(f"--repeat must be >= 1, got {a.repeat}")
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
-    inputs = (a.plan, a.store, a.head, *scenario.files)
+    a.store, a.head = store_for(a.store, scenario.model), head_for(a.head, scenario.model)
+    inputs = (a.plan, a.store, *([a.head] if a.head else []), *scenario.files)
     for out in (a.json, a.gantt):
         if out:
             refuse_inputs(out, inputs)
@@ -204,7 +365,7 @@ def cmd_run(a) -> int:
     store = ShardStore(a.store)
     check_model(plan, store)
     _set_threads(a.threads)
-    head = TaskHead.load(a.head)
+    head = TaskHead.load(a.head) if a.head else None
     queries = query_batches(store, scenario.model.seq_len, a.repeat)
     reference = Reference(store)
     common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,

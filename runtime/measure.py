@@ -24,7 +24,7 @@ import torch
 from elasticplan.plan import Plan
 from elasticplan.spec import Scenario
 from runtime.executor import Executor, RunTrace
-from runtime.model import Batch
+from runtime.model import Batch, cosine
 from runtime.report import STAGES, ColdReads, LayerReport, MemoryReport, RunReport, StageTimes
 from runtime.store import ShardStore
 from runtime.task import TaskHead
@@ -97,7 +97,7 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
     fidelities, agree, labels = [], 0, []
     for i, t in enumerate(traces):
         ref = reference.embed(queries[i % len(queries)])
-        fidelities.append(float((ref * t.embedding).sum()))
+        fidelities.append(float(cosine(ref, t.embedding)))
         if head is not None:
             mine, full = int(head.predict(t.embedding)[0]), int(head.predict(ref)[0])
             agree += mine == full

@@ -24,10 +24,8 @@ the layer runs as fused matmuls.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,6 +55,9 @@ def model_dir() -> Path:
 
 
 FAMILIES = ("bert", "distilbert", "roberta")  # the checkpoints' model_type we run
+POOLINGS = ("mean", "cls")  # sentence embedding: mean over real tokens, or the first token
+MAX_DIM = 1 << 16  # largest hidden / FFN / vocabulary size a checkpoint may declare
+MAX_CHECKPOINT_LAYERS = 256
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,28 @@ class Config(Architecture):
     """The model's architecture (shape arithmetic in elasticplan.archgen) plus what the
     forward pass needs: the LayerNorm epsilon, the family (its tensor names and
     embeddings: DistilBERT has no token types, RoBERTa counts positions from pad_id + 1
-    over the non-padding tokens) and the padding token."""
+    over the non-padding tokens), the padding token, and the sentence embedding (mean or
+    CLS pooling, L2-normalised or not)."""
 
     eps: float = 1e-12
     family: str = "bert"
     pad_id: int = 0
+    pooling: str = "mean"
+    normalize: bool = True
 
     @property
     def ffn_slices(self) -> int:
         return self.heads  # STI's cut: as many FFN slices as heads
+
+    @property
+    def first_position(self) -> int:
+        """The first position id a sequence uses (RoBERTa: pad_id + 1)."""
+        return self.pad_id + 1 if self.family == "roberta" else 0
+
+    @property
+    def usable_positions(self) -> int:
+        """The longest sequence the position table serves."""
+        return self.max_positions - self.first_position
 
     def shard_names(self) -> list[str]:
         return [f"head{h}" for h in range(self.heads)] + \
@@ -88,32 +102,98 @@ class Config(Architecture):
         out = {"layers": self.layers, "hidden": self.hidden, "heads": self.heads,
                "ffn": self.ffn, "vocab": self.vocab, "max_positions": self.max_positions,
                "type_vocab": self.type_vocab, "eps": self.eps}
-        if self.family != "bert":  # a BERT store's index stays as it was
+        # what differs from MiniLM's (BERT, mean pooling, normalised) only, so that a BERT
+        # store's index stays as it was
+        if self.family != "bert":
             out.update(family=self.family, pad_id=self.pad_id)
+        if (self.pooling, self.normalize) != ("mean", True):
+            out.update(pooling=self.pooling, normalize=self.normalize)
         return out
 
     @staticmethod
-    def from_dict(d: dict) -> "Config":
-        return Config(name=MODEL_NAME, **d)
+    def from_dict(d: dict, name: str = MODEL_NAME) -> "Config":
+        return Config(name=name, **d)
 
     @staticmethod
-    def from_hf(path: Path) -> "Config":
+    def from_hf(path: Path, name: str = MODEL_NAME, *, pooling: str = "mean",
+                normalize: bool = True) -> "Config":
+        """The checkpoint's config.json, checked: every refusal names the file and the key."""
+        from elasticplan.inputs import Fields, load_json
+
         file = path / "config.json"
-        c = json.loads(file.read_text())
-        family = c.get("model_type", "bert")
+        if not file.is_file():
+            raise StoreError(f"{path}: no config.json here (a Hugging Face checkpoint "
+                             f"directory holds config.json, model.safetensors and "
+                             f"tokenizer.json)")
+        f = Fields(load_json(file, what="model config", limit=1 << 20, error=StoreError),
+                   str(file), "", "a Hugging Face model config", StoreError)
+        family = f.raw("model_type", required=False) or "bert"
         if family not in FAMILIES:
-            raise StoreError(f"{file}: model_type {family!r} is not supported (supported: "
-                             f"{', '.join(FAMILIES)})")
+            raise f.err("model_type", f"{family!r} is not supported (supported: "
+                                      f"{', '.join(FAMILIES)})")
+
+        def dim(key: str, lo: int = 1, hi: int = MAX_DIM) -> int:
+            return f.integer(key, minimum=lo, maximum=hi)
+
         if family == "distilbert":
-            return Config(name=MODEL_NAME, layers=c["n_layers"], hidden=c["dim"],
-                          heads=c["n_heads"], ffn=c["hidden_dim"], vocab=c["vocab_size"],
-                          max_positions=c["max_position_embeddings"], type_vocab=0,
-                          eps=1e-12, family=family, pad_id=c.get("pad_token_id", 0))
-        return Config(name=MODEL_NAME, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
-                      heads=c["num_attention_heads"], ffn=c["intermediate_size"],
-                      vocab=c["vocab_size"], max_positions=c["max_position_embeddings"],
-                      type_vocab=c["type_vocab_size"], eps=c["layer_norm_eps"], family=family,
-                      pad_id=c.get("pad_token_id", 1 if family == "roberta" else 0))
+            act_key = "activation"
+            shape = dict(layers=dim("n_layers", 1, MAX_CHECKPOINT_LAYERS), hidden=dim("dim"),
+                         heads=dim("n_heads"), ffn=dim("hidden_dim"), type_vocab=0, eps=1e-12)
+            pad = f.integer("pad_token_id", minimum=0, maximum=MAX_DIM, required=False) or 0
+        else:
+            act_key = "hidden_act"
+            shape = dict(layers=dim("num_hidden_layers", 1, MAX_CHECKPOINT_LAYERS),
+                         hidden=dim("hidden_size"), heads=dim("num_attention_heads"),
+                         ffn=dim("intermediate_size"),
+                         type_vocab=dim("type_vocab_size", 0, MAX_DIM),
+                         eps=f.number("layer_norm_eps", positive=True, maximum=1.0))
+            pad = f.integer("pad_token_id", minimum=0, maximum=MAX_DIM, required=False)
+            pad = (1 if family == "roberta" else 0) if pad is None else pad
+            kind = f.raw("position_embedding_type", required=False) or "absolute"
+            if kind != "absolute":
+                raise f.err("position_embedding_type", f"{kind!r} is not supported (only "
+                                                       f"absolute position embeddings)")
+            for flag in ("is_decoder", "add_cross_attention"):
+                if f.raw(flag, required=False):
+                    raise f.err(flag, "decoders are not supported (an encoder only)")
+        act = f.raw(act_key, required=False) or "gelu"
+        if act != "gelu":
+            raise f.err(act_key, f"{act!r} is not supported (the FFN runs the exact, erf GELU)")
+        vocab = dim("vocab_size")
+        positions = dim("max_position_embeddings")
+        c = Config(name=name, vocab=vocab, max_positions=positions, family=family,
+                   pad_id=pad, pooling=pooling, normalize=normalize, **shape)
+        heads_key = "n_heads" if family == "distilbert" else "num_attention_heads"
+        if c.hidden % c.heads:
+            raise f.err(heads_key, f"{c.heads} heads do not divide the hidden size {c.hidden}")
+        if c.ffn % c.heads:
+            raise f.err(heads_key, f"{c.heads} heads do not divide the FFN size {c.ffn} "
+                                   f"(the cut makes one FFN slice per head)")
+        if c.pad_id >= c.vocab:
+            raise f.err("pad_token_id", f"{c.pad_id} is outside the vocabulary ({c.vocab})")
+        if c.usable_positions < 2:
+            raise f.err("max_position_embeddings", f"{positions} positions leave "
+                                                   f"{c.usable_positions} for a sequence")
+        return c
+
+
+def tensor_shapes(c: Config) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the store cuts or keeps resident, by its checkpoint name."""
+    d, f = c.hidden, c.ffn
+    out = {"embeddings.word_embeddings.weight": (c.vocab, d),
+           "embeddings.position_embeddings.weight": (c.max_positions, d),
+           "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,)}
+    if c.type_vocab:
+        out["embeddings.token_type_embeddings.weight"] = (c.type_vocab, d)
+    for l in range(c.layers):
+        for part, (rows, cols) in {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d),
+                                   "ffn_in": (f, d), "ffn_out": (d, f)}.items():
+            out[hf_name(c, l, part, "weight")] = (rows, cols)
+            out[hf_name(c, l, part, "bias")] = (rows,)
+        for part in ("ln1", "ln2"):
+            out[hf_name(c, l, part, "weight")] = (d,)
+            out[hf_name(c, l, part, "bias")] = (d,)
+    return out
 
 
 def parse_shard_name(name: str) -> tuple[str, int]:
@@ -124,10 +204,48 @@ def parse_shard_name(name: str) -> tuple[str, int]:
     raise ValueError(f"not a shard name: {name!r} (expected headN or ffnN)")
 
 
-def load_hf_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def load_hf_tensors(path: Path, c: Config | None = None) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as fp32 numpy arrays. With `c`: exactly the tensors the
+    store needs (tensor_shapes), each checked for presence and shape, a task model's
+    prefix ("bert.", "roberta.", "distilbert.": a classifier's checkpoint) taken off;
+    a refusal names the file and the tensor."""
+    from safetensors import SafetensorError, safe_open
 
-    return load_file(str(path / "model.safetensors"))
+    file = path / "model.safetensors"
+    if not file.is_file():
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.safetensors")]
+        raise StoreError(f"{path}: no model.safetensors here" +
+                         (f" ({', '.join(sorted(other))} found; only a single "
+                          f"model.safetensors is read)" if other else ""))
+    try:
+        with safe_open(str(file), framework="pt") as st:
+            names = list(st.keys())
+            if c is None:
+                return {k: st.get_tensor(k).float().numpy() for k in names}
+            present = set(names)
+            prefix = ""
+            if "embeddings.word_embeddings.weight" not in present:
+                prefix = next((p for p in ("bert.", "roberta.", "distilbert.")
+                               if p + "embeddings.word_embeddings.weight" in present), "")
+            out = {}
+            for name, shape in tensor_shapes(c).items():
+                if prefix + name not in present:
+                    raise StoreError(f"{file}: tensor {prefix + name!r} is missing (config.json "
+                                     f"declares a {c.family} model of {c.layers} layers)")
+                got = tuple(st.get_slice(prefix + name).get_shape())
+                if got != shape:
+                    raise StoreError(f"{file}: tensor {prefix + name!r} has shape {list(got)}, "
+                                     f"config.json implies {list(shape)}")
+                t = st.get_tensor(prefix + name)
+                if not t.is_floating_point():
+                    raise StoreError(f"{file}: tensor {prefix + name!r} is {t.dtype}, not a "
+                                     f"floating-point tensor")
+                out[name] = t.float().numpy()
+            return out
+    except SafetensorError as e:
+        raise StoreError(f"{file}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise StoreError(f"{file}: cannot read ({e.strerror or e})") from None
 
 
 # The checkpoint's tensor names per family (Hugging Face layout): {layer} is the layer.
@@ -306,7 +424,7 @@ class Encoder:
         """Embeddings of `ids` [B, n]; `rows` [B, n, hidden], when given, are the word
         embeddings of those ids already read (the table is not resident)."""
         n = ids.shape[1]
-        first = self.config.pad_id + 1 if self.config.family == "roberta" else 0
+        first = self.config.first_position
         if first + n > self.config.max_positions:
             raise ValueError(f"sequence of {n} tokens exceeds {self.config.max_positions} "
                              f"positions" + (f" (from {first})" if first else ""))
@@ -394,12 +512,16 @@ class Encoder:
         ws.h.mul_(ws.h2)
         ws.acc.addmm_(ws.h, out)
 
-    @staticmethod
-    def pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over real tokens, then L2 normalisation (sentence-transformers' head)."""
-        m = mask.unsqueeze(-1).to(x.dtype)
-        mean = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return F.normalize(mean, p=2, dim=1)
+    def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The sentence embedding the checkpoint declares: the mean over real tokens (or
+        the first token's state, CLS pooling), then L2 normalisation if it has one
+        (sentence-transformers' Pooling and Normalize modules)."""
+        if self.config.pooling == "cls":
+            out = x[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            out = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(out, p=2, dim=1) if self.config.normalize else out
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor,
                 layers: list[LayerWeights]) -> torch.Tensor:
@@ -422,60 +544,38 @@ class Batch:
 
 
 class Tokenizer:
-    """The model's own tokenizer.json (BERT uncased WordPiece) through `tokenizers`."""
+    """The model's own tokenizer.json (MiniLM's: BERT uncased WordPiece) through
+    `tokenizers`; batches are padded with the model's padding token."""
 
-    def __init__(self, path: Path, max_length: int):
+    def __init__(self, path: Path, max_length: int, pad_id: int = 0):
         from tokenizers import Tokenizer as HFTokenizer
 
         if not path.is_file():
             raise StoreError(f"{path}: tokenizer.json is missing")
-        self.tok = HFTokenizer.from_file(str(path))
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception subclass
+            raise StoreError(f"{path}: not a readable tokenizer.json "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+                from None
         self.tok.enable_truncation(max_length=max_length)
         self.tok.no_padding()
-        self.max_length = max_length
+        self.max_length, self.pad_id = max_length, pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
 
     def __call__(self, texts: list[str], pad_to: int | None = None) -> Batch:
         """Token ids padded to the longest text (or to `pad_to`), with the mask."""
         enc = self.tok.encode_batch(list(texts))
         n = max([len(e.ids) for e in enc] + [pad_to or 0])
-        ids = torch.zeros(len(enc), n, dtype=torch.int64)
+        ids = torch.full((len(enc), n), self.pad_id, dtype=torch.int64)
         mask = torch.zeros(len(enc), n, dtype=torch.bool)
         for i, e in enumerate(enc):
             ids[i, :len(e.ids)] = torch.tensor(e.ids)
             mask[i, :len(e.ids)] = True
         return Batch(ids, mask)
-
-
-class ReferenceModel:
-    """The full fp32 model straight from the package's safetensors: the reference that the
-    shard store, the profiler and the runtime are checked against."""
-
-    def __init__(self, path: Path | None = None, max_length: int = 256):
-        self.path = path or model_dir()
-        self.config = Config.from_hf(self.path)
-        self.tensors = load_hf_tensors(self.path)
-        resident = {k: torch.from_numpy(self.tensors[v].copy())
-                    for k, v in resident_names(self.config).items()}
-        self.encoder = Encoder(self.config, resident)
-        self.tokenizer = Tokenizer(self.path / "tokenizer.json", max_length)
-
-    @cached_property
-    def full_layers(self) -> list[LayerWeights]:
-        return [self.layer_weights(l, self.config.shard_names()) for l in range(self.config.layers)]
-
-    def layer_weights(self, l: int, names: list[str]) -> LayerWeights:
-        w = LayerWeights(self.config, names)
-        for name in names:
-            m, b = shard_from_hf(self.tensors, self.config, l, name)
-            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
-        return w
-
-    @torch.inference_mode()
-    def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """fp32 embeddings; texts are batched by length so little compute goes to padding."""
-        return embed_batched(self.tokenizer, texts, batch_size,
-                             lambda b: self.encoder.forward(b.ids, b.mask, self.full_layers),
-                             self.config.hidden)
 
 
 def length_batches(tokenizer: Tokenizer, texts: list[str], batch_size: int
@@ -488,6 +588,11 @@ def length_batches(tokenizer: Tokenizer, texts: list[str], batch_size: int
         idx = order[i:i + batch_size]
         out.append((idx, tokenizer([texts[j] for j in idx])))
     return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine between two batches of embeddings (normalised or not): fidelity."""
+    return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1)
 
 
 def embed_batched(tokenizer: Tokenizer, texts: list[str], batch_size: int, run, hidden: int

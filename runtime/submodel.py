@@ -2,8 +2,9 @@
 
 A plan runs exactly its planned shards at their planned bitwidths. That submodel is
 rebuilt here from the shard store (the same weights the executor reads) and run on the
-1,000 held-out test tweets (runtime/task.py), batched: fidelity is the mean cosine of its
-embedding to the fp32 model's, accuracy the task head's on the tweets' labels. The
+1,000 held-out test tweets (runtime/task.py; a user's task: its CSV's test split),
+batched: fidelity is the mean cosine of its embedding to the fp32 model's, accuracy the
+task head's on the test labels (none without a head). The
 executor's output equals this submodel's (tests/test_runtime.py checks it against an
 independent oracle), so these are the plan's real quality figures, measured on far more
 text than a latency run's few queries.
@@ -21,15 +22,16 @@ from pathlib import Path
 
 from elasticplan.plan import Plan
 from elasticplan.spec import FULL_PRECISION_BITS
-from runtime.profile import DROP, Profiler
+from runtime.model import cosine
+from runtime.profile import DROP, Profiler, profile_seq_len
 from runtime.store import ShardStore
-from runtime.task import TaskHead, load_splits
+from runtime.task import TaskHead, tweet_task
 
 
 @dataclass(frozen=True)
 class Quality:
     fidelity: float  # mean cosine to the fp32 model's embedding, test split
-    accuracy: float  # task head accuracy on the test split's labels
+    accuracy: float | None  # task head accuracy on the test split's labels (None: no head)
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,9 @@ class Evaluation:
     texts: int
     fidelity: float
     fidelity_stderr: float
-    accuracy: float
-    accuracy_stderr: float
-    fp32_accuracy: float  # the full model's, on the same texts
+    accuracy: float | None  # None: no task head (fidelity only)
+    accuracy_stderr: float | None
+    fp32_accuracy: float | None  # the full model's, on the same texts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,11 +66,13 @@ class TestSplit:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, store: ShardStore, head_path: str | Path):
-        test = load_splits().test
+    def __init__(self, store: ShardStore, head_path: str | Path | None):
+        head = TaskHead.load(head_path) if head_path is not None else None
+        test = (head.load_task(head_path) if head else tweet_task()).splits.test
         self.store = store
         self.names = store.config.shard_names()
-        self._profiler = Profiler(store, list(test.texts), test.labels, TaskHead.load(head_path))
+        self._profiler = Profiler(store, list(test.texts), test.labels, head,
+                                  profile_seq_len(store))
         self._memo: dict[tuple, Quality] = {}
         self.evaluations = 0  # submodels actually run (not answered from the memo)
 
@@ -87,12 +91,15 @@ class TestSplit:
         """The plan's submodel on every test text, with sampling errors."""
         p = self._profiler
         emb = p.embed_selection(plan_changes(plan, self.names))
-        cos = (emb * p.reference).sum(1).double()
+        cos = cosine(emb, p.reference).double()
         n = cos.numel()
+        fid = dict(texts=n, fidelity=float(cos.mean()),
+                   fidelity_stderr=float(cos.std()) / math.sqrt(n) if n > 1 else 0.0)
+        if p.head is None:
+            return Evaluation(**fid, accuracy=None, accuracy_stderr=None, fp32_accuracy=None)
         acc = p.head.accuracy(emb, p.sorted_labels)
-        return Evaluation(texts=n, fidelity=float(cos.mean()),
-                          fidelity_stderr=float(cos.std()) / math.sqrt(n) if n > 1 else 0.0,
-                          accuracy=float(acc), accuracy_stderr=math.sqrt(acc * (1 - acc) / n),
+        return Evaluation(**fid, accuracy=float(acc),
+                          accuracy_stderr=math.sqrt(acc * (1 - acc) / n),
                           fp32_accuracy=float(p.head.accuracy(p.reference, p.sorted_labels)))
 
     def uniform(self, bits: int) -> Quality:

@@ -13,6 +13,12 @@ numpy's default_rng(SPLIT_SEED); from each label, in that order, the first N_TES
 `test`, the next N_CALIBRATION to `calibration` (the profiler's text) and the next
 N_TRAIN to `train` (the head). So every split is class-balanced (chance = 0.5) and the
 three never overlap.
+
+A user's task (`elasticplan profile --task CSV`): a CSV file with a text column and a label
+column (any class names, 2 to MAX_CLASSES of them); split the same way per class: 20 % to
+`test`, 10 % (at most CSV_CALIBRATION in all) to `calibration`, the rest to `train`. The
+head records where its task came from (the CSV's path and sha256), so evaluation finds
+the same test split, and refuses a CSV that changed since.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, load_json, number
+from elasticplan.inputs import Fields, load_json, number, read_bytes
 from elasticplan.outputs import write_text
 
 LABELS = ("negative", "positive")
@@ -38,6 +44,10 @@ N_TEST = 500  # per label
 N_CALIBRATION = 64  # per label
 N_TRAIN = 3000  # per label
 L2 = 1e-4  # ridge penalty of the head (mean loss + L2 * |w|^2)
+MAX_CLASSES = 1000
+MIN_PER_CLASS = 3  # one each for test, calibration and training
+CSV_CALIBRATION = 256  # calibration texts of a CSV task, at most
+MAX_CSV_BYTES = 1 << 30
 
 
 def corpus_path() -> Path:
@@ -99,50 +109,152 @@ def load_splits(path: Path | None = None) -> Splits:
                      for k, v in parts.items()})
 
 
-class TaskHead:
-    """Binary logistic regression on sentence embeddings: p(positive) = σ(e·w + b)."""
+@dataclass(frozen=True)
+class Task:
+    """Labelled texts split three ways, the class names, and where they came from (what a
+    head records: {} for the tweets; {csv, sha256, text_column, label_column})."""
 
-    def __init__(self, w: torch.Tensor, b: float):
-        self.w, self.b = w.to(torch.float32), float(b)
+    labels: tuple[str, ...]
+    splits: Splits
+    source: dict
+
+
+def tweet_task() -> Task:
+    return Task(LABELS, load_splits(), {})
+
+
+def csv_task(path: str | Path, text_column: str, label_column: str) -> Task:
+    """A user's labelled CSV, checked: a refusal names the file and what is wrong."""
+    path = Path(path)
+    raw = read_bytes(path, what="task CSV", limit=MAX_CSV_BYTES, error=StoreError)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        missing = [c for c in (text_column, label_column) if c not in header]
+        if missing:
+            raise StoreError(f"{path}: no column {missing[0]!r} (columns: "
+                             f"{', '.join(map(repr, header)) or 'none, the file is empty'})")
+        rows = []
+        for row in reader:
+            t, lab = (row.get(text_column) or "").strip(), (row.get(label_column) or "").strip()
+            if not t or not lab:
+                raise StoreError(f"{path}: line {reader.line_num}: empty "
+                                 f"{'text' if not t else 'label'} ({text_column!r}, "
+                                 f"{label_column!r})")
+            rows.append((t, lab))
+    except csv.Error as e:
+        raise StoreError(f"{path}: line {reader.line_num}: not readable CSV ({e})") from None
+    labels = tuple(sorted({lab for _, lab in rows}))
+    counts = {lab: 0 for lab in labels}
+    for _, lab in rows:
+        counts[lab] += 1
+    if len(labels) < 2:
+        raise StoreError(f"{path}: column {label_column!r} has {len(labels)} distinct "
+                         f"value(s) in {len(rows)} rows; a task needs at least 2 classes")
+    if len(labels) > MAX_CLASSES or len(labels) > len(rows) // MIN_PER_CLASS:
+        raise StoreError(f"{path}: column {label_column!r} has {len(labels)} distinct values "
+                         f"in {len(rows)} rows: not class labels (a regression target or an "
+                         f"id?); at most {MAX_CLASSES} classes of {MIN_PER_CLASS}+ rows each")
+    thin = [lab for lab in labels if counts[lab] < MIN_PER_CLASS]
+    if thin:
+        raise StoreError(f"{path}: class {thin[0]!r} of column {label_column!r} has "
+                         f"{counts[thin[0]]} row(s); every class needs at least "
+                         f"{MIN_PER_CLASS} (test, calibration, training)")
+    rng = np.random.default_rng(SPLIT_SEED)
+    per_class_cal = max(1, CSV_CALIBRATION // len(labels))
+    parts = {"test": [], "calibration": [], "train": []}
+    for y, lab in enumerate(labels):
+        texts = [t for t, l in rows if l == lab]
+        order = rng.permutation(len(texts))
+        n = len(texts)
+        n_test = max(1, round(0.2 * n))
+        n_cal = max(1, min(round(0.1 * n), per_class_cal, n - n_test - 1))
+        bounds = {"test": (0, n_test), "calibration": (n_test, n_test + n_cal),
+                  "train": (n_test + n_cal, n)}
+        for name, (a, b) in bounds.items():
+            parts[name] += [(texts[i], y) for i in order[a:b]]
+    splits = Splits(**{k: Split(tuple(t for t, _ in v), np.array([y for _, y in v], np.int64))
+                       for k, v in parts.items()})
+    source = {"csv": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest(),
+              "text_column": text_column, "label_column": label_column}
+    return Task(labels, splits, source)
+
+
+class TaskHead:
+    """Logistic regression on sentence embeddings. Two classes: p(labels[1]) = σ(e·w + b),
+    w [d]; k > 2 classes: softmax(e W^T + b), W [k, d]."""
+
+    def __init__(self, w: torch.Tensor, b, labels: tuple[str, ...] = LABELS,
+                 task: dict | None = None):
+        self.w = w.to(torch.float32)
+        self.b = float(b) if self.w.dim() == 1 else torch.as_tensor(b, dtype=torch.float32)
+        self.labels, self.task = tuple(labels), dict(task or {})
+
+    @property
+    def binary(self) -> bool:
+        return self.w.dim() == 1
 
     @staticmethod
-    def train(emb: torch.Tensor, labels: np.ndarray, l2: float = L2) -> "TaskHead":
+    def train(emb: torch.Tensor, labels: np.ndarray, l2: float = L2,
+              names: tuple[str, ...] = LABELS, task: dict | None = None) -> "TaskHead":
         """Full-batch L-BFGS on the mean log-loss + l2 |w|^2; deterministic."""
         x = emb.to(torch.float64)
-        y = torch.as_tensor(labels, dtype=torch.float64)
-        w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+        k, d = len(names), x.shape[1]
+        binary = k == 2
+        w = torch.zeros((d + 1) if binary else (k, d + 1), dtype=torch.float64,
+                        requires_grad=True)
+        y = torch.as_tensor(labels, dtype=torch.float64 if binary else torch.int64)
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=500, tolerance_grad=1e-9,
                                 tolerance_change=1e-12, history_size=20,
                                 line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            z = x @ w[:-1] + w[-1]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + \
-                l2 * (w[:-1] ** 2).sum()
+            if binary:
+                z = x @ w[:-1] + w[-1]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y)
+            else:
+                loss = torch.nn.functional.cross_entropy(x @ w[:, :-1].T + w[:, -1], y)
+            loss = loss + l2 * (w[..., :-1] ** 2).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
         w = w.detach()
-        return TaskHead(w[:-1].clone(), float(w[-1]))
+        if binary:
+            return TaskHead(w[:-1].clone(), float(w[-1]), names, task)
+        return TaskHead(w[:, :-1].clone(), w[:, -1].clone(), names, task)
 
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb.to(torch.float32) @ self.w + self.b
+        if self.binary:
+            return emb.to(torch.float32) @ self.w + self.b
+        return emb.to(torch.float32) @ self.w.T + self.b
 
     def predict(self, emb: torch.Tensor) -> np.ndarray:
-        return (self.logits(emb) > 0).to(torch.int64).numpy()
+        z = self.logits(emb)
+        return ((z > 0) if self.binary else z.argmax(dim=-1)).to(torch.int64).numpy()
 
     def accuracy(self, emb: torch.Tensor, labels: np.ndarray) -> float:
         return float((self.predict(emb) == labels).mean())
 
     def logloss(self, emb: torch.Tensor, labels: np.ndarray) -> float:
-        y = torch.as_tensor(labels, dtype=torch.float32)
-        return float(torch.nn.functional.binary_cross_entropy_with_logits(self.logits(emb), y))
+        if self.binary:
+            y = torch.as_tensor(labels, dtype=torch.float32)
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(self.logits(emb), y))
+        return float(torch.nn.functional.cross_entropy(self.logits(emb),
+                                                       torch.as_tensor(labels)))
 
     def to_json(self) -> dict:
-        return {"labels": list(LABELS), "w": [float(f"{v:.9g}") for v in self.w.tolist()],
-                "b": float(f"{self.b:.9g}")}
+        def r(v):
+            return [r(x) for x in v] if isinstance(v, list) else float(f"{v:.9g}")
+
+        out = {"labels": list(self.labels), "w": r(self.w.tolist()),
+               "b": float(f"{self.b:.9g}") if self.binary else r(self.b.tolist())}
+        return {**({"task": self.task} if self.task else {}), **out}
 
     def save(self, path: str | Path, **meta) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +263,42 @@ class TaskHead:
     @staticmethod
     def load(path: str | Path) -> "TaskHead":
         file = str(path)
-        f = Fields(load_json(path, what="task head", limit=10**7, error=StoreError), file, "",
+        f = Fields(load_json(path, what="task head", limit=10**8, error=StoreError), file, "",
                    "a task head: {w, b, ...}", StoreError)
-        w = [number(v, file, f"w[{i}]", error=StoreError)
-             for i, v in enumerate(f.sequence("w"))]
-        return TaskHead(torch.tensor(w, dtype=torch.float32), f.number("b"))
+        labels = tuple(str(v) for v in (f.raw("labels", required=False) or LABELS))
+        rows = f.sequence("w")
+        if len(labels) == 2:
+            w = torch.tensor([number(v, file, f"w[{i}]", error=StoreError)
+                              for i, v in enumerate(rows)], dtype=torch.float32)
+            b = f.number("b")
+        else:
+            if len(rows) != len(labels) or not all(isinstance(r, list) and len(r) == len(rows[0])
+                                                   for r in rows):
+                raise f.err("w", f"expected {len(labels)} rows of equal length (one per label)")
+            w = torch.tensor([[number(v, file, f"w[{i}][{j}]", error=StoreError)
+                               for j, v in enumerate(r)] for i, r in enumerate(rows)])
+            bs = f.sequence("b")
+            if len(bs) != len(labels):
+                raise f.err("b", f"expected {len(labels)} numbers (one per label)")
+            b = [number(v, file, f"b[{i}]", error=StoreError) for i, v in enumerate(bs)]
+        task = f.raw("task", required=False)
+        if task is not None and not isinstance(task, dict):
+            raise f.err("task", "expected a mapping {csv, sha256, text_column, label_column}")
+        return TaskHead(w, b, labels, task)
+
+    def load_task(self, head_file: str | Path) -> Task:
+        """The labelled texts this head was trained on (its test split evaluates it); the
+        CSV must be the one it was trained on."""
+        if not self.task:
+            return tweet_task()
+        f = Fields(self.task, str(head_file), "task", "{csv, sha256, text_column, "
+                   "label_column}", StoreError)
+        task = csv_task(f.string("csv"), f.string("text_column"), f.string("label_column"))
+        if task.source["sha256"] != f.string("sha256"):
+            raise StoreError(f"{task.source['csv']}: changed since the task head "
+                             f"{head_file} was trained on it (sha256 differs); rerun "
+                             f"`elasticplan profile --task`")
+        if task.labels != self.labels:
+            raise f.err("csv", f"the CSV's classes {list(task.labels)} are not the head's "
+                               f"{list(self.labels)}")
+        return task

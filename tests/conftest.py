@@ -26,6 +26,6 @@ def store_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference():
-    from runtime.model import ReferenceModel
+    from runtime.checkpoint import ReferenceModel
 
     return ReferenceModel()

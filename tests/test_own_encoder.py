@@ -1,0 +1,334 @@
+"""A user's own encoder, end to end, on tiny random checkpoints of each family (made by
+runtime.tinyckpt: config.json, model.safetensors, a `tokenizers` tokenizer.json, and the
+sentence-transformers pooling): shard -> profile -> scenario -> calibrate -> solve ->
+verify -> run -> evaluate through the CLI, and the runtime's output checked against
+`transformers` (fp32) and against our own reference path (dropped and quantised shards).
+Then the bad input a checkpoint directory or a task CSV can bring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from elasticplan.cli import main
+from elasticplan.costmodel import PIPELINED, Pick
+from elasticplan.errors import StoreError
+from elasticplan.loader import load_scenario
+from elasticplan.plan import Plan, SolveStatus
+from runtime import quant
+from runtime.checkpoint import ReferenceModel, open_checkpoint
+from runtime.executor import Executor
+from runtime.measure import Reference
+from runtime.model import LayerWeights, shard_from_hf
+from runtime.store import ShardStore
+from runtime.task import TaskHead, csv_task
+from runtime.tinyckpt import write_checkpoint, write_task_csv
+
+DEVICE = Path(__file__).resolve().parent.parent / "problems" / "devices" / "phone-ufs31.yaml"
+# Each family with another sentence embedding: mean + Normalize (modules.json), CLS
+# (modules.json), and no modules.json at all (mean, not normalised).
+POOLING = {"bert": "mean", "distilbert": "cls", "roberta": None}
+ORACLES = {"bert": "BertModel", "distilbert": "DistilBertModel", "roberta": "RobertaModel"}
+TEXTS = ["the good car and the sun", "bad slow rain", "ok", "very very fast city road, not bad"]
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module", params=sorted(POOLING))
+def built(request, tmp_path_factory):
+    """A tiny checkpoint of the family, its store and its profile (with a task for
+    DistilBERT, fidelity only for the others), through the commands."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    ckpt = write_checkpoint(root / "ckpt", family, seed=3, pooling=POOLING[family])
+    store = root / "store"
+    assert cli("shard", "--checkpoint", ckpt, "--out", store) == 0
+    task = []
+    if family == "distilbert":
+        write_task_csv(root / "task.csv", rows=90, seed=1)
+        task = ["--task", root / "task.csv"]
+    assert cli("profile", "--store", store, "--cache", root / "cache", *task) == 0
+    return family, root, ckpt, store
+
+
+def test_the_store_records_the_checkpoints_shape_and_pooling(built):
+    family, _, ckpt, store = built
+    s = ShardStore(store)
+    c = s.config
+    assert (s.model, c.family, c.layers, c.heads, c.hidden) == ("ckpt", family, 3, 4, 32)
+    assert (c.pooling, c.normalize) == {"bert": ("mean", True), "distilbert": ("cls", False),
+                                        "roberta": ("mean", False)}[family]
+    assert s.verify() == []
+    profile = (store / "profile.yaml").read_text()
+    assert "name: ckpt" in profile and "runtime: {store: ." in profile
+    # a rebuild reuses every file
+    assert cli("shard", "--checkpoint", ckpt, "--out", store) == 0
+    assert json.loads((store / "index.json").read_text()) == s.index
+
+
+def test_the_stores_fp32_embedding_equals_transformers_pooled(built):
+    """Through the store (resident tensors, every shard at 32 bits, the tokenizer, the
+    pooling): the sentence embedding equals transformers' last hidden state pooled the
+    way the checkpoint declares."""
+    family, _, ckpt, store = built
+    s = ShardStore(store)
+    batch = s.tokenizer(64)(TEXTS)
+    ours = Reference(s).embed(batch)
+    oracle = getattr(transformers, ORACLES[family]).from_pretrained(
+        str(ckpt), attn_implementation="eager")
+    oracle.eval()
+    with torch.inference_mode():
+        h = oracle(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+    if s.config.pooling == "cls":
+        theirs = h[:, 0]
+    else:
+        m = batch.mask.unsqueeze(-1).float()
+        theirs = (h * m).sum(1) / m.sum(1)
+    if s.config.normalize:
+        theirs = torch.nn.functional.normalize(theirs, dim=1)
+    assert torch.allclose(ours, theirs, atol=3e-5, rtol=1e-5)
+    if family == "roberta":  # padding with RoBERTa's own pad id, positions from pad + 1
+        assert int(batch.ids[2, -1]) == s.config.pad_id == 1
+
+
+def _oracle_layers(ref: ReferenceModel, model, selection):
+    """Our reference path, independent of the store and the executor: each shard cut from
+    the checkpoint, quantised and dequantised with numpy, placed with LayerWeights.put."""
+    c, layers = ref.config, []
+    for l, picks in enumerate(selection):
+        names = [model.layers[l].shards[p.shard].name for p in picks]
+        w = LayerWeights(c, names)
+        for p, name in zip(picks, names):
+            m, b = shard_from_hf(ref.tensors, c, l, name)
+            bits = model.bitwidths[p.bit]
+            if bits != quant.FP32:
+                k = c.shard_in_rows(name)
+                m = m.copy()
+                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
+                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
+            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
+        layers.append(w)
+    return layers
+
+
+def test_a_dropped_and_quantised_plan_computes_exactly_that_submodel(built):
+    family, root, ckpt, store = built
+    sc = root / "exact.yaml"
+    assert cli("scenario", "--store", store, "--device", DEVICE, "--target-ms", 50,
+               "-o", sc) == 0
+    scenario = load_scenario(sc)
+    model = scenario.model
+    rng = np.random.default_rng(7)
+    selection = tuple(
+        tuple(Pick(s, int(rng.integers(len(model.bitwidths))), bool(rng.integers(2)))
+              for s in sorted(rng.choice(len(layer.shards), size=5, replace=False)))
+        for layer in model.layers)
+    plan = Plan.from_selection(scenario, selection, solver="test",
+                               status=SolveStatus.FEASIBLE, gap=None, solve_seconds=0.0,
+                               execution=PIPELINED)
+    s = ShardStore(store)
+    batch = s.tokenizer(model.seq_len)(TEXTS)
+    with Executor(plan, scenario, s, emulate=False) as ex:
+        ex.fill_preload()
+        got = ex.run(batch).embedding
+    ref = ReferenceModel(ckpt)
+    with torch.inference_mode():
+        want = ref.encoder.forward(batch.ids, batch.mask, _oracle_layers(ref, model, selection))
+        full = ref.encoder.forward(batch.ids, batch.mask, ref.full_layers)
+    assert (got - want).abs().max().item() < 1e-5
+    assert (got - full).abs().max().item() > 1e-3  # the submodel is not the full model
+
+
+def test_scenario_calibrate_solve_run_evaluate(built, capsys):
+    """The commands as docs/own-encoder.md gives them: every step reads what the one
+    before wrote, the store and the head found through the profile."""
+    family, root, _, store = built
+    sc, cal = root / "question.yaml", root / "calibrated"
+    assert cli("scenario", "--store", store, "--device", DEVICE, "--target-ms", 3,
+               "--buffer-mb", 0.005, "--memory-mb", 1, "-o", sc) == 0
+    assert cli("calibrate", "--scenario", sc, "--storage-mb-s", 5, "--plans", 8,
+               "--repeats", 2, "--out-dir", cal) == 0
+    calibrated = load_scenario(cal / "scenario.yaml")
+    assert calibrated.memory_budget_mb == 1  # the question kept what it asked
+    plan = root / "plan.json"
+    assert cli("solve", cal / "scenario.yaml", "--target-ms", 4, "-o", plan) == 0
+    assert cli("verify", plan) == 0
+    p = Plan.load(plan)
+    assert p.n_shards < 24 or any(c.bits != 32 for lp in p.layers for c in lp.shards)
+    assert cli("run", plan, "--repeat", 2, "--json", root / "run.json") == 0
+    run = json.loads((root / "run.json").read_text())
+    assert run["memory"]["measured_peak_bytes"] <= run["memory"]["predicted_peak_bytes"]
+    assert 0 < run["fidelity"] <= 1 + 1e-6
+    assert (run["task_agreement"] is None) == (family != "distilbert")
+    assert cli("evaluate", plan, "--json", root / "eval.json") == 0
+    ev = json.loads((root / "eval.json").read_text())
+    assert 0 < ev["fidelity"] < 1
+    if family == "distilbert":  # the task's test split: 20 % of 90 rows
+        assert ev["texts"] == 18 and 0 <= ev["accuracy"] <= 1
+        assert ev["fp32_accuracy"] is not None
+    else:
+        assert ev["texts"] == 1000 and ev["accuracy"] is None
+    out = capsys.readouterr().out
+    assert "fidelity" in out
+
+
+# --- bad input ------------------------------------------------------------------------
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def _shard_fails(tmp_path, capsys, ckpt, pattern: str, code: int = 8):
+    out = tmp_path / "out-store"
+    assert cli("shard", "--checkpoint", ckpt, "--out", out) == code
+    err = _err(capsys)
+    assert pattern in err, err
+    assert not out.exists()  # nothing half-written
+    return err
+
+
+def test_a_directory_without_config_or_weights_is_refused(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "c", "bert")
+    (ckpt / "config.json").unlink()
+    _shard_fails(tmp_path, capsys, ckpt, "no config.json here")
+    ckpt = write_checkpoint(tmp_path / "d", "bert")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    _shard_fails(tmp_path, capsys, ckpt, "no model.safetensors here (pytorch_model.bin found")
+    _shard_fails(tmp_path, capsys, tmp_path / "nowhere", "not a directory")
+
+
+def test_a_missing_or_misshaped_tensor_is_refused_naming_it(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = write_checkpoint(tmp_path / "c", "roberta")
+    t = load_file(str(ckpt / "model.safetensors"))
+    del t["encoder.layer.2.output.dense.bias"]
+    save_file(t, str(ckpt / "model.safetensors"))
+    _shard_fails(tmp_path, capsys, ckpt, "tensor 'encoder.layer.2.output.dense.bias' is missing")
+    t["encoder.layer.2.output.dense.bias"] = np.zeros(32, np.float32)
+    t["encoder.layer.1.intermediate.dense.weight"] = np.zeros((63, 32), np.float32)
+    save_file(t, str(ckpt / "model.safetensors"))
+    _shard_fails(tmp_path, capsys, ckpt, "'encoder.layer.1.intermediate.dense.weight' has "
+                                         "shape [63, 32], config.json implies [64, 32]")
+    (ckpt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    _shard_fails(tmp_path, capsys, ckpt, "not a readable safetensors file")
+
+
+def test_a_classifiers_prefixed_tensors_are_read(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = write_checkpoint(tmp_path / "c", "bert")
+    t = load_file(str(ckpt / "model.safetensors"))
+    save_file({f"bert.{k}": v for k, v in t.items()} | {"classifier.weight": np.zeros((2, 32),
+                                                                                     np.float32)},
+              str(ckpt / "model.safetensors"))
+    got = open_checkpoint(ckpt).tensors
+    assert np.array_equal(got["encoder.layer.0.attention.self.query.weight"],
+                          t["encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"hidden_act": "relu"}, "hidden_act: 'relu' is not supported"),
+    ({"num_attention_heads": 5}, "num_attention_heads: 5 heads do not divide the hidden size"),
+    ({"hidden_size": "32"}, "hidden_size: expected"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"is_decoder": True}, "is_decoder: decoders are not supported"),
+])
+def test_an_unsupported_config_is_refused_naming_the_key(tmp_path, capsys, change, key):
+    ckpt = write_checkpoint(tmp_path / "c", "bert")
+    config = json.loads((ckpt / "config.json").read_text()) | change
+    (ckpt / "config.json").write_text(json.dumps(config))
+    err = _shard_fails(tmp_path, capsys, ckpt, key)
+    assert "config.json" in err
+
+
+def test_a_tokenizer_that_does_not_fit_the_vocabulary_is_refused(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "c", "bert")
+    config = json.loads((ckpt / "config.json").read_text()) | {"vocab_size": 40}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    _shard_fails(tmp_path, capsys, ckpt, "tokenizer.json: the tokenizer has 88 tokens, "
+                                         "config.json vocab_size is 40")
+    (ckpt / "tokenizer.json").write_text("{}")
+    _shard_fails(tmp_path, capsys, ckpt, "not a readable tokenizer.json")
+
+
+def test_an_unsupported_pooling_is_refused(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "c", "bert", pooling="mean")
+    cfg = ckpt / "1_Pooling" / "config.json"
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"pooling_mode_max_tokens": True}))
+    _shard_fails(tmp_path, capsys, ckpt, "pooling_mode_max_tokens")
+    # the command line overrides what the checkpoint declares
+    out = tmp_path / "s"
+    assert cli("shard", "--checkpoint", ckpt, "--out", out, "--pooling", "cls") == 0
+    assert ShardStore(out).config.pooling == "cls"
+
+
+@pytest.mark.parametrize("rows, pattern", [
+    ("words,label\nthe car,a\n", "no column 'text' (columns: 'words', 'label')"),
+    ("text,label\n" + "".join(f"t{i},{i}\n" for i in range(30)),
+     "30 distinct values in 30 rows: not class labels"),
+    ("text,label\n" + "the car,a\n" * 9, "1 distinct value(s) in 9 rows"),
+    ("text,label\n" + "the car,a\n" * 9 + "rain,b\n", "class 'b' of column 'label' has 1 row"),
+    ("text,label\nthe car,\n", "line 2: empty label"),
+    ("", "no column 'text' (columns: none, the file is empty)"),
+])
+def test_a_bad_task_csv_is_refused_before_any_work(built, tmp_path, capsys, rows, pattern):
+    _, _, _, store = built
+    csv = tmp_path / "task.csv"
+    csv.write_text(rows)
+    out = tmp_path / "p.yaml"
+    assert cli("profile", "--store", store, "--task", csv, "--out", out) == 8
+    err = _err(capsys)
+    assert str(csv) in err and pattern in err, err
+    assert not out.exists()
+
+
+def test_a_csv_task_splits_every_class_three_ways(tmp_path):
+    write_task_csv(tmp_path / "t.csv", rows=90, seed=2)
+    task = csv_task(tmp_path / "t.csv", "text", "label")
+    assert task.labels == ("happy", "meh", "sad")
+    sp = task.splits
+    assert (len(sp.test), len(sp.calibration), len(sp.train)) == (18, 9, 63)
+    for s in (sp.test, sp.calibration, sp.train):
+        assert set(s.labels.tolist()) == {0, 1, 2}
+    again = csv_task(tmp_path / "t.csv", "text", "label")
+    assert again.splits.test.digest() == sp.test.digest()
+
+
+@pytest.mark.parametrize("built", ["distilbert"], indirect=True)  # profiled with a task
+def test_a_head_refuses_a_csv_that_changed_since(built):
+    family, root, _, store = built
+    head_file = store / "profile.taskhead.json"
+    head = TaskHead.load(head_file)
+    assert head.labels == ("happy", "meh", "sad") and head.w.shape == (3, 32)
+    assert head.load_task(head_file).splits.test.digest()  # as trained
+    with open(root / "task.csv", "a") as fh:
+        fh.write("one more sun,happy\n")
+    try:
+        with pytest.raises(StoreError, match="changed since the task head"):
+            head.load_task(head_file)
+    finally:
+        write_task_csv(root / "task.csv", rows=90, seed=1)
+
+
+def test_the_scenario_command_refuses_a_profile_of_another_model(built, tmp_path, capsys):
+    _, _, _, store = built
+    other = tmp_path / "other"
+    write_checkpoint(tmp_path / "ck2", "bert")
+    assert cli("shard", "--checkpoint", tmp_path / "ck2", "--out", other) == 0
+    capsys.readouterr()
+    assert cli("scenario", "--store", other, "--device", DEVICE, "--target-ms", 5,
+               "--profile", store / "profile.yaml", "-o", tmp_path / "s.yaml") == 2
+    assert "a profile of 'ckpt', the store" in _err(capsys)
+    assert cli("scenario", "--store", other, "--device", DEVICE, "--target-ms", 5,
+               "-o", tmp_path / "s.yaml") == 2
+    assert "no profile of this store" in _err(capsys)
