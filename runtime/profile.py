@@ -220,8 +220,11 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None],
             return embed_batched(tokenizer, list(texts), 64,
                                  lambda b: encoder.forward(b.ids, b.mask, full), c.hidden)
 
+    source = dict(task.source)
+    if source:  # the CSV relative to the head, so that both can move together
+        source["csv"] = os.path.relpath(source["csv"], out.resolve().parent)
     head = TaskHead.train(embed(splits.train.texts), splits.train.labels, names=task.labels,
-                          task=task.source)
+                          task=source)
     acc = head.accuracy(embed(splits.test.texts), splits.test.labels)
     head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} {what}",
               test_accuracy=acc, test_size=len(splits.test))

@@ -293,7 +293,8 @@ class TaskHead:
             return tweet_task()
         f = Fields(self.task, str(head_file), "task", "{csv, sha256, text_column, "
                    "label_column}", StoreError)
-        task = csv_task(f.string("csv"), f.string("text_column"), f.string("label_column"))
+        csv_path = Path(head_file).parent / f.string("csv")  # relative to the head
+        task = csv_task(csv_path, f.string("text_column"), f.string("label_column"))
         if task.source["sha256"] != f.string("sha256"):
             raise StoreError(f"{task.source['csv']}: changed since the task head "
                              f"{head_file} was trained on it (sha256 differs); rerun "

