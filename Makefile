@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint shards profile additive plan-bert fleet bench clean
+.PHONY: demo test lint shards profile profile-dict additive plan-bert fleet bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +38,20 @@ plan-bert: $(STAMP)
 fleet: $(STAMP)
 	$(BIN)/elasticplan fleet problems/fleets/example.yaml -o out/fleet
 
-# The real model: shard store (build/shards/minilm-l6, ~10 s) and the measured profile
+# The real model: shard stores (build/shards/minilm-l6, ~10 s; the dictionary scheme's
+# build/shards/minilm-l6-dict, ~1.5 min) and the measured profile
 # (problems/models/minilm-l6.yaml, ~5.5 min on 2 cores; cached in build/profile, resumable).
 shards: $(STAMP)
 	$(BIN)/elasticplan shard
+	$(BIN)/elasticplan shard --scheme dict --out build/shards/minilm-l6-dict
 
 profile: shards
 	$(BIN)/elasticplan profile
+
+# The dictionary store's profile (problems/models/minilm-l6-dict.yaml, ~10 min).
+profile-dict: shards
+	$(BIN)/elasticplan profile --store build/shards/minilm-l6-dict \
+		--out problems/models/minilm-l6-dict.yaml
 
 # Does the planner's additive importance predict the real submodels? (~4.5 min)
 additive: shards
@@ -62,6 +69,7 @@ bench: shards
 	$(call bench_run,runtime_baselines)
 	$(call bench_run,prediction)
 	$(call bench_run,plan_quality)
+	$(call bench_run,quant_schemes)
 	$(call bench_run,frontier)
 	$(call bench_run,solver_speed,--time-limit 10)
 	$(call bench_run,fleet)

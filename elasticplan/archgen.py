@@ -173,20 +173,27 @@ def resident_bytes(a: Architecture) -> int:
     return 4 * (embeddings + a.layers * per_layer)
 
 
-def decode_work(rows: int, cols: int, bits: int) -> tuple[int, int, int]:
+def decode_work(rows: int, cols: int, bits: int) -> tuple[int, int, int, int, int]:
     """Elements of the runtime's dequantisation workspace for one stored block [rows, cols]
-    at `bits` (runtime/quant.py, lookup tables): (int32 copies of the packed bytes, for
-    widths that straddle bytes; int32 table indices; fp32 table values)."""
+    at `bits` (runtime/quant.py, lookup tables), in runtime.quant.DecodeWork's order:
+    (int32 copies of the packed bytes, for widths that straddle bytes; int32 table
+    indices; fp32 table values; byte words, int64 indices: both 0, the dictionary
+    scheme's)."""
     if bits >= 16:
-        return 0, 0, 0
+        return 0, 0, 0, 0, 0
     if 8 % bits == 0:  # a byte holds whole values: one index per byte
         nbytes = rows * math.ceil(cols * bits / 8)
-        return 0, nbytes, nbytes * (8 // bits)
+        return 0, nbytes, nbytes * (8 // bits), 0, 0
     groups = -(-cols // (24 // bits))  # 24-bit groups, split into two 12-bit indices
-    return rows * groups * 3, rows * groups * 2, rows * groups * 2 * (12 // bits)
+    return rows * groups * 3, rows * groups * 2, rows * groups * 2 * (12 // bits), 0, 0
 
 
-def decode_buffers(a: Architecture) -> tuple[tuple[int, int, int], int]:
+def work_bytes(work: tuple[int, ...]) -> int:
+    """Bytes of a DecodeWork of these sizes (int32/fp32 elements, 4-byte words, int64s)."""
+    return 4 * sum(work[:4]) + 8 * work[4]
+
+
+def decode_buffers(a: Architecture) -> tuple[tuple[int, ...], int]:
     """The runtime's decode buffers: the dequantisation workspace (elements, the largest of
     every stored block at every quantised bitwidth) and the bounce buffer (bytes, the
     largest quantised shard)."""
@@ -196,12 +203,13 @@ def decode_buffers(a: Architecture) -> tuple[tuple[int, int, int], int]:
               ((2 if a.gated_ffn else 1) * f, a.hidden), (a.hidden, f)]
     quantised = [b for b in a.bitwidths if b < 16]
     work = tuple(max((decode_work(r, c, b)[k] for r, c in blocks for b in quantised), default=0)
-                 for k in range(3))
+                 for k in range(5))
     bounce = max((max(head_bytes(a, b), ffn_bytes(a, b)) for b in quantised), default=0)
     return work, bounce
 
 
-def memory_terms(a: Architecture, seq_len: int) -> dict:
+def memory_terms(a: Architecture, seq_len: int,
+                 decode: tuple[tuple[int, ...], int] | None = None) -> dict:
     """The model profile's fixed memory terms (docs/design.md, "Memory") for the encoders'
     runtime (runtime/executor.py), which computes a layer shard by shard, every buffer
     preallocated:
@@ -212,14 +220,16 @@ def memory_terms(a: Architecture, seq_len: int) -> dict:
       [n, hidden], one head's Q/K/V [n, 3 d_head], scores [n, n] and context [n, d_head],
       one FFN slice's units twice [n, f], the mask [n]; the dequantisation workspace of
       the largest block (decode_work); and a bounce buffer of the largest quantised
-      shard, for a shard whose bytes wrap around the end of the IO ring."""
+      shard, for a shard whose bytes wrap around the end of the IO ring.
+    `decode`: the decode buffers of a store whose scheme is not uniform
+    (runtime.store.ShardStore.decode_buffers)."""
     n, d, dh = seq_len, a.hidden, a.d_head
     f = a.ffn // a.n_ffn
-    work, bounce = decode_buffers(a)
+    work, bounce = decode or decode_buffers(a)
     scratch = max(_shard_fp32(a, "head"), _shard_fp32(a, "ffn"))
     workspace = 4 * (2 * n * d + 3 * n * dh + n * n + n * dh + 2 * n * f + n)
     return {"embedding_rows": a.vocab, "embedding_row_bytes": 4 * a.hidden,
-            "activation_bytes": workspace + 4 * sum(work) + bounce, "scratch_bytes": scratch}
+            "activation_bytes": workspace + work_bytes(work) + bounce, "scratch_bytes": scratch}
 
 
 def _shard_fp32(a: Architecture, kind: str) -> int:
@@ -288,12 +298,12 @@ def profile_dict(a: Architecture) -> dict:
     }
 
 
-def memory_fields(a: Architecture) -> dict:
+def memory_fields(a: Architecture, decode: tuple[tuple[int, ...], int] | None = None) -> dict:
     """A profile's `resident_bytes` and `memory` block. An encoder's word-embedding table
     is streamable by rows (memory_terms), so it is not in resident_bytes; the decoders
     (planner only, no runtime) keep every non-shard weight resident."""
     if a.decoder:
         return {"resident_bytes": resident_bytes(a)}
-    terms = memory_terms(a, a.seq_len)
+    terms = memory_terms(a, a.seq_len, decode)
     table = terms["embedding_rows"] * terms["embedding_row_bytes"]
     return {"resident_bytes": resident_bytes(a) - table, "memory": terms}

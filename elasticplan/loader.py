@@ -42,6 +42,7 @@ from elasticplan.spec import (
     MIN_BANDWIDTH_MB_S,
     MIN_DEQUANT_GB_S,
     MIN_GFLOPS,
+    QUANT_SCHEMES,
     Device,
     Layer,
     ModelProfile,
@@ -171,12 +172,24 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
     memory = _memory_terms(f.mapping("memory", "the model's fixed memory terms", required=False))
     links = _runtime_links(f.mapping("runtime", "where the runtime finds the shard store "
                                                 "and task head", required=False))
+    schemes = []
+    qf = f.mapping("quantisation", "bitwidth -> the scheme it was measured in",
+                   required=False)
+    for key in list(qf.data) if qf else []:
+        if key not in bitwidths or key == FULL_PRECISION_BITS:
+            raise qf.err(str(key), f"not a quantised bitwidth of this model "
+                                   f"({list(bitwidths)})")
+        scheme = qf.string(key)
+        if scheme not in QUANT_SCHEMES:
+            raise qf.err(str(key), f"must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
+        schemes.append((key, scheme))
     f.free_form("description", str)
     f.free_form("architecture", dict)
     f.free_form("importance_metric", str)
     f.done()
     return ModelProfile(name=name, seq_len=seq_len, bitwidths=bitwidths, layers=tuple(layers),
-                        resident_bytes=resident, synthetic=synthetic, **memory, **links)
+                        resident_bytes=resident, synthetic=synthetic, **memory, **links,
+                        schemes=tuple(sorted(schemes)))
 
 
 def _runtime_links(r: Fields | None) -> dict:

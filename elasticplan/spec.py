@@ -51,6 +51,9 @@ class Objective(str, enum.Enum):
 FLOOR_OBJECTIVES = (Objective.MIN_BUFFER, Objective.MIN_MEMORY)  # they need an importance floor
 
 
+QUANT_SCHEMES = ("uniform", "dict")  # how shards below 32 bits are stored (runtime/store.py)
+
+
 @dataclass(frozen=True)
 class Device:
     """A device's storage and compute (docs/formats.md, "Device"). The compute terms of a
@@ -132,6 +135,9 @@ class ModelProfile:
     # absolute paths, or None: the packaged MiniLM's defaults). Not part of the program.
     store_path: str | None = None
     task_head_path: str | None = None
+    # The quantisation scheme each bitwidth was measured in ((bits, "dict"), ...; absent:
+    # "uniform"): the runtime refuses a store that keeps a bitwidth another way.
+    schemes: tuple[tuple[int, str], ...] = ()
 
     @property
     def embedding_table_bytes(self) -> int:

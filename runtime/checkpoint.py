@@ -94,7 +94,8 @@ def declared_pooling(path: Path, *, mode: bool = True) -> Pooling | None:
         kind = m.string("type")
         if kind == POOLING_TYPE:
             sub = m.raw("path", required=False) or ""
-            if not isinstance(sub, str) or "/" in sub.strip("/") or sub in (".", ".."):
+            if not isinstance(sub, str) or not sub or "/" in sub or "\\" in sub \
+                    or sub in (".", ".."):
                 raise m.err("path", f"{sub!r} is not a folder of this checkpoint")
             found = _pooling_mode(path / sub / "config.json") if mode else "given"
         elif kind == NORMALIZE_TYPE:

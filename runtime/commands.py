@@ -36,6 +36,7 @@ from elasticplan.spec import (
     MAX_BANDWIDTH_MB_S,
     MAX_LATENCY_US,
     MIN_BANDWIDTH_MB_S,
+    QUANT_SCHEMES,
     ModelProfile,
 )
 from elasticplan.verify import scenario_for, verify_plan
@@ -86,6 +87,10 @@ def register(sub) -> None:
     h.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise the embedding (default: as modules.json declares, "
                         "else not)")
+    h.add_argument("--scheme", choices=QUANT_SCHEMES, default="uniform",
+                   help="how shards below 32 bits are kept: uniform (per row; 2/3/4/6/8 "
+                        "bits) or dict (2/3/4/5 bits as a dictionary per 8 rows + 0.5 %% "
+                        "exact outliers, 6/8 bits uniform); default uniform")
     h.add_argument("--force", action="store_true", help="rewrite every file")
 
     p = sub.add_parser("profile", help="measure shard importance on the real model and write "
@@ -184,7 +189,7 @@ def register(sub) -> None:
 
 def cmd_shard(a) -> int:
     from runtime.checkpoint import open_checkpoint, packaged
-    from runtime.store import build_store
+    from runtime.store import Scheme, build_store
 
     t0 = time.monotonic()
     if a.checkpoint is None:
@@ -202,7 +207,9 @@ def cmd_shard(a) -> int:
     print(f"{ckpt.path}: {c.name}, {c.family}, {c.layers} layers x {c.heads} heads, hidden "
           f"{c.hidden}, FFN {c.ffn}; {pool.mode} pooling"
           f"{', normalised' if pool.normalize else ''} ({pool.source})", file=sys.stderr)
-    report = build_store(out, ckpt, force=a.force, log=lambda s: print(s, file=sys.stderr))
+    scheme = Scheme(a.scheme)
+    report = build_store(out, ckpt, scheme=scheme, force=a.force,
+                         log=lambda s: print(s, file=sys.stderr))
     print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
           f"(checksums match), {report.total_bytes / 1e6:.1f} MB in all, "
           f"{time.monotonic() - t0:.1f} s")
@@ -210,35 +217,34 @@ def cmd_shard(a) -> int:
 
 
 def cmd_profile(a) -> int:
+    from runtime.model import MODEL_NAME
     from runtime.profile import measurements_path, profile_model
     from runtime.store import ShardStore
     from runtime.task import csv_task
 
     store = ShardStore(a.store)  # a missing or unfinished store stops here
-    minilm = _is_default_store(a.store) and a.task is None
     task = csv_task(a.task, a.text_column, a.label_column) if a.task else None
-    if minilm:
+    tweets = task is None and store.model == MODEL_NAME  # MiniLM's own task: the tweets
+    if _is_default_store(a.store) and tweets:
         out, cache, head = a.out or DEFAULT_PROFILE, a.cache or DEFAULT_CACHE, \
             a.head or DEFAULT_HEAD
     else:
         out = a.out or str(Path(a.store) / "profile.yaml")
-        cache = a.cache or f"build/profile/{store.model}"
+        cache = a.cache or f"build/profile/{Path(a.store).resolve().name}"
         head = a.head or (str(Path(out).with_name(Path(out).name.removesuffix(".yaml") +
-                                                  ".taskhead.json")) if task else None)
-        if head and not task and not Path(head).is_file():
-            raise InvalidArgument(f"--head {head}: no such task head (give --task CSV to "
-                                  f"train one)")
+                                                  ".taskhead.json")) if task or tweets
+                          else None)
     for path in (Path(out), measurements_path(Path(out))):  # before minutes of measuring
-        refuse_inputs(path, (*store.files(), *([head] if head else []),
-                             *([a.task] if a.task else [])))
+        refuse_inputs(path, (*store.files(), *([a.task] if a.task else [])))
     profile_model(a.store, out, cache_dir=cache, head_path=head, task=task, metric=a.metric,
-                  link=not minilm)
+                  link=not _is_default_store(a.store))
     return 0
 
 
 def cmd_scenario(a) -> int:
     """A scenario on a store's measured profile: paths relative to the written file."""
     from elasticplan.loader import parse_device, parse_model, read_yaml, write_checked_yaml
+    from runtime.executor import check_schemes
     from runtime.store import ShardStore
 
     store = ShardStore(a.store)
@@ -251,6 +257,7 @@ def cmd_scenario(a) -> int:
     if model.name != store.model:
         raise InvalidArgument(f"{profile}: a profile of {model.name!r}, the store "
                               f"{a.store} holds {store.model!r}")
+    check_schemes(model, store)
     device = parse_device(read_yaml(a.device), a.device)
     if a.latency_quantile and a.latency_quantile > 0.5 and device.spread is None:
         raise InvalidArgument(f"{a.device}: --latency-quantile {a.latency_quantile:g} needs the "

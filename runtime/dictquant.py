@@ -1,5 +1,6 @@
 """Dictionary quantisation with outliers (after GOBO, MICRO 2020), the second scheme beside
-runtime/quant.py's uniform one. Not yet a stored scheme: `python -m runtime.dictquant`
+runtime/quant.py's uniform one: a store built with `elasticplan shard --scheme dict`
+keeps its quantised shards this way (runtime/store.py); `python -m runtime.dictquant`
 measures it against the uniform scheme on the whole model (docs/runtime.md).
 
 Scheme (b in 1..8 bits), row by row of a block (rows are output channels):
@@ -18,9 +19,17 @@ within half a cell; the outliers are exact.
 
 Packed layout of one block [rows, cols], in order: the codes (each row a little-endian bit
 stream, value k in bits [k b, (k+1) b), padded to a whole byte: ceil(cols b / 8) bytes
-per row), the dictionaries (ceil(rows / group) x 2^b fp32), the outliers' column
-indices (rows x n uint16, ascending within a row), their values (rows x n fp32), with
-n = outliers_per_row(cols, share). Its size depends only on the shape: `block_bytes`.
+per row; the section zero-padded to a multiple of 4 bytes), the dictionaries
+(ceil(rows / group) x 2^b fp32), the outliers' column indices (rows x n uint16,
+ascending within a row; the section padded to a multiple of 4 bytes), their values
+(rows x n fp32), with n = outliers_per_row(cols, share). Every section starts 4-aligned,
+so the decoder views them in place. Its size depends only on the shape: `block_bytes`.
+
+Decoding (`decode_into`, allocation-free with a DecodeWork): the codes of lcm(b, 8) bits
+(G bytes) at a time are copied into 4- or 8-byte little-endian words, cut out with one
+broadcast shift and mask, offset by their row group's place in the dictionaries, looked
+up with one index_select, the outliers scattered over them, and the block copied into its
+destination view.
 """
 
 from __future__ import annotations
@@ -33,16 +42,41 @@ import torch
 
 MAX_BITS = 8
 DEFAULT_OUTLIER_SHARE = 0.005  # measured: 0.1 % -> 0.5 % -> 2 % (module main)
+DEFAULT_GROUP = 8  # rows per dictionary in a store (measured: 1, 8, a whole block)
 
 
 def outliers_per_row(cols: int, share: float) -> int:
     return math.ceil(share * cols) if share > 0 else 0
 
 
+def _ceil4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
 def block_bytes(rows: int, cols: int, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
                 group: int = 1) -> int:
     n = outliers_per_row(cols, share)
-    return rows * (math.ceil(cols * bits / 8) + 6 * n) + -(-rows // group) * 4 * 2 ** bits
+    return _ceil4(rows * math.ceil(cols * bits / 8)) + -(-rows // group) * 4 * 2 ** bits + \
+        _ceil4(2 * rows * n) + 4 * rows * n
+
+
+def _words(bits: int) -> tuple[int, int, int]:
+    """(G bytes of whole codes, word bytes P >= G holding them, codes per word)."""
+    G = bits // math.gcd(bits, 8)
+    return G, (1 if G == 1 else 4 if G <= 3 else 8), 8 * G // bits
+
+
+def decode_work(rows: int, cols: int, bits: int, share: float = DEFAULT_OUTLIER_SHARE
+                ) -> tuple[int, int, int, int, int]:
+    """Elements of the decode workspace for one block, in DecodeWork's order: (int32
+    words, int32 codes, fp32 values, uint8 padded bytes / 4 rounded up, int64 outlier
+    indices). Words of 8 bytes (5 and 7 bits) count twice."""
+    G, P, per = _words(bits)
+    groups = -(-cols // per)
+    words = rows * groups * (2 if P == 8 else 1)
+    codes = rows * groups * per
+    return words, codes * (2 if P == 8 else 1), codes, \
+        -(-rows * groups * P // 4) if P > 1 else 0, rows * outliers_per_row(cols, share)
 
 
 def error_bound(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
@@ -123,36 +157,77 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=1, bitorder="little")
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """[rows, ceil(cols b / 8)] uint8 -> codes int64 [rows, cols] (torch, for decoding).
-    Whole codes fill lcm(b, 8) bits = G bytes (G = b / gcd(b, 8) <= 7, so a group fits
-    an int64): each group is assembled from its G bytes, then its 8 G / b codes are cut
-    out with one shift and mask each: G + 8 G / b vector operations a block, about as
-    many as the uniform scheme's lookup-table decode."""
-    rows, nbytes = packed.shape
-    G = bits // math.gcd(bits, 8)
-    per = 8 * G // bits
-    groups = -(-cols // per)
-    if groups * G != nbytes:
-        full = torch.zeros(rows, groups * G, dtype=torch.uint8)
-        full[:, :nbytes] = packed
-        packed = full
-    b = packed.view(rows, groups, G).to(torch.int64)
-    g = b[..., 0].clone()
-    for i in range(1, G):
-        g |= b[..., i] << (8 * i)
-    codes = torch.empty(rows, groups, per, dtype=torch.int64)
-    mask = (1 << bits) - 1
-    for k in range(per):
-        torch.bitwise_and(g >> (k * bits), mask, out=codes[..., k])
-    return codes.view(rows, groups * per)[:, :cols]
-
-
 def encode_block(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
                  group: int = 1) -> bytes:
     codes, dicts, out_cols, out_vals = quantize(matrix, bits, share, group)
-    return b"".join([pack_codes(codes, bits).tobytes(), dicts.astype("<f4").tobytes(),
-                     out_cols.astype("<u2").tobytes(), out_vals.astype("<f4").tobytes()])
+    packed = pack_codes(codes, bits).tobytes()
+    idx = out_cols.astype("<u2").tobytes()
+    return b"".join([packed, bytes(_ceil4(len(packed)) - len(packed)),
+                     dicts.astype("<f4").tobytes(), idx, bytes(_ceil4(len(idx)) - len(idx)),
+                     out_vals.astype("<f4").tobytes()])
+
+
+_OFFSETS: dict[tuple[int, int, int, int], torch.Tensor] = {}
+_SHIFTS: dict[int, torch.Tensor] = {}
+
+
+def decode_into(out: torch.Tensor, buf: torch.Tensor, rows: int, cols: int, bits: int,
+                share: float = DEFAULT_OUTLIER_SHARE, group: int = 1, work=None) -> None:
+    """Decode one packed block (uint8 tensor `buf`, exactly block_bytes long) into `out`,
+    any view of rows x cols elements whose last dimension is cols. With `work` (a
+    runtime.quant.DecodeWork sized by decode_work) nothing is allocated but two small
+    per-shape constants, cached."""
+    from runtime.quant import take
+
+    if buf.numel() != block_bytes(rows, cols, bits, share, group):
+        raise ValueError(f"a {rows}x{cols} block at {bits} bits is "
+                         f"{block_bytes(rows, cols, bits, share, group)} bytes, got {buf.numel()}")
+    G, P, per = _words(bits)
+    n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
+    groups = -(-cols // per)
+    width = groups * per
+    # the codes, G bytes at a time, as little-endian words of P bytes
+    packed = buf[:rows * row_bytes].view(rows, row_bytes)
+    wtype = torch.int64 if P == 8 else torch.int32
+    if P == 1:
+        words = take(work and work.packed, rows * groups, torch.int32).view(rows, groups)
+        words.copy_(packed)
+    else:
+        pad = take(work and work.bytes, rows * groups * P, torch.uint8).view(rows, groups, P)
+        pad.zero_()
+        if groups * G == row_bytes:
+            pad[..., :G].copy_(packed.view(rows, groups, G))
+        else:  # the last group is short: byte j of every group, then zeros
+            for j in range(G):
+                pad[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
+        words = pad.view(wtype).view(rows, groups)
+    codes = take(work and (work.indices.view(torch.int64) if P == 8 else work.indices),
+                 rows * width, wtype).view(rows, groups, per)
+    if bits not in _SHIFTS:
+        _SHIFTS[bits] = torch.arange(per, dtype=torch.int64) * bits
+    torch.bitwise_right_shift(words.unsqueeze(-1), _SHIFTS[bits].to(wtype), out=codes)
+    codes.bitwise_and_(k - 1)
+    key = (rows, group, k, width)
+    if key not in _OFFSETS:  # each row's dictionary: its group's place in the table
+        _OFFSETS[key] = (torch.arange(rows) // group * k).to(wtype).view(rows, 1)
+    flat = codes.view(rows, width)
+    flat.add_(_OFFSETS[key])
+    pos = _ceil4(rows * row_bytes)
+    n_dicts = -(-rows // group) * k
+    dicts = buf[pos:pos + 4 * n_dicts].view(torch.float32)
+    pos += 4 * n_dicts
+    values = take(work and work.values, rows * width, torch.float32)
+    torch.index_select(dicts, 0, flat.view(-1), out=values)
+    values = values.view(rows, width)
+    if n:
+        idx = take(work and work.longs, rows * n, torch.int64).view(rows, n)
+        idx.copy_(buf[pos:pos + 2 * rows * n].view(torch.int16).view(rows, n))
+        if cols > 32767:
+            idx.bitwise_and_(0xFFFF)
+        pos += _ceil4(2 * rows * n)
+        values.scatter_(1, idx, buf[pos:pos + 4 * rows * n].view(torch.float32).view(rows, n))
+    src = values[:, :cols]
+    out.copy_(src.unflatten(0, out.shape[:-1]) if out.dim() > 2 else src)
 
 
 def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
@@ -163,25 +238,18 @@ def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
         raise ValueError(f"a {rows}x{cols} block at {bits} bits is {expected} bytes, got "
                          f"{len(raw)}")
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
-    n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
-    pos = rows * row_bytes
-    codes = unpack_codes(buf[:pos].view(rows, row_bytes), bits, cols)
-    groups = -(-rows // group)
-    dicts = buf[pos:pos + 4 * groups * k].view(torch.float32).view(groups, k)
-    dicts = dicts.repeat_interleave(group, dim=0)[:rows]
-    pos += 4 * groups * k
-    out_cols = buf[pos:pos + 2 * rows * n].view(torch.int16).view(rows, n).to(torch.int64) & 0xFFFF
-    pos += 2 * rows * n
-    out_vals = buf[pos:pos + 4 * rows * n].view(torch.float32).view(rows, n)
-    out = torch.gather(dicts, 1, codes)
-    out.scatter_(1, out_cols, out_vals)
+    out = torch.empty(rows, cols)
+    decode_into(out, buf, rows, cols, bits, share, group)
     return out
 
 
-def time_decode(bits_list: list[int], repeats: int = 300) -> int:
+def time_decode(bits_list: list[int], repeats: int = 300, share: float = DEFAULT_OUTLIER_SHARE,
+                group: int = DEFAULT_GROUP) -> int:
     """The mean time of `repeats` decodes after 20 warm-up ones, one torch thread, of
-    decoding a random block of each MiniLM block shape: head in [96, 384], head out
-    [384, 32], FFN in [128, 384], FFN out [384, 128]."""
+    decoding a random block of each MiniLM block shape into a strided destination (as the
+    executor does), with preallocated workspaces: head in [96, 384], head out [384, 32],
+    FFN in [128, 384], FFN out [384, 128]; this scheme (the store's: per `group` rows,
+    `share` outliers) beside the uniform one."""
     import time
 
     from runtime import quant
@@ -191,14 +259,19 @@ def time_decode(bits_list: list[int], repeats: int = 300) -> int:
     print(f"{'block':>9} {'bits':>4} {'dictionary ms':>13} {'uniform ms':>10} {'ratio':>6}")
     for rows, cols in ((96, 384), (384, 32), (128, 384), (384, 128)):
         m = rng.normal(size=(rows, cols)).astype(np.float32)
+        out = torch.empty(cols, rows).t()  # a transposed view, as an output block's slot
         for bits in bits_list:
-            raw = memoryview(bytearray(encode_block(m, bits, 0.0, 8)))
-            timings = [lambda: decode_block(raw, rows, cols, bits, 0.0, 8)]
+            raw = torch.frombuffer(bytearray(encode_block(m, bits, share, group)),
+                                   dtype=torch.uint8)
+            work = quant.DecodeWork(*decode_work(rows, cols, bits, share))
+            timings = [lambda: decode_into(out, raw, rows, cols, bits, share, group, work)]
             if bits in quant.QUANT_BITS:
+                from elasticplan.archgen import decode_work as uniform_work
+
                 codes, scales = quant.quantize(m, bits)
                 packed, sc = torch.from_numpy(quant.pack(codes, bits)), torch.from_numpy(scales)
-                out = torch.empty(rows, cols)
-                timings.append(lambda: quant.dequantize_into(out, packed, sc, bits))
+                uwork = quant.DecodeWork(*uniform_work(rows, cols, bits))
+                timings.append(lambda: quant.dequantize_into(out, packed, sc, bits, uwork))
             ms = []
             for fn in timings:
                 for _ in range(20):
@@ -208,7 +281,7 @@ def time_decode(bits_list: list[int], repeats: int = 300) -> int:
                     fn()
                 ms.append((time.perf_counter() - t0) / repeats * 1e3)
             uniform = f"{ms[1]:>10.3f} {ms[0] / ms[1]:>6.2f}" if len(ms) > 1 else f"{'-':>10} {'-':>6}"
-            print(f"{rows:>4}x{cols:<4} {bits:>4} {ms[0]:>13.3f} {uniform}")
+            print(f"{rows:>4}x{cols:<4} {bits:>4} {ms[0]:>13.3f} {uniform}", flush=True)
     return 0
 
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from elasticplan import archgen
 from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plan import Plan
@@ -155,11 +154,29 @@ def check_model(plan: Plan, store: ShardStore) -> None:
                          f"model has {store.config.layers}")
 
 
+def check_schemes(profile: ModelProfile, store: ShardStore) -> None:
+    """StoreError naming the store's index if a bitwidth of the profile is stored in
+    another scheme than the profile was measured on (the profile's `quantisation`; absent:
+    uniform)."""
+    measured = dict(profile.schemes)
+    for bits in profile.bitwidths:
+        if bits >= 32 or bits not in store.bitwidths:
+            continue
+        want, got = measured.get(bits, "uniform"), store.scheme_of(bits)
+        if want != got:
+            raise StoreError(f"{store.path / 'index.json'}: {bits}-bit shards are stored in "
+                             f"the {got} scheme, but the profile of {profile.name!r} was "
+                             f"measured on the {want} scheme; use the profile measured on "
+                             f"this store, or rebuild it with `elasticplan shard --scheme "
+                             f"{want}`")
+
+
 def planned_variants(plan: Plan, profile: ModelProfile, store: ShardStore
                      ) -> list[list[tuple[Variant, bool]]]:
     """Per layer, each planned shard's variant in the store and whether it is preloaded;
     StoreError if one is missing or not the size the profile claims (profile and store
     do not match)."""
+    check_schemes(profile, store)
     out = []
     for lp in plan.layers:
         layer = profile.layers[lp.index]
@@ -216,7 +233,7 @@ class Executor:
         self.scratch = torch.zeros(shard_scratch_floats(c))
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
         self.workspace = Workspace(c, 1, profile.seq_len)
-        work, bounce = archgen.decode_buffers(c)
+        work, bounce = store.decode_buffers()
         self.work = quant.DecodeWork(*work)
         self.bounce = _touched(bounce)
         activations = self.workspace.nbytes + self.work.nbytes + self.bounce.nbytes

@@ -287,6 +287,7 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float 
     c = store.config
     seq_len = profile_seq_len(store)
     arch = dataclasses.replace(c, seq_len=seq_len)
+    schemes = {b: store.scheme_of(b) for b in store.bitwidths if b != 32}
     bits = tuple(store.bitwidths)
     layers = []
     for l in range(c.layers):
@@ -321,7 +322,8 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float 
         "seq_len": seq_len,
         "bitwidths": list(bits),
         # The word-embedding table is streamable by rows (memory.embedding_*), the rest resident.
-        **archgen.memory_fields(arch),
+        **archgen.memory_fields(arch, store.decode_buffers()),
+        **({"quantisation": schemes} if set(schemes.values()) != {"uniform"} else {}),
         **({"runtime": runtime} if runtime else {}),
         "layers": layers,
     }

@@ -124,20 +124,27 @@ _LUTS: dict[int, torch.Tensor] = {}
 
 
 class DecodeWork:
-    """Preallocated buffers for dequantize_into, sized for the largest block it will see
-    (elasticplan.archgen.decode_work), so decoding allocates nothing."""
+    """Preallocated buffers for dequantize_into and runtime.dictquant.decode_into, sized
+    for the largest block they will see (elasticplan.archgen.decode_work,
+    dictquant.decode_work), so decoding allocates nothing: int32 words and codes, fp32
+    values, a byte buffer (given in 4-byte units) and int64 outlier indices."""
 
-    def __init__(self, packed_ints: int, indices: int, values: int):
+    def __init__(self, packed_ints: int, indices: int, values: int, byte_words: int = 0,
+                 longs: int = 0):
         self.packed = torch.zeros(packed_ints, dtype=torch.int32)
-        self.indices = torch.zeros(indices, dtype=torch.int32)
+        self.indices = torch.zeros(indices, dtype=torch.int32)  # (viewed as int64 for 8-byte words)
         self.values = torch.zeros(values)
+        self.bytes = torch.zeros(4 * byte_words, dtype=torch.uint8)
+        self.longs = torch.zeros(longs, dtype=torch.int64)
 
     @property
     def nbytes(self) -> int:
-        return 4 * (self.packed.numel() + self.indices.numel() + self.values.numel())
+        return 4 * (self.packed.numel() + self.indices.numel() + self.values.numel()) + \
+            self.bytes.numel() + 8 * self.longs.numel()
 
 
-def _buffer(work: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
+def take(work: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
+    """The first n elements of a workspace buffer (a fresh tensor without one)."""
     if work is None:
         return torch.empty(n, dtype=dtype)
     if work.numel() < n:
@@ -158,24 +165,24 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
         _LUTS[bits] = _lut(bits, 8 if byte_aligned else 12)
     lut = _LUTS[bits]
     if byte_aligned:
-        chunks = _buffer(work and work.indices, rows * nbytes, torch.int32)
+        chunks = take(work and work.indices, rows * nbytes, torch.int32)
         chunks.copy_(packed.reshape(-1))
     else:
         groups = -(-cols // (24 // bits))
-        b = _buffer(work and work.packed, rows * groups * 3, torch.int32).view(rows, groups, 3)
+        b = take(work and work.packed, rows * groups * 3, torch.int32).view(rows, groups, 3)
         if groups * 3 != nbytes:
             b.zero_()
             b.view(rows, groups * 3)[:, :nbytes].copy_(packed)
         else:
             b.copy_(packed.view(rows, groups, 3))
-        c = _buffer(work and work.indices, rows * groups * 2, torch.int32).view(rows, groups, 2)
+        c = take(work and work.indices, rows * groups * 2, torch.int32).view(rows, groups, 2)
         low, high = c[..., 0], c[..., 1]
         low.copy_(b[..., 1]).bitwise_and_(15).bitwise_left_shift_(8).bitwise_or_(b[..., 0])
         high.copy_(b[..., 1]).bitwise_right_shift_(4)
         high.bitwise_or_(b[..., 2].bitwise_left_shift_(4))
         chunks = c.view(-1)
     per = lut.shape[1]
-    values = _buffer(work and work.values, chunks.numel() * per, torch.float32)
+    values = take(work and work.values, chunks.numel() * per, torch.float32)
     torch.index_select(lut, 0, chunks, out=values.view(-1, per))
     values = values.view(rows, -1)[:, :cols]
     if out.dim() == 2:

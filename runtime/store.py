@@ -14,11 +14,16 @@ One shard variant (its `offset` and `bytes` in the index) is two blocks and a bi
     output block  the remaining rows transposed back to the original orientation
                   (Wo's / W2's columns): [cols, rows - in_rows]
     bias          [bias] fp32
-Each block is fp32 (B = 32), or packed codes [r, ceil(c*B/8)] then fp32 scales [r]
-(quant.py), so every block is quantised per output channel. (Quantising Wo's columns
-per input channel instead cost 6-bit fidelity 0.962 vs 0.999 here.) The size is exactly
-elasticplan.archgen's head_bytes / ffn_bytes, and the model profile's `bytes` are these
-sizes. Each variant and each file carries a sha256.
+Each block is fp32 (B = 32), or in the store's scheme for quantised bitwidths:
+- uniform (default): packed codes [r, ceil(c*B/8)] then fp32 scales [r] (quant.py), so
+  every block is quantised per output channel; B in {2, 3, 4, 6, 8};
+- dict (`elasticplan shard --scheme dict`): a dictionary of 2^B fp32 values per group of
+  rows plus exact outliers (dictquant.py; its layout there); B in {2, 3, 4, 5, 6, 8}.
+The index records the scheme per file (absent: uniform) and the dictionary parameters
+(rows per dictionary, outlier share) under `quantisation.dictionary`. (Quantising Wo's columns
+per input channel instead cost 6-bit fidelity 0.962 vs 0.999 here.) For the uniform scheme the
+size is exactly elasticplan.archgen's head_bytes / ffn_bytes; for either, the model
+profile's `bytes` are these sizes, and the index's sizes must be what the shapes imply. Each variant and each file carries a sha256.
 
 Building is idempotent and resumable: the index records what the store was built from
 (the model file's sha256, bitwidths, quantisation scheme); a rerun keeps every file whose
@@ -38,10 +43,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from elasticplan import archgen
 from elasticplan.errors import StoreError
 from elasticplan.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.outputs import remove_debris, write_bytes
-from runtime import quant
+from runtime import dictquant, quant
 from runtime.checkpoint import Checkpoint, packaged
 from runtime.model import (
     FAMILIES,
@@ -58,6 +64,14 @@ from runtime.model import (
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
 DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
+SCHEME_BITWIDTHS = {"uniform": DEFAULT_BITWIDTHS, "dict": (2, 3, 4, 5, 6, 8, 32)}
+# The dict scheme codes these bitwidths by dictionary and keeps 6 and 8 bits uniform:
+# there the uniform scheme is within 0.5 % of fp32's fidelity (0.995, 0.9997) while a
+# dictionary per 8 rows would add 11 % and 33 % to the bytes (2^b fp32 values per 8 rows).
+DICT_BITS = (2, 3, 4, 5)
+DICT_LAYOUT = ("codes [r, ceil(c*bits/8)] (section padded to 4 bytes), dictionaries "
+               "[ceil(r / group), 2^bits] fp32, outlier columns [r, n] uint16 (section padded "
+               "to 4 bytes), outlier values [r, n] fp32; n = ceil(outlier_share * c)")
 INDEX = "index.json"
 VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - in_rows] "
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
@@ -79,30 +93,76 @@ class Variant:
     in_rows: int
     bias: int
     sha256: str
+    scheme: str = "uniform"
+    dictionary: tuple[int, float] = (dictquant.DEFAULT_GROUP, dictquant.DEFAULT_OUTLIER_SHARE)
 
     def blocks(self) -> list[tuple[int, int]]:
         """(rows, cols) of the stored input and output blocks."""
         return [(self.in_rows, self.cols), (self.cols, self.rows - self.in_rows)]
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """How a store's quantised blocks are kept: uniform, or dict with its rows per
+    dictionary and outlier share."""
+
+    name: str = "uniform"
+    group: int = dictquant.DEFAULT_GROUP
+    share: float = dictquant.DEFAULT_OUTLIER_SHARE
+
+    def check_bits(self, bits: int) -> None:
+        if bits != quant.FP32 and bits not in SCHEME_BITWIDTHS[self.name]:
+            raise ValueError(f"bitwidth {bits} is not stored by the {self.name} scheme; use "
+                             f"one of {SCHEME_BITWIDTHS[self.name]}")
+
+    def coder(self, bits: int) -> "Scheme":
+        """The scheme that codes `bits`: this one, or uniform (fp32; 6 and 8 bits of dict)."""
+        return self if self.name == "dict" and bits in DICT_BITS else UNIFORM
+
+    def block_bytes(self, rows: int, cols: int, bits: int) -> int:
+        if bits == quant.FP32 or self.name == "uniform":
+            return rows * quant.row_bytes(cols, bits) + (0 if bits == quant.FP32 else 4 * rows)
+        return dictquant.block_bytes(rows, cols, bits, self.share, self.group)
+
+    def variant_bytes(self, rows: int, cols: int, in_rows: int, bias: int, bits: int) -> int:
+        return self.block_bytes(in_rows, cols, bits) + \
+            self.block_bytes(cols, rows - in_rows, bits) + 4 * bias
+
+    def decode_work(self, rows: int, cols: int, bits: int) -> tuple[int, ...]:
+        if bits == quant.FP32 or self.name == "uniform":
+            return archgen.decode_work(rows, cols, bits)
+        return dictquant.decode_work(rows, cols, bits, self.share)
+
+    def encode_block(self, block: np.ndarray, bits: int) -> list[bytes]:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if bits == quant.FP32:
+            return [block.astype("<f4").tobytes()]
+        if self.name == "dict":
+            return [dictquant.encode_block(block, bits, self.share, self.group)]
+        codes, scales = quant.quantize(block, bits)
+        return [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
+
+    def encode_variant(self, matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int
+                       ) -> bytes:
+        return b"".join(self.encode_block(matrix[:in_rows], bits) +
+                        self.encode_block(matrix[in_rows:].T, bits) +
+                        [bias.astype("<f4").tobytes()])
+
+
+UNIFORM = Scheme()
+
+
 def block_bytes(rows: int, cols: int, bits: int) -> int:
-    return rows * quant.row_bytes(cols, bits) + (0 if bits == quant.FP32 else 4 * rows)
+    """A uniform-scheme (or fp32) block's stored bytes."""
+    return UNIFORM.block_bytes(rows, cols, bits)
 
 
 def variant_bytes(rows: int, cols: int, in_rows: int, bias: int, bits: int) -> int:
-    return block_bytes(in_rows, cols, bits) + block_bytes(cols, rows - in_rows, bits) + 4 * bias
-
-
-def _encode_block(block: np.ndarray, bits: int) -> list[bytes]:
-    if bits == quant.FP32:
-        return [np.ascontiguousarray(block, dtype="<f4").tobytes()]
-    codes, scales = quant.quantize(np.ascontiguousarray(block), bits)
-    return [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
+    return UNIFORM.variant_bytes(rows, cols, in_rows, bias, bits)
 
 
 def encode_variant(matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int) -> bytes:
-    return b"".join(_encode_block(matrix[:in_rows], bits) + _encode_block(matrix[in_rows:].T, bits)
-                    + [bias.astype("<f4").tobytes()])
+    return UNIFORM.encode_variant(matrix, in_rows, bias, bits)
 
 
 def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
@@ -113,9 +173,15 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
     pos = 0
     bias_out = slot.bias
+    dictionary = v.scheme == "dict" and v.bits != quant.FP32
     for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
         n = r * quant.row_bytes(c, v.bits)
-        if v.bits == quant.FP32:
+        if dictionary:
+            group, share = v.dictionary
+            size = dictquant.block_bytes(r, c, v.bits, share, group)
+            dictquant.decode_into(dest, buf[pos:pos + size], r, c, v.bits, share, group, work)
+            pos += size
+        elif v.bits == quant.FP32:
             dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
             pos += n
         else:
@@ -185,6 +251,14 @@ def _read_index(path: Path):
     cf.done()
     bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
+    schemes = {"uniform": UNIFORM}
+    qf = f.mapping("quantisation", "the quantisation schemes")
+    df = qf.mapping("dictionary", "{group, outlier_share, layout}", required=False)
+    if df is not None:
+        schemes["dict"] = Scheme("dict", df.integer("group", minimum=1, maximum=1 << 20),
+                                 df.number("outlier_share", minimum=0, maximum=0.5))
+        df.free_form("layout", str)
+        df.done()
     variants: dict[tuple[int, str, int], Variant] = {}
     files = f.mapping("files", "file name -> its layer, bitwidth and shards")
     for fname in list(files.data):
@@ -192,6 +266,14 @@ def _read_index(path: Path):
         ef = files.mapping(fname, "a shard file")
         layer = ef.integer("layer", minimum=0, maximum=config.layers - 1)
         bits = ef.integer("bits", minimum=1, maximum=32)
+        name = ef.string("scheme", required=False) or "uniform"
+        if name not in schemes:
+            raise ef.err("scheme", f"{name!r} is not a scheme of this store (known: "
+                                   f"{', '.join(schemes)}; dict needs quantisation.dictionary)")
+        scheme = schemes[name]
+        if name == "dict" and bits not in DICT_BITS or \
+                name == "uniform" and bits not in (*quant.QUANT_BITS, quant.FP32):
+            raise ef.err("bits", f"{bits} is not a bitwidth of the {name} scheme")
         shards = ef.mapping("shards", "shard name -> its place in the file")
         for name in list(shards.data):
             sf = shards.mapping(name, "a shard variant")
@@ -202,8 +284,16 @@ def _read_index(path: Path):
                         cols=sf.integer("cols", minimum=0, maximum=1 << 20),
                         in_rows=sf.integer("in_rows", minimum=0, maximum=1 << 20),
                         bias=sf.integer("bias", minimum=0, maximum=1 << 20),
-                        sha256=sf.string("sha256"))
+                        sha256=sf.string("sha256"), scheme=scheme.name,
+                        dictionary=(scheme.group, scheme.share))
             sf.done()
+            if not 0 < v.in_rows < v.rows:
+                raise sf.err("in_rows", f"{v.in_rows} is not inside the shard's {v.rows} rows")
+            want = scheme.variant_bytes(v.rows, v.cols, v.in_rows, v.bias, bits)
+            if v.nbytes != want:  # e.g. an outlier count that does not match the size
+                raise sf.err("bytes", f"{v.nbytes}, but a {v.rows}x{v.cols} shard at {bits} "
+                                      f"bits in the {scheme.name} scheme is {want} bytes "
+                                      f"(a store of another scheme or layout version?)")
             variants[v.layer, v.name, v.bits] = v
     tokenizer = f.mapping("tokenizer", "{file, sha256}")
     _store_file(tokenizer, "file", tokenizer.raw("file"))
@@ -251,6 +341,25 @@ class ShardStore:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def scheme_of(self, bits: int) -> str:
+        """The scheme the store's variants at `bits` are kept in (fp32: uniform, raw)."""
+        v = next((v for k, v in self._variants.items() if k[2] == bits), None)
+        return v.scheme if v is not None else "uniform"
+
+    def decode_buffers(self) -> tuple[tuple[int, ...], int]:
+        """The decode workspace (runtime.quant.DecodeWork's sizes: the largest need of any
+        stored quantised block) and the bounce buffer (bytes of the largest quantised
+        variant), as elasticplan.archgen.decode_buffers for the uniform scheme."""
+        work, bounce = [0] * 5, 0
+        for v in self._variants.values():
+            if v.bits == quant.FP32:
+                continue
+            scheme = Scheme(v.scheme, *v.dictionary)
+            for r, c in v.blocks():
+                work = [max(a, b) for a, b in zip(work, scheme.decode_work(r, c, v.bits))]
+            bounce = max(bounce, v.nbytes)
+        return tuple(work), bounce
 
     @property
     def resident_bytes(self) -> int:
@@ -382,12 +491,15 @@ class BuildReport:
 
 
 def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
-                bitwidths: tuple[int, ...] = DEFAULT_BITWIDTHS, force: bool = False,
-                log: Callable[[str], None] = lambda s: None) -> BuildReport:
+                bitwidths: tuple[int, ...] | None = None, scheme: Scheme = UNIFORM,
+                force: bool = False, log: Callable[[str], None] = lambda s: None
+                ) -> BuildReport:
     """Write (or resume, or confirm) the shard store of a checkpoint (checked in full by
-    runtime.checkpoint before this runs; default: the packaged MiniLM)."""
+    runtime.checkpoint before this runs; default: the packaged MiniLM), its quantised
+    shards in `scheme` (default bitwidths: the scheme's, SCHEME_BITWIDTHS)."""
+    bitwidths = tuple(bitwidths or SCHEME_BITWIDTHS[scheme.name])
     for b in bitwidths:
-        quant.check_bits(b)
+        scheme.check_bits(b)
     ckpt = checkpoint or packaged()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +509,14 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     build = {"source_sha256": sha256_file(ckpt.weights_file),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
              "quantisation": quant.SCHEME, "clip_grid": len(quant.CLIP_GRID)}
+    dictionary = None
+    if scheme.name == "dict":  # (a uniform store's build and index stay as they were)
+        import kmeans1d
+
+        dictionary = {"group": scheme.group, "outlier_share": scheme.share,
+                      "layout": DICT_LAYOUT}
+        build["dictionary"] = {"group": scheme.group, "outlier_share": scheme.share,
+                               "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__}
     old = {}
     index_path = out / INDEX
     if index_path.is_file() and not force:
@@ -411,6 +531,8 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
              "source": ckpt.source, "config": config.to_dict(), "bitwidths": list(bitwidths),
              "quantisation": {"scheme": quant.SCHEME, "variant_layout": VARIANT_LAYOUT},
              "files": {}}
+    if dictionary:
+        index["quantisation"]["dictionary"] = dictionary
     written, kept = [], []
 
     def keep(fname: str, entry: dict | None) -> bool:
@@ -454,11 +576,15 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
                 index["files"][fname] = prev
             else:
                 entry = {"layer": l, "bits": bits, "shards": {}}
+                coder = scheme.coder(bits)
+                if coder.name != "uniform":
+                    entry["scheme"] = coder.name
                 chunks, offset = [], 0
                 for name, (matrix, bias) in shards.items():
                     in_rows = config.shard_in_rows(name)
-                    raw = encode_variant(matrix, in_rows, bias, bits)
-                    assert len(raw) == variant_bytes(*matrix.shape, in_rows, len(bias), bits)
+                    raw = coder.encode_variant(matrix, in_rows, bias, bits)
+                    assert len(raw) == coder.variant_bytes(*matrix.shape, in_rows, len(bias),
+                                                           bits)
                     entry["shards"][name] = {"offset": offset, "bytes": len(raw),
                                              "rows": matrix.shape[0], "cols": matrix.shape[1],
                                              "in_rows": in_rows, "bias": len(bias),

@@ -89,8 +89,17 @@ class TestSplit:
 
     def evaluate(self, plan: Plan) -> Evaluation:
         """The plan's submodel on every test text, with sampling errors."""
+        return self.evaluate_changes(plan_changes(plan, self.names))
+
+    def evaluate_uniform(self, bits: int) -> Evaluation:
+        """Every shard at `bits`, on every test text, with sampling errors."""
+        one = {} if bits == FULL_PRECISION_BITS else {n: bits for n in self.names}
+        return self.evaluate_changes([dict(one) for _ in range(self.store.config.layers)])
+
+    def evaluate_changes(self, changes: list[dict[str, int]]) -> Evaluation:
+        """A submodel (per layer: shard -> DROP or bits) on every test text."""
         p = self._profiler
-        emb = p.embed_selection(plan_changes(plan, self.names))
+        emb = p.embed_selection(changes)
         cos = cosine(emb, p.reference).double()
         n = cos.numel()
         fid = dict(texts=n, fidelity=float(cos.mean()),

@@ -42,11 +42,20 @@ def test_every_model_loads_and_matches_its_generator(path):
         assert raw == generated
     else:  # measured (elasticplan profile): same shards, bytes and flops, measured importance
         assert model.name == "minilm-l6"
-        strip = [[{k: v for k, v in s.items() if k != "importance"} for s in layer["shards"]]
+        # a dictionary store's profile: its bitwidths (5 added), its bytes and decode
+        # workspace are the dictionary scheme's; names, kinds, flops, weights as generated
+        dictionary = "quantisation" in raw
+        other = ("importance", "bytes") if dictionary else ("importance",)
+        strip = [[{k: v for k, v in s.items() if k not in other} for s in layer["shards"]]
                  for layer in raw["layers"]]
-        assert strip == [[{k: v for k, v in s.items() if k != "importance"}
+        assert strip == [[{k: v for k, v in s.items() if k not in other}
                           for s in layer["shards"]] for layer in generated["layers"]]
         assert raw["resident_bytes"] == generated["resident_bytes"]
+        if dictionary:
+            assert dict(model.schemes) == {2: "dict", 3: "dict", 4: "dict", 5: "dict",
+                                           6: "uniform", 8: "uniform"}
+            assert model.store_path is not None and model.task_head_path is not None
+            raw["memory"].pop("activation_bytes"), generated["memory"].pop("activation_bytes")
         assert raw["memory"] == generated["memory"]
 
 
@@ -80,6 +89,10 @@ CASES = [
     (lambda m: m["layers"][0]["shards"][0].update(flops=float("nan")),
      "layers[0].shards[0].flops", "finite"),
     (lambda m: m["layers"][0]["shards"][0].pop("kind"), "layers[0].shards[0].kind", "missing"),
+    (lambda m: m.update(quantisation={7: "dict"}), "quantisation.7", "not a quantised bitwidth"),
+    (lambda m: m.update(quantisation={3: "gobo"}), "quantisation.3", "must be one of"),
+    (lambda m: m.update(runtime={"store": 5}), "runtime.store", "expected a non-empty string"),
+    (lambda m: m.update(runtime={"store": "s", "head": "h"}), "runtime.head", "unknown key"),
 ]
 
 

@@ -134,16 +134,35 @@ def test_unsupported_bitwidth_is_a_clear_error():
         quant.check_bits(5)
 
 
-@given(bits=st.integers(1, 8), rows=st.integers(1, 5), cols=st.integers(1, 70),
-       seed=st.integers(0, 2**31))
-def test_dictionary_codes_pack_and_unpack_at_any_bitwidth(bits, rows, cols, seed):
+@given(bits=st.integers(1, 8), rows=st.integers(1, 9), cols=st.integers(1, 70),
+       seed=st.integers(0, 2**31), share=st.sampled_from([0.0, 0.01, 0.1]),
+       group=st.sampled_from([1, 2, 8]), split=st.booleans())
+def test_dictionary_decode_into_a_strided_view_with_its_workspace(bits, rows, cols, seed,
+                                                                  share, group, split):
+    """At any bitwidth and shape: the packed codes are a little-endian bit stream of the
+    row's codes; decode_into, with a DecodeWork sized by decode_work (too small would
+    raise), writes exactly numpy's reconstruction into a transposed view (as an output
+    block's slot) or a 3-D view (as a head's input block)."""
     from runtime import dictquant
 
-    codes = np.random.default_rng(seed).integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
     packed = dictquant.pack_codes(codes, bits)
     assert packed.shape == (rows, -(-cols * bits // 8))
-    back = dictquant.unpack_codes(torch.from_numpy(packed.copy()), bits, cols)
-    assert np.array_equal(back.numpy(), codes)
+    stream = np.unpackbits(packed, axis=1, bitorder="little")[:, :cols * bits]
+    back = (stream.reshape(rows, cols, bits) << np.arange(bits)).sum(axis=2)
+    assert np.array_equal(back, codes)
+    w = rng.normal(size=(rows, cols)).astype(np.float32)
+    want = dictquant.dequantize_np(*dictquant.quantize(w, bits, share, group), group)
+    raw = torch.frombuffer(bytearray(dictquant.encode_block(w, bits, share, group)),
+                           dtype=torch.uint8)
+    work = quant.DecodeWork(*dictquant.decode_work(rows, cols, bits, share))
+    if split and rows % 3 == 0:
+        out = torch.full((3, rows // 3, cols + 2), -1.0)[..., 1:-1]  # strided 3-D view
+    else:
+        out = torch.full((cols, rows), -1.0).t()  # transposed
+    dictquant.decode_into(out, raw, rows, cols, bits, share, group, work)
+    assert np.array_equal(out.reshape(rows, cols).numpy(), want)
 
 
 @given(bits=st.sampled_from([1, 2, 3, 4, 5, 6]), seed=st.integers(0, 2**31),

@@ -20,12 +20,12 @@ from elasticplan.costmodel import PIPELINED, Pick
 from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
-from runtime import quant
+from runtime import dictquant, quant
 from runtime.checkpoint import ReferenceModel, open_checkpoint
 from runtime.executor import Executor
 from runtime.measure import Reference
 from runtime.model import LayerWeights, shard_from_hf
-from runtime.store import ShardStore
+from runtime.store import Scheme, ShardStore
 from runtime.task import TaskHead, csv_task
 from runtime.tinyckpt import write_checkpoint, write_task_csv
 
@@ -98,10 +98,20 @@ def test_the_stores_fp32_embedding_equals_transformers_pooled(built):
         assert int(batch.ids[2, -1]) == s.config.pad_id == 1
 
 
+def _round_trip(block: np.ndarray, bits: int, scheme: str) -> np.ndarray:
+    """A block quantised and dequantised with numpy, in the scheme the store uses."""
+    if scheme == "dict":
+        g, share = dictquant.DEFAULT_GROUP, dictquant.DEFAULT_OUTLIER_SHARE
+        return dictquant.dequantize_np(*dictquant.quantize(block, bits, share, g), g)
+    return quant.dequantize_np(*quant.quantize(block, bits), bits)
+
+
 def _oracle_layers(ref: ReferenceModel, model, selection):
     """Our reference path, independent of the store and the executor: each shard cut from
-    the checkpoint, quantised and dequantised with numpy, placed with LayerWeights.put."""
+    the checkpoint, quantised and dequantised with numpy (in the scheme the profile says),
+    placed with LayerWeights.put."""
     c, layers = ref.config, []
+    schemes = dict(model.schemes)
     for l, picks in enumerate(selection):
         names = [model.layers[l].shards[p.shard].name for p in picks]
         w = LayerWeights(c, names)
@@ -109,18 +119,19 @@ def _oracle_layers(ref: ReferenceModel, model, selection):
             m, b = shard_from_hf(ref.tensors, c, l, name)
             bits = model.bitwidths[p.bit]
             if bits != quant.FP32:
+                scheme = schemes.get(bits, "uniform")
                 k = c.shard_in_rows(name)
                 m = m.copy()
-                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
-                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
+                m[:k] = _round_trip(m[:k], bits, scheme)
+                m[k:] = _round_trip(m[k:].T.copy(), bits, scheme).T
             w.put(name, torch.from_numpy(m), torch.from_numpy(b))
         layers.append(w)
     return layers
 
 
-def test_a_dropped_and_quantised_plan_computes_exactly_that_submodel(built):
-    family, root, ckpt, store = built
-    sc = root / "exact.yaml"
+def _exact_submodel(root: Path, ckpt: Path, store: Path, name: str) -> None:
+    """A random plan's run on the store equals the submodel our reference path builds."""
+    sc = root / f"{name}.yaml"
     assert cli("scenario", "--store", store, "--device", DEVICE, "--target-ms", 50,
                "-o", sc) == 0
     scenario = load_scenario(sc)
@@ -144,6 +155,57 @@ def test_a_dropped_and_quantised_plan_computes_exactly_that_submodel(built):
         full = ref.encoder.forward(batch.ids, batch.mask, ref.full_layers)
     assert (got - want).abs().max().item() < 1e-5
     assert (got - full).abs().max().item() > 1e-3  # the submodel is not the full model
+
+
+def test_a_dropped_and_quantised_plan_computes_exactly_that_submodel(built):
+    family, root, ckpt, store = built
+    _exact_submodel(root, ckpt, store, "exact")
+
+
+def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, capsys):
+    """`shard --scheme dict`: 2-5 bits as dictionaries with outliers, 6 and 8 uniform,
+    recorded per file; the profile records the schemes; a plan on it computes the submodel
+    our numpy round trip of each scheme gives; the store and a profile of the other scheme
+    are refused before any compute; a size that does not match its shape is refused."""
+    ckpt = write_checkpoint(tmp_path / "ck", "bert", seed=5)
+    store = tmp_path / "dict"
+    assert cli("shard", "--checkpoint", ckpt, "--out", store, "--scheme", "dict") == 0
+    s = ShardStore(store)
+    assert s.bitwidths == (2, 3, 4, 5, 6, 8, 32)
+    assert [s.scheme_of(b) for b in s.bitwidths] == ["dict"] * 4 + ["uniform"] * 3
+    v = s.variant(1, "ffn2", 3)
+    m, _ = s.load(1, "ffn2", 3)
+    orig, _ = shard_from_hf(ReferenceModel(ckpt).tensors, s.config, 1, "ffn2")
+    k = s.config.shard_in_rows("ffn2")
+    assert np.array_equal(m[:k].numpy(), _round_trip(orig[:k], 3, "dict"))
+    assert v.nbytes == Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 3)
+    assert cli("profile", "--store", store, "--cache", tmp_path / "cache") == 0
+    assert "quantisation: {2: dict, 3: dict, 4: dict, 5: dict, 6: uniform, 8: uniform}" in \
+        (store / "profile.yaml").read_text()
+    _exact_submodel(tmp_path, ckpt, store, "exact")
+    # a uniform store of the same model, profiled: neither profile serves the other store
+    uni = tmp_path / "uniform"
+    assert cli("shard", "--checkpoint", ckpt, "--out", uni) == 0
+    assert cli("profile", "--store", uni, "--cache", tmp_path / "cache-u") == 0
+    capsys.readouterr()
+    assert cli("scenario", "--store", store, "--profile", uni / "profile.yaml", "--device",
+               DEVICE, "--target-ms", 50, "-o", tmp_path / "mixed.yaml") == 8
+    err = _err(capsys)
+    assert "index.json: 2-bit shards are stored in the dict scheme, but the profile" in err
+    plan = tmp_path / "plan.json"
+    assert cli("baseline", "uniform-3", tmp_path / "exact.yaml", "-o", plan) == 0
+    capsys.readouterr()
+    for command in ("run", "evaluate"):
+        assert cli(command, plan, "--store", uni) == 8
+        assert "2-bit shards are stored in the uniform scheme" in _err(capsys)
+    # an index whose size for a variant does not match its shape and scheme
+    index = json.loads((store / "index.json").read_text())
+    entry = index["files"]["layer0.b3.bin"]["shards"]["head1"]
+    entry["bytes"] -= 4
+    (store / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match=r"index.json: files.layer0.b3.bin.shards.head1.bytes: "
+                                         r"\d+, but a 32x32 shard at 3 bits in the dict scheme"):
+        ShardStore(store)
 
 
 def test_scenario_calibrate_solve_run_evaluate(built, capsys):
