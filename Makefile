@@ -39,7 +39,7 @@ fleet: $(STAMP)
 	$(BIN)/elasticplan fleet problems/fleets/example.yaml -o out/fleet
 
 # The real model: shard stores (build/shards/minilm-l6, ~10 s; the dictionary scheme's
-# build/shards/minilm-l6-dict, ~1.5 min) and the measured profile
+# build/shards/minilm-l6-dict, ~2 min) and the measured profile
 # (problems/models/minilm-l6.yaml, ~5.5 min on 2 cores; cached in build/profile, resumable).
 shards: $(STAMP)
 	$(BIN)/elasticplan shard
@@ -48,7 +48,7 @@ shards: $(STAMP)
 profile: shards
 	$(BIN)/elasticplan profile
 
-# The dictionary store's profile (problems/models/minilm-l6-dict.yaml, ~10 min).
+# The dictionary store's profile (problems/models/minilm-l6-dict.yaml, ~9 min).
 profile-dict: shards
 	$(BIN)/elasticplan profile --store build/shards/minilm-l6-dict \
 		--out problems/models/minilm-l6-dict.yaml
@@ -58,7 +58,7 @@ additive: shards
 	@mkdir -p out
 	$(BIN)/python -m runtime.additive --json out/additive.json
 
-# Every benchmark, from a fresh calibration (~41 min on 2 cores, summed from the parts: 15 of them the fleet's). Each prints its table
+# Every benchmark, from a fresh calibration (~65 min on 2 cores, summed from the parts in docs/results.md). Each prints its table
 # (kept in out/bench/NAME.txt) and writes its CSV and plots to out/bench/.
 bench_run = set -o pipefail; $(BIN)/python -m benchmarks.$(1) $(2) 2>&1 | tee out/bench/$(1).txt
 

@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shares", default="0,0.005,0.02", help="outlier shares")
     ap.add_argument("--groups", default="1,8,10000", help="rows per dictionary (10000: a block)")
     ap.add_argument("--texts", type=int, default=300)
+    ap.add_argument("--compensate", action="store_true",
+                    help="also each dictionary configuration with error-compensated rounding "
+                         "(runtime/gptq.py, on the first 512 train tweets), as the store does")
     ap.add_argument("--time-decode", action="store_true",
                     help="instead: time decoding one block of each MiniLM shape, this scheme "
                          "(per 8 rows, no outliers) against the uniform one, side by side")
@@ -107,6 +110,14 @@ def main(argv=None) -> int:
     names = c.shard_names()
     shards = {(l, n): shard_from_hf(tensors, c, l, n) for l in range(c.layers) for n in names}
 
+    H = None
+    if a.compensate:
+        from runtime import gptq
+        from runtime.checkpoint import ReferenceModel
+
+        H = gptq.hessians(ReferenceModel(), list(
+            load_splits().train.texts[:gptq.CALIBRATION_TEXTS]))
+
     def embed(round_trip) -> tuple[torch.Tensor, int]:
         layers, stored = [], 0
         for l in range(c.layers):
@@ -115,8 +126,9 @@ def main(argv=None) -> int:
                 m, b = shards[l, n]
                 n_in = c.shard_in_rows(n)
                 blocks = []
-                for block in (m[:n_in], np.ascontiguousarray(m[n_in:].T)):
-                    q, size = round_trip(block)
+                hs = gptq.shard_hessians(H, l, n) if H else (None, None)
+                for block, h in zip((m[:n_in], np.ascontiguousarray(m[n_in:].T)), hs):
+                    q, size = round_trip(block, h)
                     blocks.append(q)
                     stored += size
                 w.put(n, torch.from_numpy(np.concatenate([blocks[0], blocks[1].T])),
@@ -125,21 +137,25 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             return torch.cat([enc.forward(bt.ids, bt.mask, layers) for bt in batches]), stored
 
-    ref, _ = embed(lambda x: (x, 4 * x.size))
+    ref, _ = embed(lambda x, h: (x, 4 * x.size))
     print(f"{'bits':>4} {'scheme':<28} {'fidelity':>8} {'weights MB':>10} {'s':>5}")
     for bits in (int(b) for b in a.bits.split(",")):
-        def uniform(x, bits=bits):
+        def uniform(x, h, bits=bits):
             codes, scales = quant.quantize(x, bits)
             return quant.dequantize_np(codes, scales, bits), uniform_bytes(*x.shape, bits)
 
         runs = [("uniform per row", uniform)]
         for group in (int(g) for g in a.groups.split(",")):
             for share in (float(s) for s in a.shares.split(",")):
-                def dictionary(x, bits=bits, share=share, group=group):
-                    q = dequantize_np(*quantize(x, bits, share, group), group)
+                def dictionary(x, h, bits=bits, share=share, group=group, use=False):
+                    q = dequantize_np(*quantize(x, bits, share, group, h if use else None),
+                                      group)
                     return q, block_bytes(*x.shape, bits, share, group)
                 rows = "block" if group >= 10000 else f"{group} rows"
                 runs.append((f"dict/{rows}, {share:.1%} outl.", dictionary))
+                if H:
+                    runs.append((f"dict/{rows}, {share:.1%}, compens.",
+                                 lambda x, h, f=dictionary: f(x, h, use=True)))
         for label, fn in runs:
             t0 = time.monotonic()
             e, stored = embed(fn)

@@ -164,8 +164,9 @@ class ReferenceModel:
     packaged MiniLM): the reference that the shard store, the profiler and the runtime are
     checked against."""
 
-    def __init__(self, path: Path | None = None, max_length: int = 256):
-        ckpt = packaged() if path is None else open_checkpoint(path)
+    def __init__(self, path: Path | None = None, max_length: int = 256,
+                 checkpoint: Checkpoint | None = None):
+        ckpt = checkpoint or (packaged() if path is None else open_checkpoint(path))
         self.path, self.config, self.tensors = ckpt.path, ckpt.config, ckpt.tensors
         resident = {k: torch.from_numpy(self.tensors[v].copy())
                     for k, v in resident_names(self.config).items()}
@@ -173,6 +174,11 @@ class ReferenceModel:
         self.tokenizer = Tokenizer(self.path / "tokenizer.json",
                                    min(max_length, self.config.usable_positions),
                                    self.config.pad_id)
+
+    @staticmethod
+    def from_checkpoint(ckpt: Checkpoint) -> "ReferenceModel":
+        """The fp32 model of a checkpoint already opened (and checked)."""
+        return ReferenceModel(checkpoint=ckpt)
 
     @cached_property
     def full_layers(self) -> list[LayerWeights]:

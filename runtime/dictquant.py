@@ -105,10 +105,13 @@ def _outlier_mask(w: np.ndarray, share: float) -> np.ndarray:
 
 
 def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-             group: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             group: int = 1, hessian: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """fp32 [rows, cols] -> (codes uint8 [rows, cols], dictionaries fp32
     [ceil(rows / group), 2^b], outlier columns uint16 [rows, n], outlier values fp32
-    [rows, n])."""
+    [rows, n]). With `hessian` (the block's X^T X, runtime/gptq.py) the codes are chosen
+    with error compensation and the outliers keep their compensated values; without, each
+    weight takes its nearest centroid."""
     import kmeans1d
 
     w = np.asarray(matrix, dtype=np.float64)
@@ -133,6 +136,19 @@ def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE
             mid = (c[1:].astype(np.float64) + c[:-1]) / 2
             block = codes[rs]
             block[~mask[rs]] = np.searchsorted(mid, keep)
+    if hessian is not None:
+        from runtime.gptq import compensate
+
+        table = np.repeat(dicts, group, axis=0)[:rows].astype(np.float64)
+        mids = (table[:, 1:] + table[:, :-1]) / 2
+        r = np.arange(rows)
+
+        def choose(col: np.ndarray, j: int) -> np.ndarray:
+            idx = (col[:, None] > mids).sum(axis=1)  # the nearest centroid (sorted)
+            codes[:, j] = np.where(mask[:, j], 0, idx)
+            return np.where(mask[:, j], col, table[r, idx])  # an outlier: exact
+
+        w = compensate(w, hessian, choose)
     for r in range(rows):
         idx = np.flatnonzero(mask[r])
         out_cols[r] = idx
@@ -157,13 +173,32 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def encode_block(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-                 group: int = 1) -> bytes:
-    codes, dicts, out_cols, out_vals = quantize(matrix, bits, share, group)
+                 group: int = 1, hessian: np.ndarray | None = None) -> bytes:
+    codes, dicts, out_cols, out_vals = quantize(matrix, bits, share, group, hessian)
     packed = pack_codes(codes, bits).tobytes()
     idx = out_cols.astype("<u2").tobytes()
     return b"".join([packed, bytes(_ceil4(len(packed)) - len(packed)),
                      dicts.astype("<f4").tobytes(), idx, bytes(_ceil4(len(idx)) - len(idx)),
                      out_vals.astype("<f4").tobytes()])
+
+
+def parse_block(raw: bytes, rows: int, cols: int, bits: int,
+                share: float = DEFAULT_OUTLIER_SHARE, group: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The packed block back to (codes, dictionaries, outlier columns, outlier values),
+    with numpy: the reference the torch decoder is tested against."""
+    n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
+    packed = np.frombuffer(raw, np.uint8, rows * row_bytes).reshape(rows, row_bytes)
+    stream = np.unpackbits(packed, axis=1, bitorder="little")[:, :cols * bits]
+    codes = (stream.reshape(rows, cols, bits).astype(np.int64) << np.arange(bits)).sum(axis=2)
+    pos = _ceil4(rows * row_bytes)
+    groups = -(-rows // group)
+    dicts = np.frombuffer(raw, "<f4", groups * k, pos).reshape(groups, k)
+    pos += 4 * groups * k
+    out_cols = np.frombuffer(raw, "<u2", rows * n, pos).reshape(rows, n)
+    pos += _ceil4(2 * rows * n)
+    out_vals = np.frombuffer(raw, "<f4", rows * n, pos).reshape(rows, n)
+    return codes.astype(np.uint8), dicts, out_cols, out_vals
 
 
 _OFFSETS: dict[tuple[int, int, int, int], torch.Tensor] = {}

@@ -47,8 +47,8 @@ from elasticplan import archgen
 from elasticplan.errors import StoreError
 from elasticplan.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.outputs import remove_debris, write_bytes
-from runtime import dictquant, quant
-from runtime.checkpoint import Checkpoint, packaged
+from runtime import dictquant, gptq, quant
+from runtime.checkpoint import Checkpoint, ReferenceModel, packaged
 from runtime.model import (
     FAMILIES,
     POOLINGS,
@@ -60,6 +60,7 @@ from runtime.model import (
     resident_names,
     shard_from_hf,
 )
+from runtime.task import load_splits
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
@@ -133,19 +134,23 @@ class Scheme:
             return archgen.decode_work(rows, cols, bits)
         return dictquant.decode_work(rows, cols, bits, self.share)
 
-    def encode_block(self, block: np.ndarray, bits: int) -> list[bytes]:
+    def encode_block(self, block: np.ndarray, bits: int, hessian: np.ndarray | None = None
+                     ) -> list[bytes]:
         block = np.ascontiguousarray(block, dtype=np.float32)
         if bits == quant.FP32:
             return [block.astype("<f4").tobytes()]
         if self.name == "dict":
-            return [dictquant.encode_block(block, bits, self.share, self.group)]
+            return [dictquant.encode_block(block, bits, self.share, self.group, hessian)]
         codes, scales = quant.quantize(block, bits)
         return [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
 
-    def encode_variant(self, matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int
-                       ) -> bytes:
-        return b"".join(self.encode_block(matrix[:in_rows], bits) +
-                        self.encode_block(matrix[in_rows:].T, bits) +
+    def encode_variant(self, matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int,
+                       hessians: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+        """The variant's bytes; `hessians` (its input and output blocks', runtime/gptq.py)
+        make the dictionary scheme's rounding error-compensated."""
+        h_in, h_out = hessians or (None, None)
+        return b"".join(self.encode_block(matrix[:in_rows], bits, h_in) +
+                        self.encode_block(matrix[in_rows:].T, bits, h_out) +
                         [bias.astype("<f4").tobytes()])
 
 
@@ -258,6 +263,7 @@ def _read_index(path: Path):
         schemes["dict"] = Scheme("dict", df.integer("group", minimum=1, maximum=1 << 20),
                                  df.number("outlier_share", minimum=0, maximum=0.5))
         df.free_form("layout", str)
+        df.free_form("rounding", str)
         df.done()
     variants: dict[tuple[int, str, int], Variant] = {}
     files = f.mapping("files", "file name -> its layer, bitwidth and shards")
@@ -509,14 +515,19 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     build = {"source_sha256": sha256_file(ckpt.weights_file),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
              "quantisation": quant.SCHEME, "clip_grid": len(quant.CLIP_GRID)}
-    dictionary = None
+    dictionary = calibration = None
     if scheme.name == "dict":  # (a uniform store's build and index stay as they were)
         import kmeans1d
 
+        calibration = list(load_splits().train.texts[:gptq.CALIBRATION_TEXTS])
         dictionary = {"group": scheme.group, "outlier_share": scheme.share,
-                      "layout": DICT_LAYOUT}
+                      "layout": DICT_LAYOUT,
+                      "rounding": f"error-compensated (runtime/gptq.py) on the first "
+                                  f"{len(calibration)} tweets of the train split"}
         build["dictionary"] = {"group": scheme.group, "outlier_share": scheme.share,
-                               "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__}
+                               "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__,
+                               "rounding": {"damp": gptq.DAMP, "texts": hashlib.sha256(
+                                   "\n".join(calibration).encode()).hexdigest()}}
     old = {}
     index_path = out / INDEX
     if index_path.is_file() and not force:
@@ -535,8 +546,12 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
         index["quantisation"]["dictionary"] = dictionary
     written, kept = [], []
 
+    def keep_ok(fname: str, entry: dict | None) -> bool:
+        return bool(entry) and (out / fname).is_file() and \
+            sha256_file(out / fname) == entry["sha256"]
+
     def keep(fname: str, entry: dict | None) -> bool:
-        if entry and (out / fname).is_file() and sha256_file(out / fname) == entry["sha256"]:
+        if keep_ok(fname, entry):
             kept.append(fname)
             return True
         return False
@@ -567,6 +582,12 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     save_index()
     # shard files
     total = len(bitwidths) * config.layers
+    hessians = None
+    if calibration is not None and any(
+            not keep_ok(f"layer{l}.b{b}.bin", old.get("files", {}).get(f"layer{l}.b{b}.bin"))
+            for l in range(config.layers) for b in bitwidths if b in DICT_BITS):
+        log(f"the fp32 model on {len(calibration)} calibration tweets (for the rounding)...")
+        hessians = gptq.hessians(ReferenceModel.from_checkpoint(ckpt), calibration)
     for l in range(config.layers):
         shards = {n: shard_from_hf(tensors, config, l, n) for n in config.shard_names()}
         for bits in bitwidths:
@@ -582,7 +603,10 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
                 chunks, offset = [], 0
                 for name, (matrix, bias) in shards.items():
                     in_rows = config.shard_in_rows(name)
-                    raw = coder.encode_variant(matrix, in_rows, bias, bits)
+                    raw = coder.encode_variant(
+                        matrix, in_rows, bias, bits,
+                        gptq.shard_hessians(hessians, l, name) if coder.name == "dict"
+                        else None)
                     assert len(raw) == coder.variant_bytes(*matrix.shape, in_rows, len(bias),
                                                            bits)
                     entry["shards"][name] = {"offset": offset, "bytes": len(raw),

@@ -200,3 +200,39 @@ def test_dictionary_quantisation_error_within_its_bound(bits, seed, scale, heavy
     assert np.array_equal(dictquant.decode_block(raw, 4, cols, bits, share, group).numpy(), deq)
     with pytest.raises(ValueError, match="bytes, got"):
         dictquant.decode_block(raw[:-1], 4, cols, bits, share, group)
+
+
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 6), cols=st.integers(1, 12))
+def test_error_compensation_without_correlated_inputs_is_nearest_rounding(seed, rows, cols):
+    """With uncorrelated inputs (a diagonal H) nothing is pushed onto other columns: the
+    rounding is each weight's nearest level, whatever the visiting order."""
+    from runtime.gptq import compensate
+
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(rows, cols))
+    H = np.diag(rng.uniform(0.1, 5.0, size=cols))
+    seen = []
+
+    def choose(col, j):
+        seen.append(j)
+        return np.round(col * 2) / 2
+    assert np.array_equal(compensate(W, H, choose), np.round(W * 2) / 2)
+    assert sorted(seen) == list(range(cols))  # every column once, in its own index
+
+
+def test_error_compensation_lowers_the_output_error_on_correlated_inputs():
+    """On correlated inputs X, rounding to a coarse grid with compensation gives a smaller
+    output error |X (Q - W)^T|^2 than nearest rounding, for every one of 20 seeds."""
+    from runtime.gptq import compensate
+
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))  # correlated columns
+        W = rng.normal(size=(8, 16))
+        H = X.T @ X
+        near = np.round(W)
+        comp = compensate(W, H, lambda col, j: np.round(col))
+
+        def err(Q):
+            return float(np.sum((X @ (Q - W).T) ** 2))
+        assert err(comp) < err(near)

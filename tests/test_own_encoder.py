@@ -20,13 +20,13 @@ from elasticplan.costmodel import PIPELINED, Pick
 from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
-from runtime import dictquant, quant
+from runtime import dictquant, gptq, quant
 from runtime.checkpoint import ReferenceModel, open_checkpoint
 from runtime.executor import Executor
 from runtime.measure import Reference
 from runtime.model import LayerWeights, shard_from_hf
 from runtime.store import Scheme, ShardStore
-from runtime.task import TaskHead, csv_task
+from runtime.task import TaskHead, csv_task, load_splits
 from runtime.tinyckpt import write_checkpoint, write_task_csv
 
 DEVICE = Path(__file__).resolve().parent.parent / "problems" / "devices" / "phone-ufs31.yaml"
@@ -98,18 +98,26 @@ def test_the_stores_fp32_embedding_equals_transformers_pooled(built):
         assert int(batch.ids[2, -1]) == s.config.pad_id == 1
 
 
-def _round_trip(block: np.ndarray, bits: int, scheme: str) -> np.ndarray:
-    """A block quantised and dequantised with numpy, in the scheme the store uses."""
-    if scheme == "dict":
-        g, share = dictquant.DEFAULT_GROUP, dictquant.DEFAULT_OUTLIER_SHARE
-        return dictquant.dequantize_np(*dictquant.quantize(block, bits, share, g), g)
-    return quant.dequantize_np(*quant.quantize(block, bits), bits)
+def _stored_dictionary(store: ShardStore, layer: int, name: str, bits: int) -> np.ndarray:
+    """A dictionary variant's matrix from its stored bytes, parsed and looked up with numpy
+    (independent of the torch decoder)."""
+    v = store.variant(layer, name, bits)
+    raw = bytes(store.read(v))
+    group, share = v.dictionary
+    blocks, pos = [], 0
+    for r, c in v.blocks():
+        size = dictquant.block_bytes(r, c, bits, share, group)
+        parsed = dictquant.parse_block(raw[pos:pos + size], r, c, bits, share, group)
+        blocks.append(dictquant.dequantize_np(*parsed, group))
+        pos += size
+    return np.concatenate([blocks[0], blocks[1].T])
 
 
-def _oracle_layers(ref: ReferenceModel, model, selection):
-    """Our reference path, independent of the store and the executor: each shard cut from
-    the checkpoint, quantised and dequantised with numpy (in the scheme the profile says),
-    placed with LayerWeights.put."""
+def _oracle_layers(ref: ReferenceModel, model, selection, store: ShardStore):
+    """Our reference path, independent of the executor and the torch decoders: each shard
+    cut from the checkpoint and quantised and dequantised with numpy (uniform scheme), or
+    its stored dictionary codes parsed and looked up with numpy (the dictionary scheme's
+    rounding depends on calibration activations), placed with LayerWeights.put."""
     c, layers = ref.config, []
     schemes = dict(model.schemes)
     for l, picks in enumerate(selection):
@@ -118,12 +126,13 @@ def _oracle_layers(ref: ReferenceModel, model, selection):
         for p, name in zip(picks, names):
             m, b = shard_from_hf(ref.tensors, c, l, name)
             bits = model.bitwidths[p.bit]
-            if bits != quant.FP32:
-                scheme = schemes.get(bits, "uniform")
+            if schemes.get(bits) == "dict":
+                m = _stored_dictionary(store, l, name, bits)
+            elif bits != quant.FP32:
                 k = c.shard_in_rows(name)
                 m = m.copy()
-                m[:k] = _round_trip(m[:k], bits, scheme)
-                m[k:] = _round_trip(m[k:].T.copy(), bits, scheme).T
+                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
+                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
             w.put(name, torch.from_numpy(m), torch.from_numpy(b))
         layers.append(w)
     return layers
@@ -151,7 +160,8 @@ def _exact_submodel(root: Path, ckpt: Path, store: Path, name: str) -> None:
         got = ex.run(batch).embedding
     ref = ReferenceModel(ckpt)
     with torch.inference_mode():
-        want = ref.encoder.forward(batch.ids, batch.mask, _oracle_layers(ref, model, selection))
+        want = ref.encoder.forward(batch.ids, batch.mask,
+                                   _oracle_layers(ref, model, selection, s))
         full = ref.encoder.forward(batch.ids, batch.mask, ref.full_layers)
     assert (got - want).abs().max().item() < 1e-5
     assert (got - full).abs().max().item() > 1e-3  # the submodel is not the full model
@@ -175,10 +185,22 @@ def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, caps
     assert [s.scheme_of(b) for b in s.bitwidths] == ["dict"] * 4 + ["uniform"] * 3
     v = s.variant(1, "ffn2", 3)
     m, _ = s.load(1, "ffn2", 3)
-    orig, _ = shard_from_hf(ReferenceModel(ckpt).tensors, s.config, 1, "ffn2")
+    assert np.array_equal(m.numpy(), _stored_dictionary(s, 1, "ffn2", 3))
     k = s.config.shard_in_rows("ffn2")
-    assert np.array_equal(m[:k].numpy(), _round_trip(orig[:k], 3, "dict"))
     assert v.nbytes == Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 3)
+    # the rounding is error-compensated: on the calibration activations the block's output
+    # is closer to fp32 than nearest-centroid rounding with the same dictionary gets
+    ref = ReferenceModel(ckpt)
+    texts = list(load_splits().train.texts[:64])
+    H = gptq.hessians(ref, texts)[1, "ffn_in"]
+    orig, _ = shard_from_hf(ref.tensors, s.config, 1, "ffn2")
+    g, share = v.dictionary
+    nearest = dictquant.dequantize_np(*dictquant.quantize(orig[:k], 3, share, g), g)
+
+    def output_error(q):
+        e = (q - orig[:k]).astype(np.float64)
+        return float(np.einsum("ri,ij,rj->", e, H, e))
+    assert output_error(m[:k].numpy()) < 0.9 * output_error(nearest)
     assert cli("profile", "--store", store, "--cache", tmp_path / "cache") == 0
     assert "quantisation: {2: dict, 3: dict, 4: dict, 5: dict, 6: uniform, 8: uniform}" in \
         (store / "profile.yaml").read_text()
