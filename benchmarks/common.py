@@ -22,6 +22,11 @@ CALIBRATED = ROOT / "build" / "bench"
 STORE = ROOT / "build" / "shards" / "minilm-l6"
 HEAD = ROOT / "problems" / "models" / "minilm-l6.taskhead.json"
 MINILM_PHONE = ROOT / "problems" / "scenarios" / "minilm-phone.yaml"
+# The dictionary store (`elasticplan shard --scheme dict`), its profile's scenario and head.
+DICT_STORE = ROOT / "build" / "shards" / "minilm-l6-dict"
+DICT_PHONE = ROOT / "problems" / "scenarios" / "minilm-phone-dict.yaml"
+DICT_HEAD = ROOT / "problems" / "models" / "minilm-l6-dict.taskhead.json"
+SCHEMES = {"uniform": (STORE, MINILM_PHONE, HEAD), "dict": (DICT_STORE, DICT_PHONE, DICT_HEAD)}
 EXACT = "highs"  # the default backend (elasticplan.solvers.DEFAULT_SOLVER)
 GREEDY = "greedy"
 
@@ -46,15 +51,16 @@ def start(module: str, argv: list[str] | None = None) -> str:
     return command
 
 
-def runtime_inputs(repeat: int):
-    """What the runtime benchmarks measure with: the shard store, the fp32 reference, and
-    `repeat` test-split queries at MiniLM's profiled seq_len."""
+def runtime_inputs(repeat: int, scheme: str = "uniform"):
+    """What the runtime benchmarks measure with: the shard store (the scheme's), the fp32
+    reference, and `repeat` test-split queries at MiniLM's profiled seq_len."""
     from elasticplan.loader import load_scenario
     from runtime.measure import Reference, query_batches
     from runtime.store import ShardStore
 
-    store = ShardStore(STORE)
-    seq_len = load_scenario(MINILM_PHONE).model.seq_len
+    store_path, phone, _ = SCHEMES[scheme]
+    store = ShardStore(store_path)
+    seq_len = load_scenario(phone).model.seq_len
     return store, Reference(store), query_batches(store, seq_len, repeat)
 
 
@@ -100,24 +106,26 @@ def relative(measured: float, predicted: float) -> float:
     return 0.0 if measured == 0 else float("inf")
 
 
-def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print):
+def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
+                        scheme: str = "uniform"):
     """MiniLM's question on this machine with storage emulated at `bandwidth_mb_s`.
 
     Calibrates once (as `elasticplan calibrate` does; ~10 s) into build/bench/calibrated-X
     and reuses that on later calls, so the benchmarks of one `make bench` run share one
     device per bandwidth (`make bench` deletes them first: every run calibrates afresh).
+    The dictionary scheme's store and profile calibrate into calibrated-X-dict.
     Returns (scenario, default target ms)."""
     from elasticplan.loader import load_scenario
     from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, fit_report, write_calibration
 
-    out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}"
+    out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}{'' if scheme == 'uniform' else '-' + scheme}"
     path = out / "scenario.yaml"
     if path.is_file():
         sc = load_scenario(path)
         log(f"# {bandwidth_mb_s:g} MB/s: reusing {_rel(out)} (calibrated {_when(path)}); "
             f"{describe_compute(sc.device)}; default target {sc.target_latency_ms:g} ms")
         return sc, sc.target_latency_ms
-    base = load_scenario(MINILM_PHONE)
+    base = load_scenario(SCHEMES[scheme][1])
     cal = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s, latency_us=DEFAULT_LATENCY_US,
                     queries=queries)
     _, scen_path, target = write_calibration(out, base, cal, None)

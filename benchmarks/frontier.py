@@ -19,9 +19,10 @@ whose test accuracy is within --accuracy-drop of fp32 and whose measured latency
 --latency-factor of hold-in-memory's measured latency in the same run.
 
     python -m benchmarks.frontier [--bandwidth 1000] [--factors 1.25,1.4] [--points 5]
-                                  [--memory-mb 6,9,12,16,24,32]
+                                  [--memory-mb 6,9,12,16,24,32] [--scheme uniform|dict]
 
-Writes frontier.csv and frontier.png.
+`--scheme dict` runs it on the dictionary store and its profile (`make shards`).
+Writes frontier.csv and frontier.png (frontier-dict.* for the dictionary store).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 
 from benchmarks.common import (
     EXACT,
-    HEAD,
+    SCHEMES,
     calibrated_scenario,
     out_path,
     pyplot,
@@ -152,15 +153,17 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-factor", type=float, default=1.5)
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
     ap.add_argument("--time-limit", type=float, default=20.0, help="per question, s")
+    ap.add_argument("--scheme", choices=sorted(SCHEMES), default="uniform",
+                    help="the store and profile: uniform (default) or dict")
     ap.add_argument("--out-dir", help="default out/bench")
     a = ap.parse_args(argv)
     if a.points < 2:
         ap.error("--points must be at least 2")
     command = start(MODULE, argv)
     t0 = time.monotonic()
-    store, reference, queries = runtime_inputs(a.repeat)
-    base, _ = calibrated_scenario(a.bandwidth, store=store, queries=queries)
-    evaluator = TestSplit(store, HEAD)
+    store, reference, queries = runtime_inputs(a.repeat, a.scheme)
+    base, _ = calibrated_scenario(a.bandwidth, store=store, queries=queries, scheme=a.scheme)
+    evaluator = TestSplit(store, SCHEMES[a.scheme][2])
     inputs = (store, queries, reference, evaluator)
     print(f"{'strategy':<20} {'target ms':>9} {'floor':>8} {'importance':>10} {'status':<8} "
           f"{'window':>9} {'table':<8} {'peak pred':>9} {'measured':>9} {'process':>9} "
@@ -192,8 +195,9 @@ def main(argv=None) -> int:
     else:
         print("# no plan met it")
     all_rows = baselines + rows
-    write_csv(out_path("frontier.csv", a.out_dir), all_rows, list(all_rows[0]))
-    plot(rows, baselines, goal_accuracy, out_path("frontier.png", a.out_dir), command)
+    name = "frontier" if a.scheme == "uniform" else f"frontier-{a.scheme}"
+    write_csv(out_path(f"{name}.csv", a.out_dir), all_rows, list(all_rows[0]))
+    plot(rows, baselines, goal_accuracy, out_path(f"{name}.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")
     return 0
 

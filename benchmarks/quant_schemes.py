@@ -15,7 +15,7 @@ outliers, 6 and 8 bits uniform), in one run, each with its own measured profile.
     python -m benchmarks.quant_schemes [--targets 12,17] [--buffers 0,2] [--decodes 200]
 
 Needs both stores (`make shards`) and both profiles (problems/models/minilm-l6.yaml,
-minilm-l6-dict.yaml). Writes quant_schemes_bits.csv and quant_schemes_plans.csv.
+minilm-l6-dict.yaml, through problems/scenarios/minilm-phone*.yaml). Writes quant_schemes_bits.csv and quant_schemes_plans.csv.
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ import argparse
 import dataclasses
 import time
 
-from benchmarks.common import EXACT, HEAD, MINILM_PHONE, ROOT, STORE, out_path, start, write_csv
+from benchmarks.common import EXACT, SCHEMES, out_path, start, write_csv
 from elasticplan.cli import number_list
-from elasticplan.loader import load_scenario, parse_model, read_yaml
+from elasticplan.loader import load_scenario
 from elasticplan.solvers import solve
 from elasticplan.spec import FULL_PRECISION_BITS
 
 MODULE = "benchmarks.quant_schemes"
-DICT_STORE = ROOT / "build" / "shards" / "minilm-l6-dict"
-DICT_PROFILE = ROOT / "problems" / "models" / "minilm-l6-dict.yaml"
-DICT_HEAD = ROOT / "problems" / "models" / "minilm-l6-dict.taskhead.json"
 
 
 def decode_ms(store, bits: int, repeats: int) -> tuple[float, float]:
@@ -137,12 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir")
     a = ap.parse_args(argv)
     start(MODULE, argv)
-    scenario = load_scenario(MINILM_PHONE)
-    profiles = {"uniform": scenario.model,
-                "dict": parse_model(read_yaml(DICT_PROFILE), str(DICT_PROFILE))}
-    stores = {"uniform": ShardStore(STORE), "dict": ShardStore(DICT_STORE)}
-    splits = {"uniform": TestSplit(stores["uniform"], HEAD),
-              "dict": TestSplit(stores["dict"], DICT_HEAD)}
+    scenario = load_scenario(SCHEMES["uniform"][1])
+    profiles = {k: load_scenario(phone).model for k, (_, phone, _) in SCHEMES.items()}
+    stores = {k: ShardStore(store) for k, (store, _, _) in SCHEMES.items()}
+    splits = {k: TestSplit(stores[k], head) for k, (_, _, head) in SCHEMES.items()}
     bit_rows = per_bitwidth(stores, splits, a.decodes)
     write_csv(out_path("quant_schemes_bits.csv", a.out_dir), bit_rows, list(bit_rows[0]))
     plan_rows = plans(scenario, profiles, splits, a.targets, a.buffers, a.gap, a.time_limit)
