@@ -29,7 +29,10 @@ Decoding (`decode_into`, allocation-free with a DecodeWork): the codes of lcm(b,
 (G bytes) at a time are copied into 4- or 8-byte little-endian words, cut out with one
 broadcast shift and mask, offset by their row group's place in the dictionaries, looked
 up with one index_select, the outliers scattered over them, and the block copied into its
-destination view.
+destination view. At 1, 2 and 4 bits, where a byte holds whole codes, a block no smaller
+than its row groups' byte tables (groups x 256 x 8/b values) is decoded through them
+instead: one index_select folds each dictionary into the values of every byte, and one
+more looks every stored byte up (as the uniform scheme's decode does).
 """
 
 from __future__ import annotations
@@ -203,6 +206,8 @@ def parse_block(raw: bytes, rows: int, cols: int, bits: int,
 
 _OFFSETS: dict[tuple[int, int, int, int], torch.Tensor] = {}
 _SHIFTS: dict[int, torch.Tensor] = {}
+_TABLES: dict[tuple[int, int, int], torch.Tensor] = {}
+_BYTE_OFFSETS: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def decode_into(out: torch.Tensor, buf: torch.Tensor, rows: int, cols: int, bits: int,
@@ -235,23 +240,41 @@ def decode_into(out: torch.Tensor, buf: torch.Tensor, rows: int, cols: int, bits
             for j in range(G):
                 pad[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
         words = pad.view(wtype).view(rows, groups)
-    codes = take(work and (work.indices.view(torch.int64) if P == 8 else work.indices),
-                 rows * width, wtype).view(rows, groups, per)
-    if bits not in _SHIFTS:
-        _SHIFTS[bits] = torch.arange(per, dtype=torch.int64) * bits
-    torch.bitwise_right_shift(words.unsqueeze(-1), _SHIFTS[bits].to(wtype), out=codes)
-    codes.bitwise_and_(k - 1)
-    key = (rows, group, k, width)
-    if key not in _OFFSETS:  # each row's dictionary: its group's place in the table
-        _OFFSETS[key] = (torch.arange(rows) // group * k).to(wtype).view(rows, 1)
-    flat = codes.view(rows, width)
-    flat.add_(_OFFSETS[key])
     pos = _ceil4(rows * row_bytes)
-    n_dicts = -(-rows // group) * k
-    dicts = buf[pos:pos + 4 * n_dicts].view(torch.float32)
-    pos += 4 * n_dicts
+    n_groups = -(-rows // group)
+    dicts = buf[pos:pos + 4 * n_groups * k].view(torch.float32)
+    pos += 4 * n_groups * k
     values = take(work and work.values, rows * width, torch.float32)
-    torch.index_select(dicts, 0, flat.view(-1), out=values)
+    if P == 1 and per > 1 and n_groups * 256 * per <= rows * width:
+        # a byte holds whole codes: each row group's dictionary folded into a table of the
+        # values of every byte (no larger than the block), looked up one byte at a time
+        key = (bits, n_groups, k)
+        if key not in _TABLES:
+            chunk = torch.arange(256, dtype=torch.int32)
+            codes = (chunk[:, None] >> (torch.arange(per, dtype=torch.int32) * bits)) & (k - 1)
+            _TABLES[key] = (torch.arange(n_groups, dtype=torch.int32).view(-1, 1, 1) * k +
+                            codes).view(-1)
+        table = take(work and work.indices.view(torch.float32), n_groups * 256 * per,
+                     torch.float32)
+        torch.index_select(dicts, 0, _TABLES[key], out=table)
+        if (rows, group) not in _BYTE_OFFSETS:
+            _BYTE_OFFSETS[rows, group] = (torch.arange(rows, dtype=torch.int32) // group *
+                                          256).view(rows, 1)
+        words.add_(_BYTE_OFFSETS[rows, group])
+        torch.index_select(table.view(-1, per), 0, words.view(-1), out=values.view(-1, per))
+    else:
+        codes = take(work and (work.indices.view(torch.int64) if P == 8 else work.indices),
+                     rows * width, wtype).view(rows, groups, per)
+        if bits not in _SHIFTS:
+            _SHIFTS[bits] = torch.arange(per, dtype=torch.int64) * bits
+        torch.bitwise_right_shift(words.unsqueeze(-1), _SHIFTS[bits].to(wtype), out=codes)
+        codes.bitwise_and_(k - 1)
+        key = (rows, group, k, width)
+        if key not in _OFFSETS:  # each row's dictionary: its group's place in the table
+            _OFFSETS[key] = (torch.arange(rows) // group * k).to(wtype).view(rows, 1)
+        flat = codes.view(rows, width)
+        flat.add_(_OFFSETS[key])
+        torch.index_select(dicts, 0, flat.view(-1), out=values)
     values = values.view(rows, width)
     if n:
         idx = take(work and work.longs, rows * n, torch.int64).view(rows, n)

@@ -236,3 +236,25 @@ def test_error_compensation_lowers_the_output_error_on_correlated_inputs():
         def err(Q):
             return float(np.sum((X @ (Q - W).T) ** 2))
         assert err(comp) < err(near)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("cols", [600, 601])
+def test_dictionary_decode_of_a_wide_block_through_its_byte_table(bits, cols):
+    """A block wide enough that each row group's dictionary is folded into a table of every
+    byte's values (the 2- and 4-bit fast path) decodes exactly as numpy reconstructs it,
+    with and without a workspace, into a transposed view."""
+    from runtime import dictquant
+
+    rows, group, share = 40, 8, 0.01
+    rng = np.random.default_rng(bits * 1000 + cols)
+    w = rng.normal(size=(rows, cols)).astype(np.float32)
+    per = 8 // bits
+    assert -(-rows // group) * 256 * per <= rows * -(-cols // per) * per  # the table path
+    want = dictquant.dequantize_np(*dictquant.quantize(w, bits, share, group), group)
+    raw = torch.frombuffer(bytearray(dictquant.encode_block(w, bits, share, group)),
+                           dtype=torch.uint8)
+    for work in (None, quant.DecodeWork(*dictquant.decode_work(rows, cols, bits, share))):
+        out = torch.full((cols, rows), -1.0).t()
+        dictquant.decode_into(out, raw, rows, cols, bits, share, group, work)
+        assert np.array_equal(out.numpy(), want)
