@@ -78,8 +78,7 @@ def main(argv=None) -> int:
 
     from runtime import quant
     from runtime.model import LayerWeights, load_hf_tensors, model_dir, shard_from_hf
-    from runtime.store import ShardStore
-    from runtime.store import block_bytes as uniform_bytes
+    from runtime.store import UNIFORM, ShardStore
     from runtime.task import load_splits
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dictquant", description=main.__doc__)
@@ -142,7 +141,7 @@ def main(argv=None) -> int:
     for bits in (int(b) for b in a.bits.split(",")):
         def uniform(x, h, bits=bits):
             codes, scales = quant.quantize(x, bits)
-            return quant.dequantize_np(codes, scales, bits), uniform_bytes(*x.shape, bits)
+            return quant.dequantize_np(codes, scales, bits), UNIFORM.block_bytes(*x.shape, bits)
 
         runs = [("uniform per row", uniform)]
         for group in (int(g) for g in a.groups.split(",")):

@@ -80,29 +80,6 @@ VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - 
 
 
 @dataclass(frozen=True)
-class Variant:
-    """Where one shard at one bitwidth lives, and how to decode it."""
-
-    layer: int
-    name: str
-    bits: int
-    file: str
-    offset: int
-    nbytes: int
-    rows: int
-    cols: int
-    in_rows: int
-    bias: int
-    sha256: str
-    scheme: str = "uniform"
-    dictionary: tuple[int, float] = (dictquant.DEFAULT_GROUP, dictquant.DEFAULT_OUTLIER_SHARE)
-
-    def blocks(self) -> list[tuple[int, int]]:
-        """(rows, cols) of the stored input and output blocks."""
-        return [(self.in_rows, self.cols), (self.cols, self.rows - self.in_rows)]
-
-
-@dataclass(frozen=True)
 class Scheme:
     """How a store's quantised blocks are kept: uniform, or dict with its rows per
     dictionary and outlier share."""
@@ -157,17 +134,28 @@ class Scheme:
 UNIFORM = Scheme()
 
 
-def block_bytes(rows: int, cols: int, bits: int) -> int:
-    """A uniform-scheme (or fp32) block's stored bytes."""
-    return UNIFORM.block_bytes(rows, cols, bits)
+@dataclass(frozen=True)
+class Variant:
+    """Where one shard at one bitwidth lives, and how to decode it."""
+
+    layer: int
+    name: str
+    bits: int
+    file: str
+    offset: int
+    nbytes: int
+    rows: int
+    cols: int
+    in_rows: int
+    bias: int
+    sha256: str
+    scheme: Scheme = UNIFORM  # how its quantised blocks are kept (fp32: raw, whatever it says)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """(rows, cols) of the stored input and output blocks."""
+        return [(self.in_rows, self.cols), (self.cols, self.rows - self.in_rows)]
 
 
-def variant_bytes(rows: int, cols: int, in_rows: int, bias: int, bits: int) -> int:
-    return UNIFORM.variant_bytes(rows, cols, in_rows, bias, bits)
-
-
-def encode_variant(matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int) -> bytes:
-    return UNIFORM.encode_variant(matrix, in_rows, bias, bits)
 
 
 def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
@@ -178,13 +166,13 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
     pos = 0
     bias_out = slot.bias
-    dictionary = v.scheme == "dict" and v.bits != quant.FP32
+    dictionary = v.scheme.name == "dict" and v.bits != quant.FP32
     for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
         n = r * quant.row_bytes(c, v.bits)
         if dictionary:
-            group, share = v.dictionary
-            size = dictquant.block_bytes(r, c, v.bits, share, group)
-            dictquant.decode_into(dest, buf[pos:pos + size], r, c, v.bits, share, group, work)
+            size = v.scheme.block_bytes(r, c, v.bits)
+            dictquant.decode_into(dest, buf[pos:pos + size], r, c, v.bits, v.scheme.share,
+                                  v.scheme.group, work)
             pos += size
         elif v.bits == quant.FP32:
             dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
@@ -290,8 +278,7 @@ def _read_index(path: Path):
                         cols=sf.integer("cols", minimum=0, maximum=1 << 20),
                         in_rows=sf.integer("in_rows", minimum=0, maximum=1 << 20),
                         bias=sf.integer("bias", minimum=0, maximum=1 << 20),
-                        sha256=sf.string("sha256"), scheme=scheme.name,
-                        dictionary=(scheme.group, scheme.share))
+                        sha256=sf.string("sha256"), scheme=scheme)
             sf.done()
             if not 0 < v.in_rows < v.rows:
                 raise sf.err("in_rows", f"{v.in_rows} is not inside the shard's {v.rows} rows")
@@ -351,7 +338,7 @@ class ShardStore:
     def scheme_of(self, bits: int) -> str:
         """The scheme the store's variants at `bits` are kept in (fp32: uniform, raw)."""
         v = next((v for k, v in self._variants.items() if k[2] == bits), None)
-        return v.scheme if v is not None else "uniform"
+        return v.scheme.name if v is not None else "uniform"
 
     def decode_buffers(self) -> tuple[tuple[int, ...], int]:
         """The decode workspace (runtime.quant.DecodeWork's sizes: the largest need of any
@@ -361,9 +348,8 @@ class ShardStore:
         for v in self._variants.values():
             if v.bits == quant.FP32:
                 continue
-            scheme = Scheme(v.scheme, *v.dictionary)
             for r, c in v.blocks():
-                work = [max(a, b) for a, b in zip(work, scheme.decode_work(r, c, v.bits))]
+                work = [max(a, b) for a, b in zip(work, v.scheme.decode_work(r, c, v.bits))]
             bounce = max(bounce, v.nbytes)
         return tuple(work), bounce
 

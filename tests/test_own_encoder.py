@@ -20,14 +20,15 @@ from elasticplan.costmodel import PIPELINED, Pick
 from elasticplan.errors import StoreError
 from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
-from runtime import dictquant, gptq, quant
+from runtime import dictquant, gptq
 from runtime.checkpoint import ReferenceModel, open_checkpoint
 from runtime.executor import Executor
 from runtime.measure import Reference
-from runtime.model import LayerWeights, shard_from_hf
+from runtime.model import shard_from_hf
 from runtime.store import Scheme, ShardStore
 from runtime.task import TaskHead, csv_task, load_splits
 from runtime.tinyckpt import write_checkpoint, write_task_csv
+from tests.submodel_oracle import oracle_layers, stored_dictionary
 
 DEVICE = Path(__file__).resolve().parent.parent / "problems" / "devices" / "phone-ufs31.yaml"
 # Each family with another sentence embedding: mean + Normalize (modules.json), CLS
@@ -98,46 +99,6 @@ def test_the_stores_fp32_embedding_equals_transformers_pooled(built):
         assert int(batch.ids[2, -1]) == s.config.pad_id == 1
 
 
-def _stored_dictionary(store: ShardStore, layer: int, name: str, bits: int) -> np.ndarray:
-    """A dictionary variant's matrix from its stored bytes, parsed and looked up with numpy
-    (independent of the torch decoder)."""
-    v = store.variant(layer, name, bits)
-    raw = bytes(store.read(v))
-    group, share = v.dictionary
-    blocks, pos = [], 0
-    for r, c in v.blocks():
-        size = dictquant.block_bytes(r, c, bits, share, group)
-        parsed = dictquant.parse_block(raw[pos:pos + size], r, c, bits, share, group)
-        blocks.append(dictquant.dequantize_np(*parsed, group))
-        pos += size
-    return np.concatenate([blocks[0], blocks[1].T])
-
-
-def _oracle_layers(ref: ReferenceModel, model, selection, store: ShardStore):
-    """Our reference path, independent of the executor and the torch decoders: each shard
-    cut from the checkpoint and quantised and dequantised with numpy (uniform scheme), or
-    its stored dictionary codes parsed and looked up with numpy (the dictionary scheme's
-    rounding depends on calibration activations), placed with LayerWeights.put."""
-    c, layers = ref.config, []
-    schemes = dict(model.schemes)
-    for l, picks in enumerate(selection):
-        names = [model.layers[l].shards[p.shard].name for p in picks]
-        w = LayerWeights(c, names)
-        for p, name in zip(picks, names):
-            m, b = shard_from_hf(ref.tensors, c, l, name)
-            bits = model.bitwidths[p.bit]
-            if schemes.get(bits) == "dict":
-                m = _stored_dictionary(store, l, name, bits)
-            elif bits != quant.FP32:
-                k = c.shard_in_rows(name)
-                m = m.copy()
-                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
-                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
-            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
-        layers.append(w)
-    return layers
-
-
 def _exact_submodel(root: Path, ckpt: Path, store: Path, name: str) -> None:
     """A random plan's run on the store equals the submodel our reference path builds."""
     sc = root / f"{name}.yaml"
@@ -161,7 +122,7 @@ def _exact_submodel(root: Path, ckpt: Path, store: Path, name: str) -> None:
     ref = ReferenceModel(ckpt)
     with torch.inference_mode():
         want = ref.encoder.forward(batch.ids, batch.mask,
-                                   _oracle_layers(ref, model, selection, s))
+                                   oracle_layers(ref, model, selection, s))
         full = ref.encoder.forward(batch.ids, batch.mask, ref.full_layers)
     assert (got - want).abs().max().item() < 1e-5
     assert (got - full).abs().max().item() > 1e-3  # the submodel is not the full model
@@ -185,7 +146,7 @@ def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, caps
     assert [s.scheme_of(b) for b in s.bitwidths] == ["dict"] * 4 + ["uniform"] * 3
     v = s.variant(1, "ffn2", 3)
     m, _ = s.load(1, "ffn2", 3)
-    assert np.array_equal(m.numpy(), _stored_dictionary(s, 1, "ffn2", 3))
+    assert np.array_equal(m.numpy(), stored_dictionary(s, 1, "ffn2", 3))
     k = s.config.shard_in_rows("ffn2")
     assert v.nbytes == Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 3)
     # the rounding is error-compensated: on the calibration activations the block's output
@@ -194,7 +155,7 @@ def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, caps
     texts = list(load_splits().train.texts[:64])
     H = gptq.hessians(ref, texts)[1, "ffn_in"]
     orig, _ = shard_from_hf(ref.tensors, s.config, 1, "ffn2")
-    g, share = v.dictionary
+    g, share = v.scheme.group, v.scheme.share
     nearest = dictquant.dequantize_np(*dictquant.quantize(orig[:k], 3, share, g), g)
 
     def output_error(q):

@@ -24,13 +24,12 @@ from elasticplan.loader import load_scenario
 from elasticplan.plan import Plan, SolveStatus
 from elasticplan.spec import Device
 from elasticplan.verify import verify_plan, with_plan_question
-from runtime import quant
 from runtime.calibrate import fit_compute
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
 from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
-from runtime.model import LayerWeights, shard_from_hf
 from runtime.store import ShardStore
+from tests.submodel_oracle import oracle_layers
 
 PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
 MINILM = PROBLEMS / "scenarios" / "minilm-phone.yaml"
@@ -56,27 +55,6 @@ def batch(store):
 def _plan(scenario, selection, execution=PIPELINED) -> Plan:
     return Plan.from_selection(scenario, selection, solver="test", status=SolveStatus.FEASIBLE,
                                gap=None, solve_seconds=0.0, execution=execution)
-
-
-def _oracle_layers(reference, scenario, selection):
-    """Independent of the store and the executor: cut each shard from the checkpoint,
-    quantise and dequantise it with numpy, and place it with LayerWeights.put."""
-    c, model = reference.config, scenario.model
-    layers = []
-    for l, picks in enumerate(selection):
-        names = [model.layers[l].shards[p.shard].name for p in picks]
-        w = LayerWeights(c, names)
-        for p, name in zip(picks, names):
-            m, b = shard_from_hf(reference.tensors, c, l, name)
-            bits = model.bitwidths[p.bit]
-            if bits != quant.FP32:
-                k = c.shard_in_rows(name)
-                m = m.copy()
-                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
-                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
-            w.put(name, torch.from_numpy(m), torch.from_numpy(b))
-        layers.append(w)
-    return layers
 
 
 def _run(plan, scenario, store, batch, emulate=False):
@@ -114,7 +92,7 @@ def test_dropped_and_quantised_plan_computes_exactly_that_submodel(data, scenari
     trace = _run(plan, scenario, store, batch)
     with torch.inference_mode():
         want = reference.encoder.forward(batch.ids, batch.mask,
-                                         _oracle_layers(reference, scenario, sel))
+                                         oracle_layers(reference, scenario.model, sel))
     assert (trace.embedding - want).abs().max().item() < 1e-5
 
 
