@@ -1,7 +1,7 @@
 """The dictionary scheme (runtime/dictquant.py) against the uniform one, block by block and
-on the whole model, over its parameters (bitwidth, outlier share, rows per dictionary):
+on the whole model, over its parameters (bitwidth, outlier share, rounding):
 
-    python -m benchmarks.dictquant [--bits 2,3,4] [--shares 0,0.005,0.02] [--groups 1,8,10000]
+    python -m benchmarks.dictquant [--bits 2,3,4] [--shares 0,0.005,0.02] [--compensate]
     python -m benchmarks.dictquant --time-decode [--bits 2,3,4,5,6,8]
 
 The first quantises every block of every shard in memory and runs MiniLM on the first
@@ -18,56 +18,64 @@ import numpy as np
 import torch
 
 from runtime.dictquant import (
-    DEFAULT_GROUP,
-    DEFAULT_OUTLIER_SHARE,
     block_bytes,
-    decode_into,
-    decode_work,
     dequantize_np,
-    encode_block,
     quantize,
 )
 
 
-def time_decode(bits_list: list[int], repeats: int = 300, share: float = DEFAULT_OUTLIER_SHARE,
-                group: int = DEFAULT_GROUP) -> int:
-    """The mean time of `repeats` decodes after 20 warm-up ones, one torch thread, of
-    decoding a random block of each MiniLM block shape into a strided destination (as the
-    executor does), with preallocated workspaces: head in [96, 384], head out [384, 32],
-    FFN in [128, 384], FFN out [384, 128]; this scheme (the store's: per `group` rows,
-    `share` outliers) beside the uniform one."""
+def time_decode(bits_list: list[int], repeats: int = 500) -> int:
+    """Per shard, as the executor decodes it (runtime.store.decode_into: both blocks and the
+    bias into a scratch matrix, the output block through a transposed view, with the
+    store's preallocated DecodeWork): MiniLM's layer-0 head0 and ffn0, in the dictionary
+    scheme (0.5 % outliers, nearest rounding) and the uniform one, alternated in rounds of
+    `repeats` decodes (after 20 warm-up ones), one torch thread, in inference mode; the
+    median round of 9."""
+    import statistics
     import time
 
     from runtime import quant
+    from runtime.checkpoint import packaged
+    from runtime.model import Slot, load_hf_tensors, model_dir, shard_from_hf
+    from runtime.store import DICT_BITS, UNIFORM, Scheme, Variant
+    from runtime.store import decode_into as decode_variant
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    print(f"{'block':>9} {'bits':>4} {'dictionary ms':>13} {'uniform ms':>10} {'ratio':>6}")
-    for rows, cols in ((96, 384), (384, 32), (128, 384), (384, 128)):
-        m = rng.normal(size=(rows, cols)).astype(np.float32)
-        out = torch.empty(cols, rows).t()  # a transposed view, as an output block's slot
+    tensors = load_hf_tensors(model_dir())
+    c = packaged().config
+    print(f"{'shard':>6} {'bits':>4} {'dictionary ms':>13} {'uniform ms':>10} {'ratio':>6}")
+    for name in ("head0", "ffn0"):
+        m, b = shard_from_hf(tensors, c, 0, name)
+        k = c.shard_in_rows(name)
+        scratch = torch.empty(m.size + b.size)
+        w = scratch[:m.size].view(*m.shape)
+        slot = Slot(w[:k], w[k:].t(), scratch[m.size:])
         for bits in bits_list:
-            raw = torch.frombuffer(bytearray(encode_block(m, bits, share, group)),
-                                   dtype=torch.uint8)
-            work = quant.DecodeWork(*decode_work(rows, cols, bits, share))
-            timings = [lambda: decode_into(out, raw, rows, cols, bits, share, group, work)]
-            if bits in quant.QUANT_BITS:
-                from elasticplan.archgen import decode_work as uniform_work
-
-                codes, scales = quant.quantize(m, bits)
-                packed, sc = torch.from_numpy(quant.pack(codes, bits)), torch.from_numpy(scales)
-                uwork = quant.DecodeWork(*uniform_work(rows, cols, bits))
-                timings.append(lambda: quant.dequantize_into(out, packed, sc, bits, uwork))
-            ms = []
-            for fn in timings:
-                for _ in range(20):
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    fn()
-                ms.append((time.perf_counter() - t0) / repeats * 1e3)
-            uniform = f"{ms[1]:>10.3f} {ms[0] / ms[1]:>6.2f}" if len(ms) > 1 else f"{'-':>10} {'-':>6}"
-            print(f"{rows:>4}x{cols:<4} {bits:>4} {ms[0]:>13.3f} {uniform}", flush=True)
+            calls = []
+            for scheme in (Scheme("dict"), UNIFORM):
+                if bits not in DICT_BITS or scheme is UNIFORM and bits not in quant.QUANT_BITS:
+                    continue
+                raw = scheme.encode_variant(m, k, b, bits)
+                v = Variant(0, name, bits, "-", 0, len(raw), *m.shape, k, b.size, "-", scheme)
+                work = quant.DecodeWork(*scheme.decode_work(v.blocks(), bits))
+                view = memoryview(bytearray(raw))
+                calls.append(lambda v=v, view=view, work=work: decode_variant(v, view, slot,
+                                                                              work))
+            rounds: list[list[float]] = [[] for _ in calls]
+            with torch.inference_mode():  # as the executor decodes
+                for fn in calls:
+                    for _ in range(20):
+                        fn()
+                for _ in range(9):
+                    for fn, t in zip(calls, rounds):
+                        t0 = time.perf_counter()
+                        for _ in range(repeats):
+                            fn()
+                        t.append((time.perf_counter() - t0) / repeats * 1e3)
+            ms = [statistics.median(t) for t in rounds]
+            uniform = f"{ms[1]:>10.3f} {ms[0] / ms[1]:>6.2f}" if len(ms) > 1 else \
+                f"{'-':>10} {'-':>6}"
+            print(f"{name:>6} {bits:>4} {ms[0]:>13.3f} {uniform}", flush=True)
     return 0
 
 
@@ -85,14 +93,13 @@ def main(argv=None) -> int:
     ap.add_argument("--store", default="build/shards/minilm-l6")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--shares", default="0,0.005,0.02", help="outlier shares")
-    ap.add_argument("--groups", default="1,8,10000", help="rows per dictionary (10000: a block)")
     ap.add_argument("--texts", type=int, default=300)
     ap.add_argument("--compensate", action="store_true",
                     help="also each dictionary configuration with error-compensated rounding "
                          "(runtime/gptq.py, on the first 512 train tweets), as the store does")
     ap.add_argument("--time-decode", action="store_true",
-                    help="instead: time decoding one block of each MiniLM shape, this scheme "
-                         "(per 8 rows, no outliers) against the uniform one, side by side")
+                    help="instead: time decoding a head and an FFN slice as the executor "
+                         "does, this scheme against the uniform one, side by side")
     a = ap.parse_args(argv)
     from benchmarks.common import start
 
@@ -144,17 +151,14 @@ def main(argv=None) -> int:
             return quant.dequantize_np(codes, scales, bits), UNIFORM.block_bytes(*x.shape, bits)
 
         runs = [("uniform per row", uniform)]
-        for group in (int(g) for g in a.groups.split(",")):
-            for share in (float(s) for s in a.shares.split(",")):
-                def dictionary(x, h, bits=bits, share=share, group=group, use=False):
-                    q = dequantize_np(*quantize(x, bits, share, group, h if use else None),
-                                      group)
-                    return q, block_bytes(*x.shape, bits, share, group)
-                rows = "block" if group >= 10000 else f"{group} rows"
-                runs.append((f"dict/{rows}, {share:.1%} outl.", dictionary))
-                if H:
-                    runs.append((f"dict/{rows}, {share:.1%}, compens.",
-                                 lambda x, h, f=dictionary: f(x, h, use=True)))
+        for share in (float(s) for s in a.shares.split(",")):
+            def dictionary(x, h, bits=bits, share=share, use=False):
+                q = dequantize_np(*quantize(x, bits, share, h if use else None))
+                return q, block_bytes(*x.shape, bits, share)
+            runs.append((f"dict, {share:.1%} outliers", dictionary))
+            if H:
+                runs.append((f"dict, {share:.1%}, compensated",
+                             lambda x, h, f=dictionary: f(x, h, use=True)))
         for label, fn in runs:
             t0 = time.monotonic()
             e, stored = embed(fn)

@@ -1,6 +1,7 @@
 """Quantisation schemes side by side: MiniLM's uniform store against its dictionary store
-(`elasticplan shard --scheme dict`: 2-5 bits as a dictionary per 8 rows with 0.5 % exact
-outliers, 6 and 8 bits uniform), in one run, each with its own measured profile.
+(`elasticplan shard --scheme dict`: 2-5 bits as a codebook per block and a scale per row
+with 0.5 % exact outliers, 6 and 8 bits uniform), in one run, each with its own measured
+profile.
 
 1. Per bitwidth, the whole model at that bitwidth (every shard): fidelity and accuracy on
    the 1,000 held-out test tweets with their standard errors, the stored bytes of all

@@ -89,8 +89,8 @@ def register(sub) -> None:
                         "else not)")
     h.add_argument("--scheme", choices=QUANT_SCHEMES, default="uniform",
                    help="how shards below 32 bits are kept: uniform (per row; 2/3/4/6/8 "
-                        "bits) or dict (2/3/4/5 bits as a dictionary per 8 rows + 0.5 %% "
-                        "exact outliers, 6/8 bits uniform); default uniform")
+                        "bits) or dict (2/3/4/5 bits as a codebook per block and a scale per "
+                        "row + 0.5 %% exact outliers, 6/8 bits uniform); default uniform")
     h.add_argument("--force", action="store_true", help="rewrite every file")
 
     p = sub.add_parser("profile", help="measure shard importance on the real model and write "

@@ -3,48 +3,64 @@ runtime/quant.py's uniform one: a store built with `elasticplan shard --scheme d
 keeps its quantised shards this way (runtime/store.py); `python -m benchmarks.dictquant`
 measures it against the uniform scheme on the whole model (docs/results.md).
 
-Scheme (b in 1..8 bits), row by row of a block (rows are output channels):
-- outliers: the `outliers_per_row(cols, share)` = ceil(share x cols) weights of the row
+Scheme (b in 1..8 bits), per block [rows, cols] (rows are output channels):
+- outliers: the `outliers_per_row(cols, share)` = ceil(share x cols) weights of each row
   farthest from the row's mean are kept exactly (their column index and fp32 value);
-- dictionary: the other weights of a group of `group` consecutive rows (1: each row its
-  own) are clustered by optimal one-dimensional k-means (kmeans1d: an exact dynamic
-  programme) into 2^b centroids, kept in fp32, sorted;
-- codes: each non-outlier weight is stored as the index of its nearest centroid; an
-  outlier's code is 0 (overwritten when decoded).
+- a scaled dictionary for the rest: one sorted codebook D of 2^b fp32 values for the whole
+  block and one fp32 scale s_r per row, a weight w being reconstructed as s_r x D[code].
+  Fit: s_r starts as the RMS of the row's non-outliers, D as the optimal one-dimensional
+  k-means (kmeans1d: an exact dynamic programme) of every non-outlier w / s_r of the block;
+  then FIT_ROUNDS rounds of alternating least squares (each weight its nearest value, each
+  s_r by least squares given the codes, each D[k] by least squares given the codes and
+  scales), none of which can raise the block's squared error;
+- codes: each non-outlier weight is stored as the index of its nearest value s_r D[k]; an
+  outlier's code is 0 (overwritten when decoded). With a block's input covariance
+  (runtime/gptq.py) the codes are chosen with error compensation instead.
 
-Error bound (tested): over a group's non-outliers, the RMS error is at most
-(max - min) / 2^(b+1). k-means minimises the squared error over every 2^b-level
-quantiser, and the 2^b-level uniform grid of cell midpoints on [min, max] has every error
-within half a cell; the outliers are exact.
+Why a scaled codebook: measured against a dictionary per 8 rows (benchmarks.dictquant,
+error-compensated, 300 test tweets) it has the higher whole-model fidelity at 2, 3 and 4
+bits, and it decodes as the uniform scheme does (one byte table, one lookup, one multiply
+by the row scales) plus the outlier scatter, where per-group dictionaries cost a table per
+group or a shift-and-mask pass.
 
-Packed layout of one block [rows, cols], in order: the codes (each row a little-endian bit
-stream, value k in bits [k b, (k+1) b), padded to a whole byte: ceil(cols b / 8) bytes
-per row; the section zero-padded to a multiple of 4 bytes), the dictionaries
-(ceil(rows / group) x 2^b fp32), the outliers' column indices (rows x n uint16,
-ascending within a row; the section padded to a multiple of 4 bytes), their values
-(rows x n fp32), with n = outliers_per_row(cols, share). Every section starts 4-aligned,
-so the decoder views them in place. Its size depends only on the shape: `block_bytes`.
+Error bound (tested, without compensation): over a block's non-outliers, the RMS error is
+at most max_r(rms_r) x (max z - min z) / 2^(b+1), with rms_r the row's RMS and z = w / rms_r.
+k-means minimises the squared error of z over every 2^b-level quantiser, and the grid of
+cell midpoints on [min z, max z] has every error within half a cell; a weight's error is
+s_r times its z error; the least-squares rounds only lower the total; the outliers are exact.
 
-Decoding (`decode_into`, allocation-free with a DecodeWork): the codes of lcm(b, 8) bits
-(G bytes) at a time are copied into 4- or 8-byte little-endian words, cut out with one
-broadcast shift and mask, offset by their row group's place in the dictionaries, looked
-up with one index_select, the outliers scattered over them, and the block copied into its
-destination view. At 1, 2 and 4 bits, where a byte holds whole codes, a block no smaller
-than its row groups' byte tables (groups x 256 x 8/b values) is decoded through them
-instead: one index_select folds each dictionary into the values of every byte, and one
-more looks every stored byte up (as the uniform scheme's decode does).
+Packed layout of a group of blocks (a shard variant's input and output blocks, in that
+order), section by section: each block's codes (each row a little-endian bit stream,
+value k in bits [k b, (k+1) b), padded to a whole byte: ceil(cols b / 8) bytes per row;
+each block's section zero-padded to a multiple of 4 bytes), the blocks' codebooks (2^b
+fp32 each, ascending), their row scales (rows fp32 each), each block's outlier column
+indices (rows x n uint16, ascending within a row; each section padded to a multiple of 4
+bytes), the blocks' outlier values (rows x n fp32 each), with n = outliers_per_row(cols,
+share). Every section starts 4-aligned, so the decoder views them in place. A block's
+share of the bytes depends only on its shape (`block_bytes`); a group's is their sum.
+
+Decoding (`decode_into`, allocation-free with a DecodeWork): at 1, 2, 4 and 8 bits, where a
+byte holds whole codes, the blocks' codebooks are folded into the values of every byte
+(256 x 8/b per block) with one index_select, and all the blocks' bytes (block i's offset
+by 256 i) are looked up in those tables with one more; at other widths the codes of
+lcm(b, 8) bits (G bytes) at a time are copied into 4- or 8-byte little-endian words, cut
+out with one broadcast shift and mask and looked up in the codebooks. Then per block one
+multiply by its row scales writes its destination view, and its outliers are scattered
+over it. Grouping the sections by kind is what lets a shard's two blocks share these
+steps: measured per shard, it decodes within 1.3x of the uniform scheme's time.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 MAX_BITS = 8
-DEFAULT_OUTLIER_SHARE = 0.005  # measured: 0.1 % -> 0.5 % -> 2 % (module main)
-DEFAULT_GROUP = 8  # rows per dictionary in a store (measured: 1, 8, a whole block)
+DEFAULT_OUTLIER_SHARE = 0.005  # measured: 0.1 % -> 0.5 % -> 2 % (benchmarks.dictquant)
+FIT_ROUNDS = 6  # alternating least-squares rounds after the k-means start
 
 
 def outliers_per_row(cols: int, share: float) -> int:
@@ -55,10 +71,9 @@ def _ceil4(n: int) -> int:
     return -(-n // 4) * 4
 
 
-def block_bytes(rows: int, cols: int, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-                group: int = 1) -> int:
+def block_bytes(rows: int, cols: int, bits: int, share: float = DEFAULT_OUTLIER_SHARE) -> int:
     n = outliers_per_row(cols, share)
-    return _ceil4(rows * math.ceil(cols * bits / 8)) + -(-rows // group) * 4 * 2 ** bits + \
+    return _ceil4(rows * math.ceil(cols * bits / 8)) + 4 * 2 ** bits + 4 * rows + \
         _ceil4(2 * rows * n) + 4 * rows * n
 
 
@@ -66,36 +81,6 @@ def _words(bits: int) -> tuple[int, int, int]:
     """(G bytes of whole codes, word bytes P >= G holding them, codes per word)."""
     G = bits // math.gcd(bits, 8)
     return G, (1 if G == 1 else 4 if G <= 3 else 8), 8 * G // bits
-
-
-def decode_work(rows: int, cols: int, bits: int, share: float = DEFAULT_OUTLIER_SHARE
-                ) -> tuple[int, int, int, int, int]:
-    """Elements of the decode workspace for one block, in DecodeWork's order: (int32
-    words, int32 codes, fp32 values, uint8 padded bytes / 4 rounded up, int64 outlier
-    indices). Words of 8 bytes (5 and 7 bits) count twice."""
-    G, P, per = _words(bits)
-    groups = -(-cols // per)
-    words = rows * groups * (2 if P == 8 else 1)
-    codes = rows * groups * per
-    return words, codes * (2 if P == 8 else 1), codes, \
-        -(-rows * groups * P // 4) if P > 1 else 0, rows * outliers_per_row(cols, share)
-
-
-def error_bound(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-                group: int = 1) -> np.ndarray:
-    """Per group of rows, the bound on the RMS error over its non-outliers:
-    (max - min) / 2^(b+1)."""
-    keep = ~_outlier_mask(np.asarray(matrix, dtype=np.float64), share)
-    w = np.where(keep, matrix, np.nan)
-    return np.array([(np.nanmax(w[r:r + group]) - np.nanmin(w[r:r + group]))
-                     for r in range(0, w.shape[0], group)]) / 2.0 ** (bits + 1)
-
-
-def _check(bits: int, cols: int) -> None:
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"dictionary bitwidths are 1..{MAX_BITS}, got {bits}")
-    if cols > 65535:
-        raise ValueError(f"{cols} columns: outlier indices are uint16")
 
 
 def _outlier_mask(w: np.ndarray, share: float) -> np.ndarray:
@@ -107,62 +92,109 @@ def _outlier_mask(w: np.ndarray, share: float) -> np.ndarray:
     return mask
 
 
-def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-             group: int = 1, hessian: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """fp32 [rows, cols] -> (codes uint8 [rows, cols], dictionaries fp32
-    [ceil(rows / group), 2^b], outlier columns uint16 [rows, n], outlier values fp32
-    [rows, n]). With `hessian` (the block's X^T X, runtime/gptq.py) the codes are chosen
-    with error compensation and the outliers keep their compensated values; without, each
-    weight takes its nearest centroid."""
+def _rms(w: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each row's RMS over its non-outliers (1 where that is 0 or there are none)."""
+    s = np.sqrt(np.where(keep, w * w, 0.0).sum(axis=1) / np.maximum(keep.sum(axis=1), 1))
+    return np.where(s > 0, s, 1.0)
+
+
+def error_bound(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE) -> float:
+    """The bound on the block's RMS error over its non-outliers:
+    max_r(rms_r) x (max z - min z) / 2^(b+1), z = w / rms_r (module docstring)."""
+    w = np.asarray(matrix, dtype=np.float64)
+    keep = ~_outlier_mask(w, share)
+    if not keep.any():
+        return 0.0
+    s = _rms(w, keep)
+    z = (w / s[:, None])[keep]
+    return float(s.max() * (z.max() - z.min()) / 2.0 ** (bits + 1))
+
+
+def _check(bits: int, cols: int) -> None:
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"dictionary bitwidths are 1..{MAX_BITS}, got {bits}")
+    if cols > 65535:
+        raise ValueError(f"{cols} columns: outlier indices are uint16")
+
+
+def _nearest(w: np.ndarray, s: np.ndarray, book: np.ndarray) -> np.ndarray:
+    """Each weight's nearest value s_r x book[k] (book ascending, s_r > 0)."""
+    return np.searchsorted((book[1:] + book[:-1]) / 2, w / s[:, None])
+
+
+def fit(w: np.ndarray, bits: int, keep: np.ndarray, rounds: int = FIT_ROUNDS
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """(row scales [rows], ascending codebook [2^b]) in float64 for the non-outliers
+    `keep` of the block w (module docstring)."""
     import kmeans1d
 
+    k = 2 ** bits
+    s = _rms(w, keep)
+    z = (w / s[:, None])[keep]
+    if not z.size:
+        return s, np.zeros(k)
+    _, centroids = kmeans1d.cluster(z if z.size >= k else np.resize(z, k), k)
+    book = np.sort(np.asarray(centroids, dtype=np.float64))
+    for _ in range(rounds):
+        codes = _nearest(w, s, book)
+        q = np.where(keep, book[codes], 0.0)
+        den = (q * q).sum(axis=1)
+        ls = (np.where(keep, w, 0.0) * q).sum(axis=1) / np.where(den > 0, den, 1.0)
+        s = np.where((den > 0) & (ls > 0), ls, s)  # a scale stays positive: tables sorted
+        weight = np.where(keep, s[:, None] ** 2, 0.0).ravel()
+        num = np.bincount(codes.ravel(), np.where(keep, s[:, None] * w, 0.0).ravel(), k)
+        den_k = np.bincount(codes.ravel(), weight, k)
+        book = np.sort(np.where(den_k > 0, num / np.where(den_k > 0, den_k, 1.0), book))
+    return s, book
+
+
+def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
+             hessian: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """fp32 [rows, cols] -> (codes uint8 [rows, cols], codebook fp32 [2^b], row scales fp32
+    [rows], outlier columns uint16 [rows, n], outlier values fp32 [rows, n]). With
+    `hessian` (the block's X^T X, runtime/gptq.py) the codes are chosen with error
+    compensation and the outliers keep their compensated values; without, each weight
+    takes its nearest value."""
     w = np.asarray(matrix, dtype=np.float64)
     rows, cols = w.shape
     _check(bits, cols)
-    k = 2 ** bits
     mask = _outlier_mask(w, share)
     n = outliers_per_row(cols, share)
+    s64, book64 = fit(w, bits, ~mask)
+    book, scales = book64.astype(np.float32), s64.astype(np.float32)
+    # the values the decoder will produce, and their midpoints, row by row
+    table = (scales[:, None] * book[None, :]).astype(np.float64)
+    mids = (table[:, 1:] + table[:, :-1]) / 2
+    r = np.arange(rows)
     codes = np.zeros((rows, cols), dtype=np.uint8)
-    dicts = np.zeros((-(-rows // group), k), dtype=np.float32)
-    out_cols = np.zeros((rows, n), dtype=np.uint16)
-    out_vals = np.zeros((rows, n), dtype=np.float32)
-    for g in range(dicts.shape[0]):
-        rs = slice(g * group, (g + 1) * group)
-        keep = w[rs][~mask[rs]]
-        if keep.size:
-            # kmeans1d needs at least k points: repeat the group's own values if fewer
-            points = keep if keep.size >= k else np.resize(keep, k)
-            _, centroids = kmeans1d.cluster(points, k)
-            c = np.sort(np.asarray(centroids, dtype=np.float32))
-            dicts[g] = c
-            mid = (c[1:].astype(np.float64) + c[:-1]) / 2
-            block = codes[rs]
-            block[~mask[rs]] = np.searchsorted(mid, keep)
+
+    def choose(col: np.ndarray, j: int) -> np.ndarray:
+        idx = (col[:, None] > mids).sum(axis=1)  # the nearest value (ascending rows)
+        codes[:, j] = np.where(mask[:, j], 0, idx)
+        return np.where(mask[:, j], col, table[r, idx])  # an outlier: exact
+
     if hessian is not None:
         from runtime.gptq import compensate
 
-        table = np.repeat(dicts, group, axis=0)[:rows].astype(np.float64)
-        mids = (table[:, 1:] + table[:, :-1]) / 2
-        r = np.arange(rows)
-
-        def choose(col: np.ndarray, j: int) -> np.ndarray:
-            idx = (col[:, None] > mids).sum(axis=1)  # the nearest centroid (sorted)
-            codes[:, j] = np.where(mask[:, j], 0, idx)
-            return np.where(mask[:, j], col, table[r, idx])  # an outlier: exact
-
         w = compensate(w, hessian, choose)
-    for r in range(rows):
-        idx = np.flatnonzero(mask[r])
-        out_cols[r] = idx
-        out_vals[r] = w[r, idx]
-    return codes, dicts, out_cols, out_vals
+    else:
+        for j in range(cols):
+            choose(w[:, j], j)
+    out_cols = np.zeros((rows, n), dtype=np.uint16)
+    out_vals = np.zeros((rows, n), dtype=np.float32)
+    for i in range(rows):
+        idx = np.flatnonzero(mask[i])
+        out_cols[i] = idx
+        out_vals[i] = w[i, idx]
+    return codes, book, scales, out_cols, out_vals
 
 
-def dequantize_np(codes: np.ndarray, dicts: np.ndarray, out_cols: np.ndarray,
-                  out_vals: np.ndarray, group: int = 1) -> np.ndarray:
-    rows = np.repeat(dicts, group, axis=0)[:codes.shape[0]]
-    out = np.take_along_axis(rows, codes.astype(np.int64), axis=1)
+def dequantize_np(codes: np.ndarray, book: np.ndarray, scales: np.ndarray,
+                  out_cols: np.ndarray, out_vals: np.ndarray) -> np.ndarray:
+    """The block from its parts, in fp32 arithmetic as the decoder does it."""
+    out = np.asarray(book, np.float32)[codes.astype(np.int64)] * \
+        np.asarray(scales, np.float32)[:, None]
     np.put_along_axis(out, out_cols.astype(np.int64), out_vals, axis=1)
     return out.astype(np.float32)
 
@@ -175,126 +207,246 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=1, bitorder="little")
 
 
-def encode_block(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE,
-                 group: int = 1, hessian: np.ndarray | None = None) -> bytes:
-    codes, dicts, out_cols, out_vals = quantize(matrix, bits, share, group, hessian)
-    packed = pack_codes(codes, bits).tobytes()
-    idx = out_cols.astype("<u2").tobytes()
-    return b"".join([packed, bytes(_ceil4(len(packed)) - len(packed)),
-                     dicts.astype("<f4").tobytes(), idx, bytes(_ceil4(len(idx)) - len(idx)),
-                     out_vals.astype("<f4").tobytes()])
+Shapes = tuple[tuple[int, int], ...]  # (rows, cols) of each block of a group, in order
 
 
-def parse_block(raw: bytes, rows: int, cols: int, bits: int,
-                share: float = DEFAULT_OUTLIER_SHARE, group: int = 1
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The packed block back to (codes, dictionaries, outlier columns, outlier values),
-    with numpy: the reference the torch decoder is tested against."""
-    n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
-    packed = np.frombuffer(raw, np.uint8, rows * row_bytes).reshape(rows, row_bytes)
-    stream = np.unpackbits(packed, axis=1, bitorder="little")[:, :cols * bits]
-    codes = (stream.reshape(rows, cols, bits).astype(np.int64) << np.arange(bits)).sum(axis=2)
-    pos = _ceil4(rows * row_bytes)
-    groups = -(-rows // group)
-    dicts = np.frombuffer(raw, "<f4", groups * k, pos).reshape(groups, k)
-    pos += 4 * groups * k
-    out_cols = np.frombuffer(raw, "<u2", rows * n, pos).reshape(rows, n)
-    pos += _ceil4(2 * rows * n)
-    out_vals = np.frombuffer(raw, "<f4", rows * n, pos).reshape(rows, n)
-    return codes.astype(np.uint8), dicts, out_cols, out_vals
+@lru_cache(maxsize=None)
+def _sections(shapes: Shapes, bits: int, share: float) -> tuple[int, ...]:
+    """The byte sizes of a group's sections, in the layout's order: per block its codes and
+    their padding; the codebooks; the scales; per block its outlier columns and their
+    padding; the outlier values. Their sum is the blocks' block_bytes summed."""
+    for _, cols in shapes:
+        _check(bits, cols)
+    sizes: list[int] = []
+    for rows, cols in shapes:
+        codes = rows * math.ceil(cols * bits / 8)
+        sizes += [codes, _ceil4(codes) - codes]
+    sizes += [4 * 2 ** bits * len(shapes), 4 * sum(r for r, _ in shapes)]
+    for rows, cols in shapes:
+        idx = 2 * rows * outliers_per_row(cols, share)
+        sizes += [idx, _ceil4(idx) - idx]
+    sizes.append(4 * sum(r * outliers_per_row(c, share) for r, c in shapes))
+    return tuple(sizes)
 
 
-_OFFSETS: dict[tuple[int, int, int, int], torch.Tensor] = {}
-_SHIFTS: dict[int, torch.Tensor] = {}
-_TABLES: dict[tuple[int, int, int], torch.Tensor] = {}
-_BYTE_OFFSETS: dict[tuple[int, int], torch.Tensor] = {}
+def group_bytes(shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE) -> int:
+    return sum(_sections(tuple(shapes), bits, share))
 
 
-def decode_into(out: torch.Tensor, buf: torch.Tensor, rows: int, cols: int, bits: int,
-                share: float = DEFAULT_OUTLIER_SHARE, group: int = 1, work=None) -> None:
-    """Decode one packed block (uint8 tensor `buf`, exactly block_bytes long) into `out`,
-    any view of rows x cols elements whose last dimension is cols. With `work` (a
-    runtime.quant.DecodeWork sized by decode_work) nothing is allocated but two small
-    per-shape constants, cached."""
-    from runtime.quant import take
+def encode_blocks(blocks: list[np.ndarray], bits: int, share: float = DEFAULT_OUTLIER_SHARE,
+                  hessians: list[np.ndarray | None] | None = None) -> bytes:
+    """A group of blocks (a shard's input and output blocks) quantised, each with its own
+    codebook and scales, and laid out section by section (module docstring)."""
+    parts = [quantize(b, bits, share, h) for b, h in zip(blocks, hessians or [None] * len(blocks))]
+    codes, idx = [], []
+    for c, _, _, out_cols, _ in parts:
+        packed = pack_codes(c, bits).tobytes()
+        codes += [packed, bytes(_ceil4(len(packed)) - len(packed))]
+        cols = out_cols.astype("<u2").tobytes()
+        idx += [cols, bytes(_ceil4(len(cols)) - len(cols))]
+    return b"".join(codes + [p[1].astype("<f4").tobytes() for p in parts] +
+                    [p[2].astype("<f4").tobytes() for p in parts] + idx +
+                    [p[4].astype("<f4").tobytes() for p in parts])
 
-    if buf.numel() != block_bytes(rows, cols, bits, share, group):
-        raise ValueError(f"a {rows}x{cols} block at {bits} bits is "
-                         f"{block_bytes(rows, cols, bits, share, group)} bytes, got {buf.numel()}")
+
+def parse_blocks(raw: bytes, shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """A group's bytes back to each block's (codes, codebook, row scales, outlier columns,
+    outlier values), with numpy: the reference the torch decoder is tested against."""
+    shapes = tuple(shapes)
+    sizes = _sections(shapes, bits, share)
+    if len(raw) != sum(sizes):
+        raise ValueError(f"blocks {list(shapes)} at {bits} bits are {sum(sizes)} bytes, got "
+                         f"{len(raw)}")
+    k, m = 2 ** bits, len(shapes)
+    at = np.cumsum((0,) + sizes)
+    books = np.frombuffer(raw, "<f4", k * m, at[2 * m]).reshape(m, k)
+    scales = np.frombuffer(raw, "<f4", sum(r for r, _ in shapes), at[2 * m + 1])
+    vals_at, row_at, out = at[4 * m + 2], 0, []
+    for i, (rows, cols) in enumerate(shapes):
+        n, row_bytes = outliers_per_row(cols, share), math.ceil(cols * bits / 8)
+        packed = np.frombuffer(raw, np.uint8, rows * row_bytes, at[2 * i]).reshape(rows, row_bytes)
+        stream = np.unpackbits(packed, axis=1, bitorder="little")[:, :cols * bits]
+        codes = (stream.reshape(rows, cols, bits).astype(np.int64) << np.arange(bits)).sum(axis=2)
+        out_cols = np.frombuffer(raw, "<u2", rows * n, at[2 * m + 2 + 2 * i]).reshape(rows, n)
+        out_vals = np.frombuffer(raw, "<f4", rows * n, vals_at).reshape(rows, n)
+        out.append((codes.astype(np.uint8), books[i], scales[row_at:row_at + rows], out_cols,
+                    out_vals))
+        vals_at += 4 * rows * n
+        row_at += rows
+    return out
+
+
+@lru_cache(maxsize=None)
+def _byte_codes(bits: int, blocks: int) -> torch.Tensor:
+    """[blocks x 256 x 8/b] int32: the codes held in every byte value, in order, offset by
+    each block's place among the codebooks."""
+    per, k = 8 // bits, 2 ** bits
+    byte = torch.arange(256, dtype=torch.int32)
+    codes = (byte[:, None] >> (torch.arange(per, dtype=torch.int32) * bits)) & (k - 1)
+    return (torch.arange(blocks, dtype=torch.int32).view(-1, 1, 1) * k + codes).view(-1)
+
+
+@lru_cache(maxsize=None)
+def _offset(n: int) -> torch.Tensor:
+    """n as a one-element int32 tensor: added to uint8 codes it makes the sum int32 (a
+    Python int or 0-d tensor would be added in uint8 and wrap)."""
+    return torch.tensor([n], dtype=torch.int32)
+
+
+@lru_cache(maxsize=None)
+def _shifts(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(8 * _words(bits)[0] // bits, dtype=dtype) * bits
+
+
+def decode_work(shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
+                ) -> tuple[int, int, int, int, int]:
+    """Elements of the decode workspace for one group of blocks, in DecodeWork's order:
+    (int32 words, int32 codes or, at 1/2/4 bits, the byte tables' fp32 values, fp32 values,
+    uint8 padded bytes / 4 rounded up, int64 outlier indices). Words of 8 bytes (5 and 7
+    bits) count twice."""
     G, P, per = _words(bits)
-    n, k, row_bytes = outliers_per_row(cols, share), 2 ** bits, math.ceil(cols * bits / 8)
-    groups = -(-cols // per)
-    width = groups * per
-    # the codes, G bytes at a time, as little-endian words of P bytes
-    packed = buf[:rows * row_bytes].view(rows, row_bytes)
-    wtype = torch.int64 if P == 8 else torch.int32
+    groups = sum(r * -(-c // per) for r, c in shapes)
+    values = groups * per
+    longs = sum(_ceil4(2 * r * outliers_per_row(c, share)) // 2 for r, c in shapes)
     if P == 1:
-        words = take(work and work.packed, rows * groups, torch.int32).view(rows, groups)
-        words.copy_(packed)
-    else:
-        pad = take(work and work.bytes, rows * groups * P, torch.uint8).view(rows, groups, P)
-        pad.zero_()
-        if groups * G == row_bytes:
-            pad[..., :G].copy_(packed.view(rows, groups, G))
-        else:  # the last group is short: byte j of every group, then zeros
-            for j in range(G):
-                pad[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
-        words = pad.view(wtype).view(rows, groups)
-    pos = _ceil4(rows * row_bytes)
-    n_groups = -(-rows // group)
-    dicts = buf[pos:pos + 4 * n_groups * k].view(torch.float32)
-    pos += 4 * n_groups * k
-    values = take(work and work.values, rows * width, torch.float32)
-    if P == 1 and per > 1 and n_groups * 256 * per <= rows * width:
-        # a byte holds whole codes: each row group's dictionary folded into a table of the
-        # values of every byte (no larger than the block), looked up one byte at a time
-        key = (bits, n_groups, k)
-        if key not in _TABLES:
-            chunk = torch.arange(256, dtype=torch.int32)
-            codes = (chunk[:, None] >> (torch.arange(per, dtype=torch.int32) * bits)) & (k - 1)
-            _TABLES[key] = (torch.arange(n_groups, dtype=torch.int32).view(-1, 1, 1) * k +
-                            codes).view(-1)
-        table = take(work and work.indices.view(torch.float32), n_groups * 256 * per,
-                     torch.float32)
-        torch.index_select(dicts, 0, _TABLES[key], out=table)
-        if (rows, group) not in _BYTE_OFFSETS:
-            _BYTE_OFFSETS[rows, group] = (torch.arange(rows, dtype=torch.int32) // group *
-                                          256).view(rows, 1)
-        words.add_(_BYTE_OFFSETS[rows, group])
-        torch.index_select(table.view(-1, per), 0, words.view(-1), out=values.view(-1, per))
-    else:
-        codes = take(work and (work.indices.view(torch.int64) if P == 8 else work.indices),
-                     rows * width, wtype).view(rows, groups, per)
-        if bits not in _SHIFTS:
-            _SHIFTS[bits] = torch.arange(per, dtype=torch.int64) * bits
-        torch.bitwise_right_shift(words.unsqueeze(-1), _SHIFTS[bits].to(wtype), out=codes)
-        codes.bitwise_and_(k - 1)
-        key = (rows, group, k, width)
-        if key not in _OFFSETS:  # each row's dictionary: its group's place in the table
-            _OFFSETS[key] = (torch.arange(rows) // group * k).to(wtype).view(rows, 1)
-        flat = codes.view(rows, width)
-        flat.add_(_OFFSETS[key])
-        torch.index_select(dicts, 0, flat.view(-1), out=values)
-    values = values.view(rows, width)
-    if n:
-        idx = take(work and work.longs, rows * n, torch.int64).view(rows, n)
-        idx.copy_(buf[pos:pos + 2 * rows * n].view(torch.int16).view(rows, n))
-        if cols > 32767:
-            idx.bitwise_and_(0xFFFF)
-        pos += _ceil4(2 * rows * n)
-        values.scatter_(1, idx, buf[pos:pos + 4 * rows * n].view(torch.float32).view(rows, n))
-    src = values[:, :cols]
-    out.copy_(src.unflatten(0, out.shape[:-1]) if out.dim() > 2 else src)
+        return groups, 256 * per * len(shapes) if per > 1 else 0, values, 0, longs
+    double = 2 if P == 8 else 1
+    return groups * double, values * double, values, -(-groups * P // 4), longs
+
+
+class _Plan:
+    """Everything about decoding one group shape that does not depend on the bytes: the
+    split of its buffer (codes per block, then the codebooks, scales, outlier columns and
+    outlier values as float32 or int16 sections of its 4-aligned tail), and a function
+    cutting the workspace's views."""
+
+    def __init__(self, shapes: Shapes, bits: int, share: float):
+        sizes, m = _sections(shapes, bits, share), len(shapes)
+        self.shapes, self.bits, self.m, self.nbytes = shapes, bits, m, sum(sizes)
+        self.G, self.P, self.per = _words(bits)
+        self.key = ("dict", shapes, bits, share)
+        self.code_split = sizes[:2 * m] + (self.nbytes - sum(sizes[:2 * m]),)
+        self.row_bytes = [sizes[2 * i] // r for i, (r, _) in enumerate(shapes)]
+        self.n = [outliers_per_row(c, share) for _, c in shapes]
+        rows = [r for r, _ in shapes]
+        # the tail, in fp32 elements: codebooks, scales per block, outlier columns (all
+        # blocks, with paddings), outlier values per block
+        self.tail_split = (2 ** bits * m, *rows, sum(sizes[2 * m + 2:4 * m + 2]) // 4,
+                           *(r * n for r, n in zip(rows, self.n)))
+        self.wide = [c > 32767 for _, c in shapes]
+        self.byte_codes = _byte_codes(bits, m) if self.P == 1 and self.per > 1 else None
+        self.offsets = [_offset(256 * i) for i in range(m)]
+
+    def make(self, work):
+        """The views of the workspace (None: fresh tensors) a decode writes: (words (int32,
+        1/2/4/8 bits) or padded bytes [groups, P], the byte tables [blocks x 256, per] or
+        None (8 bits) or codes [groups, per], all values [values / per, per], all outlier
+        indices (flat), then per block: its words or padded bytes, its values [rows,
+        cols], its outlier indices [rows, n], its codes (flat; shift path))."""
+        from runtime.quant import take
+
+        per, P = self.per, self.P
+        groups = [r * -(-c // per) for r, c in self.shapes]
+        total = sum(groups)
+        values = take(work and work.values, total * per, torch.float32)
+        n_idx = [_ceil4(2 * r * n) // 2 for (r, _), n in zip(self.shapes, self.n)]
+        idx = take(work and work.longs, sum(n_idx), torch.int64)
+        if P == 1:
+            first = take(work and work.packed, total, torch.int32)
+            second = None if per == 1 else take(work and work.indices.view(torch.float32),
+                                                256 * per * self.m,
+                                                torch.float32).view(-1, per)
+        else:
+            first = take(work and work.bytes, total * P, torch.uint8).view(total, P)
+            wtype = torch.int64 if P == 8 else torch.int32
+            second = take(work and (work.indices.view(torch.int64) if P == 8 else
+                                    work.indices), total * per, wtype).view(total, per)
+        blocks, at, iat = [], 0, 0
+        for (r, c), g, ni, n in zip(self.shapes, groups, n_idx, self.n):
+            mine = first[at:at + g]
+            blocks.append((mine if P == 1 else mine.view(r, g // r, P),
+                           values[at * per:(at + g) * per].view(r, -1)[:, :c],
+                           idx[iat:iat + r * n].view(r, n),
+                           None if P == 1 else second.view(-1)[at * per:(at + g) * per]))
+            at, iat = at + g, iat + ni
+        return first, second, values.view(-1, per), idx, blocks
+
+
+@lru_cache(maxsize=None)
+def _plan(shapes: Shapes, bits: int, share: float) -> _Plan:
+    return _Plan(shapes, bits, share)
+
+
+def decode_into(outs: list[torch.Tensor], buf: torch.Tensor, shapes: Shapes, bits: int,
+                share: float = DEFAULT_OUTLIER_SHARE, work=None) -> None:
+    """Decode a group of blocks (uint8 tensor `buf`, exactly group_bytes long) into `outs`,
+    one view per block of rows x cols elements whose last dimension is cols. The blocks'
+    codes are looked up together (one table build and one lookup at 1/2/4 bits), then each
+    block is multiplied by its scales into its view and its outliers scattered there. With
+    `work` (a runtime.quant.DecodeWork sized by decode_work) nothing is allocated but small
+    per-shape constants and the workspace's views, each made once."""
+    plan = _plan(shapes if type(shapes) is tuple else tuple(shapes), bits, share)
+    if buf.numel() != plan.nbytes:
+        raise ValueError(f"blocks {list(shapes)} at {bits} bits are {plan.nbytes} bytes, "
+                         f"got {buf.numel()}")
+    first, second, values, idx, blocks = plan.make(None) if work is None else \
+        work.views(plan.key, plan.make)
+    m = plan.m
+    parts = buf.split_with_sizes(plan.code_split)
+    tail = parts[-1].view(torch.float32).split_with_sizes(plan.tail_split)
+    books = tail[0]
+    if plan.P == 1:  # a byte holds whole codes: each block's codebook folded into every
+        for i in range(m):  # byte's values, block i's bytes offset by 256 i
+            if i == 0:
+                blocks[0][0].copy_(parts[0])
+            else:
+                torch.add(parts[2 * i], plan.offsets[i], out=blocks[i][0])
+        if second is None:  # 8 bits: the codebooks are the tables
+            torch.index_select(books.view(-1, 1), 0, first, out=values)
+        else:
+            torch.index_select(books, 0, plan.byte_codes, out=second.view(-1))
+            torch.index_select(second, 0, first, out=values)
+    else:  # the codes, G bytes at a time, as little-endian words of P bytes
+        G = plan.G
+        first.zero_()
+        for i, (rows, _) in enumerate(shapes):
+            dest, row_bytes = blocks[i][0], plan.row_bytes[i]
+            packed = parts[2 * i].view(rows, row_bytes)
+            if dest.shape[1] * G == row_bytes:
+                dest[..., :G].copy_(packed.view(rows, -1, G))
+            else:  # the last group is short: byte j of every group, then zeros
+                for j in range(G):
+                    dest[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
+        torch.bitwise_right_shift(first.view(second.dtype), _shifts(bits, second.dtype),
+                                  out=second)
+        second.bitwise_and_(2 ** bits - 1)
+        for i in range(1, m):  # block i's codes index its own codebook
+            blocks[i][3].add_(i * 2 ** bits)
+        torch.index_select(books, 0, second.view(-1), out=values.view(-1))
+    if idx.numel():  # every block's outlier columns (and paddings) at once
+        idx.copy_(tail[m + 1].view(torch.int16))
+    for i, (out, (_, src, ix, _)) in enumerate(zip(outs, blocks)):
+        scales = tail[1 + i]
+        if out.dim() == 2:
+            torch.mul(src, scales.view(-1, 1), out=out)
+        else:
+            torch.mul(src.reshape(out.shape), scales.view(*out.shape[:-1], 1), out=out)
+        if plan.n[i]:
+            if plan.wide[i]:
+                ix.bitwise_and_(0xFFFF)
+            vals = tail[m + 2 + i].view(ix.shape)
+            if out.dim() == 2:
+                out.scatter_(1, ix, vals)
+            else:
+                lead = (*out.shape[:-1], ix.shape[1])
+                out.scatter_(-1, ix.view(lead), vals.view(lead))
 
 
 def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
-                 share: float = DEFAULT_OUTLIER_SHARE, group: int = 1) -> torch.Tensor:
-    """The fp32 block [rows, cols] from its packed bytes (the layout above)."""
-    expected = block_bytes(rows, cols, bits, share, group)
-    if len(raw) != expected:
-        raise ValueError(f"a {rows}x{cols} block at {bits} bits is {expected} bytes, got "
-                         f"{len(raw)}")
+                 share: float = DEFAULT_OUTLIER_SHARE) -> torch.Tensor:
+    """The fp32 block [rows, cols] from its packed bytes (a group of one block)."""
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
     out = torch.empty(rows, cols)
-    decode_into(out, buf, rows, cols, bits, share, group)
+    decode_into([out], buf, ((rows, cols),), bits, share)
     return out

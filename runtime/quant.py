@@ -136,6 +136,14 @@ class DecodeWork:
         self.values = torch.zeros(values)
         self.bytes = torch.zeros(4 * byte_words, dtype=torch.uint8)
         self.longs = torch.zeros(longs, dtype=torch.int64)
+        self._views: dict = {}
+
+    def views(self, key, make):
+        """The views `make(self)` cuts from these buffers for one kind of block, made once
+        per key (cutting them costs a microsecond each, per block, on a hot path)."""
+        if key not in self._views:
+            self._views[key] = make(self)
+        return self._views[key]
 
     @property
     def nbytes(self) -> int:
@@ -152,39 +160,54 @@ def take(work: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
     return work[:n]
 
 
+def _workspace(rows: int, nbytes: int, cols: int, bits: int):
+    """A function cutting, from a DecodeWork (None: fresh tensors), the views one block's
+    decode writes: (int32 chunks, int32 24-bit groups [rows, groups, 3] or None, the
+    looked-up values [chunks, per], the values of the block [rows, cols])."""
+    per = _LUTS[bits].shape[1]
+
+    def make(work):
+        if 8 % bits == 0:
+            chunks, b = take(work and work.indices, rows * nbytes, torch.int32), None
+        else:
+            groups = -(-cols // (24 // bits))
+            b = take(work and work.packed, rows * groups * 3, torch.int32).view(rows, groups, 3)
+            chunks = take(work and work.indices, rows * groups * 2, torch.int32)
+        values = take(work and work.values, chunks.numel() * per, torch.float32)
+        return chunks, b, values.view(-1, per), values.view(rows, -1)[:, :cols]
+    return make
+
+
 def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     bits: int, work: DecodeWork | None = None) -> torch.Tensor:
     """Dequantise packed rows straight into `out` (any view with rows * cols elements whose
     last dimension is cols): out = (code + lo + 1/2) * scale, through a lookup table (a few
     torch ops per block: small shards are dominated by per-op cost, measured 2-3x faster
-    than unpacking bit by bit). With `work`, every intermediate lives in its buffers."""
+    than unpacking bit by bit). With `work`, every intermediate lives in its buffers (their
+    views cut once per block shape)."""
     cols = out.shape[-1]
     rows, nbytes = packed.shape
-    byte_aligned = 8 % bits == 0
     if bits not in _LUTS:
-        _LUTS[bits] = _lut(bits, 8 if byte_aligned else 12)
+        _LUTS[bits] = _lut(bits, 8 if 8 % bits == 0 else 12)
     lut = _LUTS[bits]
-    if byte_aligned:
-        chunks = take(work and work.indices, rows * nbytes, torch.int32)
+    make = _workspace(rows, nbytes, cols, bits)
+    chunks, b, lookup, values = make(None) if work is None else \
+        work.views(("uniform", rows, nbytes, cols, bits), make)
+    if b is None:
         chunks.copy_(packed.reshape(-1))
     else:
-        groups = -(-cols // (24 // bits))
-        b = take(work and work.packed, rows * groups * 3, torch.int32).view(rows, groups, 3)
+        groups = b.shape[1]
         if groups * 3 != nbytes:
             b.zero_()
             b.view(rows, groups * 3)[:, :nbytes].copy_(packed)
         else:
             b.copy_(packed.view(rows, groups, 3))
-        c = take(work and work.indices, rows * groups * 2, torch.int32).view(rows, groups, 2)
+        c = chunks.view(rows, groups, 2)
         low, high = c[..., 0], c[..., 1]
         low.copy_(b[..., 1]).bitwise_and_(15).bitwise_left_shift_(8).bitwise_or_(b[..., 0])
         high.copy_(b[..., 1]).bitwise_right_shift_(4)
         high.bitwise_or_(b[..., 2].bitwise_left_shift_(4))
-        chunks = c.view(-1)
-    per = lut.shape[1]
-    values = take(work and work.values, chunks.numel() * per, torch.float32)
-    torch.index_select(lut, 0, chunks, out=values.view(-1, per))
-    values = values.view(rows, -1)[:, :cols]
+    torch.index_select(lut, 0, chunks, out=lookup)
     if out.dim() == 2:
         torch.mul(values, scales.view(rows, 1), out=out)
     else:

@@ -17,10 +17,11 @@ One shard variant (its `offset` and `bytes` in the index) is two blocks and a bi
 Each block is fp32 (B = 32), or in the store's scheme for quantised bitwidths:
 - uniform (default): packed codes [r, ceil(c*B/8)] then fp32 scales [r] (quant.py), so
   every block is quantised per output channel; B in {2, 3, 4, 6, 8};
-- dict (`elasticplan shard --scheme dict`): a dictionary of 2^B fp32 values per group of
-  rows plus exact outliers (dictquant.py; its layout there); B in {2, 3, 4, 5, 6, 8}.
+- dict (`elasticplan shard --scheme dict`): per block a codebook of 2^B fp32 values and a
+  scale per row, plus exact outliers (dictquant.py; its layout there); B in {2, 3, 4, 5}
+  (6 and 8 bits of a dict store are uniform).
 The index records the scheme per file (absent: uniform) and the dictionary parameters
-(rows per dictionary, outlier share) under `quantisation.dictionary`. (Quantising Wo's columns
+(outlier share, layout) under `quantisation.dictionary`. (Quantising Wo's columns
 per input channel instead cost 6-bit fidelity 0.962 vs 0.999 here.) For the uniform scheme the
 size is exactly elasticplan.archgen's head_bytes / ffn_bytes; for either, the model
 profile's `bytes` are these sizes, and the index's sizes must be what the shapes imply. Each variant and each file carries a sha256.
@@ -68,11 +69,11 @@ DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
 SCHEME_BITWIDTHS = {"uniform": DEFAULT_BITWIDTHS, "dict": (2, 3, 4, 5, 6, 8, 32)}
 # The dict scheme codes these bitwidths by dictionary and keeps 6 and 8 bits uniform:
 # there the uniform scheme is within 0.5 % of fp32's fidelity (0.995, 0.9997) while a
-# dictionary per 8 rows would add 11 % and 33 % to the bytes (2^b fp32 values per 8 rows).
+# dictionary's outliers would add 4 % and 3 % to the bytes.
 DICT_BITS = (2, 3, 4, 5)
-DICT_LAYOUT = ("codes [r, ceil(c*bits/8)] (section padded to 4 bytes), dictionaries "
-               "[ceil(r / group), 2^bits] fp32, outlier columns [r, n] uint16 (section padded "
-               "to 4 bytes), outlier values [r, n] fp32; n = ceil(outlier_share * c)")
+DICT_LAYOUT = ("codes [r, ceil(c*bits/8)] (section padded to 4 bytes), codebook [2^bits] fp32, "
+               "row scales [r] fp32, outlier columns [r, n] uint16 (section padded to 4 "
+               "bytes), outlier values [r, n] fp32; n = ceil(outlier_share * c)")
 INDEX = "index.json"
 VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - in_rows] "
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
@@ -81,11 +82,9 @@ VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - 
 
 @dataclass(frozen=True)
 class Scheme:
-    """How a store's quantised blocks are kept: uniform, or dict with its rows per
-    dictionary and outlier share."""
+    """How a store's quantised blocks are kept: uniform, or dict with its outlier share."""
 
     name: str = "uniform"
-    group: int = dictquant.DEFAULT_GROUP
     share: float = dictquant.DEFAULT_OUTLIER_SHARE
 
     def check_bits(self, bits: int) -> None:
@@ -100,24 +99,24 @@ class Scheme:
     def block_bytes(self, rows: int, cols: int, bits: int) -> int:
         if bits == quant.FP32 or self.name == "uniform":
             return rows * quant.row_bytes(cols, bits) + (0 if bits == quant.FP32 else 4 * rows)
-        return dictquant.block_bytes(rows, cols, bits, self.share, self.group)
+        return dictquant.block_bytes(rows, cols, bits, self.share)
 
     def variant_bytes(self, rows: int, cols: int, in_rows: int, bias: int, bits: int) -> int:
         return self.block_bytes(in_rows, cols, bits) + \
             self.block_bytes(cols, rows - in_rows, bits) + 4 * bias
 
-    def decode_work(self, rows: int, cols: int, bits: int) -> tuple[int, ...]:
+    def decode_work(self, blocks: list[tuple[int, int]], bits: int) -> tuple[int, ...]:
+        """The decode workspace one variant of these blocks needs (DecodeWork's sizes)."""
         if bits == quant.FP32 or self.name == "uniform":
-            return archgen.decode_work(rows, cols, bits)
-        return dictquant.decode_work(rows, cols, bits, self.share)
+            return tuple(max(k) for k in zip(*(archgen.decode_work(r, c, bits)
+                                               for r, c in blocks)))
+        return dictquant.decode_work(tuple(blocks), bits, self.share)
 
     def encode_block(self, block: np.ndarray, bits: int, hessian: np.ndarray | None = None
                      ) -> list[bytes]:
         block = np.ascontiguousarray(block, dtype=np.float32)
         if bits == quant.FP32:
             return [block.astype("<f4").tobytes()]
-        if self.name == "dict":
-            return [dictquant.encode_block(block, bits, self.share, self.group, hessian)]
         codes, scales = quant.quantize(block, bits)
         return [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
 
@@ -126,6 +125,10 @@ class Scheme:
         """The variant's bytes; `hessians` (its input and output blocks', runtime/gptq.py)
         make the dictionary scheme's rounding error-compensated."""
         h_in, h_out = hessians or (None, None)
+        if self.name == "dict" and bits != quant.FP32:
+            return dictquant.encode_blocks([matrix[:in_rows], matrix[in_rows:].T], bits,
+                                           self.share, [h_in, h_out]) + \
+                bias.astype("<f4").tobytes()
         return b"".join(self.encode_block(matrix[:in_rows], bits, h_in) +
                         self.encode_block(matrix[in_rows:].T, bits, h_out) +
                         [bias.astype("<f4").tobytes()])
@@ -167,14 +170,13 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
     pos = 0
     bias_out = slot.bias
     dictionary = v.scheme.name == "dict" and v.bits != quant.FP32
-    for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
+    if dictionary:  # both blocks at once (dictquant's layout)
+        pos = v.nbytes - 4 * v.bias
+        dictquant.decode_into([slot.inp, slot.out], buf[:pos], tuple(v.blocks()), v.bits,
+                              v.scheme.share, work)
+    for (r, c), dest in zip([] if dictionary else v.blocks(), (slot.inp, slot.out)):
         n = r * quant.row_bytes(c, v.bits)
-        if dictionary:
-            size = v.scheme.block_bytes(r, c, v.bits)
-            dictquant.decode_into(dest, buf[pos:pos + size], r, c, v.bits, v.scheme.share,
-                                  v.scheme.group, work)
-            pos += size
-        elif v.bits == quant.FP32:
+        if v.bits == quant.FP32:
             dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
             pos += n
         else:
@@ -246,11 +248,12 @@ def _read_index(path: Path):
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
     schemes = {"uniform": UNIFORM}
     qf = f.mapping("quantisation", "the quantisation schemes")
-    df = qf.mapping("dictionary", "{group, outlier_share, layout}", required=False)
+    df = qf.mapping("dictionary", "{outlier_share, layout, rounding}", required=False)
     if df is not None:
-        schemes["dict"] = Scheme("dict", df.integer("group", minimum=1, maximum=1 << 20),
-                                 df.number("outlier_share", minimum=0, maximum=0.5))
-        df.free_form("layout", str)
+        schemes["dict"] = Scheme("dict", df.number("outlier_share", minimum=0, maximum=0.5))
+        if df.string("layout") != DICT_LAYOUT:
+            raise df.err("layout", "not this version's dictionary layout (a store built by "
+                                   "another version: rebuild it with elasticplan shard)")
         df.free_form("rounding", str)
         df.done()
     variants: dict[tuple[int, str, int], Variant] = {}
@@ -348,8 +351,7 @@ class ShardStore:
         for v in self._variants.values():
             if v.bits == quant.FP32:
                 continue
-            for r, c in v.blocks():
-                work = [max(a, b) for a, b in zip(work, v.scheme.decode_work(r, c, v.bits))]
+            work = [max(a, b) for a, b in zip(work, v.scheme.decode_work(v.blocks(), v.bits))]
             bounce = max(bounce, v.nbytes)
         return tuple(work), bounce
 
@@ -506,11 +508,12 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
         import kmeans1d
 
         calibration = list(load_splits().train.texts[:gptq.CALIBRATION_TEXTS])
-        dictionary = {"group": scheme.group, "outlier_share": scheme.share,
+        dictionary = {"outlier_share": scheme.share,
                       "layout": DICT_LAYOUT,
                       "rounding": f"error-compensated (runtime/gptq.py) on the first "
                                   f"{len(calibration)} tweets of the train split"}
-        build["dictionary"] = {"group": scheme.group, "outlier_share": scheme.share,
+        build["dictionary"] = {"outlier_share": scheme.share, "layout": DICT_LAYOUT,
+                               "fit_rounds": dictquant.FIT_ROUNDS,
                                "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__,
                                "rounding": {"damp": gptq.DAMP, "texts": hashlib.sha256(
                                    "\n".join(calibration).encode()).hexdigest()}}

@@ -18,13 +18,8 @@ def stored_dictionary(store: ShardStore, layer: int, name: str, bits: int) -> np
     (independent of the torch decoder)."""
     v = store.variant(layer, name, bits)
     raw = bytes(store.read(v))
-    group, share = v.scheme.group, v.scheme.share
-    blocks, pos = [], 0
-    for r, c in v.blocks():
-        size = v.scheme.block_bytes(r, c, bits)
-        parsed = dictquant.parse_block(raw[pos:pos + size], r, c, bits, share, group)
-        blocks.append(dictquant.dequantize_np(*parsed, group))
-        pos += size
+    blocks = [dictquant.dequantize_np(*parts) for parts in dictquant.parse_blocks(
+        raw[:v.nbytes - 4 * v.bias], v.blocks(), bits, v.scheme.share)]
     return np.concatenate([blocks[0], blocks[1].T])
 
 

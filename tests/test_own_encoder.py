@@ -155,8 +155,7 @@ def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, caps
     texts = list(load_splits().train.texts[:64])
     H = gptq.hessians(ref, texts)[1, "ffn_in"]
     orig, _ = shard_from_hf(ref.tensors, s.config, 1, "ffn2")
-    g, share = v.scheme.group, v.scheme.share
-    nearest = dictquant.dequantize_np(*dictquant.quantize(orig[:k], 3, share, g), g)
+    nearest = dictquant.dequantize_np(*dictquant.quantize(orig[:k], 3, v.scheme.share))
 
     def output_error(q):
         e = (q - orig[:k]).astype(np.float64)
