@@ -133,6 +133,31 @@ def test_a_dropped_and_quantised_plan_computes_exactly_that_submodel(built):
     _exact_submodel(root, ckpt, store, "exact")
 
 
+def test_a_dictionary_store_keeps_the_outlier_share_asked_for(tmp_path, capsys):
+    """`shard --scheme dict --outlier-share 0.1`: the index records the share, every
+    variant is the size that share implies (larger than at the default 0.005), and it
+    decodes to what its bytes parsed with numpy give; a share outside [0, 0.5], or one for
+    the uniform scheme, is refused (exit 2) before anything is written."""
+    ckpt = write_checkpoint(tmp_path / "ck", "bert", seed=6)
+    for bad in (["--scheme", "dict", "--outlier-share", "0.7"],
+                ["--scheme", "dict", "--outlier-share", "nan"], ["--outlier-share", "0.02"]):
+        assert cli("shard", "--checkpoint", ckpt, "--out", tmp_path / "bad", *bad) == 2
+        assert "--outlier-share" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    store = tmp_path / "dict10"
+    assert cli("shard", "--checkpoint", ckpt, "--out", store, "--scheme", "dict",
+               "--outlier-share", "0.1") == 0
+    index = json.loads((store / "index.json").read_text())
+    assert index["quantisation"]["dictionary"]["outlier_share"] == 0.1
+    s = ShardStore(store)
+    for name in ("head1", "ffn0"):
+        v = s.variant(0, name, 2)
+        k = s.config.shard_in_rows(name)
+        assert v.nbytes == Scheme("dict", 0.1).variant_bytes(v.rows, v.cols, k, v.bias, 2) > \
+            Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 2)
+        assert np.array_equal(s.load(0, name, 2)[0].numpy(), stored_dictionary(s, 0, name, 2))
+
+
 def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, capsys):
     """`shard --scheme dict`: 2-5 bits as dictionaries with outliers, 6 and 8 uniform,
     recorded per file; the profile records the schemes; a plan on it computes the submodel
