@@ -48,7 +48,7 @@ shards: $(STAMP)
 profile: shards
 	$(BIN)/elasticplan profile
 
-# The dictionary store's profile (problems/models/minilm-l6-dict.yaml, ~9 min).
+# The dictionary store's profile (problems/models/minilm-l6-dict.yaml, ~6.5 min).
 profile-dict: shards
 	$(BIN)/elasticplan profile --store build/shards/minilm-l6-dict \
 		--out problems/models/minilm-l6-dict.yaml

@@ -112,15 +112,21 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
 
     Calibrates once (as `elasticplan calibrate` does; ~10 s) into build/bench/calibrated-X
     and reuses that on later calls, so the benchmarks of one `make bench` run share one
-    device per bandwidth (`make bench` deletes them first: every run calibrates afresh).
-    The dictionary scheme's store and profile calibrate into calibrated-X-dict.
-    Returns (scenario, default target ms)."""
+    device per bandwidth (`make bench` deletes them first: every run calibrates afresh),
+    unless the store's index, the scenario, its profile or the task head changed since
+    (a rebuilt store decodes at other costs). The dictionary scheme's store and profile
+    calibrate into calibrated-X-dict. Returns (scenario, default target ms)."""
+    import yaml
+
     from elasticplan.loader import load_scenario
     from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, fit_report, write_calibration
 
     out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}{'' if scheme == 'uniform' else '-' + scheme}"
     path = out / "scenario.yaml"
-    if path.is_file():
+    store_dir, scenario, head = SCHEMES[scheme]
+    profile = scenario.parent / yaml.safe_load(scenario.read_text())["model"]
+    sources = [Path(store_dir) / "index.json", scenario, profile, head]
+    if path.is_file() and all(path.stat().st_mtime > p.stat().st_mtime for p in sources):
         sc = load_scenario(path)
         log(f"# {bandwidth_mb_s:g} MB/s: reusing {_rel(out)} (calibrated {_when(path)}); "
             f"{describe_compute(sc.device)}; default target {sc.target_latency_ms:g} ms")
