@@ -42,9 +42,10 @@ share of the bytes depends only on its shape (`block_bytes`); a group's is their
 Decoding (`decode_into`, allocation-free with a DecodeWork): at 1, 2, 4 and 8 bits, where a
 byte holds whole codes, the blocks' codebooks are folded into the values of every byte
 (256 x 8/b per block) with one index_select, and all the blocks' bytes (block i's offset
-by 256 i) are looked up in those tables with one more; at other widths the codes of
-lcm(b, 8) bits (G bytes) at a time are copied into 4- or 8-byte little-endian words, cut
-out with one broadcast shift and mask and looked up in the codebooks. Then per block one
+by 256 i) are looked up in those tables with one more; at other widths, block by block
+(so the code buffers need only the larger block), the codes of lcm(b, 8) bits (G bytes)
+at a time are copied into 4- or 8-byte little-endian words, cut out with one broadcast
+shift and mask and looked up in the block's codebook. Then per block one
 multiply by its row scales writes its destination view, and its outliers are scattered
 over it. Grouping the sections by kind is what lets a shard's two blocks share these
 steps: measured per shard, it decodes within 1.3x of the uniform scheme's time.
@@ -298,17 +299,16 @@ def _shifts(bits: int, dtype: torch.dtype) -> torch.Tensor:
 def decode_work(shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
                 ) -> tuple[int, int, int, int, int]:
     """Elements of the decode workspace for one group of blocks, in DecodeWork's order:
-    (int32 words, int32 codes or, at 1/2/4 bits, the byte tables' fp32 values, fp32 values,
-    uint8 padded bytes / 4 rounded up, int64 outlier indices). Words of 8 bytes (5 and 7
-    bits) count twice."""
+    (int32 words (1/2/4/8 bits: all blocks'), int32 codes of the largest block or, at
+    1/2/4 bits, the byte tables' fp32 values, fp32 values (all blocks'), uint8 padded bytes
+    of the largest block / 4 rounded up, int64 outlier indices (all blocks'))."""
     G, P, per = _words(bits)
-    groups = sum(r * -(-c // per) for r, c in shapes)
-    values = groups * per
+    groups = [r * -(-c // per) for r, c in shapes]
+    values = sum(groups) * per
     longs = sum(_ceil4(2 * r * outliers_per_row(c, share)) // 2 for r, c in shapes)
     if P == 1:
-        return groups, 256 * per * len(shapes) if per > 1 else 0, values, 0, longs
-    double = 2 if P == 8 else 1
-    return groups * double, values * double, values, -(-groups * P // 4), longs
+        return sum(groups), 256 * per * len(shapes) if per > 1 else 0, values, 0, longs
+    return 0, max(groups) * per, values, -(-max(groups) * P // 4), longs
 
 
 class _Plan:
@@ -337,9 +337,10 @@ class _Plan:
     def make(self, work):
         """The views of the workspace (None: fresh tensors) a decode writes: (words (int32,
         1/2/4/8 bits) or padded bytes [groups, P], the byte tables [blocks x 256, per] or
-        None (8 bits) or codes [groups, per], all values [values / per, per], all outlier
-        indices (flat), then per block: its words or padded bytes, its values [rows,
-        cols], its outlier indices [rows, n], its codes (flat; shift path))."""
+        None (8 bits) or the codes buffer, all values [values / per, per], all outlier
+        indices (flat), then per block: its words or its padded bytes [rows, groups, P],
+        its values [rows, cols], its outlier indices [rows, n], and on the shift path its
+        codes [groups, per] and its values (flat))."""
         from runtime.quant import take
 
         per, P = self.per, self.P
@@ -353,18 +354,16 @@ class _Plan:
             second = None if per == 1 else take(work and work.indices.view(torch.float32),
                                                 256 * per * self.m,
                                                 torch.float32).view(-1, per)
-        else:
-            first = take(work and work.bytes, total * P, torch.uint8).view(total, P)
-            wtype = torch.int64 if P == 8 else torch.int32
-            second = take(work and (work.indices.view(torch.int64) if P == 8 else
-                                    work.indices), total * per, wtype).view(total, per)
+        else:  # the blocks are cut one after the other, each from the buffers' start
+            first = take(work and work.bytes, max(groups) * P, torch.uint8)
+            second = take(work and work.indices, max(groups) * per, torch.int32)
         blocks, at, iat = [], 0, 0
         for (r, c), g, ni, n in zip(self.shapes, groups, n_idx, self.n):
-            mine = first[at:at + g]
-            blocks.append((mine if P == 1 else mine.view(r, g // r, P),
+            blocks.append((first[at:at + g] if P == 1 else first[:g * P].view(r, g // r, P),
                            values[at * per:(at + g) * per].view(r, -1)[:, :c],
                            idx[iat:iat + r * n].view(r, n),
-                           None if P == 1 else second.view(-1)[at * per:(at + g) * per]))
+                           None if P == 1 else (second[:g * per].view(g, per),
+                                                values[at * per:(at + g) * per])))
             at, iat = at + g, iat + ni
         return first, second, values.view(-1, per), idx, blocks
 
@@ -403,23 +402,24 @@ def decode_into(outs: list[torch.Tensor], buf: torch.Tensor, shapes: Shapes, bit
         else:
             torch.index_select(books, 0, plan.byte_codes, out=second.view(-1))
             torch.index_select(second, 0, first, out=values)
-    else:  # the codes, G bytes at a time, as little-endian words of P bytes
-        G = plan.G
-        first.zero_()
+    else:  # block by block, the codes G bytes at a time as little-endian words of P bytes
+        G, k = plan.G, 2 ** bits
+        wtype = torch.int64 if plan.P == 8 else torch.int32
         for i, (rows, _) in enumerate(shapes):
-            dest, row_bytes = blocks[i][0], plan.row_bytes[i]
+            pad, _, _, (codes, out_values) = blocks[i]
+            row_bytes = plan.row_bytes[i]
             packed = parts[2 * i].view(rows, row_bytes)
-            if dest.shape[1] * G == row_bytes:
-                dest[..., :G].copy_(packed.view(rows, -1, G))
+            pad.zero_()
+            if pad.shape[1] * G == row_bytes:
+                pad[..., :G].copy_(packed.view(rows, -1, G))
             else:  # the last group is short: byte j of every group, then zeros
                 for j in range(G):
-                    dest[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
-        torch.bitwise_right_shift(first.view(second.dtype), _shifts(bits, second.dtype),
-                                  out=second)
-        second.bitwise_and_(2 ** bits - 1)
-        for i in range(1, m):  # block i's codes index its own codebook
-            blocks[i][3].add_(i * 2 ** bits)
-        torch.index_select(books, 0, second.view(-1), out=values.view(-1))
+                    pad[:, :len(range(j, row_bytes, G)), j].copy_(packed[:, j::G])
+            # (8-byte words shifted into int32 codes keep their low bits: all the mask needs)
+            torch.bitwise_right_shift(pad.view(wtype).view(-1, 1), _shifts(bits, wtype),
+                                      out=codes)
+            codes.bitwise_and_(k - 1)
+            torch.index_select(books[i * k:(i + 1) * k], 0, codes.view(-1), out=out_values)
     if idx.numel():  # every block's outlier columns (and paddings) at once
         idx.copy_(tail[m + 1].view(torch.int16))
     for i, (out, (_, src, ix, _)) in enumerate(zip(outs, blocks)):
