@@ -71,9 +71,11 @@ SCHEME_BITWIDTHS = {"uniform": DEFAULT_BITWIDTHS, "dict": (2, 3, 4, 5, 6, 8, 32)
 # there the uniform scheme is within 0.5 % of fp32's fidelity (0.995, 0.9997) while a
 # dictionary's outliers would add 4 % and 3 % to the bytes.
 DICT_BITS = (2, 3, 4, 5)
-DICT_LAYOUT = ("codes [r, ceil(c*bits/8)] (section padded to 4 bytes), codebook [2^bits] fp32, "
-               "row scales [r] fp32, outlier columns [r, n] uint16 (section padded to 4 "
-               "bytes), outlier values [r, n] fp32; n = ceil(outlier_share * c)")
+DICT_LAYOUT = ("a variant's two blocks section by section: each block's codes [r, "
+               "ceil(c*bits/8)] (each section padded to 4 bytes), their codebooks [2^bits] "
+               "fp32, their row scales [r] fp32, each block's outlier columns [r, n] uint16 "
+               "(each section padded to 4 bytes), their outlier values [r, n] fp32, then "
+               "the bias; n = ceil(outlier_share * c)")
 INDEX = "index.json"
 VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - in_rows] "
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
