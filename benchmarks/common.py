@@ -106,6 +106,31 @@ def relative(measured: float, predicted: float) -> float:
     return 0.0 if measured == 0 else float("inf")
 
 
+def time_alternated(calls: list, repeats: int, rounds: int = 9, warmup: int = 20
+                    ) -> list[float]:
+    """Median ms per call of each of `calls`, timed side by side: after `warmup` calls of
+    each, `rounds` rounds in which each runs `repeats` times in turn; one torch thread, in
+    inference mode (as the executor decodes)."""
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    times: list[list[float]] = [[] for _ in calls]
+    with torch.inference_mode():
+        for fn in calls:
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for fn, t in zip(calls, times):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                t.append((time.perf_counter() - t0) / repeats * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
                         scheme: str = "uniform"):
     """MiniLM's question on this machine with storage emulated at `bandwidth_mb_s`.

@@ -29,18 +29,14 @@ def time_decode(bits_list: list[int], repeats: int = 500) -> int:
     bias into a scratch matrix, the output block through a transposed view, with the
     store's preallocated DecodeWork): MiniLM's layer-0 head0 and ffn0, in the dictionary
     scheme (0.5 % outliers, nearest rounding) and the uniform one, alternated in rounds of
-    `repeats` decodes (after 20 warm-up ones), one torch thread, in inference mode; the
-    median round of 9."""
-    import statistics
-    import time
-
+    `repeats` decodes (benchmarks.common.time_alternated: the median round of 9)."""
+    from benchmarks.common import time_alternated
     from runtime import quant
     from runtime.checkpoint import packaged
     from runtime.model import Slot, load_hf_tensors, model_dir, shard_from_hf
     from runtime.store import DICT_BITS, UNIFORM, Scheme, Variant
     from runtime.store import decode_into as decode_variant
 
-    torch.set_num_threads(1)
     tensors = load_hf_tensors(model_dir())
     c = packaged().config
     print(f"{'shard':>6} {'bits':>4} {'dictionary ms':>13} {'uniform ms':>10} {'ratio':>6}")
@@ -61,18 +57,7 @@ def time_decode(bits_list: list[int], repeats: int = 500) -> int:
                 view = memoryview(bytearray(raw))
                 calls.append(lambda v=v, view=view, work=work: decode_variant(v, view, slot,
                                                                               work))
-            rounds: list[list[float]] = [[] for _ in calls]
-            with torch.inference_mode():  # as the executor decodes
-                for fn in calls:
-                    for _ in range(20):
-                        fn()
-                for _ in range(9):
-                    for fn, t in zip(calls, rounds):
-                        t0 = time.perf_counter()
-                        for _ in range(repeats):
-                            fn()
-                        t.append((time.perf_counter() - t0) / repeats * 1e3)
-            ms = [statistics.median(t) for t in rounds]
+            ms = time_alternated(calls, repeats)
             uniform = f"{ms[1]:>10.3f} {ms[0] / ms[1]:>6.2f}" if len(ms) > 1 else \
                 f"{'-':>10} {'-':>6}"
             print(f"{name:>6} {bits:>4} {ms[0]:>13.3f} {uniform}", flush=True)

@@ -5,9 +5,9 @@ profile.
 
 1. Per bitwidth, the whole model at that bitwidth (every shard): fidelity and accuracy on
    the 1,000 held-out test tweets with their standard errors, the stored bytes of all
-   shards, and the decode time of one head and one FFN slice (each the mean of --decodes
-   decodes into the executor's scratch with its preallocated workspace, one thread),
-   each scheme's.
+   shards, and the decode time of one head and one FFN slice into the executor's scratch
+   with its preallocated workspace, both schemes' side by side (the median of 9 rounds of
+   --decodes decodes each, one thread, benchmarks.common.time_alternated).
 2. The exact plan for MiniLM on the phone (problems/scenarios/minilm-phone.yaml) at
    --targets x --buffers, planned on each scheme's profile at equal memory (the
    dictionary plan's memory budget is the uniform plan's predicted peak), both
@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
-from benchmarks.common import EXACT, SCHEMES, out_path, start, write_csv
+from benchmarks.common import EXACT, SCHEMES, out_path, start, time_alternated, write_csv
 from elasticplan.cli import number_list
 from elasticplan.loader import load_scenario
 from elasticplan.solvers import solve
@@ -34,29 +33,29 @@ from elasticplan.spec import FULL_PRECISION_BITS
 MODULE = "benchmarks.quant_schemes"
 
 
-def decode_ms(store, bits: int, repeats: int) -> tuple[float, float]:
-    """Mean ms to decode layer 0's head0 and ffn0 at `bits` into the executor's scratch."""
+def decode_ms(stores: dict, bits: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per scheme, ms to decode layer 0's head0 and ffn0 at `bits` into the executor's
+    scratch with its store's workspace, the stores' decodes timed side by side
+    (time_alternated)."""
     import torch
 
     from runtime import quant
     from runtime.model import Slot, shard_scratch_floats
     from runtime.store import decode_into
 
-    work = quant.DecodeWork(*store.decode_buffers()[0])
-    scratch = torch.zeros(shard_scratch_floats(store.config))
-    out = []
-    for name in ("head0", "ffn0"):
-        v = store.variant(0, name, bits)
-        raw = memoryview(store.read(v))
-        w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
-        slot = Slot(w[:v.in_rows], w[v.in_rows:].t(), scratch[v.rows * v.cols:][:v.bias])
-        for _ in range(20):
-            decode_into(v, raw, slot, work)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            decode_into(v, raw, slot, work)
-        out.append((time.perf_counter() - t0) / repeats * 1e3)
-    return out[0], out[1]
+    calls = []
+    for store in stores.values():
+        work = quant.DecodeWork(*store.decode_buffers()[0])
+        scratch = torch.zeros(shard_scratch_floats(store.config))
+        for name in ("head0", "ffn0"):
+            v = store.variant(0, name, bits)
+            raw = memoryview(store.read(v))
+            w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
+            slot = Slot(w[:v.in_rows], w[v.in_rows:].t(), scratch[v.rows * v.cols:][:v.bias])
+            calls.append(lambda v=v, raw=raw, slot=slot, work=work: decode_into(v, raw, slot,
+                                                                                 work))
+    ms = time_alternated(calls, repeats)
+    return {scheme: (ms[2 * i], ms[2 * i + 1]) for i, scheme in enumerate(stores)}
 
 
 def per_bitwidth(stores, splits, repeats: int) -> list[dict]:
@@ -65,14 +64,15 @@ def per_bitwidth(stores, splits, repeats: int) -> list[dict]:
     rows = []
     bitwidths = sorted(set(stores["uniform"].bitwidths) | set(stores["dict"].bitwidths))
     for bits in bitwidths:
+        having = {scheme: store for scheme, store in stores.items() if bits in store.bitwidths}
+        decoded = decode_ms(having, bits, repeats) if bits != FULL_PRECISION_BITS else {}
         for scheme, store in stores.items():
             if bits not in store.bitwidths:
                 continue
             ev = splits[scheme].evaluate_uniform(bits)
             total = sum(store.variant(l, n, bits).nbytes for l in range(store.config.layers)
                         for n in store.config.shard_names())
-            head, ffn = decode_ms(store, bits, repeats) if bits != FULL_PRECISION_BITS \
-                else (0.0, 0.0)
+            head, ffn = decoded[scheme] if bits != FULL_PRECISION_BITS else (0.0, 0.0)
             stored = store.scheme_of(bits) if bits != FULL_PRECISION_BITS else "fp32"
             rows.append({"bits": bits, "scheme": scheme, "stored_as": stored,
                          "fidelity": ev.fidelity, "fidelity_stderr": ev.fidelity_stderr,

@@ -319,7 +319,7 @@ class _Plan:
 
     def __init__(self, shapes: Shapes, bits: int, share: float):
         sizes, m = _sections(shapes, bits, share), len(shapes)
-        self.shapes, self.bits, self.m, self.nbytes = shapes, bits, m, sum(sizes)
+        self.shapes, self.m, self.nbytes = shapes, m, sum(sizes)
         self.G, self.P, self.per = _words(bits)
         self.key = ("dict", shapes, bits, share)
         self.code_split = sizes[:2 * m] + (self.nbytes - sum(sizes[:2 * m]),)

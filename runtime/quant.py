@@ -21,6 +21,7 @@ Unpacking works on 24-bit groups (3 bytes), so the stored bitwidths must divide 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -160,6 +161,7 @@ def take(work: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
     return work[:n]
 
 
+@lru_cache(maxsize=None)
 def _workspace(rows: int, nbytes: int, cols: int, bits: int):
     """A function cutting, from a DecodeWork (None: fresh tensors), the views one block's
     decode writes: (int32 chunks, int32 24-bit groups [rows, groups, 3] or None, the

@@ -176,16 +176,17 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
         pos = v.nbytes - 4 * v.bias
         dictquant.decode_into([slot.inp, slot.out], buf[:pos], tuple(v.blocks()), v.bits,
                               v.scheme.share, work)
-    for (r, c), dest in zip([] if dictionary else v.blocks(), (slot.inp, slot.out)):
-        n = r * quant.row_bytes(c, v.bits)
-        if v.bits == quant.FP32:
-            dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
-            pos += n
-        else:
-            packed = buf[pos:pos + n].view(r, n // r)
-            scales = buf[pos + n:pos + n + 4 * r].view(torch.float32)
-            quant.dequantize_into(dest, packed, scales, v.bits, work)
-            pos += n + 4 * r
+    else:
+        for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
+            n = r * quant.row_bytes(c, v.bits)
+            if v.bits == quant.FP32:
+                dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
+                pos += n
+            else:
+                packed = buf[pos:pos + n].view(r, n // r)
+                scales = buf[pos + n:pos + n + 4 * r].view(torch.float32)
+                quant.dequantize_into(dest, packed, scales, v.bits, work)
+                pos += n + 4 * r
     bias_out.copy_(buf[pos:pos + 4 * v.bias].view(torch.float32).view(bias_out.shape))
 
 
