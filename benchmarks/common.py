@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elasticplan import outputs
+from elasticplan.problem import outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -54,7 +54,7 @@ def start(module: str, argv: list[str] | None = None) -> str:
 def runtime_inputs(repeat: int, scheme: str = "uniform"):
     """What the runtime benchmarks measure with: the shard store (the scheme's), the fp32
     reference, and `repeat` test-split queries at MiniLM's profiled seq_len."""
-    from elasticplan.loader import load_scenario
+    from elasticplan.problem.loader import load_scenario
     from runtime.measure import Reference, query_batches
     from runtime.store import ShardStore
 
@@ -143,7 +143,7 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
     calibrate into calibrated-X-dict. Returns (scenario, default target ms)."""
     import yaml
 
-    from elasticplan.loader import load_scenario
+    from elasticplan.problem.loader import load_scenario
     from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, fit_report, write_calibration
 
     out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}{'' if scheme == 'uniform' else '-' + scheme}"

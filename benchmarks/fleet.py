@@ -19,9 +19,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import out_path, start, write_csv
+from elasticplan.answers.fleet import load_fleet
+from elasticplan.answers.fleet_run import run_fleet
 from elasticplan.cli import number_list
-from elasticplan.fleet import load_fleet
-from elasticplan.fleet_run import run_fleet
 
 MODULE = "benchmarks.fleet"
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,13 +41,13 @@ from benchmarks.common import (
     start,
     write_csv,
 )
-from elasticplan.baselines import HOLD_IN_MEMORY, LAYERWISE, baseline_plan
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.report import optional
+from elasticplan.plans.baselines import HOLD_IN_MEMORY, LAYERWISE, baseline_plan
+from elasticplan.plans.report import optional
+from elasticplan.plans.verify import with_plan_question
+from elasticplan.problem.spec import Objective
 from elasticplan.solvers import solve, solve_any_window
-from elasticplan.spec import Objective
-from elasticplan.verify import with_plan_question
 from runtime.measure import measure_plan
 from runtime.submodel import TestSplit
 

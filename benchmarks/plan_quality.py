@@ -25,9 +25,9 @@ from benchmarks.common import EXACT, GREEDY, HEAD, MINILM_PHONE, STORE, out_path
 from benchmarks.solver_speed import instances
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
-from elasticplan.report import optional
+from elasticplan.plans.report import optional
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Objective
 from elasticplan.solvers import solve
-from elasticplan.spec import FULL_PRECISION_BITS, Objective
 from runtime import additive
 from runtime.store import ShardStore
 from runtime.submodel import TestSplit

@@ -56,7 +56,7 @@ from benchmarks.common import (
 from elasticplan.cli import number_list, quantile_arg
 from elasticplan.costmodel import embedding_read_ms
 from elasticplan.errors import ElasticplanError
-from elasticplan.report import optional
+from elasticplan.plans.report import optional
 from elasticplan.solvers import solve, solve_any_window
 from runtime.measure import measure_plan
 from runtime.report import LayerReport, RunReport

@@ -26,9 +26,9 @@ import dataclasses
 
 from benchmarks.common import EXACT, SCHEMES, out_path, start, time_alternated, write_csv
 from elasticplan.cli import number_list
-from elasticplan.loader import load_scenario
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import FULL_PRECISION_BITS
 from elasticplan.solvers import solve
-from elasticplan.spec import FULL_PRECISION_BITS
 
 MODULE = "benchmarks.quant_schemes"
 

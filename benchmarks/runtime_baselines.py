@@ -7,7 +7,7 @@ bits, streamed), tight enough that the plans must drop and quantise shards; the 
 2 MB. Six plans run through the one executor and the one measurement
 (runtime/measure.py: a discarded warm-up, then --repeat cold runs on test-split queries,
 median): hold-in-memory, load-then-execute, layer-wise pipelining (window 1)
-(elasticplan/baselines.py), the greedy plan, the exact plan (HiGHS), and the exact plan
+(elasticplan/plans/baselines.py), the greedy plan, the exact plan (HiGHS), and the exact plan
 within a --memory-mb budget (window chosen by the solver).
 
 Per plan: predicted and measured latency, the prediction's error bar (the 95 % interval
@@ -41,10 +41,10 @@ from benchmarks.common import (
     start,
     write_csv,
 )
-from elasticplan.baselines import baseline_questions
 from elasticplan.cli import number_list
 from elasticplan.costmodel import at_quantile, simulate
 from elasticplan.errors import ElasticplanError
+from elasticplan.plans.baselines import baseline_questions
 from elasticplan.solvers import solve, solve_any_window
 from runtime.measure import measure_plan
 from runtime.submodel import TestSplit

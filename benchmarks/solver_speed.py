@@ -26,13 +26,15 @@ import statistics
 import time
 
 from benchmarks.common import ROOT, header, out_path, write_csv
-from elasticplan import aggregate, formulation
 from elasticplan.errors import ElasticplanError
-from elasticplan.loader import load_scenario
-from elasticplan.report import optional
-from elasticplan.solvers import highs, solve
-from elasticplan.spec import Objective
-from elasticplan.verify import verify_plan
+from elasticplan.plans.report import optional
+from elasticplan.plans.verify import verify_plan
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import Objective
+from elasticplan.solvers import solve
+from elasticplan.solvers.aggregated import highs
+from elasticplan.solvers.aggregated import program as aggregate
+from elasticplan.solvers.plain import program as formulation
 
 MODULE = "benchmarks.solver_speed"
 WHOLE = "highs-whole"  # HiGHS on the whole aggregated program: no row generation

@@ -24,13 +24,16 @@ from importlib.metadata import entry_points
 
 from tqdm import tqdm
 
-from elasticplan.baselines import STRATEGIES, baseline_plan
+from elasticplan.answers.explain import explain_failure
+from elasticplan.answers.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
-from elasticplan.explain import explain_failure
-from elasticplan.loader import load_scenario
-from elasticplan.outputs import refuse_inputs, write_csv
-from elasticplan.plan import Plan
-from elasticplan.report import optional, plan_table
+from elasticplan.plans.baselines import STRATEGIES, baseline_plan
+from elasticplan.plans.plan import Plan
+from elasticplan.plans.report import optional, plan_table
+from elasticplan.plans.verify import scenario_for, verify_plan, with_plan_question
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.outputs import refuse_inputs, write_csv
+from elasticplan.problem.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_QUANTILE, MAX_TARGET_MS, Objective
 from elasticplan.solvers import (
     AUTO_WINDOW,
     BACKENDS,
@@ -41,9 +44,6 @@ from elasticplan.solvers import (
     solve,
     solve_any_window,
 )
-from elasticplan.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_QUANTILE, MAX_TARGET_MS, Objective
-from elasticplan.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
-from elasticplan.verify import scenario_for, verify_plan, with_plan_question
 
 MAX_AXIS_POINTS = 10_000
 MIN_SOLVE_S = 0.01  # what a solve gets when loading took the whole time limit
@@ -414,7 +414,7 @@ def cmd_sweep(a) -> int:
             cell = table.cells[i][j]
             value = B if param == "buffer_mb" else T
             # status: the plan's (optimal/feasible) or why there is none; source: solved
-            # here, or reused from a larger point's plan (elasticplan.table)
+            # here, or reused from a larger point's plan (elasticplan.answers.table)
             row = {param: value, "solver": a.solver, "status": cell.status, "source": cell.status}
             plan = table.plan_of(cell)
             if plan is not None:
@@ -497,8 +497,8 @@ def cmd_lookup(a) -> int:
 
 
 def cmd_fleet(a) -> int:
-    from elasticplan.fleet import load_fleet
-    from elasticplan.fleet_run import run_fleet, summary_line
+    from elasticplan.answers.fleet import load_fleet
+    from elasticplan.answers.fleet_run import run_fleet, summary_line
 
     fleet = load_fleet(a.fleet)
     refuse_inputs(a.out, (a.fleet, *fleet.devices, *fleet.models))

@@ -40,7 +40,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from elasticplan.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Shard
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Shard
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from elasticplan.errors import ElasticplanError
-from elasticplan.loader import load_scenario
-from elasticplan.outputs import write_text
-from elasticplan.plan import Plan
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Scenario
 from elasticplan.solvers import DEFAULT_SOLVER, solve
-from elasticplan.spec import FULL_PRECISION_BITS, Scenario
 from runtime.store import ShardStore
 from runtime.submodel import TestSplit
 

@@ -49,10 +49,18 @@ import torch
 
 from elasticplan.costmodel import Pick, Selection, simulate
 from elasticplan.errors import CalibrationError
-from elasticplan.loader import load_scenario, parse_device, write_checked_yaml
-from elasticplan.outputs import refuse_inputs
-from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import FULL_PRECISION_BITS, MAX_GFLOPS, MAX_TARGET_MS, Device, ModelProfile, Scenario, Spread
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
+from elasticplan.problem.outputs import refuse_inputs
+from elasticplan.problem.spec import (
+    FULL_PRECISION_BITS,
+    MAX_GFLOPS,
+    MAX_TARGET_MS,
+    Device,
+    ModelProfile,
+    Scenario,
+    Spread,
+)
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -471,7 +479,7 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
 
 
 def _model_file(base: Scenario) -> str:
-    from elasticplan.loader import read_yaml
+    from elasticplan.problem.loader import read_yaml
 
     model = read_yaml(base.source).get("model")
     if not isinstance(model, str):

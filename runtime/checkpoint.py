@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, load_json
+from elasticplan.problem.inputs import Fields, load_json
 from runtime.model import (
     MODEL_NAME,
     POOLINGS,

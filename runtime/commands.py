@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from elasticplan.baselines import baseline_questions
 from elasticplan.cli import (
     MAX_THREADS,
     buffer_mb,
@@ -29,17 +28,18 @@ from elasticplan.cli import (
     whole,
 )
 from elasticplan.errors import InvalidArgument, ToleranceError
-from elasticplan.loader import load_scenario
-from elasticplan.outputs import refuse_inputs, write_text
-from elasticplan.plan import Plan
-from elasticplan.spec import (
+from elasticplan.plans.baselines import baseline_questions
+from elasticplan.plans.plan import Plan
+from elasticplan.plans.verify import scenario_for, verify_plan
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.outputs import refuse_inputs, write_text
+from elasticplan.problem.spec import (
     MAX_BANDWIDTH_MB_S,
     MAX_LATENCY_US,
     MIN_BANDWIDTH_MB_S,
     QUANT_SCHEMES,
     ModelProfile,
 )
-from elasticplan.verify import scenario_for, verify_plan
 
 DEFAULT_STORE = "build/shards/minilm-l6"
 DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
@@ -250,7 +250,7 @@ def cmd_profile(a) -> int:
 
 def cmd_scenario(a) -> int:
     """A scenario on a store's measured profile: paths relative to the written file."""
-    from elasticplan.loader import parse_device, parse_model, read_yaml, write_checked_yaml
+    from elasticplan.problem.loader import parse_device, parse_model, read_yaml, write_checked_yaml
     from runtime.executor import check_schemes
     from runtime.store import ShardStore
 

@@ -42,8 +42,8 @@ import torch
 
 from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
-from elasticplan.plan import Plan
-from elasticplan.spec import ModelProfile, Scenario
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.spec import ModelProfile, Scenario
 from runtime import quant
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
 from runtime.model import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats

@@ -28,7 +28,7 @@ import os
 import time
 
 from elasticplan.costmodel import read_ms
-from elasticplan.spec import Device
+from elasticplan.problem.spec import Device
 
 PAGE = mmap.PAGESIZE
 

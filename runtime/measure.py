@@ -21,8 +21,8 @@ import tempfile
 
 import torch
 
-from elasticplan.plan import Plan
-from elasticplan.spec import Scenario
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.spec import Scenario
 from runtime.executor import Executor, RunTrace
 from runtime.model import Batch, cosine
 from runtime.report import STAGES, ColdReads, LayerReport, MemoryReport, RunReport, StageTimes

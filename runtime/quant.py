@@ -126,7 +126,7 @@ _LUTS: dict[int, torch.Tensor] = {}
 
 class DecodeWork:
     """Preallocated buffers for dequantize_into and runtime.dictquant.decode_into, sized
-    for the largest block they will see (elasticplan.archgen.decode_work,
+    for the largest block they will see (elasticplan.problem.archgen.decode_work,
     dictquant.decode_work), so decoding allocates nothing: int32 words and codes, fp32
     values, a byte buffer (given in 4-byte units) and int64 outlier indices."""
 

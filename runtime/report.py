@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from elasticplan.outputs import save_figure
+from elasticplan.problem.outputs import save_figure
 
 STAGES = ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms")
 

@@ -23,7 +23,7 @@ Each block is fp32 (B = 32), or in the store's scheme for quantised bitwidths:
 The index records the scheme per file (absent: uniform) and the dictionary parameters
 (outlier share, layout) under `quantisation.dictionary`. (Quantising Wo's columns
 per input channel instead cost 6-bit fidelity 0.962 vs 0.999 here.) For the uniform scheme the
-size is exactly elasticplan.archgen's head_bytes / ffn_bytes; for either, the model
+size is exactly elasticplan.problem.archgen's head_bytes / ffn_bytes; for either, the model
 profile's `bytes` are these sizes, and the index's sizes must be what the shapes imply. Each variant and each file carries a sha256.
 
 Building is idempotent and resumable: the index records what the store was built from
@@ -44,10 +44,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from elasticplan import archgen
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, integer, load_json, regular_file, show
-from elasticplan.outputs import remove_debris, write_bytes
+from elasticplan.problem import archgen
+from elasticplan.problem.inputs import Fields, integer, load_json, regular_file, show
+from elasticplan.problem.outputs import remove_debris, write_bytes
 from runtime import dictquant, gptq, quant
 from runtime.checkpoint import Checkpoint, ReferenceModel, packaged
 from runtime.model import (
@@ -349,7 +349,7 @@ class ShardStore:
     def decode_buffers(self) -> tuple[tuple[int, ...], int]:
         """The decode workspace (runtime.quant.DecodeWork's sizes: the largest need of any
         stored quantised block) and the bounce buffer (bytes of the largest quantised
-        variant), as elasticplan.archgen.decode_buffers for the uniform scheme."""
+        variant), as elasticplan.problem.archgen.decode_buffers for the uniform scheme."""
         work, bounce = [0] * 5, 0
         for v in self._variants.values():
             if v.bits == quant.FP32:

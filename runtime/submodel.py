@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from elasticplan.plan import Plan
-from elasticplan.spec import FULL_PRECISION_BITS
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.spec import FULL_PRECISION_BITS
 from runtime.model import cosine
 from runtime.profile import DROP, Profiler, profile_seq_len
 from runtime.store import ShardStore

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.inputs import Fields, load_json, number, read_bytes
-from elasticplan.outputs import write_text
+from elasticplan.problem.inputs import Fields, load_json, number, read_bytes
+from elasticplan.problem.outputs import write_text
 
 LABELS = ("negative", "positive")
 SPLIT_SEED = 0

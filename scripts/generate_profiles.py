@@ -8,8 +8,8 @@
 import sys
 from pathlib import Path
 
-from elasticplan.archgen import ARCHITECTURES, profile_dict
-from elasticplan.loader import read_yaml, write_model_profile
+from elasticplan.problem.archgen import ARCHITECTURES, profile_dict
+from elasticplan.problem.loader import read_yaml, write_model_profile
 
 OUT = Path(__file__).resolve().parent.parent / "problems" / "models"
 

@@ -6,9 +6,9 @@ import itertools
 
 from elasticplan.costmodel import Layout, Pick, simulate
 from elasticplan.errors import InfeasibleError
+from elasticplan.plans.verify import check
+from elasticplan.problem.spec import Objective, Scenario
 from elasticplan.solvers import solve
-from elasticplan.spec import Objective, Scenario
-from elasticplan.verify import check
 
 
 def all_selections(sc: Scenario):
@@ -60,8 +60,8 @@ def best(sc: Scenario, slack_ms: float = 0.0):
 
 def rounding_margin_ms(sc: Scenario) -> float:
     """Most that conservative integer rounding (CP-SAT ticks) or the float backends' time margin can cost."""
-    from elasticplan import scaling
-    from elasticplan.margins import TIME_MARGIN_MS
+    from elasticplan.solvers.margins import TIME_MARGIN_MS
+    from elasticplan.solvers.plain import scaling
 
     tick_ms = scaling.DEFAULT_TICK_NS * 1e-6
     terms = sum(2 * len(layer.shards) + 2 for layer in sc.model.layers) + 2
@@ -70,7 +70,7 @@ def rounding_margin_ms(sc: Scenario) -> float:
 
 def importance_margin(sc: Scenario) -> float:
     """Most that conservative rounding of the importance-floor row can cost (scaling.py)."""
-    from elasticplan import scaling
+    from elasticplan.solvers.plain import scaling
 
     return (sc.model.n_shards + 1) * sc.model.max_importance / scaling.IMPORTANCE_UNITS * 1.01
 

@@ -6,7 +6,7 @@ import dataclasses
 
 from hypothesis import strategies as st
 
-from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from elasticplan.problem.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
 
 BITS = (2, 3, 4, 8, 32)
 

@@ -12,12 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elasticplan import aggregate, archgen
 from elasticplan.costmodel import simulate
-from elasticplan.loader import load_scenario
-from elasticplan.solvers import highs, solve
-from elasticplan.spec import FLOOR_OBJECTIVES, Objective
-from elasticplan.verify import check
+from elasticplan.plans.verify import check
+from elasticplan.problem import archgen
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import FLOOR_OBJECTIVES, Objective
+from elasticplan.solvers import solve
+from elasticplan.solvers.aggregated import highs
+from elasticplan.solvers.aggregated import program as aggregate
 from tests import oracle
 from tests.strategies import memory_scenarios, scenarios
 
@@ -203,7 +205,7 @@ def test_plan_table_cells_and_lookups_are_feasible_and_bounded(tmp_path_factory,
     """Every cell's plan is feasible at the cell, its bound is >= brute force's optimum
     there, infeasible cells have no plan; lookups between grid points return a plan that is
     feasible at the query with a bound >= the query's optimum; the file round-trips."""
-    from elasticplan.table import IMPLIED_INFEASIBLE, INFEASIBLE, PlanTable, build_table
+    from elasticplan.answers.table import IMPLIED_INFEASIBLE, INFEASIBLE, PlanTable, build_table
 
     targets = sorted({round(sc.target_latency_ms * f, 4) for f in (0.5, 1.0, 2.0)})
     buffers = sorted({round(sc.preload_budget_mb * f, 4) for f in (0.0, 0.5, 1.0)})

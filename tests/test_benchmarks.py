@@ -152,9 +152,9 @@ def test_error_bar_is_the_latency_at_the_0975_quantile_of_the_spread():
     import statistics
 
     from benchmarks.runtime_baselines import error_bar
-    from elasticplan.baselines import baseline_plan
-    from elasticplan.loader import load_scenario
-    from elasticplan.spec import Spread
+    from elasticplan.plans.baselines import baseline_plan
+    from elasticplan.problem.loader import load_scenario
+    from elasticplan.problem.spec import Spread
 
     sc = load_scenario(common.MINILM_PHONE)
     plan = baseline_plan(sc, "hold-in-memory")

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elasticplan import formulation, scaling
 from elasticplan.costmodel import Layout, Pick, read_ms, simulate
-from elasticplan.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from elasticplan.problem.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from elasticplan.solvers.plain import program as formulation
+from elasticplan.solvers.plain import scaling
 from tests import oracle
 from tests.strategies import scenarios
 
@@ -144,7 +145,7 @@ def _few_selections(sc, limit=200):
 
 def test_formulation_matches_cost_model_on_shipped_plan(tmp_path):
     """The solver's own objective equals the cost model's on a returned plan."""
-    from elasticplan.loader import load_scenario
+    from elasticplan.problem.loader import load_scenario
     from elasticplan.solvers import solve
 
     sc = load_scenario("problems/scenarios/minilm-phone.yaml")

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from elasticplan.answers.fleet import load_fleet
+from elasticplan.answers.fleet_run import run_fleet
+from elasticplan.answers.table import PlanTable
 from elasticplan.cli import main
 from elasticplan.errors import SpecError
-from elasticplan.fleet import load_fleet
-from elasticplan.fleet_run import run_fleet
-from elasticplan.table import PlanTable
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEMS = ROOT / "problems"

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from elasticplan.cli import main
 from elasticplan.errors import StoreError
-from elasticplan.loader import load_scenario
-from elasticplan.outputs import TEMP_SUFFIX
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.outputs import TEMP_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "problems" / "scenarios"

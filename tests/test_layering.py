@@ -85,5 +85,5 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     graph = import_graph()
-    assert "elasticplan.aggregate" in graph["elasticplan.solvers.highs"]  # edges are seen
+    assert "elasticplan.solvers.aggregated.program" in graph["elasticplan.solvers.aggregated.highs"]  # edges are seen
     assert "elasticplan.cli" in graph["runtime.commands"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from elasticplan.cli import main
 from elasticplan.errors import SpecError
-from elasticplan.loader import load_scenario, parse_device, parse_model, read_yaml
+from elasticplan.problem.loader import load_scenario, parse_device, parse_model, read_yaml
 
 PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
 SCENARIOS = sorted((PROBLEMS / "scenarios").glob("*.yaml"))
@@ -33,7 +33,7 @@ def test_every_device_loads(path):
 
 @pytest.mark.parametrize("path", sorted((PROBLEMS / "models").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_model_loads_and_matches_its_generator(path):
-    from elasticplan.archgen import ARCHITECTURES, profile_dict
+    from elasticplan.problem.archgen import ARCHITECTURES, profile_dict
 
     raw = read_yaml(path)
     model = parse_model(raw, str(path))

@@ -18,8 +18,8 @@ import transformers
 from elasticplan.cli import main
 from elasticplan.costmodel import PIPELINED, Pick
 from elasticplan.errors import StoreError
-from elasticplan.loader import load_scenario
-from elasticplan.plan import Plan, SolveStatus
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.problem.loader import load_scenario
 from runtime import dictquant, gptq
 from runtime.checkpoint import ReferenceModel, open_checkpoint
 from runtime.executor import Executor

@@ -12,10 +12,10 @@ import pytest
 
 from elasticplan.cli import main
 from elasticplan.errors import PlanFormatError, VerificationError
-from elasticplan.loader import load_scenario
-from elasticplan.plan import SCHEMA, Plan, ShardChoice
+from elasticplan.plans.plan import SCHEMA, Plan, ShardChoice
+from elasticplan.plans.verify import check, scenario_for, verify_plan
+from elasticplan.problem.loader import load_scenario
 from elasticplan.solvers import solve
-from elasticplan.verify import check, scenario_for, verify_plan
 
 PROBLEMS = Path(__file__).resolve().parent.parent / "problems"
 MINILM = PROBLEMS / "scenarios" / "minilm-phone.yaml"

@@ -16,14 +16,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elasticplan.baselines import STRATEGIES, baseline_plan
 from elasticplan.cli import main
 from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
 from elasticplan.errors import CalibrationError, StoreError
-from elasticplan.loader import load_scenario
-from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import Device
-from elasticplan.verify import verify_plan, with_plan_question
+from elasticplan.plans.baselines import STRATEGIES, baseline_plan
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.plans.verify import verify_plan, with_plan_question
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import Device
 from runtime.calibrate import fit_compute
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock

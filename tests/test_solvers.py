@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from elasticplan.answers.explain import explain_failure
 from elasticplan.errors import InfeasibleError, NoPlanFoundError, SolverTimeoutError
-from elasticplan.explain import explain_failure
+from elasticplan.plans.verify import check
+from elasticplan.problem.spec import Objective
 from elasticplan.solvers import solve
-from elasticplan.spec import Objective
-from elasticplan.verify import check
 from tests import oracle
 from tests.strategies import memory_scenarios, scenarios
 
@@ -108,7 +108,7 @@ def test_a_deeper_window_can_cost_importance_under_a_memory_budget():
     """Found by the property above: three one-shard layers, a 264-byte budget. Window 1
     holds two layers' reads in the arena and runs two of the three shards; window 2 holds
     three layers' and runs one. Both HiGHS and CP-SAT agree with brute force."""
-    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+    from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
 
     shard = Shard(name="s0", kind="head", flops=1e4, bytes=(125, 187), importance=(1.0, 1.0))
     model = ModelProfile(name="m", seq_len=16, bitwidths=(2, 3),
@@ -190,7 +190,7 @@ def test_timeout_is_distinct_from_infeasible():
     assert issubclass(SolverTimeoutError, ElasticplanError)
 
 
-# --- row generation (elasticplan.solvers.highs): latency rows 0 and L-1 first, the layers
+# --- row generation (elasticplan.solvers.aggregated.highs): latency rows 0 and L-1 first, the layers
 # between them merged into one block, every row a plan misses added back -----------------
 
 def _signed(sc, value):
@@ -215,7 +215,7 @@ def _row(L, l):
 
 
 def test_blocks_merge_the_layers_every_kept_row_treats_alike():
-    from elasticplan.aggregate import Relaxation
+    from elasticplan.solvers.aggregated.program import Relaxation
 
     assert Relaxation(frozenset({_row(6, 0), _row(6, 5)})).blocks(6) == \
         [(0,), (1, 2, 3, 4), (5,)]
@@ -260,11 +260,11 @@ def test_row_generation_adds_the_row_a_relaxed_plan_misses():
     that binds: the relaxed program (rows 0 and 2) gives a plan that misses it, `grow`
     adds it (the plan's critical path), and the solve returns the whole program's
     optimum."""
-    from elasticplan import aggregate
-    from elasticplan.highs_model import solve_mip
-    from elasticplan.margins import float_margins
-    from elasticplan.solvers import highs
-    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+    from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
+    from elasticplan.solvers.aggregated import highs
+    from elasticplan.solvers.aggregated import program as aggregate
+    from elasticplan.solvers.aggregated.highs_model import solve_mip
+    from elasticplan.solvers.margins import float_margins
 
     def layer(nbytes, flops, importance):
         return Layer(shards=tuple(Shard(name=f"s{i}", kind="head", flops=flops,
@@ -298,7 +298,7 @@ def test_min_memory_gap_is_relative_to_the_whole_peak(solver):
     1e-2; CP-SAT reporting 1.3e-3 for a plan 1.6e-2 from its bound; CBC reporting 0 for
     every optimal stop, and, once it reported its bound, 1.25e-2 for a stop its own rule
     made on the variable part)."""
-    from elasticplan.loader import load_scenario
+    from elasticplan.problem.loader import load_scenario
 
     sc = load_scenario("problems/scenarios/minilm-phone.yaml").with_overrides(
         objective=Objective.MIN_MEMORY, importance_floor=0.8, prefetch_window=1)
@@ -313,7 +313,7 @@ def test_the_embedding_and_pooling_rows_bind(window):
     """Three 1 ms shards after a 5 ms embedding, with 1 ms of pooling: at 8.5 ms only two
     run (without the embedding row all three would fit, and without pooling too). Every
     backend, unrolled (no window) and chained (window 1), agrees with brute force."""
-    from elasticplan.spec import Device, Layer, ModelProfile, Scenario, Shard
+    from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
 
     layers = tuple(Layer(shards=(Shard(name="s", kind="head", flops=1e6, bytes=(125, 500),
                                        importance=(0.5 * k, 1.0 * k), weights=500),))
@@ -342,10 +342,10 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
 
     from elasticplan.costmodel import at_quantile, simulate, stage_factors
     from elasticplan.errors import VerificationError
-    from elasticplan.loader import load_scenario
-    from elasticplan.plan import Plan
-    from elasticplan.spec import Spread
-    from elasticplan.verify import verify_plan
+    from elasticplan.plans.plan import Plan
+    from elasticplan.plans.verify import verify_plan
+    from elasticplan.problem.loader import load_scenario
+    from elasticplan.problem.spec import Spread
 
     base = load_scenario(Path(__file__).resolve().parent.parent / "problems" / "scenarios"
                          / "minilm-phone.yaml")
@@ -379,7 +379,7 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
         verify_plan(sc, Plan.from_selection(sc, median.selection(sc), solver="x",
                                             status=median.status, gap=None, solve_seconds=0))
     # a classic strategy's own question is its latency at the quantile, so it verifies
-    from elasticplan.baselines import STRATEGIES, baseline_plan
+    from elasticplan.plans.baselines import STRATEGIES, baseline_plan
 
     for strategy in STRATEGIES:
         b = baseline_plan(sc, strategy)

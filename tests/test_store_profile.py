@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from elasticplan import archgen
 from elasticplan.cli import main
 from elasticplan.errors import StoreError
-from elasticplan.loader import load_scenario, read_yaml
+from elasticplan.problem import archgen
+from elasticplan.problem.loader import load_scenario, read_yaml
 from runtime import quant
 from runtime.model import shard_from_hf
 from runtime.profile import DROP, Measurement, Profiler, importance, run_profile
@@ -214,7 +214,7 @@ def test_shipped_measured_profile_matches_the_store(store_dir):
     assert data["synthetic"] is False
     store = ShardStore(store_dir)
     assert data["resident_bytes"] + store.word_table_bytes == store.resident_bytes
-    from elasticplan import archgen
+    from elasticplan.problem import archgen
 
     assert data["memory"] == archgen.memory_terms(store.config, data["seq_len"])
     assert data["memory"]["embedding_rows"] * data["memory"]["embedding_row_bytes"] == \
@@ -259,7 +259,7 @@ def test_additive_statistics():
     assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833)
     k, r2 = calibrate(np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.0]))
     assert k == pytest.approx(2) and r2 == pytest.approx(1)
-    from elasticplan.plan import LayerPlan, ShardChoice
+    from elasticplan.plans.plan import LayerPlan, ShardChoice
 
     class P:  # the part of a Plan that plan_changes reads
         layers = (LayerPlan(0, (ShardChoice("head0", 32, False), ShardChoice("ffn1", 4, True)),

@@ -5,7 +5,7 @@
 Every plan returned here has passed the independent verifier. A proven-infeasible
 problem raises InfeasibleError; a time-out without any plan raises SolverTimeoutError;
 neither returns a plan. What is short, and by how much, is a separate question with its
-own entry point (elasticplan.explain.explain_failure), which the CLI asks.
+own entry point (elasticplan.answers.explain.explain_failure), which the CLI asks.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import time
 
 from elasticplan.costmodel import at_quantile
 from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, SolverTimeoutError
-from elasticplan.plan import Plan
-from elasticplan.solvers.cbc import solve_cbc
-from elasticplan.solvers.cpsat import solve_cpsat
+from elasticplan.plans.plan import Plan
+from elasticplan.plans.verify import verify_plan
+from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.solvers.aggregated.highs import solve_highs
 from elasticplan.solvers.greedy import solve_greedy
-from elasticplan.solvers.highs import solve_highs
-from elasticplan.spec import Objective, Scenario
-from elasticplan.verify import verify_plan
+from elasticplan.solvers.plain.cbc import solve_cbc
+from elasticplan.solvers.plain.cpsat import solve_cpsat
 
 BACKENDS = {"cpsat": solve_cpsat, "cbc": solve_cbc, "highs": solve_highs, "greedy": solve_greedy}
 

@@ -43,8 +43,8 @@ from elasticplan.costmodel import (
     shard_compute_ms,
 )
 from elasticplan.errors import InvalidArgument, NoPlanFoundError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import Objective, Scenario
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.problem.spec import Objective, Scenario
 
 NAME = "greedy"
 

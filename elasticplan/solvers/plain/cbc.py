@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pulp
 
-from elasticplan import formulation
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.formulation import Unit
-from elasticplan.margins import float_margins
-from elasticplan.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.spec import Scenario
+from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
+from elasticplan.problem.spec import Scenario
+from elasticplan.solvers.margins import float_margins
+from elasticplan.solvers.plain.program import Unit, build
 
 NAME = "cbc"
 
@@ -30,7 +29,7 @@ NAME = "cbc"
 def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
               relative_gap: float) -> Plan:
     started = time.perf_counter()
-    program = formulation.build(scenario)
+    program = build(scenario)
 
     cbc_path = _cbc_binary()
     prob = pulp.LpProblem("elasticplan", pulp.LpMaximize if program.maximize else pulp.LpMinimize)

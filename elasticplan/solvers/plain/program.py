@@ -19,7 +19,7 @@ bounded, M (bytes) >= the streamed bytes of every W+1 consecutive layers (window
 rows) and the memory row bounds the predicted peak (elasticplan.costmodel.memory_of).
 
 Each backend lowers `Program.rows` as they are; CP-SAT first goes through
-elasticplan.scaling. The cost coefficients are the cost model's (elasticplan.costmodel).
+elasticplan.solvers.plain.scaling. The cost coefficients are the cost model's (elasticplan.costmodel).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from elasticplan.costmodel import (
     shard_compute_ms,
 )
 from elasticplan.errors import InvalidArgument
-from elasticplan.spec import Objective, Scenario
+from elasticplan.problem.spec import Objective, Scenario
 
 
 class Unit(str, enum.Enum):

@@ -1,6 +1,6 @@
 """HiGHS, loaded the one way the project loads it: a silent instance, and a sparse model
-passed in one call. A leaf module: the HiGHS backend (elasticplan.solvers.highs) and the
-aggregated program's exact assignment (elasticplan.aggregate) both use it.
+passed in one call. A leaf module: the HiGHS backend (elasticplan.solvers.aggregated.highs) and the
+aggregated program's exact assignment (elasticplan.solvers.aggregated.program) both use it.
 
 Deadlines. HiGHS checks its time limit, and calls its interrupt callback, only between
 steps; on a large MIP a step (presolve, the root's heuristics) can take tens of seconds

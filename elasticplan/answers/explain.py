@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 
 from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.problem.spec import Objective, Scenario
 from elasticplan.solvers import solve
-from elasticplan.spec import Objective, Scenario
 
 BACKEND = "highs"
 MIN_STEP_S = 0.05  # a sub-problem is not started with less time than this left

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticplan.spec import Scenario
+from elasticplan.problem.spec import Scenario
 
 TIME_MARGIN_MS = 1e-5
 IMPORTANCE_SCALE = 1e6

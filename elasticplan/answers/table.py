@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass
 
 from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, PlanFormatError, SolverTimeoutError
-from elasticplan.inputs import Fields, fail, number, show
-from elasticplan.outputs import write_text
-from elasticplan.plan import Plan, gap_to_bound, read_json
+from elasticplan.plans.plan import Plan, gap_to_bound, read_json
+from elasticplan.problem.inputs import Fields, fail, number, show
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.spec import Objective, Scenario, bytes_of_mb
 from elasticplan.solvers import solve as solve_one
-from elasticplan.spec import Objective, Scenario, bytes_of_mb
 
 SCHEMA = "elasticplan.table/1"
 SOLVED, REUSED, INFEASIBLE, IMPLIED_INFEASIBLE, TIMEOUT, NO_PLAN = (

@@ -1,4 +1,4 @@
-"""Running a fleet (elasticplan.fleet): executors, the result files, plan tables, the report.
+"""Running a fleet (elasticplan.answers.fleet): executors, the result files, plan tables, the report.
 
 Executors, all running `fleet.solve_chunk` on chunks of tasks:
 - `workers=0`: in this process, one chunk after another (the reference);
@@ -22,8 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from elasticplan.errors import InvalidArgument, SpecError
-from elasticplan.fleet import (
+from elasticplan.answers.fleet import (
     CHUNK,
     FAILED,
     Bundle,
@@ -37,12 +36,13 @@ from elasticplan.fleet import (
     task_key,
     write_plan,
 )
-from elasticplan.inputs import load_json
-from elasticplan.loader import load_scenario
-from elasticplan.outputs import save_figure, write_bytes, write_csv, write_text
-from elasticplan.plan import Plan
-from elasticplan.spec import Objective
-from elasticplan.table import INFEASIBLE, NO_PLAN, SOLVED, TIMEOUT, Cell, PlanTable
+from elasticplan.answers.table import INFEASIBLE, NO_PLAN, SOLVED, TIMEOUT, Cell, PlanTable
+from elasticplan.errors import InvalidArgument, SpecError
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.inputs import load_json
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.outputs import save_figure, write_bytes, write_csv, write_text
+from elasticplan.problem.spec import Objective
 
 COLUMNS = ["key", "device", "model", "target_ms", "buffer_mb", "objective", "floor_fraction",
            "solver", "gap_asked", "status", "explanation", "objective_value", "importance",

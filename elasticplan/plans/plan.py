@@ -24,9 +24,9 @@ from elasticplan.costmodel import (
     simulate,
 )
 from elasticplan.errors import PlanFormatError
-from elasticplan.inputs import Fields, load_json, show
-from elasticplan.outputs import write_text
-from elasticplan.spec import (
+from elasticplan.problem.inputs import Fields, load_json, show
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.spec import (
     MAX_BUFFER_MB,
     MAX_LAYERS,
     MAX_MEMORY_MB,

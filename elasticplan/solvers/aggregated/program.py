@@ -33,7 +33,7 @@ The rows, each with its one-line math:
   io[l]         I[l] - I[l-1] - sum read_ms * n[S] = 0       (one channel, layer order)
   compute[l]    C[l] - C[l+1] - sum compute_ms * n = overhead
   latency[l]    I[l] + C[l] <= T                             (the unrolled recurrence of
-                                                              elasticplan.formulation)
+                                                              elasticplan.solvers.plain.program)
   (a binding window W replaces io, compute and latency by the recurrence's edges:
   io[l] I[l] - I[l-1] - reads >= 0, gate[l] I[l] - C[l-W-1] - reads >= 0,
   ready[l] C[l] - I[l] - c[l] >= 0, order[l] C[l] - C[l-1] - c[l] >= 0, C[L-1] <= T;
@@ -71,9 +71,9 @@ from elasticplan.costmodel import (
     shard_compute_ms,
     simulate,
 )
-from elasticplan.highs_model import new_highs, pass_model
-from elasticplan.margins import EXACT, Margins
-from elasticplan.spec import Objective, Scenario
+from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.solvers.aggregated.highs_model import new_highs, pass_model
+from elasticplan.solvers.margins import EXACT, Margins
 
 STREAMED, PRELOADED = 0, 1
 EITHER = 2  # u's third column: members at >= b bits, streamed or preloaded
@@ -329,7 +329,7 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
 def build(scenario: Scenario, margins: Margins = EXACT,
           relaxation: Relaxation | None = None) -> MatrixProgram:
     """Data, variables, constraints, objective. Latency rows are tightened by
-    `margins` (elasticplan.margins) for floating-point backends.
+    `margins` (elasticplan.solvers.margins) for floating-point backends.
 
     With a `relaxation` (for a `relaxable` scenario), only its rows are kept: its paths
     as latency rows written on the counts (no time columns), its arena windows, and one

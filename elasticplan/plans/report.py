@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from elasticplan.plan import Plan
-from elasticplan.spec import Scenario
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.spec import Scenario
 
 
 def optional(value, spec: str) -> str:

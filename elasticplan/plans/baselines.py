@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, at_quantile, simulate
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
-from elasticplan.plan import Plan, SolveStatus
-from elasticplan.spec import FULL_PRECISION_BITS, Objective, Scenario
-from elasticplan.verify import verify_plan, with_plan_question
+from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.plans.verify import verify_plan, with_plan_question
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Objective, Scenario
 
 HOLD_IN_MEMORY = "hold-in-memory"
 LOAD_THEN_EXECUTE = "load-then-execute"

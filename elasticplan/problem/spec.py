@@ -1,6 +1,6 @@
 """The problem as frozen, typed data.
 
-Built only by elasticplan.loader (from YAML) or by tests/generators that go
+Built only by elasticplan.problem.loader (from YAML) or by tests/generators that go
 through the same validating constructors. Units are in the field names:
 MB = 10**6 bytes, GB/s = 10**9 bytes per second, GFLOP/s = 10**9 flop/s.
 """

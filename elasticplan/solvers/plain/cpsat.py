@@ -6,10 +6,11 @@ import time
 
 from ortools.sat.python import cp_model
 
-from elasticplan import formulation, scaling
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.spec import Scenario
+from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
+from elasticplan.problem.spec import Scenario
+from elasticplan.solvers.plain import scaling
+from elasticplan.solvers.plain.program import build
 
 NAME = "cpsat"
 
@@ -17,7 +18,7 @@ NAME = "cpsat"
 def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
                 tick_ns: float = scaling.DEFAULT_TICK_NS) -> Plan:
     started = time.perf_counter()
-    program = formulation.build(scenario)
+    program = build(scenario)
     ip = scaling.to_integers(program, tick_ns)
 
     model = cp_model.CpModel()

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import yaml
 
+from elasticplan.answers.explain import explain_failure
 from elasticplan.errors import ElasticplanError, InfeasibleError, NoPlanFoundError, SolverTimeoutError, SpecError
-from elasticplan.explain import explain_failure
-from elasticplan.inputs import Fields, load_yaml, number
-from elasticplan.loader import load_scenario
-from elasticplan.plan import Plan
+from elasticplan.plans.plan import Plan
+from elasticplan.problem.inputs import Fields, load_yaml, number
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import MAX_BUFFER_MB, MAX_TARGET_MS, Objective, Scenario
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, check_options, solve
-from elasticplan.spec import MAX_BUFFER_MB, MAX_TARGET_MS, Objective, Scenario
 
 SCHEMA = "elasticplan.fleet/1"
 MAX_TASKS = 1_000_000

@@ -12,9 +12,9 @@ import os
 
 from elasticplan.costmodel import SEQUENTIAL, Schedule, at_quantile, simulate
 from elasticplan.errors import PlanFormatError, VerificationError
-from elasticplan.loader import load_scenario
-from elasticplan.plan import SCHEMA, Plan, objective_value
-from elasticplan.spec import Objective, Scenario
+from elasticplan.plans.plan import SCHEMA, Plan, objective_value
+from elasticplan.problem.loader import load_scenario
+from elasticplan.problem.spec import Objective, Scenario
 
 # Floating-point slack for re-summing the same numbers in another order; nothing else.
 TIME_TOL_MS = 1e-9

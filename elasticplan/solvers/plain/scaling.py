@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elasticplan.formulation import Program, Row, Unit
+from elasticplan.solvers.plain.program import Program, Row, Unit
 
 IMPORTANCE_UNITS = 1e9
 DEFAULT_TICK_NS = 10.0

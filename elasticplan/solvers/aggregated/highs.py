@@ -1,10 +1,10 @@
-"""HiGHS backend on the aggregated program (elasticplan.aggregate): counts per cost
+"""HiGHS backend on the aggregated program (elasticplan.solvers.aggregated.program): counts per cost
 class as integers, the assignment of shards as continuous variables.
 
 Data, variables, constraints and objective come from `aggregate.build` as one sparse
 matrix, passed to HiGHS in a single call; then solve, map the status by name, read back.
 HiGHS works in floating point, so the latency rows are tightened by
-`TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.margins).
+`TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.solvers.margins).
 Its branch and bound runs on one thread; `threads` is accepted for the common signature.
 
 Row generation (`solve_highs`): a relaxed program first, grown by the rows its plans
@@ -25,12 +25,12 @@ from dataclasses import replace
 import highspy
 import numpy as np
 
-from elasticplan import aggregate
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.highs_model import loaded, solve_mip
-from elasticplan.margins import float_margins
-from elasticplan.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.spec import Objective, Scenario
+from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
+from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.solvers.aggregated import program as aggregate
+from elasticplan.solvers.aggregated.highs_model import loaded, solve_mip
+from elasticplan.solvers.margins import float_margins
 
 NAME = "highs"
 LP_FIRST_GAP = 1e-4

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from elasticplan.errors import SpecError
-from elasticplan.inputs import Fields, integer, load_yaml, number, show
-from elasticplan.outputs import write_text
-from elasticplan.spec import (
+from elasticplan.problem.inputs import Fields, integer, load_yaml, number, show
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.spec import (
     FULL_PRECISION_BITS,
     MAX_BANDWIDTH_MB_S,
     MAX_BUFFER_MB,

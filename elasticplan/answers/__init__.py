@@ -1,0 +1,1 @@
+"""Answers built on solving: explanations of failed solves, plan tables, fleets."""
