@@ -1,6 +1,7 @@
 """The package structure, checked from the source: the planner (elasticplan/) imports nothing
-of the runtime, and no module imports itself back through others. Every import counts,
-also those inside functions, since a deferred import is still a dependency."""
+of the runtime, no module imports itself back through others, and no module imports one
+of a higher level (the folders' levels, tables below). Every import counts, also those
+inside functions, since a deferred import is still a dependency."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("elasticplan", "runtime")
+
+# The planner's levels, low to high: a module may import its own level and those below,
+# never one above. A key is a module or a folder (it covers the modules under it); the
+# longest key that covers a module gives its level. A new planner module must fall under
+# one of them (test_every_planner_module_has_a_level).
+PLANNER_LEVELS = {
+    "elasticplan.errors": 0,  # the exceptions: a leaf
+    "elasticplan.problem": 1,  # the question and what it is posed on; reading and writing files
+    "elasticplan.costmodel": 2,  # the one cost model
+    "elasticplan.plans": 3,  # plans, their verifier, text form and the classic strategies
+    "elasticplan.solvers": 4,  # the programs and their backends
+    "elasticplan.answers": 5,  # explanations, plan tables, fleets: built on solving
+    "elasticplan.cli": 6,  # the command line
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -67,6 +82,49 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if m not in state and (found := visit(m)):
             return found
     return None
+
+
+def level_of(module: str, levels: dict[str, int]) -> int | None:
+    """The level of the longest key of `levels` that is `module` or a package above it."""
+    keys = [k for k in levels if module == k or module.startswith(k + ".")]
+    return levels[max(keys, key=len)] if keys else None
+
+
+def upward_imports(graph: dict[str, set[str]], levels: dict[str, int]) -> list[str]:
+    """Every import of a module of a higher level, between modules that `levels` covers
+    (each table is its own order: another table's modules are not compared)."""
+    bad = []
+    for m in sorted(graph):
+        mine = level_of(m, levels)
+        if mine is None:
+            continue
+        for t in sorted(graph[m]):
+            theirs = level_of(t, levels)
+            if theirs is not None and theirs > mine:
+                bad.append(f"{m} (level {mine}) imports {t} (level {theirs})")
+    return bad
+
+
+def test_planner_imports_no_higher_level():
+    assert upward_imports(import_graph(), PLANNER_LEVELS) == []
+
+
+def test_every_planner_module_has_a_level():
+    graph = import_graph()
+    assert [m for m in graph if m.split(".")[0] == "elasticplan" and m != "elasticplan"
+            and level_of(m, PLANNER_LEVELS) is None] == []
+
+
+def test_level_check_finds_a_planted_upward_import():
+    """The checker itself: an import downwards or sideways passes, upwards is reported, and
+    modules outside the table are not compared."""
+    levels = {"p.low": 0, "p.high": 1, "p.high.inner": 1}
+    graph = {"p.high.a": {"p.low.b", "p.high.inner.c"}, "p.low.b": set(),
+             "p.high.inner.c": {"q.other"}}
+    assert upward_imports(graph, levels) == []
+    graph["p.low.b"] = {"p.high.inner.c"}
+    assert upward_imports(graph, levels) == ["p.low.b (level 0) imports p.high.inner.c (level 1)"]
+    assert level_of("p.high.inner.c", levels) == 1 and level_of("p", levels) is None
 
 
 def test_planner_imports_nothing_of_the_runtime():
