@@ -56,7 +56,7 @@ profile-dict: shards
 # Does the planner's additive importance predict the real submodels? (~4.5 min)
 additive: shards
 	@mkdir -p out
-	$(BIN)/python -m runtime.additive --json out/additive.json
+	$(BIN)/python -m runtime.profiling.additive --json out/additive.json
 
 # Every benchmark, from a fresh calibration (~65 min on 2 cores, summed from the parts in docs/results.md). Each prints its table
 # (kept in out/bench/NAME.txt) and writes its CSV and plots to out/bench/.

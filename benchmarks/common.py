@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from elasticplan.problem import outputs
+from runtime.schemes import DEFAULT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -26,7 +27,7 @@ MINILM_PHONE = ROOT / "problems" / "scenarios" / "minilm-phone.yaml"
 DICT_STORE = ROOT / "build" / "shards" / "minilm-l6-dict"
 DICT_PHONE = ROOT / "problems" / "scenarios" / "minilm-phone-dict.yaml"
 DICT_HEAD = ROOT / "problems" / "models" / "minilm-l6-dict.taskhead.json"
-SCHEMES = {"uniform": (STORE, MINILM_PHONE, HEAD), "dict": (DICT_STORE, DICT_PHONE, DICT_HEAD)}
+SCHEMES = {DEFAULT_NAME: (STORE, MINILM_PHONE, HEAD), "dict": (DICT_STORE, DICT_PHONE, DICT_HEAD)}
 EXACT = "highs"  # the default backend (elasticplan.solvers.DEFAULT_SOLVER)
 GREEDY = "greedy"
 
@@ -51,11 +52,11 @@ def start(module: str, argv: list[str] | None = None) -> str:
     return command
 
 
-def runtime_inputs(repeat: int, scheme: str = "uniform"):
+def runtime_inputs(repeat: int, scheme: str = DEFAULT_NAME):
     """What the runtime benchmarks measure with: the shard store (the scheme's), the fp32
     reference, and `repeat` test-split queries at MiniLM's profiled seq_len."""
     from elasticplan.problem.loader import load_scenario
-    from runtime.measure import Reference, query_batches
+    from runtime.measurement.measure import Reference, query_batches
     from runtime.store import ShardStore
 
     store_path, phone, _ = SCHEMES[scheme]
@@ -132,7 +133,7 @@ def time_alternated(calls: list, repeats: int, rounds: int = 9, warmup: int = 20
 
 
 def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
-                        scheme: str = "uniform"):
+                        scheme: str = DEFAULT_NAME):
     """MiniLM's question on this machine with storage emulated at `bandwidth_mb_s`.
 
     Calibrates once (as `elasticplan calibrate` does; ~10 s) into build/bench/calibrated-X

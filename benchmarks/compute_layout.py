@@ -4,7 +4,7 @@
 
 The same full-precision and 8-bit MiniLM layers, one query at the profiled seq_len, one
 torch thread, both layouts in the same run (interleaved, median of N):
-- fused: every shard of the layer decoded into one fused fp32 slot (runtime.model
+- fused: every shard of the layer decoded into one fused fp32 slot (runtime.families.encoder
   LayerWeights), then four matmuls (Encoder.layer) -- the scratch is a whole layer;
 - sharded: each shard decoded in turn into one shard-sized scratch and applied at once
   (Encoder.head / ffn_slice in a preallocated Workspace) -- the runtime's layout.
@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.common import runtime_inputs, start
-from runtime.model import LayerWeights, Slot, Workspace, parse_shard_name, shard_scratch_floats
+from runtime.families.encoder import LayerWeights, Slot, Workspace, parse_shard_name, shard_scratch_floats
 from runtime.store import decode_into
 
 

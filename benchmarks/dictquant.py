@@ -1,4 +1,4 @@
-"""The dictionary scheme (runtime/dictquant.py) against the uniform one, block by block and
+"""The dictionary scheme (runtime/schemes/dictionary.py) against the uniform one, block by block and
 on the whole model, over its parameters (bitwidth, outlier share, rounding):
 
     python -m benchmarks.dictquant [--bits 2,3,4] [--shares 0,0.005,0.02] [--compensate]
@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from runtime.dictquant import (
+from runtime.schemes.dictionary import (
     block_bytes,
     dequantize_np,
     quantize,
@@ -31,10 +31,12 @@ def time_decode(bits_list: list[int], repeats: int = 500) -> int:
     scheme (0.5 % outliers, nearest rounding) and the uniform one, alternated in rounds of
     `repeats` decodes (benchmarks.common.time_alternated: the median round of 9)."""
     from benchmarks.common import time_alternated
-    from runtime import quant
-    from runtime.checkpoint import packaged
-    from runtime.model import Slot, load_hf_tensors, model_dir, shard_from_hf
-    from runtime.store import DICT_BITS, UNIFORM, Scheme, Variant
+    from runtime.families.encoder import Slot, load_hf_tensors, model_dir, shard_from_hf
+    from runtime.schemes.base import DecodeWork
+    from runtime.schemes.dictionary import Dictionary
+    from runtime.schemes.uniform import UNIFORM
+    from runtime.sources.checkpoint import packaged
+    from runtime.store import Variant, encode_variant
     from runtime.store import decode_into as decode_variant
 
     tensors = load_hf_tensors(model_dir())
@@ -48,12 +50,12 @@ def time_decode(bits_list: list[int], repeats: int = 500) -> int:
         slot = Slot(w[:k], w[k:].t(), scratch[m.size:])
         for bits in bits_list:
             calls = []
-            for scheme in (Scheme("dict"), UNIFORM):
-                if bits not in DICT_BITS or scheme is UNIFORM and bits not in quant.QUANT_BITS:
+            for scheme in (Dictionary(), UNIFORM):
+                if scheme.coder(bits) != scheme or bits not in scheme.bitwidths:
                     continue
-                raw = scheme.encode_variant(m, k, b, bits)
+                raw = encode_variant(scheme, m, k, b, bits)
                 v = Variant(0, name, bits, "-", 0, len(raw), *m.shape, k, b.size, "-", scheme)
-                work = quant.DecodeWork(*scheme.decode_work(v.blocks(), bits))
+                work = DecodeWork(*scheme.decode_work(tuple(v.blocks()), bits))
                 view = memoryview(bytearray(raw))
                 calls.append(lambda v=v, view=view, work=work: decode_variant(v, view, slot,
                                                                               work))
@@ -66,13 +68,14 @@ def time_decode(bits_list: list[int], repeats: int = 500) -> int:
 
 def main(argv=None) -> int:
     """Whole-model fidelity of MiniLM with every shard's blocks at one bitwidth, uniform
-    (runtime/quant.py) against dictionary with outliers, on the first --texts test tweets."""
+    (runtime/schemes/uniform.py) against dictionary with outliers, on the first --texts test tweets."""
     import time
 
-    from runtime import quant
-    from runtime.model import LayerWeights, load_hf_tensors, model_dir, shard_from_hf
-    from runtime.store import UNIFORM, ShardStore
-    from runtime.task import load_splits
+    from runtime.families.encoder import LayerWeights, load_hf_tensors, model_dir, shard_from_hf
+    from runtime.schemes import uniform
+    from runtime.schemes.uniform import UNIFORM
+    from runtime.sources.task import load_splits
+    from runtime.store import ShardStore
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dictquant", description=main.__doc__)
     ap.add_argument("--store", default="build/shards/minilm-l6")
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--texts", type=int, default=300)
     ap.add_argument("--compensate", action="store_true",
                     help="also each dictionary configuration with error-compensated rounding "
-                         "(runtime/gptq.py, on the first 512 train tweets), as the store does")
+                         "(runtime/schemes/gptq.py, on the first 512 train tweets), as the store does")
     ap.add_argument("--time-decode", action="store_true",
                     help="instead: time decoding a head and an FFN slice as the executor "
                          "does, this scheme against the uniform one, side by side")
@@ -103,8 +106,8 @@ def main(argv=None) -> int:
 
     H = None
     if a.compensate:
-        from runtime import gptq
-        from runtime.checkpoint import ReferenceModel
+        from runtime.schemes import gptq
+        from runtime.sources.checkpoint import ReferenceModel
 
         H = gptq.hessians(ReferenceModel(), list(
             load_splits().train.texts[:gptq.CALIBRATION_TEXTS]))
@@ -131,11 +134,11 @@ def main(argv=None) -> int:
     ref, _ = embed(lambda x, h: (x, 4 * x.size))
     print(f"{'bits':>4} {'scheme':<28} {'fidelity':>8} {'weights MB':>10} {'s':>5}")
     for bits in (int(b) for b in a.bits.split(",")):
-        def uniform(x, h, bits=bits):
-            codes, scales = quant.quantize(x, bits)
-            return quant.dequantize_np(codes, scales, bits), UNIFORM.block_bytes(*x.shape, bits)
+        def per_row(x, h, bits=bits):
+            codes, scales = uniform.quantize(x, bits)
+            return uniform.dequantize_np(codes, scales, bits), UNIFORM.block_bytes(*x.shape, bits)
 
-        runs = [("uniform per row", uniform)]
+        runs = [("uniform per row", per_row)]
         for share in (float(s) for s in a.shares.split(",")):
             def dictionary(x, h, bits=bits, share=share, use=False):
                 q = dequantize_np(*quantize(x, bits, share, h if use else None))

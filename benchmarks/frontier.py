@@ -10,9 +10,9 @@ floors, and at each floor the exact min_memory plan, its window chosen by the so
 (solve_any_window); and, at each --memory-mb budget, the max-importance plan within it
 (window chosen likewise). Every plan then
 - runs on the 1,000 held-out test tweets, for its real fidelity and accuracy
-  (runtime/submodel.py);
-- runs through the runtime (runtime/measure.py) for its measured latency and peak memory:
-  the executor's accounting and the process's own peak (runtime.memprobe).
+  (runtime/profiling/submodel.py);
+- runs through the runtime (runtime/measurement/measure.py) for its measured latency and peak memory:
+  the executor's accounting and the process's own peak (runtime.measurement.memprobe).
 
 It closes with the goal of the memory-true-plans work: the least measured peak of a plan
 whose test accuracy is within --accuracy-drop of fp32 and whose measured latency is within
@@ -48,8 +48,9 @@ from elasticplan.plans.report import optional
 from elasticplan.plans.verify import with_plan_question
 from elasticplan.problem.spec import Objective
 from elasticplan.solvers import solve, solve_any_window
-from runtime.measure import measure_plan
-from runtime.submodel import TestSplit
+from runtime.measurement.measure import measure_plan
+from runtime.profiling.submodel import TestSplit
+from runtime.schemes import DEFAULT_NAME
 
 MODULE = "benchmarks.frontier"
 # Floors are set a hair below the importance a max-importance solve reached, so that a
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-factor", type=float, default=1.5)
     ap.add_argument("--gap", type=float, default=1e-4, help="relative gap each solve proves")
     ap.add_argument("--time-limit", type=float, default=20.0, help="per question, s")
-    ap.add_argument("--scheme", choices=sorted(SCHEMES), default="uniform",
+    ap.add_argument("--scheme", choices=sorted(SCHEMES), default=DEFAULT_NAME,
                     help="the store and profile: uniform (default) or dict")
     ap.add_argument("--out-dir", help="default out/bench")
     a = ap.parse_args(argv)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     else:
         print("# no plan met it")
     all_rows = baselines + rows
-    name = "frontier" if a.scheme == "uniform" else f"frontier-{a.scheme}"
+    name = "frontier" if a.scheme == DEFAULT_NAME else f"frontier-{a.scheme}"
     write_csv(out_path(f"{name}.csv", a.out_dir), all_rows, list(all_rows[0]))
     plot(rows, baselines, goal_accuracy, out_path(f"{name}.png", a.out_dir), command)
     print(f"# {evaluator.evaluations} submodels evaluated; {time.monotonic() - t0:.0f} s in all")

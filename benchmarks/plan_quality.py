@@ -5,8 +5,8 @@
    and their ratio.
 2. MiniLM on the phone (problems/scenarios/minilm-phone.yaml), a grid of targets x
    buffers: both plans' submodels run on the 1,000 held-out test tweets, with their real
-   fidelity (cosine to fp32) and task accuracy (runtime/submodel.py), and the check that
-   the planner's objective predicts them (runtime/additive.py's summary). A plot: accuracy
+   fidelity (cosine to fp32) and task accuracy (runtime/profiling/submodel.py), and the check that
+   the planner's objective predicts them (runtime/profiling/additive.py's summary). A plot: accuracy
    and fidelity against the target, exact vs greedy, at two buffers.
 
     python -m benchmarks.plan_quality [--targets 4,5,...] [--buffers 0,2] [--out-dir D]
@@ -28,9 +28,9 @@ from elasticplan.errors import ElasticplanError
 from elasticplan.plans.report import optional
 from elasticplan.problem.spec import FULL_PRECISION_BITS, Objective
 from elasticplan.solvers import solve
-from runtime import additive
+from runtime.profiling import additive
+from runtime.profiling.submodel import TestSplit
 from runtime.store import ShardStore
-from runtime.submodel import TestSplit
 
 MODULE = "benchmarks.plan_quality"
 

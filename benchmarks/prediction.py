@@ -3,7 +3,7 @@
 For each emulated bandwidth (default 200 MB/s and 1 GB/s), this machine's calibrated
 device (benchmarks/common.calibrated_scenario) and a grid of MiniLM questions: --fractions
 of the calibrated default target x --buffers. Each question is solved exactly (HiGHS) and
-the plan runs through the runtime (runtime/measure.py: a discarded warm-up, then --repeat
+the plan runs through the runtime (runtime/measurement/measure.py: a discarded warm-up, then --repeat
 cold runs on test-split queries; the median run's timeline). Per plan it compares, predicted
 vs measured:
 
@@ -13,8 +13,8 @@ vs measured:
   compute_start);
 - embed/pool stage: the embedding (from the query's arrival, so a streamed table's row
   reads are in it) and the pooling, against the rows' reads + embed_ms + pool_ms;
-- memory: the predicted peak against the executor's exact accounting (runtime/measure.py)
-  and against the process's own peak above a baseline (runtime.memprobe, a fresh process).
+- memory: the predicted peak against the executor's exact accounting (runtime/measurement/measure.py)
+  and against the process's own peak above a baseline (runtime.measurement.memprobe, a fresh process).
 
 Questions also carry --memory-mb budgets ("none": unbounded); a bounded question lets the
 solver choose the prefetch window (solve_any_window) and where the embedding table lives.
@@ -58,8 +58,8 @@ from elasticplan.costmodel import embedding_read_ms
 from elasticplan.errors import ElasticplanError
 from elasticplan.plans.report import optional
 from elasticplan.solvers import solve, solve_any_window
-from runtime.measure import measure_plan
-from runtime.report import LayerReport, RunReport
+from runtime.measurement.measure import measure_plan
+from runtime.measurement.report import LayerReport, RunReport
 
 MODULE = "benchmarks.prediction"
 

@@ -39,13 +39,13 @@ def decode_ms(stores: dict, bits: int, repeats: int) -> dict[str, tuple[float, f
     (time_alternated)."""
     import torch
 
-    from runtime import quant
-    from runtime.model import Slot, shard_scratch_floats
+    from runtime.families.encoder import Slot, shard_scratch_floats
+    from runtime.schemes import uniform
     from runtime.store import decode_into
 
     calls = []
     for store in stores.values():
-        work = quant.DecodeWork(*store.decode_buffers()[0])
+        work = uniform.DecodeWork(*store.decode_buffers()[0])
         scratch = torch.zeros(shard_scratch_floats(store.config))
         for name in ("head0", "ffn0"):
             v = store.variant(0, name, bits)
@@ -123,8 +123,8 @@ def plans(scenario, profiles, splits, targets, buffers, gap, time_limit_s) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.profiling.submodel import TestSplit
     from runtime.store import ShardStore
-    from runtime.submodel import TestSplit
 
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", type=number_list, default=[12.0, 17.0])

@@ -5,7 +5,7 @@ MiniLM-L6 on this machine's calibrated device with storage emulated at each band
 target is --fraction (default 0.5) of the calibrated default target (every shard at 8
 bits, streamed), tight enough that the plans must drop and quantise shards; the buffer is
 2 MB. Six plans run through the one executor and the one measurement
-(runtime/measure.py: a discarded warm-up, then --repeat cold runs on test-split queries,
+(runtime/measurement/measure.py: a discarded warm-up, then --repeat cold runs on test-split queries,
 median): hold-in-memory, load-then-execute, layer-wise pipelining (window 1)
 (elasticplan/plans/baselines.py), the greedy plan, the exact plan (HiGHS), and the exact plan
 within a --memory-mb budget (window chosen by the solver).
@@ -16,8 +16,8 @@ quantile, relative to the median; elasticplan.costmodel.at_quantile) and whether
 measured median lies within it, measured vs the target (a solved plan is
 planned up to the target, so run-to-run noise puts it on either side), the preload
 buffer, the working set (IO ring + scratch, predicted), the peak memory measured by the
-executor's accounting and by the process (runtime.memprobe), and the submodel's fidelity
-and accuracy on the 1,000 test tweets (runtime/submodel.py).
+executor's accounting and by the process (runtime.measurement.memprobe), and the submodel's fidelity
+and accuracy on the 1,000 test tweets (runtime/profiling/submodel.py).
 
     python -m benchmarks.runtime_baselines [--bandwidths 200,1000] [--memory-mb 10]
                                            [--repeat 9] [--out-dir D]
@@ -46,8 +46,8 @@ from elasticplan.costmodel import at_quantile, simulate
 from elasticplan.errors import ElasticplanError
 from elasticplan.plans.baselines import baseline_questions
 from elasticplan.solvers import solve, solve_any_window
-from runtime.measure import measure_plan
-from runtime.submodel import TestSplit
+from runtime.measurement.measure import measure_plan
+from runtime.profiling.submodel import TestSplit
 
 MODULE = "benchmarks.runtime_baselines"
 COLUMNS = ["bandwidth_mb_s", "target_ms", "strategy", "execution", "predicted_ms",
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                   flush=True)
         if resident is not None:
             print("# peak MB: resident + preload + ring + scratch + activations, as the "
-                  "executor holds them; process: VmHWM above a baseline (runtime.memprobe)")
+                  "executor holds them; process: VmHWM above a baseline (runtime.measurement.memprobe)")
     write_csv(out_path("runtime_baselines.csv", a.out_dir), rows, COLUMNS)
     print(f"# {time.monotonic() - t0:.0f} s in all")
     return 0

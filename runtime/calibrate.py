@@ -71,9 +71,22 @@ DEFAULT_REPEATS = 3
 
 
 @dataclass
+class FitErrors:
+    """The standard error of each fitted term, in the term's own unit."""
+
+    layer_overhead_ms: float = 0.0
+    shard_overhead_ms: float = 0.0
+    gflops: float = 0.0
+    dequant_ns: dict[int, float] = field(default_factory=dict)  # per quantised bitwidth
+    embed_ms: float = 0.0
+    pool_ms: float = 0.0
+    wake_ms: float = 0.0
+
+
+@dataclass
 class Fit:
-    """The fitted compute terms, each with its standard error (same unit), and how well the
-    model fits the calibration samples."""
+    """The fitted compute terms, each with its standard error (`stderr`, same unit), and how
+    well the model fits the calibration samples."""
 
     layer_overhead_ms: float
     shard_overhead_ms: float
@@ -82,7 +95,7 @@ class Fit:
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
-    stderr: dict[str, float] = field(default_factory=dict)  # term name -> standard error
+    stderr: FitErrors = field(default_factory=FitErrors)
     r2: float = 0.0
     mae_ms: float = 0.0
     samples: int = 0
@@ -102,11 +115,6 @@ class Sample:
     weights: dict[int, int]  # quantised bitwidth -> weights of the layer's shards at it
     ms: float
     plan: int = 0  # which calibration plan it came from
-
-
-def term_names(bits: tuple[int, ...]) -> list[str]:
-    return ["layer_overhead_ms", "shard_overhead_ms", "ms_per_flop"] + \
-        [f"dequant_ns_per_weight[{b}]" for b in bits]
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
@@ -135,8 +143,6 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
     cov = np.linalg.pinv(scaled.T @ scaled) * s2
     se = np.zeros(len(x))
     se[active] = np.sqrt(np.clip(np.diag(cov), 0, None)) / scale[active]
-    names = term_names(bits)
-    stderr = dict(zip(names, se))
     # In the device's units: gflops = 1 / (ms per flop * 1e6) (delta method), ns = ms * 1e6.
     # A model whose shards come in two shapes (heads, FFN slices) separates the per-flop
     # from the per-shard and per-weight terms only through their differences: a fit that
@@ -144,20 +150,19 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
     notes = []
     if x[2] > 0:
         gflops = 1.0 / (x[2] * 1e6)
-        stderr["gflops"] = stderr.pop("ms_per_flop") / x[2] * gflops
+        gflops_se = float(se[2]) / x[2] * gflops
     else:
-        gflops = MAX_GFLOPS
-        del stderr["ms_per_flop"]
-        stderr["gflops"] = 0.0
+        gflops, gflops_se = MAX_GFLOPS, 0.0
         notes.append("no time per flop beyond the per-shard and per-weight terms: gflops set "
                      "to its maximum (no per-flop charge)")
-    for i, b in enumerate(bits):
-        stderr[f"dequant_ns_per_weight[{b}]"] *= 1e6
+    stderr = FitErrors(layer_overhead_ms=float(se[0]), shard_overhead_ms=float(se[1]),
+                       gflops=gflops_se,
+                       dequant_ns={b: float(se[3 + i] * 1e6) for i, b in enumerate(bits)})
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
-               stderr={k: float(v) for k, v in stderr.items()},
+               stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
                samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
@@ -263,8 +268,7 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
             f"latency {np.median([r.latency_ms for r in runs]):.1f} ms")
     fit = fit_compute(samples, quantised)
     fit.embed_ms, fit.pool_ms = float(np.median(embed)), float(np.median(pool))
-    fit.stderr["embed_ms"] = _median_stderr(embed)
-    fit.stderr["pool_ms"] = _median_stderr(pool)
+    fit.stderr.embed_ms, fit.stderr.pool_ms = _median_stderr(embed), _median_stderr(pool)
     # The compute thread's wake-up: how long after its reads end a layer that waited for
     # them starts computing (the layer before had finished: it was waiting on the reads).
     wakes = [t.compute_start_ms - t.io_end_ms for _, runs in runs_of for r in runs
@@ -272,7 +276,7 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
              if t.reads and t.compute_start_ms >= t.io_end_ms
              and (r.layers[l - 1].compute_end_ms if l else r.embed_ms[1]) < t.io_end_ms]
     fit.wake_ms = float(np.median(wakes)) if wakes else 0.0
-    fit.stderr["wake_ms"] = _median_stderr(wakes) if len(wakes) > 1 else 0.0
+    fit.stderr.wake_ms = _median_stderr(wakes) if len(wakes) > 1 else 0.0
     base_device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
                          latency_us=round(float(latency_us), 3), gflops=1.0,
                          layer_overhead_ms=0.0, dequant_gb_s=None,
@@ -408,14 +412,14 @@ def fit_report(cal: Calibration) -> str:
     standard error, the residual per layer, the calibration runs' stage errors, the spread."""
     fit, d = cal.fit, cal.device
     se = fit.stderr
-    terms = [f"layer_overhead_ms {fit.layer_overhead_ms:.4f} +- {se['layer_overhead_ms']:.4f}",
-             f"shard_overhead_ms {fit.shard_overhead_ms:.5f} +- {se['shard_overhead_ms']:.5f}",
-             f"gflops {fit.gflops:.2f} +- {se['gflops']:.2f}"]
-    terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se[f'dequant_ns_per_weight[{b}]']:.3f}"
+    terms = [f"layer_overhead_ms {fit.layer_overhead_ms:.4f} +- {se.layer_overhead_ms:.4f}",
+             f"shard_overhead_ms {fit.shard_overhead_ms:.5f} +- {se.shard_overhead_ms:.5f}",
+             f"gflops {fit.gflops:.2f} +- {se.gflops:.2f}"]
+    terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se.dequant_ns[b]:.3f}"
               for b, ns in fit.dequant_ns.items()]
-    terms += [f"embed_ms {fit.embed_ms:.4f} +- {se['embed_ms']:.4f}",
-              f"pool_ms {fit.pool_ms:.4f} +- {se['pool_ms']:.4f}",
-              f"wake_ms {fit.wake_ms:.4f} +- {se['wake_ms']:.4f}"]
+    terms += [f"embed_ms {fit.embed_ms:.4f} +- {se.embed_ms:.4f}",
+              f"pool_ms {fit.pool_ms:.4f} +- {se.pool_ms:.4f}",
+              f"wake_ms {fit.wake_ms:.4f} +- {se.wake_ms:.4f}"]
     residuals = ", ".join(f"{ms:+.3f} ms ({pct:+.1f}%)"
                           for ms, pct in zip(fit.layer_residuals_ms, fit.layer_residuals_pct))
     errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())

@@ -37,9 +37,9 @@ from elasticplan.problem.spec import (
     MAX_BANDWIDTH_MB_S,
     MAX_LATENCY_US,
     MIN_BANDWIDTH_MB_S,
-    QUANT_SCHEMES,
     ModelProfile,
 )
+from runtime.schemes import DEFAULT_NAME, REGISTRY
 
 DEFAULT_STORE = "build/shards/minilm-l6"
 DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
@@ -87,10 +87,10 @@ def register(sub) -> None:
     h.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise the embedding (default: as modules.json declares, "
                         "else not)")
-    h.add_argument("--scheme", choices=QUANT_SCHEMES, default="uniform",
-                   help="how shards below 32 bits are kept: uniform (per row; 2/3/4/6/8 "
-                        "bits) or dict (2/3/4/5 bits as a codebook per block and a scale per "
-                        "row + 0.5 %% exact outliers, 6/8 bits uniform); default uniform")
+    h.add_argument("--scheme", choices=tuple(REGISTRY), default=DEFAULT_NAME,
+                   help="how shards below 32 bits are kept: " + "; ".join(
+                       f"{name}: {line}" for name, (_, _, line) in REGISTRY.items()) +
+                   f" (default {DEFAULT_NAME})")
     h.add_argument("--outlier-share", type=float, default=None, metavar="F",
                    help="dict only: the share of each row's weights kept exactly, in [0, 0.5] "
                         "(default 0.005; 0.02 measured +0.01 fidelity at 2 and 3 bits for "
@@ -192,13 +192,15 @@ def register(sub) -> None:
 
 
 def cmd_shard(a) -> int:
-    from runtime.checkpoint import open_checkpoint, packaged
-    from runtime.store import Scheme, build_store
+    from runtime.schemes import create
+    from runtime.sources.checkpoint import open_checkpoint, packaged
+    from runtime.store import build_store
 
     t0 = time.monotonic()
-    if a.outlier_share is not None and (a.scheme != "dict" or not 0 <= a.outlier_share <= 0.5):
-        raise InvalidArgument(f"--outlier-share {a.outlier_share}: applies to --scheme dict, "
-                              "in [0, 0.5]")
+    try:
+        scheme = create(a.scheme, outlier_share=a.outlier_share)
+    except ValueError as e:
+        raise InvalidArgument(f"--scheme {a.scheme}: {e}") from None
     if a.checkpoint is None:
         if a.name or a.pooling or a.normalize is not None:
             raise InvalidArgument("--name, --pooling and --normalize apply to --checkpoint")
@@ -214,7 +216,6 @@ def cmd_shard(a) -> int:
     print(f"{ckpt.path}: {c.name}, {c.family}, {c.layers} layers x {c.heads} heads, hidden "
           f"{c.hidden}, FFN {c.ffn}; {pool.mode} pooling"
           f"{', normalised' if pool.normalize else ''} ({pool.source})", file=sys.stderr)
-    scheme = Scheme(a.scheme) if a.outlier_share is None else Scheme("dict", a.outlier_share)
     report = build_store(out, ckpt, scheme=scheme, force=a.force,
                          log=lambda s: print(s, file=sys.stderr))
     print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "
@@ -224,10 +225,10 @@ def cmd_shard(a) -> int:
 
 
 def cmd_profile(a) -> int:
-    from runtime.model import MODEL_NAME
-    from runtime.profile import measurements_path, profile_model
+    from runtime.families.encoder import MODEL_NAME
+    from runtime.profiling.profile import measurements_path, profile_model
+    from runtime.sources.task import csv_task
     from runtime.store import ShardStore
-    from runtime.task import csv_task
 
     store = ShardStore(a.store)  # a missing or unfinished store stops here
     task = csv_task(a.task, a.text_column, a.label_column) if a.task else None
@@ -302,7 +303,7 @@ def _set_threads(n: int) -> None:
 
 def cmd_calibrate(a) -> int:
     from runtime.calibrate import calibrate, describe_compute, fit_report, write_calibration
-    from runtime.measure import query_batches
+    from runtime.measurement.measure import query_batches
     from runtime.store import ShardStore
 
     if a.repeats < 1:
@@ -328,10 +329,10 @@ def cmd_calibrate(a) -> int:
 
 def cmd_evaluate(a) -> int:
     """Rebuild the plan's submodel from the store (its shards at their bitwidths) and run
-    it on every test text (runtime/submodel.py)."""
+    it on every test text (runtime/profiling/submodel.py)."""
     from runtime.executor import check_model, planned_variants
+    from runtime.profiling.submodel import TestSplit
     from runtime.store import ShardStore
-    from runtime.submodel import TestSplit
 
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan)
@@ -361,10 +362,10 @@ def cmd_evaluate(a) -> int:
 
 def cmd_run(a) -> int:
     from runtime.executor import check_model
-    from runtime.measure import Reference, measure_plan, query_batches
-    from runtime.report import format_comparison, format_report, gantt
+    from runtime.measurement.measure import Reference, measure_plan, query_batches
+    from runtime.measurement.report import format_comparison, format_report, gantt
+    from runtime.sources.task import TaskHead
     from runtime.store import ShardStore
-    from runtime.task import TaskHead
 
     if a.repeat < 1:
         raise InvalidArgument(f"--repeat must be >= 1, got {a.repeat}")

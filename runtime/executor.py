@@ -11,8 +11,8 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
   the preload buffer (preloaded shards in stored form), the IO ring (the most streamed
   bytes of any W+1 consecutive layers, W the plan's prefetch window), one compute
   scratch (the largest shard in fp32, reused by every shard), the activation workspace,
-  the dequantisation workspace and a bounce buffer (runtime.model.Workspace,
-  runtime.quant.DecodeWork), and, when the plan streams the embedding table, a buffer for
+  the dequantisation workspace and a bounce buffer (runtime.families.encoder.Workspace,
+  runtime.schemes.DecodeWork), and, when the plan streams the embedding table, a buffer for
   one query's rows.
 - `fill_preload()`, before the query (timed, not part of query latency): preloaded shards
   are read cold through the device clock into the preload buffer.
@@ -44,9 +44,10 @@ from elasticplan.costmodel import PIPELINED, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import ModelProfile, Scenario
-from runtime import quant
+from runtime.families.encoder import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
-from runtime.model import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
+from runtime.schemes import DEFAULT_NAME
+from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import ShardStore, Variant, decode_into
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -66,7 +67,7 @@ class _Shard:
 
     @property
     def fp32(self) -> bool:
-        return self.variant.bits == quant.FP32
+        return self.variant.bits == FP32
 
 
 def _stored_views(v: Variant, raw: memoryview) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,7 +163,7 @@ def check_schemes(profile: ModelProfile, store: ShardStore) -> None:
     for bits in profile.bitwidths:
         if bits >= 32 or bits not in store.bitwidths:
             continue
-        want, got = measured.get(bits, "uniform"), store.scheme_of(bits)
+        want, got = measured.get(bits, DEFAULT_NAME), store.scheme_of(bits)
         if want != got:
             raise StoreError(f"{store.path / 'index.json'}: {bits}-bit shards are stored in "
                              f"the {got} scheme, but the profile of {profile.name!r} was "
@@ -195,58 +196,141 @@ def planned_variants(plan: Plan, profile: ModelProfile, store: ShardStore
     return out
 
 
+class _Ring:
+    """The IO ring's use during one query, shared by the IO thread (a layer's bytes are in
+    use from the start of its first read) and the compute thread (until the end of its
+    compute): bytes live now and the most ever live."""
+
+    def __init__(self):
+        self.live = self.high = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        with self._lock:
+            self.live += nbytes
+            self.high = max(self.high, self.live)
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.live -= nbytes
+
+
+@dataclass
+class _LayerIO:
+    """One layer's reads as the IO thread did them (perf_counter seconds)."""
+
+    start: float = 0.0
+    end: float = 0.0
+    deadline: float | None = None  # when the emulated device completed its last read
+    reads: int = 0
+    nbytes: int = 0
+
+
+class _QueryIO:
+    """What the IO thread and the compute thread of one query share: the ring, an event per
+    layer read and per layer computed, each layer's reads, the embedding rows' completion,
+    and the IO thread's failure (raised on the compute thread)."""
+
+    def __init__(self, layers: int):
+        self.ring = _Ring()
+        self.read = [threading.Event() for _ in range(layers)]
+        self.computed = [threading.Event() for _ in range(layers)]
+        self.layers = [_LayerIO() for _ in range(layers)]
+        self.go, self.rows_ready = threading.Event(), threading.Event()
+        self.rows_deadline: float | None = None
+        self.failure: list[BaseException] = []
+
+    def traces(self, t0: float, compute: list[tuple[float, float, float]]) -> list[LayerTrace]:
+        """Each layer's IO as the (emulated) device served it: it starts when its first read
+        really started or when the channel freed up, whichever is later, and ends when its
+        last read completed on the device (never before it really completed)."""
+        out = []
+        prev_end = (self.rows_deadline - t0) * 1e3 if self.rows_deadline is not None else 0.0
+        for l, io in enumerate(self.layers):
+            if io.reads:
+                io_start = max((io.start - t0) * 1e3, prev_end)
+                prev_end = max((io.end - t0) * 1e3, (io.deadline - t0) * 1e3)
+            else:
+                io_start = max(prev_end, (io.start - t0) * 1e3)
+                prev_end = io_start
+            out.append(LayerTrace(l, io.reads, io.nbytes, io_start, prev_end, *compute[l]))
+        return out
+
+
 class Executor:
     def __init__(self, plan: Plan, scenario: Scenario, store: ShardStore, *,
                  emulate: bool = True):
+        """Check the plan against the store and the profile, open the files, allocate every
+        buffer at its predicted size, place each planned shard in it, and check every
+        planned variant's bytes against its sha256."""
         self.plan, self.scenario, self.store = plan, scenario, store
-        c = store.config
         check_model(plan, store)
-        profile = scenario.model
-        device = scenario.device
-        self.clock = DeviceClock(device if emulate else None)
+        self.clock = DeviceClock(scenario.device if emulate else None)
         self.execution = plan.execution
         self.layout = plan.layout
         self.stream_embeddings = self.layout.stream_embeddings
         # Every planned variant: present, the size the profile claims (its checksum below).
-        variants = planned_variants(plan, profile, store)
-        predicted = simulate(scenario, plan.selection(scenario), plan.execution,
-                             self.layout).memory
-        if self.stream_embeddings and profile.embedding_row_bytes != 4 * c.hidden:
+        variants = planned_variants(plan, scenario.model, store)
+        self.predicted_memory = simulate(scenario, plan.selection(scenario), plan.execution,
+                                         self.layout).memory
+        if self.stream_embeddings and \
+                scenario.model.embedding_row_bytes != 4 * store.config.hidden:
             raise StoreError(f"{store.path}: the profile's embedding rows are "
-                             f"{profile.embedding_row_bytes} B, the store's are {4 * c.hidden} B")
+                             f"{scenario.model.embedding_row_bytes} B, the store's are "
+                             f"{4 * store.config.hidden} B")
         self.encoder = store.encoder(without_word=self.stream_embeddings)
-        files = {v.file for row in variants for v, _ in row}
-        if self.stream_embeddings:
-            files.add(store.index["resident"]["file"])
-        self.fds = {}
+        self.fds: dict[str, int] = {}
+        self._open({v.file for row in variants for v, _ in row} |
+                   ({store.index.resident.file} if self.stream_embeddings else set()))
+        self._allocate(variants)
+        self.shards = self._place(variants)
+        self.layer_bytes = [sum(s.variant.nbytes for s in row if not s.preloaded)
+                            for row in self.shards]
+        self.memory = MemoryAccount(
+            resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
+            preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
+            scratch_bytes=self.scratch.numel() * 4, workspace_bytes=self.activation_bytes,
+            query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
+        self._check_checksums()
+        self.filled = not any(s.preloaded for row in self.shards for s in row)
+
+    def _open(self, files: set[str]) -> None:
         for f in sorted(files):
             try:
-                self.fds[f] = os.open(store.file(f), os.O_RDONLY)
+                self.fds[f] = os.open(self.store.file(f), os.O_RDONLY)
             except OSError as e:
                 self.close()
-                raise StoreError(f"{store.file(f)}: cannot open shard file ({e.strerror})") \
-                    from None
-        # Buffers, all allocated (and touched) before any query, at the predicted sizes.
-        ring_bytes = predicted.working_peak_bytes - profile.scratch_bytes
+                raise StoreError(f"{self.store.file(f)}: cannot open shard file "
+                                 f"({e.strerror})") from None
+
+    def _allocate(self, variants: list[list[tuple[Variant, bool]]]) -> None:
+        """Every buffer, allocated (and touched) before any query, at the predicted sizes;
+        the profile's scratch and activation bytes must be the runtime's."""
+        profile, c = self.scenario.model, self.store.config
         self.preload_buffer = _touched(sum(v.nbytes for row in variants for v, p in row if p))
-        self.ring = _touched(ring_bytes)
+        self.ring = _touched(self.predicted_memory.working_peak_bytes - profile.scratch_bytes)
         self.scratch = torch.zeros(shard_scratch_floats(c))
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
         self.workspace = Workspace(c, 1, profile.seq_len)
-        work, bounce = store.decode_buffers()
-        self.work = quant.DecodeWork(*work)
+        work, bounce = self.store.decode_buffers()
+        self.work = DecodeWork(*work)
         self.bounce = _touched(bounce)
-        activations = self.workspace.nbytes + self.work.nbytes + self.bounce.nbytes
+        self.activation_bytes = self.workspace.nbytes + self.work.nbytes + self.bounce.nbytes
         if (profile.scratch_bytes, profile.activation_bytes) != (4 * self.scratch.numel(),
-                                                                 activations):
-            raise StoreError(f"{store.path}: the profile's scratch_bytes and activation_bytes "
-                             f"({profile.scratch_bytes}, {profile.activation_bytes}) are not "
-                             f"the runtime's ({4 * self.scratch.numel()}, {activations}) at "
+                                                                 self.activation_bytes):
+            self.close()
+            raise StoreError(f"{self.store.path}: the profile's scratch_bytes and "
+                             f"activation_bytes ({profile.scratch_bytes}, "
+                             f"{profile.activation_bytes}) are not the runtime's "
+                             f"({4 * self.scratch.numel()}, {self.activation_bytes}) at "
                              f"seq_len {profile.seq_len}; re-profile the model")
         self.query_rows = torch.zeros(profile.seq_len, c.hidden) if self.stream_embeddings \
             else None
-        self.shards: list[list[_Shard]] = []
-        self.layer_bytes: list[int] = []
+
+    def _place(self, variants: list[list[tuple[Variant, bool]]]) -> list[list[_Shard]]:
+        """Where each planned shard's read lands: preloaded ones one after the other in the
+        preload buffer, streamed ones one after the other around the ring."""
+        out = []
         ppos = rpos = 0
         for row in variants:
             shards = []
@@ -259,29 +343,24 @@ class Executor:
                     iov = self._ring_views(rpos, v.nbytes)
                     raw = iov[0] if len(iov) == 1 else None  # None: joined per query
                     rpos += v.nbytes
-                fp32_views = _stored_views(v, raw) if v.bits == quant.FP32 and raw is not None \
+                fp32_views = _stored_views(v, raw) if v.bits == FP32 and raw is not None \
                     else None
-                shards.append(_Shard(v, preloaded, iov, raw, parse_shard_name(v.name)[0] ==
-                                     "head", fp32_views))
-            self.shards.append(shards)
-            self.layer_bytes.append(sum(s.variant.nbytes for s in shards if not s.preloaded))
-        self.memory = MemoryAccount(
-            resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
-            preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
-            scratch_bytes=self.scratch.numel() * 4, workspace_bytes=activations,
-            query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
-        self.predicted_memory = predicted
-        # Every planned variant against its checksum, read into the buffer it will use
-        # (so checking allocates nothing): streamed ones into the ring, preloaded in place.
+                shards.append(_Shard(v, preloaded, iov, raw,
+                                     parse_shard_name(v.name)[0] == "head", fp32_views))
+            out.append(shards)
+        return out
+
+    def _check_checksums(self) -> None:
+        """Every planned variant against its checksum, read into the buffer it will use (so
+        checking allocates nothing): streamed ones into the ring, preloaded in place."""
         try:
             for row in self.shards:
                 for s in row:
                     view = s.raw if s.preloaded else memoryview(self.ring[:s.variant.nbytes])
-                    store.check_into(s.variant, view, self.fds[s.variant.file])
+                    self.store.check_into(s.variant, view, self.fds[s.variant.file])
         except StoreError:
             self.close()
             raise
-        self.filled = not any(s.preloaded for row in self.shards for s in row)
 
     def _ring_views(self, pos: int, nbytes: int) -> list[memoryview]:
         """Where `nbytes` read at ring position `pos` (mod its size) land: one or two views."""
@@ -336,16 +415,16 @@ class Executor:
     def _read_rows(self, ids: torch.Tensor) -> float | None:
         """One query's word-embedding rows from the store, one pread per position, each
         booked on the device clock as it completes; returns the last completion."""
-        fd = self.fds[self.store.index["resident"]["file"]]
+        fd = self.fds[self.store.index.resident.file]
         row = 4 * self.store.config.hidden
-        base = self.store.word_table_offset
+        base = self.store.word_table.offset
         out = self.query_rows.numpy()
         deadline = None
         for i, token in enumerate(ids.tolist()):
             view = memoryview(out[i]).cast("B")
             issued = time.perf_counter()
             if os.preadv(fd, [view], base + token * row) != row:
-                raise StoreError(f"{self.store.file(self.store.index['resident']['file'])}: "
+                raise StoreError(f"{self.store.file(self.store.index.resident.file)}: "
                                  f"short read of embedding row {token}")
             deadline = self.clock.complete(row, time.perf_counter(), issued)
         return deadline
@@ -388,128 +467,99 @@ class Executor:
             raise ValueError(f"a streamed embedding table takes one query of "
                              f"{self.query_rows.shape[0]} tokens, got {tuple(batch.ids.shape)}")
         L = len(self.shards)
-        window = self.layout.window
-        streamed = [s for row in self.shards for s in row if not s.preloaded]
-        cached, total = self._evict(streamed)
-        io_real: list[tuple[float, float, float | None]] = [(0.0, 0.0, None)] * L
-        io_counts = [(0, 0)] * L
-        done = [threading.Event() for _ in range(L)]
-        computed = [threading.Event() for _ in range(L)]
-        rows_ready = threading.Event()
-        rows_deadline: list[float] = []
-        go = threading.Event()
-        failure: list[BaseException] = []
-        ring = {"live": 0, "high": 0}
-        lock = threading.Lock()
-
-        def io_worker() -> None:
-            # Reads back to back in plan order: real reads run ahead of the emulated device
-            # (absorbing the real disk's latency spikes), and the device clock books when
-            # each read would complete on the device. Layer l's reads wait for layer
-            # l-W-1's compute (the window); the compute thread sleeps to a layer's deadline.
-            try:
-                go.wait()
-                if self.stream_embeddings:
-                    rows_deadline.append(self._read_rows(batch.ids[0]))
-                    rows_ready.set()
-                for l, row in enumerate(self.shards):
-                    if window is not None and l > window:
-                        if self.clock.emulated:
-                            self._hint(row)
-                        computed[l - window - 1].wait()
-                        if failure:
-                            return
-                    with lock:
-                        ring["live"] += self.layer_bytes[l]
-                        ring["high"] = max(ring["high"], ring["live"])
-                    start = time.perf_counter()
-                    n = nbytes = 0
-                    deadline = None
-                    for s in row:
-                        if s.preloaded:
-                            continue
-                        issued = time.perf_counter()
-                        self._read(s)
-                        deadline = self.clock.complete(s.variant.nbytes, time.perf_counter(),
-                                                       issued)
-                        n, nbytes = n + 1, nbytes + s.variant.nbytes
-                    io_real[l] = (start, time.perf_counter(), deadline)
-                    io_counts[l] = (n, nbytes)
-                    done[l].set()
-            except BaseException as e:  # reported on the compute thread
-                failure.append(e)
-                rows_ready.set()
-                for ev in done:
-                    ev.set()
-
+        cached, total = self._evict([s for row in self.shards for s in row if not s.preloaded])
+        q = _QueryIO(L)
         B, n = batch.ids.shape
         ws = self.workspace
         if (B, n) != (ws.batch, ws.n):  # not the planned query shape: its own, not accounted
             ws = Workspace(self.store.config, B, n)
-        io = threading.Thread(target=io_worker, name="elasticplan-io", daemon=True)
+        io = threading.Thread(target=self._io_worker, args=(q, batch), name="elasticplan-io",
+                              daemon=True)
         io.start()
         compute: list[tuple[float, float, float]] = []
         try:
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 self.clock.start(t0)
-                go.set()
+                q.go.set()
                 ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
                 e0 = ms()
                 rows = None
                 if self.stream_embeddings:
-                    rows_ready.wait()
-                    if not failure:
-                        DeviceClock.sleep_until(rows_deadline[0])
+                    q.rows_ready.wait()
+                    if not q.failure:
+                        DeviceClock.sleep_until(q.rows_deadline)
                         rows = self.query_rows.unsqueeze(0)
-                if not failure:
+                if not q.failure:
                     self.encoder.embed_into(ws, batch.ids, batch.mask, rows)
                 e1 = ms()
                 for l, row in enumerate(self.shards):
                     wait_for = l if self.execution == PIPELINED else L - 1
-                    done[wait_for].wait()
-                    if failure:
+                    q.read[wait_for].wait()
+                    if q.failure:
                         break
-                    if io_real[wait_for][2] is not None:
-                        DeviceClock.sleep_until(io_real[wait_for][2])  # the device's completion
+                    if q.layers[wait_for].deadline is not None:  # the device's completion
+                        DeviceClock.sleep_until(q.layers[wait_for].deadline)
                     start = ms()
                     decode_s = self._compute_layer(l, row, ws) if row else 0.0
                     compute.append((start, ms(), decode_s * 1e3))
-                    with lock:
-                        ring["live"] -= self.layer_bytes[l]
-                    computed[l].set()
+                    q.ring.release(self.layer_bytes[l])
+                    q.computed[l].set()
                 p0 = ms()
-                embedding = None if failure else \
+                embedding = None if q.failure else \
                     self.encoder.pool(ws.x.view(*batch.ids.shape, -1), batch.mask)
                 p1 = ms()
         finally:
-            for ev in computed:  # an IO thread waiting on the window must not hang
+            for ev in q.computed:  # an IO thread waiting on the window must not hang
                 ev.set()
             io.join()
-        self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, ring["high"])
-        if failure:
-            e = failure[0]
+        self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, q.ring.high)
+        if q.failure:
+            e = q.failure[0]
             if isinstance(e, StoreError):
                 raise e
             raise StoreError(f"{self.store.path}: IO worker failed: {e}") from e
-        # A layer's IO, as the (emulated) device served it: it starts when its first read
-        # really started or when the channel freed up, whichever is later, and ends when its
-        # last read completed on the device (never before it really completed).
-        layers = []
-        prev_end = (rows_deadline[0] - t0) * 1e3 if rows_deadline else 0.0
-        for l in range(L):
-            start, end, deadline = io_real[l]
-            if io_counts[l][0]:
-                io_start = max((start - t0) * 1e3, prev_end)
-                prev_end = max((end - t0) * 1e3, (deadline - t0) * 1e3)
-            else:
-                io_start = max(prev_end, (start - t0) * 1e3)
-                prev_end = io_start
-            layers.append(LayerTrace(l, io_counts[l][0], io_counts[l][1], io_start, prev_end,
-                                     compute[l][0], compute[l][1], compute[l][2]))
-        return RunTrace(latency_ms=p1, layers=layers, embed_ms=(e0, e1), pool_ms=(p0, p1),
-                        cached_pages_before=cached, streamed_pages=total, embedding=embedding)
+        return RunTrace(latency_ms=p1, layers=q.traces(t0, compute), embed_ms=(e0, e1),
+                        pool_ms=(p0, p1), cached_pages_before=cached, streamed_pages=total,
+                        embedding=embedding)
 
+    def _io_worker(self, q: "_QueryIO", batch: Batch) -> None:
+        """The IO thread of one query. Reads back to back in plan order: real reads run ahead
+        of the emulated device (absorbing the real disk's latency spikes), and the device
+        clock books when each read would complete on the device. Layer l's reads wait for
+        layer l-W-1's compute (the window); the compute thread sleeps to a layer's
+        deadline."""
+        window = self.layout.window
+        try:
+            q.go.wait()
+            if self.stream_embeddings:
+                q.rows_deadline = self._read_rows(batch.ids[0])
+                q.rows_ready.set()
+            for l, row in enumerate(self.shards):
+                if window is not None and l > window:
+                    if self.clock.emulated:
+                        self._hint(row)
+                    q.computed[l - window - 1].wait()
+                    if q.failure:
+                        return
+                q.ring.take(self.layer_bytes[l])
+                start = time.perf_counter()
+                n = nbytes = 0
+                deadline = None
+                for s in row:
+                    if s.preloaded:
+                        continue
+                    issued = time.perf_counter()
+                    self._read(s)
+                    deadline = self.clock.complete(s.variant.nbytes, time.perf_counter(), issued)
+                    n, nbytes = n + 1, nbytes + s.variant.nbytes
+                q.layers[l] = _LayerIO(start, time.perf_counter(), deadline, n, nbytes)
+                q.read[l].set()
+        except BaseException as e:  # reported on the compute thread
+            q.failure.append(e)
+            q.rows_ready.set()
+            for ev in q.read:
+                ev.set()
 
     def _compute_layer(self, l: int, row: list[_Shard], ws: Workspace) -> float:
         """Layer l shard by shard (heads, then FFN slices, in plan order): each quantised

@@ -15,10 +15,10 @@ One shard variant (its `offset` and `bytes` in the index) is two blocks and a bi
                   (Wo's / W2's columns): [cols, rows - in_rows]
     bias          [bias] fp32
 Each block is fp32 (B = 32), or in the store's scheme for quantised bitwidths:
-- uniform (default): packed codes [r, ceil(c*B/8)] then fp32 scales [r] (quant.py), so
+- uniform (default): packed codes [r, ceil(c*B/8)] then fp32 scales [r] (uniform.py), so
   every block is quantised per output channel; B in {2, 3, 4, 6, 8};
 - dict (`elasticplan shard --scheme dict`): per block a codebook of 2^B fp32 values and a
-  scale per row, plus exact outliers (dictquant.py; its layout there); B in {2, 3, 4, 5}
+  scale per row, plus exact outliers (dictionary.py; its layout there); B in {2, 3, 4, 5}
   (6 and 8 bits of a dict store are uniform).
 The index records the scheme per file (absent: uniform) and the dictionary parameters
 (outlier share, layout) under `quantisation.dictionary`. (Quantising Wo's columns
@@ -45,13 +45,10 @@ import numpy as np
 import torch
 
 from elasticplan.errors import StoreError
-from elasticplan.problem import archgen
 from elasticplan.problem.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.problem.outputs import remove_debris, write_bytes
-from runtime import dictquant, gptq, quant
-from runtime.checkpoint import Checkpoint, ReferenceModel, packaged
-from runtime.model import (
-    FAMILIES,
+from runtime.families import DEFAULT_FAMILY, REGISTRY
+from runtime.families.encoder import (
     POOLINGS,
     Config,
     Encoder,
@@ -61,82 +58,17 @@ from runtime.model import (
     resident_names,
     shard_from_hf,
 )
-from runtime.task import load_splits
+from runtime.schemes import all_schemes, gptq, uniform
+from runtime.schemes.base import FP32, DecodeWork, Scheme
+from runtime.schemes.uniform import UNIFORM as DEFAULT
+from runtime.sources.checkpoint import Checkpoint, ReferenceModel, packaged
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
-DEFAULT_BITWIDTHS = (2, 3, 4, 6, 8, 32)
-SCHEME_BITWIDTHS = {"uniform": DEFAULT_BITWIDTHS, "dict": (2, 3, 4, 5, 6, 8, 32)}
-# The dict scheme codes these bitwidths by dictionary and keeps 6 and 8 bits uniform:
-# there the uniform scheme is within 0.5 % of fp32's fidelity (0.995, 0.9997) while a
-# dictionary's outliers would add 4 % and 3 % to the bytes.
-DICT_BITS = (2, 3, 4, 5)
-DICT_LAYOUT = ("a variant's two blocks section by section: each block's codes [r, "
-               "ceil(c*bits/8)] (each section padded to 4 bytes), their codebooks [2^bits] "
-               "fp32, their row scales [r] fp32, each block's outlier columns [r, n] uint16 "
-               "(each section padded to 4 bytes), their outlier values [r, n] fp32, then "
-               "the bias; n = ceil(outlier_share * c)")
 INDEX = "index.json"
 VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - in_rows] "
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
                   "[r, ceil(c*bits/8)] + fp32 scales [r]; then bias: fp32 [bias]")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """How a store's quantised blocks are kept: uniform, or dict with its outlier share."""
-
-    name: str = "uniform"
-    share: float = dictquant.DEFAULT_OUTLIER_SHARE
-
-    def check_bits(self, bits: int) -> None:
-        if bits != quant.FP32 and bits not in SCHEME_BITWIDTHS[self.name]:
-            raise ValueError(f"bitwidth {bits} is not stored by the {self.name} scheme; use "
-                             f"one of {SCHEME_BITWIDTHS[self.name]}")
-
-    def coder(self, bits: int) -> "Scheme":
-        """The scheme that codes `bits`: this one, or uniform (fp32; 6 and 8 bits of dict)."""
-        return self if self.name == "dict" and bits in DICT_BITS else UNIFORM
-
-    def block_bytes(self, rows: int, cols: int, bits: int) -> int:
-        if bits == quant.FP32 or self.name == "uniform":
-            return rows * quant.row_bytes(cols, bits) + (0 if bits == quant.FP32 else 4 * rows)
-        return dictquant.block_bytes(rows, cols, bits, self.share)
-
-    def variant_bytes(self, rows: int, cols: int, in_rows: int, bias: int, bits: int) -> int:
-        return self.block_bytes(in_rows, cols, bits) + \
-            self.block_bytes(cols, rows - in_rows, bits) + 4 * bias
-
-    def decode_work(self, blocks: list[tuple[int, int]], bits: int) -> tuple[int, ...]:
-        """The decode workspace one variant of these blocks needs (DecodeWork's sizes)."""
-        if bits == quant.FP32 or self.name == "uniform":
-            return tuple(max(k) for k in zip(*(archgen.decode_work(r, c, bits)
-                                               for r, c in blocks)))
-        return dictquant.decode_work(tuple(blocks), bits, self.share)
-
-    def encode_block(self, block: np.ndarray, bits: int, hessian: np.ndarray | None = None
-                     ) -> list[bytes]:
-        block = np.ascontiguousarray(block, dtype=np.float32)
-        if bits == quant.FP32:
-            return [block.astype("<f4").tobytes()]
-        codes, scales = quant.quantize(block, bits)
-        return [quant.pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
-
-    def encode_variant(self, matrix: np.ndarray, in_rows: int, bias: np.ndarray, bits: int,
-                       hessians: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
-        """The variant's bytes; `hessians` (its input and output blocks', runtime/gptq.py)
-        make the dictionary scheme's rounding error-compensated."""
-        h_in, h_out = hessians or (None, None)
-        if self.name == "dict" and bits != quant.FP32:
-            return dictquant.encode_blocks([matrix[:in_rows], matrix[in_rows:].T], bits,
-                                           self.share, [h_in, h_out]) + \
-                bias.astype("<f4").tobytes()
-        return b"".join(self.encode_block(matrix[:in_rows], bits, h_in) +
-                        self.encode_block(matrix[in_rows:].T, bits, h_out) +
-                        [bias.astype("<f4").tobytes()])
-
-
-UNIFORM = Scheme()
 
 
 @dataclass(frozen=True)
@@ -154,7 +86,7 @@ class Variant:
     in_rows: int
     bias: int
     sha256: str
-    scheme: Scheme = UNIFORM  # how its quantised blocks are kept (fp32: raw, whatever it says)
+    scheme: Scheme = DEFAULT  # the scheme that coded it (fp32: raw, the default)
 
     def blocks(self) -> list[tuple[int, int]]:
         """(rows, cols) of the stored input and output blocks."""
@@ -163,31 +95,94 @@ class Variant:
 
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the store that the index lists with its checksum."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    offset: int  # in resident.bin
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * int(np.prod(self.shape))  # fp32
+
+
+@dataclass(frozen=True)
+class ResidentEntry(FileEntry):
+    """resident.bin: the resident fp32 tensors back to back."""
+
+    nbytes: int
+    tensors: dict[str, TensorEntry]
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """index.json, read strictly and typed. `build` (what the store was built from: a
+    rebuild keeps the files whose build matches) and `source` (provenance) are kept as the
+    JSON they are, compared and hashed whole; `data` is the whole JSON as read."""
+
+    model: str
+    complete: bool
+    config: Config
+    bitwidths: tuple[int, ...]
+    variants: dict[tuple[int, str, int], Variant]  # by (layer, shard, bits)
+    files: dict[str, FileEntry]  # the shard files
+    tokenizer: FileEntry
+    resident: ResidentEntry
+    build: dict
+    data: dict
+
+    def entries(self) -> list[FileEntry]:
+        """Every file the index lists: shard files, the resident tensors, the tokenizer."""
+        return [*self.files.values(), self.resident, self.tokenizer]
+
+
 def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
-                work: quant.DecodeWork | None = None) -> None:
+                work: DecodeWork | None = None) -> None:
     """Decode one variant's bytes straight into its slot's views (the one decoder): the
     input block into `slot.inp` (any view of in_rows x cols elements, last dim cols), the
     output block into `slot.out` (stored orientation [cols, rows - in_rows]), the bias."""
     buf = torch.frombuffer(bytearray(raw) if isinstance(raw, bytes) else raw, dtype=torch.uint8)
-    pos = 0
-    bias_out = slot.bias
-    dictionary = v.scheme.name == "dict" and v.bits != quant.FP32
-    if dictionary:  # both blocks at once (dictquant's layout)
-        pos = v.nbytes - 4 * v.bias
-        dictquant.decode_into([slot.inp, slot.out], buf[:pos], tuple(v.blocks()), v.bits,
-                              v.scheme.share, work)
+    pos = v.nbytes - 4 * v.bias
+    if v.bits == FP32:
+        at = 0
+        for dest in (slot.inp, slot.out):
+            dest.copy_(buf[at:at + 4 * dest.numel()].view(torch.float32).view(dest.shape))
+            at += 4 * dest.numel()
     else:
-        for (r, c), dest in zip(v.blocks(), (slot.inp, slot.out)):
-            n = r * quant.row_bytes(c, v.bits)
-            if v.bits == quant.FP32:
-                dest.copy_(buf[pos:pos + n].view(torch.float32).view(dest.shape))
-                pos += n
-            else:
-                packed = buf[pos:pos + n].view(r, n // r)
-                scales = buf[pos + n:pos + n + 4 * r].view(torch.float32)
-                quant.dequantize_into(dest, packed, scales, v.bits, work)
-                pos += n + 4 * r
-    bias_out.copy_(buf[pos:pos + 4 * v.bias].view(torch.float32).view(bias_out.shape))
+        v.scheme.decode_into([slot.inp, slot.out], buf[:pos], tuple(v.blocks()), v.bits, work)
+    slot.bias.copy_(buf[pos:pos + 4 * v.bias].view(torch.float32).view(slot.bias.shape))
+
+
+def variant_bytes(scheme: Scheme, rows: int, cols: int, in_rows: int, bias: int,
+                  bits: int) -> int:
+    """A variant's size from its shape: its two blocks (fp32 raw, else in the scheme that
+    codes `bits`) and its fp32 bias."""
+    blocks = [(in_rows, cols), (cols, rows - in_rows)]
+    if bits == FP32:
+        return 4 * (sum(r * c for r, c in blocks) + bias)
+    coder = scheme.coder(bits)
+    return sum(coder.block_bytes(r, c, bits) for r, c in blocks) + 4 * bias
+
+
+def encode_variant(scheme: Scheme, matrix: np.ndarray, in_rows: int, bias: np.ndarray,
+                   bits: int, hessians: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+    """A variant's bytes: its two blocks (fp32 raw, else coded by the scheme that codes
+    `bits`; `hessians`, its blocks' input covariances, for a scheme that rounds with
+    them), then the bias."""
+    blocks = [np.ascontiguousarray(b, dtype=np.float32) for b in (matrix[:in_rows],
+                                                                  matrix[in_rows:].T)]
+    if bits == FP32:
+        body = b"".join(b.astype("<f4").tobytes() for b in blocks)
+    else:
+        body = scheme.coder(bits).encode_blocks(blocks, bits, list(hessians or (None, None)))
+    return body + np.asarray(bias, dtype="<f4").tobytes()
 
 
 def sha256_file(path: Path) -> str:
@@ -218,20 +213,20 @@ def _store_file(f: Fields, key: str, name) -> str:
     return name
 
 
-def _read_index(path: Path):
-    """The index, checked strictly: (index, config, bitwidths, variants by (layer, shard,
-    bits)). Every listed file is confined to the store directory."""
+def _read_index(path: Path) -> StoreIndex:
+    """The index, checked strictly and typed. Every listed file is confined to the store
+    directory."""
     file = str(path)
     f = Fields(load_json(path, what="shard store index", limit=MAX_INDEX_BYTES,
                          error=StoreError), file, "", "a shard store index", StoreError)
     if f.raw("schema") != SCHEMA:
         raise f.err("schema", f"expected {SCHEMA!r}, got {show(f.raw('schema'))}")
     model = f.string("model", max_length=64)
-    f.boolean("complete")
+    complete = f.boolean("complete")
     cf = f.mapping("config", "the model's shape")
-    family = cf.string("family", required=False) or "bert"
-    if family not in FAMILIES:
-        raise cf.err("family", f"must be one of {', '.join(FAMILIES)}, got {show(family)}")
+    family = cf.string("family", required=False) or DEFAULT_FAMILY
+    if family not in REGISTRY:
+        raise cf.err("family", f"must be one of {', '.join(REGISTRY)}, got {show(family)}")
     config = Config.from_dict({k: cf.integer(k, minimum=1, maximum=1 << 20)
                                for k in ("layers", "hidden", "heads", "ffn", "vocab",
                                          "max_positions")}
@@ -249,31 +244,32 @@ def _read_index(path: Path):
     cf.done()
     bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
-    schemes = {"uniform": UNIFORM}
+    schemes = {DEFAULT.name: DEFAULT}
     qf = f.mapping("quantisation", "the quantisation schemes")
-    df = qf.mapping("dictionary", "{outlier_share, layout, rounding}", required=False)
-    if df is not None:
-        schemes["dict"] = Scheme("dict", df.number("outlier_share", minimum=0, maximum=0.5))
-        if df.string("layout") != DICT_LAYOUT:
-            raise df.err("layout", "not this version's dictionary layout (a store built by "
-                                   "another version: rebuild it with elasticplan shard)")
-        df.free_form("rounding", str)
-        df.done()
+    for cls in all_schemes().values():
+        sub = cls.index_key and qf.mapping(cls.index_key, f"the {cls.name} scheme's parameters",
+                                           required=False)
+        if sub is not None and cls.index_key:
+            schemes[cls.name] = cls.from_index(sub)
     variants: dict[tuple[int, str, int], Variant] = {}
+    shard_files: dict[str, FileEntry] = {}
     files = f.mapping("files", "file name -> its layer, bitwidth and shards")
     for fname in list(files.data):
         _store_file(files, str(fname), fname)
         ef = files.mapping(fname, "a shard file")
         layer = ef.integer("layer", minimum=0, maximum=config.layers - 1)
         bits = ef.integer("bits", minimum=1, maximum=32)
-        name = ef.string("scheme", required=False) or "uniform"
+        name = ef.string("scheme", required=False) or DEFAULT.name
         if name not in schemes:
+            registered = all_schemes()
+            hint = f"; {name} needs quantisation.{registered[name].index_key}" \
+                if name in registered else ""
             raise ef.err("scheme", f"{name!r} is not a scheme of this store (known: "
-                                   f"{', '.join(schemes)}; dict needs quantisation.dictionary)")
+                                   f"{', '.join(schemes)}{hint})")
         scheme = schemes[name]
-        if name == "dict" and bits not in DICT_BITS or \
-                name == "uniform" and bits not in (*quant.QUANT_BITS, quant.FP32):
+        if bits not in scheme.bitwidths or scheme.coder(bits) != scheme:
             raise ef.err("bits", f"{bits} is not a bitwidth of the {name} scheme")
+        shard_files[fname] = FileEntry(fname, ef.string("sha256"))
         shards = ef.mapping("shards", "shard name -> its place in the file")
         for name in list(shards.data):
             sf = shards.mapping(name, "a shard variant")
@@ -288,28 +284,32 @@ def _read_index(path: Path):
             sf.done()
             if not 0 < v.in_rows < v.rows:
                 raise sf.err("in_rows", f"{v.in_rows} is not inside the shard's {v.rows} rows")
-            want = scheme.variant_bytes(v.rows, v.cols, v.in_rows, v.bias, bits)
+            want = variant_bytes(scheme, v.rows, v.cols, v.in_rows, v.bias, bits)
             if v.nbytes != want:  # e.g. an outlier count that does not match the size
                 raise sf.err("bytes", f"{v.nbytes}, but a {v.rows}x{v.cols} shard at {bits} "
                                       f"bits in the {scheme.name} scheme is {want} bytes "
                                       f"(a store of another scheme or layout version?)")
             variants[v.layer, v.name, v.bits] = v
     tokenizer = f.mapping("tokenizer", "{file, sha256}")
-    _store_file(tokenizer, "file", tokenizer.raw("file"))
-    tokenizer.string("sha256")
+    tok = FileEntry(_store_file(tokenizer, "file", tokenizer.raw("file")),
+                    tokenizer.string("sha256"))
     resident = f.mapping("resident", "{file, sha256, bytes, tensors}")
-    _store_file(resident, "file", resident.raw("file"))
-    resident.string("sha256")
-    resident.integer("bytes", minimum=0, maximum=1 << 40)
+    res_file = _store_file(resident, "file", resident.raw("file"))
+    res_sha, res_bytes = resident.string("sha256"), resident.integer("bytes", minimum=0,
+                                                                     maximum=1 << 40)
     tensors = resident.mapping("tensors", "tensor name -> {offset, shape}")
+    entries = {}
     for name in list(tensors.data):
         tf = tensors.mapping(name, "{offset, shape}")
-        tf.integer("offset", minimum=0, maximum=1 << 40)
-        for i, d in enumerate(tf.sequence("shape")):
-            integer(d, file, f"{tf.key('shape')}[{i}]", minimum=1, maximum=1 << 30,
-                    error=StoreError)
+        offset = tf.integer("offset", minimum=0, maximum=1 << 40)
+        shape = tuple(integer(d, file, f"{tf.key('shape')}[{i}]", minimum=1, maximum=1 << 30,
+                              error=StoreError) for i, d in enumerate(tf.sequence("shape")))
         tf.done()
-    return f.data, config, bitwidths, variants
+        entries[str(name)] = TensorEntry(offset, shape)
+    return StoreIndex(model=model, complete=complete, config=config, bitwidths=bitwidths,
+                      variants=variants, files=shard_files, tokenizer=tok,
+                      resident=ResidentEntry(res_file, res_sha, res_bytes, entries),
+                      build=f.data.get("build", {}), data=f.data)
 
 
 class ShardStore:
@@ -321,14 +321,16 @@ class ShardStore:
         if not index_path.is_file():
             raise StoreError(f"{index_path}: no shard store here; build one with "
                              f"`elasticplan shard --out {self.path}`")
-        self.index, self.config, self.bitwidths, self._variants = _read_index(index_path)
-        if not self.index["complete"]:
+        self.index = _read_index(index_path)
+        self.config, self.bitwidths = self.index.config, self.index.bitwidths
+        self._variants = self.index.variants
+        if not self.index.complete:
             raise StoreError(f"{index_path}: the store build did not finish; rerun "
                              f"`elasticplan shard --out {self.path}` to resume it")
 
     @property
     def model(self) -> str:
-        return self.index["model"]
+        return self.index.model
 
     def variant(self, layer: int, name: str, bits: int) -> Variant:
         try:
@@ -342,17 +344,18 @@ class ShardStore:
         return self.path / name
 
     def scheme_of(self, bits: int) -> str:
-        """The scheme the store's variants at `bits` are kept in (fp32: uniform, raw)."""
+        """The name of the scheme the store's variants at `bits` are kept in (fp32: the
+        default's, raw)."""
         v = next((v for k, v in self._variants.items() if k[2] == bits), None)
-        return v.scheme.name if v is not None else "uniform"
+        return (v.scheme if v is not None else DEFAULT).name
 
     def decode_buffers(self) -> tuple[tuple[int, ...], int]:
-        """The decode workspace (runtime.quant.DecodeWork's sizes: the largest need of any
-        stored quantised block) and the bounce buffer (bytes of the largest quantised
-        variant), as elasticplan.problem.archgen.decode_buffers for the uniform scheme."""
+        """The decode workspace (DecodeWork's sizes: the largest need of any stored quantised
+        block) and the bounce buffer (bytes of the largest quantised variant), as
+        elasticplan.problem.archgen.decode_buffers for the uniform scheme."""
         work, bounce = [0] * 5, 0
         for v in self._variants.values():
-            if v.bits == quant.FP32:
+            if v.bits == FP32:
                 continue
             work = [max(a, b) for a, b in zip(work, v.scheme.decode_work(v.blocks(), v.bits))]
             bounce = max(bounce, v.nbytes)
@@ -360,39 +363,35 @@ class ShardStore:
 
     @property
     def resident_bytes(self) -> int:
-        return self.index["resident"]["bytes"]
+        return self.index.resident.nbytes
 
     @property
-    def word_table_bytes(self) -> int:
-        """The word-embedding table, fp32 rows in resident.bin (streamable by rows)."""
-        return 4 * int(np.prod(self.index["resident"]["tensors"]["word"]["shape"]))
-
-    @property
-    def word_table_offset(self) -> int:
-        return self.index["resident"]["tensors"]["word"]["offset"]
+    def word_table(self) -> TensorEntry:
+        """The word-embedding table: fp32 rows in resident.bin (streamable by rows)."""
+        return self.index.resident.tensors["word"]
 
     def resident(self, *, without_word: bool = False) -> dict[str, torch.Tensor]:
         """The resident tensors (checksum-checked); `without_word` leaves the word-embedding
         table in the file (the executor then reads one query's rows of it)."""
-        entry = self.index["resident"]
-        path = self.path / entry["file"]
+        entry = self.index.resident
+        path = self.path / entry.file
         out = {}
-        with regular_file(path, what="shard store file", limit=entry["bytes"],
+        with regular_file(path, what="shard store file", limit=entry.nbytes,
                           error=StoreError) as fd:
             # The checksum is taken in 64 KiB pieces, so loading holds no second copy.
             digest, chunk, size = hashlib.sha256(), bytearray(1 << 16), 0
             while n := os.readv(fd, [chunk]):
                 digest.update(memoryview(chunk)[:n])
                 size += n
-            for name, t in entry["tensors"].items():
+            for name, t in entry.tensors.items():
                 if without_word and name == "word":
                     continue
-                tensor = torch.empty(t["shape"])
+                tensor = torch.empty(t.shape)
                 view = memoryview(tensor.numpy()).cast("B")
-                if os.preadv(fd, [view], t["offset"]) != view.nbytes:
+                if os.preadv(fd, [view], t.offset) != view.nbytes:
                     size = -1
                 out[name] = tensor
-        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+        if size != entry.nbytes or digest.hexdigest() != entry.sha256:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
                              f"store was built); rebuild with `elasticplan shard`")
         return out
@@ -402,10 +401,10 @@ class ShardStore:
 
     def tokenizer(self, max_length: int) -> Tokenizer:
         """The store's tokenizer, after checking it against the checksum the index records."""
-        entry = self.index["tokenizer"]
-        path = self.path / entry["file"]
+        entry = self.index.tokenizer
+        path = self.path / entry.file
         try:
-            ok = sha256_file(path) == entry["sha256"]
+            ok = sha256_file(path) == entry.sha256
         except OSError as e:
             raise StoreError(f"{path}: cannot read ({e.strerror})") from None
         if not ok:
@@ -454,25 +453,18 @@ class ShardStore:
             decode_into(v, self.read(v), w.slot(name))
         return w
 
-    def _entries(self) -> dict[str, dict]:
-        """Every file the index lists (shard files, resident tensors, tokenizer): its entry."""
-        entries = dict(self.index["files"])
-        entries[self.index["resident"]["file"]] = self.index["resident"]
-        entries[self.index["tokenizer"]["file"]] = self.index["tokenizer"]
-        return entries
-
     def files(self) -> list[Path]:
         """The store's own files, the index included (what an output must not overwrite)."""
-        return [self.path / INDEX] + [self.path / f for f in self._entries()]
+        return [self.path / INDEX] + [self.path / e.file for e in self.index.entries()]
 
     def verify(self) -> list[str]:
         """Every file against its checksum; returns the problems found (empty if none)."""
         problems = []
-        for fname, entry in self._entries().items():
-            path = self.path / fname
+        for entry in self.index.entries():
+            path = self.path / entry.file
             if not path.is_file():
                 problems.append(f"{path}: missing")
-            elif sha256_file(path) != entry["sha256"]:
+            elif sha256_file(path) != entry.sha256:
                 problems.append(f"{path}: checksum mismatch")
         return problems
 
@@ -488,13 +480,13 @@ class BuildReport:
 
 
 def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
-                bitwidths: tuple[int, ...] | None = None, scheme: Scheme = UNIFORM,
+                bitwidths: tuple[int, ...] | None = None, scheme: Scheme = DEFAULT,
                 force: bool = False, log: Callable[[str], None] = lambda s: None
                 ) -> BuildReport:
     """Write (or resume, or confirm) the shard store of a checkpoint (checked in full by
-    runtime.checkpoint before this runs; default: the packaged MiniLM), its quantised
-    shards in `scheme` (default bitwidths: the scheme's, SCHEME_BITWIDTHS)."""
-    bitwidths = tuple(bitwidths or SCHEME_BITWIDTHS[scheme.name])
+    runtime.sources.checkpoint before this runs; default: the packaged MiniLM), its quantised
+    shards in `scheme` (default bitwidths: the scheme's)."""
+    bitwidths = tuple(bitwidths or scheme.bitwidths)
     for b in bitwidths:
         scheme.check_bits(b)
     ckpt = checkpoint or packaged()
@@ -505,26 +497,16 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     src = ckpt.path
     build = {"source_sha256": sha256_file(ckpt.weights_file),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
-             "quantisation": quant.SCHEME, "clip_grid": len(quant.CLIP_GRID)}
-    dictionary = calibration = None
-    if scheme.name == "dict":  # (a uniform store's build and index stay as they were)
-        import kmeans1d
-
-        calibration = list(load_splits().train.texts[:gptq.CALIBRATION_TEXTS])
-        dictionary = {"outlier_share": scheme.share,
-                      "layout": DICT_LAYOUT,
-                      "rounding": f"error-compensated (runtime/gptq.py) on the first "
-                                  f"{len(calibration)} tweets of the train split"}
-        build["dictionary"] = {"outlier_share": scheme.share, "layout": DICT_LAYOUT,
-                               "fit_rounds": dictquant.FIT_ROUNDS,
-                               "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__,
-                               "rounding": {"damp": gptq.DAMP, "texts": hashlib.sha256(
-                                   "\n".join(calibration).encode()).hexdigest()}}
+             "quantisation": uniform.SCHEME, "clip_grid": len(uniform.CLIP_GRID)}
+    # (the default scheme's store keeps its build key and index as they were)
+    calibration = scheme.calibration_texts()
+    if scheme.index_key:
+        build[scheme.index_key] = scheme.build_key(calibration)
     old = {}
     index_path = out / INDEX
     if index_path.is_file() and not force:
         try:
-            prev = _read_index(index_path)[0]
+            prev = _read_index(index_path).data
             if prev.get("build") == build:
                 old = prev
         except StoreError:
@@ -532,10 +514,10 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     config = ckpt.config
     index = {"schema": SCHEMA, "model": config.name, "complete": False, "build": build,
              "source": ckpt.source, "config": config.to_dict(), "bitwidths": list(bitwidths),
-             "quantisation": {"scheme": quant.SCHEME, "variant_layout": VARIANT_LAYOUT},
+             "quantisation": {"scheme": uniform.SCHEME, "variant_layout": VARIANT_LAYOUT},
              "files": {}}
-    if dictionary:
-        index["quantisation"]["dictionary"] = dictionary
+    if scheme.index_key:
+        index["quantisation"][scheme.index_key] = scheme.index_entry(calibration)
     written, kept = [], []
 
     def keep_ok(fname: str, entry: dict | None) -> bool:
@@ -575,10 +557,10 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
     # shard files
     total = len(bitwidths) * config.layers
     hessians = None
-    if calibration is not None and any(
+    if scheme.needs_hessians and any(
             not keep_ok(f"layer{l}.b{b}.bin", old.get("files", {}).get(f"layer{l}.b{b}.bin"))
-            for l in range(config.layers) for b in bitwidths if b in DICT_BITS):
-        log(f"the fp32 model on {len(calibration)} calibration tweets (for the rounding)...")
+            for l in range(config.layers) for b in bitwidths if scheme.coder(b) == scheme):
+        log(f"the fp32 model on {len(calibration)} calibration texts (for the rounding)...")
         hessians = gptq.hessians(ReferenceModel.from_checkpoint(ckpt), calibration)
     for l in range(config.layers):
         shards = {n: shard_from_hf(tensors, config, l, n) for n in config.shard_names()}
@@ -590,17 +572,17 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
             else:
                 entry = {"layer": l, "bits": bits, "shards": {}}
                 coder = scheme.coder(bits)
-                if coder.name != "uniform":
+                if coder != DEFAULT:
                     entry["scheme"] = coder.name
                 chunks, offset = [], 0
                 for name, (matrix, bias) in shards.items():
                     in_rows = config.shard_in_rows(name)
-                    raw = coder.encode_variant(
-                        matrix, in_rows, bias, bits,
-                        gptq.shard_hessians(hessians, l, name) if coder.name == "dict"
-                        else None)
-                    assert len(raw) == coder.variant_bytes(*matrix.shape, in_rows, len(bias),
-                                                           bits)
+                    raw = encode_variant(
+                        coder, matrix, in_rows, bias, bits,
+                        gptq.shard_hessians(hessians, l, name) if hessians and
+                        coder.needs_hessians and bits != FP32 else None)
+                    assert len(raw) == variant_bytes(coder, *matrix.shape, in_rows, len(bias),
+                                                      bits)
                     entry["shards"][name] = {"offset": offset, "bytes": len(raw),
                                              "rows": matrix.shape[0], "cols": matrix.shape[1],
                                              "in_rows": in_rows, "bias": len(bias),

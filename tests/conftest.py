@@ -26,6 +26,6 @@ def store_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference():
-    from runtime.checkpoint import ReferenceModel
+    from runtime.sources.checkpoint import ReferenceModel
 
     return ReferenceModel()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime import dictquant, quant
-from runtime.checkpoint import ReferenceModel
-from runtime.model import LayerWeights, shard_from_hf
+from runtime.families.encoder import LayerWeights, shard_from_hf
+from runtime.schemes import dictionary, uniform
+from runtime.sources.checkpoint import ReferenceModel
 from runtime.store import ShardStore
 
 
@@ -18,7 +18,7 @@ def stored_dictionary(store: ShardStore, layer: int, name: str, bits: int) -> np
     (independent of the torch decoder)."""
     v = store.variant(layer, name, bits)
     raw = bytes(store.read(v))
-    blocks = [dictquant.dequantize_np(*parts) for parts in dictquant.parse_blocks(
+    blocks = [dictionary.dequantize_np(*parts) for parts in dictionary.parse_blocks(
         raw[:v.nbytes - 4 * v.bias], v.blocks(), bits, v.scheme.share)]
     return np.concatenate([blocks[0], blocks[1].T])
 
@@ -39,11 +39,11 @@ def oracle_layers(ref: ReferenceModel, model, selection, store: ShardStore | Non
             bits = model.bitwidths[p.bit]
             if schemes.get(bits) == "dict":
                 m = stored_dictionary(store, l, name, bits)
-            elif bits != quant.FP32:
+            elif bits != uniform.FP32:
                 k = c.shard_in_rows(name)
                 m = m.copy()
-                m[:k] = quant.dequantize_np(*quant.quantize(m[:k], bits), bits)
-                m[k:] = quant.dequantize_np(*quant.quantize(m[k:].T.copy(), bits), bits).T
+                m[:k] = uniform.dequantize_np(*uniform.quantize(m[:k], bits), bits)
+                m[k:] = uniform.dequantize_np(*uniform.quantize(m[k:].T.copy(), bits), bits).T
             w.put(name, torch.from_numpy(m), torch.from_numpy(b))
         layers.append(w)
     return layers

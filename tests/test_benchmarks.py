@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import common, prediction, solver_speed
-from runtime.report import LayerReport, StageTimes
+from runtime.measurement.report import LayerReport, StageTimes
 
 MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed",
            "compute_layout", "quant_schemes", "dictquant",

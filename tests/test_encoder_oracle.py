@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from runtime.model import Config, LayerWeights, load_hf_tensors, resident_names, shard_from_hf
-from runtime.tinyckpt import SHAPE, tiny_config, write_checkpoint
+from runtime.families.encoder import Config, LayerWeights, load_hf_tensors, resident_names, shard_from_hf
+from runtime.sources.tinyckpt import SHAPE, tiny_config, write_checkpoint
 
 
 def tiny_checkpoint(path, family: str, seed: int = 0) -> None:
@@ -29,7 +29,7 @@ def our_hidden_states(path, ids: torch.Tensor, mask: torch.Tensor, drop: str | N
     """Our encoder's last hidden state, every shard of every layer at fp32 (but `drop`, in
     layer 0), built from the checkpoint's tensors (the store's cut: one shard per head, one
     per FFN slice)."""
-    from runtime.model import Encoder
+    from runtime.families.encoder import Encoder
 
     c = Config.from_hf(path)
     t = load_hf_tensors(path)

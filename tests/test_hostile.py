@@ -570,7 +570,7 @@ def test_generated_store_indexes(store_dir, tmp_path_factory, data):
 @FUZZ
 @given(doc=ARBITRARY)
 def test_generated_task_heads(tmp_path, doc):
-    from runtime.task import TaskHead
+    from runtime.sources.task import TaskHead
 
     f = tmp_path / "head.json"
     f.write_text(json.dumps(doc))

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime import quant
-from runtime.model import LayerWeights, parse_shard_name
+from runtime.families.encoder import LayerWeights, parse_shard_name
+from runtime.schemes import uniform
 
 GOLDEN = Path(__file__).parent / "data" / "golden_minilm.json"
 
@@ -85,28 +85,28 @@ def test_shard_names_parse():
             parse_shard_name(bad)
 
 
-@given(bits=st.sampled_from(quant.QUANT_BITS), rows=st.integers(1, 5),
+@given(bits=st.sampled_from(uniform.QUANT_BITS), rows=st.integers(1, 5),
        cols=st.integers(1, 70), seed=st.integers(0, 2**31))
 def test_pack_unpack_round_trip(bits, rows, cols, seed):
     codes = np.random.default_rng(seed).integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
-    packed = quant.pack(codes, bits)
-    assert packed.shape == (rows, quant.row_bytes(cols, bits))
-    back = quant.unpack(torch.from_numpy(packed.copy()), bits, cols)
+    packed = uniform.pack(codes, bits)
+    assert packed.shape == (rows, uniform.row_bytes(cols, bits))
+    back = uniform.unpack(torch.from_numpy(packed.copy()), bits, cols)
     assert np.array_equal(back.numpy(), codes)
 
 
-@given(bits=st.sampled_from(quant.QUANT_BITS), seed=st.integers(0, 2**31),
+@given(bits=st.sampled_from(uniform.QUANT_BITS), seed=st.integers(0, 2**31),
        scale=st.floats(1e-4, 10.0), heavy=st.booleans())
 def test_quantisation_error_within_documented_bound(bits, seed, scale, heavy):
     rng = np.random.default_rng(seed)
     w = (rng.standard_t(3, size=(6, 48)) if heavy else rng.normal(size=(6, 48))) * scale
     w = w.astype(np.float32)
     w[0] = 0.0  # an all-zero row must come back as (near) zero too
-    codes, scales = quant.quantize(w, bits)
+    codes, scales = uniform.quantize(w, bits)
     assert codes.max() < 2 ** bits
-    deq = quant.dequantize_np(codes, scales, bits)
+    deq = uniform.dequantize_np(codes, scales, bits)
     rms = np.sqrt(((deq - w) ** 2).mean(axis=1))
-    assert np.all(rms <= quant.error_bound(w, bits) * (1 + 1e-5) + 1e-12)
+    assert np.all(rms <= uniform.error_bound(w, bits) * (1 + 1e-5) + 1e-12)
     # the chosen clip is at least as good as not clipping (ratio 1.0 is in the grid)
     lo = -(2 ** (bits - 1))
     s1 = np.abs(w).max(axis=1) / -lo
@@ -119,19 +119,19 @@ def test_quantisation_error_within_documented_bound(bits, seed, scale, heavy):
 def test_dequantize_into_a_strided_view_matches_numpy():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 40)).astype(np.float32)
-    for bits in quant.QUANT_BITS:
-        codes, scales = quant.quantize(w, bits)
+    for bits in uniform.QUANT_BITS:
+        codes, scales = uniform.quantize(w, bits)
         dest = torch.zeros(2, 10, 40)
         view = dest[:, 3:7, :]  # [2, 4, 40]: 8 rows scattered in two blocks
-        quant.dequantize_into(view, torch.from_numpy(quant.pack(codes, bits)),
+        uniform.dequantize_into(view, torch.from_numpy(uniform.pack(codes, bits)),
                               torch.from_numpy(scales), bits)
-        assert np.array_equal(view.reshape(8, 40).numpy(), quant.dequantize_np(codes, scales, bits))
+        assert np.array_equal(view.reshape(8, 40).numpy(), uniform.dequantize_np(codes, scales, bits))
         assert dest[:, :3].abs().sum() == 0 and dest[:, 7:].abs().sum() == 0
 
 
 def test_unsupported_bitwidth_is_a_clear_error():
     with pytest.raises(ValueError, match="not stored"):
-        quant.check_bits(5)
+        uniform.check_bits(5)
 
 
 @given(bits=st.integers(1, 8), shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 70)),
@@ -146,35 +146,35 @@ def test_dictionary_decode_into_strided_views_with_its_workspace(bits, shapes, s
     DecodeWork sized by decode_work (too small would raise), writes exactly numpy's
     reconstruction of each block into a transposed view (as an output block's slot) or a
     3-D view (as a head's input block)."""
-    from runtime import dictquant
+    from runtime.schemes import dictionary
 
     rng = np.random.default_rng(seed)
     rows, cols = shapes[0]
     codes = rng.integers(0, 2 ** bits, size=(rows, cols), dtype=np.uint8)
-    packed = dictquant.pack_codes(codes, bits)
+    packed = dictionary.pack_codes(codes, bits)
     assert packed.shape == (rows, -(-cols * bits // 8))
     stream = np.unpackbits(packed, axis=1, bitorder="little")[:, :cols * bits]
     back = (stream.reshape(rows, cols, bits) << np.arange(bits)).sum(axis=2)
     assert np.array_equal(back, codes)
     ws = [rng.normal(size=shape).astype(np.float32) * rng.uniform(0.01, 5) for shape in shapes]
-    parts = [dictquant.quantize(w, bits, share) for w in ws]
-    raw = dictquant.encode_blocks(ws, bits, share)
-    assert len(raw) == sum(dictquant.block_bytes(r, c, bits, share) for r, c in shapes)
-    for got, want in zip(dictquant.parse_blocks(raw, shapes, bits, share), parts):
+    parts = [dictionary.quantize(w, bits, share) for w in ws]
+    raw = dictionary.encode_blocks(ws, bits, share)
+    assert len(raw) == sum(dictionary.block_bytes(r, c, bits, share) for r, c in shapes)
+    for got, want in zip(dictionary.parse_blocks(raw, shapes, bits, share), parts):
         assert all(np.array_equal(g, w) for g, w in zip(got, want))
-    work = quant.DecodeWork(*dictquant.decode_work(tuple(shapes), bits, share))
+    work = uniform.DecodeWork(*dictionary.decode_work(tuple(shapes), bits, share))
     outs = []
     for r, c in shapes:
         if split and r % 3 == 0:
             outs.append(torch.full((3, r // 3, c + 2), -1.0)[..., 1:-1])  # strided 3-D view
         else:
             outs.append(torch.full((c, r), -1.0).t())  # transposed
-    dictquant.decode_into(outs, torch.frombuffer(bytearray(raw), dtype=torch.uint8), shapes,
+    dictionary.decode_into(outs, torch.frombuffer(bytearray(raw), dtype=torch.uint8), shapes,
                           bits, share, work)
     for out, part, (r, c) in zip(outs, parts, shapes):
-        assert np.array_equal(out.reshape(r, c).numpy(), dictquant.dequantize_np(*part))
+        assert np.array_equal(out.reshape(r, c).numpy(), dictionary.dequantize_np(*part))
     with pytest.raises(ValueError, match="bytes, got"):
-        dictquant.decode_into(outs, torch.frombuffer(bytearray(raw[:-4]), dtype=torch.uint8),
+        dictionary.decode_into(outs, torch.frombuffer(bytearray(raw[:-4]), dtype=torch.uint8),
                               shapes, bits, share, work)
 
 
@@ -188,17 +188,17 @@ def test_dictionary_quantisation_error_within_its_bound(bits, seed, scale, heavy
     max_r(rms_r) (max z - min z) / 2^(b+1); every weight takes its nearest value s_r D[k];
     the least-squares rounds end no worse than their k-means start; the packed bytes decode
     (torch) to what numpy reconstructs, and their length is the shape's block_bytes."""
-    from runtime import dictquant
+    from runtime.schemes import dictionary
 
     rng = np.random.default_rng(seed)
     w = ((rng.standard_t(3, size=(rows, cols)) if heavy else rng.normal(size=(rows, cols)))
          * scale * rng.uniform(0.1, 3.0, size=(rows, 1)))  # rows of different scales
     w = w.astype(np.float32)
     w[0] = 0.5  # a constant row: every weight one value
-    codes, book, scales, out_cols, out_vals = dictquant.quantize(w, bits, share)
+    codes, book, scales, out_cols, out_vals = dictionary.quantize(w, bits, share)
     assert book.shape == (2 ** bits,) and scales.shape == (rows,) and np.all(scales > 0)
     assert codes.max() < 2 ** bits and np.all(np.diff(book) >= 0)
-    deq = dictquant.dequantize_np(codes, book, scales, out_cols, out_vals)
+    deq = dictionary.dequantize_np(codes, book, scales, out_cols, out_vals)
     r = np.arange(rows)[:, None]
     assert np.array_equal(deq[r, out_cols.astype(int)], w[r, out_cols.astype(int)])
     keep = np.ones(w.shape, bool)
@@ -211,24 +211,24 @@ def test_dictionary_quantisation_error_within_its_bound(bits, seed, scale, heavy
     assert np.all(np.where(keep, chosen - dist.min(axis=2), 0) <= 1e-6 * np.abs(w).max())
     sq = float(np.sum(np.where(keep, deq.astype(np.float64) - w, 0.0) ** 2))
     rms = np.sqrt(sq / max(keep.sum(), 1))
-    bound = dictquant.error_bound(w, bits, share)
+    bound = dictionary.error_bound(w, bits, share)
     assert rms <= bound * (1 + 1e-5) + 1e-6 * scale
-    start_s, start_book = dictquant.fit(w.astype(np.float64), bits, keep, rounds=0)
-    start = start_s[:, None] * start_book[dictquant._nearest(w, start_s, start_book)]
+    start_s, start_book = dictionary.fit(w.astype(np.float64), bits, keep, rounds=0)
+    start = start_s[:, None] * start_book[dictionary._nearest(w, start_s, start_book)]
     fp32 = w.size * (1e-6 * float(np.abs(w).max())) ** 2  # what storing in fp32 may add
     assert sq <= float(np.sum(np.where(keep, start - w, 0.0) ** 2)) * (1 + 1e-5) + fp32
-    raw = dictquant.encode_blocks([w], bits, share)
-    assert len(raw) == dictquant.block_bytes(rows, cols, bits, share)
-    assert np.array_equal(dictquant.decode_block(raw, rows, cols, bits, share).numpy(), deq)
+    raw = dictionary.encode_blocks([w], bits, share)
+    assert len(raw) == dictionary.block_bytes(rows, cols, bits, share)
+    assert np.array_equal(dictionary.decode_block(raw, rows, cols, bits, share).numpy(), deq)
     with pytest.raises(ValueError, match="bytes, got"):
-        dictquant.decode_block(raw[:-1], rows, cols, bits, share)
+        dictionary.decode_block(raw[:-1], rows, cols, bits, share)
 
 
 @given(seed=st.integers(0, 2**31), rows=st.integers(1, 6), cols=st.integers(1, 12))
 def test_error_compensation_without_correlated_inputs_is_nearest_rounding(seed, rows, cols):
     """With uncorrelated inputs (a diagonal H) nothing is pushed onto other columns: the
     rounding is each weight's nearest level, whatever the visiting order."""
-    from runtime.gptq import compensate
+    from runtime.schemes.gptq import compensate
 
     rng = np.random.default_rng(seed)
     W = rng.normal(size=(rows, cols))
@@ -245,7 +245,7 @@ def test_error_compensation_without_correlated_inputs_is_nearest_rounding(seed, 
 def test_error_compensation_lowers_the_output_error_on_correlated_inputs():
     """On correlated inputs X, rounding to a coarse grid with compensation gives a smaller
     output error |X (Q - W)^T|^2 than nearest rounding, for every one of 20 seeds."""
-    from runtime.gptq import compensate
+    from runtime.schemes.gptq import compensate
 
     for seed in range(20):
         rng = np.random.default_rng(seed)
@@ -264,18 +264,18 @@ def test_error_compensation_lowers_the_output_error_on_correlated_inputs():
 def test_dictionary_decode_of_a_block_wider_than_int16_columns(bits):
     """Outlier columns past 32767 (stored uint16, read through int16) land in their place,
     with and without a workspace."""
-    from runtime import dictquant
+    from runtime.schemes import dictionary
 
     rows, cols, share = 2, 40000, 0.001
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(rows, cols)).astype(np.float32)
     w[:, 39000:] *= 50  # the outliers are past column 32767
-    codes, book, scales, out_cols, out_vals = dictquant.quantize(w, bits, share)
+    codes, book, scales, out_cols, out_vals = dictionary.quantize(w, bits, share)
     assert out_cols.min() >= 39000
-    want = dictquant.dequantize_np(codes, book, scales, out_cols, out_vals)
-    raw = torch.frombuffer(bytearray(dictquant.encode_blocks([w], bits, share)),
+    want = dictionary.dequantize_np(codes, book, scales, out_cols, out_vals)
+    raw = torch.frombuffer(bytearray(dictionary.encode_blocks([w], bits, share)),
                            dtype=torch.uint8)
-    for work in (None, quant.DecodeWork(*dictquant.decode_work(((rows, cols),), bits, share))):
+    for work in (None, uniform.DecodeWork(*dictionary.decode_work(((rows, cols),), bits, share))):
         out = torch.full((cols, rows), -1.0).t()
-        dictquant.decode_into([out], raw, ((rows, cols),), bits, share, work)
+        dictionary.decode_into([out], raw, ((rows, cols),), bits, share, work)
         assert np.array_equal(out.numpy(), want)

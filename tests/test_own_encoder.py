@@ -1,5 +1,5 @@
 """A user's own encoder, end to end, on tiny random checkpoints of each family (made by
-runtime.tinyckpt: config.json, model.safetensors, a `tokenizers` tokenizer.json, and the
+runtime.sources.tinyckpt: config.json, model.safetensors, a `tokenizers` tokenizer.json, and the
 sentence-transformers pooling): shard -> profile -> scenario -> calibrate -> solve ->
 verify -> run -> evaluate through the CLI, and the runtime's output checked against
 `transformers` (fp32) and against our own reference path (dropped and quantised shards).
@@ -20,14 +20,15 @@ from elasticplan.costmodel import PIPELINED, Pick
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.loader import load_scenario
-from runtime import dictquant, gptq
-from runtime.checkpoint import ReferenceModel, open_checkpoint
 from runtime.executor import Executor
-from runtime.measure import Reference
-from runtime.model import shard_from_hf
-from runtime.store import Scheme, ShardStore
-from runtime.task import TaskHead, csv_task, load_splits
-from runtime.tinyckpt import write_checkpoint, write_task_csv
+from runtime.families.encoder import shard_from_hf
+from runtime.measurement.measure import Reference
+from runtime.schemes import dictionary, gptq
+from runtime.schemes.dictionary import Dictionary
+from runtime.sources.checkpoint import ReferenceModel, open_checkpoint
+from runtime.sources.task import TaskHead, csv_task, load_splits
+from runtime.sources.tinyckpt import write_checkpoint, write_task_csv
+from runtime.store import ShardStore, variant_bytes
 from tests.submodel_oracle import oracle_layers, stored_dictionary
 
 DEVICE = Path(__file__).resolve().parent.parent / "problems" / "devices" / "phone-ufs31.yaml"
@@ -71,7 +72,7 @@ def test_the_store_records_the_checkpoints_shape_and_pooling(built):
     assert "name: ckpt" in profile and "runtime: {store: ." in profile
     # a rebuild reuses every file
     assert cli("shard", "--checkpoint", ckpt, "--out", store) == 0
-    assert json.loads((store / "index.json").read_text()) == s.index
+    assert json.loads((store / "index.json").read_text()) == s.index.data
 
 
 def test_the_stores_fp32_embedding_equals_transformers_pooled(built):
@@ -153,8 +154,8 @@ def test_a_dictionary_store_keeps_the_outlier_share_asked_for(tmp_path, capsys):
     for name in ("head1", "ffn0"):
         v = s.variant(0, name, 2)
         k = s.config.shard_in_rows(name)
-        assert v.nbytes == Scheme("dict", 0.1).variant_bytes(v.rows, v.cols, k, v.bias, 2) > \
-            Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 2)
+        assert v.nbytes == variant_bytes(Dictionary(0.1), v.rows, v.cols, k, v.bias, 2) > \
+            variant_bytes(Dictionary(), v.rows, v.cols, k, v.bias, 2)
         assert np.array_equal(s.load(0, name, 2)[0].numpy(), stored_dictionary(s, 0, name, 2))
 
 
@@ -173,14 +174,14 @@ def test_a_dictionary_store_decodes_and_runs_its_submodel_exactly(tmp_path, caps
     m, _ = s.load(1, "ffn2", 3)
     assert np.array_equal(m.numpy(), stored_dictionary(s, 1, "ffn2", 3))
     k = s.config.shard_in_rows("ffn2")
-    assert v.nbytes == Scheme("dict").variant_bytes(v.rows, v.cols, k, v.bias, 3)
+    assert v.nbytes == variant_bytes(Dictionary(), v.rows, v.cols, k, v.bias, 3)
     # the rounding is error-compensated: on the calibration activations the block's output
     # is closer to fp32 than nearest-centroid rounding with the same dictionary gets
     ref = ReferenceModel(ckpt)
     texts = list(load_splits().train.texts[:64])
     H = gptq.hessians(ref, texts)[1, "ffn_in"]
     orig, _ = shard_from_hf(ref.tensors, s.config, 1, "ffn2")
-    nearest = dictquant.dequantize_np(*dictquant.quantize(orig[:k], 3, v.scheme.share))
+    nearest = dictionary.dequantize_np(*dictionary.quantize(orig[:k], 3, v.scheme.share))
 
     def output_error(q):
         e = (q - orig[:k]).astype(np.float64)

@@ -27,7 +27,7 @@ from elasticplan.problem.spec import Device
 from runtime.calibrate import fit_compute
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
-from runtime.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
+from runtime.measurement.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
 from runtime.store import ShardStore
 from tests.submodel_oracle import oracle_layers
 
@@ -377,12 +377,14 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     assert fit.r2 == pytest.approx(1.0)
     assert fit.layer_residuals_ms == pytest.approx([0.0] * 6, abs=1e-9)
     noisy = fit_compute(samples(0.05), (2, 8))
-    for name, truth, got in (("layer_overhead_ms", 0.3, noisy.layer_overhead_ms),
-                             ("shard_overhead_ms", 0.05, noisy.shard_overhead_ms),
-                             ("gflops", 60.0, noisy.gflops),
-                             ("dequant_ns_per_weight[2]", 1.2, noisy.dequant_ns[2]),
-                             ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8])):
-        assert 0 < noisy.stderr[name] and abs(got - truth) < 5 * noisy.stderr[name], name
+    se = noisy.stderr
+    for name, truth, got, err in (
+            ("layer_overhead_ms", 0.3, noisy.layer_overhead_ms, se.layer_overhead_ms),
+            ("shard_overhead_ms", 0.05, noisy.shard_overhead_ms, se.shard_overhead_ms),
+            ("gflops", 60.0, noisy.gflops, se.gflops),
+            ("dequant_ns_per_weight[2]", 1.2, noisy.dequant_ns[2], se.dequant_ns[2]),
+            ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8], se.dequant_ns[8])):
+        assert 0 < err and abs(got - truth) < 5 * err, name
     # a bitwidth no sample ran cannot be fitted: a clear error, not a zero cost
     with pytest.raises(CalibrationError, match="no calibration plan ran a shard at"):
         fit_compute(samples(0.0), (2, 4, 8))
@@ -434,7 +436,7 @@ def test_run_enforce_fails_on_a_measured_peak_above_the_budget(scenario, store_d
     --enforce (the measurement is inflated here; the executor itself never exceeds it)."""
     import dataclasses
 
-    import runtime.measure as measure
+    import runtime.measurement.measure as measure
     from elasticplan.solvers import solve
 
     plan_path = tmp_path / "mem.plan.json"
@@ -482,7 +484,7 @@ def test_baseline_and_evaluate_commands(store_dir, tmp_path, capsys):
     assert main(["evaluate", str(u3), "--store", str(store_dir), "--head", head,
                  "--json", str(out)]) == 0
     e = json.loads(out.read_text())
-    from runtime.submodel import TestSplit
+    from runtime.profiling.submodel import TestSplit
 
     q = TestSplit(ShardStore(store_dir), head).uniform(3)
     assert e["fidelity"] == pytest.approx(q.fidelity, abs=1e-6)

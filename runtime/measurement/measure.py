@@ -1,8 +1,8 @@
 """Measured vs predicted: run a plan N times through the executor and report it.
 
-The queries are held-out test tweets (runtime/task.py), one per run, each tokenised and
+The queries are held-out test tweets (runtime/sources/task.py), one per run, each tokenised and
 padded to the profile's seq_len: the shape the plan's compute costs were profiled for.
-Every run is preceded by one discarded warm-up. The report (runtime.report.RunReport) is
+Every run is preceded by one discarded warm-up. The report (runtime.measurement.report.RunReport) is
 typed data with a JSON form:
 the prediction, every measured run, the median, the relative error, how the storage was
 emulated and how cold the reads were, the preload buffer, the output's fidelity to the
@@ -24,17 +24,17 @@ import torch
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
 from runtime.executor import Executor, RunTrace
-from runtime.model import Batch, cosine
-from runtime.report import STAGES, ColdReads, LayerReport, MemoryReport, RunReport, StageTimes
+from runtime.families.encoder import Batch, cosine
+from runtime.measurement.report import STAGES, ColdReads, LayerReport, MemoryReport, RunReport, StageTimes
+from runtime.sources.task import TaskHead
 from runtime.store import ShardStore
-from runtime.task import TaskHead
 
 DEFAULT_TOLERANCE = 0.10
 
 
 def query_batches(store: ShardStore, seq_len: int, n: int) -> list[Batch]:
     """n single-text queries from the test split, padded (or truncated) to seq_len tokens."""
-    from runtime.task import load_splits
+    from runtime.sources.task import load_splits
 
     texts = list(load_splits().test.texts[:n])
     tok = store.tokenizer(seq_len)
@@ -56,7 +56,7 @@ class Reference:
 
 
 def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> int | None:
-    """The plan's process-level peak above a baseline, from runtime.memprobe in a fresh
+    """The plan's process-level peak above a baseline, from runtime.measurement.memprobe in a fresh
     process (None when the plan names no scenario file to reload there)."""
     if plan.scenario.path is None:
         return None
@@ -64,15 +64,15 @@ def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> i
         path = os.path.join(tmp, "plan.json")
         plan.save(path)
         out = subprocess.run(
-            [sys.executable, "-m", "runtime.memprobe", path, "--store", str(store.path),
+            [sys.executable, "-m", "runtime.measurement.memprobe", path, "--store", str(store.path),
              "--scenario", os.path.abspath(plan.scenario.path), "--repeat", str(repeats),
              "--threads", str(threads)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"runtime.memprobe failed: {out.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"runtime.measurement.memprobe failed: {out.stderr.strip()[-2000:]}")
     return int(json.loads(out.stdout)["peak_above_baseline_bytes"])
 
 
-PROCESS_METHOD = ("runtime.memprobe: VmHWM minus VmRSS of a fresh process, the baseline taken "
+PROCESS_METHOD = ("runtime.measurement.memprobe: VmHWM minus VmRSS of a fresh process, the baseline taken "
                   "after imports, the queries and one throwaway run of the plan (warm kernels), "
                   "then gc + malloc_trim; the peak reset via /proc/self/clear_refs")
 

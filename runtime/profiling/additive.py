@@ -2,7 +2,7 @@
 
 Solves the MiniLM scenario over a grid of targets and buffers, runs each plan's submodel
 (exactly the planned shards at the planned bitwidths, weights from the shard store) on
-the held-out test tweets (runtime/submodel.py), and compares the planner's objective with what was measured:
+the held-out test tweets (runtime/profiling/submodel.py), and compares the planner's objective with what was measured:
 
 - Spearman rank correlation of the objective with measured fidelity and with accuracy;
 - the additive prediction of the loss, Σ_s loss(choice of s) = Σ_s loss(drop) - objective,
@@ -14,7 +14,7 @@ the held-out test tweets (runtime/submodel.py), and compares the planner's objec
   how often the plan with the higher objective also has the higher measured fidelity and
   accuracy (the planner's real job is choosing between plans).
 
-    python -m runtime.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4]
+    python -m runtime.profiling.additive [--scenario S] [--targets 4,6,8] [--buffers 0,1,4]
                                [--solver highs] [--json F]
 """
 
@@ -34,8 +34,8 @@ from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import write_text
 from elasticplan.problem.spec import FULL_PRECISION_BITS, Scenario
 from elasticplan.solvers import DEFAULT_SOLVER, solve
+from runtime.profiling.submodel import TestSplit
 from runtime.store import ShardStore
-from runtime.submodel import TestSplit
 
 DEFAULT_SCENARIO = "problems/scenarios/minilm-phone.yaml"
 DEFAULT_TARGETS = (4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 25)
@@ -178,7 +178,7 @@ def summary(points: list[PlanPoint]) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.additive", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m runtime.profiling.additive", description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", default=DEFAULT_SCENARIO)
     ap.add_argument("--store", default="build/shards/minilm-l6")
     ap.add_argument("--head", default="problems/models/minilm-l6.taskhead.json")

@@ -1,6 +1,6 @@
 """The process's own peak memory while it runs a plan, measured in a fresh process.
 
-    python -m runtime.memprobe PLAN --store DIR [--scenario S] [--repeat N] [--threads T]
+    python -m runtime.measurement.memprobe PLAN --store DIR [--scenario S] [--repeat N] [--threads T]
 
 Prints one JSON object: `baseline_bytes` (VmRSS before the plan's executor exists),
 `peak_bytes` (VmHWM after its queries) and `peak_above_baseline_bytes`, their difference:
@@ -25,7 +25,7 @@ import torch
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for
 from runtime.executor import Executor
-from runtime.measure import query_batches
+from runtime.measurement.measure import query_batches
 from runtime.store import ShardStore
 
 
@@ -53,7 +53,7 @@ def run_plan(plan, scenario, store, queries) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.memprobe")
+    p = argparse.ArgumentParser(prog="python -m runtime.measurement.memprobe")
     p.add_argument("plan")
     p.add_argument("--store", required=True)
     p.add_argument("--scenario")

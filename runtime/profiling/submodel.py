@@ -2,7 +2,7 @@
 
 A plan runs exactly its planned shards at their planned bitwidths. That submodel is
 rebuilt here from the shard store (the same weights the executor reads) and run on the
-1,000 held-out test tweets (runtime/task.py; a user's task: its CSV's test split),
+1,000 held-out test tweets (runtime/sources/task.py; a user's task: its CSV's test split),
 batched: fidelity is the mean cosine of its embedding to the fp32 model's, accuracy the
 task head's on the test labels (none without a head). The
 executor's output equals this submodel's (tests/test_runtime.py checks it against an
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import FULL_PRECISION_BITS
-from runtime.model import cosine
-from runtime.profile import DROP, Profiler, profile_seq_len
+from runtime.families.encoder import cosine
+from runtime.profiling.profile import DROP, Profiler, profile_seq_len
+from runtime.sources.task import TaskHead, tweet_task
 from runtime.store import ShardStore
-from runtime.task import TaskHead, tweet_task
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ For every layer l, shard s and variant v (dropped, or stored at b bits), the mod
 the calibration tweets with only shard s of layer l changed and everything else at fp32
 (weights read from the shard store). Three numbers are recorded per variant:
 - fidelity: mean cosine between its sentence embeddings and the fp32 model's;
-- accuracy and log-loss of the task head (runtime/task.py) on those tweets' labels.
+- accuracy and log-loss of the task head (runtime/sources/task.py) on those tweets' labels.
 Layers before l are unchanged, so their outputs are computed once and reused.
 
 Importance (what the planner adds up). With loss(v) = 1 - fidelity(v):
@@ -16,7 +16,7 @@ fp32 importance is the drop loss itself. The planner's objective Σ importance i
 drop loss of all shards minus the *additive prediction* of the plan's loss,
 Σ_s loss(choice of s). What is additive: single-shard losses, each measured with all other
 shards at fp32. What is not: interactions (two shards dropped together can hurt more or
-less than the sum), which runtime/additive.py measures on solved plans. Clamping at 0
+less than the sum), which runtime/profiling/additive.py measures on solved plans. Clamping at 0
 means a bitwidth that hurts more than dropping the shard is worth nothing, never negative.
 
 Resumable: measurements are appended to a JSON-lines cache keyed by a digest of the
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from elasticplan.problem import archgen
 from elasticplan.problem.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
 from elasticplan.problem.outputs import write_text
-from runtime.model import (
+from runtime.families.encoder import (
     MODEL_NAME,
     LayerWeights,
     cosine,
@@ -50,8 +50,9 @@ from runtime.model import (
     length_batches,
     parse_shard_name,
 )
+from runtime.schemes import DEFAULT_NAME
+from runtime.sources.task import Split, Task, TaskHead, tweet_task
 from runtime.store import ShardStore
-from runtime.task import Split, Task, TaskHead, tweet_task
 
 PROFILE_VERSION = 1
 DROP = 0  # variant key for "shard dropped"
@@ -136,9 +137,9 @@ class Profiler:
 
 def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead | None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(store.index["build"], sort_keys=True).encode())
+    h.update(json.dumps(store.index.build, sort_keys=True).encode())
     if store.model != MODEL_NAME:  # (MiniLM's cache keeps its key)
-        h.update(json.dumps(store.index["config"], sort_keys=True).encode())
+        h.update(json.dumps(store.index.data["config"], sort_keys=True).encode())
     h.update(calibration_digest.encode())
     if head is not None:
         h.update(json.dumps(head.to_json(), sort_keys=True).encode())
@@ -200,7 +201,7 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None],
     task = task or tweet_task()
     splits = task.splits
     extra = json.dumps(task.source, sort_keys=True) if task.source else ""
-    key = hashlib.sha256((json.dumps(store.index["build"], sort_keys=True) +
+    key = hashlib.sha256((json.dumps(store.index.build, sort_keys=True) +
                           splits.train.digest() + extra).encode()).hexdigest()
     if out.is_file():
         try:
@@ -323,7 +324,7 @@ def profile_dict(store: ShardStore, result: ProfileResult, test_accuracy: float 
         "bitwidths": list(bits),
         # The word-embedding table is streamable by rows (memory.embedding_*), the rest resident.
         **archgen.memory_fields(arch, store.decode_buffers()),
-        **({"quantisation": schemes} if set(schemes.values()) != {"uniform"} else {}),
+        **({"quantisation": schemes} if set(schemes.values()) != {DEFAULT_NAME} else {}),
         **({"runtime": runtime} if runtime else {}),
         "layers": layers,
     }
@@ -336,7 +337,7 @@ def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | P
     """`elasticplan profile`: train (or reuse) the task head (none when `head_path` is
     None: fidelity only, on the tweets' calibration texts), measure what the cache lacks,
     and write the model profile YAML plus every measurement as JSON beside it. `link`:
-    the profile records where its store and head are (runtime.profile.profile_dict)."""
+    the profile records where its store and head are (runtime.profiling.profile.profile_dict)."""
     from elasticplan.errors import InvalidArgument
     from elasticplan.problem.loader import write_model_profile
 

@@ -1,7 +1,7 @@
 """A model checkpoint to shard: a directory in the Hugging Face layout, checked in full
 before anything is written (runtime/store.py builds the store from it).
 
-    config.json          the architecture (runtime.model.Config.from_hf: BERT, DistilBERT,
+    config.json          the architecture (runtime.families.encoder.Config.from_hf: BERT, DistilBERT,
                          RoBERTa; anything else refused naming the key)
     model.safetensors    the weights: every tensor the store needs, present and of the
                          shape config.json implies (a classifier's "bert." prefix is fine)
@@ -26,7 +26,7 @@ import torch
 
 from elasticplan.errors import StoreError
 from elasticplan.problem.inputs import Fields, load_json
-from runtime.model import (
+from runtime.families.encoder import (
     MODEL_NAME,
     POOLINGS,
     Config,
@@ -57,7 +57,7 @@ class Pooling:
 class Checkpoint:
     path: Path
     config: Config
-    tensors: dict[str, np.ndarray]  # by checkpoint name (runtime.model.tensor_shapes)
+    tensors: dict[str, np.ndarray]  # by checkpoint name (runtime.families.encoder.tensor_shapes)
     source: dict  # what the store's index records as its source
     pooling: Pooling
 

@@ -21,12 +21,16 @@ Unpacking works on 24-bit groups (3 bytes), so the stored bitwidths must divide 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-FP32 = 32
+from elasticplan.problem import archgen
+from runtime.schemes.base import FP32, Blocks, DecodeWork, Scheme, take
+
 QUANT_BITS = (2, 3, 4, 6, 8)  # the bitwidths this scheme packs (divisors of 24)
 CLIP_GRID = np.linspace(0.2, 1.0, 81)  # ratios of the row's max |w|; 1.0 bounds the error
 SCHEME = "symmetric mid-rise, per-row scale, MSE-optimal clip over 81 ratios in [0.2, 1]"
@@ -124,43 +128,6 @@ def _lut(bits: int, width: int) -> torch.Tensor:
 _LUTS: dict[int, torch.Tensor] = {}
 
 
-class DecodeWork:
-    """Preallocated buffers for dequantize_into and runtime.dictquant.decode_into, sized
-    for the largest block they will see (elasticplan.problem.archgen.decode_work,
-    dictquant.decode_work), so decoding allocates nothing: int32 words and codes, fp32
-    values, a byte buffer (given in 4-byte units) and int64 outlier indices."""
-
-    def __init__(self, packed_ints: int, indices: int, values: int, byte_words: int = 0,
-                 longs: int = 0):
-        self.packed = torch.zeros(packed_ints, dtype=torch.int32)
-        self.indices = torch.zeros(indices, dtype=torch.int32)  # (viewed as int64 for 8-byte words)
-        self.values = torch.zeros(values)
-        self.bytes = torch.zeros(4 * byte_words, dtype=torch.uint8)
-        self.longs = torch.zeros(longs, dtype=torch.int64)
-        self._views: dict = {}
-
-    def views(self, key, make):
-        """The views `make(self)` cuts from these buffers for one kind of block, made once
-        per key (cutting them costs a microsecond each, per block, on a hot path)."""
-        if key not in self._views:
-            self._views[key] = make(self)
-        return self._views[key]
-
-    @property
-    def nbytes(self) -> int:
-        return 4 * (self.packed.numel() + self.indices.numel() + self.values.numel()) + \
-            self.bytes.numel() + 8 * self.longs.numel()
-
-
-def take(work: torch.Tensor | None, n: int, dtype) -> torch.Tensor:
-    """The first n elements of a workspace buffer (a fresh tensor without one)."""
-    if work is None:
-        return torch.empty(n, dtype=dtype)
-    if work.numel() < n:
-        raise ValueError(f"decode workspace of {work.numel()} elements, {n} needed")
-    return work[:n]
-
-
 @lru_cache(maxsize=None)
 def _workspace(rows: int, nbytes: int, cols: int, bits: int):
     """A function cutting, from a DecodeWork (None: fresh tensors), the views one block's
@@ -215,3 +182,42 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     else:
         torch.mul(values.reshape(out.shape), scales.view(*out.shape[:-1], 1), out=out)
     return out
+
+
+@dataclass(frozen=True)
+class Uniform(Scheme):
+    """The default scheme: every block per output channel, packed codes [r, ceil(c*b/8)]
+    then fp32 scales [r]; 2/3/4/6/8 bits."""
+
+    name: ClassVar[str] = "uniform"
+    bitwidths: ClassVar[tuple[int, ...]] = archgen.DEFAULT_BITWIDTHS
+
+    def coder(self, bits: int) -> Scheme:
+        return self
+
+    def block_bytes(self, rows: int, cols: int, bits: int) -> int:
+        return rows * row_bytes(cols, bits) + (0 if bits == FP32 else 4 * rows)
+
+    def decode_work(self, blocks: Blocks, bits: int) -> tuple[int, ...]:
+        return tuple(max(k) for k in zip(*(archgen.decode_work(r, c, bits) for r, c in blocks)))
+
+    def encode_blocks(self, blocks: list[np.ndarray], bits: int,
+                      hessians: list[np.ndarray | None]) -> bytes:
+        out = []
+        for block in blocks:
+            codes, scales = quantize(np.ascontiguousarray(block, dtype=np.float32), bits)
+            out += [pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
+        return b"".join(out)
+
+    def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
+                    bits: int, work: DecodeWork | None) -> None:
+        pos = 0
+        for (r, c), dest in zip(blocks, outs):
+            n = r * row_bytes(c, bits)
+            packed = buf[pos:pos + n].view(r, n // r)
+            dequantize_into(dest, packed, buf[pos + n:pos + n + 4 * r].view(torch.float32),
+                            bits, work)
+            pos += n + 4 * r
+
+
+UNIFORM = Uniform()

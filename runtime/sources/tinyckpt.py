@@ -1,7 +1,7 @@
 """Tiny random checkpoints of each family, in the Hugging Face layout, for tests and for
 trying `elasticplan shard --checkpoint` without downloading a model:
 
-    python -m runtime.tinyckpt DIR --family bert|distilbert|roberta [--seed N]
+    python -m runtime.sources.tinyckpt DIR --family bert|distilbert|roberta|llama [--seed N]
                                [--pooling mean|cls|none] [--task-csv FILE]
 
 writes DIR/config.json (the family's own keys), DIR/model.safetensors (every tensor the
@@ -12,6 +12,9 @@ special tokens), and, unless --pooling none, the sentence-transformers modules.j
 1_Pooling/config.json (mean pooling adds a Normalize module; CLS does not).
 --task-csv writes a small labelled CSV (columns text, label; three classes) to go with it.
 Nothing here is trained: the numbers are random, the shapes and names are real.
+--family llama writes a tiny decoder instead (runtime/sources/tiny_llama.py: config.json,
+model.safetensors, a byte-level BPE tokenizer.json and tokenizer_config.json with a chat
+template; no sentence-transformers modules, --pooling is ignored).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 FAMILIES = ("bert", "distilbert", "roberta")
+DECODER_FAMILIES = ("llama",)  # runtime/sources/tiny_llama.py
 SHAPE = {"layers": 3, "hidden": 32, "heads": 4, "ffn": 64, "vocab": 128, "positions": 40}
 WORDS = ("the", "and", "good", "bad", "slow", "fast", "car", "road", "city", "rain", "sun",
          "love", "hate", "ok", "very", "not")
@@ -143,8 +147,13 @@ def write_checkpoint(path: str | Path, family: str, *, seed: int = 0,
     no modules.json."""
     from safetensors.numpy import save_file
 
+    if family == "llama":
+        from runtime.sources.tiny_llama import write_tiny_llama
+
+        return write_tiny_llama(path, seed)
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family must be one of {', '.join(FAMILIES + DECODER_FAMILIES)}, "
+                         f"got {family!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tiny_tensors(family, seed), str(path / "model.safetensors"))
@@ -170,10 +179,10 @@ def write_checkpoint(path: str | Path, family: str, *, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.tinyckpt", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m runtime.sources.tinyckpt", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir")
-    p.add_argument("--family", choices=FAMILIES, default="bert")
+    p.add_argument("--family", choices=FAMILIES + DECODER_FAMILIES, default="bert")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooling", choices=("mean", "cls", "none"), default="mean")
     p.add_argument("--task-csv", metavar="FILE", help="also write a labelled CSV here")

@@ -1,5 +1,5 @@
 """Dictionary quantisation with outliers (after GOBO, MICRO 2020), the second scheme beside
-runtime/quant.py's uniform one: a store built with `elasticplan shard --scheme dict`
+runtime/schemes/uniform.py's uniform one: a store built with `elasticplan shard --scheme dict`
 keeps its quantised shards this way (runtime/store.py); `python -m benchmarks.dictquant`
 measures it against the uniform scheme on the whole model (docs/results.md).
 
@@ -15,7 +15,7 @@ Scheme (b in 1..8 bits), per block [rows, cols] (rows are output channels):
   scales), none of which can raise the block's squared error;
 - codes: each non-outlier weight is stored as the index of its nearest value s_r D[k]; an
   outlier's code is 0 (overwritten when decoded). With a block's input covariance
-  (runtime/gptq.py) the codes are chosen with error compensation instead.
+  (runtime/schemes/gptq.py) the codes are chosen with error compensation instead.
 
 Why a scaled codebook: measured against a dictionary per 8 rows (benchmarks.dictquant,
 error-compensated, 300 test tweets) it has the higher whole-model fidelity at 2, 3 and 4
@@ -53,11 +53,21 @@ steps: measured per shard, it decodes within 1.3x of the uniform scheme's time.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+
+from runtime.schemes import gptq
+from runtime.schemes.base import FP32, Blocks, DecodeWork, Scheme, take
+from runtime.schemes.uniform import UNIFORM
+
+if TYPE_CHECKING:
+    from elasticplan.problem.inputs import Fields
 
 MAX_BITS = 8
 DEFAULT_OUTLIER_SHARE = 0.005  # measured against 0 % and 2 % (benchmarks.dictquant)
@@ -154,7 +164,7 @@ def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """fp32 [rows, cols] -> (codes uint8 [rows, cols], codebook fp32 [2^b], row scales fp32
     [rows], outlier columns uint16 [rows, n], outlier values fp32 [rows, n]). With
-    `hessian` (the block's X^T X, runtime/gptq.py) the codes are chosen with error
+    `hessian` (the block's X^T X, runtime/schemes/gptq.py) the codes are chosen with error
     compensation and the outliers keep their compensated values; without, each weight
     takes its nearest value."""
     w = np.asarray(matrix, dtype=np.float64)
@@ -176,9 +186,8 @@ def quantize(matrix: np.ndarray, bits: int, share: float = DEFAULT_OUTLIER_SHARE
         return np.where(mask[:, j], col, table[r, idx])  # an outlier: exact
 
     if hessian is not None:
-        from runtime.gptq import compensate
 
-        w = compensate(w, hessian, choose)
+        w = gptq.compensate(w, hessian, choose)
     else:
         for j in range(cols):
             choose(w[:, j], j)
@@ -208,7 +217,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=1, bitorder="little")
 
 
-Shapes = tuple[tuple[int, int], ...]  # (rows, cols) of each block of a group, in order
+Shapes = Blocks  # (rows, cols) of each block of a group, in order
 
 
 @lru_cache(maxsize=None)
@@ -311,7 +320,7 @@ def decode_work(shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
     return 0, max(groups) * per, values, -(-max(groups) * P // 4), longs
 
 
-class _Plan:
+class _DecodeLayout:
     """Everything about decoding one group shape that does not depend on the bytes: the
     split of its buffer (codes per block, then the codebooks, scales, outlier columns and
     outlier values as float32 or int16 sections of its 4-aligned tail), and a function
@@ -341,8 +350,6 @@ class _Plan:
         indices (flat), then per block: its words or its padded bytes [rows, groups, P],
         its values [rows, cols], its outlier indices [rows, n], and on the shift path its
         codes [groups, per] and its values (flat))."""
-        from runtime.quant import take
-
         per, P = self.per, self.P
         groups = [r * -(-c // per) for r, c in self.shapes]
         total = sum(groups)
@@ -369,8 +376,8 @@ class _Plan:
 
 
 @lru_cache(maxsize=None)
-def _plan(shapes: Shapes, bits: int, share: float) -> _Plan:
-    return _Plan(shapes, bits, share)
+def _decode_layout(shapes: Shapes, bits: int, share: float) -> _DecodeLayout:
+    return _DecodeLayout(shapes, bits, share)
 
 
 def decode_into(outs: list[torch.Tensor], buf: torch.Tensor, shapes: Shapes, bits: int,
@@ -379,9 +386,9 @@ def decode_into(outs: list[torch.Tensor], buf: torch.Tensor, shapes: Shapes, bit
     into `outs`, one view per block of rows x cols elements whose last dimension is cols.
     The blocks' codes are looked up together (one table build and one lookup at 1/2/4
     bits), then each block is multiplied by its scales into its view and its outliers
-    scattered there. With `work` (a runtime.quant.DecodeWork sized by decode_work) nothing
+    scattered there. With `work` (a runtime.schemes.uniform.DecodeWork sized by decode_work) nothing
     is allocated but small per-shape constants and the workspace's views, each made once."""
-    plan = _plan(shapes if type(shapes) is tuple else tuple(shapes), bits, share)
+    plan = _decode_layout(shapes if type(shapes) is tuple else tuple(shapes), bits, share)
     if buf.numel() != plan.nbytes:
         raise ValueError(f"blocks {list(shapes)} at {bits} bits are {plan.nbytes} bytes, "
                          f"got {buf.numel()}")
@@ -446,3 +453,89 @@ def decode_block(raw: bytes | memoryview, rows: int, cols: int, bits: int,
     out = torch.empty(rows, cols)
     decode_into([out], buf, ((rows, cols),), bits, share)
     return out
+
+
+# The scheme codes these bitwidths by dictionary and leaves 6 and 8 bits to the uniform
+# scheme: there uniform is within 0.5 % of fp32's fidelity (0.995, 0.9997) while a
+# dictionary's outliers would add 4 % and 3 % to the bytes.
+DICT_BITS = (2, 3, 4, 5)
+LAYOUT = ("a variant's two blocks section by section: each block's codes [r, "
+          "ceil(c*bits/8)] (each section padded to 4 bytes), their codebooks [2^bits] "
+          "fp32, their row scales [r] fp32, each block's outlier columns [r, n] uint16 "
+          "(each section padded to 4 bytes), their outlier values [r, n] fp32, then "
+          "the bias; n = ceil(outlier_share * c)")
+
+
+@dataclass(frozen=True)
+class Dictionary(Scheme):
+    """`elasticplan shard --scheme dict`: 2/3/4/5 bits as a scaled codebook per block with
+    exact outliers (`share` of each row), codes rounded with error compensation on the
+    first tweets of the train split; 6 and 8 bits uniform."""
+
+    share: float = DEFAULT_OUTLIER_SHARE
+
+    name: ClassVar[str] = "dict"
+    bitwidths: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8, FP32)
+    index_key: ClassVar[str] = "dictionary"
+
+    def __post_init__(self):
+        if not (isinstance(self.share, float | int) and 0 <= self.share <= 0.5):
+            raise ValueError(f"the outlier share must be in [0, 0.5], got {self.share!r}")
+
+    def coder(self, bits: int) -> Scheme:
+        return self if bits in DICT_BITS else UNIFORM
+
+    def block_bytes(self, rows: int, cols: int, bits: int) -> int:
+        return block_bytes(rows, cols, bits, self.share)
+
+    def decode_work(self, blocks: Blocks, bits: int) -> tuple[int, ...]:
+        return decode_work(tuple(blocks), bits, self.share)
+
+    def encode_blocks(self, blocks: list[np.ndarray], bits: int,
+                      hessians: list[np.ndarray | None]) -> bytes:
+        return encode_blocks(blocks, bits, self.share, hessians)
+
+    def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
+                    bits: int, work: DecodeWork | None) -> None:
+        decode_into(outs, buf, blocks, bits, self.share, work)
+
+    @property
+    def needs_hessians(self) -> bool:
+        return True
+
+    def calibration_texts(self) -> list[str]:
+        from runtime.sources.task import load_splits
+
+        return list(load_splits().train.texts[:gptq.CALIBRATION_TEXTS])
+
+    def build_key(self, calibration: list[str]) -> dict[str, Any]:
+        import kmeans1d
+
+        return {"outlier_share": self.share, "layout": LAYOUT, "fit_rounds": FIT_ROUNDS,
+                "bits": list(DICT_BITS), "kmeans1d": kmeans1d.__version__,
+                "rounding": {"damp": gptq.DAMP, "texts": hashlib.sha256(
+                    "\n".join(calibration).encode()).hexdigest()}}
+
+    def index_entry(self, calibration: list[str]) -> dict[str, Any]:
+        return {"outlier_share": self.share, "layout": LAYOUT,
+                # (the text every dictionary store's index holds: a rebuild keeps it)
+                "rounding": f"error-compensated (runtime/gptq.py) on the first "
+                            f"{len(calibration)} tweets of the train split"}
+
+    @classmethod
+    def from_index(cls, f: "Fields") -> "Dictionary":
+        scheme = cls(f.number("outlier_share", minimum=0, maximum=0.5))
+        if f.string("layout") != LAYOUT:
+            raise f.err("layout", "not this version's dictionary layout (a store built by "
+                                  "another version: rebuild it with elasticplan shard)")
+        f.free_form("rounding", str)
+        f.done()
+        return scheme
+
+    @classmethod
+    def create(cls, *, outlier_share: float | None = None) -> "Dictionary":
+        if outlier_share is None:
+            return cls()
+        if not 0 <= outlier_share <= 0.5:  # (NaN too)
+            raise ValueError(f"--outlier-share {outlier_share}: must be in [0, 0.5]")
+        return cls(float(outlier_share))

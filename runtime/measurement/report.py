@@ -1,5 +1,5 @@
 """A run report: typed, frozen, with a JSON form (`to_dict`), read by attribute by the CLI,
-the formatters, the Gantt plot and the benchmarks. `runtime.measure.measure_plan` makes
+the formatters, the Gantt plot and the benchmarks. `runtime.measurement.measure.measure_plan` makes
 one per plan run."""
 
 from __future__ import annotations

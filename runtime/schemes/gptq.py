@@ -3,7 +3,7 @@
 is pushed onto the columns not yet rounded, weighted by how the block's inputs co-vary,
 so that the block's *output* on real activations stays close to fp32 rather than each
 weight on its own. The dictionary and the outliers are chosen as before
-(runtime/dictquant.py); only which centroid each weight takes, and the exact value an
+(runtime/schemes/dictionary.py); only which centroid each weight takes, and the exact value an
 outlier keeps, change. The stored layout and the decoder are the same.
 
 For a block W [rows, cols] whose inputs are X [tokens, cols] (cols = the block's input
@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 DAMP = 0.01  # added to H's diagonal: this share of its mean
-CALIBRATION_TEXTS = 512  # the first tweets of the train split (runtime/task.py)
+CALIBRATION_TEXTS = 512  # the first tweets of the train split (runtime/sources/task.py)
 
 
 def compensate(W: np.ndarray, H: np.ndarray, choose: Callable[[np.ndarray, int], np.ndarray],
@@ -62,12 +62,12 @@ def compensate(W: np.ndarray, H: np.ndarray, choose: Callable[[np.ndarray, int],
 
 def hessians(ref, texts: list[str], batch: int = 64) -> dict[tuple[int, str], np.ndarray]:
     """H = X^T X (float64) of every block's inputs, over the real tokens of `texts`, from
-    the fp32 model `ref` (runtime.checkpoint.ReferenceModel): keys (layer, "attn_in"),
+    the fp32 model `ref` (runtime.sources.checkpoint.ReferenceModel): keys (layer, "attn_in"),
     (layer, "ffn_in"), (layer, "head{h}"), (layer, "ffn{s}")."""
     import torch
     import torch.nn.functional as F
 
-    from runtime.model import hf_name, length_batches
+    from runtime.families.encoder import hf_name, length_batches
 
     c, T = ref.config, ref.tensors
     d, dh, f = c.hidden, c.d_head, c.ffn_slice

