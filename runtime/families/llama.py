@@ -40,7 +40,7 @@ padded positions are finite but meaningless.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 import numpy as np
@@ -73,7 +73,6 @@ class LlamaConfig:
     eos_id: int | None = None
     pad_id: int | None = None
     ffn_slice_count: int = 0
-    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab",

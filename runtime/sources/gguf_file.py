@@ -9,6 +9,8 @@ tokenizer (a `tokenizers.Tokenizer` built from the metadata) and its chat templa
     f.raw("model.layers.0.mlp.up_proj.weight")            # RawTensor: Q4_1 blocks per row
     f.tokenizer(); f.apply_chat_template([{"role": "user", "content": "Hi"}])
 
+Every tensor a llama of the metadata's shape needs must be there, and no other (a
+Llama-3.1 file's rope_freqs.weight, say, would change the rotary positions: refused).
 The header (metadata and tensor table) is parsed here, with a bound on every length
 against the bytes left, so that a truncated or malformed file is refused with one line
 that names the file and the key or tensor (`StoreError`, exit code 8; nothing is read past
@@ -371,7 +373,12 @@ class GGUFFile:
         expected = tensor_shapes(self.config)
         out: dict[str, TensorInfo] = {}
         c = self.config
-        for gname, hf in _gguf_names(c).items():
+        names = _gguf_names(c)
+        for tname in by_name:
+            if tname not in names:  # e.g. rope_freqs.weight (Llama 3.1's rotary factors)
+                raise StoreError(f"{self.path}: tensor {tname!r} is not part of a plain "
+                                 f"{c.layers}-layer llama (not supported)")
+        for gname, hf in names.items():
             if gname not in by_name:
                 raise StoreError(f"{self.path}: tensor {gname!r} is missing (the metadata "
                                  f"declare a {c.layers}-layer llama)")
