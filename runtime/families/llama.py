@@ -74,6 +74,10 @@ class LlamaConfig:
     pad_id: int | None = None
     ffn_slice_count: int = 0
 
+    @property
+    def family(self) -> str:
+        return FAMILY
+
     def __post_init__(self):
         for key in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab",
                     "context"):
@@ -367,10 +371,10 @@ class Decoder:
 
     def _attention(self, l: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    cos_k: torch.Tensor, sin_k: torch.Tensor, cols: slice,
-                   mask: torch.Tensor) -> torch.Tensor:
+                   mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, n, d] -> the attention output [B, n, d] of layer l's kept groups. Writes the
         new keys (rotated) and values into cache columns `cols` and attends over columns
-        [0, cols.stop); mask [B, 1, 1, n, cols.stop] True = may attend. cos/sin
+        [0, cols.stop); mask [B, 1, 1, n, cols.stop] True = may attend (None: all may). cos/sin
         [B, 1, 1, n, hd] rotate the queries [B, G, q_per_kv, n, hd], cos_k/sin_k
         [B, 1, n, hd] the keys [B, G, n, hd]."""
         c, w, cache = self.config, self.layers[l], self.cache
@@ -384,7 +388,9 @@ class Decoder:
         k = cache.k[l][:, :, :cols.stop]
         v = cache.v[l][:, :, :cols.stop]
         scores = torch.matmul(q.reshape(B, G, qk * n, hd), k.transpose(2, 3)).mul_(self.scale)
-        scores = scores.view(B, G, qk, n, -1).masked_fill_(~mask, float("-inf"))
+        scores = scores.view(B, G, qk, n, -1)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(B, G, qk * n, -1)
         ctx = torch.matmul(probs, v).view(B, G, qk, n, hd).permute(0, 3, 1, 2, 4)
         return torch.matmul(ctx.reshape(B * n, G * qk * hd), w.attn_out.t()).view(B, n, d)
@@ -399,7 +405,7 @@ class Decoder:
         return torch.matmul(act, w.ffn_out.t()).view(B, n, d)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, cols: slice,
-             mask: torch.Tensor) -> torch.Tensor:
+             mask: torch.Tensor | None) -> torch.Tensor:
         cos = self.cos[positions][:, None, None]  # [B, 1, 1, n, hd]
         sin = self.sin[positions][:, None, None]
         cos_k, sin_k = cos[:, :, 0], sin[:, :, 0]  # [B, 1, n, hd]
@@ -470,7 +476,9 @@ class Decoder:
         cache.mask[:, t] = True
         positions = cache.lengths.view(B, 1)
         x = self.r["embed"][token_ids.view(B, 1)]
-        x = self._run(x, positions, slice(t, t + 1), cache.mask[:, None, None, None, :t + 1])
+        # a batch without padding attends to every column: no mask to apply
+        mask = None if bool(cache.mask[:, :t + 1].all()) else cache.mask[:, None, None, None, :t + 1]
+        x = self._run(x, positions, slice(t, t + 1), mask)
         cache.used = t + 1
         cache.lengths = cache.lengths + 1
         return self.logits(x[:, 0])
@@ -504,3 +512,38 @@ class Decoder:
         shards = shards or {}
         layers = [LayerWeights.full(c, tensors, l, shards.get(l)) for l in range(c.layers)]
         return Decoder(c, load_resident(tensors, c), layers, context)
+
+
+class Llama:
+    """The llama family as the store and the registry (runtime.families) ask for it: its
+    config as a store index records it, its resident tensors, its shard cut and its
+    per-layer weights."""
+
+    name = FAMILY
+
+    def config_from_index(self, cf, model: str) -> LlamaConfig:
+        """`config` of a store index (checked; a refusal names the key)."""
+        dims = {k: cf.integer(k, minimum=1, maximum=1 << 24)
+                for k in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab",
+                          "context")}
+        ids = {k: cf.integer(k, minimum=0, maximum=1 << 24, required=False)
+               for k in ("bos_id", "eos_id", "pad_id")}
+        try:
+            return LlamaConfig(name=model, **dims, **ids,
+                               rope_base=cf.number("rope_base", positive=True),
+                               eps=cf.number("eps", positive=True, maximum=1.0),
+                               tied=cf.boolean("tied"),
+                               ffn_slice_count=cf.integer("ffn_slices", minimum=1,
+                                                          maximum=1 << 16))
+        except ValueError as e:
+            raise cf.err("layers", f"not a llama shape: {e}") from None
+
+    def resident_names(self, c: LlamaConfig) -> dict[str, str]:
+        return resident_names(c)
+
+    def cut_shard(self, tensors, c: LlamaConfig, layer: int, name: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        return cut_shard(tensors, c, layer, name)
+
+    def layer_weights(self, c: LlamaConfig, names: list[str]) -> LayerWeights:
+        return LayerWeights(c, names)
