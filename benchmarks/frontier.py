@@ -46,7 +46,7 @@ from elasticplan.errors import ElasticplanError
 from elasticplan.plans.baselines import HOLD_IN_MEMORY, LAYERWISE, baseline_plan
 from elasticplan.plans.report import optional
 from elasticplan.plans.verify import with_plan_question
-from elasticplan.problem.spec import Objective
+from elasticplan.problem.question import Objective
 from elasticplan.solvers import solve, solve_any_window
 from runtime.measurement.measure import measure_plan
 from runtime.profiling.submodel import TestSplit

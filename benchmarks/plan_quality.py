@@ -26,7 +26,8 @@ from benchmarks.solver_speed import instances
 from elasticplan.cli import number_list
 from elasticplan.errors import ElasticplanError
 from elasticplan.plans.report import optional
-from elasticplan.problem.spec import FULL_PRECISION_BITS, Objective
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import FULL_PRECISION_BITS
 from elasticplan.solvers import solve
 from runtime.profiling import additive
 from runtime.profiling.submodel import TestSplit

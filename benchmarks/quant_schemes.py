@@ -22,7 +22,6 @@ minilm-l6-dict.yaml, through problems/scenarios/minilm-phone*.yaml). Writes quan
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from benchmarks.common import EXACT, SCHEMES, out_path, start, time_alternated, write_csv
 from elasticplan.cli import number_list
@@ -97,9 +96,9 @@ def plans(scenario, profiles, splits, targets, buffers, gap, time_limit_s) -> li
         for buffer in buffers:
             budget = None
             for scheme in ("uniform", "dict"):
-                sc = dataclasses.replace(scenario, model=profiles[scheme],
-                                         target_latency_ms=target, preload_budget_mb=buffer,
-                                         memory_budget_mb=budget)
+                sc = scenario.with_overrides(model=profiles[scheme],
+                                             target_latency_ms=target, preload_budget_mb=buffer,
+                                             memory_budget_mb=budget)
                 plan = solve(sc, EXACT, time_limit_s=time_limit_s, relative_gap=gap)
                 peak = plan.memory.peak_bytes
                 if budget is None:

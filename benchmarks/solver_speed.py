@@ -30,7 +30,7 @@ from elasticplan.errors import ElasticplanError
 from elasticplan.plans.report import optional
 from elasticplan.plans.verify import verify_plan
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.spec import Objective
+from elasticplan.problem.question import Objective
 from elasticplan.solvers import solve
 from elasticplan.solvers.aggregated import highs
 from elasticplan.solvers.aggregated import program as aggregate

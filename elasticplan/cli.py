@@ -33,7 +33,7 @@ from elasticplan.plans.report import optional, plan_table
 from elasticplan.plans.verify import scenario_for, verify_plan, with_plan_question
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import refuse_inputs, write_csv
-from elasticplan.problem.spec import MAX_BUFFER_MB, MAX_LAYERS, MAX_MEMORY_MB, MAX_QUANTILE, MAX_TARGET_MS, Objective
+from elasticplan.problem.question import BOUNDS, PUBLIC_OBJECTIVES, Objective
 from elasticplan.solvers import (
     AUTO_WINDOW,
     BACKENDS,
@@ -81,37 +81,39 @@ def number_list(text: str) -> list[float]:
     return [round(start + i * step, 9) for i in range(n)]
 
 
-def _number(text: str, *, zero_ok: bool) -> float:
-    v = _float(text)
-    if not (v >= 0 if zero_ok else v > 0):
-        raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
-    return v
-
-
 def positive(text: str) -> float:
     """A finite number > 0 (an argparse type)."""
-    return _number(text, zero_ok=False)
-
-
-def non_negative(text: str) -> float:
-    """A finite number >= 0 (an argparse type)."""
-    return _number(text, zero_ok=True)
-
-
-def target_ms(text: str) -> float:
-    """A latency target in (0, MAX_TARGET_MS] ms (an argparse type)."""
-    v = positive(text)
-    if v > MAX_TARGET_MS:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_TARGET_MS:g} ms, got {text}")
+    v = _float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return v
 
 
-def buffer_mb(text: str) -> float:
-    """A buffer in [0, MAX_BUFFER_MB] MB (an argparse type)."""
-    v = non_negative(text)
-    if v > MAX_BUFFER_MB:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_BUFFER_MB:g} MB, got {text}")
-    return v
+def asked(field: str):
+    """An argparse type for a question field: a number (a whole one for integer fields) in
+    the field's range, checked by the question's one table (elasticplan.problem.question.
+    BOUNDS), with its message."""
+    bound = BOUNDS[field]
+
+    def parse(text: str):
+        if bound.integer:
+            try:
+                v = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        else:
+            v = _float(text)
+        why = bound.problem(v)
+        if why is not None:
+            raise argparse.ArgumentTypeError(why)
+        return v
+    return parse
+
+
+target_ms = asked("target_latency_ms")  # a latency target (an argparse type)
+buffer_mb = asked("preload_budget_mb")  # a preload buffer
+memory_mb = asked("memory_budget_mb")  # a memory budget
+quantile_arg = asked("latency_quantile")  # a latency quantile
 
 
 def whole(lo: int, hi: int):
@@ -203,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=window_arg, metavar="N|auto|unbounded",
                    help="override prefetch_window: layers IO may run ahead of compute; 'auto' "
                         "solves every window and keeps the best plan (ties: the least memory)")
-    s.add_argument("--objective", choices=[o.value for o in Objective if o != Objective.MIN_LATENCY],
+    s.add_argument("--objective", choices=[o.value for o in PUBLIC_OBJECTIVES],
                    help="override objective (min_buffer and min_memory need --floor)")
-    s.add_argument("--floor", type=non_negative, help="override importance_floor")
+    s.add_argument("--floor", type=asked("importance_floor"), help="override importance_floor")
     s.add_argument("--latency-quantile", type=quantile_arg, metavar="Q",
                    help="override latency_quantile: plan so that this quantile of the "
                         "latency meets the target (the device's measured spread; 0.5: the "
@@ -268,62 +270,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(target_ms, buffer_mb) -> dict:
-    out = {}
-    if target_ms is not None:
-        out["target_latency_ms"] = target_ms
-    if buffer_mb is not None:
-        out["preload_budget_mb"] = buffer_mb
-    return out
-
-
-def memory_mb(text: str) -> float:
-    """A memory budget in (0, MAX_MEMORY_MB] MB (an argparse type)."""
-    v = positive(text)
-    if v > MAX_MEMORY_MB:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_MEMORY_MB:g} MB, got {text}")
-    return v
-
-
-def quantile_arg(text: str) -> float:
-    """A latency quantile in [0.5, MAX_QUANTILE] (an argparse type)."""
-    v = positive(text)
-    if not 0.5 <= v <= MAX_QUANTILE:
-        raise argparse.ArgumentTypeError(f"must be in [0.5, {MAX_QUANTILE:g}], got {text}")
-    return v
-
-
 def window_arg(text: str):
-    """A prefetch window: a whole number of layers >= 1, 'auto' or 'unbounded'."""
-    if text in (AUTO_WINDOW, "unbounded"):
+    """A prefetch window: a whole number of layers in its range, 'auto' or 'unbounded'."""
+    if text in (AUTO_WINDOW, UNBOUNDED_WINDOW):
         return text
     try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if not 1 <= v <= MAX_LAYERS:
-        raise argparse.ArgumentTypeError(f"must be a whole number of layers in [1, "
-                                         f"{MAX_LAYERS}], 'auto' or 'unbounded', got {text!r}")
-    return v
+        return _window(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'auto' or 'unbounded'") from None
+
+
+_window = asked("prefetch_window")
+UNBOUNDED_WINDOW = "unbounded"
+# The solve command's question flags: argparse dest -> the question's field.
+QUESTION_FLAGS = {"target_ms": "target_latency_ms", "buffer_mb": "preload_budget_mb",
+                  "memory_mb": "memory_budget_mb", "objective": "objective",
+                  "floor": "importance_floor", "window": "prefetch_window",
+                  "latency_quantile": "latency_quantile"}
 
 
 def _question(scenario, a):
-    """The scenario with the solve command's overrides applied (validated again)."""
-    changes = _overrides(a.target_ms, a.buffer_mb)
-    if a.memory_mb is not None:
-        changes["memory_budget_mb"] = a.memory_mb
-    if a.objective is not None:
-        changes["objective"] = Objective(a.objective)
-        if changes["objective"] == Objective.MAX_IMPORTANCE:
+    """The scenario with the solve command's flags applied to its question (checked again):
+    --window unbounded asks for no window, auto for each in turn (solve_any_window), and
+    --objective max_importance drops the scenario's importance floor."""
+    changes = {field: getattr(a, dest) for dest, field in QUESTION_FLAGS.items()
+               if getattr(a, dest) is not None}
+    if "objective" in changes:
+        changes["objective"] = Objective(changes["objective"])
+        if changes["objective"] == Objective.MAX_IMPORTANCE and a.floor is None:
             changes["importance_floor"] = None
-    if a.floor is not None:
-        changes["importance_floor"] = a.floor
-    if a.window == "unbounded":
-        changes["prefetch_window"] = None
-    elif isinstance(a.window, int):
-        changes["prefetch_window"] = a.window
-    if a.latency_quantile is not None:
-        changes["latency_quantile"] = a.latency_quantile
+    if a.window in (AUTO_WINDOW, UNBOUNDED_WINDOW):
+        changes["prefetch_window"] = None if a.window == UNBOUNDED_WINDOW else \
+            scenario.prefetch_window
     return scenario.with_overrides(**changes)
 
 
@@ -484,7 +462,7 @@ def cmd_lookup(a) -> int:
     p = found.plan
     # The answer is a plan like any other: verified at the question asked, never trusted.
     verify_plan(base.with_overrides(target_latency_ms=a.target_ms, preload_budget_mb=a.buffer_mb,
-                                    min_shards_per_layer=p.scenario.min_shards_per_layer), p)
+                                    min_shards_per_layer=p.scenario.question.min_shards_per_layer), p)
     bound = "unknown (beyond the grid)" if found.bound is None else \
         f"{found.bound:.6g} (gap {found.gap:.1e})"
     print(f"{where}: importance {p.importance:.6g}, latency {p.predicted_latency_ms:.3f} ms, "

@@ -40,6 +40,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from elasticplan.problem.question import window_binds, window_span
 from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Shard
 
 
@@ -164,12 +165,10 @@ def embedding_read_ms(device: Device, model: ModelProfile) -> float:
 
 def window_peak(streamed: list[int], window: int | None) -> int:
     """Most streamed bytes of any W+1 consecutive layers (all of them when unbounded)."""
-    if window is None or window + 1 >= len(streamed):
-        return sum(streamed)
-    run = sum(streamed[:window + 1])
-    peak = run
-    for l in range(window + 1, len(streamed)):
-        run += streamed[l] - streamed[l - window - 1]
+    span = window_span(window, len(streamed))
+    run = peak = sum(streamed[:span])
+    for l in range(span, len(streamed)):
+        run += streamed[l] - streamed[l - span]
         peak = max(peak, run)
     return peak
 
@@ -208,7 +207,7 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
     start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
-    if execution == SEQUENTIAL and window is not None and window + 1 < len(io_ms):
+    if execution == SEQUENTIAL and window_binds(window, len(io_ms)):
         raise ValueError("sequential execution reads every layer first: it needs an unbounded "
                          "prefetch window")
     io, io_end = [], start_ms

@@ -50,17 +50,11 @@ import torch
 from elasticplan.costmodel import Pick, Selection, simulate
 from elasticplan.errors import CalibrationError
 from elasticplan.plans.plan import Plan, SolveStatus
+from elasticplan.problem.limits import MAX_GFLOPS, MAX_TARGET_MS
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
-from elasticplan.problem.spec import (
-    FULL_PRECISION_BITS,
-    MAX_GFLOPS,
-    MAX_TARGET_MS,
-    Device,
-    ModelProfile,
-    Scenario,
-    Spread,
-)
+from elasticplan.problem.question import Question
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Spread
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -235,8 +229,8 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     draft = Device(name="draft", bandwidth_mb_s=bandwidth_mb_s, latency_us=latency_us, gflops=1.0,
                    layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=memory_mb)
     draft_scenario = Scenario(name="calibration", device=draft, model=model,
-                              target_latency_ms=MAX_TARGET_MS, preload_budget_mb=0.0,
-                              min_shards_per_layer=0)
+                              question=Question(target_latency_ms=MAX_TARGET_MS,
+                                                preload_budget_mb=0.0, min_shards_per_layer=0))
     batch = queries[0]
     rng = np.random.default_rng(seed)
     samples, runs_of = [], []
@@ -455,8 +449,8 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
     if target_ms is None:
         # Default question: the latency of every shard at 8 bits, streamed, on this device:
         # tight enough that the plan must trade bitwidths, preloading and shards.
-        sc = Scenario(name="t", device=device, model=base.model, target_latency_ms=1.0,
-                      preload_budget_mb=0.0)
+        sc = Scenario(name="t", device=device, model=base.model,
+                      question=Question(target_latency_ms=1.0, preload_budget_mb=0.0))
         b8 = base.model.bit_index(8) if base.model.bit_index(8) is not None else 0
         sel = tuple(tuple(Pick(s, b8, False) for s in range(len(layer.shards)))
                     for layer in base.model.layers)

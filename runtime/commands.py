@@ -31,14 +31,10 @@ from elasticplan.errors import InvalidArgument, ToleranceError
 from elasticplan.plans.baselines import baseline_questions
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for, verify_plan
+from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import refuse_inputs, write_text
-from elasticplan.problem.spec import (
-    MAX_BANDWIDTH_MB_S,
-    MAX_LATENCY_US,
-    MIN_BANDWIDTH_MB_S,
-    ModelProfile,
-)
+from elasticplan.problem.spec import ModelProfile
 from runtime.schemes import DEFAULT_NAME, REGISTRY
 
 DEFAULT_STORE = "build/shards/minilm-l6"

@@ -7,7 +7,8 @@ import itertools
 from elasticplan.costmodel import Layout, Pick, simulate
 from elasticplan.errors import InfeasibleError
 from elasticplan.plans.verify import check
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers import solve
 
 

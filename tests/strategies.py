@@ -6,7 +6,8 @@ import dataclasses
 
 from hypothesis import strategies as st
 
-from elasticplan.problem.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from elasticplan.problem.question import Objective, Question
+from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
 
 BITS = (2, 3, 4, 8, 32)
 
@@ -75,8 +76,9 @@ def scenarios(draw, max_layers=2, max_shards=2, max_bits=2, min_shards=None,
     widest = min(len(layer.shards) for layer in model.layers)
     m = draw(st.integers(0, min(2, widest))) if min_shards is None else min(min_shards, widest)
     return Scenario(name="generated", device=draw(devices()), model=model,
-                    target_latency_ms=draw(_num(0.2, 60)), preload_budget_mb=draw(_num(0, 0.6)),
-                    min_shards_per_layer=m, objective=Objective.MAX_IMPORTANCE,
+                    question=Question(target_latency_ms=draw(_num(0.2, 60)),
+                                      preload_budget_mb=draw(_num(0, 0.6)),
+                                      min_shards_per_layer=m, objective=Objective.MAX_IMPORTANCE),
                     content_hash="generated")
 
 
@@ -101,4 +103,4 @@ def memory_scenarios(draw, max_layers=3, max_shards=2, max_bits=2, shared_costs=
         budget = (model.fixed_memory_bytes + model.embedding_table_bytes
                   + share * everything) / 1e6
         budget = float(f"{max(budget, model.fixed_memory_bytes / 1e6 + 1e-6):.6g}")
-    return dataclasses.replace(sc, model=model, prefetch_window=window, memory_budget_mb=budget)
+    return sc.with_overrides(model=model, prefetch_window=window, memory_budget_mb=budget)

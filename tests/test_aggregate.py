@@ -16,7 +16,7 @@ from elasticplan.costmodel import simulate
 from elasticplan.plans.verify import check
 from elasticplan.problem import archgen
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.spec import FLOOR_OBJECTIVES, Objective
+from elasticplan.problem.question import FLOOR_OBJECTIVES, Objective
 from elasticplan.solvers import solve
 from elasticplan.solvers.aggregated import highs
 from elasticplan.solvers.aggregated import program as aggregate

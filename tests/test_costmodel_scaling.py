@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from elasticplan.costmodel import Layout, Pick, read_ms, simulate
-from elasticplan.problem.spec import Device, Layer, ModelProfile, Objective, Scenario, Shard
+from elasticplan.problem.question import Objective, Question
+from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
 from elasticplan.solvers.plain import program as formulation
 from elasticplan.solvers.plain import scaling
 from tests import oracle
@@ -23,8 +24,8 @@ def _hand_scenario(min_shards=1):
                  dequant_gb_s=0.1, memory_mb=100)
     shard = Shard("a", "head", flops=2e6, bytes=(100_000, 400_000), importance=(0.5, 1.0))
     model = ModelProfile("m", 8, (8, 32), (Layer((shard,)), Layer((shard,))))
-    return Scenario("s", dev, model, target_latency_ms=100, preload_budget_mb=1,
-                    min_shards_per_layer=min_shards)
+    return Scenario("s", dev, model, Question(target_latency_ms=100, preload_budget_mb=1,
+                                              min_shards_per_layer=min_shards))
 
 
 def test_schedule_by_hand():
@@ -196,7 +197,7 @@ def test_embedding_and_pooling_bracket_the_layers():
     shard = Shard("a", "head", flops=2e6, bytes=(100_000, 400_000), importance=(0.5, 1.0))
     model = ModelProfile("m", 8, (8, 32), (Layer((shard,)), Layer((shard,))),
                          embedding_rows=10, embedding_row_bytes=100)
-    sc = Scenario("s", dev, model, target_latency_ms=100, preload_budget_mb=1.0)
+    sc = Scenario("s", dev, model, Question(target_latency_ms=100, preload_budget_mb=1.0))
     preloaded = ((Pick(0, 1, True),), (Pick(0, 1, True),))
     assert simulate(sc, preloaded).latency_ms == pytest.approx(0.3 + 2 * (0.5 + 2.0) + 0.2)
     streamed = simulate(sc, preloaded, layout=Layout(stream_embeddings=True))

@@ -204,7 +204,11 @@ def test_window_of_zero_is_refused(tmp_path, capsys):
                         .replace("../models", str(PROBLEMS / "models"))
                         + "prefetch_window: 0\n")
     assert main(["solve", str(scenario)]) == 2
-    assert "prefetch_window: must be >= 1, got 0" in capsys.readouterr().err
+    # the flag and the file say the same, from the question's one table of ranges
+    flag, file = capsys.readouterr().err.splitlines()[-2:]
+    words = "must be an integer in [1, 10000] layers (layers IO may run ahead of compute), got 0"
+    assert flag.endswith(f"argument --window: {words}; or 'auto' or 'unbounded'")
+    assert file.endswith(f"s.yaml: prefetch_window: {words}")
 
 
 def test_min_memory_is_explained_and_bounded(capsys):

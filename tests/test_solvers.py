@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from elasticplan.answers.explain import explain_failure
 from elasticplan.errors import InfeasibleError, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plans.verify import check
-from elasticplan.problem.spec import Objective
+from elasticplan.problem.question import Objective, Question
 from elasticplan.solvers import solve
 from tests import oracle
 from tests.strategies import memory_scenarios, scenarios
@@ -116,10 +116,10 @@ def test_a_deeper_window_can_cost_importance_under_a_memory_budget():
                          embedding_rows=50, embedding_row_bytes=4)
     device = Device(name="d", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
                     layer_overhead_ms=0.0, dequant_gb_s=1.0, memory_mb=1e4)
-    sc = Scenario(name="window", device=device, model=model, target_latency_ms=1.0,
-                  preload_budget_mb=0.0, min_shards_per_layer=0,
-                  objective=Objective.MAX_IMPORTANCE, content_hash="window",
-                  memory_budget_mb=0.000264, prefetch_window=1)
+    sc = Scenario(name="window", device=device, model=model, content_hash="window",
+                  question=Question(target_latency_ms=1.0, preload_budget_mb=0.0,
+                                    min_shards_per_layer=0, memory_budget_mb=0.000264,
+                                    prefetch_window=1))
     deeper = sc.with_overrides(prefetch_window=2)
     assert (oracle.best(sc), oracle.best(deeper)) == (2.0, 1.0)
     for solver in ("highs", "cpsat"):
@@ -276,9 +276,8 @@ def test_row_generation_adds_the_row_a_relaxed_plan_misses():
         layer(1_000, 1e5, (0.1, 0.2))))
     device = Device(name="d", bandwidth_mb_s=100, latency_us=10, gflops=100,
                     layer_overhead_ms=0.1, dequant_gb_s=2, memory_mb=1e4)
-    sc = Scenario(name="middle", device=device, model=model, target_latency_ms=15.0,
-                  preload_budget_mb=0.0, min_shards_per_layer=1,
-                  objective=Objective.MAX_IMPORTANCE, content_hash="middle")
+    sc = Scenario(name="middle", device=device, model=model, content_hash="middle",
+                  question=Question(target_latency_ms=15.0, preload_budget_mb=0.0))
     first = aggregate.first_relaxation(sc)
     assert first.paths == {_row(3, 0), _row(3, 2)}
     relaxed = highs.build(sc, first)
@@ -322,10 +321,9 @@ def test_the_embedding_and_pooling_rows_bind(window):
     device = Device(name="d", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
                     layer_overhead_ms=0.0, dequant_gb_s=None, memory_mb=1e4,
                     dequant_ns_per_weight=((8, 2.0),), embed_ms=5.0, pool_ms=1.0)
-    sc = Scenario(name="embed", device=device, model=model, target_latency_ms=8.5,
-                  preload_budget_mb=1.0, min_shards_per_layer=0,
-                  objective=Objective.MAX_IMPORTANCE, content_hash="embed",
-                  prefetch_window=window)
+    sc = Scenario(name="embed", device=device, model=model, content_hash="embed",
+                  question=Question(target_latency_ms=8.5, preload_budget_mb=1.0,
+                                    min_shards_per_layer=0, prefetch_window=window))
     assert oracle.best(sc) == pytest.approx(5.0)
     assert oracle.best(sc.with_overrides(device=dataclasses.replace(device, embed_ms=0.0))) \
         == pytest.approx(6.0)
@@ -370,7 +368,7 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
     path = tmp_path / "q.plan.json"
     plan.save(path)
     again = Plan.load(path)
-    assert again.scenario.latency_quantile == 0.95 and again == plan.relative_to(path)
+    assert again.scenario.question.latency_quantile == 0.95 and again == plan.relative_to(path)
     verify_plan(sc, again)
     with pytest.raises(VerificationError, match="quantile_latency_ms"):
         verify_plan(sc, dataclasses.replace(again, quantile_latency_ms=1.0))
@@ -383,5 +381,5 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
 
     for strategy in STRATEGIES:
         b = baseline_plan(sc, strategy)
-        assert b.scenario.target_latency_ms == pytest.approx(b.planned_latency_ms)
+        assert b.scenario.question.target_latency_ms == pytest.approx(b.planned_latency_ms)
         assert b.planned_latency_ms == b.quantile_latency_ms > b.predicted_latency_ms

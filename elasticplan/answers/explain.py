@@ -19,7 +19,8 @@ import time
 
 from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers import solve
 
 BACKEND = "highs"

@@ -36,7 +36,8 @@ from elasticplan.errors import ElasticplanError, InfeasibleError, NoPlanFoundErr
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.inputs import Fields, load_yaml, number
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.spec import MAX_BUFFER_MB, MAX_TARGET_MS, Objective, Scenario
+from elasticplan.problem.question import BOUNDS, Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers import BACKENDS, DEFAULT_RELATIVE_GAP, DEFAULT_SOLVER, check_options, solve
 
 SCHEMA = "elasticplan.fleet/1"
@@ -57,7 +58,9 @@ class Options:
 
 
 @dataclass(frozen=True)
-class Question:
+class FleetQuestion:
+    """One point of a fleet's grid of questions."""
+
     target_ms: float
     buffer_mb: float
     floor_fraction: float | None  # min_buffer: the floor as a share of the model's full importance
@@ -71,7 +74,7 @@ class Fleet:
     models: tuple[str, ...]
     objective: Objective
     min_shards_per_layer: int
-    questions: tuple[Question, ...]
+    questions: tuple[FleetQuestion, ...]
     options: Options
     retries: int
 
@@ -87,10 +90,8 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
     devices = _paths(f, "devices", base)
     models = _paths(f, "models", base)
     q = f.mapping("questions", "{targets_ms, buffers_mb, objective, ...}")
-    targets = [number(v, file, f"questions.targets_ms[{i}]", positive=True, maximum=MAX_TARGET_MS)
-               for i, v in enumerate(q.sequence("targets_ms"))]
-    buffers = [number(v, file, f"questions.buffers_mb[{i}]", minimum=0, maximum=MAX_BUFFER_MB)
-               for i, v in enumerate(q.sequence("buffers_mb"))]
+    targets = _asked(q, "targets_ms", "target_latency_ms")
+    buffers = _asked(q, "buffers_mb", "preload_budget_mb")
     objective = q.string("objective", required=False) or Objective.MAX_IMPORTANCE.value
     if objective not in (Objective.MAX_IMPORTANCE.value, Objective.MIN_BUFFER.value):
         raise q.err("objective", f"must be max_importance or min_buffer, got {objective!r}")
@@ -116,7 +117,7 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
     retries = _or(f.integer("retries", minimum=0, maximum=10, required=False), DEFAULT_RETRIES)
     f.free_form("description", str)
     f.done()
-    questions = tuple(Question(t, b, fl) for t in sorted(set(targets)) for b in sorted(set(buffers))
+    questions = tuple(FleetQuestion(t, b, fl) for t in sorted(set(targets)) for b in sorted(set(buffers))
                       for fl in floors)
     n = len(devices) * len(models) * len(questions)
     if n > MAX_TASKS:
@@ -128,6 +129,18 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
 
 def _or(value, default):
     return default if value is None else value
+
+
+def _asked(q: Fields, key: str, field: str) -> list[float]:
+    """A list of values of a question's field, each in the field's range (the question's
+    one table, elasticplan.problem.question.BOUNDS)."""
+    out = []
+    for i, v in enumerate(q.sequence(key)):
+        why = BOUNDS[field].problem(v)
+        if why is not None:
+            raise q.err(f"{key}[{i}]", why)
+        out.append(float(v))
+    return out
 
 
 def _paths(f: Fields, key: str, base: Path) -> tuple[str, ...]:
@@ -158,7 +171,7 @@ class Bundle:
 class Task:
     key: str
     pair: str
-    question: Question
+    question: FleetQuestion
     attempt: int = 1
 
 
@@ -171,7 +184,7 @@ def pair_scenario(fleet: Fleet, device: str, model: str) -> dict:
             "preload_budget_mb": 0.0, "min_shards_per_layer": fleet.min_shards_per_layer}
 
 
-def task_key(content_hash: str, q: Question, objective: Objective, options: Options) -> str:
+def task_key(content_hash: str, q: FleetQuestion, objective: Objective, options: Options) -> str:
     text = json.dumps({"scenario": content_hash, "question": asdict(q),
                        "objective": objective.value, "options": asdict(options)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -42,7 +42,7 @@ from elasticplan.plans.plan import Plan
 from elasticplan.problem.inputs import load_json
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import save_figure, write_bytes, write_csv, write_text
-from elasticplan.problem.spec import Objective
+from elasticplan.problem.question import Objective
 
 COLUMNS = ["key", "device", "model", "target_ms", "buffer_mb", "objective", "floor_fraction",
            "solver", "gap_asked", "status", "explanation", "objective_value", "importance",

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, PlanFormatError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, gap_to_bound, read_json
 from elasticplan.problem.inputs import Fields, fail, number, show
+from elasticplan.problem.limits import bytes_of_mb
 from elasticplan.problem.outputs import write_text
-from elasticplan.problem.spec import Objective, Scenario, bytes_of_mb
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers import solve as solve_one
 
 SCHEMA = "elasticplan.table/1"

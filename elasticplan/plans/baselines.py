@@ -20,7 +20,8 @@ from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, at_quanti
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.plans.verify import verify_plan, with_plan_question
-from elasticplan.problem.spec import FULL_PRECISION_BITS, Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import FULL_PRECISION_BITS, Scenario
 
 HOLD_IN_MEMORY = "hold-in-memory"
 LOAD_THEN_EXECUTE = "load-then-execute"

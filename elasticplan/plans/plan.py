@@ -25,19 +25,17 @@ from elasticplan.costmodel import (
 )
 from elasticplan.errors import PlanFormatError
 from elasticplan.problem.inputs import Fields, load_json, show
-from elasticplan.problem.outputs import write_text
-from elasticplan.problem.spec import (
-    MAX_BUFFER_MB,
+from elasticplan.problem.limits import (
     MAX_LAYERS,
-    MAX_MEMORY_MB,
-    MAX_QUANTILE,
     MAX_SHARDS_PER_LAYER,
-    MAX_TARGET_MS,
-    Objective,
-    Scenario,
 )
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.question import Objective, Question
+from elasticplan.problem.spec import Scenario
 
 SCHEMA = "elasticplan.plan/1"
+# The question's keys every plan records (the others came later, and read as their defaults).
+PLAN_REQUIRES = ("target_latency_ms", "preload_budget_mb", "min_shards_per_layer", "objective")
 
 
 class SolveStatus(str, enum.Enum):
@@ -64,21 +62,21 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class ScenarioRef:
-    """Which question the plan answers: enough to reload and re-check it."""
+    """Which question the plan answers: the scenario it was asked of (enough to reload and
+    re-check it) and the question itself. Its JSON form is one mapping, the scenario's
+    keys and then the question's (Question.to_dict); plans recorded before memory or
+    quantiles were planned lack the later keys, which read as their defaults."""
 
     path: str | None
     sha256: str
     name: str
     model: str
     device: str
-    target_latency_ms: float
-    preload_budget_mb: float
-    min_shards_per_layer: int
-    objective: str
-    importance_floor: float | None
-    memory_budget_mb: float | None = None  # absent in plans recorded before memory was planned
-    prefetch_window: int | None = None
-    latency_quantile: float = 0.5  # absent in plans recorded before quantiles were planned
+    question: Question
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "name": self.name,
+                "model": self.model, "device": self.device, **self.question.to_dict()}
 
 
 EMBEDDINGS = ("resident", "streamed")  # where the token-embedding table lives
@@ -147,15 +145,9 @@ class Plan:
                       compute_start_ms=t.compute_start_ms, compute_end_ms=t.compute_end_ms)
             for li, (picks, t) in enumerate(zip(selection, schedule.layers)))
         objective = objective_value(scenario.objective, schedule)
-        ref = ScenarioRef(
-            path=scenario.source, sha256=scenario.content_hash, name=scenario.name,
-            model=model.name, device=scenario.device.name,
-            target_latency_ms=scenario.target_latency_ms,
-            preload_budget_mb=scenario.preload_budget_mb,
-            min_shards_per_layer=scenario.min_shards_per_layer,
-            objective=scenario.objective.value, importance_floor=scenario.importance_floor,
-            memory_budget_mb=scenario.memory_budget_mb, prefetch_window=scenario.prefetch_window,
-            latency_quantile=scenario.latency_quantile)
+        ref = ScenarioRef(path=scenario.source, sha256=scenario.content_hash,
+                          name=scenario.name, model=model.name, device=scenario.device.name,
+                          question=scenario.question)
         quantile = at_quantile(scenario)
         return Plan(scenario=ref, solver=solver, status=status, gap=gap,
                     solve_seconds=solve_seconds, objective=objective,
@@ -188,6 +180,7 @@ class Plan:
 
     def to_json(self, plan_path: str | os.PathLike | None = None) -> str:
         data = asdict(self)
+        data["scenario"] = self.scenario.to_dict()
         data["status"] = self.status.value
         if self.memory is not None:
             data["memory"] = self.memory.to_dict()
@@ -222,22 +215,11 @@ class Plan:
         if schema != SCHEMA:
             raise f.err("schema", f"expected {SCHEMA!r}, got {show(schema)}")
         q = f.mapping("scenario", "the question the plan answers")
-        ref = ScenarioRef(
-            path=q.string("path", required=False), sha256=q.string("sha256"),
-            name=q.string("name"), model=q.string("model"), device=q.string("device"),
-            target_latency_ms=q.number("target_latency_ms", positive=True,
-                                       maximum=MAX_TARGET_MS),
-            preload_budget_mb=q.number("preload_budget_mb", minimum=0, maximum=MAX_BUFFER_MB),
-            min_shards_per_layer=q.integer("min_shards_per_layer", minimum=0,
-                                           maximum=MAX_SHARDS_PER_LAYER),
-            objective=_choice(q, "objective", [o.value for o in Objective]),
-            importance_floor=q.number("importance_floor", minimum=0, required=False),
-            memory_budget_mb=q.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB,
-                                      required=False),
-            prefetch_window=q.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS,
-                                      required=False),
-            latency_quantile=q.number("latency_quantile", minimum=0.5, maximum=MAX_QUANTILE,
-                                      required=False) or 0.5)
+        ref = ScenarioRef(path=q.string("path", required=False), sha256=q.string("sha256"),
+                          name=q.string("name"), model=q.string("model"),
+                          device=q.string("device"),
+                          question=Question.read(q, objectives=tuple(Objective),
+                                                 required=PLAN_REQUIRES))
         q.done()
         solver = f.string("solver")
         status = SolveStatus(_choice(f, "status", [s.value for s in SolveStatus]))

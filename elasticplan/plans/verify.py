@@ -7,6 +7,7 @@ the solver's variables) and checks every constraint and every predicted figure.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -14,7 +15,8 @@ from elasticplan.costmodel import SEQUENTIAL, Schedule, at_quantile, simulate
 from elasticplan.errors import PlanFormatError, VerificationError
 from elasticplan.plans.plan import SCHEMA, Plan, objective_value
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective, window_binds
+from elasticplan.problem.spec import Scenario
 
 # Floating-point slack for re-summing the same numbers in another order; nothing else.
 TIME_TOL_MS = 1e-9
@@ -58,8 +60,7 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
                 not lp.shards and scenario.min_shards_per_layer > 0:
             bad.append(f"layer {li}: {len(lp.shards)} shards, fewer than min_shards_per_layer "
                        f"{scenario.min_shards_per_layer}")
-    if plan.window is not None and plan.execution == SEQUENTIAL and \
-            plan.window + 1 < len(plan.layers):
+    if plan.execution == SEQUENTIAL and window_binds(plan.window, len(plan.layers)):
         bad.append(f"window {plan.window}: sequential execution needs an unbounded window")
     if scenario.prefetch_window is not None and plan.window != scenario.prefetch_window:
         bad.append(f"window {plan.window} is not the scenario's prefetch_window "
@@ -117,12 +118,9 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
             if claimed != actual:
                 bad.append(f"memory.{field} {claimed} != {actual} predicted for the chosen "
                            f"shards and layout")
-    try:
-        expected_objective = objective_value(Objective(ref.objective), s)
-    except ValueError:
-        expected_objective = None
-    if expected_objective is None or not _close(plan.objective, expected_objective, 1e-12):
-        bad.append(f"objective {plan.objective:.9g} does not match its {ref.objective} value")
+    objective = ref.question.objective
+    if not _close(plan.objective, objective_value(objective, s), 1e-12):
+        bad.append(f"objective {plan.objective:.9g} does not match its {objective.value} value")
     return bad, s
 
 
@@ -143,17 +141,7 @@ def scenario_for(plan: Plan, scenario_path: str | os.PathLike | None = None) -> 
 
 
 def with_plan_question(base: Scenario, plan: Plan) -> Scenario:
-    """The scenario with the question the plan recorded (target, budget, objective...)
-    applied: e.g. a baseline plan's own target and buffer."""
-    ref = plan.scenario
-    try:
-        objective = Objective(ref.objective)
-    except ValueError:
-        raise PlanFormatError(f"plan objective {ref.objective!r} is not known") from None
-    return base.with_overrides(target_latency_ms=ref.target_latency_ms,
-                               preload_budget_mb=ref.preload_budget_mb,
-                               min_shards_per_layer=ref.min_shards_per_layer,
-                               objective=objective, importance_floor=ref.importance_floor,
-                               memory_budget_mb=ref.memory_budget_mb,
-                               prefetch_window=ref.prefetch_window,
-                               latency_quantile=ref.latency_quantile)
+    """The scenario with the question the plan recorded (target, budget, objective...):
+    e.g. a baseline plan's own target and buffer. Checked against the scenario's device
+    and model again (SpecError)."""
+    return dataclasses.replace(base, question=plan.scenario.question)

@@ -18,11 +18,8 @@ import yaml
 
 from elasticplan.errors import SpecError
 from elasticplan.problem.inputs import Fields, integer, load_yaml, number, show
-from elasticplan.problem.outputs import write_text
-from elasticplan.problem.spec import (
-    FULL_PRECISION_BITS,
+from elasticplan.problem.limits import (
     MAX_BANDWIDTH_MB_S,
-    MAX_BUFFER_MB,
     MAX_DEQUANT_GB_S,
     MAX_FLOPS,
     MAX_GFLOPS,
@@ -32,25 +29,27 @@ from elasticplan.problem.spec import (
     MAX_MEMORY_MB,
     MAX_NS_PER_WEIGHT,
     MAX_OVERHEAD_MS,
-    MAX_QUANTILE,
     MAX_SEQ_LEN,
     MAX_SHARD_BYTES,
     MAX_SHARDS_PER_LAYER,
     MAX_SPREAD,
-    MAX_TARGET_MS,
     MAX_VARIANTS,
     MIN_BANDWIDTH_MB_S,
     MIN_DEQUANT_GB_S,
     MIN_GFLOPS,
+    bytes_of_mb,
+)
+from elasticplan.problem.outputs import write_text
+from elasticplan.problem.question import Question
+from elasticplan.problem.spec import (
+    FULL_PRECISION_BITS,
     QUANT_SCHEMES,
     Device,
     Layer,
     ModelProfile,
-    Objective,
     Scenario,
     Shard,
     Spread,
-    bytes_of_mb,
 )
 
 
@@ -258,33 +257,16 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     device, device_raw, device_file = _load_part(f, "device", base, parse_device)
     model, model_raw, model_file = _load_part(f, "model", base, parse_model)
     name = f.string("name", required=False) or Path(path).stem
-    target = f.number("target_latency_ms", positive=True, maximum=MAX_TARGET_MS)
-    budget = f.number("preload_budget_mb", minimum=0, maximum=MAX_BUFFER_MB)
-    min_shards = f.integer("min_shards_per_layer", minimum=0, maximum=MAX_SHARDS_PER_LAYER,
-                           required=False)
-    objective_raw = f.string("objective", required=False) or Objective.MAX_IMPORTANCE.value
-    public = (Objective.MAX_IMPORTANCE.value, Objective.MIN_BUFFER.value,
-              Objective.MIN_MEMORY.value)
-    if objective_raw not in public:
-        raise f.err("objective", f"must be one of {', '.join(public)}, got {objective_raw!r}")
-    floor = f.number("importance_floor", minimum=0, maximum=MAX_IMPORTANCE * MAX_VARIANTS,
-                     required=False)
-    memory = f.number("memory_budget_mb", positive=True, maximum=MAX_MEMORY_MB, required=False)
-    window = f.integer("prefetch_window", minimum=1, maximum=MAX_LAYERS, required=False)
-    quantile = f.number("latency_quantile", minimum=0.5, maximum=MAX_QUANTILE, required=False)
+    question = Question.read(f)
     f.free_form("description", str)
     f.done()
     scenario_raw = {k: v for k, v in data.items() if k not in ("device", "model")}
     digest = hashlib.sha256(json.dumps(
         {"device": device_raw, "model": model_raw, "scenario": scenario_raw},
         sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-    return Scenario(
-        name=name, device=device, model=model, target_latency_ms=target,
-        preload_budget_mb=budget, min_shards_per_layer=1 if min_shards is None else min_shards,
-        objective=Objective(objective_raw), importance_floor=floor, source=file,
-        memory_budget_mb=memory, prefetch_window=window,
-        latency_quantile=0.5 if quantile is None else quantile, content_hash=digest,
-        files=tuple(p for p in (file, device_file, model_file) if p))
+    return Scenario(name=name, device=device, model=model, question=question, source=file,
+                    content_hash=digest,
+                    files=tuple(p for p in (file, device_file, model_file) if p))
 
 
 def _load_part(f: Fields, key: str, base: Path, parse):

@@ -8,48 +8,13 @@ MB = 10**6 bytes, GB/s = 10**9 bytes per second, GFLOP/s = 10**9 flop/s.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
 from dataclasses import dataclass
 
 from elasticplan.errors import SpecError
+from elasticplan.problem.limits import bytes_of_mb
+from elasticplan.problem.question import READ_THROUGH, Question
 
 FULL_PRECISION_BITS = 32
-
-# Physical ranges (docs/formats.md, "Limits and ranges"): values outside them are refused
-# at load, so that no solver ever sees a number it would misread.
-MIN_BANDWIDTH_MB_S = 1e-3  # 1 KB/s: slower overflows no time, but is no storage
-MAX_BANDWIDTH_MB_S = 1e6  # 1 TB/s
-MAX_LATENCY_US = 1e6  # one second per read request
-MIN_GFLOPS = 1e-3
-MAX_GFLOPS = 1e7  # 10 PFLOP/s
-MAX_OVERHEAD_MS = 1e4
-MIN_DEQUANT_GB_S = 1e-6
-MAX_DEQUANT_GB_S = 1e4
-MAX_NS_PER_WEIGHT = 1e6  # a millisecond per weight
-MAX_QUANTILE = 0.999
-MAX_SPREAD = 1.0  # a stage's relative spread (rms of log measured / predicted)
-MAX_MEMORY_MB = 1e9  # 1 PB
-MAX_SEQ_LEN = 1 << 20
-MAX_LAYERS = 10_000
-MAX_SHARDS_PER_LAYER = 10_000
-MAX_VARIANTS = 500_000  # layers x shards x bitwidths: what the planner is sized for (docs)
-MAX_FLOPS = 1e18
-MAX_SHARD_BYTES = 1 << 40  # 1 TiB
-MAX_IMPORTANCE = 1e6
-MAX_TARGET_MS = 1e7
-MAX_BUFFER_MB = MAX_MEMORY_MB
-
-
-class Objective(str, enum.Enum):
-    MAX_IMPORTANCE = "max_importance"  # given the buffer budget, maximise importance
-    MIN_BUFFER = "min_buffer"  # given an importance floor, minimise preloaded bytes
-    MIN_MEMORY = "min_memory"  # given an importance floor, minimise the predicted peak memory
-    MIN_LATENCY = "min_latency"  # internal: fastest schedule, used to explain infeasibility
-
-
-FLOOR_OBJECTIVES = (Objective.MIN_BUFFER, Objective.MIN_MEMORY)  # they need an importance floor
-
 
 QUANT_SCHEMES = ("uniform", "dict")  # how shards below 32 bits are stored (runtime/store.py)
 
@@ -173,93 +138,63 @@ class ModelProfile:
         return self.resident_bytes + self.activation_bytes + self.scratch_bytes + table
 
 
-def bytes_of_mb(mb: float) -> int:
-    """Whole bytes in `mb` MB (10**6 bytes each), robust to the float's last digit."""
-    return int(mb * 1e6 + 1e-6)
-
-
 @dataclass(frozen=True)
 class Scenario:
-    """A device + a model + the planning question. `content_hash` covers the
-    device, model and scenario contents as loaded (not the file bytes), so a
-    plan can detect that its inputs changed. Construction validates the fields that
-    relate to each other (SpecError naming `source` and the key), so every way of
-    building one -- the loader, `with_overrides`, a test -- is checked alike."""
+    """A device + a model + the question asked of them (elasticplan.problem.question).
+    `content_hash` covers the device, model and scenario contents as loaded (not the file
+    bytes), so a plan can detect that its inputs changed. The question checks its own
+    fields; construction checks how the question relates to the device and the model
+    (SpecError naming `source` and the key), so every way of building one -- the loader,
+    `with_overrides`, a test -- is checked alike. The question's fields read through:
+    `scenario.target_latency_ms` is `scenario.question.target_latency_ms`."""
 
     name: str
     device: Device
     model: ModelProfile
-    target_latency_ms: float
-    preload_budget_mb: float
-    min_shards_per_layer: int = 1
-    objective: Objective = Objective.MAX_IMPORTANCE
-    importance_floor: float | None = None
+    question: Question
     source: str | None = None  # path of the scenario file, if loaded from one
     content_hash: str = ""
     files: tuple[str, ...] = ()  # every file it was loaded from (no command may write onto them)
-    memory_budget_mb: float | None = None  # bound on the predicted peak memory (None: none)
-    prefetch_window: int | None = None  # layers IO may run ahead of compute (None: unbounded)
-    latency_quantile: float = 0.5  # the quantile of the latency that must meet the target
+
+    def __getattr__(self, name: str):
+        # Only for the question's names (READ_THROUGH); anything else is a plain miss.
+        # (Looked up only when normal lookup fails, so the dataclass fields are unaffected.)
+        if name in READ_THROUGH:
+            return getattr(self.question, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self) -> None:
         file = self.source
-        if not (_finite(self.target_latency_ms) and 0 < self.target_latency_ms <= MAX_TARGET_MS):
-            raise SpecError(file, "target_latency_ms", f"must be a number in (0, "
-                            f"{MAX_TARGET_MS:g}], got {self.target_latency_ms!r}")
-        if not (_finite(self.preload_budget_mb) and 0 <= self.preload_budget_mb <= MAX_BUFFER_MB):
-            raise SpecError(file, "preload_budget_mb", f"must be a number in [0, "
-                            f"{MAX_BUFFER_MB:g}], got {self.preload_budget_mb!r}")
-        if isinstance(self.min_shards_per_layer, bool) or \
-                not isinstance(self.min_shards_per_layer, int) or self.min_shards_per_layer < 0:
-            raise SpecError(file, "min_shards_per_layer",
-                            f"must be an integer >= 0, got {self.min_shards_per_layer!r}")
-        if not isinstance(self.objective, Objective):
-            raise SpecError(file, "objective", f"must be an Objective, got {self.objective!r}")
-        if self.importance_floor is not None and not (
-                _finite(self.importance_floor) and self.importance_floor >= 0):
-            raise SpecError(file, "importance_floor",
-                            f"must be a finite number >= 0, got {self.importance_floor!r}")
-        if self.prefetch_window is not None and (
-                isinstance(self.prefetch_window, bool) or not isinstance(self.prefetch_window, int)
-                or not 1 <= self.prefetch_window <= MAX_LAYERS):
-            raise SpecError(file, "prefetch_window", f"must be an integer in [1, {MAX_LAYERS}] "
-                            f"(layers IO may run ahead of compute) or absent for unbounded, got "
-                            f"{self.prefetch_window!r}")
-        q = self.latency_quantile
-        if not (_finite(q) and 0.5 <= q <= MAX_QUANTILE):
-            raise SpecError(file, "latency_quantile", f"must be a number in [0.5, "
-                            f"{MAX_QUANTILE:g}] (0.5: the median run meets the target), "
-                            f"got {q!r}")
-        if q > 0.5 and self.device.spread is None:
+        if not isinstance(self.question, Question):
+            raise SpecError(file, "", f"the question must be a Question, got {self.question!r}")
+        q = self.question
+        if q.latency_quantile > 0.5 and self.device.spread is None:
             raise SpecError(file, "latency_quantile",
-                            f"{q:g} needs the run-to-run spread of device "
+                            f"{q.latency_quantile:g} needs the run-to-run spread of device "
                             f"{self.device.name!r}, which its file does not give (`spread`: "
                             f"measure it with `elasticplan calibrate`), or latency_quantile 0.5")
-        if self.memory_budget_mb is not None:
-            if not (_finite(self.memory_budget_mb) and 0 < self.memory_budget_mb <= MAX_MEMORY_MB):
-                raise SpecError(file, "memory_budget_mb", f"must be a number in (0, "
-                                f"{MAX_MEMORY_MB:g}], got {self.memory_budget_mb!r}")
-            if self.memory_budget_mb > self.device.memory_mb:
+        if q.memory_budget_mb is not None:
+            if q.memory_budget_mb > self.device.memory_mb:
                 raise SpecError(file, "memory_budget_mb",
-                                f"{self.memory_budget_mb:g} MB exceeds the device's memory_mb "
+                                f"{q.memory_budget_mb:g} MB exceeds the device's memory_mb "
                                 f"{self.device.memory_mb:g}")
             fixed = self.model.fixed_memory_bytes
-            if self.memory_budget_bytes < fixed:
+            if q.memory_budget_bytes < fixed:
                 raise SpecError(file, "memory_budget_mb",
-                                f"{self.memory_budget_mb:g} MB is below what every plan of model "
+                                f"{q.memory_budget_mb:g} MB is below what every plan of model "
                                 f"{self.model.name!r} holds: {fixed / 1e6:.6g} MB (resident "
                                 f"weights, activations, compute scratch and the embedding "
                                 f"rows)")
         cap_mb = self.memory_cap_bytes / 1e6
-        if self.preload_budget_bytes > self.memory_cap_bytes:
+        if q.preload_budget_bytes > self.memory_cap_bytes:
             raise SpecError(file, "preload_budget_mb",
-                            f"{self.preload_budget_mb:g} MB does not fit in the device's memory_mb "
+                            f"{q.preload_budget_mb:g} MB does not fit in the device's memory_mb "
                             f"{self.device.memory_mb:g} less the model's resident_bytes "
                             f"{self.model.resident_bytes / 1e6:g} MB ({cap_mb:g} MB left)")
         for li, layer in enumerate(self.model.layers):
-            if self.min_shards_per_layer > len(layer.shards):
+            if q.min_shards_per_layer > len(layer.shards):
                 raise SpecError(file, "min_shards_per_layer",
-                                f"{self.min_shards_per_layer} exceeds the {len(layer.shards)} "
+                                f"{q.min_shards_per_layer} exceeds the {len(layer.shards)} "
                                 f"shards of layer {li} of model {self.model.name!r}")
         if self.device.dequant_ns_per_weight:
             # A per-weight dequantisation term must cover every quantised bitwidth and know
@@ -279,26 +214,6 @@ class Scenario:
                                         f"model {self.model.name!r} does not give its shards' "
                                         f"weights, which device {self.device.name!r}'s "
                                         f"dequant_ns_per_weight needs (regenerate the profile)")
-        if self.objective in FLOOR_OBJECTIVES and self.importance_floor is None:
-            raise SpecError(file, "importance_floor",
-                            f"objective {self.objective.value} needs an importance_floor")
-        if self.objective == Objective.MAX_IMPORTANCE and self.importance_floor is not None:
-            raise SpecError(file, "importance_floor", "only used with objectives min_buffer and "
-                            "min_memory (remove it, or set objective)")
-
-    @property
-    def preload_budget_bytes(self) -> int:
-        return bytes_of_mb(self.preload_budget_mb)
-
-    @property
-    def memory_budget_bytes(self) -> int | None:
-        return None if self.memory_budget_mb is None else bytes_of_mb(self.memory_budget_mb)
-
-    @property
-    def memory_bounded(self) -> bool:
-        """Does the question constrain or minimise the peak memory (so the program carries
-        memory rows and may stream the embedding table)?"""
-        return self.memory_budget_mb is not None or self.objective == Objective.MIN_MEMORY
 
     @property
     def memory_cap_bytes(self) -> int:
@@ -306,9 +221,14 @@ class Scenario:
         return max(0, bytes_of_mb(self.device.memory_mb) - self.model.resident_bytes)
 
     def with_overrides(self, **changes) -> "Scenario":
-        """Same inputs, another question (target, budget, objective, floor). Validated again."""
-        return dataclasses.replace(self, **changes)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        """Same inputs, another question: the question's fields (target, budget, objective,
+        floor...) and the scenario's own (device, model...) may be changed; checked again,
+        errors naming the scenario's file."""
+        asked = {k: changes.pop(k) for k in list(changes) if k in READ_THROUGH}
+        question = self.question
+        if asked:
+            try:
+                question = question.replace(**asked)
+            except SpecError as e:
+                raise SpecError(self.source, e.key_path, e.message) from None
+        return dataclasses.replace(self, question=question, **changes)

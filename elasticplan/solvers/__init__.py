@@ -17,7 +17,8 @@ from elasticplan.costmodel import at_quantile
 from elasticplan.errors import InfeasibleError, InvalidArgument, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import verify_plan
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated.highs import solve_highs
 from elasticplan.solvers.greedy import solve_greedy
 from elasticplan.solvers.plain.cbc import solve_cbc

@@ -44,7 +44,8 @@ from elasticplan.costmodel import (
 )
 from elasticplan.errors import InvalidArgument, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 
 NAME = "greedy"
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated import program as aggregate
 from elasticplan.solvers.aggregated.highs_model import loaded, solve_mip
 from elasticplan.solvers.margins import float_margins

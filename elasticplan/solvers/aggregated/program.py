@@ -71,7 +71,8 @@ from elasticplan.costmodel import (
     shard_compute_ms,
     simulate,
 )
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective, window_binds, window_span
+from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated.highs_model import new_highs, pass_model
 from elasticplan.solvers.margins import EXACT, Margins
 
@@ -156,7 +157,7 @@ def relaxable(scenario: Scenario) -> bool:
     min_latency (its plan presses every latency row at once: Llama-2-70B took four rounds,
     3.9 s, against the whole program's 0.45 s)."""
     window, L = scenario.prefetch_window, len(scenario.model.layers)
-    return scenario.min_shards_per_layer > 0 and (window is None or window + 1 >= L) and \
+    return scenario.min_shards_per_layer > 0 and not window_binds(window, L) and \
         scenario.objective != Objective.MIN_LATENCY
 
 
@@ -350,7 +351,7 @@ def build(scenario: Scenario, margins: Margins = EXACT,
     budget = scenario.preload_budget_bytes
     window = scenario.prefetch_window
     timed = relaxation is None  # the whole program: time columns I, C per layer
-    chained = timed and window is not None and window + 1 < L
+    chained = timed and window_binds(window, L)
 
     # --- variables ---------------------------------------------------------------------
     lower, upper, integer = [], [], []
@@ -536,7 +537,7 @@ def build(scenario: Scenario, margins: Margins = EXACT,
     if m_col is not None:
         # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
         # (a relaxation's window holds every layer: it is kept whole, over its blocks)
-        span = L if window is None else min(window + 1, L)
+        span = window_span(window, L)
         block_cols = [np.concatenate([n[:, STREAMED] for n in n_col[gi]]) for gi in range(G)]
         block_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
         for k in range(L - span + 1):

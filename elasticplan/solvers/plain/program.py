@@ -38,7 +38,8 @@ from elasticplan.costmodel import (
     shard_compute_ms,
 )
 from elasticplan.errors import InvalidArgument
-from elasticplan.problem.spec import Objective, Scenario
+from elasticplan.problem.question import Objective, window_binds, window_span
+from elasticplan.problem.spec import Scenario
 
 
 class Unit(str, enum.Enum):
@@ -132,7 +133,7 @@ def build(scenario: Scenario) -> Program:
     L, B = len(model.layers), len(model.bitwidths)
     skippable = scenario.min_shards_per_layer == 0
     window = scenario.prefetch_window
-    chained = window is not None and window + 1 < L  # the window binds: time variables
+    chained = window_binds(window, L)  # time variables
     embed = "e" if scenario.memory_bounded and model.embedding_rows else None
     t_emb = embedding_read_ms(device, model)
 
@@ -263,7 +264,7 @@ def build(scenario: Scenario) -> Program:
         # window_bytes[l]: M - sum_{k=l..l+W} bytes * q[k] >= 0  (the IO arena)
         streams = [[(q[li, si, b], s.bytes[b]) for si, s in enumerate(layer.shards)
                     for b in range(B)] for li, layer in enumerate(model.layers)]
-        span = L if window is None else min(window + 1, L)
+        span = window_span(window, L)
         for li in range(L - span + 1):
             row(f"window_bytes[{li}]", Unit.BYTES,
                 [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
