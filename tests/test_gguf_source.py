@@ -334,3 +334,77 @@ def test_truncated_smollm2_is_refused_naming_the_key(tmp_path):
     bad = tmp_path / "smollm2-cut.gguf"
     bad.write_bytes(head)
     _refused(bad, "'tokenizer.ggml.merges'", "truncated")
+
+
+def test_untied_lm_head_equals_transformers(tmp_path):
+    """A GGUF with its own output.weight: an untied LM head (lm_head.weight), and the
+    decoder's logits are transformers' LlamaForCausalLM with tie_word_embeddings false."""
+    transformers = pytest.importorskip("transformers")
+    head = (0.3 * np.random.default_rng(1).normal(size=(SHAPE["vocab"], SHAPE["hidden"]))
+            ).astype(np.float32)
+    f = GGUFFile(write_gguf(tmp_path / "untied.gguf", extra_tensors={"output.weight": head}))
+    assert not f.config.tied
+    np.testing.assert_array_equal(f.tensors["lm_head.weight"], head)
+    cfg = transformers.LlamaConfig(**{**json.loads((write_tiny_llama(tmp_path / "c") /
+                                                    "config.json").read_text()),
+                                      "tie_word_embeddings": False})
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict({k: torch.from_numpy(np.array(f.tensors[k])) for k in f.tensors})
+    ids = torch.tensor([[5, 80, 81, 90, 120, 7]])
+    with torch.inference_mode():
+        ours = Decoder.from_tensors(f.config, f.tensors, context=16).prefill(ids)
+        theirs = ref(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=1e-5)
+
+
+# --- the Hugging Face llama source: the same refusals ---------------------------------
+
+def test_tinyckpt_llama_command(tmp_path):
+    from runtime.sources.tinyckpt import main
+
+    assert main([str(tmp_path / "t"), "--family", "llama", "--seed", "3"]) == 0
+    src = HFLlama(tmp_path / "t")
+    assert src.config.layers == SHAPE["layers"] and src.config.tied
+    assert src.tokenizer().get_vocab_size() <= src.config.vocab
+    assert src.chat_template == CHAT_TEMPLATE
+    assert not np.array_equal(src.tensors["model.norm.weight"], tiny_llama_tensors(0)["model.norm.weight"])
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda d: d.update(model_type="mistral"), ["config.json", "model_type", "'mistral'"]),
+    (lambda d: d.pop("hidden_size"), ["config.json", "hidden_size", "missing"]),
+    (lambda d: d.update(num_key_value_heads=3), ["config.json", "num_key_value_heads: 3"]),
+    (lambda d: d.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
+     ["rope_parameters.rope_type", "'yarn'"]),
+    (lambda d: d.update(hidden_act="gelu"), ["hidden_act", "'gelu'"]),
+    (lambda d: d.update(vocab_size=200), ["model.embed_tokens.weight", "[320, 64]"]),
+    (lambda d: d.update(intermediate_size=100), ["'model.layers.0.mlp.gate_proj.weight'"]),
+])
+def test_bad_llama_checkpoints_are_refused_in_one_line(tmp_path, edit, needles):
+    path = write_tiny_llama(tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreError) as e:
+        HFLlama(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_llama_checkpoint_tokenizer_larger_than_vocab_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = write_tiny_llama(tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vocab_size"] = 250  # the tokenizer has 299 tokens
+    (path / "config.json").write_text(json.dumps(cfg))
+    t = tiny_llama_tensors(0)
+    t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"][:250]
+    save_file(t, str(path / "model.safetensors"))
+    with pytest.raises(StoreError, match=r"tokenizer\.json: 299 tokens do not fit .* 250"):
+        HFLlama(path)
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(StoreError, match="model.safetensors: not a readable safetensors"):
+        HFLlama(path)

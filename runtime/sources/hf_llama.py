@@ -101,6 +101,10 @@ def read_config(path: Path, name: str) -> LlamaConfig:
     hidden = dim("hidden_size")
     kv_heads = dim("num_key_value_heads", required=False) or heads
     head_dim = dim("head_dim", required=False) or hidden // heads
+    if heads % kv_heads:
+        raise f.err("num_key_value_heads", f"{kv_heads} does not divide the {heads} query heads")
+    if head_dim % 2:
+        raise f.err("head_dim", f"{head_dim} is odd (rotary positions rotate pairs)")
     act = f.raw("hidden_act", required=False) or "silu"
     if act != "silu":
         raise f.err("hidden_act", f"{act!r} is not supported (SwiGLU with SiLU only)")
