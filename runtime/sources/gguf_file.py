@@ -28,6 +28,12 @@ orientation ([out, in]), equal to what transformers' GGUF loader builds; `raw` r
 quantised rows in the same (HF) order. Checked against transformers in
 tests/test_llama_oracle.py.
 
+The raw blocks suit a scheme that stores the source's own Q4_1 blocks: a shard's input
+rows are whole rows, and its output columns are whole blocks of the output projection's
+rows for SmolLM2 (a KV group's 3 x 64 = 192 columns of Wo are 6 blocks of 32 per row, an
+FFN slice's 128 columns of down 4 blocks), so a shard cuts out of `raw` in the store's
+orientation (output blocks kept as the projection's rows) without requantising.
+
 Tensors are dequantised when asked for and not kept, except a small cache of the most
 recent ones (at most CACHE_BYTES), so cutting one layer's shards dequantises each of its
 matrices once and the model is never held twice.
@@ -483,8 +489,9 @@ class GGUFFile:
         """The tokenizer the metadata describe, as transformers' GGUF conversion builds it
         for a 'gpt2' model: byte-level BPE over the tokens and merges (no unknown token,
         no dropout), a byte-level pre-tokenizer (GPT-2's split, no prefix space) and
-        decoder, control tokens (type 3) added as special tokens and user-defined ones
-        (type 4) as added tokens; no BOS/EOS added to an encoding (SmolLM2's
+        decoder, control tokens (type 3) written in the byte alphabet added as special
+        tokens and user-defined ones (type 4) spelled as in the vocabulary as added tokens
+        (others would get new ids past the vocabulary: transformers skips them too); no BOS/EOS added to an encoding (SmolLM2's
         add_bos_token is false; the chat template writes its own markers)."""
         from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
         from tokenizers.models import BPE
@@ -504,7 +511,7 @@ class GGUFFile:
             if control:
                 tok.add_special_tokens(control)
             user = [AddedToken(t, normalized=False, special=False)
-                    for t, ty in zip(tokens, types) if ty == 4]
+                    for t, ty in zip(tokens, types) if ty == 4 and t in spelled]
             if user:
                 tok.add_tokens(user)
         return tok
