@@ -11,8 +11,9 @@ tokens each (EOS not honoured, min_new_tokens for transformers), after one warm-
 each; then --rounds rounds, alternating which goes first. A run's time is the whole
 generation (prompt prefill + the decode steps, tokenizer excluded); tokens/s = new
 tokens / that time. Prints per implementation the median ms, the tokens/s (median and
-range over rounds), ours' prefill and mean decode-step ms, the ratio, and whether both
-produced the same tokens. --profile adds a torch profiler table of one of our runs.
+range over rounds), ours' prefill and mean decode-step ms, transformers' prompt forward
+(timed alone each round) and its decode step estimated from it, the ratio, and whether
+both produced the same tokens. --profile adds a torch profiler table of one of our runs.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
         return out[0, ids.shape[1]:].tolist()
 
     times = {"ours": [], "transformers": []}
+    ref_prefill: list[float] = []
     tokens = {}
     with torch.inference_mode():
         for name, fn in (("ours", ours), ("transformers", theirs)):
@@ -91,6 +93,9 @@ def main(argv=None) -> int:
                 got = fn()
                 times[name].append(time.perf_counter() - t)
                 assert got == tokens[name], f"{name}: a run produced other tokens"
+            t = time.perf_counter()
+            ref(ids)  # transformers' prompt forward alone: its prefill, to split its time
+            ref_prefill.append(time.perf_counter() - t)
     print(f"\n{'implementation':<14} {'median ms':>10} {'tokens/s':>9} {'range tok/s':>14}")
     rate = {}
     for name, ts in times.items():
@@ -102,6 +107,10 @@ def main(argv=None) -> int:
     step = statistics.median(s[1] for s in steps) * 1e3
     print(f"\nours: prefill {pre:.1f} ms, decode step {step:.2f} ms "
           f"({1e3 / step:.1f} tokens/s decoding alone)")
+    ref_pre = statistics.median(ref_prefill) * 1e3
+    ref_step = (statistics.median(times["transformers"]) * 1e3 - ref_pre) / max(1, n_new - 1)
+    print(f"transformers: prompt forward {ref_pre:.1f} ms, so ~{ref_step:.2f} ms per decode "
+          f"step ({1e3 / ref_step:.1f} tokens/s decoding alone, estimated)")
     print(f"ours / transformers: {rate['ours'] / rate['transformers']:.2f}x; same tokens: "
           f"{'yes' if tokens['ours'] == tokens['transformers'] else 'NO'}")
     if a.profile:
