@@ -408,3 +408,53 @@ def test_llama_checkpoint_tokenizer_larger_than_vocab_is_refused(tmp_path):
     (path / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(StoreError, match="model.safetensors: not a readable safetensors"):
         HFLlama(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_bytes(tmp_path_factory):
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    return path.read_bytes(), GGUFFile(path).data_start
+
+
+def test_damaged_headers_give_store_errors_only(tiny_gguf_bytes, tmp_path_factory):
+    """Random damage to the header (bytes overwritten, the file cut anywhere): the file
+    opens, and then its tokenizer, tensors and chat template work, or it is refused with a
+    one-line StoreError naming it; nothing else escapes."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    data, header = tiny_gguf_bytes
+    where = tmp_path_factory.mktemp("damaged") / "d.gguf"
+
+    @given(st.lists(st.tuples(st.integers(0, header - 1), st.integers(0, 255)), max_size=6),
+           st.one_of(st.none(), st.integers(0, len(data))))
+    def check(edits, cut):
+        b = bytearray(data)
+        for at, value in edits:
+            b[at] = value
+        where.write_bytes(bytes(b[:cut] if cut is not None else b))
+        try:
+            f = GGUFFile(where)
+        except StoreError as e:
+            assert "\n" not in str(e) and str(where) in str(e), str(e)
+            return
+        f.tokenizer().encode("the cat <|im_end|>")  # what opened is usable
+        for name in f.tensors:
+            f.tensors[name]  # dequantises (the values may be damaged: this is the header)
+        try:
+            f.apply_chat_template([{"role": "user", "content": "hi"}])
+        except StoreError as e:  # a damaged template is refused in one line too
+            assert "\n" not in str(e) and str(where) in str(e), str(e)
+
+    check()
+
+
+def test_chat_template_errors_are_store_errors(tmp_path):
+    bad = tmp_path / "bad-template.gguf"
+    for template in ("{% for m in messages %}{{ m['content'] }", "{{ 1 / 0 }}",
+                     "{{ raise_exception('no system role here') }}"):
+        write_gguf(bad, extra=[("string", "tokenizer.chat_template", template)])
+        with pytest.raises(StoreError) as e:
+            GGUFFile(bad).apply_chat_template([{"role": "user", "content": "hi"}])
+        msg = str(e.value)
+        assert "\n" not in msg and str(bad) in msg and "'tokenizer.chat_template'" in msg, msg

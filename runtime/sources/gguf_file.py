@@ -533,7 +533,9 @@ class GGUFFile:
                    for k, key in (("bos_token", "bos"), ("eos_token", "eos"),
                                   ("pad_token", "padding"), ("unk_token", "unknown"))
                    if f"tokenizer.ggml.{key}_token_id" in self.metadata}
-        return render_chat_template(template, messages, add_generation_prompt, **special)
+        return render_chat_template(template, messages, add_generation_prompt,
+                                    where=f"{self.path}: metadata key 'tokenizer.chat_template'",
+                                    **special)
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {self.config.layers} layers)"
@@ -588,14 +590,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                         **variables) -> str:
-    """Render a chat template (jinja2, sandboxed) as transformers does."""
-    from jinja2.exceptions import TemplateError
+                         where: str = "chat template", **variables) -> str:
+    """Render a chat template (jinja2, sandboxed) as transformers does; a template that
+    does not parse or fails while rendering is a StoreError beginning with `where`."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise TemplateError(message)
+        raise _TemplateRaised(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols])
@@ -604,5 +606,12 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
         return env.from_string(template).render(messages=messages,
                                                 add_generation_prompt=add_generation_prompt,
                                                 **variables)
-    except TemplateError as e:
-        raise StoreError(f"chat template: {e}") from None
+    except _TemplateRaised as e:
+        raise StoreError(f"{where}: the template refuses these messages: {e}") from None
+    except Exception as e:  # a file's template is input: any failure of it is refused
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise StoreError(f"{where}: {type(e).__name__}: {first}") from None
+
+
+class _TemplateRaised(Exception):
+    """raise_exception() called by a chat template."""
