@@ -33,7 +33,7 @@ from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.question import Objective
 from elasticplan.solvers import solve
 from elasticplan.solvers.aggregated import highs
-from elasticplan.solvers.aggregated import program as aggregate
+from elasticplan.solvers.aggregated import program as aggregated
 from elasticplan.solvers.plain import program as formulation
 
 MODULE = "benchmarks.solver_speed"
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             row = {"instance": name, "size": size(sc), "solver": solver,
                    "gap_asked": gap, "bools": n_bools}
             build = formulation.build if solver in ("cpsat", "cbc") else \
-                highs.build if solver == "highs" else aggregate.build
+                highs.build if solver == "highs" else aggregated.build
             if solver in ("cpsat", "cbc") and n_bools > formulation.PLAIN_MAX_BOOLS:
                 row["status"] = f"not built: {n_bools} booleans > {formulation.PLAIN_MAX_BOOLS}"
                 results.append(row)

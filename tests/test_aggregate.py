@@ -18,8 +18,8 @@ from elasticplan.problem import archgen
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.question import FLOOR_OBJECTIVES, Objective
 from elasticplan.solvers import solve
-from elasticplan.solvers.aggregated import highs
-from elasticplan.solvers.aggregated import program as aggregate
+from elasticplan.solvers.aggregated import highs, search
+from elasticplan.solvers.aggregated import program as aggregated
 from tests import oracle
 from tests.strategies import memory_scenarios, scenarios
 
@@ -113,7 +113,7 @@ def test_best_assignment_equals_enumeration(imp, scale, data):
     per_bit = np.zeros(B, dtype=np.int64)
     for _ in range(data.draw(st.integers(0, m))):
         per_bit[data.draw(st.integers(0, B - 1))] += 1
-    chosen = aggregate.best_assignment(importance, per_bit)
+    chosen = highs.best_assignment(importance, per_bit)
     assert np.array_equal(np.bincount(chosen[chosen >= 0], minlength=B), per_bit)
     value = sum(importance[k, b] for k, b in enumerate(chosen) if b >= 0)
     slots = [b for b in range(B) for _ in range(per_bit[b])] + [-1] * (m - per_bit.sum())
@@ -132,13 +132,13 @@ def test_best_assignment_on_measured_classes_equals_an_assignment_solver(data):
     from ortools.graph.python import linear_sum_assignment
 
     sc = load_scenario("problems/scenarios/minilm-phone.yaml")
-    classes = [c for cl in aggregate.cost_classes(sc) for c in cl]
+    classes = [c for cl in aggregated.cost_classes(sc) for c in cl]
     c = data.draw(st.sampled_from(classes))
     m, B = c.importance.shape
     per_bit = np.zeros(B, dtype=np.int64)
     for _ in range(data.draw(st.integers(0, m))):
         per_bit[data.draw(st.integers(0, B - 1))] += 1
-    chosen = aggregate.best_assignment(c.importance, per_bit)
+    chosen = highs.best_assignment(c.importance, per_bit)
     value = sum(c.importance[k, b] for k, b in enumerate(chosen) if b >= 0)
     slots = [b for b in range(B) for _ in range(per_bit[b])] + [-1] * (m - per_bit.sum())
     solver = linear_sum_assignment.SimpleLinearSumAssignment()
@@ -164,7 +164,7 @@ def test_fractional_assignment_is_resolved_not_rounded(sc):
                 x = program.x_col[li][ci]
                 values[x] = values[x].mean(axis=0, keepdims=True)
     fractional = float(np.dot(values, program.cost)) / program.objective_scale
-    back = simulate(sc, program.selection(values))
+    back = simulate(sc, highs.selection_of(program, values))
     assert back.importance >= fractional - TOL
     assert back.latency_ms == pytest.approx(plan.predicted_latency_ms, abs=1e-9)
     assert back.preload_bytes == plan.preload_bytes
@@ -172,7 +172,7 @@ def test_fractional_assignment_is_resolved_not_rounded(sc):
 
 def test_cost_classes_group_heads_and_ffn_slices():
     sc = load_scenario("problems/scenarios/bert-base-phone.yaml")
-    classes = aggregate.cost_classes(sc)
+    classes = aggregated.cost_classes(sc)
     assert [len(cl) for cl in classes] == [2] * 12
     assert [len(c.members) for c in classes[0]] == [12, 12]
 
@@ -261,7 +261,7 @@ def test_fill_keeps_a_plan_feasible_and_leaves_no_single_move_that_gains(sc):
         start = solve(sc, "greedy")
     except NoPlanFoundError:
         return
-    filled = aggregate.fill(sc, start.selection(sc), start.layout)
+    filled = search.fill(sc, start.selection(sc), start.layout)
 
     def feasible(selection):
         s = simulate(sc, selection, layout=start.layout)

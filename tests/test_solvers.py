@@ -233,7 +233,7 @@ def test_blocks_merge_the_layers_every_kept_row_treats_alike():
 def test_row_generation_equals_brute_force(sc, objective, data):
     """Layers of one shape (so the middle ones merge into one class): HiGHS's row
     generation finds the enumerated optimum for the objectives it serves without a
-    memory model (min_latency takes the whole program: aggregate.relaxable)."""
+    memory model (min_latency takes the whole program: program.relaxable)."""
     q = _question(sc, objective, data)
     oracle.assert_matches(q, _signed(q, exact(q, "highs")), TOL)
 
@@ -261,8 +261,8 @@ def test_row_generation_adds_the_row_a_relaxed_plan_misses():
     adds it (the plan's critical path), and the solve returns the whole program's
     optimum."""
     from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
-    from elasticplan.solvers.aggregated import highs
-    from elasticplan.solvers.aggregated import program as aggregate
+    from elasticplan.solvers.aggregated import highs, search
+    from elasticplan.solvers.aggregated import program as aggregated
     from elasticplan.solvers.aggregated.highs_model import solve_mip
     from elasticplan.solvers.margins import float_margins
 
@@ -278,12 +278,12 @@ def test_row_generation_adds_the_row_a_relaxed_plan_misses():
                     layer_overhead_ms=0.1, dequant_gb_s=2, memory_mb=1e4)
     sc = Scenario(name="middle", device=device, model=model, content_hash="middle",
                   question=Question(target_latency_ms=15.0, preload_budget_mb=0.0))
-    first = aggregate.first_relaxation(sc)
+    first = aggregated.first_relaxation(sc)
     assert first.paths == {_row(3, 0), _row(3, 2)}
     relaxed = highs.build(sc, first)
     out = solve_mip(highs._model(relaxed), deadline=time.perf_counter() + 20, relative_gap=0)
-    grown = aggregate.grow(relaxed, relaxed.selection(out.values), relaxed.layout(out.values),
-                           float_margins(sc))
+    grown = search.grow(relaxed, highs.selection_of(relaxed, out.values),
+                        relaxed.layout(out.values), float_margins(sc))
     assert grown.paths == first.paths | {_row(3, 1)}
     plan = oracle.solve_or_none(sc, "highs")
     oracle.assert_matches(sc, plan.objective, TOL)

@@ -1,7 +1,7 @@
 """HiGHS backend on the aggregated program (elasticplan.solvers.aggregated.program): counts per cost
 class as integers, the assignment of shards as continuous variables.
 
-Data, variables, constraints and objective come from `aggregate.build` as one sparse
+Data, variables, constraints and objective come from `program.build` as one sparse
 matrix, passed to HiGHS in a single call; then solve, map the status by name, read back.
 HiGHS works in floating point, so the latency rows are tightened by
 `TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.solvers.margins).
@@ -11,7 +11,7 @@ Row generation (`solve_highs`): a relaxed program first, grown by the rows its p
 miss (docs/programs.md, "Row generation").
 
 LP first, for max_importance: the LP relaxation is solved, rounded down to a feasible plan
-and filled (aggregate.round_down, aggregate.fill); when the gap asked for is loose
+and filled (search.round_down, search.fill); when the gap asked for is loose
 (>= LP_FIRST_GAP) that plan is returned if it is within the gap of the relaxation's
 bound, which is a proof. On LLM-scale models this is several times faster than the MIP's
 root (measured: benchmarks/solver_speed.py). Otherwise it is the MIP's first incumbent.
@@ -25,12 +25,15 @@ from dataclasses import replace
 import highspy
 import numpy as np
 
+from elasticplan.costmodel import Pick, Selection
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.problem.question import Objective
 from elasticplan.problem.spec import Scenario
-from elasticplan.solvers.aggregated import program as aggregate
-from elasticplan.solvers.aggregated.highs_model import loaded, solve_mip
+from elasticplan.solvers.aggregated import program as aggregated
+from elasticplan.solvers.aggregated import search
+from elasticplan.solvers.aggregated.highs_model import loaded, new_highs, pass_model, solve_mip
+from elasticplan.solvers.aggregated.program import MatrixProgram, Relaxation, class_picks
 from elasticplan.solvers.margins import float_margins
 
 NAME = "highs"
@@ -46,18 +49,19 @@ _STOPPED = {  # stopped early: a plan (if any) is feasible, not proven
 
 
 def build(scenario: Scenario,
-          relaxation: aggregate.Relaxation | None = None) -> aggregate.MatrixProgram:
-    return aggregate.build(scenario, float_margins(scenario), relaxation)
+          relaxation: Relaxation | None = None) -> MatrixProgram:
+    """The aggregated program with the float backends' margins (elasticplan.solvers.margins)."""
+    return aggregated.build(scenario, float_margins(scenario), relaxation)
 
 
 def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relative_gap: float, row_generation: bool = True) -> Plan:
-    """Row generation: solve a relaxed program (aggregate.first_relaxation: two latency
+    """Row generation: solve a relaxed program (program.first_relaxation: two latency
     paths; layers that its rows treat alike merge into blocks, which removes the near-ties
     between layers that keep a branch and bound from closing), then add every row its plan
-    misses (aggregate.grow) and solve again. A plan that misses none is a plan of the
+    misses (search.grow) and solve again. A plan that misses none is a plan of the
     scenario, and a relaxation's bound is a bound of the scenario, so its gap is proven.
-    Scenarios that cannot be relaxed (aggregate.relaxable) get the whole program at once;
+    Scenarios that cannot be relaxed (program.relaxable) get the whole program at once;
     a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it.
     `row_generation=False` solves the whole program from the start (the solver benchmark's
     side-by-side baseline)."""
@@ -65,7 +69,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     started = time.perf_counter()
     deadline = started + time_limit_s
     margins = float_margins(scenario)
-    relaxation = aggregate.first_relaxation(scenario) if row_generation else None
+    relaxation = aggregated.first_relaxation(scenario) if row_generation else None
     lp_first = relative_gap >= LP_FIRST_GAP and scenario.objective == Objective.MAX_IMPORTANCE
     while True:
         program = build(scenario, relaxation)
@@ -76,7 +80,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
             else None
         if lp is not None and relaxation is not None:
             # The LP's rounded plan may already miss a row: grow before any branching.
-            grown = aggregate.grow_by_rounding(program, lp[1], margins)
+            grown = search.grow_by_rounding(program, lp[1], margins)
             if grown is not None:
                 relaxation = grown
                 continue
@@ -90,7 +94,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
             continue
         if values is None or relaxation is None:
             return plan  # the whole program's, or checked against the cost model already
-        grown = aggregate.grow(program, program.selection(values), program.layout(values),
+        grown = search.grow(program, selection_of(program, values), program.layout(values),
                                margins)
         if grown is None:
             return plan
@@ -99,7 +103,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
         relaxation = grown if plan.status == SolveStatus.OPTIMAL else None
 
 
-def _solve_program(program: aggregate.MatrixProgram, model: dict,
+def _solve_program(program: MatrixProgram, model: dict,
                    lp: tuple[float, np.ndarray] | None, *, started: float, deadline: float,
                    relative_gap: float) -> tuple[Plan, np.ndarray | None]:
     """A plan of `program` (`model`: it as pass_model's arguments) with its gap to the
@@ -141,14 +145,14 @@ def _solve_program(program: aggregate.MatrixProgram, model: dict,
     else:
         raise SolverError(f"HiGHS returned status {status.name}")
 
-    plan = Plan.from_selection(scenario, program.selection(mip.values), solver=NAME,
+    plan = Plan.from_selection(scenario, selection_of(program, mip.values), solver=NAME,
                                status=solve_status, gap=None, solve_seconds=elapsed,
                                layout=program.layout(mip.values))
     bound = mip.dual_bound / program.objective_scale  # the model carries the offset
     return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
-def _lp(program: aggregate.MatrixProgram, model: dict, *, deadline: float
+def _lp(program: MatrixProgram, model: dict, *, deadline: float
         ) -> tuple[float, np.ndarray] | None:
     """The LP relaxation's bound (in the objective's unit) and columns; None if it is
     infeasible or out of time (the MIP then reports it properly)."""
@@ -162,13 +166,13 @@ def _lp(program: aggregate.MatrixProgram, model: dict, *, deadline: float
             np.asarray(h.getSolution().col_value))
 
 
-def _lp_rounded(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray], *,
+def _lp_rounded(program: MatrixProgram, lp: tuple[float, np.ndarray], *,
                 started: float) -> Plan | None:
     """The relaxation's rounded-down (and filled) plan with its proven gap to the
     relaxation's bound (status optimal; the caller decides whether the gap is good
     enough)."""
     bound, values = lp
-    rounded = aggregate.round_down(program, values, float_margins(program.scenario))
+    rounded = search.round_down(program, values, float_margins(program.scenario))
     if rounded is None:
         return None
     selection, layout = rounded
@@ -178,10 +182,67 @@ def _lp_rounded(program: aggregate.MatrixProgram, lp: tuple[float, np.ndarray], 
     return replace(plan, gap=gap_to_bound(plan.objective, bound))
 
 
-def _model(program: aggregate.MatrixProgram) -> dict:
+def _model(program: MatrixProgram) -> dict:
     """The program as pass_model's arguments."""
     return dict(csc=program.csc(), maximize=program.maximize, cost=program.cost,
                 col_lower=program.col_lower, col_upper=program.col_upper,
                 row_lower=program.row_lower, row_upper=program.row_upper,
                 integer=program.col_integer,
                 offset=program.objective_offset * program.objective_scale)
+
+
+# --- reading a solution back ---------------------------------------------------------------
+
+def selection_of(program: MatrixProgram, values: np.ndarray) -> Selection:
+    """Shard choices of a solution's columns. Counts are rounded; per class an integral x
+    says which member takes which bitwidth. A fractional x (HiGHS may return a non-vertex
+    optimum) is not rounded: the class's assignment is re-solved exactly for the counts,
+    which can only match or beat the fractional x's importance."""
+    layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
+    for gi, classes in enumerate(program.classes):
+        for ci, c in enumerate(classes):
+            counts = np.rint(values[program.n_col[gi][ci]]).astype(np.int64)  # [B, 2]
+            x = values[program.x_col[gi][ci]]  # [members, B]
+            chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
+            if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
+                chosen = best_assignment(c.importance, counts.sum(axis=1))
+            for li, pick in class_picks(c, chosen, counts):
+                layers[li].append(pick)
+    return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
+
+
+def _matches(chosen: np.ndarray, per_bit: np.ndarray) -> bool:
+    return bool(np.array_equal(np.bincount(chosen[chosen >= 0], minlength=len(per_bit)),
+                               per_bit))
+
+
+def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
+    """Which member takes which bitwidth, given how many run at each: the max-importance
+    transportation problem, solved exactly (its LP optimum at a vertex is integral).
+    Returns per member the bitwidth index, -1 for dropped."""
+    m, B = importance.shape
+    if int(per_bit.sum()) > m:
+        raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
+    h = new_highs()
+    col = np.arange(m * B)
+    # column x[k,b] sits in row k (member k runs at most once) and row m+b (exactly
+    # per_bit[b] members at b)
+    csc = (np.arange(0, 2 * m * B + 1, 2), np.stack([col // B, m + col % B], axis=1).reshape(-1),
+           np.ones(2 * m * B))
+    # Costs scaled to ~1e6: HiGHS's dual tolerance (1e-7, absolute) would otherwise accept
+    # a vertex up to ~1e-7 of importance short of the best (seen: a floor missed by 1.6e-8).
+    top = float(np.abs(importance).max())
+    factor = 1e6 / top if top > 1e-200 else 1.0
+    pass_model(h, csc, maximize=True, cost=importance.reshape(-1) * factor,
+               col_lower=np.zeros(m * B),
+               col_upper=np.ones(m * B),
+               row_lower=np.concatenate([np.zeros(m), per_bit]),
+               row_upper=np.concatenate([np.ones(m), per_bit]))
+    h.setOptionValue("solver", "simplex")  # a basic (vertex) solution, hence integral
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise RuntimeError(f"assignment LP: {h.modelStatusToString(h.getModelStatus())}")
+    x = np.asarray(h.getSolution().col_value).reshape(m, B)
+    if np.abs(x - np.rint(x)).max() > 1e-6:
+        raise RuntimeError("assignment LP returned a fractional vertex")
+    return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)

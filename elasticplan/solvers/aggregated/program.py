@@ -20,8 +20,9 @@ which shard gets which bitwidth, the x. For fixed integer counts the x live in a
 transportation polytope (shards on one side, bitwidths on the other, "dropped" as
 slack: pick and link rows below), whose vertices are integral. So integral counts
 with continuous x are exact: every vertex of the program with integral n has integral
-x (a split of x would split the vertex). `selection` reads a solution back and, should
-a solver hand over a non-vertex x, re-solves the class's assignment at its vertex.
+x (a split of x would split the vertex). The HiGHS backend reads a solution back
+(elasticplan.solvers.aggregated.highs.selection_of) and, should it hand over a non-vertex
+x, re-solves the class's assignment at its vertex.
 
 The rows, each with its one-line math:
   pick[s]       sum_b x[c,s,b] <= 1                          (a shard runs at most once)
@@ -45,7 +46,9 @@ The rows, each with its one-line math:
 A relaxation (`Relaxation`, for row generation) keeps only some latency rows, each a path
 through the recurrence written on the counts (no I, C columns), and merges the layers its
 rows treat alike into one block, whose classes span them; a block's count row asks
-min_shards_per_layer per layer. `grow` adds the rows a relaxed plan misses.
+min_shards_per_layer per layer. The search over the program (elasticplan.solvers.
+aggregated.search) grows a relaxation by the rows its plans miss, rounds an LP solution
+down to a plan and fills it greedily.
 The cost coefficients come from elasticplan.costmodel, the one cost model; the matrix
 is built with numpy (no per-term Python objects), so an 80-layer x 64-shard x 8-bit
 model builds in tens of milliseconds.
@@ -55,25 +58,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import highspy
 import numpy as np
 
 from elasticplan.costmodel import (
     Layout,
     Pick,
-    Schedule,
     Selection,
-    critical_path,
     embedding_read_ms,
     memory_constants,
-    path_ms,
     read_ms,
     shard_compute_ms,
     simulate,
 )
 from elasticplan.problem.question import Objective, window_binds, window_span
 from elasticplan.problem.spec import Scenario
-from elasticplan.solvers.aggregated.highs_model import new_highs, pass_model
 from elasticplan.solvers.margins import EXACT, Margins
 
 STREAMED, PRELOADED = 0, 1
@@ -221,25 +219,6 @@ class MatrixProgram:
         np.cumsum(np.bincount(self.a_cols, minlength=self.num_cols), out=start[1:])
         return start, self.a_rows[order], self.a_vals[order]
 
-    # --- reading back ------------------------------------------------------------------
-
-    def selection(self, values: np.ndarray) -> Selection:
-        """Shard choices of a solution. Counts are rounded; per class an integral x says
-        which member takes which bitwidth. A fractional x (a solver may return a
-        non-vertex optimum) is not rounded: the class's assignment is re-solved exactly
-        for the counts, which can only match or beat the fractional x's importance."""
-        layers: list[list[Pick]] = [[] for _ in self.scenario.model.layers]
-        for gi, classes in enumerate(self.classes):
-            for ci, c in enumerate(classes):
-                counts = np.rint(values[self.n_col[gi][ci]]).astype(np.int64)  # [B, 2]
-                x = values[self.x_col[gi][ci]]  # [members, B]
-                chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
-                if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
-                    chosen = best_assignment(c.importance, counts.sum(axis=1))
-                for li, pick in _class_picks(c, chosen, counts):
-                    layers[li].append(pick)
-        return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
-
     def solution_of(self, selection: Selection, layout: Layout | None = None) -> np.ndarray:
         """The complete column vector of a selection: counts, x, y, e, M and the I/C chain
         from the cost model's schedule (elasticplan.costmodel.simulate)."""
@@ -277,7 +256,7 @@ class MatrixProgram:
         return v
 
 
-def _class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray
+def class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray
                  ) -> list[tuple[int, Pick]]:
     """(layer, pick) of a class's members: `chosen` per member a bitwidth index (-1:
     dropped), `counts` [B, 2] how many at each bitwidth are streamed and preloaded.
@@ -290,43 +269,6 @@ def _class_picks(c: CostClass, chosen: np.ndarray, counts: np.ndarray
     return picks
 
 
-def _matches(chosen: np.ndarray, per_bit: np.ndarray) -> bool:
-    return bool(np.array_equal(np.bincount(chosen[chosen >= 0], minlength=len(per_bit)),
-                               per_bit))
-
-
-def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
-    """Which member takes which bitwidth, given how many run at each: the max-importance
-    transportation problem, solved exactly (its LP optimum at a vertex is integral).
-    Returns per member the bitwidth index, -1 for dropped."""
-    m, B = importance.shape
-    if int(per_bit.sum()) > m:
-        raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
-    h = new_highs()
-    col = np.arange(m * B)
-    # column x[k,b] sits in row k (member k runs at most once) and row m+b (exactly
-    # per_bit[b] members at b)
-    csc = (np.arange(0, 2 * m * B + 1, 2), np.stack([col // B, m + col % B], axis=1).reshape(-1),
-           np.ones(2 * m * B))
-    # Costs scaled to ~1e6: HiGHS's dual tolerance (1e-7, absolute) would otherwise accept
-    # a vertex up to ~1e-7 of importance short of the best (seen: a floor missed by 1.6e-8).
-    top = float(np.abs(importance).max())
-    factor = 1e6 / top if top > 1e-200 else 1.0
-    pass_model(h, csc, maximize=True, cost=importance.reshape(-1) * factor,
-               col_lower=np.zeros(m * B),
-               col_upper=np.ones(m * B),
-               row_lower=np.concatenate([np.zeros(m), per_bit]),
-               row_upper=np.concatenate([np.ones(m), per_bit]))
-    h.setOptionValue("solver", "simplex")  # a basic (vertex) solution, hence integral
-    h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        raise RuntimeError(f"assignment LP: {h.modelStatusToString(h.getModelStatus())}")
-    x = np.asarray(h.getSolution().col_value).reshape(m, B)
-    if np.abs(x - np.rint(x)).max() > 1e-6:
-        raise RuntimeError("assignment LP returned a fractional vertex")
-    return np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
-
-
 def build(scenario: Scenario, margins: Margins = EXACT,
           relaxation: Relaxation | None = None) -> MatrixProgram:
     """Data, variables, constraints, objective. Latency rows are tightened by
@@ -337,83 +279,104 @@ def build(scenario: Scenario, margins: Margins = EXACT,
     count row per block. Layers that every kept row treats alike merge into one block,
     whose shards of equal cost form one class: near-ties between layers, which keep a
     branch and bound from closing, are gone. Its bound holds for the whole program; its
-    plan holds for the scenario if `grow` finds no row it misses."""
-    importance_scale = margins.importance_scale
-    device, model = scenario.device, scenario.model
-    L, B = len(model.layers), len(model.bitwidths)
+    plan holds for the scenario if `grow` (elasticplan.solvers.aggregated.search) finds no
+    row it misses."""
     if relaxation is not None and not relaxable(scenario):
-        raise ValueError(f"scenario {scenario.name!r} cannot be relaxed (aggregate.relaxable)")
-    blocks = relaxation.blocks(L) if relaxation is not None else None
-    layers_of = blocks or per_layer(scenario)
-    classes = cost_classes(scenario, blocks)
-    G = len(classes)
-    skippable = scenario.min_shards_per_layer == 0
-    budget = scenario.preload_budget_bytes
-    window = scenario.prefetch_window
-    timed = relaxation is None  # the whole program: time columns I, C per layer
-    chained = timed and window_binds(window, L)
+        raise ValueError(f"scenario {scenario.name!r} cannot be relaxed (program.relaxable)")
+    m = _Matrix(scenario, margins, relaxation)
+    m.variables()
+    for gi in range(len(m.classes)):
+        m.class_rows(gi)
+        if m.timed:
+            m.time_rows(gi)
+    m.path_rows()
+    m.budget_rows()
+    return m.program()
 
-    # --- variables ---------------------------------------------------------------------
-    lower, upper, integer = [], [], []
 
-    def columns(count, lo, hi, is_int):
-        start = len(lower)
-        lower.extend(np.broadcast_to(lo, count).tolist())
-        upper.extend(np.broadcast_to(hi, count).tolist())
-        integer.extend([is_int] * count)
+class _Matrix:
+    """The program as it is built: columns and rows appended in order, in coordinate form
+    (the order is the program's: a solver's answer may depend on it). `build` calls the
+    sections in turn; each writes the rows its comment names (the module docstring)."""
+
+    def __init__(self, scenario: Scenario, margins: Margins, relaxation: Relaxation | None):
+        self.scenario, self.margins, self.relaxation = scenario, margins, relaxation
+        self.device, self.model = scenario.device, scenario.model
+        self.L, self.B = len(self.model.layers), len(self.model.bitwidths)
+        self.blocks = relaxation.blocks(self.L) if relaxation is not None else None
+        self.layers_of = self.blocks or per_layer(scenario)
+        self.classes = cost_classes(scenario, self.blocks)
+        self.skippable = scenario.min_shards_per_layer == 0
+        self.window = scenario.prefetch_window
+        self.timed = relaxation is None  # the whole program: time columns I, C per layer
+        self.chained = self.timed and window_binds(self.window, self.L)
+        self.t_emb = embedding_read_ms(self.device, self.model)
+        # every latency row's T
+        self.limit = margins.latency_rhs(scenario.target_latency_ms) - self.device.pool_ms
+        self.lower, self.upper, self.integer = [], [], []
+        self.r_idx, self.c_idx, self.vals, self.r_lo, self.r_hi = [], [], [], [], []
+
+    def columns(self, count, lo, hi, is_int) -> np.ndarray:
+        start = len(self.lower)
+        self.lower.extend(np.broadcast_to(lo, count).tolist())
+        self.upper.extend(np.broadcast_to(hi, count).tolist())
+        self.integer.extend([is_int] * count)
         return np.arange(start, start + count)
 
-    n_col, u_col, x_col = [], [], []
-    for classes_l in classes:
-        n_l, u_l, x_l = [], [], []
-        for c in classes_l:
-            size = len(c.members)
-            # A class member at b fits the buffer at most budget // bytes[b] times.
-            pre_cap = np.minimum(size, budget // np.maximum(c.bytes, 1))
-            hi = np.stack([np.full(B, size), pre_cap], axis=1).astype(float)
-            n_l.append(columns(2 * B, 0.0, hi.reshape(-1), False).reshape(B, 2))
-            at_least = np.minimum(np.cumsum(hi[::-1], axis=0)[::-1], size)
-            u = np.empty((B, 3), dtype=np.int64)  # streamed, preloaded, either
-            u[:, STREAMED] = columns(B, 0.0, at_least[:, STREAMED], True)
-            u[:, PRELOADED] = columns(B, 0.0, at_least[:, PRELOADED], False)
-            u[:, EITHER] = columns(B, 0.0, np.minimum(at_least.sum(axis=1), size), True)
-            u_l.append(u)
-            x_l.append(columns(size * B, 0.0, 1.0, False).reshape(size, B))
-        n_col.append(n_l)
-        u_col.append(u_l)
-        x_col.append(x_l)
-    y_col = columns(L, 0.0, 1.0, True) if skippable else None
-    io_col = columns(G if timed else 0, 0.0, np.inf, False)
-    comp_col = columns(G if timed else 0, 0.0, np.inf, False)
-    z_col = int(columns(1, 0.0, np.inf, False)[0]) \
-        if scenario.objective == Objective.MIN_LATENCY else None
-    e_col = int(columns(1, 0.0, 1.0, True)[0]) \
-        if scenario.memory_bounded and model.embedding_rows else None
-    m_col = int(columns(1, 0.0, np.inf, False)[0]) if scenario.memory_bounded else None
-    t_emb = embedding_read_ms(device, model)
-
-    # --- constraints -------------------------------------------------------------------
-    r_idx, c_idx, vals, r_lo, r_hi = [], [], [], [], []
-
-    def add_rows(cols: np.ndarray, coefs: np.ndarray, lo, hi):
+    def rows(self, cols: np.ndarray, coefs, lo, hi) -> None:
         """Rows given as a [rows, k] block of columns and coefficients."""
         cols = np.atleast_2d(cols)
         coefs = np.broadcast_to(coefs, cols.shape)
-        first = len(r_lo)
-        rows = first + np.repeat(np.arange(cols.shape[0]), cols.shape[1])
-        r_idx.append(rows)
-        c_idx.append(cols.reshape(-1))
-        vals.append(np.asarray(coefs, dtype=float).reshape(-1))
-        r_lo.extend(np.broadcast_to(lo, cols.shape[0]).tolist())
-        r_hi.extend(np.broadcast_to(hi, cols.shape[0]).tolist())
+        first = len(self.r_lo)
+        self.r_idx.append(first + np.repeat(np.arange(cols.shape[0]), cols.shape[1]))
+        self.c_idx.append(cols.reshape(-1))
+        self.vals.append(np.asarray(coefs, dtype=float).reshape(-1))
+        self.r_lo.extend(np.broadcast_to(lo, cols.shape[0]).tolist())
+        self.r_hi.extend(np.broadcast_to(hi, cols.shape[0]).tolist())
 
-    inf = np.inf
-    overhead = device.layer_overhead_ms
-    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms  # every row's T
-    for li, classes_l in enumerate(classes):
-        ns = [n.reshape(-1) for n in n_col[li]]
-        for ci, c in enumerate(classes_l):
-            n, u, x = n_col[li][ci], u_col[li][ci], x_col[li][ci]
+    # --- variables ---------------------------------------------------------------------
+
+    def variables(self) -> None:
+        sc, B, columns = self.scenario, self.B, self.columns
+        budget = sc.preload_budget_bytes
+        self.n_col, self.u_col, self.x_col = [], [], []
+        for classes_l in self.classes:
+            n_l, u_l, x_l = [], [], []
+            for c in classes_l:
+                size = len(c.members)
+                # A class member at b fits the buffer at most budget // bytes[b] times.
+                pre_cap = np.minimum(size, budget // np.maximum(c.bytes, 1))
+                hi = np.stack([np.full(B, size), pre_cap], axis=1).astype(float)
+                n_l.append(columns(2 * B, 0.0, hi.reshape(-1), False).reshape(B, 2))
+                at_least = np.minimum(np.cumsum(hi[::-1], axis=0)[::-1], size)
+                u = np.empty((B, 3), dtype=np.int64)  # streamed, preloaded, either
+                u[:, STREAMED] = columns(B, 0.0, at_least[:, STREAMED], True)
+                u[:, PRELOADED] = columns(B, 0.0, at_least[:, PRELOADED], False)
+                u[:, EITHER] = columns(B, 0.0, np.minimum(at_least.sum(axis=1), size), True)
+                u_l.append(u)
+                x_l.append(columns(size * B, 0.0, 1.0, False).reshape(size, B))
+            self.n_col.append(n_l)
+            self.u_col.append(u_l)
+            self.x_col.append(x_l)
+        G = len(self.classes)
+        self.y_col = columns(self.L, 0.0, 1.0, True) if self.skippable else None
+        self.io_col = columns(G if self.timed else 0, 0.0, np.inf, False)
+        self.comp_col = columns(G if self.timed else 0, 0.0, np.inf, False)
+        self.z_col = int(columns(1, 0.0, np.inf, False)[0]) \
+            if sc.objective == Objective.MIN_LATENCY else None
+        self.e_col = int(columns(1, 0.0, 1.0, True)[0]) \
+            if sc.memory_bounded and self.model.embedding_rows else None
+        self.m_col = int(columns(1, 0.0, np.inf, False)[0]) if sc.memory_bounded else None
+
+    # --- constraints -------------------------------------------------------------------
+
+    def class_rows(self, li: int) -> None:
+        """Block li's classes (at_least, either, pick, link; in_layer when skippable) and
+        its count row (nonempty when skippable)."""
+        B, add_rows, inf = self.B, self.rows, np.inf
+        ns = [n.reshape(-1) for n in self.n_col[li]]
+        for ci, c in enumerate(self.classes[li]):
+            n, u, x = self.n_col[li][ci], self.u_col[li][ci], self.x_col[li][ci]
             # at_least[b]: n[b] - u[b] + u[b+1] = 0 (per placement; u[B] = 0)
             placed = u[:, :2]
             if B > 1:
@@ -428,21 +391,30 @@ def build(scenario: Scenario, margins: Margins = EXACT,
             # link[c,b]: sum_s x[s,b] - n[b,S] - n[b,P] = 0
             add_rows(np.concatenate([x.T, n], axis=1),
                      np.concatenate([np.ones(x.T.shape), -np.ones(n.shape)], axis=1), 0.0, 0.0)
-            if skippable:
+            if self.skippable:
                 # in_layer[c]: sum n[c] - |c| y[l] <= 0
-                add_rows(np.append(n.reshape(-1), y_col[li]),
+                add_rows(np.append(n.reshape(-1), self.y_col[li]),
                          np.append(np.ones(n.size), -len(c.members)), -inf, 0.0)
         all_n = np.concatenate(ns)
-        if skippable:
+        need = self.scenario.min_shards_per_layer
+        if self.skippable:
             # nonempty[l]: sum n[l] - y[l] >= 0
-            add_rows(np.append(all_n, y_col[li]), np.append(np.ones(all_n.size), -1.0), 0.0, inf)
-        elif scenario.min_shards_per_layer > 0:
+            add_rows(np.append(all_n, self.y_col[li]), np.append(np.ones(all_n.size), -1.0),
+                     0.0, inf)
+        elif need > 0:
             # count[g]: sum n[g] >= min_shards_per_layer x (layers in block g)
-            add_rows(all_n, 1.0, float(scenario.min_shards_per_layer * len(layers_of[li])), inf)
-        if not timed:
-            continue  # a relaxation's latency rows are its paths, below
+            add_rows(all_n, 1.0, float(need * len(self.layers_of[li])), inf)
+
+    def time_rows(self, li: int) -> None:
+        """Layer li's time rows (the whole program: a block is a layer): its io row, then
+        the recurrence's edges under a binding window, else its compute and latency rows."""
+        device, classes_l, add_rows, inf = self.device, self.classes[li], self.rows, np.inf
+        io_col, comp_col, e_col, y_col = self.io_col, self.comp_col, self.e_col, self.y_col
+        t_emb, chained, window = self.t_emb, self.chained, self.window
+        overhead = device.layer_overhead_ms
+        all_n = np.concatenate([n.reshape(-1) for n in self.n_col[li]])
         # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1] = e t_emb)
-        streamed = np.concatenate([n[:, STREAMED] for n in n_col[li]])
+        streamed = np.concatenate([n[:, STREAMED] for n in self.n_col[li]])
         reads = np.concatenate([c.read_ms for c in classes_l])
         before = ([io_col[li - 1]], [-1.0]) if li else \
             (([e_col], [-t_emb]) if e_col is not None else ([], []))
@@ -450,9 +422,9 @@ def build(scenario: Scenario, margins: Margins = EXACT,
         coefs = [1.0, *(-reads), *before[1]]
         add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
         comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
-        fixed = 0.0 if skippable else overhead
+        fixed = 0.0 if self.skippable else overhead
         work_cols, work_coefs = list(all_n), list(-comp)
-        if skippable:
+        if self.skippable:
             work_cols.append(y_col[li])
             work_coefs.append(-overhead)
         if chained:
@@ -472,7 +444,15 @@ def build(scenario: Scenario, margins: Margins = EXACT,
                                                                else [])),
                          np.array([1.0, *work_coefs] + ([-t_emb] if e_col is not None else [])),
                          fixed + device.embed_ms, inf)
-            continue
+            return
+        self._unrolled_rows(li, work_cols, work_coefs, fixed)
+
+    def _unrolled_rows(self, li: int, work_cols: list, work_coefs: list, fixed: float) -> None:
+        """Layer li's compute row and its unrolled latency row (and the embedding's, after
+        layer 0), for an unbounded window."""
+        device, add_rows, inf, L = self.device, self.rows, np.inf, self.L
+        io_col, comp_col, z_col, e_col = self.io_col, self.comp_col, self.z_col, self.e_col
+        limit, t_emb = self.limit, self.t_emb
         # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
         cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
         coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
@@ -494,279 +474,115 @@ def build(scenario: Scenario, margins: Margins = EXACT,
                 add_rows(np.array([z_col, *cols]), np.array([1.0, *(-np.array(coefs))]),
                          device.embed_ms + device.pool_ms, inf)
 
-    for path in sorted(relaxation.paths) if relaxation is not None else ():
-        # path[p]: e t_emb + sum over the path's reads and compute (+ overheads, + embed_ms
-        # when it starts at the embedding) <= T  (min_latency: Z - the same >= its constant)
-        cols, coefs = [], []
-        fixed = (0.0 if path[0] & 1 else device.embed_ms) + \
-            device.wake_ms * sum(m == 3 for m in path)
-        for gi, block in enumerate(layers_of):
-            mark = path[block[0]]  # alike for every layer of a block
-            if mark & 2:
-                fixed += overhead * len(block)
-            for ci, c in enumerate(classes[gi]):
-                coef = np.zeros((B, 2))
-                if mark & 1:
-                    coef[:, STREAMED] += c.read_ms
+    def path_rows(self) -> None:
+        """A relaxation's latency rows, one per path, written on the counts; and the
+        binding window's last row, C[L-1] <= T."""
+        device, add_rows, inf, B = self.device, self.rows, np.inf, self.B
+        z_col, e_col, limit = self.z_col, self.e_col, self.limit
+        overhead = device.layer_overhead_ms
+        relaxation = self.relaxation
+        for path in sorted(relaxation.paths) if relaxation is not None else ():
+            # path[p]: e t_emb + sum over the path's reads and compute (+ overheads, + embed_ms
+            # when it starts at the embedding) <= T  (min_latency: Z - the same >= its constant)
+            cols, coefs = [], []
+            fixed = (0.0 if path[0] & 1 else device.embed_ms) + \
+                device.wake_ms * sum(m == 3 for m in path)
+            for gi, block in enumerate(self.layers_of):
+                mark = path[block[0]]  # alike for every layer of a block
                 if mark & 2:
-                    coef += c.compute_ms[:, None]
-                cols.append(n_col[gi][ci].reshape(-1))
-                coefs.append(coef.reshape(-1))
-        if e_col is not None:
-            cols.append(np.array([e_col]))
-            coefs.append(np.array([t_emb]))
-        cols, coefs = np.concatenate(cols), np.concatenate(coefs)
-        if z_col is None:
-            add_rows(cols, coefs, -inf, limit - fixed)
-        else:
-            add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms, inf)
-    if chained:
-        # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= pool_ms)
-        if z_col is None:
-            add_rows(np.array([comp_col[L - 1]]), 1.0, -inf, limit)
-        else:
-            add_rows(np.array([z_col, comp_col[L - 1]]), np.array([1.0, -1.0]), device.pool_ms,
-                     inf)
-    pre_cols = np.concatenate([n[:, PRELOADED] for nl in n_col for n in nl])
-    pre_bytes = np.concatenate([c.bytes for cl in classes for c in cl]).astype(float)
-    all_x = np.concatenate([x.reshape(-1) for xl in x_col for x in xl])
-    all_imp = np.concatenate([c.importance.reshape(-1) for cl in classes for c in cl])
-    # buffer: sum bytes n[P] <= budget
-    add_rows(pre_cols, pre_bytes, -inf, float(budget))
-    fixed_memory = 0.0
-    if m_col is not None:
-        # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
-        # (a relaxation's window holds every layer: it is kept whole, over its blocks)
-        span = window_span(window, L)
-        block_cols = [np.concatenate([n[:, STREAMED] for n in n_col[gi]]) for gi in range(G)]
-        block_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
-        for k in range(L - span + 1):
-            inside = [gi for gi, block in enumerate(layers_of) if k <= block[0] < k + span]
-            add_rows(np.concatenate([[m_col], *(block_cols[gi] for gi in inside)]),
-                     np.concatenate([[1.0], *(-block_bytes[gi] for gi in inside)]), 0.0, inf)
-        # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
-        fixed, stream_delta = memory_constants(model)
-        mem_cols = np.concatenate([[m_col], pre_cols] + ([[e_col]] if e_col is not None else []))
-        mem_coefs = np.concatenate([[1.0], pre_bytes] + (
-            [[float(stream_delta)]] if e_col is not None else []))
-        fixed_memory = float(fixed)
-        if scenario.memory_budget_bytes is not None:
-            add_rows(mem_cols, mem_coefs, -inf, scenario.memory_budget_bytes - fixed_memory)
-    if scenario.importance_floor is not None:
-        # floor: sum importance x >= importance_floor
-        add_rows(all_x, all_imp * importance_scale, margins.floor_rhs(scenario.importance_floor),
-                 inf)
-
-    # --- objective ---------------------------------------------------------------------
-    cost = np.zeros(len(lower))
-    if scenario.objective == Objective.MAX_IMPORTANCE:
-        cost[all_x] = all_imp * importance_scale
-        maximize, scale = True, importance_scale
-    elif scenario.objective == Objective.MIN_BUFFER:
-        cost[pre_cols] = pre_bytes
-        maximize, scale = False, 1.0
-    elif scenario.objective == Objective.MIN_MEMORY:
-        cost[mem_cols] = mem_coefs
-        maximize, scale = False, 1.0
-    else:
-        cost[z_col] = 1.0
-        maximize, scale = False, 1.0
-
-    return MatrixProgram(
-        scenario=scenario, classes=classes,
-        col_lower=np.array(lower), col_upper=np.array(upper),
-        col_integer=np.array(integer, dtype=bool), cost=cost, maximize=maximize,
-        row_lower=np.array(r_lo), row_upper=np.array(r_hi),
-        a_rows=np.concatenate(r_idx).astype(np.int64), a_cols=np.concatenate(c_idx).astype(np.int64),
-        a_vals=np.concatenate(vals), n_col=n_col, u_col=u_col, x_col=x_col, y_col=y_col,
-        io_col=io_col, comp_col=comp_col, z_col=z_col, objective_scale=scale, chained=chained, e_col=e_col,
-        m_col=m_col, objective_offset=fixed_memory
-        if scenario.objective == Objective.MIN_MEMORY else 0.0, blocks=blocks, relaxation=relaxation)
-
-
-def round_down(program: MatrixProgram, values: np.ndarray, margins: Margins = EXACT
-               ) -> tuple[Selection, Layout] | None:
-    """A feasible plan from a fractional solution (the LP relaxation), or None.
-
-    First try: per class and placement, the number of members at bitwidth >= b is
-    rounded down (a member whose count was split between two bitwidths takes the lower
-    one instead of being dropped), then checked against the cost model's sums. Fallback:
-    every count rounded down, which only shortens reads and compute and shrinks the
-    buffer, so the latency and buffer rows still hold. None if a layer then falls below
-    min_shards_per_layer. Members go to bitwidths in order of their x. The plan's distance
-    from the relaxation's bound is the caller's proven gap. Where the table lives follows
-    the relaxation's e, else the other place if only that one fits."""
-    sc = program.scenario
-    first = program.layout(values)
-    layouts = [first] if program.e_col is None else \
-        [first, Layout(first.window, not first.stream_embeddings)]
-    budget = sc.memory_budget_bytes
-    for cumulative in (True, False):
-        selection = _rounded(program, values, cumulative)
-        if selection is None:
-            continue
-        for layout in layouts:
-            s = simulate(sc, selection, layout=layout)
-            if s.latency_ms <= sc.target_latency_ms and \
-                    s.preload_bytes <= sc.preload_budget_bytes and \
-                    (budget is None or s.memory.peak_bytes <= budget):
-                if relaxable(sc) and sc.objective == Objective.MAX_IMPORTANCE:
-                    selection = fill(sc, selection, layout, margins)
-                return selection, layout
-    return None
-
-
-def grow_by_rounding(program: MatrixProgram, values: np.ndarray,
-                     margins: Margins = EXACT) -> Relaxation | None:
-    """`grow` for the plan that rounds a relaxed program's LP solution down (round_down's
-    first rule), or None if it misses no row (or a layer is left short)."""
-    selection = _rounded(program, values, cumulative=True)
-    if selection is None:
-        return None
-    return grow(program, selection, program.layout(values), margins)
-
-
-def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
-    need = program.scenario.min_shards_per_layer
-    layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
-    for li, classes in enumerate(program.classes):
-        for ci, c in enumerate(classes):
-            frac = values[program.n_col[li][ci]]  # [B, 2]
-            if cumulative:  # floor of the counts at >= b, from the top bitwidth down
-                at_least = np.floor(np.cumsum(frac[::-1], axis=0)[::-1] + 1e-6)
-                counts = (at_least - np.vstack([at_least[1:], np.zeros((1, 2))]))
-                counts = np.maximum(counts, 0).astype(np.int64)
+                    fixed += overhead * len(block)
+                for ci, c in enumerate(self.classes[gi]):
+                    coef = np.zeros((B, 2))
+                    if mark & 1:
+                        coef[:, STREAMED] += c.read_ms
+                    if mark & 2:
+                        coef += c.compute_ms[:, None]
+                    cols.append(self.n_col[gi][ci].reshape(-1))
+                    coefs.append(coef.reshape(-1))
+            if e_col is not None:
+                cols.append(np.array([e_col]))
+                coefs.append(np.array([self.t_emb]))
+            cols, coefs = np.concatenate(cols), np.concatenate(coefs)
+            if z_col is None:
+                add_rows(cols, coefs, -inf, limit - fixed)
             else:
-                counts = np.floor(frac + 1e-6).astype(np.int64)
-            per_bit = counts.sum(axis=1)
-            x = values[program.x_col[li][ci]]
-            chosen = np.full(len(c.members), -1)
-            # Highest bitwidths first: each takes its members with the most x at >= b.
-            x_at_least = np.cumsum(x[:, ::-1], axis=1)[:, ::-1]
-            for b in range(len(per_bit) - 1, -1, -1):
-                if per_bit[b] == 0:
-                    continue
-                order = np.lexsort((-c.importance[:, b], -x_at_least[:, b]))
-                chosen[[k for k in order if chosen[k] < 0][:per_bit[b]]] = b
-            for layer, pick in _class_picks(c, chosen, counts):
-                layers[layer].append(pick)
-    if any(len(picks) < need for picks in layers):
-        return None
-    return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
+                add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms,
+                         inf)
+        if self.chained:
+            last = self.comp_col[self.L - 1]
+            # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= pool_ms)
+            if z_col is None:
+                add_rows(np.array([last]), 1.0, -inf, limit)
+            else:
+                add_rows(np.array([z_col, last]), np.array([1.0, -1.0]), device.pool_ms, inf)
 
+    def budget_rows(self) -> None:
+        """The buffer row; with memory bounded, the arena's windows and the memory row; the
+        importance floor. Keeps what the objective needs."""
+        sc, add_rows, inf, L = self.scenario, self.rows, np.inf, self.L
+        classes, n_col, m_col, e_col = self.classes, self.n_col, self.m_col, self.e_col
+        self.pre_cols = np.concatenate([n[:, PRELOADED] for nl in n_col for n in nl])
+        self.pre_bytes = np.concatenate([c.bytes for cl in classes for c in cl]).astype(float)
+        self.all_x = np.concatenate([x.reshape(-1) for xl in self.x_col for x in xl])
+        self.all_imp = np.concatenate([c.importance.reshape(-1) for cl in classes for c in cl])
+        # buffer: sum bytes n[P] <= budget
+        add_rows(self.pre_cols, self.pre_bytes, -inf, float(sc.preload_budget_bytes))
+        self.fixed_memory = 0.0
+        self.mem_cols = self.mem_coefs = None
+        if m_col is not None:
+            # window_bytes[l]: M - sum bytes n[S] over layers l..l+W >= 0
+            # (a relaxation's window holds every layer: it is kept whole, over its blocks)
+            span = window_span(self.window, L)
+            block_cols = [np.concatenate([n[:, STREAMED] for n in n_col[gi]])
+                          for gi in range(len(classes))]
+            block_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
+            for k in range(L - span + 1):
+                inside = [gi for gi, block in enumerate(self.layers_of) if k <= block[0] < k + span]
+                add_rows(np.concatenate([[m_col], *(block_cols[gi] for gi in inside)]),
+                         np.concatenate([[1.0], *(-block_bytes[gi] for gi in inside)]), 0.0, inf)
+            # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
+            fixed, stream_delta = memory_constants(self.model)
+            self.mem_cols = np.concatenate([[m_col], self.pre_cols]
+                                           + ([[e_col]] if e_col is not None else []))
+            self.mem_coefs = np.concatenate([[1.0], self.pre_bytes] + (
+                [[float(stream_delta)]] if e_col is not None else []))
+            self.fixed_memory = float(fixed)
+            if sc.memory_budget_bytes is not None:
+                add_rows(self.mem_cols, self.mem_coefs, -inf,
+                         sc.memory_budget_bytes - self.fixed_memory)
+        if sc.importance_floor is not None:
+            # floor: sum importance x >= importance_floor
+            add_rows(self.all_x, self.all_imp * self.margins.importance_scale,
+                     self.margins.floor_rhs(sc.importance_floor), inf)
 
-def grow(program: MatrixProgram, selection: Selection, layout: Layout,
-         margins: Margins = EXACT) -> Relaxation | None:
-    """The relaxation with the rows a relaxed program's plan misses added, or None if it
-    meets them all (then it is a plan of the scenario): the plan's critical path if it
-    runs past the target (min_latency: past the kept paths' longest), a layer short of
-    min_shards_per_layer."""
-    relax = program.relaxation
-    if relax is None:
-        return None
-    sc = program.scenario
-    schedule = simulate(sc, selection, layout=layout)
-    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
-    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
-    start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
+    # --- objective and the program -----------------------------------------------------
 
-    d = sc.device
-
-    def total(path):
-        return path_ms(path, reads, work, start, d.embed_ms, d.wake_ms)
-
-    paths = set(relax.paths)
-    if sc.objective == Objective.MIN_LATENCY:
-        limit = max(total(p) for p in relax.paths)
-    else:
-        limit = margins.latency_rhs(sc.target_latency_ms) - sc.device.pool_ms
-    critical = critical_path(schedule.layers, layout.window, start, d.embed_ms, d.wake_ms)
-    if total(critical) > limit + 1e-9:
-        paths.add(critical)
-    short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
-    grown = Relaxation(frozenset(paths), relax.alone | short)
-    return None if grown == relax else grown
-
-
-def fill(scenario: Scenario, selection: Selection, layout: Layout,
-         margins: Margins = EXACT) -> Selection:
-    """A feasible plan improved greedily (max importance; every layer runs and the window
-    does not bind, so the latency rows are the unrolled ones and each layer's overhead is
-    a constant): while some shard can move to an option of more importance (another
-    bitwidth, streamed or preloaded, or run at all) with every latency row, the buffer
-    and the memory budget still met, the move that gains the most is made. Vectorised
-    over every shard and option; a move changes row l by its read time if l >= its layer
-    and by its compute if l <= its layer."""
-    device, model = scenario.device, scenario.model
-    B = len(model.bitwidths)
-    shards = [(li, si, s) for li, layer in enumerate(model.layers)
-              for si, s in enumerate(layer.shards)]
-    N, O = len(shards), 2 * B + 1  # option 0: dropped; 1 + 2b + p: bitwidth b, placement p
-    read = np.zeros((N, O))
-    comp = np.zeros((N, O))
-    pre = np.zeros((N, O))
-    stream = np.zeros((N, O))
-    imp = np.zeros((N, O))
-    for n, (li, si, s) in enumerate(shards):
-        for b in range(B):
-            o = 1 + 2 * b
-            comp[n, o:o + 2] = shard_compute_ms(device, model, s, b)
-            imp[n, o:o + 2] = s.importance[b]
-            read[n, o + STREAMED] = read_ms(device, s.bytes[b])
-            stream[n, o + STREAMED] = s.bytes[b]
-            pre[n, o + PRELOADED] = s.bytes[b]
-    layer_of = np.array([li for li, _, _ in shards])
-    index = {(li, si): n for n, (li, si, _) in enumerate(shards)}
-    current = np.zeros(N, dtype=np.int64)
-    for li, picks in enumerate(selection):
-        for p in picks:
-            current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
-    schedule = simulate(scenario, selection, layout=layout)
-    rows = np.array(row_values(schedule))
-    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms
-    rows += device.wake_ms  # each unrolled row waits for its layer's reads once
-    # the embedding's row: the compute thread's start, then every layer's compute
-    embed_row = (embedding_read_ms(device, model) if layout.stream_embeddings else 0.0) \
-        + device.embed_ms + sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)
-    preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
-    budget = scenario.memory_budget_bytes
-    members = np.arange(N)
-    while True:
-        d_read = read - read[members, current][:, None]
-        d_comp = comp - comp[members, current][:, None]
-        d_pre = pre - pre[members, current][:, None]
-        d_stream = stream - stream[members, current][:, None]
-        gain = imp - imp[members, current][:, None]
-        before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
-        after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
-        ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
-            (rows[layer_of][:, None] + d_read + d_comp <= limit) & \
-            (after[:, None] + d_read <= limit) & (embed_row + d_comp <= limit) & \
-            (preload + d_pre <= scenario.preload_budget_bytes)
-        if budget is not None:  # the arena holds every streamed byte (unbounded window)
-            ok &= peak + d_pre + d_stream <= budget
-        if not ok.any():
-            break
-        n, o = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), ok.shape)
-        j = layer_of[n]
-        rows[j:] += d_read[n, o]
-        rows[:j + 1] += d_comp[n, o]
-        embed_row += d_comp[n, o]
-        preload += d_pre[n, o]
-        peak += d_pre[n, o] + d_stream[n, o]
-        current[n] = o
-    layers: list[list[Pick]] = [[] for _ in model.layers]
-    for n, (li, si, _) in enumerate(shards):
-        if current[n]:
-            b, p = divmod(int(current[n]) - 1, 2)
-            layers[li].append(Pick(si, b, p == PRELOADED))
-    return tuple(tuple(picks) for picks in layers)
-
-
-def row_values(schedule: Schedule) -> list[float]:
-    """Per layer l, the unrolled latency row l of a schedule: the end of layer l's reads
-    plus the compute of layers l..L-1 (the latency, under an unbounded window, is their
-    max)."""
-    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
-    after = np.cumsum(work[::-1])[::-1]
-    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]
+    def program(self) -> MatrixProgram:
+        sc = self.scenario
+        importance_scale = self.margins.importance_scale
+        cost = np.zeros(len(self.lower))
+        if sc.objective == Objective.MAX_IMPORTANCE:
+            cost[self.all_x] = self.all_imp * importance_scale
+            maximize, scale = True, importance_scale
+        elif sc.objective == Objective.MIN_BUFFER:
+            cost[self.pre_cols] = self.pre_bytes
+            maximize, scale = False, 1.0
+        elif sc.objective == Objective.MIN_MEMORY:
+            cost[self.mem_cols] = self.mem_coefs
+            maximize, scale = False, 1.0
+        else:
+            cost[self.z_col] = 1.0
+            maximize, scale = False, 1.0
+        return MatrixProgram(
+            scenario=sc, classes=self.classes,
+            col_lower=np.array(self.lower), col_upper=np.array(self.upper),
+            col_integer=np.array(self.integer, dtype=bool), cost=cost, maximize=maximize,
+            row_lower=np.array(self.r_lo), row_upper=np.array(self.r_hi),
+            a_rows=np.concatenate(self.r_idx).astype(np.int64),
+            a_cols=np.concatenate(self.c_idx).astype(np.int64),
+            a_vals=np.concatenate(self.vals), n_col=self.n_col, u_col=self.u_col,
+            x_col=self.x_col, y_col=self.y_col, io_col=self.io_col, comp_col=self.comp_col,
+            z_col=self.z_col, objective_scale=scale, chained=self.chained, e_col=self.e_col,
+            m_col=self.m_col,
+            objective_offset=self.fixed_memory if sc.objective == Objective.MIN_MEMORY else 0.0,
+            blocks=self.blocks, relaxation=self.relaxation)

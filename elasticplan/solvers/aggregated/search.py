@@ -1,0 +1,220 @@
+"""The search over the aggregated program (elasticplan.solvers.aggregated.program), solver-
+neutral: row generation (`grow`: the rows a relaxed program's plan misses; docs/programs.md,
+"Row generation"), rounding an LP solution down to a plan (`round_down`) and improving a
+plan greedily (`fill`). Every check here is the cost model's (elasticplan.costmodel)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from elasticplan.costmodel import (
+    Layout,
+    Pick,
+    Schedule,
+    Selection,
+    critical_path,
+    embedding_read_ms,
+    path_ms,
+    read_ms,
+    shard_compute_ms,
+    simulate,
+)
+from elasticplan.problem.question import Objective
+from elasticplan.problem.spec import Scenario
+from elasticplan.solvers.aggregated.program import (
+    PRELOADED,
+    STREAMED,
+    MatrixProgram,
+    Relaxation,
+    class_picks,
+    relaxable,
+)
+from elasticplan.solvers.margins import EXACT, Margins
+
+
+def round_down(program: MatrixProgram, values: np.ndarray, margins: Margins = EXACT
+               ) -> tuple[Selection, Layout] | None:
+    """A feasible plan from a fractional solution (the LP relaxation), or None.
+
+    First try: per class and placement, the number of members at bitwidth >= b is
+    rounded down (a member whose count was split between two bitwidths takes the lower
+    one instead of being dropped), then checked against the cost model's sums. Fallback:
+    every count rounded down, which only shortens reads and compute and shrinks the
+    buffer, so the latency and buffer rows still hold. None if a layer then falls below
+    min_shards_per_layer. Members go to bitwidths in order of their x. The plan's distance
+    from the relaxation's bound is the caller's proven gap. Where the table lives follows
+    the relaxation's e, else the other place if only that one fits."""
+    sc = program.scenario
+    first = program.layout(values)
+    layouts = [first] if program.e_col is None else \
+        [first, Layout(first.window, not first.stream_embeddings)]
+    budget = sc.memory_budget_bytes
+    for cumulative in (True, False):
+        selection = _rounded(program, values, cumulative)
+        if selection is None:
+            continue
+        for layout in layouts:
+            s = simulate(sc, selection, layout=layout)
+            if s.latency_ms <= sc.target_latency_ms and \
+                    s.preload_bytes <= sc.preload_budget_bytes and \
+                    (budget is None or s.memory.peak_bytes <= budget):
+                if relaxable(sc) and sc.objective == Objective.MAX_IMPORTANCE:
+                    selection = fill(sc, selection, layout, margins)
+                return selection, layout
+    return None
+
+
+def grow_by_rounding(program: MatrixProgram, values: np.ndarray,
+                     margins: Margins = EXACT) -> Relaxation | None:
+    """`grow` for the plan that rounds a relaxed program's LP solution down (round_down's
+    first rule), or None if it misses no row (or a layer is left short)."""
+    selection = _rounded(program, values, cumulative=True)
+    if selection is None:
+        return None
+    return grow(program, selection, program.layout(values), margins)
+
+
+def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
+    need = program.scenario.min_shards_per_layer
+    layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
+    for li, classes in enumerate(program.classes):
+        for ci, c in enumerate(classes):
+            frac = values[program.n_col[li][ci]]  # [B, 2]
+            if cumulative:  # floor of the counts at >= b, from the top bitwidth down
+                at_least = np.floor(np.cumsum(frac[::-1], axis=0)[::-1] + 1e-6)
+                counts = (at_least - np.vstack([at_least[1:], np.zeros((1, 2))]))
+                counts = np.maximum(counts, 0).astype(np.int64)
+            else:
+                counts = np.floor(frac + 1e-6).astype(np.int64)
+            per_bit = counts.sum(axis=1)
+            x = values[program.x_col[li][ci]]
+            chosen = np.full(len(c.members), -1)
+            # Highest bitwidths first: each takes its members with the most x at >= b.
+            x_at_least = np.cumsum(x[:, ::-1], axis=1)[:, ::-1]
+            for b in range(len(per_bit) - 1, -1, -1):
+                if per_bit[b] == 0:
+                    continue
+                order = np.lexsort((-c.importance[:, b], -x_at_least[:, b]))
+                chosen[[k for k in order if chosen[k] < 0][:per_bit[b]]] = b
+            for layer, pick in class_picks(c, chosen, counts):
+                layers[layer].append(pick)
+    if any(len(picks) < need for picks in layers):
+        return None
+    return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
+
+
+def grow(program: MatrixProgram, selection: Selection, layout: Layout,
+         margins: Margins = EXACT) -> Relaxation | None:
+    """The relaxation with the rows a relaxed program's plan misses added, or None if it
+    meets them all (then it is a plan of the scenario): the plan's critical path if it
+    runs past the target (min_latency: past the kept paths' longest), a layer short of
+    min_shards_per_layer."""
+    relax = program.relaxation
+    if relax is None:
+        return None
+    sc = program.scenario
+    schedule = simulate(sc, selection, layout=layout)
+    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
+    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
+
+    d = sc.device
+
+    def total(path):
+        return path_ms(path, reads, work, start, d.embed_ms, d.wake_ms)
+
+    paths = set(relax.paths)
+    if sc.objective == Objective.MIN_LATENCY:
+        limit = max(total(p) for p in relax.paths)
+    else:
+        limit = margins.latency_rhs(sc.target_latency_ms) - sc.device.pool_ms
+    critical = critical_path(schedule.layers, layout.window, start, d.embed_ms, d.wake_ms)
+    if total(critical) > limit + 1e-9:
+        paths.add(critical)
+    short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
+    grown = Relaxation(frozenset(paths), relax.alone | short)
+    return None if grown == relax else grown
+
+
+def fill(scenario: Scenario, selection: Selection, layout: Layout,
+         margins: Margins = EXACT) -> Selection:
+    """A feasible plan improved greedily (max importance; every layer runs and the window
+    does not bind, so the latency rows are the unrolled ones and each layer's overhead is
+    a constant): while some shard can move to an option of more importance (another
+    bitwidth, streamed or preloaded, or run at all) with every latency row, the buffer
+    and the memory budget still met, the move that gains the most is made. Vectorised
+    over every shard and option; a move changes row l by its read time if l >= its layer
+    and by its compute if l <= its layer."""
+    device, model = scenario.device, scenario.model
+    B = len(model.bitwidths)
+    shards = [(li, si, s) for li, layer in enumerate(model.layers)
+              for si, s in enumerate(layer.shards)]
+    N, O = len(shards), 2 * B + 1  # option 0: dropped; 1 + 2b + p: bitwidth b, placement p
+    read = np.zeros((N, O))
+    comp = np.zeros((N, O))
+    pre = np.zeros((N, O))
+    stream = np.zeros((N, O))
+    imp = np.zeros((N, O))
+    for n, (li, si, s) in enumerate(shards):
+        for b in range(B):
+            o = 1 + 2 * b
+            comp[n, o:o + 2] = shard_compute_ms(device, model, s, b)
+            imp[n, o:o + 2] = s.importance[b]
+            read[n, o + STREAMED] = read_ms(device, s.bytes[b])
+            stream[n, o + STREAMED] = s.bytes[b]
+            pre[n, o + PRELOADED] = s.bytes[b]
+    layer_of = np.array([li for li, _, _ in shards])
+    index = {(li, si): n for n, (li, si, _) in enumerate(shards)}
+    current = np.zeros(N, dtype=np.int64)
+    for li, picks in enumerate(selection):
+        for p in picks:
+            current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
+    schedule = simulate(scenario, selection, layout=layout)
+    rows = np.array(row_values(schedule))
+    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms
+    rows += device.wake_ms  # each unrolled row waits for its layer's reads once
+    # the embedding's row: the compute thread's start, then every layer's compute
+    embed_row = (embedding_read_ms(device, model) if layout.stream_embeddings else 0.0) \
+        + device.embed_ms + sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)
+    preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
+    budget = scenario.memory_budget_bytes
+    members = np.arange(N)
+    while True:
+        d_read = read - read[members, current][:, None]
+        d_comp = comp - comp[members, current][:, None]
+        d_pre = pre - pre[members, current][:, None]
+        d_stream = stream - stream[members, current][:, None]
+        gain = imp - imp[members, current][:, None]
+        before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
+        after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
+        ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
+            (rows[layer_of][:, None] + d_read + d_comp <= limit) & \
+            (after[:, None] + d_read <= limit) & (embed_row + d_comp <= limit) & \
+            (preload + d_pre <= scenario.preload_budget_bytes)
+        if budget is not None:  # the arena holds every streamed byte (unbounded window)
+            ok &= peak + d_pre + d_stream <= budget
+        if not ok.any():
+            break
+        n, o = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), ok.shape)
+        j = layer_of[n]
+        rows[j:] += d_read[n, o]
+        rows[:j + 1] += d_comp[n, o]
+        embed_row += d_comp[n, o]
+        preload += d_pre[n, o]
+        peak += d_pre[n, o] + d_stream[n, o]
+        current[n] = o
+    layers: list[list[Pick]] = [[] for _ in model.layers]
+    for n, (li, si, _) in enumerate(shards):
+        if current[n]:
+            b, p = divmod(int(current[n]) - 1, 2)
+            layers[li].append(Pick(si, b, p == PRELOADED))
+    return tuple(tuple(picks) for picks in layers)
+
+
+def row_values(schedule: Schedule) -> list[float]:
+    """Per layer l, the unrolled latency row l of a schedule: the end of layer l's reads
+    plus the compute of layers l..L-1 (the latency, under an unbounded window, is their
+    max)."""
+    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    after = np.cumsum(work[::-1])[::-1]
+    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]
