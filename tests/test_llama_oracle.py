@@ -287,3 +287,25 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2):
     ours = dec.greedy(ids, max_new_tokens=16, eos_id=f.config.eos_id)[0]
     assert ours == theirs
     assert tok.decode(ours, skip_special_tokens=True) == "The capital of France is Paris."
+
+
+def test_decoder_refuses_misuse(tiny):
+    src, _ = tiny
+    dec = Decoder.from_tensors(src.config, src.tensors, context=8)
+    with pytest.raises(ValueError, match="before prefill"):
+        dec.decode_step(torch.tensor([5]))
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        dec.prefill(torch.ones(1, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="token ids"):
+        dec.prefill(torch.tensor([[5, src.config.vocab]]))
+    with pytest.raises(ValueError, match="at least one real token"):
+        dec.prefill(torch.tensor([[5, 6]]), torch.tensor([[True, True]]) & False)
+    dec.prefill(torch.tensor([[5, 6, 7, 8, 9, 10, 11]]))
+    dec.decode_step(torch.tensor([12]))  # the 8th and last column
+    with pytest.raises(ValueError, match="KV cache is full"):
+        dec.decode_step(torch.tensor([13]))
+    with pytest.raises(ValueError, match="expected 1 token ids"):
+        dec.prefill(torch.tensor([[5]]))
+        dec.decode_step(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="do not divide"):
+        type(src.config)(**{**src.config.__dict__, "ffn_slice_count": 5})
