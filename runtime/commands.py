@@ -36,6 +36,7 @@ from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import refuse_inputs, write_text
 from elasticplan.problem.spec import ModelProfile
 from runtime.schemes import DEFAULT_NAME, REGISTRY
+from runtime.sources import PACKAGED, open_checkpoint_dir, open_packaged
 
 DEFAULT_STORE = "build/shards/minilm-l6"
 DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
@@ -74,7 +75,12 @@ def register(sub) -> None:
     h.set_defaults(handler=cmd_shard)
     h.add_argument("--checkpoint", metavar="DIR",
                    help="a Hugging Face checkpoint directory (config.json, model.safetensors, "
-                        "tokenizer.json; modules.json for the pooling); default: MiniLM")
+                        "tokenizer.json; modules.json for an encoder's pooling): BERT, "
+                        "DistilBERT, RoBERTa or llama; default: MiniLM")
+    h.add_argument("--gguf", metavar="FILE", help="a llama model's GGUF file")
+    h.add_argument("--model", choices=tuple(PACKAGED),
+                   help="a packaged model: " + "; ".join(
+                       f"{name}: {line}" for name, (_, _, line) in PACKAGED.items()))
     h.add_argument("--out", help=f"store directory (default {DEFAULT_STORE}, or "
                                  f"build/shards/NAME for a checkpoint)")
     h.add_argument("--name", help="the model's name (default: the checkpoint directory's)")
@@ -189,7 +195,7 @@ def register(sub) -> None:
 
 def cmd_shard(a) -> int:
     from runtime.schemes import create
-    from runtime.sources.checkpoint import open_checkpoint, packaged
+    from runtime.sources.llama_source import open_gguf
     from runtime.store import build_store
 
     t0 = time.monotonic()
@@ -197,21 +203,27 @@ def cmd_shard(a) -> int:
         scheme = create(a.scheme, outlier_share=a.outlier_share)
     except ValueError as e:
         raise InvalidArgument(f"--scheme {a.scheme}: {e}") from None
-    if a.checkpoint is None:
-        if a.name or a.pooling or a.normalize is not None:
-            raise InvalidArgument("--name, --pooling and --normalize apply to --checkpoint")
-        ckpt, out = packaged(), a.out or DEFAULT_STORE
+    given = [f"--{k}" for k in ("checkpoint", "gguf", "model") if getattr(a, k) is not None]
+    if len(given) > 1:
+        raise InvalidArgument(f"{' and '.join(given)}: give one model source")
+    if (a.pooling or a.normalize is not None) and a.checkpoint is None:
+        raise InvalidArgument("--pooling and --normalize apply to an encoder's --checkpoint")
+    if a.name and not (a.checkpoint or a.gguf):
+        raise InvalidArgument("--name applies to --checkpoint and --gguf")
+    if a.checkpoint is None and a.gguf is None:
+        ckpt = open_packaged(a.model or next(iter(PACKAGED)))
+        out = a.out or (DEFAULT_STORE if a.model is None else f"build/shards/{a.model}")
     else:  # every check before anything is written
-        ckpt = open_checkpoint(a.checkpoint, name=a.name, pooling=a.pooling,
-                               normalize=a.normalize)
+        given_path = a.checkpoint or a.gguf
+        ckpt = open_gguf(a.gguf, name=a.name) if a.gguf else \
+            open_checkpoint_dir(a.checkpoint, name=a.name, pooling=a.pooling,
+                                normalize=a.normalize)
         out = a.out or f"build/shards/{ckpt.config.name}"
-        refuse_inputs(Path(out) / "index.json", (str(Path(a.checkpoint) / "config.json"),))
-        if Path(out).resolve() == Path(a.checkpoint).resolve():
-            raise InvalidArgument(f"--out {out}: the store must not be the checkpoint directory")
-    c, pool = ckpt.config, ckpt.pooling
-    print(f"{ckpt.path}: {c.name}, {c.family}, {c.layers} layers x {c.heads} heads, hidden "
-          f"{c.hidden}, FFN {c.ffn}; {pool.mode} pooling"
-          f"{', normalised' if pool.normalize else ''} ({pool.source})", file=sys.stderr)
+        refuse_inputs(Path(out) / "index.json",
+                      (str(Path(given_path) / "config.json") if a.checkpoint else given_path,))
+        if Path(out).resolve() == Path(given_path).resolve():
+            raise InvalidArgument(f"--out {out}: the store must not be the model's own path")
+    print(f"{ckpt.path}: {ckpt.describe()}", file=sys.stderr)
     report = build_store(out, ckpt, scheme=scheme, force=a.force,
                          log=lambda s: print(s, file=sys.stderr))
     print(f"{report.path}: {len(report.written)} file(s) written, {len(report.kept)} kept "

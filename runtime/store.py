@@ -47,21 +47,17 @@ import torch
 from elasticplan.errors import StoreError
 from elasticplan.problem.inputs import Fields, integer, load_json, regular_file, show
 from elasticplan.problem.outputs import remove_debris, write_bytes
-from runtime.families import DEFAULT_FAMILY, REGISTRY
+from runtime.families import DEFAULT_FAMILY, REGISTRY, family
 from runtime.families.encoder import (
-    POOLINGS,
     Config,
     Encoder,
-    LayerWeights,
     Slot,
     Tokenizer,
-    resident_names,
-    shard_from_hf,
 )
 from runtime.schemes import all_schemes, gptq, uniform
 from runtime.schemes.base import FP32, DecodeWork, Scheme
 from runtime.schemes.uniform import UNIFORM as DEFAULT
-from runtime.sources.checkpoint import Checkpoint, ReferenceModel, packaged
+from runtime.sources.checkpoint import packaged
 
 SCHEMA = "elasticplan.store/1"
 LAYOUT_VERSION = 2
@@ -137,6 +133,7 @@ class StoreIndex:
     resident: ResidentEntry
     build: dict
     data: dict
+    chat_template: str | None = None  # a decoder's, from its source (a Jinja template)
 
     def entries(self) -> list[FileEntry]:
         """Every file the index lists: shard files, the resident tensors, the tokenizer."""
@@ -197,6 +194,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_checked(path: Path, sha256: str) -> bytes:
+    """A small store file's bytes, checked against the checksum the index records."""
+    try:
+        with regular_file(path, what="shard store file", limit=MAX_INDEX_BYTES,
+                          error=StoreError) as fd:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
+                         f"store was built); rebuild with `elasticplan shard`")
+    return data
+
+
 def _write_durable(path: Path, chunks: list[bytes]) -> None:
     """Written atomically and fsync'ed (so that fadvise can evict its pages later)."""
     write_bytes(path, chunks)
@@ -224,23 +235,10 @@ def _read_index(path: Path) -> StoreIndex:
     model = f.string("model", max_length=64)
     complete = f.boolean("complete")
     cf = f.mapping("config", "the model's shape")
-    family = cf.string("family", required=False) or DEFAULT_FAMILY
-    if family not in REGISTRY:
-        raise cf.err("family", f"must be one of {', '.join(REGISTRY)}, got {show(family)}")
-    config = Config.from_dict({k: cf.integer(k, minimum=1, maximum=1 << 20)
-                               for k in ("layers", "hidden", "heads", "ffn", "vocab",
-                                         "max_positions")}
-                              | {"type_vocab": cf.integer("type_vocab", minimum=0,
-                                                          maximum=1 << 20),
-                                 "eps": cf.number("eps", positive=True, maximum=1.0),
-                                 "family": family,
-                                 "pad_id": cf.integer("pad_id", minimum=0, maximum=1 << 30,
-                                                      required=False) or 0,
-                                 "pooling": cf.string("pooling", required=False) or "mean",
-                                 "normalize": cf.boolean("normalize", default=True)},
-                              model)
-    if config.pooling not in POOLINGS:
-        raise cf.err("pooling", f"must be one of {', '.join(POOLINGS)}, got {config.pooling!r}")
+    name = cf.string("family", required=False) or DEFAULT_FAMILY
+    if name not in REGISTRY:
+        raise cf.err("family", f"must be one of {', '.join(REGISTRY)}, got {show(name)}")
+    config = family(name).config_from_index(cf, model)
     cf.done()
     bitwidths = tuple(integer(b, file, f"bitwidths[{i}]", minimum=1, maximum=32,
                               error=StoreError) for i, b in enumerate(f.sequence("bitwidths")))
@@ -309,7 +307,9 @@ def _read_index(path: Path) -> StoreIndex:
     return StoreIndex(model=model, complete=complete, config=config, bitwidths=bitwidths,
                       variants=variants, files=shard_files, tokenizer=tok,
                       resident=ResidentEntry(res_file, res_sha, res_bytes, entries),
-                      build=f.data.get("build", {}), data=f.data)
+                      build=f.data.get("build", {}), data=f.data,
+                      chat_template=f.string("chat_template", required=False,
+                                             max_length=1 << 20))
 
 
 class ShardStore:
@@ -396,6 +396,26 @@ class ShardStore:
                              f"store was built); rebuild with `elasticplan shard`")
         return out
 
+    def text_tokenizer(self):
+        """The store's tokenizer as `tokenizers` loads it (checksum-checked): a decoder's,
+        which neither truncates nor pads."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        entry = self.index.tokenizer
+        path = self.path / entry.file
+        data = _read_checked(path, entry.sha256)
+        return HFTokenizer.from_str(data.decode())
+
+    def decoder(self, bits: list[dict[str, int]] | None = None, context: int | None = None):
+        """A llama store's decoder with, per layer, these shards at these bitwidths (None:
+        every shard in fp32), its KV cache `context` columns long (default: the model's)."""
+        from runtime.families.llama import Decoder
+
+        c = self.config
+        bits = bits or [{n: FP32 for n in c.shard_names()} for _ in range(c.layers)]
+        layers = [self.layer_weights(l, b) for l, b in enumerate(bits)]
+        return Decoder(c, self.resident(), layers, context)
+
     def encoder(self, *, without_word: bool = False) -> Encoder:
         return Encoder(self.config, self.resident(without_word=without_word))
 
@@ -403,13 +423,7 @@ class ShardStore:
         """The store's tokenizer, after checking it against the checksum the index records."""
         entry = self.index.tokenizer
         path = self.path / entry.file
-        try:
-            ok = sha256_file(path) == entry.sha256
-        except OSError as e:
-            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
-        if not ok:
-            raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
-                             f"store was built); rebuild with `elasticplan shard`")
+        _read_checked(path, entry.sha256)
         c = self.config
         return Tokenizer(path, min(max_length, c.usable_positions), c.pad_id)
 
@@ -444,10 +458,10 @@ class ShardStore:
         decode_into(v, self.read(v), Slot(matrix[:v.in_rows], matrix[v.in_rows:].t(), bias))
         return matrix, bias
 
-    def layer_weights(self, layer: int, bits_by_name: dict[str, int]) -> LayerWeights:
+    def layer_weights(self, layer: int, bits_by_name: dict[str, int]):
         """Layer `layer` with exactly these shards at these bitwidths, each decoded straight
-        into its slot of the fused buffers."""
-        w = LayerWeights(self.config, list(bits_by_name))
+        into its slot of the family's fused buffers."""
+        w = family(self.config.family).layer_weights(self.config, list(bits_by_name))
         for name, bits in bits_by_name.items():
             v = self.variant(layer, name, bits)
             decode_into(v, self.read(v), w.slot(name))
@@ -479,22 +493,29 @@ class BuildReport:
     total_bytes: int
 
 
-def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
+def build_store(out: str | os.PathLike, checkpoint=None, *,
                 bitwidths: tuple[int, ...] | None = None, scheme: Scheme = DEFAULT,
                 force: bool = False, log: Callable[[str], None] = lambda s: None
                 ) -> BuildReport:
-    """Write (or resume, or confirm) the shard store of a checkpoint (checked in full by
-    runtime.sources.checkpoint before this runs; default: the packaged MiniLM), its quantised
-    shards in `scheme` (default bitwidths: the scheme's)."""
+    """Write (or resume, or confirm) the shard store of a checkpoint, checked in full before
+    this runs (default: the packaged MiniLM): an encoder's Hugging Face directory
+    (runtime.sources.checkpoint.Checkpoint) or a llama's GGUF file or directory
+    (runtime.sources.llama_source.LlamaSource). Either gives its config, tensors, weights
+    file, provenance, tokenizer bytes and, for a scheme that rounds with input
+    covariances, its fp32 reference model; its family cuts the shards. Quantised shards
+    are kept in `scheme` (default bitwidths: the scheme's)."""
     bitwidths = tuple(bitwidths or scheme.bitwidths)
     for b in bitwidths:
         scheme.check_bits(b)
     ckpt = checkpoint or packaged()
+    if scheme.needs_hessians and not hasattr(ckpt, "reference"):  # before a byte is written
+        raise StoreError(f"{ckpt.path}: the {scheme.name} scheme rounds with an fp32 "
+                         f"reference model's activations, which only encoders offer here; "
+                         f"build this store with the uniform scheme (the default)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for p in remove_debris(out):  # temporary files of a build that was killed mid-write
         log(f"removed {p.name}, left by an interrupted build")
-    src = ckpt.path
     build = {"source_sha256": sha256_file(ckpt.weights_file),
              "bitwidths": list(bitwidths), "layout_version": LAYOUT_VERSION,
              "quantisation": uniform.SCHEME, "clip_grid": len(uniform.CLIP_GRID)}
@@ -516,6 +537,8 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
              "source": ckpt.source, "config": config.to_dict(), "bitwidths": list(bitwidths),
              "quantisation": {"scheme": uniform.SCHEME, "variant_layout": VARIANT_LAYOUT},
              "files": {}}
+    if getattr(ckpt, "chat_template", None):  # (a decoder's; an encoder's index is as it was)
+        index["chat_template"] = ckpt.chat_template
     if scheme.index_key:
         index["quantisation"][scheme.index_key] = scheme.index_entry(calibration)
     written, kept = [], []
@@ -535,14 +558,15 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
 
     tensors = ckpt.tensors
     # tokenizer
-    tok_sha = sha256_file(src / "tokenizer.json")
-    index["tokenizer"] = {"file": "tokenizer.json", "sha256": tok_sha}
+    tok_bytes = ckpt.tokenizer_bytes()
+    index["tokenizer"] = {"file": "tokenizer.json", "sha256": hashlib.sha256(tok_bytes).hexdigest()}
     if not keep("tokenizer.json", index["tokenizer"]):
-        _write_durable(out / "tokenizer.json", [(src / "tokenizer.json").read_bytes()])
+        _write_durable(out / "tokenizer.json", [tok_bytes])
         written.append("tokenizer.json")
     # resident tensors
     res_entry, chunks, offset = {"file": "resident.bin", "tensors": {}}, [], 0
-    for name, hf in resident_names(config).items():
+    kind = family(config.family)
+    for name, hf in kind.resident_names(config).items():
         raw = np.ascontiguousarray(tensors[hf], dtype="<f4").tobytes()
         res_entry["tensors"][name] = {"shape": list(tensors[hf].shape), "offset": offset}
         chunks.append(raw)
@@ -561,9 +585,9 @@ def build_store(out: str | os.PathLike, checkpoint: Checkpoint | None = None, *,
             not keep_ok(f"layer{l}.b{b}.bin", old.get("files", {}).get(f"layer{l}.b{b}.bin"))
             for l in range(config.layers) for b in bitwidths if scheme.coder(b) == scheme):
         log(f"the fp32 model on {len(calibration)} calibration texts (for the rounding)...")
-        hessians = gptq.hessians(ReferenceModel.from_checkpoint(ckpt), calibration)
+        hessians = gptq.hessians(ckpt.reference(), calibration)
     for l in range(config.layers):
-        shards = {n: shard_from_hf(tensors, config, l, n) for n in config.shard_names()}
+        shards = {n: kind.cut_shard(tensors, config, l, n) for n in config.shard_names()}
         for bits in bitwidths:
             fname = f"layer{l}.b{bits}.bin"
             prev = old.get("files", {}).get(fname)

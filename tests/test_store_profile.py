@@ -96,17 +96,17 @@ def test_a_rebuild_keeps_a_file_only_if_it_is_what_the_new_index_says(store_dir,
     kept the old resident.bin (its checksum matched the old index) but wrote the new
     index's offsets and checksum beside it, and the next load failed its checksum. A
     rebuild now keeps a file only when it matches the entry the new index records."""
-    import runtime.store as store_module
+    from runtime.families.bert import Bert
 
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
-    real = store_module.resident_names
+    real = Bert().resident_names
 
-    def reordered(c):
+    def reordered(self, c):
         names = real(c)
         return {k: names[k] for k in reversed(list(names))}
 
-    monkeypatch.setattr(store_module, "resident_names", reordered)
+    monkeypatch.setattr(Bert, "resident_names", reordered)
     report = build_store(copy)
     assert "resident.bin" in report.written
     store = ShardStore(copy)

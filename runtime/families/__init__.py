@@ -20,8 +20,11 @@ REGISTRY = {
     "bert": ("runtime.families.bert", "Bert"),
     "distilbert": ("runtime.families.distilbert", "DistilBert"),
     "roberta": ("runtime.families.roberta", "Roberta"),
+    "llama": ("runtime.families.llama", "Llama"),
 }
 DEFAULT_FAMILY = next(iter(REGISTRY))
+MAX_DIM = 1 << 16  # largest hidden / FFN / vocabulary size a checkpoint may declare
+MAX_CHECKPOINT_LAYERS = 256
 _INSTANCES: dict = {}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from runtime.families.bert import MAX_CHECKPOINT_LAYERS, MAX_DIM, Bert
+from runtime.families import MAX_CHECKPOINT_LAYERS, MAX_DIM
+from runtime.families.bert import Bert
 
 
 class DistilBert(Bert):

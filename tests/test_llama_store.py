@@ -1,0 +1,137 @@
+"""A llama model into the shard store: `elasticplan shard --checkpoint DIR` (a Hugging Face
+llama directory) and `shard --gguf FILE`, on the tiny random llama. The store's decoder in
+fp32 is the source's decoder exactly; a quantised or dropped shard is what the store's
+decoder of the variant and the family's own cut give; the index records the family, the
+llama shape and the chat template; refusals name what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from elasticplan.cli import main
+from runtime.families.llama import Decoder, LayerWeights, cut_shard
+from runtime.schemes.base import FP32
+from runtime.sources.llama_source import open_gguf, open_hf_llama
+from runtime.sources.tiny_llama import CHAT_TEMPLATE, write_tiny_llama
+from runtime.store import ShardStore
+from tests.test_gguf_source import write_gguf
+
+PROMPTS = ["the cat sat on the mat", "where is the hat"]
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-store")
+    ckpt = write_tiny_llama(root / "ckpt")
+    assert cli("shard", "--checkpoint", ckpt, "--out", root / "store") == 0
+    return ckpt, root / "store"
+
+
+def _batch(tok, texts):
+    enc = [tok.encode(t).ids for t in texts]
+    n = max(map(len, enc))
+    ids = torch.full((len(enc), n), 2, dtype=torch.int64)
+    mask = torch.zeros(len(enc), n, dtype=torch.bool)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), True
+    return ids, mask
+
+
+def test_the_store_of_a_llama_checkpoint_is_its_model(built):
+    ckpt, store_dir = built
+    src = open_hf_llama(ckpt)
+    store = ShardStore(store_dir)
+    assert store.config.to_dict() == src.config.to_dict() and store.config.family == "llama"
+    assert store.index.chat_template == CHAT_TEMPLATE
+    assert store.bitwidths == (2, 3, 4, 6, 8, 32)
+    tok = store.text_tokenizer()
+    for t in PROMPTS + ["ünïcödé 🙂 and <|im_start|>"]:
+        assert tok.encode(t).ids == src.tokenizer.encode(t).ids
+    ids, mask = _batch(tok, PROMPTS)
+    with torch.inference_mode():
+        want = Decoder.from_tensors(src.config, src.tensors, context=32).prefill(ids, mask)
+        got = store.decoder(context=32).prefill(ids, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert store.verify() == []
+
+
+def test_a_quantised_or_dropped_shard_is_the_familys_cut_of_it(built):
+    """Layer 1 with group0 at 4 bits and ffn2 dropped: the store's decoder equals a decoder
+    whose layer holds the store's decoded group0 and the family's own cut of the rest, and
+    differs from the full model (the negative control)."""
+    ckpt, store_dir = built
+    src = open_hf_llama(ckpt)
+    store = ShardStore(store_dir)
+    c = store.config
+    bits = [{n: FP32 for n in c.shard_names()} for _ in range(c.layers)]
+    bits[1]["group0"] = 4
+    del bits[1]["ffn2"]
+    names = list(bits[1])
+    w = LayerWeights(c, names)
+    for n in names:
+        m = store.load(1, n, 4)[0] if n == "group0" else \
+            torch.from_numpy(cut_shard(src.tensors, c, 1, n)[0])
+        w.put(n, m)
+    full = Decoder.from_tensors(c, src.tensors, context=32)
+    expected = Decoder(c, full.r, [full.layers[0], w], context=32)
+    ids, mask = _batch(store.text_tokenizer(), PROMPTS)
+    with torch.inference_mode():
+        got = store.decoder(bits, context=32).prefill(ids, mask)
+        want = expected.prefill(ids, mask)
+        ref = full.prefill(ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert (got - ref).abs().max() > 1e-3
+    # the 4-bit group is its fp32 cut within the uniform scheme's bound (max|w_row| / 2^4)
+    fp32 = cut_shard(src.tensors, c, 1, "group0")[0]
+    k = c.shard_in_rows("group0")
+    err = (store.load(1, "group0", 4)[0].numpy() - fp32)[:k]
+    assert np.sqrt((err ** 2).mean(axis=1)).max() <= np.abs(fp32[:k]).max() / 16
+
+
+def test_a_gguf_file_gives_the_same_store_as_its_checkpoint(built, tmp_path):
+    """The tiny llama as a llama.cpp GGUF (F32 tensors): `shard --gguf` writes the same shard
+    files and resident tensors as the checkpoint's store; a rebuild keeps every file."""
+    _, store_dir = built
+    gguf = write_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "from-gguf"
+    assert cli("shard", "--gguf", gguf, "--name", "ckpt", "--out", out) == 0
+    a, b = ShardStore(store_dir), ShardStore(out)
+    assert b.config.family == "llama" and b.index.chat_template == CHAT_TEMPLATE
+    for (name, e) in a.index.files.items():
+        assert b.index.files[name].sha256 == e.sha256, name
+    ids, mask = _batch(b.text_tokenizer(), PROMPTS)
+    with torch.inference_mode():
+        torch.testing.assert_close(b.decoder(context=32).prefill(ids, mask),
+                                   a.decoder(context=32).prefill(ids, mask),
+                                   rtol=1e-5, atol=1e-5)  # (eps is fp32 in a GGUF)
+    before = json.loads((out / "index.json").read_text())
+    assert cli("shard", "--gguf", gguf, "--name", "ckpt", "--out", out) == 0
+    assert json.loads((out / "index.json").read_text()) == before
+    assert open_gguf(gguf).describe().startswith("tiny, llama, 2 layers x 4 heads (2 KV")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--scheme", "dict"], "uniform scheme"),
+    (["--pooling", "mean"], "--pooling"),
+])
+def test_llama_store_refusals(built, tmp_path, capsys, args, needle):
+    ckpt, _ = built
+    out = tmp_path / "bad"
+    assert cli("shard", "--checkpoint", ckpt, "--out", out, *args) != 0
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (out / "index.json").exists()
+
+
+def test_two_model_sources_are_refused(built, capsys):
+    ckpt, _ = built
+    assert cli("shard", "--checkpoint", ckpt, "--model", "smollm2-135m") == 2
+    assert "give one model source" in capsys.readouterr().err
