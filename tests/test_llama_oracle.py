@@ -309,3 +309,27 @@ def test_decoder_refuses_misuse(tiny):
         dec.decode_step(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="do not divide"):
         type(src.config)(**{**src.config.__dict__, "ffn_slice_count": 5})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_chunked_prefill_equals_whole(tiny, side):
+    """A prompt run `chunk` columns at a time gives the logits and the KV cache of the
+    whole prompt at once (then the same decode step)."""
+    src, _ = tiny
+    ids, mask = batch(src.tokenizer(), PROMPTS, side)
+    whole = Decoder.from_tensors(src.config, src.tensors, context=64)
+    parts = Decoder.from_tensors(src.config, src.tensors, context=64)
+    with torch.inference_mode():
+        want = whole.prefill(ids, mask)
+        step = whole.decode_step(torch.tensor([5, 6, 7, 8]))
+        for chunk in (1, 3, 5, ids.shape[1], 100):
+            got = parts.prefill(ids, mask, chunk=chunk)
+            torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(parts.prefill(ids, mask, chunk=chunk, last_only=True),
+                                       want[torch.arange(4), _last(mask)], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(parts.decode_step(torch.tensor([5, 6, 7, 8])), step,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def _last(mask):
+    return mask.shape[1] - 1 - torch.flip(mask, [1]).long().argmax(1)
