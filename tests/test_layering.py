@@ -25,6 +25,21 @@ PLANNER_LEVELS = {
     "elasticplan.cli": 6,  # the command line
 }
 
+# The runtime's levels, in the same sense (runtime/ may import the planner; the planner
+# never imports the runtime).
+RUNTIME_LEVELS = {
+    "runtime.families": 0,  # model families: the forward passes and shard cuts, no I/O
+    "runtime.sources": 1,  # checkpoints, GGUF files, packaged models, text tasks
+    "runtime.schemes": 2,  # quantisation schemes (the dictionary's rounding reads a task)
+    "runtime.store": 3,  # the shard store
+    "runtime.iodev": 3,  # cold reads and the emulated device clock
+    "runtime.profiling": 4,  # importance, submodels, additivity: built on the store
+    "runtime.executor": 4,  # one query exactly as a plan says
+    "runtime.measurement": 5,  # repeated runs of the executor and their report
+    "runtime.calibrate": 6,  # this machine as a device, measured through the executor
+    "runtime.commands": 7,  # the runtime's commands
+}
+
 
 def _modules() -> dict[str, Path]:
     out = {}
@@ -113,6 +128,16 @@ def test_every_planner_module_has_a_level():
     graph = import_graph()
     assert [m for m in graph if m.split(".")[0] == "elasticplan" and m != "elasticplan"
             and level_of(m, PLANNER_LEVELS) is None] == []
+
+
+def test_runtime_imports_no_higher_level():
+    assert upward_imports(import_graph(), RUNTIME_LEVELS) == []
+
+
+def test_every_runtime_module_has_a_level():
+    graph = import_graph()
+    assert [m for m in graph if m.split(".")[0] == "runtime" and m != "runtime"
+            and level_of(m, RUNTIME_LEVELS) is None] == []
 
 
 def test_level_check_finds_a_planted_upward_import():
