@@ -1,9 +1,14 @@
-"""The `elasticplan` command: solve, verify, sweep, table, lookup.
+"""The `elasticplan` command. The planner's own verbs: solve, baseline, verify, sweep, table,
+lookup and fleet.
 
 Other packages add commands through the entry-point group `elasticplan.commands`: each
 entry is a function `register(subparsers)` that adds its sub-commands, each with a
-`handler`. The runtime registers shard, profile, calibrate and run that way
-(runtime.commands), so the planner imports nothing of it.
+`handler`. The runtime registers shard, profile, scenario, calibrate, evaluate and run that
+way (runtime.commands), so the planner imports nothing of it.
+
+The question's flags (--target-ms, --buffer-mb, --memory-mb, --floor, --window,
+--latency-quantile) take their ranges and messages from the question's one table
+(elasticplan.problem.question.BOUNDS), as scenario files and plans do.
 
 A user mistake (bad file, bad flag value, infeasible problem) prints one line
 `elasticplan: error: ...` on stderr and exits with the code documented in docs/cli.md;

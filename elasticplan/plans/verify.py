@@ -28,7 +28,19 @@ def _close(a: float, b: float, abs_tol: float) -> bool:
 
 
 def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
-    """All violations of `plan` against `scenario` (empty: the plan is valid)."""
+    """All violations of `plan` against `scenario` (empty: the plan is valid): first what
+    the plan is (its question's scenario, its shards, its layout), then, if that holds,
+    the constraints and every predicted figure against the cost model's replay."""
+    bad = _structure(scenario, plan)
+    if bad:
+        return bad, None
+    s = simulate(scenario, plan.selection(scenario), plan.execution, plan.layout)
+    return _constraints(scenario, plan, s) + _figures(plan, s), s
+
+
+def _structure(scenario: Scenario, plan: Plan) -> list[str]:
+    """Is it a plan of this scenario: schema, content hash, model, layers, shard names and
+    bitwidths, shards per layer, window and embedding placement."""
     bad: list[str] = []
     model = scenario.model
     ref = plan.scenario
@@ -42,7 +54,7 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
     if len(plan.layers) != len(model.layers):
         bad.append(f"plan has {len(plan.layers)} layers, model {model.name!r} has "
                    f"{len(model.layers)}")
-        return bad, None
+        return bad
     for li, lp in enumerate(plan.layers):
         if lp.index != li:
             bad.append(f"layer at position {li} has index {lp.index}")
@@ -67,11 +79,15 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
                    f"{scenario.prefetch_window}")
     if plan.embeddings == "streamed" and not model.embedding_rows:
         bad.append(f"embeddings streamed, but model {model.name!r} has no embedding table")
-    if bad:
-        return bad, None
+    return bad
 
-    s = simulate(scenario, plan.selection(scenario), plan.execution, plan.layout)
-    # Constraints: the latency at the scenario's quantile meets the target.
+
+def _constraints(scenario: Scenario, plan: Plan, s: Schedule) -> list[str]:
+    """The question's constraints on the replayed schedule `s`: the latency at the
+    scenario's quantile (and the plan's claim of it), the buffer, the memory budget, the
+    importance floor."""
+    bad: list[str] = []
+    # the latency at the scenario's quantile meets the target
     quantile = at_quantile(scenario)
     planned = s if quantile is scenario else \
         simulate(quantile, plan.selection(scenario), plan.execution, plan.layout)
@@ -97,7 +113,14 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
             s.importance < scenario.importance_floor * (1 - REL_TOL):
         bad.append(f"importance {s.importance:.9g} is below the floor "
                    f"{scenario.importance_floor:.9g}")
-    # Predicted figures must be the cost model's.
+    return bad
+
+
+def _figures(plan: Plan, s: Schedule) -> list[str]:
+    """Every figure the plan predicts is the cost model's: times per layer, latency, bytes,
+    importance, memory by term, the objective."""
+    bad: list[str] = []
+    ref = plan.scenario
     for li, (lp, t) in enumerate(zip(plan.layers, s.layers)):
         for field in ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms"):
             claimed, actual = getattr(lp, field), getattr(t, field)
@@ -121,7 +144,7 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
     objective = ref.question.objective
     if not _close(plan.objective, objective_value(objective, s), 1e-12):
         bad.append(f"objective {plan.objective:.9g} does not match its {objective.value} value")
-    return bad, s
+    return bad
 
 
 def verify_plan(scenario: Scenario, plan: Plan) -> Schedule:

@@ -129,51 +129,81 @@ def build(scenario: Scenario) -> Program:
             f"model {scenario.model.name!r} needs {n_bools(scenario):,} booleans in the plain "
             f"per-shard program (cpsat, cbc), more than the {PLAIN_MAX_BOOLS:,} they are sized "
             f"for; use --solver highs, which solves the aggregated program")
-    device, model = scenario.device, scenario.model
-    L, B = len(model.layers), len(model.bitwidths)
-    skippable = scenario.min_shards_per_layer == 0
-    window = scenario.prefetch_window
-    chained = window_binds(window, L)  # time variables
-    embed = "e" if scenario.memory_bounded and model.embedding_rows else None
-    t_emb = embedding_read_ms(device, model)
+    b = _Rows(scenario)
+    b.variables()
+    for li in range(b.L):
+        b.layer_rows(li)
+    if b.chained:
+        b.window_rows()
+    else:
+        b.unrolled_rows()
+    b.budget_rows()
+    return b.program()
 
-    # --- variables ---------------------------------------------------------------------
-    q, p, bools = {}, {}, []
-    for li, layer in enumerate(model.layers):
-        for si in range(len(layer.shards)):
-            for b in range(B):
-                q[li, si, b] = f"q[{li},{si},{b}]"
-                p[li, si, b] = f"p[{li},{si},{b}]"
-                bools += [q[li, si, b], p[li, si, b]]
-        if skippable:
-            bools.append(f"y[{li}]")
-    if embed:
-        bools.append(embed)
-    times = ["Z"] if scenario.objective == Objective.MIN_LATENCY else []
-    if chained:
-        times += [f"F[{li}]" for li in range(L)] + [f"C[{li}]" for li in range(L)]
-    byte_vars = ("M",) if scenario.memory_bounded else ()
-    io_terms, comp_terms, fixed_compute = [], [], []
 
-    rows: list[Row] = []
+class _Rows:
+    """The program as it is built, section by section (`build` calls them in turn); rows
+    are appended in order, each with the terms of one variable merged."""
 
-    def row(label, unit, terms, sense, rhs):
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        self.device, self.model = scenario.device, scenario.model
+        self.L, self.B = len(self.model.layers), len(self.model.bitwidths)
+        self.skippable = scenario.min_shards_per_layer == 0
+        self.window = scenario.prefetch_window
+        self.chained = window_binds(self.window, self.L)  # time variables
+        self.embed = "e" if scenario.memory_bounded and self.model.embedding_rows else None
+        self.t_emb = embedding_read_ms(self.device, self.model)
+        self.embed_read = [(self.embed, self.t_emb)] if self.embed else []
+        self.limit = scenario.target_latency_ms - self.device.pool_ms  # every latency row's bound
+        self.rows: list[Row] = []
+        # per layer: its reads' and compute's terms, and its compute's constant part
+        self.io_terms, self.comp_terms, self.fixed_compute = [], [], []
+
+    def row(self, label, unit, terms, sense, rhs) -> None:
         merged = defaultdict(float)
         for var, coef in terms:
             merged[var] += coef
-        rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
-                        sense, float(rhs)))
+        self.rows.append(Row(label, unit, tuple((v, c) for v, c in merged.items() if c != 0),
+                             sense, float(rhs)))
 
-    horizon = (t_emb if embed else 0.0) + device.embed_ms + device.pool_ms + L * device.wake_ms
-    limit = scenario.target_latency_ms - device.pool_ms  # every latency row's bound
-    for li, layer in enumerate(model.layers):
+    # --- variables ---------------------------------------------------------------------
+
+    def variables(self) -> None:
+        sc, L, B = self.scenario, self.L, self.B
+        self.q, self.p, self.bools = {}, {}, []
+        for li, layer in enumerate(self.model.layers):
+            for si in range(len(layer.shards)):
+                for b in range(B):
+                    self.q[li, si, b] = f"q[{li},{si},{b}]"
+                    self.p[li, si, b] = f"p[{li},{si},{b}]"
+                    self.bools += [self.q[li, si, b], self.p[li, si, b]]
+            if self.skippable:
+                self.bools.append(f"y[{li}]")
+        if self.embed:
+            self.bools.append(self.embed)
+        self.times = ["Z"] if sc.objective == Objective.MIN_LATENCY else []
+        if self.chained:
+            self.times += [f"F[{li}]" for li in range(L)] + [f"C[{li}]" for li in range(L)]
+        self.byte_vars = ("M",) if sc.memory_bounded else ()
+        d = self.device
+        self.horizon = (self.t_emb if self.embed else 0.0) + d.embed_ms + d.pool_ms + \
+            L * d.wake_ms
+
+    # --- constraints -------------------------------------------------------------------
+
+    def layer_rows(self, li: int) -> None:
+        """Layer li's count rows (pick, and in_layer and nonempty or min_shards), and the
+        terms of its reads and compute, for the latency rows."""
+        device, model, B, q, p, row = self.device, self.model, self.B, self.q, self.p, self.row
+        layer = model.layers[li]
         run = [(q[li, si, b], p[li, si, b]) for si in range(len(layer.shards)) for b in range(B)]
         # pick[l,s]: each shard runs at most once, at one bitwidth:  sum_b q + p <= 1
         for si in range(len(layer.shards)):
             row(f"pick[{li},{si}]", Unit.COUNT,
                 [(q[li, si, b], 1) for b in range(B)] + [(p[li, si, b], 1) for b in range(B)],
                 "<=", 1)
-        if skippable:
+        if self.skippable:
             y = f"y[{li}]"
             # shard runs only in a running layer (sum_b q+p <= y); a running layer has a shard
             for si in range(len(layer.shards)):
@@ -186,33 +216,34 @@ def build(scenario: Scenario) -> Program:
         else:
             # min_shards[l]: sum (q + p) >= min_shards_per_layer
             row(f"min_shards[{li}]", Unit.COUNT, [(v, 1) for pair in run for v in pair], ">=",
-                scenario.min_shards_per_layer)
+                self.scenario.min_shards_per_layer)
             overhead_terms, overhead_rhs = [], device.layer_overhead_ms
 
-        io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
-                         for si, s in enumerate(layer.shards) for b in range(B)])
+        self.io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
+                              for si, s in enumerate(layer.shards) for b in range(B)])
         comp = {(si, b): shard_compute_ms(device, model, s, b)
                 for si, s in enumerate(layer.shards) for b in range(B)}
-        comp_terms.append([(q[li, si, b], c) for (si, b), c in comp.items()]
-                          + [(p[li, si, b], c) for (si, b), c in comp.items()]
-                          + overhead_terms)
-        fixed_compute.append(overhead_rhs)
-        horizon += device.layer_overhead_ms + sum(
+        self.comp_terms.append([(q[li, si, b], c) for (si, b), c in comp.items()]
+                               + [(p[li, si, b], c) for (si, b), c in comp.items()]
+                               + overhead_terms)
+        self.fixed_compute.append(overhead_rhs)
+        self.horizon += device.layer_overhead_ms + sum(
             max(read_ms(device, s.bytes[b]) + comp[si, b] for b in range(B))
             for si, s in enumerate(layer.shards))
 
-    embed_read = [(embed, t_emb)] if embed else []
-    if chained:
-        # window rows, one per edge of the recurrence (F, C continuous, ms):
-        #   io[l]:      F[l] - F[l-1] - io[l] >= 0   (e * t_emb for l = 0: the query's rows)
-        #   gate[l]:    F[l] - C[l-W-1] - io[l] >= 0 (l > W: the window is full until then)
-        #   ready[l]:   C[l] - F[l] - c[l] >= 0
-        #   order[l]:   C[l] - C[l-1] - c[l] >= 0
-        #   latency:    C[L-1] <= T   (min_latency: Z - C[L-1] >= 0)
+    def window_rows(self) -> None:
+        """A binding window: one row per edge of the recurrence (F, C continuous, ms):
+          io[l]:      F[l] - F[l-1] - io[l] >= 0   (e * t_emb for l = 0: the query's rows)
+          gate[l]:    F[l] - C[l-W-1] - io[l] >= 0 (l > W: the window is full until then)
+          ready[l]:   C[l] - F[l] - c[l] >= 0
+          order[l]:   C[l] - C[l-1] - c[l] >= 0
+          latency:    C[L-1] <= T   (min_latency: Z - C[L-1] >= 0)"""
+        device, row, window, L = self.device, self.row, self.window, self.L
+        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms, self.fixed_compute
         neg = lambda terms: [(v, -c) for v, c in terms]  # noqa: E731
         for li in range(L):
             F, C = f"F[{li}]", f"C[{li}]"
-            prev = [(f"F[{li - 1}]", -1)] if li else neg(embed_read)
+            prev = [(f"F[{li - 1}]", -1)] if li else neg(self.embed_read)
             row(f"io[{li}]", Unit.TIME_MS, [(F, 1)] + prev + neg(io_terms[li]), ">=", 0)
             if li > window:
                 row(f"gate[{li}]", Unit.TIME_MS,
@@ -224,70 +255,85 @@ def build(scenario: Scenario) -> Program:
                     + neg(comp_terms[li]), ">=", fixed_compute[li])
             elif device.embed_ms:
                 # order[0]: C[0] - e t_emb - c[0] >= embed_ms (the embedding computes first)
-                row("order[0]", Unit.TIME_MS, [(C, 1)] + neg(embed_read)
+                row("order[0]", Unit.TIME_MS, [(C, 1)] + neg(self.embed_read)
                     + neg(comp_terms[li]), ">=", fixed_compute[li] + device.embed_ms)
         last = f"C[{L - 1}]"
-        if scenario.objective == Objective.MIN_LATENCY:
+        if self.scenario.objective == Objective.MIN_LATENCY:
             row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", device.pool_ms)
         else:
-            row("latency", Unit.TIME_MS, [(last, 1)], "<=", limit)
-    # Unbounded window: the recurrence C[l] = max(F[l] + wake, C[l-1]) + c[l] unrolls to
-    #   latency = max over l of ( F[l] + wake + sum_{k>=l} c[k] ),
-    #   F[l] = e t_emb + sum_{k<=l} io[k],
-    # so "latency <= T" is exactly one row per layer over the booleans:
-    # latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T - wake.
-    # With an embedding time, one more row: latency[embed]: e t_emb + embed_ms + sum c[k] <= T.
-    # (pool_ms is a constant of every row: T is the target less it.)
-    unrolled = [] if chained else list(range(L)) + (["embed"] if device.embed_ms else [])
-    for li in unrolled:
-        if li == "embed":
-            terms = embed_read + [t for k in range(L) for t in comp_terms[k]]
-            constant = sum(fixed_compute) + device.embed_ms
-        else:
-            terms = embed_read + [t for k in range(li + 1) for t in io_terms[k]]
-            terms += [t for k in range(li, L) for t in comp_terms[k]]
-            constant = sum(fixed_compute[li:]) + device.wake_ms
-        if scenario.objective == Objective.MIN_LATENCY:
-            # Z >= the same sum for every l; minimise Z.
-            row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],
-                ">=", constant + device.pool_ms)
-        else:
-            row(f"latency[{li}]", Unit.TIME_MS, terms, "<=", limit - constant)
+            row("latency", Unit.TIME_MS, [(last, 1)], "<=", self.limit)
 
-    preloads = [(p[key], model.layers[key[0]].shards[key[1]].bytes[key[2]]) for key in p]
-    importance = [(var, model.layers[key[0]].shards[key[1]].importance[key[2]])
-                  for table in (q, p) for key, var in table.items()]
-    # buffer: sum bytes * p <= budget
-    row("buffer", Unit.BYTES, preloads, "<=", scenario.preload_budget_bytes)
-    memory = []
-    if byte_vars:
-        # window_bytes[l]: M - sum_{k=l..l+W} bytes * q[k] >= 0  (the IO arena)
-        streams = [[(q[li, si, b], s.bytes[b]) for si, s in enumerate(layer.shards)
-                    for b in range(B)] for li, layer in enumerate(model.layers)]
-        span = window_span(window, L)
-        for li in range(L - span + 1):
-            row(f"window_bytes[{li}]", Unit.BYTES,
-                [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
-                ">=", 0)
-        # memory: M + preload + e (rows - table) <= budget - the fixed terms
-        fixed, stream_delta = memory_constants(model)
-        memory = [("M", 1.0)] + preloads + ([(embed, stream_delta)] if embed else [])
-        if scenario.memory_budget_bytes is not None:
-            row("memory", Unit.BYTES, memory, "<=", scenario.memory_budget_bytes - fixed)
-    if scenario.importance_floor is not None:
-        # floor: sum importance * (q + p) >= importance_floor
-        row("importance_floor", Unit.IMPORTANCE, importance, ">=", scenario.importance_floor)
+    def unrolled_rows(self) -> None:
+        """An unbounded window: the recurrence C[l] = max(F[l] + wake, C[l-1]) + c[l] unrolls to
+          latency = max over l of ( F[l] + wake + sum_{k>=l} c[k] ),
+          F[l] = e t_emb + sum_{k<=l} io[k],
+        so "latency <= T" is exactly one row per layer over the booleans:
+        latency[l]: e t_emb + sum_{k<=l} io[k] + sum_{k>=l} c[k] <= T - wake.
+        With an embedding time, one more row: latency[embed]: e t_emb + embed_ms + sum c[k]
+        <= T. (pool_ms is a constant of every row: T is the target less it.)"""
+        device, row, L = self.device, self.row, self.L
+        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms, self.fixed_compute
+        for li in list(range(L)) + (["embed"] if device.embed_ms else []):
+            if li == "embed":
+                terms = self.embed_read + [t for k in range(L) for t in comp_terms[k]]
+                constant = sum(fixed_compute) + device.embed_ms
+            else:
+                terms = self.embed_read + [t for k in range(li + 1) for t in io_terms[k]]
+                terms += [t for k in range(li, L) for t in comp_terms[k]]
+                constant = sum(fixed_compute[li:]) + device.wake_ms
+            if self.scenario.objective == Objective.MIN_LATENCY:
+                # Z >= the same sum for every l; minimise Z.
+                row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],
+                    ">=", constant + device.pool_ms)
+            else:
+                row(f"latency[{li}]", Unit.TIME_MS, terms, "<=", self.limit - constant)
 
-    objective, maximize, unit = {
-        Objective.MAX_IMPORTANCE: (importance, True, Unit.IMPORTANCE),
-        Objective.MIN_BUFFER: (preloads, False, Unit.BYTES),
-        Objective.MIN_MEMORY: (memory, False, Unit.BYTES),
-        Objective.MIN_LATENCY: ([("Z", 1.0)], False, Unit.TIME_MS),
-    }[scenario.objective]
-    return Program(scenario=scenario, bools=tuple(bools), times=tuple(times),
-                   time_horizon_ms=horizon, rows=tuple(rows), objective=tuple(objective),
-                   maximize=maximize, objective_unit=unit, q=q, p=p, byte_vars=byte_vars,
-                   byte_horizon=sum(max(s.bytes) for layer in model.layers for s in layer.shards),
-                   embed_var=embed,
-                   objective_offset=float(memory_constants(model)[0])
-                   if scenario.objective == Objective.MIN_MEMORY else 0.0)
+    def budget_rows(self) -> None:
+        """The buffer row; with memory bounded, the arena's windows and the memory row; the
+        importance floor. Keeps the objective's terms."""
+        sc, model, B, q, p, row = self.scenario, self.model, self.B, self.q, self.p, self.row
+        self.preloads = [(p[key], model.layers[key[0]].shards[key[1]].bytes[key[2]])
+                         for key in p]
+        self.importance = [(var, model.layers[key[0]].shards[key[1]].importance[key[2]])
+                           for table in (q, p) for key, var in table.items()]
+        # buffer: sum bytes * p <= budget
+        row("buffer", Unit.BYTES, self.preloads, "<=", sc.preload_budget_bytes)
+        self.memory = []
+        if self.byte_vars:
+            # window_bytes[l]: M - sum_{k=l..l+W} bytes * q[k] >= 0  (the IO arena)
+            streams = [[(q[li, si, b], s.bytes[b]) for si, s in enumerate(layer.shards)
+                        for b in range(B)] for li, layer in enumerate(model.layers)]
+            span = window_span(self.window, self.L)
+            for li in range(self.L - span + 1):
+                row(f"window_bytes[{li}]", Unit.BYTES,
+                    [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
+                    ">=", 0)
+            # memory: M + preload + e (rows - table) <= budget - the fixed terms
+            fixed, stream_delta = memory_constants(model)
+            self.memory = [("M", 1.0)] + self.preloads + \
+                ([(self.embed, stream_delta)] if self.embed else [])
+            if sc.memory_budget_bytes is not None:
+                row("memory", Unit.BYTES, self.memory, "<=", sc.memory_budget_bytes - fixed)
+        if sc.importance_floor is not None:
+            # floor: sum importance * (q + p) >= importance_floor
+            row("importance_floor", Unit.IMPORTANCE, self.importance, ">=", sc.importance_floor)
+
+    # --- objective and the program -----------------------------------------------------
+
+    def program(self) -> Program:
+        sc, model = self.scenario, self.model
+        objective, maximize, unit = {
+            Objective.MAX_IMPORTANCE: (self.importance, True, Unit.IMPORTANCE),
+            Objective.MIN_BUFFER: (self.preloads, False, Unit.BYTES),
+            Objective.MIN_MEMORY: (self.memory, False, Unit.BYTES),
+            Objective.MIN_LATENCY: ([("Z", 1.0)], False, Unit.TIME_MS),
+        }[sc.objective]
+        return Program(scenario=sc, bools=tuple(self.bools), times=tuple(self.times),
+                       time_horizon_ms=self.horizon, rows=tuple(self.rows),
+                       objective=tuple(objective), maximize=maximize, objective_unit=unit,
+                       q=self.q, p=self.p, byte_vars=self.byte_vars,
+                       byte_horizon=sum(max(s.bytes) for layer in model.layers
+                                        for s in layer.shards),
+                       embed_var=self.embed,
+                       objective_offset=float(memory_constants(model)[0])
+                       if sc.objective == Objective.MIN_MEMORY else 0.0)
