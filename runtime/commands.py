@@ -115,6 +115,11 @@ def register(sub) -> None:
                                    f"else build/profile/NAME)")
     p.add_argument("--head", help=f"task head JSON (default {DEFAULT_HEAD} for MiniLM, else "
                                   f"beside the profile, with --task)")
+    p.add_argument("--texts", type=int, default=None, metavar="N",
+                   help="a decoder's store: profile on the first N calibration tweets "
+                        "(default 16)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="a decoder's store: cut each text to N tokens (default 32)")
     p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
                    help="what importance measures (default fidelity: cosine to fp32)")
 
@@ -233,12 +238,17 @@ def cmd_shard(a) -> int:
 
 
 def cmd_profile(a) -> int:
+    from runtime.families import family
     from runtime.families.encoder import MODEL_NAME
     from runtime.profiling.profile import measurements_path, profile_model
     from runtime.sources.task import csv_task
     from runtime.store import ShardStore
 
     store = ShardStore(a.store)  # a missing or unfinished store stops here
+    if family(store.config.family).decoder:
+        return _profile_decoder(a, store)
+    if a.texts is not None or a.max_tokens is not None:
+        raise InvalidArgument("--texts and --max-tokens apply to a decoder's store")
     task = csv_task(a.task, a.text_column, a.label_column) if a.task else None
     tweets = task is None and store.model == MODEL_NAME  # MiniLM's own task: the tweets
     if _is_default_store(a.store) and tweets:
@@ -254,6 +264,30 @@ def cmd_profile(a) -> int:
         refuse_inputs(path, (*store.files(), *([a.task] if a.task else [])))
     profile_model(a.store, out, cache_dir=cache, head_path=head, task=task, metric=a.metric,
                   link=not _is_default_store(a.store))
+    return 0
+
+
+def _profile_decoder(a, store) -> int:
+    """`profile` of a llama store: next-token KL importance (runtime/profiling/
+    decoder_profile.py) on the calibration tweets."""
+    from runtime.profiling.decoder_profile import MAX_TOKENS, TEXTS, profile_decoder
+    from runtime.profiling.profile import measurements_path
+
+    for flag, value in (("--task", a.task), ("--head", a.head),
+                        ("--metric", None if a.metric == "fidelity" else a.metric)):
+        if value is not None:
+            raise InvalidArgument(f"{flag}: a decoder's importance is next-token KL on text; "
+                                  f"no task head")
+    texts = TEXTS if a.texts is None else a.texts
+    tokens = MAX_TOKENS if a.max_tokens is None else a.max_tokens
+    if not 1 <= texts <= 100_000 or not 2 <= tokens <= store.config.context:
+        raise InvalidArgument(f"--texts {texts} / --max-tokens {tokens}: texts in [1, 100000], "
+                              f"tokens in [2, {store.config.context}]")
+    out = a.out or str(Path(a.store) / "profile.yaml")
+    cache = a.cache or f"build/profile/{Path(a.store).resolve().name}"
+    for path in (Path(out), measurements_path(Path(out))):  # before minutes of measuring
+        refuse_inputs(path, store.files())
+    profile_decoder(a.store, out, cache_dir=cache, texts=texts, max_tokens=tokens)
     return 0
 
 

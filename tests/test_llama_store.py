@@ -135,3 +135,51 @@ def test_two_model_sources_are_refused(built, capsys):
     ckpt, _ = built
     assert cli("shard", "--checkpoint", ckpt, "--model", "smollm2-135m") == 2
     assert "give one model source" in capsys.readouterr().err
+
+
+def test_decoder_profile_measures_next_token_kl(built, tmp_path, capsys):
+    """`elasticplan profile` of a llama store: a planner-readable profile whose importance is
+    max(0, KL(dropped) - KL(b)); a cached measurement equals the KL computed directly from
+    the store's whole decoder with that one change (not through the kept layer inputs); a
+    rerun measures nothing new."""
+    import torch.nn.functional as F
+
+    from elasticplan.problem.loader import parse_model, read_yaml
+    from runtime.profiling.decoder_profile import scored, token_batches
+    from runtime.profiling.profile import DROP
+    from runtime.sources.task import load_splits
+
+    _, store_dir = built
+    out = tmp_path / "tiny.yaml"
+    args = ("profile", "--store", store_dir, "--out", out, "--cache", tmp_path / "cache",
+            "--texts", 4, "--max-tokens", 16)
+    assert cli(*args) == 0
+    profile = parse_model(read_yaml(out), str(out))
+    raw = json.loads(out.with_name("tiny.measurements.json").read_text())
+    ms = {(m["layer"], m["shard"], m["variant"]): m for m in raw["measurements"]}
+    store = ShardStore(store_dir)
+    assert len(ms) == store.config.layers * len(store.config.shard_names()) * 6
+    for l, layer in enumerate(profile.layers):
+        for s in layer.shards:
+            drop = ms[l, s.name, DROP]["kl"]
+            assert s.importance[-1] == pytest.approx(drop, rel=1e-5)
+            assert all(0 <= i <= s.importance[-1] * (1 + 1e-5) for i in s.importance)
+    assert -1 <= raw["additivity"]["spearman"] <= 1
+    # one measurement recomputed the plain way: layer 1's group1 at 2 bits
+    c = store.config
+    bits = [{n: FP32 for n in c.shard_names()} for _ in range(c.layers)]
+    bits[1]["group1"] = 2
+    batches = token_batches(store, list(load_splits().calibration.texts[:4]), 16, 8)
+    kl = n = 0.0
+    with torch.inference_mode():
+        for ids, mask in batches:
+            ref = F.log_softmax(store.decoder(context=16).prefill(ids, mask)[scored(mask)], -1)
+            got = F.log_softmax(store.decoder(bits, context=16).prefill(ids, mask)[scored(mask)],
+                                -1)
+            kl += float((ref.exp() * (ref - got)).sum())
+            n += int(scored(mask).sum())
+    assert ms[1, "group1", 2]["kl"] == pytest.approx(kl / n, rel=1e-4, abs=1e-7)
+    assert ms[1, "group1", 2]["kl"] > 0
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert "0 to measure" in capsys.readouterr().out

@@ -405,11 +405,17 @@ class Decoder:
         return torch.matmul(act, w.ffn_out.t()).view(B, n, d)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, cols: slice,
-             mask: torch.Tensor | None) -> torch.Tensor:
+             mask: torch.Tensor | None, start: int = 0,
+             record: list | None = None) -> torch.Tensor:
+        """x (the input of layer `start`) through layers start.. and the final norm;
+        `record` receives each of those layers' input."""
         cos = self.cos[positions][:, None, None]  # [B, 1, 1, n, hd]
         sin = self.sin[positions][:, None, None]
         cos_k, sin_k = cos[:, :, 0], sin[:, :, 0]  # [B, 1, n, hd]
-        for l, w in enumerate(self.layers):
+        for l in range(start, len(self.layers)):
+            w = self.layers[l]
+            if record is not None:
+                record.append(x)
             if w.groups:
                 x = x + self._attention(l, x, cos, sin, cos_k, sin_k, cols, mask)
             if w.slices:
@@ -472,6 +478,30 @@ class Decoder:
             last = n - 1 - torch.flip(mask, [1]).long().argmax(1)
             return self.logits(x[torch.arange(B), last])
         return self.logits(x)
+
+    def teacher_forced(self, ids: torch.Tensor, mask: torch.Tensor, *, start: int = 0,
+                       x: torch.Tensor | None = None, record: list | None = None
+                       ) -> torch.Tensor:
+        """A whole batch at once, as for scoring text (ids [B, n], mask [B, n], right
+        padding): the final hidden states [B, n, hidden] before the LM head. From layer
+        `start` with `x` its input [B, n, hidden] (default: the embeddings, from layer 0);
+        `record` (a list) receives each layer's input from `start` on. A fresh KV cache is
+        used (the layers' kept groups may have changed since the last call)."""
+        B, n = ids.shape
+        if n > self.context:
+            raise ValueError(f"{n} columns exceed the decoder's context of {self.context}")
+        mask = mask.to(torch.bool)
+        self.cache = KVCache(self.config, self.layers, B, n)
+        self.cache.mask[:, :n] = mask
+        self.cache.used = n
+        counts = mask.long().cumsum(1)
+        self.cache.lengths = counts[:, -1].clone()
+        positions = (counts - 1).clamp_(min=0)
+        col = torch.arange(n)
+        allowed = ((col[None, :] <= col[:, None])[None] & mask[:, None, :]) | \
+            torch.eye(n, dtype=torch.bool)[None]
+        x = self.r["embed"][ids] if x is None else x
+        return self._run(x, positions, slice(0, n), allowed[:, None, None], start, record)
 
     def decode_step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """One token per sequence (token_ids [B]) after the prompt and earlier steps;

@@ -148,10 +148,11 @@ def inputs_digest(store: ShardStore, calibration_digest: str, head: TaskHead | N
 
 
 class MeasurementCache:
-    """JSON lines: a header {"inputs": digest} then one Measurement per line. A cache for
-    other inputs is discarded; a torn last line (interrupted run) is ignored."""
+    """JSON lines: a header {"inputs": digest} then one measurement per line (a frozen
+    dataclass with a `key()`: `kind`, Measurement by default). A cache for other inputs is
+    discarded; a torn last line (interrupted run) is ignored."""
 
-    def __init__(self, path: Path, digest: str):
+    def __init__(self, path: Path, digest: str, kind: type = Measurement):
         self.path, self.digest = path, digest
         self.items: dict[tuple[int, str, int], Measurement] = {}
         if path.is_file():
@@ -163,7 +164,7 @@ class MeasurementCache:
             if ok:
                 for line in lines[1:]:
                     try:
-                        m = Measurement(**json.loads(line))
+                        m = kind(**json.loads(line))
                     except (ValueError, TypeError):
                         continue
                     self.items[m.key()] = m
@@ -174,7 +175,7 @@ class MeasurementCache:
     def add(self, m: Measurement) -> None:
         self.items[m.key()] = m
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(m.__dict__) + "\n")
+            fh.write(json.dumps(dataclasses.asdict(m)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -1,0 +1,299 @@
+"""Importance for a decoder (a llama store): how far the next-token distribution moves when
+one shard changes, teacher-forced on held-out text.
+
+For every layer l, shard s and variant v (dropped, or stored at b bits) the model reads the
+profile's token sequences with only shard s of layer l changed and every other shard in
+fp32; at each real position whose next token is real, it is compared with the full fp32
+model: the KL divergence KL(p_full || p_changed) of the next-token distributions (nats)
+and whether the two agree on the most likely token (top-1). Both are averaged over those
+positions. Importance, as for encoders (runtime/profiling/profile.py), is the damage of
+dropping the shard that the variant avoids:
+
+    importance[l, s, b] = max(0, KL(dropped) - KL(b)),   importance[l, s, fp32] = KL(dropped)
+
+Text: the first `texts` tweets of the calibration split (runtime/sources/task.py), each cut
+to `max_tokens` tokens, in batches; evaluation reads the test split, so the two never
+overlap. Speed: the full model's input to every layer is computed once per batch and kept;
+a change in layer l runs from its kept input through layers l.. and the LM head. Resumable
+like the encoder's profile: measurements are appended to a JSON-lines cache keyed by the
+store's build and the token sequences, and a rerun measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from runtime.families import family
+from runtime.profiling.profile import DROP, MeasurementCache
+from runtime.schemes.base import FP32
+from runtime.store import ShardStore
+
+PROFILE_VERSION = 1
+TEXTS = 16  # calibration tweets profiled by default
+MAX_TOKENS = 32  # each cut to this many tokens
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class KLMeasurement:
+    layer: int
+    shard: str
+    variant: int  # DROP, or bits
+    kl: float  # mean KL(full || changed) over the scored positions, nats
+    top1: float  # share of scored positions whose most likely next token is the full model's
+
+    def key(self) -> tuple[int, str, int]:
+        return self.layer, self.shard, self.variant
+
+
+def token_batches(store: ShardStore, texts: list[str], max_tokens: int, batch: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids [B, n], mask [B, n]) right-padded, each text cut to `max_tokens` tokens; texts
+    of fewer than two tokens (nothing to predict) are left out."""
+    tok = store.text_tokenizer()
+    pad = next(i for i in (store.config.pad_id, store.config.eos_id, 0) if i is not None)
+    seqs = [ids[:max_tokens] for ids in (tok.encode(t).ids for t in texts) if len(ids) >= 2]
+    out = []
+    for i in range(0, len(seqs), batch):
+        part = seqs[i:i + batch]
+        n = max(map(len, part))
+        ids = torch.full((len(part), n), pad, dtype=torch.int64)
+        mask = torch.zeros(len(part), n, dtype=torch.bool)
+        for j, s in enumerate(part):
+            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), True
+        out.append((ids, mask))
+    return out
+
+
+def scored(mask: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is real (teacher forcing predicts it): [B, n] bool."""
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return out
+
+
+class DecoderProfiler:
+    """The full fp32 decoder of a llama store, its kept per-layer inputs and reference
+    log-probabilities on the profile's batches, and `measure` of one changed layer."""
+
+    def __init__(self, store: ShardStore, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.store, self.batches = store, batches
+        c = store.config
+        n = max(ids.shape[1] for ids, _ in batches)
+        self.dec = store.decoder(context=n)
+        self.full = list(self.dec.layers)
+        self.inputs: list[list[torch.Tensor]] = []
+        self.ref: list[torch.Tensor] = []  # log-probs at the scored positions
+        self.positions = 0
+        with torch.inference_mode():
+            for ids, mask in batches:
+                rec: list[torch.Tensor] = []
+                h = self.dec.teacher_forced(ids, mask, record=rec)
+                self.inputs.append(rec)
+                self.ref.append(F.log_softmax(self.dec.logits(h[scored(mask)]), dim=-1))
+                self.positions += int(scored(mask).sum())
+        self._fp32: dict[str, torch.Tensor] = {}
+        self._layer = -1
+        self.config = c
+
+    def _fp32_of(self, l: int, name: str) -> torch.Tensor:
+        """Layer l's shard in fp32 (the layer's shards are kept while it is profiled)."""
+        if self._layer != l:
+            self._fp32, self._layer = {}, l
+        if name not in self._fp32:
+            self._fp32[name] = self.store.load(l, name, FP32)[0]
+        return self._fp32[name]
+
+    def layer_with(self, l: int, changes: dict[str, int]):
+        """Layer l with these shards changed (DROP, or bits) and the rest in fp32."""
+        c = self.config
+        names = [n for n in c.shard_names() if changes.get(n, FP32) != DROP]
+        w = family(c.family).layer_weights(c, names)
+        for n in names:
+            bits = changes.get(n, FP32)
+            w.put(n, self._fp32_of(l, n) if bits == FP32 else self.store.load(l, n, bits)[0])
+        return w
+
+    @torch.inference_mode()
+    def score(self, layers: list, start: int = 0) -> tuple[float, float]:
+        """(mean KL to the full model, top-1 agreement) of the model with these layers,
+        every batch run from layer `start`'s kept input."""
+        self.dec.layers = layers
+        kl = agree = 0.0
+        try:
+            for (ids, mask), rec, ref in zip(self.batches, self.inputs, self.ref):
+                h = self.dec.teacher_forced(ids, mask, start=start, x=rec[start])
+                logp = F.log_softmax(self.dec.logits(h[scored(mask)]), dim=-1)
+                kl += float((ref.exp() * (ref - logp)).sum())
+                agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        finally:
+            self.dec.layers = self.full
+        return kl / self.positions, agree / self.positions
+
+    def measure(self, l: int, shard: str, variant: int) -> KLMeasurement:
+        layers = list(self.full)
+        layers[l] = self.layer_with(l, {shard: variant})
+        return KLMeasurement(l, shard, variant, *self.score(layers, start=l))
+
+
+def inputs_digest(store: ShardStore, batches) -> str:
+    h = hashlib.sha256(json.dumps(store.index.build, sort_keys=True).encode())
+    h.update(json.dumps(store.index.data["config"], sort_keys=True).encode())
+    for ids, mask in batches:
+        h.update(ids.numpy().tobytes())
+        h.update(mask.numpy().tobytes())
+    h.update(f"decoder-profile/{PROFILE_VERSION}".encode())
+    return h.hexdigest()
+
+
+def run_decoder_profile(store: ShardStore, cache_path: Path, *, texts: list[str],
+                        max_tokens: int = MAX_TOKENS, batch: int = BATCH,
+                        log: Callable[[str], None] = lambda s: None
+                        ) -> tuple[dict, DecoderProfiler]:
+    """Every (layer, shard, variant) measured (or read from the cache): the measurements by
+    key, and the profiler (its positions, batches)."""
+    from tqdm import tqdm
+
+    batches = token_batches(store, texts, max_tokens, batch)
+    if not batches:
+        raise ValueError("no text of two or more tokens to profile on")
+    cache = MeasurementCache(cache_path, inputs_digest(store, batches), KLMeasurement)
+    c = store.config
+    variants = [DROP] + [b for b in store.bitwidths if b != FP32]
+    todo = [(l, s, v) for l in range(c.layers) for s in c.shard_names() for v in variants
+            if (l, s, v) not in cache.items]
+    log(f"{len(cache.items)} measurements cached, {len(todo)} to measure")
+    profiler = DecoderProfiler(store, batches)
+    for key in tqdm(todo, desc="decoder profile", unit="variant", disable=not todo):
+        cache.add(profiler.measure(*key))
+    return cache.items, profiler
+
+
+def importance(ms: dict, l: int, shard: str, bits: tuple[int, ...]) -> list[float]:
+    """Per stored bitwidth: max(0, KL(dropped) - KL(b)); fp32: KL(dropped)."""
+    drop = ms[l, shard, DROP].kl
+    return [drop if b == FP32 else max(0.0, drop - ms[l, shard, b].kl) for b in bits]
+
+
+def additivity(profiler: DecoderProfiler, ms: dict, *, models: int = 12, seed: int = 0
+               ) -> dict:
+    """Does the sum of single-shard KLs predict a submodel's KL? `models` random submodels
+    (each shard of each layer dropped, kept at a random stored bitwidth or in fp32, with
+    random rates per model) are run whole; their measured KL against the additive
+    prediction Σ KL(single change), by Spearman rank correlation (scipy)."""
+    import numpy as np
+    import scipy.stats
+
+    store, c = profiler.store, profiler.config
+    rng = np.random.default_rng(seed)
+    quantised = [b for b in store.bitwidths if b != FP32]
+    predicted, measured = [], []
+    for _ in range(models):
+        drop, quant = rng.uniform(0.0, 0.3), rng.uniform(0.0, 0.8)
+        changes = [{} for _ in range(c.layers)]
+        for l in range(c.layers):
+            for s in c.shard_names():
+                u = rng.uniform()
+                if u < drop:
+                    changes[l][s] = DROP
+                elif u < drop + quant:
+                    changes[l][s] = int(rng.choice(quantised))
+        predicted.append(sum(ms[l, s, v].kl for l in range(c.layers)
+                             for s, v in changes[l].items()))
+        layers = [profiler.layer_with(l, changes[l]) if changes[l] else profiler.full[l]
+                  for l in range(c.layers)]
+        measured.append(profiler.score(layers)[0])
+    rho = scipy.stats.spearmanr(predicted, measured).statistic
+    return {"models": models, "seed": seed, "spearman": float(rho),
+            "predicted_kl": [round(p, 6) for p in predicted],
+            "measured_kl": [round(m, 6) for m in measured]}
+
+
+def profile_dict(store: ShardStore, ms: dict, profiler: DecoderProfiler, texts: int,
+                 max_tokens: int, additive: dict | None, runtime: dict | None) -> dict:
+    """The measured profile of a llama store, as the planner's model profile YAML holds it:
+    per layer its KV groups and FFN slices, each with its stored bytes per bitwidth, its
+    weights, its flops for one token and its importance (KL, nats)."""
+    c = store.config
+    bits = tuple(store.bitwidths)
+    layers = []
+    for l in range(c.layers):
+        shards = []
+        for n in c.shard_names():
+            kind, _ = c.parse(n)
+            rows = c.shard_rows(n)
+            shards.append({"name": n, "kind": kind, "flops": 2 * rows * c.hidden,
+                           "weights": rows * c.hidden,
+                           "bytes": [store.variant(l, n, b).nbytes for b in bits],
+                           "importance": [float(f"{v:.6g}") for v in importance(ms, l, n, bits)]})
+        layers.append({"shards": shards})
+    text = (f"{texts} calibration tweets (runtime/sources/task.py), each cut to {max_tokens} "
+            f"tokens: {profiler.positions} scored positions")
+    out = {"name": store.model,
+           "description": f"{store.model} (llama, {c.layers} layers), measured: bytes as "
+                          f"stored by `elasticplan shard`, importance from `elasticplan "
+                          f"profile` on {text}"
+                          + (f"; additivity: Spearman {additive['spearman']:.3f} over "
+                             f"{additive['models']} random submodels" if additive else ""),
+           "architecture": {"family": "llama", **{k: v for k, v in c.to_dict().items()
+                                                 if k != "family"}},
+           "synthetic": False,
+           "importance_metric": "importance[b] = max(0, KL(dropped) - KL(b bits)), one shard "
+                                "changed at a time, all others fp32; KL = mean over the "
+                                "scored positions of KL(p_full || p_changed) of the next "
+                                "token, teacher-forced (nats)",
+           "seq_len": max_tokens, "bitwidths": list(bits),
+           "resident_bytes": store.resident_bytes}
+    schemes = {b: store.scheme_of(b) for b in bits if b != FP32}
+    from runtime.schemes import DEFAULT_NAME
+
+    if set(schemes.values()) != {DEFAULT_NAME}:
+        out["quantisation"] = schemes
+    if runtime:
+        out["runtime"] = runtime
+    out["layers"] = layers
+    return out
+
+
+def profile_decoder(store_path: str | Path, out: str | Path, *, cache_dir: str | Path,
+                    texts: int = TEXTS, max_tokens: int = MAX_TOKENS, models: int = 12,
+                    link: bool = True, log: Callable[[str], None] = print) -> dict:
+    """`elasticplan profile` for a llama store: measure what the cache lacks, check
+    additivity on random submodels, write the profile YAML and every measurement as JSON
+    beside it. Returns the additivity figures."""
+    import dataclasses
+    import os
+
+    from elasticplan.problem.loader import write_model_profile
+    from elasticplan.problem.outputs import write_text
+    from runtime.profiling.profile import measurements_path
+    from runtime.sources.task import load_splits
+
+    store = ShardStore(store_path)
+    out = Path(out)
+    cal = load_splits().calibration
+    ms, profiler = run_decoder_profile(store, Path(cache_dir) / "decoder-measurements.jsonl",
+                                       texts=list(cal.texts[:texts]), max_tokens=max_tokens,
+                                       log=log)
+    additive = additivity(profiler, ms, models=models) if models else None
+    runtime = {"store": os.path.relpath(store.path.resolve(), out.resolve().parent)} \
+        if link else None
+    data = profile_dict(store, ms, profiler, texts, max_tokens, additive, runtime)
+    write_model_profile(out, data, "Generated by `elasticplan profile` from the shard store "
+                                   "and measured importance: do not edit by hand.")
+    raw = {"text": {"split": "calibration", "texts": texts, "max_tokens": max_tokens,
+                    "positions": profiler.positions, "digest": cal.digest()},
+           "additivity": additive,
+           "measurements": [dataclasses.asdict(m) for m in sorted(ms.values(),
+                                                                  key=lambda m: m.key())]}
+    write_text(measurements_path(out), json.dumps(raw, indent=0, allow_nan=False) + "\n")
+    log(f"wrote {out} and {measurements_path(out)}"
+        + (f"; additivity Spearman {additive['spearman']:.3f}" if additive else ""))
+    return additive or {}
