@@ -188,7 +188,8 @@ class _Header:
 
 
 class _LazyTensors(Mapping):
-    """HF name -> fp32 numpy array, dequantised on access (a few recent ones cached)."""
+    """HF name -> fp32 numpy array, dequantised on access (a few recent ones cached, and
+    handed out as they are: treat them as read-only)."""
 
     def __init__(self, owner: "GGUFFile"):
         self._owner = owner
