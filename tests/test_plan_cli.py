@@ -45,6 +45,55 @@ def test_plan_json_round_trip_and_fields(solved, tmp_path):
     verify_plan(scenario_for(back), back)
 
 
+def test_plan_json_carries_the_question_flat_and_old_plans_load(solved, tmp_path):
+    """The plan's `scenario` is the scenario's keys then the question's, flat, in the
+    question's field order; a plan recorded before memory, windows and quantiles were
+    planned (none of their keys) loads with their defaults and verifies."""
+    sc, plan = solved
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert list(data["scenario"]) == [
+        "path", "sha256", "name", "model", "device", "target_latency_ms", "preload_budget_mb",
+        "min_shards_per_layer", "objective", "importance_floor", "memory_budget_mb",
+        "prefetch_window", "latency_quantile"]
+    assert data["scenario"]["objective"] == "max_importance"
+    assert data["scenario"]["target_latency_ms"] == sc.question.target_latency_ms == 25.0
+    for key in ("memory_budget_mb", "prefetch_window", "latency_quantile"):
+        del data["scenario"][key]
+    for key in ("execution", "window", "embeddings", "memory", "quantile_latency_ms"):
+        del data[key]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    back = Plan.load(old)
+    assert back.scenario.question == sc.question
+    verify_plan(scenario_for(back), back)
+
+
+def test_one_range_table_for_files_plans_and_flags(solved, tmp_path, capsys):
+    """A question field out of range gets the same message from a scenario file, a plan's
+    recorded question and the command-line flag (elasticplan.problem.question.BOUNDS)."""
+    sc, plan = solved
+    words = "latency_quantile: must be a number in [0.5, 0.999] (0.5: the median run meets " \
+            "the target), got 0.49"
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(MINILM.read_text().replace("../devices", str(PROBLEMS / "devices"))
+                        .replace("../models", str(PROBLEMS / "models"))
+                        + "latency_quantile: 0.49\n")
+    assert main(["solve", str(scenario)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"s.yaml: {words}")
+    data = json.loads(plan.to_json())
+    data["scenario"]["latency_quantile"] = 0.49
+    with pytest.raises(PlanFormatError) as e:
+        Plan.from_dict(data, "p.json")
+    assert str(e.value) == f"p.json: scenario.{words}"
+    for value in ("0", "0.49"):
+        with pytest.raises(SystemExit):
+            main(["solve", str(MINILM), "--latency-quantile", value])
+        assert capsys.readouterr().err.strip().endswith(
+            f"argument --latency-quantile: {words.split(': ', 1)[1][:-4]}{value}")
+
+
 def test_plan_moves_with_its_scenario(solved, tmp_path):
     """The scenario path is stored relative to the plan, so the pair can be copied together."""
     sc, plan = solved
