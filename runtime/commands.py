@@ -313,7 +313,7 @@ def cmd_scenario(a) -> int:
         raise InvalidArgument(f"{a.device}: --latency-quantile {a.latency_quantile:g} needs the "
                               f"device's spread (`elasticplan calibrate` measures it)")
     out = Path(a.output)
-    refuse_inputs(out, (a.device, profile))
+    refuse_inputs(out, (a.device, profile, a.store))  # (the store holds only what shard wrote)
     here = out.resolve().parent
     data = {"name": out.stem.removesuffix(".scenario") or "scenario",
             "description": f"{model.name} on {Path(a.device).stem} within {a.target_ms:g} ms",
@@ -396,7 +396,7 @@ def cmd_evaluate(a) -> int:
     if a.json:
         data = {"plan": a.plan, "solver": plan.solver, "shards": plan.n_shards,
                 **ev.to_dict()}
-        write_text(a.json, json.dumps(data, indent=1) + "\n",
+        write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n",
                    inputs=(a.plan, a.store, *([a.head] if a.head else []), *scenario.files))
         print(f"evaluation written to {a.json}")
     return 0
@@ -423,6 +423,8 @@ def cmd_run(a) -> int:
     check_model(plan, store)
     _set_threads(a.threads)
     head = TaskHead.load(a.head) if a.head else None
+    if head is not None:
+        head.check_width(store.config.hidden, a.head, store.path)
     queries = query_batches(store, scenario.model.seq_len, a.repeat)
     reference = Reference(store)
     common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
@@ -440,7 +442,7 @@ def cmd_run(a) -> int:
         data = report.to_dict()
         if a.baselines:
             data["baselines"] = [r.to_dict() for r in reports[1:]]
-        write_text(a.json, json.dumps(data, indent=1) + "\n", inputs=inputs)
+        write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n", inputs=inputs)
         print(f"report written to {a.json}")
     if a.gantt:
         gantt(reports, a.gantt, inputs=inputs)

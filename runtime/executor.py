@@ -46,7 +46,7 @@ from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import ModelProfile, Scenario
 from runtime.families.encoder import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
-from runtime.schemes import DEFAULT_NAME, REGISTRY
+from runtime.schemes import DEFAULT_NAME
 from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import ShardStore, Variant, decode_into
 
@@ -165,12 +165,11 @@ def check_schemes(profile: ModelProfile, store: ShardStore) -> None:
             continue
         want, got = measured.get(bits, DEFAULT_NAME), store.scheme_of(bits)
         if want != got:
-            fix = f"rebuild it with `elasticplan shard --scheme {want}`" if want in REGISTRY \
-                else f"no scheme is named {want!r} (known: {', '.join(REGISTRY)})"
             raise StoreError(f"{store.path / 'index.json'}: {bits}-bit shards are stored in "
                              f"the {got} scheme, but the profile of {profile.name!r} was "
                              f"measured on the {want} scheme; use the profile measured on "
-                             f"this store, or {fix}")
+                             f"this store, or rebuild it with `elasticplan shard --scheme "
+                             f"{want}`")
 
 
 def planned_variants(plan: Plan, profile: ModelProfile, store: ShardStore
@@ -418,10 +417,16 @@ class Executor:
         booked on the device clock as it completes; returns the last completion."""
         fd = self.fds[self.store.index.resident.file]
         row = 4 * self.store.config.hidden
+        table = self.store.word_table
         base = self.store.word_table.offset
         out = self.query_rows.numpy()
         deadline = None
-        for i, token in enumerate(ids.tolist()):
+        tokens = ids.tolist()
+        bad = next((t for t in tokens if not 0 <= t < table.shape[0]), None)
+        if bad is not None:  # a row past the table would be another tensor's bytes
+            raise StoreError(f"{self.store.path / self.store.index.tokenizer.file}: token id "
+                             f"{bad} is outside the embedding table's {table.shape[0]} rows")
+        for i, token in enumerate(tokens):
             view = memoryview(out[i]).cast("B")
             issued = time.perf_counter()
             if os.preadv(fd, [view], base + token * row) != row:

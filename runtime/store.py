@@ -46,7 +46,7 @@ import torch
 
 from elasticplan.errors import StoreError
 from elasticplan.problem.inputs import Fields, integer, load_json, regular_file, show
-from elasticplan.problem.outputs import remove_debris, write_bytes
+from elasticplan.problem.outputs import TEMP_SUFFIX, remove_debris, write_bytes
 from runtime.families import DEFAULT_FAMILY, REGISTRY, family
 from runtime.families.encoder import (
     Config,
@@ -54,6 +54,7 @@ from runtime.families.encoder import (
     Slot,
     Tokenizer,
 )
+from runtime.families.weights import MAX_WEIGHT, first_bad, out_of_range
 from runtime.schemes import all_schemes, gptq, uniform
 from runtime.schemes.base import FP32, DecodeWork, Scheme
 from runtime.schemes.uniform import UNIFORM as DEFAULT
@@ -155,6 +156,24 @@ def decode_into(v: Variant, raw: memoryview | bytes, slot: Slot,
     else:
         v.scheme.decode_into([slot.inp, slot.out], buf[:pos], tuple(v.blocks()), v.bits, work)
     slot.bias.copy_(buf[pos:pos + 4 * v.bias].view(torch.float32).view(slot.bias.shape))
+
+
+def check_values(v: Variant, raw: memoryview | bytes | bytearray) -> str | None:
+    """Why a variant's bytes may not be decoded (a NaN, an infinity or a weight beyond
+    ±MAX_WEIGHT anywhere, an outlier column outside its block: the scheme's `check`), or
+    None. Cheap next to its checksum: run once per variant when it is read, not per query."""
+    buf = np.frombuffer(raw, np.uint8, v.nbytes)
+    body = v.nbytes - 4 * v.bias
+    why = out_of_range(np.frombuffer(buf, "<f4", v.bias, body), "the bias")
+    if why:
+        return why
+    if v.bits == FP32:
+        return out_of_range(np.frombuffer(buf, "<f4", body // 4), "the weights")
+    try:
+        v.scheme.check(buf[:body], tuple(v.blocks()), v.bits)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def variant_bytes(scheme: Scheme, rows: int, cols: int, in_rows: int, bias: int,
@@ -304,6 +323,15 @@ def _read_index(path: Path) -> StoreIndex:
                               error=StoreError) for i, d in enumerate(tf.sequence("shape")))
         tf.done()
         entries[str(name)] = TensorEntry(offset, shape)
+        if offset + entries[str(name)].nbytes > res_bytes:
+            raise tf.err("offset", f"{offset} + {entries[str(name)].nbytes} bytes runs past "
+                                   f"the file's {res_bytes} bytes")
+    word = entries.get("word")
+    want = (getattr(config, "vocab", None), getattr(config, "hidden", None))
+    if word is not None and None not in want and word.shape != want:
+        # rows are read by token id (runtime/executor.py): the table must be [vocab, hidden]
+        raise tensors.err("word", f"shape {list(word.shape)}, but the config's vocabulary "
+                                  f"and hidden size make {list(want)}")
     return StoreIndex(model=model, complete=complete, config=config, bitwidths=bitwidths,
                       variants=variants, files=shard_files, tokenizer=tok,
                       resident=ResidentEntry(res_file, res_sha, res_bytes, entries),
@@ -379,9 +407,13 @@ class ShardStore:
         with regular_file(path, what="shard store file", limit=entry.nbytes,
                           error=StoreError) as fd:
             # The checksum is taken in 64 KiB pieces, so loading holds no second copy.
-            digest, chunk, size = hashlib.sha256(), bytearray(1 << 16), 0
+            # Every value (the file is fp32 tensors back to back, the word table included,
+            # streamed or not) is checked in the same pass: tens of ms for MiniLM, once.
+            digest, chunk, size, bad = hashlib.sha256(), bytearray(1 << 16), 0, None
             while n := os.readv(fd, [chunk]):
                 digest.update(memoryview(chunk)[:n])
+                if bad is None and (b := first_bad(np.frombuffer(chunk, "<f4", n // 4))):
+                    bad = size + 4 * b[0], b[1]
                 size += n
             for name, t in entry.tensors.items():
                 if without_word and name == "word":
@@ -394,6 +426,13 @@ class ShardStore:
         if size != entry.nbytes or digest.hexdigest() != entry.sha256:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "
                              f"store was built); rebuild with `elasticplan shard`")
+        if bad is not None:
+            at, value = bad
+            name = next((k for k, t in entry.tensors.items()
+                         if t.offset <= at < t.offset + t.nbytes), "no tensor")
+            raise StoreError(f"{path}: tensor {name!r} holds {value:g} (byte {at}): a NaN, an "
+                             f"infinity or a weight beyond ±{MAX_WEIGHT:g}; not a store "
+                             f"`elasticplan shard` wrote, rebuild it")
         return out
 
     def text_tokenizer(self):
@@ -425,7 +464,9 @@ class ShardStore:
         path = self.path / entry.file
         _read_checked(path, entry.sha256)
         c = self.config
-        return Tokenizer(path, min(max_length, c.usable_positions), c.pad_id)
+        tok = Tokenizer(path, min(max_length, c.usable_positions), c.pad_id)
+        tok.check_ids(c.vocab, path, "the index's config.vocab")
+        return tok
 
     def read(self, v: Variant) -> bytearray:
         """One variant's bytes (one pread), checksum-checked."""
@@ -450,6 +491,11 @@ class ShardStore:
         if n != v.nbytes or hashlib.sha256(view).hexdigest() != v.sha256:
             raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
                              f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
+        why = check_values(v, view)
+        if why:  # its checksum matches: the index was rewritten to match a tampered file
+            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits "
+                             f"({v.scheme.coder(v.bits).name if v.bits != FP32 else 'fp32'}"
+                             f"): {why}; not a store `elasticplan shard` wrote, rebuild it")
 
     def load(self, layer: int, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One shard, decoded to fp32 (matrix [rows, cols], bias)."""
@@ -493,6 +539,34 @@ class BuildReport:
     total_bytes: int
 
 
+def check_out(out: Path) -> None:
+    """InvalidArgument unless `out` may hold a store: absent, empty (but for a killed
+    write's temporary files), or a store (its index.json is a shard store index: a build
+    writes one before any other file). A directory of other files, or someone else's
+    index.json, is never written into."""
+    from elasticplan.errors import InvalidArgument
+
+    if not out.is_dir():
+        return
+    index = out / INDEX
+    if index.exists() or index.is_symlink():
+        try:
+            ours = load_json(index, what="shard store index", limit=MAX_INDEX_BYTES,
+                             error=StoreError).get("schema") == SCHEMA
+        except (StoreError, AttributeError):
+            ours = False
+        if not ours:
+            raise InvalidArgument(f"{index}: not a shard store index ({SCHEMA}); refusing to "
+                                  f"build a store over it: choose a new or empty --out "
+                                  f"directory")
+        return
+    other = sorted(p.name for p in out.iterdir() if not p.name.endswith(TEMP_SUFFIX))
+    if other:
+        raise InvalidArgument(f"{out}: not empty ({other[0]!r}{' and more' if other[1:] else ''})"
+                              f" and not a shard store (no {INDEX}); refusing to write a store "
+                              f"among other files: choose a new or empty --out directory")
+
+
 def build_store(out: str | os.PathLike, checkpoint=None, *,
                 bitwidths: tuple[int, ...] | None = None, scheme: Scheme = DEFAULT,
                 force: bool = False, log: Callable[[str], None] = lambda s: None
@@ -513,6 +587,7 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
                          f"reference model's activations, which only encoders offer here; "
                          f"build this store with the uniform scheme (the default)")
     out = Path(out)
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     for p in remove_debris(out):  # temporary files of a build that was killed mid-write
         log(f"removed {p.name}, left by an interrupted build")
@@ -541,6 +616,8 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
         index["chat_template"] = ckpt.chat_template
     if scheme.index_key:
         index["quantisation"][scheme.index_key] = scheme.index_entry(calibration)
+    if not index_path.is_file():  # before any other file: the directory is a store's now
+        _write_durable(index_path, [json.dumps(index, indent=1, allow_nan=False).encode()])
     written, kept = [], []
 
     def keep_ok(fname: str, entry: dict | None) -> bool:
@@ -554,7 +631,7 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
         return False
 
     def save_index() -> None:
-        _write_durable(index_path, [json.dumps(index, indent=1).encode()])
+        _write_durable(index_path, [json.dumps(index, indent=1, allow_nan=False).encode()])
 
     tensors = ckpt.tensors
     # tokenizer

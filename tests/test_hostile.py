@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -464,6 +465,382 @@ def test_a_huge_grid_is_refused_before_any_solve(world, tmp_path):
     assert_clean_error(p, 2, says="--max-points")
     assert p.seconds < 10
     assert not (tmp_path / "t.json").exists()
+
+
+# --- 9. a user's checkpoint, task and store, as a hostile user makes them (issue 29) --------
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    """`elasticplan ARGV` in this process: (exit code, the one error line, or "")."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("elasticplan: error:")]
+    assert len(lines) == (1 if rc else 0), err[-2000:]
+    return rc, lines[0] if lines else ""
+
+
+def _quick_profile(store: Path) -> Path:
+    """STORE/profile.yaml without measuring (made-up fidelities, all a plan needs to be
+    posed, solved and run; `elasticplan profile` takes minutes on a loaded machine)."""
+    from elasticplan.problem.loader import write_model_profile
+    from runtime.profiling.profile import DROP, Measurement, ProfileResult, profile_dict
+    from runtime.sources.task import load_splits
+    from runtime.store import ShardStore
+
+    s = ShardStore(store)
+    ms = {(l, n, v): Measurement(l, n, v, 1 - 0.1 / (1 + v), None, None)
+          for l in range(s.config.layers) for n in s.config.shard_names()
+          for v in [DROP] + [b for b in s.bitwidths if b != 32]}
+    result = ProfileResult(ms, (1.0, None, None), 0, load_splits().calibration)
+    write_model_profile(store / "profile.yaml", profile_dict(s, result, None,
+                                                             runtime={"store": "."}), "test")
+    return store / "profile.yaml"
+
+
+def _plan(capsys, store: Path, where: Path, bits: int = 3) -> Path:
+    """A uniform-`bits` plan on the store (scenario and plan written in `where`)."""
+    device = ROOT / "problems" / "devices" / "phone-ufs31.yaml"
+    assert main(["scenario", "--store", str(store), "--device", str(device), "--target-ms",
+                 "50", "-o", str(where / "q.yaml")]) == 0
+    assert main(["baseline", f"uniform-{bits}", str(where / "q.yaml"), "-o",
+                 str(where / "plan.json")]) == 0
+    capsys.readouterr()
+    return where / "plan.json"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT checkpoint (runtime.sources.tinyckpt), its uniform store with a quick
+    profile, and a dictionary store of it with one too."""
+    from runtime.sources.tinyckpt import write_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny")
+    ckpt = write_checkpoint(d / "ckpt", "bert", seed=3)
+    for name, extra in (("store", []), ("dict", ["--scheme", "dict"])):
+        assert main(["shard", "--checkpoint", str(ckpt), "--out", str(d / name), *extra]) == 0
+        _quick_profile(d / name)
+    return d
+
+
+def _copy_ckpt(tiny: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny / "ckpt", tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_non_finite_weights_are_refused_at_shard(tiny, tmp_path, capsys, value):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = _copy_ckpt(tiny, tmp_path)
+    t = load_file(str(ckpt / "model.safetensors"))
+    t["encoder.layer.0.attention.self.query.weight"][3, 5] = value
+    save_file(t, str(ckpt / "model.safetensors"))
+    rc, err = _run(capsys, "shard", "--checkpoint", ckpt, "--out", tmp_path / "out")
+    assert rc == 8
+    assert "tensor 'encoder.layer.0.attention.self.query.weight' holds" in err and "[3, 5]" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_id_outside_the_vocabulary_is_refused(tiny, tmp_path, capsys, store_dir):
+    ckpt = _copy_ckpt(tiny, tmp_path)
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzzz"] = 100000  # 89 tokens, fewer than vocab_size 128
+    (ckpt / "tokenizer.json").write_text(json.dumps(tok))
+    rc, err = _run(capsys, "shard", "--checkpoint", ckpt, "--out", tmp_path / "out")
+    assert rc == 8 and "token 'zzzz' has id 100000, outside the embedding table's 128" in err
+    # a store's tokenizer, its checksum rewritten to match: refused when the store opens it
+    from runtime.store import INDEX, ShardStore, sha256_file
+
+    store = Path(shutil.copytree(tiny / "store", tmp_path / "store"))
+    shutil.copy(ckpt / "tokenizer.json", store / "tokenizer.json")
+    index = json.loads((store / INDEX).read_text())
+    index["tokenizer"]["sha256"] = sha256_file(store / "tokenizer.json")
+    (store / INDEX).write_text(json.dumps(index))
+    with pytest.raises(StoreError, match="token 'zzzz' has id 100000"):
+        ShardStore(store).tokenizer(16)
+
+
+def test_streamed_embedding_rows_are_bounded_by_the_table(store_dir):
+    """A token id past the table (the tokenizer cannot make one now) would have read
+    another tensor's bytes as its row: the executor refuses it before reading."""
+    import torch
+
+    from elasticplan.solvers import solve
+    from runtime.executor import Executor
+    from runtime.families.encoder import Batch
+    from runtime.store import ShardStore
+
+    sc = load_scenario(MINILM).with_overrides(memory_budget_mb=16, prefetch_window=1)
+    plan = solve(sc, time_limit_s=5)
+    assert plan.embeddings == "streamed"
+    ids = torch.zeros(1, sc.model.seq_len, dtype=torch.int64)
+    ids[0, 3] = 30522  # MiniLM's vocabulary is 30,522 rows
+    with Executor(plan, sc, ShardStore(store_dir), emulate=False) as ex:
+        ex.fill_preload()
+        with pytest.raises(StoreError, match="token id 30522 is outside the embedding "
+                                             "table's 30522 rows"):
+            ex.run(Batch(ids, torch.ones_like(ids, dtype=torch.bool)))
+
+
+def test_a_csv_with_a_column_named_twice_is_refused(tiny, tmp_path, capsys):
+    csv = tmp_path / "task.csv"
+    csv.write_text("text,label,text\n" + "".join(f"good {i},a,bad\nbad {i},b,good\n"
+                                                 for i in range(10)))
+    rc, err = _run(capsys, "profile", "--store", tiny / "store", "--task", csv, "--out",
+                   tmp_path / "p.yaml")
+    assert rc == 8 and f"{csv}: line 1: column 'text' is named twice" in err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_huge_csv_cell_names_its_line_and_the_documented_limit(tmp_path):
+    from runtime.sources.task import MAX_CSV_CELL, csv_task
+
+    csv = tmp_path / "task.csv"
+    csv.write_text("text,label\ngood,a\n" + "x" * 10**6 + ",b\nbad,b\n")
+    with pytest.raises(StoreError, match=rf"line 3: a cell of more than {MAX_CSV_CELL:,} "
+                                         r"characters"):
+        csv_task(csv, "text", "label")
+
+
+def _tamper_variant(store: Path, layer: int, name: str, bits: int, edit) -> None:
+    """Rewrite one variant's bytes with `edit(v, bytearray)` and every checksum of it."""
+    import hashlib
+
+    from runtime.store import INDEX, ShardStore
+
+    v = ShardStore(store).variant(layer, name, bits)
+    path = store / v.file
+    data = bytearray(path.read_bytes())
+    raw = bytearray(data[v.offset:v.offset + v.nbytes])
+    edit(v, raw)
+    data[v.offset:v.offset + v.nbytes] = raw
+    path.write_bytes(data)
+    index = json.loads((store / INDEX).read_text())
+    entry = index["files"][v.file]
+    entry["sha256"] = hashlib.sha256(data).hexdigest()
+    entry["shards"][name]["sha256"] = hashlib.sha256(raw).hexdigest()
+    (store / INDEX).write_text(json.dumps(index))
+
+
+def _dict_sections(v):
+    """Byte offsets of the variant's sections (runtime/schemes/dictionary.py's layout)."""
+    import numpy as np
+
+    from runtime.schemes.dictionary import _sections
+
+    shapes = tuple(v.blocks())
+    at = np.cumsum((0,) + _sections(shapes, v.bits, v.scheme.share))
+    m = len(shapes)
+    return {"book": int(at[2 * m]), "scale": int(at[2 * m + 1]), "cols": int(at[2 * m + 2]),
+            "vals": int(at[4 * m + 2]), "bias": v.nbytes - 4 * v.bias}
+
+
+def _put(raw: bytearray, at: int, fmt: str, value) -> None:
+    import struct
+
+    struct.pack_into(fmt, raw, at, value)
+
+
+TAMPERS = {
+    "outlier-column-32000": ("cols", "<H", 32000, "outlier column 32000"),
+    "outlier-column--1": ("cols", "<H", 0xFFFF, "outlier column 65535"),
+    "outlier-column-width": ("cols", "<H", 32, "outlier column 32 (row 0) is outside its 32"),
+    "codebook-nan": ("book", "<f", float("nan"), "codebook holds nan"),
+    "codebook-inf": ("book", "<f", float("inf"), "codebook holds inf"),
+    "scale-nan": ("scale", "<f", float("nan"), "row scales holds nan"),
+    "scale-huge": ("scale", "<f", 3e38, "row scales holds 3e+38"),
+    "outlier-value-inf": ("vals", "<f", float("-inf"), "outlier values holds -inf"),
+    "bias-nan": ("bias", "<f", float("nan"), "the bias holds nan"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERS))
+def test_a_tampered_dictionary_variant_is_refused_when_loaded(tiny, tmp_path, case):
+    """Checksums rewritten to match: the values themselves are checked, once per variant,
+    naming the file, the shard, the layer and the bitwidth."""
+    from runtime.store import ShardStore
+
+    store = Path(shutil.copytree(tiny / "dict", tmp_path / "dict"))
+    section, fmt, value, says = TAMPERS[case]
+    _tamper_variant(store, 0, "head1", 3, lambda v, raw: _put(raw, _dict_sections(v)[section],
+                                                              fmt, value))
+    with pytest.raises(StoreError, match=r"layer0\.b3\.bin: shard head1 of layer 0 at 3 bits "
+                                         r"\(dict\): .*" + re.escape(says)):
+        ShardStore(store).load(0, "head1", 3)
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_run_and_evaluate_refuse_a_tampered_variant_exit_8(tiny, tmp_path, capsys, command):
+    store = Path(shutil.copytree(tiny / "dict", tmp_path / "dict"))
+    plan = _plan(capsys, store, tmp_path)
+    _tamper_variant(store, 0, "head1", 3, lambda v, raw: _put(raw, _dict_sections(v)["book"],
+                                                              "<f", float("nan")))
+    args = ["--repeat", 1] if command == "run" else []
+    rc, err = _run(capsys, command, plan, *args)
+    assert rc == 8 and "shard head1 of layer 0 at 3 bits (dict): block 0's codebook holds nan" \
+        in err
+
+
+def test_fp32_and_uniform_variants_and_resident_tensors_are_checked_too(tiny, tmp_path):
+    from runtime.schemes.uniform import row_bytes
+    from runtime.store import INDEX, ShardStore
+
+    store = Path(shutil.copytree(tiny / "store", tmp_path / "store"))
+    _tamper_variant(store, 1, "ffn2", 32, lambda v, raw: _put(raw, 40, "<f", float("inf")))
+    _tamper_variant(store, 2, "head0", 4,  # the input block's first row scale
+                    lambda v, raw: _put(raw, v.in_rows * row_bytes(v.cols, 4), "<f", float("nan")))
+    with pytest.raises(StoreError, match="shard ffn2 of layer 1 at 32 bits .fp32.: the weights "
+                                         "holds inf at flat index 10"):
+        ShardStore(store).load(1, "ffn2", 32)
+    with pytest.raises(StoreError, match="shard head0 of layer 2 at 4 bits .uniform.: block 0's "
+                                         "row scales holds nan"):
+        ShardStore(store).load(2, "head0", 4)
+    # the resident tensors: a NaN in the word table (streamed or not) is found on load
+    import hashlib
+
+    index = json.loads((store / INDEX).read_text())
+    res = store / "resident.bin"
+    data = bytearray(res.read_bytes())
+    _put(data, index["resident"]["tensors"]["word"]["offset"] + 4 * 100, "<f", float("nan"))
+    res.write_bytes(data)
+    index["resident"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (store / INDEX).write_text(json.dumps(index))
+    for without_word in (False, True):
+        with pytest.raises(StoreError, match="tensor 'word' holds nan"):
+            ShardStore(store).resident(without_word=without_word)
+
+
+def _head(tmp_path: Path, doc: dict) -> Path:
+    f = tmp_path / "head.json"
+    f.write_text(json.dumps(doc))
+    return f
+
+
+def test_task_heads_are_checked_against_the_store_and_read_nothing_outside(tiny, tmp_path,
+                                                                           capsys):
+    from runtime.sources.task import TaskHead
+
+    plan = _plan(capsys, Path(shutil.copytree(tiny / "store", tmp_path / "store")), tmp_path)
+    minilm_head = ROOT / "problems" / "models" / "minilm-l6.taskhead.json"
+    for command in ("evaluate", "run"):
+        rc, err = _run(capsys, command, plan, "--head", minilm_head,
+                       *(["--repeat", 1] if command == "run" else []))
+        assert rc == 8 and "w: the head reads embeddings of 384 values, the model of the " \
+                           "store" in err and "makes 32" in err
+    short = _head(tmp_path, {"labels": ["a", "b", "c"], "w": [[0.1] * 32, [0.1] * 32, [0.1] * 31],
+                             "b": [0, 0, 0]})
+    with pytest.raises(StoreError, match="expected 3 rows of equal length"):
+        TaskHead.load(short)
+    narrow = _head(tmp_path, {"w": [0.1] * 31, "b": 0.0})
+    rc, err = _run(capsys, "evaluate", plan, "--head", narrow)
+    assert rc == 8 and "reads embeddings of 31 values" in err
+    with pytest.raises(StoreError, match=r"w\[7\]: must be <= 65504, got 1e\+300"):
+        TaskHead.load(_head(tmp_path, {"w": [0.1] * 7 + [1e300] + [0.1] * 24, "b": 0.0}))
+    with pytest.raises(StoreError, match="surprise: unknown key"):
+        TaskHead.load(_head(tmp_path, {"w": [0.1] * 32, "b": 0.0, "surprise": 1}))
+    for name in ("../../../../../../etc/passwd", "/etc/passwd", "..", "sub/task.csv"):
+        head = _head(tmp_path, {"w": [0.1] * 32, "b": 0.0, "labels": ["a", "b"],
+                                "task": {"csv": name, "sha256": "0" * 64, "text_column": "text",
+                                         "label_column": "label"}})
+        with pytest.raises(StoreError, match="task.csv: .* is not a file name beside the head") \
+                as e:
+            TaskHead.load(head).load_task(head)
+        assert "root:" not in str(e.value)
+
+
+def test_a_large_csv_task_is_sampled_and_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """The head trains on a class-stratified sample (at most about CSV_TRAIN texts) and is
+    tested on at most about CSV_TEST; both shown with progress; the report says 'test
+    texts', not tweets; the CSV is copied beside the head, which records only that copy."""
+    from runtime.profiling import profile
+    from runtime.sources import task as taskmod
+    from runtime.store import ShardStore
+
+    csv = tmp_path / "big.csv"
+    csv.write_text("text,label\n" + "".join(f"the good sun {i},happy\nbad slow rain {i},sad\n"
+                                            f"ok road {i},meh\n" for i in range(2000)))
+    t = taskmod.csv_task(csv, "text", "label")  # 6,000 rows: below the bounds, all kept
+    assert (len(t.splits.test), len(t.splits.train), t.sample) == (1200, 4545, "")
+    monkeypatch.setattr(taskmod, "CSV_TRAIN", 300)
+    monkeypatch.setattr(taskmod, "CSV_TEST", 60)
+    t = taskmod.csv_task(csv, "text", "label")
+    assert len(t.splits.train) == 300 and len(t.splits.test) == 60
+    assert set(t.splits.train.labels.tolist()) == {0, 1, 2}
+    assert not set(t.splits.train.texts) & set(t.splits.test.texts)
+    assert "a class-stratified sample of 300 of its 4,545 training texts" in t.sample
+    logged = []
+    head_file = tmp_path / "heads" / "h.taskhead.json"
+    head = profile.train_head(ShardStore(tiny / "store"), head_file, logged.append, t)
+    assert any("training the task head on 300 texts of" in s and "sample" in s for s in logged)
+    assert logged[-1].endswith("held-out test texts"), logged
+    err = capsys.readouterr().err
+    assert "embedding the training texts" in err and "embedding the test texts" in err
+    assert head.task["csv"] == "h.taskhead.csv"
+    assert (tmp_path / "heads" / "h.taskhead.csv").read_bytes() == csv.read_bytes()
+    assert len(head.load_task(head_file).splits.test) == 60
+
+
+def test_scenario_output_inside_the_store_is_refused(tiny, capsys):
+    device = ROOT / "problems" / "devices" / "phone-ufs31.yaml"
+    rc, err = _run(capsys, "scenario", "--store", tiny / "store", "--device", device,
+                   "--target-ms", 50, "-o", tiny / "store" / "q.yaml")
+    assert rc == 2 and "refusing to write" in err
+    assert not (tiny / "store" / "q.yaml").exists()
+
+
+def test_shard_never_writes_into_a_directory_that_is_not_a_store(tiny, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.json").write_text('{"my": "own index"}\n')
+    rc, err = _run(capsys, "shard", "--checkpoint", tiny / "ckpt", "--out", mine)
+    assert rc == 2 and "index.json: not a shard store index" in err
+    assert (mine / "index.json").read_text() == '{"my": "own index"}\n'
+    assert sorted(p.name for p in mine.iterdir()) == ["index.json"]
+    (mine / "index.json").unlink()
+    (mine / "tokenizer.json").write_text("my own")
+    rc, err = _run(capsys, "shard", "--checkpoint", tiny / "ckpt", "--out", mine)
+    assert rc == 2 and "not empty ('tokenizer.json') and not a shard store" in err
+    assert (mine / "tokenizer.json").read_text() == "my own"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])
+def test_a_weights_file_that_is_not_a_file_is_named(tiny, tmp_path, kind):
+    ckpt = _copy_ckpt(tiny, tmp_path)
+    weights = ckpt / "model.safetensors"
+    weights.unlink()
+    {"fifo": lambda: os.mkfifo(weights), "directory": weights.mkdir,
+     "dev-zero": lambda: weights.symlink_to("/dev/zero")}[kind]()
+    p = cli("shard", "--checkpoint", ckpt, "--out", tmp_path / "out", timeout=60)
+    assert_clean_error(p, 8, says="model.safetensors: model.safetensors is " +
+                       ("a directory" if kind == "directory" else "a device, pipe or socket"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_tokenizer_is_refused_by_size(tiny, tmp_path, capsys):
+    """(Found beyond the issue: a sparse 2 GB tokenizer.json was read whole, 2.4 GB and
+    30 s, before `tokenizers` refused it.)"""
+    ckpt = _copy_ckpt(tiny, tmp_path)
+    with open(ckpt / "tokenizer.json", "wb") as fh:  # sparse: costs no disk
+        fh.truncate(2000 * 10**6)
+    rc, err = _run(capsys, "shard", "--checkpoint", ckpt, "--out", tmp_path / "out")
+    assert rc == 8 and "tokenizer.json may be at most 64 MB" in err
+
+
+def test_duplicate_keys_and_two_poolings_are_refused(tiny, tmp_path, capsys):
+    ckpt = _copy_ckpt(tiny, tmp_path)
+    text = (ckpt / "config.json").read_text()
+    (ckpt / "config.json").write_text(text.replace('"hidden_size": 32', '"hidden_size": 32, '
+                                                   '"hidden_size": 64'))
+    rc, err = _run(capsys, "shard", "--checkpoint", ckpt, "--out", tmp_path / "out")
+    assert rc == 8 and "config.json: not a readable JSON model config: duplicate key " \
+                       "'hidden_size'" in err
+    (ckpt / "config.json").write_text(text)
+    modules = json.loads((ckpt / "modules.json").read_text())
+    modules.append(dict(modules[1], idx=3, name="3"))
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    rc, err = _run(capsys, "shard", "--checkpoint", ckpt, "--out", tmp_path / "out")
+    assert rc == 8 and "modules.json: [3].type: a second sentence_transformers.models.Pooling " \
+                       "module" in err
+    assert not (tmp_path / "out").exists()
 
 
 # --- generated documents for every format ---------------------------------------------------

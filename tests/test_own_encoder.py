@@ -8,6 +8,8 @@ Then the bad input a checkpoint directory or a task CSV can bring."""
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,49 @@ TEXTS = ["the good car and the sun", "bad slow rain", "ok", "very very fast city
 
 def cli(*argv) -> int:
     return main([str(a) for a in argv])
+
+
+def _strict_json(text: str, file: Path) -> None:
+    def refuse(name):
+        raise AssertionError(f"{file} holds {name}")
+    json.loads(text, parse_constant=refuse)
+
+
+def _finite(data, file: Path) -> None:
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float):
+            assert math.isfinite(v), f"{file} holds {v}"
+
+
+@pytest.fixture(autouse=True)
+def outputs_hold_no_nan_or_infinity(tmp_path_factory):
+    """Every JSON, JSON-lines and YAML file written while a test ran (the commands'
+    outputs: store indexes, profiles, measurements and their cache, task heads, scenarios,
+    device files, plans, run and evaluation reports) holds no NaN or Infinity; the
+    checkpoints the tests write as input are not outputs."""
+    started = time.time() - 1
+    yield
+    import yaml
+
+    for file in tmp_path_factory.getbasetemp().rglob("*"):
+        if file.suffix not in (".json", ".jsonl", ".yaml") or not file.is_file() or \
+                file.stat().st_mtime < started or \
+                any((d / "model.safetensors").exists() for d in file.parents):
+            continue
+        text = file.read_text()
+        if file.suffix == ".jsonl":
+            for line in text.splitlines():
+                _strict_json(line, file)
+        elif file.suffix == ".json":
+            _strict_json(text, file)
+        else:
+            _finite(yaml.safe_load(text), file)
 
 
 @pytest.fixture(scope="module", params=sorted(POOLING))
@@ -381,13 +426,15 @@ def test_a_head_refuses_a_csv_that_changed_since(built):
     head = TaskHead.load(head_file)
     assert head.labels == ("happy", "meh", "sad") and head.w.shape == (3, 32)
     assert head.load_task(head_file).splits.test.digest()  # as trained
-    with open(root / "task.csv", "a") as fh:
+    copy = store / "profile.taskhead.csv"  # the profile copied the CSV beside the head
+    assert head.task["csv"] == copy.name and copy.read_bytes() == (root / "task.csv").read_bytes()
+    with open(copy, "a") as fh:
         fh.write("one more sun,happy\n")
     try:
         with pytest.raises(StoreError, match="changed since the task head"):
             head.load_task(head_file)
     finally:
-        write_task_csv(root / "task.csv", rows=90, seed=1)
+        copy.write_bytes((root / "task.csv").read_bytes())
 
 
 def test_the_scenario_command_refuses_a_profile_of_another_model(built, tmp_path, capsys):

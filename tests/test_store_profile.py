@@ -145,7 +145,7 @@ def test_task_head_learns_a_separable_rule_and_round_trips(tmp_path):
     y = (x[:, 0] - 0.5 * x[:, 3] > 0).long().numpy()
     head = TaskHead.train(x, y)
     assert head.accuracy(x, y) > 0.97
-    head.save(tmp_path / "h.json", note="test")
+    head.save(tmp_path / "h.json", trained_on="test")  # (unknown keys are refused on load)
     back = TaskHead.load(tmp_path / "h.json")
     assert np.array_equal(back.predict(x), head.predict(x))
     assert TaskHead.train(x, y).w.tolist() == head.w.tolist()  # deterministic

@@ -5,8 +5,8 @@
 - `load_yaml`: bounded size; duplicate keys rejected; at most MAX_DEPTH levels and
   MAX_NODES nodes *after* aliases are expanded, so that a small alias bomb is refused
   before anything walks it; safe loading only.
-- `load_json`: bounded size and depth; NaN, Infinity, overflowing floats and integers of
-  more than MAX_INT_DIGITS digits are refused.
+- `load_json`: bounded size and depth; NaN, Infinity, overflowing floats, integers of
+  more than MAX_INT_DIGITS digits and an object with a key twice are refused.
 - `Fields`: typed, range-checked access to one mapping, with the key path in every error;
   `done()` rejects keys nobody asked for.
 
@@ -207,6 +207,15 @@ def _int(text: str) -> int:
     return int(text)
 
 
+def _unique(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {key!r}; each key may appear once in an object")
+    return out
+
+
 def load_json(path: str | os.PathLike, *, what: str, limit: int = MAX_JSON_BYTES,
               error: type[ElasticplanError]) -> Any:
     """Parse one JSON document within the limits above."""
@@ -214,7 +223,7 @@ def load_json(path: str | os.PathLike, *, what: str, limit: int = MAX_JSON_BYTES
     text = _text(read_bytes(path, what=what, limit=limit, error=error), file, what, error)
     try:
         data = json.loads(text, parse_constant=_no_constant, parse_float=_float,
-                          parse_int=_int)
+                          parse_int=_int, object_pairs_hook=_unique)
     except RecursionError:
         raise fail(error, file, "", f"not a readable JSON {what}: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError included

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from elasticplan.problem.outputs import write_text
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import (
     FULL_PRECISION_BITS,
-    SCHEME_NAME,
+    QUANT_SCHEMES,
     Device,
     Layer,
     ModelProfile,
@@ -180,9 +179,8 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
             raise qf.err(str(key), f"not a quantised bitwidth of this model "
                                    f"({list(bitwidths)})")
         scheme = qf.string(key)
-        if not re.fullmatch(SCHEME_NAME, scheme):
-            raise qf.err(str(key), f"must be a quantisation scheme's name (lower-case letters, "
-                                   f"digits, '_' or '-'), got {scheme!r}")
+        if scheme not in QUANT_SCHEMES:
+            raise qf.err(str(key), f"must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
         schemes.append((key, scheme))
     f.free_form("description", str)
     f.free_form("architecture", dict)

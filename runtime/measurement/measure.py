@@ -21,6 +21,7 @@ import tempfile
 
 import torch
 
+from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
 from runtime.executor import Executor, RunTrace
@@ -97,6 +98,12 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
     fidelities, agree, labels = [], 0, []
     for i, t in enumerate(traces):
         ref = reference.embed(queries[i % len(queries)])
+        if not (bool(torch.isfinite(t.embedding).all()) and bool(torch.isfinite(ref).all())):
+            # never reported as a fidelity, nor as the task head's agreement (the store's
+            # values are checked on load; this is what would follow if they were not)
+            raise StoreError(f"{store.path}: the plan's output (or the fp32 model's) is not "
+                             f"finite: the store's weights overflow fp32; rebuild the store "
+                             f"from a sound checkpoint")
         fidelities.append(float(cosine(ref, t.embedding)))
         if head is not None:
             mine, full = int(head.predict(t.embedding)[0]), int(head.predict(ref)[0])

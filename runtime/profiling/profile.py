@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from elasticplan.errors import StoreError
 from elasticplan.problem import archgen
 from elasticplan.problem.archgen import architecture_dict, ffn_flops, ffn_weights, head_flops, head_weights
 from elasticplan.problem.outputs import write_text
@@ -51,7 +52,7 @@ from runtime.families.encoder import (
     parse_shard_name,
 )
 from runtime.schemes import DEFAULT_NAME
-from runtime.sources.task import Split, Task, TaskHead, tweet_task
+from runtime.sources.task import CSV_TRAIN, MAX_ITER, Split, Task, TaskHead, tweet_task
 from runtime.store import ShardStore
 
 PROFILE_VERSION = 1
@@ -113,7 +114,18 @@ class Profiler:
             out.append(self.encoder.pool(x, b.mask))
         return torch.cat(out)
 
+    def check_finite(self, emb: torch.Tensor) -> torch.Tensor:
+        """`emb`, unless it holds a NaN or an infinity: then a StoreError (a NaN fidelity
+        is never a measurement; the store's values are checked on load, so this is what
+        would follow if they were not)."""
+        if not bool(torch.isfinite(emb).all()):
+            raise StoreError(f"{self.store.path}: the model's sentence embeddings are not "
+                             f"finite (NaN or infinite): its weights overflow fp32; rebuild "
+                             f"the store from a sound checkpoint")
+        return emb
+
     def score(self, emb: torch.Tensor) -> tuple[float, float | None, float | None]:
+        self.check_finite(emb)
         fidelity = float(cosine(emb, self.reference).mean())
         if self.head is None:
             return fidelity, None, None
@@ -175,7 +187,7 @@ class MeasurementCache:
     def add(self, m: Measurement) -> None:
         self.items[m.key()] = m
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(dataclasses.asdict(m)) + "\n")
+            fh.write(json.dumps(dataclasses.asdict(m), allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -204,6 +216,9 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None],
     extra = json.dumps(task.source, sort_keys=True) if task.source else ""
     key = hashlib.sha256((json.dumps(store.index.build, sort_keys=True) +
                           splits.train.digest() + extra).encode()).hexdigest()
+    source = dict(task.source)
+    if source:  # a copy of the CSV beside the head: the head reads nothing outside its folder
+        source["csv"] = copy_task_csv(Path(task.source["csv"]), out, store)
     if out.is_file():
         try:
             meta = json.loads(out.read_text())
@@ -212,26 +227,45 @@ def train_head(store: ShardStore, out: Path, log: Callable[[str], None],
         if isinstance(meta, dict) and meta.get("inputs") == key:
             return TaskHead.load(out)
     what = "tweets" if not task.source else f"texts of {task.source['csv']}"
-    log(f"training the task head on {len(splits.train)} {what} (fp32 embeddings)...")
+    sample = f" ({task.sample}: at most {CSV_TRAIN:,})" if task.sample else ""
+    log(f"training the task head on {len(splits.train)} {what}{sample} (fp32 embeddings)...")
     encoder, tokenizer = store.encoder(), store.tokenizer(profile_seq_len(store))
     c = store.config
     full = [store.layer_weights(l, dict.fromkeys(c.shard_names(), 32)) for l in range(c.layers)]
 
-    def embed(texts):
-        with torch.inference_mode():
-            return embed_batched(tokenizer, list(texts), 64,
-                                 lambda b: encoder.forward(b.ids, b.mask, full), c.hidden)
+    def embed(texts, desc):
+        texts = list(texts)
+        with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="text",
+                                          file=sys.stderr, mininterval=1.0) as bar:
+            def run(b):
+                bar.update(b.ids.shape[0])
+                return encoder.forward(b.ids, b.mask, full)
+            return embed_batched(tokenizer, texts, 64, run, c.hidden)
 
-    source = dict(task.source)
-    if source:  # the CSV relative to the head, so that both can move together
-        source["csv"] = os.path.relpath(source["csv"], out.resolve().parent)
-    head = TaskHead.train(embed(splits.train.texts), splits.train.labels, names=task.labels,
-                          task=source)
-    acc = head.accuracy(embed(splits.test.texts), splits.test.labels)
-    head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} {what}",
+    train = embed(splits.train.texts, "embedding the training texts")
+    log(f"fitting the head (L-BFGS, at most {MAX_ITER} iterations)...")
+    head = TaskHead.train(train, splits.train.labels, names=task.labels, task=source)
+    acc = head.accuracy(embed(splits.test.texts, "embedding the test texts"), splits.test.labels)
+    head.save(out, inputs=key, trained_on=f"train split, {len(splits.train)} {what}{sample}",
               test_accuracy=acc, test_size=len(splits.test))
-    log(f"task head: test accuracy {acc:.4f} on {len(splits.test)} held-out tweets")
+    log(f"task head: test accuracy {acc:.4f} on {len(splits.test)} held-out "
+        f"{'tweets' if not task.source else 'test texts'}")
     return head
+
+
+def copy_task_csv(csv: Path, head: Path, store: ShardStore) -> str:
+    """The task CSV copied beside the head (HEAD.csv, HEAD the head file's name without
+    .json; rewritten only when it differs); returns the copy's name, as the head records
+    it."""
+    from elasticplan.problem.outputs import write_bytes
+
+    copy = head.with_name(head.name.removesuffix(".json") + ".csv")
+    data = csv.read_bytes()
+    if not (copy.exists() and os.path.samefile(copy, csv)) and \
+            not (copy.is_file() and copy.read_bytes() == data):
+        head.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(copy, data, inputs=store.files())
+    return copy.name
 
 
 def run_profile(store: ShardStore, head: TaskHead | None, cache_path: Path, *,
@@ -368,7 +402,7 @@ def profile_model(store_path: str | Path, out: str | Path, *, cache_dir: str | P
            "fp32_test_accuracy": test_accuracy,
            "measurements": [m.__dict__ for m in sorted(result.measurements.values(),
                                                        key=lambda m: m.key())]}
-    write_text(measurements_path(out), json.dumps(raw, indent=0) + "\n")
+    write_text(measurements_path(out), json.dumps(raw, indent=0, allow_nan=False) + "\n")
     log(f"measured {result.measured_now} variants now, "
         f"{len(result.measurements) - result.measured_now} from the cache; wrote {out} and "
         f"{measurements_path(out)}")

@@ -68,6 +68,8 @@ class TestSplit:
 
     def __init__(self, store: ShardStore, head_path: str | Path | None):
         head = TaskHead.load(head_path) if head_path is not None else None
+        if head is not None:
+            head.check_width(store.config.hidden, head_path, store.path)
         test = (head.load_task(head_path) if head else tweet_task()).splits.test
         self.store = store
         self.names = store.config.shard_names()
@@ -99,7 +101,7 @@ class TestSplit:
     def evaluate_changes(self, changes: list[dict[str, int]]) -> Evaluation:
         """A submodel (per layer: shard -> DROP or bits) on every test text."""
         p = self._profiler
-        emb = p.embed_selection(changes)
+        emb = p.check_finite(p.embed_selection(changes))
         cos = cosine(emb, p.reference).double()
         n = cos.numel()
         fid = dict(texts=n, fidelity=float(cos.mean()),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 FP32 = 32
 
 
+
 class DecodeWork:
     """Preallocated buffers for the schemes' decoders, sized for the largest block they will
     see (each scheme's `decode_work`), so decoding allocates nothing: int32 words and codes,
@@ -109,6 +110,13 @@ class Scheme:
                     bits: int, work: DecodeWork | None) -> None:
         """Decode the blocks' bytes (uint8 tensor `buf`) into `outs`, one view per block of
         rows x cols elements whose last dimension is cols; with `work`, allocation-free."""
+        raise NotImplementedError
+
+    def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
+        """ValueError saying what is wrong if the blocks' bytes (uint8 array, exactly their
+        block_bytes summed) would decode to anything but weights inside ±MAX_WEIGHT, or
+        would index outside their block (a store tampered with, its checksums rewritten).
+        Called once per variant when it is loaded (runtime/store.py), not per query."""
         raise NotImplementedError
 
     # --- building and the index -----------------------------------------------------------

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from runtime.families.weights import MAX_WEIGHT, out_of_range
 from runtime.schemes import gptq
 from runtime.schemes.base import FP32, Blocks, DecodeWork, Scheme, take
 from runtime.schemes.uniform import UNIFORM
@@ -283,6 +284,44 @@ def parse_blocks(raw: bytes, shapes: Shapes, bits: int, share: float = DEFAULT_O
     return out
 
 
+def check_blocks(raw: np.ndarray, shapes: Shapes, bits: int,
+                 share: float = DEFAULT_OUTLIER_SHARE) -> None:
+    """ValueError if a group's bytes would decode outside the weights' range or write
+    outside a block: every codebook value, row scale and outlier value finite, every
+    s_r x D[k] and outlier value within ±MAX_WEIGHT, every outlier column inside its row.
+    (The codes themselves are always valid: b bits index 2^b values.)"""
+    shapes = tuple(shapes)
+    sizes = _sections(shapes, bits, share)
+    if len(raw) != sum(sizes):
+        raise ValueError(f"blocks {list(shapes)} at {bits} bits are {sum(sizes)} bytes, got "
+                         f"{len(raw)}")
+    k, m = 2 ** bits, len(shapes)
+    at = np.cumsum((0,) + sizes)
+    books = np.frombuffer(raw, "<f4", k * m, at[2 * m]).reshape(m, k)
+    scales = np.frombuffer(raw, "<f4", sum(r for r, _ in shapes), at[2 * m + 1])
+    vals_at, row_at = at[4 * m + 2], 0
+    for i, (rows, cols) in enumerate(shapes):
+        n = outliers_per_row(cols, share)
+        book, scale = books[i], scales[row_at:row_at + rows]
+        out_cols = np.frombuffer(raw, "<u2", rows * n, at[2 * m + 2 + 2 * i])
+        out_vals = np.frombuffer(raw, "<f4", rows * n, vals_at)
+        why = out_of_range(book, f"block {i}'s codebook") or \
+            out_of_range(scale, f"block {i}'s row scales") or \
+            out_of_range(out_vals, f"block {i}'s outlier values")
+        if why:
+            raise ValueError(why)
+        top = float(np.abs(book).max()) * float(np.abs(scale).max()) if rows else 0.0
+        if top > MAX_WEIGHT:
+            raise ValueError(f"block {i}'s codebook times its row scales reaches {top:g}, "
+                             f"beyond ±{MAX_WEIGHT:g} (the largest weight accepted)")
+        if n and int(out_cols.max()) >= cols:
+            j = int(np.flatnonzero(out_cols >= cols)[0])
+            raise ValueError(f"block {i}'s outlier column {int(out_cols[j])} (row {j // n}) "
+                             f"is outside its {cols} columns")
+        vals_at += 4 * rows * n
+        row_at += rows
+
+
 @lru_cache(maxsize=None)
 def _byte_codes(bits: int, blocks: int) -> torch.Tensor:
     """[blocks x 256 x 8/b] int32: the codes held in every byte value, in order, offset by
@@ -498,6 +537,9 @@ class Dictionary(Scheme):
     def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
                     bits: int, work: DecodeWork | None) -> None:
         decode_into(outs, buf, blocks, bits, self.share, work)
+
+    def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
+        check_blocks(buf, blocks, bits, self.share)
 
     @property
     def needs_hessians(self) -> bool:

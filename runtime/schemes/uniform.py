@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from elasticplan.problem import archgen
+from runtime.families.weights import MAX_WEIGHT, out_of_range
 from runtime.schemes.base import FP32, Blocks, DecodeWork, Scheme, take
 
 QUANT_BITS = (2, 3, 4, 6, 8)  # the bitwidths this scheme packs (divisors of 24)
@@ -217,6 +218,18 @@ class Uniform(Scheme):
             packed = buf[pos:pos + n].view(r, n // r)
             dequantize_into(dest, packed, buf[pos + n:pos + n + 4 * r].view(torch.float32),
                             bits, work)
+            pos += n + 4 * r
+
+    def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
+        # every code is a valid level; a weight is at most (2^(b-1) - 1/2) scales
+        top = 2 ** (bits - 1) - 0.5
+        pos = 0
+        for i, (r, c) in enumerate(blocks):
+            n = r * row_bytes(c, bits)
+            scales = np.frombuffer(buf, "<f4", r, pos + n)
+            why = out_of_range(scales, f"block {i}'s row scales", MAX_WEIGHT / top)
+            if why:
+                raise ValueError(why)
             pos += n + 4 * r
 
 

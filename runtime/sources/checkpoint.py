@@ -36,6 +36,7 @@ from runtime.families.encoder import (
     embed_batched,
     load_hf_tensors,
     model_dir,
+    regular_or_absent,
     resident_names,
     shard_from_hf,
 )
@@ -96,6 +97,7 @@ def declared_pooling(path: Path, *, mode: bool = True) -> Pooling | None:
     """The pooling sentence-transformers declared in modules.json, or None without one;
     `mode` False: the pooling mode is given elsewhere (its config is not read)."""
     file = path / "modules.json"
+    regular_or_absent(file, "modules.json")
     if not file.is_file():
         return None
     modules = load_json(file, what="sentence-transformers module list", limit=1 << 20,
@@ -107,6 +109,9 @@ def declared_pooling(path: Path, *, mode: bool = True) -> Pooling | None:
         m = Fields(raw, str(file), f"[{i}]", "a module: {idx, name, path, type}", StoreError)
         kind = m.string("type")
         if kind == POOLING_TYPE:
+            if found is not None:
+                raise m.err("type", f"a second {POOLING_TYPE} module; a checkpoint declares "
+                                    f"one pooling")
             sub = m.raw("path", required=False) or ""
             if not isinstance(sub, str) or not sub or "/" in sub or "\\" in sub \
                     or sub in (".", ".."):
@@ -152,13 +157,11 @@ def open_checkpoint(path: str | Path, *, name: str | None = None, pooling: str |
                      declared.source if pooling is None and normalize is None else "command line")
     config = Config.from_hf(path, name, pooling=chosen.mode, normalize=chosen.normalize)
     tok_file = path / "tokenizer.json"
+    regular_or_absent(tok_file, "tokenizer.json")
     if not tok_file.is_file():
         raise StoreError(f"{path}: no tokenizer.json here (a `tokenizers` tokenizer file)")
     tok = Tokenizer(tok_file, config.usable_positions, config.pad_id)
-    if tok.vocab_size > config.vocab:
-        raise StoreError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens, config.json "
-                         f"vocab_size is {config.vocab}: its ids would fall outside the "
-                         f"embedding table (a tokenizer of another model?)")
+    tok.check_ids(config.vocab, tok_file, "config.json vocab_size")
     tensors = load_hf_tensors(path, config)
     return Checkpoint(path, config, tensors, source or {"directory": str(path.resolve()),
                                                        "file": "model.safetensors"}, chosen)
