@@ -46,7 +46,7 @@ from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import ModelProfile, Scenario
 from runtime.families.encoder import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
 from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
-from runtime.schemes import DEFAULT_NAME
+from runtime.schemes import DEFAULT_NAME, REGISTRY
 from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import ShardStore, Variant, decode_into
 
@@ -165,11 +165,12 @@ def check_schemes(profile: ModelProfile, store: ShardStore) -> None:
             continue
         want, got = measured.get(bits, DEFAULT_NAME), store.scheme_of(bits)
         if want != got:
+            fix = f"rebuild it with `elasticplan shard --scheme {want}`" if want in REGISTRY \
+                else f"no scheme is named {want!r} (known: {', '.join(REGISTRY)})"
             raise StoreError(f"{store.path / 'index.json'}: {bits}-bit shards are stored in "
                              f"the {got} scheme, but the profile of {profile.name!r} was "
                              f"measured on the {want} scheme; use the profile measured on "
-                             f"this store, or rebuild it with `elasticplan shard --scheme "
-                             f"{want}`")
+                             f"this store, or {fix}")
 
 
 def planned_variants(plan: Plan, profile: ModelProfile, store: ShardStore

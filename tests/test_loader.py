@@ -90,7 +90,8 @@ CASES = [
      "layers[0].shards[0].flops", "finite"),
     (lambda m: m["layers"][0]["shards"][0].pop("kind"), "layers[0].shards[0].kind", "missing"),
     (lambda m: m.update(quantisation={7: "dict"}), "quantisation.7", "not a quantised bitwidth"),
-    (lambda m: m.update(quantisation={3: "gobo"}), "quantisation.3", "must be one of"),
+    (lambda m: m.update(quantisation={3: "Not A Name!"}), "quantisation.3",
+     "must be a quantisation scheme's name"),
     (lambda m: m.update(runtime={"store": 5}), "runtime.store", "expected a non-empty string"),
     (lambda m: m.update(runtime={"store": "s", "head": "h"}), "runtime.head", "unknown key"),
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from elasticplan.problem.outputs import write_text
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import (
     FULL_PRECISION_BITS,
-    QUANT_SCHEMES,
+    SCHEME_NAME,
     Device,
     Layer,
     ModelProfile,
@@ -179,8 +180,9 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
             raise qf.err(str(key), f"not a quantised bitwidth of this model "
                                    f"({list(bitwidths)})")
         scheme = qf.string(key)
-        if scheme not in QUANT_SCHEMES:
-            raise qf.err(str(key), f"must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
+        if not re.fullmatch(SCHEME_NAME, scheme):
+            raise qf.err(str(key), f"must be a quantisation scheme's name (lower-case letters, "
+                                   f"digits, '_' or '-'), got {scheme!r}")
         schemes.append((key, scheme))
     f.free_form("description", str)
     f.free_form("architecture", dict)

@@ -16,7 +16,10 @@ from elasticplan.problem.question import READ_THROUGH, Question
 
 FULL_PRECISION_BITS = 32
 
-QUANT_SCHEMES = ("uniform", "dict")  # how shards below 32 bits are stored (runtime/store.py)
+# A quantisation scheme's name, as a profile records it per bitwidth: the planner carries it
+# as a label; the runtime's scheme registry (runtime/schemes) says which names exist and
+# refuses a store kept in another scheme than its profile was measured on.
+SCHEME_NAME = r"[a-z][a-z0-9_-]{0,31}"
 
 
 @dataclass(frozen=True)
