@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -181,6 +183,22 @@ EXIT_BUG = 1
 EXIT_IO = 11
 EXIT_MEMORY = 12
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every
+    clean-up an interrupt runs (temporary files removed, files closed) runs for it too."""
+
+
+def _on_sigterm(owner: int):
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked worker (a pool's): end as SIGTERM always did
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+    return handler
 
 
 def _plugins():
@@ -491,6 +509,20 @@ def cmd_fleet(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM is handled as Ctrl-C is (exit 143) while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    try:
+        return _main(argv)
+    except Terminated:  # before the command started (while the parser was built)
+        print("elasticplan: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
@@ -504,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         print("elasticplan: error: out of memory; the problem is larger than this machine can "
               "hold (docs/formats.md, 'Limits and ranges')", file=sys.stderr)
         return EXIT_MEMORY
+    except Terminated:
+        print("elasticplan: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("elasticplan: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

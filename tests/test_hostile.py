@@ -38,7 +38,7 @@ from elasticplan.problem.outputs import TEMP_SUFFIX
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "problems" / "scenarios"
 MINILM = SCENARIOS / "minilm-phone.yaml"
-DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 130}
+DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 130, 143}
 MEMORY_LIMIT = 3 << 30  # address space of a subprocess case
 
 
@@ -841,6 +841,81 @@ def test_duplicate_keys_and_two_poolings_are_refused(tiny, tmp_path, capsys):
     assert rc == 8 and "modules.json: [3].type: a second sentence_transformers.models.Pooling " \
                        "module" in err
     assert not (tmp_path / "out").exists()
+
+
+# --- 10. SIGTERM is handled like Ctrl-C ------------------------------------------------------
+
+def _terminate_when(args, ready, timeout=180, cwd=ROOT):
+    """Start `elasticplan ARGS`, send SIGTERM once `ready(pid, stderr so far)` is true,
+    and return (exit code, stderr)."""
+    import threading
+
+    p = subprocess.Popen([sys.executable, "-m", "elasticplan.cli", *map(str, args)], cwd=cwd,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_limits)
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(
+        lambda: os.read(p.stderr.fileno(), 4096).decode(errors="replace"), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready(p.pid, "".join(err)):
+            assert p.poll() is None, "".join(err)[-2000:]
+            assert time.monotonic() < deadline, "never ready: " + "".join(err)[-2000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    reader.join(timeout=10)
+    p.stderr.close()
+    return rc, "".join(err)
+
+
+def _opened_under(directory: Path):
+    """ready() when the process has a file under `directory` open (it is at work there)."""
+    def ready(pid, err):
+        fds = Path(f"/proc/{pid}/fd")
+        try:
+            return any(str(directory) in os.readlink(fd) for fd in fds.iterdir())
+        except OSError:
+            return False
+    return ready
+
+
+def _assert_terminated(rc, err):
+    assert rc == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("elasticplan: ")] == \
+        ["elasticplan: terminated (SIGTERM)"], err[-2000:]
+
+
+def test_sigterm_to_shard_profile_and_run_cleans_up_and_exits_143(store_dir, tiny, tmp_path,
+                                                                  capsys):
+    from runtime.store import ShardStore, build_store
+
+    out = Path(shutil.copytree(store_dir, tmp_path / "store"))
+    rc, err = _terminate_when(["shard", "--out", out, "--force"],
+                              lambda pid, e: "[2/" in e)  # mid-build: files being written
+    _assert_terminated(rc, err)
+    no_debris(out)
+    build_store(out)  # resumes
+    assert ShardStore(out).verify() == []
+
+    store = Path(shutil.copytree(tiny / "store", tmp_path / "tiny"))
+    rc, err = _terminate_when(["profile", "--store", store, "--cache", tmp_path / "cache"],
+                              lambda pid, e: "profile:" in e)  # measuring
+    _assert_terminated(rc, err)
+    assert not (tmp_path / "tiny" / "profile.measurements.json").exists()
+    no_debris(store)
+
+    plan = _plan(capsys, store, tmp_path)
+    rc, err = _terminate_when(["run", plan, "--repeat", 1000, "--json", tmp_path / "run.json"],
+                              _opened_under(store))  # the executor has the shard files open
+    _assert_terminated(rc, err)
+    assert not (tmp_path / "run.json").exists()
+    no_debris(tmp_path)
 
 
 # --- generated documents for every format ---------------------------------------------------
