@@ -20,7 +20,7 @@ from benchmarks import common, prediction, solver_speed
 from runtime.measurement.report import LayerReport, StageTimes
 
 MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed",
-           "compute_layout", "quant_schemes", "dictquant",
+           "compute_layout", "quant_schemes", "dictquant", "decoder_speed",
            "fleet")
 
 
