@@ -373,6 +373,7 @@ def cmd_evaluate(a) -> int:
     """Rebuild the plan's submodel from the store (its shards at their bitwidths) and run
     it on every test text (runtime/profiling/submodel.py)."""
     from runtime.executor import check_model, planned_variants
+    from runtime.families import family
     from runtime.profiling.submodel import TestSplit
     from runtime.store import ShardStore
 
@@ -386,6 +387,8 @@ def cmd_evaluate(a) -> int:
     store = ShardStore(a.store)
     check_model(plan, store)
     planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
+    if family(store.config.family).decoder:
+        return _evaluate_decoder(a, plan, store, scenario)
     ev = TestSplit(store, a.head).evaluate(plan)
     accuracy = ("no task head: fidelity only" if ev.accuracy is None else
                 f"accuracy {ev.accuracy:.3f} +- {ev.accuracy_stderr:.3f} (fp32 "
@@ -398,6 +401,27 @@ def cmd_evaluate(a) -> int:
                 **ev.to_dict()}
         write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n",
                    inputs=(a.plan, a.store, *([a.head] if a.head else []), *scenario.files))
+        print(f"evaluation written to {a.json}")
+    return 0
+
+
+def _evaluate_decoder(a, plan: Plan, store, scenario) -> int:
+    """`evaluate` of a decoder plan: its submodel against the full model on the test
+    tweets, teacher-forced (runtime/profiling/decoder_profile.py)."""
+    from runtime.profiling.decoder_profile import EVAL_TEXTS, evaluate_bits
+    from runtime.sources.task import load_splits
+
+    bits = [{ch.name: ch.bits for ch in lp.shards} for lp in plan.layers]
+    ev = evaluate_bits(store, bits, list(load_splits().test.texts[:EVAL_TEXTS]))
+    print(f"{a.plan} ({plan.solver}): {plan.n_shards} shards; on {ev.texts} test texts "
+          f"({ev.positions} next tokens, teacher-forced): KL {ev.kl:.4f} +- {ev.kl_stderr:.4f} "
+          f"nats, top-1 agreement {ev.top1:.3f} +- {ev.top1_stderr:.3f}, perplexity "
+          f"{ev.perplexity:.2f} +- {ev.perplexity_stderr:.2f} (fp32 {ev.fp32_perplexity:.2f}); "
+          f"+- one standard error")
+    if a.json:
+        data = {"plan": a.plan, "solver": plan.solver, "shards": plan.n_shards, **ev.to_dict()}
+        write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n",
+                   inputs=(a.plan, a.store, *scenario.files))
         print(f"evaluation written to {a.json}")
     return 0
 

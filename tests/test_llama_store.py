@@ -183,3 +183,48 @@ def test_decoder_profile_measures_next_token_kl(built, tmp_path, capsys):
     capsys.readouterr()
     assert cli(*args) == 0
     assert "0 to measure" in capsys.readouterr().out
+
+
+def test_evaluate_a_decoder_plan(built, tmp_path, capsys):
+    """A plan on a llama store's profile (planned as for an encoder until decoders are
+    planned token by token): `evaluate` reports KL, top-1 agreement and perplexity on the
+    test tweets. Keeping every shard in fp32 is the full model (KL 0, agreement 1, the fp32
+    perplexity); the all-2-bit baseline's KL equals the KL computed through the store's
+    decoders with prefill (another code path than evaluate's)."""
+    import torch.nn.functional as F
+
+    from runtime.profiling.decoder_profile import EVAL_TEXTS, EVAL_TOKENS, scored, token_batches
+    from runtime.sources.task import load_splits
+
+    _, store_dir = built
+    profile = tmp_path / "profile.yaml"
+    assert cli("profile", "--store", store_dir, "--out", profile, "--cache", tmp_path / "c",
+               "--texts", 2, "--max-tokens", 8) == 0
+    sc = tmp_path / "sc.yaml"
+    assert cli("scenario", "--store", store_dir, "--profile", profile, "--device",
+               "problems/devices/phone-ufs31.yaml", "--target-ms", 50, "-o", sc) == 0
+    results = {}
+    for name in ("hold-in-memory", "uniform-2"):
+        plan, out = tmp_path / f"{name}.json", tmp_path / f"{name}.ev.json"
+        assert cli("baseline", name, sc, "-o", plan) == 0
+        assert cli("evaluate", plan, "--json", out) == 0
+        results[name] = json.loads(out.read_text())
+    full = results["hold-in-memory"]
+    assert full["kl"] == pytest.approx(0, abs=1e-6) and full["top1"] == 1.0
+    assert full["perplexity"] == pytest.approx(full["fp32_perplexity"])
+    two = results["uniform-2"]
+    assert two["kl"] > 10 * two["kl_stderr"] > 0 and two["top1"] < 1.0
+    store = ShardStore(store_dir)
+    c = store.config
+    bits = [{n: 2 for n in c.shard_names()} for _ in range(c.layers)]
+    kl = []
+    with torch.inference_mode():
+        for ids, mask in token_batches(store, list(load_splits().test.texts[:EVAL_TEXTS]),
+                                       EVAL_TOKENS, 8):
+            n = ids.shape[1]
+            ref = F.log_softmax(store.decoder(context=n).prefill(ids, mask), -1)
+            got = F.log_softmax(store.decoder(bits, context=n).prefill(ids, mask), -1)
+            per = (ref.exp() * (ref - got)).sum(-1)
+            kl += [float(per[i][scored(mask)[i]].mean()) * int(scored(mask)[i].sum())
+                   for i in range(ids.shape[0])]
+    assert two["kl"] == pytest.approx(sum(kl) / two["positions"], rel=1e-4)

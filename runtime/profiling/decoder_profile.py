@@ -21,6 +21,7 @@ store's build and the token sequences, and a rerun measures only what is missing
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -268,7 +269,6 @@ def profile_decoder(store_path: str | Path, out: str | Path, *, cache_dir: str |
     """`elasticplan profile` for a llama store: measure what the cache lacks, check
     additivity on random submodels, write the profile YAML and every measurement as JSON
     beside it. Returns the additivity figures."""
-    import dataclasses
     import os
 
     from elasticplan.problem.loader import write_model_profile
@@ -297,3 +297,71 @@ def profile_decoder(store_path: str | Path, out: str | Path, *, cache_dir: str |
     log(f"wrote {out} and {measurements_path(out)}"
         + (f"; additivity Spearman {additive['spearman']:.3f}" if additive else ""))
     return additive or {}
+
+
+EVAL_TEXTS = 64  # test tweets a decoder plan is evaluated on by default
+EVAL_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class DecoderEvaluation:
+    """A decoder submodel against the full fp32 model on held-out text, teacher-forced:
+    next-token KL (nats), top-1 agreement and perplexity, each with its standard error
+    (over texts: a text's positions are not independent), and the full model's perplexity."""
+
+    texts: int
+    positions: int
+    kl: float
+    kl_stderr: float
+    top1: float
+    top1_stderr: float
+    perplexity: float
+    perplexity_stderr: float
+    fp32_perplexity: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.inference_mode()
+def evaluate_bits(store: ShardStore, bits: list[dict[str, int]], texts: list[str], *,
+                  max_tokens: int = EVAL_TOKENS, batch: int = BATCH) -> DecoderEvaluation:
+    """The submodel with, per layer, these shards at these bitwidths (absent: dropped)
+    against the full model, on `texts` (each cut to `max_tokens` tokens)."""
+    import numpy as np
+
+    batches = token_batches(store, texts, max_tokens, batch)
+    if not batches:
+        raise ValueError("no text of two or more tokens to evaluate on")
+    n = max(ids.shape[1] for ids, _ in batches)
+    full, sub = store.decoder(context=n), store.decoder(bits, context=n)
+    kl, agree, nll, nll_full, count = [], [], [], [], []
+    for ids, mask in batches:
+        s = scored(mask)
+        ref = F.log_softmax(full.logits(full.teacher_forced(ids, mask)), dim=-1)
+        got = F.log_softmax(sub.logits(sub.teacher_forced(ids, mask)), dim=-1)
+        nxt = torch.zeros_like(ids)
+        nxt[:, :-1] = ids[:, 1:]
+        per_kl = (ref.exp() * (ref - got)).sum(-1)
+        per_agree = (ref.argmax(-1) == got.argmax(-1)).float()
+        per_nll = -got.gather(-1, nxt[..., None])[..., 0]
+        per_nll_full = -ref.gather(-1, nxt[..., None])[..., 0]
+        for i in range(ids.shape[0]):
+            m = s[i]
+            kl.append(float(per_kl[i][m].mean()))
+            agree.append(float(per_agree[i][m].mean()))
+            nll.append(float(per_nll[i][m].mean()))
+            nll_full.append(float(per_nll_full[i][m].mean()))
+            count.append(int(m.sum()))
+
+    def mean_se(values):  # a text's mean, weighted by its positions
+        v, w = np.asarray(values), np.asarray(count, dtype=float)
+        mean = float(np.average(v, weights=w))
+        se = float(np.sqrt(np.average((v - mean) ** 2, weights=w) / max(1, len(v) - 1)))
+        return mean, se
+
+    (k, k_se), (t, t_se), (h, h_se) = mean_se(kl), mean_se(agree), mean_se(nll)
+    return DecoderEvaluation(texts=len(count), positions=sum(count), kl=k, kl_stderr=k_se,
+                             top1=t, top1_stderr=t_se, perplexity=float(np.exp(h)),
+                             perplexity_stderr=float(np.exp(h) * h_se),
+                             fp32_perplexity=float(np.exp(mean_se(nll_full)[0])))
