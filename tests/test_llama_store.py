@@ -228,3 +228,20 @@ def test_evaluate_a_decoder_plan(built, tmp_path, capsys):
             kl += [float(per[i][scored(mask)[i]].mean()) * int(scored(mask)[i].sum())
                    for i in range(ids.shape[0])]
     assert two["kl"] == pytest.approx(sum(kl) / two["positions"], rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_a_llama_with_non_finite_weights_is_refused_at_shard(tmp_path, capsys, bad):
+    """A NaN, an infinity or an absurd weight in a layer-1 up projection: `shard` refuses
+    the checkpoint naming the tensor (exit 8) and writes nothing."""
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = write_tiny_llama(tmp_path / "ckpt")
+    t = load_file(str(ckpt / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    save_file(t, str(ckpt / "model.safetensors"))
+    out = tmp_path / "store"
+    assert cli("shard", "--checkpoint", ckpt, "--out", out) == 8
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

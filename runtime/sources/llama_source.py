@@ -45,6 +45,19 @@ class LlamaSource:
         return self.tokenizer.to_str().encode()
 
 
+def _checked(src: LlamaSource) -> LlamaSource:
+    """Every tensor within the weight range (runtime/families/weights.py: finite, at most
+    fp16's largest magnitude), checked once before a store is built from the source."""
+    from runtime.families.llama import tensor_shapes
+    from runtime.families.weights import out_of_range
+
+    for name in tensor_shapes(src.config):
+        why = out_of_range(src.tensors[name], f"tensor {name!r}")
+        if why:
+            raise StoreError(f"{src.weights_file}: {why}; not usable weights")
+    return src
+
+
 def open_gguf(path: str | Path, *, name: str | None = None,
               source: dict | None = None) -> LlamaSource:
     """A llama GGUF file, checked in full (StoreError naming the file and key or tensor)."""
@@ -55,9 +68,9 @@ def open_gguf(path: str | Path, *, name: str | None = None,
     if not path.is_file():
         raise StoreError(f"{path}: no such file (a GGUF file of a llama model)")
     g = GGUFFile(path, model_name(name or path.stem, str(path)))
-    return LlamaSource(path, g.config, g.tensors, path,
-                       source or {"file": path.name, "bytes": g.size},
-                       g.chat_template, g.tokenizer())
+    return _checked(LlamaSource(path, g.config, g.tensors, path,
+                                source or {"file": path.name, "bytes": g.size},
+                                g.chat_template, g.tokenizer()))
 
 
 def open_hf_llama(path: str | Path, *, name: str | None = None) -> LlamaSource:
@@ -67,9 +80,9 @@ def open_hf_llama(path: str | Path, *, name: str | None = None) -> LlamaSource:
 
     path = Path(path)
     h = HFLlama(path, model_name(name or path.resolve().name, str(path)))
-    return LlamaSource(path, h.config, h.tensors, h.file,
-                       {"directory": str(path.resolve()), "file": h.file.name},
-                       h.chat_template, h.tokenizer())
+    return _checked(LlamaSource(path, h.config, h.tensors, h.file,
+                                {"directory": str(path.resolve()), "file": h.file.name},
+                                h.chat_template, h.tokenizer()))
 
 
 def packaged_smollm2() -> LlamaSource:
