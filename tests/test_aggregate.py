@@ -16,7 +16,8 @@ from elasticplan.costmodel import simulate
 from elasticplan.plans.verify import check
 from elasticplan.problem import archgen
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.question import FLOOR_OBJECTIVES, Objective
+from elasticplan.problem.question import FLOOR_OBJECTIVES, Objective, Question
+from elasticplan.problem.spec import Device, Layer, ModelProfile, Scenario, Shard
 from elasticplan.solvers import solve
 from elasticplan.solvers.aggregated import highs, search
 from elasticplan.solvers.aggregated import program as aggregated
@@ -100,6 +101,32 @@ def test_reported_gap_is_a_real_bound(sc, gap):
         return
     assert plan.gap is not None and plan.gap <= gap + 1e-12
     assert exact.objective <= plan.objective * (1 + plan.gap) + TOL
+
+
+def test_gap_holds_when_highs_misreads_the_rounded_start():
+    """Found by test_reported_gap_is_a_real_bound: the LP's rounded plan (3.5: s0, s2, s3,
+    s4 preloaded) is not within 1e-3 of the bound 4.5, so it goes to the MIP as its start;
+    HiGHS 1.16 found the start worth 4.5 "in the reduced space", stopped as optimal and
+    handed back the start's columns, and the plan was returned optimal with gap 0.2857.
+    The optimum streams the two small shards and preloads s0, s1, s4."""
+    device = Device(name="dev", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
+                    layer_overhead_ms=0.0, dequant_gb_s=None, memory_mb=1e4)
+    sizes = [(179460, 1.0, 44865), (179460, 1.0, 44865), (2000, 0.5, 500), (2000, 1.0, 500),
+             (137081, 1.0, 34270)]
+    shards = tuple(Shard(name=f"s{i}", kind="head", flops=1e4, bytes=(nbytes,),
+                         weights=weights, importance=(importance,))
+                   for i, (nbytes, importance, weights) in enumerate(sizes))
+    model = ModelProfile(name="m", seq_len=16, bitwidths=(32,), layers=(Layer(shards=shards),))
+    sc = Scenario(name="generated", device=device, model=model,
+                  question=Question(target_latency_ms=1.0, preload_budget_mb=0.5,
+                                    min_shards_per_layer=0,
+                                    objective=Objective.MAX_IMPORTANCE),
+                  content_hash="generated")
+    plan = _solve(sc, "highs", gap=1e-3)
+    assert plan.status.value == "optimal"
+    assert plan.gap is not None and plan.gap <= 1e-3
+    assert plan.objective == pytest.approx(4.5)
+    assert _solve(sc, "cpsat").objective == pytest.approx(4.5)
 
 
 @given(imp=st.lists(st.lists(st.floats(0, 1), min_size=3, max_size=3), min_size=1, max_size=4),

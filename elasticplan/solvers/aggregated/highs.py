@@ -112,7 +112,6 @@ def _solve_program(program: MatrixProgram, model: dict,
     Given the LP relaxation (`lp`: bound, columns), its rounded and filled plan comes
     first, and is the answer if it is within the gap."""
     scenario = program.scenario
-    time_limit_s = deadline - started
     rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
     if lp is not None and scenario.objective == Objective.MAX_IMPORTANCE:
@@ -122,6 +121,45 @@ def _solve_program(program: MatrixProgram, model: dict,
     start = None if rounded is None else \
         program.solution_of(rounded.selection(scenario), rounded.layout)
     mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start)
+    plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline)
+    if plan.status == SolveStatus.OPTIMAL and start is not None and \
+            not _within(plan, relative_gap):
+        # HiGHS (seen with 1.16) can take the start, find it better "in the reduced space"
+        # than in the program, stop there as optimal, and hand back the start's columns
+        # unchanged: its optimum is not the plan it returns. Once more without the start.
+        try:
+            mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap)
+            again = _mip_plan(program, mip, rounded, started=started, deadline=deadline)
+        except SolverTimeoutError:
+            again = None
+        if again is not None and _better(program, again[0], plan):
+            plan, values = again
+    if plan.status == SolveStatus.OPTIMAL and not _within(plan, relative_gap):
+        # Not proven within the gap asked for: a plan, with its true gap, not the optimum.
+        plan = replace(plan, status=SolveStatus.FEASIBLE)
+    return plan, values
+
+
+def _within(plan: Plan, relative_gap: float) -> bool:
+    """Whether the plan's own gap (its objective against the bound) is the one asked for,
+    to float noise."""
+    return plan.gap is not None and plan.gap <= relative_gap + 1e-9
+
+
+def _better(program: MatrixProgram, a: Plan, b: Plan) -> bool:
+    """Whether plan a is better than plan b (a smaller gap breaks a tie)."""
+    if a.objective != b.objective:
+        return (a.objective > b.objective) == program.maximize
+    return a.gap is not None and (b.gap is None or a.gap < b.gap)
+
+
+def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: float,
+              deadline: float) -> tuple[Plan, np.ndarray | None]:
+    """The plan of a MIP's outcome with its gap to the MIP's dual bound, and its columns
+    (None for the rounded relaxation's plan, the fallback when the MIP stopped without
+    one); raises on infeasible, on no plan in time, on any other status."""
+    scenario = program.scenario
+    time_limit_s = deadline - started
     elapsed = time.perf_counter() - started
     status, has_plan = mip.status, mip.has_plan
     if status in (highspy.HighsModelStatus.kInfeasible,
