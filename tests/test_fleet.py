@@ -175,3 +175,88 @@ def test_bad_fleet_files_get_one_line(tmp_path, capsys, change, words):
     assert main(["fleet", str(f), "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("elasticplan: error:") and err.count("\n") == 1
+
+
+# --- issue 29: what once ended or skewed a fleet ---------------------------------------------
+
+def test_chunks_schedule_every_task_exactly_once():
+    """The last full chunk stops where the one-by-one tail starts (12 tasks on 1 worker
+    were scheduled 16 times, tasks 4-7 twice; with 2 workers a row was written twice)."""
+    from elasticplan.answers.fleet_run import _chunks
+
+    for n in range(0, 70):
+        tasks = list(range(n))
+        for workers in (1, 2, 3, 8):
+            chunks = _chunks(tasks, workers)
+            assert [t for c in chunks for t in c] == tasks, (n, workers)
+            assert all(chunks)
+
+
+def test_a_plan_without_a_finite_bound_says_its_gap_is_unknown(monkeypatch):
+    """HiGHS stopped with a plan but no finite dual bound: the plan's gap is null (it was
+    Infinity, which the plan reader rightly refuses, and which ended `make fleet`)."""
+    import math
+
+    import highspy
+
+    from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
+    from elasticplan.problem.loader import load_scenario
+    from elasticplan.problem.question import Objective
+    from elasticplan.solvers import solve
+    from elasticplan.solvers.aggregated import highs
+
+    assert gap_to_bound(1.0, math.inf) is None and gap_to_bound(1.0, -math.inf) is None
+    assert gap_to_bound(1.0, math.nan) is None and gap_to_bound(2.0, 3.0) == 0.5
+    real = highs.solve_mip
+
+    def stopped_unbounded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return type(out)(highspy.HighsModelStatus.kTimeLimit, out.has_plan, out.values,
+                         math.inf)
+
+    monkeypatch.setattr(highs, "solve_mip", stopped_unbounded)
+    sc = load_scenario(PROBLEMS / "scenarios" / "minilm-phone.yaml")
+    sc = sc.with_overrides(objective=Objective.MIN_BUFFER, importance_floor=1.0)
+    plan = solve(sc, "highs", time_limit_s=60, relative_gap=1e-4)
+    assert plan.status == SolveStatus.FEASIBLE and plan.gap is None
+    text = plan.to_json()
+    assert "Infinity" not in text and "NaN" not in text
+    assert Plan.from_dict(json.loads(text)).gap is None
+
+
+def test_one_failed_task_never_ends_a_fleet(tmp_path, monkeypatch):
+    """A task whose solve raises a bug, and one whose plan is not strict JSON (an
+    Infinity, as an older worker wrote it), are failed rows; every other task is solved,
+    every file written is strict JSON, and a rerun solves the two again."""
+    from elasticplan.answers import fleet as fleet_module
+    from elasticplan.problem.inputs import load_json
+
+    fleet = load_fleet(_fleet(tmp_path, devices=[str(PROBLEMS / "devices" / "phone-ufs31.yaml")],
+                              models=[str(PROBLEMS / "models" / "minilm-l6.yaml")]))
+    real = fleet_module.Solver.solve
+    calls = []
+
+    def flaky(self, task):
+        calls.append(task.key)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in one task")
+        row, plan = real(self, task)
+        if len(calls) == 2 and plan is not None:
+            plan = plan.replace('"gap": ', '"gap": Infinity, "x": ', 1)
+        return row, plan
+
+    monkeypatch.setattr(fleet_module.Solver, "solve", flaky)
+    out = tmp_path / "out"
+    summary = run_fleet(fleet, out, workers=0, progress=False)
+    rows = _rows(out)
+    assert summary.tasks == len(rows) == 4
+    failed = {k: r for k, r in rows.items() if r["status"] == "failed"}
+    assert set(failed) == set(calls[:2])
+    assert "a bug in one task" in failed[calls[0]]["explanation"]
+    assert "its plan could not be written" in failed[calls[1]]["explanation"]
+    assert all(r["status"] == "optimal" for k, r in rows.items() if k not in failed)
+    for p in out.rglob("*.json"):  # strict: no NaN or Infinity anywhere
+        load_json(p, what="fleet output", error=SpecError)
+    monkeypatch.setattr(fleet_module.Solver, "solve", real)
+    again = run_fleet(fleet, out, workers=0, progress=False)
+    assert again.solved_now == 2 and again.by_status == {"optimal": 4}

@@ -918,6 +918,250 @@ def test_sigterm_to_shard_profile_and_run_cleans_up_and_exits_143(store_dir, tin
     no_debris(tmp_path)
 
 
+# --- 11. fleets: their own rows, plans and outputs, signals, Ray addresses (issue 29) ---------
+
+DEVICE = ROOT / "problems" / "devices" / "phone-ufs31.yaml"
+
+
+def _fleet_file(d: Path, name: str = "fleet.yaml", **changes) -> Path:
+    data = {"schema": "elasticplan.fleet/1", "name": "hostile", "devices": [str(DEVICE)],
+            "models": [str(ROOT / "problems" / "models" / "minilm-l6.yaml")],
+            "questions": {"targets_ms": [12, 25], "buffers_mb": [0]},
+            "solver": {"name": "highs", "time_limit_s": 60, "gap": 1e-2}}
+    data.update(changes)
+    f = d / name
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def _fleet(capsys, f: Path, out: Path, *more) -> tuple[int, str, str]:
+    rc = main(["fleet", str(f), "-o", str(out), "--workers", "0", *map(str, more)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def fleet_done(tmp_path_factory):
+    """A small fleet, solved: its file and its output directory (copy before changing)."""
+    d = tmp_path_factory.mktemp("fleet")
+    f = _fleet_file(d)
+    assert main(["fleet", str(f), "-o", str(d / "out"), "--workers", "0"]) == 0
+    return f, d / "out"
+
+
+def _solved_row(out: Path) -> tuple[Path, dict]:
+    path = sorted((out / "rows").glob("*.json"))[0]
+    return path, json.loads(path.read_text())
+
+
+def _damage_row(change):
+    def damage(out: Path) -> Path:
+        path, row = _solved_row(out)
+        change(row)
+        path.write_text(json.dumps(row))
+        return path
+    return damage
+
+
+def _damage_plan(change):
+    def damage(out: Path) -> Path:
+        _, row = _solved_row(out)
+        plan = out / row["plan"]
+        change(out, plan)
+        return plan
+    return damage
+
+
+def _relink(path: Path, out: Path) -> None:
+    """`path` made a link to a file outside DIR (which no run may write through)."""
+    victim = out.parent / "victim.json"
+    victim.write_text('{"not": "the fleet\'s"}')
+    path.unlink()
+    path.symlink_to(victim)
+
+
+def _row_file(out: Path, change) -> Path:
+    path = _solved_row(out)[0]
+    change(path)
+    return path
+
+
+def _other_plan(out: Path, plan: Path) -> None:
+    other = next(p for p in sorted((out / "plans").glob("*.json")) if p != plan)
+    plan.write_bytes(other.read_bytes())
+
+
+RERUN_DAMAGE = {
+    "status-bogus": _damage_row(lambda r: r.__setitem__("status", "bogus")),
+    "number-a-string": _damage_row(lambda r: r.__setitem__("objective_value", "1.3")),
+    "key-missing": _damage_row(lambda r: r.pop("model")),
+    "objective-null": _damage_row(lambda r: r.__setitem__("objective_value", None)),
+    "unknown-key": _damage_row(lambda r: r.__setitem__("extra", 1)),
+    "another-question": _damage_row(lambda r: r.__setitem__("target_ms", 99.0)),
+    "attempts-zero": _damage_row(lambda r: r.__setitem__("attempts", 0)),
+    "plan-outside": _damage_row(lambda r: r.__setitem__("plan", "../" * 12 + "etc/hostname")),
+    "plan-absolute": _damage_row(lambda r: r.__setitem__("plan", "/etc/hostname")),
+    "row-not-json": lambda out: _row_file(out, lambda row: row.write_text('{"key": ')),
+    "row-a-link": lambda out: _row_file(out, lambda row: _relink(row, out)),
+    "plan-corrupt": _damage_plan(lambda out, p: p.write_text(
+        '{"schema": "elasticplan.plan/1", "gap": Infinity}')),
+    "plan-cut": _damage_plan(lambda out, p: p.write_bytes(p.read_bytes()[:100])),
+    "plan-a-link": _damage_plan(lambda out, p: _relink(p, out)),
+    "plan-of-another-question": _damage_plan(_other_plan),
+}
+
+
+@pytest.mark.parametrize("case", list(RERUN_DAMAGE))
+def test_a_fleet_rerun_reads_its_rows_and_plans_strictly(fleet_done, tmp_path, capsys, case):
+    """A row or plan of an earlier run that does not read back strictly is named in a
+    warning and its task solved again (it was exit 1 without a file name, exit 2 on every
+    rerun for a bad plan, or a file outside DIR read as a plan); nothing else is solved."""
+    f, done = fleet_done
+    out = Path(shutil.copytree(done, tmp_path / "out", symlinks=True))
+    named = RERUN_DAMAGE[case](out)
+    rc, stdout, err = _fleet(capsys, f, out)
+    assert rc == 0, err
+    assert "Traceback" not in err and "elasticplan: error" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("elasticplan: warning:")]
+    assert len(warnings) == 1 and str(named) in warnings[0], err
+    assert warnings[0].endswith("solving its task again")
+    assert "2 questions: 1 solved now" in stdout
+    path, row = _solved_row(out)  # written again, and read strictly by the next run
+    assert not path.is_symlink() and not (out / row["plan"]).is_symlink()
+    victim = tmp_path / "victim.json"
+    assert not victim.exists() or victim.read_text() == '{"not": "the fleet\'s"}'
+
+    rc, stdout, err = _fleet(capsys, f, out)
+    assert rc == 0 and "0 solved now" in stdout and "warning" not in err
+
+
+def test_a_fleet_never_writes_onto_its_inputs(tmp_path, capsys):
+    """Every file a fleet writes is checked against its inputs before anything is written
+    (the fleet file named results.csv in DIR, a device named DIR/report.md or kept in a
+    folder the fleet owns were overwritten); a glob over DIR skips DIR's own outputs (a
+    rerun into the devices' directory failed); a link planted at DIR/report.md is
+    replaced, not followed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    f = _fleet_file(out, "results.csv")
+    before = f.read_bytes()
+    rc, _, err = _fleet(capsys, f, out)
+    assert rc == 2 and "refusing to write" in err and err.count("\n") == 1, err
+    assert f.read_bytes() == before
+    for where in ("report.md", "results.parquet", "plans/d.yaml", "scenarios/d.yaml",
+                  "rows/d.yaml", "tables/d.yaml"):
+        device = out / where
+        device.parent.mkdir(exist_ok=True)
+        shutil.copy(DEVICE, device)
+        rc, _, err = _fleet(capsys, _fleet_file(tmp_path, devices=[str(device)]), out)
+        assert rc == 2 and err.startswith("elasticplan: error:") and err.count("\n") == 1, err
+        assert device.read_bytes() == DEVICE.read_bytes(), where
+        device.unlink()
+    devs = tmp_path / "devs"
+    devs.mkdir()
+    shutil.copy(DEVICE, devs / "phone.yaml")
+    f = _fleet_file(tmp_path, devices=["devs/*"])
+    for run in range(2):
+        rc, stdout, err = _fleet(capsys, f, devs)
+        assert rc == 0 and "2 questions" in stdout, (run, err)
+    assert (devs / "phone.yaml").read_bytes() == DEVICE.read_bytes()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the fleet's")
+    (devs / "report.md").unlink()
+    (devs / "report.md").symlink_to(victim)
+    rc, _, err = _fleet(capsys, f, devs)
+    assert rc == 0, err
+    assert victim.read_text() == "not the fleet's"
+    assert not (devs / "report.md").is_symlink() and "# Fleet hostile" in \
+        (devs / "report.md").read_text()
+
+
+def test_a_killed_fleets_temporary_files_go_on_the_next_run(fleet_done, tmp_path, capsys):
+    """A fleet killed mid-write (SIGKILL) leaves `.NAME.XXXX.tmp` files; the next run
+    removes them from DIR and every folder of it (they stayed for good)."""
+    f, done = fleet_done
+    out = Path(shutil.copytree(done, tmp_path / "out"))
+    folders = [out, *(out / sub for sub in ("plans", "rows", "scenarios", "tables"))]
+    for d in folders:
+        (d / f".{d.name}-killed.json.k1x2.tmp").write_bytes(b"partial")
+    rc, stdout, err = _fleet(capsys, f, out)
+    assert rc == 0 and "0 solved now" in stdout, err
+    for d in folders:
+        no_debris(d)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process under `pid` (from /proc)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_to_a_fleet_stops_its_pool_workers(tmp_path):
+    """SIGTERM to `fleet --workers 2` while both workers solve: exit 143 with one line,
+    and the workers and the resource tracker end with it (they ran on, re-parented to
+    init, for good); no temporary file is left."""
+    f = _fleet_file(tmp_path, models=[str(ROOT / "problems" / "models" / "llama2-7b.yaml")],
+                    questions={"targets_ms": [2000, 3000, 5000, 8000], "buffers_mb": [0, 64]},
+                    # each question runs to its time limit, longer than the test waits
+                    solver={"name": "highs", "time_limit_s": 30, "gap": 1e-6})
+    out = tmp_path / "out"
+    seen: list[int] = []
+
+    def solving(pid, err):
+        kids = _descendants(pid)
+        seen[:] = kids
+        workers = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()
+                   ] if kids else []
+        return len(workers) >= 2
+    try:
+        rc, err = _terminate_when(["fleet", f, "-o", out, "--workers", 2], solving, timeout=120)
+        _assert_terminated(rc, err)
+        deadline = time.monotonic() + 30
+        while any(_alive(k) for k in seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen and not [k for k in seen if _alive(k)]
+    finally:
+        for k in seen:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+    for d in (out, *(out / sub for sub in ("plans", "rows", "scenarios", "tables"))):
+        no_debris(d)
+
+
+def test_ray_addresses_where_no_cluster_is_get_one_line(tmp_path, capsys):
+    """--ray with nothing listening is exit 11 within seconds (it waited past 120 s with
+    Ray's GCS warnings); an address that is not one is exit 2 (a ValueError, exit 1)."""
+    pytest.importorskip("ray")
+    f = _fleet_file(tmp_path)
+    p = cli("fleet", f, "-o", tmp_path / "out", "--ray", "127.0.0.1:1", timeout=90)
+    assert_clean_error(p, 11, says="cannot reach a Ray cluster at 127.0.0.1:1")
+    for address in ("not an address", "http://host:1", "host:0", "host:99999", ":6379",
+                    "ray://", "127.0.0.1"):
+        rc = main(["fleet", str(f), "-o", str(tmp_path / "out2"), "--ray", address])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "expected 'local'" in err, (address, err)
+
+
 # --- generated documents for every format ---------------------------------------------------
 
 HOSTILE = st.sampled_from([float("nan"), float("inf"), -1, -1e308, 1e308, 10**30, 0, "",

@@ -32,7 +32,14 @@ from pathlib import Path
 import yaml
 
 from elasticplan.answers.explain import explain_failure
-from elasticplan.errors import ElasticplanError, InfeasibleError, NoPlanFoundError, SolverTimeoutError, SpecError
+from elasticplan.errors import (
+    ElasticplanError,
+    InfeasibleError,
+    NoPlanFoundError,
+    PlanFormatError,
+    SolverTimeoutError,
+    SpecError,
+)
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.inputs import Fields, load_yaml, number
 from elasticplan.problem.loader import load_scenario
@@ -77,6 +84,9 @@ class Fleet:
     questions: tuple[FleetQuestion, ...]
     options: Options
     retries: int
+    # The devices and models a wildcard matched (not named one by one): a run leaves out
+    # those that are its own outputs (a glob over the directory it writes into).
+    globbed: frozenset[str] = frozenset()
 
 
 def load_fleet(path: str | os.PathLike) -> Fleet:
@@ -87,8 +97,9 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
         raise f.err("schema", f"expected {SCHEMA!r}")
     name = f.string("name")
     base = Path(file).parent
-    devices = _paths(f, "devices", base)
-    models = _paths(f, "models", base)
+    globbed: set[str] = set()
+    devices = _paths(f, "devices", base, globbed)
+    models = _paths(f, "models", base, globbed)
     q = f.mapping("questions", "{targets_ms, buffers_mb, objective, ...}")
     targets = _asked(q, "targets_ms", "target_latency_ms")
     buffers = _asked(q, "buffers_mb", "preload_budget_mb")
@@ -124,7 +135,8 @@ def load_fleet(path: str | os.PathLike) -> Fleet:
         raise SpecError(file, "questions", f"{n:,} tasks; at most {MAX_TASKS:,}")
     return Fleet(name=name, file=file, devices=devices, models=models,
                  objective=Objective(objective), questions=questions, options=options,
-                 min_shards_per_layer=1 if min_shards is None else min_shards, retries=retries)
+                 min_shards_per_layer=1 if min_shards is None else min_shards, retries=retries,
+                 globbed=frozenset(globbed))
 
 
 def _or(value, default):
@@ -143,14 +155,18 @@ def _asked(q: Fields, key: str, field: str) -> list[float]:
     return out
 
 
-def _paths(f: Fields, key: str, base: Path) -> tuple[str, ...]:
+def _paths(f: Fields, key: str, base: Path, globbed: set[str]) -> tuple[str, ...]:
     out: list[str] = []
     for i, pattern in enumerate(f.sequence(key)):
         if not isinstance(pattern, str) or not pattern.strip():
             raise f.err(f"{key}[{i}]", "expected a path or glob (a string)")
-        matches = sorted(glob.glob(str(base / pattern)))
+        # files only: a glob over a directory that holds a fleet's output also matches its
+        # folders (rows/, plans/...), which are no device or model
+        matches = sorted(m for m in glob.glob(str(base / pattern)) if os.path.isfile(m))
         if not matches:
             raise f.err(f"{key}[{i}]", f"{pattern!r} matches no file (relative to {base})")
+        if glob.has_magic(pattern):
+            globbed.update(matches)
         out += [m for m in matches if m not in out]
     return tuple(out)
 
@@ -205,6 +221,9 @@ class Solver:
         self.bundles, self.objective, self.options = bundles, objective, options
         self._scenarios: dict[str, Scenario] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="elasticplan-fleet-")
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
     def scenario(self, pair: str) -> Scenario:
         if pair not in self._scenarios:
@@ -262,10 +281,22 @@ class Solver:
                    preload_bytes=plan.preload_bytes, resident_bytes=plan.memory.resident_bytes,
                    predicted_memory_bytes=plan.memory.peak_bytes,
                    shards=plan.n_shards, solve_seconds=plan.solve_seconds)
-        return row, plan.to_json()
+        return row, plan.to_json()  # strict JSON: a non-finite figure raises here
 
     def solve_batch(self, tasks: list[Task]) -> list[tuple[dict, str | None]]:
-        return [self.solve(t) for t in tasks]
+        return [self._solve_or_fail(t) for t in tasks]
+
+    def _solve_or_fail(self, task: Task) -> tuple[dict, str | None]:
+        """`solve`, with a bug in one task (any other exception) a failed row of that task:
+        the chunk's other tasks and the fleet go on."""
+        started = time.monotonic()
+        try:
+            return self.solve(task)
+        except Exception as e:
+            return {"key": task.key, "attempts": task.attempt, "status": FAILED,
+                    "explanation": f"internal error (a bug, not the question's fault; please "
+                                   f"report it): {type(e).__name__}: {e}",
+                    "solve_seconds": time.monotonic() - started}, None
 
 
 # Per process: the solver of the fleet being run (pool and Ray workers reuse it across
@@ -282,6 +313,8 @@ def _fleet_id(bundles: dict[str, Bundle], objective: Objective, options: Options
 
 def solver_for(fleet_id: str, make) -> Solver:
     if fleet_id not in _SOLVERS:
+        for old in _SOLVERS.values():  # another fleet's: its files go now, not when collected
+            old.close()
         _SOLVERS.clear()
         _SOLVERS[fleet_id] = make()
     return _SOLVERS[fleet_id]
@@ -299,11 +332,21 @@ def check(fleet: Fleet) -> None:
     check_options(o.solver, o.time_limit_s, o.threads, o.gap)
 
 
-def write_plan(out: Path, plan_json: str, scenario_file: Path) -> None:
-    """Write a worker's plan with its scenario path pointing at the fleet's scenario file."""
-    plan = Plan.from_dict(json.loads(plan_json), "<worker plan>")
+def write_plan(out: Path, plan_json: str, scenario_file: Path, *, inputs=()) -> None:
+    """Write a worker's plan, read as strictly as any plan (PlanFormatError), with its
+    scenario path pointing at the fleet's scenario file; a link at `out` is replaced, not
+    followed."""
+    try:
+        data = json.loads(plan_json, parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise PlanFormatError(f"<worker plan>: not strict JSON: {e}") from None
+    plan = Plan.from_dict(data, "<worker plan>")
     plan = replace(plan, scenario=replace(plan.scenario, path=str(scenario_file)))
-    plan.save(out)
+    plan.save(out, inputs=inputs, follow_links=False)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def scenario_text(data: dict) -> str:

@@ -103,7 +103,7 @@ class PlanTable:
 
     # --- JSON ----------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, inputs=()) -> None:
+    def save(self, path: str | os.PathLike, *, inputs=(), follow_links: bool = True) -> None:
         """Write the table atomically; refuses to write onto any of `inputs`."""
         scenario_path = None if self.scenario_path is None else os.path.relpath(
             os.path.abspath(self.scenario_path), os.path.dirname(os.path.abspath(path)))
@@ -118,7 +118,8 @@ class PlanTable:
                       for row in self.cells],
             "plans": [json.loads(p.to_json(path)) for p in self.plans],
         }
-        write_text(path, json.dumps(data, indent=None) + "\n", inputs=inputs)
+        write_text(path, json.dumps(data, indent=None, allow_nan=False) + "\n",
+                   inputs=inputs, follow_links=follow_links)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "PlanTable":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -189,11 +190,11 @@ class Plan:
             data["scenario"]["path"] = os.path.relpath(
                 os.path.abspath(self.scenario.path), os.path.dirname(os.path.abspath(plan_path)))
         ordered = {"schema": data.pop("schema"), **data}
-        return json.dumps(ordered, indent=1)
+        return json.dumps(ordered, indent=1, allow_nan=False)  # strict: no NaN or Infinity
 
-    def save(self, path: str | os.PathLike, *, inputs=()) -> None:
+    def save(self, path: str | os.PathLike, *, inputs=(), follow_links: bool = True) -> None:
         """Write the plan atomically; refuses to write onto any of `inputs`."""
-        write_text(path, self.to_json(path) + "\n", inputs=inputs)
+        write_text(path, self.to_json(path) + "\n", inputs=inputs, follow_links=follow_links)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "Plan":
@@ -287,10 +288,14 @@ def _layer(raw, file: str, path: str) -> LayerPlan:
     return LayerPlan(index=index, shards=tuple(shards), **times)
 
 
-def gap_to_bound(value: float, bound: float) -> float:
+def gap_to_bound(value: float, bound: float) -> float | None:
     """|bound - value| / |value|: how far a plan may be from the optimum, given a proven bound
-    (0 when both are 0)."""
-    return abs(bound - value) / max(abs(value), 1e-9) if value or bound else 0.0
+    (0 when both are 0); None (unknown) when the solver proved no finite bound (HiGHS stopped
+    before its first dual bound reports it as infinite)."""
+    if not (math.isfinite(value) and math.isfinite(bound)):
+        return None
+    gap = abs(bound - value) / max(abs(value), 1e-9) if value or bound else 0.0
+    return gap if math.isfinite(gap) else None
 
 
 def read_json(path: str | os.PathLike, what: str):

@@ -5,7 +5,10 @@ flushed and fsync'ed, and is renamed over the target, and the directory is fsync
 reader sees the old file or the new one, never a part. On any failure the temporary file
 is removed, the old file is left as it was, and an OutputError names the path and the
 reason. A write onto one of the command's own inputs (the same file, through any path or
-link, or a file inside an input directory) is refused before anything is written.
+link, or a file inside an input directory) is refused before anything is written. A link
+at the target is written through (the file it names is replaced, the link stays), unless
+the caller owns the name (`follow_links=False`: a fleet's own files), when the link itself
+is replaced.
 """
 
 from __future__ import annotations
@@ -22,41 +25,48 @@ from elasticplan.errors import InvalidArgument, OutputError
 TEMP_SUFFIX = ".tmp"
 
 
-def _same_or_inside(path: Path, source: Path) -> bool:
+def _same_or_inside(path: Path, source: Path, follow_links: bool = True) -> bool:
     try:
-        real, src = path.resolve(), source.resolve()
+        # not following: the name itself, in its real directory (a link there is replaced)
+        real = path.resolve() if follow_links else path.parent.resolve() / path.name
+        src = source.resolve()
     except (OSError, RuntimeError):  # a link loop: compare as given
         real, src = path.absolute(), source.absolute()
     if real == src:
         return True
     if src.is_dir() and src in real.parents:
         return True
+    if not follow_links and path.is_symlink():
+        return False
     try:
         return path.exists() and source.exists() and os.path.samefile(path, source)
     except OSError:
         return False
 
 
-def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
+                  follow_links: bool = True) -> None:
     """InvalidArgument if writing `path` would overwrite one of `inputs`."""
     for src in inputs:
-        if src is not None and _same_or_inside(Path(path), Path(src)):
+        if src is not None and _same_or_inside(Path(path), Path(src), follow_links):
             raise InvalidArgument(f"{path}: refusing to write an output onto this command's "
                                   f"input {src}; choose another output path")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
-                inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Atomically replace `path` with `data` (bytes, or chunks of bytes)."""
+                inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+    """Atomically replace `path` with `data` (bytes, or chunks of bytes). A link at `path`
+    is written through, or with `follow_links=False` replaced by the file."""
     target = Path(path)
-    refuse_inputs(target, inputs)
-    if target.is_symlink():  # write the file the link names; the link stays
+    refuse_inputs(target, inputs, follow_links=follow_links)
+    link = target.is_symlink()
+    if link and follow_links:  # write the file the link names; the link stays
         try:
             target = target.resolve(strict=False)
         except (OSError, RuntimeError) as e:
             raise OutputError(f"{path}: cannot write: {e}") from None
     directory = target.parent
-    if target.exists() and not target.is_file():
+    if not (link and not follow_links) and target.exists() and not target.is_file():
         # a rename would replace the device (/dev/null), the pipe or the directory itself
         raise OutputError(f"{path}: cannot write: not a regular file (a device, pipe or "
                           f"directory); name a plain file")
@@ -91,22 +101,22 @@ def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
 
 
 def write_text(path: str | os.PathLike, text: str, *,
-               inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    write_bytes(path, text.encode("utf-8"), inputs=inputs)
+               inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), inputs=inputs, follow_links=follow_links)
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str], *,
-              inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+              inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
     """Rows as CSV with a header of `fields` (missing values empty, other keys left out)."""
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    write_text(path, text.getvalue(), inputs=inputs)
+    write_text(path, text.getvalue(), inputs=inputs, follow_links=follow_links)
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,
-                inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+                inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
     """A matplotlib figure, in the format its file name says, written atomically."""
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
@@ -114,16 +124,20 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,
         fig.savefig(buf, format=fmt, dpi=dpi)
     except ValueError as e:  # an unknown format
         raise InvalidArgument(f"{path}: cannot draw a figure as {fmt!r}: {e}") from None
-    write_bytes(path, buf.getvalue(), inputs=inputs)
+    write_bytes(path, buf.getvalue(), inputs=inputs, follow_links=follow_links)
 
 
-def remove_debris(directory: str | os.PathLike) -> list[Path]:
-    """Remove temporary files that a killed write left in `directory`; return them."""
+def remove_debris(directory: str | os.PathLike,
+                  keep: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+    """Remove temporary files that a killed write left in `directory` (never one of `keep`,
+    a command's inputs); return them."""
     d = Path(directory)
+    keep = [Path(k) for k in keep if k is not None]
     gone = []
     if d.is_dir():
         for p in d.glob(f".*{TEMP_SUFFIX}"):
-            if p.is_file():
+            if p.is_file() and not p.is_symlink() and \
+                    not any(_same_or_inside(p, k, follow_links=False) for k in keep):
                 p.unlink(missing_ok=True)
                 gone.append(p)
     return gone

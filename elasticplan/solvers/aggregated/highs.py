@@ -116,7 +116,7 @@ def _solve_program(program: MatrixProgram, model: dict,
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
     if lp is not None and scenario.objective == Objective.MAX_IMPORTANCE:
         rounded = _lp_rounded(program, lp, started=started)
-        if rounded is not None and rounded.gap <= relative_gap:
+        if rounded is not None and rounded.gap is not None and rounded.gap <= relative_gap:
             return rounded, None
     start = None if rounded is None else \
         program.solution_of(rounded.selection(scenario), rounded.layout)
