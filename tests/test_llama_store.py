@@ -245,3 +245,37 @@ def test_a_llama_with_non_finite_weights_is_refused_at_shard(tmp_path, capsys, b
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.up_proj.weight" in err and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_committed_smollm2_profile_is_its_store():
+    """problems/models/smollm2-135m.yaml (measured by `elasticplan profile --store
+    build/shards/smollm2-135m --texts 8 --max-tokens 16`) loads as a model profile, holds
+    every KV group and FFN slice of the 30 layers with the bytes the uniform scheme stores
+    them in, importance bounded by the drop's KL, and the text and additivity it records."""
+    from pathlib import Path
+
+    from elasticplan.problem.loader import parse_model, read_yaml
+    from runtime.families.llama import LlamaConfig
+    from runtime.profiling.profile import DROP
+    from runtime.schemes.uniform import UNIFORM
+    from runtime.store import variant_bytes
+
+    root = Path(__file__).resolve().parent.parent / "problems" / "models"
+    data = read_yaml(root / "smollm2-135m.yaml")
+    profile = parse_model(data, "smollm2-135m.yaml")
+    arch = dict(data["architecture"])
+    arch.pop("family")
+    c = LlamaConfig.from_dict(arch, "smollm2-135m")
+    assert (c.layers, c.groups, c.ffn_slices) == (30, 3, 12)
+    raw = json.loads((root / "smollm2-135m.measurements.json").read_text())
+    assert raw["text"]["split"] == "calibration" and raw["text"]["positions"] > 0
+    assert 0.5 < raw["additivity"]["spearman"] <= 1
+    kl = {(m["layer"], m["shard"], m["variant"]): m["kl"] for m in raw["measurements"]}
+    for l, layer in enumerate(profile.layers):
+        assert [s.name for s in layer.shards] == c.shard_names()
+        for s in layer.shards:
+            rows, k = c.shard_rows(s.name), c.shard_in_rows(s.name)
+            assert list(s.bytes) == [variant_bytes(UNIFORM, rows, c.hidden, k, 0, b)
+                                     for b in profile.bitwidths]
+            assert s.importance[-1] == pytest.approx(kl[l, s.name, DROP], rel=1e-5)
+            assert all(0 <= i <= s.importance[-1] * (1 + 1e-5) for i in s.importance)
