@@ -37,6 +37,10 @@ def test_every_model_loads_and_matches_its_generator(path):
 
     raw = read_yaml(path)
     model = parse_model(raw, str(path))
+    if model.name not in ARCHITECTURES:  # a measured decoder's profile has no generator:
+        # tests/test_llama_store.py checks it against its architecture's shapes
+        assert raw["architecture"]["family"] == "llama" and not model.synthetic
+        return
     generated = yaml.safe_load(yaml.safe_dump(profile_dict(ARCHITECTURES[model.name])))
     if model.synthetic:
         assert raw == generated
