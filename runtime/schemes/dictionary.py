@@ -256,11 +256,10 @@ def encode_blocks(blocks: list[np.ndarray], bits: int, share: float = DEFAULT_OU
                     [p[4].astype("<f4").tobytes() for p in parts])
 
 
-def parse_blocks(raw: bytes, shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
-                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """A group's bytes back to each block's (codes, codebook, row scales, outlier columns,
-    outlier values), with numpy: the reference the torch decoder is tested against."""
-    shapes = tuple(shapes)
+def _tables(raw, shapes: Shapes, bits: int, share: float
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A group's section offsets (checked against its size), its codebooks [blocks, 2^bits]
+    and all its row scales, read with numpy."""
     sizes = _sections(shapes, bits, share)
     if len(raw) != sum(sizes):
         raise ValueError(f"blocks {list(shapes)} at {bits} bits are {sum(sizes)} bytes, got "
@@ -269,6 +268,16 @@ def parse_blocks(raw: bytes, shapes: Shapes, bits: int, share: float = DEFAULT_O
     at = np.cumsum((0,) + sizes)
     books = np.frombuffer(raw, "<f4", k * m, at[2 * m]).reshape(m, k)
     scales = np.frombuffer(raw, "<f4", sum(r for r, _ in shapes), at[2 * m + 1])
+    return at, books, scales
+
+
+def parse_blocks(raw: bytes, shapes: Shapes, bits: int, share: float = DEFAULT_OUTLIER_SHARE
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """A group's bytes back to each block's (codes, codebook, row scales, outlier columns,
+    outlier values), with numpy: the reference the torch decoder is tested against."""
+    shapes = tuple(shapes)
+    at, books, scales = _tables(raw, shapes, bits, share)
+    m = len(shapes)
     vals_at, row_at, out = at[4 * m + 2], 0, []
     for i, (rows, cols) in enumerate(shapes):
         n, row_bytes = outliers_per_row(cols, share), math.ceil(cols * bits / 8)
@@ -291,14 +300,8 @@ def check_blocks(raw: np.ndarray, shapes: Shapes, bits: int,
     s_r x D[k] and outlier value within ±MAX_WEIGHT, every outlier column inside its row.
     (The codes themselves are always valid: b bits index 2^b values.)"""
     shapes = tuple(shapes)
-    sizes = _sections(shapes, bits, share)
-    if len(raw) != sum(sizes):
-        raise ValueError(f"blocks {list(shapes)} at {bits} bits are {sum(sizes)} bytes, got "
-                         f"{len(raw)}")
-    k, m = 2 ** bits, len(shapes)
-    at = np.cumsum((0,) + sizes)
-    books = np.frombuffer(raw, "<f4", k * m, at[2 * m]).reshape(m, k)
-    scales = np.frombuffer(raw, "<f4", sum(r for r, _ in shapes), at[2 * m + 1])
+    at, books, scales = _tables(raw, shapes, bits, share)
+    m = len(shapes)
     vals_at, row_at = at[4 * m + 2], 0
     for i, (rows, cols) in enumerate(shapes):
         n = outliers_per_row(cols, share)
