@@ -5,7 +5,14 @@ Data, variables, constraints and objective come from `program.build` as one spar
 matrix, passed to HiGHS in a single call; then solve, map the status by name, read back.
 HiGHS works in floating point, so the latency rows are tightened by
 `TIME_MARGIN_MS` and importance is scaled as for CBC (elasticplan.solvers.margins).
-Its branch and bound runs on one thread; `threads` is accepted for the common signature.
+
+Threads: every HiGHS run of a solve (LP relaxation, MIP, the exact assignments that read a
+solution back) gets `threads` as HiGHS's `threads` option, so `--threads 1` (the fleet's
+default) keeps HiGHS on the calling thread, with no worker threads. HiGHS sizes one task
+scheduler per thread of a process at its first run and refuses a later run that asks for
+another size; highs_model.run remakes it when the size asked for changes (highs_model,
+"Threads"). With more threads HiGHS (1.16) searches the MIP's tree with one worker per
+thread (its `parallel` option is left at "choose").
 
 Row generation (`solve_highs`): a relaxed program first, grown by the rows its plans
 miss (docs/programs.md, "Row generation").
@@ -32,7 +39,7 @@ from elasticplan.problem.question import Objective
 from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated import program as aggregated
 from elasticplan.solvers.aggregated import search
-from elasticplan.solvers.aggregated.highs_model import loaded, new_highs, pass_model, solve_mip
+from elasticplan.solvers.aggregated.highs_model import loaded, new_highs, pass_model, run, solve_mip
 from elasticplan.solvers.aggregated.program import MatrixProgram, Relaxation, class_picks
 from elasticplan.solvers.margins import float_margins
 
@@ -64,8 +71,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     Scenarios that cannot be relaxed (program.relaxable) get the whole program at once;
     a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it.
     `row_generation=False` solves the whole program from the start (the solver benchmark's
-    side-by-side baseline)."""
-    del threads  # HiGHS's branch and bound is serial
+    side-by-side baseline). Every HiGHS run gets `threads` (module docstring)."""
     started = time.perf_counter()
     deadline = started + time_limit_s
     margins = float_margins(scenario)
@@ -76,8 +82,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
         model = _model(program)
         now = time.perf_counter()
         until = deadline if relaxation is None else now + RELAXED_SHARE * (deadline - now)
-        lp = _lp(program, model, deadline=until) if relaxation is not None or lp_first \
-            else None
+        lp = _lp(program, model, deadline=until, threads=threads) \
+            if relaxation is not None or lp_first else None
         if lp is not None and relaxation is not None:
             # The LP's rounded plan may already miss a row: grow before any branching.
             grown = search.grow_by_rounding(program, lp[1], margins)
@@ -86,7 +92,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 continue
         try:
             plan, values = _solve_program(program, model, lp, started=started,
-                                          deadline=until, relative_gap=relative_gap)
+                                          deadline=until, relative_gap=relative_gap,
+                                          threads=threads)
         except SolverTimeoutError:
             if relaxation is None:
                 raise
@@ -94,8 +101,8 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
             continue
         if values is None or relaxation is None:
             return plan  # the whole program's, or checked against the cost model already
-        grown = search.grow(program, selection_of(program, values), program.layout(values),
-                               margins)
+        grown = search.grow(program, selection_of(program, values, threads),
+                            program.layout(values), margins)
         if grown is None:
             return plan
         # A proven round grows; a stopped round's plan misses rows, and the time left is
@@ -105,7 +112,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
 
 def _solve_program(program: MatrixProgram, model: dict,
                    lp: tuple[float, np.ndarray] | None, *, started: float, deadline: float,
-                   relative_gap: float) -> tuple[Plan, np.ndarray | None]:
+                   relative_gap: float, threads: int) -> tuple[Plan, np.ndarray | None]:
     """A plan of `program` (`model`: it as pass_model's arguments) with its gap to the
     program's bound, and the solution's columns
     (None for the relaxation's rounded plan, which is checked against the cost model).
@@ -120,16 +127,20 @@ def _solve_program(program: MatrixProgram, model: dict,
             return rounded, None
     start = None if rounded is None else \
         program.solution_of(rounded.selection(scenario), rounded.layout)
-    mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start)
-    plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline)
+    mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start,
+                    threads=threads)
+    plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline,
+                             threads=threads)
     if plan.status == SolveStatus.OPTIMAL and start is not None and \
             not _within(plan, relative_gap):
         # HiGHS (seen with 1.16) can take the start, find it better "in the reduced space"
         # than in the program, stop there as optimal, and hand back the start's columns
         # unchanged: its optimum is not the plan it returns. Once more without the start.
         try:
-            mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap)
-            again = _mip_plan(program, mip, rounded, started=started, deadline=deadline)
+            mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap,
+                            threads=threads)
+            again = _mip_plan(program, mip, rounded, started=started, deadline=deadline,
+                              threads=threads)
         except SolverTimeoutError:
             again = None
         if again is not None and _better(program, again[0], plan):
@@ -154,7 +165,7 @@ def _better(program: MatrixProgram, a: Plan, b: Plan) -> bool:
 
 
 def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: float,
-              deadline: float) -> tuple[Plan, np.ndarray | None]:
+              deadline: float, threads: int = 1) -> tuple[Plan, np.ndarray | None]:
     """The plan of a MIP's outcome with its gap to the MIP's dual bound, and its columns
     (None for the rounded relaxation's plan, the fallback when the MIP stopped without
     one); raises on infeasible, on no plan in time, on any other status."""
@@ -183,21 +194,21 @@ def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: flo
     else:
         raise SolverError(f"HiGHS returned status {status.name}")
 
-    plan = Plan.from_selection(scenario, selection_of(program, mip.values), solver=NAME,
+    plan = Plan.from_selection(scenario, selection_of(program, mip.values, threads), solver=NAME,
                                status=solve_status, gap=None, solve_seconds=elapsed,
                                layout=program.layout(mip.values))
     bound = mip.dual_bound / program.objective_scale  # the model carries the offset
     return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
 
 
-def _lp(program: MatrixProgram, model: dict, *, deadline: float
+def _lp(program: MatrixProgram, model: dict, *, deadline: float, threads: int = 1
         ) -> tuple[float, np.ndarray] | None:
     """The LP relaxation's bound (in the objective's unit) and columns; None if it is
     infeasible or out of time (the MIP then reports it properly)."""
-    h = loaded(model, deadline=deadline, relative_gap=LP_FIRST_GAP)
+    h = loaded(model, deadline=deadline, relative_gap=LP_FIRST_GAP, threads=threads)
     h.setOptionValue("solve_relaxation", True)
     h.setOptionValue("presolve", "off")  # measured faster on these LPs
-    h.run()
+    run(h)
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         return None
     return (h.getInfo().objective_function_value / program.objective_scale,
@@ -231,11 +242,11 @@ def _model(program: MatrixProgram) -> dict:
 
 # --- reading a solution back ---------------------------------------------------------------
 
-def selection_of(program: MatrixProgram, values: np.ndarray) -> Selection:
+def selection_of(program: MatrixProgram, values: np.ndarray, threads: int = 1) -> Selection:
     """Shard choices of a solution's columns. Counts are rounded; per class an integral x
     says which member takes which bitwidth. A fractional x (HiGHS may return a non-vertex
-    optimum) is not rounded: the class's assignment is re-solved exactly for the counts,
-    which can only match or beat the fractional x's importance."""
+    optimum) is not rounded: the class's assignment is re-solved exactly for the counts
+    (on `threads` threads), which can only match or beat the fractional x's importance."""
     layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
     for gi, classes in enumerate(program.classes):
         for ci, c in enumerate(classes):
@@ -243,7 +254,7 @@ def selection_of(program: MatrixProgram, values: np.ndarray) -> Selection:
             x = values[program.x_col[gi][ci]]  # [members, B]
             chosen = np.where(x.max(axis=1) > 0.5, x.argmax(axis=1), -1)
             if np.abs(x - np.rint(x)).max() > 1e-6 or not _matches(chosen, counts.sum(axis=1)):
-                chosen = best_assignment(c.importance, counts.sum(axis=1))
+                chosen = best_assignment(c.importance, counts.sum(axis=1), threads)
             for li, pick in class_picks(c, chosen, counts):
                 layers[li].append(pick)
     return tuple(tuple(sorted(picks, key=lambda p: p.shard)) for picks in layers)
@@ -254,14 +265,15 @@ def _matches(chosen: np.ndarray, per_bit: np.ndarray) -> bool:
                                per_bit))
 
 
-def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
+def best_assignment(importance: np.ndarray, per_bit: np.ndarray,
+                    threads: int = 1) -> np.ndarray:
     """Which member takes which bitwidth, given how many run at each: the max-importance
     transportation problem, solved exactly (its LP optimum at a vertex is integral).
     Returns per member the bitwidth index, -1 for dropped."""
     m, B = importance.shape
     if int(per_bit.sum()) > m:
         raise ValueError(f"{int(per_bit.sum())} shards asked of a class of {m}")
-    h = new_highs()
+    h = new_highs(threads)  # the solve's size: its scheduler is not remade (highs_model.run)
     col = np.arange(m * B)
     # column x[k,b] sits in row k (member k runs at most once) and row m+b (exactly
     # per_bit[b] members at b)
@@ -277,7 +289,7 @@ def best_assignment(importance: np.ndarray, per_bit: np.ndarray) -> np.ndarray:
                row_lower=np.concatenate([np.zeros(m), per_bit]),
                row_upper=np.concatenate([np.ones(m), per_bit]))
     h.setOptionValue("solver", "simplex")  # a basic (vertex) solution, hence integral
-    h.run()
+    run(h)
     if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         raise RuntimeError(f"assignment LP: {h.modelStatusToString(h.getModelStatus())}")
     x = np.asarray(h.getSolution().col_value).reshape(m, B)

@@ -8,6 +8,23 @@ steps; on a large MIP a step (presolve, the root's heuristics) can take tens of 
 runs a large model's MIP in a child process that is killed at the deadline, so a time
 limit holds whatever HiGHS does; small models, where a step is milliseconds, run in
 process.
+
+Threads. Every instance made here gets HiGHS's `threads` option. HiGHS (measured with
+1.16) runs its parallel work on a task scheduler that is made by the first `run` of an OS
+thread, sized by that run's `threads` (that many workers: the calling thread and threads-1
+more, which live as long as the scheduler), and kept for every later run of that thread; a
+later run asking for another size fails at once (status error, model status not set:
+"Option 'threads' is set to 1 but global scheduler has already been initialized to use 2
+threads"). `run` therefore records the size it gave the calling thread's scheduler and, when
+a run asks for another, shuts the old one down first (`Highs.resetGlobalScheduler`, which
+acts on the calling thread's scheduler); a first run in a fresh process, such as a fleet's
+spawned worker or `solve_mip`'s child, makes it with the size asked for. The reset is not
+safe while another thread of the process is inside HiGHS: elasticplan runs HiGHS on one
+thread per process. `threads=1` leaves HiGHS on the calling thread alone. Since 1.16 the
+MIP's branch and bound is parallel by default: under the `parallel` option's default
+("choose", left as it is) it searches with one worker per thread ("using up to 2 workers
+across 2 threads" in its log; "off" would keep one), and its symmetry detection runs on the
+scheduler's workers too.
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -24,12 +42,16 @@ import numpy as np
 from elasticplan.errors import SolverError
 
 _banner_shown = False
+_scheduler = threading.local()  # .threads: the size `run` gave this thread's scheduler
 
 
-def new_highs() -> highspy.Highs:
-    """A silent HiGHS instance. The library prints its banner on stdout when the first
-    instance of a process is made, before any option can be set; that one is sent to
-    /dev/null so that the CLI's output stays the plan."""
+def new_highs(threads: int = 1) -> highspy.Highs:
+    """A silent HiGHS instance that runs on `threads` threads (run it with `run`). The
+    library prints its banner on stdout when the first instance of a process is made,
+    before any option can be set; that one is sent to /dev/null so that the CLI's output
+    stays the plan."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     global _banner_shown
     if _banner_shown:
         h = highspy.Highs()
@@ -45,7 +67,32 @@ def new_highs() -> highspy.Highs:
             os.close(devnull)
         _banner_shown = True
     h.setOptionValue("output_flag", False)
+    if h.setOptionValue("threads", threads) == highspy.HighsStatus.kError:
+        raise SolverError(f"HiGHS refused threads={threads}")
     return h
+
+
+def run(h: highspy.Highs) -> highspy.HighsStatus:
+    """`h.run()` on the calling thread's scheduler, first remade if it was made for another
+    number of threads than `h`'s `threads` option (module docstring, "Threads")."""
+    _, threads = h.getOptionValue("threads")  # (status, value)
+    if getattr(_scheduler, "threads", None) != threads:
+        _reset_scheduler(threads)
+    status = h.run()
+    if status == highspy.HighsStatus.kError and \
+            h.getModelStatus() == highspy.HighsModelStatus.kNotset:
+        # Refused before solving: the scheduler may have been remade, for another size,
+        # by a run of HiGHS that did not come through here. Once more on a fresh one.
+        _reset_scheduler(threads)
+        status = h.run()
+    return status
+
+
+def _reset_scheduler(threads: int) -> None:
+    """Shut the calling thread's HiGHS scheduler down (nothing if it has none; blocking,
+    so its workers have ended), for the next run to make one of `threads`."""
+    highspy.Highs.resetGlobalScheduler(True)
+    _scheduler.threads = threads
 
 
 def pass_model(h: highspy.Highs, csc, *, maximize: bool, cost, col_lower, col_upper,
@@ -106,16 +153,17 @@ class MipOutcome:
 
 
 def solve_mip(model: dict, *, deadline: float, relative_gap: float,
-              start: np.ndarray | None = None) -> MipOutcome:
-    """Solve `model` (pass_model's keyword arguments plus `csc`) as a MIP by `deadline`
-    (time.perf_counter()), in a child process if it is large; `start` is a feasible
-    solution's columns, handed to HiGHS as its first incumbent."""
+              start: np.ndarray | None = None, threads: int = 1) -> MipOutcome:
+    """Solve `model` (pass_model's keyword arguments plus `csc`) as a MIP on `threads`
+    threads by `deadline` (time.perf_counter()), in a child process if it is large; `start`
+    is a feasible solution's columns, handed to HiGHS as its first incumbent."""
     if len(model["cost"]) <= ISOLATE_COLS:
-        return _mip(model, deadline - time.perf_counter(), relative_gap, start)
+        return _mip(model, deadline - time.perf_counter(), relative_gap, start, threads)
     ctx = multiprocessing.get_context("spawn")  # no HiGHS threads inherited by a fork
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_mip_child, daemon=True,
-                        args=(send, model, deadline - time.perf_counter(), relative_gap, start))
+                        args=(send, model, deadline - time.perf_counter(), relative_gap, start,
+                              threads))
     child.start()
     send.close()
     try:
@@ -132,11 +180,12 @@ def solve_mip(model: dict, *, deadline: float, relative_gap: float,
         receive.close()
 
 
-def loaded(model: dict, *, deadline: float, relative_gap: float) -> highspy.Highs:
-    """A silent HiGHS holding `model`, to stop at `deadline` (time.perf_counter()): by its
-    own time limit, and by an interrupt callback, which its simplex and MIP ask more often
-    than they check the clock."""
-    h = new_highs()
+def loaded(model: dict, *, deadline: float, relative_gap: float,
+           threads: int = 1) -> highspy.Highs:
+    """A silent HiGHS on `threads` threads holding `model`, to stop at `deadline`
+    (time.perf_counter()): by its own time limit, and by an interrupt callback, which its
+    simplex and MIP ask more often than they check the clock."""
+    h = new_highs(threads)
     h.setOptionValue("time_limit", max(1e-3, deadline - time.perf_counter()))
     interrupt_at(h, deadline)
     h.setOptionValue("mip_rel_gap", float(relative_gap))
@@ -146,14 +195,15 @@ def loaded(model: dict, *, deadline: float, relative_gap: float) -> highspy.High
 
 
 def _mip(model: dict, seconds: float, relative_gap: float,
-         start: np.ndarray | None = None) -> MipOutcome:
-    h = loaded(model, deadline=time.perf_counter() + seconds, relative_gap=relative_gap)
+         start: np.ndarray | None = None, threads: int = 1) -> MipOutcome:
+    h = loaded(model, deadline=time.perf_counter() + seconds, relative_gap=relative_gap,
+               threads=threads)
     if start is not None:
         solution = highspy.HighsSolution()
         solution.col_value = list(map(float, start))
         solution.value_valid = True
         h.setSolution(solution)
-    h.run()
+    run(h)
     has_plan = h.getInfo().primal_solution_status == \
         highspy.SolutionStatus.kSolutionStatusFeasible
     values = np.asarray(h.getSolution().col_value) if has_plan else None
@@ -161,7 +211,7 @@ def _mip(model: dict, seconds: float, relative_gap: float,
 
 
 def _mip_child(send, model: dict, seconds: float, relative_gap: float,
-               start: np.ndarray | None) -> None:
-    out = _mip(model, seconds, relative_gap, start)
+               start: np.ndarray | None, threads: int) -> None:
+    out = _mip(model, seconds, relative_gap, start, threads)
     send.send((int(out.status), out.has_plan, out.values, out.dual_bound))
     send.close()
