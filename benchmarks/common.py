@@ -158,11 +158,15 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
             f"{describe_compute(sc.device)}; default target {sc.target_latency_ms:g} ms")
         return sc, sc.target_latency_ms
     base = load_scenario(SCHEMES[scheme][1])
+    # A benchmark measures how well a device predicts, so it keeps one that calibrate alone
+    # would refuse (its out-of-sample errors are logged below and in the file's header).
     cal = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s, latency_us=DEFAULT_LATENCY_US,
-                    queries=queries)
+                    queries=queries, max_error_pct=1000.0)
     _, scen_path, target = write_calibration(out, base, cal, None)
     log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: {describe_compute(cal.device)}"
-        f"; default target {target:g} ms")
+        f"; default target {target:g} ms; out-of-sample stage |error| median / p95: "
+        + ", ".join(f"{k} {m:.1f} / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
+        + f"; run-to-run noise {cal.facts['noise_pct']:.1f} %")
     for line in fit_report(cal).splitlines():
         log(f"#   {line.strip()}")
     return load_scenario(scen_path), target

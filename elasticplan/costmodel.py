@@ -7,7 +7,9 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   Reads run on one channel, in layer order: layer l's reads start when layer l-1's end.
 - A layer's compute: layer_overhead_ms + per shard that runs, shard_overhead_ms
   + flops / gflops and, for a quantised shard (bits < 32), its stored bytes / dequant_gb_s
-  + its weights x dequant_ns_per_weight[bits] (the terms the device gives).
+  + its weights x dequant_ns_per_weight[bits] (the terms the device gives), and for a
+  streamed shard its stored bytes x stream_ms_per_mb (contention: compute on weights just
+  read into the IO ring, while the reads go on, runs slower than on preloaded ones).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - The query's embedding (embed_ms) runs on the compute thread first, once the embedding
   rows are there; pooling (pool_ms) runs after the last layer.
@@ -132,6 +134,7 @@ def at_quantile(scenario: Scenario) -> Scenario:
         d, bandwidth_mb_s=d.bandwidth_mb_s / io, latency_us=d.latency_us * io,
         gflops=d.gflops / comp, layer_overhead_ms=d.layer_overhead_ms * comp,
         shard_overhead_ms=d.shard_overhead_ms * comp,
+        stream_ms_per_mb=d.stream_ms_per_mb * comp,
         dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
         dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
         embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp, wake_ms=d.wake_ms * comp)
@@ -143,9 +146,14 @@ def read_ms(device: Device, nbytes: int) -> float:
     return device.latency_us / 1e3 + nbytes / (device.bandwidth_mb_s * 1e3)
 
 
-def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int) -> float:
-    """Compute of one shard at bitwidth index `bit`, without the layer's fixed overhead."""
+def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
+                     streamed: bool = False) -> float:
+    """Compute of one shard at bitwidth index `bit`, without the layer's fixed overhead;
+    `streamed`: read into the IO ring for this query (not preloaded), which adds the
+    device's contention term."""
     ms = device.shard_overhead_ms + shard.flops / (device.gflops * 1e6)
+    if streamed:
+        ms += shard.bytes[bit] * device.stream_ms_per_mb / 1e6
     bits = model.bitwidths[bit]
     if bits < FULL_PRECISION_BITS:
         if device.dequant_gb_s is not None:
@@ -296,7 +304,7 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
             else:
                 nstream += nbytes
                 read += read_ms(device, nbytes)
-            compute += shard_compute_ms(device, model, shard, pick.bit)
+            compute += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded)
             importance += shard.importance[pick.bit]
         io_ms.append(read)
         compute_ms.append(compute)

@@ -3,7 +3,8 @@ runtime and write a device spec ("this machine + storage at X MB/s") and a scena
 
 Compute. The device's compute model (elasticplan.costmodel) is, per layer that runs,
     layer_ms = layer_overhead_ms + sum over its shards of (shard_overhead_ms
-               + flops / gflops + weights x dequant_ns_per_weight[bits], quantised only)
+               + flops / gflops + weights x dequant_ns_per_weight[bits], quantised only
+               + stored MB x stream_ms_per_mb, streamed only)
 and per query embed_ms (before layer 0) and pool_ms (after the last layer).
 Calibration runs designed plans through the real executor, with the storage emulated as
 it will be in real runs, so the measured layer times carry the pipeline's own effects
@@ -11,13 +12,23 @@ it will be in real runs, so the measured layer times carry the pipeline's own ef
 separate the terms (`design`): one per stored bitwidth (every layer a random subset of
 its shards at that bitwidth: the per-weight cost of each bitwidth), hold-in-memory (every
 shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, fp32
-subsets preloaded, then random mixed plans; subsets of every size and mix of heads and FFN slices separate the
-per-layer, per-shard and per-flop terms. Each plan runs after a discarded warm-up; each
-(plan, layer) sample is the median over the repeats. The layer terms come from a
-non-negative least-squares fit (scipy.optimize.nnls) with each term's standard error;
-embedding and pooling are the medians of their measured times. The file's header records
-the fit (R^2, mean error, each term's uncertainty), the residual per layer, and the
-stage errors of the calibration runs, each predicted out of sample (below).
+subsets preloaded, then random mixed plans; subsets of every size and mix of heads and
+FFN slices separate the per-layer, per-shard and per-flop terms, and a quarter of the
+subsets' shards preloaded (three quarters streamed) the contention term: a streamed
+shard computes slower than the same shard preloaded (docs/design.md, "Contention").
+
+Rounds. Every plan's executor is opened once (as many at once as a quarter of the RAM
+holds) and the plans run interleaved, one query each per round, so that a change in the
+machine's speed (other work, the host; this VM's speed moves by 10-20 % within seconds)
+falls on every plan alike rather than on whichever ran then. Rounds go on past
+`repeats` until every term is tight (its standard error, times the most of its feature a
+layer has, within TERM_SE_PCT % of the mean layer time) or `budget_s` is spent. Each
+(plan, layer) sample is the median over the rounds, so one slow run does not move a
+term. The layer terms come from a non-negative least-squares fit (scipy.optimize.nnls)
+with each term's standard error; embedding and pooling are the medians of their measured
+times. The file's header records the fit (R^2, mean error, each term's uncertainty), the
+residual per layer, the rounds and why they stopped, the machine's run-to-run noise, and
+the stage errors of the calibration runs, each predicted out of sample (below).
 
 Spread. Every calibration run is then predicted out of sample, by the fit of the other
 plans (leave one plan out); per stage (IO:
@@ -25,6 +36,14 @@ the sum of the layers' read intervals; compute: the sum of their compute interva
 root mean square of log(measured / predicted) over every run is the stage's spread
 (model error and run-to-run noise together). Scenarios that plan for a latency quantile
 use it (elasticplan.costmodel.at_quantile).
+
+Refusal. A device that does not predict its own calibration runs is not written: when a
+stage's out-of-sample |error| (each plan's median run against its prediction by the fit
+of the other plans; median over plans) is above `max_error_pct` (or its p95 above
+P95_FACTOR times it), calibrate raises CalibrationError (exit 9) naming the stage, both
+figures and the machine's run-to-run noise, and what to try; and likewise when that
+noise (rms) is so wide that even an exact model's median of 5 runs would have a standard
+error above max_error_pct (NOISE_FACTOR).
 
 Storage. With `bandwidth_mb_s` given, the device's storage is that (emulated in runs).
 Without it, this machine's disk is measured: cold single reads of every variant of two
@@ -61,7 +80,16 @@ from runtime.store import ShardStore
 
 DEFAULT_LATENCY_US = 100.0
 DEFAULT_PLANS = 16
-DEFAULT_REPEATS = 3
+DEFAULT_REPEATS = 3  # rounds at least
+DEFAULT_BUDGET_S = 60.0  # more rounds until every term is tight, or this is spent
+MAX_ROUNDS = 100
+TERM_SE_PCT = 1.0  # a term is tight when its uncertainty moves a layer's time by at most this
+DEFAULT_MAX_ERROR_PCT = 5.0  # refuse when a stage's out-of-sample median |error| is above it
+P95_FACTOR = 3.0  # ... or its p95 above this times it
+# ... or when the machine's run-to-run noise (rms) is so wide that a median of 5 runs has a
+# standard error (1.2533 sigma / sqrt 5) above max_error_pct even for an exact model
+NOISE_FACTOR = math.sqrt(5) / 1.2533
+INTERLEAVE_MEMORY_SHARE = 0.25  # executors open at once hold at most this share of the RAM
 
 
 @dataclass
@@ -72,6 +100,7 @@ class FitErrors:
     shard_overhead_ms: float = 0.0
     gflops: float = 0.0
     dequant_ns: dict[int, float] = field(default_factory=dict)  # per quantised bitwidth
+    stream_ms_per_mb: float = 0.0
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -86,6 +115,7 @@ class Fit:
     shard_overhead_ms: float
     gflops: float
     dequant_ns: dict[int, float]  # per quantised bitwidth
+    stream_ms_per_mb: float = 0.0  # contention: compute per MB of the layer's streamed shards
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -109,6 +139,7 @@ class Sample:
     weights: dict[int, int]  # quantised bitwidth -> weights of the layer's shards at it
     ms: float
     plan: int = 0  # which calibration plan it came from
+    streamed_mb: float = 0.0  # stored MB of the layer's streamed (not preloaded) shards
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
@@ -117,13 +148,15 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
     if not samples:
         raise CalibrationError("no layer was measured")
     A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
-                  for s in samples])
+                  + [s.streamed_mb] for s in samples])
     y = np.array([s.ms for s in samples])
     unused = [b for i, b in enumerate(bits) if not A[:, 3 + i].any()]
     if unused:
         raise CalibrationError(f"no calibration plan ran a shard at {unused} bits; rerun with "
                                f"more plans (--plans)")
+    stream = len(bits) + 3  # the contention term's column
     scale = np.abs(A).max(axis=0)  # columns of ~1: nnls and the covariance well conditioned
+    scale[scale == 0] = 1.0
     x, _ = scipy.optimize.nnls(A / scale, y)
     x = x / scale
     pred = A @ x
@@ -151,12 +184,13 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
                      "to its maximum (no per-flop charge)")
     stderr = FitErrors(layer_overhead_ms=float(se[0]), shard_overhead_ms=float(se[1]),
                        gflops=gflops_se,
-                       dequant_ns={b: float(se[3 + i] * 1e6) for i, b in enumerate(bits)})
+                       dequant_ns={b: float(se[3 + i] * 1e6) for i, b in enumerate(bits)},
+                       stream_ms_per_mb=float(se[stream]))
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
-               stderr=stderr,
+               stream_ms_per_mb=float(x[stream]), stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
                samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
@@ -208,9 +242,12 @@ class Calibration:
 
 def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None,
               latency_us: float, plans: int = DEFAULT_PLANS, repeats: int = DEFAULT_REPEATS,
+              budget_s: float = DEFAULT_BUDGET_S, max_error_pct: float = DEFAULT_MAX_ERROR_PCT,
               seed: int = 0, queries: list | None = None,
               log: Callable[[str], None] = lambda s: None) -> Calibration:
-    """Measure; return the calibrated device, the compute fit and facts for the file header."""
+    """Measure; return the calibrated device, the compute fit and facts for the file header.
+    Refuses (CalibrationError) when the calibration runs, each predicted out of sample, are
+    further from their predictions than max_error_pct (module docstring, "Refusal")."""
     if bandwidth_mb_s is None:
         bandwidth_mb_s, latency_us = measure_disk(store)
         storage = (f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
@@ -231,41 +268,62 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     draft_scenario = Scenario(name="calibration", device=draft, model=model,
                               question=Question(target_latency_ms=MAX_TARGET_MS,
                                                 preload_budget_mb=0.0, min_shards_per_layer=0))
-    batch = queries[0]
     rng = np.random.default_rng(seed)
-    samples, runs_of = [], []
-    embed, pool = [], []
-    for i, (name, sel) in enumerate(design(model, plans, rng)):
-        plan = Plan.from_selection(draft_scenario, sel, solver="calibration",
-                                   status=SolveStatus.FEASIBLE, gap=None, solve_seconds=0.0)
-        with Executor(plan, draft_scenario, store, emulate=emulate) as ex:
-            ex.fill_preload()
-            ex.run(batch)  # warm-up, discarded
-            runs = [ex.run(queries[r % len(queries)]) for r in range(repeats)]
-        runs_of.append((sel, runs))
-        embed += [r.embed_ms[1] - r.embed_ms[0] for r in runs]
-        pool += [r.pool_ms[1] - r.pool_ms[0] for r in runs]
-        for l, picks in enumerate(sel):
-            if not picks:
+    designed = [(name, sel, Plan.from_selection(draft_scenario, sel, solver="calibration",
+                                                status=SolveStatus.FEASIBLE, gap=None,
+                                                solve_seconds=0.0))
+                for name, sel in design(model, plans, rng)]
+    groups = _groups([plan.memory.peak_bytes for _, _, plan in designed],
+                     INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
+    runs_of: list[list] = [[] for _ in designed]
+    began = time.monotonic()
+    rounds, fit, why = 0, None, ""
+    open_now: dict[int, Executor] = {}
+    try:
+        while True:
+            # One round: every plan runs one query, plans interleaved, so that a change in
+            # the machine's speed (other work, the host) falls on every plan alike.
+            for group in groups:
+                if len(groups) > 1 or not open_now:
+                    for i in list(open_now):
+                        open_now.pop(i).close()
+                    for i in group:
+                        ex = Executor(designed[i][2], draft_scenario, store, emulate=emulate)
+                        open_now[i] = ex
+                        ex.fill_preload()
+                        ex.run(queries[0])  # warm-up, discarded
+                for i in group:
+                    runs_of[i].append(open_now[i].run(queries[rounds % len(queries)]))
+            rounds += 1
+            if rounds < repeats:
                 continue
-            layer = model.layers[l]
-            weights: dict[int, int] = {}
-            for p in picks:
-                bits = model.bitwidths[p.bit]
-                if bits < FULL_PRECISION_BITS:
-                    weights[bits] = weights.get(bits, 0) + layer.shards[p.shard].weights
-            ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
-                                  for r in runs]))
-            samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
-                                  weights, ms, i))
-        log(f"calibration plan {i + 1}/{plans} ({name}): {plan.n_shards} shards, median "
-            f"latency {np.median([r.latency_ms for r in runs]):.1f} ms")
-    fit = fit_compute(samples, quantised)
+            samples = _samples(model, designed, runs_of)
+            fit = fit_compute(samples, quantised)
+            loose = _loose_terms(fit, samples)
+            spent = time.monotonic() - began
+            log(f"calibration round {rounds}: {len(designed)} plans, {spent:.0f} s; " + (
+                "every term within {:g} % of the time it explains".format(TERM_SE_PCT)
+                if not loose else "loosest: " + ", ".join(loose[:3])))
+            if not loose:
+                why = f"every term's standard error within {TERM_SE_PCT:g} % of the layer time it explains"
+                break
+            if rounds >= MAX_ROUNDS or spent + spent / rounds > budget_s:
+                why = (f"the time budget ({budget_s:g} s) was spent with terms still loose: "
+                       + ", ".join(loose))
+                break
+    finally:
+        for ex in open_now.values():
+            ex.close()
+    for i, (name, _, plan) in enumerate(designed):
+        log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
+            f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
+    embed = [r.embed_ms[1] - r.embed_ms[0] for runs in runs_of for r in runs]
+    pool = [r.pool_ms[1] - r.pool_ms[0] for runs in runs_of for r in runs]
     fit.embed_ms, fit.pool_ms = float(np.median(embed)), float(np.median(pool))
     fit.stderr.embed_ms, fit.stderr.pool_ms = _median_stderr(embed), _median_stderr(pool)
     # The compute thread's wake-up: how long after its reads end a layer that waited for
     # them starts computing (the layer before had finished: it was waiting on the reads).
-    wakes = [t.compute_start_ms - t.io_end_ms for _, runs in runs_of for r in runs
+    wakes = [t.compute_start_ms - t.io_end_ms for runs in runs_of for r in runs
              for l, t in enumerate(r.layers)
              if t.reads and t.compute_start_ms >= t.io_end_ms
              and (r.layers[l - 1].compute_end_ms if l else r.embed_ms[1]) < t.io_end_ms]
@@ -277,19 +335,119 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
                          memory_mb=round(float(memory_mb), 1))
     # The spread and the stage errors out of sample: each plan's runs predicted by the fit
     # of the other plans (a bitwidth only the left-out plan ran keeps the full fit's cost).
+    samples = _samples(model, designed, runs_of)
     held_out = []
-    for i, (sel, runs) in enumerate(runs_of):
+    for i, (_, sel, _) in enumerate(designed):
         rest = [smp for smp in samples if smp.plan != i]
         bits = tuple(b for b in quantised if any(smp.weights.get(b) for smp in rest))
         other = fit_compute(rest, bits)
         other.dequant_ns = {**fit.dequant_ns, **other.dequant_ns}
         other.embed_ms, other.pool_ms, other.wake_ms = fit.embed_ms, fit.pool_ms, fit.wake_ms
-        held_out.append((device_of(other, base_device), sel, runs))
+        held_out.append((device_of(other, base_device), sel, runs_of[i]))
     spread, errors = stage_spread(draft_scenario, held_out)
+    noise = run_to_run(runs_of)
     device = dataclasses.replace(device_of(fit, base_device), spread=spread)
-    facts = {"storage": storage, "plans": plans, "repeats": repeats,
+    facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
+             "stopped": why, "seconds": round(time.monotonic() - began, 1),
+             "interleaved": len(groups) == 1, "noise_pct": noise,
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
-    return Calibration(device, fit, facts, errors)
+    cal = Calibration(device, fit, facts, errors)
+    wide = wide_stages(errors, max_error_pct)
+    if wide or noise > NOISE_FACTOR * max_error_pct:
+        raise CalibrationError(refusal(cal, wide, max_error_pct))
+    return cal
+
+
+def _groups(peaks: list[int], cap_bytes: float) -> list[list[int]]:
+    """The plans split into groups whose executors may be open at once (their predicted
+    peaks sum to at most cap_bytes; a plan over it alone): one group interleaves all."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for i, peak in enumerate(peaks):
+        if groups[-1] and held + peak > cap_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(i)
+        held += peak
+    return groups
+
+
+def _samples(model: ModelProfile, designed: list, runs_of: list[list]) -> list[Sample]:
+    """One sample per (plan, layer that runs): its features and the median of its measured
+    compute over the plan's runs (a median: one slow run does not move it)."""
+    samples = []
+    for i, ((_, sel, _), runs) in enumerate(zip(designed, runs_of)):
+        for l, picks in enumerate(sel):
+            if not picks:
+                continue
+            layer = model.layers[l]
+            weights: dict[int, int] = {}
+            for p in picks:
+                bits = model.bitwidths[p.bit]
+                if bits < FULL_PRECISION_BITS:
+                    weights[bits] = weights.get(bits, 0) + layer.shards[p.shard].weights
+            ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
+                                  for r in runs]))
+            streamed = sum(layer.shards[p.shard].bytes[p.bit] for p in picks if not p.preloaded)
+            samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
+                                  weights, ms, i, streamed / 1e6))
+    return samples
+
+
+def _loose_terms(fit: Fit, samples: list[Sample]) -> list[str]:
+    """The fitted terms whose standard error, times the most of their feature any sample
+    has, is above TERM_SE_PCT % of the mean layer time (loosest first): a term is known
+    well enough when its uncertainty moves no layer's prediction by more than that."""
+    mean = float(np.mean([s.ms for s in samples]))
+    se = fit.stderr
+    ms_per_flop_se = se.gflops / fit.gflops ** 2 / 1e6 if fit.gflops else 0.0
+    terms = [("layer_overhead_ms", se.layer_overhead_ms, 1.0),
+             ("shard_overhead_ms", se.shard_overhead_ms, max(s.shards for s in samples)),
+             ("gflops", ms_per_flop_se, max(s.flops for s in samples)),
+             ("stream_ms_per_mb", se.stream_ms_per_mb, max(s.streamed_mb for s in samples))]
+    terms += [(f"dequant_ns_per_weight[{b}]", ns / 1e6, max(s.weights.get(b, 0) for s in samples))
+              for b, ns in se.dequant_ns.items()]
+    share = sorted(((100 * err * most / mean, name) for name, err, most in terms), reverse=True)
+    return [f"{name} +-{pct:.1f} %" for pct, name in share if pct > TERM_SE_PCT]
+
+
+def run_to_run(runs_of: list[list]) -> float:
+    """The machine's own noise: the root mean square of log(run / its plan's median
+    latency) over every run, in % (what no model of the plan can predict)."""
+    logs = [math.log(r.latency_ms / m) for runs in runs_of
+            for m in [float(np.median([r.latency_ms for r in runs]))] for r in runs]
+    return round(100 * math.sqrt(float(np.mean(np.square(logs)))), 2) if logs else 0.0
+
+
+def wide_stages(errors: dict[str, tuple[float, float]], max_error_pct: float) -> list[str]:
+    """The stages whose out-of-sample error is wide: median |error| above max_error_pct,
+    or p95 above P95_FACTOR times it."""
+    return [k for k, (median, p95) in errors.items()
+            if median > max_error_pct or p95 > P95_FACTOR * max_error_pct]
+
+
+def refusal(cal: Calibration, wide: list[str], max_error_pct: float) -> str:
+    """Why calibrate writes nothing: which stages, by how much, the machine's noise, and
+    what to try."""
+    facts = cal.facts
+    noise = facts["noise_pct"]
+    stages = "; ".join(f"{k} median {cal.stage_errors[k][0]:.1f} % / p95 "
+                       f"{cal.stage_errors[k][1]:.1f} %" for k in wide)
+    what = []
+    if wide:
+        what.append(f"the calibrated device does not predict its own calibration runs: out of "
+                    f"sample (each plan's median run predicted by the fit of the others) "
+                    f"{stages}, wider than --max-error-pct {max_error_pct:g} (median; p95 "
+                    f"{P95_FACTOR:g}x that)")
+    if noise > NOISE_FACTOR * max_error_pct:
+        what.append(f"this machine is too noisy to promise --max-error-pct {max_error_pct:g}: "
+                    f"the same plan ran {noise:.1f} % apart run to run (rms), so even an exact "
+                    f"model's median of 5 runs would miss by {noise / NOISE_FACTOR:.1f} % "
+                    f"(one standard error)")
+    return ("; and ".join(what) + f". Measured over {facts['repeats']} interleaved rounds in "
+            f"{facts['seconds']:.0f} s (run-to-run noise {noise:.1f} % rms). Nothing was "
+            f"written. Try fewer background jobs (the machine's speed varies under them), more "
+            f"rounds (--repeats, --budget-s), or accept wider errors with --max-error-pct")
 
 
 def _median_stderr(values: list[float]) -> float:
@@ -308,7 +466,7 @@ def device_of(fit: Fit, base: Device) -> Device:
         base, gflops=round(float(fit.gflops), 4), layer_overhead_ms=round(fit.layer_overhead_ms, 5),
         dequant_gb_s=None, shard_overhead_ms=round(fit.shard_overhead_ms, 6),
         dequant_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.dequant_ns.items())),
-        embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5),
+        stream_ms_per_mb=round(fit.stream_ms_per_mb, 6), embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5),
         wake_ms=round(fit.wake_ms, 5))
 
 
@@ -322,20 +480,26 @@ def _stage_totals(run) -> dict[str, float]:
 
 def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
     """Every run against its prediction on the device given beside it (device, plan, runs),
-    per stage: the spread (root mean square of log(measured / predicted)) of IO and
-    compute, and each stage's median and p95 |error| in % (total included)."""
+    per stage: the spread (root mean square of log(measured / predicted) over every run)
+    of IO and compute, and each stage's median and p95 over plans of |error| in % of the
+    plan's median run (total included): the model's error, which the runs' own noise
+    (run_to_run) does not swamp as it does a single run's."""
     logs: dict[str, list[float]] = {k: [] for k in STAGES}
+    plan_logs: dict[str, list[float]] = {k: [] for k in STAGES}
     for device, sel, runs in held_out:
         predicted = _stage_totals(simulate(scenario.with_overrides(device=device), sel))
-        for r in runs:
-            measured = _stage_totals(r)
-            for k in STAGES:
-                if predicted[k] > 0 and measured[k] > 0:
-                    logs[k].append(math.log(measured[k] / predicted[k]))
+        measured = [_stage_totals(r) for r in runs]
+        for k in STAGES:
+            if predicted[k] <= 0:
+                continue
+            logs[k] += [math.log(m[k] / predicted[k]) for m in measured if m[k] > 0]
+            median = float(np.median([m[k] for m in measured]))
+            if median > 0:
+                plan_logs[k].append(math.log(median / predicted[k]))
     rms = {k: math.sqrt(float(np.mean(np.square(v)))) if v else 0.0 for k, v in logs.items()}
     errors = {k: (float(np.median(100 * np.abs(np.expm1(v)))),
                   float(np.percentile(100 * np.abs(np.expm1(v)), 95))) if v else (0.0, 0.0)
-              for k, v in logs.items()}
+              for k, v in plan_logs.items()}
     runs = sum(len(r) for _, _, r in held_out)
     return Spread(io=round(rms["io"], 5), compute=round(rms["compute"], 5), runs=runs), errors
 
@@ -372,7 +536,8 @@ def device_dict(device: Device) -> dict:
         compute["dequant_gb_s"] = device.dequant_gb_s
     if device.dequant_ns_per_weight:
         compute["dequant_ns_per_weight"] = dict(device.dequant_ns_per_weight)
-    compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms)
+    compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms,
+                   stream_ms_per_mb=device.stream_ms_per_mb)
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -395,6 +560,8 @@ def describe_compute(device: Device) -> str:
     if device.dequant_ns_per_weight:
         parts.append("dequant ns/weight " + ", ".join(f"{b}b {ns:.3g}"
                                                       for b, ns in device.dequant_ns_per_weight))
+    if device.stream_ms_per_mb:
+        parts.append(f"stream_ms_per_mb {device.stream_ms_per_mb:g}")
     if device.embed_ms or device.pool_ms or device.wake_ms:
         parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
                      f"wake_ms {device.wake_ms:g}")
@@ -411,6 +578,7 @@ def fit_report(cal: Calibration) -> str:
              f"gflops {fit.gflops:.2f} +- {se.gflops:.2f}"]
     terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se.dequant_ns[b]:.3f}"
               for b, ns in fit.dequant_ns.items()]
+    terms += [f"stream_ms_per_mb {fit.stream_ms_per_mb:.4f} +- {se.stream_ms_per_mb:.4f}"]
     terms += [f"embed_ms {fit.embed_ms:.4f} +- {se.embed_ms:.4f}",
               f"pool_ms {fit.pool_ms:.4f} +- {se.pool_ms:.4f}",
               f"wake_ms {fit.wake_ms:.4f} +- {se.wake_ms:.4f}"]
@@ -421,10 +589,11 @@ def fit_report(cal: Calibration) -> str:
     return (notes + f"Fit over {fit.samples} layer samples: R^2 {fit.r2:.3f}, mean abs error "
             f"{fit.mae_ms:.3f} ms per layer; terms (standard error):\n  " + ";\n  ".join(terms)
             + f".\nResidual (measured - predicted) per layer, mean: {residuals}.\n"
-            f"Stage |error| of the calibration runs, each plan predicted by the fit of the "
-            f"others, median / p95: {errors}.\n"
+            f"Stage |error| of the calibration plans (each plan's median run), each predicted "
+            f"by the fit of the others, median / p95 over plans: {errors}.\n"
             f"Spread (rms of log measured/predicted, same runs, {d.spread.runs}): IO "
-            f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}.")
+            f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}; the machine's own run-to-run "
+            f"noise (rms, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.")
 
 
 def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
@@ -441,7 +610,9 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
               f"{when}.\n"
               f"Compute: measured inside the pipelined runtime (torch threads "
               f"{facts['threads']}, batch 1, seq_len {facts['seq_len']}),\n"
-              f"  {facts['plans']} designed plans x {facts['repeats']} repeats.\n"
+              f"  {facts['plans']} designed plans x {facts['repeats']} rounds, interleaved "
+              f"(at least {facts['min_repeats']}; {facts['seconds']:g} s; stopped: "
+              f"{facts['stopped']}).\n"
               + fit_report(cal) + "\n"
               f"Storage: {facts['storage']}.\n"
               f"Memory: this machine's RAM.")

@@ -156,7 +156,15 @@ def register(sub) -> None:
                    help="calibration plans (default 16): one per stored bitwidth, "
                         "hold-in-memory, then others (at least bitwidths + 1)")
     c.add_argument("--repeats", type=whole(1, 100), default=3,
-                   help="measured runs per plan (default 3)")
+                   help="measured runs per plan, at least (default 3): rounds go on, every "
+                        "plan once per round, until each term is known within 1 %% of the "
+                        "time it explains or --budget-s is spent")
+    c.add_argument("--budget-s", type=real(0, 3600), default=60.0, metavar="S",
+                   help="time for more rounds than --repeats (default 60; 0: exactly --repeats)")
+    c.add_argument("--max-error-pct", type=real(0.1, 1000), default=5.0, metavar="P",
+                   help="refuse to write a device whose calibration runs, each predicted out "
+                        "of sample, miss by more than P %% (median of a stage) or 3P %% (p95) "
+                        "(default 5)")
     c.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
     c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
@@ -359,7 +367,8 @@ def cmd_calibrate(a) -> int:
     queries = query_batches(store, base.model.seq_len, a.repeats)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     cal = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s, latency_us=a.storage_latency_us,
-                    plans=a.plans, repeats=a.repeats, queries=queries, log=log)
+                    plans=a.plans, repeats=a.repeats, budget_s=a.budget_s,
+                    max_error_pct=a.max_error_pct, queries=queries, log=log)
     device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, cal, a.target_ms)
     print(f"compute: {describe_compute(cal.device)}")
     print(fit_report(cal))
@@ -428,7 +437,7 @@ def _evaluate_decoder(a, plan: Plan, store, scenario) -> int:
 
 def cmd_run(a) -> int:
     from runtime.executor import check_model
-    from runtime.measurement.measure import Reference, measure_plan, query_batches
+    from runtime.measurement.measure import Reference, measure_plans, query_batches
     from runtime.measurement.report import format_comparison, format_report, gantt
     from runtime.sources.task import TaskHead
     from runtime.store import ShardStore
@@ -453,13 +462,14 @@ def cmd_run(a) -> int:
     reference = Reference(store)
     common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
                   reference=reference, head=head, tolerance=a.tolerance)
-    report = measure_plan(plan, scenario, store, plan_path=a.plan, **common)
-    print(format_report(report))
-    reports = [report]
-    if a.baselines:
+    items = [(plan, scenario, a.plan)]
+    if a.baselines:  # measured side by side with the plan, runs interleaved
         skipped = lambda strategy, e: print(f"{strategy}: not run: {e}")  # noqa: E731
-        for b, question in baseline_questions(scenario, skipped):
-            reports.append(measure_plan(b, question, store, **common))
+        items += [(b, question, None) for b, question in baseline_questions(scenario, skipped)]
+    reports = measure_plans(items, store, **common)
+    report = reports[0]
+    print(format_report(report))
+    if a.baselines:
         print()
         print(format_comparison(reports))
     if a.json:

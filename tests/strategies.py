@@ -20,7 +20,8 @@ def _num(lo: float, hi: float):
 @st.composite
 def devices(draw):
     """Every compute term in play: the per-byte and per-weight dequantisation (either or
-    both), a per-shard overhead, the per-query embedding and pooling, the wake-up."""
+    both), a per-shard overhead, the per-query embedding and pooling, the wake-up, the
+    contention on streamed shards."""
     per_byte = draw(st.one_of(st.none(), _num(0.5, 20)))
     per_weight = () if per_byte is not None and draw(st.booleans()) else \
         tuple((b, draw(_num(0, 5))) for b in BITS if b < 32)
@@ -31,7 +32,8 @@ def devices(draw):
                   dequant_ns_per_weight=per_weight,
                   embed_ms=draw(st.one_of(st.just(0.0), _num(0, 3))),
                   pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))),
-                  wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))))
+                  wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))),
+                  stream_ms_per_mb=draw(st.one_of(st.just(0.0), _num(0, 3))))
 
 
 @st.composite

@@ -44,6 +44,34 @@ def test_schedule_by_hand():
     assert (s.preload_bytes, s.streamed_bytes, s.importance) == (400_000, 100_000, 1.5)
 
 
+def test_contention_charges_streamed_shards_only():
+    """stream_ms_per_mb adds stored MB x it to a streamed shard's compute and nothing to a
+    preloaded one's; the exact program (HiGHS) and greedy plan on the same charge (their
+    plans verify, and a target that the charge makes too short is infeasible)."""
+    from elasticplan.errors import InfeasibleError
+    from elasticplan.plans.verify import verify_plan
+    from elasticplan.solvers import solve
+
+    sc = _hand_scenario()
+    slow = sc.with_overrides(device=dataclasses.replace(sc.device, stream_ms_per_mb=2.0))
+    sel = ((Pick(0, 0, False),), (Pick(0, 1, True),))
+    base, charged = simulate(sc, sel), simulate(slow, sel)
+    # layer 0 streams 0.1 MB: +0.2 ms of compute; layer 1 is preloaded: unchanged
+    c = [t.compute_end_ms - t.compute_start_ms for t in charged.layers]
+    c0 = [t.compute_end_ms - t.compute_start_ms for t in base.layers]
+    assert c == pytest.approx([c0[0] + 0.2, c0[1]])
+    assert charged.latency_ms == pytest.approx(base.latency_ms + 0.2)
+    for solver in ("highs", "cpsat", "greedy"):
+        plan = solve(slow.with_overrides(target_latency_ms=charged.latency_ms), solver)
+        verify_plan(slow.with_overrides(target_latency_ms=charged.latency_ms), plan)
+    # the cheapest plan without the charge: both layers one 8-bit shard, preloaded where
+    # the buffer allows; with a huge charge nothing streamed fits a tight target
+    tight = dataclasses.replace(sc.device, stream_ms_per_mb=1e4)
+    with pytest.raises(InfeasibleError):
+        solve(sc.with_overrides(device=tight, preload_budget_mb=0.0,
+                                target_latency_ms=base.latency_ms), "highs")
+
+
 def test_window_and_memory_by_hand():
     """Three layers, each one 8-bit shard streamed: read 2 ms, compute 3.5 ms, 100 kB."""
     import dataclasses

@@ -353,8 +353,10 @@ def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
 
 def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     """Samples made from known terms (per layer, per shard, per flop, per weight at 2 and
-    8 bits): the fit recovers them exactly with R^2 1; with noise added, each term lies
-    within a few standard errors of the truth, and the standard errors are not zero."""
+    8 bits, per streamed MB): the fit recovers them exactly with R^2 1 and no loose term;
+    with noise added, each term lies within a few standard errors of the truth, the
+    standard errors are not zero, and the noisiest terms are reported loose."""
+    from runtime.calibrate import _loose_terms
     from runtime.calibrate import Sample
 
     rng = np.random.default_rng(1)
@@ -365,8 +367,10 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
             k = int(rng.integers(1, 25))
             flops = float(rng.uniform(1e6, 5e8))
             w = {2: int(rng.integers(0, 10**6)), 8: int(rng.integers(0, 10**6))}
-            ms = 0.3 + 0.05 * k + flops / 60e6 + (1.2 * w[2] + 2.9 * w[8]) / 1e6
-            out.append(Sample(i % 6, k, flops, w, ms + float(rng.normal(0, noise))))
+            mb = float(rng.uniform(0, 8)) if i % 3 else 0.0
+            ms = 0.3 + 0.05 * k + flops / 60e6 + (1.2 * w[2] + 2.9 * w[8]) / 1e6 + 0.2 * mb
+            out.append(Sample(i % 6, k, flops, w, ms + float(rng.normal(0, noise)),
+                              streamed_mb=mb))
         return out
 
     fit = fit_compute(samples(0.0), (2, 8))
@@ -374,6 +378,7 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     assert fit.shard_overhead_ms == pytest.approx(0.05, rel=1e-6)
     assert fit.gflops == pytest.approx(60.0, rel=1e-6)
     assert fit.dequant_ns == pytest.approx({2: 1.2, 8: 2.9}, rel=1e-6)
+    assert fit.stream_ms_per_mb == pytest.approx(0.2, rel=1e-6)
     assert fit.r2 == pytest.approx(1.0)
     assert fit.layer_residuals_ms == pytest.approx([0.0] * 6, abs=1e-9)
     noisy = fit_compute(samples(0.05), (2, 8))
@@ -383,11 +388,64 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
             ("shard_overhead_ms", 0.05, noisy.shard_overhead_ms, se.shard_overhead_ms),
             ("gflops", 60.0, noisy.gflops, se.gflops),
             ("dequant_ns_per_weight[2]", 1.2, noisy.dequant_ns[2], se.dequant_ns[2]),
-            ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8], se.dequant_ns[8])):
+            ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8], se.dequant_ns[8]),
+            ("stream_ms_per_mb", 0.2, noisy.stream_ms_per_mb, se.stream_ms_per_mb)):
         assert 0 < err and abs(got - truth) < 5 * err, name
+    assert _loose_terms(fit, samples(0.0)) == []
+    assert _loose_terms(fit_compute(samples(0.5), (2, 8)), samples(0.5))
     # a bitwidth no sample ran cannot be fitted: a clear error, not a zero cost
     with pytest.raises(CalibrationError, match="no calibration plan ran a shard at"):
         fit_compute(samples(0.0), (2, 4, 8))
+
+
+def test_one_slow_run_moves_no_term_and_wide_errors_are_refused(scenario):
+    """A calibration sample is the median of its plan's runs: one run three times as slow
+    leaves every sample, and so every fitted term, where it was. A calibration whose
+    out-of-sample stage errors are wide is refused with the stage, both figures, the
+    machine's noise and what to try."""
+    from types import SimpleNamespace
+
+    from runtime.calibrate import (
+        Calibration,
+        _samples,
+        design,
+        refusal,
+        run_to_run,
+        wide_stages,
+    )
+
+    model = scenario.model
+    designed = [(name, sel, None) for name, sel in design(model, 9, np.random.default_rng(0))]
+    rng = np.random.default_rng(1)
+
+    def run(sel, slow=1.0):
+        layers, t = [], 0.0
+        for picks in sel:
+            ms = (0.5 + 0.1 * len(picks)) * slow * float(rng.uniform(0.99, 1.01))
+            layers.append(SimpleNamespace(compute_start_ms=t, compute_end_ms=t + ms))
+            t += ms
+        return SimpleNamespace(layers=layers, latency_ms=t)
+
+    steady = [[run(sel) for _ in range(5)] for _, sel, _ in designed]
+    bumped = [runs[:2] + [run(designed[i][1], slow=3.0)] + runs[3:]
+              for i, runs in enumerate(steady)]
+    a, b = _samples(model, designed, steady), _samples(model, designed, bumped)
+    fa, fb = fit_compute(a, (2, 3, 4, 6, 8)), fit_compute(b, (2, 3, 4, 6, 8))
+    assert [s.ms for s in b] == pytest.approx([s.ms for s in a], rel=0.03)
+    assert fb.layer_overhead_ms == pytest.approx(fa.layer_overhead_ms, rel=0.05, abs=0.01)
+    assert fb.shard_overhead_ms == pytest.approx(fa.shard_overhead_ms, rel=0.05)
+    assert run_to_run(steady) < 2.0 < run_to_run(bumped)
+    errors = {"io": (0.5, 1.0), "compute": (7.5, 20.0), "total": (4.0, 16.0)}
+    assert wide_stages(errors, 5.0) == ["compute", "total"]  # median 7.5; p95 16 > 15
+    assert wide_stages(errors, 8.0) == []
+    cal = Calibration(device=None, fit=fa, stage_errors=errors,
+                      facts={"noise_pct": 9.3, "repeats": 12, "seconds": 61.0})
+    text = refusal(cal, ["compute"], 5.0)
+    assert "compute median 7.5 % / p95 20.0 %" in text and "9.3 %" in text
+    assert "Nothing was written" in text and "--max-error-pct" in text
+    assert "too noisy" in text  # 9.3 % rms: a median of 5 runs is +-5.2 %, above 5 %
+    cal.facts["noise_pct"] = 2.0
+    assert "too noisy" not in refusal(cal, ["compute"], 5.0)
 
 
 def test_calibration_design_separates_every_term(scenario):
@@ -409,18 +467,25 @@ def test_calibration_design_separates_every_term(scenario):
 
 
 def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_path, capsys):
-    """`elasticplan calibrate` end to end (7 plans, 1 repeat): both files load, the device
+    """`elasticplan calibrate` end to end (7 plans): a strict error limit is refused (exit 9,
+    nothing written); 2 rounds under a loose one write both files, and both load, the device
     has every compute term (a per-weight cost for every quantised bitwidth), its spread and
     the fit's report in its header, and the scenario solves; writing onto its own base
     scenario is refused before measuring."""
     out = tmp_path / "cal"
     assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
-                 "--plans", "7", "--repeats", "1", "--out-dir", str(out)]) == 0
+                 "--plans", "7", "--repeats", "1", "--out-dir", str(out),
+                 "--max-error-pct", "0.1", "--budget-s", "0"]) == 9
+    assert "does not predict its own calibration runs" in capsys.readouterr().err
+    assert not out.exists()  # refused before writing anything
+    assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",
+                 "--plans", "7", "--repeats", "2", "--out-dir", str(out),
+                 "--max-error-pct", "1000", "--budget-s", "0"]) == 0
     sc = load_scenario(out / "scenario.yaml")
     d = sc.device
     assert d.bandwidth_mb_s == 200 and d.gflops > 0 and d.dequant_gb_s is None
     assert [b for b, _ in d.dequant_ns_per_weight] == [2, 3, 4, 6, 8]
-    assert d.embed_ms > 0 and d.pool_ms > 0 and d.spread.runs == 7
+    assert d.embed_ms > 0 and d.pool_ms > 0 and d.spread.runs == 14
     header = (out / "device.yaml").read_text()
     assert "gflops" in header and "+-" in header and "Residual" in header
     assert "Stage |error|" in capsys.readouterr().out
@@ -442,17 +507,16 @@ def test_run_enforce_fails_on_a_measured_peak_above_the_budget(scenario, store_d
     plan_path = tmp_path / "mem.plan.json"
     solve(scenario.with_overrides(memory_budget_mb=16, prefetch_window=1),
           time_limit_s=5).save(plan_path)
-    real = measure.measure_plan
+    real = measure.measure_plans
 
     def inflated(*args, **kwargs):
-        r = real(*args, **kwargs)
-        return dataclasses.replace(r, memory=dataclasses.replace(
-            r.memory, measured_peak_bytes=16_000_001))
+        return [dataclasses.replace(r, memory=dataclasses.replace(
+            r.memory, measured_peak_bytes=16_000_001)) for r in real(*args, **kwargs)]
 
     args = ["run", str(plan_path), "--store", str(store_dir), "--repeat", "1", "--no-emulate",
             "--enforce", "--tolerance", "100"]
     assert main(args) == 0  # as measured: within the budget
-    monkeypatch.setattr(measure, "measure_plan", inflated)  # run imports it when it runs
+    monkeypatch.setattr(measure, "measure_plans", inflated)  # run imports it when it runs
     assert main(args) == 10
     assert "measured peak memory 16.000 MB exceeds the plan's memory budget 16 MB" in \
         capsys.readouterr().err

@@ -28,9 +28,12 @@ class Device:
     layer that runs: layer_overhead_ms + per shard (shard_overhead_ms + flops / gflops
     + for a quantised shard its stored bytes / dequant_gb_s and its weights x
     dequant_ns_per_weight[bits]); per query, embed_ms before the first layer computes and
-    pool_ms after the last; and a layer whose compute waits for its reads starts wake_ms
-    after they end (the compute thread's wake-up). The terms a device file leaves out are 0
-    (None: no per-byte dequantisation term)."""
+    pool_ms after the last; a layer whose compute waits for its reads starts wake_ms
+    after they end (the compute thread's wake-up); and a streamed shard's compute costs
+    stream_ms_per_mb more per MB of its stored bytes than the same shard preloaded (weights
+    just read into the IO ring: the copies that brought them in, and the reads of the layers
+    after it, share the memory system with its compute; docs/design.md, "Contention"). The
+    terms a device file leaves out are 0 (None: no per-byte dequantisation term)."""
 
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
@@ -44,6 +47,7 @@ class Device:
     embed_ms: float = 0.0  # per query: the embedding lookup, before layer 0 computes
     pool_ms: float = 0.0  # per query: pooling, after the last layer
     wake_ms: float = 0.0  # a layer that waits for its reads starts computing this long after
+    stream_ms_per_mb: float = 0.0  # extra compute of a streamed shard, per MB it stores
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
 
     def dequant_ns(self, bits: int) -> float | None:

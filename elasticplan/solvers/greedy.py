@@ -62,7 +62,8 @@ class _Pipeline:
         self.io = [sum(read_ms(d, m.layers[li].shards[p.shard].bytes[p.bit])
                        for p in ps if not p.preloaded) for li, ps in enumerate(picks)]
         self.comp = [(d.layer_overhead_ms if ps else 0.0)
-                     + sum(shard_compute_ms(d, m, m.layers[li].shards[p.shard], p.bit) for p in ps)
+                     + sum(shard_compute_ms(d, m, m.layers[li].shards[p.shard], p.bit,
+                                            not p.preloaded) for p in ps)
                      for li, ps in enumerate(picks)]
         self.buffer = sum(m.layers[li].shards[p.shard].bytes[p.bit]
                           for li, ps in enumerate(picks) for p in ps if p.preloaded)
@@ -102,7 +103,8 @@ class _Pipeline:
         def cost(p: Pick):
             nbytes = shard.bytes[p.bit]
             return (0.0 if p.preloaded else read_ms(d, nbytes),
-                    shard_compute_ms(d, m, shard, p.bit), nbytes if p.preloaded else 0,
+                    shard_compute_ms(d, m, shard, p.bit, not p.preloaded),
+                    nbytes if p.preloaded else 0,
                     0 if p.preloaded else nbytes)
 
         (io0, c0, b0, s0), (io1, c1, b1, s1) = cost(old), cost(new)

@@ -82,13 +82,46 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
                  emulate: bool, queries: list[Batch], reference: Reference,
                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
                  plan_path: str | None = None) -> RunReport:
-    with Executor(plan, scenario, store, emulate=emulate) as ex:
-        fill = ex.fill_preload()
-        ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
-        traces: list[RunTrace] = [ex.run(queries[i % len(queries)]) for i in range(repeats)]
-        emulated = ex.clock.emulated
-        memory = ex.memory
-        predicted = ex.predicted_memory
+    """One plan's runs and report (measure_plans with one plan)."""
+    return measure_plans([(plan, scenario, plan_path)], store, repeats=repeats,
+                         emulate=emulate, queries=queries, reference=reference, head=head,
+                         tolerance=tolerance)[0]
+
+
+def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardStore, *,
+                  repeats: int, emulate: bool, queries: list[Batch], reference: Reference,
+                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE
+                  ) -> list[RunReport]:
+    """Run several plans side by side and report each: every executor is set up (preload
+    filled, one discarded warm-up run) before any is measured, then the measured runs are
+    interleaved, one query per plan per round, so that the plans share the machine's
+    moods (this VM's speed moves by 10-20 % within seconds) instead of each meeting its
+    own. (plan, its question, the plan's file or None) per item."""
+    executors, fills = [], []
+    try:
+        for plan, scenario, _ in items:
+            ex = Executor(plan, scenario, store, emulate=emulate)
+            executors.append(ex)
+            fills.append(ex.fill_preload())
+            ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
+        traces: list[list[RunTrace]] = [[] for _ in items]
+        for i in range(repeats):
+            for k, ex in enumerate(executors):
+                traces[k].append(ex.run(queries[i % len(queries)]))
+    finally:
+        for ex in executors:
+            ex.close()
+    return [_report(plan, scenario, store, ex, fill, runs, repeats=repeats, queries=queries,
+                    reference=reference, head=head, tolerance=tolerance, plan_path=path)
+            for (plan, scenario, path), ex, fill, runs in zip(items, executors, fills, traces)]
+
+
+def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fill,
+            traces: list[RunTrace], *, repeats: int, queries: list[Batch],
+            reference: Reference, head: TaskHead | None, tolerance: float,
+            plan_path: str | None) -> RunReport:
+    emulated = ex.clock.emulated
+    memory, predicted = ex.memory, ex.predicted_memory
     measured = memory.peak_bytes
     proc = process_peak(plan, store, repeats, torch.get_num_threads())
     runs = [t.latency_ms for t in traces]

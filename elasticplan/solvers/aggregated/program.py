@@ -86,7 +86,7 @@ class CostClass:
     layers: tuple[int, ...]  # per member, its layer
     members: tuple[int, ...]  # per member, its shard index in that layer
     read_ms: np.ndarray  # [B] one read of a member at each bitwidth
-    compute_ms: np.ndarray  # [B] a member's compute (flops + dequantisation)
+    compute_ms: np.ndarray  # [B, 2] a member's compute, streamed and preloaded (costmodel)
     bytes: np.ndarray  # [B] int64
     importance: np.ndarray  # [members, B]
 
@@ -114,7 +114,9 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
                 block=gi, layers=tuple(li for li, _ in members),
                 members=tuple(si for _, si in members),
                 read_ms=np.array([read_ms(device, rep.bytes[b]) for b in range(B)]),
-                compute_ms=np.array([shard_compute_ms(device, model, rep, b) for b in range(B)]),
+                compute_ms=np.array([[shard_compute_ms(device, model, rep, b, streamed=True),
+                                      shard_compute_ms(device, model, rep, b)]
+                                     for b in range(B)]),
                 bytes=np.array(rep.bytes, dtype=np.int64),
                 importance=np.array([model.layers[li].shards[si].importance
                                      for li, si in members])))
@@ -421,7 +423,7 @@ class _Matrix:
         cols = [io_col[li], *streamed, *before[0]]
         coefs = [1.0, *(-reads), *before[1]]
         add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
-        comp = np.concatenate([np.repeat(c.compute_ms, 2) for c in classes_l])
+        comp = np.concatenate([c.compute_ms.reshape(-1) for c in classes_l])
         fixed = 0.0 if self.skippable else overhead
         work_cols, work_coefs = list(all_n), list(-comp)
         if self.skippable:
@@ -496,7 +498,7 @@ class _Matrix:
                     if mark & 1:
                         coef[:, STREAMED] += c.read_ms
                     if mark & 2:
-                        coef += c.compute_ms[:, None]
+                        coef += c.compute_ms
                     cols.append(self.n_col[gi][ci].reshape(-1))
                     coefs.append(coef.reshape(-1))
             if e_col is not None:

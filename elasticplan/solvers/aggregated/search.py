@@ -158,7 +158,8 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     for n, (li, si, s) in enumerate(shards):
         for b in range(B):
             o = 1 + 2 * b
-            comp[n, o:o + 2] = shard_compute_ms(device, model, s, b)
+            comp[n, o + STREAMED] = shard_compute_ms(device, model, s, b, streamed=True)
+            comp[n, o + PRELOADED] = shard_compute_ms(device, model, s, b)
             imp[n, o:o + 2] = s.importance[b]
             read[n, o + STREAMED] = read_ms(device, s.bytes[b])
             stream[n, o + STREAMED] = s.bytes[b]

@@ -221,10 +221,12 @@ class _Rows:
 
         self.io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
                               for si, s in enumerate(layer.shards) for b in range(B)])
-        comp = {(si, b): shard_compute_ms(device, model, s, b)
+        comp = {(si, b): shard_compute_ms(device, model, s, b, streamed=True)
+                for si, s in enumerate(layer.shards) for b in range(B)}
+        held = {(si, b): shard_compute_ms(device, model, s, b)
                 for si, s in enumerate(layer.shards) for b in range(B)}
         self.comp_terms.append([(q[li, si, b], c) for (si, b), c in comp.items()]
-                               + [(p[li, si, b], c) for (si, b), c in comp.items()]
+                               + [(p[li, si, b], c) for (si, b), c in held.items()]
                                + overhead_terms)
         self.fixed_compute.append(overhead_rhs)
         self.horizon += device.layer_overhead_ms + sum(
