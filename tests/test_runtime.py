@@ -356,8 +356,7 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     8 bits, per streamed MB): the fit recovers them exactly with R^2 1 and no loose term;
     with noise added, each term lies within a few standard errors of the truth, the
     standard errors are not zero, and the noisiest terms are reported loose."""
-    from runtime.calibrate import _loose_terms
-    from runtime.calibrate import Sample
+    from runtime.calibrate import Sample, _loose_terms
 
     rng = np.random.default_rng(1)
 
