@@ -42,7 +42,7 @@ stage's out-of-sample |error| (each plan's median run against its prediction by 
 of the other plans; median over plans) is above `max_error_pct` (or its p95 above
 P95_FACTOR times it), calibrate raises CalibrationError (exit 9) naming the stage, both
 figures and the machine's run-to-run noise, and what to try; and likewise when that
-noise (rms) is so wide that even an exact model's median of 5 runs would have a standard
+noise (a robust sigma) is so wide that even an exact model's median of 5 runs would have a standard
 error above max_error_pct (NOISE_FACTOR).
 
 Storage. With `bandwidth_mb_s` given, the device's storage is that (emulated in runs).
@@ -69,7 +69,7 @@ import torch
 from elasticplan.costmodel import Pick, Selection, simulate
 from elasticplan.errors import CalibrationError
 from elasticplan.plans.plan import Plan, SolveStatus
-from elasticplan.problem.limits import MAX_GFLOPS, MAX_TARGET_MS
+from elasticplan.problem.limits import MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
 from elasticplan.problem.question import Question
@@ -86,7 +86,7 @@ MAX_ROUNDS = 100
 TERM_SE_PCT = 1.0  # a term is tight when its uncertainty moves a layer's time by at most this
 DEFAULT_MAX_ERROR_PCT = 5.0  # refuse when a stage's out-of-sample median |error| is above it
 P95_FACTOR = 3.0  # ... or its p95 above this times it
-# ... or when the machine's run-to-run noise (rms) is so wide that a median of 5 runs has a
+# ... or when the machine's run-to-run noise (a robust sigma) is so wide that a median of 5 runs has a
 # standard error (1.2533 sigma / sqrt 5) above max_error_pct even for an exact model
 NOISE_FACTOR = math.sqrt(5) / 1.2533
 INTERLEAVE_MEMORY_SHARE = 0.25  # executors open at once hold at most this share of the RAM
@@ -349,11 +349,12 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     device = dataclasses.replace(device_of(fit, base_device), spread=spread)
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
-             "interleaved": len(groups) == 1, "noise_pct": noise,
+             "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
     cal = Calibration(device, fit, facts, errors)
     wide = wide_stages(errors, max_error_pct)
-    if wide or noise > NOISE_FACTOR * max_error_pct:
+    if wide or noise > NOISE_FACTOR * max_error_pct or \
+            max(spread.io, spread.compute) > MAX_SPREAD:
         raise CalibrationError(refusal(cal, wide, max_error_pct))
     return cal
 
@@ -412,11 +413,12 @@ def _loose_terms(fit: Fit, samples: list[Sample]) -> list[str]:
 
 
 def run_to_run(runs_of: list[list]) -> float:
-    """The machine's own noise: the root mean square of log(run / its plan's median
-    latency) over every run, in % (what no model of the plan can predict)."""
-    logs = [math.log(r.latency_ms / m) for runs in runs_of
+    """The machine's own noise, in %: a robust sigma of log(run / its plan's median latency)
+    over every run (1.4826 x the median absolute value: a few very slow runs, which a
+    median of runs shrugs off, do not inflate it as they do a root mean square)."""
+    logs = [abs(math.log(r.latency_ms / m)) for runs in runs_of
             for m in [float(np.median([r.latency_ms for r in runs]))] for r in runs]
-    return round(100 * math.sqrt(float(np.mean(np.square(logs)))), 2) if logs else 0.0
+    return round(100 * 1.4826 * float(np.median(logs)), 2) if logs else 0.0
 
 
 def wide_stages(errors: dict[str, tuple[float, float]], max_error_pct: float) -> list[str]:
@@ -439,15 +441,27 @@ def refusal(cal: Calibration, wide: list[str], max_error_pct: float) -> str:
                     f"sample (each plan's median run predicted by the fit of the others) "
                     f"{stages}, wider than --max-error-pct {max_error_pct:g} (median; p95 "
                     f"{P95_FACTOR:g}x that)")
+    spread = cal.device.spread
+    for stage, value in (("IO", spread.io), ("compute", spread.compute)):
+        if value > MAX_SPREAD:
+            what.append(f"the {stage} stage's runs spread {value:.2f} (rms of log measured / "
+                        f"predicted) around their predictions, beyond the {MAX_SPREAD:g} a "
+                        f"device may carry")
     if noise > NOISE_FACTOR * max_error_pct:
         what.append(f"this machine is too noisy to promise --max-error-pct {max_error_pct:g}: "
-                    f"the same plan ran {noise:.1f} % apart run to run (rms), so even an exact "
+                    f"the same plan ran {noise:.1f} % apart run to run (robust sigma), so even an exact "
                     f"model's median of 5 runs would miss by {noise / NOISE_FACTOR:.1f} % "
                     f"(one standard error)")
+    disk = ""
+    if "io" in wide and facts.get("emulated"):
+        disk = ("; the IO stage running long under emulation means this machine's disk does "
+                "not serve the plans' cold reads as fast as the emulated storage: emulate "
+                "slower storage (--storage-mb-s) or use the real disk (omit it)")
     return ("; and ".join(what) + f". Measured over {facts['repeats']} interleaved rounds in "
-            f"{facts['seconds']:.0f} s (run-to-run noise {noise:.1f} % rms). Nothing was "
+            f"{facts['seconds']:.0f} s (run-to-run noise {noise:.1f} %, robust sigma). Nothing was "
             f"written. Try fewer background jobs (the machine's speed varies under them), more "
-            f"rounds (--repeats, --budget-s), or accept wider errors with --max-error-pct")
+            f"rounds (--repeats, --budget-s), or accept wider errors with --max-error-pct"
+            + disk)
 
 
 def _median_stderr(values: list[float]) -> float:
@@ -593,7 +607,7 @@ def fit_report(cal: Calibration) -> str:
             f"by the fit of the others, median / p95 over plans: {errors}.\n"
             f"Spread (rms of log measured/predicted, same runs, {d.spread.runs}): IO "
             f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}; the machine's own run-to-run "
-            f"noise (rms, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.")
+            f"noise (robust sigma, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.")
 
 
 def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
@@ -611,6 +625,7 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
               f"Compute: measured inside the pipelined runtime (torch threads "
               f"{facts['threads']}, batch 1, seq_len {facts['seq_len']}),\n"
               f"  {facts['plans']} designed plans x {facts['repeats']} rounds, interleaved "
+              f"{'' if facts['interleaved'] else 'in groups that fit a quarter of the RAM '}"
               f"(at least {facts['min_repeats']}; {facts['seconds']:g} s; stopped: "
               f"{facts['stopped']}).\n"
               + fit_report(cal) + "\n"

@@ -177,7 +177,8 @@ def test_time_limit_bounds_solve_and_its_explanation():
     p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--time-limit", "0.1", timeout=60)
     assert p.returncode in (0, 3, 4), p.stderr
     assert "Traceback" not in p.stderr
-    assert p.seconds < 15  # load + build + 0.1 s of solving, not a diagnosis of minutes
+    assert p.seconds < 45  # load + build + 0.1 s of solving (~3 s alone, 15 s with four
+    # jobs on two cores), not a diagnosis of minutes; a bound with room for a busy machine
 
 
 def test_diagnosis_cut_short_says_so(tmp_path):
@@ -185,7 +186,7 @@ def test_diagnosis_cut_short_says_so(tmp_path):
     p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--target-ms", "0.001",
             "--time-limit", "0.05", timeout=60)
     assert_clean_error(p, {3, 4})
-    assert p.seconds < 15
+    assert p.seconds < 45  # seconds, not minutes, even on a busy machine
 
 
 def test_greedy_honours_its_time_limit():
@@ -203,7 +204,7 @@ def test_plain_program_backends_refuse_llm_scale_models():
     p = cli("solve", SCENARIOS / "llama2-70b-laptop.yaml", "--solver", "cpsat", "--time-limit",
             "5", timeout=60)
     assert_clean_error(p, 2, says="use --solver highs")
-    assert p.seconds < 15
+    assert p.seconds < 45  # seconds, not minutes, even on a busy machine
 
 
 # --- 3. outputs are atomic, inputs are never written ---------------------------------------
@@ -463,7 +464,7 @@ def test_a_huge_grid_is_refused_before_any_solve(world, tmp_path):
     p = cli("table", world / "minilm-phone.yaml", "--target-ms", "1:1000:1",
             "--buffer-mb", "0:999:1", "-o", tmp_path / "t.json", timeout=30)
     assert_clean_error(p, 2, says="--max-points")
-    assert p.seconds < 10
+    assert p.seconds < 25  # refused up front: seconds, not ~1e6 solves
     assert not (tmp_path / "t.json").exists()
 
 
