@@ -6,9 +6,11 @@ Benchmarks run from the repository root as modules: `python -m benchmarks.<name>
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +52,26 @@ def start(module: str, argv: list[str] | None = None) -> str:
     command = header(module, argv, torch_threads=1)
     print(command)
     return command
+
+
+@contextlib.contextmanager
+def busy_core(core: int | None):
+    """With a core number: a busy loop pinned to that core (a separate process) for the
+    block's duration, the "other work" of a busy machine, said so on stdout; None: nothing."""
+    if core is None:
+        yield
+        return
+    if core not in os.sched_getaffinity(0):
+        raise SystemExit(f"--busy-core {core}: this machine's cores are "
+                         f"{sorted(os.sched_getaffinity(0))}")
+    loop = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})"
+                             "\nwhile True:\n    pass"])
+    print(f"# busy machine: a busy loop (pid {loop.pid}) pinned to core {core} runs throughout")
+    try:
+        yield
+    finally:
+        loop.kill()
+        loop.wait()
 
 
 def runtime_inputs(repeat: int, scheme: str = DEFAULT_NAME):
