@@ -102,7 +102,7 @@ def row_of(bw: float, plan, r: RunReport, scenario) -> dict:
     rows_ms = embedding_read_ms(d, scenario.model) if plan.embeddings == "streamed" else 0.0
     ep_p = rows_ms + d.embed_ms + d.pool_ms
     ep_m = (r.embed_ms[1] - r.embed_ms[0]) + (r.pool_ms[1] - r.pool_ms[0])
-    sc = plan.scenario
+    sc = plan.scenario.question  # what the plan answers (its target, budgets, quantile)
     return {"bandwidth_mb_s": bw, "target_ms": sc.target_latency_ms,
             "buffer_mb": sc.preload_budget_mb, "status": plan.status.value, "gap": plan.gap,
             "shards": plan.n_shards, "reads": r.reads_per_run,

@@ -275,45 +275,10 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
                 for name, sel in design(model, plans, rng)]
     groups = _groups([plan.memory.peak_bytes for _, _, plan in designed],
                      INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
-    runs_of: list[list] = [[] for _ in designed]
     began = time.monotonic()
-    rounds, fit, why = 0, None, ""
-    open_now: dict[int, Executor] = {}
-    try:
-        while True:
-            # One round: every plan runs one query, plans interleaved, so that a change in
-            # the machine's speed (other work, the host) falls on every plan alike.
-            for group in groups:
-                if len(groups) > 1 or not open_now:
-                    for i in list(open_now):
-                        open_now.pop(i).close()
-                    for i in group:
-                        ex = Executor(designed[i][2], draft_scenario, store, emulate=emulate)
-                        open_now[i] = ex
-                        ex.fill_preload()
-                        ex.run(queries[0])  # warm-up, discarded
-                for i in group:
-                    runs_of[i].append(open_now[i].run(queries[rounds % len(queries)]))
-            rounds += 1
-            if rounds < repeats:
-                continue
-            samples = _samples(model, designed, runs_of)
-            fit = fit_compute(samples, quantised)
-            loose = _loose_terms(fit, samples)
-            spent = time.monotonic() - began
-            log(f"calibration round {rounds}: {len(designed)} plans, {spent:.0f} s; " + (
-                "every term within {:g} % of the time it explains".format(TERM_SE_PCT)
-                if not loose else "loosest: " + ", ".join(loose[:3])))
-            if not loose:
-                why = f"every term's standard error within {TERM_SE_PCT:g} % of the layer time it explains"
-                break
-            if rounds >= MAX_ROUNDS or spent + spent / rounds > budget_s:
-                why = (f"the time budget ({budget_s:g} s) was spent with terms still loose: "
-                       + ", ".join(loose))
-                break
-    finally:
-        for ex in open_now.values():
-            ex.close()
+    runs_of, rounds, fit, why = _rounds(designed, draft_scenario, store, emulate=emulate,
+                                        queries=queries, repeats=repeats, budget_s=budget_s,
+                                        groups=groups, log=log)
     for i, (name, _, plan) in enumerate(designed):
         log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
@@ -357,6 +322,54 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
             max(spread.io, spread.compute) > MAX_SPREAD:
         raise CalibrationError(refusal(cal, wide, max_error_pct))
     return cal
+
+
+def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: bool,
+            queries: list, repeats: int, budget_s: float, groups: list[list[int]],
+            log: Callable[[str], None]) -> tuple[list[list], int, Fit, str]:
+    """Run the designed plans round by round (module docstring, "Rounds"), each group's
+    executors open at once, until every term is tight or the budget is spent. Returns each
+    plan's runs, the rounds, the last fit and why the rounds stopped."""
+    model = scenario.model
+    quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
+    runs_of: list[list] = [[] for _ in designed]
+    began = time.monotonic()
+    rounds = 0
+    open_now: dict[int, Executor] = {}
+    try:
+        while True:
+            # One round: every plan runs one query, plans interleaved, so that a change in
+            # the machine's speed (other work, the host) falls on every plan alike.
+            for group in groups:
+                if len(groups) > 1 or not open_now:
+                    for i in list(open_now):
+                        open_now.pop(i).close()
+                    for i in group:
+                        ex = Executor(designed[i][2], scenario, store, emulate=emulate)
+                        open_now[i] = ex
+                        ex.fill_preload()
+                        ex.run(queries[0])  # warm-up, discarded
+                for i in group:
+                    runs_of[i].append(open_now[i].run(queries[rounds % len(queries)]))
+            rounds += 1
+            if rounds < repeats:
+                continue
+            samples = _samples(model, designed, runs_of)
+            fit = fit_compute(samples, quantised)
+            loose = _loose_terms(fit, samples)
+            spent = time.monotonic() - began
+            log(f"calibration round {rounds}: {len(designed)} plans, {spent:.0f} s; " + (
+                f"every term within {TERM_SE_PCT:g} % of the time it explains"
+                if not loose else "loosest: " + ", ".join(loose[:3])))
+            if not loose:
+                return runs_of, rounds, fit, (f"every term's standard error within "
+                                              f"{TERM_SE_PCT:g} % of the layer time it explains")
+            if rounds >= MAX_ROUNDS or spent + spent / rounds > budget_s:
+                return runs_of, rounds, fit, (f"the time budget ({budget_s:g} s) was spent "
+                                              f"with terms still loose: " + ", ".join(loose))
+    finally:
+        for ex in open_now.values():
+            ex.close()
 
 
 def _groups(peaks: list[int], cap_bytes: float) -> list[list[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,54 @@ def test_error_bar_is_the_latency_at_the_0975_quantile_of_the_spread():
     question = sc.with_overrides(device=spread)
     z = statistics.NormalDist().inv_cdf(0.975)
     assert error_bar(plan, question) == pytest.approx(math.exp(z * 0.04) - 1, rel=1e-9)
+
+
+def test_busy_core_pins_a_loop_for_the_block_and_stops_it(capsys):
+    """--busy-core N: a separate process pinned to core N runs for the block, and is gone
+    after it; a core this machine does not have is refused; None starts nothing."""
+    import os
+    import time
+
+    core = min(os.sched_getaffinity(0))
+    with common.busy_core(core):
+        pid = int(capsys.readouterr().out.split("(pid ")[1].split(")")[0])
+        for _ in range(100):  # the child pins itself first thing
+            if os.sched_getaffinity(pid) == {core}:
+                break
+            time.sleep(0.01)
+        assert os.sched_getaffinity(pid) == {core}
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with common.busy_core(None):
+        assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match="--busy-core 4096"):
+        with common.busy_core(4096):
+            pass
+
+
+def test_a_row_carries_the_question_the_plan_answers():
+    """row_of reads the plan's own question (target, buffer, quantile, memory budget) and
+    the report's figures into one row (it read fields the plan's scenario record no
+    longer has, and the benchmark stopped at its first plan)."""
+    from types import SimpleNamespace
+
+    from elasticplan.problem.loader import load_scenario
+    from elasticplan.solvers import solve
+
+    sc = load_scenario(Path(__file__).resolve().parent.parent / "problems" / "scenarios"
+                       / "minilm-phone.yaml")
+    sc = sc.with_overrides(target_latency_ms=31.5, preload_budget_mb=3.0)
+    plan = solve(sc, "greedy")
+    memory = SimpleNamespace(predicted_peak_bytes=2e6, measured_peak_bytes=2e6,
+                             relative_error=0.0, measured_process_peak_bytes=2.1e6,
+                             process_relative_error=0.05)
+    report = SimpleNamespace(layers=[_layer((0, 2), (0, 3), (2, 5), (3, 7))],
+                             embed_ms=(0.0, 0.5), pool_ms=(7.0, 7.2), reads_per_run=1,
+                             streamed_bytes=1e6, predicted_latency_ms=7.0,
+                             measured_latency_ms=7.2, relative_error=0.2 / 7,
+                             measured_runs_ms=(7.1, 7.2, sc.target_latency_ms + 1),
+                             memory=memory, fidelity=0.99)
+    row = prediction.row_of(200.0, plan, report, sc)
+    assert row["target_ms"] == 31.5 and row["buffer_mb"] == 3.0
+    assert row["latency_quantile"] == 0.5 and row["memory_budget_mb"] is None
+    assert row["runs_within_target"] == 2 and row["process_peak_mb"] == 2.1
