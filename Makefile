@@ -14,14 +14,15 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# The main job, end to end on this machine (~1 min): build the shard store, calibrate this
-# machine's compute in the pipelined runtime with storage emulated at 200 MB/s, solve the
+# The main job, end to end on this machine (~2 min): build the shard store, calibrate this
+# machine's compute in the pipelined runtime with storage emulated at 200 MB/s (accepting
+# out-of-sample errors up to 10 %: this VM's speed moves 10-20 % run to run), solve the
 # default MiniLM scenario on that device, verify the plan, run it on the real model with
 # the three classic strategies beside it, and print predicted vs measured per stage.
 demo: $(STAMP)
 	@mkdir -p out
 	$(BIN)/elasticplan shard
-	$(BIN)/elasticplan calibrate --storage-mb-s 200
+	$(BIN)/elasticplan calibrate --storage-mb-s 200 --max-error-pct 10
 	$(BIN)/elasticplan solve build/calibrated/scenario.yaml -o out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan verify out/minilm-this-machine.plan.json
 	$(BIN)/elasticplan run out/minilm-this-machine.plan.json --baselines \
