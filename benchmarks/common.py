@@ -54,6 +54,17 @@ def start(module: str, argv: list[str] | None = None) -> str:
     return command
 
 
+BUSY_LOOP = """
+import ctypes, os, signal
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != {parent}:
+    raise SystemExit(0)
+os.sched_setaffinity(0, {{{core}}})
+while True:
+    pass
+"""
+
+
 @contextlib.contextmanager
 def busy_core(core: int | None):
     """With a core number: a busy loop pinned to that core (a separate process) for the
@@ -64,8 +75,10 @@ def busy_core(core: int | None):
     if core not in os.sched_getaffinity(0):
         raise SystemExit(f"--busy-core {core}: this machine's cores are "
                          f"{sorted(os.sched_getaffinity(0))}")
-    loop = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})"
-                             "\nwhile True:\n    pass"])
+    # The loop dies with this process, however it ends (a SIGTERM skips the finally below):
+    # the kernel kills it when its parent goes (PR_SET_PDEATHSIG), checked after the call.
+    loop = subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(parent=os.getpid(),
+                                                                    core=core)])
     print(f"# busy machine: a busy loop (pid {loop.pid}) pinned to core {core} runs throughout")
     try:
         yield

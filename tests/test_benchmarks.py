@@ -187,6 +187,33 @@ def test_busy_core_pins_a_loop_for_the_block_and_stops_it(capsys):
     with pytest.raises(SystemExit, match="--busy-core 4096"):
         with common.busy_core(4096):
             pass
+    # a benchmark killed by SIGTERM (which skips the block's cleanup) takes its loop along
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom benchmarks import common\n"
+         f"with common.busy_core({core}):\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    loop = int(parent.stdout.readline().split("(pid ")[1].split(")")[0])
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    parent.stdout.close()
+
+    def running(pid):  # a killed child whose parent is gone may linger as a zombie (Z)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(200):
+        if not running(loop):
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(loop, signal.SIGKILL)
+        raise AssertionError("the busy loop outlived its benchmark")
 
 
 def test_a_row_carries_the_question_the_plan_answers():

@@ -319,16 +319,20 @@ def test_chunked_prefill_equals_whole(tiny, side):
     ids, mask = batch(src.tokenizer(), PROMPTS, side)
     whole = Decoder.from_tensors(src.config, src.tensors, context=64)
     parts = Decoder.from_tensors(src.config, src.tensors, context=64)
+    # Chunks change the matmuls' shapes and so their summation order: fp32 rounding, which
+    # reached 1.4e-5 on one VM's CPU (the logits are of order 1); a wrong mask, position
+    # or cache slot is off by far more.
+    tol = dict(atol=1e-4, rtol=1e-4)
     with torch.inference_mode():
         want = whole.prefill(ids, mask)
         step = whole.decode_step(torch.tensor([5, 6, 7, 8]))
         for chunk in (1, 3, 5, ids.shape[1], 100):
             got = parts.prefill(ids, mask, chunk=chunk)
-            torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[mask], want[mask], **tol)
             torch.testing.assert_close(parts.prefill(ids, mask, chunk=chunk, last_only=True),
-                                       want[torch.arange(4), _last(mask)], atol=1e-5, rtol=1e-5)
+                                       want[torch.arange(4), _last(mask)], **tol)
             torch.testing.assert_close(parts.decode_step(torch.tensor([5, 6, 7, 8])), step,
-                                       atol=1e-5, rtol=1e-5)
+                                       **tol)
 
 
 def _last(mask):
