@@ -235,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override latency_quantile: plan so that this quantile of the "
                         "latency meets the target (the device's measured spread; 0.5: the "
                         "median)")
+    s.add_argument("--ttft-ms", type=asked("target_ttft_ms"),
+                   help="override target_ttft_ms (a decoder's time to first token; "
+                        "--target-ms is then the time per output token)")
+    s.add_argument("--prompt-tokens", type=asked("prompt_tokens"),
+                   help="override prompt_tokens (a decoder's question)")
+    s.add_argument("--answer-tokens", type=asked("answer_tokens"),
+                   help="override answer_tokens (a decoder's question)")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     b = sub.add_parser("baseline", help="write a classic strategy, or uniform-B (every shard "
@@ -309,7 +316,8 @@ UNBOUNDED_WINDOW = "unbounded"
 QUESTION_FLAGS = {"target_ms": "target_latency_ms", "buffer_mb": "preload_budget_mb",
                   "memory_mb": "memory_budget_mb", "objective": "objective",
                   "floor": "importance_floor", "window": "prefetch_window",
-                  "latency_quantile": "latency_quantile"}
+                  "latency_quantile": "latency_quantile", "ttft_ms": "target_ttft_ms",
+                  "prompt_tokens": "prompt_tokens", "answer_tokens": "answer_tokens"}
 
 
 def _question(scenario, a):

@@ -32,6 +32,8 @@ Memory (bytes; the peak the process holds during a query, docs/design.md "Memory
   working     the IO arena, max over W+1 consecutive layers of their streamed bytes (the
               layers that can be in flight at once), plus the compute scratch
   activation  model.activation_bytes, plus one query's embedding rows when streamed
+  kept        what kept shards hold wherever their weights live (Shard.kept_bytes: a
+              decoder's KV cache, elasticplan.decoding); 0 for an encoder
   peak        their sum
 """
 
@@ -80,16 +82,20 @@ class Memory:
     preload_bytes: int
     working_peak_bytes: int
     activation_bytes: int
+    kept_bytes: int = 0  # a decoder's KV cache (the kept KV groups')
 
     @property
     def peak_bytes(self) -> int:
         return self.resident_bytes + self.preload_bytes + self.working_peak_bytes + \
-            self.activation_bytes
+            self.activation_bytes + self.kept_bytes
 
     def to_dict(self) -> dict:
+        """The JSON form; kept_bytes only when a plan keeps some (a decoder's)."""
         return {"resident_bytes": self.resident_bytes, "preload_bytes": self.preload_bytes,
                 "working_peak_bytes": self.working_peak_bytes,
-                "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes}
+                "activation_bytes": self.activation_bytes} | \
+            ({"kept_bytes": self.kept_bytes} if self.kept_bytes else {}) | \
+            {"peak_bytes": self.peak_bytes}
 
 
 @dataclass(frozen=True)
@@ -181,8 +187,10 @@ def window_peak(streamed: list[int], window: int | None) -> int:
     return peak
 
 
-def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[int]) -> Memory:
-    """The predicted peak memory, by term, of a plan with these per-layer streamed bytes."""
+def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[int],
+              kept: int = 0) -> Memory:
+    """The predicted peak memory, by term, of a plan with these per-layer streamed bytes
+    (and `kept`: its kept shards' kept_bytes)."""
     if layout.stream_embeddings and not model.embedding_rows:
         raise ValueError(f"model {model.name!r} has no embedding table to stream")
     table = model.embedding_table_bytes
@@ -191,7 +199,8 @@ def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[
         preload_bytes=preload,
         working_peak_bytes=window_peak(streamed, layout.window) + model.scratch_bytes,
         activation_bytes=model.activation_bytes
-        + (model.embedding_query_bytes if layout.stream_embeddings else 0))
+        + (model.embedding_query_bytes if layout.stream_embeddings else 0),
+        kept_bytes=kept)
 
 
 def memory_constants(model: ModelProfile) -> tuple[int, int]:
@@ -290,7 +299,7 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
     device, model = scenario.device, scenario.model
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
-    preload = 0
+    preload = kept = 0
     importance = 0.0
     io_ms, compute_ms, streamed = [], [], []
     for layer, picks in zip(model.layers, selection):
@@ -306,6 +315,7 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
                 read += read_ms(device, nbytes)
             compute += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded)
             importance += shard.importance[pick.bit]
+            kept += shard.kept_bytes
         io_ms.append(read)
         compute_ms.append(compute)
         streamed.append(nstream)
@@ -315,4 +325,4 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
     end = times[-1].compute_end_ms if times else start + device.embed_ms
     return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,
-                    memory=memory_of(model, layout, preload, streamed), layout=layout)
+                    memory=memory_of(model, layout, preload, streamed, kept), layout=layout)

@@ -122,6 +122,11 @@ def register(sub) -> None:
                    help="a decoder's store: cut each text to N tokens (default 32)")
     p.add_argument("--metric", choices=("fidelity", "logloss"), default="fidelity",
                    help="what importance measures (default fidelity: cosine to fp32)")
+    p.add_argument("--head-only", action="store_true",
+                   help="a decoder's store: measure only the embedding table / LM head at "
+                        "every stored bitwidth, on the texts the existing profile --out was "
+                        "measured on, and add its head: and decoder: blocks to it (the "
+                        "layers' importance is kept)")
 
     q = sub.add_parser("scenario", help="pose a question on a store's measured profile: a "
                                         "device, a target and a memory budget")
@@ -255,8 +260,9 @@ def cmd_profile(a) -> int:
     store = ShardStore(a.store)  # a missing or unfinished store stops here
     if family(store.config.family).decoder:
         return _profile_decoder(a, store)
-    if a.texts is not None or a.max_tokens is not None:
-        raise InvalidArgument("--texts and --max-tokens apply to a decoder's store")
+    if a.texts is not None or a.max_tokens is not None or a.head_only:
+        raise InvalidArgument("--texts, --max-tokens and --head-only apply to a decoder's "
+                              "store")
     task = csv_task(a.task, a.text_column, a.label_column) if a.task else None
     tweets = task is None and store.model == MODEL_NAME  # MiniLM's own task: the tweets
     if _is_default_store(a.store) and tweets:
@@ -278,7 +284,12 @@ def cmd_profile(a) -> int:
 def _profile_decoder(a, store) -> int:
     """`profile` of a llama store: next-token KL importance (runtime/profiling/
     decoder_profile.py) on the calibration tweets."""
-    from runtime.profiling.decoder_profile import MAX_TOKENS, TEXTS, profile_decoder
+    from runtime.profiling.decoder_profile import (
+        MAX_TOKENS,
+        TEXTS,
+        profile_decoder,
+        profile_decoder_head,
+    )
     from runtime.profiling.profile import measurements_path
 
     for flag, value in (("--task", a.task), ("--head", a.head),
@@ -295,6 +306,10 @@ def _profile_decoder(a, store) -> int:
     cache = a.cache or f"build/profile/{Path(a.store).resolve().name}"
     for path in (Path(out), measurements_path(Path(out))):  # before minutes of measuring
         refuse_inputs(path, store.files())
+    if a.head_only:  # (the texts are the existing profile's; given ones must agree)
+        profile_decoder_head(a.store, out, cache_dir=cache, texts=a.texts,
+                             max_tokens=a.max_tokens)
+        return 0
     profile_decoder(a.store, out, cache_dir=cache, texts=texts, max_tokens=tokens)
     return 0
 

@@ -7,6 +7,9 @@ Directory layout (written once by `elasticplan shard`, every file fsync'ed):
     tokenizer.json       the model's tokenizer, copied
     layer{L}.b{B}.bin    every shard of layer L at B bits, back to back, in the order
                          head0..head{H-1}, ffn0..ffn{H-1}
+    table.b{B}.bin       a decoder's (llama's) token-embedding table, tied to its LM head,
+                         at B bits: one variant, shard "table" of the pseudo-layer
+                         L = layers (after the last), a planned part like the shards
 
 One shard variant (its `offset` and `bytes` in the index) is two blocks and a bias:
     input block   the shard matrix's first `in_rows` rows (Wq/Wk/Wv rows; W1 rows):
@@ -14,6 +17,9 @@ One shard variant (its `offset` and `bytes` in the index) is two blocks and a bi
     output block  the remaining rows transposed back to the original orientation
                   (Wo's / W2's columns): [cols, rows - in_rows]
     bias          [bias] fp32
+The table variant is its input block alone: in_rows = rows = vocab, cols = hidden, no
+output block, no bias; one token's embedding is a contiguous row of codes plus its scale,
+the whole table one contiguous read (resident.bin keeps the fp32 table too).
 Each block is fp32 (B = 32), or in the store's scheme for quantised bitwidths:
 - uniform (default): packed codes [r, ceil(c*B/8)] then fp32 scales [r] (uniform.py), so
   every block is quantised per output channel; B in {2, 3, 4, 6, 8};
@@ -66,6 +72,13 @@ INDEX = "index.json"
 VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - in_rows] "
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
                   "[r, ceil(c*bits/8)] + fp32 scales [r]; then bias: fp32 [bias]")
+TABLE = "table"  # a decoder's token-embedding table (tied LM head): layer = config.layers
+
+
+def _blocks(rows: int, cols: int, in_rows: int) -> list[tuple[int, int]]:
+    """(rows, cols) of a variant's stored blocks: the input block, and the output block
+    unless the input block is the whole matrix (the embedding table's variant)."""
+    return [(in_rows, cols)] + ([(cols, rows - in_rows)] if rows > in_rows else [])
 
 
 @dataclass(frozen=True)
@@ -86,8 +99,14 @@ class Variant:
     scheme: Scheme = DEFAULT  # the scheme that coded it (fp32: raw, the default)
 
     def blocks(self) -> list[tuple[int, int]]:
-        """(rows, cols) of the stored input and output blocks."""
-        return [(self.in_rows, self.cols), (self.cols, self.rows - self.in_rows)]
+        """(rows, cols) of the stored input and output blocks (the table: input only)."""
+        return _blocks(self.rows, self.cols, self.in_rows)
+
+    def describe(self) -> str:
+        """'shard group1 of layer 3 at 4 bits', 'the embedding table at 8 bits'."""
+        what = "the embedding table" if self.name == TABLE else \
+            f"shard {self.name} of layer {self.layer}"
+        return f"{what} at {self.bits} bits"
 
 
 
@@ -180,7 +199,7 @@ def variant_bytes(scheme: Scheme, rows: int, cols: int, in_rows: int, bias: int,
                   bits: int) -> int:
     """A variant's size from its shape: its two blocks (fp32 raw, else in the scheme that
     codes `bits`) and its fp32 bias."""
-    blocks = [(in_rows, cols), (cols, rows - in_rows)]
+    blocks = _blocks(rows, cols, in_rows)
     if bits == FP32:
         return 4 * (sum(r * c for r, c in blocks) + bias)
     coder = scheme.coder(bits)
@@ -192,12 +211,13 @@ def encode_variant(scheme: Scheme, matrix: np.ndarray, in_rows: int, bias: np.nd
     """A variant's bytes: its two blocks (fp32 raw, else coded by the scheme that codes
     `bits`; `hessians`, its blocks' input covariances, for a scheme that rounds with
     them), then the bias."""
-    blocks = [np.ascontiguousarray(b, dtype=np.float32) for b in (matrix[:in_rows],
-                                                                  matrix[in_rows:].T)]
+    parts = (matrix[:in_rows], matrix[in_rows:].T) if in_rows < len(matrix) else (matrix,)
+    blocks = [np.ascontiguousarray(b, dtype=np.float32) for b in parts]
     if bits == FP32:
         body = b"".join(b.astype("<f4").tobytes() for b in blocks)
     else:
-        body = scheme.coder(bits).encode_blocks(blocks, bits, list(hessians or (None, None)))
+        body = scheme.coder(bits).encode_blocks(blocks, bits,
+                                                list(hessians or [None] * len(blocks)))
     return body + np.asarray(bias, dtype="<f4").tobytes()
 
 
@@ -270,11 +290,13 @@ def _read_index(path: Path) -> StoreIndex:
             schemes[cls.name] = cls.from_index(sub)
     variants: dict[tuple[int, str, int], Variant] = {}
     shard_files: dict[str, FileEntry] = {}
+    # a decoder's embedding table is the pseudo-layer config.layers (one shard, "table")
+    tables = family(config.family).decoder
     files = f.mapping("files", "file name -> its layer, bitwidth and shards")
     for fname in list(files.data):
         _store_file(files, str(fname), fname)
         ef = files.mapping(fname, "a shard file")
-        layer = ef.integer("layer", minimum=0, maximum=config.layers - 1)
+        layer = ef.integer("layer", minimum=0, maximum=config.layers - (not tables))
         bits = ef.integer("bits", minimum=1, maximum=32)
         name = ef.string("scheme", required=False) or DEFAULT.name
         if name not in schemes:
@@ -299,7 +321,16 @@ def _read_index(path: Path) -> StoreIndex:
                         bias=sf.integer("bias", minimum=0, maximum=1 << 20),
                         sha256=sf.string("sha256"), scheme=scheme)
             sf.done()
-            if not 0 < v.in_rows < v.rows:
+            if layer == config.layers:  # the embedding table: [vocab, hidden], input block only
+                if v.name != TABLE:
+                    raise shards.err(v.name, f"layer {layer} (after the last) holds only the "
+                                             f"embedding table, shard {TABLE!r}")
+                for key, value in (("rows", config.vocab), ("in_rows", config.vocab),
+                                   ("cols", config.hidden), ("bias", 0)):
+                    if getattr(v, key) != value:
+                        raise sf.err(key, f"{getattr(v, key)}, but the embedding table "
+                                          f"[vocab, hidden] has {key} {value}")
+            elif not 0 < v.in_rows < v.rows:
                 raise sf.err("in_rows", f"{v.in_rows} is not inside the shard's {v.rows} rows")
             want = variant_bytes(scheme, v.rows, v.cols, v.in_rows, v.bias, bits)
             if v.nbytes != want:  # e.g. an outlier count that does not match the size
@@ -368,6 +399,27 @@ class ShardStore:
                              f"{bits} bits in this store (bitwidths {list(self.bitwidths)})") \
                 from None
 
+    def table_variant(self, bits: int) -> Variant:
+        """A decoder store's token-embedding table (its tied LM head) at `bits`: the variant
+        (layer = config.layers, shard "table"), [vocab, hidden], one contiguous read."""
+        v = self._variants.get((self.config.layers, TABLE, bits))
+        if v is None:
+            have = sorted(b for (l, n, b) in self._variants if n == TABLE)
+            raise StoreError(
+                f"{self.path / INDEX}: no embedding table at {bits} bits in this store ("
+                + (f"stored: {have})" if have else
+                   "it keeps none: an encoder's store, or a decoder's built before the table "
+                   "was stored; rerun `elasticplan shard` to add it)"))
+        return v
+
+    def load_table(self, bits: int) -> torch.Tensor:
+        """The token-embedding table at `bits`, read (checksum- and value-checked) and decoded
+        to fp32 [vocab, hidden] by its scheme (32: the fp32 table, equal to resident.bin's)."""
+        v = self.table_variant(bits)
+        table = torch.empty(v.rows, v.cols)
+        decode_into(v, self.read(v), Slot(table, torch.empty(v.cols, 0), torch.empty(0)))
+        return table
+
     def file(self, name: str) -> Path:
         return self.path / name
 
@@ -383,7 +435,7 @@ class ShardStore:
         elasticplan.problem.archgen.decode_buffers for the uniform scheme."""
         work, bounce = [0] * 5, 0
         for v in self._variants.values():
-            if v.bits == FP32:
+            if v.bits == FP32 or v.name == TABLE:  # (the table is decoded whole, not here)
                 continue
             work = [max(a, b) for a, b in zip(work, v.scheme.decode_work(v.blocks(), v.bits))]
             bounce = max(bounce, v.nbytes)
@@ -445,15 +497,21 @@ class ShardStore:
         data = _read_checked(path, entry.sha256)
         return HFTokenizer.from_str(data.decode())
 
-    def decoder(self, bits: list[dict[str, int]] | None = None, context: int | None = None):
+    def decoder(self, bits: list[dict[str, int]] | None = None, context: int | None = None,
+                table_bits: int | None = None):
         """A llama store's decoder with, per layer, these shards at these bitwidths (None:
-        every shard in fp32), its KV cache `context` columns long (default: the model's)."""
+        every shard in fp32), its KV cache `context` columns long (default: the model's),
+        and the embedding table (the tied LM head) at `table_bits` (None: resident.bin's
+        fp32 table; else the stored table variant, decoded)."""
         from runtime.families.llama import Decoder
 
         c = self.config
         bits = bits or [{n: FP32 for n in c.shard_names()} for _ in range(c.layers)]
         layers = [self.layer_weights(l, b) for l, b in enumerate(bits)]
-        return Decoder(c, self.resident(), layers, context)
+        dec = Decoder(c, self.resident(), layers, context)
+        if table_bits is not None:
+            dec.set_table(self.load_table(table_bits))
+        return dec
 
     def encoder(self, *, without_word: bool = False) -> Encoder:
         return Encoder(self.config, self.resident(without_word=without_word))
@@ -489,11 +547,11 @@ class ShardStore:
                 os.close(own)
         n = os.preadv(fd, [view], v.offset)
         if n != v.nbytes or hashlib.sha256(view).hexdigest() != v.sha256:
-            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits fails "
-                             f"its checksum (offset {v.offset}, {v.nbytes} bytes)")
+            raise StoreError(f"{path}: {v.describe()} fails its checksum (offset {v.offset}, "
+                             f"{v.nbytes} bytes)")
         why = check_values(v, view)
         if why:  # its checksum matches: the index was rewritten to match a tampered file
-            raise StoreError(f"{path}: shard {v.name} of layer {v.layer} at {v.bits} bits "
+            raise StoreError(f"{path}: {v.describe()} "
                              f"({v.scheme.coder(v.bits).name if v.bits != FP32 else 'fp32'}"
                              f"): {why}; not a store `elasticplan shard` wrote, rebuild it")
 
@@ -655,18 +713,23 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
         _write_durable(out / "resident.bin", chunks)
         written.append("resident.bin")
     save_index()
-    # shard files
-    total = len(bitwidths) * config.layers
+    # shard files (and a decoder's embedding table, the pseudo-layer config.layers)
+    tables = kind.decoder
+    total = len(bitwidths) * (config.layers + tables)
     hessians = None
     if scheme.needs_hessians and any(
             not keep_ok(f"layer{l}.b{b}.bin", old.get("files", {}).get(f"layer{l}.b{b}.bin"))
             for l in range(config.layers) for b in bitwidths if scheme.coder(b) == scheme):
         log(f"the fp32 model on {len(calibration)} calibration texts (for the rounding)...")
         hessians = gptq.hessians(ckpt.reference(), calibration)
-    for l in range(config.layers):
-        shards = {n: kind.cut_shard(tensors, config, l, n) for n in config.shard_names()}
+    for l in range(config.layers + tables):
+        if l < config.layers:
+            shards = {n: kind.cut_shard(tensors, config, l, n) for n in config.shard_names()}
+        else:  # the table as one variant, the whole matrix its input block
+            embed = kind.resident_names(config)["embed"]
+            shards = {TABLE: (tensors[embed], np.zeros(0, np.float32))}
         for bits in bitwidths:
-            fname = f"layer{l}.b{bits}.bin"
+            fname = f"layer{l}.b{bits}.bin" if l < config.layers else f"{TABLE}.b{bits}.bin"
             prev = old.get("files", {}).get(fname)
             if keep(fname, prev):
                 index["files"][fname] = prev
@@ -677,7 +740,7 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
                     entry["scheme"] = coder.name
                 chunks, offset = [], 0
                 for name, (matrix, bias) in shards.items():
-                    in_rows = config.shard_in_rows(name)
+                    in_rows = len(matrix) if name == TABLE else config.shard_in_rows(name)
                     raw = encode_variant(
                         coder, matrix, in_rows, bias, bits,
                         gptq.shard_hessians(hessians, l, name) if hessians and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from elasticplan.costmodel import Layout, Pick, simulate
+from elasticplan.decoding import timed_ok
 from elasticplan.errors import InfeasibleError
 from elasticplan.plans.verify import check
 from elasticplan.problem.question import Objective
@@ -50,6 +51,8 @@ def best(sc: Scenario, slack_ms: float = 0.0):
                     s.latency_ms > sc.target_latency_ms - slack_ms:
                 continue
             if sc.importance_floor is not None and s.importance < sc.importance_floor:
+                continue
+            if not timed_ok(sc, sel, layout, slack_ms):  # a decoder's time to first token
                 continue
             value = {Objective.MAX_IMPORTANCE: s.importance,
                      Objective.MIN_BUFFER: -s.preload_bytes,

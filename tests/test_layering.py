@@ -19,6 +19,7 @@ PLANNER_LEVELS = {
     "elasticplan.errors": 0,  # the exceptions: a leaf
     "elasticplan.problem": 1,  # the question and what it is posed on; reading and writing files
     "elasticplan.costmodel": 2,  # the one cost model
+    "elasticplan.decoding": 2,  # a decoder's passes priced by it (time to first token, per token)
     "elasticplan.plans": 3,  # plans, their verifier, text form and the classic strategies
     "elasticplan.solvers": 4,  # the programs and their backends
     "elasticplan.answers": 5,  # explanations, plan tables, fleets: built on solving

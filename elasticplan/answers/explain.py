@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+from elasticplan.decoding import priced
 from elasticplan.errors import ElasticplanError, InfeasibleError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.question import Objective
@@ -78,6 +79,26 @@ def _sub(scenario: Scenario, deadline: float, threads: int, **changes) -> Plan:
         raise
 
 
+def _ttft(scenario: Scenario, deadline: float, threads: int) -> str | None:
+    """A decoder's time to first token, if it is what is short: every other constraint can
+    be met without it. The fastest prompt pass within the buffer (the prompt pass alone,
+    its rows free to be resident: a bound) says how far off it is."""
+    try:
+        _sub(scenario, deadline, threads, target_ttft_ms=None)
+    except ElasticplanError:
+        return None  # something else is short too: the rest of the diagnosis says what
+    (timed,) = scenario.timed_passes
+    alone = priced(scenario, timed.model)
+    fastest = _sub(alone, deadline, threads, objective=Objective.MIN_LATENCY,
+                   importance_floor=None)
+    return (f"target_ttft_ms {timed.target_ms:g} is short: every other target and budget "
+            f"can be met, but not with it; the prompt pass alone takes at least "
+            f"{fastest.planned_latency_ms:.4g} ms{_approx(fastest)} within the "
+            f"{scenario.preload_budget_mb:g} MB buffer; raise target_ttft_ms (to >= "
+            f"{fastest.planned_latency_ms:.4g} ms at the very least), the buffer or the memory "
+            f"budget")
+
+
 def _approx(plan: Plan) -> str:
     return "" if plan.status == SolveStatus.OPTIMAL else ", best found, not proven"
 
@@ -85,6 +106,11 @@ def _approx(plan: Plan) -> str:
 def diagnose(scenario: Scenario, deadline: float, threads: int) -> str | None:
     """An explanation if the target or the importance floor is provably out of reach, else
     None; _OutOfTime if the deadline (time.monotonic()) comes first."""
+    if scenario.question.target_ttft_ms is not None:
+        reason = _ttft(scenario, deadline, threads)
+        if reason is not None:
+            return reason
+        scenario = scenario.with_overrides(target_ttft_ms=None)
     T = scenario.target_latency_ms
     M = scenario.preload_budget_mb
     cap_mb = scenario.memory_cap_bytes / 1e6
@@ -103,8 +129,9 @@ def diagnose(scenario: Scenario, deadline: float, threads: int) -> str | None:
                     f" the plan that holds the least needs at least {m.peak_bytes / 1e6:.4g} MB "
                     f"(resident {m.resident_bytes / 1e6:.4g}, preload "
                     f"{m.preload_bytes / 1e6:.4g}, working {m.working_peak_bytes / 1e6:.4g}, "
-                    f"activations {m.activation_bytes / 1e6:.4g}; embeddings "
-                    f"{least.embeddings}); raise the memory budget to >= "
+                    f"activations {m.activation_bytes / 1e6:.4g}"
+                    + (f", KV cache {m.kept_bytes / 1e6:.4g}" if m.kept_bytes else "")
+                    + f"; embeddings {least.embeddings}); raise the memory budget to >= "
                     f"{m.peak_bytes / 1e6:.4g} MB, or the target")
         scenario = scenario.with_overrides(memory_budget_mb=None)
     try:

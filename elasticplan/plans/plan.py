@@ -24,6 +24,7 @@ from elasticplan.costmodel import (
     at_quantile,
     simulate,
 )
+from elasticplan.decoding import DecodeTimes, predict
 from elasticplan.errors import PlanFormatError
 from elasticplan.problem.inputs import Fields, load_json, show
 from elasticplan.problem.limits import (
@@ -114,6 +115,9 @@ class Plan:
     memory: Memory | None = None
     # The latency at the scenario's latency_quantile (what meets the target), when above 0.5.
     quantile_latency_ms: float | None = None
+    # A decoder's plan (elasticplan.decoding): time to first token, the last and the mean
+    # time per output token (predicted_latency_ms is the last), the KV cache.
+    decoding: DecodeTimes | None = None
     schema: str = SCHEMA
 
     @property
@@ -157,7 +161,9 @@ class Plan:
                     layers=layers, execution=execution, window=layout.window,
                     embeddings=EMBEDDINGS[layout.stream_embeddings], memory=schedule.memory,
                     quantile_latency_ms=None if quantile is scenario else
-                    simulate(quantile, selection, execution, layout).latency_ms)
+                    simulate(quantile, selection, execution, layout).latency_ms,
+                    decoding=predict(scenario, selection, layout)
+                    if scenario.question.decoding else None)
 
     def selection(self, scenario: Scenario) -> Selection:
         """Map names back to indices. Unknown names raise KeyError; the verifier reports them."""
@@ -185,6 +191,8 @@ class Plan:
         data["status"] = self.status.value
         if self.memory is not None:
             data["memory"] = self.memory.to_dict()
+        if self.decoding is None:
+            del data["decoding"]
         # The scenario path is stored relative to the plan file, so the pair can move together.
         if plan_path is not None and self.scenario.path is not None:
             data["scenario"]["path"] = os.path.relpath(
@@ -237,6 +245,8 @@ class Plan:
         terms = f.mapping("memory", "the predicted memory by term", required=False)
         memory = None if terms is None else _memory(terms)
         quantile_latency = f.number("quantile_latency_ms", minimum=0, required=False)
+        times = f.mapping("decoding", "a decoder plan's predicted times", required=False)
+        decoding = None if times is None else _decoding(times)
         raw_layers = f.sequence("layers")
         if len(raw_layers) > MAX_LAYERS:
             raise f.err("layers", f"{len(raw_layers)} layers; at most {MAX_LAYERS}")
@@ -247,13 +257,21 @@ class Plan:
                     solve_seconds=solve_seconds, objective=objective, importance=importance,
                     predicted_latency_ms=latency, preload_bytes=preload, streamed_bytes=streamed,
                     layers=layers, execution=execution, window=window, embeddings=embeddings,
-                    memory=memory, quantile_latency_ms=quantile_latency)
+                    memory=memory, quantile_latency_ms=quantile_latency, decoding=decoding)
+
+
+def _decoding(m: Fields) -> DecodeTimes:
+    times = DecodeTimes(**{k: m.number(k, minimum=0) for k in
+                           ("ttft_ms", "last_token_ms", "mean_token_ms")},
+                        kv_cache_bytes=m.integer("kv_cache_bytes", minimum=0))
+    m.done()
+    return times
 
 
 def _memory(m: Fields) -> Memory:
     terms = {k: m.integer(k, minimum=0) for k in
              ("resident_bytes", "preload_bytes", "working_peak_bytes", "activation_bytes")}
-    memory = Memory(**terms)
+    memory = Memory(**terms, kept_bytes=m.integer("kept_bytes", minimum=0, required=False) or 0)
     peak = m.integer("peak_bytes", minimum=0)
     if peak != memory.peak_bytes:
         raise m.err("peak_bytes", f"{peak} is not the sum of the terms ({memory.peak_bytes})")

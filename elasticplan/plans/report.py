@@ -23,7 +23,9 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
     best = sum(max(s.importance) for layer in model.layers for s in layer.shards)
     lines = [
         f"scenario {scenario.name}: {model.name} on {device.name}, target "
-        f"{scenario.target_latency_ms:g} ms, buffer {scenario.preload_budget_mb:g} MB, "
+        f"{scenario.target_latency_ms:g} ms"
+        + (" per output token" if scenario.question.decoding else "")
+        + f", buffer {scenario.preload_budget_mb:g} MB, "
         f"objective {scenario.objective.value}"
         + (f" (floor {scenario.importance_floor:g})" if scenario.importance_floor is not None
            else ""),
@@ -55,7 +57,22 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
             (f" (budget {budget:g})" if budget is not None else "") +
             f" = resident {m.resident_bytes / 1e6:.3f} + preload {m.preload_bytes / 1e6:.3f} "
             f"+ working {m.working_peak_bytes / 1e6:.3f} + activations "
-            f"{m.activation_bytes / 1e6:.3f}; window "
-            f"{'unbounded' if plan.window is None else plan.window}, embeddings "
-            f"{plan.embeddings}"))
+            f"{m.activation_bytes / 1e6:.3f}"
+            + (f" + KV cache {m.kept_bytes / 1e6:.3f}" if m.kept_bytes else "")
+            + f"; window {'unbounded' if plan.window is None else plan.window}, "
+            + (f"embeddings {plan.embeddings}" if plan.decoding is None else
+               f"table ({_table(plan)})")))
+    if plan.decoding is not None:
+        d = plan.decoding
+        lines.insert(-1, (
+            f"decoding {scenario.prompt_tokens} + {scenario.answer_tokens} tokens: time to "
+            f"first token {d.ttft_ms:.3f} ms; per output token {d.last_token_ms:.3f} ms at the "
+            f"last (target {scenario.target_latency_ms:g}), {d.mean_token_ms:.3f} ms on "
+            f"average"))
     return "\n".join(lines)
+
+
+def _table(plan: Plan) -> str:
+    """A decoder plan's table (its last layer): bitwidth, held or streamed."""
+    (choice,) = plan.layers[-1].shards
+    return f"{choice.bits} bits, {'resident' if choice.preloaded else 'streamed every token'}"

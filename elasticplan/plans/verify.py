@@ -12,6 +12,7 @@ import math
 import os
 
 from elasticplan.costmodel import SEQUENTIAL, Schedule, at_quantile, simulate
+from elasticplan.decoding import predict, timed_latencies
 from elasticplan.errors import PlanFormatError, VerificationError
 from elasticplan.plans.plan import SCHEMA, Plan, objective_value
 from elasticplan.problem.loader import load_scenario
@@ -35,7 +36,7 @@ def check(scenario: Scenario, plan: Plan) -> tuple[list[str], Schedule | None]:
     if bad:
         return bad, None
     s = simulate(scenario, plan.selection(scenario), plan.execution, plan.layout)
-    return _constraints(scenario, plan, s) + _figures(plan, s), s
+    return _constraints(scenario, plan, s) + _figures(plan, s, scenario), s
 
 
 def _structure(scenario: Scenario, plan: Plan) -> list[str]:
@@ -97,6 +98,9 @@ def _constraints(scenario: Scenario, plan: Plan, s: Schedule) -> list[str]:
             planned.latency_ms > scenario.target_latency_ms + TIME_TOL_MS:
         bad.append(f"{what} {planned.latency_ms:.6f} ms exceeds the target "
                    f"{scenario.target_latency_ms:g} ms")
+    for timed, ms in timed_latencies(quantile, plan.selection(scenario), plan.layout):
+        if ms > timed.target_ms + TIME_TOL_MS:
+            bad.append(f"{timed.name} {ms:.6f} ms exceeds its target {timed.target_ms:g} ms")
     claimed_q = plan.quantile_latency_ms
     if (claimed_q is None) != (quantile is scenario) or claimed_q is not None and \
             not _close(claimed_q, planned.latency_ms, TIME_TOL_MS):
@@ -116,7 +120,7 @@ def _constraints(scenario: Scenario, plan: Plan, s: Schedule) -> list[str]:
     return bad
 
 
-def _figures(plan: Plan, s: Schedule) -> list[str]:
+def _figures(plan: Plan, s: Schedule, scenario: Scenario) -> list[str]:
     """Every figure the plan predicts is the cost model's: times per layer, latency, bytes,
     importance, memory by term, the objective."""
     bad: list[str] = []
@@ -137,13 +141,30 @@ def _figures(plan: Plan, s: Schedule) -> list[str]:
         bad.append(f"importance {plan.importance:.9g} != {s.importance:.9g} of the chosen shards")
     if plan.memory is not None:
         for field, actual in s.memory.to_dict().items():
-            claimed = plan.memory.to_dict()[field]
+            claimed = plan.memory.to_dict().get(field, 0)  # kept_bytes: written when > 0
             if claimed != actual:
                 bad.append(f"memory.{field} {claimed} != {actual} predicted for the chosen "
                            f"shards and layout")
+    if ref.question.decoding:
+        bad += _decoding(plan, scenario)
+    elif plan.decoding is not None:
+        bad.append("`decoding` times in a plan for an encoder's question")
     objective = ref.question.objective
     if not _close(plan.objective, objective_value(objective, s), 1e-12):
         bad.append(f"objective {plan.objective:.9g} does not match its {objective.value} value")
+    return bad
+
+
+def _decoding(plan: Plan, scenario: Scenario) -> list[str]:
+    """A decoder plan's pass times and KV cache, replayed pass by pass."""
+    if plan.decoding is None:
+        return ["a decoder's plan without its `decoding` times"]
+    actual = predict(scenario, plan.selection(scenario), plan.layout)
+    bad = []
+    for field, value in actual.to_dict().items():
+        claimed = getattr(plan.decoding, field)
+        if not _close(claimed, value, 0 if field == "kv_cache_bytes" else TIME_TOL_MS):
+            bad.append(f"decoding.{field} {claimed} != {value} predicted for the chosen shards")
     return bad
 
 

@@ -45,6 +45,7 @@ from elasticplan.problem.question import Question
 from elasticplan.problem.spec import (
     FULL_PRECISION_BITS,
     SCHEME_NAME,
+    DecoderShape,
     Device,
     Layer,
     ModelProfile,
@@ -185,13 +186,35 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
             raise qf.err(str(key), f"must be a quantisation scheme's name (lower-case letters, "
                                    f"digits, '_' or '-'), got {scheme!r}")
         schemes.append((key, scheme))
+    decoder = _decoder_shape(f.mapping("decoder", "a decoder's shape", required=False))
+    head = None
+    if f.raw("head", required=False) is not None:
+        head = _parse_shard(f.raw("head"), file, f.key("head"), bitwidths)
+    if (decoder is None) != (head is None):
+        raise f.err("decoder" if decoder is None else "head",
+                    "a decoder's profile gives `decoder` (its shape) and `head` (its "
+                    "embedding / LM-head table) together")
     f.free_form("description", str)
     f.free_form("architecture", dict)
     f.free_form("importance_metric", str)
     f.done()
     return ModelProfile(name=name, seq_len=seq_len, bitwidths=bitwidths, layers=tuple(layers),
                         resident_bytes=resident, synthetic=synthetic, **memory, **links,
-                        schemes=tuple(sorted(schemes)))
+                        schemes=tuple(sorted(schemes)), decoder=decoder, head=head)
+
+
+def _decoder_shape(d: Fields | None) -> DecoderShape | None:
+    """`decoder: {context, hidden, ffn, heads, head_dim, q_per_kv, vocab, kv_kind}`
+    (docs/formats.md)."""
+    if d is None:
+        return None
+    dims = {k: d.integer(k, minimum=1, maximum=MAX_SEQ_LEN)
+            for k in ("context", "hidden", "ffn", "heads", "head_dim", "q_per_kv", "vocab")}
+    if dims["heads"] % dims["q_per_kv"]:
+        raise d.err("q_per_kv", f"{dims['q_per_kv']} does not divide heads {dims['heads']}")
+    kind = d.string("kv_kind", required=False) or "group"
+    d.done()
+    return DecoderShape(**dims, kv_kind=kind)
 
 
 def _runtime_links(r: Fields | None) -> dict:

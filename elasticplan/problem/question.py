@@ -27,6 +27,7 @@ from elasticplan.problem.limits import (
     MAX_LAYERS,
     MAX_MEMORY_MB,
     MAX_QUANTILE,
+    MAX_SEQ_LEN,
     MAX_SHARDS_PER_LAYER,
     MAX_TARGET_MS,
     MAX_VARIANTS,
@@ -86,7 +87,15 @@ BOUNDS: dict[str, Bound] = {
                              meaning="layers IO may run ahead of compute"),
     "latency_quantile": Bound(0.5, MAX_QUANTILE,
                               meaning="0.5: the median run meets the target"),
+    "prompt_tokens": Bound(1, MAX_SEQ_LEN, "tokens", integer=True,
+                           meaning="a decoder's prompt"),
+    "answer_tokens": Bound(1, MAX_SEQ_LEN, "tokens", integer=True,
+                           meaning="tokens a decoder generates"),
+    "kv_bits": Bound(16, 32, "bits", integer=True, meaning="16 or 32: the KV cache's precision"),
+    "target_ttft_ms": Bound(0, MAX_TARGET_MS, "ms", open_low=True,
+                            meaning="a decoder's time to first token"),
 }
+KV_BITS = (16, 32)
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,12 @@ class Question:
     memory_budget_mb: float | None = None  # bound on the predicted peak memory (None: none)
     prefetch_window: int | None = None  # layers IO may run ahead of compute (None: unbounded)
     latency_quantile: float = 0.5  # the quantile of the latency that must meet the target
+    # A decoder's question (elasticplan.decoding): the prompt and the answer it generates;
+    # target_latency_ms is then the time per output token, at the last one.
+    prompt_tokens: int | None = None
+    answer_tokens: int | None = None
+    kv_bits: int | None = None  # the KV cache's precision (None: 32)
+    target_ttft_ms: float | None = None  # a decoder's time to first token (None: unbounded)
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
@@ -123,6 +138,19 @@ class Question:
         if self.objective == Objective.MAX_IMPORTANCE and self.importance_floor is not None:
             raise SpecError(None, "importance_floor", "only used with objectives min_buffer and "
                             "min_memory (remove it, or set objective)")
+        if (self.prompt_tokens is None) != (self.answer_tokens is None):
+            missing = "answer_tokens" if self.answer_tokens is None else "prompt_tokens"
+            raise SpecError(None, missing, "a decoder's question gives prompt_tokens and "
+                                           "answer_tokens together")
+        if self.target_ttft_ms is not None and not self.decoding:
+            raise SpecError(None, "target_ttft_ms", "only used by a decoder's question (with "
+                                                    "prompt_tokens and answer_tokens)")
+        if self.kv_bits is not None:
+            if not self.decoding:
+                raise SpecError(None, "kv_bits", "only used by a decoder's question (with "
+                                                 "prompt_tokens and answer_tokens)")
+            if self.kv_bits not in KV_BITS:
+                raise SpecError(None, "kv_bits", f"must be 16 or 32, got {self.kv_bits}")
 
     # --- derived -------------------------------------------------------------------------
 
@@ -133,6 +161,20 @@ class Question:
     @property
     def memory_budget_bytes(self) -> int | None:
         return None if self.memory_budget_mb is None else bytes_of_mb(self.memory_budget_mb)
+
+    @property
+    def decoding(self) -> bool:
+        """Is this a decoder's question (token by token, elasticplan.decoding)?"""
+        return self.prompt_tokens is not None
+
+    @property
+    def context_tokens(self) -> int:
+        """The context the KV cache is sized for: prompt + answer (0 for an encoder)."""
+        return (self.prompt_tokens or 0) + (self.answer_tokens or 0)
+
+    @property
+    def kv_cache_bits(self) -> int:
+        return self.kv_bits or 32
 
     @property
     def memory_bounded(self) -> bool:
@@ -148,8 +190,10 @@ class Question:
 
     def to_dict(self) -> dict:
         """The JSON form: every field in order, the objective by name, an absent value as
-        null (a plan's `scenario` carries it)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | \
+        null (a plan's `scenario` carries it); an encoder's question leaves out the
+        decoder's fields."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if self.decoding or f.name not in DECODER_FIELDS} | \
             {"objective": self.objective.value}
 
     @staticmethod
@@ -177,10 +221,12 @@ class Question:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Question))
+DECODER_FIELDS = ("prompt_tokens", "answer_tokens", "kv_bits", "target_ttft_ms")
 OPTIONAL = frozenset(f.name for f in dataclasses.fields(Question) if f.default is None)
 # What a Scenario reads through from its question (scenario.target_latency_ms).
 READ_THROUGH = frozenset(FIELDS) | {"preload_budget_bytes", "memory_budget_bytes",
-                                    "memory_bounded"}
+                                    "memory_bounded", "decoding", "context_tokens",
+                                    "kv_cache_bits"}
 
 
 def window_binds(window: int | None, layers: int) -> bool:

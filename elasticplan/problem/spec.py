@@ -77,6 +77,9 @@ class Shard:
     bytes: tuple[int, ...]  # stored size per bitwidth, aligned with ModelProfile.bitwidths
     importance: tuple[float, ...]  # importance per bitwidth; a dropped shard contributes 0
     weights: int | None = None  # weight elements (what dequantisation works on); None: unknown
+    # Memory held while the shard is kept, wherever its weights live (a decoder's KV group:
+    # its part of the KV cache at the question's context; elasticplan.decoding). 0: none.
+    kept_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,23 @@ class Layer:
             if s.name == name:
                 return i
         return None
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What a decoder's profile says of its shape beyond its shards (the `decoder` block,
+    docs/formats.md): enough to price a pass over any number of tokens and its KV cache
+    (elasticplan.decoding). Shards of kind `kv_kind` are KV groups: q_per_kv query heads
+    sharing one K/V head, each attending over every earlier position."""
+
+    context: int  # the longest context the model takes (prompt + answer)
+    hidden: int
+    ffn: int
+    heads: int  # query heads
+    head_dim: int
+    q_per_kv: int  # query heads per KV head (per KV group)
+    vocab: int
+    kv_kind: str = "group"
 
 
 @dataclass(frozen=True)
@@ -110,6 +130,14 @@ class ModelProfile:
     # The quantisation scheme each bitwidth was measured in ((bits, "dict"), ...; absent:
     # "uniform"): the runtime refuses a store that keeps a bitwidth another way.
     schemes: tuple[tuple[int, str], ...] = ()
+    # A decoder (elasticplan.decoding): its shape, and its tied embedding / LM-head table as
+    # one planned part (a Shard: bytes and importance per bitwidth, flops per token). A
+    # decoder's shard flops are per token. None for an encoder.
+    decoder: DecoderShape | None = None
+    head: Shard | None = None
+    # Set on a model made for one of a decoder's passes (elasticplan.decoding.pass_model):
+    # its name ("prefill", "step7"); None for a profile as loaded.
+    decode_pass: str | None = None
 
     @property
     def embedding_table_bytes(self) -> int:
@@ -146,6 +174,18 @@ class ModelProfile:
 
 
 @dataclass(frozen=True)
+class TimedPass:
+    """A pass a question bounds besides its planned model's (Scenario.timed_passes): its
+    model (one decoder pass's, elasticplan.problem.spec.pass_model) and its target. When
+    the model has embedding rows, they are read before its first layer exactly when the
+    last layer (a decoder's table) is streamed."""
+
+    name: str
+    model: "ModelProfile"
+    target_ms: float
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A device + a model + the question asked of them (elasticplan.problem.question).
     `content_hash` covers the device, model and scenario contents as loaded (not the file
@@ -162,6 +202,9 @@ class Scenario:
     source: str | None = None  # path of the scenario file, if loaded from one
     content_hash: str = ""
     files: tuple[str, ...] = ()  # every file it was loaded from (no command may write onto them)
+    # A decoder's question: the profile as loaded, while `model` is what the programs plan,
+    # its last decode step (step_model, below); None otherwise. Set here.
+    source_model: ModelProfile | None = None
 
     def __getattr__(self, name: str):
         # Only for the question's names (READ_THROUGH); anything else is a plain miss.
@@ -175,6 +218,7 @@ class Scenario:
         if not isinstance(self.question, Question):
             raise SpecError(file, "", f"the question must be a Question, got {self.question!r}")
         q = self.question
+        self._decoder(file, q)
         if q.latency_quantile > 0.5 and self.device.spread is None:
             raise SpecError(file, "latency_quantile",
                             f"{q.latency_quantile:g} needs the run-to-run spread of device "
@@ -222,6 +266,49 @@ class Scenario:
                                         f"weights, which device {self.device.name!r}'s "
                                         f"dequant_ns_per_weight needs (regenerate the profile)")
 
+    def _decoder(self, file: str | None, q: Question) -> None:
+        """A decoder's question plans the model's last decode step (elasticplan.decoding):
+        `model` becomes that step's model, `source_model` keeps the profile as loaded."""
+        profile = self.source_model or self.model
+        if profile.decode_pass is not None and q.decoding:
+            raise ValueError(f"scenario {self.name!r}: a pass's model ({profile.decode_pass}) "
+                             f"given as the profile; give the profile as loaded")
+        if not q.decoding:
+            if profile.decoder is not None and self.source_model is not None:
+                object.__setattr__(self, "model", profile)
+                object.__setattr__(self, "source_model", None)
+            return
+        if profile.decoder is None:
+            raise SpecError(file, "prompt_tokens",
+                            f"model {profile.name!r} is not a decoder (its profile has no "
+                            f"`decoder` and `head` blocks): prompt_tokens and answer_tokens "
+                            f"are a decoder's question")
+        if q.context_tokens > profile.decoder.context:
+            raise SpecError(file, "answer_tokens",
+                            f"prompt_tokens + answer_tokens = {q.context_tokens} exceeds model "
+                            f"{profile.name!r}'s context of {profile.decoder.context} tokens")
+        if q.answer_tokens < 2:
+            raise SpecError(file, "answer_tokens",
+                            "must be at least 2 (the first answer token comes from the prompt "
+                            "pass; target_latency_ms is the time per token after it)")
+        if q.min_shards_per_layer < 1:
+            raise SpecError(file, "min_shards_per_layer",
+                            "a decoder's question needs at least 1 (its LM head, the table, "
+                            "is a layer of one part that must run)")
+        object.__setattr__(self, "source_model", profile)
+        object.__setattr__(self, "model", step_model(profile, q))
+
+    @property
+    def timed_passes(self) -> tuple["TimedPass", ...]:
+        """The passes whose latency the question bounds besides `model`'s (a decoder's
+        prompt pass, when it asks a time to first token): each with its own model, whose
+        layers, shards and bitwidths are `model`'s (their flops differ)."""
+        q = self.question
+        if not q.decoding or q.target_ttft_ms is None:
+            return ()
+        return (TimedPass("time to first token",
+                          pass_model(self.source_model, q, prefill_pass(q)), q.target_ttft_ms),)
+
     @property
     def memory_cap_bytes(self) -> int:
         """Most bytes the preload buffer may ever hold: the device memory less resident weights."""
@@ -232,6 +319,8 @@ class Scenario:
         floor...) and the scenario's own (device, model...) may be changed; checked again,
         errors naming the scenario's file."""
         asked = {k: changes.pop(k) for k in list(changes) if k in READ_THROUGH}
+        if "model" in changes:  # a decoder's step model is made from the new one
+            changes["source_model"] = None
         question = self.question
         if asked:
             try:
@@ -239,3 +328,105 @@ class Scenario:
             except SpecError as e:
                 raise SpecError(self.source, e.key_path, e.message) from None
         return dataclasses.replace(self, question=question, **changes)
+
+
+# --- a decoder's passes (docs/decoders.md, "Planning decoding") ---------------------
+# A decoder's question is planned on its last decode step's model (Scenario._decoder);
+# the passes' predictions are elasticplan.decoding's. The derivation lives here, with the
+# data it derives from, because a Scenario makes its step model when it is made.
+FP32 = 4  # bytes
+# The LM head dequantises a quantised table this many rows at a time (compute scratch).
+HEAD_CHUNK_ROWS = 2048
+
+
+def attention_flops(shape: DecoderShape, attended: int) -> float:
+    """One KV group's attention over `attended` (query, key) position pairs: scores and
+    the weighted sum of values, each 2 flops per multiply-add, for its q_per_kv heads."""
+    return 4.0 * shape.q_per_kv * shape.head_dim * attended
+
+
+def kv_group_bytes(shape: DecoderShape, context: int, kv_bits: int) -> int:
+    """One layer's KV cache for one kept KV group: its K and V head at every position."""
+    return 2 * shape.head_dim * context * kv_bits // 8
+
+
+def activation_bytes(shape: DecoderShape, prompt: int, context: int) -> int:
+    """The activations the prompt pass holds at once, fp32 (the largest pass; a decode
+    step's are a prompt of one): the residual stream, its normed copy and the attention
+    output ([P, hidden] each), the queries, one head's-worth of scores for every head
+    ([heads, P, P]), the FFN's gate and up ([P, ffn] each), the logits of one position and
+    the rotary tables for the whole context."""
+    return FP32 * (3 * prompt * shape.hidden + prompt * shape.heads * shape.head_dim
+                   + shape.heads * prompt * prompt + 2 * prompt * shape.ffn + shape.vocab
+                   + 2 * context * shape.head_dim)
+
+
+def table_bytes(shape: DecoderShape) -> int:
+    """The fp32 embedding / LM-head table, which a decoder profile's resident_bytes hold."""
+    return FP32 * shape.vocab * shape.hidden
+
+
+@dataclass(frozen=True)
+class DecodePass:
+    """One pass of a decoder: `tokens` run through the layers, their attention over
+    `attended` (query, key) pairs in all, `row_reads` embedding rows read first when the
+    table is streamed."""
+
+    name: str
+    tokens: int
+    attended: int
+    row_reads: int
+
+
+def prefill_pass(q: Question) -> DecodePass:
+    p = q.prompt_tokens
+    return DecodePass("prefill", p, p * (p + 1) // 2, p)
+
+
+def last_step_pass(q: Question) -> DecodePass:
+    return step_pass(q, q.answer_tokens - 1)
+
+
+def step_pass(q: Question, j: int) -> DecodePass:
+    """Decode step j (1..A-1): one token at position P + j - 1, attending P + j."""
+    return DecodePass(f"step{j}", 1, q.prompt_tokens + j, 0)
+
+
+def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfile:
+    """The model the cost model prices for pass `p` of question `q`: per-pass flops, the
+    KV cache as KV groups' kept bytes, the table as a last pseudo-layer (its LM head runs
+    for one position), the prompt's rows as the streamable embedding rows."""
+    shape, head = profile.decoder, profile.head
+    if shape is None or head is None:
+        raise ValueError(f"model {profile.name!r} is not a decoder (no decoder/head block)")
+    kv = kv_group_bytes(shape, q.context_tokens, q.kv_cache_bits)
+    layers = []
+    for layer in profile.layers:
+        shards = []
+        for s in layer.shards:
+            group = s.kind == shape.kv_kind
+            flops = s.flops * p.tokens + (attention_flops(shape, p.attended) if group else 0.0)
+            shards.append(dataclasses.replace(s, flops=flops, kept_bytes=kv if group else 0))
+        layers.append(Layer(tuple(shards)))
+    layers.append(Layer((head,)))
+    full = profile.bit_index(FULL_PRECISION_BITS)
+    widest = max((s.bytes[full] for layer in profile.layers for s in layer.shards),
+                 default=0) if full is not None else profile.scratch_bytes
+    return dataclasses.replace(
+        profile, decode_pass=p.name, seq_len=p.tokens if p.row_reads else 1,
+        layers=tuple(layers),
+        resident_bytes=max(0, profile.resident_bytes - table_bytes(shape)),
+        embedding_rows=shape.vocab if p.row_reads else 0,
+        embedding_row_bytes=FP32 * shape.hidden if p.row_reads else 0,
+        activation_bytes=activation_bytes(shape, q.prompt_tokens, q.context_tokens),
+        scratch_bytes=max(widest, profile.scratch_bytes, HEAD_CHUNK_ROWS * shape.hidden * FP32))
+
+
+def step_model(profile: ModelProfile, q: Question) -> ModelProfile:
+    """What the programs plan for a decoder's question: its last decode step."""
+    return pass_model(profile, q, last_step_pass(q))
+
+
+def head_layer(model: ModelProfile) -> int:
+    """The table's pseudo-layer in a pass model: the last."""
+    return len(model.layers) - 1

@@ -42,6 +42,7 @@ from elasticplan.costmodel import (
     read_ms,
     shard_compute_ms,
 )
+from elasticplan.decoding import timed_ok
 from elasticplan.errors import InvalidArgument, NoPlanFoundError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.question import Objective
@@ -67,11 +68,17 @@ class _Pipeline:
                      for li, ps in enumerate(picks)]
         self.buffer = sum(m.layers[li].shards[p.shard].bytes[p.bit]
                           for li, ps in enumerate(picks) for p in ps if p.preloaded)
+        # what the kept shards hold wherever they live (a decoder's KV cache): upgrades keep it
+        self.kept = sum(m.layers[li].shards[p.shard].kept_bytes
+                        for li, ps in enumerate(picks) for p in ps)
 
     def ok(self) -> bool:
         budget = self.sc.memory_budget_bytes
         if budget is not None and \
-                memory_of(self.sc.model, self.layout, self.buffer, self.streamed).peak_bytes > budget:
+                memory_of(self.sc.model, self.layout, self.buffer, self.streamed,
+                          self.kept).peak_bytes > budget:
+            return False
+        if self.sc.timed_passes and not timed_ok(self.sc, self.selection(), self.layout):
             return False
         d = self.sc.device
         if self.layout != Layout():
@@ -79,6 +86,9 @@ class _Pipeline:
                              embed_ms=d.embed_ms, wake_ms=d.wake_ms)
             return times[-1].compute_end_ms + d.pool_ms <= self.sc.target_latency_ms
         return self.aib_ok()
+
+    def selection(self) -> Selection:
+        return tuple(tuple(ps) for ps in self.picks)
 
     def aib_ok(self) -> bool:
         d = self.sc.device
@@ -169,8 +179,10 @@ def _plan(sc: Scenario, layout: Layout, deadline: float | None) -> Selection | N
               for layer in m.layers]
     depths = range(1, L + 1) if sc.min_shards_per_layer == 0 else [L]
     candidates = []
+    # a decoder's table (its last pseudo-layer, one part) runs whatever the width
+    body = m.layers[:-1] if m.decode_pass is not None else m.layers
     for n in depths:
-        widest = min(len(layer.shards) for layer in m.layers[:n])
+        widest = min(len(layer.shards) for layer in body[:n])
         for width in range(max(1, sc.min_shards_per_layer), widest + 1):
             compute = sum(d.layer_overhead_ms + sum(
                 m.layers[li].shards[s].flops for s in ranked[li][:width]) / (d.gflops * 1e6)

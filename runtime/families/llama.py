@@ -426,6 +426,18 @@ class Decoder:
         """The LM head: x [..., d] -> [..., vocab] (the whole table, every token)."""
         return torch.matmul(x, self.head.t())
 
+    def set_table(self, table: torch.Tensor) -> None:
+        """Run with this token-embedding table [vocab, hidden] (e.g. a stored variant at b
+        bits, dequantised): every embedding lookup, and the LM head when it is tied (an
+        untied LM head stays as it is). The resident dict given is not changed."""
+        c = self.config
+        if tuple(table.shape) != (c.vocab, c.hidden) or table.dtype != torch.float32:
+            raise ValueError(f"an embedding table must be fp32 [{c.vocab}, {c.hidden}], got "
+                             f"{table.dtype} {list(table.shape)}")
+        self.r = {**self.r, "embed": table}
+        if "lm_head" not in self.r:
+            self.head = table
+
     # --- prompt and decode ----------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None, *,

@@ -11,6 +11,17 @@ dropping the shard that the variant avoids:
 
     importance[l, s, b] = max(0, KL(dropped) - KL(b)),   importance[l, s, fp32] = KL(dropped)
 
+The token-embedding table (tied to the LM head) is a planned part too, stored at every
+bitwidth (runtime/store.py, the pseudo-layer after the last): with every layer in fp32 and
+only the table at b bits (the embedding lookups and the LM head both read it), KL(b) is
+measured on the same texts and positions. The table cannot be dropped, so only the
+differences between its bitwidths matter:
+
+    importance[table, b] = max(0, KL(lowest stored bitwidth) - KL(b))
+
+(0 at the lowest). It is the profile's `head:` block, beside a `decoder:` block with what a
+decoding plan needs of the shape (context, head_dim, q_per_kv, kv_kind).
+
 Text: the first `texts` tweets of the calibration split (runtime/sources/task.py), each cut
 to `max_tokens` tokens, in batches; evaluation reads the test split, so the two never
 overlap. Speed: the full model's input to every layer is computed once per batch and kept;
@@ -34,7 +45,7 @@ import torch.nn.functional as F
 from runtime.families import family
 from runtime.profiling.profile import DROP, MeasurementCache
 from runtime.schemes.base import FP32
-from runtime.store import ShardStore
+from runtime.store import TABLE, ShardStore
 
 PROFILE_VERSION = 1
 TEXTS = 16  # calibration tweets profiled by default
@@ -103,6 +114,7 @@ class DecoderProfiler:
         self._fp32: dict[str, torch.Tensor] = {}
         self._layer = -1
         self.config = c
+        self.table = self.dec.r["embed"]  # resident.bin's fp32 table
 
     def _fp32_of(self, l: int, name: str) -> torch.Tensor:
         """Layer l's shard in fp32 (the layer's shards are kept while it is profiled)."""
@@ -123,14 +135,17 @@ class DecoderProfiler:
         return w
 
     @torch.inference_mode()
-    def score(self, layers: list, start: int = 0) -> tuple[float, float]:
+    def score(self, layers: list, start: int = 0, *, embed: bool = False
+              ) -> tuple[float, float]:
         """(mean KL to the full model, top-1 agreement) of the model with these layers,
-        every batch run from layer `start`'s kept input."""
+        every batch run from layer `start`'s kept input (`embed`: from the token ids, through
+        the decoder's current embedding table)."""
         self.dec.layers = layers
         kl = agree = 0.0
         try:
             for (ids, mask), rec, ref in zip(self.batches, self.inputs, self.ref):
-                h = self.dec.teacher_forced(ids, mask, start=start, x=rec[start])
+                h = self.dec.teacher_forced(ids, mask, start=start,
+                                            x=None if embed else rec[start])
                 logp = F.log_softmax(self.dec.logits(h[scored(mask)]), dim=-1)
                 kl += float((ref.exp() * (ref - logp)).sum())
                 agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
@@ -142,6 +157,16 @@ class DecoderProfiler:
         layers = list(self.full)
         layers[l] = self.layer_with(l, {shard: variant})
         return KLMeasurement(l, shard, variant, *self.score(layers, start=l))
+
+    def measure_table(self, bits: int) -> KLMeasurement:
+        """Every layer fp32, only the embedding table (and the tied LM head) at `bits`, the
+        store's variant decoded: keyed as the store keys it (layer = config.layers)."""
+        self.dec.set_table(self.store.load_table(bits))
+        try:
+            return KLMeasurement(self.config.layers, TABLE, bits,
+                                 *self.score(self.full, embed=True))
+        finally:
+            self.dec.set_table(self.table)
 
 
 def inputs_digest(store: ShardStore, batches) -> str:
@@ -175,6 +200,25 @@ def run_decoder_profile(store: ShardStore, cache_path: Path, *, texts: list[str]
     for key in tqdm(todo, desc="decoder profile", unit="variant", disable=not todo):
         cache.add(profiler.measure(*key))
     return cache.items, profiler
+
+
+def head_cache_path(cache_dir: str | Path) -> Path:
+    """The table's measurements: their own cache (beside the layers', with the same key), so
+    that measuring one never invalidates the other."""
+    return Path(cache_dir) / "decoder-head-measurements.jsonl"
+
+
+def run_head_profile(profiler: DecoderProfiler, cache_path: Path,
+                     log: Callable[[str], None] = lambda s: None) -> dict[int, KLMeasurement]:
+    """The embedding table at every stored bitwidth (or read from the cache), by bits."""
+    store = profiler.store
+    cache = MeasurementCache(cache_path, inputs_digest(store, profiler.batches), KLMeasurement)
+    todo = [b for b in store.bitwidths if (store.config.layers, TABLE, b) not in cache.items]
+    log(f"embedding table: {len(store.bitwidths) - len(todo)} bitwidths cached, "
+        f"{len(todo)} to measure")
+    for b in todo:
+        cache.add(profiler.measure_table(b))
+    return {m.variant: m for m in cache.items.values()}
 
 
 def importance(ms: dict, l: int, shard: str, bits: tuple[int, ...]) -> list[float]:
@@ -217,11 +261,53 @@ def additivity(profiler: DecoderProfiler, ms: dict, *, models: int = 12, seed: i
             "measured_kl": [round(m, 6) for m in measured]}
 
 
+IMPORTANCE_METRIC = (
+    "importance[b] = max(0, KL(dropped) - KL(b bits)), one shard changed at a time, all "
+    "others fp32; KL = mean over the scored positions of KL(p_full || p_changed) of the next "
+    "token, teacher-forced (nats)")
+HEAD_METRIC = (
+    "; head (the token-embedding table, tied to the LM head; it cannot be dropped): "
+    "importance[b] = max(0, KL(lowest stored bitwidth) - KL(b bits)) with every layer fp32 "
+    "and only the table at b bits, on the same texts and positions (only the differences "
+    "between its bitwidths matter; 0 at the lowest)")
+
+
+def head_importance(head: dict[int, KLMeasurement], bits: tuple[int, ...]) -> list[float]:
+    """Per stored bitwidth: max(0, KL(lowest stored bitwidth) - KL(b))."""
+    low = head[bits[0]].kl
+    return [max(0.0, low - head[b].kl) for b in bits]
+
+
+def head_blocks(store: ShardStore, head: dict[int, KLMeasurement]) -> dict:
+    """The profile's `head:` (the table as a Shard: flops and weights of the LM head for one
+    token, its stored bytes and importance per bitwidth) and `decoder:` blocks."""
+    c = store.config
+    bits = tuple(store.bitwidths)
+    return {"decoder": {"context": c.context, "hidden": c.hidden, "ffn": c.ffn,
+                        "heads": c.heads, "head_dim": c.head_dim, "q_per_kv": c.q_per_kv,
+                        "vocab": c.vocab, "kv_kind": "group"},
+            "head": {"name": TABLE, "kind": "head", "flops": 2 * c.vocab * c.hidden,
+                     "weights": c.vocab * c.hidden,
+                     "bytes": [store.table_variant(b).nbytes for b in bits],
+                     "importance": [float(f"{v:.6g}") for v in head_importance(head, bits)]}}
+
+
+def with_head(data: dict, blocks: dict) -> dict:
+    """The profile `data` with the `decoder:` and `head:` blocks (replaced if there) before
+    its layers, and the head's rule in its importance_metric."""
+    out = {k: v for k, v in data.items() if k not in ("decoder", "head", "layers")}
+    metric = out.get("importance_metric", IMPORTANCE_METRIC).split(HEAD_METRIC)[0]
+    out["importance_metric"] = metric + HEAD_METRIC
+    return {**out, **blocks, "layers": data["layers"]}
+
+
 def profile_dict(store: ShardStore, ms: dict, profiler: DecoderProfiler, texts: int,
-                 max_tokens: int, additive: dict | None, runtime: dict | None) -> dict:
+                 max_tokens: int, additive: dict | None, runtime: dict | None,
+                 head: dict[int, KLMeasurement] | None = None) -> dict:
     """The measured profile of a llama store, as the planner's model profile YAML holds it:
     per layer its KV groups and FFN slices, each with its stored bytes per bitwidth, its
-    weights, its flops for one token and its importance (KL, nats)."""
+    weights, its flops for one token and its importance (KL, nats); with `head` (the
+    table's measurements by bits), the `head:` and `decoder:` blocks."""
     c = store.config
     bits = tuple(store.bitwidths)
     layers = []
@@ -246,10 +332,7 @@ def profile_dict(store: ShardStore, ms: dict, profiler: DecoderProfiler, texts: 
            "architecture": {"family": "llama", **{k: v for k, v in c.to_dict().items()
                                                  if k != "family"}},
            "synthetic": False,
-           "importance_metric": "importance[b] = max(0, KL(dropped) - KL(b bits)), one shard "
-                                "changed at a time, all others fp32; KL = mean over the "
-                                "scored positions of KL(p_full || p_changed) of the next "
-                                "token, teacher-forced (nats)",
+           "importance_metric": IMPORTANCE_METRIC,
            "seq_len": max_tokens, "bitwidths": list(bits),
            "resident_bytes": store.resident_bytes}
     schemes = {b: store.scheme_of(b) for b in bits if b != FP32}
@@ -260,43 +343,115 @@ def profile_dict(store: ShardStore, ms: dict, profiler: DecoderProfiler, texts: 
     if runtime:
         out["runtime"] = runtime
     out["layers"] = layers
-    return out
+    return with_head(out, head_blocks(store, head)) if head is not None else out
+
+
+HEADER = ("Generated by `elasticplan profile` from the shard store and measured importance: "
+          "do not edit by hand.")
+
+
+def write_profile(out: Path, data: dict) -> None:
+    """The profile YAML (a temporary file, renamed), checked first as the planner's loader
+    reads it."""
+    from elasticplan.problem.loader import write_model_profile
+
+    write_model_profile(out, data, HEADER)
+
+
+def _records(ms) -> list[dict]:
+    return [dataclasses.asdict(m) for m in sorted(ms, key=lambda m: m.key())]
 
 
 def profile_decoder(store_path: str | Path, out: str | Path, *, cache_dir: str | Path,
                     texts: int = TEXTS, max_tokens: int = MAX_TOKENS, models: int = 12,
                     link: bool = True, log: Callable[[str], None] = print) -> dict:
-    """`elasticplan profile` for a llama store: measure what the cache lacks, check
-    additivity on random submodels, write the profile YAML and every measurement as JSON
-    beside it. Returns the additivity figures."""
+    """`elasticplan profile` for a llama store: measure what the caches lack (every shard
+    variant, and the embedding table at every bitwidth), check additivity on random
+    submodels, write the profile YAML and every measurement as JSON beside it. Returns the
+    additivity figures."""
     import os
 
-    from elasticplan.problem.loader import write_model_profile
     from elasticplan.problem.outputs import write_text
     from runtime.profiling.profile import measurements_path
     from runtime.sources.task import load_splits
 
     store = ShardStore(store_path)
+    store.table_variant(FP32)  # a store without the table stops here, before any measuring
     out = Path(out)
     cal = load_splits().calibration
     ms, profiler = run_decoder_profile(store, Path(cache_dir) / "decoder-measurements.jsonl",
                                        texts=list(cal.texts[:texts]), max_tokens=max_tokens,
                                        log=log)
+    head = run_head_profile(profiler, head_cache_path(cache_dir), log)
     additive = additivity(profiler, ms, models=models) if models else None
     runtime = {"store": os.path.relpath(store.path.resolve(), out.resolve().parent)} \
         if link else None
-    data = profile_dict(store, ms, profiler, texts, max_tokens, additive, runtime)
-    write_model_profile(out, data, "Generated by `elasticplan profile` from the shard store "
-                                   "and measured importance: do not edit by hand.")
+    data = profile_dict(store, ms, profiler, texts, max_tokens, additive, runtime, head)
+    write_profile(out, data)
     raw = {"text": {"split": "calibration", "texts": texts, "max_tokens": max_tokens,
                     "positions": profiler.positions, "digest": cal.digest()},
            "additivity": additive,
-           "measurements": [dataclasses.asdict(m) for m in sorted(ms.values(),
-                                                                  key=lambda m: m.key())]}
+           "measurements": _records(ms.values()),
+           "head_measurements": _records(head.values())}
     write_text(measurements_path(out), json.dumps(raw, indent=0, allow_nan=False) + "\n")
     log(f"wrote {out} and {measurements_path(out)}"
         + (f"; additivity Spearman {additive['spearman']:.3f}" if additive else ""))
     return additive or {}
+
+
+def profile_decoder_head(store_path: str | Path, profile: str | Path, *,
+                         cache_dir: str | Path, texts: int | None = None,
+                         max_tokens: int | None = None,
+                         log: Callable[[str], None] = print) -> dict[int, KLMeasurement]:
+    """`elasticplan profile --head-only`: measure only the embedding table (every layer
+    fp32) on the texts an existing profile of this store was measured on (its
+    .measurements.json says which: `texts`/`max_tokens`, when given, must agree), and add
+    the `head:` and `decoder:` blocks to it and the table's measurements to its
+    .measurements.json; the layers' importance is kept as it is. Returns the table's
+    measurements by bits."""
+    from elasticplan.errors import InvalidArgument
+    from elasticplan.problem.inputs import load_json
+    from elasticplan.problem.loader import read_yaml
+    from elasticplan.problem.outputs import write_text
+    from runtime.profiling.profile import measurements_path
+    from runtime.sources.task import load_splits
+
+    store = ShardStore(store_path)
+    store.table_variant(FP32)
+    out, c = Path(profile), store.config
+    data = read_yaml(out)
+    arch = {"family": c.family, **{k: v for k, v in c.to_dict().items() if k != "family"}}
+    if not isinstance(data, dict) or data.get("name") != store.model or \
+            data.get("bitwidths") != list(store.bitwidths) or \
+            data.get("architecture") != arch or len(data.get("layers") or ()) != c.layers:
+        raise InvalidArgument(f"{out}: not a profile of the store {store.path} (its name, "
+                              f"bitwidths, architecture and layers must be the store's)")
+    raw_path = measurements_path(out)
+    raw = load_json(raw_path, what="profile measurements", limit=64 * 10**6,
+                    error=InvalidArgument)
+    text = raw.get("text") if isinstance(raw, dict) else None
+    cal = load_splits().calibration
+    if not isinstance(text, dict) or text.get("split") != "calibration" or \
+            text.get("digest") != cal.digest():
+        raise InvalidArgument(f"{raw_path}: does not record the calibration texts it was "
+                              f"measured on (text: split, digest), or they have changed")
+    for flag, given, key in (("--texts", texts, "texts"), ("--max-tokens", max_tokens,
+                                                           "max_tokens")):
+        if given is not None and given != text.get(key):
+            raise InvalidArgument(f"{flag} {given}: the profile was measured with "
+                                  f"{key} {text.get(key)}; the head is measured on the same")
+    batches = token_batches(store, list(cal.texts[:text["texts"]]), text["max_tokens"], BATCH)
+    profiler = DecoderProfiler(store, batches)
+    if profiler.positions != text.get("positions"):
+        raise InvalidArgument(f"{raw_path}: {text.get('positions')} scored positions, but "
+                              f"the same texts give {profiler.positions} now")
+    head = run_head_profile(profiler, head_cache_path(cache_dir), log)
+    write_profile(out, with_head(data, head_blocks(store, head)))
+    raw["head_measurements"] = _records(head.values())
+    write_text(raw_path, json.dumps(raw, indent=0, allow_nan=False) + "\n")
+    log(f"wrote the head and decoder blocks into {out} and the table's measurements into "
+        f"{raw_path}")
+    return head
 
 
 EVAL_TEXTS = 64  # test tweets a decoder plan is evaluated on by default

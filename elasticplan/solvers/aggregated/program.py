@@ -41,7 +41,8 @@ The rows, each with its one-line math:
   I[-1] is e * the embedding rows' read time in both forms)
   buffer        sum bytes * n[P] <= budget
   window_bytes  M - sum bytes * n[S] over layers l..l+W >= 0  (memory bounded only)
-  memory        M + sum bytes * n[P] + e (rows - table) <= budget - fixed terms
+  memory        M + sum bytes * n[P] + sum kept * n + e (rows - table) <= budget - fixed
+                (kept: a decoder's KV group's cache, held whatever its placement)
   floor         sum importance * x >= importance_floor       (min_buffer, min_memory)
 A relaxation (`Relaxation`, for row generation) keeps only some latency rows, each a path
 through the recurrence written on the counts (no I, C columns), and merges the layers its
@@ -70,6 +71,7 @@ from elasticplan.costmodel import (
     shard_compute_ms,
     simulate,
 )
+from elasticplan.decoding import timed_schedules
 from elasticplan.problem.question import Objective, window_binds, window_span
 from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.margins import EXACT, Margins
@@ -89,6 +91,7 @@ class CostClass:
     compute_ms: np.ndarray  # [B, 2] a member's compute, streamed and preloaded (costmodel)
     bytes: np.ndarray  # [B] int64
     importance: np.ndarray  # [members, B]
+    kept_bytes: int = 0  # a member's Shard.kept_bytes (a decoder's KV group: its cache)
 
 
 def per_layer(scenario: Scenario) -> list[tuple[int, ...]]:
@@ -98,7 +101,7 @@ def per_layer(scenario: Scenario) -> list[tuple[int, ...]]:
 def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
                  ) -> list[list[CostClass]]:
     """Per block of layers (default: each layer its own), its shards grouped by
-    (flops, bytes), in order of first member."""
+    (flops, bytes, kept bytes), in order of first member."""
     device, model = scenario.device, scenario.model
     B = len(model.bitwidths)
     out = []
@@ -106,7 +109,7 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for li in block:
             for si, s in enumerate(model.layers[li].shards):
-                groups.setdefault((s.flops, s.bytes), []).append((li, si))
+                groups.setdefault((s.flops, s.bytes, s.kept_bytes), []).append((li, si))
         classes = []
         for members in groups.values():
             rep = model.layers[members[0][0]].shards[members[0][1]]
@@ -119,9 +122,21 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
                                      for b in range(B)]),
                 bytes=np.array(rep.bytes, dtype=np.int64),
                 importance=np.array([model.layers[li].shards[si].importance
-                                     for li, si in members])))
+                                     for li, si in members]),
+                kept_bytes=rep.kept_bytes))
         out.append(classes)
     return out
+
+
+def class_compute(device, model, c: CostClass) -> np.ndarray:
+    """A class member's compute [B, 2] (STREAMED, PRELOADED) priced on `model` (a timed
+    pass's, whose layers and shards are the class's model's); its members must cost alike."""
+    shards = [model.layers[li].shards[si] for li, si in zip(c.layers, c.members)]
+    if len({s.flops for s in shards}) != 1:
+        raise ValueError("a cost class's members cost differently in a timed pass")
+    return np.array([[shard_compute_ms(device, model, shards[0], b, streamed=True),
+                      shard_compute_ms(device, model, shards[0], b)]
+                     for b in range(len(model.bitwidths))])
 
 
 @dataclass(frozen=True)
@@ -158,7 +173,7 @@ def relaxable(scenario: Scenario) -> bool:
     3.9 s, against the whole program's 0.45 s)."""
     window, L = scenario.prefetch_window, len(scenario.model.layers)
     return scenario.min_shards_per_layer > 0 and not window_binds(window, L) and \
-        scenario.objective != Objective.MIN_LATENCY
+        scenario.objective != Objective.MIN_LATENCY and not scenario.timed_passes
 
 
 def first_relaxation(scenario: Scenario) -> Relaxation | None:
@@ -204,6 +219,8 @@ class MatrixProgram:
     m_col: int | None = None  # the IO arena's bytes
     objective_offset: float = 0.0  # the objective's constant part (min_memory: fixed terms)
     blocks: list[tuple[int, ...]] | None = None  # None: one block per layer
+    # the timed passes' I and C columns ([L] each), in Scenario.timed_passes' order
+    pass_cols: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     relaxation: Relaxation | None = None  # the rows kept; None: the whole program
 
     def layout(self, values: np.ndarray) -> Layout:
@@ -242,13 +259,17 @@ class MatrixProgram:
                 v[u[:, :2]] = at_least
                 v[u[:, EITHER]] = at_least.sum(axis=1)
         schedule = simulate(self.scenario, selection, layout=layout)
-        comp = np.array([t.compute_end_ms - t.compute_start_ms for t in schedule.layers])
-        if self.relaxation is None:  # the time columns (one block per layer)
-            v[self.io_col] = [t.io_end_ms for t in schedule.layers]
-            if self.chained:
-                v[self.comp_col] = [t.compute_end_ms for t in schedule.layers]
-            else:
-                v[self.comp_col] = np.cumsum(comp[::-1])[::-1]
+        if self.relaxation is None:  # the time columns (one block per layer), every pass
+            timed = timed_schedules(self.scenario, selection, layout)
+            for (io_col, comp_col), sched in zip(((self.io_col, self.comp_col),
+                                                  *self.pass_cols), [schedule, *timed]):
+                v[io_col] = [t.io_end_ms for t in sched.layers]
+                if self.chained:
+                    v[comp_col] = [t.compute_end_ms for t in sched.layers]
+                else:
+                    work = np.array([t.compute_end_ms - t.compute_start_ms
+                                     for t in sched.layers])
+                    v[comp_col] = np.cumsum(work[::-1])[::-1]
         if self.e_col is not None:
             v[self.e_col] = float(layout.stream_embeddings)
         if self.m_col is not None:
@@ -315,6 +336,16 @@ class _Matrix:
         self.t_emb = embedding_read_ms(self.device, self.model)
         # every latency row's T
         self.limit = margins.latency_rhs(scenario.target_latency_ms) - self.device.pool_ms
+        # The bounded passes: the scenario's model, then its timed passes (a decoder's
+        # prompt pass), each (model, its latency rows' bound); per pass, block and class,
+        # a member's compute [B, 2] (the classes are the model's: a timed pass's model has
+        # its layers, shards and bitwidths, and members of a class cost alike in it too).
+        self.passes = [(self.model, self.limit)] + [
+            (t.model, margins.latency_rhs(t.target_ms) - self.device.pool_ms)
+            for t in scenario.timed_passes]
+        self.pass_compute = [[[c.compute_ms for c in cl] for cl in self.classes]] + [
+            [[class_compute(self.device, m, c) for c in cl] for cl in self.classes]
+            for m, _ in self.passes[1:]]
         self.lower, self.upper, self.integer = [], [], []
         self.r_idx, self.c_idx, self.vals, self.r_lo, self.r_hi = [], [], [], [], []
 
@@ -362,8 +393,11 @@ class _Matrix:
             self.x_col.append(x_l)
         G = len(self.classes)
         self.y_col = columns(self.L, 0.0, 1.0, True) if self.skippable else None
-        self.io_col = columns(G if self.timed else 0, 0.0, np.inf, False)
-        self.comp_col = columns(G if self.timed else 0, 0.0, np.inf, False)
+        self.io_cols, self.comp_cols = [], []
+        for _ in self.passes:  # I and C per bounded pass (the scenario's model first)
+            self.io_cols.append(columns(G if self.timed else 0, 0.0, np.inf, False))
+            self.comp_cols.append(columns(G if self.timed else 0, 0.0, np.inf, False))
+        self.io_col, self.comp_col = self.io_cols[0], self.comp_cols[0]
         self.z_col = int(columns(1, 0.0, np.inf, False)[0]) \
             if sc.objective == Objective.MIN_LATENCY else None
         self.e_col = int(columns(1, 0.0, 1.0, True)[0]) \
@@ -408,22 +442,39 @@ class _Matrix:
             add_rows(all_n, 1.0, float(need * len(self.layers_of[li])), inf)
 
     def time_rows(self, li: int) -> None:
-        """Layer li's time rows (the whole program: a block is a layer): its io row, then
-        the recurrence's edges under a binding window, else its compute and latency rows."""
+        """Layer li's time rows (the whole program: a block is a layer), for every bounded
+        pass: its io row, then the recurrence's edges under a binding window, else its
+        compute and latency rows."""
+        for k in range(len(self.passes)):
+            self._pass_time_rows(li, k)
+
+    def _start(self, k: int) -> tuple[list, list]:
+        """Pass k's reads before its first layer, as (columns, coefficients): the query's
+        embedding rows when e (pass 0); a timed pass's rows when the table, the last
+        layer's one part, is streamed (elasticplan.problem.spec.TimedPass)."""
+        if not k:
+            return ([self.e_col], [self.t_emb]) if self.e_col is not None else ([], [])
+        rows = embedding_read_ms(self.device, self.passes[k][0])
+        if not self.passes[k][0].embedding_rows:
+            return [], []
+        cols = np.concatenate([n[:, STREAMED] for n in self.n_col[-1]])
+        return list(cols), [rows] * len(cols)
+
+    def _pass_time_rows(self, li: int, k: int) -> None:
         device, classes_l, add_rows, inf = self.device, self.classes[li], self.rows, np.inf
-        io_col, comp_col, e_col, y_col = self.io_col, self.comp_col, self.e_col, self.y_col
-        t_emb, chained, window = self.t_emb, self.chained, self.window
+        io_col, comp_col = self.io_cols[k], self.comp_cols[k]
+        y_col, chained, window = self.y_col, self.chained, self.window
         overhead = device.layer_overhead_ms
         all_n = np.concatenate([n.reshape(-1) for n in self.n_col[li]])
-        # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1] = e t_emb)
+        # io[l]: I[l] - I[l-1] - sum read_ms n[S] = 0   (I[-1]: the reads before layer 0)
         streamed = np.concatenate([n[:, STREAMED] for n in self.n_col[li]])
         reads = np.concatenate([c.read_ms for c in classes_l])
-        before = ([io_col[li - 1]], [-1.0]) if li else \
-            (([e_col], [-t_emb]) if e_col is not None else ([], []))
+        start_cols, start_coefs = self._start(k)
+        before = ([io_col[li - 1]], [-1.0]) if li else (start_cols, [-c for c in start_coefs])
         cols = [io_col[li], *streamed, *before[0]]
         coefs = [1.0, *(-reads), *before[1]]
         add_rows(np.array(cols), np.array(coefs), 0.0, np.inf if chained else 0.0)
-        comp = np.concatenate([c.compute_ms.reshape(-1) for c in classes_l])
+        comp = np.concatenate([c.reshape(-1) for c in self.pass_compute[k][li]])
         fixed = 0.0 if self.skippable else overhead
         work_cols, work_coefs = list(all_n), list(-comp)
         if self.skippable:
@@ -441,20 +492,23 @@ class _Matrix:
                 add_rows(np.array([comp_col[li], other, *work_cols]),
                          np.array([1.0, -1.0, *work_coefs]), fixed + wake, inf)
             if not li and device.embed_ms:
-                # order[0]: C[0] - e t_emb - c[0] >= overhead + embed_ms (the embedding first)
-                add_rows(np.array([comp_col[0], *work_cols] + ([e_col] if e_col is not None
-                                                               else [])),
-                         np.array([1.0, *work_coefs] + ([-t_emb] if e_col is not None else [])),
+                # order[0]: C[0] - start - c[0] >= overhead + embed_ms (the embedding first)
+                add_rows(np.array([comp_col[0], *work_cols, *start_cols]),
+                         np.array([1.0, *work_coefs, *(-np.array(start_coefs))]),
                          fixed + device.embed_ms, inf)
             return
-        self._unrolled_rows(li, work_cols, work_coefs, fixed)
+        self._unrolled_rows(li, k, work_cols, work_coefs, fixed)
 
-    def _unrolled_rows(self, li: int, work_cols: list, work_coefs: list, fixed: float) -> None:
+    def _unrolled_rows(self, li: int, k: int, work_cols: list, work_coefs: list,
+                       fixed: float) -> None:
         """Layer li's compute row and its unrolled latency row (and the embedding's, after
-        layer 0), for an unbounded window."""
+        layer 0), for an unbounded window, in pass k (the internal min_latency's Z bounds
+        pass 0; a timed pass keeps its target)."""
         device, add_rows, inf, L = self.device, self.rows, np.inf, self.L
-        io_col, comp_col, z_col, e_col = self.io_col, self.comp_col, self.z_col, self.e_col
-        limit, t_emb = self.limit, self.t_emb
+        io_col, comp_col = self.io_cols[k], self.comp_cols[k]
+        z_col = self.z_col if not k else None
+        limit = self.passes[k][1]
+        start_cols, start_coefs = self._start(k)
         # compute[l]: C[l] - C[l+1] - sum compute_ms n (- overhead y) = overhead (or 0)
         cols = [comp_col[li], *work_cols] + ([comp_col[li + 1]] if li + 1 < L else [])
         coefs = [1.0, *work_coefs] + ([-1.0] if li + 1 < L else [])
@@ -467,9 +521,9 @@ class _Matrix:
             add_rows(np.array([z_col, io_col[li], comp_col[li]]), np.array([1.0, -1.0, -1.0]),
                      device.pool_ms + device.wake_ms, inf)
         if not li and device.embed_ms:
-            # latency[embed]: C[0] + e t_emb <= T - embed_ms  (Z - ... >= embed_ms + pool_ms)
-            cols = [comp_col[0]] + ([e_col] if e_col is not None else [])
-            coefs = [1.0] + ([t_emb] if e_col is not None else [])
+            # latency[embed]: C[0] + start <= T - embed_ms  (Z - ... >= embed_ms + pool_ms)
+            cols = [comp_col[0], *start_cols]
+            coefs = [1.0, *start_coefs]
             if z_col is None:
                 add_rows(np.array(cols), np.array(coefs), -inf, limit - device.embed_ms)
             else:
@@ -511,12 +565,14 @@ class _Matrix:
                 add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms,
                          inf)
         if self.chained:
-            last = self.comp_col[self.L - 1]
-            # latency: C[L-1] <= T  (min_latency: Z - C[L-1] >= pool_ms)
-            if z_col is None:
-                add_rows(np.array([last]), 1.0, -inf, limit)
-            else:
-                add_rows(np.array([z_col, last]), np.array([1.0, -1.0]), device.pool_ms, inf)
+            for k, (_, pass_limit) in enumerate(self.passes):
+                last = self.comp_cols[k][self.L - 1]
+                # latency: C[L-1] <= T  (min_latency, pass 0: Z - C[L-1] >= pool_ms)
+                if z_col is None or k:
+                    add_rows(np.array([last]), 1.0, -inf, pass_limit)
+                else:
+                    add_rows(np.array([z_col, last]), np.array([1.0, -1.0]), device.pool_ms,
+                             inf)
 
     def budget_rows(self) -> None:
         """The buffer row; with memory bounded, the arena's windows and the memory row; the
@@ -542,12 +598,18 @@ class _Matrix:
                 inside = [gi for gi, block in enumerate(self.layers_of) if k <= block[0] < k + span]
                 add_rows(np.concatenate([[m_col], *(block_cols[gi] for gi in inside)]),
                          np.concatenate([[1.0], *(-block_bytes[gi] for gi in inside)]), 0.0, inf)
-            # memory: M + sum bytes n[P] + e (rows - table) <= budget - fixed terms
+            # memory: M + sum bytes n[P] + kept n + e (rows - table) <= budget - fixed terms
             fixed, stream_delta = memory_constants(self.model)
-            self.mem_cols = np.concatenate([[m_col], self.pre_cols]
+            # + kept bytes on either placement (a decoder's KV groups hold their cache)
+            kept = [(n.reshape(-1), np.full(n.size, float(c.kept_bytes)))
+                    for nl, cl in zip(n_col, classes) for n, c in zip(nl, cl) if c.kept_bytes]
+            self.mem_cols = np.concatenate([[m_col], self.pre_cols] + [k[0] for k in kept]
                                            + ([[e_col]] if e_col is not None else []))
-            self.mem_coefs = np.concatenate([[1.0], self.pre_bytes] + (
+            self.mem_coefs = np.concatenate([[1.0], self.pre_bytes] + [k[1] for k in kept] + (
                 [[float(stream_delta)]] if e_col is not None else []))
+            if kept:  # n[P] has both its bytes and its kept bytes: one entry per column
+                self.mem_cols, where = np.unique(self.mem_cols, return_inverse=True)
+                self.mem_coefs = np.bincount(where, weights=self.mem_coefs)
             self.fixed_memory = float(fixed)
             if sc.memory_budget_bytes is not None:
                 add_rows(self.mem_cols, self.mem_coefs, -inf,
@@ -587,4 +649,5 @@ class _Matrix:
             z_col=self.z_col, objective_scale=scale, chained=self.chained, e_col=self.e_col,
             m_col=self.m_col,
             objective_offset=self.fixed_memory if sc.objective == Objective.MIN_MEMORY else 0.0,
-            blocks=self.blocks, relaxation=self.relaxation)
+            blocks=self.blocks, relaxation=self.relaxation,
+            pass_cols=tuple(zip(self.io_cols[1:], self.comp_cols[1:])))

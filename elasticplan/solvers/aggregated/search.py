@@ -19,6 +19,7 @@ from elasticplan.costmodel import (
     shard_compute_ms,
     simulate,
 )
+from elasticplan.decoding import timed_ok
 from elasticplan.problem.question import Objective
 from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated.program import (
@@ -57,7 +58,8 @@ def round_down(program: MatrixProgram, values: np.ndarray, margins: Margins = EX
             s = simulate(sc, selection, layout=layout)
             if s.latency_ms <= sc.target_latency_ms and \
                     s.preload_bytes <= sc.preload_budget_bytes and \
-                    (budget is None or s.memory.peak_bytes <= budget):
+                    (budget is None or s.memory.peak_bytes <= budget) and \
+                    timed_ok(sc, selection, layout):
                 if relaxable(sc) and sc.objective == Objective.MAX_IMPORTANCE:
                     selection = fill(sc, selection, layout, margins)
                 return selection, layout
@@ -154,6 +156,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     comp = np.zeros((N, O))
     pre = np.zeros((N, O))
     stream = np.zeros((N, O))
+    kept = np.zeros((N, O))  # a decoder's KV group holds its cache at any option but dropped
     imp = np.zeros((N, O))
     for n, (li, si, s) in enumerate(shards):
         for b in range(B):
@@ -164,6 +167,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
             read[n, o + STREAMED] = read_ms(device, s.bytes[b])
             stream[n, o + STREAMED] = s.bytes[b]
             pre[n, o + PRELOADED] = s.bytes[b]
+            kept[n, o:o + 2] = s.kept_bytes
     layer_of = np.array([li for li, _, _ in shards])
     index = {(li, si): n for n, (li, si, _) in enumerate(shards)}
     current = np.zeros(N, dtype=np.int64)
@@ -185,6 +189,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         d_comp = comp - comp[members, current][:, None]
         d_pre = pre - pre[members, current][:, None]
         d_stream = stream - stream[members, current][:, None]
+        d_kept = kept - kept[members, current][:, None]
         gain = imp - imp[members, current][:, None]
         before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
         after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
@@ -193,7 +198,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
             (after[:, None] + d_read <= limit) & (embed_row + d_comp <= limit) & \
             (preload + d_pre <= scenario.preload_budget_bytes)
         if budget is not None:  # the arena holds every streamed byte (unbounded window)
-            ok &= peak + d_pre + d_stream <= budget
+            ok &= peak + d_pre + d_stream + d_kept <= budget
         if not ok.any():
             break
         n, o = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), ok.shape)
@@ -202,7 +207,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         rows[:j + 1] += d_comp[n, o]
         embed_row += d_comp[n, o]
         preload += d_pre[n, o]
-        peak += d_pre[n, o] + d_stream[n, o]
+        peak += d_pre[n, o] + d_stream[n, o] + d_kept[n, o]
         current[n] = o
     layers: list[list[Pick]] = [[] for _ in model.layers]
     for n, (li, si, _) in enumerate(shards):

@@ -133,10 +133,11 @@ def build(scenario: Scenario) -> Program:
     b.variables()
     for li in range(b.L):
         b.layer_rows(li)
-    if b.chained:
-        b.window_rows()
-    else:
-        b.unrolled_rows()
+    for k in range(len(b.passes)):
+        if b.chained:
+            b.window_rows(k)
+        else:
+            b.unrolled_rows(k)
     b.budget_rows()
     return b.program()
 
@@ -157,8 +158,15 @@ class _Rows:
         self.embed_read = [(self.embed, self.t_emb)] if self.embed else []
         self.limit = scenario.target_latency_ms - self.device.pool_ms  # every latency row's bound
         self.rows: list[Row] = []
-        # per layer: its reads' and compute's terms, and its compute's constant part
-        self.io_terms, self.comp_terms, self.fixed_compute = [], [], []
+        # The passes whose latency is bounded: the scenario's model, then its timed passes
+        # (a decoder's prompt pass): (variable tag, model, bound of its latency rows).
+        self.passes = [("", self.model, self.limit)] + [
+            (str(k + 1), t.model, t.target_ms - self.device.pool_ms)
+            for k, t in enumerate(scenario.timed_passes)]
+        # per layer: its reads' terms and its compute's constant part; per pass, per layer,
+        # its compute's terms
+        self.io_terms, self.fixed_compute = [], []
+        self.comp_terms: list[list] = [[] for _ in self.passes]
 
     def row(self, label, unit, terms, sense, rhs) -> None:
         merged = defaultdict(float)
@@ -184,11 +192,14 @@ class _Rows:
             self.bools.append(self.embed)
         self.times = ["Z"] if sc.objective == Objective.MIN_LATENCY else []
         if self.chained:
-            self.times += [f"F[{li}]" for li in range(L)] + [f"C[{li}]" for li in range(L)]
+            for tag, _, _ in self.passes:
+                self.times += [f"F{tag}[{li}]" for li in range(L)] + \
+                    [f"C{tag}[{li}]" for li in range(L)]
         self.byte_vars = ("M",) if sc.memory_bounded else ()
         d = self.device
-        self.horizon = (self.t_emb if self.embed else 0.0) + d.embed_ms + d.pool_ms + \
-            L * d.wake_ms
+        self.horizon = max([self.t_emb if self.embed else 0.0] + [
+            embedding_read_ms(d, m) for _, m, _ in self.passes[1:]]) + d.embed_ms + \
+            d.pool_ms + L * d.wake_ms
 
     # --- constraints -------------------------------------------------------------------
 
@@ -221,52 +232,72 @@ class _Rows:
 
         self.io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
                               for si, s in enumerate(layer.shards) for b in range(B)])
-        comp = {(si, b): shard_compute_ms(device, model, s, b, streamed=True)
-                for si, s in enumerate(layer.shards) for b in range(B)}
-        held = {(si, b): shard_compute_ms(device, model, s, b)
-                for si, s in enumerate(layer.shards) for b in range(B)}
-        self.comp_terms.append([(q[li, si, b], c) for (si, b), c in comp.items()]
-                               + [(p[li, si, b], c) for (si, b), c in held.items()]
-                               + overhead_terms)
         self.fixed_compute.append(overhead_rhs)
-        self.horizon += device.layer_overhead_ms + sum(
-            max(read_ms(device, s.bytes[b]) + comp[si, b] for b in range(B))
-            for si, s in enumerate(layer.shards))
+        longest = 0.0
+        for k, (_, pass_model, _) in enumerate(self.passes):
+            shards = pass_model.layers[li].shards
+            comp = {(si, b): shard_compute_ms(device, pass_model, s, b, streamed=True)
+                    for si, s in enumerate(shards) for b in range(B)}
+            held = {(si, b): shard_compute_ms(device, pass_model, s, b)
+                    for si, s in enumerate(shards) for b in range(B)}
+            self.comp_terms[k].append([(q[li, si, b], c) for (si, b), c in comp.items()]
+                                      + [(p[li, si, b], c) for (si, b), c in held.items()]
+                                      + overhead_terms)
+            longest = max(longest, sum(max(read_ms(device, s.bytes[b]) + comp[si, b]
+                                           for b in range(B)) for si, s in enumerate(shards)))
+        self.horizon += device.layer_overhead_ms + longest
 
-    def window_rows(self) -> None:
-        """A binding window: one row per edge of the recurrence (F, C continuous, ms):
+    def start_reads(self, k: int) -> list:
+        """Pass k's reads before its first layer: the query's embedding rows when e (the
+        scenario's model); a timed pass's rows when the table, the last layer, is streamed
+        (elasticplan.problem.spec.TimedPass)."""
+        if not k:
+            return self.embed_read
+        model = self.passes[k][1]
+        if not model.embedding_rows:
+            return []
+        rows, last = embedding_read_ms(self.device, model), self.L - 1
+        return [(self.q[last, si, b], rows) for si in range(len(model.layers[last].shards))
+                for b in range(self.B)]
+
+    def window_rows(self, k: int = 0) -> None:
+        """A binding window, for pass k (its variables tagged, F1[l]; the internal
+        min_latency's Z bounds pass 0, a timed pass keeps its target): one row per edge of
+        the recurrence (F, C continuous, ms):
           io[l]:      F[l] - F[l-1] - io[l] >= 0   (e * t_emb for l = 0: the query's rows)
           gate[l]:    F[l] - C[l-W-1] - io[l] >= 0 (l > W: the window is full until then)
           ready[l]:   C[l] - F[l] - c[l] >= 0
           order[l]:   C[l] - C[l-1] - c[l] >= 0
           latency:    C[L-1] <= T   (min_latency: Z - C[L-1] >= 0)"""
         device, row, window, L = self.device, self.row, self.window, self.L
-        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms, self.fixed_compute
+        tag, _, limit = self.passes[k]
+        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms[k], self.fixed_compute
+        start = self.start_reads(k)
         neg = lambda terms: [(v, -c) for v, c in terms]  # noqa: E731
         for li in range(L):
-            F, C = f"F[{li}]", f"C[{li}]"
-            prev = [(f"F[{li - 1}]", -1)] if li else neg(self.embed_read)
-            row(f"io[{li}]", Unit.TIME_MS, [(F, 1)] + prev + neg(io_terms[li]), ">=", 0)
+            F, C = f"F{tag}[{li}]", f"C{tag}[{li}]"
+            prev = [(f"F{tag}[{li - 1}]", -1)] if li else neg(start)
+            row(f"io{tag}[{li}]", Unit.TIME_MS, [(F, 1)] + prev + neg(io_terms[li]), ">=", 0)
             if li > window:
-                row(f"gate[{li}]", Unit.TIME_MS,
-                    [(F, 1), (f"C[{li - window - 1}]", -1)] + neg(io_terms[li]), ">=", 0)
-            row(f"ready[{li}]", Unit.TIME_MS, [(C, 1), (F, -1)] + neg(comp_terms[li]), ">=",
-                fixed_compute[li] + device.wake_ms)
+                row(f"gate{tag}[{li}]", Unit.TIME_MS,
+                    [(F, 1), (f"C{tag}[{li - window - 1}]", -1)] + neg(io_terms[li]), ">=", 0)
+            row(f"ready{tag}[{li}]", Unit.TIME_MS, [(C, 1), (F, -1)] + neg(comp_terms[li]),
+                ">=", fixed_compute[li] + device.wake_ms)
             if li:
-                row(f"order[{li}]", Unit.TIME_MS, [(C, 1), (f"C[{li - 1}]", -1)]
+                row(f"order{tag}[{li}]", Unit.TIME_MS, [(C, 1), (f"C{tag}[{li - 1}]", -1)]
                     + neg(comp_terms[li]), ">=", fixed_compute[li])
             elif device.embed_ms:
                 # order[0]: C[0] - e t_emb - c[0] >= embed_ms (the embedding computes first)
-                row("order[0]", Unit.TIME_MS, [(C, 1)] + neg(self.embed_read)
+                row(f"order{tag}[0]", Unit.TIME_MS, [(C, 1)] + neg(start)
                     + neg(comp_terms[li]), ">=", fixed_compute[li] + device.embed_ms)
-        last = f"C[{L - 1}]"
-        if self.scenario.objective == Objective.MIN_LATENCY:
+        last = f"C{tag}[{L - 1}]"
+        if self.scenario.objective == Objective.MIN_LATENCY and not k:
             row("latency", Unit.TIME_MS, [("Z", 1), (last, -1)], ">=", device.pool_ms)
         else:
-            row("latency", Unit.TIME_MS, [(last, 1)], "<=", self.limit)
+            row(f"latency{tag}", Unit.TIME_MS, [(last, 1)], "<=", limit)
 
-    def unrolled_rows(self) -> None:
-        """An unbounded window: the recurrence C[l] = max(F[l] + wake, C[l-1]) + c[l] unrolls to
+    def unrolled_rows(self, k: int = 0) -> None:
+        """An unbounded window, for pass k (rows tagged as in window_rows): the recurrence C[l] = max(F[l] + wake, C[l-1]) + c[l] unrolls to
           latency = max over l of ( F[l] + wake + sum_{k>=l} c[k] ),
           F[l] = e t_emb + sum_{k<=l} io[k],
         so "latency <= T" is exactly one row per layer over the booleans:
@@ -274,21 +305,23 @@ class _Rows:
         With an embedding time, one more row: latency[embed]: e t_emb + embed_ms + sum c[k]
         <= T. (pool_ms is a constant of every row: T is the target less it.)"""
         device, row, L = self.device, self.row, self.L
-        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms, self.fixed_compute
+        tag, _, limit = self.passes[k]
+        io_terms, comp_terms, fixed_compute = self.io_terms, self.comp_terms[k], self.fixed_compute
+        start = self.start_reads(k)
         for li in list(range(L)) + (["embed"] if device.embed_ms else []):
             if li == "embed":
-                terms = self.embed_read + [t for k in range(L) for t in comp_terms[k]]
+                terms = start + [t for j in range(L) for t in comp_terms[j]]
                 constant = sum(fixed_compute) + device.embed_ms
             else:
-                terms = self.embed_read + [t for k in range(li + 1) for t in io_terms[k]]
-                terms += [t for k in range(li, L) for t in comp_terms[k]]
+                terms = start + [t for j in range(li + 1) for t in io_terms[j]]
+                terms += [t for j in range(li, L) for t in comp_terms[j]]
                 constant = sum(fixed_compute[li:]) + device.wake_ms
-            if self.scenario.objective == Objective.MIN_LATENCY:
+            if self.scenario.objective == Objective.MIN_LATENCY and not k:
                 # Z >= the same sum for every l; minimise Z.
                 row(f"latency[{li}]", Unit.TIME_MS, [("Z", 1)] + [(v, -c) for v, c in terms],
                     ">=", constant + device.pool_ms)
             else:
-                row(f"latency[{li}]", Unit.TIME_MS, terms, "<=", self.limit - constant)
+                row(f"latency{tag}[{li}]", Unit.TIME_MS, terms, "<=", limit - constant)
 
     def budget_rows(self) -> None:
         """The buffer row; with memory bounded, the arena's windows and the memory row; the
@@ -310,9 +343,13 @@ class _Rows:
                 row(f"window_bytes[{li}]", Unit.BYTES,
                     [("M", 1)] + [(v, -c) for k in range(li, li + span) for v, c in streams[k]],
                     ">=", 0)
-            # memory: M + preload + e (rows - table) <= budget - the fixed terms
+            # memory: M + preload + kept + e (rows - table) <= budget - the fixed terms
             fixed, stream_delta = memory_constants(model)
-            self.memory = [("M", 1.0)] + self.preloads + \
+            # + kept bytes (q + p): a decoder's KV groups hold their cache wherever they live
+            kept = [(table[key], model.layers[key[0]].shards[key[1]].kept_bytes)
+                    for table in (q, p) for key in table
+                    if model.layers[key[0]].shards[key[1]].kept_bytes]
+            self.memory = [("M", 1.0)] + self.preloads + kept + \
                 ([(self.embed, stream_delta)] if self.embed else [])
             if sc.memory_budget_bytes is not None:
                 row("memory", Unit.BYTES, self.memory, "<=", sc.memory_budget_bytes - fixed)
