@@ -171,10 +171,11 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
 
 
 def embedding_read_ms(device: Device, model: ModelProfile) -> float:
-    """One query's embedding rows, streamed: one read per position."""
+    """One query's embedding rows, streamed: embedding_row_reads reads per position."""
     if not model.embedding_rows:
         return 0.0
-    return model.seq_len * read_ms(device, model.embedding_row_bytes)
+    return model.seq_len * (model.embedding_row_reads * device.latency_us / 1e3
+                            + model.embedding_row_bytes / (device.bandwidth_mb_s * 1e3))
 
 
 def window_peak(streamed: list[int], window: int | None) -> int:

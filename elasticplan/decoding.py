@@ -47,6 +47,7 @@ from elasticplan.problem.spec import (
     pass_model,
     prefill_pass,
     step_pass,
+    with_table_rows,
 )
 
 # --- the passes' predictions -----------------------------------------------------------
@@ -96,8 +97,15 @@ def timed_schedules(scenario: Scenario, selection, layout: Layout) -> list[Sched
     if not scenario.timed_passes:
         return []
     rows = Layout(layout.window, table_streamed(scenario, selection))
-    return [simulate(priced(scenario, t.model), selection, layout=rows)
+    return [simulate(priced(scenario, table_rows(t.model, selection)), selection, layout=rows)
             for t in scenario.timed_passes]
+
+
+def table_rows(model: ModelProfile, selection) -> ModelProfile:
+    """A decoder pass's model with its embedding rows read as the selection's table
+    (its bitwidth) stores them (spec.with_table_rows)."""
+    (pick,) = selection[head_layer(model)]
+    return with_table_rows(model, pick.bit)
 
 
 def timed_latencies(scenario: Scenario, selection, layout: Layout
@@ -120,7 +128,8 @@ def predict(scenario: Scenario, selection, layout: Layout) -> DecodeTimes:
     q = scenario.question
     if not q.decoding:
         raise ValueError(f"scenario {scenario.name!r} is not a decoder's question")
-    prefill = pass_scenario(scenario, prefill_pass(q))
+    prefill = priced(scenario, table_rows(
+        pass_model(scenario.source_model, q, prefill_pass(q)), selection))
     ttft = simulate(prefill, selection,
                     layout=Layout(layout.window, table_streamed(scenario, selection)))
     steps = list(range(1, q.answer_tokens))

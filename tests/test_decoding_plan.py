@@ -106,6 +106,21 @@ def test_times_grow_with_the_position_and_a_streamed_table_reads_the_prompt_rows
     assert d_held.kv_cache_bytes == 2 * kv_group_bytes(SHAPE, 48, 32)
 
 
+def test_a_streamed_tables_prompt_rows_are_read_as_it_stores_them():
+    """An fp32 row is one read of 4 x hidden bytes; a quantised row, its codes and its
+    scale (stored after every row's codes), two reads of its stored share."""
+    from elasticplan.costmodel import embedding_read_ms
+    from elasticplan.problem.spec import with_table_rows
+
+    pre = pass_scenario(_scenario(), prefill_pass(_scenario().question)).model
+    lat, bw = DEVICE.latency_us / 1e3, DEVICE.bandwidth_mb_s * 1e3
+    four, full = with_table_rows(pre, 0), with_table_rows(pre, 1)
+    assert (four.embedding_row_reads, four.embedding_row_bytes) == (2, 32 + 4)
+    assert (full.embedding_row_reads, full.embedding_row_bytes) == (1, 4 * 64)
+    assert embedding_read_ms(DEVICE, four) == pytest.approx(16 * (2 * lat + 36 / bw))
+    assert embedding_read_ms(DEVICE, full) == pytest.approx(16 * (lat + 256 / bw))
+
+
 def test_dropping_a_kv_group_drops_its_cache():
     sc = _scenario()
     keep = ((Pick(0, 1, True), Pick(1, 1, True)),) * 2 + ((Pick(0, 0, True),),)

@@ -121,6 +121,7 @@ class ModelProfile:
     # Memory terms that do not depend on the shards chosen (docs/design.md, "Memory"):
     embedding_rows: int = 0  # token-embedding table in the shard store (0: none, all resident)
     embedding_row_bytes: int = 0  # stored bytes of one row of it
+    embedding_row_reads: int = 1  # read requests per row (a decoder's quantised table: 2)
     activation_bytes: int = 0  # the encoder's activations at seq_len, batch 1
     scratch_bytes: int = 0  # compute scratch: one shard at full precision
     # Where the runtime finds the model (a measured profile of a user's checkpoint says;
@@ -420,6 +421,17 @@ def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfil
         embedding_row_bytes=FP32 * shape.hidden if p.row_reads else 0,
         activation_bytes=activation_bytes(shape, q.prompt_tokens, q.context_tokens),
         scratch_bytes=max(widest, profile.scratch_bytes, HEAD_CHUNK_ROWS * shape.hidden * FP32))
+
+
+def with_table_rows(model: ModelProfile, bit: int) -> ModelProfile:
+    """A decoder pass's model whose embedding rows are its table's at bitwidth index `bit`
+    (the last layer's one part), as the runtime reads them: an fp32 row in one read, a
+    quantised row's codes and its scale (stored after every row's codes) in two."""
+    head = model.layers[-1].shards[0]
+    rows = model.decoder.vocab
+    return dataclasses.replace(
+        model, embedding_row_bytes=head.bytes[bit] // rows,
+        embedding_row_reads=1 if model.bitwidths[bit] == FULL_PRECISION_BITS else 2)
 
 
 def step_model(profile: ModelProfile, q: Question) -> ModelProfile:

@@ -73,7 +73,7 @@ from elasticplan.costmodel import (
 )
 from elasticplan.decoding import timed_schedules
 from elasticplan.problem.question import Objective, window_binds, window_span
-from elasticplan.problem.spec import Scenario
+from elasticplan.problem.spec import Scenario, with_table_rows
 from elasticplan.solvers.margins import EXACT, Margins
 
 STREAMED, PRELOADED = 0, 1
@@ -454,11 +454,13 @@ class _Matrix:
         layer's one part, is streamed (elasticplan.problem.spec.TimedPass)."""
         if not k:
             return ([self.e_col], [self.t_emb]) if self.e_col is not None else ([], [])
-        rows = embedding_read_ms(self.device, self.passes[k][0])
-        if not self.passes[k][0].embedding_rows:
+        model = self.passes[k][0]
+        if not model.embedding_rows:
             return [], []
-        cols = np.concatenate([n[:, STREAMED] for n in self.n_col[-1]])
-        return list(cols), [rows] * len(cols)
+        # the table, the last layer's one class of one part: rows read as its bitwidth stores them
+        (n,) = self.n_col[-1]
+        return list(n[:, STREAMED]), [embedding_read_ms(self.device, with_table_rows(model, b))
+                                      for b in range(self.B)]
 
     def _pass_time_rows(self, li: int, k: int) -> None:
         device, classes_l, add_rows, inf = self.device, self.classes[li], self.rows, np.inf

@@ -39,7 +39,7 @@ from elasticplan.costmodel import (
 )
 from elasticplan.errors import InvalidArgument
 from elasticplan.problem.question import Objective, window_binds, window_span
-from elasticplan.problem.spec import Scenario
+from elasticplan.problem.spec import Scenario, with_table_rows
 
 
 class Unit(str, enum.Enum):
@@ -256,8 +256,8 @@ class _Rows:
         model = self.passes[k][1]
         if not model.embedding_rows:
             return []
-        rows, last = embedding_read_ms(self.device, model), self.L - 1
-        return [(self.q[last, si, b], rows) for si in range(len(model.layers[last].shards))
+        last = self.L - 1  # the table, one part: its rows read as its bitwidth stores them
+        return [(self.q[last, 0, b], embedding_read_ms(self.device, with_table_rows(model, b)))
                 for b in range(self.B)]
 
     def window_rows(self, k: int = 0) -> None:
