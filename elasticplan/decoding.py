@@ -142,3 +142,20 @@ def predict(scenario: Scenario, selection, layout: Layout) -> DecodeTimes:
              for li, picks in enumerate(selection) for pk in picks)
     return DecodeTimes(ttft_ms=ttft.latency_ms, last_token_ms=times[-1],
                        mean_token_ms=sum(times) / len(times), kv_cache_bytes=kv)
+
+
+def answer_schedules(scenario: Scenario, selection, layout: Layout, prompt: int,
+                     positions: list[int]) -> tuple[Schedule, list[Schedule]]:
+    """The cost model's schedules of a decoder plan's passes for an actual answer: the
+    prompt pass over `prompt` tokens (its rows read first when the table is streamed) and
+    a decode step at each of `positions` (the position it computes, attending one more).
+    The runtime's report compares each measured pass with these."""
+    q = scenario.question
+    first = DecodePass("prefill", prompt, prompt * (prompt + 1) // 2, prompt)
+    prefill = simulate(priced(scenario, table_rows(pass_model(scenario.source_model, q, first),
+                                                   selection)),
+                       selection, layout=Layout(layout.window, table_streamed(scenario, selection)))
+    steps = [simulate(priced(scenario, pass_model(scenario.source_model, q,
+                                                  DecodePass(f"step@{p}", 1, p + 1, 0))),
+                      selection, layout=Layout(layout.window)) for p in positions]
+    return prefill, steps

@@ -210,6 +210,25 @@ def register(sub) -> None:
     r.add_argument("--json", metavar="FILE", help="write the report as JSON")
     r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
 
+    g = sub.add_parser("generate", help="a decoder plan answering a prompt token by token; "
+                                        "every figure measured against the plan's")
+    g.set_defaults(handler=cmd_generate)
+    g.add_argument("plan")
+    g.add_argument("--prompt", required=True, help="the text to answer")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user's message through the model's chat template")
+    g.add_argument("--max-new-tokens", type=whole(1, 1 << 20), metavar="N",
+                   help="tokens to generate at most (default: the plan's answer_tokens)")
+    g.add_argument("--scenario", help="scenario file (default: the path the plan records)")
+    g.add_argument("--store", help="default: the store the model profile names")
+    g.add_argument("--no-emulate", action="store_true",
+                   help="read at this machine's real disk speed instead of the device's")
+    g.add_argument("--no-compare", action="store_true",
+                   help="skip the full fp32 model's answer (the agreement figure)")
+    g.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
+                   help=f"torch threads (default {DEFAULT_RUN_THREADS})")
+    g.add_argument("--json", metavar="FILE", help="write the report as JSON")
+
 
 def cmd_shard(a) -> int:
     from runtime.schemes import create
@@ -436,7 +455,12 @@ def _evaluate_decoder(a, plan: Plan, store, scenario) -> int:
     from runtime.sources.task import load_splits
 
     bits = [{ch.name: ch.bits for ch in lp.shards} for lp in plan.layers]
-    ev = evaluate_bits(store, bits, list(load_splits().test.texts[:EVAL_TEXTS]))
+    table = None
+    if scenario.question.decoding:  # its last layer is the table (one part)
+        (choice,) = plan.layers[-1].shards
+        bits, table = bits[:-1], choice.bits
+    ev = evaluate_bits(store, bits, list(load_splits().test.texts[:EVAL_TEXTS]),
+                       table_bits=table)
     print(f"{a.plan} ({plan.solver}): {plan.n_shards} shards; on {ev.texts} test texts "
           f"({ev.positions} next tokens, teacher-forced): KL {ev.kl:.4f} +- {ev.kl_stderr:.4f} "
           f"nats, top-1 agreement {ev.top1:.3f} +- {ev.top1_stderr:.3f}, perplexity "
@@ -447,6 +471,59 @@ def _evaluate_decoder(a, plan: Plan, store, scenario) -> int:
         write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n",
                    inputs=(a.plan, a.store, *scenario.files))
         print(f"evaluation written to {a.json}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    """Answer a prompt with a decoder plan (runtime/measurement/generate.py): the answer on
+    stdout as it comes, then the report."""
+    import sys
+
+    from runtime.executor import check_model, planned_variants
+    from runtime.families import family
+    from runtime.measurement.generate import format_report, generate, prompt_ids
+    from runtime.store import ShardStore
+
+    plan = Plan.load(a.plan)
+    scenario = scenario_for(plan, a.scenario)
+    if not scenario.question.decoding:
+        raise InvalidArgument(f"{a.plan}: the plan answers an encoder's question, not a "
+                              f"decoder's (no prompt_tokens/answer_tokens): use `run`")
+    a.store = store_for(a.store, scenario.model)
+    inputs = (a.plan, a.store, *scenario.files)
+    if a.json:
+        refuse_inputs(a.json, inputs)
+    verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
+    store = ShardStore(a.store)
+    if not family(store.config.family).decoder:
+        raise InvalidArgument(f"{a.store}: the store holds an encoder; a decoder plan needs "
+                              f"its decoder's store")
+    check_model(plan, store)
+    planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
+    _set_threads(a.threads)
+    ids = prompt_ids(store, a.prompt, a.chat)
+    tok = store.text_tokenizer()
+    said: list[int] = []
+    shown = [""]
+
+    def on_token(t: int) -> None:  # the answer as it comes (whole characters only)
+        said.append(t)
+        text = tok.decode(said)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    _, report = generate(plan, a.plan, scenario, store, ids, max_new_tokens=a.max_new_tokens,
+                         emulate=not a.no_emulate, threads=a.threads, on_token=on_token,
+                         compare=not a.no_compare)
+    print(report.text[len(shown[0]):] if report.text.startswith(shown[0]) else "")
+    print()
+    print(format_report(report))
+    if a.json:
+        write_text(a.json, json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n",
+                   inputs=inputs)
+        print(f"report written to {a.json}")
     return 0
 
 

@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,14 +55,15 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 @dataclass
-class _Shard:
-    """One planned shard: where its bytes come from and where they go."""
+class PlacedShard:
+    """One planned shard: where its bytes come from and where they go (the encoder's and the
+    decode executor's, runtime/decoding.py)."""
 
     variant: Variant
     preloaded: bool
     iov: list[memoryview]  # where its read lands: the preload buffer or the ring
     raw: memoryview | None  # its stored bytes in one piece (None: split at the ring's end)
-    head: bool  # an attention head (else an FFN slice)
+    head: bool  # an attention shard: an encoder's head, a decoder's KV group (else FFN)
     # fp32 in one piece: views of its weights where they lie (no copy per query)
     views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -150,9 +152,12 @@ def check_model(plan: Plan, store: ShardStore) -> None:
     if plan.scenario.model != store.model:
         raise StoreError(f"{store.path}: the plan is for model {plan.scenario.model!r}, this "
                          f"shard store holds {store.model!r}")
-    if len(plan.layers) != store.config.layers:
+    # a decoder's plan has one more: its table, the last layer (elasticplan.problem.spec)
+    layers = store.config.layers + (1 if plan.scenario.question.decoding else 0)
+    if len(plan.layers) != layers:
         raise StoreError(f"{store.path}: the plan has {len(plan.layers)} layers, the store's "
-                         f"model has {store.config.layers}")
+                         f"model has {store.config.layers}"
+                         + (" and its table" if plan.scenario.question.decoding else ""))
 
 
 def check_schemes(profile: ModelProfile, store: ShardStore) -> None:
@@ -217,7 +222,7 @@ class _Ring:
 
 
 @dataclass
-class _LayerIO:
+class LayerIO:
     """One layer's reads as the IO thread did them (perf_counter seconds)."""
 
     start: float = 0.0
@@ -227,7 +232,7 @@ class _LayerIO:
     nbytes: int = 0
 
 
-class _QueryIO:
+class QueryIO:
     """What the IO thread and the compute thread of one query share: the ring, an event per
     layer read and per layer computed, each layer's reads, the embedding rows' completion,
     and the IO thread's failure (raised on the compute thread)."""
@@ -236,7 +241,7 @@ class _QueryIO:
         self.ring = _Ring()
         self.read = [threading.Event() for _ in range(layers)]
         self.computed = [threading.Event() for _ in range(layers)]
-        self.layers = [_LayerIO() for _ in range(layers)]
+        self.layers = [LayerIO() for _ in range(layers)]
         self.go, self.rows_ready = threading.Event(), threading.Event()
         self.rows_deadline: float | None = None
         self.failure: list[BaseException] = []
@@ -256,6 +261,214 @@ class _QueryIO:
                 prev_end = io_start
             out.append(LayerTrace(l, io.reads, io.nbytes, io_start, prev_end, *compute[l]))
         return out
+
+
+# --- the parts the encoder's Executor and the decode executor (runtime/decoding.py) share -
+
+def open_files(store: ShardStore, files: set[str]) -> dict[str, int]:
+    """The store's files opened read-only (name -> fd); StoreError naming the one that
+    cannot be opened (those opened before it are closed)."""
+    fds: dict[str, int] = {}
+    for f in sorted(files):
+        try:
+            fds[f] = os.open(store.file(f), os.O_RDONLY)
+        except OSError as e:
+            for fd in fds.values():
+                os.close(fd)
+            raise StoreError(f"{store.file(f)}: cannot open shard file ({e.strerror})") from None
+    return fds
+
+
+def ring_views(ring: np.ndarray, pos: int, nbytes: int) -> list[memoryview]:
+    """Where `nbytes` read at ring position `pos` (mod its size) land: one or two views."""
+    size = ring.nbytes
+    if nbytes == 0:
+        return []
+    if nbytes > size:
+        raise AssertionError(f"a shard of {nbytes} B does not fit the ring of {size} B")
+    start = pos % size
+    first = min(nbytes, size - start)
+    views = [memoryview(ring[start:start + first]).cast("B")]
+    if first < nbytes:
+        views.append(memoryview(ring[:nbytes - first]).cast("B"))
+    return views
+
+
+def place_shards(variants: list[list[tuple[Variant, bool]]], preload_buffer: np.ndarray,
+                 ring: np.ndarray, attention: Callable[[str], bool]) -> list[list[PlacedShard]]:
+    """Where each planned shard's read lands: preloaded ones one after the other in the
+    preload buffer, streamed ones one after the other around the ring. `attention(name)`:
+    whether a shard feeds the attention half."""
+    out = []
+    ppos = rpos = 0
+    for row in variants:
+        shards = []
+        for v, preloaded in row:
+            if preloaded:
+                raw = memoryview(preload_buffer[ppos:ppos + v.nbytes]).cast("B")
+                iov = [raw]
+                ppos += v.nbytes
+            else:
+                iov = ring_views(ring, rpos, v.nbytes)
+                raw = iov[0] if len(iov) == 1 else None  # None: joined per query
+                rpos += v.nbytes
+            fp32_views = _stored_views(v, raw) if v.bits == FP32 and raw is not None \
+                else None
+            shards.append(PlacedShard(v, preloaded, iov, raw, attention(v.name), fp32_views))
+        out.append(shards)
+    return out
+
+
+def check_placed(store: ShardStore, rows: list[list[PlacedShard]], ring: np.ndarray,
+                 fds: dict[str, int]) -> None:
+    """Every placed variant against its checksum, read into the buffer it will use (so
+    checking allocates nothing): streamed ones into the ring, preloaded in place."""
+    for row in rows:
+        for s in row:
+            view = s.raw if s.preloaded else memoryview(ring[:s.variant.nbytes])
+            store.check_into(s.variant, view, fds[s.variant.file])
+
+
+def read_shard(store: ShardStore, fds: dict[str, int], s: PlacedShard) -> None:
+    """One shard's stored bytes into where it lands (os.preadv, IOV_MAX views a call)."""
+    fd, off, v = fds[s.variant.file], s.variant.offset, s.variant
+    done = 0
+    for i in range(0, len(s.iov), IOV_MAX):
+        part = s.iov[i:i + IOV_MAX]
+        n = os.preadv(fd, part, off + done)
+        if n != sum(m.nbytes for m in part):
+            raise StoreError(f"{store.file(v.file)}: short read of shard {v.name} of "
+                             f"layer {v.layer} ({n} bytes at offset {off + done})")
+        done += n
+
+
+def hint_shards(fds: dict[str, int], row: list[PlacedShard]) -> None:
+    """Ask the kernel to start reading a window-held layer's shards from disk now
+    (POSIX_FADV_WILLNEED, asynchronous; the bytes go to the page cache, not to the
+    plan's buffers). Only under emulation: the device clock still charges each read
+    from when the reader issues it, once the window opens; the hint keeps this host's
+    own disk latency (~0.2 ms per cold read here, more than a fast emulated device
+    charges) from adding to it, as read-ahead hides it for an unbounded window."""
+    for s in row:
+        if not s.preloaded:
+            os.posix_fadvise(fds[s.variant.file], s.variant.offset, s.variant.nbytes,
+                             os.POSIX_FADV_WILLNEED)
+
+
+def evict_shards(fds: dict[str, int], shards) -> tuple[int, int]:
+    """Evict the files of these shards; (resident, total) pages of their ranges after."""
+    files = {s.variant.file for s in shards}
+    for f in files:
+        evict(fds[f])
+    cached = total = 0
+    for s in shards:
+        r, t = resident_pages(fds[s.variant.file], s.variant.offset, s.variant.nbytes)
+        cached, total = cached + r, total + t
+    return cached, total
+
+
+def fill_shards(store: ShardStore, fds: dict[str, int], clock: DeviceClock,
+                shards: list[PlacedShard]) -> float:
+    """Read these (preloaded) shards cold, back to back through the device clock, into
+    where they lie; returns the milliseconds the fill took on the device."""
+    evict_shards(fds, shards)
+    t0 = time.perf_counter()
+    clock.start(t0)
+    deadline = t0
+    for s in shards:
+        read_shard(store, fds, s)
+        deadline = clock.complete(s.variant.nbytes, time.perf_counter())
+    return (DeviceClock.sleep_until(deadline) - t0) * 1e3
+
+
+def read_layers(q: QueryIO, rows: list[list[PlacedShard]], layer_bytes: list[int],
+                window: int | None, clock: DeviceClock,
+                read: Callable[[PlacedShard], None],
+                hint: Callable[[list[PlacedShard]], None]) -> None:
+    """The IO thread's reads of one query, layer by layer in order: layer l's reads wait
+    for layer l-W-1's compute (the window; meanwhile, under emulation, `hint` asks the
+    kernel to read its shards ahead); its ring bytes are taken when its reads start; each
+    read is booked on the device clock; q.read[l] is set when they are done. Real reads
+    run ahead of the emulated device (absorbing the real disk's latency spikes); the
+    compute thread sleeps to a layer's deadline (`await_reads`)."""
+    for l, row in enumerate(rows):
+        if window is not None and l > window:
+            if clock.emulated:
+                hint(row)
+            q.computed[l - window - 1].wait()
+            if q.failure:
+                return
+        q.ring.take(layer_bytes[l])
+        start = time.perf_counter()
+        n = nbytes = 0
+        deadline = None
+        for s in row:
+            if s.preloaded:
+                continue
+            issued = time.perf_counter()
+            read(s)
+            deadline = clock.complete(s.variant.nbytes, time.perf_counter(), issued)
+            n, nbytes = n + 1, nbytes + s.variant.nbytes
+        q.layers[l] = LayerIO(start, time.perf_counter(), deadline, n, nbytes)
+        q.read[l].set()
+
+
+def io_failed(q: QueryIO, e: BaseException) -> None:
+    """The IO thread failed: record it for the compute thread and wake every waiter."""
+    q.failure.append(e)
+    q.rows_ready.set()
+    for ev in q.read:
+        ev.set()
+
+
+def await_reads(q: QueryIO, l: int) -> bool:
+    """On the compute thread: wait for layer l's reads, then sleep to the emulated
+    device's completion of them; False if the IO thread failed."""
+    q.read[l].wait()
+    if q.failure:
+        return False
+    if q.layers[l].deadline is not None:  # the device's completion
+        DeviceClock.sleep_until(q.layers[l].deadline)
+    return True
+
+
+def raise_io_failure(q: QueryIO, store: ShardStore) -> None:
+    """Raise the IO thread's failure, if any, on the compute thread (a StoreError as is)."""
+    if q.failure:
+        e = q.failure[0]
+        if isinstance(e, StoreError):
+            raise e
+        raise StoreError(f"{store.path}: IO worker failed: {e}") from e
+
+
+def shard_weights(s: PlacedShard, scratch: torch.Tensor, scratch_bytes: np.ndarray,
+                  bounce: np.ndarray, work: DecodeWork
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]:
+    """A placed shard's fp32 weights (input rows [in_rows, cols], output rows
+    [rows - in_rows, cols], bias) and the seconds spent decoding them: an fp32 shard in one
+    piece where it lies; a quantised one decoded into the one compute scratch (a shard
+    wrapped around the ring's end is joined first, in the scratch if fp32, else in the
+    bounce buffer)."""
+    if s.views is not None:
+        return s.views, 0.0
+    t = time.perf_counter()
+    v = s.variant
+    raw = s.raw
+    if raw is None:  # wrapped around the ring's end: joined first
+        target = scratch_bytes if s.fp32 else bounce
+        pos = 0
+        for piece in s.iov:
+            target[pos:pos + piece.nbytes] = piece
+            pos += piece.nbytes
+        raw = memoryview(target[:v.nbytes]).cast("B")
+    if s.fp32 and s.raw is None:
+        views = _stored_views(v, raw)  # now lying in the scratch
+    else:
+        w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
+        bias = scratch[v.rows * v.cols:v.rows * v.cols + v.bias]
+        decode_into(v, raw, Slot(w[:v.in_rows], w[v.in_rows:].t(), bias), work)
+        views = (w[:v.in_rows], w[v.in_rows:], bias)
+    return views, time.perf_counter() - t
 
 
 class Executor:
@@ -296,26 +509,20 @@ class Executor:
         self.filled = not any(s.preloaded for row in self.shards for s in row)
 
     def _open(self, files: set[str]) -> None:
-        for f in sorted(files):
-            try:
-                self.fds[f] = os.open(self.store.file(f), os.O_RDONLY)
-            except OSError as e:
-                self.close()
-                raise StoreError(f"{self.store.file(f)}: cannot open shard file "
-                                 f"({e.strerror})") from None
+        self.fds = open_files(self.store, files)
 
     def _allocate(self, variants: list[list[tuple[Variant, bool]]]) -> None:
         """Every buffer, allocated (and touched) before any query, at the predicted sizes;
         the profile's scratch and activation bytes must be the runtime's."""
         profile, c = self.scenario.model, self.store.config
-        self.preload_buffer = _touched(sum(v.nbytes for row in variants for v, p in row if p))
-        self.ring = _touched(self.predicted_memory.working_peak_bytes - profile.scratch_bytes)
+        self.preload_buffer = touched(sum(v.nbytes for row in variants for v, p in row if p))
+        self.ring = touched(self.predicted_memory.working_peak_bytes - profile.scratch_bytes)
         self.scratch = torch.zeros(shard_scratch_floats(c))
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
         self.workspace = Workspace(c, 1, profile.seq_len)
         work, bounce = self.store.decode_buffers()
         self.work = DecodeWork(*work)
-        self.bounce = _touched(bounce)
+        self.bounce = touched(bounce)
         self.activation_bytes = self.workspace.nbytes + self.work.nbytes + self.bounce.nbytes
         if (profile.scratch_bytes, profile.activation_bytes) != (4 * self.scratch.numel(),
                                                                  self.activation_bytes):
@@ -328,54 +535,19 @@ class Executor:
         self.query_rows = torch.zeros(profile.seq_len, c.hidden) if self.stream_embeddings \
             else None
 
-    def _place(self, variants: list[list[tuple[Variant, bool]]]) -> list[list[_Shard]]:
-        """Where each planned shard's read lands: preloaded ones one after the other in the
-        preload buffer, streamed ones one after the other around the ring."""
-        out = []
-        ppos = rpos = 0
-        for row in variants:
-            shards = []
-            for v, preloaded in row:
-                if preloaded:
-                    raw = memoryview(self.preload_buffer[ppos:ppos + v.nbytes]).cast("B")
-                    iov = [raw]
-                    ppos += v.nbytes
-                else:
-                    iov = self._ring_views(rpos, v.nbytes)
-                    raw = iov[0] if len(iov) == 1 else None  # None: joined per query
-                    rpos += v.nbytes
-                fp32_views = _stored_views(v, raw) if v.bits == FP32 and raw is not None \
-                    else None
-                shards.append(_Shard(v, preloaded, iov, raw,
-                                     parse_shard_name(v.name)[0] == "head", fp32_views))
-            out.append(shards)
-        return out
+    def _place(self, variants: list[list[tuple[Variant, bool]]]) -> list[list[PlacedShard]]:
+        """Where each planned shard's read lands (place_shards)."""
+        return place_shards(variants, self.preload_buffer, self.ring,
+                            lambda name: parse_shard_name(name)[0] == "head")
 
     def _check_checksums(self) -> None:
         """Every planned variant against its checksum, read into the buffer it will use (so
         checking allocates nothing): streamed ones into the ring, preloaded in place."""
         try:
-            for row in self.shards:
-                for s in row:
-                    view = s.raw if s.preloaded else memoryview(self.ring[:s.variant.nbytes])
-                    self.store.check_into(s.variant, view, self.fds[s.variant.file])
+            check_placed(self.store, self.shards, self.ring, self.fds)
         except StoreError:
             self.close()
             raise
-
-    def _ring_views(self, pos: int, nbytes: int) -> list[memoryview]:
-        """Where `nbytes` read at ring position `pos` (mod its size) land: one or two views."""
-        size = self.ring.nbytes
-        if nbytes == 0:
-            return []
-        if nbytes > size:
-            raise AssertionError(f"a shard of {nbytes} B does not fit the ring of {size} B")
-        start = pos % size
-        first = min(nbytes, size - start)
-        views = [memoryview(self.ring[start:start + first]).cast("B")]
-        if first < nbytes:
-            views.append(memoryview(self.ring[:nbytes - first]).cast("B"))
-        return views
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -390,28 +562,11 @@ class Executor:
 
     # --- IO --------------------------------------------------------------------------
 
-    def _read(self, s: _Shard) -> None:
-        fd, off, v = self.fds[s.variant.file], s.variant.offset, s.variant
-        done = 0
-        for i in range(0, len(s.iov), IOV_MAX):
-            part = s.iov[i:i + IOV_MAX]
-            n = os.preadv(fd, part, off + done)
-            if n != sum(m.nbytes for m in part):
-                raise StoreError(f"{self.store.file(v.file)}: short read of shard {v.name} of "
-                                 f"layer {v.layer} ({n} bytes at offset {off + done})")
-            done += n
+    def _read(self, s: PlacedShard) -> None:
+        read_shard(self.store, self.fds, s)
 
-    def _hint(self, row: list[_Shard]) -> None:
-        """Ask the kernel to start reading a window-held layer's shards from disk now
-        (POSIX_FADV_WILLNEED, asynchronous; the bytes go to the page cache, not to the
-        plan's buffers). Only under emulation: the device clock still charges each read
-        from when the reader issues it, once the window opens; the hint keeps this host's
-        own disk latency (~0.2 ms per cold read here, more than a fast emulated device
-        charges) from adding to it, as read-ahead hides it for an unbounded window."""
-        for s in row:
-            if not s.preloaded:
-                os.posix_fadvise(self.fds[s.variant.file], s.variant.offset, s.variant.nbytes,
-                                 os.POSIX_FADV_WILLNEED)
+    def _hint(self, row: list[PlacedShard]) -> None:
+        hint_shards(self.fds, row)
 
     def _read_rows(self, ids: torch.Tensor) -> float | None:
         """One query's word-embedding rows from the store, one pread per position, each
@@ -437,30 +592,15 @@ class Executor:
         return deadline
 
     def _evict(self, shards) -> tuple[int, int]:
-        """Evict the files of these shards; (resident, total) pages of their ranges after."""
-        files = {s.variant.file for s in shards}
-        for f in files:
-            evict(self.fds[f])
-        cached = total = 0
-        for s in shards:
-            r, t = resident_pages(self.fds[s.variant.file], s.variant.offset, s.variant.nbytes)
-            cached, total = cached + r, total + t
-        return cached, total
+        return evict_shards(self.fds, shards)
 
     def fill_preload(self) -> FillReport:
         """Read the preloaded shards (cold, through the device clock) before any query.
         Resident bytes are measured: the preload buffer's resident pages (mincore)."""
         pre = [s for row in self.shards for s in row if s.preloaded]
-        self._evict(pre)
-        t0 = time.perf_counter()
-        self.clock.start(t0)
-        deadline = t0
-        for s in pre:
-            self._read(s)
-            deadline = self.clock.complete(s.variant.nbytes, time.perf_counter())
-        end = DeviceClock.sleep_until(deadline)
+        fill_ms = fill_shards(self.store, self.fds, self.clock, pre)
         self.filled = True
-        return FillReport(fill_ms=(end - t0) * 1e3, shards=len(pre),
+        return FillReport(fill_ms=fill_ms, shards=len(pre),
                           bytes=sum(s.variant.nbytes for s in pre),
                           resident_bytes=min(buffer_resident_bytes(self.preload_buffer),
                                              self.preload_buffer.nbytes))
@@ -475,7 +615,7 @@ class Executor:
                              f"{self.query_rows.shape[0]} tokens, got {tuple(batch.ids.shape)}")
         L = len(self.shards)
         cached, total = self._evict([s for row in self.shards for s in row if not s.preloaded])
-        q = _QueryIO(L)
+        q = QueryIO(L)
         B, n = batch.ids.shape
         ws = self.workspace
         if (B, n) != (ws.batch, ws.n):  # not the planned query shape: its own, not accounted
@@ -501,12 +641,8 @@ class Executor:
                     self.encoder.embed_into(ws, batch.ids, batch.mask, rows)
                 e1 = ms()
                 for l, row in enumerate(self.shards):
-                    wait_for = l if self.execution == PIPELINED else L - 1
-                    q.read[wait_for].wait()
-                    if q.failure:
+                    if not await_reads(q, l if self.execution == PIPELINED else L - 1):
                         break
-                    if q.layers[wait_for].deadline is not None:  # the device's completion
-                        DeviceClock.sleep_until(q.layers[wait_for].deadline)
                     start = ms()
                     decode_s = self._compute_layer(l, row, ws) if row else 0.0
                     compute.append((start, ms(), decode_s * 1e3))
@@ -521,91 +657,46 @@ class Executor:
                 ev.set()
             io.join()
         self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, q.ring.high)
-        if q.failure:
-            e = q.failure[0]
-            if isinstance(e, StoreError):
-                raise e
-            raise StoreError(f"{self.store.path}: IO worker failed: {e}") from e
+        raise_io_failure(q, self.store)
         return RunTrace(latency_ms=p1, layers=q.traces(t0, compute), embed_ms=(e0, e1),
                         pool_ms=(p0, p1), cached_pages_before=cached, streamed_pages=total,
                         embedding=embedding)
 
-    def _io_worker(self, q: "_QueryIO", batch: Batch) -> None:
+    def _io_worker(self, q: "QueryIO", batch: Batch) -> None:
         """The IO thread of one query. Reads back to back in plan order: real reads run ahead
         of the emulated device (absorbing the real disk's latency spikes), and the device
         clock books when each read would complete on the device. Layer l's reads wait for
         layer l-W-1's compute (the window); the compute thread sleeps to a layer's
         deadline."""
-        window = self.layout.window
         try:
             q.go.wait()
             if self.stream_embeddings:
                 q.rows_deadline = self._read_rows(batch.ids[0])
                 q.rows_ready.set()
-            for l, row in enumerate(self.shards):
-                if window is not None and l > window:
-                    if self.clock.emulated:
-                        self._hint(row)
-                    q.computed[l - window - 1].wait()
-                    if q.failure:
-                        return
-                q.ring.take(self.layer_bytes[l])
-                start = time.perf_counter()
-                n = nbytes = 0
-                deadline = None
-                for s in row:
-                    if s.preloaded:
-                        continue
-                    issued = time.perf_counter()
-                    self._read(s)
-                    deadline = self.clock.complete(s.variant.nbytes, time.perf_counter(), issued)
-                    n, nbytes = n + 1, nbytes + s.variant.nbytes
-                q.layers[l] = _LayerIO(start, time.perf_counter(), deadline, n, nbytes)
-                q.read[l].set()
+            read_layers(q, self.shards, self.layer_bytes, self.layout.window, self.clock,
+                        self._read, self._hint)
         except BaseException as e:  # reported on the compute thread
-            q.failure.append(e)
-            q.rows_ready.set()
-            for ev in q.read:
-                ev.set()
+            io_failed(q, e)
 
-    def _compute_layer(self, l: int, row: list[_Shard], ws: Workspace) -> float:
+    def _compute_layer(self, l: int, row: list[PlacedShard], ws: Workspace) -> float:
         """Layer l shard by shard (heads, then FFN slices, in plan order): each quantised
         (or split) shard is decoded into the one scratch and applied at once; fp32 shards
         are applied where they lie. Returns the seconds spent decoding."""
         decode = 0.0
-        scratch = self.scratch
         for part in ("attn", "ffn"):
             self.encoder.layer_start(ws, l, part)
             for s in row:
                 if s.head != (part == "attn"):
                     continue
-                views = s.views
-                if views is None:
-                    t = time.perf_counter()
-                    v = s.variant
-                    raw = s.raw
-                    if raw is None:  # wrapped around the ring's end: joined first
-                        target = self.scratch_bytes if s.fp32 else self.bounce
-                        pos = 0
-                        for piece in s.iov:
-                            target[pos:pos + piece.nbytes] = piece
-                            pos += piece.nbytes
-                        raw = memoryview(target[:v.nbytes]).cast("B")
-                    if s.fp32 and s.raw is None:
-                        views = _stored_views(v, raw)  # now lying in the scratch
-                    else:
-                        w = scratch[:v.rows * v.cols].view(v.rows, v.cols)
-                        bias = scratch[v.rows * v.cols:v.rows * v.cols + v.bias]
-                        decode_into(v, raw, Slot(w[:v.in_rows], w[v.in_rows:].t(), bias),
-                                    self.work)
-                        views = (w[:v.in_rows], w[v.in_rows:], bias)
-                    decode += time.perf_counter() - t
+                views, seconds = shard_weights(s, self.scratch, self.scratch_bytes, self.bounce,
+                                               self.work)
+                decode += seconds
                 (self.encoder.head if s.head else self.encoder.ffn_slice)(ws, *views)
             self.encoder.layer_end(ws, l, part)
         return decode
 
 
-def _touched(nbytes: int) -> np.ndarray:
+def touched(nbytes: int) -> np.ndarray:
     """A byte buffer with every page touched now, not during a query."""
     buf = np.empty(max(nbytes, 0), np.uint8)
     buf[:] = 0

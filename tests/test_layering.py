@@ -36,6 +36,8 @@ RUNTIME_LEVELS = {
     "runtime.iodev": 3,  # cold reads and the emulated device clock
     "runtime.profiling": 4,  # importance, submodels, additivity: built on the store
     "runtime.executor": 4,  # one query exactly as a plan says
+    "runtime.decode_layers": 4,  # a llama layer shard by shard, the table from its stored bytes
+    "runtime.decoding": 5,  # a decoder's answer token by token, on the executor's parts
     "runtime.measurement": 5,  # repeated runs of the executor and their report
     "runtime.calibrate": 6,  # this machine as a device, measured through the executor
     "runtime.commands": 7,  # the runtime's commands

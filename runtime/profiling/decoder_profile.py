@@ -480,16 +480,18 @@ class DecoderEvaluation:
 
 @torch.inference_mode()
 def evaluate_bits(store: ShardStore, bits: list[dict[str, int]], texts: list[str], *,
-                  max_tokens: int = EVAL_TOKENS, batch: int = BATCH) -> DecoderEvaluation:
+                  max_tokens: int = EVAL_TOKENS, batch: int = BATCH,
+                  table_bits: int | None = None) -> DecoderEvaluation:
     """The submodel with, per layer, these shards at these bitwidths (absent: dropped)
-    against the full model, on `texts` (each cut to `max_tokens` tokens)."""
+    and the embedding table at `table_bits` (None: fp32), against the full model, on
+    `texts` (each cut to `max_tokens` tokens)."""
     import numpy as np
 
     batches = token_batches(store, texts, max_tokens, batch)
     if not batches:
         raise ValueError("no text of two or more tokens to evaluate on")
     n = max(ids.shape[1] for ids, _ in batches)
-    full, sub = store.decoder(context=n), store.decoder(bits, context=n)
+    full, sub = store.decoder(context=n), store.decoder(bits, context=n, table_bits=table_bits)
     kl, agree, nll, nll_full, count = [], [], [], [], []
     for ids, mask in batches:
         s = scored(mask)

@@ -1,0 +1,245 @@
+"""A llama layer computed shard by shard over preallocated buffers, and the embedding /
+LM-head table read from its stored bytes: the compute of the decode executor
+(runtime/decoding.py).
+
+The math is runtime/families/llama.py's Decoder, op for op where it can be (RMSNorm,
+rotary positions, softmax attention over the KV cache, SwiGLU), but a layer's shards are
+applied one at a time, each from where its weights lie (the preload buffer, the IO ring,
+or the one compute scratch a quantised shard is decoded into), and every intermediate
+lives in a `DecodeWorkspace` allocated once: a pass holds nothing else. The sums over a
+layer's KV groups and FFN slices are taken shard by shard (the Decoder takes them in one
+matmul), so the two agree to float rounding (~1e-6), not bit for bit.
+
+Shards as the store keeps them (runtime/store.py): input rows [in_rows, hidden] (a KV
+group's Wq rows of its q_per_kv heads, Wk's and Wv's rows of its K/V head; an FFN slice's
+gate and up rows) and output rows [rows - in_rows, hidden] (Wo's columns of its heads;
+down's columns), as `runtime.executor.shard_weights` gives them.
+
+The table (the tied embedding / LM head) at b bits is one stored block [vocab, hidden]:
+fp32 rows, or (uniform scheme) packed codes [vocab, row_bytes] then fp32 scales [vocab].
+It may lie in two pieces (wrapped around the IO ring's end); `StoredTable` reads a token's
+row out of it and computes the logits `HEAD_CHUNK_ROWS` rows at a time, dequantising
+each chunk into the scratch (which the planner prices so:
+elasticplan.problem.spec.HEAD_CHUNK_ROWS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from elasticplan.errors import StoreError
+from elasticplan.problem.spec import HEAD_CHUNK_ROWS  # the planner's, so that both agree
+from runtime.families.llama import KVCache, LlamaConfig, rope_tables
+from runtime.schemes import uniform
+from runtime.schemes.base import FP32, DecodeWork
+from runtime.store import Variant
+
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input rows, output rows, bias)
+
+
+class DecodeWorkspace:
+    """Every activation of one pass, fp32 unless said, allocated (and touched) once:
+    the residual stream `x`, its normed copy `h` and the accumulator `acc` [prompt, hidden];
+    per chunk of `chunk` positions: a shard's projections `y` [chunk, max((q_per_kv + 2)
+    head_dim, 2 ffn_slice)], the rotated queries and the rotation's temporary [q_per_kv,
+    chunk, head_dim] each, the scores [q_per_kv, chunk, attended] (attended <= prompt in
+    the prompt pass, <= context in a decode step), the context vectors twice [q_per_kv,
+    chunk, head_dim] and the causal mask (bool) [chunk, context]; the norm's [prompt, 1],
+    the column indices (int64) [context], the rotary tables [context, head_dim] twice, the
+    final normed state [hidden] and the logits [vocab]."""
+
+    def __init__(self, c: LlamaConfig, prompt: int, chunk: int, context: int):
+        self.config, self.prompt, self.chunk, self.context = c, prompt, chunk, context
+        d, hd, qk = c.hidden, c.head_dim, c.q_per_kv
+        self.x, self.h, self.acc = (torch.zeros(prompt, d) for _ in range(3))
+        self.y = torch.zeros(chunk * max((qk + 2) * hd, 2 * c.ffn_slice))
+        self.q, self.rot, self.ctx, self.ctx2 = (torch.zeros(qk * chunk * hd) for _ in range(4))
+        self.scores = torch.zeros(qk * max(chunk * prompt, context))
+        self.mask = torch.zeros(chunk * context, dtype=torch.bool)
+        self.ms = torch.zeros(prompt, 1)
+        self.col = torch.arange(context)
+        self.cos, self.sin = rope_tables(c, context)
+        self.hn = torch.zeros(d)
+        self.logits = torch.zeros(c.vocab)
+        self.scale = 1.0 / math.sqrt(hd)
+
+    @property
+    def nbytes(self) -> int:
+        ts = (self.x, self.h, self.acc, self.y, self.q, self.rot, self.ctx, self.ctx2,
+              self.scores, self.mask, self.ms, self.col, self.cos, self.sin, self.hn,
+              self.logits)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def rms_norm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float,
+                  ms: torch.Tensor) -> torch.Tensor:
+    """out = w * (x * rsqrt(mean(x^2) + eps)) (the Decoder's rms_norm) in preallocated
+    buffers (`ms` [n, 1])."""
+    torch.mul(x, x, out=out)
+    torch.mean(out, -1, keepdim=True, out=ms)
+    ms.add_(eps).rsqrt_()
+    torch.mul(x, ms, out=out)
+    return out.mul_(w)
+
+
+def rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              rot: torch.Tensor) -> torch.Tensor:
+    """out = x cos + rotate_half(x) sin (the Decoder's apply_rope), `rot` a buffer of x's
+    shape."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    torch.neg(x[..., half:], out=rot[..., :half])
+    rot[..., half:].copy_(x[..., :half])
+    return out.add_(rot.mul_(sin))
+
+
+def attention_group(ws: DecodeWorkspace, cache: KVCache, l: int, g: int, w: Weights,
+                    start: int, n: int, first: bool) -> None:
+    """One kept KV group (index g among layer l's kept groups) on positions start..start+n-1
+    (their normed input in ws.h[:n]): its keys (rotated) and values into the cache, its
+    q_per_kv heads' softmax attention over cache columns 0..start+n-1 (causal), and its
+    output projection into ws.acc[:n] (written if `first`, else added)."""
+    c = ws.config
+    qk, hd = c.q_per_kv, c.head_dim
+    inp, out, _ = w
+    chunk = ws.chunk
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        a, e = start + s, start + s + m  # positions of this chunk; it attends columns [0, e)
+        y = torch.mm(ws.h[s:s + m], inp.t(), out=ws.y[:m * inp.shape[0]].view(m, -1))
+        cos, sin = ws.cos[a:e], ws.sin[a:e]
+        q = rope_into(ws.q[:qk * m * hd].view(qk, m, hd),
+                      y[:, :qk * hd].view(m, qk, hd).transpose(0, 1), cos, sin,
+                      ws.rot[:qk * m * hd].view(qk, m, hd))
+        rope_into(cache.k[l][0, g, a:e], y[:, qk * hd:(qk + 1) * hd], cos, sin,
+                  ws.rot[:m * hd].view(m, hd))
+        cache.v[l][0, g, a:e].copy_(y[:, (qk + 1) * hd:])
+        scores = torch.mm(q.view(qk * m, hd), cache.k[l][0, g, :e].t(),
+                          out=ws.scores[:qk * m * e].view(qk * m, e)).mul_(ws.scale)
+        if m > 1:  # a column after a position is masked (a decode step's single row sees all)
+            mask = torch.gt(ws.col[None, :e], ws.col[a:e, None],
+                            out=ws.mask[:m * e].view(m, e))
+            scores.view(qk, m, e).masked_fill_(mask, float("-inf"))
+        torch.softmax(scores, -1, out=scores)
+        ctx = torch.mm(scores, cache.v[l][0, g, :e], out=ws.ctx[:qk * m * hd].view(qk * m, hd))
+        heads = ws.ctx2[:m * qk * hd].view(m, qk, hd)
+        heads.copy_(ctx.view(qk, m, hd).transpose(0, 1))
+        _project(ws.acc[s:s + m], heads.view(m, qk * hd), out, first)
+
+
+def ffn_slice(ws: DecodeWorkspace, w: Weights, n: int, first: bool) -> None:
+    """One FFN slice on the n positions of ws.h: down(silu(gate h) * up h) into ws.acc[:n]
+    (written if `first`, else added)."""
+    inp, out, _ = w
+    f = inp.shape[0] // 2
+    for s in range(0, n, ws.chunk):
+        m = min(ws.chunk, n - s)
+        y = torch.mm(ws.h[s:s + m], inp.t(), out=ws.y[:m * 2 * f].view(m, 2 * f))
+        act = F.silu(y[:, :f], inplace=True).mul_(y[:, f:])
+        _project(ws.acc[s:s + m], act, out, first)
+
+
+def _project(acc: torch.Tensor, a: torch.Tensor, out_rows: torch.Tensor, first: bool) -> None:
+    """acc (=|+=) a @ out_rows (a shard's output projection; out_rows [k, hidden])."""
+    if first:
+        torch.mm(a, out_rows, out=acc)
+    else:
+        acc.addmm_(a, out_rows)
+
+
+# --- the table, from its stored bytes ------------------------------------------------------
+
+def _span(pieces: list[memoryview], start: int, n: int, spill: np.ndarray) -> memoryview:
+    """Bytes [start, start + n) of a buffer that lies in `pieces` (one, or two around the
+    ring's end): a view where they are in one piece, else joined in `spill`."""
+    at = 0
+    for p in pieces:
+        if start < at + p.nbytes:
+            if start + n <= at + p.nbytes:
+                return p[start - at:start - at + n]
+            break
+        at += p.nbytes
+    out = memoryview(spill[:n]).cast("B")
+    done, at = 0, 0
+    for p in pieces:
+        lo, hi = max(start, at), min(start + n, at + p.nbytes)
+        if lo < hi:
+            out[done:done + hi - lo] = p[lo - at:hi - at]
+            done += hi - lo
+        at += p.nbytes
+    return out
+
+
+class StoredTable:
+    """The embedding / LM-head table at its stored bitwidth, read from its bytes wherever
+    they lie (`pieces`: the resident copy, or its place in the IO ring, one or two views).
+    Quantised tables are the uniform scheme's (one block: codes, then scales)."""
+
+    def __init__(self, v: Variant, hidden: int):
+        if v.bits != FP32 and v.scheme.coder(v.bits) is not uniform.UNIFORM:
+            raise StoreError(f"{v.file}: the embedding table at {v.bits} bits is kept in the "
+                             f"{v.scheme.coder(v.bits).name} scheme; the decode executor reads "
+                             f"a table kept in the uniform scheme")
+        self.variant, self.bits, self.vocab, self.hidden = v, v.bits, v.rows, hidden
+        self.row_bytes = uniform.row_bytes(hidden, v.bits)  # codes (fp32: the row)
+        self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)
+
+    @property
+    def fp32(self) -> bool:
+        return self.bits == FP32
+
+    def spill_bytes(self) -> int:
+        """The buffer a chunk of rows split by the ring's end is joined in: its codes and its
+        scales (fp32 rows are joined in the compute scratch instead)."""
+        return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + 4)
+
+    def decode_work(self, rows: int) -> tuple[int, ...]:
+        """DecodeWork sizes to dequantise `rows` rows at once."""
+        return (0,) * 5 if self.fp32 else self.variant.scheme.decode_work(
+            ((rows, self.hidden),), self.bits)
+
+    def _scales_at(self, row: int) -> int:
+        return self.vocab * self.row_bytes + 4 * row
+
+    def row_into(self, out: torch.Tensor, pieces: list[memoryview], token: int,
+                 spill: np.ndarray, work: DecodeWork | None) -> None:
+        """Token `token`'s embedding (fp32 [hidden]) into `out` (a row split by the ring's
+        end is joined in `spill`: row_bytes + 4 bytes at least)."""
+        raw = _span(pieces, token * self.row_bytes, self.row_bytes, spill)
+        if self.fp32:
+            out.copy_(torch.frombuffer(raw, dtype=torch.float32))
+            return
+        codes = torch.frombuffer(raw, dtype=torch.uint8).view(1, -1)
+        scale = torch.frombuffer(_span(pieces, self._scales_at(token), 4,
+                                       spill[self.row_bytes:]), dtype=torch.float32)
+        uniform.dequantize_into(out.view(1, -1), codes, scale, self.bits, work)
+
+    def logits_into(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
+                    scratch: torch.Tensor, scratch_bytes: np.ndarray, spill: np.ndarray,
+                    work: DecodeWork | None) -> float:
+        """logits [vocab] = table @ hn, chunk by chunk of rows (a quantised chunk dequantised
+        into the scratch first; a chunk split by the ring's end joined first: fp32 rows in
+        the scratch, codes and scales in `spill`). Returns the seconds spent dequantising."""
+        d, R, decode = self.hidden, self.chunk_rows, 0.0
+        for r0 in range(0, self.vocab, R):
+            rows = min(R, self.vocab - r0)
+            if self.fp32:
+                raw = _span(pieces, 4 * d * r0, 4 * d * rows, scratch_bytes)
+                w = torch.frombuffer(raw, dtype=torch.float32).view(rows, d)
+            else:
+                t = time.perf_counter()
+                nb = rows * self.row_bytes
+                codes = torch.frombuffer(_span(pieces, r0 * self.row_bytes, nb, spill),
+                                         dtype=torch.uint8).view(rows, self.row_bytes)
+                scales = torch.frombuffer(_span(pieces, self._scales_at(r0), 4 * rows,
+                                                spill[R * self.row_bytes:]), dtype=torch.float32)
+                w = uniform.dequantize_into(scratch[:rows * d].view(rows, d), codes, scales,
+                                            self.bits, work)
+                decode += time.perf_counter() - t
+            torch.mv(w, hn, out=logits[r0:r0 + rows])
+        return decode

@@ -1,0 +1,589 @@
+"""The decode executor: a llama decoder generating token by token, as a plan says, with
+every stage timestamped and every buffer accounted (the runtime of `elasticplan
+generate`; docs/runtime.md, "The decode executor").
+
+It takes, per layer, the shards that run (KV groups, FFN slices), their stored bitwidths
+and whether each is resident (held for the whole answer, in stored form) or streamed
+(read again in every pass); the embedding / LM-head table's bitwidth and whether it is
+resident or streamed; the prefetch window; the context (prompt + answer tokens) and the
+storage (emulated at a device's bandwidth and per-read latency, or this machine's). It
+decides nothing.
+
+- Open (`DecodeExecutor(...)`): every picked variant and the table variant must exist;
+  the files are opened and every buffer is allocated once, touched, and never grown: the
+  preload buffer (resident shards, stored form), the table buffer (the table when
+  resident, stored form), the IO ring (the most streamed bytes of any W+1 consecutive
+  layers, the streamed table counted as a last pseudo-layer:
+  elasticplan.costmodel.window_peak, as the planner predicts it), the KV cache of the kept
+  KV groups only at the full context (runtime.families.llama.KVCache), the compute
+  scratch (one shard in fp32, or HEAD_CHUNK_ROWS rows of the table), the dequantisation
+  workspace and bounce buffer, the prompt's quantised rows (a quantised table) and the
+  activation workspace (runtime.decode_layers.DecodeWorkspace). The resident set is then
+  read, each variant into the buffer it will use and checked against its sha256 (streamed
+  ones into the ring), and the norms are loaded from resident.bin (its checksum checked,
+  the fp32 table left in the file).
+- `generate(prompt, max_new_tokens, on_token)`: greedy decoding, one pipelined pass per
+  token, each exactly the encoder Executor's pipeline (runtime/executor.py: the same
+  placement, reads, window, device clock, ring accounting and traces). Before every pass
+  the streamed files' pages are evicted (cold reads; mincore counts what stayed). The
+  prompt pass (prefill): when the table is streamed, the prompt's embedding rows are
+  read from the table variant first, one read per token (two for a quantised table: the
+  row's codes and its scale); then every streamed shard is read into the ring layer by
+  layer (layer l's reads wait until layer l-W-1 has computed); each layer computes the
+  whole prompt (causal attention, in chunks of `chunk` positions); then the table (read
+  into the ring after the last layer when streamed, under the same window) gives the
+  logits of the last position. Each decode step is the same pass for one token: every
+  streamed shard read again, attention over the KV cache so far, the LM head at the
+  table's bitwidth (read again when streamed); its input row is the previous token's,
+  copied out of the table while it still lay in the ring (streamed: no read) or from the
+  resident table. Stops at EOS (included) or max_new_tokens; `on_token(id)` is called as
+  each token is produced (after its pass's trace is taken).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from elasticplan.costmodel import window_peak
+from elasticplan.errors import StoreError
+from elasticplan.problem.spec import Device
+from runtime.decode_layers import (
+    DecodeWorkspace,
+    StoredTable,
+    attention_group,
+    ffn_slice,
+    rms_norm_into,
+)
+from runtime.executor import (
+    LayerTrace,
+    PlacedShard,
+    QueryIO,
+    await_reads,
+    check_placed,
+    evict_shards,
+    fill_shards,
+    hint_shards,
+    io_failed,
+    open_files,
+    place_shards,
+    raise_io_failure,
+    read_layers,
+    read_shard,
+    shard_weights,
+    touched,
+)
+from runtime.families.llama import KVCache
+from runtime.iodev import DeviceClock
+from runtime.schemes import uniform
+from runtime.schemes.base import FP32, DecodeWork
+from runtime.store import TABLE, ShardStore, Variant
+
+MODEL_EOS = -1  # generate's default eos_id: the model's
+
+
+@dataclass(frozen=True)
+class ShardPick:
+    """One shard of a layer that runs: its name ("group1", "ffn3"), stored bitwidth, and
+    whether it is resident (held in stored form for the whole answer) or streamed."""
+
+    name: str
+    bits: int
+    resident: bool = False
+
+
+@dataclass(frozen=True)
+class TablePick:
+    """The embedding / LM-head table: stored bitwidth, resident or streamed."""
+
+    bits: int = FP32
+    resident: bool = True
+
+
+def emulated_storage(bandwidth_mb_s: float, latency_us: float) -> Device:
+    """A device whose storage the executor emulates (only its storage terms are used)."""
+    return Device(name=f"storage {bandwidth_mb_s:g} MB/s + {latency_us:g} us",
+                  bandwidth_mb_s=bandwidth_mb_s, latency_us=latency_us, gflops=1.0,
+                  layer_overhead_ms=0.0, dequant_gb_s=None, memory_mb=1e6)
+
+
+@dataclass
+class PassTrace:
+    """One pass (the prompt's, or one decode step's), ms from the pass's start: its input
+    (embedding rows: read when the table is streamed in the prompt pass), per layer the IO
+    and compute intervals (runtime.executor.LayerTrace), the LM head as its own stage (its
+    IO the table's read when streamed; `index` = the number of layers), and the total."""
+
+    kind: str  # "prefill" or "decode"
+    position: int  # the first position it computes
+    tokens: int  # positions it computes
+    token: int  # the token it produced (greedy)
+    latency_ms: float  # pass start -> the token known
+    embed_ms: tuple[float, float]  # input rows in place (start, end)
+    rows_io_ms: tuple[float, float] | None  # the prompt's row reads on the device (streamed)
+    row_reads: int  # reads of embedding rows (prompt pass, table streamed)
+    layers: list[LayerTrace]
+    head: LayerTrace
+    cached_pages_before: int  # pages of the streamed files' ranges still cached at start
+    streamed_pages: int
+    ring_high_water_bytes: int
+
+    @property
+    def reads(self) -> int:
+        return sum(t.reads for t in self.layers) + self.head.reads + self.row_reads
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.layers) + self.head.read_bytes
+
+
+@dataclass
+class DecodeMemory:
+    """The decode executor's own accounting of what it holds (bytes), by term, exact.
+
+    `resident_bytes`: the norms and, when resident, the table (stored form).
+    `preload_bytes`: the resident shards (stored form). `ring_bytes`: the IO ring, as
+    sized; `ring_high_water_bytes`: the most of it in use in any pass so far (a layer's
+    bytes are in use from the start of its first read to the end of its compute; the
+    table's to the end of the LM head and the next row's copy). `kv_cache_bytes`: the KV
+    cache of the kept groups at the full context. `scratch_bytes`: the one compute
+    scratch. `rows_bytes`: the prompt's stored rows of a quantised table.
+    `workspace_bytes`: activations (DecodeWorkspace), the dequantisation workspace, the
+    bounce buffer and the table's spill buffer."""
+
+    resident_bytes: int
+    preload_bytes: int
+    ring_bytes: int
+    kv_cache_bytes: int
+    scratch_bytes: int
+    rows_bytes: int
+    workspace_bytes: int
+    ring_high_water_bytes: int = 0
+
+    def _fixed(self) -> int:
+        return (self.resident_bytes + self.preload_bytes + self.kv_cache_bytes
+                + self.scratch_bytes + self.rows_bytes + self.workspace_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """What it held at its peak: every term, the ring at its high-water mark."""
+        return self._fixed() + self.ring_high_water_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Every term, the ring at its size: what a plan predicts."""
+        return self._fixed() + self.ring_bytes
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"peak_bytes": self.peak_bytes,
+                                           "allocated_bytes": self.allocated_bytes}
+
+
+@dataclass
+class GenerateResult:
+    prompt_tokens: int
+    tokens: list[int]  # the answer (EOS included when it came)
+    stop: str  # "eos" or "max_new_tokens"
+    passes: list[PassTrace]  # the prompt pass, then one per decode step
+    memory: DecodeMemory  # a copy, after the answer
+    process_peak_bytes: int  # VmHWM of this process after the answer
+    logits: list[torch.Tensor] | None = field(default=None, repr=False)  # per pass (kept)
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.passes[0].latency_ms
+
+    @property
+    def step_ms(self) -> list[float]:
+        return [p.latency_ms for p in self.passes[1:]]
+
+
+def _table_variant(store: ShardStore, bits: int) -> tuple[Variant, bool]:
+    """The table at `bits` and whether its own checksum applies: the stored variant
+    (runtime.store ShardStore.table_variant), or, in a store built before tables were
+    stored, resident.bin's fp32 table (checked with the file, by ShardStore.resident)."""
+    c = store.config
+    if any(k[1] == TABLE for k in store.index.variants) or bits != FP32:
+        return store.table_variant(bits), True
+    e = store.index.resident.tensors["embed"]
+    return Variant(layer=c.layers, name=TABLE, bits=FP32, file=store.index.resident.file,
+                   offset=e.offset, nbytes=e.nbytes, rows=c.vocab, cols=c.hidden,
+                   in_rows=c.vocab, bias=0, sha256=""), False
+
+
+def _norms(store: ShardStore) -> dict[str, torch.Tensor]:
+    """The resident tensors but the table (resident.bin's checksum and values checked in
+    full, as ShardStore.resident does; the table's bytes are not loaded)."""
+    entry = store.index.resident
+    keep = {k: t for k, t in entry.tensors.items() if k not in ("embed", "lm_head")}
+    view = copy.copy(store)
+    view.index = dataclasses.replace(store.index,
+                                     resident=dataclasses.replace(entry, tensors=keep))
+    return view.resident()
+
+
+def _max_work(*sizes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(s[k] for s in sizes) for k in range(5))
+
+
+class DecodeExecutor:
+    def __init__(self, store: ShardStore, picks: Sequence[Sequence[ShardPick]],
+                 table: TablePick = TablePick(), *, context: int, window: int | None = None,
+                 device: Device | None = None, threads: int | None = None,
+                 prompt_tokens: int | None = None, chunk: int | None = None):
+        """Check the picks against the store, open the files, allocate every buffer, place
+        every picked variant and the table, read the resident set and check every variant
+        against its sha256. `context`: the KV cache's columns (prompt + answer);
+        `prompt_tokens`: the longest prompt (default context - 1); `chunk`: prompt
+        positions computed at once in a layer (default: all); `device`: emulated storage
+        (None: this machine's); `threads`: torch's (None: as set)."""
+        c = store.config
+        if c.family != "llama":
+            raise StoreError(f"{store.path}: the decode executor runs a llama store, this one "
+                             f"holds a {c.family}")
+        if not c.tied:
+            raise StoreError(f"{store.path}: an untied LM head is not supported by the decode "
+                             f"executor (the table is both the embeddings and the LM head)")
+        if len(picks) != c.layers:
+            raise ValueError(f"picks for {len(picks)} layers, the model has {c.layers}")
+        if not 2 <= context <= c.context:
+            raise ValueError(f"context must be in [2, {c.context}], got {context}")
+        prompt_tokens = context - 1 if prompt_tokens is None else int(prompt_tokens)
+        if not 1 <= prompt_tokens < context:
+            raise ValueError(f"prompt_tokens must be in [1, {context - 1}], got {prompt_tokens}")
+        chunk = prompt_tokens if chunk is None else min(int(chunk), prompt_tokens)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if window is not None and window < 0:
+            raise ValueError(f"window must be >= 0 or None, got {window}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.store, self.config, self.context, self.window = store, c, context, window
+        self.prompt_tokens, self.chunk = prompt_tokens, chunk
+        self.clock = DeviceClock(device)
+        self.picks = [list(row) for row in picks]
+        variants = []
+        for l, row in enumerate(self.picks):
+            names = [p.name for p in row]
+            if len(set(names)) != len(names):
+                raise ValueError(f"layer {l}: a shard picked twice in {names}")
+            for n in names:
+                c.parse(n)
+            variants.append([(store.variant(l, p.name, p.bits), p.resident) for p in row])
+        tv, table_checked = _table_variant(store, table.bits)
+        self.table_pick, self.table = table, StoredTable(tv, c.hidden)
+        self.stream_table = not table.resident
+        self.layer_bytes = [sum(v.nbytes for v, r in row if not r) for row in variants] + \
+            ([tv.nbytes] if self.stream_table else [])
+        self.fds: dict[str, int] = open_files(store, {v.file for row in variants for v, _ in row}
+                                              | {tv.file})
+        try:
+            self._allocate(variants, tv)
+            attention = lambda name: name != TABLE and c.parse(name)[0] == "group"  # noqa: E731
+            if self.stream_table:  # the table after the last layer's shards, in the ring
+                placed = place_shards(variants + [[(tv, False)]], self.preload_buffer,
+                                      self.ring, attention)
+                self.shards, self.table_shard = placed[:-1], placed[-1][0]
+            else:  # in its own buffer
+                self.shards = place_shards(variants, self.preload_buffer, self.ring, attention)
+                self.table_shard = place_shards([[(tv, True)]], self.table_buffer, self.ring,
+                                                attention)[0][0]
+            check_placed(store, self.shards, self.ring, self.fds)
+            if table_checked:
+                check_placed(store, [[self.table_shard]], self.ring, self.fds)
+            elif not self.stream_table:  # resident.bin's table, checked with the file below
+                read_shard(store, self.fds, self.table_shard)
+            self.norms = _norms(store)
+        except BaseException:
+            self.close()
+            raise
+        self.rows = self.shards + ([[self.table_shard]] if self.stream_table else [])
+        self.memory = DecodeMemory(
+            resident_bytes=sum(t.numel() * 4 for t in self.norms.values())
+            + self.table_buffer.nbytes,
+            preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
+            kv_cache_bytes=self.cache.nbytes, scratch_bytes=self.scratch.numel() * 4,
+            rows_bytes=self.rows_codes.nbytes + self.rows_scales.numel() * 4,
+            workspace_bytes=self.ws.nbytes + self.work.nbytes + self.bounce.nbytes
+            + self.spill.nbytes)
+
+    def _allocate(self, variants: list[list[tuple[Variant, bool]]], tv: Variant) -> None:
+        c, t, P = self.config, self.table, self.prompt_tokens
+        self.preload_buffer = touched(sum(v.nbytes for row in variants for v, r in row if r))
+        self.table_buffer = touched(0 if self.stream_table else tv.nbytes)
+        self.ring = touched(window_peak(self.layer_bytes, self.window))
+        widest = max(c.shard_rows(n) for n in c.shard_names()) * c.hidden
+        self.scratch = torch.zeros(max(widest, t.chunk_rows * c.hidden))
+        self.scratch_bytes = self.scratch.numpy().view(np.uint8)
+        work, bounce = self.store.decode_buffers()
+        self.work = DecodeWork(*_max_work(work, t.decode_work(t.chunk_rows), t.decode_work(P)))
+        self.bounce = touched(bounce)
+        self.spill = touched(t.spill_bytes())
+        quantised = not t.fp32
+        self.rows_codes = torch.zeros(P if quantised else 0, t.row_bytes, dtype=torch.uint8)
+        self.rows_scales = torch.zeros(P if quantised else 0)
+        self.ws = DecodeWorkspace(c, P, self.chunk, self.context)
+        self.x_bytes = self.ws.x.numpy().reshape(-1).view(np.uint8)  # (fp32 rows read here)
+        kept = [SimpleNamespace(groups=[p.name for p in row if c.parse(p.name)[0] == "group"])
+                for row in self.picks]
+        self.cache = KVCache(c, kept, 1, self.context)
+        for kv in self.cache.k + self.cache.v:
+            if kv is not None:
+                kv.zero_()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> "DecodeExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- IO ----------------------------------------------------------------------------
+
+    def _read(self, s: PlacedShard) -> None:
+        read_shard(self.store, self.fds, s)
+
+    def _hint(self, row: list[PlacedShard]) -> None:
+        hint_shards(self.fds, row)
+
+    def fill_preload(self) -> float:
+        """Read the resident set (resident shards, the resident table) again, cold, through
+        the device clock, as a device would load it before the first prompt; returns its
+        milliseconds. (Opening already read and checked it: this only times it.)"""
+        shards = [s for row in self.shards for s in row if s.preloaded]
+        if not self.stream_table:
+            shards.append(self.table_shard)
+        return fill_shards(self.store, self.fds, self.clock, shards)
+
+    def _read_rows(self, ids: list[int]) -> float | None:
+        """The prompt's embedding rows from the streamed table, on the IO thread: per token
+        one pread of its fp32 row straight into the residual stream, or (quantised) one of
+        its codes and one of its scale into the rows buffers; each booked on the device
+        clock. Returns the last completion."""
+        t, v = self.table, self.table_shard.variant
+        fd, deadline = self.fds[v.file], None
+        codes, scales = self.rows_codes.numpy(), self.rows_scales.numpy().view(np.uint8)
+        targets = []
+        for i, token in enumerate(ids):
+            if t.fp32:
+                targets.append((memoryview(self.x_bytes[i * t.row_bytes:(i + 1) * t.row_bytes]),
+                                v.offset + token * t.row_bytes))
+            else:
+                targets += [(memoryview(codes[i]), v.offset + token * t.row_bytes),
+                            (memoryview(scales[4 * i:4 * i + 4]),
+                             v.offset + t.vocab * t.row_bytes + 4 * token)]
+        for view, offset in targets:
+            issued = time.perf_counter()
+            if os.preadv(fd, [view], offset) != view.nbytes:
+                raise StoreError(f"{self.store.file(v.file)}: short read of an embedding row "
+                                 f"at offset {offset}")
+            deadline = self.clock.complete(view.nbytes, time.perf_counter(), issued)
+        return deadline
+
+    def _io_worker(self, q: QueryIO, ids: list[int] | None) -> None:
+        try:
+            q.go.wait()
+            if ids is not None:
+                q.rows_deadline = self._read_rows(ids)
+                q.rows_ready.set()
+            read_layers(q, self.rows, self.layer_bytes, self.window, self.clock, self._read,
+                        self._hint)
+        except BaseException as e:  # reported on the compute thread
+            io_failed(q, e)
+
+    # --- compute -----------------------------------------------------------------------
+
+    def _table_pieces(self) -> list[memoryview]:
+        return self.table_shard.iov
+
+    def _embed(self, ids: list[int], streamed_rows: bool) -> float:
+        """The pass's input rows into the residual stream: read by the IO thread (fp32,
+        nothing to do), decoded from the rows read (quantised), or looked up in the
+        resident table. Returns the seconds spent dequantising."""
+        t, n, x = self.table, len(ids), self.ws.x
+        t0 = time.perf_counter()
+        if streamed_rows:
+            if t.fp32:
+                return 0.0
+            codes, scales = self.rows_codes[:n], self.rows_scales[:n]
+        elif t.fp32:
+            table = torch.frombuffer(self.table_buffer, dtype=torch.float32).view(t.vocab, -1)
+            torch.index_select(table, 0, torch.tensor(ids), out=x[:n])
+            return 0.0
+        else:
+            stored = torch.frombuffer(self.table_buffer, dtype=torch.uint8)
+            index = torch.tensor(ids)
+            codes, scales = self.rows_codes[:n], self.rows_scales[:n]
+            all_codes = stored[:t.vocab * t.row_bytes].view(t.vocab, t.row_bytes)
+            torch.index_select(all_codes, 0, index, out=codes)
+            torch.index_select(stored[t.vocab * t.row_bytes:].view(torch.float32), 0, index,
+                               out=scales)
+        uniform.dequantize_into(x[:n], codes, scales, t.bits, self.work)
+        return time.perf_counter() - t0
+
+    def _layer(self, l: int, row: list[PlacedShard], start: int, n: int) -> float:
+        """Layer l on positions start..start+n-1, shard by shard: the attention half (its
+        norm, each kept group, the residual) and the FFN half; returns the seconds spent
+        dequantising."""
+        c, ws, decode = self.config, self.ws, 0.0
+        x = ws.x[:n]
+        for part, norm in (("group", "attn_norm"), ("ffn", "ffn_norm")):
+            shards = [s for s in row if s.head == (part == "group")]
+            if not shards:
+                continue  # a half with no shards is the identity (its norm skipped too)
+            rms_norm_into(ws.h[:n], x, self.norms[f"l{l}.{norm}"], c.eps, ws.ms[:n])
+            for i, s in enumerate(shards):
+                w, seconds = shard_weights(s, self.scratch, self.scratch_bytes, self.bounce,
+                                           self.work)
+                decode += seconds
+                if part == "group":
+                    attention_group(ws, self.cache, l, i, w, start, n, i == 0)
+                else:
+                    ffn_slice(ws, w, n, i == 0)
+            x.add_(ws.acc[:n])
+        return decode
+
+    def _head(self, n: int, next_row: bool) -> tuple[int, float]:
+        """The final norm of the last position, the logits through the table at its
+        bitwidth, the greedy token; with `next_row` and a streamed table, the token's row
+        copied out of the table (still in the ring) as the next pass's input."""
+        c, ws, t = self.config, self.ws, self.table
+        rms_norm_into(ws.hn.view(1, -1), ws.x[n - 1:n], self.norms["norm"], c.eps, ws.ms[:1])
+        pieces = self._table_pieces()
+        decode = t.logits_into(ws.logits, ws.hn, pieces, self.scratch, self.scratch_bytes,
+                               self.spill, self.work)
+        token = int(ws.logits.argmax())
+        if next_row and self.stream_table:
+            t.row_into(ws.x[0], pieces, token, self.scratch_bytes if t.fp32 else self.spill,
+                       self.work)
+        return token, decode
+
+    def _pass(self, ids: list[int], start: int, next_row: bool) -> PassTrace:
+        """One pipelined pass over `ids` at positions start.. (the prompt, or one token)."""
+        L, n = self.config.layers, len(ids)
+        prefill = start == 0
+        streamed = [s for row in self.rows for s in row if not s.preloaded]
+        cached, total = evict_shards(self.fds, streamed)
+        q = QueryIO(len(self.rows))
+        rows = ids if prefill and self.stream_table else None
+        io = threading.Thread(target=self._io_worker, args=(q, rows), name="elasticplan-io",
+                              daemon=True)
+        io.start()
+        compute: list[tuple[float, float, float]] = []
+        head = token = None
+        try:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                self.clock.start(t0)
+                q.go.set()
+                ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+                e0 = ms()
+                ok = True
+                if rows is not None:
+                    q.rows_ready.wait()
+                    ok = not q.failure
+                    if ok:
+                        DeviceClock.sleep_until(q.rows_deadline)
+                if ok and (prefill or not self.stream_table):
+                    self._embed(ids, rows is not None)
+                e1 = ms()
+                for l, row in enumerate(self.shards):
+                    if not ok or not await_reads(q, l):
+                        ok = False
+                        break
+                    cs = ms()
+                    decode_s = self._layer(l, row, start, n)
+                    compute.append((cs, ms(), decode_s * 1e3))
+                    q.ring.release(self.layer_bytes[l])
+                    q.computed[l].set()
+                if ok and self.stream_table:
+                    ok = await_reads(q, L)
+                if ok:
+                    hs = ms()
+                    token, decode_s = self._head(n, next_row)
+                    head = (hs, ms(), decode_s * 1e3)
+                    if self.stream_table:
+                        q.ring.release(self.layer_bytes[L])
+                        q.computed[L].set()
+        finally:
+            for ev in q.computed:  # an IO thread waiting on the window must not hang
+                ev.set()
+            io.join()
+        self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, q.ring.high)
+        raise_io_failure(q, self.store)
+        layers = q.traces(t0, compute + ([head] if self.stream_table else []))
+        if self.stream_table:
+            head_trace = layers.pop()
+        else:
+            after = layers[-1].io_end_ms if layers else 0.0
+            head_trace = LayerTrace(L, 0, 0, after, after, *head)
+        rows_io = None if q.rows_deadline is None else (0.0, (q.rows_deadline - t0) * 1e3)
+        return PassTrace(kind="prefill" if prefill else "decode", position=start, tokens=n,
+                         token=token, latency_ms=head[1], embed_ms=(e0, e1), rows_io_ms=rows_io,
+                         row_reads=0 if rows is None else n * (1 if self.table.fp32 else 2),
+                         layers=layers, head=head_trace, cached_pages_before=cached,
+                         streamed_pages=total, ring_high_water_bytes=q.ring.high)
+
+    def generate(self, prompt: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                 on_token: Callable[[int], None] | None = None, *,
+                 eos_id: int | None = MODEL_EOS,
+                 keep_logits: bool = False) -> GenerateResult:
+        """Greedy continuation of `prompt` (token ids): up to max_new_tokens tokens,
+        ending at (and including) `eos_id` (default: the model's; None: never). With
+        `keep_logits`, each pass's logits are kept (a copy, for checking)."""
+        ids = [int(t) for t in (prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor)
+                                else prompt)]
+        c, n = self.config, len(ids)
+        eos = c.eos_id if eos_id == MODEL_EOS else eos_id
+        if not 1 <= n <= self.prompt_tokens:
+            raise ValueError(f"a prompt of {n} tokens; this executor takes 1 to "
+                             f"{self.prompt_tokens}")
+        if max_new_tokens < 1 or n + max_new_tokens - 1 > self.context:
+            raise ValueError(f"{n} prompt tokens + {max_new_tokens} new ones need "
+                             f"{n + max_new_tokens - 1} KV cache columns; the context is "
+                             f"{self.context}")
+        bad = next((t for t in ids if not 0 <= t < c.vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary of {c.vocab}")
+        out: list[int] = []
+        passes: list[PassTrace] = []
+        logits: list[torch.Tensor] = []
+        step, stop = ids, "max_new_tokens"
+        while True:
+            last = len(out) + 1 == max_new_tokens
+            trace = self._pass(step, n + len(out) - 1 if out else 0, not last)
+            passes.append(trace)
+            if keep_logits:
+                logits.append(self.ws.logits.clone())
+            out.append(trace.token)
+            if on_token is not None:
+                on_token(trace.token)
+            if eos is not None and trace.token == eos:
+                stop = "eos"
+                break
+            if last:
+                break
+            step = [trace.token]
+        return GenerateResult(prompt_tokens=n, tokens=out, stop=stop, passes=passes,
+                              memory=dataclasses.replace(self.memory),
+                              process_peak_bytes=_status_bytes("VmHWM"),
+                              logits=logits if keep_logits else None)
+
+
+def _status_bytes(name: str) -> int:
+    from runtime.measurement.memprobe import status_bytes  # (it imports the Executor)
+
+    return status_bytes(name)

@@ -1,0 +1,387 @@
+"""The decode executor (runtime/decoding.py) on the tiny random llama: it generates exactly
+what the store's Decoder with the same picks generates (fp32: the full model; dropped and
+quantised shards, a quantised table: that submodel), whatever is resident or streamed and
+whatever the window; every streamed shard is read once per pass (counted at the system
+call); its memory account is the sum of its terms and its ring never holds more than it
+was sized for; its KV cache holds the kept groups only. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from elasticplan.cli import main
+from elasticplan.costmodel import window_peak
+from elasticplan.errors import StoreError
+from runtime.decoding import DecodeExecutor, ShardPick, TablePick, emulated_storage
+from runtime.schemes import uniform
+from runtime.schemes.base import FP32
+from runtime.sources.tiny_llama import write_tiny_llama
+from runtime.store import TABLE, ShardStore
+
+PROMPT = "the cat sat on the mat and the hat"
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decode-executor")
+    ckpt = write_tiny_llama(root / "ckpt")
+    assert main(["shard", "--checkpoint", str(ckpt), "--out", str(root / "store")]) == 0
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def store(store_path):
+    return ShardStore(store_path)
+
+
+@pytest.fixture(scope="module")
+def prompt(store):
+    return store.text_tokenizer().encode(PROMPT).ids
+
+
+def every(store, bits=FP32, resident=False):
+    c = store.config
+    return [[ShardPick(n, bits, resident) for n in c.shard_names()] for _ in range(c.layers)]
+
+
+def mixed(store, bits=FP32):
+    """Every shard, resident and streamed alternating."""
+    c = store.config
+    return [[ShardPick(n, bits, (i + l) % 2 == 0) for i, n in enumerate(c.shard_names())]
+            for l in range(c.layers)]
+
+
+def reference(store, picks, table_bits, prompt, n, context):
+    """The store's Decoder with the same shards and table: its greedy tokens and, along
+    them, the logits of the prompt pass and of every decode step."""
+    bits = [{p.name: p.bits for p in row} for row in picks]
+    with torch.inference_mode():
+        dec = store.decoder(bits, context=context, table_bits=table_bits)
+        tokens = dec.greedy(torch.tensor([prompt]), max_new_tokens=n, eos_id=None)[0]
+        dec = store.decoder(bits, context=context, table_bits=table_bits)
+        logits = [dec.prefill(torch.tensor([prompt]), last_only=True)[0]]
+        for t in tokens[:-1]:
+            logits.append(dec.decode_step(torch.tensor([t]))[0])
+    return tokens, logits
+
+
+def run(store, picks, table, prompt, *, window=None, n=NEW, chunk=None, on_token=None):
+    context = len(prompt) + n
+    with DecodeExecutor(store, picks, table, context=context, window=window,
+                        chunk=chunk) as ex:
+        result = ex.generate(prompt, n, on_token, eos_id=None, keep_logits=True)
+    return ex, result
+
+
+def assert_same(result, tokens, logits):
+    """Token for token, and every pass's logits within 1e-5 of the logits' scale."""
+    assert result.tokens == tokens
+    assert len(result.logits) == len(logits) == len(tokens)
+    for got, want in zip(result.logits, logits):
+        assert float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("layout,window,table_resident", [
+    ("resident", None, True), ("streamed", None, False), ("streamed", 1, False),
+    ("streamed", 0, True), ("mixed", 1, True), ("mixed", None, False)])
+def test_fp32_generates_what_the_fp32_decoder_generates(store, prompt, layout, window,
+                                                        table_resident):
+    picks = {"resident": every(store, resident=True), "streamed": every(store),
+             "mixed": mixed(store)}[layout]
+    context = len(prompt) + NEW
+    with torch.inference_mode():  # the plain fp32 Decoder (Decoder.greedy), not via picks
+        full = store.decoder(context=context).greedy(torch.tensor([prompt]), max_new_tokens=NEW,
+                                                     eos_id=None)[0]
+    tokens, logits = reference(store, picks, None, prompt, NEW, context)
+    assert tokens == full
+    _, result = run(store, picks, TablePick(FP32, table_resident), prompt, window=window)
+    assert_same(result, tokens, logits)
+    assert result.stop == "max_new_tokens" and len(result.passes) == NEW
+    assert len(set(result.tokens)) > 1  # not one token repeated: the test can tell
+
+
+CASES = [
+    # (per layer: {shard: (bits, resident)}, table bits, table resident, window, chunk)
+    ([{"group0": (4, False), "group1": (8, True), "ffn0": (2, False), "ffn2": (32, True)},
+      {"group1": (32, False), "ffn1": (6, False), "ffn3": (3, True)}], 8, False, 1, None),
+    ([{"group1": (3, True), "ffn0": (32, False), "ffn1": (4, False), "ffn3": (8, False)},
+      {"ffn0": (8, False), "ffn2": (2, True)}], 4, True, 0, 4),  # layer 1: no attention
+    ([{"group0": (6, False), "group1": (6, False)},  # layer 0: no FFN
+      {"group0": (8, True), "ffn0": (32, True), "ffn3": (4, False)}], 2, False, None, 1),
+]
+
+
+def _picks(layers):
+    return [[ShardPick(n, b, r) for n, (b, r) in row.items()] for row in layers]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_dropped_and_quantised_picks_generate_that_submodel(store, prompt, case):
+    layers, table_bits, table_resident, window, chunk = CASES[case]
+    picks = _picks(layers)
+    tokens, logits = reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW)
+    _, result = run(store, picks, TablePick(table_bits, table_resident), prompt,
+                    window=window, chunk=chunk)
+    assert_same(result, tokens, logits)
+    # the picks matter: the full model's logits are not these
+    _, full_logits = reference(store, every(store), None, prompt, NEW, len(prompt) + NEW)
+    assert float((full_logits[0] - result.logits[0]).abs().max()) > 1e-2
+
+
+WRAPS = {  # window 0: (layer 0, layer 1, table bits) -> what lies split at the ring's end
+    "fp32 table": (["all@32"], ["group0@32", "ffn0@32"], FP32),
+    "8-bit table": (["all@32"], ["group0@32", "group1@32", "ffn0@32", "ffn1@32", "ffn2@32"], 8),
+    "fp32 shard": (["group0@32"], ["all@32"], 8),
+    "8-bit shard": (["group1@8"], ["ffn0@32", "ffn1@32", "ffn2@32", "group0@32", "group1@8",
+                                  "ffn3@8"], 8),
+}
+
+
+def _layer(store, spec):
+    out = []
+    for item in spec:
+        name, bits = item.split("@")
+        names = store.config.shard_names() if name == "all" else [name]
+        out += [ShardPick(n, int(bits), False) for n in names]
+    return out
+
+
+@pytest.mark.parametrize("split", list(WRAPS))
+def test_shards_and_the_table_wrapped_around_the_ring(store, prompt, split):
+    """Window 0: the ring holds the largest layer, so what follows a smaller one wraps
+    around its end: an fp32 shard (joined in the scratch), a quantised one (in the bounce
+    buffer), the fp32 or the 8-bit table (a chunk of its rows or codes joined, the next
+    token's row read across the end). Still the submodel's tokens and logits."""
+    first, second, table_bits = WRAPS[split]
+    picks = [_layer(store, first), _layer(store, second)]
+    ex, result = run(store, picks, TablePick(table_bits, False), prompt, window=0)
+    wrapped = [s.variant for row in ex.rows for s in row if s.raw is None]
+    kind = "table" if split.endswith("table") else "shard"
+    bits = FP32 if split.startswith("fp32") else 8
+    assert [((v.name == TABLE) == (kind == "table"), v.bits) for v in wrapped] == [(True, bits)]
+    assert_same(result, *reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW))
+
+
+def _count_preadv(monkeypatch):
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset, *args):
+        calls.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset))
+        return real(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    return calls
+
+
+@pytest.mark.parametrize("table_bits", [FP32, 8])
+def test_every_streamed_shard_is_read_once_per_pass(store, prompt, monkeypatch, table_bits):
+    """Counted at the system call, pass by pass: the prompt pass reads each prompt token's
+    row of the streamed table (fp32: one read; 8 bits: its codes and its scale), every
+    streamed shard once and the table once; each decode step every streamed shard and the
+    table once, no row; a resident shard is never read after opening."""
+    c = store.config
+    picks = mixed(store, 4)
+    calls = _count_preadv(monkeypatch)
+    per_pass = []
+    context = len(prompt) + 6
+    with DecodeExecutor(store, picks, TablePick(table_bits, False), context=context,
+                        window=1) as ex:
+        calls.clear()
+        result = ex.generate(prompt, 6, lambda t: (per_pass.append(sorted(calls)),
+                                                   calls.clear()), eos_id=None)
+    tv = store.table_variant(table_bits)
+    streamed = sorted([(store.variant(l, p.name, p.bits).file,
+                        store.variant(l, p.name, p.bits).offset)
+                       for l, row in enumerate(picks) for p in row if not p.resident]
+                      + [(tv.file, tv.offset)])
+    resident = {(store.variant(l, p.name, p.bits).file, store.variant(l, p.name, p.bits).offset)
+                for l, row in enumerate(picks) for p in row if p.resident}
+    assert resident and len(streamed) > c.layers
+    row = uniform.row_bytes(c.hidden, table_bits)
+    rows = [(tv.file, t * row) for t in prompt]
+    if table_bits != FP32:
+        rows += [(tv.file, c.vocab * row + 4 * t) for t in prompt]
+    assert len(per_pass) == len(result.passes) == 6
+    assert per_pass[0] == sorted(streamed + rows)
+    assert all(p == streamed for p in per_pass[1:])
+    assert not resident & {k for p in per_pass for k in p}
+    assert [p.reads for p in result.passes] == [len(p) for p in per_pass]
+    assert result.passes[0].row_reads == len(rows)
+
+
+@pytest.mark.parametrize("window", [None, 0, 1])
+def test_memory_is_the_sum_of_its_terms_and_the_ring_its_window(store, prompt, window):
+    c = store.config
+    picks = mixed(store, 6)
+    picks[1] = [p for p in picks[1] if p.name != "group0"]
+    context = len(prompt) + NEW
+    ex, result = run(store, picks, TablePick(8, False), prompt, window=window)
+    m = result.memory
+    assert m.peak_bytes == (m.resident_bytes + m.preload_bytes + m.ring_high_water_bytes
+                            + m.kv_cache_bytes + m.scratch_bytes + m.rows_bytes
+                            + m.workspace_bytes)
+    assert m.allocated_bytes == m.peak_bytes - m.ring_high_water_bytes + m.ring_bytes
+    # the ring as the planner sizes it: W+1 consecutive layers, the table a last one
+    streamed = [sum(store.variant(l, p.name, p.bits).nbytes for p in row if not p.resident)
+                for l, row in enumerate(picks)] + [store.table_variant(8).nbytes]
+    span = len(streamed) if window is None else window + 1
+    assert m.ring_bytes == window_peak(streamed, window) == max(
+        sum(streamed[i:i + span]) for i in range(len(streamed) - span + 1))
+    assert 0 < m.ring_high_water_bytes <= m.ring_bytes
+    assert all(p.ring_high_water_bytes <= m.ring_bytes for p in result.passes)
+    assert m.preload_bytes == sum(store.variant(l, p.name, p.bits).nbytes
+                                  for l, row in enumerate(picks) for p in row if p.resident)
+    assert m.resident_bytes == 4 * c.hidden * (2 * c.layers + 1)  # the norms; table streamed
+    kept = sum(p.name.startswith("group") for row in picks for p in row)
+    assert m.kv_cache_bytes == kept * 2 * context * c.head_dim * 4
+    # the longest prompt's (context - 1 tokens) stored rows of the 8-bit table
+    assert m.rows_bytes == (context - 1) * (uniform.row_bytes(c.hidden, 8) + 4)
+    assert result.process_peak_bytes >= m.peak_bytes
+    # a resident table is a resident term, in its stored form
+    ex, resident = run(store, picks, TablePick(8, True), prompt, window=window, n=2)
+    assert resident.memory.resident_bytes == m.resident_bytes + store.table_variant(8).nbytes
+    assert resident.memory.ring_bytes == window_peak(streamed[:-1], window)
+
+
+def test_the_kv_cache_holds_the_kept_groups_only(store, prompt):
+    c = store.config
+    picks = [[ShardPick("group1", 4, False), ShardPick("ffn0", FP32, True)],
+             [ShardPick("ffn1", 8, False)]]
+    context = len(prompt) + NEW
+    ex, result = run(store, picks, TablePick(FP32, True), prompt)
+    assert tuple(ex.cache.k[0].shape) == tuple(ex.cache.v[0].shape) == (1, 1, context,
+                                                                         c.head_dim)
+    assert ex.cache.k[1] is None and ex.cache.v[1] is None
+    assert ex.memory.kv_cache_bytes == 2 * 4 * context * c.head_dim
+    # and what it holds is the Decoder's cache of that group
+    bits = [{p.name: p.bits for p in row} for row in picks]
+    with torch.inference_mode():
+        dec = store.decoder(bits, context=context)
+        dec.greedy(torch.tensor([prompt]), max_new_tokens=NEW, eos_id=None)
+    used = len(prompt) + NEW - 1
+    for a, b in ((ex.cache.k[0], dec.cache.k[0]), (ex.cache.v[0], dec.cache.v[0])):
+        assert float((a[:, :, :used] - b[:, :, :used]).abs().max()) <= 1e-5
+    assert result.tokens == dec.greedy(torch.tensor([prompt]), max_new_tokens=NEW,
+                                       eos_id=None)[0]
+
+
+def test_traces_eos_and_streaming_callback(store, prompt):
+    """The passes' traces are consistent (per layer IO before compute, layers in order, the
+    LM head last, the prompt pass at position 0 then one position per step), on_token sees
+    every token as it comes, and EOS stops the answer (included)."""
+    c = store.config
+    picks = mixed(store, 8)
+    tokens, _ = reference(store, picks, 6, prompt, NEW, len(prompt) + NEW)
+    stop_at = next(i for i in range(2, NEW) if tokens[i] not in tokens[:i])
+    seen = []
+    context = len(prompt) + NEW
+    with DecodeExecutor(store, picks, TablePick(6, False), context=context, window=1) as ex:
+        result = ex.generate(prompt, NEW, seen.append, eos_id=tokens[stop_at])
+    assert result.tokens == seen == tokens[:stop_at + 1] and result.stop == "eos"
+    for i, p in enumerate(result.passes):
+        assert (p.kind, p.position, p.tokens) == (("prefill", 0, len(prompt)) if i == 0 else
+                                                  ("decode", len(prompt) + i - 1, 1))
+        assert p.token == result.tokens[i] and len(p.layers) == c.layers
+        prev = p.embed_ms[1]
+        for lt in p.layers + [p.head]:
+            assert lt.io_start_ms <= lt.io_end_ms <= lt.compute_start_ms <= lt.compute_end_ms
+            assert lt.compute_start_ms >= prev
+            prev = lt.compute_end_ms
+        for a, b in zip(p.layers, p.layers[1:] + [p.head]):
+            assert b.io_start_ms >= a.io_end_ms  # one channel, in order
+        assert p.head.index == c.layers and p.head.reads == 1
+        assert p.latency_ms == p.head.compute_end_ms
+    assert result.ttft_ms == result.passes[0].latency_ms
+    assert len(result.step_ms) == len(result.tokens) - 1
+
+
+def test_emulated_reads_never_finish_before_the_device_would(store, prompt):
+    c = store.config
+    picks = every(store, 8)
+    slow = emulated_storage(100.0, 500.0)
+    with DecodeExecutor(store, picks, TablePick(FP32, False), context=len(prompt) + 3,
+                        device=slow) as ex:
+        result = ex.generate(prompt, 3, eos_id=None)
+    for p in result.passes:
+        clock = 0.0 if p.kind == "decode" else len(prompt) * (0.5 + 4 * c.hidden / 100e3)
+        if p.rows_io_ms is not None:
+            assert p.rows_io_ms[1] >= clock - 1e-6
+        for lt, row in zip(p.layers, picks):
+            clock += sum(0.5 + store.variant(lt.index, s.name, s.bits).nbytes / 100e3
+                         for s in row)
+            assert lt.io_end_ms >= clock - 1e-6
+        clock += 0.5 + store.table_variant(FP32).nbytes / 100e3
+        assert p.head.io_end_ms >= clock - 1e-6
+
+
+def test_a_store_without_table_variants_runs_on_resident_bin(store_path, prompt, tmp_path):
+    """A store built before tables were stored: the fp32 table comes from resident.bin
+    (resident or streamed); another bitwidth is refused, naming it."""
+    old = tmp_path / "old"
+    shutil.copytree(store_path, old)
+    index = json.loads((old / "index.json").read_text())
+    for f in [f for f in index["files"] if f.startswith(TABLE)]:
+        del index["files"][f]
+        (old / f).unlink()
+    (old / "index.json").write_text(json.dumps(index))
+    store = ShardStore(old)
+    picks = mixed(store, 4)
+    want = reference(store, picks, None, prompt, NEW, len(prompt) + NEW)
+    for resident in (True, False):
+        ex, result = run(store, picks, TablePick(FP32, resident), prompt, window=1)
+        assert ex.table_shard.variant.file == "resident.bin"
+        assert_same(result, *want)
+    with pytest.raises(StoreError, match="no embedding table at 8 bits"):
+        DecodeExecutor(store, picks, TablePick(8, True), context=32)
+
+
+def test_bad_input_is_refused_before_any_compute(store_path, store, prompt, tmp_path):
+    c = store.config
+    picks = every(store)
+    with pytest.raises(ValueError, match="picks for 1 layers"):
+        DecodeExecutor(store, picks[:1], context=32)
+    with pytest.raises(StoreError, match="no shard 'group0' of layer 0 at 5 bits"):
+        DecodeExecutor(store, [[ShardPick("group0", 5)], []], context=32)
+    with pytest.raises(ValueError, match="not a shard of this model"):
+        DecodeExecutor(store, [[ShardPick("head0", 8)], []], context=32)
+    with DecodeExecutor(store, picks, context=len(prompt) + 4) as ex:
+        need = f"need {len(prompt) + 5} KV cache columns; the context is {len(prompt) + 4}"
+        with pytest.raises(ValueError, match=need):
+            ex.generate(prompt, 6)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ex.generate([c.vocab], 2)
+    bad = tmp_path / "bad"
+    shutil.copytree(store_path, bad)
+    path = bad / "layer1.b32.bin"
+    data = bytearray(path.read_bytes())
+    data[64] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="layer1.b32.bin: .*fails its checksum"):
+        DecodeExecutor(ShardStore(bad), picks, context=32)
+
+
+def test_fill_preload_reads_the_resident_set_through_the_clock(store, prompt, monkeypatch):
+    """fill_preload re-reads every resident shard and the resident table, cold, once each,
+    no sooner than the emulated device serves them; the answer after it is unchanged."""
+    picks = mixed(store, 8)
+    calls = _count_preadv(monkeypatch)
+    context = len(prompt) + 4
+    with DecodeExecutor(store, picks, TablePick(4, True), context=context,
+                        device=emulated_storage(100.0, 500.0)) as ex:
+        before = ex.generate(prompt, 4, eos_id=None).tokens
+        calls.clear()
+        fill_ms = ex.fill_preload()
+        filled = sorted(calls)
+        after = ex.generate(prompt, 4, eos_id=None).tokens
+    resident = [store.variant(l, p.name, p.bits) for l, row in enumerate(picks) for p in row
+                if p.resident] + [store.table_variant(4)]
+    assert filled == sorted((v.file, v.offset) for v in resident)
+    assert fill_ms >= sum(0.5 + v.nbytes / 100e3 for v in resident) - 1e-6
+    assert before == after == reference(store, picks, 4, prompt, 4, context)[0]
