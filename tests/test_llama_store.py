@@ -212,8 +212,11 @@ def test_evaluate_a_decoder_plan(built, tmp_path, capsys):
     full = results["hold-in-memory"]
     assert full["kl"] == pytest.approx(0, abs=1e-6) and full["top1"] == 1.0
     assert full["perplexity"] == pytest.approx(full["fp32_perplexity"])
+    assert full["predicted_kl"] == pytest.approx(0, abs=1e-9)  # nothing left out
     two = results["uniform-2"]
     assert two["kl"] > 10 * two["kl_stderr"] > 0 and two["top1"] < 1.0
+    # the importance left out: every shard's single-shard 2-bit KL, summed (positive)
+    assert two["predicted_kl"] > 0
     store = ShardStore(store_dir)
     c = store.config
     bits = [{n: 2 for n in c.shard_names()} for _ in range(c.layers)]

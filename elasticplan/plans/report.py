@@ -68,7 +68,8 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
             f"decoding {scenario.prompt_tokens} + {scenario.answer_tokens} tokens: time to "
             f"first token {d.ttft_ms:.3f} ms; per output token {d.last_token_ms:.3f} ms at the "
             f"last (target {scenario.target_latency_ms:g}), {d.mean_token_ms:.3f} ms on "
-            f"average"))
+            f"average; next-token KL to the full model {best - plan.importance:.4g} nats "
+            f"(the importance left out, if it adds up; `evaluate` measures it)"))
     return "\n".join(lines)
 
 
