@@ -27,7 +27,7 @@ from elasticplan.cli import (
     target_ms,
     whole,
 )
-from elasticplan.errors import InvalidArgument, ToleranceError
+from elasticplan.errors import InvalidArgument, StoreError, ToleranceError
 from elasticplan.plans.baselines import baseline_questions
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for, verify_plan
@@ -484,6 +484,7 @@ def cmd_generate(a) -> int:
     stdout as it comes, then the report."""
     import sys
 
+    from runtime.decode_layers import workspace_bytes
     from runtime.executor import check_model, planned_variants
     from runtime.families import family
     from runtime.measurement.generate import format_report, generate, prompt_ids
@@ -505,6 +506,13 @@ def cmd_generate(a) -> int:
                               f"its decoder's store")
     check_model(plan, store)
     planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
+    need = workspace_bytes(store)  # the schemes' buffers the plan's memory counts
+    if scenario.source_model.decoder.workspace_bytes != need:
+        raise StoreError(f"{a.store}: its schemes' buffers take {need} B, but the profile "
+                         f"{scenario.source_model.name!r} says "
+                         f"{scenario.source_model.decoder.workspace_bytes} B (decoder."
+                         f"workspace_bytes): the store changed since it was profiled; "
+                         f"re-profile it (`elasticplan profile --head-only`)")
     _set_threads(a.threads)
     ids = prompt_ids(store, a.prompt, a.chat)
     tok = store.text_tokenizer()

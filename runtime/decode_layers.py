@@ -21,6 +21,12 @@ It may lie in two pieces (wrapped around the IO ring's end); `StoredTable` reads
 row out of it and computes the logits `HEAD_CHUNK_ROWS` rows at a time, dequantising
 each chunk into the scratch (which the planner prices so:
 elasticplan.problem.spec.HEAD_CHUNK_ROWS).
+
+What the planner prices of these buffers is computed in one place each:
+elasticplan.problem.spec.activation_buffers gives every activation buffer's bytes (the
+workspace checks its own against it when it is made), and `decode_buffers` here the
+buffers the schemes need whatever a plan picks (the profile records their bytes as its
+decoder block's workspace_bytes, elasticplan.problem.spec.DecoderShape).
 """
 
 from __future__ import annotations
@@ -33,13 +39,51 @@ import torch
 import torch.nn.functional as F
 
 from elasticplan.errors import StoreError
-from elasticplan.problem.spec import HEAD_CHUNK_ROWS  # the planner's, so that both agree
+from elasticplan.problem.archgen import work_bytes
+from elasticplan.problem.spec import (  # the planner's, so that both agree
+    HEAD_CHUNK_ROWS,
+    DecoderShape,
+    activation_buffers,
+    head_chunk_rows,
+)
 from runtime.families.llama import KVCache, LlamaConfig, rope_tables
 from runtime.schemes import uniform
 from runtime.schemes.base import FP32, DecodeWork
-from runtime.store import Variant
+from runtime.store import TABLE, ShardStore, Variant
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input rows, output rows, bias)
+
+
+def decoder_shape(c: LlamaConfig, workspace_bytes: int = 0) -> DecoderShape:
+    """The planner's DecoderShape of a llama (a profile's `decoder:` block; `workspace_bytes`:
+    its store's, `workspace_bytes(store)`)."""
+    return DecoderShape(context=c.context, hidden=c.hidden, ffn=c.ffn,
+                        ffn_slices=c.ffn_slices, heads=c.heads, head_dim=c.head_dim,
+                        q_per_kv=c.q_per_kv, vocab=c.vocab, workspace_bytes=workspace_bytes,
+                        kv_kind="group")
+
+
+def decode_buffers(store: ShardStore) -> tuple[tuple[int, ...], int]:
+    """The buffers the schemes need, the same whatever a plan picks: the dequantisation
+    workspace (DecodeWork's sizes: the largest need of any quantised shard the store holds,
+    and of `head_chunk_rows` rows of any quantised table it holds) and the bounce buffer
+    (bytes: the largest quantised shard, or a chunk of the largest quantised table's rows,
+    codes and scales: whichever of them lies split at the IO ring's end is joined there)."""
+    work, bounce = store.decode_buffers()
+    rows = head_chunk_rows(decoder_shape(store.config))
+    for (_, name, bits), v in store.index.variants.items():
+        if name != TABLE or bits == FP32:
+            continue
+        work = tuple(max(a, b) for a, b in zip(work, v.scheme.decode_work(((rows, v.cols),),
+                                                                          bits)))
+        bounce = max(bounce, rows * (uniform.row_bytes(v.cols, bits) + 4))
+    return work, bounce
+
+
+def workspace_bytes(store: ShardStore) -> int:
+    """The bytes of `decode_buffers` (a decoder profile's workspace_bytes)."""
+    work, bounce = decode_buffers(store)
+    return work_bytes(work) + bounce
 
 
 class DecodeWorkspace:
@@ -51,7 +95,11 @@ class DecodeWorkspace:
     the prompt pass, <= context in a decode step), the context vectors twice [q_per_kv,
     chunk, head_dim] and the causal mask (bool) [chunk, context]; the norm's [prompt, 1],
     the column indices (int64) [context], the rotary tables [context, head_dim] twice, the
-    final normed state [hidden] and the logits [vocab]."""
+    final normed state [hidden] and the logits [vocab]. Each buffer is the bytes the
+    planner prices (elasticplan.problem.spec.activation_buffers), checked here.
+
+    A quantised table's stored rows of the prompt (codes and scales) are read into the
+    accumulator, which nothing uses before the first layer (`stored_rows`)."""
 
     def __init__(self, c: LlamaConfig, prompt: int, chunk: int, context: int):
         self.config, self.prompt, self.chunk, self.context = c, prompt, chunk, context
@@ -67,13 +115,34 @@ class DecodeWorkspace:
         self.hn = torch.zeros(d)
         self.logits = torch.zeros(c.vocab)
         self.scale = 1.0 / math.sqrt(hd)
+        want = activation_buffers(decoder_shape(c), prompt, context, chunk)
+        have = self.buffers()
+        if have != want:
+            raise AssertionError(f"the decode workspace's buffers {have} are not the "
+                                 f"planner's {want} (elasticplan.problem.spec."
+                                 f"activation_buffers)")
+
+    def buffers(self) -> dict[str, int]:
+        """Bytes of each buffer, by the planner's names."""
+        return {name: t.numel() * t.element_size() for name, t in (
+            ("x", self.x), ("h", self.h), ("acc", self.acc), ("y", self.y), ("q", self.q),
+            ("rot", self.rot), ("ctx", self.ctx), ("ctx2", self.ctx2),
+            ("scores", self.scores), ("mask", self.mask), ("ms", self.ms), ("col", self.col),
+            ("cos", self.cos), ("sin", self.sin), ("hn", self.hn), ("logits", self.logits))}
 
     @property
     def nbytes(self) -> int:
-        ts = (self.x, self.h, self.acc, self.y, self.q, self.rot, self.ctx, self.ctx2,
-              self.scores, self.mask, self.ms, self.col, self.cos, self.sin, self.hn,
-              self.logits)
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(self.buffers().values())
+
+    def stored_rows(self, n: int, row_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the accumulator for n rows of a quantised table as stored: their scales
+        (fp32 [n]) and codes (uint8 [n, row_bytes])."""
+        flat = self.acc.view(-1)
+        if n + -(-n * row_bytes // 4) > flat.numel():
+            raise ValueError(f"{n} stored rows of {row_bytes} bytes do not fit the "
+                             f"accumulator of {flat.numel() * 4} bytes")
+        codes = flat[n:].view(torch.uint8)[:n * row_bytes].view(n, row_bytes)
+        return flat[:n], codes
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float,
@@ -187,7 +256,7 @@ class StoredTable:
                              f"a table kept in the uniform scheme")
         self.variant, self.bits, self.vocab, self.hidden = v, v.bits, v.rows, hidden
         self.row_bytes = uniform.row_bytes(hidden, v.bits)  # codes (fp32: the row)
-        self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)
+        self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)  # (spec.head_chunk_rows)
 
     @property
     def fp32(self) -> bool:
@@ -195,13 +264,9 @@ class StoredTable:
 
     def spill_bytes(self) -> int:
         """The buffer a chunk of rows split by the ring's end is joined in: its codes and its
-        scales (fp32 rows are joined in the compute scratch instead)."""
+        scales (fp32 rows are joined in the compute scratch instead; `decode_buffers`
+        sizes the bounce buffer, which serves, for the largest)."""
         return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + 4)
-
-    def decode_work(self, rows: int) -> tuple[int, ...]:
-        """DecodeWork sizes to dequantise `rows` rows at once."""
-        return (0,) * 5 if self.fp32 else self.variant.scheme.decode_work(
-            ((rows, self.hidden),), self.bits)
 
     def _scales_at(self, row: int) -> int:
         return self.vocab * self.row_bytes + 4 * row
@@ -222,24 +287,42 @@ class StoredTable:
     def logits_into(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
                     scratch: torch.Tensor, scratch_bytes: np.ndarray, spill: np.ndarray,
                     work: DecodeWork | None) -> float:
-        """logits [vocab] = table @ hn, chunk by chunk of rows (a quantised chunk dequantised
-        into the scratch first; a chunk split by the ring's end joined first: fp32 rows in
-        the scratch, codes and scales in `spill`). Returns the seconds spent dequantising."""
+        """logits [vocab] = table @ hn: fp32 rows where they lie, every row of a piece at
+        once (a row split by the ring's end joined in the scratch first); a quantised table
+        chunk by chunk of rows, each dequantised into the scratch first (a chunk split by
+        the ring's end joined first: its codes and scales in `spill`). Returns the seconds
+        spent dequantising."""
+        if self.fp32:
+            self._fp32_logits(logits, hn, pieces, scratch_bytes)
+            return 0.0
         d, R, decode = self.hidden, self.chunk_rows, 0.0
         for r0 in range(0, self.vocab, R):
             rows = min(R, self.vocab - r0)
-            if self.fp32:
-                raw = _span(pieces, 4 * d * r0, 4 * d * rows, scratch_bytes)
-                w = torch.frombuffer(raw, dtype=torch.float32).view(rows, d)
-            else:
-                t = time.perf_counter()
-                nb = rows * self.row_bytes
-                codes = torch.frombuffer(_span(pieces, r0 * self.row_bytes, nb, spill),
-                                         dtype=torch.uint8).view(rows, self.row_bytes)
-                scales = torch.frombuffer(_span(pieces, self._scales_at(r0), 4 * rows,
-                                                spill[R * self.row_bytes:]), dtype=torch.float32)
-                w = uniform.dequantize_into(scratch[:rows * d].view(rows, d), codes, scales,
-                                            self.bits, work)
-                decode += time.perf_counter() - t
+            t = time.perf_counter()
+            nb = rows * self.row_bytes
+            codes = torch.frombuffer(_span(pieces, r0 * self.row_bytes, nb, spill),
+                                     dtype=torch.uint8).view(rows, self.row_bytes)
+            scales = torch.frombuffer(_span(pieces, self._scales_at(r0), 4 * rows,
+                                            spill[R * self.row_bytes:]), dtype=torch.float32)
+            w = uniform.dequantize_into(scratch[:rows * d].view(rows, d), codes, scales,
+                                        self.bits, work)
+            decode += time.perf_counter() - t
             torch.mv(w, hn, out=logits[r0:r0 + rows])
         return decode
+
+    def _fp32_logits(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
+                     scratch_bytes: np.ndarray) -> None:
+        d, row = self.hidden, self.row_bytes
+        r, at = 0, 0  # the next row; where this piece starts in the table's bytes
+        for p in pieces:
+            end = min(self.vocab, (at + p.nbytes) // row)  # rows that end in this piece
+            if end > r:
+                w = torch.frombuffer(p[r * row - at:end * row - at], dtype=torch.float32)
+                torch.mv(w.view(end - r, d), hn, out=logits[r:end])
+                r = end
+            if r < self.vocab and r * row < at + p.nbytes:  # split at this piece's end
+                w = torch.frombuffer(_span(pieces, r * row, row, scratch_bytes),
+                                     dtype=torch.float32)
+                torch.mv(w.view(1, d), hn, out=logits[r:r + 1])
+                r += 1
+            at += p.nbytes

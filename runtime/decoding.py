@@ -17,8 +17,11 @@ decides nothing.
   elasticplan.costmodel.window_peak, as the planner predicts it), the KV cache of the kept
   KV groups only at the full context (runtime.families.llama.KVCache), the compute
   scratch (one shard in fp32, or HEAD_CHUNK_ROWS rows of the table), the dequantisation
-  workspace and bounce buffer, the prompt's quantised rows (a quantised table) and the
-  activation workspace (runtime.decode_layers.DecodeWorkspace). The resident set is then
+  workspace and the bounce buffer (sized for the store, whatever the plan picks:
+  runtime.decode_layers.decode_buffers, the profile's workspace_bytes) and the activation
+  workspace (runtime.decode_layers.DecodeWorkspace: elasticplan.problem.spec.
+  activation_buffers, buffer by buffer). Every term is what the planner predicts for the
+  same choices (elasticplan.problem.spec.pass_model; tested). The resident set is then
   read, each variant into the buffer it will use and checked against its sha256 (streamed
   ones into the ring), and the norms are loaded from resident.bin (its checksum checked,
   the fp32 table left in the file).
@@ -61,6 +64,7 @@ from runtime.decode_layers import (
     DecodeWorkspace,
     StoredTable,
     attention_group,
+    decode_buffers,
     ffn_slice,
     rms_norm_into,
 )
@@ -148,30 +152,30 @@ class PassTrace:
 
 @dataclass
 class DecodeMemory:
-    """The decode executor's own accounting of what it holds (bytes), by term, exact.
+    """The decode executor's own accounting of what it holds (bytes), by term, exact: each
+    the planner's term of the same name for the same choices (elasticplan.costmodel.Memory;
+    working = ring + scratch, activation = workspace, kept = KV cache).
 
-    `resident_bytes`: the norms and, when resident, the table (stored form).
-    `preload_bytes`: the resident shards (stored form). `ring_bytes`: the IO ring, as
-    sized; `ring_high_water_bytes`: the most of it in use in any pass so far (a layer's
-    bytes are in use from the start of its first read to the end of its compute; the
-    table's to the end of the LM head and the next row's copy). `kv_cache_bytes`: the KV
-    cache of the kept groups at the full context. `scratch_bytes`: the one compute
-    scratch. `rows_bytes`: the prompt's stored rows of a quantised table.
-    `workspace_bytes`: activations (DecodeWorkspace), the dequantisation workspace, the
-    bounce buffer and the table's spill buffer."""
+    `resident_bytes`: the norms. `preload_bytes`: the resident shards and the resident
+    table (stored form). `ring_bytes`: the IO ring, as sized; `ring_high_water_bytes`: the
+    most of it in use in any pass so far (a layer's bytes are in use from the start of its
+    first read to the end of its compute; the table's to the end of the LM head and the
+    next row's copy). `kv_cache_bytes`: the KV cache of the kept groups at the full
+    context. `scratch_bytes`: the one compute scratch. `workspace_bytes`: the activations
+    (DecodeWorkspace, where a quantised table's prompt rows are read too), the
+    dequantisation workspace and the bounce buffer."""
 
     resident_bytes: int
     preload_bytes: int
     ring_bytes: int
     kv_cache_bytes: int
     scratch_bytes: int
-    rows_bytes: int
     workspace_bytes: int
     ring_high_water_bytes: int = 0
 
     def _fixed(self) -> int:
         return (self.resident_bytes + self.preload_bytes + self.kv_cache_bytes
-                + self.scratch_bytes + self.rows_bytes + self.workspace_bytes)
+                + self.scratch_bytes + self.workspace_bytes)
 
     @property
     def peak_bytes(self) -> int:
@@ -229,10 +233,6 @@ def _norms(store: ShardStore) -> dict[str, torch.Tensor]:
     view.index = dataclasses.replace(store.index,
                                      resident=dataclasses.replace(entry, tensors=keep))
     return view.resident()
-
-
-def _max_work(*sizes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(max(s[k] for s in sizes) for k in range(5))
 
 
 class DecodeExecutor:
@@ -308,13 +308,11 @@ class DecodeExecutor:
             raise
         self.rows = self.shards + ([[self.table_shard]] if self.stream_table else [])
         self.memory = DecodeMemory(
-            resident_bytes=sum(t.numel() * 4 for t in self.norms.values())
-            + self.table_buffer.nbytes,
-            preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
-            kv_cache_bytes=self.cache.nbytes, scratch_bytes=self.scratch.numel() * 4,
-            rows_bytes=self.rows_codes.nbytes + self.rows_scales.numel() * 4,
-            workspace_bytes=self.ws.nbytes + self.work.nbytes + self.bounce.nbytes
-            + self.spill.nbytes)
+            resident_bytes=sum(t.numel() * 4 for t in self.norms.values()),
+            preload_bytes=self.preload_buffer.nbytes + self.table_buffer.nbytes,
+            ring_bytes=self.ring.nbytes, kv_cache_bytes=self.cache.nbytes,
+            scratch_bytes=self.scratch.numel() * 4,
+            workspace_bytes=self.ws.nbytes + self.work.nbytes + self.bounce.nbytes)
 
     def _allocate(self, variants: list[list[tuple[Variant, bool]]], tv: Variant) -> None:
         c, t, P = self.config, self.table, self.prompt_tokens
@@ -324,13 +322,13 @@ class DecodeExecutor:
         widest = max(c.shard_rows(n) for n in c.shard_names()) * c.hidden
         self.scratch = torch.zeros(max(widest, t.chunk_rows * c.hidden))
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
-        work, bounce = self.store.decode_buffers()
-        self.work = DecodeWork(*_max_work(work, t.decode_work(t.chunk_rows), t.decode_work(P)))
+        work, bounce = decode_buffers(self.store)  # the store's, whatever the picks
+        self.work = DecodeWork(*work)
         self.bounce = touched(bounce)
-        self.spill = touched(t.spill_bytes())
-        quantised = not t.fp32
-        self.rows_codes = torch.zeros(P if quantised else 0, t.row_bytes, dtype=torch.uint8)
-        self.rows_scales = torch.zeros(P if quantised else 0)
+        # a chunk of a quantised table's rows split at the ring's end is joined in the
+        # bounce buffer too (never in use at once: a shard's is decoded before it computes)
+        self.spill = self.bounce
+        assert self.spill.nbytes >= t.spill_bytes()
         self.ws = DecodeWorkspace(c, P, self.chunk, self.context)
         self.x_bytes = self.ws.x.numpy().reshape(-1).view(np.uint8)  # (fp32 rows read here)
         kept = [SimpleNamespace(groups=[p.name for p in row if c.parse(p.name)[0] == "group"])
@@ -375,7 +373,9 @@ class DecodeExecutor:
         clock. Returns the last completion."""
         t, v = self.table, self.table_shard.variant
         fd, deadline = self.fds[v.file], None
-        codes, scales = self.rows_codes.numpy(), self.rows_scales.numpy().view(np.uint8)
+        if not t.fp32:  # into the accumulator (DecodeWorkspace.stored_rows)
+            row_scales, row_codes = self.ws.stored_rows(len(ids), t.row_bytes)
+            codes, scales = row_codes.numpy(), row_scales.numpy().view(np.uint8)
         targets = []
         for i, token in enumerate(ids):
             if t.fp32:
@@ -412,13 +412,15 @@ class DecodeExecutor:
     def _embed(self, ids: list[int], streamed_rows: bool) -> float:
         """The pass's input rows into the residual stream: read by the IO thread (fp32,
         nothing to do), decoded from the rows read (quantised), or looked up in the
-        resident table. Returns the seconds spent dequantising."""
+        resident table (a quantised one's rows gathered into the accumulator first), in
+        chunks of the LM head's rows (the dequantisation workspace's size). Returns the
+        seconds spent dequantising."""
         t, n, x = self.table, len(ids), self.ws.x
         t0 = time.perf_counter()
         if streamed_rows:
             if t.fp32:
                 return 0.0
-            codes, scales = self.rows_codes[:n], self.rows_scales[:n]
+            scales, codes = self.ws.stored_rows(n, t.row_bytes)
         elif t.fp32:
             table = torch.frombuffer(self.table_buffer, dtype=torch.float32).view(t.vocab, -1)
             torch.index_select(table, 0, torch.tensor(ids), out=x[:n])
@@ -426,12 +428,15 @@ class DecodeExecutor:
         else:
             stored = torch.frombuffer(self.table_buffer, dtype=torch.uint8)
             index = torch.tensor(ids)
-            codes, scales = self.rows_codes[:n], self.rows_scales[:n]
+            scales, codes = self.ws.stored_rows(n, t.row_bytes)
             all_codes = stored[:t.vocab * t.row_bytes].view(t.vocab, t.row_bytes)
             torch.index_select(all_codes, 0, index, out=codes)
             torch.index_select(stored[t.vocab * t.row_bytes:].view(torch.float32), 0, index,
                                out=scales)
-        uniform.dequantize_into(x[:n], codes, scales, t.bits, self.work)
+        R = t.chunk_rows
+        for r0 in range(0, n, R):
+            r1 = min(n, r0 + R)
+            uniform.dequantize_into(x[r0:r1], codes[r0:r1], scales[r0:r1], t.bits, self.work)
         return time.perf_counter() - t0
 
     def _layer(self, l: int, row: list[PlacedShard], start: int, n: int) -> float:

@@ -2,21 +2,28 @@
 what the store's Decoder with the same picks generates (fp32: the full model; dropped and
 quantised shards, a quantised table: that submodel), whatever is resident or streamed and
 whatever the window; every streamed shard is read once per pass (counted at the system
-call); its memory account is the sum of its terms and its ring never holds more than it
-was sized for; its KV cache holds the kept groups only. No timing thresholds."""
+call); its memory account is the sum of its terms, each the planner's prediction for the
+same choices exactly, and its ring never holds more than it was sized for; its KV cache
+holds the kept groups only. No timing thresholds."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from elasticplan.cli import main
-from elasticplan.costmodel import window_peak
+from elasticplan.costmodel import Layout, Pick, simulate, window_peak
 from elasticplan.errors import StoreError
+from elasticplan.problem.archgen import work_bytes
+from elasticplan.problem.loader import parse_model
+from elasticplan.problem.question import Question
+from elasticplan.problem.spec import HEAD_CHUNK_ROWS, Device, Scenario, activation_bytes
+from runtime.decode_layers import decode_buffers, workspace_bytes
 from runtime.decoding import DecodeExecutor, ShardPick, TablePick, emulated_storage
 from runtime.schemes import uniform
 from runtime.schemes.base import FP32
@@ -136,6 +143,7 @@ def test_dropped_and_quantised_picks_generate_that_submodel(store, prompt, case)
 
 WRAPS = {  # window 0: (layer 0, layer 1, table bits) -> what lies split at the ring's end
     "fp32 table": (["all@32"], ["group0@32", "ffn0@32"], FP32),
+    "fp32 mid-row table": (["group0@32"], ["ffn0@6"], FP32),  # (a row split at the end)
     "8-bit table": (["all@32"], ["group0@32", "group1@32", "ffn0@32", "ffn1@32", "ffn2@32"], 8),
     "fp32 shard": (["group0@32"], ["all@32"], 8),
     "8-bit shard": (["group1@8"], ["ffn0@32", "ffn1@32", "ffn2@32", "group0@32", "group1@8",
@@ -156,8 +164,9 @@ def _layer(store, spec):
 def test_shards_and_the_table_wrapped_around_the_ring(store, prompt, split):
     """Window 0: the ring holds the largest layer, so what follows a smaller one wraps
     around its end: an fp32 shard (joined in the scratch), a quantised one (in the bounce
-    buffer), the fp32 or the 8-bit table (a chunk of its rows or codes joined, the next
-    token's row read across the end). Still the submodel's tokens and logits."""
+    buffer), the fp32 table (split between rows, or within one: that row joined in the
+    scratch) or the 8-bit table (a chunk of its codes joined in the bounce buffer), the
+    next token's row read across the end. Still the submodel's tokens and logits."""
     first, second, table_bits = WRAPS[split]
     picks = [_layer(store, first), _layer(store, second)]
     ex, result = run(store, picks, TablePick(table_bits, False), prompt, window=0)
@@ -165,6 +174,8 @@ def test_shards_and_the_table_wrapped_around_the_ring(store, prompt, split):
     kind = "table" if split.endswith("table") else "shard"
     bits = FP32 if split.startswith("fp32") else 8
     assert [((v.name == TABLE) == (kind == "table"), v.bits) for v in wrapped] == [(True, bits)]
+    if split == "fp32 mid-row table":
+        assert ex.table_shard.iov[0].nbytes % (4 * store.config.hidden)
     assert_same(result, *reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW))
 
 
@@ -225,8 +236,7 @@ def test_memory_is_the_sum_of_its_terms_and_the_ring_its_window(store, prompt, w
     ex, result = run(store, picks, TablePick(8, False), prompt, window=window)
     m = result.memory
     assert m.peak_bytes == (m.resident_bytes + m.preload_bytes + m.ring_high_water_bytes
-                            + m.kv_cache_bytes + m.scratch_bytes + m.rows_bytes
-                            + m.workspace_bytes)
+                            + m.kv_cache_bytes + m.scratch_bytes + m.workspace_bytes)
     assert m.allocated_bytes == m.peak_bytes - m.ring_high_water_bytes + m.ring_bytes
     # the ring as the planner sizes it: W+1 consecutive layers, the table a last one
     streamed = [sum(store.variant(l, p.name, p.bits).nbytes for p in row if not p.resident)
@@ -241,13 +251,99 @@ def test_memory_is_the_sum_of_its_terms_and_the_ring_its_window(store, prompt, w
     assert m.resident_bytes == 4 * c.hidden * (2 * c.layers + 1)  # the norms; table streamed
     kept = sum(p.name.startswith("group") for row in picks for p in row)
     assert m.kv_cache_bytes == kept * 2 * context * c.head_dim * 4
-    # the longest prompt's (context - 1 tokens) stored rows of the 8-bit table
-    assert m.rows_bytes == (context - 1) * (uniform.row_bytes(c.hidden, 8) + 4)
+    # activations at the longest prompt (context - 1 tokens; a quantised table's stored rows
+    # of it are read into the accumulator), and the store's scheme buffers
+    work, bounce = decode_buffers(store)
+    assert m.workspace_bytes == ex.ws.nbytes + ex.work.nbytes + ex.bounce.nbytes
+    assert (ex.work.nbytes, ex.bounce.nbytes) == (work_bytes(work), bounce)
+    assert work_bytes(work) + bounce == workspace_bytes(store)
+    assert bounce >= min(HEAD_CHUNK_ROWS, c.vocab) * (uniform.row_bytes(c.hidden, 8) + 4)
     assert result.process_peak_bytes >= m.peak_bytes
-    # a resident table is a resident term, in its stored form
-    ex, resident = run(store, picks, TablePick(8, True), prompt, window=window, n=2)
-    assert resident.memory.resident_bytes == m.resident_bytes + store.table_variant(8).nbytes
+    # a resident table is a preload term, in its stored form
+    held, resident = run(store, picks, TablePick(8, True), prompt, window=window, n=2)
+    assert resident.memory.resident_bytes == m.resident_bytes
+    assert resident.memory.preload_bytes == m.preload_bytes + store.table_variant(8).nbytes
     assert resident.memory.ring_bytes == window_peak(streamed[:-1], window)
+    # the scheme buffers are the store's, whatever the table (the activations: the context)
+    assert resident.memory.workspace_bytes - held.ws.nbytes == m.workspace_bytes - ex.ws.nbytes
+
+
+def store_profile(store):
+    """The store's profile as `elasticplan profile` writes it (runtime/profiling/
+    decoder_profile.py: bytes, weights, the `decoder:` and `head:` blocks), its importance
+    made up (a memory prediction does not read it), read back by the planner's loader."""
+    from runtime.profiling.decoder_profile import KLMeasurement, profile_dict
+    from runtime.profiling.profile import DROP
+
+    c = store.config
+    variants = [DROP] + [b for b in store.bitwidths if b != FP32]
+    ms = {(l, n, v): KLMeasurement(l, n, v, 0.5 if v == DROP else 0.1 / v, 1.0)
+          for l in range(c.layers) for n in c.shard_names() for v in variants}
+    head = {b: KLMeasurement(c.layers, TABLE, b, 1.0 / b, 1.0) for b in store.bitwidths}
+    data = profile_dict(store, ms, SimpleNamespace(positions=1), 1, 8, None, None, head)
+    return parse_model(data, "tiny-llama.yaml")
+
+
+def _dropped(store):
+    """Layer 0 keeps one KV group (4 bits, streamed) and two FFN slices; layer 1 no
+    attention at all (its FFN slices at 8 bits and fp32, one resident)."""
+    return [[ShardPick("group1", 4), ShardPick("ffn0", 8, True), ShardPick("ffn2", 2)],
+            [ShardPick("ffn1", 8), ShardPick("ffn3", FP32, True)]]
+
+
+PLANNED = [
+    # (picks, table, window, prompt tokens P, answer tokens A)
+    (lambda s: every(s), TablePick(FP32, True), None, 5, 4),
+    (lambda s: every(s), TablePick(FP32, False), 1, 1, 2),
+    (lambda s: mixed(s, 8), TablePick(8, False), 1, 12, 20),
+    (lambda s: mixed(s, 6), TablePick(8, True), 2, 24, 9),
+    (_dropped, TablePick(8, False), None, 30, 50),
+    (_dropped, TablePick(FP32, False), 1, 16, 8),
+    (_dropped, TablePick(4, True), 1, 3, 100),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLANNED)))
+def test_memory_is_what_the_planner_predicts_term_by_term(store, prompt, case):
+    """The planner's prediction for the same choices (the decoder question P + A on the
+    store's profile, the picks as its selection: the table the last layer's one part) is
+    the executor's account exactly, term by term: resident = resident (the norms), preload
+    = preload (resident shards, the resident table), working = ring + scratch, activation
+    = workspace (DecodeWorkspace's activations at P and P + A, spec.activation_bytes; the
+    store's scheme buffers, the profile's workspace_bytes), kept = the KV cache. So the
+    executor's allocated bytes are the predicted peak, and its peak (the ring at its
+    high-water mark) no more."""
+    make, table, window, P, A = PLANNED[case]
+    picks = make(store)
+    profile = store_profile(store)
+    device = Device("d", bandwidth_mb_s=200, latency_us=50, gflops=5, layer_overhead_ms=0.05,
+                    dequant_gb_s=2, memory_mb=1000)
+    scenario = Scenario("s", device, profile,
+                        Question(target_latency_ms=1e3, preload_budget_mb=100,
+                                 prompt_tokens=P, answer_tokens=A, prefetch_window=window),
+                        content_hash="h")
+    model = scenario.model  # the last decode step's: the planned one
+    selection = tuple(
+        tuple(Pick(layer.shard_index(p.name), model.bit_index(p.bits), p.resident) for p in row)
+        for layer, row in zip(model.layers, picks)) + \
+        ((Pick(0, model.bit_index(table.bits), table.resident),),)
+    predicted = simulate(scenario, selection, layout=Layout(window)).memory
+    ids = (prompt * (1 + P // len(prompt)))[:P]
+    with DecodeExecutor(store, picks, table, context=P + A, window=window,
+                        prompt_tokens=P) as ex:
+        result = ex.generate(ids, min(A, 3), eos_id=None)
+    m = result.memory
+    assert m.resident_bytes == predicted.resident_bytes
+    assert m.preload_bytes == predicted.preload_bytes
+    assert m.ring_bytes + m.scratch_bytes == predicted.working_peak_bytes
+    assert m.scratch_bytes == model.scratch_bytes
+    assert m.workspace_bytes == predicted.activation_bytes
+    assert ex.ws.nbytes == activation_bytes(profile.decoder, P, P + A)
+    assert ex.work.nbytes + ex.bounce.nbytes == profile.decoder.workspace_bytes
+    assert m.kv_cache_bytes == predicted.kept_bytes
+    assert m.allocated_bytes == predicted.peak_bytes
+    assert 0 < m.ring_high_water_bytes <= m.ring_bytes
+    assert m.peak_bytes <= predicted.peak_bytes
 
 
 def test_the_kv_cache_holds_the_kept_groups_only(store, prompt):

@@ -19,12 +19,14 @@ from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import check
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import (
+    HEAD_CHUNK_ROWS,
     DecoderShape,
     Device,
     Layer,
     ModelProfile,
     Scenario,
     Shard,
+    activation_buffers,
     attention_flops,
     kv_group_bytes,
     prefill_pass,
@@ -32,8 +34,8 @@ from elasticplan.problem.spec import (
 )
 from tests import oracle
 
-SHAPE = DecoderShape(context=512, hidden=64, ffn=128, heads=3, head_dim=16, q_per_kv=3,
-                     vocab=300)
+SHAPE = DecoderShape(context=512, hidden=64, ffn=128, ffn_slices=1, heads=3, head_dim=16,
+                     q_per_kv=3, vocab=300, workspace_bytes=5000)
 
 
 def _shard(name: str, kind: str, weights: int, importance) -> Shard:
@@ -77,6 +79,27 @@ def test_step_model_prices_the_last_token_the_kv_cache_and_the_table():
     # the fp32 table left the resident bytes: it is the head part now
     assert model.resident_bytes == 1000
     assert sc.source_model.layers[0].shards[0].flops == 2.0 * 40_000
+
+
+def test_every_pass_holds_the_runtimes_activations_workspace_and_scratch():
+    """A pass's activation term is the decode executor's (tests/test_decoding_executor.py
+    checks them equal on a real store): its activations for a prompt of P at a context of
+    P + A (spec.activation_buffers, the prompt pass's, the largest) + the profile's
+    workspace_bytes (the runtime's scheme buffers); its scratch the widest fp32 shard or
+    the LM head's chunk of the table in fp32."""
+    sc = _scenario(prompt_tokens=16, answer_tokens=32)
+    parts = activation_buffers(SHAPE, 16, 48)
+    assert parts["x"] == parts["h"] == parts["acc"] == 4 * 16 * 64
+    assert parts["y"] == 4 * 16 * max(5 * 16, 2 * 128)  # an FFN slice's gate and up
+    assert parts["scores"] == 4 * 3 * 16 * 16 and parts["mask"] == 16 * 48
+    assert (parts["col"], parts["cos"], parts["logits"]) == (8 * 48, 4 * 48 * 16, 4 * 300)
+    assert activation_buffers(SHAPE, 4, 48)["scores"] == 4 * 3 * 48  # a step's, then
+    assert activation_buffers(SHAPE, 16, 48, chunk=4)["scores"] == 4 * 3 * 4 * 16
+    for p in (prefill_pass(sc.question), step_pass(sc.question, 3)):
+        model = pass_scenario(sc, p).model
+        assert model.activation_bytes == sum(parts.values()) + 5000
+        assert model.scratch_bytes == max(4 * 60_000, min(HEAD_CHUNK_ROWS, 300) * 64 * 4)
+    assert sc.model.activation_bytes == sum(parts.values()) + 5000
 
 
 def test_prefill_prices_the_prompt_and_its_rows():

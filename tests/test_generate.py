@@ -94,6 +94,8 @@ def test_a_budgeted_plan_streams_and_reports_every_figure(tiny, tmp_path):
     for stage in ("total", "io", "compute", "head"):
         assert r["first"][stage]["predicted_ms"] > 0 and r["first"][stage]["measured_ms"] > 0
     assert r["memory_predicted"]["peak_bytes"] == p["memory"]["peak_bytes"]
+    # the executor holds exactly what the plan predicts, its ring at most full
+    assert r["memory_measured"]["allocated_bytes"] == p["memory"]["peak_bytes"]
     assert r["memory_measured"]["peak_bytes"] <= r["memory_measured"]["allocated_bytes"]
     assert r["memory_measured"]["kv_cache_bytes"] == p["memory"]["kept_bytes"]
 

@@ -171,6 +171,7 @@ def test_the_head_measurement(built, tmp_path, capsys):
     on a profile without the blocks adds the same blocks and measures no layer; the layers'
     cache is untouched, so a full rerun measures nothing; other texts are refused."""
     from elasticplan.problem.loader import parse_model, read_yaml
+    from runtime.decode_layers import workspace_bytes
     from runtime.profiling.decoder_profile import scored, token_batches
     from runtime.sources.task import load_splits
 
@@ -198,8 +199,11 @@ def test_the_head_measurement(built, tmp_path, capsys):
     assert head["importance"][0] == 0 and head["importance"][-1] >= head["importance"][0]
     assert head["importance"][-1] == pytest.approx(kl[2], rel=1e-5) and kl[2] > 0
     assert data["decoder"] == {"context": c.context, "hidden": c.hidden, "ffn": c.ffn,
-                               "heads": c.heads, "head_dim": c.head_dim,
-                               "q_per_kv": c.q_per_kv, "vocab": c.vocab, "kv_kind": "group"}
+                               "ffn_slices": c.ffn_slices, "heads": c.heads,
+                               "head_dim": c.head_dim, "q_per_kv": c.q_per_kv,
+                               "vocab": c.vocab, "workspace_bytes": workspace_bytes(store),
+                               "kv_kind": "group"}
+    assert profile.decoder.workspace_bytes == workspace_bytes(store) > 0
     assert "KL(lowest stored bitwidth) - KL(b bits)" in data["importance_metric"]
     # one measurement recomputed through the store's decoders and prefill
     total = n = 0.0
@@ -297,10 +301,16 @@ def test_the_committed_smollm2_profile_has_its_head():
     """problems/models/smollm2-135m.yaml's `head:` (added by `elasticplan profile --store
     build/shards/smollm2-135m --head-only`): the table's bytes as the uniform scheme stores
     a [49152, 576] table, importance = max(0, KL(2 bits) - KL(b)) of the measurements
-    recorded beside it (fp32's KL exactly 0), and the `decoder:` block is its architecture."""
+    recorded beside it (fp32's KL exactly 0), and the `decoder:` block is its architecture
+    and its runtime's scheme buffers (workspace_bytes, recomputed here from the shapes:
+    the dequantisation workspace of the largest block of any quantised shard or of
+    HEAD_CHUNK_ROWS rows of the table, and a bounce buffer of the largest quantised shard
+    or chunk of the table's rows)."""
     from pathlib import Path
 
+    from elasticplan.problem.archgen import decode_work, work_bytes
     from elasticplan.problem.loader import parse_model, read_yaml
+    from elasticplan.problem.spec import HEAD_CHUNK_ROWS
 
     root = Path(__file__).resolve().parent.parent / "problems" / "models"
     data = read_yaml(root / "smollm2-135m.yaml")
@@ -318,8 +328,19 @@ def test_the_committed_smollm2_profile_has_its_head():
     assert head["importance"] == pytest.approx([max(0.0, kl[bits[0]] - kl[b]) for b in bits],
                                                rel=1e-5)
     assert head["importance"][0] == 0 < head["importance"][-1]
+    hd, qk = arch["head_dim"], arch["heads"] // arch["kv_heads"]
+    f, rows = arch["ffn"] // arch["ffn_slices"], min(HEAD_CHUNK_ROWS, vocab)
+    blocks = [((qk + 2) * hd, hidden), (hidden, qk * hd), (2 * f, hidden), (hidden, f),
+              (rows, hidden)]
+    quantised = [b for b in bits if b != FP32]
+    work = [max(decode_work(r, k, b)[i] for r, k in blocks for b in quantised)
+            for i in range(5)]
+    bounce = max([s["bytes"][i] for layer in data["layers"] for s in layer["shards"]
+                  for i, b in enumerate(bits) if b != FP32]
+                 + [rows * (uniform.row_bytes(hidden, b) + 4) for b in quantised])
     assert data["decoder"] == {"context": arch["context"], "hidden": hidden,
-                               "ffn": arch["ffn"], "heads": arch["heads"],
-                               "head_dim": arch["head_dim"],
-                               "q_per_kv": arch["heads"] // arch["kv_heads"], "vocab": vocab,
+                               "ffn": arch["ffn"], "ffn_slices": arch["ffn_slices"],
+                               "heads": arch["heads"], "head_dim": arch["head_dim"],
+                               "q_per_kv": qk, "vocab": vocab,
+                               "workspace_bytes": work_bytes(work) + bounce,
                                "kv_kind": "group"}

@@ -113,6 +113,26 @@ def test_model_errors_name_file_key_and_problem(tmp_path, mutate, key, words):
     assert msg.startswith(f"{path}: {key}: ") and words in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("mutate,key,words", [
+    (lambda d: d.pop("workspace_bytes"), "decoder.workspace_bytes", "missing"),
+    (lambda d: d.pop("ffn_slices"), "decoder.ffn_slices", "missing"),
+    (lambda d: d.update(ffn_slices=7), "decoder.ffn_slices", "does not divide ffn 1536"),
+    (lambda d: d.update(workspace_bytes=-1), "decoder.workspace_bytes", "must be >= 0"),
+])
+def test_decoder_block_errors(tmp_path, mutate, key, words):
+    """A decoder's `decoder:` block gives its FFN slices and its runtime's scheme buffers
+    (what the planner prices of its activations: docs/formats.md), or is refused."""
+    data = read_yaml(PROBLEMS / "models" / "smollm2-135m.yaml")
+    data.pop("runtime", None)
+    mutate(data["decoder"])
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as info:
+        parse_model(read_yaml(path), str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {key}: ") and words in msg and "\n" not in msg
+
+
 def _scenario(tmp_path, **fields):
     data = {"name": "t", "device": str(PHONE), "model": str(MINILM), "target_latency_ms": 25,
             "preload_budget_mb": 2}

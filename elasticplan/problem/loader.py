@@ -204,17 +204,21 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
 
 
 def _decoder_shape(d: Fields | None) -> DecoderShape | None:
-    """`decoder: {context, hidden, ffn, heads, head_dim, q_per_kv, vocab, kv_kind}`
-    (docs/formats.md)."""
+    """`decoder: {context, hidden, ffn, ffn_slices, heads, head_dim, q_per_kv, vocab,
+    workspace_bytes, kv_kind}` (docs/formats.md)."""
     if d is None:
         return None
     dims = {k: d.integer(k, minimum=1, maximum=MAX_SEQ_LEN)
-            for k in ("context", "hidden", "ffn", "heads", "head_dim", "q_per_kv", "vocab")}
+            for k in ("context", "hidden", "ffn", "ffn_slices", "heads", "head_dim",
+                      "q_per_kv", "vocab")}
     if dims["heads"] % dims["q_per_kv"]:
         raise d.err("q_per_kv", f"{dims['q_per_kv']} does not divide heads {dims['heads']}")
+    if dims["ffn"] % dims["ffn_slices"]:
+        raise d.err("ffn_slices", f"{dims['ffn_slices']} does not divide ffn {dims['ffn']}")
+    workspace = d.integer("workspace_bytes", minimum=0, maximum=bytes_of_mb(MAX_MEMORY_MB))
     kind = d.string("kv_kind", required=False) or "group"
     d.done()
-    return DecoderShape(**dims, kv_kind=kind)
+    return DecoderShape(**dims, workspace_bytes=workspace, kv_kind=kind)
 
 
 def _runtime_links(r: Fields | None) -> dict:

@@ -96,18 +96,27 @@ class Layer:
 @dataclass(frozen=True)
 class DecoderShape:
     """What a decoder's profile says of its shape beyond its shards (the `decoder` block,
-    docs/formats.md): enough to price a pass over any number of tokens and its KV cache
-    (elasticplan.decoding). Shards of kind `kv_kind` are KV groups: q_per_kv query heads
-    sharing one K/V head, each attending over every earlier position."""
+    docs/formats.md): enough to price a pass over any number of tokens, its activations
+    and its KV cache (elasticplan.decoding). Shards of kind `kv_kind` are KV groups:
+    q_per_kv query heads sharing one K/V head, each attending over every earlier position.
+    `workspace_bytes` is the runtime's: the buffers its quantisation schemes need whatever
+    a plan picks (runtime.decode_layers.decode_buffers: the dequantisation workspace and
+    the bounce buffer, sized for the largest variant the store holds)."""
 
     context: int  # the longest context the model takes (prompt + answer)
     hidden: int
     ffn: int
+    ffn_slices: int  # FFN slices per layer (an FFN shard is ffn / ffn_slices units wide)
     heads: int  # query heads
     head_dim: int
     q_per_kv: int  # query heads per KV head (per KV group)
     vocab: int
+    workspace_bytes: int  # the runtime's scheme buffers, the same for every plan
     kv_kind: str = "group"
+
+    @property
+    def ffn_slice(self) -> int:
+        return self.ffn // self.ffn_slices
 
 
 @dataclass(frozen=True)
@@ -336,8 +345,14 @@ class Scenario:
 # the passes' predictions are elasticplan.decoding's. The derivation lives here, with the
 # data it derives from, because a Scenario makes its step model when it is made.
 FP32 = 4  # bytes
-# The LM head dequantises a quantised table this many rows at a time (compute scratch).
-HEAD_CHUNK_ROWS = 2048
+# The LM head dequantises a quantised table this many rows at a time (the compute scratch
+# holds them; the dequantisation workspace is sized for them: runtime/decode_layers.py).
+HEAD_CHUNK_ROWS = 256
+
+
+def head_chunk_rows(shape: DecoderShape) -> int:
+    """Rows of the table the LM head takes at once."""
+    return min(HEAD_CHUNK_ROWS, shape.vocab)
 
 
 def attention_flops(shape: DecoderShape, attended: int) -> float:
@@ -351,15 +366,34 @@ def kv_group_bytes(shape: DecoderShape, context: int, kv_bits: int) -> int:
     return 2 * shape.head_dim * context * kv_bits // 8
 
 
-def activation_bytes(shape: DecoderShape, prompt: int, context: int) -> int:
-    """The activations the prompt pass holds at once, fp32 (the largest pass; a decode
-    step's are a prompt of one): the residual stream, its normed copy and the attention
-    output ([P, hidden] each), the queries, one head's-worth of scores for every head
-    ([heads, P, P]), the FFN's gate and up ([P, ffn] each), the logits of one position and
-    the rotary tables for the whole context."""
-    return FP32 * (3 * prompt * shape.hidden + prompt * shape.heads * shape.head_dim
-                   + shape.heads * prompt * prompt + 2 * prompt * shape.ffn + shape.vocab
-                   + 2 * context * shape.head_dim)
+def activation_buffers(shape: DecoderShape, prompt: int, context: int,
+                       chunk: int | None = None) -> dict[str, int]:
+    """Bytes of each activation buffer the runtime holds for a decoder's passes over a prompt
+    of up to `prompt` tokens computed `chunk` positions at a time (default: all at once)
+    with a KV cache of `context` columns: exactly what runtime.decode_layers.DecodeWorkspace
+    allocates, buffer by buffer (it checks so when it is made). fp32 unless said: the
+    residual stream, its normed copy and the accumulator [prompt, hidden]; per chunk, one
+    shard's projections [chunk, the wider of a KV group's (q_per_kv + 2) head_dim and an
+    FFN slice's gate and up], the rotated queries, the rotation's temporary and the
+    context vectors twice [q_per_kv, chunk, head_dim], the scores [q_per_kv, chunk x
+    prompt, or a decode step's context], the causal mask (bool) [chunk, context]; the
+    norm's [prompt]; the column indices (int64) [context]; the rotary tables [context,
+    head_dim] twice; the final normed state [hidden] and the logits [vocab]."""
+    n, m = prompt, prompt if chunk is None else min(chunk, prompt)
+    d, hd, qk, T = shape.hidden, shape.head_dim, shape.q_per_kv, context
+    heads = FP32 * qk * m * hd
+    return {"x": FP32 * n * d, "h": FP32 * n * d, "acc": FP32 * n * d,
+            "y": FP32 * m * max((qk + 2) * hd, 2 * shape.ffn_slice),
+            "q": heads, "rot": heads, "ctx": heads, "ctx2": heads,
+            "scores": FP32 * qk * max(m * n, T), "mask": m * T, "ms": FP32 * n,
+            "col": 8 * T, "cos": FP32 * T * hd, "sin": FP32 * T * hd, "hn": FP32 * d,
+            "logits": FP32 * shape.vocab}
+
+
+def activation_bytes(shape: DecoderShape, prompt: int, context: int,
+                     chunk: int | None = None) -> int:
+    """The activations a decoder's runtime holds (activation_buffers, summed)."""
+    return sum(activation_buffers(shape, prompt, context, chunk).values())
 
 
 def table_bytes(shape: DecoderShape) -> int:
@@ -396,7 +430,11 @@ def step_pass(q: Question, j: int) -> DecodePass:
 def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfile:
     """The model the cost model prices for pass `p` of question `q`: per-pass flops, the
     KV cache as KV groups' kept bytes, the table as a last pseudo-layer (its LM head runs
-    for one position), the prompt's rows as the streamable embedding rows."""
+    for one position), the prompt's rows as the streamable embedding rows. Its fixed
+    memory terms are the decode executor's (runtime/decoding.py, docs/decoders.md
+    "Memory"): resident, the profile's less the fp32 table; activations, the prompt
+    pass's (activation_bytes) + the runtime's scheme buffers (workspace_bytes); scratch,
+    the widest shard in fp32 or head_chunk_rows rows of the table."""
     shape, head = profile.decoder, profile.head
     if shape is None or head is None:
         raise ValueError(f"model {profile.name!r} is not a decoder (no decoder/head block)")
@@ -419,8 +457,10 @@ def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfil
         resident_bytes=max(0, profile.resident_bytes - table_bytes(shape)),
         embedding_rows=shape.vocab if p.row_reads else 0,
         embedding_row_bytes=FP32 * shape.hidden if p.row_reads else 0,
-        activation_bytes=activation_bytes(shape, q.prompt_tokens, q.context_tokens),
-        scratch_bytes=max(widest, profile.scratch_bytes, HEAD_CHUNK_ROWS * shape.hidden * FP32))
+        activation_bytes=activation_bytes(shape, q.prompt_tokens, q.context_tokens)
+        + shape.workspace_bytes,
+        scratch_bytes=max(widest, profile.scratch_bytes,
+                          head_chunk_rows(shape) * shape.hidden * FP32))
 
 
 def with_table_rows(model: ModelProfile, bit: int) -> ModelProfile:

@@ -20,7 +20,8 @@ differences between its bitwidths matter:
     importance[table, b] = max(0, KL(lowest stored bitwidth) - KL(b))
 
 (0 at the lowest). It is the profile's `head:` block, beside a `decoder:` block with what a
-decoding plan needs of the shape (context, head_dim, q_per_kv, kv_kind).
+decoding plan needs of the shape (context, head_dim, q_per_kv, kv_kind...) and of the
+runtime (workspace_bytes: its schemes' buffers, the same for every plan).
 
 Text: the first `texts` tweets of the calibration split (runtime/sources/task.py), each cut
 to `max_tokens` tokens, in batches; evaluation reads the test split, so the two never
@@ -280,12 +281,14 @@ def head_importance(head: dict[int, KLMeasurement], bits: tuple[int, ...]) -> li
 
 def head_blocks(store: ShardStore, head: dict[int, KLMeasurement]) -> dict:
     """The profile's `head:` (the table as a Shard: flops and weights of the LM head for one
-    token, its stored bytes and importance per bitwidth) and `decoder:` blocks."""
+    token, its stored bytes and importance per bitwidth) and `decoder:` blocks (the shape,
+    and the bytes of the buffers the decode executor's schemes need whatever a plan picks:
+    runtime.decode_layers.workspace_bytes)."""
+    from runtime.decode_layers import decoder_shape, workspace_bytes
+
     c = store.config
     bits = tuple(store.bitwidths)
-    return {"decoder": {"context": c.context, "hidden": c.hidden, "ffn": c.ffn,
-                        "heads": c.heads, "head_dim": c.head_dim, "q_per_kv": c.q_per_kv,
-                        "vocab": c.vocab, "kv_kind": "group"},
+    return {"decoder": dataclasses.asdict(decoder_shape(c, workspace_bytes(store))),
             "head": {"name": TABLE, "kind": "head", "flops": 2 * c.vocab * c.hidden,
                      "weights": c.vocab * c.hidden,
                      "bytes": [store.table_variant(b).nbytes for b in bits],
