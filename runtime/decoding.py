@@ -72,11 +72,11 @@ from runtime.executor import (
     LayerTrace,
     PlacedShard,
     QueryIO,
+    ShardFiles,
     await_reads,
     check_placed,
     evict_shards,
     fill_shards,
-    hint_shards,
     io_failed,
     open_files,
     place_shards,
@@ -235,7 +235,7 @@ def _norms(store: ShardStore) -> dict[str, torch.Tensor]:
     return view.resident()
 
 
-class DecodeExecutor:
+class DecodeExecutor(ShardFiles):
     def __init__(self, store: ShardStore, picks: Sequence[Sequence[ShardPick]],
                  table: TablePick = TablePick(), *, context: int, window: int | None = None,
                  device: Device | None = None, threads: int | None = None,
@@ -338,24 +338,7 @@ class DecodeExecutor:
             if kv is not None:
                 kv.zero_()
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
-
-    def __enter__(self) -> "DecodeExecutor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- IO ----------------------------------------------------------------------------
-
-    def _read(self, s: PlacedShard) -> None:
-        read_shard(self.store, self.fds, s)
-
-    def _hint(self, row: list[PlacedShard]) -> None:
-        hint_shards(self.fds, row)
 
     def fill_preload(self) -> float:
         """Read the resident set (resident shards, the resident table) again, cold, through

@@ -471,7 +471,33 @@ def shard_weights(s: PlacedShard, scratch: torch.Tensor, scratch_bytes: np.ndarr
     return views, time.perf_counter() - t
 
 
-class Executor:
+class ShardFiles:
+    """What both executors (this one and runtime/decoding.py's) do with the store's files
+    they hold open (`self.fds`, file -> fd; `self.store`): close them (also as a context
+    manager), read a placed shard, hint the kernel about a layer's reads."""
+
+    store: ShardStore
+    fds: dict[str, int]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read(self, s: PlacedShard) -> None:
+        read_shard(self.store, self.fds, s)
+
+    def _hint(self, row: list[PlacedShard]) -> None:
+        hint_shards(self.fds, row)
+
+
+class Executor(ShardFiles):
     def __init__(self, plan: Plan, scenario: Scenario, store: ShardStore, *,
                  emulate: bool = True):
         """Check the plan against the store and the profile, open the files, allocate every
@@ -549,24 +575,7 @@ class Executor:
             self.close()
             raise
 
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
-
-    def __enter__(self) -> "Executor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- IO --------------------------------------------------------------------------
-
-    def _read(self, s: PlacedShard) -> None:
-        read_shard(self.store, self.fds, s)
-
-    def _hint(self, row: list[PlacedShard]) -> None:
-        hint_shards(self.fds, row)
 
     def _read_rows(self, ids: torch.Tensor) -> float | None:
         """One query's word-embedding rows from the store, one pread per position, each

@@ -16,9 +16,7 @@ model's greedy answer to the same prompt.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import statistics
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +29,7 @@ from elasticplan.errors import InvalidArgument
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace, ShardPick, TablePick
+from runtime.measurement.memprobe import release, status_bytes
 from runtime.store import ShardStore
 
 
@@ -130,22 +129,11 @@ class GenerateReport:
         return out
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _baseline() -> int:
-    """VmRSS with freed memory returned, and the peak reset to it (Linux)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    base = _status_bytes("VmRSS")
+    """VmRSS with freed memory returned, and the peak reset to it (Linux), as the fresh
+    process probe of `run` takes it (runtime/measurement/memprobe.py)."""
+    release()
+    base = status_bytes("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -178,7 +166,7 @@ def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
                         device=scenario.device if emulate else None, threads=threads,
                         prompt_tokens=q.prompt_tokens) as ex:
         result = ex.generate(prompt, max_new_tokens, on_token)
-    above = _status_bytes("VmHWM") - base
+    above = status_bytes("VmHWM") - base
     selection = plan.selection(scenario)
     first, steps = answer_schedules(scenario, selection, plan.layout, len(prompt),
                                     [p.position for p in result.passes[1:]])
