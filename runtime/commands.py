@@ -551,6 +551,9 @@ def cmd_run(a) -> int:
         raise InvalidArgument(f"--repeat must be >= 1, got {a.repeat}")
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
+    if scenario.question.decoding:
+        raise InvalidArgument(f"{a.plan}: the plan answers a decoder's question (it generates "
+                              f"token by token): use `elasticplan generate`")
     a.store, a.head = store_for(a.store, scenario.model), head_for(a.head, scenario.model)
     inputs = (a.plan, a.store, *([a.head] if a.head else []), *scenario.files)
     for out in (a.json, a.gantt):

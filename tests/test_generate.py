@@ -114,6 +114,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
         assert cli("generate", plan, *args) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
+    assert cli("run", plan) == 2  # a decoder's plan is generate's
+    err = capsys.readouterr().err
+    assert "use `elasticplan generate`" in err and err.count("\n") == 1
     minilm = tmp_path / "minilm.json"
     assert cli("baseline", "hold-in-memory", ROOT / "problems/scenarios/minilm-phone.yaml",
                "-o", minilm) == 0
