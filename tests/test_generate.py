@@ -114,6 +114,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
         assert cli("generate", plan, *args) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
+    half = tmp_path / "kv16.yaml"
+    half.write_text(yaml.safe_dump({**yaml.safe_load(sc.read_text()), "kv_bits": 16}))
+    kv16 = tmp_path / "kv16.json"
+    assert cli("baseline", "hold-in-memory", half, "-o", kv16) == 0
+    capsys.readouterr()
+    assert cli("generate", kv16, "--prompt", "hi") == 2
+    err = capsys.readouterr().err
+    assert "keeps it in fp32" in err and err.count("\n") == 1
     assert cli("run", plan) == 2  # a decoder's plan is generate's
     err = capsys.readouterr().err
     assert "use `elasticplan generate`" in err and err.count("\n") == 1

@@ -151,6 +151,10 @@ def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
     if not q.decoding:
         raise InvalidArgument(f"{plan_path}: the plan answers an encoder's question, not a "
                               f"decoder's (no prompt_tokens/answer_tokens): use `run`")
+    if q.kv_cache_bits != 32:
+        raise InvalidArgument(f"{plan_path}: the plan holds its KV cache at {q.kv_cache_bits} "
+                              f"bits; the decode executor keeps it in fp32 (kv_bits 32): "
+                              f"solve with kv_bits 32 to run it")
     if len(prompt) > q.prompt_tokens:
         raise InvalidArgument(f"the prompt is {len(prompt)} tokens, longer than the "
                               f"{q.prompt_tokens} the plan was made for (its prompt_tokens); "
