@@ -20,9 +20,11 @@ def _num(lo: float, hi: float):
 @st.composite
 def devices(draw):
     """Every compute term in play: the per-byte and per-weight dequantisation (either or
-    both), a per-shard overhead, the per-query embedding and pooling, the wake-up. (Not
-    yet the contention on streamed shards: drawn, it made HiGHS's row generation and
-    CP-SAT's whole program disagree on a medium problem, not yet found.)"""
+    both), a per-shard overhead, the per-query embedding and pooling, the wake-up, the
+    contention on streamed shards. (Drawn before, CP-SAT disagreed with HiGHS's row
+    generation: on min_memory, with or without the term, OR-Tools 9.15's presolve proved a
+    worse plan optimal (test_cpsat_presolve_keeps_the_optimum); on min_latency by less than
+    CP-SAT's tick rounding, which the term's sub-tick coefficients made show.)"""
     per_byte = draw(st.one_of(st.none(), _num(0.5, 20)))
     per_weight = () if per_byte is not None and draw(st.booleans()) else \
         tuple((b, draw(_num(0, 5))) for b in BITS if b < 32)
@@ -33,7 +35,8 @@ def devices(draw):
                   dequant_ns_per_weight=per_weight,
                   embed_ms=draw(st.one_of(st.just(0.0), _num(0, 3))),
                   pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))),
-                  wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))))
+                  wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))),
+                  stream_ms_per_mb=draw(st.one_of(st.just(0.0), _num(0, 3))))
 
 
 @st.composite
