@@ -7,7 +7,9 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   Reads run on one channel, in layer order: layer l's reads start when layer l-1's end.
 - A layer's compute: layer_overhead_ms + per shard that runs, shard_overhead_ms
   + flops / gflops and, for a quantised shard (bits < 32), its stored bytes / dequant_gb_s
-  + its weights x dequant_ns_per_weight[bits] (the terms the device gives), and for a
+  + its weights x dequant_ns_per_weight[bits] (the terms the device gives; a device
+  calibrated on a decoder gives 32 too: one token's pass over fp32 weights is bound by
+  reading them, not by its flops), and for a
   streamed shard its stored bytes x stream_ms_per_mb (contention: compute on weights just
   read into the IO ring, while the reads go on, runs slower than on preloaded ones).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
@@ -161,12 +163,11 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     if streamed:
         ms += shard.bytes[bit] * device.stream_ms_per_mb / 1e6
     bits = model.bitwidths[bit]
-    if bits < FULL_PRECISION_BITS:
-        if device.dequant_gb_s is not None:
-            ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
-        ns = device.dequant_ns(bits)
-        if ns:  # Scenario checks that the shard's weights are known
-            ms += shard.weights * ns / 1e6
+    if bits < FULL_PRECISION_BITS and device.dequant_gb_s is not None:
+        ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
+    ns = device.dequant_ns(bits)  # a decoder's device also gives 32: fp32 weights' pass
+    if ns:  # Scenario checks that the shard's weights are known
+        ms += shard.weights * ns / 1e6
     return ms
 
 

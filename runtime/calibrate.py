@@ -60,13 +60,13 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import scipy.optimize
 import torch
 
-from elasticplan.costmodel import Pick, Selection, simulate
+from elasticplan.costmodel import Layout, Pick, Selection, simulate
 from elasticplan.errors import CalibrationError
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.limits import MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
@@ -142,9 +142,13 @@ class Sample:
     streamed_mb: float = 0.0  # stored MB of the layer's streamed (not preloaded) shards
 
 
-def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
+def fit_compute(samples: list[Sample], bits: tuple[int, ...],
+                weights: np.ndarray | None = None) -> Fit:
     """Non-negative least squares of the layer model over the samples; `bits` are the
-    quantised bitwidths to fit a per-weight cost for (each needs samples that use it)."""
+    bitwidths to fit a per-weight cost for (each needs samples that use it: the quantised
+    ones; a decoder's fit adds 32). `weights`: each sample's weight in the squares (None:
+    all 1; a decoder's fit weighs a sample by 1 / its pass's latency, so that a decode
+    step's layers count as much, relative to their pass, as the prompt pass's)."""
     if not samples:
         raise CalibrationError("no layer was measured")
     A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
@@ -155,18 +159,20 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...]) -> Fit:
         raise CalibrationError(f"no calibration plan ran a shard at {unused} bits; rerun with "
                                f"more plans (--plans)")
     stream = len(bits) + 3  # the contention term's column
-    scale = np.abs(A).max(axis=0)  # columns of ~1: nnls and the covariance well conditioned
-    scale[scale == 0] = 1.0
-    x, _ = scipy.optimize.nnls(A / scale, y)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    scale = np.abs(A * w[:, None]).max(axis=0)  # columns of ~1: nnls and the covariance
+    scale[scale == 0] = 1.0                      # well conditioned
+    x, _ = scipy.optimize.nnls(A * w[:, None] / scale, y * w)
     x = x / scale
     pred = A @ x
     resid = y - pred
     ss_tot = float(np.sum((y - y.mean()) ** 2)) or 1.0
-    # Standard errors of the terms the fit kept (> 0): s^2 (A'A)^-1 over those columns.
+    # Standard errors of the terms the fit kept (> 0): s^2 (A'WA)^-1 over those columns,
+    # s^2 from the weighted residuals.
     active = np.flatnonzero(x > 0)
     dof = max(1, len(y) - len(active))
-    s2 = float(resid @ resid) / dof
-    scaled = A[:, active] / scale[active]
+    s2 = float((resid * w) @ (resid * w)) / dof
+    scaled = A[:, active] * w[:, None] / scale[active]
     cov = np.linalg.pinv(scaled.T @ scaled) * s2
     se = np.zeros(len(x))
     se[active] = np.sqrt(np.clip(np.diag(cov), 0, None)) / scale[active]
@@ -332,33 +338,61 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
     plan's runs, the rounds, the last fit and why the rounds stopped."""
     model = scenario.model
     quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
-    runs_of: list[list] = [[] for _ in designed]
+
+    def open_plan(i: int) -> Executor:
+        ex = Executor(designed[i][2], scenario, store, emulate=emulate)
+        try:
+            ex.fill_preload()
+            ex.run(queries[0])  # warm-up, discarded
+        except BaseException:
+            ex.close()
+            raise
+        return ex
+
+    def fit_of(runs_of: list[list]) -> tuple[Fit, list[Sample]]:
+        samples = _samples(model, designed, runs_of)
+        return fit_compute(samples, quantised), samples
+
+    return measure_rounds(len(designed), open_plan=open_plan,
+                          run_once=lambda ex, r: ex.run(queries[r % len(queries)]),
+                          fit_of=fit_of, repeats=repeats, budget_s=budget_s, groups=groups,
+                          log=log)
+
+
+def measure_rounds(plans: int, *, open_plan: Callable[[int], Any],
+                   run_once: Callable[[Any, int], Any],
+                   fit_of: Callable[[list[list]], tuple[Fit, list[Sample]]], repeats: int,
+                   budget_s: float, groups: list[list[int]], log: Callable[[str], None]
+                   ) -> tuple[list[list], int, Fit, str]:
+    """The calibration rounds of any executor (module docstring, "Rounds"): `open_plan(i)`
+    opens plan i's executor (filled and warmed up; closed with .close()), `run_once(ex, r)`
+    is one measured run in round r, `fit_of(runs_of)` the fit of the runs so far and its
+    samples. Each group's executors are open at once; every round runs every plan once;
+    rounds go on until every term is tight or the budget is spent. Returns each plan's
+    runs, the rounds, the last fit and why the rounds stopped."""
+    runs_of: list[list] = [[] for _ in range(plans)]
     began = time.monotonic()
     rounds = 0
-    open_now: dict[int, Executor] = {}
+    open_now: dict[int, Any] = {}
     try:
         while True:
-            # One round: every plan runs one query, plans interleaved, so that a change in
-            # the machine's speed (other work, the host) falls on every plan alike.
+            # One round: every plan runs once, plans interleaved, so that a change in the
+            # machine's speed (other work, the host) falls on every plan alike.
             for group in groups:
                 if len(groups) > 1 or not open_now:
                     for i in list(open_now):
                         open_now.pop(i).close()
                     for i in group:
-                        ex = Executor(designed[i][2], scenario, store, emulate=emulate)
-                        open_now[i] = ex
-                        ex.fill_preload()
-                        ex.run(queries[0])  # warm-up, discarded
+                        open_now[i] = open_plan(i)
                 for i in group:
-                    runs_of[i].append(open_now[i].run(queries[rounds % len(queries)]))
+                    runs_of[i].append(run_once(open_now[i], rounds))
             rounds += 1
             if rounds < repeats:
                 continue
-            samples = _samples(model, designed, runs_of)
-            fit = fit_compute(samples, quantised)
+            fit, samples = fit_of(runs_of)
             loose = _loose_terms(fit, samples)
             spent = time.monotonic() - began
-            log(f"calibration round {rounds}: {len(designed)} plans, {spent:.0f} s; " + (
+            log(f"calibration round {rounds}: {plans} plans, {spent:.0f} s; " + (
                 f"every term within {TERM_SE_PCT:g} % of the time it explains"
                 if not loose else "loosest: " + ", ".join(loose[:3])))
             if not loose:
@@ -637,7 +671,10 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
     header = (f"Written by `elasticplan calibrate` on {platform.node()} ({os.cpu_count()} cores), "
               f"{when}.\n"
               f"Compute: measured inside the pipelined runtime (torch threads "
-              f"{facts['threads']}, batch 1, seq_len {facts['seq_len']}),\n"
+              f"{facts['threads']}, batch 1, " + (
+                  f"a {facts['seq_len']}-token prompt and {facts['decode_steps']} decode "
+                  f"steps per run; runtime/decode_calibrate.py" if "decode_steps" in facts
+                  else f"seq_len {facts['seq_len']}") + "),\n"
               f"  {facts['plans']} designed plans x {facts['repeats']} rounds, interleaved "
               f"{'' if facts['interleaved'] else 'in groups that fit a quarter of the RAM '}"
               f"(at least {facts['min_repeats']}; {facts['seconds']:g} s; stopped: "
@@ -646,7 +683,18 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
               f"Storage: {facts['storage']}.\n"
               f"Memory: this machine's RAM.")
     write_checked_yaml(device_path, device_dict(device), header, parse_device)
-    if target_ms is None:
+    decoding = base.question.decoding
+    if target_ms is None and decoding:
+        # A decoder's default question: twice hold-in-memory's per-token latency (every
+        # part fp32, resident) on this device, at the last token.
+        from elasticplan.decoding import predict
+
+        sc = base.with_overrides(device=device)
+        full = base.model.bit_index(FULL_PRECISION_BITS)
+        sel = tuple(tuple(Pick(s, full, True) for s in range(len(layer.shards)))
+                    for layer in base.model.layers)
+        target_ms = round(2 * predict(sc, sel, Layout()).last_token_ms, 1)
+    elif target_ms is None:
         # Default question: the latency of every shard at 8 bits, streamed, on this device:
         # tight enough that the plan must trade bitwidths, preloading and shards.
         sc = Scenario(name="t", device=device, model=base.model,
@@ -662,6 +710,11 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
                 "target_latency_ms": target_ms, "preload_budget_mb": base.preload_budget_mb,
                 "min_shards_per_layer": base.min_shards_per_layer,
                 "objective": base.objective.value}
+    if decoding:  # (its first-token target, the device's own, is not carried over)
+        scenario.update(prompt_tokens=base.question.prompt_tokens,
+                        answer_tokens=base.question.answer_tokens)
+        if base.question.kv_bits is not None:
+            scenario["kv_bits"] = base.question.kv_bits
     # the rest of the base question, as it was posed
     for key, value in (("importance_floor", base.importance_floor),
                        ("memory_budget_mb", base.memory_budget_mb),

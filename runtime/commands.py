@@ -398,11 +398,20 @@ def cmd_calibrate(a) -> int:
     for name in ("device.yaml", "scenario.yaml"):  # before minutes of measuring
         refuse_inputs(Path(a.out_dir) / name, base.files)
     store = ShardStore(a.store)
-    queries = query_batches(store, base.model.seq_len, a.repeats)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    cal = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s, latency_us=a.storage_latency_us,
-                    plans=a.plans, repeats=a.repeats, budget_s=a.budget_s,
-                    max_error_pct=a.max_error_pct, queries=queries, log=log)
+    if base.question.decoding:  # a decoder: prompt passes and decode steps
+        from runtime.decode_calibrate import calibrate_decoder
+
+        cal = calibrate_decoder(store, base, bandwidth_mb_s=a.storage_mb_s,
+                                latency_us=a.storage_latency_us, plans=a.plans,
+                                repeats=a.repeats, budget_s=a.budget_s,
+                                max_error_pct=a.max_error_pct, log=log)
+    else:
+        queries = query_batches(store, base.model.seq_len, a.repeats)
+        cal = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
+                        latency_us=a.storage_latency_us, plans=a.plans, repeats=a.repeats,
+                        budget_s=a.budget_s, max_error_pct=a.max_error_pct, queries=queries,
+                        log=log)
     device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, cal, a.target_ms)
     print(f"compute: {describe_compute(cal.device)}")
     print(fit_report(cal))

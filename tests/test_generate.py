@@ -132,3 +132,33 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     assert cli("generate", minilm, "--prompt", "hi") == 2
     err = capsys.readouterr().err
     assert "an encoder's question" in err and err.count("\n") == 1
+
+
+def test_calibrate_on_a_decoder_writes_a_decoder_device_and_question(tiny, tmp_path):
+    """`calibrate --scenario <a decoder's>` measures prompt passes and decode steps in the
+    decode executor (runtime/decode_calibrate.py): the device gives a per-weight cost for
+    every stored bitwidth, fp32 included, and the scenario it writes is the decoder's
+    question on it, which solves and generates."""
+    from elasticplan.problem.loader import load_scenario
+
+    _, _, store, sc = tiny
+    out = tmp_path / "cal"
+    # storage slow enough that the emulated clock, not this host's cold reads, sets the IO
+    assert cli("calibrate", "--scenario", sc, "--store", store, "--storage-mb-s", 20,
+               "--storage-latency-us", 2000,
+               "--plans", 8, "--repeats", 2, "--budget-s", 0, "--max-error-pct", 1000,
+               "--out-dir", out) == 0
+    device = yaml.safe_load((out / "device.yaml").read_text())
+    bits = ShardStore(store).bitwidths
+    assert sorted(device["compute"]["dequant_ns_per_weight"]) == sorted(bits)
+    assert device["compute"]["pool_ms"] == 0
+    header = (out / "device.yaml").read_text()
+    assert "decode steps per run" in header and "ttft" in header
+    calibrated = load_scenario(out / "scenario.yaml")
+    q = calibrated.question
+    assert (q.prompt_tokens, q.answer_tokens) == (96, 8)
+    assert calibrated.device.dequant_ns(32) is not None
+    plan = tmp_path / "plan.json"
+    assert cli("solve", out / "scenario.yaml", "-o", plan) == 0
+    assert cli("generate", plan, "--prompt", PROMPTS[1], "--max-new-tokens", 3,
+               "--no-compare") == 0

@@ -193,8 +193,8 @@ def test_a_calibrated_device_loads_with_every_term():
      "needs a dequantisation cost"),
     (lambda d: d["compute"].update(dequant_ns_per_weight={}), "compute.dequant_ns_per_weight",
      "is empty"),
-    (lambda d: d["compute"]["dequant_ns_per_weight"].update({32: 1.0}),
-     "compute.dequant_ns_per_weight.32", "must be <= 31"),
+    (lambda d: d["compute"]["dequant_ns_per_weight"].update({33: 1.0}),
+     "compute.dequant_ns_per_weight.33", "must be <= 32"),
     (lambda d: d["compute"]["dequant_ns_per_weight"].update({4: -1}),
      "compute.dequant_ns_per_weight.4", "must be >= 0"),
     (lambda d: d["compute"]["dequant_ns_per_weight"].update({"four": 1}),
@@ -295,3 +295,20 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
 _SMALL = {"name": "m", "seq_len": 8, "bitwidths": [4, 32],
           "layers": [{"shards": [{"name": "a", "kind": "head", "flops": 10,
                                   "bytes": [1, 4], "importance": [0.1, 0.2]}]}]}
+
+
+def test_first_bad_finds_the_first_bad_value_past_its_chunks():
+    """The weight check looks at CHECK_CHUNK values at a time (no table-sized
+    temporaries) and still names the first bad value's flat index."""
+    import numpy as np
+
+    from runtime.families.weights import CHECK_CHUNK, MAX_WEIGHT, first_bad
+
+    v = np.zeros(3 * CHECK_CHUNK + 5, np.float32)
+    assert first_bad(v) is None
+    v[2 * CHECK_CHUNK + 3] = np.nan
+    v[-1] = np.inf
+    i, value = first_bad(v)
+    assert i == 2 * CHECK_CHUNK + 3 and np.isnan(value)
+    v[CHECK_CHUNK - 1] = -2 * MAX_WEIGHT
+    assert first_bad(v) == (CHECK_CHUNK - 1, -2 * MAX_WEIGHT)

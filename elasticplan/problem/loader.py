@@ -115,7 +115,8 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
 
 
 def _per_weight(compute: Fields) -> tuple[tuple[int, float], ...]:
-    """`dequant_ns_per_weight: {bits: ns, ...}` (quantised bitwidths, 1..31)."""
+    """`dequant_ns_per_weight: {bits: ns, ...}` (bitwidths 1..32: 32 is a decoder
+    device's per-weight cost of fp32 weights, runtime/decode_calibrate.py)."""
     raw = compute.raw("dequant_ns_per_weight", required=False)
     if raw is None:
         return ()
@@ -124,7 +125,7 @@ def _per_weight(compute: Fields) -> tuple[tuple[int, float], ...]:
     out = []
     for k in list(raw):
         key = table.key(str(k))
-        bits = integer(k, compute.file, key, minimum=1, maximum=FULL_PRECISION_BITS - 1)
+        bits = integer(k, compute.file, key, minimum=1, maximum=FULL_PRECISION_BITS)
         out.append((bits, number(raw[k], compute.file, key, minimum=0, maximum=MAX_NS_PER_WEIGHT)))
     if not out:
         raise compute.err("dequant_ns_per_weight", "is empty: give ns per weight for every "

@@ -10,7 +10,10 @@ what the cost model predicts for this prompt's length and these positions
 each decode step (median and last), and per stage (IO, layer compute, the LM head); the
 plan's predicted memory by term with the executor's own accounting, and the process's
 peak above its baseline (VmHWM after the answer less VmRSS before the executor existed,
-the peak reset at that point); and, when asked, the answer's agreement with the full fp32
+the peak reset at that point; before it, a throwaway executor of the same plan answers a
+2-token prompt with one step, so that torch's kernels, thread pools and code pages are in
+the process already, as in any warm process and as `run`'s probe does:
+runtime/measurement/memprobe.py); and, when asked, the answer's agreement with the full fp32
 model's greedy answer to the same prompt.
 """
 
@@ -129,6 +132,9 @@ class GenerateReport:
         return out
 
 
+WARM_TOKENS = 2  # the throwaway answer before the baseline: a prompt this long, one step
+
+
 def _baseline() -> int:
     """VmRSS with freed memory returned, and the peak reset to it (Linux), as the fresh
     process probe of `run` takes it (runtime/measurement/memprobe.py)."""
@@ -165,10 +171,17 @@ def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
         raise InvalidArgument(f"--max-new-tokens must be in [1, {q.answer_tokens}] (the "
                               f"plan's answer_tokens), got {max_new_tokens}")
     picks, table = picks_of(plan)
+
+    def executor() -> DecodeExecutor:
+        return DecodeExecutor(store, picks, table, context=q.context_tokens,
+                              window=plan.window, device=scenario.device if emulate else None,
+                              threads=threads, prompt_tokens=q.prompt_tokens)
+
+    with executor() as warm:  # torch's kernels, pools and code pages, before the baseline
+        warm.generate(prompt[:WARM_TOKENS], 2, eos_id=None)
+    del warm
     base = _baseline()
-    with DecodeExecutor(store, picks, table, context=q.context_tokens, window=plan.window,
-                        device=scenario.device if emulate else None, threads=threads,
-                        prompt_tokens=q.prompt_tokens) as ex:
+    with executor() as ex:
         result = ex.generate(prompt, max_new_tokens, on_token)
     above = status_bytes("VmHWM") - base
     selection = plan.selection(scenario)
