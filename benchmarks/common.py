@@ -207,6 +207,49 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
     return load_scenario(scen_path), target
 
 
+SMOLLM2_STORE = ROOT / "build" / "shards" / "smollm2-135m"
+SMOLLM2_PHONE = ROOT / "problems" / "scenarios" / "smollm2-phone.yaml"
+
+
+def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PHONE,
+                                plans: int = 16, budget_s: float = 60.0, log=print):
+    """A decoder's question (default SmolLM2 on the phone) on this machine with storage
+    emulated at `bandwidth_mb_s`: calibrated once (runtime/decode_calibrate.py, as
+    `elasticplan calibrate --scenario` does; a few minutes) into
+    build/bench/calibrated-<model>-X and reused while the store's index, the scenario and
+    its profile are older than it. Returns the calibrated scenario."""
+    import yaml
+
+    from elasticplan.problem.loader import load_scenario
+    from runtime.calibrate import DEFAULT_LATENCY_US, describe_compute, fit_report, write_calibration
+    from runtime.decode_calibrate import calibrate_decoder
+
+    base = Path(base)
+    out = CALIBRATED / f"calibrated-{base.stem}-{bandwidth_mb_s:g}"
+    path = out / "scenario.yaml"
+    profile = base.parent / yaml.safe_load(base.read_text())["model"]
+    sources = [Path(store.path) / "index.json", base, profile]
+    if path.is_file() and all(path.stat().st_mtime > p.stat().st_mtime for p in sources):
+        sc = load_scenario(path)
+        log(f"# {bandwidth_mb_s:g} MB/s: reusing {_rel(out)} (calibrated {_when(path)}); "
+            f"{describe_compute(sc.device)}")
+        return sc
+    scenario = load_scenario(base)
+    # kept even where calibrate alone would refuse it: the benchmark measures how well it
+    # predicts (its out-of-sample errors are logged below and in the file's header)
+    cal = calibrate_decoder(store, scenario, bandwidth_mb_s=bandwidth_mb_s,
+                            latency_us=DEFAULT_LATENCY_US, plans=plans, repeats=3,
+                            budget_s=budget_s, max_error_pct=1000.0, log=log)
+    _, scen_path, _ = write_calibration(out, scenario, cal, None)
+    log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: {describe_compute(cal.device)}"
+        f"; out-of-sample stage |error| median / p95: "
+        + ", ".join(f"{k} {m:.1f} / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
+        + f"; run-to-run noise {cal.facts['noise_pct']:.1f} %")
+    for line in fit_report(cal).splitlines():
+        log(f"#   {line.strip()}")
+    return load_scenario(scen_path)
+
+
 def _when(path: Path) -> str:
     return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
 

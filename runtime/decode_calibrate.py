@@ -88,19 +88,20 @@ DECODE_STEPS = 8  # decode steps measured per run, after the prompt pass
 STAGES = ("ttft", "token", "io", "compute")
 
 
-def calibration_prompt(store: ShardStore, tokens: int) -> list[int]:
+def calibration_prompt(store: ShardStore, tokens: int, split: str = "calibration") -> list[int]:
     """`tokens` token ids of the calibration tweets (runtime/sources/task.py), joined by
-    newlines: the prompt every calibration run answers."""
+    newlines: the prompt every calibration run answers (`split` "test": the held-out
+    tweets', for benchmarks)."""
     from runtime.sources.task import load_splits
 
     text, ids = "", []
     tok = store.text_tokenizer()
-    for t in load_splits().calibration.texts:
+    for t in getattr(load_splits(), split).texts:
         text += t + "\n"
         ids = tok.encode(text).ids
         if len(ids) >= tokens:
             return ids[:tokens]
-    raise CalibrationError(f"the calibration tweets make {len(ids)} tokens, fewer than the "
+    raise CalibrationError(f"the {split} tweets make {len(ids)} tokens, fewer than the "
                            f"{tokens} of the question's prompt")
 
 

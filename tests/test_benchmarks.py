@@ -242,3 +242,26 @@ def test_a_row_carries_the_question_the_plan_answers():
     assert row["target_ms"] == 31.5 and row["buffer_mb"] == 3.0
     assert row["latency_quantile"] == 0.5 and row["memory_budget_mb"] is None
     assert row["runs_within_target"] == 2 and row["process_peak_mb"] == 2.1
+
+
+def test_decode_prediction_grid_and_summary():
+    """The decoding prediction benchmark's questions are solved and verified decoder plans
+    (one per feasible point of the grid, the infeasible said and skipped), and its summary
+    is the median and p95 of the absolute errors."""
+    from benchmarks import decode_prediction
+    from elasticplan.problem.loader import load_scenario
+
+    sc = load_scenario(common.SMOLLM2_PHONE)
+    said = []
+    cases = decode_prediction.questions(sc, [2.0], [None, 48.0, 0.5], log=said.append)
+    assert [(f, b) for f, b, _, _ in cases] == [(2.0, None), (2.0, 48.0)]
+    assert len(said) == 1 and "memory 0.5" in said[0]
+    for _, budget, plan, q in cases:
+        assert plan.scenario.question.decoding and plan.decoding is not None
+        assert budget is None or plan.memory.peak_bytes <= budget * 1e6
+    rows = [{"ttft_err": e, "token_err": -e, "io_err_pct": 1.0, "compute_err_pct": -2.0,
+             "head_err_pct": 0.5, "executor_err": 0.0, "process_err": 0.02}
+            for e in (0.01, 0.02, 0.03, 0.10)]
+    text = decode_prediction.summary(rows, "all")
+    assert "4 plans" in text and "time to first token 2.5 / 8.9 %" in text
+    assert "per-token 2.5 / 8.9 %" in text and "process median +2.0 %" in text
