@@ -45,8 +45,6 @@ from elasticplan.problem.spec import (
     TimedPass,
     head_layer,
     pass_model,
-    prefill_pass,
-    step_pass,
     with_table_rows,
 )
 
@@ -123,25 +121,23 @@ def timed_ok(scenario: Scenario, selection, layout: Layout, slack_ms: float = 0.
 
 def predict(scenario: Scenario, selection, layout: Layout) -> DecodeTimes:
     """The times of a decoder's plan (its selection over the step model's layers, the
-    table last), pass by pass (elasticplan.costmodel.simulate). The table streamed means
-    the prompt's rows are read before the prompt pass."""
+    table last), pass by pass (answer_schedules): the question's prompt pass and its
+    decode steps (at most MEAN_STEPS of them, evenly spaced, the last included)."""
     q = scenario.question
     if not q.decoding:
         raise ValueError(f"scenario {scenario.name!r} is not a decoder's question")
-    prefill = priced(scenario, table_rows(
-        pass_model(scenario.source_model, q, prefill_pass(q)), selection))
-    ttft = simulate(prefill, selection,
-                    layout=Layout(layout.window, table_streamed(scenario, selection)))
     steps = list(range(1, q.answer_tokens))
     if len(steps) > MEAN_STEPS:
         stride = len(steps) / MEAN_STEPS
         steps = sorted({steps[int(i * stride)] for i in range(MEAN_STEPS)} | {steps[-1]})
-    times = [simulate(pass_scenario(scenario, step_pass(q, j)), selection,
-                      layout=Layout(layout.window)).latency_ms for j in steps]
+    # decode step j computes position P + j - 1 (step_pass)
+    first, times = answer_schedules(scenario, selection, layout, q.prompt_tokens,
+                                    [q.prompt_tokens + j - 1 for j in steps])
     kv = sum(scenario.model.layers[li].shards[pk.shard].kept_bytes
              for li, picks in enumerate(selection) for pk in picks)
-    return DecodeTimes(ttft_ms=ttft.latency_ms, last_token_ms=times[-1],
-                       mean_token_ms=sum(times) / len(times), kv_cache_bytes=kv)
+    return DecodeTimes(ttft_ms=first.latency_ms, last_token_ms=times[-1].latency_ms,
+                       mean_token_ms=sum(t.latency_ms for t in times) / len(times),
+                       kv_cache_bytes=kv)
 
 
 def answer_schedules(scenario: Scenario, selection, layout: Layout, prompt: int,
