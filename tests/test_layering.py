@@ -40,6 +40,7 @@ RUNTIME_LEVELS = {
     "runtime.decoding": 5,  # a decoder's answer token by token, on the executor's parts
     "runtime.measurement": 5,  # repeated runs of the executor and their report
     "runtime.calibrate": 6,  # this machine as a device, measured through the executor
+    "runtime.decode_calibrate": 6,  # a decoder's calibration, through the decode executor
     "runtime.commands": 7,  # the runtime's commands
 }
 
