@@ -240,7 +240,7 @@ class Plan:
         preload = f.integer("preload_bytes", minimum=0)
         streamed = f.integer("streamed_bytes", minimum=0)
         execution = _choice(f, "execution", list(EXECUTIONS), default=PIPELINED)
-        window = f.integer("window", minimum=1, maximum=MAX_LAYERS, required=False)
+        window = f.integer("window", minimum=0, maximum=MAX_LAYERS, required=False)
         embeddings = _choice(f, "embeddings", list(EMBEDDINGS), default="resident")
         terms = f.mapping("memory", "the predicted memory by term", required=False)
         memory = None if terms is None else _memory(terms)
