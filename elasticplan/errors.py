@@ -103,3 +103,21 @@ class ToleranceError(ElasticplanError):
     """`elasticplan run --enforce`: the measured latency is outside the stated tolerance."""
 
     exit_code = 10
+
+
+class MemoryCapExceeded(ElasticplanError):
+    """`elasticplan run --memory-cap`: the kernel killed the plan's process for exceeding its
+    memory cgroup's cap; the message gives the cap, the process's baseline, the allowance and
+    the plan's predicted peak (runtime/cgroups.py; docs/runtime.md, "Kernel limits"). Exit 12,
+    the code of running out of memory."""
+
+    exit_code = 12
+
+
+class CgroupUnavailable(ElasticplanError):
+    """`--memory-cap` or `--throttle`: the kernel's limits cannot be used here (not root, a
+    read-only cgroup mount, no memory or block-IO controller, a controller not delegated to
+    this process's cgroup, no block device under the store); the message names what is
+    missing."""
+
+    exit_code = 13

@@ -52,6 +52,7 @@ layers, fit to latency + bytes / bandwidth, for runs without emulation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -67,13 +68,15 @@ import scipy.optimize
 import torch
 
 from elasticplan.costmodel import Layout, Pick, Selection, simulate
-from elasticplan.errors import CalibrationError
+from elasticplan.errors import CalibrationError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.limits import MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Spread
+from runtime import cgroups
+from runtime.cgroups import IoThrottle
 from runtime.executor import Executor
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -250,20 +253,18 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
               latency_us: float, plans: int = DEFAULT_PLANS, repeats: int = DEFAULT_REPEATS,
               budget_s: float = DEFAULT_BUDGET_S, max_error_pct: float = DEFAULT_MAX_ERROR_PCT,
               seed: int = 0, queries: list | None = None,
-              log: Callable[[str], None] = lambda s: None) -> Calibration:
+              log: Callable[[str], None] = lambda s: None, throttle: bool = False
+              ) -> Calibration:
     """Measure; return the calibrated device, the compute fit and facts for the file header.
     Refuses (CalibrationError) when the calibration runs, each predicted out of sample, are
-    further from their predictions than max_error_pct (module docstring, "Refusal")."""
-    if bandwidth_mb_s is None:
-        bandwidth_mb_s, latency_us = measure_disk(store)
-        storage = (f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
-                   f"+ {latency_us:.0f} us per read (runs use it without emulation)")
-        emulate = False
-    else:
-        storage = (f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
-                   f"(runs emulate it on top of real cold reads)")
-        emulate = True
-    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
+    further from their predictions than max_error_pct (module docstring, "Refusal").
+    `throttle`: no device clock; the runs read through a block-IO cgroup that the kernel
+    throttles to the bandwidth and latency (runtime/cgroups.py, `calibrate --throttle`)."""
+    if throttle and bandwidth_mb_s is None:
+        raise InvalidArgument("--throttle needs --storage-mb-s: the bandwidth the kernel is "
+                              "to hold the reads to")
+    bandwidth_mb_s, latency_us, storage, emulate = storage_of(store, bandwidth_mb_s, latency_us)
+    memory_mb = machine_memory_mb()
     model = base.model
     if any(s.weights is None for layer in model.layers for s in layer.shards):
         raise CalibrationError(f"{base.source}: model {model.name!r} does not give its shards' "
@@ -274,17 +275,15 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     draft_scenario = Scenario(name="calibration", device=draft, model=model,
                               question=Question(target_latency_ms=MAX_TARGET_MS,
                                                 preload_budget_mb=0.0, min_shards_per_layer=0))
-    rng = np.random.default_rng(seed)
-    designed = [(name, sel, Plan.from_selection(draft_scenario, sel, solver="calibration",
-                                                status=SolveStatus.FEASIBLE, gap=None,
-                                                solve_seconds=0.0))
-                for name, sel in design(model, plans, rng)]
-    groups = _groups([plan.memory.peak_bytes for _, _, plan in designed],
-                     INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
+    designed, groups = designed_plans(draft_scenario, plans, seed, memory_mb)
     began = time.monotonic()
-    runs_of, rounds, fit, why = _rounds(designed, draft_scenario, store, emulate=emulate,
-                                        queries=queries, repeats=repeats, budget_s=budget_s,
-                                        groups=groups, log=log)
+    kernel = IoThrottle(store.path, bandwidth_mb_s, latency_us) if throttle else None
+    with kernel if kernel is not None else contextlib.nullcontext():
+        if kernel is not None:
+            storage, emulate = f"{kernel.describe()} (the calibration runs read through it)", False
+        runs_of, rounds, fit, why = _rounds(designed, draft_scenario, store, emulate=emulate,
+                                            queries=queries, repeats=repeats, budget_s=budget_s,
+                                            groups=groups, log=log, no_readahead=throttle)
     for i, (name, _, plan) in enumerate(designed):
         log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
@@ -332,7 +331,8 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
 
 def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: bool,
             queries: list, repeats: int, budget_s: float, groups: list[list[int]],
-            log: Callable[[str], None]) -> tuple[list[list], int, Fit, str]:
+            log: Callable[[str], None], no_readahead: bool = False
+            ) -> tuple[list[list], int, Fit, str]:
     """Run the designed plans round by round (module docstring, "Rounds"), each group's
     executors open at once, until every term is tight or the budget is spent. Returns each
     plan's runs, the rounds, the last fit and why the rounds stopped."""
@@ -341,6 +341,8 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
 
     def open_plan(i: int) -> Executor:
         ex = Executor(designed[i][2], scenario, store, emulate=emulate)
+        if no_readahead:  # --throttle: each read fetches its own pages (runtime/cgroups.py)
+            cgroups.no_readahead(ex.fds.values())
         try:
             ex.fill_preload()
             ex.run(queries[0])  # warm-up, discarded
@@ -404,6 +406,20 @@ def measure_rounds(plans: int, *, open_plan: Callable[[int], Any],
     finally:
         for ex in open_now.values():
             ex.close()
+
+
+def designed_plans(scenario: Scenario, plans: int, seed: int, memory_mb: float
+                   ) -> tuple[list[tuple[str, Selection, Plan]], list[list[int]]]:
+    """The calibration plans of `design` on the scenario's model, each as (name,
+    selection, plan), and the groups whose executors may be open at once (their
+    predicted peaks within INTERLEAVE_MEMORY_SHARE of the RAM)."""
+    rng = np.random.default_rng(seed)
+    designed = [(name, sel, Plan.from_selection(scenario, sel, solver="calibration",
+                                                status=SolveStatus.FEASIBLE, gap=None,
+                                                solve_seconds=0.0))
+                for name, sel in design(scenario.model, plans, rng)]
+    return designed, _groups([plan.memory.peak_bytes for _, _, plan in designed],
+                             INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
 
 
 def _groups(peaks: list[int], cap_bytes: float) -> list[list[int]]:
@@ -563,6 +579,26 @@ def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, 
               for k, v in off.items()}
     runs = sum(len(r) for _, _, r in held_out)
     return Spread(io=round(rms["io"], 5), compute=round(rms["compute"], 5), runs=runs), errors
+
+
+def storage_of(store: ShardStore, bandwidth_mb_s: float | None, latency_us: float
+               ) -> tuple[float, float, str, bool]:
+    """The calibration's storage: (bandwidth MB/s, latency us, its description for the
+    file header, whether runs emulate it): emulated at the given bandwidth, or, without
+    one, this machine's disk measured (measure_disk) and used as it is."""
+    if bandwidth_mb_s is None:
+        bandwidth_mb_s, latency_us = measure_disk(store)
+        return (bandwidth_mb_s, latency_us,
+                f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
+                f"+ {latency_us:.0f} us per read (runs use it without emulation)", False)
+    return (bandwidth_mb_s, latency_us,
+            f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
+            f"(runs emulate it on top of real cold reads)", True)
+
+
+def machine_memory_mb() -> float:
+    """This machine's RAM, MB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
 
 
 def measure_disk(store: ShardStore, layers=(1, 4)) -> tuple[float, float]:

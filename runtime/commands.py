@@ -9,6 +9,8 @@ that the planner's commands start without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -34,14 +36,12 @@ from elasticplan.plans.verify import scenario_for, verify_plan
 from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.outputs import refuse_inputs, write_text
-from elasticplan.problem.spec import ModelProfile
+from runtime.defaults import DEFAULT_HEAD, DEFAULT_STORE, head_for, store_for
 from runtime.schemes import DEFAULT_NAME, REGISTRY
 from runtime.sources import PACKAGED, open_checkpoint_dir, open_packaged
 
-DEFAULT_STORE = "build/shards/minilm-l6"
 DEFAULT_PROFILE = "problems/models/minilm-l6.yaml"
 DEFAULT_CACHE = "build/profile/minilm-l6"
-DEFAULT_HEAD = "problems/models/minilm-l6.taskhead.json"
 DEFAULT_CALIBRATED = "build/calibrated"
 DEFAULT_RUN_THREADS = 1
 DEFAULT_BASE_SCENARIO = "problems/scenarios/minilm-phone.yaml"
@@ -50,21 +50,6 @@ DEFAULT_SCENARIO_BUFFER_MB = 2.0
 
 def _is_default_store(store: str) -> bool:
     return Path(store).resolve() == Path(DEFAULT_STORE).resolve()
-
-
-def store_for(given: str | None, model: ModelProfile) -> str:
-    """--store, else the store the profile names, else MiniLM's."""
-    return given or model.store_path or DEFAULT_STORE
-
-
-def head_for(given: str | None, model: ModelProfile) -> str | None:
-    """--head, else the profile's task head; a profile of a user's checkpoint without one
-    has none (fidelity only); MiniLM's is the tweet head."""
-    if given:
-        return given
-    if model.store_path is not None:
-        return model.task_head_path
-    return DEFAULT_HEAD
 
 
 def register(sub) -> None:
@@ -172,6 +157,10 @@ def register(sub) -> None:
                         "(default 5)")
     c.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}); use the same for run")
+    c.add_argument("--throttle", action="store_true",
+                   help="no device clock: the kernel throttles the runs' reads to "
+                        "--storage-mb-s and --storage-latency-us (a block-IO cgroup; "
+                        "docs/runtime.md, 'Kernel limits'); an encoder's scenario only")
     c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
                    help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
 
@@ -209,6 +198,18 @@ def register(sub) -> None:
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
     r.add_argument("--json", metavar="FILE", help="write the report as JSON")
     r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
+    r.add_argument("--memory-cap", nargs="?", const=True, type=positive, metavar="MB",
+                   help="run the memory probe's queries in a memory cgroup capped at its "
+                        "process's baseline after start-up + the plan's predicted peak (or MB) "
+                        "+ --cap-margin, swap off; a process over its cap is killed by the "
+                        "kernel: exit 12 (docs/runtime.md, 'Kernel limits')")
+    r.add_argument("--cap-margin", type=real(0, 1000), default=5.0, metavar="PCT",
+                   help="the cap's margin, in %% of the plan's predicted peak or MB (default 5)")
+    r.add_argument("--throttle", action="store_true",
+                   help="no device clock: the kernel throttles the reads (a block-IO cgroup on "
+                        "the store's disk at the device's bandwidth, one read per latency as "
+                        "reads/s); its counters are checked against the plan's reads "
+                        "(docs/runtime.md, 'Kernel limits')")
 
     g = sub.add_parser("generate", help="a decoder plan answering a prompt token by token; "
                                         "every figure measured against the plan's")
@@ -228,6 +229,10 @@ def register(sub) -> None:
     g.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS})")
     g.add_argument("--json", metavar="FILE", help="write the report as JSON")
+
+    from runtime.encode import register as register_encode  # `encode`: runtime/encode.py
+
+    register_encode(sub)
 
 
 def cmd_shard(a) -> int:
@@ -399,6 +404,8 @@ def cmd_calibrate(a) -> int:
         refuse_inputs(Path(a.out_dir) / name, base.files)
     store = ShardStore(a.store)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if base.question.decoding and a.throttle:
+        raise InvalidArgument("--throttle calibrates an encoder's scenario only")
     if base.question.decoding:  # a decoder: prompt passes and decode steps
         from runtime.decode_calibrate import calibrate_decoder
 
@@ -411,7 +418,7 @@ def cmd_calibrate(a) -> int:
         cal = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
                         latency_us=a.storage_latency_us, plans=a.plans, repeats=a.repeats,
                         budget_s=a.budget_s, max_error_pct=a.max_error_pct, queries=queries,
-                        log=log)
+                        log=log, throttle=a.throttle)
     device_path, scenario_path, target = write_calibration(Path(a.out_dir), base, cal, a.target_ms)
     print(f"compute: {describe_compute(cal.device)}")
     print(fit_report(cal))
@@ -568,24 +575,63 @@ def cmd_run(a) -> int:
     for out in (a.json, a.gantt):
         if out:
             refuse_inputs(out, inputs)
+    capped_scenario = a.scenario or plan.scenario.path
+    if a.memory_cap is not None and a.baselines:
+        raise InvalidArgument("--memory-cap caps the plan's own process: run each baseline's "
+                              "plan (`elasticplan baseline`) with its own --memory-cap")
+    if a.throttle and a.no_emulate:
+        raise InvalidArgument("--throttle and --no-emulate: give one (the kernel's throttle, "
+                              "or this disk's own speed)")
+    if a.memory_cap is not None and capped_scenario is None:
+        raise InvalidArgument(f"{a.plan}: --memory-cap reloads the plan in a fresh process, "
+                              f"which needs its scenario file: give --scenario")
     verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
+    throttle = None
+    if a.throttle:  # a machine that cannot throttle is refused here (exit 13)
+        from runtime.cgroups import IoThrottle
+
+        throttle = IoThrottle(store.path, scenario.device.bandwidth_mb_s,
+                              scenario.device.latency_us)
     _set_threads(a.threads)
     head = TaskHead.load(a.head) if a.head else None
     if head is not None:
         head.check_width(store.config.hidden, a.head, store.path)
+    cap = None
+    if a.memory_cap is not None:  # first: a plan over its cap stops here (exit 12)
+        from runtime.cgroups import capped_probe
+
+        cap = capped_probe(plan, scenario, store, repeats=a.repeat, threads=a.threads,
+                           allowance_mb=None if a.memory_cap is True else a.memory_cap,
+                           margin=a.cap_margin / 100, scenario_path=capped_scenario)
     queries = query_batches(store, scenario.model.seq_len, a.repeat)
     reference = Reference(store)
-    common = dict(repeats=a.repeat, emulate=not a.no_emulate, queries=queries,
+    common = dict(repeats=a.repeat, emulate=not (a.no_emulate or a.throttle), queries=queries,
                   reference=reference, head=head, tolerance=a.tolerance)
     items = [(plan, scenario, a.plan)]
     if a.baselines:  # measured side by side with the plan, runs interleaved
         skipped = lambda strategy, e: print(f"{strategy}: not run: {e}")  # noqa: E731
         items += [(b, question, None) for b, question in baseline_questions(scenario, skipped)]
-    reports = measure_plans(items, store, **common)
+    disk_runs, checks = [[] for _ in items], []
+    with throttle if throttle is not None else contextlib.nullcontext():
+        reports = measure_plans(items, store, **common, probe=None if cap is None else
+                                lambda _: cap.process_peak_above_baseline_bytes,
+                                disk=None if throttle is None else throttle.counters,
+                                disk_runs=disk_runs)
+        if throttle is not None:
+            from runtime.cgroups import disk_check
+
+            storage = throttle.describe()
+            reports = [dataclasses.replace(r, storage=storage) for r in reports]
+            checks = [disk_check(p, q, store, runs)
+                      for (p, q, _), runs in zip(items, disk_runs)]
     report = reports[0]
     print(format_report(report))
+    if cap is not None:
+        print(cap.format(report.memory.measured_peak_bytes))
+    if checks:
+        print(checks[0].format())
     if a.baselines:
         print()
         print(format_comparison(reports))
@@ -593,6 +639,12 @@ def cmd_run(a) -> int:
         data = report.to_dict()
         if a.baselines:
             data["baselines"] = [r.to_dict() for r in reports[1:]]
+        if cap is not None:
+            data["memory_cap"] = cap.to_dict()
+        if checks:
+            data["throttle"] = {"storage": reports[0].storage, "disk": checks[0].to_dict()}
+            for b, check in zip(data.get("baselines", []), checks[1:]):
+                b["throttle"] = {"storage": reports[0].storage, "disk": check.to_dict()}
         write_text(a.json, json.dumps(data, indent=1, allow_nan=False) + "\n", inputs=inputs)
         print(f"report written to {a.json}")
     if a.gantt:

@@ -45,7 +45,6 @@ than --max-error-pct is refused (exit 9), as for encoders.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable
 
@@ -54,7 +53,6 @@ import numpy as np
 from elasticplan.costmodel import Layout
 from elasticplan.decoding import answer_schedules, table_streamed
 from elasticplan.errors import CalibrationError
-from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.limits import MAX_SPREAD, MAX_TARGET_MS
 from elasticplan.problem.spec import (
     DecodePass,
@@ -64,20 +62,19 @@ from elasticplan.problem.spec import (
     pass_model,
 )
 from runtime.calibrate import (
-    INTERLEAVE_MEMORY_SHARE,
     NOISE_FACTOR,
     Calibration,
     Fit,
     Sample,
-    _groups,
     _median_stderr,
-    design,
+    designed_plans,
     device_of,
     fit_compute,
-    measure_disk,
+    machine_memory_mb,
     measure_rounds,
     refusal,
     run_to_run,
+    storage_of,
     wide_stages,
 )
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace
@@ -222,16 +219,8 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
     q = base.question
     if not q.decoding:
         raise ValueError(f"scenario {base.name!r} is not a decoder's question")
-    if bandwidth_mb_s is None:
-        bandwidth_mb_s, latency_us = measure_disk(store)
-        storage = (f"this machine's disk, measured: cold single reads, {bandwidth_mb_s:.0f} MB/s "
-                   f"+ {latency_us:.0f} us per read (runs use it without emulation)")
-        emulate = False
-    else:
-        storage = (f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
-                   f"(runs emulate it on top of real cold reads)")
-        emulate = True
-    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6
+    bandwidth_mb_s, latency_us, storage, emulate = storage_of(store, bandwidth_mb_s, latency_us)
+    memory_mb = machine_memory_mb()
     model = base.model  # the step model: the layers, then the table
     if any(s.weights is None for layer in model.layers for s in layer.shards):
         raise CalibrationError(f"{base.source}: model {model.name!r} does not give its shards' "
@@ -243,13 +232,7 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
                                    preload_budget_mb=0.0, prefetch_window=None,
                                    answer_tokens=steps + 1, importance_floor=None)
     prompt = calibration_prompt(store, q.prompt_tokens)
-    rng = np.random.default_rng(seed)
-    designed = [(name, sel, Plan.from_selection(scenario, sel, solver="calibration",
-                                                status=SolveStatus.FEASIBLE, gap=None,
-                                                solve_seconds=0.0))
-                for name, sel in design(model, plans, rng)]
-    groups = _groups([plan.memory.peak_bytes for _, _, plan in designed],
-                     INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
+    designed, groups = designed_plans(scenario, plans, seed, memory_mb)
     context = scenario.question.context_tokens
 
     def open_plan(i: int) -> DecodeExecutor:

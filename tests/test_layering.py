@@ -31,6 +31,7 @@ PLANNER_LEVELS = {
 RUNTIME_LEVELS = {
     "runtime.families": 0,  # model families: the forward passes and shard cuts, no I/O
     "runtime.sources": 1,  # checkpoints, GGUF files, packaged models, text tasks
+    "runtime.defaults": 1,  # where a plan's store and task head are found when not given
     "runtime.schemes": 2,  # quantisation schemes (the dictionary's rounding reads a task)
     "runtime.store": 3,  # the shard store
     "runtime.iodev": 3,  # cold reads and the emulated device clock
@@ -41,7 +42,10 @@ RUNTIME_LEVELS = {
     "runtime.measurement": 5,  # repeated runs of the executor and their report
     "runtime.calibrate": 6,  # this machine as a device, measured through the executor
     "runtime.decode_calibrate": 6,  # a decoder's calibration, through the decode executor
+    "runtime.cgroups": 6,  # limits the kernel enforces: memory cap, block-IO throttle
+    "runtime.session": 6,  # a plan's executor open for a user's queries
     "runtime.commands": 7,  # the runtime's commands
+    "runtime.encode": 7,  # the encode command (registered by runtime.commands)
 }
 
 

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -56,6 +57,14 @@ class Reference:
         return self.encoder.forward(batch.ids, batch.mask, self.layers)
 
 
+def memprobe_argv(plan: Plan, path: str, store: ShardStore, repeats: int,
+                  threads: int) -> list[str]:
+    """The command of runtime.measurement.memprobe for `plan`, saved at `path`."""
+    return [sys.executable, "-m", "runtime.measurement.memprobe", path, "--store",
+            str(store.path), "--scenario", os.path.abspath(plan.scenario.path), "--repeat",
+            str(repeats), "--threads", str(threads)]
+
+
 def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> int | None:
     """The plan's process-level peak above a baseline, from runtime.measurement.memprobe in a fresh
     process (None when the plan names no scenario file to reload there)."""
@@ -64,10 +73,8 @@ def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> i
     with tempfile.TemporaryDirectory(prefix="elasticplan-memprobe-") as tmp:
         path = os.path.join(tmp, "plan.json")
         plan.save(path)
-        out = subprocess.run(
-            [sys.executable, "-m", "runtime.measurement.memprobe", path, "--store", str(store.path),
-             "--scenario", os.path.abspath(plan.scenario.path), "--repeat", str(repeats),
-             "--threads", str(threads)], capture_output=True, text=True, check=False)
+        out = subprocess.run(memprobe_argv(plan, path, store, repeats, threads),
+                             capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"runtime.measurement.memprobe failed: {out.stderr.strip()[-2000:]}")
     return int(json.loads(out.stdout)["peak_above_baseline_bytes"])
@@ -90,40 +97,56 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
 
 def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardStore, *,
                   repeats: int, emulate: bool, queries: list[Batch], reference: Reference,
-                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE
-                  ) -> list[RunReport]:
+                  head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
+                  probe: Callable[[Plan], int | None] | None = None,
+                  disk: Callable[[], object] | None = None,
+                  disk_runs: list[list] | None = None) -> list[RunReport]:
     """Run several plans side by side and report each: every executor is set up (preload
     filled, one discarded warm-up run) before any is measured, then the measured runs are
     interleaved, one query per plan per round, so that the plans share the machine's
     moods (this VM's speed moves by 10-20 % within seconds) instead of each meeting its
-    own. (plan, its question, the plan's file or None) per item."""
+    own. (plan, its question, the plan's file or None) per item. `probe(plan)`: the
+    process's peak above its baseline, when measured already (`run --memory-cap`: in its
+    capped process); else process_peak measures it. `disk()` (`run --throttle`: the
+    block-IO cgroup's counters): read-ahead is turned off on every executor's files (each
+    read fetches its own pages, no more) and `disk_runs[k]` gets plan k's counts per
+    measured run (disk() after - before)."""
     executors, fills = [], []
     try:
         for plan, scenario, _ in items:
             ex = Executor(plan, scenario, store, emulate=emulate)
             executors.append(ex)
+            if disk is not None:  # read-ahead off: each read fetches its own pages, no more
+                for fd in ex.fds.values():
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             fills.append(ex.fill_preload())
             ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
         traces: list[list[RunTrace]] = [[] for _ in items]
         for i in range(repeats):
             for k, ex in enumerate(executors):
+                before = disk() if disk is not None else None
                 traces[k].append(ex.run(queries[i % len(queries)]))
+                if disk is not None and disk_runs is not None:
+                    disk_runs[k].append(disk() - before)
     finally:
         for ex in executors:
             ex.close()
     return [_report(plan, scenario, store, ex, fill, runs, repeats=repeats, queries=queries,
-                    reference=reference, head=head, tolerance=tolerance, plan_path=path)
+                    reference=reference, head=head, tolerance=tolerance, plan_path=path,
+                    probe=probe)
             for (plan, scenario, path), ex, fill, runs in zip(items, executors, fills, traces)]
 
 
 def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fill,
             traces: list[RunTrace], *, repeats: int, queries: list[Batch],
             reference: Reference, head: TaskHead | None, tolerance: float,
-            plan_path: str | None) -> RunReport:
+            plan_path: str | None, probe: Callable[[Plan], int | None] | None = None
+            ) -> RunReport:
     emulated = ex.clock.emulated
     memory, predicted = ex.memory, ex.predicted_memory
     measured = memory.peak_bytes
-    proc = process_peak(plan, store, repeats, torch.get_num_threads())
+    proc = probe(plan) if probe is not None else \
+        process_peak(plan, store, repeats, torch.get_num_threads())
     runs = [t.latency_ms for t in traces]
     median = round(statistics.median(runs), 4)  # as reported: the error is computed from it
     mid = min(range(len(traces)), key=lambda i: abs(runs[i] - median))

@@ -10,6 +10,12 @@ thread pools and code pages are in memory before the baseline, as in any warm pr
 garbage collection and malloc_trim (freed memory goes back to the system); the baseline
 from /proc/self/status VmRSS; the peak reset ("5" to /proc/self/clear_refs, Linux); then
 the executor is built, the preload filled and the queries run; VmHWM is read last.
+
+`--handshake` (runtime/cgroups.py, `run --memory-cap`): the probe dies with its parent,
+drops the store's pages from the page cache before the baseline (so the cgroup it runs in
+holds none of them), prints the baseline as a first JSON line and waits for a line `go`
+on stdin (the parent caps the cgroup meanwhile) before it runs the measured queries; any
+other line or end of input ends it there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -25,6 +32,7 @@ import torch
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for
 from runtime.executor import Executor
+from runtime.iodev import evict
 from runtime.measurement.measure import query_batches
 from runtime.store import ShardStore
 
@@ -37,12 +45,37 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def release() -> None:
-    gc.collect()
+def trim() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere,
+    nothing)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def release() -> None:
+    gc.collect()
+    trim()
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def drop_store_cache(store: ShardStore) -> None:
+    """Drop the store's files from the page cache (clean pages: shards are fsync'ed)."""
+    for path in store.path.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                evict(fd)
+            finally:
+                os.close(fd)
 
 
 def run_plan(plan, scenario, store, queries) -> None:
@@ -59,7 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--scenario")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--handshake", action="store_true",
+                   help="print the baseline, wait for `go` on stdin before the measured queries")
     a = p.parse_args(argv)
+    if a.handshake:
+        die_with_parent()
     torch.set_num_threads(a.threads)
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
@@ -67,7 +104,13 @@ def main(argv=None) -> int:
     queries = query_batches(store, scenario.model.seq_len, a.repeat)
     run_plan(plan, scenario, store, queries[:1])  # warm: kernels, pools, code pages
     release()
+    if a.handshake:
+        drop_store_cache(store)
     baseline = status_bytes("VmRSS")
+    if a.handshake:  # the parent caps this process's cgroup now
+        print(json.dumps({"baseline_bytes": baseline}), flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 0
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     run_plan(plan, scenario, store, queries)

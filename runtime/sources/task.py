@@ -280,6 +280,15 @@ class TaskHead:
         z = self.logits(emb)
         return ((z > 0) if self.binary else z.argmax(dim=-1)).to(torch.int64).numpy()
 
+    def probabilities(self, emb: torch.Tensor) -> np.ndarray:
+        """[n, classes] float32, in `labels` order: (1 - σ(z), σ(z)) for two classes, else
+        softmax; `predict` is their argmax."""
+        z = self.logits(emb)
+        if self.binary:
+            p = torch.sigmoid(z)
+            return torch.stack([1 - p, p], dim=-1).numpy()
+        return torch.softmax(z, dim=-1).numpy()
+
     def accuracy(self, emb: torch.Tensor, labels: np.ndarray) -> float:
         return float((self.predict(emb) == labels).mean())
 

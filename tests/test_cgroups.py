@@ -1,0 +1,346 @@
+"""Limits the kernel enforces (runtime/cgroups.py): a memory cgroup that caps a plan's
+process, our cgroups removed after every run (a SIGKILLed one's by the next run, SIGTERM's
+and Ctrl-C's by the run itself), a one-line refusal where cgroups cannot be written, and a
+block-IO throttle set to the device's bandwidth whose own counters equal what was read.
+
+The tests that need the kernel skip, with the reason, where this process cannot make
+cgroups (not root, a read-only mount, no controller). No timing thresholds."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elasticplan.cli import main
+from elasticplan.errors import CgroupUnavailable
+from elasticplan.plans.baselines import baseline_plan
+from elasticplan.problem.loader import load_scenario
+from runtime import cgroups
+from runtime.cgroups import (
+    Cgroup,
+    IoCounters,
+    IoThrottle,
+    hierarchy,
+    io_max_line,
+    iops_for,
+    parse_io_stat,
+    parse_v1_counter,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MINILM = ROOT / "problems" / "scenarios" / "minilm-phone.yaml"
+# The 10 MB plan's process holds 10.6-11.8 MB of anonymous memory above its baseline
+# against a predicted 9.83 MB, and its reads need page cache on top (docs/runtime.md,
+# "Kernel limits"): the default 5 % margin kills it, so the test states its own, with room
+# for the page cache of reads in flight on a busy disk.
+MARGIN_PCT = "50"
+
+
+def _usable(kind: str) -> cgroups.Hierarchy:
+    """The hierarchy, or skip with the one-line reason the CLI would give."""
+    try:
+        h = hierarchy(kind)
+        Cgroup.create(h, "probe").remove()
+    except CgroupUnavailable as e:
+        pytest.skip(f"cgroups not usable here: {e}")
+    return h
+
+
+def _mine(h: cgroups.Hierarchy, pid: int) -> list[Path]:
+    return [p for p in cgroups.ours(h) if p.name.startswith(f"{cgroups.PREFIX}{pid}-")]
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """The exact 10 MB plan and hold-in-memory, on MiniLM's phone scenario."""
+    d = tmp_path_factory.mktemp("plans")
+    mem10, hold = d / "mem10.plan.json", d / "hold.plan.json"
+    assert main(["solve", str(MINILM), "--memory-mb", "10", "--window", "auto",
+                 "-o", str(mem10)]) == 0
+    baseline_plan(load_scenario(MINILM), "hold-in-memory").save(hold)
+    return mem10, hold
+
+
+def _predicted_peak_mb(plan_path: Path) -> float:
+    return json.loads(plan_path.read_text())["memory"]["peak_bytes"] / 1e6
+
+
+# --- the memory cap -----------------------------------------------------------------------
+
+def test_ten_mb_plan_completes_under_its_cap_and_hold_in_memory_is_killed(plans, store_dir,
+                                                                          tmp_path, capsys):
+    h = _usable("memory")
+    mem10, hold = plans
+    out = tmp_path / "mem10.run.json"
+    assert main(["run", str(mem10), "--store", str(store_dir), "--repeat", "5",
+                 "--memory-cap", "--cap-margin", MARGIN_PCT, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "5 queries completed under a cap of" in text and "cgroup peak" in text
+    cap = json.loads(out.read_text())["memory_cap"]
+    predicted = int(_predicted_peak_mb(mem10) * 1e6 + 0.5)
+    assert cap["version"] == h.version and cap["queries"] == 5
+    assert cap["predicted_peak_bytes"] == cap["allowance_bytes"] == predicted
+    assert cap["cap_bytes"] == cap["baseline_bytes"] + round(predicted * 1.5)
+    assert cap["peak_bytes"] <= cap["cap_bytes"]  # the kernel held it
+    assert cap["peak_above_baseline_bytes"] > 0 and cap["samples"] > 0
+    assert 0 <= cap["sampled_page_cache_bytes"] <= cap["sampled_peak_bytes"]
+    assert "swappiness" in cap["swap"] or "swap.max" in cap["swap"]
+    report = json.loads(out.read_text())
+    assert report["memory"]["measured_process_peak_bytes"] == \
+        cap["process_peak_above_baseline_bytes"]  # the capped process is the memory probe
+    assert not _mine(h, os.getpid())
+
+    # hold-in-memory (92 MB) under the 10 MB plan's cap: killed by the kernel, exit 12, one line
+    assert main(["run", str(hold), "--store", str(store_dir), "--repeat", "5",
+                 "--memory-cap", f"{_predicted_peak_mb(mem10):.6f}",
+                 "--cap-margin", MARGIN_PCT]) == 12
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("elasticplan: error: killed by the kernel: the plan's process "
+                          "exceeded its memory cap of")
+    for what in ("baseline", "after start-up", f"the allowance {_predicted_peak_mb(mem10):.3f} MB",
+                 "predicted peak is 91.953 MB", f"margin {MARGIN_PCT}%"):
+        assert what in err
+    assert not _mine(h, os.getpid())
+
+
+def test_memory_cap_refuses_baselines_and_reports_no_cgroups_where_none_can_be_made(
+        plans, store_dir, tmp_path, monkeypatch, capsys):
+    mem10, _ = plans
+    args = ["run", str(mem10), "--store", str(store_dir), "--repeat", "1", "--memory-cap"]
+    assert main(args + ["--baselines"]) == 2
+    assert "--memory-cap caps the plan's own process" in capsys.readouterr().err
+    # no controller under the root
+    monkeypatch.setenv(cgroups.ROOT_ENV, str(tmp_path))
+    assert main(args) == 13
+    err = capsys.readouterr().err.strip()
+    assert err == (f"elasticplan: error: {tmp_path}: no memory controller: neither "
+                   f"{tmp_path / 'memory'} (cgroup v1) nor {tmp_path / 'cgroup.controllers'} "
+                   f"listing 'memory' (cgroup v2)")
+    # a directory that is not cgroupfs: mkdir makes no control files
+    (tmp_path / "memory").mkdir()
+    assert main(args) == 13
+    assert f"{tmp_path / 'memory'}: not a cgroup v1 memory hierarchy" in capsys.readouterr().err
+    assert not list((tmp_path / "memory").iterdir())  # what it made, it removed
+    # a read-only mount (and, for a user, no permission)
+    real_mkdir = Path.mkdir
+
+    def refused(self, *a, **k):
+        if self.parent == tmp_path / "memory":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert main(args) == 13
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{tmp_path / 'memory'}: cannot create a cgroup v1 memory cgroup: the cgroup " \
+           f"mount is read-only" in err
+
+
+def test_cgroup_v2_needs_the_controller_delegated(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("cpu\n")
+    with pytest.raises(CgroupUnavailable, match=r"cgroup v2 memory is not enabled for this "
+                                                r"process's cgroup's children"):
+        hierarchy("memory", tmp_path)
+    (tmp_path / "cgroup.subtree_control").write_text("cpu io memory\n")
+    h = hierarchy("io", tmp_path)
+    assert (h.version, h.controller, h.parent) == (2, "io", tmp_path)
+
+
+# --- clean-up -------------------------------------------------------------------------------
+
+def _spawn_run(plan: Path, store_dir: Path, *extra: str) -> subprocess.Popen:
+    # Ctrl-C's handler, even where this test runs with SIGINT ignored (a background job)
+    cli = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "from elasticplan.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", cli, "run", str(plan),
+                             "--store", str(store_dir), "--repeat", "50", *extra],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_probe(h: cgroups.Hierarchy, pid: int, timeout_s: float = 120) -> Path:
+    """The run's cgroup of h's kind, once a process is inside (the capped probe, or the
+    throttled run itself)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in _mine(h, pid):
+            if cgroups._pids(p):
+                return p
+        time.sleep(0.05)
+    raise AssertionError(f"run {pid} made no cgroup with a process in it")
+
+
+def test_sigkilled_runs_cgroups_are_removed_by_the_next_run(plans, store_dir, capsys):
+    h, io = _usable("memory"), _usable("io")
+    mem10, hold = plans
+    capped = _spawn_run(mem10, store_dir, "--memory-cap", "--cap-margin", MARGIN_PCT)
+    throttled = _spawn_run(mem10, store_dir, "--throttle", "--repeat", "1000")
+    left = [_wait_for_probe(h, capped.pid), _wait_for_probe(io, throttled.pid)]
+    for run in (capped, throttled):
+        run.kill()
+        run.communicate()
+    assert all(p.exists() for p in left)  # nobody removed them: the runs were SIGKILLed
+    # the next run (here: one the kernel kills, exit 12) removes both first
+    assert main(["run", str(hold), "--store", str(store_dir), "--repeat", "1",
+                 "--memory-cap", "1"]) == 12
+    err = capsys.readouterr().err
+    for p, run in zip(left, (capped, throttled)):
+        assert f"elasticplan: removed {p}, left by run {run.pid}" in err
+        assert not p.exists()
+    assert not _mine(h, capped.pid) and not _mine(io, throttled.pid)
+    assert not _mine(h, os.getpid()) and not _mine(io, os.getpid())
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_remove_the_runs_cgroup(plans, store_dir, sig, code):
+    h = _usable("memory")
+    mem10, _ = plans
+    run = _spawn_run(mem10, store_dir, "--memory-cap", "--cap-margin", MARGIN_PCT)
+    cg = _wait_for_probe(h, run.pid)
+    probe = cgroups._pids(cg)
+    run.send_signal(sig)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code, err
+    assert not cg.exists() and not _mine(h, run.pid)
+    for pid in probe:  # the probe went with it
+        assert cgroups.start_time(pid) is None or not Path(f"/proc/{pid}").exists()
+
+
+def test_stale_cgroups_of_live_runs_and_others_are_left_alone(tmp_path):
+    """Only our names, and only those whose run is gone, are removed."""
+    (tmp_path / "memory").mkdir()
+    h = cgroups.Hierarchy("memory", 1, tmp_path / "memory")
+    me = os.getpid()
+    live = h.parent / f"elasticplan-{me}-{cgroups.start_time(me)}-mem"
+    gone = h.parent / f"elasticplan-{me}-{cgroups.start_time(me) + 1}-mem"  # pid reused
+    other = h.parent / "someone-else"
+    for p in (live, gone, other):
+        p.mkdir()
+    assert cgroups.remove_stale(h, log=lambda s: None) == [gone]
+    assert live.exists() and other.exists() and not gone.exists()
+
+
+# --- the block-IO throttle --------------------------------------------------------------------
+
+def test_counter_and_limit_formats():
+    dev = "254:0"
+    v1 = "254:0 Read 4096\n254:0 Write 8192\n254:16 Read 7\nTotal 12288\n"
+    assert parse_v1_counter(v1, dev) == 4096 and parse_v1_counter(v1, "8:0") == 0
+    stat = "8:0 rbytes=1 wbytes=2 rios=3 wios=4\n254:0 rbytes=40960 wbytes=0 rios=10 wios=0 " \
+           "dbytes=0 dios=0\n"
+    assert parse_io_stat(stat, dev) == IoCounters(40960, 10)
+    assert io_max_line(dev, 200_000_000, 10_000) == "254:0 rbps=200000000 riops=10000"
+    assert io_max_line(dev, 1_000_000_000, None) == "254:0 rbps=1000000000 riops=max"
+    assert iops_for(100) == 10_000 and iops_for(0) is None
+
+
+def test_throttle_is_set_to_the_device_and_its_counters_are_the_bytes_read(store_dir,
+                                                                             tmp_path):
+    h = _usable("io")
+    dev, disk = cgroups.block_device(store_dir)
+    assert Path(f"/sys/dev/block/{dev}").exists() and \
+        not Path(f"/sys/dev/block/{dev}/partition").exists()
+    data = tmp_path / "blob.bin"  # fresh pages on the store's disk, written and synced
+    if cgroups.block_device(tmp_path) != (dev, disk):
+        pytest.skip("the test's temporary directory is not on the store's disk")
+    data.write_bytes(os.urandom(3 * 1024 * 1024))
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: just these pages
+        with IoThrottle(store_dir, bandwidth_mb_s=1000, latency_us=50) as t:
+            assert t.settings() == (1_000_000_000, 20_000)
+            assert os.getpid() in t.cg.pids()
+            before = t.counters()
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            offsets = [0, 256 * 1024, 1024 * 1024, 2 * 1024 * 1024 + 4096]
+            sizes = [4096, 65536, 131072, 40960]
+            for off, n in zip(offsets, sizes):
+                assert len(os.pread(fd, n, off)) == n
+            got = t.counters() - before
+            assert got.bytes == sum(sizes)
+            assert got.ios >= len(sizes)
+            cg = t.cg.path
+        assert not cg.exists()
+        assert os.getpid() not in cgroups._pids(cg)
+        assert str(os.getpid()) in (h.parent / "cgroup.procs").read_text().split()
+    finally:
+        os.close(fd)
+
+
+def test_run_throttle_reads_the_plans_pages_through_a_cgroup_at_the_devices_bandwidth(
+        plans, store_dir, tmp_path, capsys):
+    h = _usable("io")
+    mem10, _ = plans
+    out = tmp_path / "throttled.json"
+    assert main(["run", str(mem10), "--store", str(store_dir), "--repeat", "3", "--throttle",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    dev, disk = cgroups.block_device(store_dir)
+    # phone-ufs31: 1200 MB/s and 100 us per read, as the kernel's limits; no device clock
+    assert f"kernel-throttled: cgroup v{h.version}" in r["storage"]
+    assert f"on {disk} ({dev}), 1200 MB/s and 10000 reads/s" in r["storage"]
+    assert r["emulated_bandwidth_mb_s"] is None
+    check = r["throttle"]["disk"]
+    assert check["planned_bytes"] == json.loads(mem10.read_text())["streamed_bytes"]
+    assert check["planned_reads"] == r["reads_per_run"]
+    assert len(check["runs"]) == 3
+    assert r["cold_reads"]["cached_pages_before_max"] == 0
+    assert all(run["bytes"] == check["page_bytes"] for run in check["runs"]), check
+    assert check["equal"] and "equal, every run" in text
+    assert all(run["ios"] >= check["planned_reads"] for run in check["runs"])
+    assert not _mine(h, os.getpid())
+    assert main(["run", str(mem10), "--throttle", "--no-emulate"]) == 2
+
+
+def test_kernel_limits_benchmark_parses_and_summarises(capsys):
+    from benchmarks import kernel_limits
+
+    with pytest.raises(SystemExit) as e:
+        kernel_limits.main(["--help"])
+    assert e.value.code == 0 and "python -m benchmarks.kernel_limits" in capsys.readouterr().out
+    row = lambda mode, total, target=10.0: {  # noqa: E731
+        "bandwidth_mb_s": 200.0, "mode": mode, "target_ms": target, "buffer_mb": 2.0,
+        "memory_budget_mb": None, "total_error": total, "io_error": 0.0,
+        "compute_error": 0.0, "embed_pool_error": 0.0}
+    rows = [row("emulated", 0.01), row("throttled", -0.20), row("emulated", 0.02, 20.0)]
+    total = next(s for s in kernel_limits.summary(rows)
+                 if s["bandwidth"] == "all" and s["stage"] == "total")
+    assert (total["emulated_plans"], total["throttled_plans"]) == (2, 1)
+    assert (total["emulated_within_3pct"], total["throttled_within_3pct"]) == (2, 0)
+    assert total["questions_both"] == 1 and total["median_difference"] == pytest.approx(-0.21)
+
+
+def test_calibrate_throttle_needs_a_bandwidth_and_an_encoder(store_dir, tmp_path, capsys):
+    args = ["calibrate", "--throttle", "--store", str(store_dir), "--out-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "--throttle needs --storage-mb-s" in capsys.readouterr().err
+    assert main(args + ["--storage-mb-s", "200", "--scenario",
+                        str(ROOT / "problems" / "scenarios" / "smollm2-phone.yaml")]) == 2
+    assert "--throttle calibrates an encoder's scenario only" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    h = _usable("io")
+    # 7 plans, 2 rounds, through the kernel's throttle at 200 MB/s (its fit is not judged
+    # here: a busy machine may spread its runs beyond what a device carries, exit 9)
+    code = main(args + ["--storage-mb-s", "200", "--plans", "7", "--repeats", "2",
+                        "--budget-s", "0", "--max-error-pct", "1000"])
+    err = capsys.readouterr().err
+    assert code in (0, 9), err
+    if code == 0:
+        header = (tmp_path / "device.yaml").read_text()
+        assert f"Storage: kernel-throttled: cgroup v{h.version}" in header
+        assert "200 MB/s and 10000 reads/s" in header
+        assert load_scenario(tmp_path / "scenario.yaml").device.bandwidth_mb_s == 200
+    assert not _mine(h, os.getpid())
