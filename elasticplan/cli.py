@@ -34,7 +34,8 @@ from tqdm import tqdm
 from elasticplan.answers.explain import explain_failure
 from elasticplan.answers.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
-from elasticplan.plans.baselines import STRATEGIES, baseline_plan
+from elasticplan.plans.baselines import NAMES as BASELINE_NAMES
+from elasticplan.plans.baselines import baseline_plan
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.report import optional, plan_table
 from elasticplan.plans.verify import scenario_for, verify_plan, with_plan_question
@@ -244,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override answer_tokens (a decoder's question)")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
-    b = sub.add_parser("baseline", help="write a classic strategy, or uniform-B (every shard "
-                                        "streamed at B bits), as a plan")
+    b = sub.add_parser("baseline", help="write a classic strategy (hold-in-memory, load-on-demand, "
+                                        "...), or uniform-B (every shard streamed at B bits), "
+                                        "as a plan")
     b.set_defaults(handler=cmd_baseline)
-    b.add_argument("name", help=f"{', '.join(STRATEGIES)} or uniform-B (B a stored bitwidth)")
+    b.add_argument("name", help=BASELINE_NAMES)
     b.add_argument("scenario")
     b.add_argument("-o", "--output", required=True, help="write the plan as JSON")
 
