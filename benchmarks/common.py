@@ -180,7 +180,7 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
     import yaml
 
     from elasticplan.problem.loader import load_scenario
-    from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, fit_report, write_calibration
+    from runtime.calibrate import DEFAULT_LATENCY_US, calibrate, describe_compute, write_calibration
 
     out = CALIBRATED / f"calibrated-{bandwidth_mb_s:g}{'' if scheme == 'uniform' else '-' + scheme}"
     path = out / "scenario.yaml"
@@ -198,13 +198,21 @@ def calibrated_scenario(bandwidth_mb_s: float, *, store, queries, log=print,
     cal = calibrate(store, base, bandwidth_mb_s=bandwidth_mb_s, latency_us=DEFAULT_LATENCY_US,
                     queries=queries, max_error_pct=1000.0)
     _, scen_path, target = write_calibration(out, base, cal, None)
+    _log_calibration(log, bandwidth_mb_s, out, cal, f"; default target {target:g} ms")
+    return load_scenario(scen_path), target
+
+
+def _log_calibration(log, bandwidth_mb_s: float, out: Path, cal, extra: str = "") -> None:
+    """What a benchmark says of a calibration it made: the device, its out-of-sample
+    stage errors, the machine's noise and the fit's report."""
+    from runtime.calibrate import describe_compute, fit_report
+
     log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: {describe_compute(cal.device)}"
-        f"; default target {target:g} ms; out-of-sample stage |error| median / p95: "
+        f"{extra}; out-of-sample stage |error| median / p95: "
         + ", ".join(f"{k} {m:.1f} / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
         + f"; run-to-run noise {cal.facts['noise_pct']:.1f} %")
     for line in fit_report(cal).splitlines():
         log(f"#   {line.strip()}")
-    return load_scenario(scen_path), target
 
 
 SMOLLM2_STORE = ROOT / "build" / "shards" / "smollm2-135m"
@@ -221,7 +229,7 @@ def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PH
     import yaml
 
     from elasticplan.problem.loader import load_scenario
-    from runtime.calibrate import DEFAULT_LATENCY_US, describe_compute, fit_report, write_calibration
+    from runtime.calibrate import DEFAULT_LATENCY_US, describe_compute, write_calibration
     from runtime.decode_calibrate import calibrate_decoder
 
     base = Path(base)
@@ -241,12 +249,7 @@ def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PH
                             latency_us=DEFAULT_LATENCY_US, plans=plans, repeats=3,
                             budget_s=budget_s, max_error_pct=1000.0, log=log)
     _, scen_path, _ = write_calibration(out, scenario, cal, None)
-    log(f"# {bandwidth_mb_s:g} MB/s: calibrated into {_rel(out)}: {describe_compute(cal.device)}"
-        f"; out-of-sample stage |error| median / p95: "
-        + ", ".join(f"{k} {m:.1f} / {p:.1f} %" for k, (m, p) in cal.stage_errors.items())
-        + f"; run-to-run noise {cal.facts['noise_pct']:.1f} %")
-    for line in fit_report(cal).splitlines():
-        log(f"#   {line.strip()}")
+    _log_calibration(log, bandwidth_mb_s, out, cal)
     return load_scenario(scen_path)
 
 

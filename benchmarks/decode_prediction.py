@@ -65,14 +65,6 @@ FIELDS = ["bandwidth_mb_s", "factor", "memory_mb", "target_ms", "window", "table
           "executor_err", "process_peak_mb", "process_err"]
 
 
-def _busy(layers) -> float:
-    return sum(t.io_end_ms - t.io_start_ms for t in layers)
-
-
-def _work(layers) -> float:
-    return sum(t.compute_end_ms - t.compute_start_ms for t in layers)
-
-
 def questions(sc, factors, budgets, log=print) -> list[tuple]:
     """(factor, budget, plan, question) for every question of the grid a plan answers."""
     model = sc.model
@@ -122,20 +114,18 @@ def measure(cases, store, prompt: list[int], new_tokens: int, rounds: int) -> li
 
 
 def row(bandwidth, factor, budget, plan, q, runs, process_bytes) -> dict:
+    from runtime.measurement.generate import pass_stages
+
     prompt = runs[0].prompt_tokens
     positions = [p.position for p in runs[0].passes[1:]]
     first, steps = answer_schedules(q, plan.selection(q), plan.layout, prompt, positions)
     ttft = statistics.median(r.ttft_ms for r in runs)
-    step = lambda f: statistics.median(statistics.median(f(p) for p in r.passes[1:])  # noqa: E731
-                                       for r in runs)
-    token = step(lambda p: p.latency_ms)
-    predicted_token = statistics.median(s.latency_ms for s in steps)
-    io = step(lambda p: _busy([*p.layers, p.head]))
-    work = step(lambda p: _work(p.layers))
-    head = step(lambda p: _work([p.head]))
-    pred_io = statistics.median(_busy(s.layers) for s in steps)
-    pred_work = statistics.median(_work(s.layers[:-1]) for s in steps)
-    pred_head = statistics.median(_work(s.layers[-1:]) for s in steps)
+    by_run = [[pass_stages(s, m) for s, m in zip(steps, r.passes[1:])] for r in runs]
+    measured = {k: statistics.median(statistics.median(getattr(st, k).measured_ms for st in sts)
+                                     for sts in by_run) for k in ("total", "io", "compute", "head")}
+    predicted = {k: statistics.median(getattr(st, k).predicted_ms for st in by_run[0])
+                 for k in ("total", "io", "compute", "head")}
+    token, predicted_token = measured["total"], predicted["total"]
     peak = plan.memory.peak_bytes
     executor = max(r.memory.allocated_bytes for r in runs)
     pct = lambda m, p: round(100 * (m - p) / predicted_token, 2)  # noqa: E731
@@ -149,8 +139,7 @@ def row(bandwidth, factor, budget, plan, q, runs, process_bytes) -> dict:
             "ttft_err": round(relative(ttft, first.latency_ms), 4),
             "predicted_token_ms": round(predicted_token, 3), "measured_token_ms": round(token, 3),
             "token_err": round(relative(token, predicted_token), 4),
-            "io_err_pct": pct(io, pred_io), "compute_err_pct": pct(work, pred_work),
-            "head_err_pct": pct(head, pred_head),
+            **{f"{k}_err_pct": pct(measured[k], predicted[k]) for k in ("io", "compute", "head")},
             "predicted_peak_mb": round(peak / 1e6, 3), "executor_peak_mb": round(executor / 1e6, 3),
             "executor_err": round(relative(executor, peak), 5),
             "process_peak_mb": round(process_bytes / 1e6, 3),

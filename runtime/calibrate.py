@@ -287,22 +287,13 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     for i, (name, _, plan) in enumerate(designed):
         log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
-    embed = [r.embed_ms[1] - r.embed_ms[0] for runs in runs_of for r in runs]
-    pool = [r.pool_ms[1] - r.pool_ms[0] for runs in runs_of for r in runs]
-    fit.embed_ms, fit.pool_ms = float(np.median(embed)), float(np.median(pool))
-    fit.stderr.embed_ms, fit.stderr.pool_ms = _median_stderr(embed), _median_stderr(pool)
-    # The compute thread's wake-up: how long after its reads end a layer that waited for
-    # them starts computing (the layer before had finished: it was waiting on the reads).
-    wakes = [t.compute_start_ms - t.io_end_ms for runs in runs_of for r in runs
-             for l, t in enumerate(r.layers)
-             if t.reads and t.compute_start_ms >= t.io_end_ms
-             and (r.layers[l - 1].compute_end_ms if l else r.embed_ms[1]) < t.io_end_ms]
-    fit.wake_ms = float(np.median(wakes)) if wakes else 0.0
-    fit.stderr.wake_ms = _median_stderr(wakes) if len(wakes) > 1 else 0.0
-    base_device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
-                         latency_us=round(float(latency_us), 3), gflops=1.0,
-                         layer_overhead_ms=0.0, dequant_gb_s=None,
-                         memory_mb=round(float(memory_mb), 1))
+    fit.embed_ms, fit.stderr.embed_ms = median_term(
+        [r.embed_ms[1] - r.embed_ms[0] for runs in runs_of for r in runs])
+    fit.pool_ms, fit.stderr.pool_ms = median_term(
+        [r.pool_ms[1] - r.pool_ms[0] for runs in runs_of for r in runs])
+    fit.wake_ms, fit.stderr.wake_ms = median_term(
+        [g for runs in runs_of for r in runs for g in wake_gaps(r.layers, r.embed_ms[1])])
+    base_device = this_machine(bandwidth_mb_s, latency_us, memory_mb)
     # The spread and the stage errors out of sample: each plan's runs predicted by the fit
     # of the other plans (a bitwidth only the left-out plan ran keeps the full fit's cost).
     samples = _samples(model, designed, runs_of)
@@ -525,6 +516,30 @@ def refusal(cal: Calibration, wide: list[str], max_error_pct: float) -> str:
             f"written. Try fewer background jobs (the machine's speed varies under them), more "
             f"rounds (--repeats, --budget-s), or accept wider errors with --max-error-pct"
             + disk)
+
+
+def median_term(values: list[float]) -> tuple[float, float]:
+    """A term measured directly: the median of its samples and its standard error ((0, 0)
+    without samples; the error 0 with one)."""
+    if not values:
+        return 0.0, 0.0
+    return float(np.median(values)), _median_stderr(values) if len(values) > 1 else 0.0
+
+
+def wake_gaps(parts: list, start_ms: float) -> list[float]:
+    """The compute thread's wake-ups in one pass over `parts` (LayerTraces, in order; the
+    first's predecessor ends at start_ms): how long after its reads end a part that waited
+    for them starts computing (the one before had finished: it was waiting on the reads)."""
+    return [t.compute_start_ms - t.io_end_ms for l, t in enumerate(parts)
+            if t.reads and t.compute_start_ms >= t.io_end_ms
+            and (parts[l - 1].compute_end_ms if l else start_ms) < t.io_end_ms]
+
+
+def this_machine(bandwidth_mb_s: float, latency_us: float, memory_mb: float) -> Device:
+    """The calibrated device before its compute terms: this machine's storage and RAM."""
+    return Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
+                  latency_us=round(float(latency_us), 3), gflops=1.0, layer_overhead_ms=0.0,
+                  dequant_gb_s=None, memory_mb=round(float(memory_mb), 1))
 
 
 def _median_stderr(values: list[float]) -> float:

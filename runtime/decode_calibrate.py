@@ -66,19 +66,21 @@ from runtime.calibrate import (
     Calibration,
     Fit,
     Sample,
-    _median_stderr,
     designed_plans,
     device_of,
     fit_compute,
     machine_memory_mb,
     measure_rounds,
+    median_term,
     refusal,
     run_to_run,
     storage_of,
+    this_machine,
+    wake_gaps,
     wide_stages,
 )
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace
-from runtime.measurement.generate import picks_of
+from runtime.measurement.generate import pass_stages, picks_of
 from runtime.store import ShardStore
 
 DECODE_STEPS = 8  # decode steps measured per run, after the prompt pass
@@ -143,29 +145,6 @@ def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[Genera
     return samples, np.array(weights)
 
 
-def _wakes(runs_of: list[list[GenerateResult]]) -> list[float]:
-    """How long after its reads end a part that waited for them starts computing (the one
-    before had finished), over every pass's layers and streamed table."""
-    out = []
-    for runs in runs_of:
-        for r in runs:
-            for p in r.passes:
-                parts = [*p.layers, p.head]
-                for l, t in enumerate(parts):
-                    before = parts[l - 1].compute_end_ms if l else p.embed_ms[1]
-                    if t.reads and t.compute_start_ms >= t.io_end_ms and before < t.io_end_ms:
-                        out.append(t.compute_start_ms - t.io_end_ms)
-    return out
-
-
-def _busy(layers) -> float:
-    return sum(t.io_end_ms - t.io_start_ms for t in layers)
-
-
-def _work(layers) -> float:
-    return sum(t.compute_end_ms - t.compute_start_ms for t in layers)
-
-
 def decode_stage_errors(scenario: Scenario, held_out: list
                         ) -> tuple[Spread, dict[str, tuple[float, float]]]:
     """Each plan's runs against the passes the cost model predicts on the device given
@@ -181,25 +160,21 @@ def decode_stage_errors(scenario: Scenario, held_out: list
         prompt = runs[0].prompt_tokens
         positions = [p.position for p in runs[0].passes[1:]]
         first, steps = answer_schedules(sc, sel, Layout(None), prompt, positions)
-        predicted = [first, *steps]
         for r in runs:
-            for s, m in zip(predicted, r.passes):
-                for k, ps, ms in (("io", _busy(s.layers), _busy([*m.layers, m.head])),
-                                  ("compute", _work(s.layers), _work([*m.layers, m.head]))):
-                    if ps > 0 and ms > 0:
-                        logs[k].append(float(np.log(ms / ps)))
+            for st in (pass_stages(s, m) for s, m in zip([first, *steps], r.passes)):
+                for k, stage in (("io", st.io), ("compute", st.work)):
+                    if stage.predicted_ms > 0 and stage.measured_ms > 0:
+                        logs[k].append(float(np.log(stage.measured_ms / stage.predicted_ms)))
         ttft = float(np.median([r.passes[0].latency_ms for r in runs]))
         off["ttft"].append(100 * abs(ttft - first.latency_ms) / first.latency_ms)
-        step_pred = float(np.median([s.latency_ms for s in steps]))
-        med = lambda f: float(np.median([np.median([f(p) for p in r.passes[1:]])  # noqa: E731
-                                         for r in runs]))
-        off["token"].append(100 * abs(med(lambda p: p.latency_ms) - step_pred) / step_pred)
-        io_pred = float(np.median([_busy(s.layers) for s in steps]))
-        off["io"].append(100 * abs(med(lambda p: _busy([*p.layers, p.head])) - io_pred)
-                         / step_pred)
-        work_pred = float(np.median([_work(s.layers) for s in steps]))
-        off["compute"].append(100 * abs(med(lambda p: _work([*p.layers, p.head])) - work_pred)
-                              / step_pred)
+        by_run = [[pass_stages(s, m) for s, m in zip(steps, r.passes[1:])] for r in runs]
+        step_pred = float(np.median([st.total.predicted_ms for st in by_run[0]]))
+        for k, stage in (("token", lambda st: st.total), ("io", lambda st: st.io),
+                         ("compute", lambda st: st.work)):
+            measured = np.median([np.median([stage(st).measured_ms for st in sts])
+                                  for sts in by_run])
+            predicted = np.median([stage(st).predicted_ms for st in by_run[0]])
+            off[k].append(100 * abs(float(measured) - float(predicted)) / step_pred)
     rms = {k: float(np.sqrt(np.mean(np.square(v)))) if v else 0.0 for k, v in logs.items()}
     errors = {k: (float(np.median(v)), float(np.percentile(v, 95))) if v else (0.0, 0.0)
               for k, v in off.items()}
@@ -262,18 +237,15 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
             f"median first token {ttft:.1f} ms, decode step {step:.1f} ms")
     # The decode step's input row (one row; the prompt pass's P rows cost about as little),
     # from the plans whose table is resident (a streamed table's row is copied in the head).
-    embed = [p.embed_ms[1] - p.embed_ms[0] for (_, sel, _), runs in zip(designed, runs_of)
-             if not table_streamed(scenario, sel) for r in runs for p in r.passes[1:]]
-    fit.embed_ms = float(np.median(embed)) if embed else 0.0
-    fit.stderr.embed_ms = _median_stderr(embed) if len(embed) > 1 else 0.0
+    fit.embed_ms, fit.stderr.embed_ms = median_term(
+        [p.embed_ms[1] - p.embed_ms[0] for (_, sel, _), runs in zip(designed, runs_of)
+         if not table_streamed(scenario, sel) for r in runs for p in r.passes[1:]])
     fit.pool_ms = fit.stderr.pool_ms = 0.0  # a pass ends with the head's token
-    wakes = _wakes(runs_of)
-    fit.wake_ms = float(np.median(wakes)) if wakes else 0.0
-    fit.stderr.wake_ms = _median_stderr(wakes) if len(wakes) > 1 else 0.0
-    base_device = Device(name="this-machine", bandwidth_mb_s=round(float(bandwidth_mb_s), 3),
-                         latency_us=round(float(latency_us), 3), gflops=1.0,
-                         layer_overhead_ms=0.0, dequant_gb_s=None,
-                         memory_mb=round(float(memory_mb), 1))
+    # the wake-ups over every pass's layers and streamed table
+    fit.wake_ms, fit.stderr.wake_ms = median_term(
+        [g for runs in runs_of for r in runs for p in r.passes
+         for g in wake_gaps([*p.layers, p.head], p.embed_ms[1])])
+    base_device = this_machine(bandwidth_mb_s, latency_us, memory_mb)
     # Out of sample: each plan's passes predicted by the fit of the other plans (a
     # bitwidth only the left-out plan ran keeps the full fit's cost).
     samples, w = decode_samples(scenario, designed, runs_of)

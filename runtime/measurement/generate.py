@@ -89,11 +89,19 @@ class PassStages:
     compute: Stage
     head: Stage
 
+    @property
+    def work(self) -> Stage:
+        """The compute thread's whole pass: the layers and the LM head."""
+        return Stage(self.compute.predicted_ms + self.head.predicted_ms,
+                     self.compute.measured_ms + self.head.measured_ms)
+
     def to_dict(self) -> dict:
         return {k: getattr(self, k).to_dict() for k in ("total", "io", "compute", "head")}
 
 
-def _stages(predicted: Schedule, measured: PassTrace) -> PassStages:
+def pass_stages(predicted: Schedule, measured: PassTrace) -> PassStages:
+    """A pass's stages, the cost model's schedule (its last layer the table) against the
+    executor's trace."""
     *layers, head = predicted.layers
     busy = lambda ts: sum(t.io_end_ms - t.io_start_ms for t in ts)  # noqa: E731
     work = lambda ts: sum(t.compute_end_ms - t.compute_start_ms for t in ts)  # noqa: E731
@@ -191,8 +199,8 @@ def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
     text = store.text_tokenizer().decode(result.tokens)
     report = GenerateReport(
         plan=plan_path, prompt_tokens=len(prompt), tokens=result.tokens, text=text,
-        stop=result.stop, first=_stages(first, result.passes[0]),
-        steps=[_stages(s, m) for s, m in zip(steps, result.passes[1:])],
+        stop=result.stop, first=pass_stages(first, result.passes[0]),
+        steps=[pass_stages(s, m) for s, m in zip(steps, result.passes[1:])],
         memory_predicted=plan.memory.to_dict(), memory_measured=result.memory.to_dict(),
         process_above_baseline_bytes=above, agreement=agreement)
     return result, report
