@@ -99,7 +99,8 @@ def row_of(bw: float, plan, r: RunReport, scenario) -> dict:
     io_p, io_m = stage_ms(lays, "predicted", "io"), stage_ms(lays, "measured", "io")
     cp_p, cp_m = stage_ms(lays, "predicted", "compute"), stage_ms(lays, "measured", "compute")
     d = scenario.device
-    rows_ms = embedding_read_ms(d, scenario.model) if plan.embeddings == "streamed" else 0.0
+    rows_ms = embedding_read_ms(d, scenario.model, r.median_run_rows) \
+        if plan.embeddings == "streamed" else 0.0
     ep_p = rows_ms + d.embed_ms + d.pool_ms
     ep_m = (r.embed_ms[1] - r.embed_ms[0]) + (r.pool_ms[1] - r.pool_ms[0])
     sc = plan.scenario.question  # what the plan answers (its target, budgets, quantile)

@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override prompt_tokens (a decoder's question)")
     s.add_argument("--answer-tokens", type=asked("answer_tokens"),
                    help="override answer_tokens (a decoder's question)")
+    s.add_argument("--query-tokens", type=asked("query_tokens"),
+                   help="override query_tokens (an encoder's question): the most distinct "
+                        "tokens a query has; a streamed embedding table is read one row per "
+                        "distinct token and priced at this many (default: seq_len)")
     s.add_argument("-o", "--output", help="write the plan as JSON")
 
     b = sub.add_parser("baseline", help="write a classic strategy (hold-in-memory, load-on-demand, "
@@ -319,7 +323,8 @@ QUESTION_FLAGS = {"target_ms": "target_latency_ms", "buffer_mb": "preload_budget
                   "memory_mb": "memory_budget_mb", "objective": "objective",
                   "floor": "importance_floor", "window": "prefetch_window",
                   "latency_quantile": "latency_quantile", "ttft_ms": "target_ttft_ms",
-                  "prompt_tokens": "prompt_tokens", "answer_tokens": "answer_tokens"}
+                  "prompt_tokens": "prompt_tokens", "answer_tokens": "answer_tokens",
+                  "query_tokens": "query_tokens"}
 
 
 def _question(scenario, a):

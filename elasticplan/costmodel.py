@@ -22,8 +22,8 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
 - Prefetch window W (layers; None = unbounded): layer l's reads wait until layer l-W-1 has
   computed and released its buffers, io_start[l] = max(io_end[l-1], compute_end[l-W-1]).
   W = 1 is classic layer-wise pipelining: one layer read while one computes.
-- Streamed embeddings: the query's token rows (one read per position, seq_len reads) are
-  read first, so the channel starts at their end; with the table resident it starts at 0.
+- Streamed embeddings: the query's token rows (one read per distinct token: at most
+  model.query_row_reads, the question's query_tokens or seq_len) are read first, so the channel starts at their end; with the table resident it starts at 0.
 - Execution `sequential` (the load-then-execute baseline) has no overlap: compute starts
   only when every read is done, compute_start = max(io_end[L-1], compute_end[l-1]). It
   needs an unbounded window (every layer is read before any computes).
@@ -171,12 +171,13 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     return ms
 
 
-def embedding_read_ms(device: Device, model: ModelProfile) -> float:
-    """One query's embedding rows, streamed: embedding_row_reads reads per position."""
+def embedding_read_ms(device: Device, model: ModelProfile, rows: int | None = None) -> float:
+    """One query's embedding rows, streamed: embedding_row_reads reads per distinct token,
+    priced at the most a query has (model.query_row_reads), or at `rows` read."""
     if not model.embedding_rows:
         return 0.0
-    return model.seq_len * (model.embedding_row_reads * device.latency_us / 1e3
-                            + model.embedding_row_bytes / (device.bandwidth_mb_s * 1e3))
+    return (model.query_row_reads if rows is None else rows) * (model.embedding_row_reads * device.latency_us / 1e3
+                                    + model.embedding_row_bytes / (device.bandwidth_mb_s * 1e3))
 
 
 def window_peak(streamed: list[int], window: int | None) -> int:

@@ -18,7 +18,7 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
   are read cold through the device clock into the preload buffer.
 - `run(batch)`: every streamed file's pages are evicted first (and counted with mincore,
   so the trace says how cold the run really was). One IO thread reads, in plan order:
-  the query's embedding rows (streamed table: one pread per position), then per layer
+  the query's embedding rows (streamed table: one pread per distinct token), then per layer
   its streamed shards into the ring, each at the ring offset that follows the previous
   one (a shard crossing the ring's end is read as two pieces). Before layer l's reads it
   waits until layer l-W-1 has computed (the window), which also frees that layer's part
@@ -103,6 +103,7 @@ class RunTrace:
     cached_pages_before: int  # pages of the streamed shards still in the page cache at start
     streamed_pages: int
     embedding: torch.Tensor = field(repr=False)
+    embedding_rows: int = 0  # rows read from a streamed table (one per distinct token)
 
     @property
     def reads(self) -> int:
@@ -244,6 +245,7 @@ class QueryIO:
         self.layers = [LayerIO() for _ in range(layers)]
         self.go, self.rows_ready = threading.Event(), threading.Event()
         self.rows_deadline: float | None = None
+        self.rows_read = 0  # embedding rows read (streamed table: one per distinct token)
         self.failure: list[BaseException] = []
 
     def traces(self, t0: float, compute: list[tuple[float, float, float]]) -> list[LayerTrace]:
@@ -577,9 +579,11 @@ class Executor(ShardFiles):
 
     # --- IO --------------------------------------------------------------------------
 
-    def _read_rows(self, ids: torch.Tensor) -> float | None:
-        """One query's word-embedding rows from the store, one pread per position, each
-        booked on the device clock as it completes; returns the last completion."""
+    def _read_rows(self, ids: torch.Tensor) -> tuple[float | None, int]:
+        """One query's word-embedding rows from the store: one pread per distinct token (into
+        the position where it first occurs; its repeats, padding above all, are copied from
+        there), each booked on the device clock as it completes. Returns the last completion
+        and the number of rows read."""
         fd = self.fds[self.store.index.resident.file]
         row = 4 * self.store.config.hidden
         table = self.store.word_table
@@ -591,14 +595,22 @@ class Executor(ShardFiles):
         if bad is not None:  # a row past the table would be another tensor's bytes
             raise StoreError(f"{self.store.path / self.store.index.tokenizer.file}: token id "
                              f"{bad} is outside the embedding table's {table.shape[0]} rows")
+        first: dict[int, int] = {}
         for i, token in enumerate(tokens):
+            if token in first:
+                continue
+            first[token] = i
             view = memoryview(out[i]).cast("B")
             issued = time.perf_counter()
             if os.preadv(fd, [view], base + token * row) != row:
                 raise StoreError(f"{self.store.file(self.store.index.resident.file)}: "
                                  f"short read of embedding row {token}")
             deadline = self.clock.complete(row, time.perf_counter(), issued)
-        return deadline
+        for i, token in enumerate(tokens):
+            j = first[token]
+            if j != i:
+                out[i] = out[j]
+        return deadline, len(first)
 
     def _evict(self, shards) -> tuple[int, int]:
         return evict_shards(self.fds, shards)
@@ -669,7 +681,7 @@ class Executor(ShardFiles):
         raise_io_failure(q, self.store)
         return RunTrace(latency_ms=p1, layers=q.traces(t0, compute), embed_ms=(e0, e1),
                         pool_ms=(p0, p1), cached_pages_before=cached, streamed_pages=total,
-                        embedding=embedding)
+                        embedding=embedding, embedding_rows=q.rows_read)
 
     def _io_worker(self, q: "QueryIO", batch: Batch) -> None:
         """The IO thread of one query. Reads back to back in plan order: real reads run ahead
@@ -680,7 +692,7 @@ class Executor(ShardFiles):
         try:
             q.go.wait()
             if self.stream_embeddings:
-                q.rows_deadline = self._read_rows(batch.ids[0])
+                q.rows_deadline, q.rows_read = self._read_rows(batch.ids[0])
                 q.rows_ready.set()
             read_layers(q, self.shards, self.layer_bytes, self.layout.window, self.clock,
                         self._read, self._hint)

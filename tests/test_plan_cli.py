@@ -56,10 +56,10 @@ def test_plan_json_carries_the_question_flat_and_old_plans_load(solved, tmp_path
     assert list(data["scenario"]) == [
         "path", "sha256", "name", "model", "device", "target_latency_ms", "preload_budget_mb",
         "min_shards_per_layer", "objective", "importance_floor", "memory_budget_mb",
-        "prefetch_window", "latency_quantile"]
+        "prefetch_window", "latency_quantile", "query_tokens"]
     assert data["scenario"]["objective"] == "max_importance"
     assert data["scenario"]["target_latency_ms"] == sc.question.target_latency_ms == 25.0
-    for key in ("memory_budget_mb", "prefetch_window", "latency_quantile"):
+    for key in ("memory_budget_mb", "prefetch_window", "latency_quantile", "query_tokens"):
         del data["scenario"][key]
     for key in ("execution", "window", "embeddings", "memory", "quantile_latency_ms"):
         del data[key]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from elasticplan.cli import main
 from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Pick, simulate
-from elasticplan.errors import CalibrationError, StoreError
+from elasticplan.errors import CalibrationError, SpecError, StoreError
 from elasticplan.plans.baselines import STRATEGIES, baseline_plan
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.plans.verify import verify_plan, with_plan_question
@@ -27,7 +27,13 @@ from elasticplan.problem.spec import Device
 from runtime.calibrate import fit_compute
 from runtime.executor import Executor
 from runtime.iodev import DeviceClock
-from runtime.measurement.measure import DEFAULT_TOLERANCE, Reference, measure_plan, query_batches
+from runtime.measurement.measure import (
+    DEFAULT_TOLERANCE,
+    Reference,
+    measure_plan,
+    measure_plans,
+    query_batches,
+)
 from runtime.store import ShardStore
 from tests.submodel_oracle import oracle_layers
 
@@ -191,6 +197,8 @@ def test_windowed_plan_keeps_its_ring_and_matches_the_reference(scenario, store)
     assert memory.preload_bytes == predicted.preload_bytes
     assert memory.resident_bytes == predicted.resident_bytes
     assert memory.query_rows_bytes == q.model.embedding_query_bytes
+    # one read per distinct token (the padding's repeats are copied, not read)
+    assert trace.embedding_rows == len(set(batch.ids[0].tolist())) < 128
     # the same selection, decoded by the store into separate fused layers
     enc = store.encoder()
     layers = [store.layer_weights(lp.index, {c.name: c.bits for c in lp.shards})
@@ -198,6 +206,34 @@ def test_windowed_plan_keeps_its_ring_and_matches_the_reference(scenario, store)
     with torch.inference_mode():
         expect = enc.forward(batch.ids, batch.mask, layers)
     assert torch.allclose(trace.embedding, expect, atol=1e-5)
+
+
+def test_streamed_rows_are_priced_per_distinct_token_and_reported_per_query(scenario, store):
+    """query_tokens prices a streamed table at that many rows (one read each); a run's report
+    predicts each query at the rows it read, and keeps the plan's own (its bound) beside."""
+    from elasticplan.costmodel import embedding_read_ms
+    from elasticplan.solvers import solve
+
+    base = scenario.with_overrides(memory_budget_mb=16, prefetch_window=1)
+    few = base.with_overrides(query_tokens=40)
+    assert few.model.query_rows == 40 and base.model.query_rows is None
+    assert embedding_read_ms(few.device, few.model) == pytest.approx(
+        embedding_read_ms(base.device, base.model) * 40 / 128)
+    plan = solve(few, time_limit_s=5)
+    assert plan.embeddings == "streamed" and plan.scenario.question.query_tokens == 40
+    # the plan's file carries its question's query_tokens, and the verifier prices them
+    verify_plan(few, plan)
+    queries = [store.tokenizer(128)([t], pad_to=128) for t in TEXTS]
+    r = measure_plans([(plan, few, None)], store, repeats=2, emulate=True, queries=queries,
+                      reference=Reference(store), head=None, probe=lambda p: None)[0]
+    distinct = [len(set(q.ids[0].tolist())) for q in queries]
+    assert r.embedding_rows == tuple(distinct) and r.planned_rows == 40
+    assert r.planned_latency_ms == plan.predicted_latency_ms
+    at = [simulate(few.with_overrides(query_tokens=n), plan.selection(few),
+                   layout=plan.layout).latency_ms for n in distinct]
+    assert r.predicted_latency_ms == pytest.approx(float(np.median(at)), abs=1e-3)
+    with pytest.raises(SpecError, match="query_tokens"):
+        base.with_overrides(query_tokens=129)
 
 
 def test_emulated_reads_never_finish_before_the_device_would(scenario, store, batch):

@@ -60,7 +60,10 @@ def plan_table(scenario: Scenario, plan: Plan) -> str:
             f"{m.activation_bytes / 1e6:.3f}"
             + (f" + KV cache {m.kept_bytes / 1e6:.3f}" if m.kept_bytes else "")
             + f"; window {'unbounded' if plan.window is None else plan.window}, "
-            + (f"embeddings {plan.embeddings}" if plan.decoding is None else
+            + (f"embeddings {plan.embeddings}" + (
+                f" (priced at {scenario.model.query_row_reads} rows per query: one per "
+                f"distinct token)" if plan.embeddings == "streamed" else "")
+               if plan.decoding is None else
                f"table ({_table(plan)})")))
     if plan.decoding is not None:
         d = plan.decoding

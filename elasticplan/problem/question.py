@@ -94,6 +94,9 @@ BOUNDS: dict[str, Bound] = {
     "kv_bits": Bound(16, 32, "bits", integer=True, meaning="16 or 32: the KV cache's precision"),
     "target_ttft_ms": Bound(0, MAX_TARGET_MS, "ms", open_low=True,
                             meaning="a decoder's time to first token"),
+    "query_tokens": Bound(1, MAX_SEQ_LEN, "tokens", integer=True,
+                          meaning="distinct tokens per query a streamed embedding table is "
+                                  "read for"),
 }
 KV_BITS = (16, 32)
 
@@ -119,6 +122,10 @@ class Question:
     answer_tokens: int | None = None
     kv_bits: int | None = None  # the KV cache's precision (None: 32)
     target_ttft_ms: float | None = None  # a decoder's time to first token (None: unbounded)
+    # An encoder's queries: the most distinct tokens one query has. A streamed embedding
+    # table is read one row per distinct token, so a plan is priced for this many reads
+    # (None: seq_len, every position its own row, which holds for any query).
+    query_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
@@ -151,6 +158,9 @@ class Question:
                                                  "prompt_tokens and answer_tokens)")
             if self.kv_bits not in KV_BITS:
                 raise SpecError(None, "kv_bits", f"must be 16 or 32, got {self.kv_bits}")
+        if self.query_tokens is not None and self.decoding:
+            raise SpecError(None, "query_tokens", "an encoder's question (a decoder's prompt "
+                                                  "pass reads a row per prompt token)")
 
     # --- derived -------------------------------------------------------------------------
 
@@ -191,9 +201,10 @@ class Question:
     def to_dict(self) -> dict:
         """The JSON form: every field in order, the objective by name, an absent value as
         null (a plan's `scenario` carries it); an encoder's question leaves out the
-        decoder's fields."""
+        decoder's fields, a decoder's the encoder's."""
+        left_out = ENCODER_FIELDS if self.decoding else DECODER_FIELDS
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if self.decoding or f.name not in DECODER_FIELDS} | \
+                if f.name not in left_out} | \
             {"objective": self.objective.value}
 
     @staticmethod
@@ -222,6 +233,7 @@ class Question:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Question))
 DECODER_FIELDS = ("prompt_tokens", "answer_tokens", "kv_bits", "target_ttft_ms")
+ENCODER_FIELDS = ("query_tokens",)
 OPTIONAL = frozenset(f.name for f in dataclasses.fields(Question) if f.default is None)
 # What a Scenario reads through from its question (scenario.target_latency_ms).
 READ_THROUGH = frozenset(FIELDS) | {"preload_budget_bytes", "memory_budget_bytes",

@@ -131,6 +131,9 @@ class ModelProfile:
     embedding_rows: int = 0  # token-embedding table in the shard store (0: none, all resident)
     embedding_row_bytes: int = 0  # stored bytes of one row of it
     embedding_row_reads: int = 1  # read requests per row (a decoder's quantised table: 2)
+    # Rows one query reads from a streamed table: one per distinct token, at most this many
+    # (the question's query_tokens); None: seq_len.
+    query_rows: int | None = None
     activation_bytes: int = 0  # the encoder's activations at seq_len, batch 1
     scratch_bytes: int = 0  # compute scratch: one shard at full precision
     # Where the runtime finds the model (a measured profile of a user's checkpoint says;
@@ -152,6 +155,11 @@ class ModelProfile:
     @property
     def embedding_table_bytes(self) -> int:
         return self.embedding_rows * self.embedding_row_bytes
+
+    @property
+    def query_row_reads(self) -> int:
+        """Rows one query reads from a streamed table (the most it is priced for)."""
+        return self.seq_len if self.query_rows is None else min(self.query_rows, self.seq_len)
 
     @property
     def embedding_query_bytes(self) -> int:
@@ -229,6 +237,7 @@ class Scenario:
             raise SpecError(file, "", f"the question must be a Question, got {self.question!r}")
         q = self.question
         self._decoder(file, q)
+        self._query_rows(file, q)
         if q.latency_quantile > 0.5 and self.device.spread is None:
             raise SpecError(file, "latency_quantile",
                             f"{q.latency_quantile:g} needs the run-to-run spread of device "
@@ -275,6 +284,18 @@ class Scenario:
                                         f"model {self.model.name!r} does not give its shards' "
                                         f"weights, which device {self.device.name!r}'s "
                                         f"dequant_ns_per_weight needs (regenerate the profile)")
+
+    def _query_rows(self, file: str | None, q: Question) -> None:
+        """An encoder's question prices a streamed table's reads at its query_tokens: the
+        model carries them (ModelProfile.query_rows), for every program and the runtime."""
+        if q.decoding or self.model.query_rows == q.query_tokens:
+            return
+        if q.query_tokens is not None and q.query_tokens > self.model.seq_len:
+            raise SpecError(file, "query_tokens",
+                            f"{q.query_tokens} exceeds model {self.model.name!r}'s seq_len "
+                            f"{self.model.seq_len} (a query has at most seq_len tokens)")
+        object.__setattr__(self, "model",
+                           dataclasses.replace(self.model, query_rows=q.query_tokens))
 
     def _decoder(self, file: str | None, q: Question) -> None:
         """A decoder's question plans the model's last decode step (elasticplan.decoding):

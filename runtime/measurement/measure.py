@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from elasticplan.costmodel import simulate
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
@@ -41,6 +42,13 @@ def query_batches(store: ShardStore, seq_len: int, n: int) -> list[Batch]:
     texts = list(load_splits().test.texts[:n])
     tok = store.tokenizer(seq_len)
     return [tok([t], pad_to=seq_len) for t in texts]
+
+
+def distinct_tokens(store: ShardStore, texts: list[str], seq_len: int) -> list[int]:
+    """Each text's distinct tokens at seq_len (cut and padded as a query is): the rows a
+    streamed embedding table reads for it, what a question's query_tokens bounds."""
+    tok = store.tokenizer(seq_len)
+    return [len(set(tok([t], pad_to=seq_len).ids[0].tolist())) for t in texts]
 
 
 class Reference:
@@ -166,20 +174,29 @@ def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fil
             agree += mine == full
             labels.append((mine, full))
     device = scenario.device
-    error = (median - plan.predicted_latency_ms) / plan.predicted_latency_ms \
-        if plan.predicted_latency_ms > 0 else float("inf")
+    predicted_ms, stages, rows = plan.predicted_latency_ms, plan.layers, ()
+    if plan.embeddings == "streamed":  # each query priced at the rows it read
+        rows = tuple(t.embedding_rows for t in traces)
+        selection = plan.selection(scenario)
+        at = {n: simulate(scenario.with_overrides(query_tokens=n), selection, plan.execution,
+                          plan.layout) for n in set(rows)}
+        predicted_ms = round(statistics.median(at[n].latency_ms for n in rows), 4)
+        stages = at[trace.embedding_rows].layers
+    error = (median - predicted_ms) / predicted_ms if predicted_ms > 0 else float("inf")
     layers = tuple(
         LayerReport(index=lp.index, shards=len(lp.shards),
                     preloaded=sum(c.preloaded for c in lp.shards), reads=lt.reads,
                     read_bytes=lt.read_bytes,
-                    predicted=StageTimes(**{k: getattr(lp, k) for k in STAGES}),
+                    predicted=StageTimes(**{k: getattr(sp, k) for k in STAGES}),
                     measured=StageTimes(**{k: round(getattr(lt, k), 4) for k in STAGES}),
                     decode_ms=round(lt.decode_ms, 4))
-        for lp, lt in zip(plan.layers, trace.layers))
+        for lp, sp, lt in zip(plan.layers, stages, trace.layers))
     return RunReport(
         plan=plan_path, solver=plan.solver, status=plan.status.value,
         execution=plan.execution, scenario=plan.scenario.name, device=device.name,
-        predicted_latency_ms=plan.predicted_latency_ms,
+        predicted_latency_ms=predicted_ms, planned_latency_ms=plan.predicted_latency_ms,
+        embedding_rows=rows, planned_rows=scenario.model.query_row_reads if rows else 0,
+        median_run_rows=trace.embedding_rows if rows else 0,
         measured_latency_ms=median,
         measured_runs_ms=tuple(round(r, 4) for r in runs),
         relative_error=error, tolerance=tolerance,

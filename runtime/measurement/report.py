@@ -74,6 +74,10 @@ class RunReport:
     execution: str
     scenario: str
     device: str
+    # For the queries run: the plan's prediction, or, when the plan streams the embedding
+    # table, the median of each run's prediction at the rows its query read
+    # (embedding_rows); the plan's own, priced at its question's query_tokens, is
+    # planned_latency_ms.
     predicted_latency_ms: float
     measured_latency_ms: float  # median of the measured runs
     measured_runs_ms: tuple[float, ...]
@@ -102,6 +106,10 @@ class RunReport:
     embed_ms: tuple[float, ...]
     pool_ms: tuple[float, ...]
     layers: tuple[LayerReport, ...]
+    planned_latency_ms: float = 0.0  # the plan's predicted latency (at its query_tokens)
+    embedding_rows: tuple[int, ...] = ()  # rows read per measured run (streamed table)
+    planned_rows: int = 0  # the rows the plan is priced for (streamed table)
+    median_run_rows: int = 0  # rows read by the run whose stages `layers` shows
 
     def to_dict(self) -> dict:
         """The JSON form: every field, nested as in the dataclasses."""
@@ -145,7 +153,11 @@ def format_report(r: RunReport) -> str:
     out += ["",
             f"latency: predicted {r.predicted_latency_ms:.2f} ms, measured "
             f"{r.measured_latency_ms:.2f} ms (median of {len(runs)}: {min(runs):.2f} .. "
-            f"{max(runs):.2f}), error {r.relative_error:+.1%}: {verdict} ±{r.tolerance:.0%}",
+            f"{max(runs):.2f}), error {r.relative_error:+.1%}: {verdict} ±{r.tolerance:.0%}"
+            + (f"; the queries read {min(r.embedding_rows)}..{max(r.embedding_rows)} embedding "
+               f"rows (one per distinct token), predicted at each; the plan, priced at "
+               f"{r.planned_rows} rows: {r.planned_latency_ms:.2f} ms"
+               if r.embedding_rows else ""),
             f"output: fidelity {r.fidelity:.4f} (cosine to fp32, mean of {len(runs)} queries, "
             f"min {r.fidelity_min:.4f})"
             + (f"; task head agrees with fp32 on {r.task_agreement:.0%} of queries"
