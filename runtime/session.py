@@ -38,6 +38,7 @@ from elasticplan.problem.spec import Scenario
 from runtime.defaults import head_for, store_for
 from runtime.executor import Executor, check_model, planned_variants
 from runtime.families import family
+from runtime.measurement.measure import query_schedules
 from runtime.measurement.memprobe import release, status_bytes, trim
 from runtime.sources.task import TaskHead
 from runtime.store import ShardStore
@@ -120,6 +121,9 @@ class SessionStats:
     seq_len: int
     latency_median_ms: float | None
     latency_p95_ms: float | None
+    # the plan's prediction, or, when it streams the embedding table, the median of each
+    # query's at the rows it read (one per distinct token; the plan's own, priced at its
+    # query_tokens, is planned_latency_ms)
     predicted_latency_ms: float
     latency_quantile: float  # the quantile the plan was made for (0.5: the median)
     planned_quantile_latency_ms: float | None  # the plan's latency at that quantile
@@ -127,6 +131,7 @@ class SessionStats:
     measured_peak_bytes: int
     process_peak_bytes: int | None
     storage: str
+    planned_latency_ms: float = 0.0
 
     @property
     def latency_error(self) -> float | None:
@@ -154,6 +159,9 @@ class SessionStats:
             lat = (f"latency per query ({self.queries} queries, {self.storage}): median "
                    f"{self.latency_median_ms:.2f} ms, p95 {self.latency_p95_ms:.2f} ms; "
                    f"predicted {self.predicted_latency_ms:.2f} ms ({self.latency_error:+.1%})")
+            if abs(self.planned_latency_ms - self.predicted_latency_ms) > 1e-9:
+                lat += (f" at the embedding rows each query read; the plan, priced at its "
+                        f"query_tokens: {self.planned_latency_ms:.2f} ms")
             if self.planned_quantile_latency_ms is not None:
                 lat += (f"; planned at quantile {self.latency_quantile:g}: "
                         f"{self.planned_quantile_latency_ms:.2f} ms")
@@ -186,6 +194,8 @@ class Session:
         torch.set_num_threads(threads)
         self.executor: Executor | None = None
         self._latency = np.zeros(LATENCY_WINDOW)  # a ring, allocated before the baseline
+        self._predicted = np.zeros(LATENCY_WINDOW)  # each query's prediction, likewise
+        self._at_rows: dict[int, float] = {}  # a streamed table: prediction per rows read
         self.queries = self.truncated = 0
         try:
             self.tokenizer = self.store.tokenizer(self.seq_len)
@@ -249,14 +259,26 @@ class Session:
                 raise InvalidArgument(f"text {i} is empty")
         out = np.empty((len(texts), self.store.config.hidden), np.float32)
         for i, t in enumerate(texts):
-            latency, longer = self._query(self.executor, t, out[i])
+            latency, longer, rows = self._query(self.executor, t, out[i])
             self._latency[self.queries % LATENCY_WINDOW] = latency
+            self._predicted[self.queries % LATENCY_WINDOW] = self._prediction(rows)
             self.queries += 1
             self.truncated += longer
         return out
 
-    def _query(self, ex: Executor, text: str, row: np.ndarray) -> tuple[float, bool]:
-        """One text through `ex` into `row`: its latency (ms) and whether it was cut."""
+    def _prediction(self, rows: int) -> float:
+        """A query's predicted latency: the plan's, or at the rows it read from a streamed
+        table (memoised per count)."""
+        if self.plan.embeddings != "streamed":
+            return self.plan.predicted_latency_ms
+        if rows not in self._at_rows:
+            self._at_rows[rows] = query_schedules(self.plan, self.scenario, [rows])[rows] \
+                .latency_ms
+        return self._at_rows[rows]
+
+    def _query(self, ex: Executor, text: str, row: np.ndarray) -> tuple[float, bool, int]:
+        """One text through `ex` into `row`: its latency (ms), whether it was cut and the
+        embedding rows it read."""
         batch, longer = self._batch(text)
         trace = ex.run(batch)
         if not bool(torch.isfinite(trace.embedding).all()):
@@ -268,7 +290,7 @@ class Session:
         # this VM's glibc heap grew 0.3-1.1 MB over 200 tweets (fragmentation: the
         # tokenizer's and torch's blocks of varying size), most of a 10 % margin at 8 MB.
         trim()
-        return trace.latency_ms, longer
+        return trace.latency_ms, longer, trace.embedding_rows
 
     def classify(self, texts: Sequence[str]) -> Classification:
         """The task head's label and class probabilities for each text (InvalidArgument
@@ -307,7 +329,9 @@ class Session:
             queries=self.queries, truncated=self.truncated, seq_len=self.seq_len,
             latency_median_ms=float(np.median(runs)) if runs.size else None,
             latency_p95_ms=float(np.percentile(runs, 95)) if runs.size else None,
-            predicted_latency_ms=self.plan.predicted_latency_ms,
+            predicted_latency_ms=float(np.median(self._predicted[:runs.size])) if runs.size
+            else self.plan.predicted_latency_ms,
+            planned_latency_ms=self.plan.predicted_latency_ms,
             latency_quantile=self.scenario.latency_quantile,
             planned_quantile_latency_ms=self.plan.quantile_latency_ms,
             predicted_peak_bytes=ex.predicted_memory.peak_bytes,

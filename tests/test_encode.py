@@ -293,6 +293,14 @@ def test_session_encodes_classifies_reports_and_releases_everything(plans, store
         assert s.head is None and s.stats().process_peak_bytes is None
         with pytest.raises(InvalidArgument, match="no task head"):
             s.classify(["a"])
+        # the plan streams its table: each query predicted at the rows it read (one per
+        # distinct token), the plan's own figure (at seq_len rows) beside it
+        s.encode(["ok", "ok ok ok"])
+        st = s.stats()
+        plan = Plan.load(plans["mem10"])
+        assert plan.embeddings == "streamed" and st.planned_latency_ms == plan.predicted_latency_ms
+        assert st.predicted_latency_ms < st.planned_latency_ms
+        assert "query_tokens" in st.format()
 
 
 def test_the_docs_example_runs(plans, store_dir, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from elasticplan.costmodel import simulate
+from elasticplan.costmodel import Schedule, simulate
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
@@ -42,6 +42,15 @@ def query_batches(store: ShardStore, seq_len: int, n: int) -> list[Batch]:
     texts = list(load_splits().test.texts[:n])
     tok = store.tokenizer(seq_len)
     return [tok([t], pad_to=seq_len) for t in texts]
+
+
+def query_schedules(plan: Plan, scenario: Scenario, rows) -> dict[int, Schedule]:
+    """The plan's schedule for a query that read n rows of its streamed embedding table,
+    for each n in `rows` (the cost model at query_tokens = n): what a query is predicted
+    to take, where the plan's own figure is priced at its question's query_tokens."""
+    selection = plan.selection(scenario)
+    return {n: simulate(scenario.with_overrides(query_tokens=n), selection, plan.execution,
+                        plan.layout) for n in set(rows)}
 
 
 def distinct_tokens(store: ShardStore, texts: list[str], seq_len: int) -> list[int]:
@@ -177,9 +186,7 @@ def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fil
     predicted_ms, stages, rows = plan.predicted_latency_ms, plan.layers, ()
     if plan.embeddings == "streamed":  # each query priced at the rows it read
         rows = tuple(t.embedding_rows for t in traces)
-        selection = plan.selection(scenario)
-        at = {n: simulate(scenario.with_overrides(query_tokens=n), selection, plan.execution,
-                          plan.layout) for n in set(rows)}
+        at = query_schedules(plan, scenario, rows)
         predicted_ms = round(statistics.median(at[n].latency_ms for n in rows), 4)
         stages = at[trace.embedding_rows].layers
     error = (median - predicted_ms) / predicted_ms if predicted_ms > 0 else float("inf")
