@@ -262,3 +262,103 @@ def test_an_unreachable_time_to_first_token_is_named_with_the_fastest_prompt_pas
     assert fastest > 0.05
     free = oracle.solve_or_none(_scenario(memory_budget_mb=0.9), "highs")
     assert fastest <= free.decoding.ttft_ms + 1e-6  # a bound: no plan's prompt pass is faster
+
+
+# --- row generation with a time to first token -------------------------------------------
+
+
+def _alternating(imps, head_imp=(0.0, 0.6)) -> ModelProfile:
+    """Body layers of one part each, a KV group and an FFN slice in turn (the groups of
+    layers 0 and 2 cost alike, and so do the slices of 1 and 3: the relaxation merges
+    them), then the table."""
+    body = tuple(Layer((_shard("group0", "group", 40_000, imp),) if k % 2 == 0 else
+                       (_shard("ffn0", "ffn", 60_000, imp),)) for k, imp in enumerate(imps))
+    head = Shard("table", "head", 2.0 * 300 * 64, (300 * 64 // 2 + 1200, 4 * 300 * 64),
+                 head_imp, weights=300 * 64)
+    return ModelProfile("tiny-decoder", 8, (4, 32), body, resident_bytes=4 * 300 * 64 + 1000,
+                        decoder=SHAPE, head=head)
+
+
+_PAIR = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(lambda t: tuple(sorted(t)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(imps=st.lists(_PAIR, min_size=4, max_size=4), head=st.floats(0, 2),
+       target=st.floats(0.3, 1.2), memory=st.one_of(st.none(), st.floats(0.7, 1.3)),
+       ttft=st.floats(1.2, 2.8))
+def test_row_generation_with_a_first_token_target_finds_brute_forces_optimum(
+        imps, head, target, memory, ttft):
+    """A time to first token no longer takes the whole program: the relaxation keeps paths
+    of the prompt pass too (Relaxation.timed, grown by its critical path when a plan runs
+    past it), and HiGHS's plan is brute force's optimum."""
+    from elasticplan.solvers.aggregated import program as aggregated
+
+    sc = _scenario(profile=_alternating(imps, head_imp=(0.0, head)), target_latency_ms=target,
+                   memory_budget_mb=memory, target_ttft_ms=ttft)
+    first = aggregated.first_relaxation(sc)
+    assert first is not None and len(first.timed) == 1
+    if oracle.near_target(sc):
+        return
+    plan = oracle.solve_or_none(sc, "highs")
+    oracle.assert_matches(sc, None if plan is None else plan.importance, oracle.TOL)
+
+
+def test_a_prompt_pass_that_runs_past_its_target_grows_its_own_path():
+    """`grow` adds the prompt pass's critical path when a plan meets the per-token target
+    but not the first token's (here from a relaxation that keeps no path of the prompt
+    pass), and keeps the scenario's paths as they are; the prompt pass's sums are the cost
+    model's."""
+    from elasticplan.costmodel import critical_path
+    from elasticplan.decoding import timed_schedules
+    from elasticplan.solvers.aggregated import highs, search
+    from elasticplan.solvers.aggregated import program as aggregated
+    from elasticplan.solvers.margins import float_margins
+
+    free = _scenario(profile=_alternating([(0.3, 0.5), (0.2, 0.4), (0.1, 0.6), (0.25, 0.3)]),
+                     memory_budget_mb=1.0)
+    plan = oracle.solve_or_none(free, "highs")
+    sc = free.with_overrides(target_ttft_ms=plan.decoding.ttft_ms * 0.9)
+    first = aggregated.first_relaxation(sc)
+    relaxed = highs.build(sc, aggregated.Relaxation(first.paths, timed=(frozenset(),)))
+    layout = Layout(sc.prefetch_window)
+    grown = search.grow(relaxed, plan.selection(sc), layout, float_margins(sc))
+    (prompt,) = timed_schedules(sc, plan.selection(sc), layout)
+    critical = critical_path(prompt.layers, layout.window, prompt.layers[0].io_start_ms,
+                             DEVICE.embed_ms, DEVICE.wake_ms)
+    assert grown == aggregated.Relaxation(first.paths, timed=(frozenset({critical}),))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(imps=st.lists(_PAIR, min_size=4, max_size=4), memory=st.floats(0.5, 1.3),
+       slack=st.floats(1.0, 1.6))
+def test_fill_keeps_the_first_token_target(imps, memory, slack):
+    """`fill` with a timed pass: from every part at 4 bits, held, the filled plan meets the
+    first token's target (set `slack` times that plan's; a streamed table's rows are read
+    first) as well as the per-token target and the budgets, and no single move that gains
+    stays feasible."""
+    from elasticplan.decoding import predict, timed_ok
+    from elasticplan.solvers.aggregated import search
+
+    base = _scenario(profile=_alternating(imps), target_latency_ms=1.2, memory_budget_mb=memory)
+    layout = Layout(base.prefetch_window)
+    L = len(base.model.layers)
+    start = tuple((Pick(0, 0, True),) for _ in range(L))  # every part at 4 bits, held
+    sc = base.with_overrides(target_ttft_ms=predict(base, start, layout).ttft_ms * slack)
+
+    def feasible(selection):
+        s = simulate(sc, selection, layout=layout)
+        return s.latency_ms <= sc.target_latency_ms and \
+            s.preload_bytes <= sc.preload_budget_bytes and \
+            s.memory.peak_bytes <= sc.memory_budget_bytes and \
+            timed_ok(sc, selection, layout) and all(selection)
+
+    if not feasible(start):
+        return
+    filled = search.fill(sc, start, layout)
+    assert feasible(filled)
+    value = simulate(sc, filled, layout=layout).importance
+    for li in range(L):
+        for option in [Pick(0, b, pre) for b in range(2) for pre in (False, True)]:
+            moved = filled[:li] + ((option,),) + filled[li + 1:]
+            if simulate(sc, moved, layout=layout).importance > value + 1e-12:
+                assert not feasible(moved)

@@ -27,14 +27,14 @@ root (measured: benchmarks/solver_speed.py). Otherwise it is the MIP's first inc
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import highspy
 import numpy as np
 
-from elasticplan.costmodel import Pick, Selection
+from elasticplan.costmodel import Layout, Pick, Selection, simulate
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
-from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
+from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound, objective_value
 from elasticplan.problem.question import Objective
 from elasticplan.problem.spec import Scenario
 from elasticplan.solvers.aggregated import program as aggregated
@@ -44,6 +44,9 @@ from elasticplan.solvers.aggregated.program import MatrixProgram, Relaxation, cl
 from elasticplan.solvers.margins import float_margins
 
 NAME = "highs"
+# An objective this close to 0 is 0: below any solver's tolerance in every objective's
+# unit (importance, bytes, ms).
+ZERO_OBJECTIVE = 1e-9
 LP_FIRST_GAP = 1e-4
 # A relaxed round may use this share of the time left; the rest is kept for the whole
 # program, should a round stop at its limit with a plan that misses rows.
@@ -66,8 +69,11 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     """Row generation: solve a relaxed program (program.first_relaxation: two latency
     paths; layers that its rows treat alike merge into blocks, which removes the near-ties
     between layers that keep a branch and bound from closing), then add every row its plan
-    misses (search.grow) and solve again. A plan that misses none is a plan of the
-    scenario, and a relaxation's bound is a bound of the scenario, so its gap is proven.
+    misses (search.grow) and solve again. Each round first grows from its LP's rounded
+    plan (search.grow_by_rounding: the rows it misses, the layers it leaves short), so a
+    MIP runs only on a relaxation whose LP plan misses nothing (SmolLM2: one MIP, not
+    three). A plan that misses none is a plan of the scenario, and a relaxation's bound is
+    a bound of the scenario, so its gap is proven.
     Scenarios that cannot be relaxed (program.relaxable) get the whole program at once;
     a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it.
     `row_generation=False` solves the whole program from the start (the solver benchmark's
@@ -91,28 +97,56 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
                 relaxation = grown
                 continue
         try:
-            plan, values = _solve_program(program, model, lp, started=started,
-                                          deadline=until, relative_gap=relative_gap,
-                                          threads=threads)
+            found, values = _solve_program(program, model, lp, started=started,
+                                           deadline=until, relative_gap=relative_gap,
+                                           threads=threads)
         except SolverTimeoutError:
             if relaxation is None:
                 raise
             relaxation = None  # the rest of the time goes to the whole program
             continue
         if values is None or relaxation is None:
-            return plan  # the whole program's, or checked against the cost model already
-        grown = search.grow(program, selection_of(program, values, threads),
-                            program.layout(values), margins)
+            return found.plan(scenario)  # the whole program's, or checked already
+        grown = search.grow(program, found.selection, found.layout, margins)
         if grown is None:
-            return plan
+            return found.plan(scenario)
         # A proven round grows; a stopped round's plan misses rows, and the time left is
         # the whole program's, which gives a plan if there is one in reach.
-        relaxation = grown if plan.status == SolveStatus.OPTIMAL else None
+        relaxation = grown if found.status == SolveStatus.OPTIMAL else None
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A plan before it is lowered: its choices, objective (the cost model's, as the plan's),
+    gap, status and solve time. Only the answer is lowered (`plan`): Plan.from_selection
+    prices a decoder's every pass (SmolLM2's 64 + 64 tokens: 0.1-0.3 s a plan), and a round
+    that grows, or a start that the MIP beats, never becomes the answer."""
+
+    selection: Selection
+    layout: Layout
+    objective: float
+    gap: float | None
+    status: SolveStatus
+    seconds: float
+
+    @staticmethod
+    def of(scenario: Scenario, selection: Selection, layout: Layout, *, status: SolveStatus,
+           bound: float, seconds: float) -> "_Found":
+        value = objective_value(scenario.objective, simulate(scenario, selection, layout=layout))
+        # An objective and a bound both of ~0 are one (min_latency's 1e-12 ms, a skipped
+        # layer's wake-up, against a bound of 0 was "1e-3 away": gap_to_bound's floor).
+        zero = max(abs(value), abs(bound)) <= ZERO_OBJECTIVE
+        gap = 0.0 if zero else gap_to_bound(value, bound)
+        return _Found(selection, layout, value, gap, status, seconds)
+
+    def plan(self, scenario: Scenario) -> Plan:
+        return Plan.from_selection(scenario, self.selection, solver=NAME, status=self.status,
+                                   gap=self.gap, solve_seconds=self.seconds, layout=self.layout)
 
 
 def _solve_program(program: MatrixProgram, model: dict,
                    lp: tuple[float, np.ndarray] | None, *, started: float, deadline: float,
-                   relative_gap: float, threads: int) -> tuple[Plan, np.ndarray | None]:
+                   relative_gap: float, threads: int) -> tuple[_Found, np.ndarray | None]:
     """A plan of `program` (`model`: it as pass_model's arguments) with its gap to the
     program's bound, and the solution's columns
     (None for the relaxation's rounded plan, which is checked against the cost model).
@@ -125,8 +159,7 @@ def _solve_program(program: MatrixProgram, model: dict,
         rounded = _lp_rounded(program, lp, started=started)
         if rounded is not None and rounded.gap is not None and rounded.gap <= relative_gap:
             return rounded, None
-    start = None if rounded is None else \
-        program.solution_of(rounded.selection(scenario), rounded.layout)
+    start = None if rounded is None else program.solution_of(rounded.selection, rounded.layout)
     mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start,
                     threads=threads)
     plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline,
@@ -151,21 +184,21 @@ def _solve_program(program: MatrixProgram, model: dict,
     return plan, values
 
 
-def _within(plan: Plan, relative_gap: float) -> bool:
+def _within(plan: _Found, relative_gap: float) -> bool:
     """Whether the plan's own gap (its objective against the bound) is the one asked for,
     to float noise."""
     return plan.gap is not None and plan.gap <= relative_gap + 1e-9
 
 
-def _better(program: MatrixProgram, a: Plan, b: Plan) -> bool:
+def _better(program: MatrixProgram, a: _Found, b: _Found) -> bool:
     """Whether plan a is better than plan b (a smaller gap breaks a tie)."""
     if a.objective != b.objective:
         return (a.objective > b.objective) == program.maximize
     return a.gap is not None and (b.gap is None or a.gap < b.gap)
 
 
-def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: float,
-              deadline: float, threads: int = 1) -> tuple[Plan, np.ndarray | None]:
+def _mip_plan(program: MatrixProgram, mip, rounded: _Found | None, *, started: float,
+              deadline: float, threads: int = 1) -> tuple[_Found, np.ndarray | None]:
     """The plan of a MIP's outcome with its gap to the MIP's dual bound, and its columns
     (None for the rounded relaxation's plan, the fallback when the MIP stopped without
     one); raises on infeasible, on no plan in time, on any other status."""
@@ -186,7 +219,7 @@ def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: flo
     elif status in _STOPPED and rounded is not None:
         # Out of time with no MIP plan: the rounded relaxation is a plan, and its distance
         # from the relaxation's bound is a proven gap.
-        return replace(rounded, status=SolveStatus.FEASIBLE, solve_seconds=elapsed), None
+        return replace(rounded, status=SolveStatus.FEASIBLE, seconds=elapsed), None
     elif status in _STOPPED:
         raise SolverTimeoutError(
             f"HiGHS found no plan within the {time_limit_s:g} s time limit "
@@ -194,11 +227,10 @@ def _mip_plan(program: MatrixProgram, mip, rounded: Plan | None, *, started: flo
     else:
         raise SolverError(f"HiGHS returned status {status.name}")
 
-    plan = Plan.from_selection(scenario, selection_of(program, mip.values, threads), solver=NAME,
-                               status=solve_status, gap=None, solve_seconds=elapsed,
-                               layout=program.layout(mip.values))
     bound = mip.dual_bound / program.objective_scale  # the model carries the offset
-    return replace(plan, gap=gap_to_bound(plan.objective, bound)), mip.values
+    return _Found.of(scenario, selection_of(program, mip.values, threads),
+                     program.layout(mip.values), status=solve_status, bound=bound,
+                     seconds=elapsed), mip.values
 
 
 def _lp(program: MatrixProgram, model: dict, *, deadline: float, threads: int = 1
@@ -216,7 +248,7 @@ def _lp(program: MatrixProgram, model: dict, *, deadline: float, threads: int = 
 
 
 def _lp_rounded(program: MatrixProgram, lp: tuple[float, np.ndarray], *,
-                started: float) -> Plan | None:
+                started: float) -> _Found | None:
     """The relaxation's rounded-down (and filled) plan with its proven gap to the
     relaxation's bound (status optimal; the caller decides whether the gap is good
     enough)."""
@@ -225,10 +257,8 @@ def _lp_rounded(program: MatrixProgram, lp: tuple[float, np.ndarray], *,
     if rounded is None:
         return None
     selection, layout = rounded
-    plan = Plan.from_selection(program.scenario, selection, solver=NAME,
-                               status=SolveStatus.OPTIMAL, gap=None,
-                               solve_seconds=time.perf_counter() - started, layout=layout)
-    return replace(plan, gap=gap_to_bound(plan.objective, bound))
+    return _Found.of(program.scenario, selection, layout, status=SolveStatus.OPTIMAL,
+                     bound=bound, seconds=time.perf_counter() - started)
 
 
 def _model(program: MatrixProgram) -> dict:

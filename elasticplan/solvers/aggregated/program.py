@@ -101,15 +101,22 @@ def per_layer(scenario: Scenario) -> list[tuple[int, ...]]:
 def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
                  ) -> list[list[CostClass]]:
     """Per block of layers (default: each layer its own), its shards grouped by
-    (flops, bytes, kept bytes), in order of first member."""
+    (flops, bytes, kept bytes, and their flops in every timed pass), in order of first
+    member. A timed pass with embedding rows reads them as the last layer's part (a
+    decoder's table) stores them, so that part is a class of its own."""
     device, model = scenario.device, scenario.model
     B = len(model.bitwidths)
+    timed = [t.model for t in scenario.timed_passes]
+    own = len(model.layers) - 1 if any(m.embedding_rows for m in timed) else None
     out = []
     for gi, block in enumerate(blocks or per_layer(scenario)):
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for li in block:
             for si, s in enumerate(model.layers[li].shards):
-                groups.setdefault((s.flops, s.bytes, s.kept_bytes), []).append((li, si))
+                key = (s.flops, s.bytes, s.kept_bytes,
+                       tuple(m.layers[li].shards[si].flops for m in timed),
+                       (li, si) if li == own else None)
+                groups.setdefault(key, []).append((li, si))
         classes = []
         for members in groups.values():
             rep = model.layers[members[0][0]].shards[members[0][1]]
@@ -146,15 +153,19 @@ class Relaxation:
     reads, 2 its compute, 3 both; the path's sum, with the embedding rows' read, is at
     most the latency of any plan, so `sum <= target` holds for every feasible plan. The
     unrolled rows of an unbounded window are the paths "reads of 0..l, compute of l..L-1".
-    `alone` are the layers kept out of any block (a layer short of min_shards_per_layer)."""
+    `alone` are the layers kept out of any block (a layer short of min_shards_per_layer).
+    `timed` are the paths kept for each of the scenario's timed passes (a decoder's prompt
+    pass: Scenario.timed_passes, in order), whose sums are that pass's latency and bound
+    by its target."""
 
     paths: frozenset[tuple[int, ...]]
     alone: frozenset[int] = frozenset()
+    timed: tuple[frozenset[tuple[int, ...]], ...] = ()
 
     def blocks(self, num_layers: int) -> list[tuple[int, ...]]:
-        """Layers that every kept row treats alike, as blocks (in order of first layer);
-        a block need not be contiguous."""
-        paths = sorted(self.paths)
+        """Layers that every kept row (of every pass) treats alike, as blocks (in order of
+        first layer); a block need not be contiguous."""
+        paths = sorted(self.paths) + [p for kept in self.timed for p in sorted(kept)]
         groups: dict[tuple, list[int]] = {}
         for li in range(num_layers):
             key = (tuple(p[li] for p in paths), li if li in self.alone else -1)
@@ -170,10 +181,11 @@ def relaxable(scenario: Scenario) -> bool:
     paths a plan misses split every layer from the next within two rounds, and each
     round's dense path rows solved slower than the whole program's recurrence. Nor is
     min_latency (its plan presses every latency row at once: Llama-2-70B took four rounds,
-    3.9 s, against the whole program's 0.45 s)."""
+    3.9 s, against the whole program's 0.45 s). A timed pass (a decoder's time to first
+    token) keeps paths of its own (Relaxation.timed)."""
     window, L = scenario.prefetch_window, len(scenario.model.layers)
     return scenario.min_shards_per_layer > 0 and not window_binds(window, L) and \
-        scenario.objective != Objective.MIN_LATENCY and not scenario.timed_passes
+        scenario.objective != Objective.MIN_LATENCY
 
 
 def first_relaxation(scenario: Scenario) -> Relaxation | None:
@@ -184,7 +196,8 @@ def first_relaxation(scenario: Scenario) -> Relaxation | None:
     if not relaxable(scenario):
         return None
     L = len(scenario.model.layers)
-    return Relaxation(frozenset({tuple([1] * (L - 1) + [3]), tuple([3] + [2] * (L - 1))}))
+    first = frozenset({tuple([1] * (L - 1) + [3]), tuple([3] + [2] * (L - 1))})
+    return Relaxation(first, timed=tuple(first for _ in scenario.timed_passes))
 
 
 @dataclass
@@ -457,8 +470,10 @@ class _Matrix:
         model = self.passes[k][0]
         if not model.embedding_rows:
             return [], []
-        # the table, the last layer's one class of one part: rows read as its bitwidth stores them
-        (n,) = self.n_col[-1]
+        # the table, the last layer's one part (a class of its own, cost_classes): rows
+        # read as its bitwidth stores them
+        (gi,) = [gi for gi, block in enumerate(self.layers_of) if self.L - 1 in block]
+        (n,) = [n for n, c in zip(self.n_col[gi], self.classes[gi]) if self.L - 1 in c.layers]
         return list(n[:, STREAMED]), [embedding_read_ms(self.device, with_table_rows(model, b))
                                       for b in range(self.B)]
 
@@ -533,39 +548,17 @@ class _Matrix:
                          device.embed_ms + device.pool_ms, inf)
 
     def path_rows(self) -> None:
-        """A relaxation's latency rows, one per path, written on the counts; and the
-        binding window's last row, C[L-1] <= T."""
-        device, add_rows, inf, B = self.device, self.rows, np.inf, self.B
-        z_col, e_col, limit = self.z_col, self.e_col, self.limit
-        overhead = device.layer_overhead_ms
+        """A relaxation's latency rows, one per path of each pass, written on the counts;
+        and the binding window's last row, C[L-1] <= T."""
+        device, add_rows, inf = self.device, self.rows, np.inf
+        z_col = self.z_col
         relaxation = self.relaxation
-        for path in sorted(relaxation.paths) if relaxation is not None else ():
-            # path[p]: e t_emb + sum over the path's reads and compute (+ overheads, + embed_ms
-            # when it starts at the embedding) <= T  (min_latency: Z - the same >= its constant)
-            cols, coefs = [], []
-            fixed = (0.0 if path[0] & 1 else device.embed_ms) + \
-                device.wake_ms * sum(m == 3 for m in path)
-            for gi, block in enumerate(self.layers_of):
-                mark = path[block[0]]  # alike for every layer of a block
-                if mark & 2:
-                    fixed += overhead * len(block)
-                for ci, c in enumerate(self.classes[gi]):
-                    coef = np.zeros((B, 2))
-                    if mark & 1:
-                        coef[:, STREAMED] += c.read_ms
-                    if mark & 2:
-                        coef += c.compute_ms
-                    cols.append(self.n_col[gi][ci].reshape(-1))
-                    coefs.append(coef.reshape(-1))
-            if e_col is not None:
-                cols.append(np.array([e_col]))
-                coefs.append(np.array([self.t_emb]))
-            cols, coefs = np.concatenate(cols), np.concatenate(coefs)
-            if z_col is None:
-                add_rows(cols, coefs, -inf, limit - fixed)
-            else:
-                add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms,
-                         inf)
+        kept = () if relaxation is None else (relaxation.paths, *relaxation.timed)
+        for k, paths in enumerate(kept):
+            limit = self.passes[k][1]
+            start_cols, start_coefs = self._start(k)
+            for path in sorted(paths):
+                self._path_row(k, path, limit, start_cols, start_coefs)
         if self.chained:
             for k, (_, pass_limit) in enumerate(self.passes):
                 last = self.comp_cols[k][self.L - 1]
@@ -575,6 +568,38 @@ class _Matrix:
                 else:
                     add_rows(np.array([z_col, last]), np.array([1.0, -1.0]), device.pool_ms,
                              inf)
+
+    def _path_row(self, k: int, path: tuple[int, ...], limit: float, start_cols: list,
+                  start_coefs: list) -> None:
+        # path[p]: the pass's start reads (e t_emb; a timed pass's table rows) + sum over
+        # the path's reads and compute (+ overheads, + embed_ms when it starts at the
+        # embedding) <= T  (min_latency, pass 0: Z - the same >= its constant)
+        device, add_rows, inf, B = self.device, self.rows, np.inf, self.B
+        z_col = self.z_col if not k else None
+        overhead = device.layer_overhead_ms
+        cols, coefs = [], []
+        fixed = (0.0 if path[0] & 1 else device.embed_ms) + \
+            device.wake_ms * sum(m == 3 for m in path)
+        for gi, block in enumerate(self.layers_of):
+            mark = path[block[0]]  # alike for every layer of a block
+            if mark & 2:
+                fixed += overhead * len(block)
+            for ci, c in enumerate(self.classes[gi]):
+                coef = np.zeros((B, 2))
+                if mark & 1:
+                    coef[:, STREAMED] += c.read_ms
+                if mark & 2:
+                    coef += self.pass_compute[k][gi][ci]
+                cols.append(self.n_col[gi][ci].reshape(-1))
+                coefs.append(coef.reshape(-1))
+        cols.append(np.asarray(start_cols, dtype=np.int64))
+        coefs.append(np.asarray(start_coefs, dtype=float))
+        cols, where = np.unique(np.concatenate(cols), return_inverse=True)
+        coefs = np.bincount(where, weights=np.concatenate(coefs))  # the table's read twice
+        if z_col is None:
+            add_rows(cols, coefs, -inf, limit - fixed)
+        else:
+            add_rows(np.append(z_col, cols), np.append(1.0, -coefs), fixed + device.pool_ms, inf)
 
     def budget_rows(self) -> None:
         """The buffer row; with memory bounded, the arena's windows and the memory row; the

@@ -19,9 +19,9 @@ from elasticplan.costmodel import (
     shard_compute_ms,
     simulate,
 )
-from elasticplan.decoding import timed_ok
+from elasticplan.decoding import timed_ok, timed_schedules
 from elasticplan.problem.question import Objective
-from elasticplan.problem.spec import Scenario
+from elasticplan.problem.spec import Scenario, with_table_rows
 from elasticplan.solvers.aggregated.program import (
     PRELOADED,
     STREAMED,
@@ -69,15 +69,21 @@ def round_down(program: MatrixProgram, values: np.ndarray, margins: Margins = EX
 def grow_by_rounding(program: MatrixProgram, values: np.ndarray,
                      margins: Margins = EXACT) -> Relaxation | None:
     """`grow` for the plan that rounds a relaxed program's LP solution down (round_down's
-    first rule), or None if it misses no row (or a layer is left short)."""
-    selection = _rounded(program, values, cumulative=True)
-    if selection is None:
-        return None
+    first rule), or None if it misses no row. A layer that plan leaves short of
+    min_shards_per_layer (a block's count row asks its layers' shards together, and the
+    LP may take them all from some of its layers) gets a block of its own, as from a MIP's
+    plan; growing from the LP, which costs milliseconds, spares the MIPs of the rounds
+    that would only find those layers (SmolLM2 at 32 MB: the first round's MIP, over
+    three blocks, took 4 s)."""
+    selection = _rounded(program, values, cumulative=True, short=True)
     return grow(program, selection, program.layout(values), margins)
 
 
-def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool) -> Selection | None:
-    need = program.scenario.min_shards_per_layer
+def _rounded(program: MatrixProgram, values: np.ndarray, cumulative: bool,
+             short: bool = False) -> Selection | None:
+    """The counts rounded down (module docstring of round_down), members to bitwidths by
+    their x; None if a layer is left short of min_shards_per_layer, unless `short`."""
+    need = 0 if short else program.scenario.min_shards_per_layer
     layers: list[list[Pick]] = [[] for _ in program.scenario.model.layers]
     for li, classes in enumerate(program.classes):
         for ci, c in enumerate(classes):
@@ -134,8 +140,25 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
     if total(critical) > limit + 1e-9:
         paths.add(critical)
     short = {li for li, picks in enumerate(selection) if len(picks) < sc.min_shards_per_layer}
-    grown = Relaxation(frozenset(paths), relax.alone | short)
+    timed = [set(kept) for kept in relax.timed]
+    if timed and not short:  # a timed pass reads its rows as the table (a part) stores them
+        for kept, t, s in zip(timed, sc.timed_passes, timed_schedules(sc, selection, layout)):
+            path = _missed(s, layout, margins.latency_rhs(t.target_ms) - d.pool_ms, d)
+            if path is not None:
+                kept.add(path)
+    grown = Relaxation(frozenset(paths), relax.alone | short,
+                       tuple(frozenset(kept) for kept in timed))
     return None if grown == relax else grown
+
+
+def _missed(schedule: Schedule, layout: Layout, limit: float, device) -> tuple[int, ...] | None:
+    """A timed pass's critical path if it runs past `limit` (its target less pool_ms)."""
+    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
+    work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
+    start = schedule.layers[0].io_start_ms  # its rows' read (the channel starts there)
+    path = critical_path(schedule.layers, layout.window, start, device.embed_ms, device.wake_ms)
+    total = path_ms(path, reads, work, start, device.embed_ms, device.wake_ms)
+    return path if total > limit + 1e-9 else None
 
 
 def fill(scenario: Scenario, selection: Selection, layout: Layout,
@@ -143,17 +166,18 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     """A feasible plan improved greedily (max importance; every layer runs and the window
     does not bind, so the latency rows are the unrolled ones and each layer's overhead is
     a constant): while some shard can move to an option of more importance (another
-    bitwidth, streamed or preloaded, or run at all) with every latency row, the buffer
-    and the memory budget still met, the move that gains the most is made. Vectorised
-    over every shard and option; a move changes row l by its read time if l >= its layer
-    and by its compute if l <= its layer."""
+    bitwidth, streamed or preloaded, or run at all) with every latency row of every pass
+    (the scenario's and its timed passes'), the buffer and the memory budget still met,
+    the move that gains the most is made. Vectorised over every shard and option; a move
+    changes row l by its read time if l >= its layer and by its compute if l <= its
+    layer, and a timed pass's every row by its start (its rows' read, when the move is the
+    table's and the pass has embedding rows)."""
     device, model = scenario.device, scenario.model
     B = len(model.bitwidths)
     shards = [(li, si, s) for li, layer in enumerate(model.layers)
               for si, s in enumerate(layer.shards)]
     N, O = len(shards), 2 * B + 1  # option 0: dropped; 1 + 2b + p: bitwidth b, placement p
     read = np.zeros((N, O))
-    comp = np.zeros((N, O))
     pre = np.zeros((N, O))
     stream = np.zeros((N, O))
     kept = np.zeros((N, O))  # a decoder's KV group holds its cache at any option but dropped
@@ -161,8 +185,6 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     for n, (li, si, s) in enumerate(shards):
         for b in range(B):
             o = 1 + 2 * b
-            comp[n, o + STREAMED] = shard_compute_ms(device, model, s, b, streamed=True)
-            comp[n, o + PRELOADED] = shard_compute_ms(device, model, s, b)
             imp[n, o:o + 2] = s.importance[b]
             read[n, o + STREAMED] = read_ms(device, s.bytes[b])
             stream[n, o + STREAMED] = s.bytes[b]
@@ -175,37 +197,31 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         for p in picks:
             current[index[(li, p.shard)]] = 1 + 2 * p.bit + (PRELOADED if p.preloaded else 0)
     schedule = simulate(scenario, selection, layout=layout)
-    rows = np.array(row_values(schedule))
-    limit = margins.latency_rhs(scenario.target_latency_ms) - device.pool_ms
-    rows += device.wake_ms  # each unrolled row waits for its layer's reads once
-    # the embedding's row: the compute thread's start, then every layer's compute
-    embed_row = (embedding_read_ms(device, model) if layout.stream_embeddings else 0.0) \
-        + device.embed_ms + sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)
+    passes = [_FillPass.of(scenario, model, shards, schedule, scenario.target_latency_ms,
+                           embedding_read_ms(device, model) if layout.stream_embeddings
+                           else 0.0, margins)]
+    for t, s in zip(scenario.timed_passes, timed_schedules(scenario, selection, layout)):
+        passes.append(_FillPass.of(scenario, t.model, shards, s, t.target_ms,
+                                   s.layers[0].io_start_ms, margins))
     preload, peak = float(schedule.preload_bytes), float(schedule.memory.peak_bytes)
     budget = scenario.memory_budget_bytes
     members = np.arange(N)
     while True:
         d_read = read - read[members, current][:, None]
-        d_comp = comp - comp[members, current][:, None]
         d_pre = pre - pre[members, current][:, None]
         d_stream = stream - stream[members, current][:, None]
         d_kept = kept - kept[members, current][:, None]
         gain = imp - imp[members, current][:, None]
-        before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
-        after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
-        ok = (gain > 0) & (before[:, None] + d_comp <= limit) & \
-            (rows[layer_of][:, None] + d_read + d_comp <= limit) & \
-            (after[:, None] + d_read <= limit) & (embed_row + d_comp <= limit) & \
-            (preload + d_pre <= scenario.preload_budget_bytes)
+        ok = (gain > 0) & (preload + d_pre <= scenario.preload_budget_bytes)
         if budget is not None:  # the arena holds every streamed byte (unbounded window)
             ok &= peak + d_pre + d_stream + d_kept <= budget
+        for f in passes:
+            ok &= f.fits(current, d_read, layer_of)
         if not ok.any():
             break
         n, o = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), ok.shape)
-        j = layer_of[n]
-        rows[j:] += d_read[n, o]
-        rows[:j + 1] += d_comp[n, o]
-        embed_row += d_comp[n, o]
+        for f in passes:
+            f.move(current, n, o, d_read[n, o], layer_of[n])
         preload += d_pre[n, o]
         peak += d_pre[n, o] + d_stream[n, o] + d_kept[n, o]
         current[n] = o
@@ -215,6 +231,61 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
             b, p = divmod(int(current[n]) - 1, 2)
             layers[li].append(Pick(si, b, p == PRELOADED))
     return tuple(tuple(picks) for picks in layers)
+
+
+class _FillPass:
+    """One pass's unrolled latency rows in `fill`: per layer l, the end of its reads plus
+    the compute of layers l..L-1 (+ wake_ms), and the embedding's row (the pass's start,
+    embed_ms, every layer's compute), each <= the pass's target less pool_ms; a shard's
+    compute per option in this pass's model; the pass's start per option (nonzero only for
+    a timed pass's table: its rows' read when it is streamed)."""
+
+    def __init__(self, comp, start, rows, embed_row, limit):
+        self.comp, self.start, self.rows, self.embed_row, self.limit = \
+            comp, start, rows, embed_row, limit
+
+    @staticmethod
+    def of(scenario: Scenario, model, shards, schedule: Schedule, target_ms: float,
+           start_ms: float, margins: Margins) -> "_FillPass":
+        device = scenario.device
+        N, B = len(shards), len(model.bitwidths)
+        comp = np.zeros((N, 2 * B + 1))
+        start = np.zeros((N, 2 * B + 1))
+        head = len(model.layers) - 1
+        for n, (li, si, _) in enumerate(shards):
+            s = model.layers[li].shards[si]
+            for b in range(B):
+                o = 1 + 2 * b
+                comp[n, o + STREAMED] = shard_compute_ms(device, model, s, b, streamed=True)
+                comp[n, o + PRELOADED] = shard_compute_ms(device, model, s, b)
+                if model is not scenario.model and li == head and model.embedding_rows:
+                    start[n, o + STREAMED] = embedding_read_ms(device, with_table_rows(model, b))
+        rows = np.array(row_values(schedule)) + device.wake_ms  # each waits for its reads once
+        # the embedding's row: the compute thread's start, then every layer's compute
+        embed_row = start_ms + device.embed_ms + \
+            sum(t.compute_end_ms - t.compute_start_ms for t in schedule.layers)
+        limit = margins.latency_rhs(target_ms) - device.pool_ms
+        return _FillPass(comp, start, rows, embed_row, limit)
+
+    def fits(self, current: np.ndarray, d_read: np.ndarray, layer_of: np.ndarray) -> np.ndarray:
+        members = np.arange(len(current))
+        d_comp = self.comp - self.comp[members, current][:, None]
+        d_start = self.start - self.start[members, current][:, None]
+        rows, limit = self.rows, self.limit
+        before = np.concatenate([[-np.inf], np.maximum.accumulate(rows)[:-1]])[layer_of]
+        after = np.concatenate([np.maximum.accumulate(rows[::-1])[::-1][1:], [-np.inf]])[layer_of]
+        return (before[:, None] + d_comp + d_start <= limit) & \
+            (rows[layer_of][:, None] + d_read + d_comp + d_start <= limit) & \
+            (after[:, None] + d_read + d_start <= limit) & \
+            (self.embed_row + d_comp + d_start <= limit)
+
+    def move(self, current: np.ndarray, n: int, o: int, d_read: float, j: int) -> None:
+        d_comp = self.comp[n, o] - self.comp[n, current[n]]
+        d_start = self.start[n, o] - self.start[n, current[n]]
+        self.rows[j:] += d_read
+        self.rows[:j + 1] += d_comp
+        self.rows += d_start
+        self.embed_row += d_comp + d_start
 
 
 def row_values(schedule: Schedule) -> list[float]:
