@@ -47,7 +47,11 @@ error above max_error_pct (NOISE_FACTOR).
 
 Storage. With `bandwidth_mb_s` given, the device's storage is that (emulated in runs).
 Without it, this machine's disk is measured: cold single reads of every variant of two
-layers, fit to latency + bytes / bandwidth, for runs without emulation.
+layers, fit to latency + bytes / bandwidth, for runs without emulation. With `throttle`
+(the runs read through the kernel's block-IO throttle at that bandwidth, no device clock)
+the device's storage is still the throttle's settings, and beside it the storage the
+throttled reads delivered is fitted from the calibration runs' read intervals
+(DeliveredStorage: its terms, noise and out-of-sample stage errors, in the header).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ import torch
 from elasticplan.costmodel import Layout, Pick, Selection, simulate
 from elasticplan.errors import CalibrationError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
-from elasticplan.problem.limits import MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
+from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
 from elasticplan.problem.question import Question
@@ -241,12 +245,94 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator) -> list[tu
     return out
 
 
+@dataclass(frozen=True)
+class DeliveredStorage:
+    """`calibrate --throttle`: the storage as the kernel-throttled reads delivered it, fitted
+    like the cost model's storage terms (each layer's read interval, the median over the
+    rounds, = reads x latency + MB / bandwidth; non-negative least squares over every
+    (plan, layer) that reads), with each term's standard error, R^2, the run-to-run noise
+    of a layer's read interval (robust sigma of log run / its median), and each stage's
+    out-of-sample error with these terms in place of the throttle's settings (each plan
+    predicted by the storage and compute fits of the other plans; median, p95 in % of the
+    latency, as `Calibration.stage_errors`). The device file keeps the throttle's settings
+    as its storage (what `run --throttle` sets the kernel to); these terms are reported
+    beside them (docs/runtime.md, "What the kernel's throttle is")."""
+
+    latency_us: float
+    bandwidth_mb_s: float
+    latency_se_us: float
+    bandwidth_se_mb_s: float
+    r2: float
+    samples: int
+    noise_pct: float
+    stage_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def storage_of(self, device: Device) -> Device:
+        """`device` with these storage terms in place of its own."""
+        return dataclasses.replace(device, bandwidth_mb_s=round(self.bandwidth_mb_s, 3),
+                                   latency_us=round(self.latency_us, 3))
+
+    def describe(self) -> str:
+        errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in self.stage_errors.items())
+        return (f"the throttled reads delivered {self.latency_us:.1f} +- {self.latency_se_us:.1f} "
+                f"us per read + {self.bandwidth_mb_s:.1f} +- {self.bandwidth_se_mb_s:.1f} MB/s "
+                f"(fit of {self.samples} layers' read intervals, R^2 {self.r2:.3f}; a layer's "
+                f"read interval ran {self.noise_pct:.1f} % apart run to run, robust sigma); "
+                f"predicted with these terms, the calibration plans' stage |error| out of "
+                f"sample, median / p95: {errors}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self),
+                "stage_errors": {k: list(v) for k, v in self.stage_errors.items()}}
+
+
+def delivered_storage(designed: list, runs_of: list[list], plan: int | None = None
+                      ) -> tuple[float, float, float, float, float, int, float]:
+    """The storage terms the measured reads deliver (DeliveredStorage), fitted over every
+    calibration plan but `plan`: (latency us, bandwidth MB/s, their standard errors, R^2,
+    samples, noise %)."""
+    rows, y, logs = [], [], []
+    for i, runs in enumerate(runs_of):
+        if i == plan or not runs:
+            continue
+        for l, t in enumerate(runs[0].layers):
+            if not t.reads:
+                continue
+            ms = [r.layers[l].io_end_ms - r.layers[l].io_start_ms for r in runs]
+            med = float(np.median(ms))
+            rows.append([t.reads, t.read_bytes / 1e6])
+            y.append(med)
+            logs += [abs(math.log(m / med)) for m in ms if m > 0 and med > 0]
+    if len(rows) < 3:
+        raise CalibrationError("the calibration plans read too few layers to fit the storage "
+                               "the throttled reads delivered; rerun with more plans (--plans)")
+    A, yv = np.array(rows), np.array(y)
+    scale = np.abs(A).max(axis=0)
+    scale[scale == 0] = 1.0
+    x, _ = scipy.optimize.nnls(A / scale, yv)
+    x = x / scale
+    resid = yv - A @ x
+    active = np.flatnonzero(x > 0)
+    s2 = float(resid @ resid) / max(1, len(yv) - len(active))
+    se = np.zeros(2)
+    scaled = A[:, active] / scale[active]
+    se[active] = np.sqrt(np.clip(np.diag(np.linalg.pinv(scaled.T @ scaled) * s2), 0, None)) \
+        / scale[active]
+    ss_tot = float(np.sum((yv - yv.mean()) ** 2)) or 1.0
+    bandwidth = min(MAX_BANDWIDTH_MB_S, 1e3 / x[1]) if x[1] > 0 else MAX_BANDWIDTH_MB_S
+    bandwidth_se = bandwidth * float(se[1]) / x[1] if x[1] > 0 else 0.0
+    noise = round(100 * 1.4826 * float(np.median(logs)), 2) if logs else 0.0
+    return (float(x[0]) * 1e3, bandwidth, float(se[0]) * 1e3, bandwidth_se,
+            1.0 - float(resid @ resid) / ss_tot, len(yv), noise)
+
+
 @dataclass
 class Calibration:
     device: Device
     fit: Fit
     facts: dict
     stage_errors: dict[str, tuple[float, float]]  # stage -> (median, p95) |error| in %
+    delivered: DeliveredStorage | None = None  # --throttle: the storage the reads delivered
 
 
 def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None,
@@ -308,15 +394,35 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     spread, errors = stage_spread(draft_scenario, held_out)
     noise = run_to_run(runs_of)
     device = dataclasses.replace(device_of(fit, base_device), spread=spread)
+    delivered = None
+    if kernel is not None:  # the storage as the throttled reads delivered it, out of sample too
+        lat, bw, lat_se, bw_se, r2, n, io_noise = delivered_storage(designed, runs_of)
+        theirs = []
+        for i, (dev, sel, runs) in enumerate(held_out):
+            lat_i, bw_i, *_ = delivered_storage(designed, runs_of, plan=i)
+            theirs.append((dataclasses.replace(dev, latency_us=lat_i, bandwidth_mb_s=bw_i),
+                           sel, runs))
+        delivered = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, io_noise,
+                                     stage_spread(draft_scenario, theirs)[1])
+        storage += "; " + delivered.describe()
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
-    cal = Calibration(device, fit, facts, errors)
+    cal = Calibration(device, fit, facts, errors, delivered)
     wide = wide_stages(errors, max_error_pct)
     if wide or noise > NOISE_FACTOR * max_error_pct or \
             max(spread.io, spread.compute) > MAX_SPREAD:
-        raise CalibrationError(refusal(cal, wide, max_error_pct))
+        if delivered is None:
+            raise CalibrationError(refusal(cal, wide, max_error_pct))
+        # --throttle: the device keeps the throttle's settings as its storage (what `run
+        # --throttle` sets the kernel to); say what the reads delivered instead, and keep
+        # what was measured on the error (a benchmark reports it)
+        err = CalibrationError(refusal(cal, wide, max_error_pct) + f". Under the throttle "
+                               f"({bandwidth_mb_s:g} MB/s, {latency_us:g} us per read): "
+                               f"{delivered.describe()}")
+        err.calibration = cal
+        raise err
     return cal
 
 

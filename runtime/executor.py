@@ -6,14 +6,17 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
 
 - Before anything runs (`Executor(...)`): the plan must be for the store's model, every
   planned variant must exist with the size the profile claims, and every planned variant
-  is read once and checked against its sha256. Then every buffer is allocated, once, at
+  is read once and checked against its sha256. Every buffer is allocated, once, at
   the sizes the cost model predicts (elasticplan.costmodel.memory_of), and never grown:
-  the preload buffer (preloaded shards in stored form), the IO ring (the most streamed
-  bytes of any W+1 consecutive layers, W the plan's prefetch window), one compute
-  scratch (the largest shard in fp32, reused by every shard), the activation workspace,
-  the dequantisation workspace and a bounce buffer (runtime.families.encoder.Workspace,
-  runtime.schemes.DecodeWork), and, when the plan streams the embedding table, a buffer for
-  one query's rows.
+  first the preload buffer (preloaded shards in stored form) and the IO ring (the most
+  streamed bytes of any W+1 consecutive layers, W the plan's prefetch window), which the
+  checksum pass reads into; then, once the pass's temporaries are given back to the
+  system (malloc_trim), one compute scratch (the largest shard in fp32, reused by every
+  shard), the activation workspace, the dequantisation workspace and a bounce buffer
+  (runtime.families.encoder.Workspace, runtime.schemes.DecodeWork), and, when the plan
+  streams the embedding table, a buffer for one query's rows. `page_cache=False` (the
+  memory probe's) reads lean: no read-ahead, no hints, every read's pages dropped from the
+  page cache once it completes.
 - `fill_preload()`, before the query (timed, not part of query latency): preloaded shards
   are read cold through the device clock into the preload buffer.
 - `run(batch)`: every streamed file's pages are evicted first (and counted with mincore,
@@ -32,6 +35,7 @@ sequential for load-then-execute); from the plan's device, the storage it emulat
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -46,7 +50,7 @@ from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import ModelProfile, Scenario
 from runtime.families.encoder import Batch, Slot, Workspace, parse_shard_name, shard_scratch_floats
-from runtime.iodev import DeviceClock, buffer_resident_bytes, evict, resident_pages
+from runtime.iodev import PAGE, DeviceClock, buffer_resident_bytes, evict, resident_pages
 from runtime.schemes import DEFAULT_NAME, REGISTRY
 from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import ShardStore, Variant, decode_into
@@ -480,6 +484,7 @@ class ShardFiles:
 
     store: ShardStore
     fds: dict[str, int]
+    keep_page_cache: bool = True  # False: lean reads (Executor's page_cache argument)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -494,18 +499,29 @@ class ShardFiles:
 
     def _read(self, s: PlacedShard) -> None:
         read_shard(self.store, self.fds, s)
+        if not self.keep_page_cache:  # its pages leave the page cache as the read completes
+            drop_pages(self.fds[s.variant.file], s.variant.offset, s.variant.nbytes)
 
     def _hint(self, row: list[PlacedShard]) -> None:
-        hint_shards(self.fds, row)
+        if self.keep_page_cache:  # (a read ahead into the page cache is memory the plan lacks)
+            hint_shards(self.fds, row)
 
 
 class Executor(ShardFiles):
     def __init__(self, plan: Plan, scenario: Scenario, store: ShardStore, *,
-                 emulate: bool = True):
+                 emulate: bool = True, page_cache: bool = True):
         """Check the plan against the store and the profile, open the files, allocate every
         buffer at its predicted size, place each planned shard in it, and check every
-        planned variant's bytes against its sha256."""
+        planned variant's bytes against its sha256.
+
+        `page_cache=False`: lean reads, for a process whose page cache is charged to it (a
+        memory cgroup, `run --memory-cap`): read-ahead off on every file
+        (POSIX_FADV_RANDOM: a read brings in its own pages, no more), no WILLNEED hints,
+        and the pages of every read dropped from the page cache as soon as it completes
+        (the checksum pass's, the preload fill's, each streamed shard's, the query's
+        embedding rows'), so the page cache holds at most the read in flight."""
         self.plan, self.scenario, self.store = plan, scenario, store
+        self.keep_page_cache = page_cache
         check_model(plan, store)
         self.clock = DeviceClock(scenario.device if emulate else None)
         self.execution = plan.execution
@@ -521,30 +537,51 @@ class Executor(ShardFiles):
                              f"{scenario.model.embedding_row_bytes} B, the store's are "
                              f"{4 * store.config.hidden} B")
         self.encoder = store.encoder(without_word=self.stream_embeddings)
+        if not page_cache:  # loading it read (and checked) the whole resident file
+            drop_file_pages(store.file(store.index.resident.file))
         self.fds: dict[str, int] = {}
         self._open({v.file for row in variants for v, _ in row} |
                    ({store.index.resident.file} if self.stream_embeddings else set()))
-        self._allocate(variants)
+        if not self.keep_page_cache:
+            for fd in self.fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        # The buffers the reads land in first, and the checksum pass into them; its
+        # temporaries (the store's value checks: up to a few times the largest variant)
+        # go back to the system (malloc_trim) before the compute buffers are allocated, so
+        # they never sit on top of every buffer of the plan (docs/runtime.md, "Kernel
+        # limits": they did, +0.5-0.6 MB over a 9.6 MB plan).
+        self._allocate_io(variants)
         self.shards = self._place(variants)
         self.layer_bytes = [sum(s.variant.nbytes for s in row if not s.preloaded)
                             for row in self.shards]
+        self._check_checksums()
+        if not self.keep_page_cache:
+            for fd in self.fds.values():
+                evict(fd)
+        malloc_trim()
+        self._allocate(variants)
         self.memory = MemoryAccount(
             resident_bytes=sum(t.numel() * t.element_size() for t in self.encoder.r.values()),
             preload_bytes=self.preload_buffer.nbytes, ring_bytes=self.ring.nbytes,
             scratch_bytes=self.scratch.numel() * 4, workspace_bytes=self.activation_bytes,
             query_rows_bytes=0 if self.query_rows is None else self.query_rows.numel() * 4)
-        self._check_checksums()
         self.filled = not any(s.preloaded for row in self.shards for s in row)
 
     def _open(self, files: set[str]) -> None:
         self.fds = open_files(self.store, files)
 
-    def _allocate(self, variants: list[list[tuple[Variant, bool]]]) -> None:
-        """Every buffer, allocated (and touched) before any query, at the predicted sizes;
-        the profile's scratch and activation bytes must be the runtime's."""
-        profile, c = self.scenario.model, self.store.config
+    def _allocate_io(self, variants: list[list[tuple[Variant, bool]]]) -> None:
+        """The buffers the planned shards are read into, allocated (and touched) at their
+        predicted sizes: the preload buffer and the IO ring."""
+        profile = self.scenario.model
         self.preload_buffer = touched(sum(v.nbytes for row in variants for v, p in row if p))
         self.ring = touched(self.predicted_memory.working_peak_bytes - profile.scratch_bytes)
+
+    def _allocate(self, variants: list[list[tuple[Variant, bool]]]) -> None:
+        """The compute buffers, allocated (and touched) before any query, at the predicted
+        sizes (after _allocate_io's and the checksum pass); the profile's scratch and
+        activation bytes must be the runtime's."""
+        profile, c = self.scenario.model, self.store.config
         self.scratch = torch.zeros(shard_scratch_floats(c))
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
         self.workspace = Workspace(c, 1, profile.seq_len)
@@ -620,6 +657,8 @@ class Executor(ShardFiles):
         Resident bytes are measured: the preload buffer's resident pages (mincore)."""
         pre = [s for row in self.shards for s in row if s.preloaded]
         fill_ms = fill_shards(self.store, self.fds, self.clock, pre)
+        if not self.keep_page_cache:
+            evict_shards(self.fds, pre)
         self.filled = True
         return FillReport(fill_ms=fill_ms, shards=len(pre),
                           bytes=sum(s.variant.nbytes for s in pre),
@@ -693,6 +732,8 @@ class Executor(ShardFiles):
             q.go.wait()
             if self.stream_embeddings:
                 q.rows_deadline, q.rows_read = self._read_rows(batch.ids[0])
+                if not self.keep_page_cache:  # the rows' pages, read: dropped
+                    evict(self.fds[self.store.index.resident.file])
                 q.rows_ready.set()
             read_layers(q, self.shards, self.layer_bytes, self.layout.window, self.clock,
                         self._read, self._hint)
@@ -715,6 +756,39 @@ class Executor(ShardFiles):
                 (self.encoder.head if s.head else self.encoder.ffn_slice)(ws, *views)
             self.encoder.layer_end(ws, l, part)
         return decode
+
+
+def drop_pages(fd: int, offset: int, nbytes: int) -> None:
+    """Drop a completed read's pages from the page cache (clean: shard files are fsync'ed),
+    the pages it shares with its neighbours included (DONTNEED keeps a range's partial
+    pages: 34 of them stayed cached per query of the 10 MB plan)."""
+    start = offset - offset % PAGE
+    os.posix_fadvise(fd, start, -(-(offset + nbytes - start) // PAGE) * PAGE,
+                     os.POSIX_FADV_DONTNEED)
+
+
+def drop_file_pages(path) -> None:
+    """Drop a whole file's clean pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        evict(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = None
+
+
+def malloc_trim() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere,
+    nothing): memory freed by temporaries otherwise stays resident, and charged."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        _libc = False
 
 
 def touched(nbytes: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from elasticplan.cli import main
 from elasticplan.errors import CgroupUnavailable
@@ -37,10 +39,10 @@ from runtime.cgroups import (
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = ROOT / "problems" / "scenarios" / "minilm-phone.yaml"
-# The 10 MB plan's process holds 10.6-11.8 MB of anonymous memory above its baseline
-# against a predicted 9.83 MB, and its reads need page cache on top (docs/runtime.md,
-# "Kernel limits"): the default 5 % margin kills it, so the test states its own, with room
-# for the page cache of reads in flight on a busy disk.
+# The runs that are killed or interrupted anyway (clean-up tests) state a wide margin: the
+# point there is the cgroups, not the cap. The 10 MB plan itself runs at the default 5 %
+# (its process holds +1.9 % above the plan at most, measured: docs/runtime.md, "Kernel
+# limits").
 MARGIN_PCT = "50"
 
 
@@ -80,15 +82,18 @@ def test_ten_mb_plan_completes_under_its_cap_and_hold_in_memory_is_killed(plans,
     h = _usable("memory")
     mem10, hold = plans
     out = tmp_path / "mem10.run.json"
+    # the default margin (5 %)
     assert main(["run", str(mem10), "--store", str(store_dir), "--repeat", "5",
-                 "--memory-cap", "--cap-margin", MARGIN_PCT, "--json", str(out)]) == 0
+                 "--memory-cap", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "5 queries completed under a cap of" in text and "cgroup peak" in text
+    assert "margin 5%" in text
     cap = json.loads(out.read_text())["memory_cap"]
     predicted = int(_predicted_peak_mb(mem10) * 1e6 + 0.5)
     assert cap["version"] == h.version and cap["queries"] == 5
     assert cap["predicted_peak_bytes"] == cap["allowance_bytes"] == predicted
-    assert cap["cap_bytes"] == cap["baseline_bytes"] + round(predicted * 1.5)
+    assert cap["margin"] == cgroups.DEFAULT_MARGIN == 0.05
+    assert cap["cap_bytes"] == cap["baseline_bytes"] + round(predicted * 1.05)
     assert cap["peak_bytes"] <= cap["cap_bytes"]  # the kernel held it
     assert cap["peak_above_baseline_bytes"] > 0 and cap["samples"] > 0
     assert 0 <= cap["sampled_page_cache_bytes"] <= cap["sampled_peak_bytes"]
@@ -100,14 +105,13 @@ def test_ten_mb_plan_completes_under_its_cap_and_hold_in_memory_is_killed(plans,
 
     # hold-in-memory (92 MB) under the 10 MB plan's cap: killed by the kernel, exit 12, one line
     assert main(["run", str(hold), "--store", str(store_dir), "--repeat", "5",
-                 "--memory-cap", f"{_predicted_peak_mb(mem10):.6f}",
-                 "--cap-margin", MARGIN_PCT]) == 12
+                 "--memory-cap", f"{_predicted_peak_mb(mem10):.6f}"]) == 12
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("elasticplan: error: killed by the kernel: the plan's process "
                           "exceeded its memory cap of")
     for what in ("baseline", "after start-up", f"the allowance {_predicted_peak_mb(mem10):.3f} MB",
-                 "predicted peak is 91.953 MB", f"margin {MARGIN_PCT}%"):
+                 "predicted peak is 91.953 MB", "margin 5%"):
         assert what in err
     assert not _mine(h, os.getpid())
 
@@ -155,6 +159,84 @@ def test_cgroup_v2_needs_the_controller_delegated(tmp_path):
     (tmp_path / "cgroup.subtree_control").write_text("cpu io memory\n")
     h = hierarchy("io", tmp_path)
     assert (h.version, h.controller, h.parent) == (2, "io", tmp_path)
+
+
+def test_lean_reads_leave_no_page_cache_and_change_nothing_else(plans, store_dir):
+    """Executor(page_cache=False), the memory probe's reads: read-ahead off, no hints, each
+    read's pages dropped as it completes (the pages it shares with its neighbours too) and
+    the embedding rows' after they are read; afterwards no page of a streamed shard, nor of
+    the resident file, is cached. The output and the executor's accounting are those of
+    ordinary reads."""
+    from elasticplan.plans.plan import Plan
+    from runtime.executor import Executor
+    from runtime.iodev import resident_pages
+    from runtime.measurement.measure import query_batches
+    from runtime.store import ShardStore
+
+    mem10, _ = plans
+    plan, scenario, store = Plan.load(mem10), load_scenario(MINILM), ShardStore(store_dir)
+    assert plan.embeddings == "streamed" and plan.streamed_bytes > 0
+    (batch,) = query_batches(store, scenario.model.seq_len, 1)
+    out = {}
+    for lean in (False, True):
+        with Executor(plan, scenario, store, page_cache=not lean) as ex:
+            ex.fill_preload()
+            trace = ex.run(batch)
+            out[lean] = trace.embedding
+            assert ex.memory.peak_bytes == ex.predicted_memory.peak_bytes
+            if lean:
+                streamed = [s for row in ex.shards for s in row if not s.preloaded]
+                assert trace.reads == len(streamed) > 0
+                assert sum(resident_pages(ex.fds[s.variant.file], s.variant.offset,
+                                          s.variant.nbytes)[0] for s in streamed) == 0
+                rows = ex.fds[store.index.resident.file]
+                assert resident_pages(rows)[0] == 0
+    assert torch.equal(out[False], out[True])
+
+
+def test_memprobe_holds_glibc_mmap_threshold():
+    """The memory probe fixes glibc's mmap threshold (a freed big block no longer raises it,
+    and later temporaries below it stay off the heap)."""
+    from runtime.measurement import memprobe
+
+    code = ("from runtime.measurement import memprobe as m; import sys; "
+            "sys.exit(0 if m.fix_mmap_threshold() else 3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode in (0, 3), r.stderr  # 3: not glibc (nothing to fix)
+    assert memprobe.MMAP_THRESHOLD_BYTES == 128 * 1024
+
+
+def test_delivered_storage_recovers_the_terms_the_reads_took():
+    """calibrate --throttle fits, beside the device, the storage the reads delivered: each
+    layer's read interval = reads x latency + MB / bandwidth (here made exactly so)."""
+    from types import SimpleNamespace
+
+    from runtime.calibrate import DeliveredStorage, delivered_storage
+
+    lat_us, mb_s = 180.0, 250.0
+
+    def run(layers, jitter=1.0):
+        out, t = [], 0.0
+        for reads, nbytes in layers:
+            ms = (reads * lat_us / 1e3 + nbytes / 1e6 / mb_s * 1e3) * jitter if reads else 0.0
+            out.append(SimpleNamespace(reads=reads, read_bytes=nbytes, io_start_ms=t,
+                                       io_end_ms=t + ms))
+            t += ms
+        return SimpleNamespace(layers=out)
+
+    shapes = [[(3, 600_000), (0, 0), (5, 200_000)], [(1, 50_000), (8, 2_400_000)],
+              [(2, 900_000), (4, 100_000), (6, 1_500_000)]]
+    runs_of = [[run(p, j) for j in (0.9, 1.0, 1.1)] for p in shapes]
+    lat, bw, lat_se, bw_se, r2, n, noise = delivered_storage(None, runs_of)
+    assert lat == pytest.approx(lat_us) and bw == pytest.approx(mb_s) and r2 == pytest.approx(1)
+    assert n == 7 and lat_se == pytest.approx(0, abs=1e-6) and noise == pytest.approx(100 * 1.4826 * math.log(1.1), abs=0.01)
+    lat1, bw1, *_ = delivered_storage(None, runs_of, plan=1)  # the others' fit
+    assert (lat1, bw1) == (pytest.approx(lat_us), pytest.approx(mb_s))
+    d = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, noise, {"io": (1.0, 2.0)})
+    device = load_scenario(MINILM).device
+    assert d.storage_of(device).latency_us == pytest.approx(lat_us)
+    assert d.storage_of(device).gflops == device.gflops
+    assert "us per read" in d.describe() and d.to_dict()["stage_errors"] == {"io": [1.0, 2.0]}
 
 
 # --- clean-up -------------------------------------------------------------------------------
@@ -321,6 +403,15 @@ def test_kernel_limits_benchmark_parses_and_summarises(capsys):
     assert (total["emulated_plans"], total["throttled_plans"]) == (2, 1)
     assert (total["emulated_within_3pct"], total["throttled_within_3pct"]) == (2, 0)
     assert total["questions_both"] == 1 and total["median_difference"] == pytest.approx(-0.21)
+    # the same question on two devices has two targets: paired by the target's fraction
+    fit = {**row("thr-fit", -0.05, 13.0), "fraction": 0.8}
+    rows = [{**row("emulated", 0.01), "fraction": 0.8}, {**row("throttled", -0.20, 13.0),
+                                                        "fraction": 0.8}, fit]
+    total = next(s for s in kernel_limits.summary(rows)
+                 if s["bandwidth"] == "all" and s["stage"] == "total")
+    assert total["questions_both"] == 1 and total["median_difference"] == pytest.approx(-0.21)
+    assert total["median_difference_fit"] == pytest.approx(-0.06)
+    assert (total["thr-fit_plans"], total["thr-fit_within_3pct"]) == (1, 0)
 
 
 def test_calibrate_throttle_needs_a_bandwidth_and_an_encoder(store_dir, tmp_path, capsys):

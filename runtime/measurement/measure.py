@@ -99,7 +99,9 @@ def process_peak(plan: Plan, store: ShardStore, repeats: int, threads: int) -> i
 
 PROCESS_METHOD = ("runtime.measurement.memprobe: VmHWM minus VmRSS of a fresh process, the baseline taken "
                   "after imports, the queries and one throwaway run of the plan (warm kernels), "
-                  "then gc + malloc_trim; the peak reset via /proc/self/clear_refs")
+                  "then gc + malloc_trim; the peak reset via /proc/self/clear_refs; the process "
+                  "set up as a memory-tight deployment: glibc's mmap threshold held at 128 KiB, "
+                  "lean reads (no read-ahead, each read's pages dropped once it completes)")
 
 
 def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: int,

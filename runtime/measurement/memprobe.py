@@ -11,6 +11,15 @@ garbage collection and malloc_trim (freed memory goes back to the system); the b
 from /proc/self/status VmRSS; the peak reset ("5" to /proc/self/clear_refs, Linux); then
 the executor is built, the preload filled and the queries run; VmHWM is read last.
 
+The process is set up as a memory-tight deployment would be (measured: docs/runtime.md,
+"Kernel limits"). glibc's mmap threshold is fixed at 128 KiB (mallopt M_MMAP_THRESHOLD):
+left dynamic, glibc raises it to the largest block freed (the throwaway run's IO ring,
+~5 MB), after which every temporary below that comes from the heap, and the heap pages
+those temporaries touched stay resident (+0.2-0.7 MB over a 9.6 MB plan). The executor
+reads lean (`Executor(page_cache=False)`: no read-ahead, no hints, each read's pages
+dropped once it completes), so the page cache it is charged for in a memory cgroup is the
+read in flight, not what read-ahead, hints and finished reads left there.
+
 `--handshake` (runtime/cgroups.py, `run --memory-cap`): the probe dies with its parent,
 drops the store's pages from the page cache before the baseline (so the cgroup it runs in
 holds none of them), prints the baseline as a first JSON line and waits for a line `go`
@@ -54,6 +63,20 @@ def trim() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, held fixed
+
+
+def fix_mmap_threshold() -> bool:
+    """Hold glibc's mmap threshold at its default (blocks from 128 KiB are mmapped, and
+    unmapped when freed), instead of letting it rise to the largest block freed; False
+    where this is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def release() -> None:
     gc.collect()
     trim()
@@ -79,7 +102,7 @@ def drop_store_cache(store: ShardStore) -> None:
 
 
 def run_plan(plan, scenario, store, queries) -> None:
-    with Executor(plan, scenario, store) as ex:
+    with Executor(plan, scenario, store, page_cache=False) as ex:
         ex.fill_preload()
         for q in queries:
             ex.run(q)
@@ -97,6 +120,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.handshake:
         die_with_parent()
+    fix_mmap_threshold()
     torch.set_num_threads(a.threads)
     plan = Plan.load(a.plan)
     scenario = scenario_for(plan, a.scenario)
