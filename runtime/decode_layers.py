@@ -32,7 +32,9 @@ decoder block's workspace_bytes, elasticplan.problem.spec.DecoderShape).
 from __future__ import annotations
 
 import math
+import mmap
 import time
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -86,6 +88,67 @@ def workspace_bytes(store: ShardStore) -> int:
     return work_bytes(work) + bounce
 
 
+ALIGN = 64  # where each buffer of an Arena starts: a cache line, as torch's allocator aligns
+HUGE_PAGE = 2 << 20  # a transparent huge page (x86-64, arm64 with 4 KiB pages)
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class Arena:
+    """Buffers cut one after the other (each at an ALIGN-byte boundary) from one private
+    anonymous mapping of their total, the executor's own: never from the C heap, so the
+    process holds exactly their pages (the last one rounded up) and gives them back to the
+    system when the buffers are freed. Each buffer is zeroed when it is taken (every page
+    touched then, not during a pass).
+
+    Why not the heap (measured with `elasticplan generate` on SmolLM2 plans of 25-48 MB):
+    numpy asks transparent huge pages (madvise) for every array of 4 MB or more, and once
+    such an array has lain in the C heap (glibc serves blocks up to its mmap threshold from
+    the heap, and raises that threshold, up to 32 MB, to the largest block freed: a
+    throwaway executor's buffers), that heap range keeps asking after it is freed, and the
+    range grows as neighbouring ones join it; a buffer or temporary placed there later
+    faults in whole 2 MB pages that reach past its own bytes (+1.3 MB on a 25 MB plan's
+    preload and table buffers, in a process that had run four plans). Here only the
+    mapping's 2 MB-aligned interior asks for huge pages, so they never reach past its
+    buffers, and the buffers leave nothing behind in the heap."""
+
+    def __init__(self, sizes: Iterable[int]):
+        """A mapping for buffers of these byte sizes (taken in any order)."""
+        self.capacity, self.used = sum(aligned(int(n)) for n in sizes), 0
+        if self.capacity == 0:
+            self.buffer = np.zeros(0, np.uint8)
+            return
+        m = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE)
+        self.buffer = np.frombuffer(m, np.uint8)  # (it keeps the mapping alive)
+        addr = self.buffer.ctypes.data
+        lo, hi = -addr % HUGE_PAGE, (addr + self.capacity) // HUGE_PAGE * HUGE_PAGE - addr
+        if hi - lo >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE, lo, hi - lo)
+            except OSError:  # (a kernel without transparent huge pages)
+                pass
+
+    def bytes(self, nbytes: int) -> np.ndarray:
+        """The next `nbytes` bytes (uint8), zeroed."""
+        start = self.used
+        if start + aligned(nbytes) > self.capacity:
+            raise AssertionError(f"a buffer of {nbytes} B does not fit the arena "
+                                 f"({self.capacity - start} of {self.capacity} B left)")
+        self.used = start + aligned(nbytes)
+        out = self.buffer[start:start + nbytes]
+        out.fill(0)
+        return out
+
+    def tensor(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The next tensor of this shape and dtype, zeroed."""
+        n = math.prod(shape) * dtype.itemsize
+        if n == 0:
+            return torch.zeros(shape, dtype=dtype)
+        return torch.frombuffer(self.bytes(n), dtype=dtype).view(shape)
+
+
 class DecodeWorkspace:
     """Every activation of one pass, fp32 unless said, allocated (and touched) once:
     the residual stream `x`, its normed copy `h` and the accumulator `acc` [prompt, hidden];
@@ -99,23 +162,31 @@ class DecodeWorkspace:
     planner prices (elasticplan.problem.spec.activation_buffers), checked here.
 
     A quantised table's stored rows of the prompt (codes and scales) are read into the
-    accumulator, which nothing uses before the first layer (`stored_rows`)."""
+    accumulator, which nothing uses before the first layer (`stored_rows`).
 
-    def __init__(self, c: LlamaConfig, prompt: int, chunk: int, context: int):
+    The buffers are cut from `arena` (the executor's, sized for them:
+    `activation_buffers`), or from an Arena of their own."""
+
+    def __init__(self, c: LlamaConfig, prompt: int, chunk: int, context: int,
+                 arena: Arena | None = None):
         self.config, self.prompt, self.chunk, self.context = c, prompt, chunk, context
         d, hd, qk = c.hidden, c.head_dim, c.q_per_kv
-        self.x, self.h, self.acc = (torch.zeros(prompt, d) for _ in range(3))
-        self.y = torch.zeros(chunk * max((qk + 2) * hd, 2 * c.ffn_slice))
-        self.q, self.rot, self.ctx, self.ctx2 = (torch.zeros(qk * chunk * hd) for _ in range(4))
-        self.scores = torch.zeros(qk * max(chunk * prompt, context))
-        self.mask = torch.zeros(chunk * context, dtype=torch.bool)
-        self.ms = torch.zeros(prompt, 1)
-        self.col = torch.arange(context)
-        self.cos, self.sin = rope_tables(c, context)
-        self.hn = torch.zeros(d)
-        self.logits = torch.zeros(c.vocab)
-        self.scale = 1.0 / math.sqrt(hd)
         want = activation_buffers(decoder_shape(c), prompt, context, chunk)
+        take = (arena or Arena(want.values())).tensor
+        self.x, self.h, self.acc = (take(prompt, d) for _ in range(3))
+        self.y = take(chunk * max((qk + 2) * hd, 2 * c.ffn_slice))
+        self.q, self.rot, self.ctx, self.ctx2 = (take(qk * chunk * hd) for _ in range(4))
+        self.scores = take(qk * max(chunk * prompt, context))
+        self.mask = take(chunk * context, dtype=torch.bool)
+        self.ms = take(prompt, 1)
+        self.col = take(context, dtype=torch.int64)
+        self.col.copy_(torch.arange(context))
+        self.cos, self.sin = take(context, hd), take(context, hd)
+        for have, computed in zip((self.cos, self.sin), rope_tables(c, context)):
+            have.copy_(computed)
+        self.hn = take(d)
+        self.logits = take(c.vocab)
+        self.scale = 1.0 / math.sqrt(hd)
         have = self.buffers()
         if have != want:
             raise AssertionError(f"the decode workspace's buffers {have} are not the "

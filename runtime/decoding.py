@@ -10,21 +10,25 @@ storage (emulated at a device's bandwidth and per-read latency, or this machine'
 decides nothing.
 
 - Open (`DecodeExecutor(...)`): every picked variant and the table variant must exist;
-  the files are opened and every buffer is allocated once, touched, and never grown: the
-  preload buffer (resident shards, stored form), the table buffer (the table when
-  resident, stored form), the IO ring (the most streamed bytes of any W+1 consecutive
-  layers, the streamed table counted as a last pseudo-layer:
-  elasticplan.costmodel.window_peak, as the planner predicts it), the KV cache of the kept
-  KV groups only at the full context (runtime.families.llama.KVCache), the compute
-  scratch (one shard in fp32, or HEAD_CHUNK_ROWS rows of the table), the dequantisation
-  workspace and the bounce buffer (sized for the store, whatever the plan picks:
-  runtime.decode_layers.decode_buffers, the profile's workspace_bytes) and the activation
+  the files are opened and every buffer is allocated once, touched, and never grown, in
+  two mappings of the executor's own (runtime.decode_layers.Arena: nothing from the C
+  heap). First the IO buffers: the preload buffer (resident shards, stored form), the
+  table buffer (the table when resident, stored form), the IO ring (the most streamed
+  bytes of any W+1 consecutive layers, the streamed table counted as a last pseudo-layer:
+  elasticplan.costmodel.window_peak, as the planner predicts it). The resident set is
+  then read, each variant into the buffer it will use and checked against its sha256
+  (streamed ones into the ring), and the norms are loaded from resident.bin (its checksum
+  checked, the fp32 table left in the file); the heap's free pages go back to the system
+  (malloc_trim: the checks' temporaries). Then the compute buffers: the compute scratch
+  (one shard in fp32, or HEAD_CHUNK_ROWS rows of the table), the dequantisation workspace
+  and the bounce buffer (sized for the store, whatever the plan picks:
+  runtime.decode_layers.decode_buffers, the profile's workspace_bytes), the activation
   workspace (runtime.decode_layers.DecodeWorkspace: elasticplan.problem.spec.
-  activation_buffers, buffer by buffer). Every term is what the planner predicts for the
-  same choices (elasticplan.problem.spec.pass_model; tested). The resident set is then
-  read, each variant into the buffer it will use and checked against its sha256 (streamed
-  ones into the ring), and the norms are loaded from resident.bin (its checksum checked,
-  the fp32 table left in the file).
+  activation_buffers, buffer by buffer) and the KV cache of the kept KV groups only at
+  the full context (runtime.families.llama.KVCache). Every term is what the planner
+  predicts for the same choices (elasticplan.problem.spec.pass_model; tested). glibc's
+  fastbins are turned off for the process (`no_fastbins`: the passes' tiny torch
+  temporaries otherwise grow the heap token by token).
 - `generate(prompt, max_new_tokens, on_token)`: greedy decoding, one pipelined pass per
   token, each exactly the encoder Executor's pipeline (runtime/executor.py: the same
   placement, reads, window, device clock, ring accounting and traces). Before every pass
@@ -46,6 +50,7 @@ decides nothing.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
 import os
 import threading
@@ -59,12 +64,15 @@ import torch
 
 from elasticplan.costmodel import window_peak
 from elasticplan.errors import StoreError
-from elasticplan.problem.spec import Device
+from elasticplan.problem.archgen import work_bytes
+from elasticplan.problem.spec import Device, activation_buffers
 from runtime.decode_layers import (
+    Arena,
     DecodeWorkspace,
     StoredTable,
     attention_group,
     decode_buffers,
+    decoder_shape,
     ffn_slice,
     rms_norm_into,
 )
@@ -84,7 +92,6 @@ from runtime.executor import (
     read_layers,
     read_shard,
     shard_weights,
-    touched,
 )
 from runtime.families.llama import KVCache
 from runtime.iodev import DeviceClock
@@ -267,6 +274,7 @@ class DecodeExecutor(ShardFiles):
             raise ValueError(f"window must be >= 0 or None, got {window}")
         if threads is not None:
             torch.set_num_threads(threads)
+        no_fastbins()
         self.store, self.config, self.context, self.window = store, c, context, window
         self.prompt_tokens, self.chunk = prompt_tokens, chunk
         self.clock = DeviceClock(device)
@@ -287,7 +295,7 @@ class DecodeExecutor(ShardFiles):
         self.fds: dict[str, int] = open_files(store, {v.file for row in variants for v, _ in row}
                                               | {tv.file})
         try:
-            self._allocate(variants, tv)
+            self._allocate_io(variants, tv)
             attention = lambda name: name != TABLE and c.parse(name)[0] == "group"  # noqa: E731
             if self.stream_table:  # the table after the last layer's shards, in the ring
                 placed = place_shards(variants + [[(tv, False)]], self.preload_buffer,
@@ -303,6 +311,11 @@ class DecodeExecutor(ShardFiles):
             elif not self.stream_table:  # resident.bin's table, checked with the file below
                 read_shard(store, self.fds, self.table_shard)
             self.norms = _norms(store)
+            # the checksum pass's and the norms' temporaries (the store's value checks: a few
+            # hundred KB) go back to the system before the compute buffers exist, so that
+            # they never sit on top of every buffer of the plan
+            _trim()
+            self._allocate_compute()
         except BaseException:
             self.close()
             raise
@@ -314,29 +327,43 @@ class DecodeExecutor(ShardFiles):
             scratch_bytes=self.scratch.numel() * 4,
             workspace_bytes=self.ws.nbytes + self.work.nbytes + self.bounce.nbytes)
 
-    def _allocate(self, variants: list[list[tuple[Variant, bool]]], tv: Variant) -> None:
+    def _allocate_io(self, variants: list[list[tuple[Variant, bool]]], tv: Variant) -> None:
+        """The buffers the variants are read (and checked) into, in one mapping of their own
+        (runtime.decode_layers.Arena): the preload buffer, the table buffer, the IO ring."""
+        sizes = (sum(v.nbytes for row in variants for v, r in row if r),
+                 0 if self.stream_table else tv.nbytes,
+                 window_peak(self.layer_bytes, self.window))
+        arena = Arena(sizes)
+        self.preload_buffer, self.table_buffer, self.ring = (arena.bytes(n) for n in sizes)
+
+    def _allocate_compute(self) -> None:
+        """The compute buffers, in one mapping of their own (after the checksum pass): the
+        compute scratch (one shard in fp32, or a chunk of the table's rows), the
+        dequantisation workspace and the bounce buffer (the store's, whatever the picks),
+        the activations (DecodeWorkspace) and the kept groups' KV cache."""
         c, t, P = self.config, self.table, self.prompt_tokens
-        self.preload_buffer = touched(sum(v.nbytes for row in variants for v, r in row if r))
-        self.table_buffer = touched(0 if self.stream_table else tv.nbytes)
-        self.ring = touched(window_peak(self.layer_bytes, self.window))
         widest = max(c.shard_rows(n) for n in c.shard_names()) * c.hidden
-        self.scratch = torch.zeros(max(widest, t.chunk_rows * c.hidden))
+        scratch = max(widest, t.chunk_rows * c.hidden)
+        work, bounce = decode_buffers(self.store)
+        work = tuple(work) + (0,) * (5 - len(work))  # DecodeWork's five sizes
+        kept = [SimpleNamespace(groups=[p.name for p in row if c.parse(p.name)[0] == "group"])
+                for row in self.picks]
+        kv = 4 * c.head_dim * self.context
+        arena = Arena([4 * scratch, 4 * work[0], 4 * work[1], 4 * work[2], 4 * work[3],
+                       8 * work[4], bounce,
+                       *activation_buffers(decoder_shape(c), P, self.context, self.chunk).values(),
+                       *(kv * len(k.groups) for k in kept for _ in ("k", "v"))])
+        self.scratch = arena.tensor(scratch)
         self.scratch_bytes = self.scratch.numpy().view(np.uint8)
-        work, bounce = decode_buffers(self.store)  # the store's, whatever the picks
-        self.work = DecodeWork(*work)
-        self.bounce = touched(bounce)
+        self.work = _work(arena, work)
+        self.bounce = arena.bytes(bounce)
         # a chunk of a quantised table's rows split at the ring's end is joined in the
         # bounce buffer too (never in use at once: a shard's is decoded before it computes)
         self.spill = self.bounce
         assert self.spill.nbytes >= t.spill_bytes()
-        self.ws = DecodeWorkspace(c, P, self.chunk, self.context)
+        self.ws = DecodeWorkspace(c, P, self.chunk, self.context, arena)
         self.x_bytes = self.ws.x.numpy().reshape(-1).view(np.uint8)  # (fp32 rows read here)
-        kept = [SimpleNamespace(groups=[p.name for p in row if c.parse(p.name)[0] == "group"])
-                for row in self.picks]
-        self.cache = KVCache(c, kept, 1, self.context)
-        for kv in self.cache.k + self.cache.v:
-            if kv is not None:
-                kv.zero_()
+        self.cache = KVCache(c, kept, 1, self.context, empty=arena.tensor)
 
     # --- IO ----------------------------------------------------------------------------
 
@@ -569,6 +596,54 @@ class DecodeExecutor(ShardFiles):
                               memory=dataclasses.replace(self.memory),
                               process_peak_bytes=_status_bytes("VmHWM"),
                               logits=logits if keep_logits else None)
+
+
+def _work(arena: Arena, sizes: tuple[int, ...]) -> DecodeWork:
+    """A DecodeWork of these sizes (runtime.schemes.base: packed int32, indices int32,
+    values fp32, 4-byte words, int64s) whose buffers are cut from `arena`."""
+    work = DecodeWork(0, 0, 0)
+    packed, indices, values, words, longs = sizes
+    work.packed = arena.tensor(packed, dtype=torch.int32)
+    work.indices = arena.tensor(indices, dtype=torch.int32)
+    work.values = arena.tensor(values)
+    work.bytes = arena.tensor(4 * words, dtype=torch.uint8)
+    work.longs = arena.tensor(longs, dtype=torch.int64)
+    assert work.nbytes == work_bytes(sizes)
+    return work
+
+
+M_MXFAST = 1  # glibc's mallopt parameter: the largest freed chunk kept in a fastbin
+
+
+def no_fastbins() -> bool:
+    """Turn glibc's fastbins off for this process (mallopt M_MXFAST 0: freed small chunks
+    are merged with their free neighbours at once, as larger ones are); False where this is
+    not glibc. The decode executor does so when it is opened.
+
+    Why (measured with `elasticplan generate`, 2026-12-03): a pass makes torch allocate
+    many tiny tensors, each through posix_memalign: the scalars that the schemes'
+    dequantisation passes to torch (runtime.schemes.uniform: a 4-bit table's LM head takes
+    ~4 of them per 256-row chunk, ~800 per token). glibc's memalign does not reuse the
+    per-thread cache its own chunks are freed to; those fill, and the next go to fastbins,
+    which nothing merges until a large request, so each new small block is cut from fresh
+    heap memory, page after page, into pages the heap had given back: +0.1-0.2 MB per token,
+    +3.2 MB over a 64-token answer of a 32 MB plan holding its table at 4 bits. Without
+    fastbins the freed blocks merge and are cut again: +0.5 MB in all (the answer's
+    traces, ~8 KB per token). The scheme's dequantisation
+    measured no slower (one 4-bit LM head, 192 chunks: 73 ms against 83 ms with fastbins,
+    medians of 30 interleaved rounds)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MXFAST, 0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere,
+    nothing)."""
+    from runtime.measurement.memprobe import trim  # (it imports the Executor)
+
+    trim()
 
 
 def _status_bytes(name: str) -> int:

@@ -23,7 +23,7 @@ from elasticplan.problem.archgen import work_bytes
 from elasticplan.problem.loader import parse_model
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import HEAD_CHUNK_ROWS, Device, Scenario, activation_bytes
-from runtime.decode_layers import decode_buffers, workspace_bytes
+from runtime.decode_layers import ALIGN, Arena, decode_buffers, workspace_bytes
 from runtime.decoding import DecodeExecutor, ShardPick, TablePick, emulated_storage
 from runtime.schemes import uniform
 from runtime.schemes.base import FP32
@@ -481,3 +481,98 @@ def test_fill_preload_reads_the_resident_set_through_the_clock(store, prompt, mo
     assert filled == sorted((v.file, v.offset) for v in resident)
     assert fill_ms >= sum(0.5 + v.nbytes / 100e3 for v in resident) - 1e-6
     assert before == after == reference(store, picks, 4, prompt, 4, context)[0]
+
+
+def _heap() -> list[tuple[int, int]]:
+    """The C heap's address ranges (Linux /proc/self/maps; none elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [ln.split() for ln in f if ln.rstrip().endswith("[heap]")]
+    except OSError:
+        return []
+    return [tuple(int(x, 16) for x in ln[0].split("-")) for ln in lines]
+
+
+def _span(buf) -> tuple[int, int]:
+    """[start, end) of a numpy array's or a tensor's bytes."""
+    if isinstance(buf, torch.Tensor):
+        return buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+    return buf.ctypes.data, buf.ctypes.data + buf.nbytes
+
+
+def test_an_arena_cuts_zeroed_aligned_buffers_from_a_mapping_of_its_own():
+    sizes = [100, 3 << 20, 8]
+    arena = Arena(sizes)
+    assert arena.capacity == sum(-(-n // ALIGN) * ALIGN for n in sizes)
+    arena.buffer[:] = 7  # (dirty: taking a buffer zeroes it)
+    a = arena.bytes(100)
+    t = arena.tensor(3 << 18)  # 3 MB of fp32
+    i = arena.tensor(1, dtype=torch.int64)
+    assert (a.nbytes, t.numel() * 4, i.numel() * 8) == tuple(sizes)
+    assert not a.any() and not t.any() and not i.any()
+    spans = [_span(b) for b in (a, t, i)]
+    assert all(lo % ALIGN == 0 for lo, _ in spans)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # one after another
+    base = arena.buffer.ctypes.data
+    assert spans[0][0] == base and spans[-1][1] <= base + arena.capacity
+    assert not any(lo < h1 and h0 < hi for lo, hi in spans for h0, h1 in _heap())
+    with pytest.raises(AssertionError, match="does not fit"):
+        arena.bytes(1)
+    assert Arena([0, 0]).capacity == 0 and Arena([]).tensor(0).numel() == 0
+
+
+def test_every_buffer_lies_in_its_own_mappings_the_compute_ones_after_the_checks(
+        store, prompt, monkeypatch):
+    """The executor's buffers (every term of its account but the norms) are cut from two
+    mappings of their own (runtime.decode_layers.Arena), none from the C heap: the IO
+    buffers (preload, table, ring), read and checked first; then the heap's free pages
+    go back (malloc_trim), and only then the compute buffers (scratch, the schemes'
+    buffers, the activations, the KV cache) are taken, so that the checksum pass's
+    temporaries never sit on top of them. glibc's fastbins are off before any of it."""
+    import runtime.decoding as decoding
+
+    order = []
+    for name in ("no_fastbins", "check_placed", "_trim", "DecodeWorkspace"):
+        real = getattr(decoding, name)
+        monkeypatch.setattr(decoding, name,
+                            lambda *a, _real=real, _name=name, **k: (order.append(_name),
+                                                                     _real(*a, **k))[1])
+    picks = mixed(store, 6)
+    picks[1] = [p for p in picks[1] if p.name != "group0"]
+    with DecodeExecutor(store, picks, TablePick(8, True), context=len(prompt) + 4) as ex:
+        tokens = ex.generate(prompt, 4, eos_id=None).tokens
+        m = ex.memory
+        io = [ex.preload_buffer, ex.table_buffer, ex.ring]
+        work = [ex.work.packed, ex.work.indices, ex.work.values, ex.work.bytes, ex.work.longs]
+        compute = [ex.scratch, *work, ex.bounce,
+                   *(getattr(ex.ws, n) for n in ex.ws.buffers()),
+                   *(t for t in ex.cache.k + ex.cache.v if t is not None)]
+        spans = [_span(b) for b in io + compute]
+        arenas = [_span(ex.preload_buffer.base), _span(ex.bounce.base)]  # the two mappings
+    assert order[0] == "no_fastbins"
+    assert order.count("_trim") == 1 and order.index("_trim") > max(
+        i for i, n in enumerate(order) if n == "check_placed")
+    assert order.index("DecodeWorkspace") > order.index("_trim")
+    assert tokens == reference(store, picks, 8, prompt, 4, len(prompt) + 4)[0]
+    # every accounted byte but the norms' is in one of the two mappings, none shared
+    nbytes = sum(hi - lo for lo, hi in spans)
+    assert nbytes == m.allocated_bytes - m.resident_bytes
+    for k, group in enumerate((io, compute)):
+        lo, hi = arenas[k]
+        inside = [s for s in spans if lo <= s[0] and s[1] <= hi and s[0] < s[1]]
+        assert len(inside) == sum(_span(b)[1] > _span(b)[0] for b in group)
+        assert hi - lo == sum(-(-(_span(b)[1] - _span(b)[0]) // ALIGN) * ALIGN for b in group)
+    ordered = sorted(s for s in spans if s[0] < s[1])
+    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
+    assert not any(lo < h1 and h0 < hi for lo, hi in arenas for h0, h1 in _heap())
+
+
+def test_no_fastbins_is_glibcs_setting():
+    """mallopt(M_MXFAST, 0) succeeds where the C library is glibc (and says so)."""
+    import platform
+
+    from runtime.decoding import no_fastbins
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert no_fastbins() is True

@@ -162,3 +162,29 @@ def test_calibrate_on_a_decoder_writes_a_decoder_device_and_question(tiny, tmp_p
     assert cli("solve", out / "scenario.yaml", "-o", plan) == 0
     assert cli("generate", plan, "--prompt", PROMPTS[1], "--max-new-tokens", 3,
                "--no-compare") == 0
+
+
+def test_the_throwaway_answer_before_the_baseline_is_the_same_prompts(tiny, tmp_path,
+                                                                        monkeypatch):
+    """Before its baseline, `generate` answers the same prompt with a throwaway executor of
+    the same plan (a prompt pass and a step: the prompt pass's kernels and the BLAS's
+    packing buffers are the process's then, as in `run`'s probe), then the measured one
+    answers it in full."""
+    from runtime.decoding import DecodeExecutor
+    from runtime.measurement.generate import WARM_TOKENS, prompt_ids
+
+    _, _, store, sc = tiny
+    plan = tmp_path / "him.json"
+    assert cli("baseline", "hold-in-memory", sc, "-o", plan) == 0
+    calls = []
+    real = DecodeExecutor.generate
+
+    def recorded(self, prompt, max_new_tokens, *a, **k):
+        calls.append((list(prompt), max_new_tokens))
+        return real(self, prompt, max_new_tokens, *a, **k)
+
+    monkeypatch.setattr(DecodeExecutor, "generate", recorded)
+    assert cli("generate", plan, "--prompt", PROMPTS[1], "--max-new-tokens", 4,
+               "--no-compare") == 0
+    ids = prompt_ids(ShardStore(store), PROMPTS[1], chat=False)
+    assert calls == [(ids, WARM_TOKENS), (ids, 4)]

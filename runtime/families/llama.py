@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -329,15 +329,18 @@ class KVCache:
     """Per layer, the keys (after rotation) and values of each kept KV group:
     k[l], v[l] [B, G_l, context, head_dim], preallocated; `mask` [B, context] says which
     columns hold real tokens; `used` columns are filled; `lengths` [B] counts the real
-    tokens of each sequence (the next token's position)."""
+    tokens of each sequence (the next token's position). `empty(*shape)` makes each fp32
+    k and v tensor (default torch.empty; the decode executor cuts them from its own
+    mapping: runtime.decode_layers.Arena)."""
 
-    def __init__(self, c: LlamaConfig, layers: list[LayerWeights], batch: int, context: int):
+    def __init__(self, c: LlamaConfig, layers: list[LayerWeights], batch: int, context: int,
+                 empty: Callable[..., torch.Tensor] = torch.empty):
         self.batch, self.context = batch, context
         self.k, self.v = [], []
         for w in layers:
             G = len(w.groups)
-            self.k.append(torch.empty(batch, G, context, c.head_dim) if G else None)
-            self.v.append(torch.empty(batch, G, context, c.head_dim) if G else None)
+            self.k.append(empty(batch, G, context, c.head_dim) if G else None)
+            self.v.append(empty(batch, G, context, c.head_dim) if G else None)
         self.mask = torch.zeros(batch, context, dtype=torch.bool)
         self.used = 0
         self.lengths = torch.zeros(batch, dtype=torch.int64)
