@@ -67,7 +67,8 @@ def register(sub) -> None:
                    help="a packaged model: " + "; ".join(
                        f"{name}: {line}" for name, (_, _, line) in PACKAGED.items()))
     h.add_argument("--out", help=f"store directory (default {DEFAULT_STORE}, or "
-                                 f"build/shards/NAME for a checkpoint)")
+                                 f"build/shards/NAME for a checkpoint or a packaged model; "
+                                 f"another scheme than {DEFAULT_NAME} adds -SCHEME)")
     h.add_argument("--name", help="the model's name (default: the checkpoint directory's)")
     h.add_argument("--pooling", choices=("mean", "cls"),
                    help="sentence embedding (default: what modules.json declares, else mean)")
@@ -252,15 +253,18 @@ def cmd_shard(a) -> int:
         raise InvalidArgument("--pooling and --normalize apply to an encoder's --checkpoint")
     if a.name and not (a.checkpoint or a.gguf):
         raise InvalidArgument("--name applies to --checkpoint and --gguf")
+    # a store per scheme by default: a build into another scheme's store rewrites it all
+    suffix = "" if a.scheme == DEFAULT_NAME else f"-{a.scheme}"
     if a.checkpoint is None and a.gguf is None:
         ckpt = open_packaged(a.model or next(iter(PACKAGED)))
-        out = a.out or (DEFAULT_STORE if a.model is None else f"build/shards/{a.model}")
+        out = a.out or ((DEFAULT_STORE if a.model is None else f"build/shards/{a.model}")
+                        + suffix)
     else:  # every check before anything is written
         given_path = a.checkpoint or a.gguf
         ckpt = open_gguf(a.gguf, name=a.name) if a.gguf else \
             open_checkpoint_dir(a.checkpoint, name=a.name, pooling=a.pooling,
                                 normalize=a.normalize)
-        out = a.out or f"build/shards/{ckpt.config.name}"
+        out = a.out or f"build/shards/{ckpt.config.name}{suffix}"
         refuse_inputs(Path(out) / "index.json",
                       (str(Path(given_path) / "config.json") if a.checkpoint else given_path,))
         if Path(out).resolve() == Path(given_path).resolve():

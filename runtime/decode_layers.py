@@ -16,7 +16,9 @@ gate and up rows) and output rows [rows - in_rows, hidden] (Wo's columns of its 
 down's columns), as `runtime.executor.shard_weights` gives them.
 
 The table (the tied embedding / LM head) at b bits is one stored block [vocab, hidden]:
-fp32 rows, or (uniform scheme) packed codes [vocab, row_bytes] then fp32 scales [vocab].
+fp32 rows, or (a scheme whose rows decode alone: uniform, group) packed codes [vocab,
+row_bytes] then each row's side data (its scale, or its groups' steps and minima) [vocab,
+side_bytes].
 It may lie in two pieces (wrapped around the IO ring's end); `StoredTable` reads a token's
 row out of it and computes the logits `HEAD_CHUNK_ROWS` rows at a time, dequantising
 each chunk into the scratch (which the planner prices so:
@@ -49,7 +51,6 @@ from elasticplan.problem.spec import (  # the planner's, so that both agree
     head_chunk_rows,
 )
 from runtime.families.llama import KVCache, LlamaConfig, rope_tables
-from runtime.schemes import uniform
 from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import TABLE, ShardStore, Variant
 
@@ -78,7 +79,7 @@ def decode_buffers(store: ShardStore) -> tuple[tuple[int, ...], int]:
             continue
         work = tuple(max(a, b) for a, b in zip(work, v.scheme.decode_work(((rows, v.cols),),
                                                                           bits)))
-        bounce = max(bounce, rows * (uniform.row_bytes(v.cols, bits) + 4))
+        bounce = max(bounce, rows * sum(v.scheme.row_layout(v.cols, bits)))
     return work, bounce
 
 
@@ -205,15 +206,18 @@ class DecodeWorkspace:
     def nbytes(self) -> int:
         return sum(self.buffers().values())
 
-    def stored_rows(self, n: int, row_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the accumulator for n rows of a quantised table as stored: their scales
-        (fp32 [n]) and codes (uint8 [n, row_bytes])."""
-        flat = self.acc.view(-1)
-        if n + -(-n * row_bytes // 4) > flat.numel():
-            raise ValueError(f"{n} stored rows of {row_bytes} bytes do not fit the "
-                             f"accumulator of {flat.numel() * 4} bytes")
-        codes = flat[n:].view(torch.uint8)[:n * row_bytes].view(n, row_bytes)
-        return flat[:n], codes
+    def stored_rows(self, n: int, row_bytes: int, side_bytes: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the accumulator for n rows of a quantised table as stored: their side
+        data (uint8 [n, side_bytes]: a scale, or steps and minima) and codes (uint8 [n,
+        row_bytes])."""
+        raw = self.acc.view(-1).view(torch.uint8)
+        side = -(-n * side_bytes // 4) * 4  # (the codes start on a 4-byte boundary)
+        if side + n * row_bytes > raw.numel():
+            raise ValueError(f"{n} stored rows of {row_bytes} + {side_bytes} bytes do not fit "
+                             f"the accumulator of {raw.numel()} bytes")
+        return raw[:n * side_bytes].view(n, side_bytes), \
+            raw[side:side + n * row_bytes].view(n, row_bytes)
 
 
 def rms_norm_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float,
@@ -318,15 +322,20 @@ def _span(pieces: list[memoryview], start: int, n: int, spill: np.ndarray) -> me
 class StoredTable:
     """The embedding / LM-head table at its stored bitwidth, read from its bytes wherever
     they lie (`pieces`: the resident copy, or its place in the IO ring, one or two views).
-    Quantised tables are the uniform scheme's (one block: codes, then scales)."""
+    A quantised table is one block in a scheme whose rows decode alone (`Scheme.rowwise`:
+    codes, then every row's side data)."""
 
     def __init__(self, v: Variant, hidden: int):
-        if v.bits != FP32 and v.scheme.coder(v.bits) is not uniform.UNIFORM:
+        self.scheme = v.scheme.coder(v.bits)
+        if v.bits != FP32 and not self.scheme.rowwise:
             raise StoreError(f"{v.file}: the embedding table at {v.bits} bits is kept in the "
-                             f"{v.scheme.coder(v.bits).name} scheme; the decode executor reads "
-                             f"a table kept in the uniform scheme")
+                             f"{self.scheme.name} scheme, whose rows do not decode alone; the "
+                             f"decode executor reads a table kept in the uniform or group "
+                             f"scheme")
         self.variant, self.bits, self.vocab, self.hidden = v, v.bits, v.rows, hidden
-        self.row_bytes = uniform.row_bytes(hidden, v.bits)  # codes (fp32: the row)
+        # codes (fp32: the row) and side data (a scale; steps and minima) per row
+        self.row_bytes, self.side_bytes = (4 * hidden, 0) if v.bits == FP32 else \
+            self.scheme.row_layout(hidden, v.bits)
         self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)  # (spec.head_chunk_rows)
 
     @property
@@ -337,23 +346,24 @@ class StoredTable:
         """The buffer a chunk of rows split by the ring's end is joined in: its codes and its
         scales (fp32 rows are joined in the compute scratch instead; `decode_buffers`
         sizes the bounce buffer, which serves, for the largest)."""
-        return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + 4)
+        return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + self.side_bytes)
 
-    def _scales_at(self, row: int) -> int:
-        return self.vocab * self.row_bytes + 4 * row
+    def side_at(self, row: int) -> int:
+        """Where row `row`'s side data starts in the table's bytes."""
+        return self.vocab * self.row_bytes + self.side_bytes * row
 
     def row_into(self, out: torch.Tensor, pieces: list[memoryview], token: int,
                  spill: np.ndarray, work: DecodeWork | None) -> None:
         """Token `token`'s embedding (fp32 [hidden]) into `out` (a row split by the ring's
-        end is joined in `spill`: row_bytes + 4 bytes at least)."""
+        end is joined in `spill`: row_bytes + side_bytes at least)."""
         raw = _span(pieces, token * self.row_bytes, self.row_bytes, spill)
         if self.fp32:
             out.copy_(torch.frombuffer(raw, dtype=torch.float32))
             return
         codes = torch.frombuffer(raw, dtype=torch.uint8).view(1, -1)
-        scale = torch.frombuffer(_span(pieces, self._scales_at(token), 4,
-                                       spill[self.row_bytes:]), dtype=torch.float32)
-        uniform.dequantize_into(out.view(1, -1), codes, scale, self.bits, work)
+        side = torch.frombuffer(_span(pieces, self.side_at(token), self.side_bytes,
+                                      spill[self.row_bytes:]), dtype=torch.uint8).view(1, -1)
+        self.scheme.decode_rows(out.view(1, -1), codes, side, self.bits, work)
 
     def logits_into(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
                     scratch: torch.Tensor, scratch_bytes: np.ndarray, spill: np.ndarray,
@@ -373,10 +383,10 @@ class StoredTable:
             nb = rows * self.row_bytes
             codes = torch.frombuffer(_span(pieces, r0 * self.row_bytes, nb, spill),
                                      dtype=torch.uint8).view(rows, self.row_bytes)
-            scales = torch.frombuffer(_span(pieces, self._scales_at(r0), 4 * rows,
-                                            spill[R * self.row_bytes:]), dtype=torch.float32)
-            w = uniform.dequantize_into(scratch[:rows * d].view(rows, d), codes, scales,
-                                        self.bits, work)
+            side = torch.frombuffer(_span(pieces, self.side_at(r0), self.side_bytes * rows,
+                                          spill[R * self.row_bytes:]), dtype=torch.uint8)
+            w = self.scheme.decode_rows(scratch[:rows * d].view(rows, d), codes,
+                                        side.view(rows, self.side_bytes), self.bits, work)
             decode += time.perf_counter() - t
             torch.mv(w, hn, out=logits[r0:r0 + rows])
         return decode

@@ -95,7 +95,6 @@ from runtime.executor import (
 )
 from runtime.families.llama import KVCache
 from runtime.iodev import DeviceClock
-from runtime.schemes import uniform
 from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import TABLE, ShardStore, Variant
 
@@ -379,13 +378,13 @@ class DecodeExecutor(ShardFiles):
     def _read_rows(self, ids: list[int]) -> float | None:
         """The prompt's embedding rows from the streamed table, on the IO thread: per token
         one pread of its fp32 row straight into the residual stream, or (quantised) one of
-        its codes and one of its scale into the rows buffers; each booked on the device
-        clock. Returns the last completion."""
+        its codes and one of its side data (scale; steps and minima) into the rows buffers;
+        each booked on the device clock. Returns the last completion."""
         t, v = self.table, self.table_shard.variant
         fd, deadline = self.fds[v.file], None
         if not t.fp32:  # into the accumulator (DecodeWorkspace.stored_rows)
-            row_scales, row_codes = self.ws.stored_rows(len(ids), t.row_bytes)
-            codes, scales = row_codes.numpy(), row_scales.numpy().view(np.uint8)
+            row_side, row_codes = self.ws.stored_rows(len(ids), t.row_bytes, t.side_bytes)
+            codes, sides = row_codes.numpy(), row_side.numpy()
         targets = []
         for i, token in enumerate(ids):
             if t.fp32:
@@ -393,8 +392,7 @@ class DecodeExecutor(ShardFiles):
                                 v.offset + token * t.row_bytes))
             else:
                 targets += [(memoryview(codes[i]), v.offset + token * t.row_bytes),
-                            (memoryview(scales[4 * i:4 * i + 4]),
-                             v.offset + t.vocab * t.row_bytes + 4 * token)]
+                            (memoryview(sides[i]), v.offset + t.side_at(token))]
         for view, offset in targets:
             issued = time.perf_counter()
             if os.preadv(fd, [view], offset) != view.nbytes:
@@ -430,7 +428,7 @@ class DecodeExecutor(ShardFiles):
         if streamed_rows:
             if t.fp32:
                 return 0.0
-            scales, codes = self.ws.stored_rows(n, t.row_bytes)
+            sides, codes = self.ws.stored_rows(n, t.row_bytes, t.side_bytes)
         elif t.fp32:
             table = torch.frombuffer(self.table_buffer, dtype=torch.float32).view(t.vocab, -1)
             torch.index_select(table, 0, torch.tensor(ids), out=x[:n])
@@ -438,15 +436,15 @@ class DecodeExecutor(ShardFiles):
         else:
             stored = torch.frombuffer(self.table_buffer, dtype=torch.uint8)
             index = torch.tensor(ids)
-            scales, codes = self.ws.stored_rows(n, t.row_bytes)
+            sides, codes = self.ws.stored_rows(n, t.row_bytes, t.side_bytes)
             all_codes = stored[:t.vocab * t.row_bytes].view(t.vocab, t.row_bytes)
             torch.index_select(all_codes, 0, index, out=codes)
-            torch.index_select(stored[t.vocab * t.row_bytes:].view(torch.float32), 0, index,
-                               out=scales)
+            all_sides = stored[t.side_at(0):t.side_at(t.vocab)].view(t.vocab, t.side_bytes)
+            torch.index_select(all_sides, 0, index, out=sides)
         R = t.chunk_rows
         for r0 in range(0, n, R):
             r1 = min(n, r0 + R)
-            uniform.dequantize_into(x[r0:r1], codes[r0:r1], scales[r0:r1], t.bits, self.work)
+            t.scheme.decode_rows(x[r0:r1], codes[r0:r1], sides[r0:r1], t.bits, self.work)
         return time.perf_counter() - t0
 
     def _layer(self, l: int, row: list[PlacedShard], start: int, n: int) -> float:

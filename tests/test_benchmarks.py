@@ -22,7 +22,7 @@ from runtime.measurement.report import LayerReport, StageTimes
 
 MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed",
            "compute_layout", "quant_schemes", "dictquant", "decoder_speed",
-           "fleet", "decode_baselines", "decode_frontier")
+           "fleet", "decode_baselines", "decode_frontier", "dequant_speed")
 
 
 def test_relative_error():

@@ -48,6 +48,23 @@ def store(store_path):
 
 
 @pytest.fixture(scope="module")
+def group_store(tmp_path_factory):
+    """The same model kept in the group scheme (runtime/schemes/group.py: its table too)."""
+    root = tmp_path_factory.mktemp("decode-executor-group")
+    ckpt = write_tiny_llama(root / "ckpt")
+    assert main(["shard", "--checkpoint", str(ckpt), "--out", str(root / "store"),
+                 "--scheme", "group"]) == 0
+    return ShardStore(root / "store")
+
+
+@pytest.fixture(params=["uniform", "group"])
+def any_store(request, store, group_store):
+    s = {"uniform": store, "group": group_store}[request.param]
+    assert s.table_variant(8).scheme.name == request.param
+    return s
+
+
+@pytest.fixture(scope="module")
 def prompt(store):
     return store.text_tokenizer().encode(PROMPT).ids
 
@@ -129,7 +146,8 @@ def _picks(layers):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_dropped_and_quantised_picks_generate_that_submodel(store, prompt, case):
+def test_dropped_and_quantised_picks_generate_that_submodel(any_store, prompt, case):
+    store = any_store
     layers, table_bits, table_resident, window, chunk = CASES[case]
     picks = _picks(layers)
     tokens, logits = reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW)
@@ -160,13 +178,18 @@ def _layer(store, spec):
     return out
 
 
-@pytest.mark.parametrize("split", list(WRAPS))
-def test_shards_and_the_table_wrapped_around_the_ring(store, prompt, split):
+@pytest.mark.parametrize("scheme,split", [("uniform", k) for k in WRAPS]
+                         + [("group", "8-bit table"), ("group", "8-bit shard")])
+def test_shards_and_the_table_wrapped_around_the_ring(store, group_store, prompt, scheme,
+                                                      split):
     """Window 0: the ring holds the largest layer, so what follows a smaller one wraps
     around its end: an fp32 shard (joined in the scratch), a quantised one (in the bounce
     buffer), the fp32 table (split between rows, or within one: that row joined in the
     scratch) or the 8-bit table (a chunk of its codes joined in the bounce buffer), the
-    next token's row read across the end. Still the submodel's tokens and logits."""
+    next token's row read across the end. Still the submodel's tokens and logits. In both
+    schemes whose rows decode alone (uniform: a scale per row; group: steps and minima;
+    the layer sizes that make the fp32 splits are the uniform store's)."""
+    store = group_store if scheme == "group" else store
     first, second, table_bits = WRAPS[split]
     picks = [_layer(store, first), _layer(store, second)]
     ex, result = run(store, picks, TablePick(table_bits, False), prompt, window=0)
@@ -192,11 +215,12 @@ def _count_preadv(monkeypatch):
 
 
 @pytest.mark.parametrize("table_bits", [FP32, 8])
-def test_every_streamed_shard_is_read_once_per_pass(store, prompt, monkeypatch, table_bits):
+def test_every_streamed_shard_is_read_once_per_pass(any_store, prompt, monkeypatch, table_bits):
     """Counted at the system call, pass by pass: the prompt pass reads each prompt token's
     row of the streamed table (fp32: one read; 8 bits: its codes and its scale), every
     streamed shard once and the table once; each decode step every streamed shard and the
     table once, no row; a resident shard is never read after opening."""
+    store = any_store
     c = store.config
     picks = mixed(store, 4)
     calls = _count_preadv(monkeypatch)
@@ -215,10 +239,11 @@ def test_every_streamed_shard_is_read_once_per_pass(store, prompt, monkeypatch, 
     resident = {(store.variant(l, p.name, p.bits).file, store.variant(l, p.name, p.bits).offset)
                 for l, row in enumerate(picks) for p in row if p.resident}
     assert resident and len(streamed) > c.layers
-    row = uniform.row_bytes(c.hidden, table_bits)
+    row, side = (4 * c.hidden, 0) if table_bits == FP32 else \
+        tv.scheme.row_layout(c.hidden, table_bits)
     rows = [(tv.file, t * row) for t in prompt]
     if table_bits != FP32:
-        rows += [(tv.file, c.vocab * row + 4 * t) for t in prompt]
+        rows += [(tv.file, c.vocab * row + side * t) for t in prompt]
     assert len(per_pass) == len(result.passes) == 6
     assert per_pass[0] == sorted(streamed + rows)
     assert all(p == streamed for p in per_pass[1:])
@@ -304,7 +329,7 @@ PLANNED = [
 
 
 @pytest.mark.parametrize("case", range(len(PLANNED)))
-def test_memory_is_what_the_planner_predicts_term_by_term(store, prompt, case):
+def test_memory_is_what_the_planner_predicts_term_by_term(any_store, prompt, case):
     """The planner's prediction for the same choices (the decoder question P + A on the
     store's profile, the picks as its selection: the table the last layer's one part) is
     the executor's account exactly, term by term: resident = resident (the norms), preload
@@ -312,7 +337,8 @@ def test_memory_is_what_the_planner_predicts_term_by_term(store, prompt, case):
     = workspace (DecodeWorkspace's activations at P and P + A, spec.activation_bytes; the
     store's scheme buffers, the profile's workspace_bytes), kept = the KV cache. So the
     executor's allocated bytes are the predicted peak, and its peak (the ring at its
-    high-water mark) no more."""
+    high-water mark) no more. In the uniform and the group scheme."""
+    store = any_store
     make, table, window, P, A = PLANNED[case]
     picks = make(store)
     profile = store_profile(store)

@@ -185,6 +185,30 @@ def test_decoder_profile_measures_next_token_kl(built, tmp_path, capsys):
     assert "0 to measure" in capsys.readouterr().out
 
 
+def test_a_variant_whose_weights_are_fp32s_measures_as_the_full_model(built, monkeypatch):
+    """The profiler's shortcut (a variant that decodes to the fp32 weights bit for bit, as a
+    GGUF's Q4_1 layers do in the group scheme, is not run: KL 0, top-1 1) is what running it
+    gives: the full model scored from any layer's kept input is exactly (0, 1)."""
+    from runtime.profiling.decoder_profile import DecoderProfiler, token_batches
+    from runtime.sources.task import load_splits
+
+    store = ShardStore(built[1])
+    batches = token_batches(store, list(load_splits().calibration.texts[:3]), 12, 8)
+    profiler = DecoderProfiler(store, batches)
+    for start in range(store.config.layers):
+        layers = list(profiler.full)
+        layers[start] = profiler.layer_with(start, {"group1": FP32})
+        assert profiler.score(layers, start=start) == (0.0, 1.0)
+    real = profiler.measure(1, "group1", 4)
+    assert real.kl > 0 and (real.kl, real.top1) != (0.0, 1.0)  # a lossy variant is run
+    fp32 = store.load(1, "group1", FP32)
+    load = store.load
+    monkeypatch.setattr(store, "load", lambda l, n, b: fp32 if (l, n) == (1, "group1")
+                        else load(l, n, b))
+    m = profiler.measure(1, "group1", 4)
+    assert (m.layer, m.shard, m.variant, m.kl, m.top1) == (1, "group1", 4, 0.0, 1.0)
+
+
 def test_evaluate_a_decoder_plan(built, tmp_path, capsys):
     """A plan on a llama store's profile (planned as for an encoder until decoders are
     planned token by token): `evaluate` reports KL, top-1 agreement and perplexity on the

@@ -155,6 +155,11 @@ class DecoderProfiler:
         return kl / self.positions, agree / self.positions
 
     def measure(self, l: int, shard: str, variant: int) -> KLMeasurement:
+        if variant not in (DROP, FP32) and torch.equal(
+                self.store.load(l, shard, variant)[0], self._fp32_of(l, shard)):
+            # its weights are fp32's bit for bit (a source already quantised on this grid:
+            # a GGUF's Q4_1 layers in the group scheme): the model is the full model
+            return KLMeasurement(l, shard, variant, 0.0, 1.0)
         layers = list(self.full)
         layers[l] = self.layer_with(l, {shard: variant})
         return KLMeasurement(l, shard, variant, *self.score(layers, start=l))

@@ -18,6 +18,9 @@ REGISTRY = {
     "dict": ("runtime.schemes.dictionary", "Dictionary",
              "2/3/4/5 bits as a codebook per block and a scale per row + 0.5 %% exact "
              "outliers, 6/8 bits uniform"),
+    "group": ("runtime.schemes.group", "Grouped",
+              "2/3/4/6/8 bits affine per 32 weights of a row (fp16 step and minimum), as "
+              "GGUF's blocks"),
 }
 DEFAULT_NAME = next(iter(REGISTRY))
 

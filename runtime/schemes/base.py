@@ -119,6 +119,24 @@ class Scheme:
         Called once per variant when it is loaded (runtime/store.py), not per query."""
         raise NotImplementedError
 
+    # --- rows that decode alone (a decoder's embedding table) ----------------------------
+
+    # Whether every row of a block decodes alone: its codes at a fixed stride from the
+    # block's start and its side data (scales) at a fixed stride after all the codes.
+    rowwise: ClassVar[bool] = False
+
+    def row_layout(self, cols: int, bits: int) -> tuple[int, int]:
+        """(code bytes, side bytes) of one row of cols weights at `bits` (rowwise schemes:
+        a block [rows, cols] is rows x code bytes, then rows x side bytes)."""
+        raise NotImplementedError
+
+    def decode_rows(self, out: torch.Tensor, codes: torch.Tensor, side: torch.Tensor,
+                    bits: int, work: DecodeWork | None) -> torch.Tensor:
+        """Rows of a block (uint8 `codes` [rows, code bytes], `side` [rows, side bytes], any
+        rows of it) decoded into `out` (a view of rows x cols elements, its last dimension
+        cols); with `work`, allocation-free."""
+        raise NotImplementedError
+
     # --- building and the index -----------------------------------------------------------
 
     @property

@@ -114,19 +114,25 @@ def unpack(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     return codes.reshape(rows, groups * per)[:, :cols]
 
 
-def _lut(bits: int, width: int) -> torch.Tensor:
-    """[2^width, width/bits] fp32: the reconstruction offsets (code + lo + 1/2) of the values
-    packed in every possible `width`-bit chunk."""
-    lo, _ = _levels(bits)
+def _lut(bits: int, width: int, offset: float) -> torch.Tensor:
+    """[2^width, width/bits] fp32: code + offset of the values packed in every possible
+    `width`-bit chunk (offset lo + 1/2: this scheme's reconstruction offsets)."""
     chunk = torch.arange(2 ** width, dtype=torch.int32)
     codes = (chunk[:, None] >> (torch.arange(width // bits, dtype=torch.int32) * bits)) \
         & ((1 << bits) - 1)
-    return codes.to(torch.float32) + (lo + 0.5)
+    return codes.to(torch.float32) + offset
 
 
-# Lookup tables for dequantisation: a byte holds whole 2/4/8-bit values; 3- and 6-bit values
-# straddle bytes, but a 24-bit group splits into two 12-bit halves that hold whole values.
-_LUTS: dict[int, torch.Tensor] = {}
+# Lookup tables for dequantisation, by (bits, offset): a byte holds whole 2/4/8-bit values;
+# 3- and 6-bit values straddle bytes, but a 24-bit group splits into two 12-bit halves that
+# hold whole values.
+_LUTS: dict[tuple[int, float], torch.Tensor] = {}
+
+
+def _table(bits: int, offset: float) -> torch.Tensor:
+    if (bits, offset) not in _LUTS:
+        _LUTS[bits, offset] = _lut(bits, 8 if 8 % bits == 0 else 12, offset)
+    return _LUTS[bits, offset]
 
 
 @lru_cache(maxsize=None)
@@ -134,7 +140,7 @@ def _workspace(rows: int, nbytes: int, cols: int, bits: int):
     """A function cutting, from a DecodeWork (None: fresh tensors), the views one block's
     decode writes: (int32 chunks, int32 24-bit groups [rows, groups, 3] or None, the
     looked-up values [chunks, per], the values of the block [rows, cols])."""
-    per = _LUTS[bits].shape[1]
+    per = 8 // bits if 8 % bits == 0 else 12 // bits
 
     def make(work):
         if 8 % bits == 0:
@@ -156,16 +162,29 @@ def dequantize_into(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     4-bit view that cannot be split by byte, a lookup table (_dequantize_lut: at 2 bits it
     was as fast). Both give the same bits: a float code plus lo + 1/2 is exact, then one
     rounding by the scale."""
+    return _decode(out, packed, scales, bits, work, _levels(bits)[0] + 0.5)
+
+
+def codes_into(out: torch.Tensor, packed: torch.Tensor, bits: int,
+               work: DecodeWork | None = None) -> torch.Tensor:
+    """The packed codes themselves (0 .. 2^bits - 1, as fp32) into `out` (a view as for
+    dequantize_into), by the same two paths: what a scheme with other scales than one per
+    row (runtime/schemes/group.py) starts from."""
+    return _decode(out, packed, None, bits, work, 0.0)
+
+
+def _decode(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, bits: int,
+            work: DecodeWork | None, offset: float) -> torch.Tensor:
     rows, nbytes = packed.shape
     cols = out.shape[-1]
     if bits == 8 or (bits == 4 and nbytes * 2 == cols and out.dim() == 2
                      and out.stride(1) == 1):
-        return _dequantize_bytes(out, packed, scales, bits, work)
-    return _dequantize_lut(out, packed, scales, bits, work)
+        return _dequantize_bytes(out, packed, scales, bits, work, offset)
+    return _dequantize_lut(out, packed, scales, bits, work, offset)
 
 
-def _dequantize_bytes(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                      bits: int, work: DecodeWork | None) -> torch.Tensor:
+def _dequantize_bytes(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None,
+                      bits: int, work: DecodeWork | None, offset: float) -> torch.Tensor:
     """8 bits: the packed bytes are the codes, converted into `out` at once. 4 bits (2 as
     well, though not used): value k of each byte is masked out in place (byte & (mask <<
     k*bits), into the workspace's int32 index buffer seen as bytes), converted into out's
@@ -174,7 +193,6 @@ def _dequantize_bytes(out: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
     (tests/test_model_quant.py checks they are the same bits): 8 bits 9.6 -> 1.0 ns per
     weight, 4 bits 4.9 -> 2.1 (the table's index_select copies a few bytes per index)."""
     rows, nbytes = packed.shape
-    lo, _ = _levels(bits)
     if bits == 8:
         out.copy_(packed if out.dim() == 2 else packed.reshape(out.shape))
     else:
@@ -187,13 +205,15 @@ def _dequantize_bytes(out: torch.Tensor, packed: torch.Tensor, scales: torch.Ten
             spread[..., k].copy_(part)
             if k:
                 spread[..., k].mul_(2.0 ** -(k * bits))
-    out.add_(lo + 0.5)
-    out.mul_(scales.view(*out.shape[:-1], 1))
+    if offset:
+        out.add_(offset)
+    if scales is not None:
+        out.mul_(scales.view(*out.shape[:-1], 1))
     return out
 
 
-def _dequantize_lut(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                    bits: int, work: DecodeWork | None = None) -> torch.Tensor:
+def _dequantize_lut(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None,
+                    bits: int, work: DecodeWork | None, offset: float) -> torch.Tensor:
     """dequantize_into through a lookup table (a few torch ops per block: small shards are
     dominated by per-op cost, measured 2-3x faster than unpacking bit by bit): 3 and 6
     bits, and 2 or 4 bits into a view that _dequantize_bytes cannot split by byte. With
@@ -201,9 +221,7 @@ def _dequantize_lut(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     shape)."""
     cols = out.shape[-1]
     rows, nbytes = packed.shape
-    if bits not in _LUTS:
-        _LUTS[bits] = _lut(bits, 8 if 8 % bits == 0 else 12)
-    lut = _LUTS[bits]
+    lut = _table(bits, offset)
     make = _workspace(rows, nbytes, cols, bits)
     chunks, b, lookup, values = make(None) if work is None else \
         work.views(("uniform", rows, nbytes, cols, bits), make)
@@ -222,7 +240,9 @@ def _dequantize_lut(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
         high.copy_(b[..., 1]).bitwise_right_shift_(4)
         high.bitwise_or_(b[..., 2].bitwise_left_shift_(4))
     torch.index_select(lut, 0, chunks, out=lookup)
-    if out.dim() == 2:
+    if scales is None:
+        out.copy_(values if out.dim() == 2 else values.reshape(out.shape))
+    elif out.dim() == 2:
         torch.mul(values, scales.view(rows, 1), out=out)
     else:
         torch.mul(values.reshape(out.shape), scales.view(*out.shape[:-1], 1), out=out)
@@ -237,11 +257,20 @@ class Uniform(Scheme):
     name: ClassVar[str] = "uniform"
     bitwidths: ClassVar[tuple[int, ...]] = archgen.DEFAULT_BITWIDTHS
 
+    rowwise: ClassVar[bool] = True
+
     def coder(self, bits: int) -> Scheme:
         return self
 
     def block_bytes(self, rows: int, cols: int, bits: int) -> int:
         return rows * row_bytes(cols, bits) + (0 if bits == FP32 else 4 * rows)
+
+    def row_layout(self, cols: int, bits: int) -> tuple[int, int]:
+        return row_bytes(cols, bits), 4
+
+    def decode_rows(self, out: torch.Tensor, codes: torch.Tensor, side: torch.Tensor,
+                    bits: int, work: DecodeWork | None) -> torch.Tensor:
+        return dequantize_into(out, codes, side.view(torch.float32).view(-1), bits, work)
 
     def decode_work(self, blocks: Blocks, bits: int) -> tuple[int, ...]:
         return tuple(max(k) for k in zip(*(archgen.decode_work(r, c, bits) for r, c in blocks)))
