@@ -71,7 +71,8 @@ def decode_buffers(store: ShardStore) -> tuple[tuple[int, ...], int]:
     workspace (DecodeWork's sizes: the largest need of any quantised shard the store holds,
     and of `head_chunk_rows` rows of any quantised table it holds) and the bounce buffer
     (bytes: the largest quantised shard, or a chunk of the largest quantised table's rows,
-    codes and scales: whichever of them lies split at the IO ring's end is joined there)."""
+    codes and side data: whichever of them lies split at the IO ring's end is joined
+    there)."""
     work, bounce = store.decode_buffers()
     rows = head_chunk_rows(decoder_shape(store.config))
     for (_, name, bits), v in store.index.variants.items():
@@ -162,7 +163,7 @@ class DecodeWorkspace:
     final normed state [hidden] and the logits [vocab]. Each buffer is the bytes the
     planner prices (elasticplan.problem.spec.activation_buffers), checked here.
 
-    A quantised table's stored rows of the prompt (codes and scales) are read into the
+    A quantised table's stored rows of the prompt (codes and side data) are read into the
     accumulator, which nothing uses before the first layer (`stored_rows`).
 
     The buffers are cut from `arena` (the executor's, sized for them:
@@ -344,7 +345,7 @@ class StoredTable:
 
     def spill_bytes(self) -> int:
         """The buffer a chunk of rows split by the ring's end is joined in: its codes and its
-        scales (fp32 rows are joined in the compute scratch instead; `decode_buffers`
+        side data (fp32 rows are joined in the compute scratch instead; `decode_buffers`
         sizes the bounce buffer, which serves, for the largest)."""
         return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + self.side_bytes)
 
@@ -371,7 +372,7 @@ class StoredTable:
         """logits [vocab] = table @ hn: fp32 rows where they lie, every row of a piece at
         once (a row split by the ring's end joined in the scratch first); a quantised table
         chunk by chunk of rows, each dequantised into the scratch first (a chunk split by
-        the ring's end joined first: its codes and scales in `spill`). Returns the seconds
+        the ring's end joined first: its codes and side data in `spill`). Returns the seconds
         spent dequantising."""
         if self.fp32:
             self._fp32_logits(logits, hn, pieces, scratch_bytes)

@@ -643,7 +643,8 @@ def build_store(out: str | os.PathLike, checkpoint=None, *,
     if scheme.needs_hessians and not hasattr(ckpt, "reference"):  # before a byte is written
         raise StoreError(f"{ckpt.path}: the {scheme.name} scheme rounds with an fp32 "
                          f"reference model's activations, which only encoders offer here; "
-                         f"build this store with the uniform scheme (the default)")
+                         f"build this store with the uniform scheme (the default) or the "
+                         f"group scheme")
     out = Path(out)
     check_out(out)
     out.mkdir(parents=True, exist_ok=True)

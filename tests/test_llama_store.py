@@ -274,27 +274,33 @@ def test_a_llama_with_non_finite_weights_is_refused_at_shard(tmp_path, capsys, b
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_the_committed_smollm2_profile_is_its_store():
+@pytest.mark.parametrize("name,scheme", [("smollm2-135m", "uniform"),
+                                         ("smollm2-135m-group", "group")])
+def test_the_committed_smollm2_profile_is_its_store(name, scheme):
     """problems/models/smollm2-135m.yaml (measured by `elasticplan profile --store
-    build/shards/smollm2-135m --texts 8 --max-tokens 16`) loads as a model profile, holds
-    every KV group and FFN slice of the 30 layers with the bytes the uniform scheme stores
-    them in, importance bounded by the drop's KL, and the text and additivity it records."""
+    build/shards/smollm2-135m --texts 8 --max-tokens 16`) and smollm2-135m-group.yaml (the
+    group store's) load as model profiles, hold every KV group and FFN slice of the 30
+    layers with the bytes their scheme stores them in, importance bounded by the drop's KL,
+    and the text and additivity they record; in the group scheme, where the GGUF's Q4_1
+    layers come back exactly at 4, 6 and 8 bits, those variants' KL is 0 and their
+    importance the drop's."""
     from pathlib import Path
 
     from elasticplan.problem.loader import parse_model, read_yaml
     from runtime.families.llama import LlamaConfig
     from runtime.profiling.profile import DROP
-    from runtime.schemes.uniform import UNIFORM
+    from runtime.schemes import create
     from runtime.store import variant_bytes
 
     root = Path(__file__).resolve().parent.parent / "problems" / "models"
-    data = read_yaml(root / "smollm2-135m.yaml")
-    profile = parse_model(data, "smollm2-135m.yaml")
+    data = read_yaml(root / f"{name}.yaml")
+    profile = parse_model(data, f"{name}.yaml")
+    coder = create(scheme)
     arch = dict(data["architecture"])
     arch.pop("family")
     c = LlamaConfig.from_dict(arch, "smollm2-135m")
     assert (c.layers, c.groups, c.ffn_slices) == (30, 3, 12)
-    raw = json.loads((root / "smollm2-135m.measurements.json").read_text())
+    raw = json.loads((root / f"{name}.measurements.json").read_text())
     assert raw["text"]["split"] == "calibration" and raw["text"]["positions"] > 0
     assert 0.5 < raw["additivity"]["spearman"] <= 1
     kl = {(m["layer"], m["shard"], m["variant"]): m["kl"] for m in raw["measurements"]}
@@ -302,7 +308,10 @@ def test_the_committed_smollm2_profile_is_its_store():
         assert [s.name for s in layer.shards] == c.shard_names()
         for s in layer.shards:
             rows, k = c.shard_rows(s.name), c.shard_in_rows(s.name)
-            assert list(s.bytes) == [variant_bytes(UNIFORM, rows, c.hidden, k, 0, b)
+            assert list(s.bytes) == [variant_bytes(coder, rows, c.hidden, k, 0, b)
                                      for b in profile.bitwidths]
             assert s.importance[-1] == pytest.approx(kl[l, s.name, DROP], rel=1e-5)
             assert all(0 <= i <= s.importance[-1] * (1 + 1e-5) for i in s.importance)
+            if scheme == "group":
+                assert [kl[l, s.name, b] for b in (4, 6, 8)] == [0.0] * 3
+                assert kl[l, s.name, 2] > 0

@@ -134,7 +134,9 @@ class Scheme:
                     bits: int, work: DecodeWork | None) -> torch.Tensor:
         """Rows of a block (uint8 `codes` [rows, code bytes], `side` [rows, side bytes], any
         rows of it) decoded into `out` (a view of rows x cols elements, its last dimension
-        cols); with `work`, allocation-free."""
+        cols); with `work`, allocation-free. `side` is viewed as the scheme's side dtype
+        (uniform: fp32, group: fp16), so its storage offset must be a multiple of that
+        size (a tensor made by torch.frombuffer, or an aligned slice of one)."""
         raise NotImplementedError
 
     # --- building and the index -----------------------------------------------------------

@@ -18,10 +18,13 @@ The grid of each group is the one with the least squared error among:
 s and m are rounded to fp16 before the codes are chosen (u = clamp(round((w - m) / s))), so
 the reconstruction is what the chosen grid gives, and the error is measured on it.
 
-A weight that came from a GGUF file quantised per 32 (Q4_0/Q4_1/Q8_0, blocks along the row
-as here) is kept exactly at 4 bits (Q4_x) or 8 bits (all three): SmolLM2's layers (Q4_1)
-decode bit for bit at 4 and 8 bits and its table (Q8_0) at 8 (tests/test_group_scheme.py;
-docs/decoders.md). Other weights get the per-group min-max grid's error (at most s/2 per
+A weight that came from a GGUF file quantised per 32 along the row in Q4_1 (16 levels from
+the group's minimum) is kept exactly at 4, 6 and 8 bits, one in Q8_0 (integers -127..127
+times a scale, the largest at ±127) at 8 bits: SmolLM2's layers (Q4_1) decode bit for bit
+at 4, 6 and 8 bits and its table (Q8_0) at 8 (tests/test_group_scheme.py;
+docs/decoders.md). (Q4_0's grid, (q - 8) times max|w| / 8, is not among the candidates.)
+A candidate whose step or minimum is not an fp16, or whose top level would lie beyond
+±65504 (what `check` refuses), is not used for that group. Other weights get the per-group min-max grid's error (at most s/2 per
 weight, s = the group's range / (2^b - 1)), below the per-row scheme's on rows with outliers.
 
 Layout of a block [rows, cols]: packed codes [rows, ceil(cols*b/8)] (the uniform scheme's
@@ -62,6 +65,7 @@ LAYOUT = ("codes [r, ceil(c*b/8) padded to even] then per row fp16 steps [ceil(c
           "fp16 minima [ceil(c/32)]")
 GRIDS = "per 32 weights: least squared error of min-max over 2^k-1 steps (k <= b) and symmetric"
 ROWS_PER_PASS = 4096  # rows quantised at once (bounds the encoder's temporaries)
+CHECK_ROWS = 1024  # rows whose side data `check` widens at once (~0.15 MB for a table's)
 
 
 def _groups(cols: int) -> int:
@@ -114,14 +118,18 @@ def _fit(w3: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     """Groups w3 [rows, g, n] -> (codes [rows, g, n], steps fp16 [rows, g], minima fp16)."""
     best = None
     for step, low in _candidates(w3, bits):
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             s16, m16 = step.astype(np.float16), low.astype(np.float16)
-        if not (np.isfinite(s16).all() and np.isfinite(m16).all()):
-            raise ValueError("weights beyond fp16's range (±65504): the group scheme keeps "
-                             "fp16 steps and minima")
+            s32, m32 = s16.astype(np.float32), m16.astype(np.float32)
+            top = m32 + (2 ** bits - 1) * s32
+            # a grid whose step or minimum is not an fp16, or whose top code would lie
+            # beyond ±MAX_WEIGHT (what `check` refuses), is not a candidate for that group
+            usable = np.isfinite(top) & (np.abs(m32) <= MAX_WEIGHT) & (np.abs(top) <= MAX_WEIGHT)
+        s16, m16 = np.where(usable, s16, 0), np.where(usable, m16, 0)
         u = _codes(w3, s16, m16, bits)
         err = ((m16[..., None].astype(np.float32) + u * s16[..., None].astype(np.float32)
                 - w3) ** 2).sum(axis=2)
+        err[~usable] = np.inf
         if best is None:
             best = [err, u, s16, m16]
             continue
@@ -130,6 +138,11 @@ def _fit(w3: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         best[1] = np.where(better[..., None], u, best[1])
         best[2] = np.where(better, s16, best[2])
         best[3] = np.where(better, m16, best[3])
+    if np.isinf(best[0]).any():
+        row, g = map(int, np.argwhere(np.isinf(best[0]))[0])
+        raise ValueError(f"row {row}'s group {g} spans {w3[row, g].min():g} .. "
+                         f"{w3[row, g].max():g}: no grid with an fp16 step and minimum keeps "
+                         f"it within ±{MAX_WEIGHT:g}")
     return best[1], best[2], best[3]
 
 
@@ -246,17 +259,21 @@ class Grouped(Scheme):
             if r == 0 or c == 0:
                 continue
             n, G = r * code_bytes(c, bits), _groups(c)
-            side = np.frombuffer(buf, "<f2", r * 2 * G, pos + n).reshape(r, 2 * G) \
-                .astype(np.float32)
-            steps, lows = side[:, :G], side[:, G:]
-            top = lows + (2 ** bits - 1) * steps
-            bad = ~(np.isfinite(steps) & np.isfinite(lows) & (steps >= 0)
-                    & (np.abs(lows) <= MAX_WEIGHT) & (np.abs(top) <= MAX_WEIGHT))
-            if bad.any():
-                row, g = map(int, np.argwhere(bad)[0])
-                raise ValueError(f"block {i}'s row {row}, group {g}: step {steps[row, g]:g}, "
-                                 f"minimum {lows[row, g]:g} (a step must be finite and >= 0, "
-                                 f"every weight within ±{MAX_WEIGHT:g})")
+            side = np.frombuffer(buf, "<f2", r * 2 * G, pos + n).reshape(r, 2 * G)
+            # in pieces of rows: a table's whole side data widened would be 7 MB of
+            # temporaries, above what the executor's plan accounts while it checks
+            for r0 in range(0, r, CHECK_ROWS):
+                part = side[r0:r0 + CHECK_ROWS].astype(np.float32)
+                steps, lows = part[:, :G], part[:, G:]
+                top = lows + (2 ** bits - 1) * steps
+                bad = ~(np.isfinite(steps) & np.isfinite(lows) & (steps >= 0)
+                        & (np.abs(lows) <= MAX_WEIGHT) & (np.abs(top) <= MAX_WEIGHT))
+                if bad.any():
+                    row, g = map(int, np.argwhere(bad)[0])
+                    raise ValueError(f"block {i}'s row {r0 + row}, group {g}: step "
+                                     f"{steps[row, g]:g}, minimum {lows[row, g]:g} (a step "
+                                     f"must be finite and >= 0, every weight within "
+                                     f"±{MAX_WEIGHT:g})")
             pos += n + r * 4 * G
 
     def build_key(self, calibration: list[str]) -> dict[str, Any]:
