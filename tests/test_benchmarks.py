@@ -265,3 +265,23 @@ def test_decode_prediction_grid_and_summary():
     text = decode_prediction.summary(rows, "all")
     assert "4 plans" in text and "time to first token 2.5 / 8.9 %" in text
     assert "per-token 2.5 / 8.9 %" in text and "process median +2.0 %" in text
+
+
+def test_decode_frontier_goal_two_counts_wins_losses_and_lossless_ties():
+    from types import SimpleNamespace
+
+    from benchmarks import decode_frontier
+
+    def row(method, mb, kl):
+        return {"method": method, "bandwidth_mb_s": 1000.0, "memory_budget_mb": mb, "kl": kl,
+                "top1": 1.0, "top1_se": 0.0, "measured_token_ms": 10.0,
+                "predicted_token_ms": 10.0, "executor_peak_mb": mb, "process_peak_mb": mb}
+    a = SimpleNamespace(goal_bandwidth=1000.0, goal_memory_mb=48.0, goal_factor=2.0,
+                        goal_top1=0.95)
+    hold = row("hold-in-memory", None, 0.0)
+    rows = [row("exact", 48.0, 0.5), row("greedy", 48.0, 2.0),
+            row("exact", 128.0, 0.0), row("greedy", 128.0, 0.0)]
+    lines = decode_frontier.goals(rows, hold, a)
+    assert "than 1 of 1 comparisons" in lines[1] and "(1 more tied at KL 0): MET" in lines[1]
+    rows.append(row("uniform-4", 48.0, 0.5))  # equal, not lossless: a loss
+    assert decode_frontier.goals(rows, hold, a)[1].endswith("NOT MET")
