@@ -452,3 +452,21 @@ def test_a_latency_quantile_is_planned_on_the_device_stretched_to_it(tmp_path):
         b = baseline_plan(sc, strategy)
         assert b.scenario.question.target_latency_ms == pytest.approx(b.planned_latency_ms)
         assert b.planned_latency_ms == b.quantile_latency_ms > b.predicted_latency_ms
+
+
+def test_a_fastest_schedule_proves_a_target_out_of_reach_by_its_bound():
+    """A min-latency solve HiGHS stops at its absolute gap (1e-6 ms) comes back 'feasible'
+    for a schedule of a tenth of a millisecond (its relative gap above the 1e-9 asked for):
+    its bound, objective x (1 - gap), still proves a target below it out of reach (a
+    hypothesis example found in CI: 'no single short resource could be named')."""
+    from types import SimpleNamespace
+
+    from elasticplan.answers.explain import _proven_above
+    from elasticplan.plans.plan import SolveStatus
+
+    def plan(status, latency, gap):
+        return SimpleNamespace(status=status, planned_latency_ms=latency, gap=gap)
+    assert _proven_above(plan(SolveStatus.OPTIMAL, 0.1, None), 0.05)
+    assert _proven_above(plan(SolveStatus.FEASIBLE, 0.1, 1e-5), 0.05)
+    assert not _proven_above(plan(SolveStatus.FEASIBLE, 0.1, 0.6), 0.05)  # bound 0.04
+    assert not _proven_above(plan(SolveStatus.FEASIBLE, 0.1, None), 0.05)
