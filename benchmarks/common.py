@@ -226,12 +226,17 @@ def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PH
     `elasticplan calibrate --scenario` does; a few minutes) into
     build/bench/calibrated-<model>-X and reused while the store's index, the scenario and
     its profile are older than it. Returns the calibrated scenario."""
+    import torch
     import yaml
 
     from elasticplan.problem.loader import load_scenario
     from runtime.calibrate import DEFAULT_LATENCY_US, describe_compute, write_calibration
     from runtime.decode_calibrate import calibrate_decoder
 
+    # one torch thread, as every benchmark measures (start()): a calibration made at
+    # torch's default (2 here) prices compute that competes with the IO thread for the
+    # second core, and its terms do not hold for the runs
+    torch.set_num_threads(1)
     base = Path(base)
     out = CALIBRATED / f"calibrated-{base.stem}-{bandwidth_mb_s:g}"
     path = out / "scenario.yaml"

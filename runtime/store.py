@@ -73,7 +73,7 @@ VARIANT_LAYOUT = ("input block [in_rows, cols], then output block [cols, rows - 
                   "(the matrix's last rows, transposed), each fp32 (32 bits) or packed codes "
                   "[r, ceil(c*bits/8)] + fp32 scales [r]; then bias: fp32 [bias]")
 TABLE = "table"  # a decoder's token-embedding table (tied LM head): layer = config.layers
-RESIDENT_PIECE = 1 << 20  # bytes of resident.bin read (and dropped from the cache) at once
+RESIDENT_PIECE = 1 << 20  # bytes of resident.bin read at once
 
 
 def _blocks(rows: int, cols: int, in_rows: int) -> list[tuple[int, int]]:
@@ -467,10 +467,12 @@ class ShardStore:
             # One pass over the file in pieces of at most RESIDENT_PIECE bytes, each read
             # straight into the tensor it belongs to (bytes no loaded tensor holds, such as
             # a streamed word table, into a scratch piece), hashed and value-checked there
-            # (the file is fp32 tensors back to back), and its pages dropped from the page
-            # cache once copied. So loading holds no second copy and no more than a piece
-            # of page cache: a memory cgroup charges the cache, and MiniLM's 46.9 MB word
-            # table read at once held 30.4 MB of it when a capped run was killed.
+            # (the file is fp32 tensors back to back). So loading holds no second copy, and
+            # no read holds more than a piece of page cache in flight: a memory cgroup
+            # charges the cache, and MiniLM's 46.9 MB word table read at once held 30.4 MB
+            # of it, not yet reclaimable, when a capped layer-wise run was killed. (The
+            # pieces stay cached, reclaimable: dropping them made the next reads of the
+            # file cold, which a throttled run's disk counters then counted.)
             digest, size, bad, k = hashlib.sha256(), 0, None, 0
             scratch = memoryview(bytearray(RESIDENT_PIECE))
             while True:
@@ -488,7 +490,6 @@ class ShardStore:
                 digest.update(view[:n])
                 if bad is None and (b := first_bad(np.frombuffer(view, "<f4", n // 4))):
                     bad = size + 4 * b[0], b[1]
-                os.posix_fadvise(fd, size, n, os.POSIX_FADV_DONTNEED)
                 size += n
         if size != entry.nbytes or digest.hexdigest() != entry.sha256:
             raise StoreError(f"{path}: checksum mismatch (file corrupt or changed since the "

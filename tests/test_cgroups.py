@@ -119,8 +119,8 @@ def test_ten_mb_plan_completes_under_its_cap_and_hold_in_memory_is_killed(plans,
 def test_layerwise_pipelining_completes_under_its_own_cap(store_dir, tmp_path, capsys):
     """Layer-wise pipelining holds MiniLM's 46.9 MB word table: loaded with one read, the
     page cache that read held (30.4 MB at the kill) got it killed under a cap of its own
-    predicted peak + 5 %; read in pieces, each dropped once copied (runtime/store.py), it
-    completes and the kernel's peak stays within the cap."""
+    predicted peak + 5 %; read in pieces (runtime/store.py), it completes and the kernel's
+    peak stays within the cap."""
     _usable("memory")
     plan = tmp_path / "layerwise.plan.json"
     baseline_plan(load_scenario(MINILM), "layerwise-pipelining").save(plan)

@@ -268,38 +268,32 @@ def test_additive_statistics():
 
 
 @pytest.mark.parametrize("piece", [1 << 20, 4096 + 4])
-def test_resident_tensors_load_in_pieces_each_dropped_from_the_cache(store_dir, monkeypatch,
-                                                                     piece):
+def test_resident_tensors_load_in_pieces(store_dir, monkeypatch, piece):
     """resident.bin is read in pieces of at most RESIDENT_PIECE bytes straight into its
     tensors (a streamed word table's bytes into a scratch piece, still hashed and checked),
-    covering the file once, each piece's range dropped from the page cache after it is
-    copied (a memory cgroup charges the cache: a 46.9 MB table read at once held 30.4 MB of
-    it when a capped layer-wise run was killed; tests/test_cgroups.py runs that plan under
-    its cap). The tensors are the file's bytes."""
+    covering the file once: no read holds more than a piece of page cache in flight (a
+    memory cgroup charges it: a 46.9 MB table read at once held 30.4 MB when a capped
+    layer-wise run was killed; tests/test_cgroups.py runs that plan under its cap). The
+    tensors are the file's bytes."""
     import os
 
     import runtime.store as store_mod
 
     monkeypatch.setattr(store_mod, "RESIDENT_PIECE", piece)
-    reads, drops = [], []
-    preadv, fadvise = os.preadv, os.posix_fadvise
+    reads = []
+    preadv = os.preadv
 
     def counting_preadv(fd, buffers, offset, *args):
         n = preadv(fd, buffers, offset, *args)
         reads.append((offset, sum(memoryview(b).nbytes for b in buffers), n))
         return n
 
-    def counting_fadvise(fd, offset, length, advice):
-        drops.append((offset, length, advice))
-        return fadvise(fd, offset, length, advice)
-
     monkeypatch.setattr(store_mod.os, "preadv", counting_preadv)
-    monkeypatch.setattr(store_mod.os, "posix_fadvise", counting_fadvise)
     store = ShardStore(store_dir)
     entry = store.index.resident
     raw = (store_dir / entry.file).read_bytes()
     for without_word in (False, True):
-        reads.clear(), drops.clear()
+        reads.clear()
         tensors = store.resident(without_word=without_word)
         assert ("word" in tensors) is not without_word
         for name, t in tensors.items():
@@ -310,5 +304,4 @@ def test_resident_tensors_load_in_pieces_each_dropped_from_the_cache(store_dir, 
         assert all(size <= piece for _, size, _ in reads)
         assert [at for at, _ in done] == list(np.cumsum([0] + [n for _, n in done])[:-1])
         assert sum(n for _, n in done) == len(raw) == entry.nbytes
-        assert drops == [(at, n, os.POSIX_FADV_DONTNEED) for at, n in done]
         assert len(done) >= len(raw) // piece
