@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint shards profile profile-dict additive plan-bert fleet bench clean
+.PHONY: demo test lint shards profile profile-dict shards-smollm2 profile-smollm2 additive plan-bert fleet bench clean
 
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,16 @@ profile: shards
 profile-dict: shards
 	$(BIN)/elasticplan profile --store build/shards/minilm-l6-dict \
 		--out problems/models/minilm-l6-dict.yaml
+
+# SmolLM2-135M from its packaged GGUF in the group scheme (build/shards/smollm2-135m-group,
+# ~30 s; its layers and table at the file's own precision) and its profile
+# (problems/models/smollm2-135m-group.yaml, ~9 min: variants equal to fp32 are not run).
+shards-smollm2: $(STAMP)
+	$(BIN)/elasticplan shard --model smollm2-135m --scheme group
+
+profile-smollm2: shards-smollm2
+	$(BIN)/elasticplan profile --store build/shards/smollm2-135m-group \
+		--out problems/models/smollm2-135m-group.yaml --texts 8 --max-tokens 16
 
 # Does the planner's additive importance predict the real submodels? (~4.5 min)
 additive: shards
