@@ -125,14 +125,20 @@ class DecoderProfiler:
             self._fp32[name] = self.store.load(l, name, FP32)[0]
         return self._fp32[name]
 
-    def layer_with(self, l: int, changes: dict[str, int]):
-        """Layer l with these shards changed (DROP, or bits) and the rest in fp32."""
+    def layer_with(self, l: int, changes: dict[str, int],
+                   loaded: dict[str, torch.Tensor] | None = None):
+        """Layer l with these shards changed (DROP, or bits) and the rest in fp32 (`loaded`:
+        changed shards' weights already read, by name)."""
         c = self.config
         names = [n for n in c.shard_names() if changes.get(n, FP32) != DROP]
         w = family(c.family).layer_weights(c, names)
+        loaded = loaded or {}
         for n in names:
             bits = changes.get(n, FP32)
-            w.put(n, self._fp32_of(l, n) if bits == FP32 else self.store.load(l, n, bits)[0])
+            if bits == FP32:
+                w.put(n, self._fp32_of(l, n))
+            else:
+                w.put(n, loaded[n] if n in loaded else self.store.load(l, n, bits)[0])
         return w
 
     @torch.inference_mode()
@@ -155,13 +161,15 @@ class DecoderProfiler:
         return kl / self.positions, agree / self.positions
 
     def measure(self, l: int, shard: str, variant: int) -> KLMeasurement:
-        if variant not in (DROP, FP32) and torch.equal(
-                self.store.load(l, shard, variant)[0], self._fp32_of(l, shard)):
-            # its weights are fp32's bit for bit (a source already quantised on this grid:
-            # a GGUF's Q4_1 layers in the group scheme): the model is the full model
-            return KLMeasurement(l, shard, variant, 0.0, 1.0)
+        loaded = {}
+        if variant not in (DROP, FP32):
+            loaded[shard] = self.store.load(l, shard, variant)[0]
+            if torch.equal(loaded[shard], self._fp32_of(l, shard)):
+                # its weights are fp32's bit for bit (a source already quantised on this
+                # grid: a GGUF's Q4_1 layers in the group scheme): the full model
+                return KLMeasurement(l, shard, variant, 0.0, 1.0)
         layers = list(self.full)
-        layers[l] = self.layer_with(l, {shard: variant})
+        layers[l] = self.layer_with(l, {shard: variant}, loaded)
         return KLMeasurement(l, shard, variant, *self.score(layers, start=l))
 
     def measure_table(self, bits: int) -> KLMeasurement:

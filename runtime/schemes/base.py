@@ -109,8 +109,19 @@ class Scheme:
     def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
                     bits: int, work: DecodeWork | None) -> None:
         """Decode the blocks' bytes (uint8 tensor `buf`) into `outs`, one view per block of
-        rows x cols elements whose last dimension is cols; with `work`, allocation-free."""
-        raise NotImplementedError
+        rows x cols elements whose last dimension is cols; with `work`, allocation-free.
+        A rowwise scheme's blocks are each its rows' codes then their side data, decoded by
+        `decode_rows`; another scheme overrides this."""
+        if not self.rowwise:
+            raise NotImplementedError
+        pos = 0
+        for (r, c), dest in zip(blocks, outs):
+            code, side = self.row_layout(c, bits)
+            n, k = r * code, r * side
+            if r and c:
+                self.decode_rows(dest, buf[pos:pos + n].view(r, code),
+                                 buf[pos + n:pos + n + k].view(r, side), bits, work)
+            pos += n + k
 
     def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
         """ValueError saying what is wrong if the blocks' bytes (uint8 array, exactly their

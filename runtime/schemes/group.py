@@ -2,8 +2,8 @@
 
 Scheme (`elasticplan shard --scheme group`), for b < 32 bits, block by block: each row's
 columns are cut into groups of GROUP = 32 (the last one shorter where 32 does not divide
-them). A group keeps an fp16 step
-s and an fp16 minimum m, and each weight a b-bit code u in [0, 2^b), reconstructed as
+them). A group keeps an fp16 step s and an fp16 minimum m, and each weight a b-bit code u
+in [0, 2^b), reconstructed as
 
     w' = m + u * s     (fp32: s and m widened, the product exact, one rounding)
 
@@ -24,17 +24,20 @@ times a scale, the largest at ±127) at 8 bits: SmolLM2's layers (Q4_1) decode b
 at 4, 6 and 8 bits and its table (Q8_0) at 8 (tests/test_group_scheme.py;
 docs/decoders.md). (Q4_0's grid, (q - 8) times max|w| / 8, is not among the candidates.)
 A candidate whose step or minimum is not an fp16, or whose top level would lie beyond
-±65504 (what `check` refuses), is not used for that group. Other weights get the per-group min-max grid's error (at most s/2 per
-weight, s = the group's range / (2^b - 1)), below the per-row scheme's on rows with outliers.
+±65504 (what `check` refuses), is not used for that group. Other weights get at most the
+per-group min-max grid's squared error (an RMS of at most s/2, s = the group's range /
+(2^b - 1)).
 
 Layout of a block [rows, cols]: packed codes [rows, ceil(cols*b/8)] (the uniform scheme's
 bit stream, runtime/schemes/uniform.py; a row's bytes padded to an even count, which a
 multiple of 32 columns always is), then per row its G = ceil(cols / 32) steps and then
-its G minima, fp16 little-endian ([rows, 2G] halves: 4G bytes per row). Every row decodes alone
+its G minima, fp16 little-endian ([rows, 2G] halves: 4G bytes per row). Every row decodes
+alone
 (codes and side data at fixed offsets): the decoder reads its embedding table's rows so.
 Costs b + 1 bits per weight (5 at 4 bits, 9 at 8).
 
-Decoding: the codes into the output (uniform.codes_into: by byte at 4 and 8 bits, a lookup
+Decoding (`decode_rows`; the base class cuts each block into its rows' codes and side
+data): the codes into the output (uniform.codes_into: by byte at 2, 4 and 8 bits, a lookup
 table otherwise), the steps and minima widened into the workspace, then out * s and + m
 in place over [rows, G, 32] views (a fused addcmul with the group's broadcast measured 6x
 slower: 0.92 against 0.16 ns per weight on a 1536 x 576 block). u * s is exact (at most 8
@@ -263,17 +266,6 @@ class Grouped(Scheme):
                     bits: int, work: DecodeWork | None) -> torch.Tensor:
         return decode_rows(out, codes, side, bits, work)
 
-    def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
-                    bits: int, work: DecodeWork | None) -> None:
-        pos = 0
-        for (r, c), dest in zip(blocks, outs):
-            if r == 0 or c == 0:
-                continue
-            n, k = r * code_bytes(c, bits), r * side_bytes(c)
-            decode_rows(dest, buf[pos:pos + n].view(r, n // r),
-                        buf[pos + n:pos + n + k].view(r, k // r), bits, work)
-            pos += n + k
-
     def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
         # finite steps >= 0 and minima; the top of every group's grid within ±MAX_WEIGHT
         pos = 0
@@ -296,7 +288,7 @@ class Grouped(Scheme):
                                      f"{steps[row, g]:g}, minimum {lows[row, g]:g} (a step "
                                      f"must be finite and >= 0, every weight within "
                                      f"±{MAX_WEIGHT:g})")
-            pos += n + r * 4 * G
+            pos += n + r * side_bytes(c)
 
     def build_key(self, calibration: list[str]) -> dict[str, Any]:
         return {"group": GROUP, "layout": LAYOUT, "grids": GRIDS}

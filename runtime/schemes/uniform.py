@@ -129,9 +129,14 @@ def _lut(bits: int, width: int, offset: float) -> torch.Tensor:
 _LUTS: dict[tuple[int, float], torch.Tensor] = {}
 
 
+def _chunk_bits(bits: int) -> int:
+    """The bits a lookup-table index covers: a byte, or half a 24-bit group."""
+    return 8 if 8 % bits == 0 else 12
+
+
 def _table(bits: int, offset: float) -> torch.Tensor:
     if (bits, offset) not in _LUTS:
-        _LUTS[bits, offset] = _lut(bits, 8 if 8 % bits == 0 else 12, offset)
+        _LUTS[bits, offset] = _lut(bits, _chunk_bits(bits), offset)
     return _LUTS[bits, offset]
 
 
@@ -140,7 +145,7 @@ def _workspace(rows: int, nbytes: int, cols: int, bits: int):
     """A function cutting, from a DecodeWork (None: fresh tensors), the views one block's
     decode writes: (int32 chunks, int32 24-bit groups [rows, groups, 3] or None, the
     looked-up values [chunks, per], the values of the block [rows, cols])."""
-    per = 8 // bits if 8 % bits == 0 else 12 // bits
+    per = _chunk_bits(bits) // bits
 
     def make(work):
         if 8 % bits == 0:
@@ -185,9 +190,9 @@ def _decode(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None
 def _dequantize_bytes(out: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None,
                       bits: int, work: DecodeWork | None, offset: float) -> torch.Tensor:
     """8 bits: the packed bytes are the codes, converted into `out` at once. 4 and 2 bits:
-    value k of each byte is shifted down and masked in byte
-    arithmetic (into the workspace's int32 index buffer seen as bytes), then converted
-    into out's k-th of every 8 / bits columns. Then plus lo + 1/2, times the row's scale.
+    value k of each byte is shifted down and masked in byte arithmetic (into the
+    workspace's int32 index buffer seen as bytes), then converted into out's k-th of every
+    8 / bits columns. Then plus `offset`, times the row's scale (if `scales` is given).
     On a 1536 x 576 block, against the lookup table side by side (tests/test_model_quant.py
     checks they are the same bits): 8 bits 9.6 -> 1.0 ns per weight, 4 bits 4.9 -> 2.1
     (the table's index_select copies a few bytes per index). Shifting the high values in
@@ -276,7 +281,7 @@ class Uniform(Scheme):
 
     def decode_rows(self, out: torch.Tensor, codes: torch.Tensor, side: torch.Tensor,
                     bits: int, work: DecodeWork | None) -> torch.Tensor:
-        return dequantize_into(out, codes, side.view(torch.float32).view(-1), bits, work)
+        return dequantize_into(out, codes, side.view(torch.float32), bits, work)
 
     def decode_work(self, blocks: Blocks, bits: int) -> tuple[int, ...]:
         return tuple(max(k) for k in zip(*(archgen.decode_work(r, c, bits) for r, c in blocks)))
@@ -288,16 +293,6 @@ class Uniform(Scheme):
             codes, scales = quantize(np.ascontiguousarray(block, dtype=np.float32), bits)
             out += [pack(codes, bits).tobytes(), scales.astype("<f4").tobytes()]
         return b"".join(out)
-
-    def decode_into(self, outs: list[torch.Tensor], buf: torch.Tensor, blocks: Blocks,
-                    bits: int, work: DecodeWork | None) -> None:
-        pos = 0
-        for (r, c), dest in zip(blocks, outs):
-            n = r * row_bytes(c, bits)
-            packed = buf[pos:pos + n].view(r, n // r)
-            dequantize_into(dest, packed, buf[pos + n:pos + n + 4 * r].view(torch.float32),
-                            bits, work)
-            pos += n + 4 * r
 
     def check(self, buf: np.ndarray, blocks: Blocks, bits: int) -> None:
         # every code is a valid level; a weight is at most (2^(b-1) - 1/2) scales
