@@ -215,7 +215,6 @@ def _log_calibration(log, bandwidth_mb_s: float, out: Path, cal, extra: str = ""
         log(f"#   {line.strip()}")
 
 
-SMOLLM2_STORE = ROOT / "build" / "shards" / "smollm2-135m"
 SMOLLM2_PHONE = ROOT / "problems" / "scenarios" / "smollm2-phone.yaml"
 
 

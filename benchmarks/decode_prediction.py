@@ -27,6 +27,10 @@ and overall, with a scatter plot (predicted vs measured ttft and token).
     python -m benchmarks.decode_prediction [--bandwidths 200,1000] [--factors 1.25,1.5,2,3]
                                            [--memory-mb none,32,48,64] [--new-tokens 12]
                                            [--rounds 3] [--busy-core N] [--quick]
+                                           [--scenario problems/scenarios/smollm2-phone.yaml]
+
+(--scenario: the decoder's question and, through its profile, its store; e.g. the group
+store's smollm2-phone-group.yaml.)
 
 Writes decode_prediction.csv and decode_prediction.png.
 """
@@ -39,7 +43,7 @@ import statistics
 
 from benchmarks.common import (
     EXACT,
-    SMOLLM2_STORE,
+    SMOLLM2_PHONE,
     busy_core,
     calibrated_decoder_scenario,
     out_path,
@@ -198,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--plans", type=int, default=16, help="calibration plans")
     p.add_argument("--busy-core", type=int, default=None)
+    p.add_argument("--scenario", default=str(SMOLLM2_PHONE),
+                   help="the decoder's scenario (its profile names the store)")
     p.add_argument("--quick", action="store_true",
                    help="one bandwidth, two questions, one round: a smoke test")
     p.add_argument("--out-dir")
@@ -207,14 +213,15 @@ def main(argv=None) -> int:
     if a.quick:
         a.bandwidths, a.factors, budgets, a.rounds, a.new_tokens, a.plans = [1000.0], [2.0], \
             [None, 64.0], 1, 3, 7
+    from benchmarks.decode_baselines import decoder_store
+    from elasticplan.problem.loader import load_scenario
     from runtime.decode_calibrate import calibration_prompt
-    from runtime.store import ShardStore
 
-    store = ShardStore(SMOLLM2_STORE)
+    store = decoder_store(load_scenario(a.scenario), None)
     rows: list[dict] = []
     with busy_core(a.busy_core):
         for bw in a.bandwidths:
-            sc = calibrated_decoder_scenario(bw, store=store, plans=a.plans,
+            sc = calibrated_decoder_scenario(bw, store=store, base=a.scenario, plans=a.plans,
                                              budget_s=20.0 if a.quick else 60.0)
             prompt = calibration_prompt(store, sc.question.prompt_tokens, split="test")
             cases = questions(sc, a.factors, budgets)

@@ -10,8 +10,11 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   + its weights x dequant_ns_per_weight[bits] (the terms the device gives; a device
   calibrated on a decoder gives 32 too: one token's pass over fp32 weights is bound by
   reading them, not by its flops), and for a
-  streamed shard its stored bytes x stream_ms_per_mb (contention: compute on weights just
-  read into the IO ring, while the reads go on, runs slower than on preloaded ones).
+  streamed shard its stored bytes x stream_ms_per_mb (compute on weights just read into
+  the IO ring runs slower than on preloaded ones), plus, where reads run beside compute
+  (pipelined, window >= 1), its stored bytes x contention_ms_per_mb (the IO thread's
+  copies slow the compute they overlap: charged to the shard's own layer, so that a pass
+  pays it once per byte it streams).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - The query's embedding (embed_ms) runs on the compute thread first, once the embedding
   rows are there; pooling (pool_ms) runs after the last layer.
@@ -143,6 +146,7 @@ def at_quantile(scenario: Scenario) -> Scenario:
         gflops=d.gflops / comp, layer_overhead_ms=d.layer_overhead_ms * comp,
         shard_overhead_ms=d.shard_overhead_ms * comp,
         stream_ms_per_mb=d.stream_ms_per_mb * comp,
+        contention_ms_per_mb=d.contention_ms_per_mb * comp,
         dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
         dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
         embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp, wake_ms=d.wake_ms * comp)
@@ -155,13 +159,15 @@ def read_ms(device: Device, nbytes: int) -> float:
 
 
 def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
-                     streamed: bool = False) -> float:
+                     streamed: bool = False, beside: bool = True) -> float:
     """Compute of one shard at bitwidth index `bit`, without the layer's fixed overhead;
     `streamed`: read into the IO ring for this query (not preloaded), which adds the
-    device's contention term."""
+    device's streamed-weights term and, when `beside` (its reads overlap compute: a
+    pipelined plan with a window), its contention term."""
     ms = device.shard_overhead_ms + shard.flops / (device.gflops * 1e6)
     if streamed:
-        ms += shard.bytes[bit] * device.stream_ms_per_mb / 1e6
+        per_mb = device.stream_ms_per_mb + (device.contention_ms_per_mb if beside else 0.0)
+        ms += shard.bytes[bit] * per_mb / 1e6
     bits = model.bitwidths[bit]
     if bits < FULL_PRECISION_BITS and device.dequant_gb_s is not None:
         ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
@@ -305,6 +311,7 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
     preload = kept = 0
     importance = 0.0
     io_ms, compute_ms, streamed = [], [], []
+    beside = execution == PIPELINED and layout.window != 0  # reads overlap compute
     for layer, picks in zip(model.layers, selection):
         compute = device.layer_overhead_ms if picks else 0.0
         read, nstream = 0.0, 0
@@ -316,7 +323,8 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
             else:
                 nstream += nbytes
                 read += read_ms(device, nbytes)
-            compute += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded)
+            compute += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded,
+                                        beside)
             importance += shard.importance[pick.bit]
             kept += shard.kept_bytes
         io_ms.append(read)

@@ -5,7 +5,10 @@ Compute. The device's compute model (elasticplan.costmodel) is, per layer that r
     layer_ms = layer_overhead_ms + sum over its shards of (shard_overhead_ms
                + flops / gflops + weights x dequant_ns_per_weight[bits], quantised only
                + stored MB x stream_ms_per_mb, streamed only)
-and per query embed_ms (before layer 0) and pool_ms (after the last layer).
+               + MB read beside it x contention_ms_per_mb
+(the last feature is measured from each run's traces: every layer's read bytes spread
+evenly over its IO interval, counted where that interval overlaps this layer's compute;
+runtime.executor.concurrent_mb) and per query embed_ms (before layer 0) and pool_ms (after the last layer).
 Calibration runs designed plans through the real executor, with the storage emulated as
 it will be in real runs, so the measured layer times carry the pipeline's own effects
 (idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). The plans
@@ -14,8 +17,11 @@ its shards at that bitwidth: the per-weight cost of each bitwidth), hold-in-memo
 shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, fp32
 subsets preloaded, then random mixed plans; subsets of every size and mix of heads and
 FFN slices separate the per-layer, per-shard and per-flop terms, and a quarter of the
-subsets' shards preloaded (three quarters streamed) the contention term: a streamed
-shard computes slower than the same shard preloaded (docs/design.md, "Contention").
+subsets' shards preloaded (three quarters streamed) the two contention terms: a streamed
+shard computes slower than the same shard preloaded, and a layer computes slower while
+the IO thread reads beside it (docs/design.md, "Contention"). The planner charges the
+second per streamed MB to the shard's own layer where reads overlap compute, so that a
+pass pays it once per byte it streams.
 
 Rounds. Every plan's executor is opened once (as many at once as a quarter of the RAM
 holds) and the plans run interleaved, one query each per round, so that a change in the
@@ -81,7 +87,7 @@ from elasticplan.problem.question import Question
 from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Spread
 from runtime import cgroups
 from runtime.cgroups import IoThrottle
-from runtime.executor import Executor
+from runtime.executor import Executor, concurrent_mb
 from runtime.iodev import evict
 from runtime.store import ShardStore
 
@@ -108,6 +114,7 @@ class FitErrors:
     gflops: float = 0.0
     dequant_ns: dict[int, float] = field(default_factory=dict)  # per quantised bitwidth
     stream_ms_per_mb: float = 0.0
+    contention_ms_per_mb: float = 0.0
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -122,7 +129,8 @@ class Fit:
     shard_overhead_ms: float
     gflops: float
     dequant_ns: dict[int, float]  # per quantised bitwidth
-    stream_ms_per_mb: float = 0.0  # contention: compute per MB of the layer's streamed shards
+    stream_ms_per_mb: float = 0.0  # compute per MB of the layer's streamed shards
+    contention_ms_per_mb: float = 0.0  # compute per MB the IO thread reads beside it
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -147,6 +155,7 @@ class Sample:
     ms: float
     plan: int = 0  # which calibration plan it came from
     streamed_mb: float = 0.0  # stored MB of the layer's streamed (not preloaded) shards
+    beside_mb: float = 0.0  # MB the IO thread read while the layer computed (median)
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...],
@@ -159,13 +168,13 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
     if not samples:
         raise CalibrationError("no layer was measured")
     A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
-                  + [s.streamed_mb] for s in samples])
+                  + [s.streamed_mb, s.beside_mb] for s in samples])
     y = np.array([s.ms for s in samples])
     unused = [b for i, b in enumerate(bits) if not A[:, 3 + i].any()]
     if unused:
         raise CalibrationError(f"no calibration plan ran a shard at {unused} bits; rerun with "
                                f"more plans (--plans)")
-    stream = len(bits) + 3  # the contention term's column
+    stream = len(bits) + 3  # the streamed weights' column, then the contention term's
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
     scale = np.abs(A * w[:, None]).max(axis=0)  # columns of ~1: nnls and the covariance
     scale[scale == 0] = 1.0                      # well conditioned
@@ -198,12 +207,14 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
     stderr = FitErrors(layer_overhead_ms=float(se[0]), shard_overhead_ms=float(se[1]),
                        gflops=gflops_se,
                        dequant_ns={b: float(se[3 + i] * 1e6) for i, b in enumerate(bits)},
-                       stream_ms_per_mb=float(se[stream]))
+                       stream_ms_per_mb=float(se[stream]),
+                       contention_ms_per_mb=float(se[stream + 1]))
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
-               stream_ms_per_mb=float(x[stream]), stderr=stderr,
+               stream_ms_per_mb=float(x[stream]),
+               contention_ms_per_mb=float(x[stream + 1]), stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
                samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
@@ -550,8 +561,9 @@ def _samples(model: ModelProfile, designed: list, runs_of: list[list]) -> list[S
             ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
                                   for r in runs]))
             streamed = sum(layer.shards[p.shard].bytes[p.bit] for p in picks if not p.preloaded)
+            beside = float(np.median([concurrent_mb(r.layers, l) for r in runs]))
             samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
-                                  weights, ms, i, streamed / 1e6))
+                                  weights, ms, i, streamed / 1e6, beside))
     return samples
 
 
@@ -565,7 +577,9 @@ def _loose_terms(fit: Fit, samples: list[Sample]) -> list[str]:
     terms = [("layer_overhead_ms", se.layer_overhead_ms, 1.0),
              ("shard_overhead_ms", se.shard_overhead_ms, max(s.shards for s in samples)),
              ("gflops", ms_per_flop_se, max(s.flops for s in samples)),
-             ("stream_ms_per_mb", se.stream_ms_per_mb, max(s.streamed_mb for s in samples))]
+             ("stream_ms_per_mb", se.stream_ms_per_mb, max(s.streamed_mb for s in samples)),
+             ("contention_ms_per_mb", se.contention_ms_per_mb,
+              max(s.beside_mb for s in samples))]
     terms += [(f"dequant_ns_per_weight[{b}]", ns / 1e6, max(s.weights.get(b, 0) for s in samples))
               for b, ns in se.dequant_ns.items()]
     share = sorted(((100 * err * most / mean, name) for name, err, most in terms), reverse=True)
@@ -664,8 +678,9 @@ def device_of(fit: Fit, base: Device) -> Device:
         base, gflops=round(float(fit.gflops), 4), layer_overhead_ms=round(fit.layer_overhead_ms, 5),
         dequant_gb_s=None, shard_overhead_ms=round(fit.shard_overhead_ms, 6),
         dequant_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.dequant_ns.items())),
-        stream_ms_per_mb=round(fit.stream_ms_per_mb, 6), embed_ms=round(fit.embed_ms, 5), pool_ms=round(fit.pool_ms, 5),
-        wake_ms=round(fit.wake_ms, 5))
+        stream_ms_per_mb=round(fit.stream_ms_per_mb, 6),
+        contention_ms_per_mb=round(fit.contention_ms_per_mb, 6), embed_ms=round(fit.embed_ms, 5),
+        pool_ms=round(fit.pool_ms, 5), wake_ms=round(fit.wake_ms, 5))
 
 
 def _stage_totals(run) -> dict[str, float]:
@@ -755,7 +770,8 @@ def device_dict(device: Device) -> dict:
     if device.dequant_ns_per_weight:
         compute["dequant_ns_per_weight"] = dict(device.dequant_ns_per_weight)
     compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms,
-                   stream_ms_per_mb=device.stream_ms_per_mb)
+                   stream_ms_per_mb=device.stream_ms_per_mb,
+                   contention_ms_per_mb=device.contention_ms_per_mb)
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -780,6 +796,8 @@ def describe_compute(device: Device) -> str:
                                                       for b, ns in device.dequant_ns_per_weight))
     if device.stream_ms_per_mb:
         parts.append(f"stream_ms_per_mb {device.stream_ms_per_mb:g}")
+    if device.contention_ms_per_mb:
+        parts.append(f"contention_ms_per_mb {device.contention_ms_per_mb:g}")
     if device.embed_ms or device.pool_ms or device.wake_ms:
         parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
                      f"wake_ms {device.wake_ms:g}")
@@ -796,7 +814,9 @@ def fit_report(cal: Calibration) -> str:
              f"gflops {fit.gflops:.2f} +- {se.gflops:.2f}"]
     terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se.dequant_ns[b]:.3f}"
               for b, ns in fit.dequant_ns.items()]
-    terms += [f"stream_ms_per_mb {fit.stream_ms_per_mb:.4f} +- {se.stream_ms_per_mb:.4f}"]
+    terms += [f"stream_ms_per_mb {fit.stream_ms_per_mb:.4f} +- {se.stream_ms_per_mb:.4f}",
+              f"contention_ms_per_mb {fit.contention_ms_per_mb:.4f} +- "
+              f"{se.contention_ms_per_mb:.4f}"]
     terms += [f"embed_ms {fit.embed_ms:.4f} +- {se.embed_ms:.4f}",
               f"pool_ms {fit.pool_ms:.4f} +- {se.pool_ms:.4f}",
               f"wake_ms {fit.wake_ms:.4f} +- {se.wake_ms:.4f}"]

@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,6 +96,30 @@ class LayerTrace:
     compute_start_ms: float
     compute_end_ms: float
     decode_ms: float  # part of compute: dequantising this layer's quantised shards
+    # when the IO thread really read the layer's bytes (first read's start, last read's
+    # end): within the IO interval, which an emulated device stretches to its deadline
+    read_span_ms: tuple[float, float] | None = None
+
+
+def concurrent_mb(traces: Sequence[LayerTrace], l: int) -> float:
+    """MB the IO thread read while stage `l` of `traces` (one query's or one pass's
+    layers, a decoder's streamed head last) computed: each stage's read bytes spread
+    evenly over the span in which they were really read (its IO interval where the span
+    is not known), counted where that overlaps stage l's compute. The feature of the
+    contention term (compute slowed by the copies that run beside it; runtime/calibrate.py):
+    under an emulated device the bytes are read at this machine's speed, then the IO
+    thread sleeps to the device's deadline, so the copies fall early in the interval."""
+    cs, ce = traces[l].compute_start_ms, traces[l].compute_end_ms
+    total = 0.0
+    for t in traces:
+        if not t.read_bytes:
+            continue
+        a, b = t.read_span_ms or (t.io_start_ms, t.io_end_ms)
+        if b > a:
+            total += t.read_bytes * max(0.0, min(ce, b) - max(cs, a)) / (b - a)
+        elif cs <= a <= ce:
+            total += t.read_bytes
+    return total / 1e6
 
 
 @dataclass
@@ -265,7 +289,9 @@ class QueryIO:
             else:
                 io_start = max(prev_end, (io.start - t0) * 1e3)
                 prev_end = io_start
-            out.append(LayerTrace(l, io.reads, io.nbytes, io_start, prev_end, *compute[l]))
+            span = ((io.start - t0) * 1e3, (io.end - t0) * 1e3) if io.reads else None
+            out.append(LayerTrace(l, io.reads, io.nbytes, io_start, prev_end, *compute[l],
+                                  read_span_ms=span))
         return out
 
 

@@ -31,9 +31,13 @@ class Device:
     pool_ms after the last; a layer whose compute waits for its reads starts wake_ms
     after they end (the compute thread's wake-up); and a streamed shard's compute costs
     stream_ms_per_mb more per MB of its stored bytes than the same shard preloaded (weights
-    just read into the IO ring: the copies that brought them in, and the reads of the layers
-    after it, share the memory system with its compute; docs/design.md, "Contention"). The
-    terms a device file leaves out are 0 (None: no per-byte dequantisation term)."""
+    just read into the IO ring, cold in the caches; docs/design.md, "Contention"), and
+    contention_ms_per_mb more per MB when its reads run beside compute (a pipelined plan
+    with a window of at least one layer: the IO thread's copies share the memory system
+    with the compute thread; calibrate fits it per MB read while a layer computes, the
+    cost model charges it to the shard's own layer, so that a pass pays it once per byte
+    it streams). The terms a device file leaves out are 0 (None: no per-byte
+    dequantisation term)."""
 
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
@@ -48,6 +52,7 @@ class Device:
     pool_ms: float = 0.0  # per query: pooling, after the last layer
     wake_ms: float = 0.0  # a layer that waits for its reads starts computing this long after
     stream_ms_per_mb: float = 0.0  # extra compute of a streamed shard, per MB it stores
+    contention_ms_per_mb: float = 0.0  # more when its reads overlap compute (pipelined)
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
 
     def dequant_ns(self, bits: int) -> float | None:
