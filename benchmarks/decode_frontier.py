@@ -3,7 +3,8 @@ fixed per-token target, the exact plan beside greedy and the uniform baselines.
 
     python -m benchmarks.decode_frontier [--scenario problems/scenarios/smollm2-phone.yaml]
         [--bandwidths 200,1000] [--memory-mb 24,32,48,64,96,128] [--target-ms T]
-        [--windows unbounded,2] [--time-limit 8] [--texts 32] [--new-tokens 6] [--quick]
+        [--windows unbounded,2] [--time-limit 8] [--texts 32] [--new-tokens 6] [--rounds 3]
+        [--quick]
 
 On a decoder's scenario, with its device's storage at each of --bandwidths MB/s
 (dataclasses.replace of the device), the per-token target T (default: 2x hold-in-memory's
@@ -32,8 +33,12 @@ Every distinct plan is then
 - measured through the decode executor in a fresh process (benchmarks/decode_baselines.py
   probe: the memprobe method), storage emulated at the bandwidth, answering one prompt
   with --new-tokens greedy tokens: the executor's peak (its own accounting) and the
-  process's (VmHWM above its baseline), time to first token and the median per-token
-  latency. A plan that reads nothing is measured once for every bandwidth.
+  process's (VmHWM above its baseline), and that answer's times (fresh_ttft_ms,
+  fresh_token_ms in the CSV); then timed again, every plan's executor open in this
+  process and the answers interleaved over --rounds rounds (3), so that the machine's
+  drift falls on every plan alike: the time to first token and the median per-token
+  latency the rows and the goals report. A plan that reads nothing is measured once for
+  every bandwidth.
 
 Prints one row per plan, then whether the goals hold, measured: at --goal-memory-mb (48)
 on --goal-bandwidth (1000) MB/s, the exact plan's top-1 agreement with the full model at
@@ -119,6 +124,8 @@ class Measurer:
             store, ids, new_tokens, texts, tmp
         self.quality: dict[tuple, object] = {}
         self.runs: dict[tuple, dict] = {}
+        self.plans: dict[tuple, tuple] = {}  # measure key -> (plan, device)
+        self.times: dict[tuple, tuple[float, float]] = {}  # -> (first token, per token) ms
 
     def evaluate(self, plan):
         """`elasticplan evaluate`'s measurement of a decoder plan (runtime/commands.py
@@ -140,7 +147,26 @@ class Measurer:
             path = self.tmp / f"plan{len(self.runs)}.json"
             plan.save(path)
             self.runs[key] = probe(path, self.store, self.ids, self.new_tokens, device)
+            self.plans[key] = (plan, device)
         return self.runs[key]
+
+    def time_interleaved(self, rounds: int) -> None:
+        """Every measured plan answers again in this process, its executor open
+        throughout and the plans' answers interleaved, --rounds rounds after a warm-up
+        (benchmarks/decode_prediction.py measure): the times the rows report, so that a
+        change in this VM's speed falls on every plan alike (measured one after another in
+        fresh processes, plans minutes apart met machines a third apart in speed)."""
+        import statistics
+
+        from benchmarks.decode_prediction import measure
+
+        keys = list(self.plans)
+        plans = [(plan, plan.scenario.question, device)
+                 for plan, device in (self.plans[k] for k in keys)]
+        for key, runs in zip(keys, measure(plans, self.store, self.ids, self.new_tokens,
+                                           rounds)):
+            self.times[key] = (statistics.median(r.ttft_ms for r in runs),
+                               statistics.median(statistics.median(r.step_ms) for r in runs))
 
 
 def row_of(method: str, bandwidth: float, budget, target: float, plan, m: Measurer,
@@ -148,7 +174,8 @@ def row_of(method: str, bandwidth: float, budget, target: float, plan, m: Measur
     import statistics
 
     ev, run = m.evaluate(plan), m.run(plan, device)
-    return {
+    # measured_*: filled in by timed() from the interleaved rounds; fresh_*: the probe's
+    return {"measure_key": measure_key(plan, device.bandwidth_mb_s),
         "method": method, "solver": plan.solver, "bandwidth_mb_s": bandwidth,
         "memory_budget_mb": budget, "target_ms": target, "status": plan.status.value,
         "gap": plan.gap, "window": UNBOUNDED if plan.window is None else plan.window,
@@ -159,12 +186,21 @@ def row_of(method: str, bandwidth: float, budget, target: float, plan, m: Measur
         "executor_peak_mb": run["executor_peak_bytes"] / 1e6,
         "process_peak_mb": run["peak_above_baseline_bytes"] / 1e6,
         "predicted_token_ms": plan.decoding.last_token_ms,
-        "measured_token_ms": statistics.median(run["step_ms"]),
-        "predicted_ttft_ms": plan.decoding.ttft_ms, "measured_ttft_ms": run["ttft_ms"],
+        "measured_token_ms": None,
+        "fresh_token_ms": statistics.median(run["step_ms"]),
+        "predicted_ttft_ms": plan.decoding.ttft_ms, "measured_ttft_ms": None,
+        "fresh_ttft_ms": run["ttft_ms"],
         "kl": ev.kl, "kl_se": ev.kl_stderr, "top1": ev.top1, "top1_se": ev.top1_stderr,
         "perplexity": ev.perplexity, "perplexity_se": ev.perplexity_stderr,
         "fp32_perplexity": ev.fp32_perplexity, "texts": ev.texts, "positions": ev.positions,
     }
+
+
+def timed(row: dict, m: Measurer) -> dict:
+    """The row with its interleaved times (Measurer.time_interleaved), its key dropped."""
+    out = dict(row)
+    out["measured_ttft_ms"], out["measured_token_ms"] = m.times[out.pop("measure_key")]
+    return out
 
 
 def print_header() -> None:
@@ -312,6 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=8.0, help="per solve, s")
     ap.add_argument("--texts", type=int, default=32, help="held-out texts (evaluate: 64)")
     ap.add_argument("--new-tokens", type=int, default=6, help="tokens each measured answer")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--goal-memory-mb", type=float, default=48.0)
     ap.add_argument("--goal-bandwidth", type=float, default=1000.0)
@@ -323,6 +360,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.windows, a.texts, a.new_tokens, a.time_limit = [None], 4, 3, min(a.time_limit, 5.0)
+        a.rounds = 1
     command = start(MODULE, argv)
     t0 = time.monotonic()
     from elasticplan.errors import ElasticplanError
@@ -348,10 +386,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         m = Measurer(store, ids, a.new_tokens, list(load_splits().test.texts[:a.texts]),
                      Path(tmp))
-        print_header()
         hold = row_of(HOLD_IN_MEMORY, base.device.bandwidth_mb_s, None, target, hold_plan, m,
                       base.device)
-        print_row(hold)
         for bw in a.bandwidths:
             sc = at_bandwidth(base, bw).with_overrides(target_latency_ms=target)
             candidates = uniform_candidates(sc, bits)
@@ -366,20 +402,23 @@ def main(argv=None) -> int:
                     if found is None:
                         print(f"# {method} at {bw:g} MB/s, {mb:g} MB: no plan ({why})")
                         continue
-                    r = row_of(method, bw, mb, target, found[0], m, sc.device)
-                    rows.append(r)
-                    print_row(r)
+                    rows.append(row_of(method, bw, mb, target, found[0], m, sc.device))
                 for method, plan in candidates:
                     if fits(plan, mb, target):
-                        r = row_of(method, bw, mb, target, plan, m, sc.device)
-                        rows.append(r)
-                        print_row(r)
+                        rows.append(row_of(method, bw, mb, target, plan, m, sc.device))
             left = [f"{name} ({p.memory.peak_bytes / 1e6:.1f} MB, "
                     f"{p.decoding.last_token_ms:.1f} ms)" for name, p in candidates
                     if not any(fits(p, mb, target) for mb in a.memory_mb)]
             if left:
                 print(f"# {bw:g} MB/s: fit no budget and the target (predicted): "
                       + "; ".join(left))
+        print(f"# {len(m.plans)} plans measured for memory; their times, interleaved in "
+              f"{a.rounds} rounds:", flush=True)
+        m.time_interleaved(a.rounds)
+    hold, rows = timed(hold, m), [timed(r, m) for r in rows]
+    print_header()
+    for r in [hold] + rows:
+        print_row(r)
     all_rows = [hold] + rows
     print()
     for line in goals(rows, hold, a):

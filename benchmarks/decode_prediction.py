@@ -92,21 +92,22 @@ def questions(sc, factors, budgets, log=print) -> list[tuple]:
     return out
 
 
-def measure(cases, store, prompt: list[int], new_tokens: int, rounds: int) -> list[list]:
-    """Every plan's answers, rounds interleaved, its executor open throughout."""
+def measure(plans, store, prompt: list[int], new_tokens: int, rounds: int) -> list[list]:
+    """Every plan's answers ((plan, its question, the device whose storage is emulated)),
+    rounds interleaved, its executor open throughout."""
     from runtime.decoding import DecodeExecutor
     from runtime.measurement.generate import picks_of
 
     executors = []
     try:
-        for _, _, plan, q in cases:
+        for plan, question, device in plans:
             picks, table = picks_of(plan)
-            ex = DecodeExecutor(store, picks, table, context=q.question.context_tokens,
-                                window=plan.window, device=q.device,
-                                prompt_tokens=q.question.prompt_tokens)
+            ex = DecodeExecutor(store, picks, table, context=question.context_tokens,
+                                window=plan.window, device=device,
+                                prompt_tokens=question.prompt_tokens)
             executors.append(ex)
             ex.generate(prompt, 2, eos_id=None)  # warm-up, discarded
-        runs: list[list] = [[] for _ in cases]
+        runs: list[list] = [[] for _ in plans]
         for r in range(rounds):
             for ex, out in zip(executors, runs):
                 out.append(ex.generate(prompt, new_tokens, eos_id=None))
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
             cases = questions(sc, a.factors, budgets)
             if not cases:
                 continue
-            runs = measure(cases, store, prompt, a.new_tokens, a.rounds)
+            runs = measure([(plan, q.question, q.device) for _, _, plan, q in cases], store,
+                           prompt, a.new_tokens, a.rounds)
             for (factor, budget, plan, q), r in zip(cases, runs):
                 rows.append(row(bw, factor, budget, plan, q, r,
                                 process_peak(plan, q, store, prompt)))

@@ -285,3 +285,19 @@ def test_decode_frontier_goal_two_counts_wins_losses_and_lossless_ties():
     assert "than 1 of 1 comparisons" in lines[1] and "(1 more tied at KL 0): MET" in lines[1]
     rows.append(row("uniform-4", 48.0, 0.5))  # equal, not lossless: a loss
     assert decode_frontier.goals(rows, hold, a)[1].endswith("NOT MET")
+
+
+def test_decode_frontier_rows_take_the_interleaved_times_of_their_plan():
+    """A frontier row reports the times of its plan's interleaved rounds (looked up by its
+    measure key, which it then drops), the fresh process's beside them unchanged."""
+    from types import SimpleNamespace
+
+    from benchmarks import decode_frontier
+
+    m = SimpleNamespace(times={("a",): (210.0, 95.5), ("b",): (180.0, 60.25)})
+    row = {"method": "exact", "measure_key": ("b",), "measured_token_ms": None,
+           "measured_ttft_ms": None, "fresh_token_ms": 70.0, "fresh_ttft_ms": 190.0}
+    out = decode_frontier.timed(row, m)
+    assert (out["measured_ttft_ms"], out["measured_token_ms"]) == (180.0, 60.25)
+    assert (out["fresh_ttft_ms"], out["fresh_token_ms"]) == (190.0, 70.0)
+    assert "measure_key" not in out and row["measure_key"] == ("b",)
