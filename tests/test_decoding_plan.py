@@ -213,6 +213,17 @@ def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memor
     assert top is not None and greedy.importance <= top + oracle.TOL
 
 
+def test_a_subnormal_largest_importance_is_planned_by_every_backend():
+    """The hypothesis example above that found it: a largest importance of 2.2e-308 made
+    the float programs' importance scale (1e6 / the largest) infinite, and their zero
+    importances NaN; every backend now plans it and matches brute force."""
+    sc = _scenario(profile=_profile(imp=((0.0, 0.0), (0.0, 2.2250738585072014e-308)),
+                                    head_imp=(0.0, 0.0)), target_latency_ms=1.0, kv_bits=16)
+    for solver in ("highs", "cpsat", "cbc"):
+        plan = oracle.solve_or_none(sc, solver)
+        oracle.assert_matches(sc, None if plan is None else plan.importance, oracle.TOL)
+
+
 def test_a_time_to_first_token_target_binds_in_every_backend():
     """The prompt pass's target, set just below the unconstrained plan's: every backend's
     plan meets it, at a cost in importance, and the verifier reports a plan that misses it."""

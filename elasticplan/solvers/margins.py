@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elasticplan.problem.spec import Scenario
+from elasticplan.problem.spec import ModelProfile, Scenario
 
 TIME_MARGIN_MS = 1e-5
 IMPORTANCE_SCALE = 1e6
 IMPORTANCE_MARGIN = 1e-6
+TINY_IMPORTANCE = 1e-200  # the least largest importance the scalings divide by
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,17 @@ class Margins:
 EXACT = Margins(time_ms=0.0, importance_scale=1.0, importance_floor=0.0)
 
 
+def importance_top(model: ModelProfile) -> float:
+    """What the float and integer programs scale importance by (their unit): the largest
+    shard importance, 1 when every importance is 0, and at least TINY_IMPORTANCE, since
+    dividing by a subnormal largest importance overflows the scale to infinity (a
+    hypothesis example: 2.2e-308, whose 0 importances then scaled to NaN); importances
+    that small are far below every backend's tolerance."""
+    top = model.max_importance
+    return max(top, TINY_IMPORTANCE) if top > 0 else 1.0
+
+
 def float_margins(scenario: Scenario) -> Margins:
-    top = scenario.model.max_importance or 1.0
+    top = importance_top(scenario.model)
     return Margins(time_ms=TIME_MARGIN_MS, importance_scale=IMPORTANCE_SCALE / top,
                    importance_floor=IMPORTANCE_MARGIN)

@@ -20,7 +20,7 @@ import pulp
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound
 from elasticplan.problem.spec import Scenario
-from elasticplan.solvers.margins import float_margins
+from elasticplan.solvers.margins import TINY_IMPORTANCE, float_margins
 from elasticplan.solvers.plain.program import Unit, build
 
 NAME = "cbc"
@@ -52,7 +52,8 @@ def solve_cbc(scenario: Scenario, *, time_limit_s: float, threads: int,
         prob += (expr <= rhs) if r.sense == "<=" else (expr >= rhs), _safe(r.label)
     # CBC prints its final bound with ~3 decimals; scaling the objective to ~1e6 makes that
     # line precise enough to compute a real gap. Feasibility is unaffected.
-    top = max((abs(c) for _, c in program.objective), default=1.0) or 1.0
+    # (at least TINY_IMPORTANCE: 1e6 over a subnormal coefficient overflows to infinity)
+    top = max(max((abs(c) for _, c in program.objective), default=1.0) or 1.0, TINY_IMPORTANCE)
     obj_scale = 10.0 ** round(math.log10(1e6 / top))
     # The objective's constant (min_memory's fixed terms) as a variable fixed at 1: a
     # constant of the expression never reaches CBC's model, so its bound and its relative

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from elasticplan.solvers.margins import importance_top
 from elasticplan.solvers.plain.program import Program, Row, Unit
 
 IMPORTANCE_UNITS = 1e9
@@ -68,8 +69,7 @@ def scale_row(row: Row, scale: float, exact_vars: frozenset[str]) -> IntRow:
 
 def to_integers(program: Program, tick_ns: float = DEFAULT_TICK_NS) -> IntProgram:
     tick_ms = tick_ns * 1e-6
-    top = program.scenario.model.max_importance
-    importance_scale = IMPORTANCE_UNITS / top if top > 0 else 1.0
+    importance_scale = IMPORTANCE_UNITS / importance_top(program.scenario.model)
     scales = {Unit.COUNT: 1.0, Unit.BYTES: 1.0, Unit.TIME_MS: 1.0 / tick_ms,
               Unit.IMPORTANCE: importance_scale}
     exact = frozenset(program.times) | frozenset(program.byte_vars)
