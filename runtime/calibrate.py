@@ -7,8 +7,9 @@ Compute. The device's compute model (elasticplan.costmodel) is, per layer that r
                + stored MB x stream_ms_per_mb, streamed only)
                + MB read beside it x contention_ms_per_mb
 (the last feature is measured from each run's traces: every layer's read bytes spread
-evenly over its IO interval, counted where that interval overlaps this layer's compute;
-runtime.executor.concurrent_mb) and per query embed_ms (before layer 0) and pool_ms (after the last layer).
+evenly over the span in which the IO thread really read them, counted where that span
+overlaps this layer's compute; runtime.executor.concurrent_mb) and per query embed_ms
+(before layer 0) and pool_ms (after the last layer).
 Calibration runs designed plans through the real executor, with the storage emulated as
 it will be in real runs, so the measured layer times carry the pipeline's own effects
 (idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). The plans

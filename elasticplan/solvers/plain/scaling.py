@@ -69,7 +69,9 @@ def scale_row(row: Row, scale: float, exact_vars: frozenset[str]) -> IntRow:
 
 def to_integers(program: Program, tick_ns: float = DEFAULT_TICK_NS) -> IntProgram:
     tick_ms = tick_ns * 1e-6
-    importance_scale = IMPORTANCE_UNITS / importance_top(program.scenario.model)
+    model = program.scenario.model
+    importance_scale = IMPORTANCE_UNITS / importance_top(model) if model.max_importance > 0 \
+        else 1.0
     scales = {Unit.COUNT: 1.0, Unit.BYTES: 1.0, Unit.TIME_MS: 1.0 / tick_ms,
               Unit.IMPORTANCE: importance_scale}
     exact = frozenset(program.times) | frozenset(program.byte_vars)
