@@ -5,6 +5,18 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
 
 - Each streamed (not preloaded) shard is one read: latency_us + bytes / bandwidth.
   Reads run on one channel, in layer order: layer l's reads start when layer l-1's end.
+  A shard read in pieces (Shard.pieces: a decoder's streamed table, its rows in pieces;
+  only ever its pass model's last layer) is `table_reads` reads per piece, and each
+  piece computes as soon as it is in: n pieces of one read r1 and one compute c1 each
+  (the shard's / n), piece i read once piece i - 2 has computed (two pieces in the ring;
+  i - 1 at window 0, where nothing overlaps), computed wake_ms after its read and after
+  piece i - 1. That replay is max-plus linear in where it starts, so its layer ends at
+  max(reads start + alpha, layer before's end + beta) exactly (`piece_ms`: alpha, beta
+  from the replay itself), which is the recurrence below with the layer's reads charged
+  alpha - beta - wake_ms and its compute beta (`charged_read_ms`, `charged_compute_ms`):
+  constants per choice, so every program keeps its form. The channel is busy for the
+  whole read; the compute thread for n c1 (LayerTimes.busy_ms). It holds two pieces of
+  the IO ring (Shard.ring_bytes).
 - A layer's compute: layer_overhead_ms + per shard that runs, shard_overhead_ms
   + flops / gflops and, for a quantised shard (bits < 32), its stored bytes / dequant_gb_s
   + its weights x dequant_ns_per_weight[bits] (the terms the device gives; a device
@@ -35,7 +47,8 @@ Memory (bytes; the peak the process holds during a query, docs/design.md "Memory
   resident    model.resident_bytes, plus the embedding table when it is resident
   preload     stored bytes of the preloaded shards
   working     the IO arena, max over W+1 consecutive layers of their streamed bytes (the
-              layers that can be in flight at once), plus the compute scratch
+              layers that can be in flight at once; a shard read in pieces counts two
+              pieces), plus the compute scratch
   activation  model.activation_bytes, plus one query's embedding rows when streamed
   kept        what kept shards hold wherever their weights live (Shard.kept_bytes: a
               decoder's KV cache, elasticplan.decoding); 0 for an encoder
@@ -50,7 +63,14 @@ import statistics
 from dataclasses import dataclass
 
 from elasticplan.problem.question import window_binds, window_span
-from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Shard
+from elasticplan.problem.spec import (
+    FULL_PRECISION_BITS,
+    Device,
+    ModelProfile,
+    Scenario,
+    Shard,
+    table_reads,
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,27 @@ class LayerTimes:
     io_end_ms: float
     compute_start_ms: float
     compute_end_ms: float
+    # read in pieces: its reads as the recurrence charges them end this long before the
+    # channel's (io_end_ms), and the compute thread is busy for busy_ms of its compute
+    # interval (which the recurrence charges whole)
+    overlap_ms: float = 0.0
+    busy_ms: float | None = None
+
+    @property
+    def io_ready_ms(self) -> float:
+        """When the recurrence counts the layer's reads done (before the wake-up)."""
+        return self.io_end_ms - self.overlap_ms
+
+    @property
+    def io_ms(self) -> float:
+        """The channel's time on the layer's reads."""
+        return self.io_end_ms - self.io_start_ms
+
+    @property
+    def compute_ms(self) -> float:
+        """The compute thread's time on the layer."""
+        return self.compute_end_ms - self.compute_start_ms if self.busy_ms is None \
+            else self.busy_ms
 
 
 @dataclass(frozen=True)
@@ -158,6 +199,62 @@ def read_ms(device: Device, nbytes: int) -> float:
     return device.latency_us / 1e3 + nbytes / (device.bandwidth_mb_s * 1e3)
 
 
+def reads_beside(execution: str, window: int | None) -> bool:
+    """Do a plan's reads run beside its compute (pipelined with a window >= 1)?"""
+    return execution == PIPELINED and window != 0
+
+
+def shard_read_ms(device: Device, model: ModelProfile, shard: Shard, bit: int) -> float:
+    """The reads of one streamed shard at bitwidth index `bit`: one read, or, read in
+    pieces, table_reads requests per piece and its bytes."""
+    if shard.pieces == 1:
+        return read_ms(device, shard.bytes[bit])
+    return shard.pieces * table_reads(model, bit) * device.latency_us / 1e3 + \
+        shard.bytes[bit] / (device.bandwidth_mb_s * 1e3)
+
+
+def piece_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
+             beside: bool = True) -> tuple[float, float]:
+    """A streamed shard read in pieces, as the recurrence charges it: (its reads, its
+    compute), such that its layer ends at max(reads start + reads + wake_ms, layer before's
+    end) + compute, which is the piece-by-piece replay exactly (the module's rules; its
+    reads never less than 0, which only ever charges more)."""
+    n = shard.pieces
+    r1 = shard_read_ms(device, model, shard, bit) / n
+    c1 = shard_compute_ms(device, model, shard, bit, True, beside) / n
+    lag = 2 if beside else 1
+    wake = device.wake_ms
+
+    def replay(a: float, b: float) -> float:
+        channel, done = a, []
+        for i in range(n):
+            start = channel if i < lag else max(channel, done[i - lag])
+            channel = start + r1
+            done.append(max(channel + wake, done[-1] if done else b) + c1)
+        return done[-1]
+
+    alpha, beta = replay(0.0, -math.inf), replay(-math.inf, 0.0)
+    return max(0.0, alpha - beta - wake), beta
+
+
+def charged_read_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
+                    beside: bool = True) -> float:
+    """What the recurrence charges a streamed shard's reads: its reads, or, read in
+    pieces, piece_ms's."""
+    if shard.pieces == 1:
+        return shard_read_ms(device, model, shard, bit)
+    return piece_ms(device, model, shard, bit, beside)[0]
+
+
+def charged_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
+                       streamed: bool = False, beside: bool = True) -> float:
+    """What the recurrence charges a shard's compute: shard_compute_ms, or, streamed in
+    pieces, piece_ms's."""
+    if streamed and shard.pieces > 1:
+        return piece_ms(device, model, shard, bit, beside)[1]
+    return shard_compute_ms(device, model, shard, bit, streamed, beside)
+
+
 def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int,
                      streamed: bool = False, beside: bool = True) -> float:
     """Compute of one shard at bitwidth index `bit`, without the layer's fixed overhead;
@@ -198,8 +295,8 @@ def window_peak(streamed: list[int], window: int | None) -> int:
 
 def memory_of(model: ModelProfile, layout: Layout, preload: int, streamed: list[int],
               kept: int = 0) -> Memory:
-    """The predicted peak memory, by term, of a plan with these per-layer streamed bytes
-    (and `kept`: its kept shards' kept_bytes)."""
+    """The predicted peak memory, by term, of a plan with these per-layer bytes of the IO
+    ring (its streamed shards' Shard.ring_bytes) and `kept` (its kept shards' kept_bytes)."""
     if layout.stream_embeddings and not model.embedding_rows:
         raise ValueError(f"model {model.name!r} has no embedding table to stream")
     table = model.embedding_table_bytes
@@ -227,10 +324,14 @@ def memory_constants(model: ModelProfile) -> tuple[int, int]:
 
 def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None = None,
              start_ms: float = 0.0, execution: str = PIPELINED,
-             embed_ms: float = 0.0, wake_ms: float = 0.0) -> list[LayerTimes]:
+             embed_ms: float = 0.0, wake_ms: float = 0.0,
+             overlap_ms: list[float] | None = None,
+             busy_ms: list[float | None] | None = None) -> list[LayerTimes]:
     """The schedule of layers with these read and compute times (the rules above): the
     channel starts at start_ms (the embedding rows' reads end), the compute thread at
-    start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end."""
+    start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end, less its
+    overlap_ms (a layer read in pieces: its reads as charged end that much earlier; its
+    compute thread busy busy_ms of its compute; defaults 0 and None)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     if execution == SEQUENTIAL and window_binds(window, len(io_ms)):
@@ -243,6 +344,7 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
             io_end += read
     times: list[LayerTimes] = []
     compute_end = start_ms + embed_ms
+    overlaps = overlap_ms or [0.0] * len(io_ms)
     for l, (read, compute) in enumerate(zip(io_ms, compute_ms)):
         if execution == PIPELINED:
             gate = times[l - window - 1].compute_end_ms \
@@ -250,10 +352,12 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
             io_start = max(io_end, gate)
             io_end = io_start + read
             io.append((io_start, io_end))
-        ready = (io[l][1] if execution == PIPELINED else io[-1][1]) + wake_ms
+        overlap = overlaps[l] if execution == PIPELINED else 0.0
+        ready = (io[l][1] if execution == PIPELINED else io[-1][1]) - overlap + wake_ms
         start = max(ready, compute_end)
         compute_end = start + compute
-        times.append(LayerTimes(io[l][0], io[l][1], start, compute_end))
+        times.append(LayerTimes(io[l][0], io[l][1], start, compute_end, overlap,
+                                busy_ms[l] if busy_ms else None))
     return times
 
 
@@ -262,8 +366,8 @@ def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int 
                   wake_ms: float = 0.0) -> tuple[int, ...]:
     """A longest chain of a pipelined schedule, from the channel's start to the last
     layer's compute end: per layer, 1 if the chain takes its reads, 2 its compute, 3 both.
-    Its reads and compute, start_ms, wake_ms per layer marked 3 (compute after its own
-    reads), and embed_ms when the first layer's mark has no reads (the chain starts at the
+    Its reads (a layer read in pieces: as charged, charged_read_ms), compute,
+    start_ms, wake_ms per layer marked 3 (compute after its own reads), and embed_ms when the first layer's mark has no reads (the chain starts at the
     embedding), sum to the last layer's compute end (path_ms). Walked back
     from the end: a layer's compute waited on its own reads or on the layer before's
     compute (layer 0: on the embedding); its reads on the layer before's reads or, through
@@ -275,7 +379,7 @@ def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int 
         if kind == "compute":
             marks[l] |= 2
             before = times[l - 1].compute_end_ms if l else start_ms + embed_ms
-            if before > t.io_end_ms + wake_ms:
+            if before > t.io_ready_ms + wake_ms:
                 if not l:
                     break  # the chain starts at the embedding
                 l -= 1
@@ -310,11 +414,12 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
     preload = kept = 0
     importance = 0.0
-    io_ms, compute_ms, streamed = [], [], []
-    beside = execution == PIPELINED and layout.window != 0  # reads overlap compute
+    io_ms, compute_ms, overlap_ms, busy_ms, streamed, ring = [], [], [], [], [], []
+    beside = reads_beside(execution, layout.window)  # reads overlap compute
     for layer, picks in zip(model.layers, selection):
-        compute = device.layer_overhead_ms if picks else 0.0
-        read, nstream = 0.0, 0
+        compute = busy = device.layer_overhead_ms if picks else 0.0
+        read = overlap = 0.0
+        nstream = nring = 0
         for pick in picks:
             shard = layer.shards[pick.shard]
             nbytes = shard.bytes[pick.bit]
@@ -322,18 +427,26 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
                 preload += nbytes
             else:
                 nstream += nbytes
-                read += read_ms(device, nbytes)
-            compute += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded,
-                                        beside)
+                nring += shard.ring_bytes(pick.bit)
+                read += shard_read_ms(device, model, shard, pick.bit)
+                overlap += shard_read_ms(device, model, shard, pick.bit) - \
+                    charged_read_ms(device, model, shard, pick.bit, beside)
+            compute += charged_compute_ms(device, model, shard, pick.bit, not pick.preloaded,
+                                          beside)
+            busy += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded, beside)
             importance += shard.importance[pick.bit]
             kept += shard.kept_bytes
         io_ms.append(read)
         compute_ms.append(compute)
+        overlap_ms.append(overlap)
+        busy_ms.append(None if busy == compute else busy)
         streamed.append(nstream)
+        ring.append(nring)
     start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
-                     execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms)
+                     execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms,
+                     overlap_ms=overlap_ms, busy_ms=busy_ms)
     end = times[-1].compute_end_ms if times else start + device.embed_ms
     return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,
-                    memory=memory_of(model, layout, preload, streamed, kept), layout=layout)
+                    memory=memory_of(model, layout, preload, ring, kept), layout=layout)

@@ -108,7 +108,7 @@ def calibration_prompt(store: ShardStore, tokens: int, split: str = "calibration
 
 def _layer_ms(trace: PassTrace, l: int) -> float:
     t = trace.head if l == len(trace.layers) else trace.layers[l]
-    return t.compute_end_ms - t.compute_start_ms
+    return t.compute_ms
 
 
 def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[GenerateResult]]

@@ -349,42 +349,55 @@ class StoredTable:
         sizes the bounce buffer, which serves, for the largest)."""
         return 0 if self.fp32 else self.chunk_rows * (self.row_bytes + self.side_bytes)
 
-    def side_at(self, row: int) -> int:
-        """Where row `row`'s side data starts in the table's bytes."""
-        return self.vocab * self.row_bytes + self.side_bytes * row
+    def side_at(self, row: int, rows: int | None = None) -> int:
+        """Where row `row`'s side data starts in the bytes of a run of `rows` rows stored
+        as the table is (codes, then side data; default: the whole table)."""
+        return (self.vocab if rows is None else rows) * self.row_bytes + self.side_bytes * row
+
+    def piece_rows(self, pieces: int) -> int:
+        """Rows of each piece when the table is read in `pieces` pieces (the last: the rest;
+        elasticplan.problem.spec.Shard.piece_bytes)."""
+        return -(-self.vocab // pieces)
+
+    def piece_bytes(self, rows: int) -> int:
+        """A run of `rows` rows read as a piece: their codes, then their side data."""
+        return rows * (self.row_bytes + self.side_bytes)
 
     def row_into(self, out: torch.Tensor, pieces: list[memoryview], token: int,
-                 spill: np.ndarray, work: DecodeWork | None) -> None:
-        """Token `token`'s embedding (fp32 [hidden]) into `out` (a row split by the ring's
-        end is joined in `spill`: row_bytes + side_bytes at least)."""
+                 spill: np.ndarray, work: DecodeWork | None, rows: int | None = None) -> None:
+        """Row `token` (fp32 [hidden]) into `out` from a run of `rows` rows laid out as the
+        table (default: the whole table; a row split by the ring's end is joined in
+        `spill`: row_bytes + side_bytes at least)."""
         raw = _span(pieces, token * self.row_bytes, self.row_bytes, spill)
         if self.fp32:
             out.copy_(torch.frombuffer(raw, dtype=torch.float32))
             return
         codes = torch.frombuffer(raw, dtype=torch.uint8).view(1, -1)
-        side = torch.frombuffer(_span(pieces, self.side_at(token), self.side_bytes,
+        side = torch.frombuffer(_span(pieces, self.side_at(token, rows), self.side_bytes,
                                       spill[self.row_bytes:]), dtype=torch.uint8).view(1, -1)
         self.scheme.decode_rows(out.view(1, -1), codes, side, self.bits, work)
 
     def logits_into(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
                     scratch: torch.Tensor, scratch_bytes: np.ndarray, spill: np.ndarray,
                     work: DecodeWork | None) -> float:
-        """logits [vocab] = table @ hn: fp32 rows where they lie, every row of a piece at
-        once (a row split by the ring's end joined in the scratch first); a quantised table
-        chunk by chunk of rows, each dequantised into the scratch first (a chunk split by
-        the ring's end joined first: its codes and side data in `spill`). Returns the seconds
-        spent dequantising."""
+        """logits [n] = rows @ hn for a run of n rows laid out as the table (the whole
+        table, or one piece of it; `logits` has its n entries): fp32 rows where they lie,
+        every row of a view at once (a row split by the ring's end joined in the scratch
+        first); a quantised table chunk by chunk of rows, each dequantised into the scratch
+        first (a chunk split by the ring's end joined first: its codes and side data in
+        `spill`). Returns the seconds spent dequantising."""
+        n = logits.numel()
         if self.fp32:
             self._fp32_logits(logits, hn, pieces, scratch_bytes)
             return 0.0
         d, R, decode = self.hidden, self.chunk_rows, 0.0
-        for r0 in range(0, self.vocab, R):
-            rows = min(R, self.vocab - r0)
+        for r0 in range(0, n, R):
+            rows = min(R, n - r0)
             t = time.perf_counter()
             nb = rows * self.row_bytes
             codes = torch.frombuffer(_span(pieces, r0 * self.row_bytes, nb, spill),
                                      dtype=torch.uint8).view(rows, self.row_bytes)
-            side = torch.frombuffer(_span(pieces, self.side_at(r0), self.side_bytes * rows,
+            side = torch.frombuffer(_span(pieces, self.side_at(r0, n), self.side_bytes * rows,
                                           spill[R * self.row_bytes:]), dtype=torch.uint8)
             w = self.scheme.decode_rows(scratch[:rows * d].view(rows, d), codes,
                                         side.view(rows, self.side_bytes), self.bits, work)
@@ -394,15 +407,15 @@ class StoredTable:
 
     def _fp32_logits(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
                      scratch_bytes: np.ndarray) -> None:
-        d, row = self.hidden, self.row_bytes
-        r, at = 0, 0  # the next row; where this piece starts in the table's bytes
+        d, row, n = self.hidden, self.row_bytes, logits.numel()
+        r, at = 0, 0  # the next row; where this view starts in the run's bytes
         for p in pieces:
-            end = min(self.vocab, (at + p.nbytes) // row)  # rows that end in this piece
+            end = min(n, (at + p.nbytes) // row)  # rows that end in this view
             if end > r:
                 w = torch.frombuffer(p[r * row - at:end * row - at], dtype=torch.float32)
                 torch.mv(w.view(end - r, d), hn, out=logits[r:end])
                 r = end
-            if r < self.vocab and r * row < at + p.nbytes:  # split at this piece's end
+            if r < n and r * row < at + p.nbytes:  # split at this view's end
                 w = torch.frombuffer(_span(pieces, r * row, row, scratch_bytes),
                                      dtype=torch.float32)
                 torch.mv(w.view(1, d), hn, out=logits[r:r + 1])

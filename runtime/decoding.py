@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
+import hashlib
 import os
 import threading
 import time
@@ -77,6 +78,7 @@ from runtime.decode_layers import (
     rms_norm_into,
 )
 from runtime.executor import (
+    LayerIO,
     LayerTrace,
     PlacedShard,
     QueryIO,
@@ -91,12 +93,13 @@ from runtime.executor import (
     raise_io_failure,
     read_layers,
     read_shard,
+    ring_views,
     shard_weights,
 )
 from runtime.families.llama import KVCache
 from runtime.iodev import DeviceClock
 from runtime.schemes.base import FP32, DecodeWork
-from runtime.store import TABLE, ShardStore, Variant
+from runtime.store import TABLE, ShardStore, Variant, check_values
 
 MODEL_EOS = -1  # generate's default eos_id: the model's
 
@@ -113,10 +116,13 @@ class ShardPick:
 
 @dataclass(frozen=True)
 class TablePick:
-    """The embedding / LM-head table: stored bitwidth, resident or streamed."""
+    """The embedding / LM-head table: stored bitwidth, resident or streamed, and, streamed,
+    how many pieces of rows it is read in (elasticplan.problem.spec.head_pieces: each
+    piece's logits computed as soon as it is in, two pieces in the ring; 1: whole)."""
 
     bits: int = FP32
     resident: bool = True
+    pieces: int = 1
 
 
 def emulated_storage(bandwidth_mb_s: float, latency_us: float) -> Device:
@@ -289,14 +295,22 @@ class DecodeExecutor(ShardFiles):
         tv, table_checked = _table_variant(store, table.bits)
         self.table_pick, self.table = table, StoredTable(tv, c.hidden)
         self.stream_table = not table.resident
+        self.spans = self._piece_spans(table) if self.stream_table else []
+        # a table read in pieces holds two of them in the ring (Shard.ring_bytes)
+        slot = min(tv.nbytes, 2 * self.table.piece_bytes(self.spans[0][1])) \
+            if len(self.spans) > 1 else tv.nbytes
         self.layer_bytes = [sum(v.nbytes for v, r in row if not r) for row in variants] + \
-            ([tv.nbytes] if self.stream_table else [])
+            ([slot] if self.stream_table else [])
         self.fds: dict[str, int] = open_files(store, {v.file for row in variants for v, _ in row}
                                               | {tv.file})
         try:
             self._allocate_io(variants, tv)
             attention = lambda name: name != TABLE and c.parse(name)[0] == "group"  # noqa: E731
-            if self.stream_table:  # the table after the last layer's shards, in the ring
+            if len(self.spans) > 1:  # two pieces of it after the last layer's shards
+                self.shards = place_shards(variants, self.preload_buffer, self.ring, attention)
+                self.table_shard = PlacedShard(tv, False, [], None, False)
+                self.slot_at = sum(self.layer_bytes[:-1])  # its place in the ring
+            elif self.stream_table:  # the table after the last layer's shards, in the ring
                 placed = place_shards(variants + [[(tv, False)]], self.preload_buffer,
                                       self.ring, attention)
                 self.shards, self.table_shard = placed[:-1], placed[-1][0]
@@ -305,7 +319,10 @@ class DecodeExecutor(ShardFiles):
                 self.table_shard = place_shards([[(tv, True)]], self.table_buffer, self.ring,
                                                 attention)[0][0]
             check_placed(store, self.shards, self.ring, self.fds)
-            if table_checked:
+            if len(self.spans) > 1:
+                if table_checked:  # piece by piece, through its two pieces of the ring
+                    self._check_pieces()
+            elif table_checked:
                 check_placed(store, [[self.table_shard]], self.ring, self.fds)
             elif not self.stream_table:  # resident.bin's table, checked with the file below
                 read_shard(store, self.fds, self.table_shard)
@@ -364,6 +381,100 @@ class DecodeExecutor(ShardFiles):
         self.x_bytes = self.ws.x.numpy().reshape(-1).view(np.uint8)  # (fp32 rows read here)
         self.cache = KVCache(c, kept, 1, self.context, empty=arena.tensor)
 
+    # --- a table read in pieces --------------------------------------------------------
+
+    def _piece_spans(self, table: TablePick) -> list[tuple[int, int]]:
+        """(first row, rows) of each piece of a streamed table: table.pieces pieces of
+        ceil(vocab / pieces) rows, the last the rest; one piece: the whole table."""
+        t = self.table
+        if table.pieces < 1:
+            raise ValueError(f"table pieces must be >= 1, got {table.pieces}")
+        rows = t.piece_rows(table.pieces)
+        spans = [(r0, min(rows, t.vocab - r0)) for r0 in range(0, t.vocab, rows)]
+        if len(spans) != table.pieces:
+            raise ValueError(f"{t.vocab} table rows do not make {table.pieces} pieces of "
+                             f"{rows} rows (they make {len(spans)})")
+        if len(spans) > 1 and t.variant.nbytes != t.piece_bytes(t.vocab):
+            raise StoreError(f"{self.store.path}: the table at {t.bits} bits holds "
+                             f"{t.variant.nbytes} bytes, not {t.piece_bytes(t.vocab)} for "
+                             f"{t.vocab} rows of codes and side data: it cannot be read in "
+                             f"pieces")
+        return spans
+
+    def _piece_views(self, i: int) -> list[memoryview]:
+        """Where piece i lies in the ring (its half of the table's two pieces): its rows'
+        codes, then their side data."""
+        half = self.table.piece_bytes(self.spans[0][1])
+        return ring_views(self.ring, self.slot_at + (i % 2) * half,
+                          self.table.piece_bytes(self.spans[i][1]))
+
+    def _piece_reads(self, i: int) -> list[tuple[list[memoryview], int]]:
+        """Piece i's reads: (where it lands, file offset) for its codes and (quantised)
+        its side data (spec.table_reads)."""
+        t, v = self.table, self.table.variant
+        r0, rows = self.spans[i]
+        half = self.table.piece_bytes(self.spans[0][1])
+        at = self.slot_at + (i % 2) * half
+        reads = [(ring_views(self.ring, at, rows * t.row_bytes), v.offset + r0 * t.row_bytes)]
+        if t.side_bytes:
+            reads.append((ring_views(self.ring, at + rows * t.row_bytes, rows * t.side_bytes),
+                          v.offset + t.side_at(r0)))
+        return reads
+
+    def _read_piece(self, i: int, clock: DeviceClock | None
+                    ) -> tuple[float | None, int, int, float]:
+        """Piece i's reads into its half of the table's place in the ring, each booked on
+        `clock`; (the last completion, reads, bytes, seconds the channel was busy with
+        them: from when it took the first to the last's completion)."""
+        fd, path = self.fds[self.table.variant.file], self.store.file(self.table.variant.file)
+        deadline, n, nbytes, began = None, 0, 0, None
+        for views, offset in self._piece_reads(i):
+            issued = time.perf_counter()
+            if began is None and clock is not None:
+                began = max(issued, clock.busy_until) if clock.emulated else issued
+            want = sum(m.nbytes for m in views)
+            if os.preadv(fd, views, offset) != want:
+                raise StoreError(f"{path}: short read of the table's rows {self.spans[i][0]}.. "
+                                 f"at offset {offset}")
+            if clock is not None:
+                deadline = clock.complete(want, time.perf_counter(), issued)
+            n, nbytes = n + 1, nbytes + want
+        return deadline, n, nbytes, 0.0 if deadline is None else deadline - began
+
+    def _check_pieces(self) -> None:
+        """The streamed table against its sha256 and its values, read a piece's size at a
+        time into the ring (so that checking it allocates nothing; the ring holds two
+        pieces at least): the checksum over its bytes in file order (its codes, then its
+        side data), then the values piece by piece (a piece laid out as a table of its
+        rows: their codes, then their side data)."""
+        t, v = self.table, self.table.variant
+        fd, path = self.fds[v.file], self.store.file(v.file)
+
+        def read(view: memoryview, offset: int) -> None:
+            if os.preadv(fd, [view], offset) != view.nbytes:
+                raise StoreError(f"{path}: short read of the table at offset {offset}")
+
+        digest = hashlib.sha256()
+        half = t.piece_bytes(self.spans[0][1])
+        for at in range(0, v.nbytes, half):
+            view = memoryview(self.ring[:min(half, v.nbytes - at)]).cast("B")
+            read(view, v.offset + at)
+            digest.update(view)
+        if digest.hexdigest() != v.sha256:
+            raise StoreError(f"{path}: {v.describe()} fails its checksum (offset {v.offset}, "
+                             f"{v.nbytes} bytes)")
+        for r0, rows in self.spans:
+            codes = rows * t.row_bytes
+            raw = memoryview(self.ring[:t.piece_bytes(rows)]).cast("B")
+            read(raw[:codes], v.offset + r0 * t.row_bytes)
+            if t.side_bytes:
+                read(raw[codes:], v.offset + t.side_at(r0))
+            piece = dataclasses.replace(v, rows=rows, in_rows=rows, nbytes=raw.nbytes)
+            why = check_values(piece, raw)
+            if why:
+                raise StoreError(f"{path}: {v.describe()}, rows {r0}..{r0 + rows - 1}: {why}; "
+                                 f"not a store `elasticplan shard` wrote, rebuild it")
+
     # --- IO ----------------------------------------------------------------------------
 
     def fill_preload(self) -> float:
@@ -401,16 +512,50 @@ class DecodeExecutor(ShardFiles):
             deadline = self.clock.complete(view.nbytes, time.perf_counter(), issued)
         return deadline
 
-    def _io_worker(self, q: QueryIO, ids: list[int] | None) -> None:
+    def _io_worker(self, q: QueryIO, ids: list[int] | None, pq: "_Pieces | None") -> None:
         try:
             q.go.wait()
             if ids is not None:
                 q.rows_deadline = self._read_rows(ids)
                 q.rows_ready.set()
-            read_layers(q, self.rows, self.layer_bytes, self.window, self.clock, self._read,
-                        self._hint)
+            read_layers(q, self.rows if pq is None else self.shards, self.layer_bytes,
+                        self.window, self.clock, self._read, self._hint)
+            if pq is not None and not q.failure:
+                self._read_pieces(q, pq)
         except BaseException as e:  # reported on the compute thread
             io_failed(q, e)
+            if pq is not None:
+                for ev in pq.read:
+                    ev.set()
+
+    def _read_pieces(self, q: QueryIO, pq: "_Pieces") -> None:
+        """The table's pieces after the last layer, on the IO thread: under the window as
+        a last layer (its two pieces of the ring taken when its first read starts), piece
+        i into half i % 2 once piece i - 2 has computed (i - 1 at window 0: nothing
+        overlaps), each read booked on the device clock."""
+        L = self.config.layers
+        row = self.rows[L]
+        if self.window is not None and L > self.window:
+            if self.clock.emulated:
+                self._hint(row)
+            q.computed[L - self.window - 1].wait()
+            if q.failure:
+                return
+        q.ring.take(self.layer_bytes[L])
+        lag = 1 if self.window == 0 else 2
+        start, reads, nbytes, deadline = time.perf_counter(), 0, 0, None
+        for i in range(len(self.spans)):
+            if i >= lag:
+                pq.done[i - lag].wait()
+                if q.failure:
+                    return
+            deadline, n, b, busy = self._read_piece(i, self.clock)
+            reads, nbytes = reads + n, nbytes + b
+            pq.io_busy += busy
+            pq.deadline[i] = deadline
+            pq.read[i].set()
+        q.layers[L] = LayerIO(start, time.perf_counter(), deadline, reads, nbytes)
+        q.read[L].set()
 
     # --- compute -----------------------------------------------------------------------
 
@@ -484,6 +629,59 @@ class DecodeExecutor(ShardFiles):
                        self.work)
         return token, decode
 
+    def _head_pieces(self, q: QueryIO, pq: "_Pieces", n: int, next_row: bool
+                     ) -> tuple[int, float, float] | None:
+        """The LM head over a table read in pieces: the final norm of the last position,
+        then each piece's logits as soon as it is in (waiting for its read and its device
+        deadline), the greedy token; with `next_row`, the row of the best token so far
+        decoded into the next pass's input whenever a piece improves on it (the piece
+        leaves the ring before the token is known). Returns (token, seconds dequantising,
+        seconds computing without the waits), or None if the IO thread failed."""
+        c, ws, t = self.config, self.ws, self.table
+        t0 = time.perf_counter()
+        rms_norm_into(ws.hn.view(1, -1), ws.x[n - 1:n], self.norms["norm"], c.eps, ws.ms[:1])
+        busy, decode = time.perf_counter() - t0, 0.0
+        best, best_logit = -1, 0.0
+        spill = self.scratch_bytes if t.fp32 else self.spill
+        for i, (r0, rows) in enumerate(self.spans):
+            pq.read[i].wait()
+            if q.failure:
+                return None
+            if pq.deadline[i] is not None:  # the emulated device's completion
+                DeviceClock.sleep_until(pq.deadline[i])
+            t0 = time.perf_counter()
+            views = self._piece_views(i)
+            out = ws.logits[r0:r0 + rows]
+            decode += t.logits_into(out, ws.hn, views, self.scratch, self.scratch_bytes,
+                                    self.spill, self.work)
+            j = int(out.argmax())
+            if best < 0 or float(out[j]) > best_logit:  # (ties: the first, as argmax)
+                best, best_logit = r0 + j, float(out[j])
+                if next_row:
+                    t.row_into(ws.x[0], views, j, spill, self.work, rows=rows)
+            busy += time.perf_counter() - t0
+            pq.done[i].set()
+        token = int(ws.logits.argmax())
+        if next_row and token != best:  # only NaN logits disagree: its row from the file
+            self._row_from_file(token)
+        return token, decode, busy
+
+    def _row_from_file(self, token: int) -> None:
+        """Row `token` of the table read from its file (one or two reads) and decoded into
+        the next pass's input."""
+        t, v = self.table, self.table.variant
+        raw = memoryview(self.x_bytes[:t.row_bytes] if t.fp32 else
+                         self.spill[:t.row_bytes + t.side_bytes]).cast("B")
+        reads = [(raw[:t.row_bytes], v.offset + token * t.row_bytes)]
+        if t.side_bytes:
+            reads.append((raw[t.row_bytes:], v.offset + t.side_at(token)))
+        for view, offset in reads:
+            if os.preadv(self.fds[v.file], [view], offset) != view.nbytes:
+                raise StoreError(f"{self.store.file(v.file)}: short read of row {token} of the "
+                                 f"table at offset {offset}")
+        if not t.fp32:
+            t.row_into(self.ws.x[0], [raw], 0, self.spill, self.work, rows=1)
+
     def _pass(self, ids: list[int], start: int, next_row: bool) -> PassTrace:
         """One pipelined pass over `ids` at positions start.. (the prompt, or one token)."""
         L, n = self.config.layers, len(ids)
@@ -491,12 +689,14 @@ class DecodeExecutor(ShardFiles):
         streamed = [s for row in self.rows for s in row if not s.preloaded]
         cached, total = evict_shards(self.fds, streamed)
         q = QueryIO(len(self.rows))
+        pq = _Pieces(len(self.spans)) if len(self.spans) > 1 else None
         rows = ids if prefill and self.stream_table else None
-        io = threading.Thread(target=self._io_worker, args=(q, rows), name="elasticplan-io",
+        io = threading.Thread(target=self._io_worker, args=(q, rows, pq), name="elasticplan-io",
                               daemon=True)
         io.start()
         compute: list[tuple[float, float, float]] = []
         head = token = None
+        busy = None  # the head's compute without its waits for pieces (read in pieces)
         try:
             with torch.inference_mode():
                 t0 = time.perf_counter()
@@ -522,9 +722,19 @@ class DecodeExecutor(ShardFiles):
                     compute.append((cs, ms(), decode_s * 1e3))
                     q.ring.release(self.layer_bytes[l])
                     q.computed[l].set()
-                if ok and self.stream_table:
+                if ok and self.stream_table and pq is None:
                     ok = await_reads(q, L)
-                if ok:
+                if ok and pq is not None:
+                    hs = ms()
+                    got = self._head_pieces(q, pq, n, next_row)
+                    ok = got is not None
+                    if ok:
+                        token, decode_s, busy = got
+                        head = (hs, ms(), decode_s * 1e3)
+                        busy *= 1e3
+                        q.ring.release(self.layer_bytes[L])
+                        q.computed[L].set()
+                elif ok:
                     hs = ms()
                     token, decode_s = self._head(n, next_row)
                     head = (hs, ms(), decode_s * 1e3)
@@ -532,14 +742,15 @@ class DecodeExecutor(ShardFiles):
                         q.ring.release(self.layer_bytes[L])
                         q.computed[L].set()
         finally:
-            for ev in q.computed:  # an IO thread waiting on the window must not hang
-                ev.set()
+            for ev in q.computed + (pq.done if pq is not None else []):
+                ev.set()  # an IO thread waiting on the window or a piece must not hang
             io.join()
         self.memory.ring_high_water_bytes = max(self.memory.ring_high_water_bytes, q.ring.high)
         raise_io_failure(q, self.store)
         layers = q.traces(t0, compute + ([head] if self.stream_table else []))
         if self.stream_table:
-            head_trace = layers.pop()
+            head_trace = layers.pop() if pq is None else dataclasses.replace(
+                layers.pop(), busy_ms=busy, io_busy_ms=pq.io_busy * 1e3)
         else:
             after = layers[-1].io_end_ms if layers else 0.0
             head_trace = LayerTrace(L, 0, 0, after, after, *head)
@@ -594,6 +805,18 @@ class DecodeExecutor(ShardFiles):
                               memory=dataclasses.replace(self.memory),
                               process_peak_bytes=_status_bytes("VmHWM"),
                               logits=logits if keep_logits else None)
+
+
+class _Pieces:
+    """One pass's pieces of a table read in pieces, as the IO thread and the compute thread
+    share them: an event per piece read and per piece computed, each read's completion on
+    the device."""
+
+    def __init__(self, n: int):
+        self.read = [threading.Event() for _ in range(n)]
+        self.done = [threading.Event() for _ in range(n)]
+        self.deadline: list[float | None] = [None] * n
+        self.io_busy = 0.0  # seconds the channel spent on the pieces' reads
 
 
 def _work(arena: Arena, sizes: tuple[int, ...]) -> DecodeWork:

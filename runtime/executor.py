@@ -99,6 +99,23 @@ class LayerTrace:
     # when the IO thread really read the layer's bytes (first read's start, last read's
     # end): within the IO interval, which an emulated device stretches to its deadline
     read_span_ms: tuple[float, float] | None = None
+    # a stage read and computed piece by piece (a decoder's table read in pieces): its
+    # compute without its waits for pieces, and its reads without their waits for room
+    # in the ring (the channel's busy time); None: the compute and the IO interval
+    busy_ms: float | None = None
+    io_busy_ms: float | None = None
+
+    @property
+    def io_ms(self) -> float:
+        """The channel's time on this stage's reads (its waits for room left out)."""
+        return self.io_end_ms - self.io_start_ms if self.io_busy_ms is None \
+            else self.io_busy_ms
+
+    @property
+    def compute_ms(self) -> float:
+        """The compute thread's time on this stage (its waits for pieces left out)."""
+        return self.compute_end_ms - self.compute_start_ms if self.busy_ms is None \
+            else self.busy_ms
 
 
 def concurrent_mb(traces: Sequence[LayerTrace], l: int) -> float:

@@ -8,6 +8,7 @@ holds the kept groups only. No timing thresholds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -325,6 +326,9 @@ PLANNED = [
     (_dropped, TablePick(8, False), None, 30, 50),
     (_dropped, TablePick(FP32, False), 1, 16, 8),
     (_dropped, TablePick(4, True), 1, 3, 100),
+    (lambda s: mixed(s, 8), TablePick(8, False, 3), 1, 12, 20),  # the table in pieces
+    (_dropped, TablePick(FP32, False, 5), 2, 16, 8),
+    (lambda s: every(s, 4), TablePick(4, False, 7), None, 5, 4),
 ]
 
 
@@ -342,6 +346,10 @@ def test_memory_is_what_the_planner_predicts_term_by_term(any_store, prompt, cas
     make, table, window, P, A = PLANNED[case]
     picks = make(store)
     profile = store_profile(store)
+    if table.pieces > 1:  # the profile's pieces: ceil(vocab / pieces) rows each
+        rows = -(-store.config.vocab // table.pieces)
+        profile = dataclasses.replace(profile, decoder=dataclasses.replace(
+            profile.decoder, table_piece_rows=rows))
     device = Device("d", bandwidth_mb_s=200, latency_us=50, gflops=5, layer_overhead_ms=0.05,
                     dequant_gb_s=2, memory_mb=1000)
     scenario = Scenario("s", device, profile,
@@ -602,3 +610,93 @@ def test_no_fastbins_is_glibcs_setting():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert no_fastbins() is True
+
+
+# --- a table read in pieces ------------------------------------------------------------
+
+PIECED = [
+    # (table bits, pieces, window, picks)
+    (FP32, 2, None, every), (FP32, 7, 1, mixed), (8, 3, 2, lambda s: mixed(s, 4)),
+    (8, 5, 0, lambda s: every(s, 8)), (4, 7, 1, _dropped), (2, 3, None, lambda s: mixed(s, 8)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PIECED)))
+def test_a_table_read_in_pieces_generates_what_the_whole_table_does(any_store, prompt, case):
+    """Streamed in pieces (each piece's logits as soon as it is in, the next token's row
+    decoded from the piece that held the best logit so far): the submodel's tokens and
+    every pass's logits, as the whole table gives them; two pieces of the ring, never more
+    in use than it was sized for."""
+    store = any_store
+    bits, pieces, window, make = PIECED[case]
+    picks = make(store)
+    want = reference(store, picks, bits, prompt, NEW, len(prompt) + NEW)
+    ex, result = run(store, picks, TablePick(bits, False, pieces), prompt, window=window)
+    assert_same(result, *want)
+    t = ex.table
+    rows = -(-store.config.vocab // pieces)
+    assert len(ex.spans) == pieces and ex.spans[0] == (0, rows)
+    assert ex.layer_bytes[-1] == min(2 * rows * (t.row_bytes + t.side_bytes), t.variant.nbytes)
+    assert pieces == 2 or ex.layer_bytes[-1] < t.variant.nbytes
+    assert ex.memory.ring_bytes == window_peak(ex.layer_bytes, window)
+    assert 0 < ex.memory.ring_high_water_bytes <= ex.memory.ring_bytes
+    for p in result.passes:
+        head = p.head
+        assert head.reads == pieces * (1 if bits == FP32 else 2)
+        assert head.read_bytes == t.variant.nbytes
+        assert 0 < head.compute_ms <= head.compute_end_ms - head.compute_start_ms + 1e-9
+        assert 0 < head.io_ms <= head.io_end_ms - head.io_start_ms + 1e-9
+
+
+def test_a_tables_pieces_are_read_at_their_rows_once_per_pass(store, prompt, monkeypatch):
+    """Counted at the system call: every pass reads each piece's codes and its side data
+    (8 bits: two reads at the rows' offsets), no more."""
+    c = store.config
+    picks = every(store, 8, resident=True)
+    calls = _count_preadv(monkeypatch)
+    per_pass = []
+    with DecodeExecutor(store, picks, TablePick(8, False, 3), context=len(prompt) + 4,
+                        window=1) as ex:
+        calls.clear()
+        result = ex.generate(prompt, 4, lambda t: (per_pass.append(sorted(calls)),
+                                                   calls.clear()), eos_id=None)
+    tv = store.table_variant(8)
+    row, side = tv.scheme.row_layout(c.hidden, 8)
+    pieces = sorted([(tv.file, tv.offset + r0 * row) for r0, _ in ex.spans]
+                    + [(tv.file, tv.offset + c.vocab * row + r0 * side) for r0, _ in ex.spans])
+    rows = sorted([(tv.file, tv.offset + t * row) for t in prompt]
+                  + [(tv.file, tv.offset + c.vocab * row + side * t) for t in prompt])
+    assert per_pass[0] == sorted(pieces + rows)
+    assert all(p == pieces for p in per_pass[1:]) and len(per_pass) == len(result.passes)
+
+
+def test_a_piece_wrapped_around_the_rings_end(store, prompt):
+    """Window 0: the ring holds the largest layer, so the table's two pieces after a
+    smaller one wrap around its end: a chunk of a piece is joined in the bounce buffer;
+    still the submodel's tokens and logits."""
+    picks = [[ShardPick(n, FP32, False) for n in store.config.shard_names()],
+             [ShardPick(n, 8 if n == "ffn3" else FP32, False)
+              for n in store.config.shard_names()]]
+    ex, result = run(store, picks, TablePick(8, False, 3), prompt, window=0)
+    assert any(len(ex._piece_views(i)) == 2 for i in range(3))
+    assert_same(result, *reference(store, picks, 8, prompt, NEW, len(prompt) + NEW))
+
+
+def test_a_tampered_table_read_in_pieces_is_refused_at_open(store_path, prompt, tmp_path):
+    """Checked piece by piece through the ring (it never holds the whole table): its
+    checksum over every byte, its values per piece."""
+    bad = tmp_path / "bad"
+    shutil.copytree(store_path, bad)
+    store = ShardStore(bad)
+    tv = store.table_variant(8)
+    with open(bad / tv.file, "r+b") as f:
+        f.seek(tv.offset + tv.nbytes - 1)
+        byte = f.read(1)
+        f.seek(tv.offset + tv.nbytes - 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match="fails its checksum"):
+        DecodeExecutor(store, every(store, 8, resident=True), TablePick(8, False, 3),
+                       context=len(prompt) + 2)
+    with pytest.raises(ValueError, match="do not make"):
+        DecodeExecutor(store, every(store, 8, resident=True),
+                       TablePick(8, False, store.config.vocab - 1), context=len(prompt) + 2)

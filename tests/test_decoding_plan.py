@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elasticplan.costmodel import Layout, Pick, simulate
+from elasticplan.costmodel import Layout, Pick, simulate, window_peak
 from elasticplan.decoding import pass_scenario, predict
 from elasticplan.errors import SpecError
 from elasticplan.plans.plan import Plan
@@ -43,13 +43,17 @@ def _shard(name: str, kind: str, weights: int, importance) -> Shard:
                  tuple(importance), weights=weights)
 
 
-def _profile(layers: int = 2, imp=((0.3, 0.5), (0.2, 0.4)), head_imp=(0.0, 0.6)) -> ModelProfile:
+def _profile(layers: int = 2, imp=((0.3, 0.5), (0.2, 0.4)), head_imp=(0.0, 0.6),
+             piece_rows: int | None = None) -> ModelProfile:
+    """`piece_rows`: a streamed table's rows per piece (None: the default, more than the
+    300 rows: read whole)."""
     body = tuple(Layer((_shard("group0", "group", 40_000, imp[0]),
                         _shard("ffn0", "ffn", 60_000, imp[1]))) for _ in range(layers))
     head = Shard("table", "head", 2.0 * 300 * 64, (300 * 64 // 2 + 1200, 4 * 300 * 64),
                  head_imp, weights=300 * 64)
+    shape = SHAPE if piece_rows is None else dataclasses.replace(SHAPE, table_piece_rows=piece_rows)
     return ModelProfile("tiny-decoder", 8, (4, 32), body, resident_bytes=4 * 300 * 64 + 1000,
-                        decoder=SHAPE, head=head)
+                        decoder=shape, head=head)
 
 
 DEVICE = Device("d", bandwidth_mb_s=200, latency_us=50, gflops=5, layer_overhead_ms=0.05,
@@ -144,6 +148,79 @@ def test_a_streamed_tables_prompt_rows_are_read_as_it_stores_them():
     assert embedding_read_ms(DEVICE, full) == pytest.approx(16 * (lat + 256 / bw))
 
 
+def _replay_pieces(io_start: float, before: float, n: int, r1: float, c1: float, wake: float,
+                   beside: bool) -> tuple[float, float]:
+    """A table read and computed piece by piece, event by event, as the decode executor
+    runs it: piece i is read once the channel is free and piece i - 2 has computed (two
+    pieces in the ring; i - 1 where nothing overlaps, window 0), and computes once it is
+    in (wake after its read) and piece i - 1 has computed. (Channel busy ms, compute end.)"""
+    lag = 2 if beside else 1
+    channel, done = io_start, []
+    for i in range(n):
+        start = channel if i < lag else max(channel, done[i - lag])
+        channel = start + r1
+        done.append(max(channel + wake, done[-1] if done else before) + c1)
+    return n * r1, done[-1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(bw=st.floats(20, 2000), lat=st.floats(0, 500), gflops=st.floats(0.5, 50),
+       dequant=st.floats(0.2, 20), wake=st.floats(0, 0.2), window=st.sampled_from([None, 0, 1, 2]),
+       bit=st.sampled_from([0, 1]), held=st.booleans())
+def test_a_table_read_in_pieces_is_the_event_by_event_replay(bw, lat, gflops, dequant, wake,
+                                                             window, bit, held):
+    """The cost model's rule for a table read in 5 pieces (its layer's compute ready
+    (n - 1) min(r1, c1) before its reads end, or (n - 1) wake later at window 0) is the
+    piece-by-piece replay exactly (no layer overhead: the rule charges it once, up front);
+    its reads take the channel n x (reads per piece x latency) + bytes / bandwidth; it
+    holds two pieces of the ring."""
+    from elasticplan.costmodel import shard_compute_ms, shard_read_ms
+
+    device = Device("d", bandwidth_mb_s=bw, latency_us=lat, gflops=gflops, layer_overhead_ms=0,
+                    dequant_gb_s=dequant, memory_mb=1000, wake_ms=wake)
+    sc = _scenario(profile=_profile(piece_rows=60), device=device,
+                   prefetch_window=window or None)  # (window 0: a baseline's layout only)
+    model = sc.model
+    table = model.layers[-1].shards[0]
+    assert (table.pieces, table.rows) == (5, 300)
+    body = tuple((Pick(0, 0, held), Pick(1, 1, False)) for _ in range(2))
+    selection = body + ((Pick(0, bit, False),),)
+    s = simulate(sc, selection, layout=Layout(window))
+    t, before = s.layers[-1], s.layers[-2].compute_end_ms
+    beside = window != 0
+    r1 = shard_read_ms(device, model, table, bit) / 5
+    c1 = shard_compute_ms(device, model, table, bit, True, beside) / 5
+    reads = 2 if model.bitwidths[bit] < 32 else 1
+    assert r1 == pytest.approx(reads * lat / 1e3 + table.bytes[bit] / 5 / (bw * 1e3))
+    channel, end = _replay_pieces(t.io_start_ms, before, 5, r1, c1, wake, beside)
+    assert t.io_end_ms - t.io_start_ms == pytest.approx(channel)
+    assert t.compute_end_ms == pytest.approx(end, rel=1e-9, abs=1e-9)
+    assert table.ring_bytes(bit) == 2 * 60 * (table.bytes[bit] // 300)
+    streamed = [sum(model.layers[l].shards[p.shard].bytes[p.bit] for p in picks
+                    if not p.preloaded) for l, picks in enumerate(body)]
+    assert s.memory.working_peak_bytes == \
+        window_peak(streamed + [table.ring_bytes(bit)], window) + model.scratch_bytes
+
+
+def test_a_table_read_in_pieces_pays_its_layer_overhead_once_up_front():
+    """With a layer overhead the rule charges it before the first piece: never less than
+    the replay with the overhead paid first, at most one overhead more."""
+    from elasticplan.costmodel import shard_compute_ms, shard_read_ms
+
+    sc = _scenario(profile=_profile(piece_rows=60), prefetch_window=1)
+    model, d = sc.model, sc.device
+    table = model.layers[-1].shards[0]
+    selection = tuple((Pick(0, 0, True), Pick(1, 1, True)) for _ in range(2)) + \
+        ((Pick(0, 0, False),),)
+    s = simulate(sc, selection, layout=Layout(1))
+    t = s.layers[-1]
+    r1 = shard_read_ms(d, model, table, 0) / 5
+    c1 = shard_compute_ms(d, model, table, 0, True) / 5
+    _, end = _replay_pieces(t.io_start_ms, s.layers[-2].compute_end_ms + d.layer_overhead_ms,
+                            5, r1, c1, d.wake_ms, True)
+    assert end - 1e-9 <= t.compute_end_ms <= end + d.layer_overhead_ms + 1e-9
+
+
 def test_dropping_a_kv_group_drops_its_cache():
     sc = _scenario()
     keep = ((Pick(0, 1, True), Pick(1, 1, True)),) * 2 + ((Pick(0, 0, True),),)
@@ -188,17 +265,19 @@ def _importances():
     return st.tuples(pair, pair)
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(imp=_importances(), head=st.floats(0, 2), target=st.floats(0.15, 1.5),
-       memory=st.one_of(st.none(), st.floats(0.72, 1.2)), window=st.sampled_from([None, 1]),
-       kv=st.sampled_from([16, 32]), ttft=st.one_of(st.none(), st.floats(0.5, 3.0)))
+       memory=st.one_of(st.none(), st.floats(0.72, 1.2)), window=st.sampled_from([None, 1, 2]),
+       kv=st.sampled_from([16, 32]), ttft=st.one_of(st.none(), st.floats(0.5, 3.0)),
+       piece_rows=st.sampled_from([None, 60, 100, 150]))
 def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memory, window, kv,
-                                                        ttft):
+                                                        ttft, piece_rows):
     """Tiny decoders (2 layers of a KV group and an FFN slice, the table; 4 or 32 bits):
-    per-token and time-to-first-token targets, memory budgets, windows."""
-    sc = _scenario(profile=_profile(imp=imp, head_imp=(0.0, head)), target_latency_ms=target,
-                   memory_budget_mb=memory, prefetch_window=window, kv_bits=kv,
-                   target_ttft_ms=ttft)
+    per-token and time-to-first-token targets, memory budgets, windows, the table streamed
+    whole or in 5, 3 or 2 pieces."""
+    sc = _scenario(profile=_profile(imp=imp, head_imp=(0.0, head), piece_rows=piece_rows),
+                   target_latency_ms=target, memory_budget_mb=memory, prefetch_window=window,
+                   kv_bits=kv, target_ttft_ms=ttft)
     if oracle.near_target(sc):
         return  # backends round the time rows differently within the margin
     for solver in ("highs", "cpsat", "cbc"):
@@ -278,16 +357,13 @@ def test_an_unreachable_time_to_first_token_is_named_with_the_fastest_prompt_pas
 # --- row generation with a time to first token -------------------------------------------
 
 
-def _alternating(imps, head_imp=(0.0, 0.6)) -> ModelProfile:
+def _alternating(imps, head_imp=(0.0, 0.6), piece_rows: int | None = None) -> ModelProfile:
     """Body layers of one part each, a KV group and an FFN slice in turn (the groups of
     layers 0 and 2 cost alike, and so do the slices of 1 and 3: the relaxation merges
     them), then the table."""
     body = tuple(Layer((_shard("group0", "group", 40_000, imp),) if k % 2 == 0 else
                        (_shard("ffn0", "ffn", 60_000, imp),)) for k, imp in enumerate(imps))
-    head = Shard("table", "head", 2.0 * 300 * 64, (300 * 64 // 2 + 1200, 4 * 300 * 64),
-                 head_imp, weights=300 * 64)
-    return ModelProfile("tiny-decoder", 8, (4, 32), body, resident_bytes=4 * 300 * 64 + 1000,
-                        decoder=SHAPE, head=head)
+    return dataclasses.replace(_profile(head_imp=head_imp, piece_rows=piece_rows), layers=body)
 
 
 _PAIR = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(lambda t: tuple(sorted(t)))
@@ -296,16 +372,16 @@ _PAIR = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(lambda t: tuple(sorted(t
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(imps=st.lists(_PAIR, min_size=4, max_size=4), head=st.floats(0, 2),
        target=st.floats(0.3, 1.2), memory=st.one_of(st.none(), st.floats(0.7, 1.3)),
-       ttft=st.floats(1.2, 2.8))
+       ttft=st.floats(1.2, 2.8), piece_rows=st.sampled_from([None, 60]))
 def test_row_generation_with_a_first_token_target_finds_brute_forces_optimum(
-        imps, head, target, memory, ttft):
+        imps, head, target, memory, ttft, piece_rows):
     """A time to first token no longer takes the whole program: the relaxation keeps paths
     of the prompt pass too (Relaxation.timed, grown by its critical path when a plan runs
     past it), and HiGHS's plan is brute force's optimum."""
     from elasticplan.solvers.aggregated import program as aggregated
 
-    sc = _scenario(profile=_alternating(imps, head_imp=(0.0, head)), target_latency_ms=target,
-                   memory_budget_mb=memory, target_ttft_ms=ttft)
+    sc = _scenario(profile=_alternating(imps, head_imp=(0.0, head), piece_rows=piece_rows),
+                   target_latency_ms=target, memory_budget_mb=memory, target_ttft_ms=ttft)
     first = aggregated.first_relaxation(sc)
     assert first is not None and len(first.timed) == 1
     if oracle.near_target(sc):

@@ -18,6 +18,7 @@ import yaml
 
 from elasticplan.cli import main
 from elasticplan.errors import StoreError
+from elasticplan.problem.spec import HEAD_PIECE_ROWS
 from runtime.families.llama import Decoder
 from runtime.schemes import uniform
 from runtime.schemes.base import FP32
@@ -202,7 +203,7 @@ def test_the_head_measurement(built, tmp_path, capsys):
                                "ffn_slices": c.ffn_slices, "heads": c.heads,
                                "head_dim": c.head_dim, "q_per_kv": c.q_per_kv,
                                "vocab": c.vocab, "workspace_bytes": workspace_bytes(store),
-                               "kv_kind": "group"}
+                               "kv_kind": "group", "table_piece_rows": HEAD_PIECE_ROWS}
     assert profile.decoder.workspace_bytes == workspace_bytes(store) > 0
     assert "KL(lowest stored bitwidth) - KL(b bits)" in data["importance_metric"]
     # one measurement recomputed through the store's decoders and prefill

@@ -29,6 +29,7 @@ from elasticplan.errors import PlanFormatError
 from elasticplan.problem.inputs import Fields, load_json, show
 from elasticplan.problem.limits import (
     MAX_LAYERS,
+    MAX_PIECES,
     MAX_SHARDS_PER_LAYER,
 )
 from elasticplan.problem.outputs import write_text
@@ -50,6 +51,8 @@ class ShardChoice:
     name: str
     bits: int
     preloaded: bool
+    # streamed in this many pieces (a decoder's table: Shard.pieces); written when > 1
+    pieces: int = 1
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,9 @@ class Plan:
         layers = tuple(
             LayerPlan(index=li,
                       shards=tuple(ShardChoice(model.layers[li].shards[p.shard].name,
-                                               model.bitwidths[p.bit], p.preloaded)
+                                               model.bitwidths[p.bit], p.preloaded,
+                                               1 if p.preloaded else
+                                               model.layers[li].shards[p.shard].pieces)
                                    for p in picks),
                       io_start_ms=t.io_start_ms, io_end_ms=t.io_end_ms,
                       compute_start_ms=t.compute_start_ms, compute_end_ms=t.compute_end_ms)
@@ -193,6 +198,10 @@ class Plan:
             data["memory"] = self.memory.to_dict()
         if self.decoding is None:
             del data["decoding"]
+        for layer in data["layers"]:
+            for c in layer["shards"]:
+                if c["pieces"] == 1:
+                    del c["pieces"]
         # The scenario path is stored relative to the plan file, so the pair can move together.
         if plan_path is not None and self.scenario.path is not None:
             data["scenario"]["path"] = os.path.relpath(
@@ -298,7 +307,9 @@ def _layer(raw, file: str, path: str) -> LayerPlan:
     for si, c in enumerate(raw_shards):
         cf = Fields(c, file, f"{lf.key('shards')}[{si}]", "a shard choice", PlanFormatError)
         shards.append(ShardChoice(cf.string("name"), cf.integer("bits", minimum=1, maximum=32),
-                                  cf.boolean("preloaded")))
+                                  cf.boolean("preloaded"),
+                                  cf.integer("pieces", minimum=1, maximum=MAX_PIECES,
+                                             required=False) or 1))
         cf.done()
     times = {k: lf.number(k, minimum=0) for k in
              ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms")}

@@ -125,6 +125,13 @@ def _figures(plan: Plan, s: Schedule, scenario: Scenario) -> list[str]:
     importance, memory by term, the objective."""
     bad: list[str] = []
     ref = plan.scenario
+    for lp, layer in zip(plan.layers, scenario.model.layers):
+        for c in lp.shards:
+            si = layer.shard_index(c.name)
+            pieces = 1 if c.preloaded or si is None else layer.shards[si].pieces
+            if c.pieces != pieces:
+                bad.append(f"layer {lp.index}: {c.name} read in {c.pieces} pieces; the model "
+                           f"streams it in {pieces}")
     for li, (lp, t) in enumerate(zip(plan.layers, s.layers)):
         for field in ("io_start_ms", "io_end_ms", "compute_start_ms", "compute_end_ms"):
             claimed, actual = getattr(lp, field), getattr(t, field)

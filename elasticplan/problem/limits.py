@@ -16,6 +16,7 @@ MAX_QUANTILE = 0.999
 MAX_SPREAD = 1.0  # a stage's relative spread (rms of log measured / predicted)
 MAX_MEMORY_MB = 1e9  # 1 PB
 MAX_SEQ_LEN = 1 << 20
+MAX_PIECES = MAX_SEQ_LEN  # a streamed table read in pieces: at most one per row
 MAX_LAYERS = 10_000
 MAX_SHARDS_PER_LAYER = 10_000
 MAX_VARIANTS = 500_000  # layers x shards x bitwidths: what the planner is sized for (docs)

@@ -44,6 +44,7 @@ from elasticplan.problem.outputs import write_text
 from elasticplan.problem.question import Question
 from elasticplan.problem.spec import (
     FULL_PRECISION_BITS,
+    HEAD_PIECE_ROWS,
     SCHEME_NAME,
     DecoderShape,
     Device,
@@ -206,7 +207,7 @@ def parse_model(data: Any, file: str | None = None, path: str = "") -> ModelProf
 
 def _decoder_shape(d: Fields | None) -> DecoderShape | None:
     """`decoder: {context, hidden, ffn, ffn_slices, heads, head_dim, q_per_kv, vocab,
-    workspace_bytes, kv_kind}` (docs/formats.md)."""
+    workspace_bytes, kv_kind, table_piece_rows}` (docs/formats.md)."""
     if d is None:
         return None
     dims = {k: d.integer(k, minimum=1, maximum=MAX_SEQ_LEN)
@@ -218,8 +219,10 @@ def _decoder_shape(d: Fields | None) -> DecoderShape | None:
         raise d.err("ffn_slices", f"{dims['ffn_slices']} does not divide ffn {dims['ffn']}")
     workspace = d.integer("workspace_bytes", minimum=0, maximum=bytes_of_mb(MAX_MEMORY_MB))
     kind = d.string("kv_kind", required=False) or "group"
+    rows = d.integer("table_piece_rows", minimum=1, maximum=MAX_SEQ_LEN,
+                     required=False) or HEAD_PIECE_ROWS
     d.done()
-    return DecoderShape(**dims, workspace_bytes=workspace, kv_kind=kind)
+    return DecoderShape(**dims, workspace_bytes=workspace, kv_kind=kind, table_piece_rows=rows)
 
 
 def _runtime_links(r: Fields | None) -> dict:

@@ -85,6 +85,23 @@ class Shard:
     # Memory held while the shard is kept, wherever its weights live (a decoder's KV group:
     # its part of the KV cache at the question's context; elasticplan.decoding). 0: none.
     kept_bytes: int = 0
+    # Streamed in `pieces` pieces of its `rows` rows (ceil(rows / pieces) rows each, the
+    # last the rest), each computed as soon as it is in, two in the IO ring at once (a
+    # decoder's table in a pass model: spec.pass_model; elasticplan.costmodel). 1: whole.
+    pieces: int = 1
+    rows: int = 0
+
+    def piece_bytes(self, bit: int) -> int:
+        """Stored bytes of one (full) piece at bitwidth index `bit`: its rows' share."""
+        if self.pieces == 1:
+            return self.bytes[bit]
+        return -(-self.rows // self.pieces) * (self.bytes[bit] // self.rows)
+
+    def ring_bytes(self, bit: int) -> int:
+        """What the shard holds of the IO ring while it is streamed: all of it, or two
+        pieces (the one computing, the next one read)."""
+        return self.bytes[bit] if self.pieces == 1 else min(self.bytes[bit],
+                                                            2 * self.piece_bytes(bit))
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,13 @@ class Layer:
             if s.name == name:
                 return i
         return None
+
+
+# A streamed table is read in pieces of at most this many rows (DecoderShape's default),
+# each piece's logits computed as soon as it is in (Shard.pieces): two pieces in the IO
+# ring instead of the whole table. 4096 rows of SmolLM2's 8-bit table are 2.65 MB: 12
+# pieces, 24 reads (codes and side data per piece).
+HEAD_PIECE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,7 @@ class DecoderShape:
     vocab: int
     workspace_bytes: int  # the runtime's scheme buffers, the same for every plan
     kv_kind: str = "group"
+    table_piece_rows: int = HEAD_PIECE_ROWS  # a streamed table's rows per piece, at most
 
     @property
     def ffn_slice(self) -> int:
@@ -381,6 +406,19 @@ def head_chunk_rows(shape: DecoderShape) -> int:
     return min(HEAD_CHUNK_ROWS, shape.vocab)
 
 
+def head_pieces(shape: DecoderShape) -> int:
+    """Pieces a streamed table is read in: its rows in pieces of at most
+    table_piece_rows (ceil(vocab / pieces) rows each, the last the rest)."""
+    return -(-shape.vocab // shape.table_piece_rows)
+
+
+def table_reads(model: ModelProfile, bit: int) -> int:
+    """Read requests for a run of a decoder table's rows at bitwidth index `bit`: fp32
+    rows in one, a quantised table's codes and their side data (stored after every row's
+    codes) in two."""
+    return 1 if model.bitwidths[bit] == FULL_PRECISION_BITS else 2
+
+
 def attention_flops(shape: DecoderShape, attended: int) -> float:
     """One KV group's attention over `attended` (query, key) position pairs: scores and
     the weighted sum of values, each 2 flops per multiply-add, for its q_per_kv heads."""
@@ -456,11 +494,12 @@ def step_pass(q: Question, j: int) -> DecodePass:
 def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfile:
     """The model the cost model prices for pass `p` of question `q`: per-pass flops, the
     KV cache as KV groups' kept bytes, the table as a last pseudo-layer (its LM head runs
-    for one position), the prompt's rows as the streamable embedding rows. Its fixed
-    memory terms are the decode executor's (runtime/decoding.py, docs/decoders.md
-    "Memory"): resident, the profile's less the fp32 table; activations, the prompt
-    pass's (activation_bytes) + the runtime's scheme buffers (workspace_bytes); scratch,
-    the widest shard in fp32 or head_chunk_rows rows of the table."""
+    for one position; streamed, it is read in head_pieces pieces), the prompt's rows as
+    the streamable embedding rows. Its fixed memory terms are the decode executor's
+    (runtime/decoding.py, docs/decoders.md "Memory"): resident, the profile's less the
+    fp32 table; activations, the prompt pass's (activation_bytes) + the runtime's scheme
+    buffers (workspace_bytes); scratch, the widest shard in fp32 or head_chunk_rows rows of
+    the table."""
     shape, head = profile.decoder, profile.head
     if shape is None or head is None:
         raise ValueError(f"model {profile.name!r} is not a decoder (no decoder/head block)")
@@ -473,7 +512,8 @@ def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfil
             flops = s.flops * p.tokens + (attention_flops(shape, p.attended) if group else 0.0)
             shards.append(dataclasses.replace(s, flops=flops, kept_bytes=kv if group else 0))
         layers.append(Layer(tuple(shards)))
-    layers.append(Layer((head,)))
+    layers.append(Layer((dataclasses.replace(head, rows=shape.vocab,
+                                              pieces=head_pieces(shape)),)))
     full = profile.bit_index(FULL_PRECISION_BITS)
     widest = max((s.bytes[full] for layer in profile.layers for s in layer.shards),
                  default=0) if full is not None else profile.scratch_bytes
@@ -495,9 +535,8 @@ def with_table_rows(model: ModelProfile, bit: int) -> ModelProfile:
     quantised row's codes and its scale (stored after every row's codes) in two."""
     head = model.layers[-1].shards[0]
     rows = model.decoder.vocab
-    return dataclasses.replace(
-        model, embedding_row_bytes=head.bytes[bit] // rows,
-        embedding_row_reads=1 if model.bitwidths[bit] == FULL_PRECISION_BITS else 2)
+    return dataclasses.replace(model, embedding_row_bytes=head.bytes[bit] // rows,
+                               embedding_row_reads=table_reads(model, bit))
 
 
 def step_model(profile: ModelProfile, q: Question) -> ModelProfile:

@@ -33,14 +33,16 @@ from __future__ import annotations
 import time
 
 from elasticplan.costmodel import (
+    PIPELINED,
     Layout,
     Pick,
     Selection,
+    charged_compute_ms,
+    charged_read_ms,
     embedding_read_ms,
     memory_of,
     pipeline,
-    read_ms,
-    shard_compute_ms,
+    reads_beside,
 )
 from elasticplan.decoding import timed_ok
 from elasticplan.errors import InvalidArgument, NoPlanFoundError, SolverTimeoutError
@@ -57,14 +59,16 @@ class _Pipeline:
     def __init__(self, scenario: Scenario, picks: list[list[Pick]], layout: Layout):
         self.sc, self.picks, self.layout = scenario, picks, layout
         d, m = scenario.device, scenario.model
-        self.streamed = [sum(m.layers[li].shards[p.shard].bytes[p.bit] for p in ps
+        self.beside = beside = reads_beside(PIPELINED, layout.window)
+        # per layer: its bytes in the IO ring, its reads as the recurrence charges them
+        self.streamed = [sum(m.layers[li].shards[p.shard].ring_bytes(p.bit) for p in ps
                              if not p.preloaded) for li, ps in enumerate(picks)]
         self.start = embedding_read_ms(d, m) if layout.stream_embeddings else 0.0
-        self.io = [sum(read_ms(d, m.layers[li].shards[p.shard].bytes[p.bit])
+        self.io = [sum(charged_read_ms(d, m, m.layers[li].shards[p.shard], p.bit, beside)
                        for p in ps if not p.preloaded) for li, ps in enumerate(picks)]
         self.comp = [(d.layer_overhead_ms if ps else 0.0)
-                     + sum(shard_compute_ms(d, m, m.layers[li].shards[p.shard], p.bit,
-                                            not p.preloaded) for p in ps)
+                     + sum(charged_compute_ms(d, m, m.layers[li].shards[p.shard], p.bit,
+                                            not p.preloaded, beside) for p in ps)
                      for li, ps in enumerate(picks)]
         self.buffer = sum(m.layers[li].shards[p.shard].bytes[p.bit]
                           for li, ps in enumerate(picks) for p in ps if p.preloaded)
@@ -112,10 +116,10 @@ class _Pipeline:
 
         def cost(p: Pick):
             nbytes = shard.bytes[p.bit]
-            return (0.0 if p.preloaded else read_ms(d, nbytes),
-                    shard_compute_ms(d, m, shard, p.bit, not p.preloaded),
+            return (0.0 if p.preloaded else charged_read_ms(d, m, shard, p.bit, self.beside),
+                    charged_compute_ms(d, m, shard, p.bit, not p.preloaded, self.beside),
                     nbytes if p.preloaded else 0,
-                    0 if p.preloaded else nbytes)
+                    0 if p.preloaded else shard.ring_bytes(p.bit))
 
         (io0, c0, b0, s0), (io1, c1, b1, s1) = cost(old), cost(new)
         if self.buffer - b0 + b1 > self.sc.preload_budget_bytes:

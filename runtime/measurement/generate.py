@@ -42,11 +42,11 @@ from runtime.store import ShardStore
 
 def picks_of(plan: Plan) -> tuple[list[list[ShardPick]], TablePick]:
     """A decoder plan's choices as the executor takes them: per layer its shards, and the
-    table (the plan's last layer, one part)."""
+    table (the plan's last layer, one part; streamed, in the pieces the plan says)."""
     *layers, table = plan.layers
     (t,) = table.shards
     return ([[ShardPick(c.name, c.bits, c.preloaded) for c in lp.shards] for lp in layers],
-            TablePick(t.bits, t.preloaded))
+            TablePick(t.bits, t.preloaded, t.pieces))
 
 
 def prompt_ids(store: ShardStore, text: str, chat: bool) -> list[int]:
@@ -107,8 +107,8 @@ def pass_stages(predicted: Schedule, measured: PassTrace) -> PassStages:
     """A pass's stages, the cost model's schedule (its last layer the table) against the
     executor's trace."""
     *layers, head = predicted.layers
-    busy = lambda ts: sum(t.io_end_ms - t.io_start_ms for t in ts)  # noqa: E731
-    work = lambda ts: sum(t.compute_end_ms - t.compute_start_ms for t in ts)  # noqa: E731
+    busy = lambda ts: sum(t.io_ms for t in ts)  # noqa: E731  (the channel's)
+    work = lambda ts: sum(t.compute_ms for t in ts)  # noqa: E731  (the compute thread's)
     return PassStages(
         total=Stage(predicted.latency_ms, measured.latency_ms),
         io=Stage(busy(predicted.layers), busy([*measured.layers, measured.head])),

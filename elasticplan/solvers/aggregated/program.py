@@ -62,13 +62,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from elasticplan.costmodel import (
+    PIPELINED,
     Layout,
     Pick,
     Selection,
+    charged_compute_ms,
+    charged_read_ms,
     embedding_read_ms,
     memory_constants,
-    read_ms,
-    shard_compute_ms,
+    reads_beside,
     simulate,
 )
 from elasticplan.decoding import timed_schedules
@@ -87,11 +89,17 @@ class CostClass:
     block: int
     layers: tuple[int, ...]  # per member, its layer
     members: tuple[int, ...]  # per member, its shard index in that layer
-    read_ms: np.ndarray  # [B] one read of a member at each bitwidth
+    read_ms: np.ndarray  # [B] a member's reads at each bitwidth, as the recurrence charges them
     compute_ms: np.ndarray  # [B, 2] a member's compute, streamed and preloaded (costmodel)
     bytes: np.ndarray  # [B] int64
     importance: np.ndarray  # [members, B]
     kept_bytes: int = 0  # a member's Shard.kept_bytes (a decoder's KV group: its cache)
+    ring_bytes: np.ndarray | None = None  # [B] int64, what a streamed member holds of the
+    # IO ring (Shard.ring_bytes: two pieces of a table read in pieces); None: its bytes
+
+    @property
+    def streamed_bytes(self) -> np.ndarray:
+        return self.bytes if self.ring_bytes is None else self.ring_bytes
 
 
 def per_layer(scenario: Scenario) -> list[tuple[int, ...]]:
@@ -106,6 +114,7 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
     decoder's table) stores them, so that part is a class of its own."""
     device, model = scenario.device, scenario.model
     B = len(model.bitwidths)
+    beside = reads_beside(PIPELINED, scenario.prefetch_window)
     timed = [t.model for t in scenario.timed_passes]
     own = len(model.layers) - 1 if any(m.embedding_rows for m in timed) else None
     out = []
@@ -113,7 +122,7 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for li in block:
             for si, s in enumerate(model.layers[li].shards):
-                key = (s.flops, s.bytes, s.kept_bytes,
+                key = (s.flops, s.bytes, s.kept_bytes, s.pieces, s.rows,
                        tuple(m.layers[li].shards[si].flops for m in timed),
                        (li, si) if li == own else None)
                 groups.setdefault(key, []).append((li, si))
@@ -123,26 +132,29 @@ def cost_classes(scenario: Scenario, blocks: list[tuple[int, ...]] | None = None
             classes.append(CostClass(
                 block=gi, layers=tuple(li for li, _ in members),
                 members=tuple(si for _, si in members),
-                read_ms=np.array([read_ms(device, rep.bytes[b]) for b in range(B)]),
-                compute_ms=np.array([[shard_compute_ms(device, model, rep, b, streamed=True),
-                                      shard_compute_ms(device, model, rep, b)]
+                read_ms=np.array([charged_read_ms(device, model, rep, b, beside)
+                                  for b in range(B)]),
+                compute_ms=np.array([[charged_compute_ms(device, model, rep, b, True, beside),
+                                      charged_compute_ms(device, model, rep, b)]
                                      for b in range(B)]),
                 bytes=np.array(rep.bytes, dtype=np.int64),
                 importance=np.array([model.layers[li].shards[si].importance
                                      for li, si in members]),
-                kept_bytes=rep.kept_bytes))
+                kept_bytes=rep.kept_bytes,
+                ring_bytes=None if rep.pieces == 1 else
+                np.array([rep.ring_bytes(b) for b in range(B)], dtype=np.int64)))
         out.append(classes)
     return out
 
 
-def class_compute(device, model, c: CostClass) -> np.ndarray:
+def class_compute(device, model, c: CostClass, beside: bool = True) -> np.ndarray:
     """A class member's compute [B, 2] (STREAMED, PRELOADED) priced on `model` (a timed
     pass's, whose layers and shards are the class's model's); its members must cost alike."""
     shards = [model.layers[li].shards[si] for li, si in zip(c.layers, c.members)]
     if len({s.flops for s in shards}) != 1:
         raise ValueError("a cost class's members cost differently in a timed pass")
-    return np.array([[shard_compute_ms(device, model, shards[0], b, streamed=True),
-                      shard_compute_ms(device, model, shards[0], b)]
+    return np.array([[charged_compute_ms(device, model, shards[0], b, True, beside),
+                      charged_compute_ms(device, model, shards[0], b)]
                      for b in range(len(model.bitwidths))])
 
 
@@ -357,7 +369,8 @@ class _Matrix:
             (t.model, margins.latency_rhs(t.target_ms) - self.device.pool_ms)
             for t in scenario.timed_passes]
         self.pass_compute = [[[c.compute_ms for c in cl] for cl in self.classes]] + [
-            [[class_compute(self.device, m, c) for c in cl] for cl in self.classes]
+            [[class_compute(self.device, m, c, reads_beside(PIPELINED, self.window))
+              for c in cl] for cl in self.classes]
             for m, _ in self.passes[1:]]
         self.lower, self.upper, self.integer = [], [], []
         self.r_idx, self.c_idx, self.vals, self.r_lo, self.r_hi = [], [], [], [], []
@@ -620,7 +633,8 @@ class _Matrix:
             span = window_span(self.window, L)
             block_cols = [np.concatenate([n[:, STREAMED] for n in n_col[gi]])
                           for gi in range(len(classes))]
-            block_bytes = [np.concatenate([c.bytes for c in cl]).astype(float) for cl in classes]
+            block_bytes = [np.concatenate([c.streamed_bytes for c in cl]).astype(float)
+                           for cl in classes]
             for k in range(L - span + 1):
                 inside = [gi for gi, block in enumerate(self.layers_of) if k <= block[0] < k + span]
                 add_rows(np.concatenate([[m_col], *(block_cols[gi] for gi in inside)]),

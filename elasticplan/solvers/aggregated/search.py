@@ -8,15 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 from elasticplan.costmodel import (
+    PIPELINED,
     Layout,
     Pick,
     Schedule,
     Selection,
+    charged_compute_ms,
+    charged_read_ms,
     critical_path,
     embedding_read_ms,
     path_ms,
-    read_ms,
-    shard_compute_ms,
+    reads_beside,
     simulate,
 )
 from elasticplan.decoding import timed_ok, timed_schedules
@@ -122,7 +124,7 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
         return None
     sc = program.scenario
     schedule = simulate(sc, selection, layout=layout)
-    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
+    reads = [t.io_ready_ms - t.io_start_ms for t in schedule.layers]  # as charged
     work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
     start = embedding_read_ms(sc.device, sc.model) if layout.stream_embeddings else 0.0
 
@@ -153,7 +155,7 @@ def grow(program: MatrixProgram, selection: Selection, layout: Layout,
 
 def _missed(schedule: Schedule, layout: Layout, limit: float, device) -> tuple[int, ...] | None:
     """A timed pass's critical path if it runs past `limit` (its target less pool_ms)."""
-    reads = [t.io_end_ms - t.io_start_ms for t in schedule.layers]
+    reads = [t.io_ready_ms - t.io_start_ms for t in schedule.layers]  # as charged
     work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
     start = schedule.layers[0].io_start_ms  # its rows' read (the channel starts there)
     path = critical_path(schedule.layers, layout.window, start, device.embed_ms, device.wake_ms)
@@ -177,6 +179,7 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
     shards = [(li, si, s) for li, layer in enumerate(model.layers)
               for si, s in enumerate(layer.shards)]
     N, O = len(shards), 2 * B + 1  # option 0: dropped; 1 + 2b + p: bitwidth b, placement p
+    beside = reads_beside(PIPELINED, layout.window)
     read = np.zeros((N, O))
     pre = np.zeros((N, O))
     stream = np.zeros((N, O))
@@ -186,8 +189,8 @@ def fill(scenario: Scenario, selection: Selection, layout: Layout,
         for b in range(B):
             o = 1 + 2 * b
             imp[n, o:o + 2] = s.importance[b]
-            read[n, o + STREAMED] = read_ms(device, s.bytes[b])
-            stream[n, o + STREAMED] = s.bytes[b]
+            read[n, o + STREAMED] = charged_read_ms(device, model, s, b, beside)
+            stream[n, o + STREAMED] = s.ring_bytes(b)
             pre[n, o + PRELOADED] = s.bytes[b]
             kept[n, o:o + 2] = s.kept_bytes
     layer_of = np.array([li for li, _, _ in shards])
@@ -252,12 +255,13 @@ class _FillPass:
         comp = np.zeros((N, 2 * B + 1))
         start = np.zeros((N, 2 * B + 1))
         head = len(model.layers) - 1
+        beside = reads_beside(PIPELINED, scenario.prefetch_window)
         for n, (li, si, _) in enumerate(shards):
             s = model.layers[li].shards[si]
             for b in range(B):
                 o = 1 + 2 * b
-                comp[n, o + STREAMED] = shard_compute_ms(device, model, s, b, streamed=True)
-                comp[n, o + PRELOADED] = shard_compute_ms(device, model, s, b)
+                comp[n, o + STREAMED] = charged_compute_ms(device, model, s, b, True, beside)
+                comp[n, o + PRELOADED] = charged_compute_ms(device, model, s, b)
                 if model is not scenario.model and li == head and model.embedding_rows:
                     start[n, o + STREAMED] = embedding_read_ms(device, with_table_rows(model, b))
         rows = np.array(row_values(schedule)) + device.wake_ms  # each waits for its reads once
@@ -294,4 +298,4 @@ def row_values(schedule: Schedule) -> list[float]:
     max)."""
     work = [t.compute_end_ms - t.compute_start_ms for t in schedule.layers]
     after = np.cumsum(work[::-1])[::-1]
-    return [t.io_end_ms + float(c) for t, c in zip(schedule.layers, after)]
+    return [t.io_ready_ms + float(c) for t, c in zip(schedule.layers, after)]

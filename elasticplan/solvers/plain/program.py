@@ -29,13 +29,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from elasticplan.costmodel import (
+    PIPELINED,
     Layout,
     Pick,
     Selection,
+    charged_compute_ms,
+    charged_read_ms,
     embedding_read_ms,
     memory_constants,
-    read_ms,
-    shard_compute_ms,
+    reads_beside,
+    shard_read_ms,
 )
 from elasticplan.errors import InvalidArgument
 from elasticplan.problem.question import Objective, window_binds, window_span
@@ -153,6 +156,7 @@ class _Rows:
         self.skippable = scenario.min_shards_per_layer == 0
         self.window = scenario.prefetch_window
         self.chained = window_binds(self.window, self.L)  # time variables
+        self.beside = reads_beside(PIPELINED, self.window)  # reads overlap compute
         self.embed = "e" if scenario.memory_bounded and self.model.embedding_rows else None
         self.t_emb = embedding_read_ms(self.device, self.model)
         self.embed_read = [(self.embed, self.t_emb)] if self.embed else []
@@ -230,21 +234,25 @@ class _Rows:
                 self.scenario.min_shards_per_layer)
             overhead_terms, overhead_rhs = [], device.layer_overhead_ms
 
-        self.io_terms.append([(q[li, si, b], read_ms(device, s.bytes[b]))
+        # (a shard read in pieces, the table, is the last layer: its reads are charged less
+        # their overlap with its compute, elasticplan.costmodel.charged_read_ms)
+        self.io_terms.append([(q[li, si, b], charged_read_ms(device, model, s, b, self.beside))
                               for si, s in enumerate(layer.shards) for b in range(B)])
         self.fixed_compute.append(overhead_rhs)
         longest = 0.0
         for k, (_, pass_model, _) in enumerate(self.passes):
             shards = pass_model.layers[li].shards
-            comp = {(si, b): shard_compute_ms(device, pass_model, s, b, streamed=True)
+            comp = {(si, b): charged_compute_ms(device, pass_model, s, b, True, self.beside)
                     for si, s in enumerate(shards) for b in range(B)}
-            held = {(si, b): shard_compute_ms(device, pass_model, s, b)
+            held = {(si, b): charged_compute_ms(device, pass_model, s, b)
                     for si, s in enumerate(shards) for b in range(B)}
             self.comp_terms[k].append([(q[li, si, b], c) for (si, b), c in comp.items()]
                                       + [(p[li, si, b], c) for (si, b), c in held.items()]
                                       + overhead_terms)
-            longest = max(longest, sum(max(read_ms(device, s.bytes[b]) + comp[si, b]
-                                           for b in range(B)) for si, s in enumerate(shards)))
+            read = lambda s, b: max(shard_read_ms(device, pass_model, s, b),  # noqa: E731
+                                    charged_read_ms(device, pass_model, s, b, self.beside))
+            longest = max(longest, sum(max(read(s, b) + comp[si, b] for b in range(B))
+                                       for si, s in enumerate(shards)))
         self.horizon += device.layer_overhead_ms + longest
 
     def start_reads(self, k: int) -> list:
@@ -336,7 +344,7 @@ class _Rows:
         self.memory = []
         if self.byte_vars:
             # window_bytes[l]: M - sum_{k=l..l+W} bytes * q[k] >= 0  (the IO arena)
-            streams = [[(q[li, si, b], s.bytes[b]) for si, s in enumerate(layer.shards)
+            streams = [[(q[li, si, b], s.ring_bytes(b)) for si, s in enumerate(layer.shards)
                         for b in range(B)] for li, layer in enumerate(model.layers)]
             span = window_span(self.window, self.L)
             for li in range(self.L - span + 1):
