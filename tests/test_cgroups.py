@@ -200,7 +200,12 @@ def test_lean_reads_leave_no_page_cache_and_change_nothing_else(plans, store_dir
             ex.fill_preload()
             trace = ex.run(batch)
             out[lean] = trace.embedding
-            assert ex.memory.peak_bytes == ex.predicted_memory.peak_bytes
+            # allocated (the ring at its size) is the prediction; how much of the ring one
+            # query's reads fill at once depends on timing (IO ahead of compute or not)
+            m = ex.memory
+            assert m.peak_bytes - m.ring_high_water_bytes + m.ring_bytes == \
+                ex.predicted_memory.peak_bytes
+            assert 0 < m.ring_high_water_bytes <= m.ring_bytes
             if lean:
                 streamed = [s for row in ex.shards for s in row if not s.preloaded]
                 assert trace.reads == len(streamed) > 0
