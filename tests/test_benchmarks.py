@@ -22,7 +22,8 @@ from runtime.measurement.report import LayerReport, StageTimes
 
 MODULES = ("plan_quality", "frontier", "runtime_baselines", "prediction", "solver_speed",
            "compute_layout", "quant_schemes", "dictquant", "decoder_speed",
-           "fleet", "decode_baselines", "decode_frontier", "dequant_speed")
+           "fleet", "decode_baselines", "decode_frontier", "dequant_speed",
+           "int4_kernel")
 
 
 def test_relative_error():
