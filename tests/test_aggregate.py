@@ -343,3 +343,25 @@ def test_a_highs_solve_imports_neither_ortools_nor_pulp():
             "assert not {'ortools', 'pulp'} & set(sys.modules), sorted(sys.modules); "
             "assert sorted(s.BACKENDS) == ['cbc', 'cpsat', 'greedy', 'highs']")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_least_latency_of_a_wake_up_alone_is_proven_optimal():
+    """A hypothesis example (CI, 2026-12-03): min_latency over a layer that may be skipped,
+    a wake-up of 1.2e-7 ms, against HiGHS's bound of 0: within HiGHS's absolute gap, so
+    optimal (it read "feasible, gap 1.0")."""
+    device = Device("dev", bandwidth_mb_s=20.0, latency_us=0.0, gflops=1.0,
+                    layer_overhead_ms=0.0, dequant_gb_s=None, memory_mb=10000.0,
+                    dequant_ns_per_weight=((2, 0.0),), wake_ms=1.192e-07)
+    model = ModelProfile("m", 16, (2,), (Layer((Shard("s0", "head", 10000.0, (125,), (1.0,),
+                                                      weights=500),)),))
+    sc = Scenario("generated", device, model,
+                  Question(target_latency_ms=1.0, preload_budget_mb=0.0, min_shards_per_layer=0,
+                           objective=Objective.MIN_LATENCY), content_hash="generated")
+    plan = solve(sc, "highs", time_limit_s=10.0)
+    assert plan.status.value == "optimal" and plan.gap == 0.0
+    assert plan.objective == pytest.approx(oracle_best := _least_latency(sc), abs=1e-12)
+    assert oracle_best <= 1.2e-7
+
+
+def _least_latency(sc) -> float:
+    return min(simulate(sc, sel).latency_ms for sel in oracle.all_selections(sc))

@@ -47,6 +47,7 @@ NAME = "highs"
 # An objective this close to 0 is 0: below any solver's tolerance in every objective's
 # unit (importance, bytes, ms).
 ZERO_OBJECTIVE = 1e-9
+ABS_GAP = 1e-6  # HiGHS's mip_abs_gap default: an objective this close to its bound is proven
 LP_FIRST_GAP = 1e-4
 # A relaxed round may use this share of the time left; the rest is kept for the whole
 # program, should a round stop at its limit with a plan that misses rows.
@@ -135,7 +136,9 @@ class _Found:
         value = objective_value(scenario.objective, simulate(scenario, selection, layout=layout))
         # An objective and a bound both of ~0 are one (min_latency's 1e-12 ms, a skipped
         # layer's wake-up, against a bound of 0 was "1e-3 away": gap_to_bound's floor).
-        zero = max(abs(value), abs(bound)) <= ZERO_OBJECTIVE
+        # Likewise an objective within HiGHS's own absolute gap of its bound (min_latency's
+        # 1.2e-7 ms, a wake-up alone, against a bound of 0 was "1.0 away": a gap of 100 %).
+        zero = max(abs(value), abs(bound)) <= ZERO_OBJECTIVE or abs(value - bound) <= ABS_GAP
         gap = 0.0 if zero else gap_to_bound(value, bound)
         return _Found(selection, layout, value, gap, status, seconds)
 
