@@ -423,17 +423,20 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         for pick in picks:
             shard = layer.shards[pick.shard]
             nbytes = shard.bytes[pick.bit]
+            work = shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded, beside)
+            busy += work
             if pick.preloaded:
                 preload += nbytes
+                compute += work
             else:
                 nstream += nbytes
                 nring += shard.ring_bytes(pick.bit)
-                read += shard_read_ms(device, model, shard, pick.bit)
-                overlap += shard_read_ms(device, model, shard, pick.bit) - \
-                    charged_read_ms(device, model, shard, pick.bit, beside)
-            compute += charged_compute_ms(device, model, shard, pick.bit, not pick.preloaded,
-                                          beside)
-            busy += shard_compute_ms(device, model, shard, pick.bit, not pick.preloaded, beside)
+                reads = shard_read_ms(device, model, shard, pick.bit)
+                charged = (reads, work) if shard.pieces == 1 else \
+                    piece_ms(device, model, shard, pick.bit, beside)
+                read += reads
+                overlap += reads - charged[0]
+                compute += charged[1]
             importance += shard.importance[pick.bit]
             kept += shard.kept_bytes
         io_ms.append(read)

@@ -401,28 +401,27 @@ class DecodeExecutor(ShardFiles):
                              f"pieces")
         return spans
 
+    def _piece_at(self, i: int) -> int:
+        """Where piece i starts in the ring: its half of the table's two pieces."""
+        return self.slot_at + (i % 2) * self.table.piece_bytes(self.spans[0][1])
+
     def _piece_views(self, i: int) -> list[memoryview]:
-        """Where piece i lies in the ring (its half of the table's two pieces): its rows'
-        codes, then their side data."""
-        half = self.table.piece_bytes(self.spans[0][1])
-        return ring_views(self.ring, self.slot_at + (i % 2) * half,
-                          self.table.piece_bytes(self.spans[i][1]))
+        """Where piece i lies in the ring: its rows' codes, then their side data."""
+        return ring_views(self.ring, self._piece_at(i), self.table.piece_bytes(self.spans[i][1]))
 
     def _piece_reads(self, i: int) -> list[tuple[list[memoryview], int]]:
         """Piece i's reads: (where it lands, file offset) for its codes and (quantised)
         its side data (spec.table_reads)."""
         t, v = self.table, self.table.variant
         r0, rows = self.spans[i]
-        half = self.table.piece_bytes(self.spans[0][1])
-        at = self.slot_at + (i % 2) * half
+        at = self._piece_at(i)
         reads = [(ring_views(self.ring, at, rows * t.row_bytes), v.offset + r0 * t.row_bytes)]
         if t.side_bytes:
             reads.append((ring_views(self.ring, at + rows * t.row_bytes, rows * t.side_bytes),
                           v.offset + t.side_at(r0)))
         return reads
 
-    def _read_piece(self, i: int, clock: DeviceClock | None
-                    ) -> tuple[float | None, int, int, float]:
+    def _read_piece(self, i: int, clock: DeviceClock) -> tuple[float, int, int, float]:
         """Piece i's reads into its half of the table's place in the ring, each booked on
         `clock`; (the last completion, reads, bytes, seconds the channel was busy with
         them: from when it took the first to the last's completion)."""
@@ -430,16 +429,15 @@ class DecodeExecutor(ShardFiles):
         deadline, n, nbytes, began = None, 0, 0, None
         for views, offset in self._piece_reads(i):
             issued = time.perf_counter()
-            if began is None and clock is not None:
+            if began is None:
                 began = max(issued, clock.busy_until) if clock.emulated else issued
             want = sum(m.nbytes for m in views)
             if os.preadv(fd, views, offset) != want:
                 raise StoreError(f"{path}: short read of the table's rows {self.spans[i][0]}.. "
                                  f"at offset {offset}")
-            if clock is not None:
-                deadline = clock.complete(want, time.perf_counter(), issued)
+            deadline = clock.complete(want, time.perf_counter(), issued)
             n, nbytes = n + 1, nbytes + want
-        return deadline, n, nbytes, 0.0 if deadline is None else deadline - began
+        return deadline, n, nbytes, deadline - began
 
     def _check_pieces(self) -> None:
         """The streamed table against its sha256 and its values, read a piece's size at a
