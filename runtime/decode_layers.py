@@ -51,7 +51,7 @@ from elasticplan.problem.spec import (  # the planner's, so that both agree
     head_chunk_rows,
 )
 from runtime.families.llama import KVCache, LlamaConfig, rope_tables
-from runtime.schemes.base import FP32, DecodeWork
+from runtime.schemes.base import FP32, DecodeWork, Scheme
 from runtime.store import TABLE, ShardStore, Variant
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input rows, output rows, bias)
@@ -256,7 +256,7 @@ def attention_group(ws: DecodeWorkspace, cache: KVCache, l: int, g: int, w: Weig
     for s in range(0, n, chunk):
         m = min(chunk, n - s)
         a, e = start + s, start + s + m  # positions of this chunk; it attends columns [0, e)
-        y = torch.mm(ws.h[s:s + m], inp.t(), out=ws.y[:m * inp.shape[0]].view(m, -1))
+        y = rows_times(ws.h[s:s + m], inp, ws.y[:m * _rows(inp)].view(m, -1))
         cos, sin = ws.cos[a:e], ws.sin[a:e]
         q = rope_into(ws.q[:qk * m * hd].view(qk, m, hd),
                       y[:, :qk * hd].view(m, qk, hd).transpose(0, 1), cos, sin,
@@ -281,16 +281,51 @@ def ffn_slice(ws: DecodeWorkspace, w: Weights, n: int, first: bool) -> None:
     """One FFN slice on the n positions of ws.h: down(silu(gate h) * up h) into ws.acc[:n]
     (written if `first`, else added)."""
     inp, out, _ = w
-    f = inp.shape[0] // 2
+    f = _rows(inp) // 2
     for s in range(0, n, ws.chunk):
         m = min(ws.chunk, n - s)
-        y = torch.mm(ws.h[s:s + m], inp.t(), out=ws.y[:m * 2 * f].view(m, 2 * f))
+        y = rows_times(ws.h[s:s + m], inp, ws.y[:m * 2 * f].view(m, 2 * f))
         act = F.silu(y[:, :f], inplace=True).mul_(y[:, f:])
         _project(ws.acc[s:s + m], act, out, first)
 
 
-def _project(acc: torch.Tensor, a: torch.Tensor, out_rows: torch.Tensor, first: bool) -> None:
-    """acc (=|+=) a @ out_rows (a shard's output projection; out_rows [k, hidden])."""
+def _rows(w) -> int:
+    """Rows of a shard's input block: an fp32 tensor's, or the kernel's (vector_weights)."""
+    return w.shape[0] if isinstance(w, torch.Tensor) else w.rows
+
+
+def rows_times(x: torch.Tensor, w, out: torch.Tensor) -> torch.Tensor:
+    """out [m, rows] = x [m, cols] @ w.T: w an fp32 block [rows, cols], or (one position,
+    m = 1) a block the scheme's kernel computes where it lies (`vector_weights`)."""
+    if isinstance(w, torch.Tensor):
+        return torch.mm(x, w.t(), out=out)
+    return w.mv_into(x, out)
+
+
+def vector_weights(scheme: Scheme, v: Variant, buf: torch.Tensor, work: DecodeWork):
+    """A quantised variant's (input rows, output rows, None) as the scheme's kernel computes
+    them from its stored bytes `buf` (uint8, contiguous; Scheme.vector_rows: no fp32 copy),
+    for passes of one position; None where the kernel does not take both blocks (or the
+    variant has a bias)."""
+    k = v.rows - v.in_rows
+    if v.bias or not (scheme.vector_kernel(v.bits, v.cols) and scheme.vector_kernel(v.bits, k)):
+        return None
+    blocks, at = [], 0
+    for rows, cols in ((v.in_rows, v.cols), (v.cols, k)):  # (the output block as stored)
+        code, side = scheme.row_layout(cols, v.bits)
+        blocks.append(scheme.vector_rows(buf[at:at + rows * code],
+                                         buf[at + rows * code:at + rows * (code + side)],
+                                         rows, cols, v.bits, work))
+        at += rows * (code + side)
+    return blocks[0], blocks[1], None
+
+
+def _project(acc: torch.Tensor, a: torch.Tensor, out_rows, first: bool) -> None:
+    """acc (=|+=) a @ out_rows (a shard's output projection; out_rows [k, hidden], or the
+    output block as the kernel computes it: vector_weights)."""
+    if not isinstance(out_rows, torch.Tensor):
+        out_rows.mv_into(a, acc, accumulate=not first)
+        return
     if first:
         torch.mm(a, out_rows, out=acc)
     else:
@@ -302,13 +337,9 @@ def _project(acc: torch.Tensor, a: torch.Tensor, out_rows: torch.Tensor, first: 
 def _span(pieces: list[memoryview], start: int, n: int, spill: np.ndarray) -> memoryview:
     """Bytes [start, start + n) of a buffer that lies in `pieces` (one, or two around the
     ring's end): a view where they are in one piece, else joined in `spill`."""
-    at = 0
-    for p in pieces:
-        if start < at + p.nbytes:
-            if start + n <= at + p.nbytes:
-                return p[start - at:start - at + n]
-            break
-        at += p.nbytes
+    one = _within(pieces, start, n)
+    if one is not None:
+        return one
     out = memoryview(spill[:n]).cast("B")
     done, at = 0, 0
     for p in pieces:
@@ -318,6 +349,17 @@ def _span(pieces: list[memoryview], start: int, n: int, spill: np.ndarray) -> me
             done += hi - lo
         at += p.nbytes
     return out
+
+
+def _within(pieces: list[memoryview], start: int, n: int) -> memoryview | None:
+    """Bytes [start, start + n) of a buffer lying in `pieces`, where they lie in one of
+    them (else None)."""
+    at = 0
+    for p in pieces:
+        if start < at + p.nbytes:
+            return p[start - at:start - at + n] if start + n <= at + p.nbytes else None
+        at += p.nbytes
+    return None
 
 
 class StoredTable:
@@ -338,6 +380,8 @@ class StoredTable:
         self.row_bytes, self.side_bytes = (4 * hidden, 0) if v.bits == FP32 else \
             self.scheme.row_layout(hidden, v.bits)
         self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)  # (spec.head_chunk_rows)
+        # rows the scheme's kernel multiplies where they lie (Scheme.vector_rows)
+        self.vector = v.bits != FP32 and self.scheme.vector_kernel(v.bits, hidden)
 
     @property
     def fp32(self) -> bool:
@@ -391,6 +435,9 @@ class StoredTable:
             self._fp32_logits(logits, hn, pieces, scratch_bytes)
             return 0.0
         d, R, decode = self.hidden, self.chunk_rows, 0.0
+        if self.vector and work is not None:
+            self._vector_logits(logits, hn, pieces, spill, work)
+            return 0.0
         for r0 in range(0, n, R):
             rows = min(R, n - r0)
             t = time.perf_counter()
@@ -404,6 +451,25 @@ class StoredTable:
             decode += time.perf_counter() - t
             torch.mv(w, hn, out=logits[r0:r0 + rows])
         return decode
+
+    def _vector_logits(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
+                       spill: np.ndarray, work: DecodeWork) -> None:
+        """logits_into by the scheme's kernel on the stored rows (no scratch): all of them
+        at once where their codes and their side data each lie in one view, else chunk by
+        chunk of rows (a chunk split by the ring's end joined in `spill` first)."""
+        n, R = logits.numel(), self.chunk_rows
+        codes, side = (_within(pieces, 0, n * self.row_bytes),
+                       _within(pieces, self.side_at(0, n), n * self.side_bytes))
+        whole = codes is not None and side is not None
+        for r0 in range(0, n, n if whole else R):
+            rows = n if whole else min(R, n - r0)
+            if not whole:
+                codes = _span(pieces, r0 * self.row_bytes, rows * self.row_bytes, spill)
+                side = _span(pieces, self.side_at(r0, n), rows * self.side_bytes,
+                             spill[R * self.row_bytes:])
+            self.scheme.vector_rows(torch.frombuffer(codes, dtype=torch.uint8),
+                                    torch.frombuffer(side, dtype=torch.uint8), rows, self.hidden,
+                                    self.bits, work).mv_into(hn, logits[r0:r0 + rows])
 
     def _fp32_logits(self, logits: torch.Tensor, hn: torch.Tensor, pieces: list[memoryview],
                      scratch_bytes: np.ndarray) -> None:

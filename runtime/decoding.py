@@ -76,6 +76,7 @@ from runtime.decode_layers import (
     decoder_shape,
     ffn_slice,
     rms_norm_into,
+    vector_weights,
 )
 from runtime.executor import (
     LayerIO,
@@ -88,6 +89,7 @@ from runtime.executor import (
     evict_shards,
     fill_shards,
     io_failed,
+    join_pieces,
     open_files,
     place_shards,
     raise_io_failure,
@@ -332,6 +334,7 @@ class DecodeExecutor(ShardFiles):
             # they never sit on top of every buffer of the plan
             _trim()
             self._allocate_compute()
+            self.vectors = self._vector_weights()
         except BaseException:
             self.close()
             raise
@@ -380,6 +383,24 @@ class DecodeExecutor(ShardFiles):
         self.ws = DecodeWorkspace(c, P, self.chunk, self.context, arena)
         self.x_bytes = self.ws.x.numpy().reshape(-1).view(np.uint8)  # (fp32 rows read here)
         self.cache = KVCache(c, kept, 1, self.context, empty=arena.tensor)
+
+    def _vector_weights(self) -> dict[int, tuple]:
+        """Each placed shard whose scheme's kernel multiplies its blocks where they lie
+        (decode_layers.vector_weights), by id: what a pass of one position computes with
+        (a shard wrapped around the ring's end is joined in the bounce buffer first, and
+        computed there)."""
+        out = {}
+        for row in self.shards:
+            for s in row:
+                v = s.variant
+                if s.fp32:
+                    continue
+                raw = s.raw if s.raw is not None else memoryview(self.bounce[:v.nbytes])
+                w = vector_weights(v.scheme.coder(v.bits), v,
+                                   torch.frombuffer(raw, dtype=torch.uint8), self.work)
+                if w is not None:
+                    out[id(s)] = w
+        return out
 
     # --- a table read in pieces --------------------------------------------------------
 
@@ -602,9 +623,13 @@ class DecodeExecutor(ShardFiles):
                 continue  # a half with no shards is the identity (its norm skipped too)
             rms_norm_into(ws.h[:n], x, self.norms[f"l{l}.{norm}"], c.eps, ws.ms[:n])
             for i, s in enumerate(shards):
-                w, seconds = shard_weights(s, self.scratch, self.scratch_bytes, self.bounce,
-                                           self.work)
-                decode += seconds
+                w = self.vectors.get(id(s)) if n == 1 else None
+                if w is None:
+                    w, seconds = shard_weights(s, self.scratch, self.scratch_bytes,
+                                               self.bounce, self.work)
+                    decode += seconds
+                elif s.raw is None:  # wrapped around the ring's end: joined in the bounce
+                    join_pieces(s, self.bounce)
                 if part == "group":
                     attention_group(ws, self.cache, l, i, w, start, n, i == 0)
                 else:

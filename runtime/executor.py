@@ -490,6 +490,16 @@ def raise_io_failure(q: QueryIO, store: ShardStore) -> None:
         raise StoreError(f"{store.path}: IO worker failed: {e}") from e
 
 
+def join_pieces(s: PlacedShard, target: np.ndarray) -> memoryview:
+    """A shard that lies in two pieces (wrapped around the ring's end) joined at the start
+    of `target`: its stored bytes."""
+    pos = 0
+    for piece in s.iov:
+        target[pos:pos + piece.nbytes] = piece
+        pos += piece.nbytes
+    return memoryview(target[:s.variant.nbytes]).cast("B")
+
+
 def shard_weights(s: PlacedShard, scratch: torch.Tensor, scratch_bytes: np.ndarray,
                   bounce: np.ndarray, work: DecodeWork
                   ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], float]:
@@ -504,12 +514,7 @@ def shard_weights(s: PlacedShard, scratch: torch.Tensor, scratch_bytes: np.ndarr
     v = s.variant
     raw = s.raw
     if raw is None:  # wrapped around the ring's end: joined first
-        target = scratch_bytes if s.fp32 else bounce
-        pos = 0
-        for piece in s.iov:
-            target[pos:pos + piece.nbytes] = piece
-            pos += piece.nbytes
-        raw = memoryview(target[:v.nbytes]).cast("B")
+        raw = join_pieces(s, scratch_bytes if s.fp32 else bounce)
     if s.fp32 and s.raw is None:
         views = _stored_views(v, raw)  # now lying in the scratch
     else:

@@ -152,9 +152,12 @@ def test_dropped_and_quantised_picks_generate_that_submodel(any_store, prompt, c
     layers, table_bits, table_resident, window, chunk = CASES[case]
     picks = _picks(layers)
     tokens, logits = reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW)
-    _, result = run(store, picks, TablePick(table_bits, table_resident), prompt,
-                    window=window, chunk=chunk)
+    ex, result = run(store, picks, TablePick(table_bits, table_resident), prompt,
+                     window=window, chunk=chunk)
     assert_same(result, tokens, logits)
+    if store.variant(0, "group0", 4).scheme.name == "group":  # 4-bit KV groups: the kernel's
+        assert len(ex.vectors) == sum(p.bits == 4 and p.name.startswith("group")
+                                      for row in picks for p in row)
     # the picks matter: the full model's logits are not these
     _, full_logits = reference(store, every(store), None, prompt, NEW, len(prompt) + NEW)
     assert float((full_logits[0] - result.logits[0]).abs().max()) > 1e-2
@@ -167,6 +170,11 @@ WRAPS = {  # window 0: (layer 0, layer 1, table bits) -> what lies split at the 
     "fp32 shard": (["group0@32"], ["all@32"], 8),
     "8-bit shard": (["group1@8"], ["ffn0@32", "ffn1@32", "ffn2@32", "group0@32", "group1@8",
                                   "ffn3@8"], 8),
+    # the group store's 4-bit rows, which decode steps multiply where they lie (the kernel,
+    # runtime/schemes/groupmv.py): a KV group joined in the bounce buffer, the table's
+    # chunks joined in it too
+    "4-bit shard": (["group0@2"], ["ffn0@32", "group1@4"], 4),
+    "4-bit table": (["group0@2"], ["group1@4"], 4),
 }
 
 
@@ -179,8 +187,8 @@ def _layer(store, spec):
     return out
 
 
-@pytest.mark.parametrize("scheme,split", [("uniform", k) for k in WRAPS]
-                         + [("group", "8-bit table"), ("group", "8-bit shard")])
+@pytest.mark.parametrize("scheme,split", [("uniform", k) for k in WRAPS if "4-bit" not in k]
+                         + [("group", k) for k in WRAPS if k[:5] in ("8-bit", "4-bit")])
 def test_shards_and_the_table_wrapped_around_the_ring(store, group_store, prompt, scheme,
                                                       split):
     """Window 0: the ring holds the largest layer, so what follows a smaller one wraps
@@ -196,8 +204,12 @@ def test_shards_and_the_table_wrapped_around_the_ring(store, group_store, prompt
     ex, result = run(store, picks, TablePick(table_bits, False), prompt, window=0)
     wrapped = [s.variant for row in ex.rows for s in row if s.raw is None]
     kind = "table" if split.endswith("table") else "shard"
-    bits = FP32 if split.startswith("fp32") else 8
+    bits = FP32 if split.startswith("fp32") else int(split.split("-")[0])
     assert [((v.name == TABLE) == (kind == "table"), v.bits) for v in wrapped] == [(True, bits)]
+    if split == "4-bit shard":  # computed by the kernel in decode steps
+        assert [id(s) for row in ex.rows for s in row if s.raw is None][0] in ex.vectors
+    if split == "4-bit table":
+        assert ex.table.vector
     if split == "fp32 mid-row table":
         assert ex.table_shard.iov[0].nbytes % (4 * store.config.hidden)
     assert_same(result, *reference(store, picks, table_bits, prompt, NEW, len(prompt) + NEW))

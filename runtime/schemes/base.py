@@ -150,6 +150,21 @@ class Scheme:
         size (a tensor made by torch.frombuffer, or an aligned slice of one)."""
         raise NotImplementedError
 
+    # --- rows times a vector where they lie (a decode step's matrix-vector products) -------
+
+    def vector_kernel(self, bits: int, cols: int) -> bool:
+        """Whether `vector_rows` computes blocks of rows of `cols` weights at `bits` from
+        their stored bytes, without decoding them first."""
+        return False
+
+    def vector_rows(self, codes: torch.Tensor, side: torch.Tensor, rows: int, cols: int,
+                    bits: int, work: DecodeWork):
+        """Rows of a block (or of a table) as stored, their codes starting `codes` and their
+        side data starting `side` (uint8, contiguous, each at the row layout's strides), as
+        an object whose `mv_into(x, y, accumulate)` computes y (=|+=) W x in fp32, its
+        temporaries in `work` (decode_work covers them). Only where vector_kernel says so."""
+        raise NotImplementedError
+
     # --- building and the index -----------------------------------------------------------
 
     @property

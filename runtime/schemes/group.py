@@ -248,7 +248,18 @@ class Grouped(Scheme):
         sizes = [list(archgen.decode_work(r, c, bits)) for r, c in blocks]
         for (r, c), s in zip(blocks, sizes):
             s[2] = max(s[2], r * 4 * _groups(c))
+            if self.vector_kernel(bits, c):  # (the kernel's temporaries: never above that)
+                s[2] = max(s[2], c + c // GROUP)  # (runtime/schemes/groupmv.work_floats)
         return tuple(max(k) for k in zip(*sizes))
+
+    def vector_kernel(self, bits: int, cols: int) -> bool:
+        from runtime.schemes import groupmv  # (it imports this module's layout)
+        return groupmv.applies(bits, cols)
+
+    def vector_rows(self, codes: torch.Tensor, side: torch.Tensor, rows: int, cols: int,
+                    bits: int, work: DecodeWork):
+        from runtime.schemes import groupmv
+        return groupmv.GroupRows.of(codes, side, rows, cols, work.values)
 
     def encode_blocks(self, blocks: list[np.ndarray], bits: int,
                       hessians: list[np.ndarray | None]) -> bytes:
