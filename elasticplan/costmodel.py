@@ -21,7 +21,10 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   + flops / gflops and, for a quantised shard (bits < 32), its stored bytes / dequant_gb_s
   + its weights x dequant_ns_per_weight[bits] (the terms the device gives; a device
   calibrated on a decoder gives 32 too: one token's pass over fp32 weights is bound by
-  reading them, not by its flops), and for a
+  reading them, not by its flops; a shard multiplied by one vector, Shard.vector: a
+  decoder's pass of one position and its LM head, takes vector_ns_per_weight[bits]
+  instead where the device gives it: the runtime's kernels compute some bitwidths from
+  their stored bytes), and for a
   streamed shard its stored bytes x stream_ms_per_mb (compute on weights just read into
   the IO ring runs slower than on preloaded ones), plus, where reads run beside compute
   (pipelined, window >= 1), its stored bytes x contention_ms_per_mb (the IO thread's
@@ -268,7 +271,7 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     bits = model.bitwidths[bit]
     if bits < FULL_PRECISION_BITS and device.dequant_gb_s is not None:
         ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)
-    ns = device.dequant_ns(bits)  # a decoder's device also gives 32: fp32 weights' pass
+    ns = device.weight_ns(bits, shard.vector)  # (a decoder's device gives 32 too)
     if ns:  # Scenario checks that the shard's weights are known
         ms += shard.weights * ns / 1e6
     return ms

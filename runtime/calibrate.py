@@ -114,6 +114,7 @@ class FitErrors:
     shard_overhead_ms: float = 0.0
     gflops: float = 0.0
     dequant_ns: dict[int, float] = field(default_factory=dict)  # per quantised bitwidth
+    vector_ns: dict[int, float] = field(default_factory=dict)  # per bitwidth, one vector
     stream_ms_per_mb: float = 0.0
     contention_ms_per_mb: float = 0.0
     embed_ms: float = 0.0
@@ -130,6 +131,8 @@ class Fit:
     shard_overhead_ms: float
     gflops: float
     dequant_ns: dict[int, float]  # per quantised bitwidth
+    # per bitwidth, of shards multiplied by one vector (a decoder's; Device.weight_ns)
+    vector_ns: dict[int, float] = field(default_factory=dict)
     stream_ms_per_mb: float = 0.0  # compute per MB of the layer's streamed shards
     contention_ms_per_mb: float = 0.0  # compute per MB the IO thread reads beside it
     embed_ms: float = 0.0
@@ -157,25 +160,34 @@ class Sample:
     plan: int = 0  # which calibration plan it came from
     streamed_mb: float = 0.0  # stored MB of the layer's streamed (not preloaded) shards
     beside_mb: float = 0.0  # MB the IO thread read while the layer computed (median)
+    # bitwidth -> weights of the layer's shards at it multiplied by one vector (Shard.vector:
+    # a decoder's); `weights` then holds those multiplied by a matrix
+    vector_weights: dict[int, int] = field(default_factory=dict)
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...],
-                weights: np.ndarray | None = None) -> Fit:
+                weights: np.ndarray | None = None, vector_bits: tuple[int, ...] = ()) -> Fit:
     """Non-negative least squares of the layer model over the samples; `bits` are the
     bitwidths to fit a per-weight cost for (each needs samples that use it: the quantised
-    ones; a decoder's fit adds 32). `weights`: each sample's weight in the squares (None:
-    all 1; a decoder's fit weighs a sample by 1 / its pass's latency, so that a decode
-    step's layers count as much, relative to their pass, as the prompt pass's)."""
+    ones; a decoder's fit adds 32), `vector_bits` those to fit one for shards multiplied
+    by one vector (a decoder's: Sample.vector_weights). `weights`: each sample's weight in
+    the squares (None: all 1; a decoder's fit weighs a sample by 1 / its pass's latency,
+    so that a decode step's layers count as much, relative to their pass, as the prompt
+    pass's)."""
     if not samples:
         raise CalibrationError("no layer was measured")
     A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
+                  + [s.vector_weights.get(b, 0) for b in vector_bits]
                   + [s.streamed_mb, s.beside_mb] for s in samples])
     y = np.array([s.ms for s in samples])
-    unused = [b for i, b in enumerate(bits) if not A[:, 3 + i].any()]
-    if unused:
-        raise CalibrationError(f"no calibration plan ran a shard at {unused} bits; rerun with "
-                               f"more plans (--plans)")
-    stream = len(bits) + 3  # the streamed weights' column, then the contention term's
+    for kind, these, first in (("", bits, 3), (" multiplied by one vector", vector_bits,
+                                                3 + len(bits))):
+        unused = [b for i, b in enumerate(these) if not A[:, first + i].any()]
+        if unused:
+            raise CalibrationError(f"no calibration plan ran a shard at {unused} bits{kind}; "
+                                   f"rerun with more plans (--plans)")
+    vec = len(bits) + 3  # the vector terms' first column
+    stream = vec + len(vector_bits)  # the streamed weights' column, then the contention term's
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
     scale = np.abs(A * w[:, None]).max(axis=0)  # columns of ~1: nnls and the covariance
     scale[scale == 0] = 1.0                      # well conditioned
@@ -208,12 +220,15 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
     stderr = FitErrors(layer_overhead_ms=float(se[0]), shard_overhead_ms=float(se[1]),
                        gflops=gflops_se,
                        dequant_ns={b: float(se[3 + i] * 1e6) for i, b in enumerate(bits)},
+                       vector_ns={b: float(se[vec + i] * 1e6)
+                                  for i, b in enumerate(vector_bits)},
                        stream_ms_per_mb=float(se[stream]),
                        contention_ms_per_mb=float(se[stream + 1]))
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
+               vector_ns={b: float(x[vec + i] * 1e6) for i, b in enumerate(vector_bits)},
                stream_ms_per_mb=float(x[stream]),
                contention_ms_per_mb=float(x[stream + 1]), stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
@@ -583,6 +598,8 @@ def _loose_terms(fit: Fit, samples: list[Sample]) -> list[str]:
               max(s.beside_mb for s in samples))]
     terms += [(f"dequant_ns_per_weight[{b}]", ns / 1e6, max(s.weights.get(b, 0) for s in samples))
               for b, ns in se.dequant_ns.items()]
+    terms += [(f"vector_ns_per_weight[{b}]", ns / 1e6,
+               max(s.vector_weights.get(b, 0) for s in samples)) for b, ns in se.vector_ns.items()]
     share = sorted(((100 * err * most / mean, name) for name, err, most in terms), reverse=True)
     return [f"{name} +-{pct:.1f} %" for pct, name in share if pct > TERM_SE_PCT]
 
@@ -679,6 +696,7 @@ def device_of(fit: Fit, base: Device) -> Device:
         base, gflops=round(float(fit.gflops), 4), layer_overhead_ms=round(fit.layer_overhead_ms, 5),
         dequant_gb_s=None, shard_overhead_ms=round(fit.shard_overhead_ms, 6),
         dequant_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.dequant_ns.items())),
+        vector_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.vector_ns.items())),
         stream_ms_per_mb=round(fit.stream_ms_per_mb, 6),
         contention_ms_per_mb=round(fit.contention_ms_per_mb, 6), embed_ms=round(fit.embed_ms, 5),
         pool_ms=round(fit.pool_ms, 5), wake_ms=round(fit.wake_ms, 5))
@@ -770,6 +788,8 @@ def device_dict(device: Device) -> dict:
         compute["dequant_gb_s"] = device.dequant_gb_s
     if device.dequant_ns_per_weight:
         compute["dequant_ns_per_weight"] = dict(device.dequant_ns_per_weight)
+    if device.vector_ns_per_weight:
+        compute["vector_ns_per_weight"] = dict(device.vector_ns_per_weight)
     compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms,
                    stream_ms_per_mb=device.stream_ms_per_mb,
                    contention_ms_per_mb=device.contention_ms_per_mb)
@@ -795,6 +815,9 @@ def describe_compute(device: Device) -> str:
     if device.dequant_ns_per_weight:
         parts.append("dequant ns/weight " + ", ".join(f"{b}b {ns:.3g}"
                                                       for b, ns in device.dequant_ns_per_weight))
+    if device.vector_ns_per_weight:
+        parts.append("one-vector ns/weight " + ", ".join(
+            f"{b}b {ns:.3g}" for b, ns in device.vector_ns_per_weight))
     if device.stream_ms_per_mb:
         parts.append(f"stream_ms_per_mb {device.stream_ms_per_mb:g}")
     if device.contention_ms_per_mb:
@@ -815,6 +838,8 @@ def fit_report(cal: Calibration) -> str:
              f"gflops {fit.gflops:.2f} +- {se.gflops:.2f}"]
     terms += [f"dequant_ns_per_weight[{b}] {ns:.3f} +- {se.dequant_ns[b]:.3f}"
               for b, ns in fit.dequant_ns.items()]
+    terms += [f"vector_ns_per_weight[{b}] {ns:.3f} +- {se.vector_ns[b]:.3f}"
+              for b, ns in fit.vector_ns.items()]
     terms += [f"stream_ms_per_mb {fit.stream_ms_per_mb:.4f} +- {se.stream_ms_per_mb:.4f}",
               f"contention_ms_per_mb {fit.contention_ms_per_mb:.4f} +- "
               f"{se.contention_ms_per_mb:.4f}"]

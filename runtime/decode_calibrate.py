@@ -83,7 +83,8 @@ from runtime.calibrate import (
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace
 from runtime.executor import concurrent_mb
 from runtime.measurement.generate import pass_stages, picks_of
-from runtime.store import ShardStore
+from runtime.schemes.base import FP32
+from runtime.store import TABLE, ShardStore
 
 DECODE_STEPS = 8  # decode steps measured per run, after the prompt pass
 STAGES = ("ttft", "token", "io", "compute")
@@ -106,16 +107,36 @@ def calibration_prompt(store: ShardStore, tokens: int, split: str = "calibration
                            f"{tokens} of the question's prompt")
 
 
+def kernel_bits(store, bitwidths: tuple[int, ...]) -> tuple[int, ...]:
+    """The bitwidths at which the decode executor multiplies every variant the store holds
+    (its shards' two blocks, the table) by one vector with its scheme's kernel, from the
+    stored bytes (runtime.decode_layers.vector_weights, StoredTable.vector): their
+    one-vector cost per weight is a term of its own (Device.vector_ns_per_weight); at any
+    other bitwidth a shard is decoded first in every pass."""
+    out = []
+    for b in bitwidths:
+        if b == FP32:
+            continue
+        variants = [v for (_, _, bits), v in store.index.variants.items() if bits == b]
+        if variants and all(v.scheme.coder(b).vector_kernel(b, v.cols) and (
+                v.name == TABLE or v.scheme.coder(b).vector_kernel(b, v.rows - v.in_rows))
+                and not v.bias for v in variants):
+            out.append(b)
+    return tuple(out)
+
+
 def _layer_ms(trace: PassTrace, l: int) -> float:
     t = trace.head if l == len(trace.layers) else trace.layers[l]
     return t.compute_ms
 
 
-def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[GenerateResult]]
-                   ) -> tuple[list[Sample], np.ndarray]:
+def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[GenerateResult]],
+                   vector_bits: tuple[int, ...] = ()) -> tuple[list[Sample], np.ndarray]:
     """One sample per (plan, pass kind, layer that runs, the table last): its features in
     that pass's model and the median of its measured compute; and each sample's weight
-    in the fit (1 / the plan's median latency of that kind of pass)."""
+    in the fit (1 / the plan's median latency of that kind of pass). Weights at
+    `vector_bits` multiplied by one vector (Shard.vector) are the sample's vector_weights:
+    the runtime's kernel computes them (`kernel_bits`)."""
     source, q = scenario.source_model, scenario.question
     bitwidths = scenario.model.bitwidths
     samples, weights = [], []
@@ -134,12 +155,14 @@ def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[Genera
                     continue
                 shards = model.layers[l].shards
                 by_bits: dict[int, int] = {}
+                vector: dict[int, int] = {}  # (Shard.vector: one position, and the head)
                 for pk in picks:
-                    b = bitwidths[pk.bit]
-                    by_bits[b] = by_bits.get(b, 0) + shards[pk.shard].weights
+                    b, s = bitwidths[pk.bit], shards[pk.shard]
+                    into = vector if s.vector and b in vector_bits else by_bits
+                    into[b] = into.get(b, 0) + s.weights
                 samples.append(Sample(
                     layer=l, shards=len(picks), flops=sum(shards[pk.shard].flops for pk in picks),
-                    weights=by_bits, plan=i,
+                    weights=by_bits, vector_weights=vector, plan=i,
                     ms=float(np.median([_layer_ms(t, l) for t in traces])),
                     streamed_mb=sum(shards[pk.shard].bytes[pk.bit] for pk in picks
                                     if not pk.preloaded) / 1e6,
@@ -225,9 +248,11 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
             raise
         return ex
 
+    vector_bits = kernel_bits(store, model.bitwidths)
+
     def fit_of(runs_of: list[list]) -> tuple[Fit, list[Sample]]:
-        samples, w = decode_samples(scenario, designed, runs_of)
-        return fit_compute(samples, model.bitwidths, w), samples
+        samples, w = decode_samples(scenario, designed, runs_of, vector_bits)
+        return fit_compute(samples, model.bitwidths, w, vector_bits), samples
 
     began = time.monotonic()
     runs_of, rounds, fit, why = measure_rounds(
@@ -252,13 +277,16 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
     base_device = this_machine(bandwidth_mb_s, latency_us, memory_mb)
     # Out of sample: each plan's passes predicted by the fit of the other plans (a
     # bitwidth only the left-out plan ran keeps the full fit's cost).
-    samples, w = decode_samples(scenario, designed, runs_of)
+    samples, w = decode_samples(scenario, designed, runs_of, vector_bits)
     held_out = []
     for i, (_, sel, _) in enumerate(designed):
         rest = [k for k, smp in enumerate(samples) if smp.plan != i]
-        bits = tuple(b for b in model.bitwidths if any(samples[k].weights.get(b) for k in rest))
-        other = fit_compute([samples[k] for k in rest], bits, w[rest])
+        bits, vector = (tuple(b for b in model.bitwidths if any(getattr(samples[k], kind).get(b)
+                                                                for k in rest))
+                        for kind in ("weights", "vector_weights"))
+        other = fit_compute([samples[k] for k in rest], bits, w[rest], vector)
         other.dequant_ns = {**fit.dequant_ns, **other.dequant_ns}
+        other.vector_ns = {**fit.vector_ns, **other.vector_ns}
         other.embed_ms, other.pool_ms, other.wake_ms = fit.embed_ms, fit.pool_ms, fit.wake_ms
         held_out.append((device_of(other, base_device), sel, runs_of[i]))
     spread, errors = decode_stage_errors(scenario, held_out)

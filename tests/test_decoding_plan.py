@@ -115,6 +115,28 @@ def test_prefill_prices_the_prompt_and_its_rows():
     assert pre.embedding_rows == 300 and pre.seq_len == 16
     step = pass_scenario(sc, step_pass(sc.question, 5)).model
     assert step.layers[0].shards[0].flops == 2.0 * 40_000 + attention_flops(SHAPE, 21)
+    # one vector: a step's shards and the LM head in both passes; the prompt's layers not
+    assert [s.vector for layer in pre.layers for s in layer.shards] == [False] * 4 + [True]
+    assert all(s.vector for layer in step.layers for s in layer.shards)
+
+
+def test_a_one_vector_term_prices_the_steps_and_the_head_only():
+    """A device with a one-vector cost at 4 bits (the runtime's kernel): a decode step's
+    4-bit shards and the LM head take it, the prompt pass's layers the matrix term."""
+    per_weight = ((4, 1.0), (32, 0.5))
+    base = dataclasses.replace(DEVICE, dequant_gb_s=None, dequant_ns_per_weight=per_weight)
+    fast = dataclasses.replace(base, vector_ns_per_weight=((4, 0.1),))
+    sc, fsc = _scenario(device=base), _scenario(device=fast)
+    picks = tuple((Pick(0, 0, True), Pick(1, 0, True)) for _ in range(2)) + ((Pick(0, 0, True),),)
+    for make in (prefill_pass, lambda q: step_pass(q, 3)):
+        slow_t, fast_t = (simulate(pass_scenario(s, make(s.question)), picks).layers
+                          for s in (sc, fsc))
+        model = pass_scenario(sc, make(sc.question)).model
+        saved = [sum(0.9 * s.weights / 1e6 for s in layer.shards if s.vector)
+                 for layer in model.layers]
+        assert [a.compute_ms - b.compute_ms for a, b in zip(slow_t, fast_t)] == \
+            pytest.approx(saved)
+        assert saved[-1] > 0  # the head in both passes
 
 
 def test_times_grow_with_the_position_and_a_streamed_table_reads_the_prompt_rows():

@@ -181,6 +181,11 @@ def _calibrated_device() -> dict:
 def test_a_calibrated_device_loads_with_every_term():
     d = parse_device(_calibrated_device(), "cal.yaml")
     assert d.dequant_gb_s is None and d.dequant_ns(3) == 2.0 and d.dequant_ns(32) is None
+    assert d.vector_ns_per_weight == () and d.weight_ns(4, True) == d.weight_ns(4, False) == 1.6
+    data = _calibrated_device()
+    data["compute"]["vector_ns_per_weight"] = {4: 0.15}  # a decoder's: the kernel's bitwidth
+    v = parse_device(data, "cal.yaml")
+    assert (v.weight_ns(4, True), v.weight_ns(4, False), v.weight_ns(8, True)) == (0.15, 1.6, 2.4)
     assert (d.shard_overhead_ms, d.embed_ms, d.pool_ms) == (0.03, 0.4, 0.15)
     assert (d.spread.io, d.spread.compute, d.spread.runs) == (0.01, 0.04, 48)
     old = parse_device(read_yaml(PHONE), str(PHONE))  # an older file: its terms, the rest 0
@@ -199,6 +204,13 @@ def test_a_calibrated_device_loads_with_every_term():
      "compute.dequant_ns_per_weight.4", "must be >= 0"),
     (lambda d: d["compute"]["dequant_ns_per_weight"].update({"four": 1}),
      "compute.dequant_ns_per_weight.four", "expected an integer"),
+    (lambda d: d["compute"].update(vector_ns_per_weight={}), "compute.vector_ns_per_weight",
+     "is empty"),
+    (lambda d: d["compute"].update(vector_ns_per_weight={4: "fast"}),
+     "compute.vector_ns_per_weight.4", "expected a number"),
+    (lambda d: d["compute"].update(dequant_gb_s=3.0, vector_ns_per_weight={4: 0.1})
+     or d["compute"].pop("dequant_ns_per_weight"), "compute.vector_ns_per_weight",
+     "needs dequant_ns_per_weight beside it"),
     (lambda d: d["compute"].update(pool_ms="slow"), "compute.pool_ms", "expected a number"),
     (lambda d: d["spread"].update(io=2), "spread.io", "must be <= 1"),
     (lambda d: d["spread"].pop("runs"), "spread.runs", "missing"),

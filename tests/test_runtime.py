@@ -438,6 +438,29 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
         fit_compute(samples(0.0), (2, 4, 8))
 
 
+def test_fit_separates_the_one_vector_terms():
+    """A decoder's samples: weights multiplied by one vector at the kernel's bitwidth (4)
+    cost their own term, beside the matrix terms of the same and other bitwidths."""
+    from runtime.calibrate import Sample
+
+    rng = np.random.default_rng(2)
+    out = []
+    for i in range(80):
+        k = int(rng.integers(1, 25))
+        flops = float(rng.uniform(1e6, 5e8)) if i % 2 else 0.0
+        w = {4: int(rng.integers(0, 10**6)), 32: int(rng.integers(0, 10**6))}
+        vec = {4: int(rng.integers(0, 10**6))} if i % 2 == 0 else {}
+        ms = 0.3 + 0.05 * k + flops / 60e6 + (0.6 * w[4] + 0.3 * w[32] + 0.13 * vec.get(4, 0)) / 1e6
+        out.append(Sample(i % 6, k, flops, w, ms, vector_weights=vec))
+    fit = fit_compute(out, (4, 32), None, (4,))
+    assert fit.dequant_ns == pytest.approx({4: 0.6, 32: 0.3}, rel=1e-6)
+    assert fit.vector_ns == pytest.approx({4: 0.13}, rel=1e-6)
+    assert fit.gflops == pytest.approx(60.0, rel=1e-6)
+    assert fit.stderr.vector_ns.keys() == {4}
+    with pytest.raises(CalibrationError, match=r"at \[8\] bits multiplied by one vector"):
+        fit_compute(out, (4, 32), None, (4, 8))
+
+
 def test_one_slow_run_moves_no_term_and_wide_errors_are_refused(scenario):
     """A calibration sample is the median of its plan's runs: one run three times as slow
     leaves every sample, every fitted term and the noise figure where they were. A

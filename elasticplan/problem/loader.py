@@ -91,7 +91,12 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
     overhead = compute.number("layer_overhead_ms", minimum=0, maximum=MAX_OVERHEAD_MS)
     dequant = compute.number("dequant_gb_s", minimum=MIN_DEQUANT_GB_S, maximum=MAX_DEQUANT_GB_S,
                              required=False)
-    per_weight = _per_weight(compute)
+    per_weight = _per_weight(compute, "dequant_ns_per_weight")
+    vector = _per_weight(compute, "vector_ns_per_weight")
+    if vector and not per_weight:
+        raise compute.err("vector_ns_per_weight", "needs dequant_ns_per_weight beside it (the "
+                                                  "cost of the same bitwidths multiplied by a "
+                                                  "matrix)")
     if dequant is None and not per_weight:
         raise compute.err("dequant_gb_s", "a device needs a dequantisation cost: dequant_gb_s "
                                           "(per stored byte) or dequant_ns_per_weight (per "
@@ -112,25 +117,25 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
     f.done()
     return Device(name=name, bandwidth_mb_s=bandwidth, latency_us=latency, gflops=gflops,
                   layer_overhead_ms=overhead, dequant_gb_s=dequant, memory_mb=memory,
-                  dequant_ns_per_weight=per_weight, spread=spread, **optional)
+                  dequant_ns_per_weight=per_weight, vector_ns_per_weight=vector,
+                  spread=spread, **optional)
 
 
-def _per_weight(compute: Fields) -> tuple[tuple[int, float], ...]:
-    """`dequant_ns_per_weight: {bits: ns, ...}` (bitwidths 1..32: 32 is a decoder
-    device's per-weight cost of fp32 weights, runtime/decode_calibrate.py)."""
-    raw = compute.raw("dequant_ns_per_weight", required=False)
+def _per_weight(compute: Fields, name: str) -> tuple[tuple[int, float], ...]:
+    """`dequant_ns_per_weight` or `vector_ns_per_weight`: {bits: ns, ...} (bitwidths 1..32:
+    32 is a decoder device's per-weight cost of fp32 weights, runtime/decode_calibrate.py)."""
+    raw = compute.raw(name, required=False)
     if raw is None:
         return ()
-    table = Fields(raw, compute.file, compute.key("dequant_ns_per_weight"),
-                   "dequant_ns_per_weight: {bits: ns per weight}")
+    table = Fields(raw, compute.file, compute.key(name), f"{name}: {{bits: ns per weight}}")
     out = []
     for k in list(raw):
         key = table.key(str(k))
         bits = integer(k, compute.file, key, minimum=1, maximum=FULL_PRECISION_BITS)
         out.append((bits, number(raw[k], compute.file, key, minimum=0, maximum=MAX_NS_PER_WEIGHT)))
     if not out:
-        raise compute.err("dequant_ns_per_weight", "is empty: give ns per weight for every "
-                                                   "quantised bitwidth, or leave it out")
+        raise compute.err(name, "is empty: give ns per weight for every quantised bitwidth, "
+                                "or leave it out")
     return tuple(sorted(out))
 
 

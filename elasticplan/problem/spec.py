@@ -54,6 +54,11 @@ class Device:
     stream_ms_per_mb: float = 0.0  # extra compute of a streamed shard, per MB it stores
     contention_ms_per_mb: float = 0.0  # more when its reads overlap compute (pipelined)
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
+    # (bits, ns per weight) of a shard multiplied by one vector (Shard.vector: a decoder's
+    # pass of one position, its LM head) at the bitwidths the runtime computes from their
+    # stored bytes without decoding them (runtime/schemes/groupmv.py); every other case
+    # takes dequant_ns_per_weight
+    vector_ns_per_weight: tuple[tuple[int, float], ...] = ()
 
     def dequant_ns(self, bits: int) -> float | None:
         """ns per weight to dequantise a shard stored at `bits` (None: no per-weight term)."""
@@ -61,6 +66,14 @@ class Device:
             if b == bits:
                 return ns
         return None
+
+    def weight_ns(self, bits: int, vector: bool) -> float | None:
+        """ns per weight of a shard stored at `bits`: multiplied by one vector (`vector`,
+        vector_ns_per_weight where the device gives it) or by a matrix (None: no term)."""
+        for b, ns in self.vector_ns_per_weight if vector else ():
+            if b == bits:
+                return ns
+        return self.dequant_ns(bits)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,10 @@ class Shard:
     # decoder's table in a pass model: spec.pass_model; elasticplan.costmodel). 1: whole.
     pieces: int = 1
     rows: int = 0
+    # Multiplied by one vector in its pass (a decoder's pass of one position, and its LM
+    # head, which runs for the last position: spec.pass_model): its weights are priced by
+    # the device's vector_ns_per_weight (Device.weight_ns). False: by a matrix.
+    vector: bool = False
 
     def piece_bytes(self, bit: int) -> int:
         """Stored bytes of one (full) piece at bitwidth index `bit`: its rows' share."""
@@ -510,9 +527,10 @@ def pass_model(profile: ModelProfile, q: Question, p: DecodePass) -> ModelProfil
         for s in layer.shards:
             group = s.kind == shape.kv_kind
             flops = s.flops * p.tokens + (attention_flops(shape, p.attended) if group else 0.0)
-            shards.append(dataclasses.replace(s, flops=flops, kept_bytes=kv if group else 0))
+            shards.append(dataclasses.replace(s, flops=flops, kept_bytes=kv if group else 0,
+                                              vector=p.tokens == 1))
         layers.append(Layer(tuple(shards)))
-    layers.append(Layer((dataclasses.replace(head, rows=shape.vocab,
+    layers.append(Layer((dataclasses.replace(head, rows=shape.vocab, vector=True,
                                               pieces=head_pieces(shape)),)))
     full = profile.bit_index(FULL_PRECISION_BITS)
     widest = max((s.bytes[full] for layer in profile.layers for s in layer.shards),
