@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.schemes.group import GROUPED, code_bytes, side_bytes
+from runtime.schemes import groupmv
+from runtime.schemes.group import GROUP, GROUPED, code_bytes, side_bytes
 from runtime.schemes.groupmv import GroupRows, applies, work_floats
 
 
@@ -88,6 +89,9 @@ def test_refusals():
 
 def test_the_scheme_offers_the_kernel_with_its_workspace():
     assert GROUPED.vector_kernel(4, 576) and not GROUPED.vector_kernel(8, 576)
+    assert groupmv.GROUP == GROUP  # the kernel's layout is the scheme's, at 4 bits
+    for cols in (32, 64, 576, 1536):
+        assert (groupmv.code_bytes(cols), groupmv.side_bytes(cols)) == GROUPED.row_layout(cols, 4)
     assert not GROUPED.vector_kernel(4, 40)
     # decode_work's fp32 values cover the kernel's temporaries for every block it takes
     for rows, cols in [(1, 32), (2, 1536), (576, 128)]:

@@ -56,7 +56,7 @@ import torch
 
 from elasticplan.problem import archgen
 from runtime.families.weights import MAX_WEIGHT
-from runtime.schemes import uniform
+from runtime.schemes import groupmv, uniform
 from runtime.schemes.base import FP32, Blocks, DecodeWork, Scheme, take
 
 if TYPE_CHECKING:
@@ -249,16 +249,14 @@ class Grouped(Scheme):
         for (r, c), s in zip(blocks, sizes):
             s[2] = max(s[2], r * 4 * _groups(c))
             if self.vector_kernel(bits, c):  # (the kernel's temporaries: never above that)
-                s[2] = max(s[2], c + c // GROUP)  # (runtime/schemes/groupmv.work_floats)
+                s[2] = max(s[2], groupmv.work_floats(c))
         return tuple(max(k) for k in zip(*sizes))
 
     def vector_kernel(self, bits: int, cols: int) -> bool:
-        from runtime.schemes import groupmv  # (it imports this module's layout)
         return groupmv.applies(bits, cols)
 
     def vector_rows(self, codes: torch.Tensor, side: torch.Tensor, rows: int, cols: int,
-                    bits: int, work: DecodeWork):
-        from runtime.schemes import groupmv
+                    bits: int, work: DecodeWork) -> groupmv.GroupRows:
         return groupmv.GroupRows.of(codes, side, rows, cols, work.values)
 
     def encode_blocks(self, blocks: list[np.ndarray], bits: int,

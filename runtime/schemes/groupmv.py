@@ -20,9 +20,19 @@ import importlib.util
 
 import torch
 
-from runtime.schemes.group import GROUP, code_bytes, side_bytes
-
 BITS = 4  # the bitwidth the kernel computes
+GROUP = 32  # weights per step and minimum along a row (runtime/schemes/group.py's GROUP)
+
+
+def code_bytes(cols: int) -> int:
+    """Code bytes of a row of whole groups at 4 bits (group.code_bytes: two codes a byte)."""
+    return cols // 2
+
+
+def side_bytes(cols: int) -> int:
+    """Its fp16 steps, then its fp16 minima (group.side_bytes)."""
+    return 4 * (cols // GROUP)
+
 MODULE = "runtime._groupmv"
 
 _lib = None
@@ -75,7 +85,7 @@ class GroupRows:
             raise ValueError(f"the 4-bit kernel's workspace has {work.numel()} floats, "
                              f"{work_floats(cols)} needed")
         self.codes, self.side, self.rows, self.cols = codes, side, rows, cols
-        self.code_stride = code_bytes(cols, BITS) if code_stride is None else code_stride
+        self.code_stride = code_bytes(cols) if code_stride is None else code_stride
         self.side_stride = side_bytes(cols) if side_stride is None else side_stride
         self.work, self.keep = work, keep
         self._fn = _library().group4_mv
@@ -85,8 +95,8 @@ class GroupRows:
            work: torch.Tensor) -> "GroupRows":
         """Rows stored as runtime/schemes/group.py lays them out: their codes from the start of
         `codes`, their steps and minima from the start of `side` (uint8, contiguous)."""
-        for name, t, per in (("codes", codes, code_bytes(cols, BITS)), ("side data", side,
-                                                                        side_bytes(cols))):
+        for name, t, per in (("codes", codes, code_bytes(cols)), ("side data", side,
+                                                                  side_bytes(cols))):
             if t.dtype != torch.uint8 or not t.is_contiguous() or t.numel() < rows * per:
                 raise ValueError(f"{rows} 4-bit rows of {cols} weights need {rows * per} "
                                  f"contiguous bytes of {name}, got {t.numel()}")
@@ -96,7 +106,7 @@ class GroupRows:
     def of_block(cls, buf: torch.Tensor, rows: int, cols: int, work: torch.Tensor
                  ) -> "GroupRows":
         """The block stored at the start of `buf` (its rows' codes, then their side data)."""
-        n = rows * code_bytes(cols, BITS)
+        n = rows * code_bytes(cols)
         return cls.of(buf[:n], buf[n:], rows, cols, work)
 
     def mv_into(self, x: torch.Tensor, y: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
