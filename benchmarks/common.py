@@ -219,12 +219,14 @@ SMOLLM2_PHONE = ROOT / "problems" / "scenarios" / "smollm2-phone.yaml"
 
 
 def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PHONE,
-                                plans: int = 16, budget_s: float = 60.0, log=print):
+                                plans: int = 16, budget_s: float = 60.0, log=print,
+                                warm_reads: bool = False):
     """A decoder's question (default SmolLM2 on the phone) on this machine with storage
     emulated at `bandwidth_mb_s`: calibrated once (runtime/decode_calibrate.py, as
     `elasticplan calibrate --scenario` does; a few minutes) into
-    build/bench/calibrated-<model>-X and reused while the store's index, the scenario and
-    its profile are older than it. Returns the calibrated scenario."""
+    build/bench/calibrated-<model>-X (-X-warm with `warm_reads`: the page cache read at the
+    device's pace) and reused while the store's index, the scenario and its profile are
+    older than it. Returns the calibrated scenario."""
     import torch
     import yaml
 
@@ -237,7 +239,7 @@ def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PH
     # second core, and its terms do not hold for the runs
     torch.set_num_threads(1)
     base = Path(base)
-    out = CALIBRATED / f"calibrated-{base.stem}-{bandwidth_mb_s:g}"
+    out = CALIBRATED / f"calibrated-{base.stem}-{bandwidth_mb_s:g}{'-warm' if warm_reads else ''}"
     path = out / "scenario.yaml"
     profile = base.parent / yaml.safe_load(base.read_text())["model"]
     sources = [Path(store.path) / "index.json", base, profile]
@@ -251,7 +253,8 @@ def calibrated_decoder_scenario(bandwidth_mb_s: float, *, store, base=SMOLLM2_PH
     # predicts (its out-of-sample errors are logged below and in the file's header)
     cal = calibrate_decoder(store, scenario, bandwidth_mb_s=bandwidth_mb_s,
                             latency_us=DEFAULT_LATENCY_US, plans=plans, repeats=3,
-                            budget_s=budget_s, max_error_pct=1000.0, log=log)
+                            budget_s=budget_s, max_error_pct=1000.0, warm_reads=warm_reads,
+                            log=log)
     _, scen_path, _ = write_calibration(out, scenario, cal, None)
     _log_calibration(log, bandwidth_mb_s, out, cal)
     return load_scenario(scen_path)

@@ -109,25 +109,29 @@ def stage_predictions(question, plan, prompt: int, new_tokens: int) -> tuple[flo
     return first.latency_ms, statistics.median(s.latency_ms for s in steps)
 
 
-def open_executor(plan, store, device, threads: int = 1):
+def open_executor(plan, store, device, threads: int = 1, warm_reads: bool = False):
     """A DecodeExecutor for a decoder plan: its picks, window and context; storage emulated
-    at `device`'s bandwidth and per-read latency (None: this machine's)."""
+    at `device`'s bandwidth and per-read latency (None: this machine's; `warm_reads`:
+    DecodeExecutor's)."""
     from runtime.decoding import DecodeExecutor
     from runtime.measurement.generate import picks_of
 
     q = plan.scenario.question
     picks, table = picks_of(plan)
     return DecodeExecutor(store, picks, table, context=q.context_tokens, window=plan.window,
-                          device=device, threads=threads, prompt_tokens=q.prompt_tokens)
+                          device=device, threads=threads, prompt_tokens=q.prompt_tokens,
+                          warm_reads=warm_reads)
 
 
-def probe(plan_path: Path, store, ids: list[int], new_tokens: int, device) -> dict:
+def probe(plan_path: Path, store, ids: list[int], new_tokens: int, device,
+          warm_reads: bool = False) -> dict:
     """The process's peak while it answers with this plan, in a fresh process (the module
     docstring's method); with the answer's measured times."""
     return _subprocess(["probe", str(plan_path), "--store", str(store.path),
                         "--ids", ",".join(map(str, ids)), "--new-tokens", str(new_tokens),
                         *(["--bandwidth", f"{device.bandwidth_mb_s!r}", "--latency-us",
-                           f"{device.latency_us!r}"] if device is not None else [])])
+                           f"{device.latency_us!r}"] if device is not None else []),
+                        *(["--warm-reads"] if warm_reads and device is not None else [])])
 
 
 def _subprocess(args: list[str]) -> dict:
@@ -152,9 +156,9 @@ def _reset_peak() -> int:
     return rss
 
 
-def _throwaway(plan, store, device, ids: list[int]) -> None:
+def _throwaway(plan, store, device, ids: list[int], warm_reads: bool = False) -> None:
     """One answer of the plan, its executor opened and closed (and, on return, freed)."""
-    with open_executor(plan, store, device) as ex:
+    with open_executor(plan, store, device, warm_reads=warm_reads) as ex:
         ex.generate(ids, WARM_TOKENS, eos_id=None)
 
 
@@ -168,9 +172,9 @@ def _probe_main(a) -> int:
     store = ShardStore(a.store)
     ids = [int(t) for t in a.ids.split(",")]
     device = None if a.bandwidth is None else emulated_storage(a.bandwidth, a.latency_us)
-    _throwaway(plan, store, device, ids)  # kernels, pools, code pages
+    _throwaway(plan, store, device, ids, a.warm_reads)  # kernels, pools, code pages
     baseline = _reset_peak()
-    with open_executor(plan, store, device) as ex:
+    with open_executor(plan, store, device, warm_reads=a.warm_reads) as ex:
         result = ex.generate(ids, a.new_tokens, eos_id=None)
         peak = status_bytes("VmHWM")
         opened = _reset_peak()
@@ -270,6 +274,7 @@ def _probe_parser(hf: bool) -> argparse.ArgumentParser:
     if not hf:
         p.add_argument("--bandwidth", type=float, help="emulated storage, MB/s (none: real)")
         p.add_argument("--latency-us", type=float, default=0.0)
+        p.add_argument("--warm-reads", action="store_true")
     return p
 
 

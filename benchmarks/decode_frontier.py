@@ -4,7 +4,7 @@ fixed per-token target, the exact plan beside greedy and the uniform baselines.
     python -m benchmarks.decode_frontier [--scenario problems/scenarios/smollm2-phone.yaml]
         [--bandwidths 200,1000] [--memory-mb 24,32,48,64,96,128] [--target-ms T]
         [--windows unbounded,2] [--time-limit 8] [--texts 32] [--new-tokens 6] [--rounds 3]
-        [--quick]
+        [--warm-reads] [--quick]
 
 On a decoder's scenario, with its device's storage at each of --bandwidths MB/s
 (dataclasses.replace of the device), the per-token target T (default: 2x hold-in-memory's
@@ -119,9 +119,11 @@ class Measurer:
     """Quality (one evaluation per submodel) and executor/process measurements (one per
     plan and bandwidth; once when it reads nothing), cached."""
 
-    def __init__(self, store, ids: list[int], new_tokens: int, texts: list[str], tmp: Path):
+    def __init__(self, store, ids: list[int], new_tokens: int, texts: list[str], tmp: Path,
+                 warm_reads: bool = False):
         self.store, self.ids, self.new_tokens, self.texts, self.tmp = \
             store, ids, new_tokens, texts, tmp
+        self.warm_reads = warm_reads
         self.quality: dict[tuple, object] = {}
         self.runs: dict[tuple, dict] = {}
         self.plans: dict[tuple, tuple] = {}  # measure key -> (plan, device)
@@ -146,7 +148,8 @@ class Measurer:
         if key not in self.runs:
             path = self.tmp / f"plan{len(self.runs)}.json"
             plan.save(path)
-            self.runs[key] = probe(path, self.store, self.ids, self.new_tokens, device)
+            self.runs[key] = probe(path, self.store, self.ids, self.new_tokens, device,
+                                   self.warm_reads)
             self.plans[key] = (plan, device)
         return self.runs[key]
 
@@ -164,7 +167,7 @@ class Measurer:
         plans = [(plan, plan.scenario.question, device)
                  for plan, device in (self.plans[k] for k in keys)]
         for key, runs in zip(keys, measure(plans, self.store, self.ids, self.new_tokens,
-                                           rounds)):
+                                           rounds, self.warm_reads)):
             self.times[key] = (statistics.median(r.ttft_ms for r in runs),
                                statistics.median(statistics.median(r.step_ms) for r in runs))
 
@@ -349,6 +352,10 @@ def main(argv=None) -> int:
     ap.add_argument("--texts", type=int, default=32, help="held-out texts (evaluate: 64)")
     ap.add_argument("--new-tokens", type=int, default=6, help="tokens each measured answer")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--warm-reads", action="store_true",
+                    help="the emulated storage read from the page cache at the device's pace "
+                         "(a device faster than this machine's disk; runtime/decoding.py); "
+                         "default: cold reads")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--goal-memory-mb", type=float, default=48.0)
     ap.add_argument("--goal-bandwidth", type=float, default=1000.0)
@@ -381,11 +388,12 @@ def main(argv=None) -> int:
     print(f"# {base.name}: device {base.device.name}; per-token target {target:g} ms "
           f"({'given' if a.target_ms else '2 x hold-in-memory predicted'}); prompt "
           f"{len(ids)} tokens, {a.new_tokens} new; {a.texts} held-out texts; windows "
-          f"{', '.join(UNBOUNDED if w is None else str(w) for w in a.windows)}")
+          f"{', '.join(UNBOUNDED if w is None else str(w) for w in a.windows)}; reads "
+          f"{'warm (the page cache, at the device pace)' if a.warm_reads else 'cold'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         m = Measurer(store, ids, a.new_tokens, list(load_splits().test.texts[:a.texts]),
-                     Path(tmp))
+                     Path(tmp), a.warm_reads)
         hold = row_of(HOLD_IN_MEMORY, base.device.bandwidth_mb_s, None, target, hold_plan, m,
                       base.device)
         for bw in a.bandwidths:

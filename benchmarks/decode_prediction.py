@@ -92,9 +92,10 @@ def questions(sc, factors, budgets, log=print) -> list[tuple]:
     return out
 
 
-def measure(plans, store, prompt: list[int], new_tokens: int, rounds: int) -> list[list]:
+def measure(plans, store, prompt: list[int], new_tokens: int, rounds: int,
+            warm_reads: bool = False) -> list[list]:
     """Every plan's answers ((plan, its question, the device whose storage is emulated)),
-    rounds interleaved, its executor open throughout."""
+    rounds interleaved, its executor open throughout (`warm_reads`: DecodeExecutor's)."""
     from runtime.decoding import DecodeExecutor
     from runtime.measurement.generate import picks_of
 
@@ -104,7 +105,7 @@ def measure(plans, store, prompt: list[int], new_tokens: int, rounds: int) -> li
             picks, table = picks_of(plan)
             ex = DecodeExecutor(store, picks, table, context=question.context_tokens,
                                 window=plan.window, device=device,
-                                prompt_tokens=question.prompt_tokens)
+                                prompt_tokens=question.prompt_tokens, warm_reads=warm_reads)
             executors.append(ex)
             ex.generate(prompt, 2, eos_id=None)  # warm-up, discarded
         runs: list[list] = [[] for _ in plans]

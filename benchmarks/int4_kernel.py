@@ -1,6 +1,6 @@
-"""A 4-bit group-scheme block times a vector, the way the decode executor does it and the
-way torch's own int4 kernel for CPU would, side by side: how much a 4-bit layer's compute
-could shrink, and what it would cost in precision.
+"""A 4-bit group-scheme block times a vector, the ways the decode executor has done it and
+the way torch's own int4 kernel for CPU would, side by side: how much a 4-bit layer's
+compute shrinks, and what it costs in precision.
 
     python -m benchmarks.int4_kernel [--repeats 50] [--out-dir D]
 
@@ -8,12 +8,14 @@ For each of SmolLM2's block shapes (an FFN slice's input block [256, 576] and ou
 [576, 128], a KV group's [320, 576] and [576, 192], a 1536 x 576 block), random normal
 weights are quantised by the group scheme at 4 bits (its codes, fp16 steps and minima per
 32 weights of a row, as the store keeps the GGUF file's Q4_1 blocks), and y = W x is
-computed four ways, timed side by side (benchmarks.common.time_alternated: one thread,
+computed five ways, timed side by side (benchmarks.common.time_alternated: one thread,
 9 rounds of --repeats calls each, the median):
 
 - `decode + fp32`: the group scheme decodes the stored block into an fp32 block (its
-  preallocated workspace, as the executor does), then torch.mv: what a 4-bit shard costs
-  today;
+  preallocated workspace), then torch.mv: what a 4-bit shard costs in the prompt pass,
+  and cost in every pass before the kernel;
+- `kernel`: the group scheme's own kernel (runtime/schemes/groupmv.py) on the stored
+  bytes, fp32: what a decode step's 4-bit shard costs now;
 - `fp32`: torch.mv on an fp32 block already in memory: what hold-in-memory costs;
 - `int4 mm`: torch's `_weight_int4pack_mm_for_cpu` on the block packed once (its codes,
   and per group a scale = step and a zero = minimum + 8 steps, in bf16), x in bf16: what a
@@ -22,10 +24,10 @@ computed four ways, timed side by side (benchmarks.common.time_alternated: one t
   (`_convert_weight_to_int4pack_for_cpu`): a lower bound of what a shard read in the
   store's own layout would pay every pass (unpacking its nibbles not counted).
 
-Reported in ns per weight, and the int4 kernel's output against the fp32 product of the
-same stored block (max |difference| / max |y|): its bf16 rounding of x and of the group
-steps and minima. Writes int4_kernel.csv. Measures only: nothing in the runtime uses the
-int4 kernel.
+Reported in ns per weight, and the kernel's and torch's int4 kernel's outputs against the
+fp32 product of the same stored block (max |difference| / max |y|): float rounding, and
+torch's bf16 rounding of x and of the group steps and minima. Writes int4_kernel.csv.
+Nothing in the runtime uses torch's int4 kernel (docs/decoders.md, "The 4-bit kernel").
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from benchmarks.common import out_path, start, time_alternated, write_csv
 MODULE = "benchmarks.int4_kernel"
 SHAPES = {"ffn slice in": (256, 576), "ffn slice out": (576, 128), "kv group in": (320, 576),
           "kv group out": (576, 192), "1536 x 576": (1536, 576)}
-WAYS = ("decode + fp32", "fp32", "int4 mm", "pack + int4 mm")
+WAYS = ("decode + fp32", "kernel", "fp32", "int4 mm", "pack + int4 mm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     print(f"{'block':<14}" + "".join(f"{w + ' ns/w':>20}" for w in WAYS)
-          + f"{'int4 rel. error':>17}")
+          + f"{'kernel rel. error':>19}{'int4 rel. error':>17}")
     for label, (n, k) in SHAPES.items():
         w = (rng.normal(size=(n, k)) * 0.02).astype(np.float32)
         stored = torch.frombuffer(bytearray(coder.encode_blocks([w], 4, [None])),
@@ -81,18 +83,22 @@ def main(argv: list[str] | None = None) -> int:
             coder.decode_into([out], stored, ((n, k),), 4, work)
             return torch.mv(out, x, out=y)
 
-        calls = [decoded, lambda: torch.mv(held, x, out=y), lambda: mm(xb, packed, GROUP, scales),
-                 lambda: mm(xb, pack(q, 1), GROUP, scales)]
+        rows = coder.vector_rows(stored[:n * k // 2], stored[n * k // 2:], n, k, 4, work)
+        y2 = torch.empty(n)
+        calls = [decoded, lambda: rows.mv_into(x, y2), lambda: torch.mv(held, x, out=y),
+                 lambda: mm(xb, packed, GROUP, scales), lambda: mm(xb, pack(q, 1), GROUP, scales)]
         ms = time_alternated(calls, a.repeats)
         ns = [m * 1e6 / (n * k) for m in ms]
         exact = decoded().clone()  # the stored block's own fp32 product
         got = mm(xb, packed, GROUP, scales).view(-1).float()
         rel = float((got - exact).abs().max() / exact.abs().max())
-        print(f"{label:<14}" + "".join(f"{v:>20.4f}" for v in ns) + f"{rel:>17.2e}")
+        mine = float((rows.mv_into(x, y2) - exact).abs().max() / exact.abs().max())
+        print(f"{label:<14}" + "".join(f"{v:>20.4f}" for v in ns) + f"{mine:>19.2e}"
+              + f"{rel:>17.2e}")
         rows.append({"block": label, "rows": n, "cols": k,
                      **{f"{w.replace(' + ', '_').replace(' ', '_')}_ns_per_weight": round(v, 4)
                         for w, v in zip(WAYS, ns)},
-                     "int4_rel_error": rel})
+                     "kernel_rel_error": mine, "int4_rel_error": rel})
     write_csv(out_path("int4_kernel.csv", a.out_dir), rows, list(rows[0]))
     return 0
 

@@ -162,6 +162,10 @@ def register(sub) -> None:
                    help="no device clock: the kernel throttles the runs' reads to "
                         "--storage-mb-s and --storage-latency-us (a block-IO cgroup; "
                         "docs/runtime.md, 'Kernel limits'); an encoder's scenario only")
+    c.add_argument("--warm-reads", action="store_true",
+                   help="a decoder's emulated storage read from the page cache at the device's "
+                        "pace (a device faster than this machine's disk; `generate "
+                        "--warm-reads`); default: cold reads")
     c.add_argument("--out-dir", default=DEFAULT_CALIBRATED,
                    help=f"writes device.yaml and scenario.yaml here (default {DEFAULT_CALIBRATED})")
 
@@ -225,6 +229,9 @@ def register(sub) -> None:
     g.add_argument("--store", help="default: the store the model profile names")
     g.add_argument("--no-emulate", action="store_true",
                    help="read at this machine's real disk speed instead of the device's")
+    g.add_argument("--warm-reads", action="store_true",
+                   help="emulated storage read from the page cache at the device's pace (a "
+                        "device faster than this machine's disk); default: cold reads")
     g.add_argument("--no-compare", action="store_true",
                    help="skip the full fp32 model's answer (the agreement figure)")
     g.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
@@ -410,13 +417,17 @@ def cmd_calibrate(a) -> int:
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if base.question.decoding and a.throttle:
         raise InvalidArgument("--throttle calibrates an encoder's scenario only")
+    if a.warm_reads and not (base.question.decoding and a.storage_mb_s is not None):
+        raise InvalidArgument("--warm-reads calibrates a decoder's scenario on emulated storage "
+                              "only (with --storage-mb-s)")
     if base.question.decoding:  # a decoder: prompt passes and decode steps
         from runtime.decode_calibrate import calibrate_decoder
 
         cal = calibrate_decoder(store, base, bandwidth_mb_s=a.storage_mb_s,
                                 latency_us=a.storage_latency_us, plans=a.plans,
                                 repeats=a.repeats, budget_s=a.budget_s,
-                                max_error_pct=a.max_error_pct, log=log)
+                                max_error_pct=a.max_error_pct, warm_reads=a.warm_reads,
+                                log=log)
     else:
         queries = query_batches(store, base.model.seq_len, a.repeats)
         cal = calibrate(store, base, bandwidth_mb_s=a.storage_mb_s,
@@ -549,7 +560,7 @@ def cmd_generate(a) -> int:
 
     _, report = generate(plan, a.plan, scenario, store, ids, max_new_tokens=a.max_new_tokens,
                          emulate=not a.no_emulate, threads=a.threads, on_token=on_token,
-                         compare=not a.no_compare)
+                         compare=not a.no_compare, warm_reads=a.warm_reads)
     print(report.text[len(shown[0]):] if report.text.startswith(shown[0]) else "")
     print()
     print(format_report(report))

@@ -212,16 +212,23 @@ def decode_stage_errors(scenario: Scenario, held_out: list
 def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None,
                       latency_us: float, plans: int, repeats: int, budget_s: float,
                       max_error_pct: float, seed: int = 0, steps: int = DECODE_STEPS,
+                      warm_reads: bool = False,
                       log: Callable[[str], None] = lambda s: None) -> Calibration:
     """Measure a decoder on this machine (module docstring); return the calibrated device,
     the fit and the facts for the file header, or refuse (CalibrationError) as
-    runtime/calibrate.calibrate does."""
+    runtime/calibrate.calibrate does. `warm_reads`: the runs' emulated storage read from
+    the page cache (DecodeExecutor's), for a device faster than this machine's disk."""
     import torch
 
     q = base.question
     if not q.decoding:
         raise ValueError(f"scenario {base.name!r} is not a decoder's question")
+    if warm_reads and bandwidth_mb_s is None:
+        raise ValueError("warm reads need emulated storage (--storage-mb-s): this machine's "
+                         "own disk is measured and read cold")
     bandwidth_mb_s, latency_us, storage, emulate = storage_of(store, bandwidth_mb_s, latency_us)
+    if warm_reads:
+        storage = storage.replace("real cold reads", "reads from the page cache (--warm-reads)")
     memory_mb = machine_memory_mb()
     model = base.model  # the step model: the layers, then the table
     if any(s.weights is None for layer in model.layers for s in layer.shards):
@@ -240,7 +247,8 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
     def open_plan(i: int) -> DecodeExecutor:
         picks, table = picks_of(designed[i][2])
         ex = DecodeExecutor(store, picks, table, context=context, window=None,
-                            device=draft if emulate else None, prompt_tokens=len(prompt))
+                            device=draft if emulate else None, prompt_tokens=len(prompt),
+                            warm_reads=warm_reads)
         try:
             ex.generate(prompt, steps + 1, eos_id=None)  # warm-up, discarded
         except BaseException:
@@ -295,6 +303,7 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
+             "warm_reads": warm_reads,
              "threads": torch.get_num_threads(), "seq_len": len(prompt),
              "decode_steps": steps}
     cal = Calibration(device, fit, facts, errors)

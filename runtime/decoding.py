@@ -253,13 +253,18 @@ class DecodeExecutor(ShardFiles):
     def __init__(self, store: ShardStore, picks: Sequence[Sequence[ShardPick]],
                  table: TablePick = TablePick(), *, context: int, window: int | None = None,
                  device: Device | None = None, threads: int | None = None,
-                 prompt_tokens: int | None = None, chunk: int | None = None):
+                 prompt_tokens: int | None = None, chunk: int | None = None,
+                 warm_reads: bool = False):
         """Check the picks against the store, open the files, allocate every buffer, place
         every picked variant and the table, read the resident set and check every variant
         against its sha256. `context`: the KV cache's columns (prompt + answer);
         `prompt_tokens`: the longest prompt (default context - 1); `chunk`: prompt
         positions computed at once in a layer (default: all); `device`: emulated storage
-        (None: this machine's); `threads`: torch's (None: as set)."""
+        (None: this machine's); `threads`: torch's (None: as set); `warm_reads`: with
+        emulated storage, the streamed files' pages are not evicted before each pass, so
+        that the reads come from the page cache at the emulated device's pace (a device
+        faster than this machine's disk: cold, the disk would set the pace), else every
+        pass reads them cold."""
         c = store.config
         if c.family != "llama":
             raise StoreError(f"{store.path}: the decode executor runs a llama store, this one "
@@ -279,12 +284,15 @@ class DecodeExecutor(ShardFiles):
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if window is not None and window < 0:
             raise ValueError(f"window must be >= 0 or None, got {window}")
+        if warm_reads and device is None:
+            raise ValueError("warm reads need emulated storage (a device): this machine's own "
+                             "storage is read cold, every pass")
         if threads is not None:
             torch.set_num_threads(threads)
         no_fastbins()
         self.store, self.config, self.context, self.window = store, c, context, window
         self.prompt_tokens, self.chunk = prompt_tokens, chunk
-        self.clock = DeviceClock(device)
+        self.clock, self.warm_reads = DeviceClock(device), warm_reads
         self.picks = [list(row) for row in picks]
         variants = []
         for l, row in enumerate(self.picks):
@@ -710,7 +718,7 @@ class DecodeExecutor(ShardFiles):
         L, n = self.config.layers, len(ids)
         prefill = start == 0
         streamed = [s for row in self.rows for s in row if not s.preloaded]
-        cached, total = evict_shards(self.fds, streamed)
+        cached, total = evict_shards(self.fds, streamed, keep=self.warm_reads)
         q = QueryIO(len(self.rows))
         pq = _Pieces(len(self.spans)) if len(self.spans) > 1 else None
         rows = ids if prefill and self.stream_table else None

@@ -404,9 +404,10 @@ def hint_shards(fds: dict[str, int], row: list[PlacedShard]) -> None:
                              os.POSIX_FADV_WILLNEED)
 
 
-def evict_shards(fds: dict[str, int], shards) -> tuple[int, int]:
-    """Evict the files of these shards; (resident, total) pages of their ranges after."""
-    files = {s.variant.file for s in shards}
+def evict_shards(fds: dict[str, int], shards, keep: bool = False) -> tuple[int, int]:
+    """Evict the files of these shards (`keep`: leave their pages cached); (resident, total)
+    pages of their ranges after."""
+    files = set() if keep else {s.variant.file for s in shards}
     for f in files:
         evict(fds[f])
     cached = total = 0

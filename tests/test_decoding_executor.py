@@ -463,6 +463,30 @@ def test_emulated_reads_never_finish_before_the_device_would(store, prompt):
         assert p.head.io_end_ms >= clock - 1e-6
 
 
+def test_warm_reads_keep_the_pages_and_still_wait_for_the_device(store, prompt):
+    """`warm_reads`: the streamed files stay in the page cache from pass to pass (cold: every
+    pass starts with them evicted), the emulated device still sets when each read is done,
+    and the answer is the same; without emulated storage, refused."""
+    picks = every(store, 8)
+    slow = emulated_storage(100.0, 500.0)
+    results = {}
+    for warm in (False, True):
+        with DecodeExecutor(store, picks, TablePick(FP32, False), context=len(prompt) + 3,
+                            device=slow, warm_reads=warm) as ex:
+            results[warm] = ex.generate(prompt, 3, eos_id=None)
+    cold, warm = results[False], results[True]
+    assert warm.tokens == cold.tokens
+    assert all(p.cached_pages_before == 0 for p in cold.passes)
+    assert all(p.cached_pages_before == p.streamed_pages > 0 for p in warm.passes[1:])
+    for p in warm.passes[1:]:  # one token's reads: at least the device's time, in order
+        reads = sum(0.5 + store.variant(lt.index, s.name, s.bits).nbytes / 100e3
+                    for lt, row in zip(p.layers, picks) for s in row)
+        assert p.layers[-1].io_end_ms >= reads - 1e-6
+    with pytest.raises(ValueError, match="warm reads need emulated storage"):
+        DecodeExecutor(store, picks, TablePick(FP32, False), context=len(prompt) + 3,
+                       warm_reads=True)
+
+
 def test_a_store_without_table_variants_runs_on_resident_bin(store_path, prompt, tmp_path):
     """A store built before tables were stored: the fp32 table comes from resident.bin
     (resident or streamed); another bitwidth is refused, naming it."""

@@ -109,6 +109,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
         (["--prompt", "  "], "--prompt is empty"),
         (["--prompt", "the cat sat on the mat " * 16], "longer than the 96"),
         (["--prompt", "hi", "--max-new-tokens", 9], "--max-new-tokens must be in [1, 8]"),
+        (["--prompt", "hi", "--no-emulate", "--warm-reads"], "with --no-emulate this machine"),
     ]
     for args, words in cases:
         assert cli("generate", plan, *args) == 2
@@ -132,6 +133,9 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     assert cli("generate", minilm, "--prompt", "hi") == 2
     err = capsys.readouterr().err
     assert "an encoder's question" in err and err.count("\n") == 1
+    assert cli("calibrate", "--scenario", sc, "--warm-reads", "--out-dir", tmp_path / "c") == 2
+    err = capsys.readouterr().err
+    assert "--warm-reads calibrates a decoder's scenario on emulated storage" in err
 
 
 def test_calibrate_on_a_decoder_writes_a_decoder_device_and_question(tiny, tmp_path):

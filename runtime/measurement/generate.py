@@ -163,9 +163,14 @@ def _baseline() -> int:
 def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
              prompt: list[int], *, max_new_tokens: int | None, emulate: bool,
              threads: int | None, on_token: Callable[[int], None] | None = None,
-             compare: bool = True) -> tuple[GenerateResult, GenerateReport]:
-    """Answer `prompt` (token ids) as `plan` says and compare every figure with the plan's."""
+             compare: bool = True, warm_reads: bool = False
+             ) -> tuple[GenerateResult, GenerateReport]:
+    """Answer `prompt` (token ids) as `plan` says and compare every figure with the plan's
+    (`warm_reads`: DecodeExecutor's, with emulated storage)."""
     q = scenario.question
+    if warm_reads and not emulate:
+        raise InvalidArgument("--warm-reads paces page-cache reads by the emulated device; with "
+                              "--no-emulate this machine's storage is read cold")
     if not q.decoding:
         raise InvalidArgument(f"{plan_path}: the plan answers an encoder's question, not a "
                               f"decoder's (no prompt_tokens/answer_tokens): use `run`")
@@ -187,7 +192,8 @@ def generate(plan: Plan, plan_path: str, scenario: Scenario, store: ShardStore,
     def executor() -> DecodeExecutor:
         return DecodeExecutor(store, picks, table, context=q.context_tokens,
                               window=plan.window, device=scenario.device if emulate else None,
-                              threads=threads, prompt_tokens=q.prompt_tokens)
+                              threads=threads, prompt_tokens=q.prompt_tokens,
+                              warm_reads=warm_reads)
 
     with executor() as warm:  # kernels, pools, code pages, BLAS buffers: before the baseline
         warm.generate(prompt, WARM_TOKENS, eos_id=None)
