@@ -83,16 +83,16 @@ def main(argv: list[str] | None = None) -> int:
             coder.decode_into([out], stored, ((n, k),), 4, work)
             return torch.mv(out, x, out=y)
 
-        rows = coder.vector_rows(stored[:n * k // 2], stored[n * k // 2:], n, k, 4, work)
+        block = coder.vector_rows(stored[:n * k // 2], stored[n * k // 2:], n, k, 4, work)
         y2 = torch.empty(n)
-        calls = [decoded, lambda: rows.mv_into(x, y2), lambda: torch.mv(held, x, out=y),
+        calls = [decoded, lambda: block.mv_into(x, y2), lambda: torch.mv(held, x, out=y),
                  lambda: mm(xb, packed, GROUP, scales), lambda: mm(xb, pack(q, 1), GROUP, scales)]
         ms = time_alternated(calls, a.repeats)
         ns = [m * 1e6 / (n * k) for m in ms]
         exact = decoded().clone()  # the stored block's own fp32 product
         got = mm(xb, packed, GROUP, scales).view(-1).float()
         rel = float((got - exact).abs().max() / exact.abs().max())
-        mine = float((rows.mv_into(x, y2) - exact).abs().max() / exact.abs().max())
+        mine = float((block.mv_into(x, y2) - exact).abs().max() / exact.abs().max())
         print(f"{label:<14}" + "".join(f"{v:>20.4f}" for v in ns) + f"{mine:>19.2e}"
               + f"{rel:>17.2e}")
         rows.append({"block": label, "rows": n, "cols": k,
