@@ -736,11 +736,12 @@ def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, 
     return Spread(io=round(rms["io"], 5), compute=round(rms["compute"], 5), runs=runs), errors
 
 
-def storage_of(store: ShardStore, bandwidth_mb_s: float | None, latency_us: float
-               ) -> tuple[float, float, str, bool]:
+def storage_of(store: ShardStore, bandwidth_mb_s: float | None, latency_us: float,
+               warm_reads: bool = False) -> tuple[float, float, str, bool]:
     """The calibration's storage: (bandwidth MB/s, latency us, its description for the
-    file header, whether runs emulate it): emulated at the given bandwidth, or, without
-    one, this machine's disk measured (measure_disk) and used as it is."""
+    file header, whether runs emulate it): emulated at the given bandwidth (`warm_reads`:
+    on reads from the page cache, the decode executor's), or, without one, this machine's
+    disk measured (measure_disk) and used as it is."""
     if bandwidth_mb_s is None:
         bandwidth_mb_s, latency_us = measure_disk(store)
         return (bandwidth_mb_s, latency_us,
@@ -748,7 +749,9 @@ def storage_of(store: ShardStore, bandwidth_mb_s: float | None, latency_us: floa
                 f"+ {latency_us:.0f} us per read (runs use it without emulation)", False)
     return (bandwidth_mb_s, latency_us,
             f"emulated at {bandwidth_mb_s:g} MB/s + {latency_us:g} us per read "
-            f"(runs emulate it on top of real cold reads)", True)
+            f"(runs emulate it on top of real "
+            f"{'reads from the page cache (--warm-reads)' if warm_reads else 'cold reads'})",
+            True)
 
 
 def machine_memory_mb() -> float:

@@ -80,11 +80,11 @@ from runtime.calibrate import (
     wake_gaps,
     wide_stages,
 )
+from runtime.decode_layers import vector_computed
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace
 from runtime.executor import concurrent_mb
 from runtime.measurement.generate import pass_stages, picks_of
-from runtime.schemes.base import FP32
-from runtime.store import TABLE, ShardStore
+from runtime.store import ShardStore
 
 DECODE_STEPS = 8  # decode steps measured per run, after the prompt pass
 STAGES = ("ttft", "token", "io", "compute")
@@ -110,17 +110,13 @@ def calibration_prompt(store: ShardStore, tokens: int, split: str = "calibration
 def kernel_bits(store, bitwidths: tuple[int, ...]) -> tuple[int, ...]:
     """The bitwidths at which the decode executor multiplies every variant the store holds
     (its shards' two blocks, the table) by one vector with its scheme's kernel, from the
-    stored bytes (runtime.decode_layers.vector_weights, StoredTable.vector): their
+    stored bytes (runtime.decode_layers.vector_computed): their
     one-vector cost per weight is a term of its own (Device.vector_ns_per_weight); at any
     other bitwidth a shard is decoded first in every pass."""
     out = []
     for b in bitwidths:
-        if b == FP32:
-            continue
         variants = [v for (_, _, bits), v in store.index.variants.items() if bits == b]
-        if variants and all(v.scheme.coder(b).vector_kernel(b, v.cols) and (
-                v.name == TABLE or v.scheme.coder(b).vector_kernel(b, v.rows - v.in_rows))
-                and not v.bias for v in variants):
+        if variants and all(vector_computed(v) for v in variants):
             out.append(b)
     return tuple(out)
 
@@ -226,9 +222,8 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
     if warm_reads and bandwidth_mb_s is None:
         raise ValueError("warm reads need emulated storage (--storage-mb-s): this machine's "
                          "own disk is measured and read cold")
-    bandwidth_mb_s, latency_us, storage, emulate = storage_of(store, bandwidth_mb_s, latency_us)
-    if warm_reads:
-        storage = storage.replace("real cold reads", "reads from the page cache (--warm-reads)")
+    bandwidth_mb_s, latency_us, storage, emulate = storage_of(store, bandwidth_mb_s, latency_us,
+                                                              warm_reads)
     memory_mb = machine_memory_mb()
     model = base.model  # the step model: the layers, then the table
     if any(s.weights is None for layer in model.layers for s in layer.shards):

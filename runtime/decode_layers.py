@@ -51,7 +51,7 @@ from elasticplan.problem.spec import (  # the planner's, so that both agree
     head_chunk_rows,
 )
 from runtime.families.llama import KVCache, LlamaConfig, rope_tables
-from runtime.schemes.base import FP32, DecodeWork, Scheme
+from runtime.schemes.base import FP32, DecodeWork
 from runtime.store import TABLE, ShardStore, Variant
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input rows, output rows, bias)
@@ -302,14 +302,27 @@ def rows_times(x: torch.Tensor, w, out: torch.Tensor) -> torch.Tensor:
     return w.mv_into(x, out)
 
 
-def vector_weights(scheme: Scheme, v: Variant, buf: torch.Tensor, work: DecodeWork):
-    """A quantised variant's (input rows, output rows, None) as the scheme's kernel computes
-    them from its stored bytes `buf` (uint8, contiguous; Scheme.vector_rows: no fp32 copy),
-    for passes of one position; None where the kernel does not take both blocks (or the
-    variant has a bias)."""
-    k = v.rows - v.in_rows
-    if v.bias or not (scheme.vector_kernel(v.bits, v.cols) and scheme.vector_kernel(v.bits, k)):
+def vector_computed(v: Variant) -> bool:
+    """Whether a pass of one position multiplies this variant where it lies, with its
+    scheme's kernel (Scheme.vector_kernel): a quantised table's rows, or both blocks of a
+    quantised shard without a bias. The one rule for the executor and the calibration
+    (runtime/decode_calibrate.kernel_bits)."""
+    if v.bits == FP32:
+        return False
+    scheme = v.scheme.coder(v.bits)
+    if v.name == TABLE:
+        return scheme.vector_kernel(v.bits, v.cols)
+    return not v.bias and scheme.vector_kernel(v.bits, v.cols) and \
+        scheme.vector_kernel(v.bits, v.rows - v.in_rows)
+
+
+def vector_weights(v: Variant, buf: torch.Tensor, work: DecodeWork):
+    """A quantised shard variant's (input rows, output rows, None) as its scheme's kernel
+    computes them from its stored bytes `buf` (uint8, contiguous; Scheme.vector_rows: no
+    fp32 copy), for passes of one position; None where `vector_computed` says no."""
+    if not vector_computed(v):
         return None
+    scheme, k = v.scheme.coder(v.bits), v.rows - v.in_rows
     blocks, at = [], 0
     for rows, cols in ((v.in_rows, v.cols), (v.cols, k)):  # (the output block as stored)
         code, side = scheme.row_layout(cols, v.bits)
@@ -381,7 +394,7 @@ class StoredTable:
             self.scheme.row_layout(hidden, v.bits)
         self.chunk_rows = min(HEAD_CHUNK_ROWS, v.rows)  # (spec.head_chunk_rows)
         # rows the scheme's kernel multiplies where they lie (Scheme.vector_rows)
-        self.vector = v.bits != FP32 and self.scheme.vector_kernel(v.bits, hidden)
+        self.vector = vector_computed(v)
 
     @property
     def fp32(self) -> bool:

@@ -404,8 +404,7 @@ class DecodeExecutor(ShardFiles):
                 if s.fp32:
                     continue
                 raw = s.raw if s.raw is not None else memoryview(self.bounce[:v.nbytes])
-                w = vector_weights(v.scheme.coder(v.bits), v,
-                                   torch.frombuffer(raw, dtype=torch.uint8), self.work)
+                w = vector_weights(v, torch.frombuffer(raw, dtype=torch.uint8), self.work)
                 if w is not None:
                     out[id(s)] = w
         return out
