@@ -17,7 +17,7 @@ from elasticplan.decoding import pass_scenario, predict
 from elasticplan.errors import SpecError
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import check
-from elasticplan.problem.question import Question
+from elasticplan.problem.question import Objective, Question
 from elasticplan.problem.spec import (
     HEAD_CHUNK_ROWS,
     DecoderShape,
@@ -296,7 +296,7 @@ def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memor
                                                         ttft, piece_rows):
     """Tiny decoders (2 layers of a KV group and an FFN slice, the table; 4 or 32 bits):
     per-token and time-to-first-token targets, memory budgets, windows, the table streamed
-    whole or in 5, 3 or 2 pieces."""
+    whole or in 5, 3 or 2 pieces; among the plans of the importance found, the fastest."""
     sc = _scenario(profile=_profile(imp=imp, head_imp=(0.0, head), piece_rows=piece_rows),
                    target_latency_ms=target, memory_budget_mb=memory, prefetch_window=window,
                    kv_bits=kv, target_ttft_ms=ttft)
@@ -305,6 +305,8 @@ def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memor
     for solver in ("highs", "cpsat", "cbc"):
         plan = oracle.solve_or_none(sc, solver)
         oracle.assert_matches(sc, None if plan is None else plan.importance, oracle.TOL)
+        if plan is not None:
+            oracle.assert_fastest(sc, plan)
     top = oracle.best(sc)
     try:
         greedy = oracle.solve_or_none(sc, "greedy")
@@ -312,6 +314,19 @@ def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memor
         assert type(e).__name__ == "NoPlanFoundError"
         return
     assert top is not None and greedy.importance <= top + oracle.TOL
+
+
+def test_a_floor_of_zero_is_met_when_every_importance_is_zero():
+    """The hypothesis example above that found it: every importance 0, so the tie-break's
+    floor is 0; the float programs' floor margin made that row infeasible (CBC proved
+    it), and CBC's plan was not the fastest of its importance."""
+    sc = _scenario(profile=_profile(imp=((0.0, 0.0), (0.0, 0.0)), head_imp=(0.0, 0.0)),
+                   target_latency_ms=1.0, kv_bits=16)
+    for solver in ("highs", "cpsat", "cbc"):
+        fastest = oracle.solve_or_none(sc.with_overrides(objective=Objective.MIN_LATENCY,
+                                                         importance_floor=0.0), solver)
+        assert fastest is not None
+        oracle.assert_fastest(sc, oracle.solve_or_none(sc, solver))
 
 
 def test_a_subnormal_largest_importance_is_planned_by_every_backend():

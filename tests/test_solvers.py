@@ -40,6 +40,17 @@ def test_optimum_equals_brute_force(solver, sc):
     oracle.assert_matches(sc, exact(sc, solver), TOL)
 
 
+@pytest.mark.parametrize("solver", EXACT)
+@given(sc=scenarios(max_layers=2, max_shards=2, max_bits=2))
+def test_ties_go_to_the_fastest_plan(solver, sc):
+    """Among the plans of the importance found, the exact backends return the fastest
+    (within the tie-break's gap, elasticplan.solvers.TIE_GAP): brute force's fastest plan
+    at that importance, every bound of the question kept, is no faster."""
+    plan = oracle.solve_or_none(sc, solver)
+    if plan is not None:
+        oracle.assert_fastest(sc, plan)
+
+
 @given(sc=scenarios(max_layers=3, max_shards=3, max_bits=3))
 def test_backends_agree_and_beat_greedy(sc):
     results = {s: exact(sc, s) for s in EXACT}

@@ -32,8 +32,10 @@ class Margins:
         return target_ms - self.time_ms
 
     def floor_rhs(self, floor: float) -> float:
-        """The scaled right-hand side of an importance floor row."""
-        return self.importance_scale * floor + self.importance_floor
+        """The scaled right-hand side of an importance floor row. A floor of 0 keeps no
+        margin: every plan meets it, and with the margin a model whose importances are
+        all 0 had no plan at all (CBC proved min_latency at floor 0 infeasible)."""
+        return self.importance_scale * floor + (self.importance_floor if floor > 0 else 0.0)
 
 
 EXACT = Margins(time_ms=0.0, importance_scale=1.0, importance_floor=0.0)

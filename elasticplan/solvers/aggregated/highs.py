@@ -66,7 +66,8 @@ def build(scenario: Scenario,
 
 
 def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
-                relative_gap: float, row_generation: bool = True) -> Plan:
+                relative_gap: float, row_generation: bool = True,
+                start: tuple[Selection, Layout] | None = None) -> Plan:
     """Row generation: solve a relaxed program (program.first_relaxation: two latency
     paths; layers that its rows treat alike merge into blocks, which removes the near-ties
     between layers that keep a branch and bound from closing), then add every row its plan
@@ -78,7 +79,10 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
     Scenarios that cannot be relaxed (program.relaxable) get the whole program at once;
     a round stopped by its share of the time (RELAXED_SHARE) hands the rest to it.
     `row_generation=False` solves the whole program from the start (the solver benchmark's
-    side-by-side baseline). Every HiGHS run gets `threads` (module docstring)."""
+    side-by-side baseline). Every HiGHS run gets `threads` (module docstring).
+    `start`: a known plan of the scenario (its selection and layout), every MIP's first
+    incumbent where the relaxation gives none (min_latency's tie-break, elasticplan.solvers.
+    fastest_at, starts from the max_importance plan it improves on)."""
     started = time.perf_counter()
     deadline = started + time_limit_s
     margins = float_margins(scenario)
@@ -100,7 +104,7 @@ def solve_highs(scenario: Scenario, *, time_limit_s: float, threads: int,
         try:
             found, values = _solve_program(program, model, lp, started=started,
                                            deadline=until, relative_gap=relative_gap,
-                                           threads=threads)
+                                           threads=threads, known=start)
         except SolverTimeoutError:
             if relaxation is None:
                 raise
@@ -149,12 +153,15 @@ class _Found:
 
 def _solve_program(program: MatrixProgram, model: dict,
                    lp: tuple[float, np.ndarray] | None, *, started: float, deadline: float,
-                   relative_gap: float, threads: int) -> tuple[_Found, np.ndarray | None]:
+                   relative_gap: float, threads: int,
+                   known: tuple[Selection, Layout] | None = None
+                   ) -> tuple[_Found, np.ndarray | None]:
     """A plan of `program` (`model`: it as pass_model's arguments) with its gap to the
     program's bound, and the solution's columns
     (None for the relaxation's rounded plan, which is checked against the cost model).
     Given the LP relaxation (`lp`: bound, columns), its rounded and filled plan comes
-    first, and is the answer if it is within the gap."""
+    first, and is the answer if it is within the gap; else a `known` plan is the MIP's
+    first incumbent."""
     scenario = program.scenario
     rounded = None  # the LP relaxation's rounded plan: a fallback if the MIP finds none
     # Rounding down keeps every <= row; min_buffer's importance floor is a >= row.
@@ -162,7 +169,8 @@ def _solve_program(program: MatrixProgram, model: dict,
         rounded = _lp_rounded(program, lp, started=started)
         if rounded is not None and rounded.gap is not None and rounded.gap <= relative_gap:
             return rounded, None
-    start = None if rounded is None else program.solution_of(rounded.selection, rounded.layout)
+    start = program.solution_of(rounded.selection, rounded.layout) if rounded is not None \
+        else None if known is None else program.solution_of(*known)
     mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start,
                     threads=threads)
     plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline,
