@@ -22,7 +22,8 @@ the positions the answer took) vs measured (its median over the rounds):
   answer of the same plan first, then VmHWM over VmRSS), one more answer per plan alone.
 
 It reports the median and 95th percentile of the absolute relative errors, per bandwidth
-and overall, with a scatter plot (predicted vs measured ttft and token).
+and overall, with a scatter plot (predicted vs measured ttft and token), and beside them
+the plans' common per-token shift and each plan's distance from it (`shift`).
 
     python -m benchmarks.decode_prediction [--bandwidths 200,1000] [--factors 1.25,1.5,2,3]
                                            [--memory-mb none,32,48,64] [--new-tokens 12]
@@ -171,7 +172,19 @@ def summary(rows: list[dict], label: str) -> str:
             f"{stat('head_err_pct', 1)}; memory: executor - predicted at most "
             f"{max(r['executor_err'] for r in rows) * 100:+.3f} %, process median "
             f"{statistics.median(r['process_err'] for r in rows) * 100:+.1f} %, max "
-            f"{max(r['process_err'] for r in rows) * 100:+.1f} %")
+            f"{max(r['process_err'] for r in rows) * 100:+.1f} %; {shift(rows)}")
+
+
+def shift(rows: list[dict]) -> str:
+    """The plans' common shift per token (the signed median error) and how far each plan
+    sits from it: plans measured in the same rounds share the machine's speed, so a large
+    shift with a small spread about it is the machine moved since its calibration (the
+    VM drifts by 10-30 % within an hour here), not a plan mispredicted."""
+    signed = [r["token_err"] * 100 for r in rows]
+    mid = statistics.median(signed)
+    about = [abs(v - mid) for v in signed]
+    return (f"per-token shift {mid:+.1f} %, |error - shift| median / p95 "
+            f"{statistics.median(about):.1f} / {percentile(about, 95):.1f} %")
 
 
 def plot(rows: list[dict], path, command: str) -> None:

@@ -15,8 +15,9 @@ it will be in real runs, so the measured layer times carry the pipeline's own ef
 (idle OpenMP threads, the IO thread; docs/runtime.md, "Measured facts"). The plans
 separate the terms (`design`): one per stored bitwidth (every layer a random subset of
 its shards at that bitwidth: the per-weight cost of each bitwidth), hold-in-memory (every
-shard fp32, preloaded: compute-bound), every shard at the lowest bitwidth preloaded, fp32
-subsets preloaded, then random mixed plans; subsets of every size and mix of heads and
+shard fp32, preloaded: compute-bound), every shard preloaded at each bitwidth a decoder's
+kernel computes (decode_calibrate.kernel_bits), every shard at the lowest bitwidth
+preloaded, fp32 subsets preloaded, then random mixed plans; subsets of every size and mix of heads and
 FFN slices separate the per-layer, per-shard and per-flop terms, and a quarter of the
 subsets' shards preloaded (three quarters streamed) the two contention terms: a streamed
 shard computes slower than the same shard preloaded, and a layer computes slower while
@@ -246,8 +247,12 @@ def _subset(model: ModelProfile, li: int, bit: int, rng: np.random.Generator,
                  for s in rng.choice(n, size=k, replace=False))
 
 
-def design(model: ModelProfile, plans: int, rng: np.random.Generator) -> list[tuple[str, Selection]]:
-    """The calibration plans (module docstring), `plans` of them, named."""
+def design(model: ModelProfile, plans: int, rng: np.random.Generator,
+           held_bits: tuple[int, ...] = ()) -> list[tuple[str, Selection]]:
+    """The calibration plans (module docstring), `plans` of them, named. `held_bits`: more
+    bitwidths to hold every shard at, preloaded, each a plan of its own in place of a
+    random one (a decoder's kernel bits: runtime.decode_calibrate.kernel_bits, whose term
+    the streamed plans alone left confounded with contention)."""
     B, L = len(model.bitwidths), len(model.layers)
     if plans < B + 1:
         raise CalibrationError(f"--plans {plans} is too few: the design needs one plan per "
@@ -259,6 +264,12 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator) -> list[tu
     out.append(("hold-in-memory", tuple(tuple(Pick(s, B - 1, True)
                                               for s in range(len(layer.shards)))
                                         for layer in model.layers)))
+    for bits in held_bits:
+        b = model.bit_index(bits)
+        if plans > len(out) and b is not None and 0 < b < B - 1:  # the lowest and the top have plans below, above
+            out.append((f"every shard at {bits} bits, preloaded",
+                        tuple(tuple(Pick(s, b, True) for s in range(len(layer.shards)))
+                              for layer in model.layers)))
     if plans > len(out):
         out.append((f"every shard at {model.bitwidths[0]} bits, preloaded",
                     tuple(tuple(Pick(s, 0, True) for s in range(len(layer.shards)))
@@ -532,16 +543,17 @@ def measure_rounds(plans: int, *, open_plan: Callable[[int], Any],
             ex.close()
 
 
-def designed_plans(scenario: Scenario, plans: int, seed: int, memory_mb: float
+def designed_plans(scenario: Scenario, plans: int, seed: int, memory_mb: float,
+                   held_bits: tuple[int, ...] = ()
                    ) -> tuple[list[tuple[str, Selection, Plan]], list[list[int]]]:
-    """The calibration plans of `design` on the scenario's model, each as (name,
-    selection, plan), and the groups whose executors may be open at once (their
-    predicted peaks within INTERLEAVE_MEMORY_SHARE of the RAM)."""
+    """The calibration plans of `design` (with its `held_bits`) on the scenario's model,
+    each as (name, selection, plan), and the groups whose executors may be open at once
+    (their predicted peaks within INTERLEAVE_MEMORY_SHARE of the RAM)."""
     rng = np.random.default_rng(seed)
     designed = [(name, sel, Plan.from_selection(scenario, sel, solver="calibration",
                                                 status=SolveStatus.FEASIBLE, gap=None,
                                                 solve_seconds=0.0))
-                for name, sel in design(scenario.model, plans, rng)]
+                for name, sel in design(scenario.model, plans, rng, held_bits)]
     return designed, _groups([plan.memory.peak_bytes for _, _, plan in designed],
                              INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
 

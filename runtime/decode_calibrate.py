@@ -236,7 +236,8 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
                                    preload_budget_mb=0.0, prefetch_window=None,
                                    answer_tokens=steps + 1, importance_floor=None)
     prompt = calibration_prompt(store, q.prompt_tokens)
-    designed, groups = designed_plans(scenario, plans, seed, memory_mb)
+    vector_bits = kernel_bits(store, model.bitwidths)
+    designed, groups = designed_plans(scenario, plans, seed, memory_mb, held_bits=vector_bits)
     context = scenario.question.context_tokens
 
     def open_plan(i: int) -> DecodeExecutor:
@@ -250,8 +251,6 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
             ex.close()
             raise
         return ex
-
-    vector_bits = kernel_bits(store, model.bitwidths)
 
     def fit_of(runs_of: list[list]) -> tuple[Fit, list[Sample]]:
         samples, w = decode_samples(scenario, designed, runs_of, vector_bits)

@@ -539,6 +539,17 @@ def test_calibration_design_separates_every_term(scenario):
     assert sum(map(len, hold)) == model.n_shards
     with pytest.raises(CalibrationError, match="too few"):
         design(model, len(model.bitwidths), np.random.default_rng(0))
+    # a decoder's kernel bits: every shard held at them, a plan of its own after
+    # hold-in-memory, in place of a random one (the lowest bitwidth has its plan already)
+    bits = model.bitwidths[1]
+    plans = design(model, 12, np.random.default_rng(0))
+    held = design(model, 12, np.random.default_rng(0), held_bits=(bits, model.bitwidths[0]))
+    assert len(held) == 12 and held[:len(model.bitwidths) + 1] == plans[:len(model.bitwidths) + 1]
+    name, sel = held[len(model.bitwidths) + 1]
+    assert name == f"every shard at {bits} bits, preloaded"
+    assert {(p.bit, p.preloaded) for picks in sel for p in picks} == {(1, True)}
+    assert sum(map(len, sel)) == model.n_shards
+    assert [n for n, _ in held].count("random") == [n for n, _ in plans].count("random") - 1
 
 
 def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_path, capsys):
