@@ -56,7 +56,7 @@ from benchmarks.common import (
     write_csv,
 )
 from elasticplan.cli import number_list
-from elasticplan.costmodel import Layout, Pick
+from elasticplan.costmodel import Layout, every_shard
 from elasticplan.decoding import answer_schedules, predict
 from elasticplan.errors import ElasticplanError
 from elasticplan.solvers import solve
@@ -74,8 +74,7 @@ def questions(sc, factors, budgets, log=print) -> list[tuple]:
     """(factor, budget, plan, question) for every question of the grid a plan answers."""
     model = sc.model
     full = model.bit_index(32)
-    hold = tuple(tuple(Pick(s, full, True) for s in range(len(layer.shards)))
-                 for layer in model.layers)
+    hold = every_shard(model, full, True)
     per_token = predict(sc, hold, Layout()).last_token_ms
     out = []
     for factor, budget in itertools.product(factors, budgets):

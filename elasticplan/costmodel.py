@@ -87,6 +87,13 @@ class Pick:
 
 Selection = tuple[tuple[Pick, ...], ...]  # per layer, the shards that run (in read order)
 
+
+def every_shard(model: ModelProfile, bit: int, preloaded: bool) -> Selection:
+    """Every shard of every layer at bitwidth index `bit`, all preloaded or all streamed
+    (hold-in-memory, uniform-B, the calibration's whole-model plans)."""
+    return tuple(tuple(Pick(s, bit, preloaded) for s in range(len(layer.shards)))
+                 for layer in model.layers)
+
 PIPELINED = "pipelined"  # layer l computes as soon as its own reads are done (the plans solved)
 SEQUENTIAL = "sequential"  # every read first, then every layer (load-then-execute)
 EXECUTIONS = (PIPELINED, SEQUENTIAL)

@@ -79,7 +79,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from elasticplan.costmodel import Layout, Pick, Selection, simulate
+from elasticplan.costmodel import Layout, Pick, Selection, every_shard, simulate
 from elasticplan.errors import CalibrationError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
@@ -261,19 +261,15 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator,
     for b in range(B):
         out.append((f"{model.bitwidths[b]}-bit subsets",
                     tuple(_subset(model, li, b, rng, 0.25) for li in range(L))))
-    out.append(("hold-in-memory", tuple(tuple(Pick(s, B - 1, True)
-                                              for s in range(len(layer.shards)))
-                                        for layer in model.layers)))
+    out.append(("hold-in-memory", every_shard(model, B - 1, True)))
     for bits in held_bits:
         b = model.bit_index(bits)
-        if plans > len(out) and b is not None and 0 < b < B - 1:  # the lowest and the top have plans below, above
-            out.append((f"every shard at {bits} bits, preloaded",
-                        tuple(tuple(Pick(s, b, True) for s in range(len(layer.shards)))
-                              for layer in model.layers)))
+        # the lowest bitwidth and the top have whole-model plans of their own
+        if plans > len(out) and b is not None and 0 < b < B - 1:
+            out.append((f"every shard at {bits} bits, preloaded", every_shard(model, b, True)))
     if plans > len(out):
         out.append((f"every shard at {model.bitwidths[0]} bits, preloaded",
-                    tuple(tuple(Pick(s, 0, True) for s in range(len(layer.shards)))
-                          for layer in model.layers)))
+                    every_shard(model, 0, True)))
     if plans > len(out):  # the fp32 costs again, on other subsets: per flop vs per shard
         out.append((f"{model.bitwidths[-1]}-bit subsets, preloaded",
                     tuple(_subset(model, li, B - 1, rng, 1.0) for li in range(L))))
@@ -909,8 +905,7 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
 
         sc = base.with_overrides(device=device)
         full = base.model.bit_index(FULL_PRECISION_BITS)
-        sel = tuple(tuple(Pick(s, full, True) for s in range(len(layer.shards)))
-                    for layer in base.model.layers)
+        sel = every_shard(base.model, full, True)
         target_ms = round(2 * predict(sc, sel, Layout()).last_token_ms, 1)
     elif target_ms is None:
         # Default question: the latency of every shard at 8 bits, streamed, on this device:
@@ -918,8 +913,7 @@ def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,
         sc = Scenario(name="t", device=device, model=base.model,
                       question=Question(target_latency_ms=1.0, preload_budget_mb=0.0))
         b8 = base.model.bit_index(8) if base.model.bit_index(8) is not None else 0
-        sel = tuple(tuple(Pick(s, b8, False) for s in range(len(layer.shards)))
-                    for layer in base.model.layers)
+        sel = every_shard(base.model, b8, False)
         target_ms = round(simulate(sc, sel).latency_ms, 1)
     model_rel = os.path.relpath(Path(base.source).parent / _model_file(base), out_dir)
     scenario = {"name": f"{base.model.name}-this-machine",

@@ -130,14 +130,12 @@ def assert_fastest(sc: Scenario, plan) -> None:
     """Among the plans of `plan`'s importance, brute force's fastest (every bound of the
     question kept) is no faster than `plan`, within the tie-break's gap
     (elasticplan.solvers.TIE_GAP) and the backends' rounding margin. "Of `plan`'s
-    importance": at least it, less the floor's documented slack (TIE_SLACK per shard of
-    the largest importance; an absolute TOL let importance-0 plans in when every
-    importance was ~6e-8)."""
-    from elasticplan.solvers import TIE_GAP, TIE_SLACK
+    importance": at least the tie-break's floor (elasticplan.solvers.tie_floor; an
+    absolute TOL let importance-0 plans in when every importance was ~6e-8)."""
+    from elasticplan.solvers import TIE_GAP, tie_floor
 
-    slack = (sc.model.n_shards + 2) * TIE_SLACK * sc.model.max_importance
     fastest = best(sc.with_overrides(objective=Objective.MIN_LATENCY,
-                                     importance_floor=max(0.0, plan.importance - slack)))
+                                     importance_floor=tie_floor(sc, plan.importance)))
     assert fastest is not None  # the plan itself is one
     assert plan.predicted_latency_ms <= -fastest * (1 + TIE_GAP) + rounding_margin_ms(sc)
 

@@ -32,7 +32,7 @@ asks for none, except layer-wise pipelining's 1.
 
 from __future__ import annotations
 
-from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, Pick, at_quantile, simulate
+from elasticplan.costmodel import PIPELINED, SEQUENTIAL, Layout, at_quantile, every_shard, simulate
 from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.plans.verify import verify_plan, with_plan_question
@@ -102,8 +102,7 @@ def baseline_plan(scenario: Scenario, strategy: str, *, window=_DEFAULT) -> Plan
             raise InvalidArgument(f"baseline {strategy!r} has its own window; only "
                                   f"{UNIFORM}B takes another")
         own_window = window
-    selection = tuple(tuple(Pick(s, bit, preloaded) for s in range(len(layer.shards)))
-                      for layer in scenario.model.layers)
+    selection = every_shard(scenario.model, bit, preloaded)
     layout = Layout(window=own_window)
     return _plan(scenario, strategy, selection, execution, layout)
 

@@ -114,24 +114,31 @@ TIE_MIN_S = 0.5
 TIE_LEAST_S = 0.05  # not started with less time left than this
 
 
+def tie_floor(scenario: Scenario, importance: float) -> float:
+    """The importance floor of the tie-break's second solve after a plan of `importance`:
+    that, less TIE_SLACK per shard (and two) of the largest shard importance."""
+    model = scenario.model
+    return max(0.0, importance - (model.n_shards + 2) * TIE_SLACK * model.max_importance)
+
+
 def fastest_at(scenario: Scenario, plan: Plan, solver: str, *, deadline: float, threads: int,
                relative_gap: float) -> Plan:
-    """The fastest plan whose importance is at least `plan`'s (within TIE_GAP of the fastest,
-    or `relative_gap` if wider): a second, min_latency solve with `plan`'s importance as
-    its floor, in the time left before `deadline`
+    """The fastest plan whose importance is at least `plan`'s (within TIE_GAP of the
+    fastest, or `relative_gap` if wider): a second, min_latency solve with `plan`'s
+    importance as its floor (tie_floor), in the time left before `deadline`
     (time.monotonic()). A max_importance objective is flat across every plan of the best
     importance, so a solver stops at whichever it meets first, often one that fills the
-    latency target (SmolLM2 at 48 MB and 1 GB/s was planned at 109.7 ms per token against a
-    157 ms target where the same importance runs in 93). The importance proof stands for the plan returned: its importance
-    is at least the first's, so its gap to the bound is no wider; status and gap are the
-    first solve's, solve_seconds both (the second's whether or not it found a faster plan).
-    The second solve has TIE_SHARE of the first's time (at least TIE_MIN_S); `plan` itself is returned when it is already the fastest, or
-    when the second solve gives nothing faster in time."""
+    latency target (SmolLM2 at 48 MB and 1 GB/s was planned at 109.7 ms per token against
+    a 157 ms target where the same importance runs in 93). The importance proof stands for
+    the plan returned: its importance is at least the first's, so its gap to the bound is
+    no wider; status and gap are the first solve's, solve_seconds both (the second's
+    whether or not it found a faster plan). The second solve has TIE_SHARE of the first's
+    time (at least TIE_MIN_S); `plan` itself is returned when it is already the fastest,
+    or when the second solve gives nothing faster in time."""
     left = min(deadline - time.monotonic(), max(TIE_MIN_S, TIE_SHARE * plan.solve_seconds))
     if left < TIE_LEAST_S:
         return plan
-    model = scenario.model
-    floor = max(0.0, plan.importance - (model.n_shards + 2) * TIE_SLACK * model.max_importance)
+    floor = tie_floor(scenario, plan.importance)
     # HiGHS starts from the plan it improves on, so it has a plan whenever it stops.
     start = {"start": (plan.selection(scenario), plan.layout)} if solver == "highs" else {}
     began = time.monotonic()

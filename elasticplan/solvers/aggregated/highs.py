@@ -169,8 +169,8 @@ def _solve_program(program: MatrixProgram, model: dict,
         rounded = _lp_rounded(program, lp, started=started)
         if rounded is not None and rounded.gap is not None and rounded.gap <= relative_gap:
             return rounded, None
-    start = program.solution_of(rounded.selection, rounded.layout) if rounded is not None \
-        else None if known is None else program.solution_of(*known)
+    seed = (rounded.selection, rounded.layout) if rounded is not None else known
+    start = None if seed is None else program.solution_of(*seed)
     mip = solve_mip(model, deadline=deadline, relative_gap=relative_gap, start=start,
                     threads=threads)
     plan, values = _mip_plan(program, mip, rounded, started=started, deadline=deadline,
