@@ -26,6 +26,47 @@ def test_every_scenario_loads(path):
     assert sc.model.layers and sc.content_hash
 
 
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_a_scenarios_content_hash_is_json_of_its_three_parts(path):
+    """The hash is composed from the parts' canonical texts (a part file's kept with its
+    parse): it must stay the hash of the whole document, which fleets key their tasks by."""
+    import hashlib
+    import json
+
+    data = read_yaml(path)
+    parts = {k: read_yaml(path.parent / data[k]) if isinstance(data[k], str) else data[k]
+             for k in ("device", "model")}
+    whole = {**parts, "scenario": {k: v for k, v in data.items() if k not in parts}}
+    expected = hashlib.sha256(json.dumps(whole, sort_keys=True, separators=(",", ":"),
+                                         default=str).encode()).hexdigest()
+    assert load_scenario(path).content_hash == expected
+
+
+def test_a_part_file_is_parsed_once_per_content_and_errors_name_their_file(tmp_path):
+    """Two scenarios naming copies of one model profile share one parse; a changed file is
+    parsed again; a broken copy is an error naming that copy."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "model.yaml").write_bytes(MINILM.read_bytes())
+        (tmp_path / d / "device.yaml").write_bytes(PHONE.read_bytes())
+        (tmp_path / d / "s.yaml").write_text(
+            "device: device.yaml\nmodel: model.yaml\ntarget_latency_ms: 50\n"
+            "preload_budget_mb: 4\n")
+    a, b = load_scenario(tmp_path / "a" / "s.yaml"), load_scenario(tmp_path / "b" / "s.yaml")
+    assert a.model is b.model and a.content_hash == b.content_hash
+    raw = yaml.safe_load(MINILM.read_text())
+    raw["name"] = "renamed"
+    (tmp_path / "b" / "model.yaml").write_text(yaml.safe_dump(raw))
+    changed = load_scenario(tmp_path / "b" / "s.yaml")
+    assert changed.model.name == "renamed" and changed.content_hash != a.content_hash
+    raw["bitwidths"] = "eight"
+    (tmp_path / "b" / "model.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as e:
+        load_scenario(tmp_path / "b" / "s.yaml")
+    assert str(tmp_path / "b" / "model.yaml") in str(e.value) and "bitwidths" in str(e.value)
+
+
 @pytest.mark.parametrize("path", sorted((PROBLEMS / "devices").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_device_loads(path):
     assert parse_device(read_yaml(path), str(path)).bandwidth_mb_s > 0

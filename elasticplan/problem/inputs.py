@@ -163,9 +163,15 @@ def _check_nodes(root: yaml.Node, file: str, error) -> None:
 def load_yaml(path: str | os.PathLike, *, what: str = "YAML problem file",
               limit: int = MAX_YAML_BYTES, error: type[ElasticplanError] = SpecError) -> Any:
     """Parse one YAML document within the limits above."""
-    file = str(path)
-    text = _text(read_bytes(path, what=what, limit=limit, error=error), file, what, error)
-    loader = _Loader(text)
+    return parse_yaml(read_bytes(path, what=what, limit=limit, error=error), str(path),
+                      what=what, error=error)
+
+
+def parse_yaml(data: bytes, file: str, *, what: str = "YAML problem file",
+               error: type[ElasticplanError] = SpecError) -> Any:
+    """One YAML document from a file's bytes (read within the limits: read_bytes); errors
+    name `file`."""
+    loader = _Loader(_text(data, file, what, error))
     try:
         node = loader.get_single_node()
         if node is None:

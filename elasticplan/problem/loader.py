@@ -18,7 +18,16 @@ from typing import Any
 import yaml
 
 from elasticplan.errors import SpecError
-from elasticplan.problem.inputs import Fields, integer, load_yaml, number, show
+from elasticplan.problem.inputs import (
+    MAX_YAML_BYTES,
+    Fields,
+    integer,
+    load_yaml,
+    number,
+    parse_yaml,
+    read_bytes,
+    show,
+)
 from elasticplan.problem.limits import (
     MAX_BANDWIDTH_MB_S,
     MAX_DEQUANT_GB_S,
@@ -300,23 +309,52 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     f.free_form("description", str)
     f.done()
     scenario_raw = {k: v for k, v in data.items() if k not in ("device", "model")}
-    digest = hashlib.sha256(json.dumps(
-        {"device": device_raw, "model": model_raw, "scenario": scenario_raw},
-        sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    # json.dumps of {"device": ..., "model": ..., "scenario": ...} with sorted keys, from
+    # the parts' own canonical texts (a part file's is kept with its parse: _load_part)
+    digest = hashlib.sha256(
+        f'{{"device":{device_raw},"model":{model_raw},"scenario":{_canonical(scenario_raw)}}}'
+        .encode()).hexdigest()
     return Scenario(name=name, device=device, model=model, question=question, source=file,
                     content_hash=digest,
                     files=tuple(p for p in (file, device_file, model_file) if p))
 
 
 def _load_part(f: Fields, key: str, base: Path, parse):
-    """A scenario's device or model: a path relative to the scenario, or an inline mapping."""
+    """A scenario's device or model: a path relative to the scenario, or an inline mapping.
+    Returns it, its canonical JSON text (for the scenario's content hash) and its file."""
     value = f.raw(key)
     if isinstance(value, str):
         part_path = base / value
         if not part_path.exists():
             raise f.err(key, f"file not found: {part_path}")
-        raw = read_yaml(part_path)
-        return parse(raw, str(part_path), ""), raw, str(part_path)
+        part, text = _part_file(part_path, parse)
+        return part, text, str(part_path)
     if isinstance(value, dict):
-        return parse(value, f.file, key), value, None
+        return parse(value, f.file, key), _canonical(value), None
     raise f.err(key, f"expected a path (string) or an inline mapping, got {show(value)}")
+
+
+def _canonical(data) -> str:
+    """A document's canonical JSON text: the scenario's content hash is taken over these."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+# Parsed part files by their bytes: a fleet loads each model profile (up to 1.4 MB of YAML,
+# ~1 s a MB to parse) once per scenario that names it, in the parent and in every worker
+# (48 scenarios over 4 models and 12 devices in the fleet benchmark). Parsing depends on the
+# bytes alone (the file only names an error, and a file that fails is never kept), and the
+# parts are frozen, so one parse serves every file with those bytes.
+_PARTS: dict[tuple, tuple] = {}
+PARTS_KEPT = 32
+
+
+def _part_file(path: Path, parse):
+    data = read_bytes(path, what="YAML problem file", limit=MAX_YAML_BYTES, error=SpecError)
+    key = (parse, hashlib.sha256(data).digest())
+    if key not in _PARTS:
+        raw = parse_yaml(data, str(path))
+        part = parse(raw, str(path), "")
+        if len(_PARTS) >= PARTS_KEPT:
+            _PARTS.pop(next(iter(_PARTS)))  # the oldest
+        _PARTS[key] = (part, _canonical(raw))
+    return _PARTS[key]
