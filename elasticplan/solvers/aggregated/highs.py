@@ -38,7 +38,7 @@ from elasticplan.decoding import table_streamed
 from elasticplan.errors import InfeasibleError, SolverError, SolverTimeoutError
 from elasticplan.plans.plan import Plan, SolveStatus, gap_to_bound, objective_value
 from elasticplan.problem.question import Objective
-from elasticplan.problem.spec import Scenario
+from elasticplan.problem.spec import Scenario, head_layer
 from elasticplan.solvers.aggregated import program as aggregated
 from elasticplan.solvers.aggregated import search
 from elasticplan.solvers.aggregated.highs_model import loaded, new_highs, pass_model, run, solve_mip
@@ -183,14 +183,14 @@ def _split(scenario: Scenario, *, started: float, deadline: float, relative_gap:
 def _has_table(scenario: Scenario) -> bool:
     """Whether the scenario has a table part: a decoder's head layer, one shard (a class
     of its own in every program)."""
-    return scenario.question.decoding and len(scenario.model.layers[-1].shards) == 1
+    model = scenario.model
+    return scenario.question.decoding and len(model.layers[head_layer(model)].shards) == 1
 
 
 def _table_split(program: MatrixProgram, *, deadline: float, threads: int) -> bool:
     """Whether `_split` solves the table's two placements apart (for a scenario with a
     table, `_has_table`): the program's LP relaxation takes it partly held, partly
-    streamed. Where the LP keeps it
-    whole in one place, splitting only adds a solve (measured: the group-store phone
+    streamed. Where the LP keeps it whole in one place, splitting only adds a solve (measured: the group-store phone
     question's MIP 0.53 s whole, 0.85 s pinned)."""
     lp = _lp(program, _model(program), deadline=deadline, threads=threads)
     if lp is None:
@@ -433,7 +433,7 @@ def _model(program: MatrixProgram, pin: int | None = None) -> dict:
 def _table_counts(program: MatrixProgram) -> np.ndarray:
     """The table's count columns ([B, 2]: streamed, preloaded): its class, which has no
     other member (every other shard costs differently)."""
-    head = len(program.scenario.model.layers) - 1
+    head = head_layer(program.scenario.model)
     for gi, classes in enumerate(program.classes):
         for ci, c in enumerate(classes):
             if (head, 0) in zip(c.layers, c.members):
