@@ -31,9 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elasticplan.cli import main
-from elasticplan.errors import StoreError
+from elasticplan.errors import InvalidArgument, StoreError
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.outputs import TEMP_SUFFIX
+from elasticplan.problem.outputs import TEMP_SUFFIX, Inputs, refuse_inputs, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "problems" / "scenarios"
@@ -224,6 +224,36 @@ def test_outputs_onto_inputs_are_refused(world, tmp_path, command):
     assert_clean_error(cli(*args, timeout=60), 2, says="refusing to write")
     assert snapshot(sc, plan, table, model) == before
     no_debris(tmp_path)
+
+
+def test_inputs_resolved_once_refuse_every_way_onto_an_input(tmp_path):
+    """A command's inputs resolved once (a fleet checks ~2 writes per solve against them)
+    still refuse a write onto an input by its own path, another spelling of it, a link to
+    it, a hard link to it, a file inside an input directory, and a link loop named as an
+    input; a link the caller owns is replaced, not followed, and the input is unchanged."""
+    src = tmp_path / "in" / "device.yaml"
+    src.parent.mkdir()
+    src.write_text("x")
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "link.yaml").symlink_to(src)
+    os.link(src, tmp_path / "hard.yaml")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    guard = Inputs([src, store, None, loop])
+    refused = [(src, True), (tmp_path / "in" / ".." / "in" / "device.yaml", True),
+               (tmp_path / "link.yaml", True), (tmp_path / "hard.yaml", True),
+               (tmp_path / "hard.yaml", False), (store / "x.json", True),
+               (store / "sub" / "y.json", False), (loop, True)]
+    for target, follow in refused:
+        with pytest.raises(InvalidArgument, match="refusing to write"):
+            refuse_inputs(target, guard, follow_links=follow)
+        with pytest.raises(InvalidArgument, match="refusing to write"):
+            refuse_inputs(target, [src, store, loop], follow_links=follow)
+    refuse_inputs(tmp_path / "new.json", guard)
+    write_text(tmp_path / "link.yaml", "replaced", inputs=guard, follow_links=False)
+    assert src.read_text() == "x" and not (tmp_path / "link.yaml").is_symlink()
+    assert (tmp_path / "link.yaml").read_text() == "replaced"
 
 
 def test_a_full_disk_leaves_the_old_output_intact(world, tmp_path):

@@ -332,10 +332,10 @@ def check(fleet: Fleet) -> None:
     check_options(o.solver, o.time_limit_s, o.threads, o.gap)
 
 
-def write_plan(out: Path, plan_json: str, scenario_file: Path, *, inputs=()) -> None:
+def write_plan(out: Path, plan_json: str, scenario_file: Path, *, inputs=()) -> Plan:
     """Write a worker's plan, read as strictly as any plan (PlanFormatError), with its
     scenario path pointing at the fleet's scenario file; a link at `out` is replaced, not
-    followed."""
+    followed. Returns the plan as written."""
     try:
         data = json.loads(plan_json, parse_constant=_refuse_constant)
     except ValueError as e:
@@ -343,6 +343,7 @@ def write_plan(out: Path, plan_json: str, scenario_file: Path, *, inputs=()) -> 
     plan = Plan.from_dict(data, "<worker plan>")
     plan = replace(plan, scenario=replace(plan.scenario, path=str(scenario_file)))
     plan.save(out, inputs=inputs, follow_links=False)
+    return plan
 
 
 def _refuse_constant(name: str):

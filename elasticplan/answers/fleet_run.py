@@ -45,7 +45,15 @@ from elasticplan.errors import ElasticplanError, InvalidArgument, OutputError, P
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.inputs import Fields, load_json, show
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.outputs import refuse_inputs, remove_debris, save_figure, write_bytes, write_csv, write_text
+from elasticplan.problem.outputs import (
+    Inputs,
+    refuse_inputs,
+    remove_debris,
+    save_figure,
+    write_bytes,
+    write_csv,
+    write_text,
+)
 from elasticplan.problem.question import Objective
 
 COLUMNS = ["key", "device", "model", "target_ms", "buffer_mb", "objective", "floor_fraction",
@@ -155,7 +163,7 @@ def prepare(fleet: Fleet, out: Path) -> tuple[dict[str, Bundle], list[Task], dic
     temporary files of an earlier run that was killed mid-write."""
     check(fleet)
     check_outputs(fleet, out)
-    inputs = fleet_inputs(fleet)
+    inputs = Inputs(fleet_inputs(fleet))
     for sub in SUBDIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for d in (out, *(out / sub for sub in SUBDIRS)):
@@ -486,7 +494,7 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
             raise InvalidArgument("--workers 0 means this process, without Ray; give Ray 1 or more")
         parse_ray_address(ray_address)  # before anything is written
     fleet = without_own_outputs(fleet, out)
-    inputs = fleet_inputs(fleet)
+    inputs = Inputs(fleet_inputs(fleet))  # resolved once: each solve writes two files
     bundles, tasks, meta = prepare(fleet, out)
     by_key = {t.key: t for t in tasks}
     rows, bad = done_rows(out, fleet, tasks, meta)
@@ -504,14 +512,15 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
     bar = tqdm(total=len(todo), unit="solve", desc=fleet.name, disable=not progress or not todo,
                dynamic_ncols=True)
     failures = Counter()
+    written = {}  # the plans this run wrote, by task key: the tables reuse them
 
     def on_result(row: dict, plan_json: str | None) -> None:
         t = by_key[row["key"]]
         row = {**_describe(fleet, t, meta[t.pair]), **row}
         if plan_json is not None:
             try:
-                write_plan(out / "plans" / f"{t.key}.json", plan_json, meta[t.pair]["file"],
-                           inputs=inputs)
+                written[t.key] = write_plan(out / "plans" / f"{t.key}.json", plan_json,
+                                            meta[t.pair]["file"], inputs=inputs)
                 row["plan"] = f"plans/{t.key}.json"
             except OutputError:
                 raise  # the disk, not the task: every later write would fail alike
@@ -550,7 +559,7 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
     ordered = [rows[t.key] for t in tasks if t.key in rows]
     write_results(out, ordered, inputs=inputs)
     if fleet.objective == Objective.MAX_IMPORTANCE:
-        write_tables(out, fleet, tasks, rows, meta, inputs=inputs)
+        write_tables(out, fleet, tasks, rows, meta, inputs=inputs, written=written)
     write_report(out, fleet, ordered, inputs=inputs)
     return Summary(tasks=len(tasks), solved_now=len(todo), skipped=len(tasks) - len(todo),
                    by_status=dict(Counter(r["status"] for r in ordered)),
@@ -591,9 +600,11 @@ def _schema(pa):
 
 
 def write_tables(out: Path, fleet: Fleet, tasks: list[Task], rows: dict, meta: dict, *,
-                 inputs=()) -> None:
+                 inputs=(), written: dict | None = None) -> None:
     """Per pair, the grid of targets x buffers as a plan table (each cell solved by its own
-    task: status, plan, and the bound objective x (1 + gap))."""
+    task: status, plan, and the bound objective x (1 + gap)). A plan this run wrote is
+    taken from `written` (by task key); one of an earlier run is read from its file."""
+    written = written or {}
     status_of = {"optimal": SOLVED, "feasible": SOLVED, "infeasible": INFEASIBLE,
                  "timeout": TIMEOUT, "no-plan": NO_PLAN, FAILED: TIMEOUT}
     targets = tuple(sorted({q.target_ms for q in fleet.questions}))
@@ -612,7 +623,7 @@ def write_tables(out: Path, fleet: Fleet, tasks: list[Task], rows: dict, meta: d
                 status = status_of[row["status"]]
                 plan = None
                 if status == SOLVED:
-                    plans.append(Plan.load(out / row["plan"]))
+                    plans.append(written.get(row["key"]) or Plan.load(out / row["plan"]))
                     plan = len(plans) - 1
                 gap = row.get("gap")
                 bound = row["objective_value"] * (1 + gap) if plan is not None and gap is not None \

@@ -116,7 +116,7 @@ class PlanTable:
             "solves": self.solves, "build_seconds": self.build_seconds,
             "cells": [[{"status": c.status, "plan": c.plan, "bound": c.bound} for c in row]
                       for row in self.cells],
-            "plans": [json.loads(p.to_json(path)) for p in self.plans],
+            "plans": [p.to_dict(path) for p in self.plans],
         }
         write_text(path, json.dumps(data, indent=None, allow_nan=False) + "\n",
                    inputs=inputs, follow_links=follow_links)

@@ -11,7 +11,7 @@ import enum
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from elasticplan.costmodel import (
     EXECUTIONS,
@@ -63,6 +63,15 @@ class LayerPlan:
     io_end_ms: float
     compute_start_ms: float
     compute_end_ms: float
+
+
+def _layer_dict(lp: LayerPlan) -> dict:
+    """A layer's JSON form: its shards' `pieces` written only when above 1."""
+    return {"index": lp.index,
+            "shards": [{"name": c.name, "bits": c.bits, "preloaded": c.preloaded}
+                       | ({"pieces": c.pieces} if c.pieces != 1 else {}) for c in lp.shards],
+            "io_start_ms": lp.io_start_ms, "io_end_ms": lp.io_end_ms,
+            "compute_start_ms": lp.compute_start_ms, "compute_end_ms": lp.compute_end_ms}
 
 
 @dataclass(frozen=True)
@@ -190,24 +199,30 @@ class Plan:
 
     # --- JSON ----------------------------------------------------------------------
 
-    def to_json(self, plan_path: str | os.PathLike | None = None) -> str:
-        data = asdict(self)
+    def to_dict(self, plan_path: str | os.PathLike | None = None) -> dict:
+        """The plan's JSON form (docs/formats.md), built field by field (dataclasses.asdict
+        deep-copies every number: a fleet's parent spent most of its time there)."""
+        data = {"schema": self.schema}
+        for f in fields(self):
+            if f.name != "schema":
+                data[f.name] = getattr(self, f.name)
         data["scenario"] = self.scenario.to_dict()
         data["status"] = self.status.value
+        data["layers"] = [_layer_dict(lp) for lp in self.layers]
         if self.memory is not None:
             data["memory"] = self.memory.to_dict()
         if self.decoding is None:
             del data["decoding"]
-        for layer in data["layers"]:
-            for c in layer["shards"]:
-                if c["pieces"] == 1:
-                    del c["pieces"]
+        else:
+            data["decoding"] = self.decoding.to_dict()
         # The scenario path is stored relative to the plan file, so the pair can move together.
         if plan_path is not None and self.scenario.path is not None:
             data["scenario"]["path"] = os.path.relpath(
                 os.path.abspath(self.scenario.path), os.path.dirname(os.path.abspath(plan_path)))
-        ordered = {"schema": data.pop("schema"), **data}
-        return json.dumps(ordered, indent=1, allow_nan=False)  # strict: no NaN or Infinity
+        return data
+
+    def to_json(self, plan_path: str | os.PathLike | None = None) -> str:
+        return json.dumps(self.to_dict(plan_path), indent=1, allow_nan=False)  # strict
 
     def save(self, path: str | os.PathLike, *, inputs=(), follow_links: bool = True) -> None:
         """Write the plan atomically; refuses to write onto any of `inputs`."""

@@ -25,36 +25,80 @@ from elasticplan.errors import InvalidArgument, OutputError
 TEMP_SUFFIX = ".tmp"
 
 
-def _same_or_inside(path: Path, source: Path, follow_links: bool = True) -> bool:
-    try:
-        # not following: the name itself, in its real directory (a link there is replaced)
-        real = path.resolve() if follow_links else path.parent.resolve() / path.name
-        src = source.resolve()
-    except (OSError, RuntimeError):  # a link loop: compare as given
-        real, src = path.absolute(), source.absolute()
-    if real == src:
-        return True
-    if src.is_dir() and src in real.parents:
-        return True
-    if not follow_links and path.is_symlink():
-        return False
-    try:
-        return path.exists() and source.exists() and os.path.samefile(path, source)
-    except OSError:
-        return False
+class Inputs:
+    """A command's inputs, each resolved and identified once: a command that writes many
+    files (a fleet writes two per solve) checks each write against them with one
+    `resolve` and one `stat` of the target, not one of each per input. What a source is
+    (its real path, whether a directory, its device and inode) is read when this is made."""
+
+    __slots__ = ("sources",)
+
+    def __init__(self, inputs: Iterable[str | os.PathLike | None]):
+        sources = []
+        for src in inputs:
+            if src is None:
+                continue
+            source = Path(src)
+            try:
+                real = source.resolve()
+            except (OSError, RuntimeError):  # a link loop: compared as given
+                real = None
+            try:
+                st = os.stat(source)
+                ident = (st.st_dev, st.st_ino)
+            except (OSError, ValueError):
+                ident = None
+            try:
+                is_dir = source.is_dir()
+            except (OSError, ValueError):
+                is_dir = False
+            sources.append((src, source.absolute(), real, is_dir, ident))
+        self.sources = tuple(sources)
+
+    @staticmethod
+    def of(inputs: "Inputs | Iterable[str | os.PathLike | None]") -> "Inputs":
+        return inputs if isinstance(inputs, Inputs) else Inputs(inputs)
+
+    def holding(self, path: Path, follow_links: bool = True):
+        """The input that writing `path` would overwrite (the same file, through any path
+        or link, or a file inside an input directory), or None."""
+        if not self.sources:
+            return None
+        try:
+            # not following: the name itself, in its real directory (a link there is replaced)
+            real = path.resolve() if follow_links else path.parent.resolve() / path.name
+        except (OSError, RuntimeError):  # a link loop: compare as given
+            real = None
+        ident = None
+        if follow_links or not path.is_symlink():
+            try:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+            except (OSError, ValueError):
+                pass
+        absolute = path.absolute()
+        for src, src_absolute, src_real, src_is_dir, src_ident in self.sources:
+            mine, theirs = (absolute, src_absolute) if real is None or src_real is None else \
+                (real, src_real)
+            if mine == theirs or (src_is_dir and theirs in mine.parents):
+                return src
+            if ident is not None and ident == src_ident:
+                return src
+        return None
 
 
-def refuse_inputs(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *,
-                  follow_links: bool = True) -> None:
-    """InvalidArgument if writing `path` would overwrite one of `inputs`."""
-    for src in inputs:
-        if src is not None and _same_or_inside(Path(path), Path(src), follow_links):
-            raise InvalidArgument(f"{path}: refusing to write an output onto this command's "
-                                  f"input {src}; choose another output path")
+def refuse_inputs(path: str | os.PathLike, inputs: "Inputs | Iterable[str | os.PathLike | None]",
+                  *, follow_links: bool = True) -> None:
+    """InvalidArgument if writing `path` would overwrite one of `inputs` (paths, or an
+    `Inputs` made once for many writes)."""
+    src = Inputs.of(inputs).holding(Path(path), follow_links)
+    if src is not None:
+        raise InvalidArgument(f"{path}: refusing to write an output onto this command's "
+                              f"input {src}; choose another output path")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
-                inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+                inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
     """Atomically replace `path` with `data` (bytes, or chunks of bytes). A link at `path`
     is written through, or with `follow_links=False` replaced by the file."""
     target = Path(path)
@@ -101,12 +145,12 @@ def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
 
 
 def write_text(path: str | os.PathLike, text: str, *,
-               inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+               inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
     write_bytes(path, text.encode("utf-8"), inputs=inputs, follow_links=follow_links)
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str], *,
-              inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+              inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
     """Rows as CSV with a header of `fields` (missing values empty, other keys left out)."""
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=fields, restval="", extrasaction="ignore")
@@ -116,7 +160,7 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str], 
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,
-                inputs: Iterable[str | os.PathLike | None] = (), follow_links: bool = True) -> None:
+                inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
     """A matplotlib figure, in the format its file name says, written atomically."""
     buf = io.BytesIO()
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
@@ -128,16 +172,15 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,
 
 
 def remove_debris(directory: str | os.PathLike,
-                  keep: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
+                  keep: "Inputs | Iterable[str | os.PathLike | None]" = ()) -> list[Path]:
     """Remove temporary files that a killed write left in `directory` (never one of `keep`,
     a command's inputs); return them."""
     d = Path(directory)
-    keep = [Path(k) for k in keep if k is not None]
+    keep = Inputs.of(keep)
     gone = []
     if d.is_dir():
         for p in d.glob(f".*{TEMP_SUFFIX}"):
-            if p.is_file() and not p.is_symlink() and \
-                    not any(_same_or_inside(p, k, follow_links=False) for k in keep):
+            if p.is_file() and not p.is_symlink() and keep.holding(p, follow_links=False) is None:
                 p.unlink(missing_ok=True)
                 gone.append(p)
     return gone
