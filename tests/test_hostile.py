@@ -254,6 +254,15 @@ def test_inputs_resolved_once_refuse_every_way_onto_an_input(tmp_path):
     write_text(tmp_path / "link.yaml", "replaced", inputs=guard, follow_links=False)
     assert src.read_text() == "x" and not (tmp_path / "link.yaml").is_symlink()
     assert (tmp_path / "link.yaml").read_text() == "replaced"
+    # an input deleted after it was resolved: the next file created may get its inode
+    # (ext4 hands it out at once), and that file is not the input
+    gone = tmp_path / "in" / "gone.yaml"
+    gone.write_text("g")
+    guard = Inputs([gone])
+    gone.unlink()
+    reused = tmp_path / "reused.json"
+    reused.write_text("r")
+    refuse_inputs(reused, guard)
 
 
 def test_a_full_disk_leaves_the_old_output_intact(world, tmp_path):

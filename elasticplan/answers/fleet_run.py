@@ -519,8 +519,10 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
         row = {**_describe(fleet, t, meta[t.pair]), **row}
         if plan_json is not None:
             try:
-                written[t.key] = write_plan(out / "plans" / f"{t.key}.json", plan_json,
-                                            meta[t.pair]["file"], inputs=inputs)
+                plan = write_plan(out / "plans" / f"{t.key}.json", plan_json,
+                                  meta[t.pair]["file"], inputs=inputs)
+                if fleet.objective == Objective.MAX_IMPORTANCE:  # only the tables reuse it
+                    written[t.key] = plan
                 row["plan"] = f"plans/{t.key}.json"
             except OutputError:
                 raise  # the disk, not the task: every later write would fail alike
@@ -623,7 +625,8 @@ def write_tables(out: Path, fleet: Fleet, tasks: list[Task], rows: dict, meta: d
                 status = status_of[row["status"]]
                 plan = None
                 if status == SOLVED:
-                    plans.append(written.get(row["key"]) or Plan.load(out / row["plan"]))
+                    kept = written.pop(row["key"], None)  # freed once its table is written
+                    plans.append(Plan.load(out / row["plan"]) if kept is None else kept)
                     plan = len(plans) - 1
                 gap = row.get("gap")
                 bound = row["objective_value"] * (1 + gap) if plan is not None and gap is not None \

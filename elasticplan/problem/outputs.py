@@ -59,11 +59,13 @@ class Inputs:
     def of(inputs: "Inputs | Iterable[str | os.PathLike | None]") -> "Inputs":
         return inputs if isinstance(inputs, Inputs) else Inputs(inputs)
 
-    def holding(self, path: Path, follow_links: bool = True):
+    def holding(self, path: str | os.PathLike, follow_links: bool = True):
         """The input that writing `path` would overwrite (the same file, through any path
-        or link, or a file inside an input directory), or None."""
+        or link, or a file inside an input directory), or None. The inputs are taken as
+        they were when this was made (relative ones from the directory then current)."""
         if not self.sources:
             return None
+        path = Path(path)
         try:
             # not following: the name itself, in its real directory (a link there is replaced)
             real = path.resolve() if follow_links else path.parent.resolve() / path.name
@@ -82,9 +84,19 @@ class Inputs:
                 (real, src_real)
             if mine == theirs or (src_is_dir and theirs in mine.parents):
                 return src
-            if ident is not None and ident == src_ident:
+            if ident is not None and ident == src_ident and _still(src, src_ident):
                 return src
         return None
+
+
+def _still(src, ident: tuple[int, int]) -> bool:
+    """Whether input `src` is still the file `ident` names (a deleted input's inode can be
+    handed to the next file created: that file is not the input)."""
+    try:
+        st = os.stat(src)
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == ident
 
 
 def refuse_inputs(path: str | os.PathLike, inputs: "Inputs | Iterable[str | os.PathLike | None]",
