@@ -193,7 +193,7 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
         with IoThrottle(store.path, bw, sc.device.latency_us) as t:  # the device's: nominal
             (r,) = measure_plans([(plan, sc, None)], store, emulate=False, disk=t.counters,
                                  disk_runs=runs, **common)
-        check = disk_check(plan, sc, store, runs[0])
+        check = disk_check(plan, sc, store, runs[0], t.bps)
     q = plan.scenario.question
     row = {"bandwidth_mb_s": bw, "mode": mode, "fraction": fraction,
            "target_ms": q.target_latency_ms,

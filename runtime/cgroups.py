@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -49,6 +50,10 @@ from elasticplan.errors import CgroupUnavailable, MemoryCapExceeded
 PREFIX = "elasticplan-"
 ROOT_ENV = "ELASTICPLAN_CGROUP_ROOT"
 DEFAULT_MARGIN = 0.05  # of the allowance: --cap-margin's default
+# The block-IO throttle's slice: it admits bandwidth x slice x ceil(t / slice) bytes by time t
+# from a group's first read after a slice without reads (Linux 6.x: 100 ms on every disk;
+# measured as an exact staircase, docs/results.md "The throttle on a disk that keeps up").
+THROTTLE_SLICE_S = 0.1
 _NAME = re.compile(r"^elasticplan-(\d+)-(\d+)-([a-z]+)(\d*)$")
 
 # kind -> (its controller's name on v1, on v2), and the control file only a cgroup of it has
@@ -769,15 +774,41 @@ class DiskCheck:
     planned_reads: int
     page_bytes: int  # the whole pages the plan's streamed shards cover
     runs: tuple[IoCounters, ...]
+    bps: int | None = None  # the throttle's bandwidth, bytes/s
 
     @property
     def equal(self) -> bool:
         return all(r.bytes == self.page_bytes for r in self.runs)
 
+    @property
+    def slice_bytes(self) -> int | None:
+        """What the throttle admits at once, after a slice without reads."""
+        return None if not self.bps else int(self.bps * THROTTLE_SLICE_S)
+
+    @property
+    def last_step_ms(self) -> float | None:
+        """When, from a query's first read after a slice without reads, the throttle's
+        staircase admits the query's last byte (0: all at once)."""
+        if not self.slice_bytes:
+            return None
+        return 1e3 * THROTTLE_SLICE_S * max(0, math.ceil(self.page_bytes / self.slice_bytes) - 1)
+
     def to_dict(self) -> dict:
         return {"planned_bytes": self.planned_bytes, "planned_reads": self.planned_reads,
                 "page_bytes": self.page_bytes, "equal": self.equal,
-                "runs": [{"bytes": r.bytes, "ios": r.ios} for r in self.runs]}
+                "runs": [{"bytes": r.bytes, "ios": r.ios} for r in self.runs],
+                "slice_bytes": self.slice_bytes, "last_step_ms": self.last_step_ms}
+
+    def staircase(self) -> str:
+        """What the throttle's slices make of this plan's reads (docs/runtime.md)."""
+        mb, at_once = self.page_bytes / 1e6, self.slice_bytes / 1e6
+        if self.page_bytes <= self.slice_bytes:
+            return (f"the throttle admits {at_once:g} MB at once after {THROTTLE_SLICE_S * 1e3:g} "
+                    f"ms without reads: a query's {mb:.3f} MB go at the disk's own speed, "
+                    f"not the device's {self.bps / 1e6:g} MB/s")
+        return (f"the throttle admits {at_once:g} MB per {THROTTLE_SLICE_S * 1e3:g} ms slice, "
+                f"in steps: a query's {mb:.3f} MB wait for the step at {self.last_step_ms:g} ms "
+                f"(at {self.bps / 1e6:g} MB/s they take {1e3 * self.page_bytes / self.bps:.1f} ms)")
 
     def format(self) -> str:
         got = sorted({(r.bytes, r.ios) for r in self.runs})
@@ -786,14 +817,15 @@ class DiskCheck:
             f"NOT equal in {sum(r.bytes != self.page_bytes for r in self.runs)} of " \
             f"{len(self.runs)} runs (pages the runs found cached, or embedding rows the page " \
             f"cache had dropped)"
-        return (f"disk, per measured run, by the cgroup's own counters: {seen}; the plan "
+        text = (f"disk, per measured run, by the cgroup's own counters: {seen}; the plan "
                 f"streams {self.planned_bytes:,} B in {self.planned_reads} reads, "
                 f"{self.page_bytes:,} B in whole pages: {verdict}")
+        return text if not self.bps or not self.page_bytes else f"{text}\n{self.staircase()}"
 
 
-def disk_check(plan, scenario, store, runs) -> DiskCheck:
+def disk_check(plan, scenario, store, runs, bps: int | None = None) -> DiskCheck:
     planned, reads, pages = planned_disk(plan, scenario, store)
-    return DiskCheck(planned, reads, pages, tuple(runs))
+    return DiskCheck(planned, reads, pages, tuple(runs), bps)
 
 
 def no_readahead(fds) -> None:

@@ -639,7 +639,7 @@ def cmd_run(a) -> int:
 
             storage = throttle.describe()
             reports = [dataclasses.replace(r, storage=storage) for r in reports]
-            checks = [disk_check(p, q, store, runs)
+            checks = [disk_check(p, q, store, runs, throttle.bps)
                       for (p, q, _), runs in zip(items, disk_runs)]
     report = reports[0]
     print(format_report(report))
