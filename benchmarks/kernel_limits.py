@@ -12,11 +12,13 @@ runs; throttled: read-ahead off, the cgroup's counters read around every run). P
 the error of the total latency (median run) and of each stage (IO, compute, embedding +
 pooling, as benchmarks/prediction.py sums them), emulated and throttled, and their
 difference (throttled - emulated, same question), and whether the cgroup's counters equal
-the pages the plan's streamed shards cover in every run. A throttled plan is predicted two
-ways, from the same runs: `throttled`, with the throttle's settings as the device's
-storage (what the device file says), and `thr-fit`, with the storage terms the throttled
+the pages the plan's streamed shards cover in every run. A throttled plan is predicted
+three ways, from the same runs: `throttled`, with the throttle's settings as the device's
+storage (what the device file says), `thr-fit`, with the storage terms the throttled
 calibration runs delivered (runtime.calibrate.DeliveredStorage: per read and per MB,
-fitted to their layers' read intervals), the compute terms the same.
+fitted to their layers' read intervals), and `thr-steps`, with those terms and each
+layer's reads held to the throttle's 100 ms steps (elasticplan.costmodel.Steps); the
+compute terms the same.
 
 Reads. What the kernel's throttle delivers, without compute or a pipeline: four read lists
 (every shard of every layer at 8 bits; half of them at 4 bits; a third at fp32; every
@@ -67,7 +69,7 @@ from benchmarks.common import (
 )
 from benchmarks.prediction import memory_list, stage_ms
 from elasticplan.cli import number_list
-from elasticplan.costmodel import embedding_read_ms, read_ms, simulate
+from elasticplan.costmodel import Steps, embedding_read_ms, read_ms, simulate
 from elasticplan.errors import CalibrationError, ElasticplanError, MemoryCapExceeded
 from elasticplan.plans.baselines import baseline_plan
 from elasticplan.solvers import solve, solve_any_window
@@ -75,8 +77,9 @@ from runtime.cgroups import IoThrottle, capped_probe, disk_check
 from runtime.measurement.measure import measure_plans
 
 MODULE = "benchmarks.kernel_limits"
-MODES = ("emulated", "throttled", "thr-fit")  # thr-fit: the throttled runs, predicted with
-# the storage terms the throttled calibration delivered
+MODES = ("emulated", "throttled", "thr-fit", "thr-steps")  # thr-fit: the throttled runs,
+# predicted with the storage terms the throttled calibration delivered; thr-steps: with
+# those terms and the throttle's steps (costmodel.Steps)
 STAGES = ("total", "io", "compute", "embed_pool")
 STRATEGIES = ("hold-in-memory", "load-then-execute", "layerwise-pipelining")
 COLUMNS = ["bandwidth_mb_s", "mode", "fraction", "target_ms", "buffer_mb", "memory_budget_mb", "shards",
@@ -159,13 +162,14 @@ def errors(plan, r, scenario) -> dict:
             "embed_pool_error": relative(ep_m, rows_ms + d.embed_ms + d.pool_ms)}
 
 
-def errors_on(plan, r, scenario, device) -> dict:
+def errors_on(plan, r, scenario, device, steps: Steps | None = None) -> dict:
     """errors() of the same runs predicted on another device (the same plan, priced as the
-    run report prices it: at the embedding rows each query read, when they are streamed)."""
+    run report prices it: at the embedding rows each query read, when they are streamed),
+    its reads held to a throttle's `steps` if given."""
     sc = scenario.with_overrides(device=device)
     sel = plan.selection(sc)
     at = lambda n: simulate(sc if n is None else sc.with_overrides(query_tokens=n), sel,  # noqa: E731
-                            plan.execution, plan.layout)
+                            plan.execution, plan.layout, steps=steps)
     rows = r.embedding_rows or (None,)
     predicted = statistics.median(at(n).latency_ms for n in rows)
     stages = at(r.median_run_rows if r.embedding_rows else None).layers
@@ -207,8 +211,9 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
            "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
     if mode == "emulated" or delivered is None:
         return [row]
-    return [row, {**row, "mode": "thr-fit",
-                  **errors_on(plan, r, sc, delivered.storage_of(sc.device))}]
+    disk = delivered.storage_of(sc.device)
+    return [row, {**row, "mode": "thr-fit", **errors_on(plan, r, sc, disk)},
+            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk, Steps(bw * 1e6))}]
 
 
 def _print_row(row: dict, buf, mem) -> None:
@@ -333,8 +338,8 @@ def reads_part(a, store) -> list[dict]:
 
 def summary(rows: list[dict]) -> list[dict]:
     """Per bandwidth (and all) and stage: median and p95 |error| of each mode (emulated,
-    throttled, thr-fit), the median of the per-question difference (throttled - emulated;
-    and thr-fit - emulated), and the plans within 3 %."""
+    throttled, thr-fit, thr-steps), the median of the per-question difference (each
+    throttled mode - emulated), and the plans within 3 %."""
     out = []
     for g in sorted({r["bandwidth_mb_s"] for r in rows}) + ["all"]:
         sel = [r for r in rows if g == "all" or r["bandwidth_mb_s"] == g]
@@ -354,7 +359,8 @@ def summary(rows: list[dict]) -> list[dict]:
                 line[f"{mode}_p95_abs"] = percentile(errs, 95) if errs else None
                 line[f"{mode}_within_3pct"] = sum(e <= 0.03 for e in errs)
             for other, name in (("throttled", "median_difference"),
-                                ("thr-fit", "median_difference_fit")):
+                                ("thr-fit", "median_difference_fit"),
+                                ("thr-steps", "median_difference_steps")):
                 diffs = [by_q[(*k[:4], other)][key] - r[key] for k, r in by_q.items()
                          if k[4] == "emulated" and (*k[:4], other) in by_q]
                 if other == "throttled":
@@ -467,17 +473,18 @@ def main(argv=None) -> int:
             stats = summary(rows)
             print()
             print(f"{'MB/s':>5} {'stage':<10} {'median / p95 |error|: emulated':>31} "
-                  f"{'throttled':>15} {'thr-fit':>15} {'diff thr/fit':>13} "
-                  f"{'<=3 %: emu/thr/fit':>18}")
+                  f"{'throttled':>15} {'thr-fit':>15} {'thr-steps':>15} "
+                  f"{'diff thr/fit/steps':>20} {'<=3 %: emu/thr/fit/steps':>24}")
             for s in stats:
                 g = s["bandwidth"] if s["bandwidth"] == "all" else f"{s['bandwidth']:g}"
                 cell = lambda m: (f"{s[f'{m}_median_abs']:.1%} / {s[f'{m}_p95_abs']:.1%}"  # noqa: E731
                                   if s[f"{m}_plans"] else "-")
                 pct = lambda v: "-" if v is None else f"{v:+.1%}"  # noqa: E731
-                diff = f"{pct(s['median_difference'])}/{pct(s['median_difference_fit'])}"
+                diff = "/".join(pct(s[k]) for k in ("median_difference", "median_difference_fit",
+                                                    "median_difference_steps"))
                 within = "/".join(str(s[f"{m}_within_3pct"]) for m in MODES)
                 print(f"{g:>5} {s['stage']:<10} {cell('emulated'):>31} {cell('throttled'):>15} "
-                      f"{cell('thr-fit'):>15} {diff:>13} {within:>18}")
+                      f"{cell('thr-fit'):>15} {cell('thr-steps'):>15} {diff:>20} {within:>24}")
             thr = [r for r in rows if r["mode"] == "throttled"]
             print(f"# disk counters equal to the plan's pages in every run: "
                   f"{sum(bool(r['disk_equal']) for r in thr)} of {len(thr)} throttled plans")

@@ -112,6 +112,39 @@ UNBOUNDED = Layout()
 
 
 @dataclass(frozen=True)
+class Steps:
+    """Reads admitted by the kernel's block-IO throttle (Linux 6.x blk-throttle): from a
+    query's first read, `bytes_per_s` x `slice_ms` at once and as much again at each
+    slice after, each step `late_ms` after its slice boundary (the throttle's timer: one
+    jiffy here). Measured an exact staircase on a disk that keeps up (docs/runtime.md);
+    a replay that knows it (`simulate(..., steps=)`) holds each layer's reads until the
+    step that admits its last byte, plus the disk's time for what that step admits of
+    them. The programs do not price steps: the throttle's bandwidth as a linear term is
+    never faster than its steps."""
+
+    bytes_per_s: float
+    slice_ms: float = 100.0
+    late_ms: float = 4.0
+
+    def release_ms(self, streamed: list[int], io_ms: list[float],
+                   start_ms: float = 0.0) -> list[float]:
+        """Per layer, the earliest its reads can end under the steps (0: unbound), for
+        its streamed bytes and its reads' time on the disk, from a first read at start_ms."""
+        allowance = self.bytes_per_s * self.slice_ms / 1e3
+        out, before = [], 0
+        for nbytes, read in zip(streamed, io_ms):
+            after = before + nbytes
+            k = math.ceil(after / allowance) - 1 if nbytes else 0
+            if k <= 0:
+                out.append(0.0)
+            else:
+                tail = after - max(before, k * allowance)  # what step k admits of this layer
+                out.append(start_ms + k * self.slice_ms + self.late_ms + read * tail / nbytes)
+            before = after
+        return out
+
+
+@dataclass(frozen=True)
 class Memory:
     resident_bytes: int
     preload_bytes: int
@@ -336,22 +369,26 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
              start_ms: float = 0.0, execution: str = PIPELINED,
              embed_ms: float = 0.0, wake_ms: float = 0.0,
              overlap_ms: list[float] | None = None,
-             busy_ms: list[float | None] | None = None) -> list[LayerTimes]:
+             busy_ms: list[float | None] | None = None,
+             release_ms: list[float] | None = None) -> list[LayerTimes]:
     """The schedule of layers with these read and compute times (the rules above): the
     channel starts at start_ms (the embedding rows' reads end), the compute thread at
     start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end, less its
     overlap_ms (a layer read in pieces: its reads as charged end that much earlier; its
-    compute thread busy busy_ms of its compute; defaults 0 and None)."""
+    compute thread busy busy_ms of its compute; defaults 0 and None); a layer's reads end
+    no earlier than its release_ms (Steps.release_ms; default none)."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     if execution == SEQUENTIAL and window_binds(window, len(io_ms)):
         raise ValueError("sequential execution reads every layer first: it needs an unbounded "
                          "prefetch window")
     io, io_end = [], start_ms
+    released = release_ms or [0.0] * len(io_ms)
     if execution == SEQUENTIAL:
-        for read in io_ms:
-            io.append((io_end, io_end + read))
-            io_end += read
+        for read, release in zip(io_ms, released):
+            start = io_end
+            io_end = max(io_end + read, release)
+            io.append((start, io_end))
     times: list[LayerTimes] = []
     compute_end = start_ms + embed_ms
     overlaps = overlap_ms or [0.0] * len(io_ms)
@@ -360,7 +397,7 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
             gate = times[l - window - 1].compute_end_ms \
                 if window is not None and l > window else 0.0
             io_start = max(io_end, gate)
-            io_end = io_start + read
+            io_end = max(io_start + read, released[l])
             io.append((io_start, io_end))
         overlap = overlaps[l] if execution == PIPELINED else 0.0
         ready = (io[l][1] if execution == PIPELINED else io[-1][1]) - overlap + wake_ms
@@ -417,8 +454,9 @@ def path_ms(path: tuple[int, ...], reads, work, start_ms: float = 0.0, embed_ms:
 
 
 def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED,
-             layout: Layout = UNBOUNDED) -> Schedule:
-    """Replay the pipeline event by event for the chosen shards."""
+             layout: Layout = UNBOUNDED, *, steps: Steps | None = None) -> Schedule:
+    """Replay the pipeline event by event for the chosen shards (with `steps`: its reads
+    admitted by a kernel throttle's steps, the device's storage then the disk's own)."""
     device, model = scenario.device, scenario.model
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
@@ -458,7 +496,9 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
     start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
                      execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms,
-                     overlap_ms=overlap_ms, busy_ms=busy_ms)
+                     overlap_ms=overlap_ms, busy_ms=busy_ms,
+                     release_ms=None if steps is None else steps.release_ms(streamed, io_ms,
+                                                                            start))
     end = times[-1].compute_end_ms if times else start + device.embed_ms
     return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,

@@ -368,6 +368,30 @@ def test_the_throttles_staircase_is_stated_for_the_plans_reads():
     assert cgroups.DiskCheck(1, 1, 4096, ()).last_step_ms is None
 
 
+def test_a_replay_with_the_throttles_steps_holds_reads_to_them():
+    """costmodel.Steps: the measured staircase (docs/results.md, the 11 MB list 4 times
+    back to back at 200 MB/s on a loop device in memory: 10.7, 95.2, 11.0, 87.9 ms) as the
+    replay prices it from the disk's own 9.35 ms a list: a layer's reads end no earlier
+    than the step that admits its last byte (one jiffy late), plus the disk's time for
+    what that step admits."""
+    from elasticplan.costmodel import SEQUENTIAL, Steps, pipeline
+    nbytes, disk = [10_967_040] * 4, [9.35] * 4
+    release = Steps(200e6).release_ms(nbytes, disk)
+    assert release[0] == 0.0 and release[2] < 100 + 4 + 9.35 + 1e-9
+    ends = [t.io_end_ms for t in pipeline(disk, [0.0] * 4, release_ms=release)]
+    second = 104 + 9.35 * 1.934080 / 10.96704  # step 1 admits 1.93 MB of the second list
+    want = [9.35, second, max(104 + 9.35, second + 9.35), 204 + 9.35 * 3.868160 / 10.96704]
+    assert ends == pytest.approx(want, rel=1e-9)
+    assert ends[-1] == pytest.approx(207.30, abs=0.01)  # measured 204.8 in all
+    # no steps, or a throttle whose first slice admits it all: the disk's own time
+    assert [t.io_end_ms for t in pipeline(disk, [0.0] * 4)] == pytest.approx([9.35 * i for i in
+                                                                            (1, 2, 3, 4)])
+    assert Steps(1000e6).release_ms(nbytes, disk) == [0.0] * 4
+    seq = pipeline(disk, [1.0] * 4, execution=SEQUENTIAL, release_ms=release)
+    assert seq[-1].io_end_ms == pytest.approx(207.30, abs=0.01)
+    assert seq[0].compute_start_ms >= seq[-1].io_end_ms
+
+
 def test_throttle_is_set_to_the_device_and_its_counters_are_the_bytes_read(store_dir,
                                                                              tmp_path):
     h = _usable("io")
