@@ -145,12 +145,13 @@ def throttled_scenario(bw: float, *, store, queries, budget_s: float, latency_us
     return load_scenario(scen_path), target, cal.delivered
 
 
-def errors(plan, r, scenario) -> dict:
-    """Total and per-stage relative errors of one run report (as benchmarks/prediction)."""
+def errors(plan, r, scenario, rows_cached: bool = False) -> dict:
+    """Total and per-stage relative errors of one run report (as benchmarks/prediction;
+    `rows_cached`: a streamed table's rows priced as the page cache's, as Steps does)."""
     lays = r.layers
     d = scenario.device
     rows_ms = embedding_read_ms(d, scenario.model, r.median_run_rows) \
-        if plan.embeddings == "streamed" else 0.0
+        if plan.embeddings == "streamed" and not rows_cached else 0.0
     ep_m = (r.embed_ms[1] - r.embed_ms[0]) + (r.pool_ms[1] - r.pool_ms[0])
     return {"predicted_ms": r.predicted_latency_ms, "total_error": r.relative_error,
             "io_predicted_ms": stage_ms(lays, "predicted", "io"),
@@ -179,7 +180,8 @@ def errors_on(plan, r, scenario, device, steps: Steps | None = None) -> dict:
             for lay, sp in zip(r.layers, stages)]
     out = errors(plan, dataclasses.replace(r, layers=tuple(lays), predicted_latency_ms=predicted,
                                            relative_error=relative(r.measured_latency_ms,
-                                                                   predicted)), sc)
+                                                                   predicted)), sc,
+                 rows_cached=steps is not None)
     return out
 
 

@@ -119,7 +119,9 @@ class Steps:
     jiffy here). Measured an exact staircase on a disk that keeps up (docs/runtime.md);
     a replay that knows it (`simulate(..., steps=)`) holds each layer's reads until the
     step that admits its last byte, plus the disk's time for what that step admits of
-    them. The programs do not price steps: the throttle's bandwidth as a linear term is
+    them. Under the throttle a streamed table's rows come from the page cache
+    (docs/runtime.md: the kernel never sees them), so the replay starts the channel at
+    once. The programs do not price steps: the throttle's bandwidth as a linear term is
     never faster than its steps."""
 
     bytes_per_s: float
@@ -493,7 +495,8 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         busy_ms.append(None if busy == compute else busy)
         streamed.append(nstream)
         ring.append(nring)
-    start = embedding_read_ms(device, model) if layout.stream_embeddings else 0.0
+    start = embedding_read_ms(device, model) if layout.stream_embeddings and steps is None \
+        else 0.0  # under a throttle's steps the rows come from the page cache
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
                      execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms,
                      overlap_ms=overlap_ms, busy_ms=busy_ms,
