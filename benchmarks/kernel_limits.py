@@ -16,9 +16,9 @@ the pages the plan's streamed shards cover in every run. A throttled plan is pre
 three ways, from the same runs: `throttled`, with the throttle's settings as the device's
 storage (what the device file says), `thr-fit`, with the storage terms the throttled
 calibration runs delivered (runtime.calibrate.DeliveredStorage: per read and per MB,
-fitted to their layers' read intervals), and `thr-steps`, with those terms and each
-layer's reads held to the throttle's 100 ms steps (elasticplan.costmodel.Steps); the
-compute terms the same.
+fitted to their layers' read intervals), and `thr-steps`, with those terms, each layer's
+reads held to the throttle's 100 ms steps (elasticplan.costmodel.Steps) and a streamed
+table's rows unpriced (they come from the page cache); the compute terms the same.
 
 Reads. What the kernel's throttle delivers, without compute or a pipeline: four read lists
 (every shard of every layer at 8 bits; half of them at 4 bits; a third at fp32; every
@@ -79,7 +79,7 @@ from runtime.measurement.measure import measure_plans
 MODULE = "benchmarks.kernel_limits"
 MODES = ("emulated", "throttled", "thr-fit", "thr-steps")  # thr-fit: the throttled runs,
 # predicted with the storage terms the throttled calibration delivered; thr-steps: with
-# those terms and the throttle's steps (costmodel.Steps)
+# those terms, the throttle's steps (costmodel.Steps) and the rows from the page cache
 STAGES = ("total", "io", "compute", "embed_pool")
 STRATEGIES = ("hold-in-memory", "load-then-execute", "layerwise-pipelining")
 COLUMNS = ["bandwidth_mb_s", "mode", "fraction", "target_ms", "buffer_mb", "memory_budget_mb", "shards",
@@ -147,7 +147,7 @@ def throttled_scenario(bw: float, *, store, queries, budget_s: float, latency_us
 
 def errors(plan, r, scenario, rows_cached: bool = False) -> dict:
     """Total and per-stage relative errors of one run report (as benchmarks/prediction;
-    `rows_cached`: a streamed table's rows priced as the page cache's, as Steps does)."""
+    `rows_cached`: a streamed table's rows not priced: they come from the page cache)."""
     lays = r.layers
     d = scenario.device
     rows_ms = embedding_read_ms(d, scenario.model, r.median_run_rows) \
@@ -170,7 +170,8 @@ def errors_on(plan, r, scenario, device, steps: Steps | None = None) -> dict:
     sc = scenario.with_overrides(device=device)
     sel = plan.selection(sc)
     at = lambda n: simulate(sc if n is None else sc.with_overrides(query_tokens=n), sel,  # noqa: E731
-                            plan.execution, plan.layout, steps=steps)
+                            plan.execution, plan.layout, steps=steps,
+                            rows_cached=steps is not None)
     rows = r.embedding_rows or (None,)
     predicted = statistics.median(at(n).latency_ms for n in rows)
     stages = at(r.median_run_rows if r.embedding_rows else None).layers
@@ -215,7 +216,7 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
         return [row]
     disk = delivered.storage_of(sc.device)
     return [row, {**row, "mode": "thr-fit", **errors_on(plan, r, sc, disk)},
-            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk, Steps(bw * 1e6))}]
+            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk, Steps(round(bw * 1e6)))}]
 
 
 def _print_row(row: dict, buf, mem) -> None:

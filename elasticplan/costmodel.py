@@ -114,33 +114,39 @@ UNBOUNDED = Layout()
 @dataclass(frozen=True)
 class Steps:
     """Reads admitted by the kernel's block-IO throttle (Linux 6.x blk-throttle): from a
-    query's first read, `bytes_per_s` x `slice_ms` at once and as much again at each
-    slice after, each step `late_ms` after its slice boundary (the throttle's timer: one
-    jiffy here). Measured an exact staircase on a disk that keeps up (docs/runtime.md);
-    a replay that knows it (`simulate(..., steps=)`) holds each layer's reads until the
-    step that admits its last byte, plus the disk's time for what that step admits of
-    them. Under the throttle a streamed table's rows come from the page cache
-    (docs/runtime.md: the kernel never sees them), so the replay starts the channel at
-    once. The programs do not price steps: the throttle's bandwidth as a linear term is
-    never faster than its steps."""
+    query's first read after a slice without reads, `bytes_per_s` x `slice_ms` at once
+    and as much again at each slice after, each step `late_ms` after its slice boundary
+    (the throttle's timer: one jiffy here). Measured an exact staircase on a disk that
+    keeps up (docs/runtime.md); a replay that knows it (`simulate(..., steps=)`) holds
+    each layer's reads until the step that admits its last byte, plus the disk's time for
+    what that step admits of them (a layer read in pieces is held as a whole: which only
+    ever charges more). Bytes are the shards' own, not the pages the kernel charges. The
+    programs do not price steps; the throttle's bandwidth as a linear term is slower than
+    its steps except within `late_ms` after a step."""
 
-    bytes_per_s: float
+    bytes_per_s: int
     slice_ms: float = 100.0
     late_ms: float = 4.0
 
+    def __post_init__(self):
+        if self.bytes_per_s <= 0 or self.slice_ms <= 0:
+            raise ValueError(f"steps need a positive bandwidth and slice, got "
+                             f"{self.bytes_per_s} B/s and {self.slice_ms} ms")
+
     def release_ms(self, streamed: list[int], io_ms: list[float],
                    start_ms: float = 0.0) -> list[float]:
-        """Per layer, the earliest its reads can end under the steps (0: unbound), for
-        its streamed bytes and its reads' time on the disk, from a first read at start_ms."""
-        allowance = self.bytes_per_s * self.slice_ms / 1e3
+        """Per layer, the earliest its reads can end under the steps (-inf: unbound), for
+        its streamed bytes and its reads' time on the disk, from a first read at start_ms.
+        The step count is the kernel's integer arithmetic (an allowance in whole bytes)."""
+        per_slice = round(self.bytes_per_s) * self.slice_ms  # bytes x 1000 a slice admits
         out, before = [], 0
         for nbytes, read in zip(streamed, io_ms):
             after = before + nbytes
-            k = math.ceil(after / allowance) - 1 if nbytes else 0
+            k = math.ceil(after * 1000 / per_slice) - 1 if nbytes else 0
             if k <= 0:
-                out.append(0.0)
+                out.append(-math.inf)
             else:
-                tail = after - max(before, k * allowance)  # what step k admits of this layer
+                tail = after - max(before, k * per_slice / 1000)  # what step k admits of it
                 out.append(start_ms + k * self.slice_ms + self.late_ms + read * tail / nbytes)
             before = after
         return out
@@ -385,7 +391,9 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
         raise ValueError("sequential execution reads every layer first: it needs an unbounded "
                          "prefetch window")
     io, io_end = [], start_ms
-    released = release_ms or [0.0] * len(io_ms)
+    if release_ms is not None and len(release_ms) != len(io_ms):
+        raise ValueError(f"{len(release_ms)} release times for {len(io_ms)} layers")
+    released = release_ms or [-math.inf] * len(io_ms)  # -inf: every end as it was
     if execution == SEQUENTIAL:
         for read, release in zip(io_ms, released):
             start = io_end
@@ -456,9 +464,13 @@ def path_ms(path: tuple[int, ...], reads, work, start_ms: float = 0.0, embed_ms:
 
 
 def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINED,
-             layout: Layout = UNBOUNDED, *, steps: Steps | None = None) -> Schedule:
+             layout: Layout = UNBOUNDED, *, steps: Steps | None = None,
+             rows_cached: bool = False) -> Schedule:
     """Replay the pipeline event by event for the chosen shards (with `steps`: its reads
-    admitted by a kernel throttle's steps, the device's storage then the disk's own)."""
+    admitted by a kernel throttle's steps, the device's storage then the disk's own; with
+    `rows_cached`: a streamed table's rows from the page cache, as the runtime reads them
+    under the throttle, the kernel never seeing them: the channel starts at once, and the
+    rows' own copy, microseconds, is not priced)."""
     device, model = scenario.device, scenario.model
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
@@ -495,8 +507,8 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
         busy_ms.append(None if busy == compute else busy)
         streamed.append(nstream)
         ring.append(nring)
-    start = embedding_read_ms(device, model) if layout.stream_embeddings and steps is None \
-        else 0.0  # under a throttle's steps the rows come from the page cache
+    start = embedding_read_ms(device, model) if layout.stream_embeddings and not rows_cached \
+        else 0.0
     times = pipeline(io_ms, compute_ms, window=layout.window, start_ms=start,
                      execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms,
                      overlap_ms=overlap_ms, busy_ms=busy_ms,

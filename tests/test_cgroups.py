@@ -376,8 +376,8 @@ def test_a_replay_with_the_throttles_steps_holds_reads_to_them():
     what that step admits."""
     from elasticplan.costmodel import SEQUENTIAL, Steps, pipeline
     nbytes, disk = [10_967_040] * 4, [9.35] * 4
-    release = Steps(200e6).release_ms(nbytes, disk)
-    assert release[0] == 0.0 and release[2] < 100 + 4 + 9.35 + 1e-9
+    release = Steps(200_000_000).release_ms(nbytes, disk)
+    assert release[0] == -math.inf and release[2] < 100 + 4 + 9.35 + 1e-9
     ends = [t.io_end_ms for t in pipeline(disk, [0.0] * 4, release_ms=release)]
     second = 104 + 9.35 * 1.934080 / 10.96704  # step 1 admits 1.93 MB of the second list
     want = [9.35, second, max(104 + 9.35, second + 9.35), 204 + 9.35 * 3.868160 / 10.96704]
@@ -386,7 +386,15 @@ def test_a_replay_with_the_throttles_steps_holds_reads_to_them():
     # no steps, or a throttle whose first slice admits it all: the disk's own time
     assert [t.io_end_ms for t in pipeline(disk, [0.0] * 4)] == pytest.approx([9.35 * i for i in
                                                                             (1, 2, 3, 4)])
-    assert Steps(1000e6).release_ms(nbytes, disk) == [0.0] * 4
+    assert Steps(1_000_000_000).release_ms(nbytes, disk) == [-math.inf] * 4
+    # exact multiples of the allowance, in the kernel's whole bytes (4.1 MB/s: 410,000 B
+    # a slice, which 4.1e6 x 0.1 misses by a float's last bit), and layers that read nothing
+    at = Steps(4_100_000).release_ms([410_000, 410_000, 0, 1], [1.0, 1.0, 0.0, 1.0])
+    assert at[0] == -math.inf and at[1] == pytest.approx(100 + 4 + 1.0) and \
+        at[2] == -math.inf and at[3] == pytest.approx(200 + 4 + 1.0)
+    # no release times: every end exactly as before, negative and -0.0 included
+    odd = pipeline([1.5, -2.0, -0.0], [0.0] * 3, start_ms=-3.0, execution=SEQUENTIAL)
+    assert [t.io_end_ms for t in odd] == [-1.5, -3.5, -3.5]
     seq = pipeline(disk, [1.0] * 4, execution=SEQUENTIAL, release_ms=release)
     assert seq[-1].io_end_ms == pytest.approx(207.30, abs=0.01)
     assert seq[0].compute_start_ms >= seq[-1].io_end_ms
@@ -396,9 +404,12 @@ def test_a_replay_with_the_throttles_steps_holds_reads_to_them():
     sc = load_scenario(MINILM)
     sel, layout = every_shard(sc.model, 0, False), Layout(1, True)
     clocked = simulate(sc, sel, layout=layout)
-    stepped = simulate(sc, sel, layout=layout, steps=Steps(sc.device.bandwidth_mb_s * 1e6))
-    assert clocked.layers[0].io_start_ms > 0 and stepped.layers[0].io_start_ms == 0
-    assert stepped.latency_ms < clocked.latency_ms
+    cached = simulate(sc, sel, layout=layout, rows_cached=True)
+    assert clocked.layers[0].io_start_ms > 0 and cached.layers[0].io_start_ms == 0
+    assert cached.latency_ms < clocked.latency_ms
+    # the phone's 1200 MB/s admits 120 MB at once: its steps never bind a MiniLM query
+    stepped = simulate(sc, sel, layout=layout, steps=Steps(round(sc.device.bandwidth_mb_s * 1e6)))
+    assert stepped == clocked
 
 
 def test_throttle_is_set_to_the_device_and_its_counters_are_the_bytes_read(store_dir,
