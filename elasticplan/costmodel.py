@@ -133,20 +133,28 @@ class Steps:
             raise ValueError(f"steps need a positive bandwidth and slice, got "
                              f"{self.bytes_per_s} B/s and {self.slice_ms} ms")
 
+    @property
+    def allowance_bytes(self) -> float:
+        """What a slice admits (at once, after a slice without reads)."""
+        return round(self.bytes_per_s) * self.slice_ms / 1000
+
+    def waits(self, nbytes: int) -> int:
+        """How many steps after the first a query's first `nbytes` bytes wait for (0: all
+        at once), in the kernel's integer arithmetic (an allowance in whole bytes)."""
+        return max(0, math.ceil(nbytes * 1000 / (round(self.bytes_per_s) * self.slice_ms)) - 1)
+
     def release_ms(self, streamed: list[int], io_ms: list[float],
                    start_ms: float = 0.0) -> list[float]:
         """Per layer, the earliest its reads can end under the steps (-inf: unbound), for
-        its streamed bytes and its reads' time on the disk, from a first read at start_ms.
-        The step count is the kernel's integer arithmetic (an allowance in whole bytes)."""
-        per_slice = round(self.bytes_per_s) * self.slice_ms  # bytes x 1000 a slice admits
+        its streamed bytes and its reads' time on the disk, from a first read at start_ms."""
         out, before = [], 0
         for nbytes, read in zip(streamed, io_ms):
             after = before + nbytes
-            k = math.ceil(after * 1000 / per_slice) - 1 if nbytes else 0
-            if k <= 0:
+            k = self.waits(after) if nbytes else 0
+            if k == 0:
                 out.append(-math.inf)
             else:
-                tail = after - max(before, k * per_slice / 1000)  # what step k admits of it
+                tail = after - max(before, k * self.allowance_bytes)  # what step k admits of it
                 out.append(start_ms + k * self.slice_ms + self.late_ms + read * tail / nbytes)
             before = after
         return out

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import signal
@@ -45,15 +44,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from elasticplan.costmodel import Steps
 from elasticplan.errors import CgroupUnavailable, MemoryCapExceeded
 
 PREFIX = "elasticplan-"
 ROOT_ENV = "ELASTICPLAN_CGROUP_ROOT"
 DEFAULT_MARGIN = 0.05  # of the allowance: --cap-margin's default
-# The block-IO throttle's slice: it admits bandwidth x slice x ceil(t / slice) bytes by time t
-# from a group's first read after a slice without reads (Linux 6.x: 100 ms on every disk;
-# measured as an exact staircase, docs/results.md "The throttle on a disk that keeps up").
-THROTTLE_SLICE_S = 0.1
 _NAME = re.compile(r"^elasticplan-(\d+)-(\d+)-([a-z]+)(\d*)$")
 
 # kind -> (its controller's name on v1, on v2), and the control file only a cgroup of it has
@@ -781,17 +777,20 @@ class DiskCheck:
         return all(r.bytes == self.page_bytes for r in self.runs)
 
     @property
+    def steps(self) -> Steps | None:
+        """The throttle's staircase (elasticplan.costmodel.Steps: 100 ms slices, measured)."""
+        return None if not self.bps else Steps(self.bps)
+
+    @property
     def slice_bytes(self) -> int | None:
         """What the throttle admits at once, after a slice without reads."""
-        return None if not self.bps else int(self.bps * THROTTLE_SLICE_S)
+        return None if not self.bps else int(self.steps.allowance_bytes)
 
     @property
     def last_step_ms(self) -> float | None:
         """When, from a query's first read after a slice without reads, the throttle's
         staircase admits the query's last byte (0: all at once)."""
-        if not self.slice_bytes:
-            return None
-        return 1e3 * THROTTLE_SLICE_S * max(0, math.ceil(self.page_bytes / self.slice_bytes) - 1)
+        return None if not self.bps else self.steps.waits(self.page_bytes) * self.steps.slice_ms
 
     def to_dict(self) -> dict:
         return {"planned_bytes": self.planned_bytes, "planned_reads": self.planned_reads,
@@ -803,10 +802,10 @@ class DiskCheck:
         """What the throttle's slices make of this plan's reads (docs/runtime.md)."""
         mb, at_once = self.page_bytes / 1e6, self.slice_bytes / 1e6
         if self.page_bytes <= self.slice_bytes:
-            return (f"the throttle admits {at_once:g} MB at once after {THROTTLE_SLICE_S * 1e3:g} "
+            return (f"the throttle admits {at_once:g} MB at once after {self.steps.slice_ms:g} "
                     f"ms without reads: a query's {mb:.3f} MB go at the disk's own speed, "
                     f"not the device's {self.bps / 1e6:g} MB/s")
-        return (f"the throttle admits {at_once:g} MB per {THROTTLE_SLICE_S * 1e3:g} ms slice, "
+        return (f"the throttle admits {at_once:g} MB per {self.steps.slice_ms:g} ms slice, "
                 f"in steps: a query's {mb:.3f} MB wait for the step at {self.last_step_ms:g} ms "
                 f"(at {self.bps / 1e6:g} MB/s they take {1e3 * self.page_bytes / self.bps:.1f} ms)")
 

@@ -158,12 +158,14 @@ def check_outputs(fleet: Fleet, out: Path) -> None:
                                       f"directory")
 
 
-def prepare(fleet: Fleet, out: Path) -> tuple[dict[str, Bundle], list[Task], dict]:
+def prepare(fleet: Fleet, out: Path, inputs: Inputs | None = None
+            ) -> tuple[dict[str, Bundle], list[Task], dict]:
     """Write each pair's scenario file, and make the bundles and the task list; remove the
-    temporary files of an earlier run that was killed mid-write."""
+    temporary files of an earlier run that was killed mid-write. `inputs`: the fleet's
+    inputs, resolved once by the caller (made here if not given)."""
     check(fleet)
     check_outputs(fleet, out)
-    inputs = Inputs(fleet_inputs(fleet))
+    inputs = Inputs(fleet_inputs(fleet)) if inputs is None else inputs
     for sub in SUBDIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
     for d in (out, *(out / sub for sub in SUBDIRS)):
@@ -495,7 +497,7 @@ def run_fleet(fleet: Fleet, out: str | os.PathLike, *, workers: int | None = Non
         parse_ray_address(ray_address)  # before anything is written
     fleet = without_own_outputs(fleet, out)
     inputs = Inputs(fleet_inputs(fleet))  # resolved once: each solve writes two files
-    bundles, tasks, meta = prepare(fleet, out)
+    bundles, tasks, meta = prepare(fleet, out, inputs)
     by_key = {t.key: t for t in tasks}
     rows, bad = done_rows(out, fleet, tasks, meta)
     for message in bad[:MAX_WARNINGS]:
