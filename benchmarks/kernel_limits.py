@@ -69,11 +69,11 @@ from benchmarks.common import (
 )
 from benchmarks.prediction import memory_list, stage_ms
 from elasticplan.cli import number_list
-from elasticplan.costmodel import Steps, embedding_read_ms, read_ms, simulate
+from elasticplan.costmodel import Steps, embedding_read_ms, read_ms, simulate, under_throttle
 from elasticplan.errors import CalibrationError, ElasticplanError, MemoryCapExceeded
 from elasticplan.plans.baselines import baseline_plan
 from elasticplan.solvers import solve, solve_any_window
-from runtime.cgroups import IoThrottle, capped_probe, disk_check
+from runtime.cgroups import THROTTLE_GAP_S, IoThrottle, capped_probe, disk_check
 from runtime.measurement.measure import measure_plans
 
 MODULE = "benchmarks.kernel_limits"
@@ -103,9 +103,9 @@ def throttled_scenario(bw: float, *, store, queries, budget_s: float, latency_us
 
     out = CALIBRATED / f"calibrated-throttled-{bw:g}"
     path, kept = out / "scenario.yaml", out / "delivered.json"
-    if path.is_file() and kept.is_file() and \
-            path.stat().st_mtime > (Path(store.path) / "index.json").stat().st_mtime:
-        sc = load_scenario(path)
+    sc = load_scenario(path) if path.is_file() and kept.is_file() and \
+        path.stat().st_mtime > (Path(store.path) / "index.json").stat().st_mtime else None
+    if sc is not None and sc.device.disk is not None:  # (older files lack the disk: made again)
         d = json.loads(kept.read_text())
         delivered = DeliveredStorage(**{**d, "stage_errors": {
             k: tuple(v) for k, v in d["stage_errors"].items()}})
@@ -187,9 +187,12 @@ def errors_on(plan, r, scenario, device, steps: Steps | None = None) -> dict:
 
 
 def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: int,
-            delivered=None, fraction: float | None = None) -> list[dict]:
-    """The plan's runs, emulated or throttled, as rows: one, or for a throttled plan two
-    (predicted with the device's storage, and with the storage `delivered`)."""
+            fraction: float | None = None) -> list[dict]:
+    """The plan's runs, emulated or throttled, as rows: one, or for a throttled plan on a
+    device that gives the disk beneath the throttle three (predicted with the device's
+    storage, the throttle's settings as a linear rate; with the disk's terms; and with
+    them held to the throttle's steps, as `run --throttle` predicts). Throttled runs are
+    spaced as `run --throttle` spaces them (THROTTLE_GAP_S)."""
     runs = [[]]
     common = dict(repeats=repeat, queries=queries, reference=reference, head=None,
                   probe=lambda _: None)  # no memory probe here: the caps are measured below
@@ -199,7 +202,7 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
     else:
         with IoThrottle(store.path, bw, sc.device.latency_us) as t:  # the device's: nominal
             (r,) = measure_plans([(plan, sc, None)], store, emulate=False, disk=t.counters,
-                                 disk_runs=runs, **common)
+                                 disk_runs=runs, gap_s=THROTTLE_GAP_S, **common)
         check = disk_check(plan, sc, store, runs[0], t.bps)
     q = plan.scenario.question
     row = {"bandwidth_mb_s": bw, "mode": mode, "fraction": fraction,
@@ -212,11 +215,11 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
            "disk_bytes": None if check is None else " ".join(str(c.bytes) for c in check.runs),
            "page_bytes": None if check is None else check.page_bytes,
            "runs_ms": " ".join(f"{v:g}" for v in r.measured_runs_ms)}
-    if mode == "emulated" or delivered is None:
+    if mode == "emulated" or sc.device.disk is None:
         return [row]
-    disk = delivered.storage_of(sc.device)
-    return [row, {**row, "mode": "thr-fit", **errors_on(plan, r, sc, disk)},
-            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk, Steps(round(bw * 1e6)))}]
+    disk, steps = under_throttle(sc)  # as `run --throttle` predicts (thr-steps)
+    return [row, {**row, "mode": "thr-fit", **errors_on(plan, r, sc, disk.device)},
+            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk.device, steps)}]
 
 
 def _print_row(row: dict, buf, mem) -> None:
@@ -248,7 +251,7 @@ def latency_part(a, store, reference, queries) -> list[dict]:
                 print(f"# {bw:g} MB/s {mode}: calibration refused, no plans measured: {e}")
         for frac, buf, mem in itertools.product(a.fractions, a.buffers, a.memory_mb):
             for mode in devices:
-                sc0, default, delivered = devices[mode]
+                sc0, default, _ = devices[mode]
                 sc = sc0.with_overrides(target_latency_ms=round(default * frac, 1),
                                         preload_budget_mb=buf, memory_budget_mb=mem)
                 try:
@@ -261,7 +264,7 @@ def latency_part(a, store, reference, queries) -> list[dict]:
                           f"{buf:g} MB, memory {mem}: no plan: {e}")
                     continue
                 for row in run_one(mode, bw, plan, sc, store, queries, reference, a.repeat,
-                                   delivered, frac):
+                                   frac):
                     rows.append(row)
                     _print_row(row, buf, mem)
     return rows

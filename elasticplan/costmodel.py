@@ -160,6 +160,22 @@ class Steps:
         return out
 
 
+def under_throttle(scenario: Scenario) -> tuple[Scenario, Steps]:
+    """How a kernel throttle set to the scenario's storage runs it (`run --throttle`): the
+    reads at the disk's own terms beneath it (device.disk, which `calibrate --throttle`
+    measures), held to the steps of the throttle's bandwidth (simulate(..., steps=)). The
+    throttle's read-IOPS limit (one read per latency_us) is not stepped: at 100 us a slice
+    admits 1,000 reads, several times what a MiniLM query makes (the disk check counts
+    them)."""
+    d = scenario.device
+    if d.disk is None:
+        raise ValueError(f"device {d.name!r} gives no disk beneath the throttle (storage.disk: "
+                         f"`calibrate --throttle` measures it)")
+    disk = dataclasses.replace(d, bandwidth_mb_s=d.disk.bandwidth_mb_s,
+                               latency_us=d.disk.latency_us, disk=None)
+    return scenario.with_overrides(device=disk), Steps(round(d.bandwidth_mb_s * 1e6))
+
+
 @dataclass(frozen=True)
 class Memory:
     resident_bytes: int

@@ -79,16 +79,23 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from elasticplan.costmodel import Layout, Pick, Selection, every_shard, simulate
+from elasticplan.costmodel import Layout, Pick, Selection, Steps, every_shard, simulate
 from elasticplan.errors import CalibrationError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
 from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
 from elasticplan.problem.question import Question
-from elasticplan.problem.spec import FULL_PRECISION_BITS, Device, ModelProfile, Scenario, Spread
+from elasticplan.problem.spec import (
+    FULL_PRECISION_BITS,
+    Device,
+    Disk,
+    ModelProfile,
+    Scenario,
+    Spread,
+)
 from runtime import cgroups
-from runtime.cgroups import IoThrottle
+from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
 from runtime.executor import Executor, concurrent_mb
 from runtime.iodev import evict
 from runtime.store import ShardStore
@@ -281,16 +288,17 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator,
 
 @dataclass(frozen=True)
 class DeliveredStorage:
-    """`calibrate --throttle`: the storage as the kernel-throttled reads delivered it, fitted
-    like the cost model's storage terms (each layer's read interval, the median over the
-    rounds, = reads x latency + MB / bandwidth; non-negative least squares over every
-    (plan, layer) that reads), with each term's standard error, R^2, the run-to-run noise
-    of a layer's read interval (robust sigma of log run / its median), and each stage's
-    out-of-sample error with these terms in place of the throttle's settings (each plan
+    """`calibrate --throttle`: the disk beneath the kernel's throttle as the throttled reads
+    delivered it, fitted like the cost model's storage terms (each layer's read interval,
+    the median over the rounds, = reads x latency + MB / bandwidth; non-negative least
+    squares over every (plan, layer) that reads within the throttle's first slice), with
+    each term's standard error, R^2, the run-to-run noise of a layer's read interval
+    (robust sigma of log run / its median), and each stage's out-of-sample error predicted
+    as `run --throttle` predicts (these terms held to the throttle's steps; each plan
     predicted by the storage and compute fits of the other plans; median, p95 in % of the
     latency, as `Calibration.stage_errors`). The device file keeps the throttle's settings
-    as its storage (what `run --throttle` sets the kernel to); these terms are reported
-    beside them (docs/runtime.md, "What the kernel's throttle is")."""
+    as its storage (what the planner prices and `run --throttle` sets the kernel to) and
+    these terms as its `storage.disk` (docs/runtime.md, "What the kernel's throttle is")."""
 
     latency_us: float
     bandwidth_mb_s: float
@@ -301,10 +309,11 @@ class DeliveredStorage:
     noise_pct: float
     stage_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def storage_of(self, device: Device) -> Device:
-        """`device` with these storage terms in place of its own."""
-        return dataclasses.replace(device, bandwidth_mb_s=round(self.bandwidth_mb_s, 3),
-                                   latency_us=round(self.latency_us, 3))
+    @property
+    def disk(self) -> Disk:
+        """The device's `storage.disk`: these terms, as its file keeps them."""
+        return Disk(bandwidth_mb_s=round(float(self.bandwidth_mb_s), 3),
+                    latency_us=round(float(self.latency_us), 3))
 
     def describe(self) -> str:
         errors = "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in self.stage_errors.items())
@@ -312,25 +321,30 @@ class DeliveredStorage:
                 f"us per read + {self.bandwidth_mb_s:.1f} +- {self.bandwidth_se_mb_s:.1f} MB/s "
                 f"(fit of {self.samples} layers' read intervals, R^2 {self.r2:.3f}; a layer's "
                 f"read interval ran {self.noise_pct:.1f} % apart run to run, robust sigma); "
-                f"predicted with these terms, the calibration plans' stage |error| out of "
-                f"sample, median / p95: {errors}")
+                f"predicted with these terms held to the throttle's steps, the calibration "
+                f"plans' stage |error| out of sample, median / p95: {errors}")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self),
                 "stage_errors": {k: list(v) for k, v in self.stage_errors.items()}}
 
 
-def delivered_storage(designed: list, runs_of: list[list], plan: int | None = None
+def delivered_storage(designed: list, runs_of: list[list], plan: int | None = None,
+                      steps: Steps | None = None
                       ) -> tuple[float, float, float, float, float, int, float]:
     """The storage terms the measured reads deliver (DeliveredStorage), fitted over every
     calibration plan but `plan`: (latency us, bandwidth MB/s, their standard errors, R^2,
-    samples, noise %)."""
+    samples, noise %). With the throttle's `steps`, a layer whose reads go past the first
+    slice's allowance (a query's first bytes up to its last) is left out: the steps, not
+    the disk, time it."""
     rows, y, logs = [], [], []
     for i, runs in enumerate(runs_of):
         if i == plan or not runs:
             continue
+        read = 0
         for l, t in enumerate(runs[0].layers):
-            if not t.reads:
+            read += t.read_bytes
+            if not t.reads or (steps is not None and steps.waits(read) > 0):
                 continue
             ms = [r.layers[l].io_end_ms - r.layers[l].io_start_ms for r in runs]
             med = float(np.median(ms))
@@ -379,7 +393,9 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     Refuses (CalibrationError) when the calibration runs, each predicted out of sample, are
     further from their predictions than max_error_pct (module docstring, "Refusal").
     `throttle`: no device clock; the runs read through a block-IO cgroup that the kernel
-    throttles to the bandwidth and latency (runtime/cgroups.py, `calibrate --throttle`)."""
+    throttles to the bandwidth and latency (runtime/cgroups.py, `calibrate --throttle`),
+    each run a fresh slice of it (THROTTLE_GAP_S after the run before); the device gets
+    the disk beneath the throttle (Device.disk)."""
     if throttle and bandwidth_mb_s is None:
         raise InvalidArgument("--throttle needs --storage-mb-s: the bandwidth the kernel is "
                               "to hold the reads to")
@@ -427,18 +443,29 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
         held_out.append((device_of(other, base_device), sel, runs_of[i]))
     spread, errors = stage_spread(draft_scenario, held_out)
     noise = run_to_run(runs_of)
-    device = dataclasses.replace(device_of(fit, base_device), spread=spread)
-    delivered = None
-    if kernel is not None:  # the storage as the throttled reads delivered it, out of sample too
-        lat, bw, lat_se, bw_se, r2, n, io_noise = delivered_storage(designed, runs_of)
+    disk = delivered = None
+    if kernel is not None:
+        # What `run --throttle` predicts with (costmodel.under_throttle): the disk beneath
+        # the throttle, fitted to the reads its steps did not hold, and the steps; the
+        # device's spread and the stage errors (refusal included) are that prediction's,
+        # out of sample. The device's storage stays the throttle's settings (what the
+        # planner prices, and what `run --throttle` sets the kernel to).
+        steps = Steps(kernel.bps)
+        lat, bw, lat_se, bw_se, r2, n, io_noise = delivered_storage(designed, runs_of,
+                                                                    steps=steps)
         theirs = []
         for i, (dev, sel, runs) in enumerate(held_out):
-            lat_i, bw_i, *_ = delivered_storage(designed, runs_of, plan=i)
+            lat_i, bw_i, *_ = delivered_storage(designed, runs_of, plan=i, steps=steps)
             theirs.append((dataclasses.replace(dev, latency_us=lat_i, bandwidth_mb_s=bw_i),
                            sel, runs))
-        delivered = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, io_noise,
-                                     stage_spread(draft_scenario, theirs)[1])
-        storage += "; " + delivered.describe()
+        linear = errors  # the throttle's settings as a linear rate
+        spread, errors = stage_spread(draft_scenario, theirs, steps)
+        delivered = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, io_noise, errors)
+        disk = delivered.disk
+        storage += (f"; {delivered.describe()}; priced at the throttle's settings as a "
+                    f"linear rate instead, the same plans' stage |error| would be "
+                    + "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in linear.items()))
+    device = dataclasses.replace(device_of(fit, base_device), spread=spread, disk=disk)
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
@@ -486,8 +513,17 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
         samples = _samples(model, designed, runs_of)
         return fit_compute(samples, quantised), samples
 
+    ended = [0.0]  # when the last run ended (--throttle: each run a fresh slice)
+
+    def run_once(ex: Executor, r: int):
+        if no_readahead:
+            time.sleep(max(0.0, ended[0] + THROTTLE_GAP_S - time.monotonic()))
+        out = ex.run(queries[r % len(queries)])
+        ended[0] = time.monotonic()
+        return out
+
     return measure_rounds(len(designed), open_plan=open_plan,
-                          run_once=lambda ex, r: ex.run(queries[r % len(queries)]),
+                          run_once=run_once,
                           fit_of=fit_of, repeats=repeats, budget_s=budget_s, groups=groups,
                           log=log)
 
@@ -718,18 +754,21 @@ def _stage_totals(run) -> dict[str, float]:
             "total": run.latency_ms}
 
 
-def stage_spread(scenario: Scenario, held_out: list) -> tuple[Spread, dict[str, tuple[float, float]]]:
+def stage_spread(scenario: Scenario, held_out: list, steps: Steps | None = None
+                 ) -> tuple[Spread, dict[str, tuple[float, float]]]:
     """Every run against its prediction on the device given beside it (device, plan, runs),
     per stage: the spread (root mean square of log(measured / predicted) over every run)
     of IO and compute, and each stage's median and p95 over plans of the |error| of the
     plan's median run, in % of the plan's predicted latency (total: of itself). In % of
     the latency, a stage's error weighs what it adds to the total: a plan that reads for
     2 ms of 80 and reads 0.4 ms late is 0.5 % off, not 20 %; and a median over runs is
-    the model's error, which the runs' own noise (run_to_run) swamps in a single run."""
+    the model's error, which the runs' own noise (run_to_run) swamps in a single run.
+    `steps`: the reads held to a kernel throttle's (calibrate --throttle)."""
     logs: dict[str, list[float]] = {k: [] for k in STAGES}
     off: dict[str, list[float]] = {k: [] for k in STAGES}
     for device, sel, runs in held_out:
-        predicted = _stage_totals(simulate(scenario.with_overrides(device=device), sel))
+        predicted = _stage_totals(simulate(scenario.with_overrides(device=device), sel,
+                                           steps=steps))
         measured = [_stage_totals(r) for r in runs]
         for k in STAGES:
             if predicted[k] <= 0:
@@ -809,6 +848,9 @@ def device_dict(device: Device) -> dict:
                           "the storage stated in the header",
            "storage": {"bandwidth_mb_s": device.bandwidth_mb_s, "latency_us": device.latency_us},
            "compute": compute}
+    if device.disk is not None:  # calibrate --throttle: the disk beneath the throttle
+        out["storage"]["disk"] = {"bandwidth_mb_s": device.disk.bandwidth_mb_s,
+                                  "latency_us": device.disk.latency_us}
     if device.spread is not None:
         out["spread"] = {"io": device.spread.io, "compute": device.spread.compute,
                          "runs": device.spread.runs}

@@ -669,6 +669,31 @@ def iops_for(latency_us: float) -> int | None:
     return max(1, round(1e6 / latency_us)) if latency_us > 0 else None
 
 
+# Between two measured runs under the throttle: long enough that every query starts a
+# fresh slice, as one after an idle spell does, and as the replay's Steps assume. Each read
+# the throttle passes extends its slice to 100 ms after it, rounded up to a whole slice
+# (so up to 200 ms); a read inside that slice shares its allowance. Measured: at 120 ms
+# apart the 11.7 MB plan at 20 MB/s read 4 MB at once and its steps came ~45 ms early;
+# back to back the 11 MB list waited for a step every second time (10.7, 95.2, 11.0,
+# 87.9 ms; docs/results.md, "The throttle on a disk that keeps up").
+THROTTLE_GAP_S = 0.25
+
+
+def throttled_prediction(device) -> str:
+    """How `run --throttle` predicts a plan on `device` (measure_plans(..., throttled=True))."""
+    if device.disk is not None:
+        return (f"predicted as the throttle runs it: the disk beneath it at "
+                f"{device.disk.bandwidth_mb_s:g} MB/s + {device.disk.latency_us:g} us per read "
+                f"(the device's storage.disk, from `calibrate --throttle`), each layer's reads "
+                f"held to the throttle's {Steps.slice_ms:g} ms steps, a streamed table's rows "
+                f"from the page cache; each measured query {1e3 * THROTTLE_GAP_S:g} ms after "
+                f"the one before, so that it starts a fresh slice")
+    return ("predicted at the throttle's settings as a linear rate (the plan's own figures): "
+            "the device gives no disk beneath the throttle (storage.disk; `calibrate "
+            "--throttle` measures it), and a slice admits bandwidth x 100 ms at the disk's own "
+            "speed, so reads that fit in it run faster than predicted")
+
+
 class IoThrottle:
     """This process's reads of the store's disk, throttled by the kernel to a device's
     bandwidth and (as reads/s) its per-read latency, inside `with`. `counters()` are the

@@ -603,10 +603,11 @@ def cmd_run(a) -> int:
     verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
-    throttle = None
+    throttle, gap_s = None, 0.0
     if a.throttle:  # a machine that cannot throttle is refused here (exit 13)
-        from runtime.cgroups import IoThrottle
+        from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
 
+        gap_s = THROTTLE_GAP_S  # each query a fresh slice of the throttle
         throttle = IoThrottle(store.path, scenario.device.bandwidth_mb_s,
                               scenario.device.latency_us)
     _set_threads(a.threads)
@@ -633,11 +634,12 @@ def cmd_run(a) -> int:
         reports = measure_plans(items, store, **common, probe=None if cap is None else
                                 lambda _: cap.process_peak_above_baseline_bytes,
                                 disk=None if throttle is None else throttle.counters,
-                                disk_runs=disk_runs)
+                                disk_runs=disk_runs, throttled=throttle is not None,
+                                gap_s=gap_s)
         if throttle is not None:
-            from runtime.cgroups import disk_check
+            from runtime.cgroups import disk_check, throttled_prediction
 
-            storage = throttle.describe()
+            storage = f"{throttle.describe()}; {throttled_prediction(scenario.device)}"
             reports = [dataclasses.replace(r, storage=storage) for r in reports]
             checks = [disk_check(p, q, store, runs, throttle.bps)
                       for (p, q, _), runs in zip(items, disk_runs)]

@@ -8,6 +8,7 @@ cgroups (not root, a read-only mount, no controller). No timing thresholds."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from elasticplan.cli import main
-from elasticplan.errors import CgroupUnavailable
+from elasticplan.errors import CgroupUnavailable, SpecError
 from elasticplan.plans.baselines import baseline_plan
 from elasticplan.problem.loader import load_scenario
 from runtime import cgroups
@@ -229,21 +231,26 @@ def test_memprobe_holds_glibc_mmap_threshold():
 
 
 def test_delivered_storage_recovers_the_terms_the_reads_took():
-    """calibrate --throttle fits, beside the device, the storage the reads delivered: each
-    layer's read interval = reads x latency + MB / bandwidth (here made exactly so)."""
+    """calibrate --throttle fits the disk beneath the throttle: each layer's read interval
+    = reads x latency + MB / bandwidth (here made exactly so), over the layers the
+    throttle's steps did not hold; the device file keeps it as its storage.disk."""
     from types import SimpleNamespace
 
-    from runtime.calibrate import DeliveredStorage, delivered_storage
+    from elasticplan.costmodel import Steps
+    from elasticplan.problem.loader import parse_device
+    from elasticplan.problem.spec import Disk
+    from runtime.calibrate import DeliveredStorage, delivered_storage, device_dict
 
     lat_us, mb_s = 180.0, 250.0
 
-    def run(layers, jitter=1.0):
+    def run(layers, jitter=1.0, held_to=None):
         out, t = [], 0.0
-        for reads, nbytes in layers:
+        for l, (reads, nbytes) in enumerate(layers):
             ms = (reads * lat_us / 1e3 + nbytes / 1e6 / mb_s * 1e3) * jitter if reads else 0.0
+            end = max(t + ms, held_to) if held_to is not None and l > 0 else t + ms
             out.append(SimpleNamespace(reads=reads, read_bytes=nbytes, io_start_ms=t,
-                                       io_end_ms=t + ms))
-            t += ms
+                                       io_end_ms=end))
+            t = end
         return SimpleNamespace(layers=out)
 
     shapes = [[(3, 600_000), (0, 0), (5, 200_000)], [(1, 50_000), (8, 2_400_000)],
@@ -254,11 +261,52 @@ def test_delivered_storage_recovers_the_terms_the_reads_took():
     assert n == 7 and lat_se == pytest.approx(0, abs=1e-6) and noise == pytest.approx(100 * 1.4826 * math.log(1.1), abs=0.01)
     lat1, bw1, *_ = delivered_storage(None, runs_of, plan=1)  # the others' fit
     assert (lat1, bw1) == (pytest.approx(lat_us), pytest.approx(mb_s))
+    # a plan past the first slice's allowance (4 MB at 40 MB/s): its second layer waits
+    # for the step at 100 ms (held_to); with the steps it is left out of the fit, without it skews it
+    steps = Steps(40_000_000)
+    held = [[run([(4, 3_000_000), (4, 3_000_000)], j, held_to=104.0) for j in (0.9, 1.0, 1.1)]]
+    lat2, bw2, _, _, r2b, n2, _ = delivered_storage(None, runs_of + held, steps=steps)
+    assert (lat2, bw2, n2) == (pytest.approx(lat_us), pytest.approx(mb_s), 8) and \
+        r2b == pytest.approx(1)
+    skewed = delivered_storage(None, runs_of + held)
+    assert skewed[5] == n2 + 1 and skewed[4] < 0.99 and skewed[1] < 0.9 * mb_s
     d = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, noise, {"io": (1.0, 2.0)})
-    device = load_scenario(MINILM).device
-    assert d.storage_of(device).latency_us == pytest.approx(lat_us)
-    assert d.storage_of(device).gflops == device.gflops
+    assert d.disk == Disk(bandwidth_mb_s=round(bw, 3), latency_us=round(lat, 3))
     assert "us per read" in d.describe() and d.to_dict()["stage_errors"] == {"io": [1.0, 2.0]}
+    # the device file keeps it, and reads it back
+    device = dataclasses.replace(load_scenario(MINILM).device, disk=d.disk)
+    data = device_dict(device)
+    assert data["storage"]["disk"] == {"bandwidth_mb_s": 250.0, "latency_us": 180.0}
+    assert parse_device(data, "device.yaml") == device
+    bad = {**data, "storage": {**data["storage"], "disk": {"bandwidth_mb_s": 250.0}}}
+    with pytest.raises(SpecError, match=r"device.yaml: storage.disk.latency_us"):
+        parse_device(bad, "device.yaml")
+
+
+def test_a_device_under_the_throttle_reads_at_its_disk_held_to_the_steps():
+    """costmodel.under_throttle, what `run --throttle` predicts with: the disk's own terms,
+    the steps of the throttle's bandwidth (the device's storage, which the planner prices);
+    a device without the disk is refused, not priced at the settings silently."""
+    from elasticplan.costmodel import Steps, simulate, under_throttle
+    from elasticplan.problem.spec import Disk
+
+    sc = load_scenario(MINILM)
+    with pytest.raises(ValueError, match="gives no disk beneath the throttle"):
+        under_throttle(sc)
+    slow = dataclasses.replace(sc.device, bandwidth_mb_s=20.0,
+                               disk=Disk(bandwidth_mb_s=1000.0, latency_us=20.0))
+    sc = sc.with_overrides(device=slow)
+    disk, steps = under_throttle(sc)
+    assert steps == Steps(20_000_000)
+    assert (disk.device.bandwidth_mb_s, disk.device.latency_us, disk.device.disk) == \
+        (1000.0, 20.0, None)
+    assert disk.device.gflops == slow.gflops and disk.model is sc.model
+    from elasticplan.costmodel import every_shard
+    sel = every_shard(sc.model, sc.model.bit_index(8), False)
+    stepped = simulate(disk, sel, steps=steps)
+    # 11 MB at a 2 MB allowance: the last layer's reads end at the 5th step, no earlier
+    assert stepped.layers[-1].io_end_ms >= 5 * 100 + 4
+    assert simulate(disk, sel).latency_ms < stepped.latency_ms < simulate(sc, sel).latency_ms
 
 
 # --- clean-up -------------------------------------------------------------------------------
@@ -475,6 +523,44 @@ def test_run_throttle_reads_the_plans_pages_through_a_cgroup_at_the_devices_band
     assert main(["run", str(mem10), "--throttle", "--no-emulate"]) == 2
 
 
+def test_run_throttle_predicts_with_the_disk_beneath_held_to_the_steps(store_dir, tmp_path):
+    """A device that gives the disk beneath the throttle (`calibrate --throttle` writes it)
+    is predicted as the kernel runs it: the disk's terms, the throttle's steps, and every
+    run held to them. At 20 MB/s a slice admits 2 MB, so the plan's reads wait for steps
+    (the kernel's doing: no run can end before the step that admits its last byte)."""
+    from elasticplan.costmodel import simulate, under_throttle
+    from elasticplan.plans.plan import Plan
+
+    h = _usable("io")
+    device = yaml.safe_load((ROOT / "problems" / "devices" / "phone-ufs31.yaml").read_text())
+    device["storage"] = {"bandwidth_mb_s": 20, "latency_us": 100,
+                         "disk": {"bandwidth_mb_s": 1000, "latency_us": 20}}
+    (tmp_path / "device.yaml").write_text(yaml.safe_dump(device))
+    scenario = yaml.safe_load(MINILM.read_text())
+    scenario.update(device="device.yaml", target_latency_ms=600,
+                    model=str(ROOT / "problems" / "models" / "minilm-l6.yaml"))
+    scen, plan_path, out = (tmp_path / "s.yaml", tmp_path / "p.plan.json",
+                            tmp_path / "run.json")
+    scen.write_text(yaml.safe_dump(scenario))
+    assert main(["solve", str(scen), "-o", str(plan_path)]) == 0
+    assert main(["run", str(plan_path), "--store", str(store_dir), "--repeat", "3",
+                 "--throttle", "--json", str(out)]) == 0
+    r, plan, sc = json.loads(out.read_text()), Plan.load(plan_path), load_scenario(scen)
+    disk, steps = under_throttle(sc)
+    want = simulate(disk, plan.selection(disk), plan.execution, plan.layout, steps=steps,
+                    rows_cached=True)
+    assert r["predicted_latency_ms"] == round(want.latency_ms, 4)
+    assert r["planned_latency_ms"] == plan.predicted_latency_ms > r["predicted_latency_ms"]
+    assert [lay["predicted"]["io_end_ms"] for lay in r["layers"]] == \
+        [t.io_end_ms for t in want.layers]
+    assert "predicted as the throttle runs it: the disk beneath it at 1000 MB/s + 20 us" in \
+        r["storage"] and "20 MB/s and 10000 reads/s" in r["storage"]
+    check = r["throttle"]["disk"]
+    assert check["slice_bytes"] == 2_000_000 and check["last_step_ms"] >= 100
+    assert min(r["measured_runs_ms"]) >= check["last_step_ms"]
+    assert not _mine(h, os.getpid())
+
+
 def test_kernel_limits_benchmark_parses_and_summarises(capsys):
     from benchmarks import kernel_limits
 
@@ -521,5 +607,8 @@ def test_calibrate_throttle_needs_a_bandwidth_and_an_encoder(store_dir, tmp_path
         header = (tmp_path / "device.yaml").read_text()
         assert f"Storage: kernel-throttled: cgroup v{h.version}" in header
         assert "200 MB/s and 10000 reads/s" in header
-        assert load_scenario(tmp_path / "scenario.yaml").device.bandwidth_mb_s == 200
+        device = load_scenario(tmp_path / "scenario.yaml").device
+        assert device.bandwidth_mb_s == 200 and device.disk is not None  # the disk beneath
+        assert "held to the throttle's steps" in header and \
+            "at the throttle's settings as a linear rate instead" in header
     assert not _mine(h, os.getpid())

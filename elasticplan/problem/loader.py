@@ -57,6 +57,7 @@ from elasticplan.problem.spec import (
     SCHEME_NAME,
     DecoderShape,
     Device,
+    Disk,
     Layer,
     ModelProfile,
     Scenario,
@@ -93,6 +94,13 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
     bandwidth = storage.number("bandwidth_mb_s", minimum=MIN_BANDWIDTH_MB_S,
                                maximum=MAX_BANDWIDTH_MB_S)
     latency = storage.number("latency_us", minimum=0, maximum=MAX_LATENCY_US)
+    disk = storage.mapping("disk", "disk: {bandwidth_mb_s, latency_us}", required=False)
+    if disk is not None:  # beneath a kernel throttle (calibrate --throttle)
+        disk_bandwidth = disk.number("bandwidth_mb_s", minimum=MIN_BANDWIDTH_MB_S,
+                                     maximum=MAX_BANDWIDTH_MB_S)
+        disk_latency = disk.number("latency_us", minimum=0, maximum=MAX_LATENCY_US)
+        disk.done()
+        disk = Disk(bandwidth_mb_s=disk_bandwidth, latency_us=disk_latency)
     storage.done()
     compute = f.mapping("compute", "compute: {gflops, layer_overhead_ms, dequant_gb_s or "
                                    "dequant_ns_per_weight, ...}")
@@ -127,7 +135,7 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
     return Device(name=name, bandwidth_mb_s=bandwidth, latency_us=latency, gflops=gflops,
                   layer_overhead_ms=overhead, dequant_gb_s=dequant, memory_mb=memory,
                   dequant_ns_per_weight=per_weight, vector_ns_per_weight=vector,
-                  spread=spread, **optional)
+                  spread=spread, disk=disk, **optional)
 
 
 def _per_weight(compute: Fields, name: str) -> tuple[tuple[int, float], ...]:

@@ -59,6 +59,10 @@ class Device:
     # stored bytes without decoding them (runtime/schemes/groupmv.py); every other case
     # takes dequant_ns_per_weight
     vector_ns_per_weight: tuple[tuple[int, float], ...] = ()
+    # the disk beneath a kernel throttle set to this storage (`calibrate --throttle`): what
+    # `run --throttle` predicts its reads with, held to the throttle's steps
+    # (elasticplan.costmodel.under_throttle); the planner prices the storage above
+    disk: "Disk | None" = None
 
     def dequant_ns(self, bits: int) -> float | None:
         """ns per weight to dequantise a shard stored at `bits` (None: no per-weight term)."""
@@ -74,6 +78,16 @@ class Device:
             if b == bits:
                 return ns
         return self.dequant_ns(bits)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The disk beneath a kernel block-IO throttle, as reads through the throttle delivered
+    it (`calibrate --throttle`): per read and per MB, for what a slice's allowance admits at
+    once (docs/runtime.md, "What the kernel's throttle is")."""
+
+    bandwidth_mb_s: float
+    latency_us: float
 
 
 @dataclass(frozen=True)

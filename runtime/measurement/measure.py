@@ -18,11 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable
 
 import torch
 
-from elasticplan.costmodel import Schedule, simulate
+from elasticplan.costmodel import Schedule, simulate, under_throttle
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
@@ -119,7 +120,8 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
                   head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
                   probe: Callable[[Plan], int | None] | None = None,
                   disk: Callable[[], object] | None = None,
-                  disk_runs: list[list] | None = None) -> list[RunReport]:
+                  disk_runs: list[list] | None = None, gap_s: float = 0.0,
+                  throttled: bool = False) -> list[RunReport]:
     """Run several plans side by side and report each: every executor is set up (preload
     filled, one discarded warm-up run) before any is measured, then the measured runs are
     interleaved, one query per plan per round, so that the plans share the machine's
@@ -129,7 +131,12 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
     capped process); else process_peak measures it. `disk()` (`run --throttle`: the
     block-IO cgroup's counters): read-ahead is turned off on every executor's files (each
     read fetches its own pages, no more) and `disk_runs[k]` gets plan k's counts per
-    measured run (disk() after - before)."""
+    measured run (disk() after - before). `gap_s`: each measured run starts at least this
+    long after the run before it ended (`run --throttle`: THROTTLE_GAP_S, so that every
+    query meets the throttle's allowance afresh, as one after an idle spell does).
+    `throttled`: a plan whose device gives the disk beneath the throttle (device.disk) is
+    predicted as the throttle runs it (elasticplan.costmodel.under_throttle: the disk's
+    terms, the throttle's steps, a streamed table's rows from the page cache)."""
     executors, fills = [], []
     try:
         for plan, scenario, _ in items:
@@ -141,10 +148,14 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
             fills.append(ex.fill_preload())
             ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
         traces: list[list[RunTrace]] = [[] for _ in items]
+        ended = time.monotonic()
         for i in range(repeats):
             for k, ex in enumerate(executors):
+                if gap_s > 0:
+                    time.sleep(max(0.0, ended + gap_s - time.monotonic()))
                 before = disk() if disk is not None else None
                 traces[k].append(ex.run(queries[i % len(queries)]))
+                ended = time.monotonic()
                 if disk is not None and disk_runs is not None:
                     disk_runs[k].append(disk() - before)
     finally:
@@ -152,15 +163,15 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
             ex.close()
     return [_report(plan, scenario, store, ex, fill, runs, repeats=repeats, queries=queries,
                     reference=reference, head=head, tolerance=tolerance, plan_path=path,
-                    probe=probe)
+                    probe=probe, throttled=throttled)
             for (plan, scenario, path), ex, fill, runs in zip(items, executors, fills, traces)]
 
 
 def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fill,
             traces: list[RunTrace], *, repeats: int, queries: list[Batch],
             reference: Reference, head: TaskHead | None, tolerance: float,
-            plan_path: str | None, probe: Callable[[Plan], int | None] | None = None
-            ) -> RunReport:
+            plan_path: str | None, probe: Callable[[Plan], int | None] | None = None,
+            throttled: bool = False) -> RunReport:
     emulated = ex.clock.emulated
     memory, predicted = ex.memory, ex.predicted_memory
     measured = memory.peak_bytes
@@ -186,8 +197,14 @@ def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fil
             labels.append((mine, full))
     device = scenario.device
     predicted_ms, stages, rows = plan.predicted_latency_ms, plan.layers, ()
-    if plan.embeddings == "streamed":  # each query priced at the rows it read
+    if plan.embeddings == "streamed":
         rows = tuple(t.embedding_rows for t in traces)
+    if throttled and device.disk is not None:  # as the kernel's throttle runs it
+        sc, steps = under_throttle(scenario)
+        at = simulate(sc, plan.selection(sc), plan.execution, plan.layout, steps=steps,
+                      rows_cached=True)
+        predicted_ms, stages = round(at.latency_ms, 4), at.layers
+    elif rows:  # each query priced at the rows it read
         at = query_schedules(plan, scenario, rows)
         predicted_ms = round(statistics.median(at[n].latency_ms for n in rows), 4)
         stages = at[trace.embedding_rows].layers
