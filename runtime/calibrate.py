@@ -98,6 +98,7 @@ from runtime import cgroups
 from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
 from runtime.executor import Executor, concurrent_mb
 from runtime.iodev import evict
+from runtime.measurement.measure import Spacing
 from runtime.store import ShardStore
 
 DEFAULT_LATENCY_US = 100.0
@@ -497,6 +498,9 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
     model = scenario.model
     quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
 
+    # --throttle: each run a fresh slice of the throttle, warm-ups included
+    spacing = Spacing(THROTTLE_GAP_S if no_readahead else 0.0)
+
     def open_plan(i: int) -> Executor:
         ex = Executor(designed[i][2], scenario, store, emulate=emulate)
         if no_readahead:  # --throttle: each read fetches its own pages (runtime/cgroups.py)
@@ -504,6 +508,7 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
         try:
             ex.fill_preload()
             ex.run(queries[0])  # warm-up, discarded
+            spacing.mark()
         except BaseException:
             ex.close()
             raise
@@ -513,17 +518,9 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
         samples = _samples(model, designed, runs_of)
         return fit_compute(samples, quantised), samples
 
-    ended = [0.0]  # when the last run ended (--throttle: each run a fresh slice)
-
-    def run_once(ex: Executor, r: int):
-        if no_readahead:
-            time.sleep(max(0.0, ended[0] + THROTTLE_GAP_S - time.monotonic()))
-        out = ex.run(queries[r % len(queries)])
-        ended[0] = time.monotonic()
-        return out
-
     return measure_rounds(len(designed), open_plan=open_plan,
-                          run_once=run_once,
+                          run_once=lambda ex, r: spacing.run(
+                              lambda: ex.run(queries[r % len(queries)])),
                           fit_of=fit_of, repeats=repeats, budget_s=budget_s, groups=groups,
                           log=log)
 

@@ -612,3 +612,26 @@ def test_calibrate_throttle_needs_a_bandwidth_and_an_encoder(store_dir, tmp_path
         assert "held to the throttle's steps" in header and \
             "at the throttle's settings as a linear rate instead" in header
     assert not _mine(h, os.getpid())
+
+
+def test_throttled_runs_are_spaced_from_the_last_run_warm_ups_included(monkeypatch):
+    """measure.Spacing (run and calibrate --throttle): a run waits until the gap after the
+    last run ended, a warm-up marked as one; no gap, no wait."""
+    from runtime.measurement import measure
+
+    now, slept = [100.0], []
+    monkeypatch.setattr(measure.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(measure.time, "sleep", lambda s: slept.append(s))
+    s = measure.Spacing(0.25)
+    assert s.run(lambda: "first") == "first" and slept == [0.0]  # nothing ran before it
+    now[0] = 100.05
+    s.run(lambda: None)
+    assert slept[-1] == pytest.approx(0.2)  # 0.25 after 100.0, where the first one ended
+    now[0] = 101.0
+    s.mark()  # a warm-up at 101.0
+    now[0] = 101.1
+    s.run(lambda: None)
+    assert slept[-1] == pytest.approx(0.15)
+    plain = measure.Spacing()
+    plain.run(lambda: None)
+    assert len(slept) == 3

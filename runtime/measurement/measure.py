@@ -13,13 +13,14 @@ and compute intervals (of the median run).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -43,6 +44,27 @@ def query_batches(store: ShardStore, seq_len: int, n: int) -> list[Batch]:
     texts = list(load_splits().test.texts[:n])
     tok = store.tokenizer(seq_len)
     return [tok([t], pad_to=seq_len) for t in texts]
+
+
+class Spacing:
+    """Measured runs at least `gap_s` apart (`run --throttle` and `calibrate --throttle`:
+    runtime.cgroups.THROTTLE_GAP_S, so that every query meets the throttle's allowance
+    afresh): `run(fn)` waits until `gap_s` after the last run ended, then runs fn;
+    `mark()` notes a run made outside it (a warm-up). 0: no waiting."""
+
+    def __init__(self, gap_s: float = 0.0):
+        self.gap_s, self.ended = gap_s, -math.inf
+
+    def mark(self) -> None:
+        self.ended = time.monotonic()
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        if self.gap_s > 0:
+            time.sleep(max(0.0, self.ended + self.gap_s - time.monotonic()))
+        try:
+            return fn()
+        finally:
+            self.mark()
 
 
 def query_schedules(plan: Plan, scenario: Scenario, rows) -> dict[int, Schedule]:
@@ -148,14 +170,12 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
             fills.append(ex.fill_preload())
             ex.run(queries[0])  # warm-up: first-call costs of torch and the kernels, discarded
         traces: list[list[RunTrace]] = [[] for _ in items]
-        ended = time.monotonic()
+        spacing = Spacing(gap_s)
+        spacing.mark()  # the warm-ups
         for i in range(repeats):
             for k, ex in enumerate(executors):
-                if gap_s > 0:
-                    time.sleep(max(0.0, ended + gap_s - time.monotonic()))
                 before = disk() if disk is not None else None
-                traces[k].append(ex.run(queries[i % len(queries)]))
-                ended = time.monotonic()
+                traces[k].append(spacing.run(lambda: ex.run(queries[i % len(queries)])))
                 if disk is not None and disk_runs is not None:
                     disk_runs[k].append(disk() - before)
     finally:
