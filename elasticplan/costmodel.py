@@ -27,9 +27,9 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   their stored bytes), and for a
   streamed shard its stored bytes x stream_ms_per_mb (compute on weights just read into
   the IO ring runs slower than on preloaded ones), plus, where reads run beside compute
-  (pipelined, window >= 1), its stored bytes x contention_ms_per_mb (the IO thread's
-  copies slow the compute they overlap: charged to the shard's own layer, so that a pass
-  pays it once per byte it streams).
+  (pipelined, window >= 1), its stored bytes x contention_ms_per_mb and its read requests
+  x contention_ms_per_read (the IO thread's reads slow the compute they overlap: charged
+  to the shard's own layer, so that a pass pays it once per byte and request it streams).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - The query's embedding (embed_ms) runs on the compute thread first, once the embedding
   rows are there; pooling (pool_ms) runs after the last layer.
@@ -263,6 +263,7 @@ def at_quantile(scenario: Scenario) -> Scenario:
         shard_overhead_ms=d.shard_overhead_ms * comp,
         stream_ms_per_mb=d.stream_ms_per_mb * comp,
         contention_ms_per_mb=d.contention_ms_per_mb * comp,
+        contention_ms_per_read=d.contention_ms_per_read * comp,
         dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
         dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
         embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp, wake_ms=d.wake_ms * comp)
@@ -279,12 +280,18 @@ def reads_beside(execution: str, window: int | None) -> bool:
     return execution == PIPELINED and window != 0
 
 
+def shard_reads(model: ModelProfile, shard: Shard, bit: int) -> int:
+    """The read requests of one streamed shard at bitwidth index `bit`: one, or, read in
+    pieces, table_reads per piece."""
+    return 1 if shard.pieces == 1 else shard.pieces * table_reads(model, bit)
+
+
 def shard_read_ms(device: Device, model: ModelProfile, shard: Shard, bit: int) -> float:
-    """The reads of one streamed shard at bitwidth index `bit`: one read, or, read in
-    pieces, table_reads requests per piece and its bytes."""
+    """The reads of one streamed shard at bitwidth index `bit`: its requests
+    (shard_reads) and its bytes."""
     if shard.pieces == 1:
         return read_ms(device, shard.bytes[bit])
-    return shard.pieces * table_reads(model, bit) * device.latency_us / 1e3 + \
+    return shard_reads(model, shard, bit) * device.latency_us / 1e3 + \
         shard.bytes[bit] / (device.bandwidth_mb_s * 1e3)
 
 
@@ -340,6 +347,8 @@ def shard_compute_ms(device: Device, model: ModelProfile, shard: Shard, bit: int
     if streamed:
         per_mb = device.stream_ms_per_mb + (device.contention_ms_per_mb if beside else 0.0)
         ms += shard.bytes[bit] * per_mb / 1e6
+        if beside and device.contention_ms_per_read:
+            ms += shard_reads(model, shard, bit) * device.contention_ms_per_read
     bits = model.bitwidths[bit]
     if bits < FULL_PRECISION_BITS and device.dequant_gb_s is not None:
         ms += shard.bytes[bit] / (device.dequant_gb_s * 1e6)

@@ -6,9 +6,11 @@ Compute. The device's compute model (elasticplan.costmodel) is, per layer that r
                + flops / gflops + weights x dequant_ns_per_weight[bits], quantised only
                + stored MB x stream_ms_per_mb, streamed only)
                + MB read beside it x contention_ms_per_mb
-(the last feature is measured from each run's traces: every layer's read bytes spread
-evenly over the span in which the IO thread really read them, counted where that span
-overlaps this layer's compute; runtime.executor.concurrent_mb) and per query embed_ms
+               + reads made beside it x contention_ms_per_read
+(the last two features are measured from each run's traces: every layer's read bytes and
+requests spread evenly over the span in which the IO thread really read them, counted
+where that span overlaps this layer's compute; runtime.executor.concurrent) and per query
+embed_ms
 (before layer 0) and pool_ms (after the last layer).
 Calibration runs designed plans through the real executor, with the storage emulated as
 it will be in real runs, so the measured layer times carry the pipeline's own effects
@@ -96,7 +98,7 @@ from elasticplan.problem.spec import (
 )
 from runtime import cgroups
 from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
-from runtime.executor import Executor, concurrent_mb
+from runtime.executor import Executor, concurrent
 from runtime.iodev import evict
 from runtime.measurement.measure import Spacing
 from runtime.store import ShardStore
@@ -126,6 +128,7 @@ class FitErrors:
     vector_ns: dict[int, float] = field(default_factory=dict)  # per bitwidth, one vector
     stream_ms_per_mb: float = 0.0
     contention_ms_per_mb: float = 0.0
+    contention_ms_per_read: float = 0.0
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -144,6 +147,7 @@ class Fit:
     vector_ns: dict[int, float] = field(default_factory=dict)
     stream_ms_per_mb: float = 0.0  # compute per MB of the layer's streamed shards
     contention_ms_per_mb: float = 0.0  # compute per MB the IO thread reads beside it
+    contention_ms_per_read: float = 0.0  # ... and per read request it makes beside it
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -172,6 +176,14 @@ class Sample:
     # bitwidth -> weights of the layer's shards at it multiplied by one vector (Shard.vector:
     # a decoder's); `weights` then holds those multiplied by a matrix
     vector_weights: dict[int, int] = field(default_factory=dict)
+    beside_reads: float = 0.0  # read requests the IO thread made meanwhile (median)
+
+
+def beside_features(per_run: list[tuple[float, float]]) -> dict[str, float]:
+    """A sample's contention features from each run's (MB, reads) beside its compute
+    (runtime.executor.concurrent): the medians over the runs."""
+    return {"beside_mb": float(np.median([mb for mb, _ in per_run])),
+            "beside_reads": float(np.median([n for _, n in per_run]))}
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...],
@@ -187,7 +199,7 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
         raise CalibrationError("no layer was measured")
     A = np.array([[1.0, s.shards, s.flops] + [s.weights.get(b, 0) for b in bits]
                   + [s.vector_weights.get(b, 0) for b in vector_bits]
-                  + [s.streamed_mb, s.beside_mb] for s in samples])
+                  + [s.streamed_mb, s.beside_mb, s.beside_reads] for s in samples])
     y = np.array([s.ms for s in samples])
     for kind, these, first in (("", bits, 3), (" multiplied by one vector", vector_bits,
                                                 3 + len(bits))):
@@ -196,7 +208,7 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
             raise CalibrationError(f"no calibration plan ran a shard at {unused} bits{kind}; "
                                    f"rerun with more plans (--plans)")
     vec = len(bits) + 3  # the vector terms' first column
-    stream = vec + len(vector_bits)  # the streamed weights' column, then the contention term's
+    stream = vec + len(vector_bits)  # the streamed weights' column, then the contention terms'
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
     scale = np.abs(A * w[:, None]).max(axis=0)  # columns of ~1: nnls and the covariance
     scale[scale == 0] = 1.0                      # well conditioned
@@ -232,14 +244,16 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
                        vector_ns={b: float(se[vec + i] * 1e6)
                                   for i, b in enumerate(vector_bits)},
                        stream_ms_per_mb=float(se[stream]),
-                       contention_ms_per_mb=float(se[stream + 1]))
+                       contention_ms_per_mb=float(se[stream + 1]),
+                       contention_ms_per_read=float(se[stream + 2]))
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
                dequant_ns={b: float(x[3 + i] * 1e6) for i, b in enumerate(bits)},
                vector_ns={b: float(x[vec + i] * 1e6) for i, b in enumerate(vector_bits)},
                stream_ms_per_mb=float(x[stream]),
-               contention_ms_per_mb=float(x[stream + 1]), stderr=stderr,
+               contention_ms_per_mb=float(x[stream + 1]),
+               contention_ms_per_read=float(x[stream + 2]), stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
                samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
@@ -618,9 +632,9 @@ def _samples(model: ModelProfile, designed: list, runs_of: list[list]) -> list[S
             ms = float(np.median([r.layers[l].compute_end_ms - r.layers[l].compute_start_ms
                                   for r in runs]))
             streamed = sum(layer.shards[p.shard].bytes[p.bit] for p in picks if not p.preloaded)
-            beside = float(np.median([concurrent_mb(r.layers, l) for r in runs]))
             samples.append(Sample(l, len(picks), sum(layer.shards[p.shard].flops for p in picks),
-                                  weights, ms, i, streamed / 1e6, beside))
+                                  weights, ms, i, streamed / 1e6,
+                                  **beside_features([concurrent(r.layers, l) for r in runs])))
     return samples
 
 
@@ -636,7 +650,9 @@ def _loose_terms(fit: Fit, samples: list[Sample]) -> list[str]:
              ("gflops", ms_per_flop_se, max(s.flops for s in samples)),
              ("stream_ms_per_mb", se.stream_ms_per_mb, max(s.streamed_mb for s in samples)),
              ("contention_ms_per_mb", se.contention_ms_per_mb,
-              max(s.beside_mb for s in samples))]
+              max(s.beside_mb for s in samples)),
+             ("contention_ms_per_read", se.contention_ms_per_read,
+              max(s.beside_reads for s in samples))]
     terms += [(f"dequant_ns_per_weight[{b}]", ns / 1e6, max(s.weights.get(b, 0) for s in samples))
               for b, ns in se.dequant_ns.items()]
     terms += [(f"vector_ns_per_weight[{b}]", ns / 1e6,
@@ -739,7 +755,8 @@ def device_of(fit: Fit, base: Device) -> Device:
         dequant_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.dequant_ns.items())),
         vector_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.vector_ns.items())),
         stream_ms_per_mb=round(fit.stream_ms_per_mb, 6),
-        contention_ms_per_mb=round(fit.contention_ms_per_mb, 6), embed_ms=round(fit.embed_ms, 5),
+        contention_ms_per_mb=round(fit.contention_ms_per_mb, 6),
+        contention_ms_per_read=round(fit.contention_ms_per_read, 6), embed_ms=round(fit.embed_ms, 5),
         pool_ms=round(fit.pool_ms, 5), wake_ms=round(fit.wake_ms, 5))
 
 
@@ -840,6 +857,8 @@ def device_dict(device: Device) -> dict:
     compute.update(embed_ms=device.embed_ms, pool_ms=device.pool_ms, wake_ms=device.wake_ms,
                    stream_ms_per_mb=device.stream_ms_per_mb,
                    contention_ms_per_mb=device.contention_ms_per_mb)
+    if device.contention_ms_per_read:
+        compute["contention_ms_per_read"] = device.contention_ms_per_read
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -872,6 +891,8 @@ def describe_compute(device: Device) -> str:
         parts.append(f"stream_ms_per_mb {device.stream_ms_per_mb:g}")
     if device.contention_ms_per_mb:
         parts.append(f"contention_ms_per_mb {device.contention_ms_per_mb:g}")
+    if device.contention_ms_per_read:
+        parts.append(f"contention_ms_per_read {device.contention_ms_per_read:g}")
     if device.embed_ms or device.pool_ms or device.wake_ms:
         parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
                      f"wake_ms {device.wake_ms:g}")
@@ -892,7 +913,9 @@ def fit_report(cal: Calibration) -> str:
               for b, ns in fit.vector_ns.items()]
     terms += [f"stream_ms_per_mb {fit.stream_ms_per_mb:.4f} +- {se.stream_ms_per_mb:.4f}",
               f"contention_ms_per_mb {fit.contention_ms_per_mb:.4f} +- "
-              f"{se.contention_ms_per_mb:.4f}"]
+              f"{se.contention_ms_per_mb:.4f}",
+              f"contention_ms_per_read {fit.contention_ms_per_read:.5f} +- "
+              f"{se.contention_ms_per_read:.5f}"]
     terms += [f"embed_ms {fit.embed_ms:.4f} +- {se.embed_ms:.4f}",
               f"pool_ms {fit.pool_ms:.4f} +- {se.pool_ms:.4f}",
               f"wake_ms {fit.wake_ms:.4f} +- {se.wake_ms:.4f}"]

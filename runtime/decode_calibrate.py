@@ -12,6 +12,7 @@ layer model covers both when every bitwidth has a per-weight term, fp32 included
                + flops / gflops + weights x ns_per_weight[bits]
                + stored MB x stream_ms_per_mb, streamed only)
                + MB read beside it x contention_ms_per_mb
+               + reads made beside it x contention_ms_per_read
 
 where a shard's flops are the pass's (its per-token flops x the pass's tokens, plus for a
 KV group attention over the pass's attended positions: elasticplan.problem.spec.pass_model)
@@ -67,6 +68,7 @@ from runtime.calibrate import (
     Calibration,
     Fit,
     Sample,
+    beside_features,
     designed_plans,
     device_of,
     fit_compute,
@@ -82,7 +84,7 @@ from runtime.calibrate import (
 )
 from runtime.decode_layers import vector_computed
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace
-from runtime.executor import concurrent_mb
+from runtime.executor import concurrent
 from runtime.measurement.generate import pass_stages, picks_of
 from runtime.store import ShardStore
 
@@ -162,8 +164,7 @@ def decode_samples(scenario: Scenario, designed: list, runs_of: list[list[Genera
                     ms=float(np.median([_layer_ms(t, l) for t in traces])),
                     streamed_mb=sum(shards[pk.shard].bytes[pk.bit] for pk in picks
                                     if not pk.preloaded) / 1e6,
-                    beside_mb=float(np.median([concurrent_mb([*t.layers, t.head], l)
-                                               for t in traces]))))
+                    **beside_features([concurrent([*t.layers, t.head], l) for t in traces])))
                 weights.append(1.0 / latency)
     return samples, np.array(weights)
 

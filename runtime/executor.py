@@ -118,25 +118,26 @@ class LayerTrace:
             else self.busy_ms
 
 
-def concurrent_mb(traces: Sequence[LayerTrace], l: int) -> float:
-    """MB the IO thread read while stage `l` of `traces` (one query's or one pass's
-    layers, a decoder's streamed head last) computed: each stage's read bytes spread
-    evenly over the span in which they were really read (its IO interval where the span
-    is not known), counted where that overlaps stage l's compute. The feature of the
-    contention term (compute slowed by the copies that run beside it; runtime/calibrate.py):
-    under an emulated device the bytes are read at this machine's speed, then the IO
-    thread sleeps to the device's deadline, so the copies fall early in the interval."""
+def concurrent(traces: Sequence[LayerTrace], l: int) -> tuple[float, float]:
+    """(MB, read requests) the IO thread read while stage `l` of `traces` (one query's or
+    one pass's layers, a decoder's streamed head last) computed: each stage's read bytes
+    and requests spread evenly over the span in which they were really read (its IO
+    interval where the span is not known), counted where that overlaps stage l's compute.
+    The features of the contention terms (compute slowed by the reads that run beside it;
+    runtime/calibrate.py): under an emulated device the bytes are read at this machine's
+    speed, then the IO thread sleeps to the device's deadline, so the copies fall early in
+    the interval."""
     cs, ce = traces[l].compute_start_ms, traces[l].compute_end_ms
-    total = 0.0
+    nbytes = reads = 0.0
     for t in traces:
         if not t.read_bytes:
             continue
         a, b = t.read_span_ms or (t.io_start_ms, t.io_end_ms)
-        if b > a:
-            total += t.read_bytes * max(0.0, min(ce, b) - max(cs, a)) / (b - a)
-        elif cs <= a <= ce:
-            total += t.read_bytes
-    return total / 1e6
+        share = max(0.0, min(ce, b) - max(cs, a)) / (b - a) if b > a else \
+            float(cs <= a <= ce)
+        nbytes += t.read_bytes * share
+        reads += t.reads * share
+    return nbytes / 1e6, reads
 
 
 @dataclass

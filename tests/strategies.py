@@ -37,7 +37,8 @@ def devices(draw):
                   pool_ms=draw(st.one_of(st.just(0.0), _num(0, 1))),
                   wake_ms=draw(st.one_of(st.just(0.0), _num(0, 0.5))),
                   stream_ms_per_mb=draw(st.one_of(st.just(0.0), _num(0, 3))),
-                  contention_ms_per_mb=draw(st.one_of(st.just(0.0), _num(0, 3))))
+                  contention_ms_per_mb=draw(st.one_of(st.just(0.0), _num(0, 3))),
+                  contention_ms_per_read=draw(st.one_of(st.just(0.0), _num(0, 0.5))))
 
 
 @st.composite

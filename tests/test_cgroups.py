@@ -273,10 +273,13 @@ def test_delivered_storage_recovers_the_terms_the_reads_took():
     d = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, noise, {"io": (1.0, 2.0)})
     assert d.disk == Disk(bandwidth_mb_s=round(bw, 3), latency_us=round(lat, 3))
     assert "us per read" in d.describe() and d.to_dict()["stage_errors"] == {"io": [1.0, 2.0]}
-    # the device file keeps it, and reads it back
-    device = dataclasses.replace(load_scenario(MINILM).device, disk=d.disk)
+    # the device file keeps it (and the contention per read the same calibration fits),
+    # and reads it back
+    device = dataclasses.replace(load_scenario(MINILM).device, disk=d.disk,
+                                 contention_ms_per_read=0.0123)
     data = device_dict(device)
     assert data["storage"]["disk"] == {"bandwidth_mb_s": 250.0, "latency_us": 180.0}
+    assert data["compute"]["contention_ms_per_read"] == 0.0123
     assert parse_device(data, "device.yaml") == device
     bad = {**data, "storage": {**data["storage"], "disk": {"bandwidth_mb_s": 250.0}}}
     with pytest.raises(SpecError, match=r"device.yaml: storage.disk.latency_us"):

@@ -73,7 +73,8 @@ def test_contention_charges_streamed_shards_only():
 
 
 def test_read_contention_is_charged_only_where_reads_overlap_compute():
-    """contention_ms_per_mb adds stored MB x it to a streamed shard's compute in a
+    """contention_ms_per_mb adds stored MB x it, and contention_ms_per_read its read
+    requests x it, to a streamed shard's compute in a
     pipelined plan with a window (its reads run beside compute), and nothing in sequential
     execution (every read before any compute) or at window 0 (load-on-demand: a layer's
     reads wait for the layer before it); the exact program plans on the same charge."""
@@ -83,17 +84,19 @@ def test_read_contention_is_charged_only_where_reads_overlap_compute():
 
     sc = _hand_scenario()
     busy = sc.with_overrides(device=dataclasses.replace(sc.device, stream_ms_per_mb=1.0,
-                                                        contention_ms_per_mb=3.0))
+                                                        contention_ms_per_mb=3.0,
+                                                        contention_ms_per_read=0.25))
     sel = ((Pick(0, 0, False),), (Pick(0, 1, True),))
 
     def work(s):
         return [t.compute_end_ms - t.compute_start_ms for t in s.layers]
 
     base = work(simulate(sc, sel))
-    # layer 0 streams 0.1 MB: +0.1 ms (streamed weights) +0.3 ms (reads beside compute)
-    assert work(simulate(busy, sel)) == pytest.approx([base[0] + 0.4, base[1]])
+    # layer 0 streams 0.1 MB in one read: +0.1 ms (streamed weights) +0.3 ms and +0.25 ms
+    # (its bytes and its read beside compute)
+    assert work(simulate(busy, sel)) == pytest.approx([base[0] + 0.65, base[1]])
     assert work(simulate(busy, sel, layout=Layout(window=1))) == \
-        pytest.approx([base[0] + 0.4, base[1]])
+        pytest.approx([base[0] + 0.65, base[1]])
     assert work(simulate(busy, sel, SEQUENTIAL)) == pytest.approx([base[0] + 0.1, base[1]])
     assert work(simulate(busy, sel, layout=Layout(window=0))) == \
         pytest.approx([base[0] + 0.1, base[1]])
@@ -102,20 +105,20 @@ def test_read_contention_is_charged_only_where_reads_overlap_compute():
     verify_plan(busy.with_overrides(target_latency_ms=target), plan)
 
 
-def test_concurrent_mb_spreads_each_layers_reads_over_its_interval():
-    """The contention feature: a layer's read bytes spread evenly over its IO interval,
-    counted where that interval overlaps the layer's compute."""
-    from runtime.executor import LayerTrace, concurrent_mb
+def test_concurrent_spreads_each_layers_reads_over_its_interval():
+    """The contention features: a layer's read bytes and requests spread evenly over its
+    IO interval, counted where that interval overlaps the layer's compute."""
+    from runtime.executor import LayerTrace, concurrent
 
     t = [LayerTrace(0, 1, 4_000_000, 0.0, 4.0, 4.0, 6.0, 0.0),   # read before it computes
-         LayerTrace(1, 1, 2_000_000, 4.0, 8.0, 8.0, 9.0, 0.0),   # half of it during layer 0
+         LayerTrace(1, 6, 2_000_000, 4.0, 8.0, 8.0, 9.0, 0.0),   # half of it during layer 0
          LayerTrace(2, 0, 0, 8.0, 8.0, 9.0, 9.5, 0.0)]           # nothing read
-    assert concurrent_mb(t, 0) == pytest.approx(1.0)
-    assert concurrent_mb(t, 1) == pytest.approx(0.0)
-    assert concurrent_mb(t, 2) == pytest.approx(0.0)
+    assert concurrent(t, 0) == pytest.approx((1.0, 3.0))
+    assert concurrent(t, 1) == pytest.approx((0.0, 0.0))
+    assert concurrent(t, 2) == pytest.approx((0.0, 0.0))
     # an emulated device: layer 1's bytes really read in [4, 5], then a sleep to 8
     t[1] = dataclasses.replace(t[1], read_span_ms=(4.0, 5.0))
-    assert concurrent_mb(t, 0) == pytest.approx(2.0)
+    assert concurrent(t, 0) == pytest.approx((2.0, 6.0))
 
 
 def test_window_and_memory_by_hand():

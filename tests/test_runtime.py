@@ -389,7 +389,8 @@ def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
 
 def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     """Samples made from known terms (per layer, per shard, per flop, per weight at 2 and
-    8 bits, per streamed MB, per MB read beside the layer): the fit recovers them exactly with R^2 1 and no loose term;
+    8 bits, per streamed MB, per MB and per read request beside the layer): the fit
+    recovers them exactly with R^2 1 and no loose term;
     with noise added, each term lies within a few standard errors of the truth, the
     standard errors are not zero, and the noisiest terms are reported loose."""
     from runtime.calibrate import Sample, _loose_terms
@@ -404,10 +405,11 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
             w = {2: int(rng.integers(0, 10**6)), 8: int(rng.integers(0, 10**6))}
             mb = float(rng.uniform(0, 8)) if i % 3 else 0.0
             beside = float(rng.uniform(0, 12)) if i % 4 else 0.0
+            reads = float(rng.uniform(0, 120)) if i % 5 else 0.0
             ms = 0.3 + 0.05 * k + flops / 60e6 + (1.2 * w[2] + 2.9 * w[8]) / 1e6 + 0.2 * mb \
-                + 0.15 * beside
+                + 0.15 * beside + 0.03 * reads
             out.append(Sample(i % 6, k, flops, w, ms + float(rng.normal(0, noise)),
-                              streamed_mb=mb, beside_mb=beside))
+                              streamed_mb=mb, beside_mb=beside, beside_reads=reads))
         return out
 
     fit = fit_compute(samples(0.0), (2, 8))
@@ -417,6 +419,7 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
     assert fit.dequant_ns == pytest.approx({2: 1.2, 8: 2.9}, rel=1e-6)
     assert fit.stream_ms_per_mb == pytest.approx(0.2, rel=1e-6)
     assert fit.contention_ms_per_mb == pytest.approx(0.15, rel=1e-6)
+    assert fit.contention_ms_per_read == pytest.approx(0.03, rel=1e-6)
     assert fit.r2 == pytest.approx(1.0)
     assert fit.layer_residuals_ms == pytest.approx([0.0] * 6, abs=1e-9)
     noisy = fit_compute(samples(0.05), (2, 8))
@@ -429,7 +432,9 @@ def test_compute_fit_recovers_known_costs_and_their_uncertainty():
             ("dequant_ns_per_weight[8]", 2.9, noisy.dequant_ns[8], se.dequant_ns[8]),
             ("stream_ms_per_mb", 0.2, noisy.stream_ms_per_mb, se.stream_ms_per_mb),
             ("contention_ms_per_mb", 0.15, noisy.contention_ms_per_mb,
-             se.contention_ms_per_mb)):
+             se.contention_ms_per_mb),
+            ("contention_ms_per_read", 0.03, noisy.contention_ms_per_read,
+             se.contention_ms_per_read)):
         assert 0 < err and abs(got - truth) < 5 * err, name
     assert _loose_terms(fit, samples(0.0)) == []
     assert _loose_terms(fit_compute(samples(0.5), (2, 8)), samples(0.5))

@@ -120,7 +120,8 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
                                           "weight, by bitwidth), or both")
     optional = {k: compute.number(k, minimum=0, maximum=MAX_OVERHEAD_MS, required=False) or 0.0
                 for k in ("shard_overhead_ms", "embed_ms", "pool_ms", "wake_ms",
-                          "stream_ms_per_mb", "contention_ms_per_mb")}
+                          "stream_ms_per_mb", "contention_ms_per_mb",
+                          "contention_ms_per_read")}
     compute.done()
     spread = f.mapping("spread", "spread: {io, compute, runs}", required=False)
     if spread is not None:

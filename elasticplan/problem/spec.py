@@ -36,8 +36,11 @@ class Device:
     with a window of at least one layer: the IO thread's copies share the memory system
     with the compute thread; calibrate fits it per MB read while a layer computes, the
     cost model charges it to the shard's own layer, so that a pass pays it once per byte
-    it streams). The terms a device file leaves out are 0 (None: no per-byte
-    dequantisation term)."""
+    it streams), and contention_ms_per_read more per read request it makes there (the IO
+    thread's time on a read has a part per request as well as per byte; measured: what
+    slows the compute is the time the IO thread spends reading, about a third of it, so a
+    plan of many small reads pays more per MB than one of few large ones). The terms a
+    device file leaves out are 0 (None: no per-byte dequantisation term)."""
 
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
@@ -53,6 +56,7 @@ class Device:
     wake_ms: float = 0.0  # a layer that waits for its reads starts computing this long after
     stream_ms_per_mb: float = 0.0  # extra compute of a streamed shard, per MB it stores
     contention_ms_per_mb: float = 0.0  # more when its reads overlap compute (pipelined)
+    contention_ms_per_read: float = 0.0  # ... and per read request it makes then
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
     # (bits, ns per weight) of a shard multiplied by one vector (Shard.vector: a decoder's
     # pass of one position, its LM head) at the bitwidths the runtime computes from their
