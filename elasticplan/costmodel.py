@@ -256,8 +256,23 @@ def at_quantile(scenario: Scenario) -> Scenario:
     io, comp = stage_factors(scenario.device, scenario.latency_quantile)
     if io == comp == 1.0:
         return scenario
-    d = scenario.device
-    slow = dataclasses.replace(
+    return scenario.with_overrides(device=stretched(scenario.device, io, comp),
+                                   latency_quantile=0.5)
+
+
+def at_speed(scenario: Scenario, factor: float) -> Scenario:
+    """The scenario on a machine whose compute takes `factor` times as long as its device
+    says (`run`'s speed probe now over the calibration's, runtime/speed.py); its reads as
+    they were."""
+    if not factor > 0:
+        raise ValueError(f"speed factor {factor} is not > 0")
+    return scenario.with_overrides(device=stretched(scenario.device, 1.0, factor))
+
+
+def stretched(d: Device, io: float, comp: float) -> Device:
+    """The device with its reads taking `io` times and its compute `comp` times as long
+    (every compute term; a share of time, contention_share, stays)."""
+    return dataclasses.replace(
         d, bandwidth_mb_s=d.bandwidth_mb_s / io, latency_us=d.latency_us * io,
         gflops=d.gflops / comp, layer_overhead_ms=d.layer_overhead_ms * comp,
         shard_overhead_ms=d.shard_overhead_ms * comp,
@@ -266,8 +281,8 @@ def at_quantile(scenario: Scenario) -> Scenario:
         contention_ms_per_read=d.contention_ms_per_read * comp,
         dequant_gb_s=None if d.dequant_gb_s is None else d.dequant_gb_s / comp,
         dequant_ns_per_weight=tuple((b, ns * comp) for b, ns in d.dequant_ns_per_weight),
+        vector_ns_per_weight=tuple((b, ns * comp) for b, ns in d.vector_ns_per_weight),
         embed_ms=d.embed_ms * comp, pool_ms=d.pool_ms * comp, wake_ms=d.wake_ms * comp)
-    return scenario.with_overrides(device=slow, latency_quantile=0.5)
 
 
 def read_ms(device: Device, nbytes: int) -> float:
@@ -411,13 +426,19 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
              embed_ms: float = 0.0, wake_ms: float = 0.0,
              overlap_ms: list[float] | None = None,
              busy_ms: list[float | None] | None = None,
-             release_ms: list[float] | None = None) -> list[LayerTimes]:
+             release_ms: list[float] | None = None,
+             share: float = 0.0) -> list[LayerTimes]:
     """The schedule of layers with these read and compute times (the rules above): the
     channel starts at start_ms (the embedding rows' reads end), the compute thread at
     start_ms + embed_ms; a layer's compute is ready wake_ms after its reads end, less its
     overlap_ms (a layer read in pieces: its reads as charged end that much earlier; its
     compute thread busy busy_ms of its compute; defaults 0 and None); a layer's reads end
-    no earlier than its release_ms (Steps.release_ms; default none)."""
+    no earlier than its release_ms (Steps.release_ms; default none). `share` (contention
+    placed in time, Device.contention_share): while the channel reads, compute runs at
+    1 - share of its speed, so a layer's compute takes its compute_ms plus share x the
+    time the channel read during it (read_busy); 0: as the rules above."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"contention share {share} is not in [0, 1)")
     if execution not in EXECUTIONS:
         raise ValueError(f"execution {execution!r} is not one of {EXECUTIONS}")
     if execution == SEQUENTIAL and window_binds(window, len(io_ms)):
@@ -435,20 +456,53 @@ def pipeline(io_ms: list[float], compute_ms: list[float], *, window: int | None 
     times: list[LayerTimes] = []
     compute_end = start_ms + embed_ms
     overlaps = overlap_ms or [0.0] * len(io_ms)
-    for l, (read, compute) in enumerate(zip(io_ms, compute_ms)):
-        if execution == PIPELINED:
-            gate = times[l - window - 1].compute_end_ms \
-                if window is not None and l > window else 0.0
+    last = len(io_ms) - 1
+    for l, compute in enumerate(compute_ms):
+        # the channel's reads as far as they are known before layer l computes: layer j's
+        # wait on the window is layer j-W-1's compute, done for every j <= l + W
+        ahead = l if not share else last if window is None else min(last, l + window)
+        while execution == PIPELINED and len(io) <= ahead:
+            j = len(io)
+            gate = times[j - window - 1].compute_end_ms \
+                if window is not None and j > window else 0.0
             io_start = max(io_end, gate)
-            io_end = max(io_start + read, released[l])
+            io_end = max(io_start + io_ms[j], released[j])
             io.append((io_start, io_end))
         overlap = overlaps[l] if execution == PIPELINED else 0.0
         ready = (io[l][1] if execution == PIPELINED else io[-1][1]) - overlap + wake_ms
         start = max(ready, compute_end)
-        compute_end = start + compute
+        compute_end = start + compute if not share or execution != PIPELINED else \
+            slowed_end(start, compute, read_busy(io, io_ms), share)
         times.append(LayerTimes(io[l][0], io[l][1], start, compute_end, overlap,
                                 busy_ms[l] if busy_ms else None))
     return times
+
+
+def read_busy(io: list[tuple[float, float]], io_ms: list[float]) -> list[tuple[float, float]]:
+    """When the channel reads, per layer in order: its last io_ms of its interval (a layer
+    whose reads a throttle's step holds reads at its end; one read at once, at its start,
+    which is the same interval), none for a layer without reads."""
+    return [(end - read, end) for (_, end), read in zip(io, io_ms) if read > 0]
+
+
+def slowed_end(start: float, work: float, busy: list[tuple[float, float]],
+               share: float) -> float:
+    """When `work` ms of compute begun at `start` ends, running at 1 - share of its speed
+    within the `busy` intervals (in order, disjoint) and at full speed outside them: its
+    end is start + work + share x the busy time within [start, end]."""
+    t, left = start, work
+    for a, b in busy:
+        if b <= t:
+            continue
+        if a > t:
+            if left <= a - t:
+                return t + left
+            left, t = left - (a - t), a
+        room = (b - t) * (1.0 - share)
+        if left <= room:
+            return t + left / (1.0 - share)
+        left, t = left - room, b
+    return t + left
 
 
 def critical_path(times: list[LayerTimes] | tuple[LayerTimes, ...], window: int | None,
@@ -500,17 +554,23 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
              layout: Layout = UNBOUNDED, *, steps: Steps | None = None,
              rows_cached: bool = False) -> Schedule:
     """Replay the pipeline event by event for the chosen shards (with `steps`: its reads
-    admitted by a kernel throttle's steps, the device's storage then the disk's own; with
-    `rows_cached`: a streamed table's rows from the page cache, as the runtime reads them
-    under the throttle, the kernel never seeing them: the channel starts at once, and the
-    rows' own copy, microseconds, is not priced)."""
+    admitted by a kernel throttle's steps, the device's storage then the disk's own, and,
+    where the device gives a contention_share, the contention placed in time: the shards'
+    compute without the per-MB and per-read contention terms, each layer's compute slowed
+    while the channel reads beside it (pipeline's `share`); with `rows_cached`: a streamed
+    table's rows from the page cache, as the runtime reads them under the throttle, the
+    kernel never seeing them: the channel starts at once, and the rows' own copy,
+    microseconds, is not priced)."""
     device, model = scenario.device, scenario.model
+    beside = reads_beside(execution, layout.window)  # reads overlap compute
+    share = device.contention_share if steps is not None and beside else 0.0
+    if share:  # priced where the reads run, not per shard
+        device = dataclasses.replace(device, contention_ms_per_mb=0.0, contention_ms_per_read=0.0)
     if len(selection) != len(model.layers):
         raise ValueError(f"selection has {len(selection)} layers, model has {len(model.layers)}")
     preload = kept = 0
     importance = 0.0
     io_ms, compute_ms, overlap_ms, busy_ms, streamed, ring = [], [], [], [], [], []
-    beside = reads_beside(execution, layout.window)  # reads overlap compute
     for layer, picks in zip(model.layers, selection):
         compute = busy = device.layer_overhead_ms if picks else 0.0
         read = overlap = 0.0
@@ -546,7 +606,8 @@ def simulate(scenario: Scenario, selection: Selection, execution: str = PIPELINE
                      execution=execution, embed_ms=device.embed_ms, wake_ms=device.wake_ms,
                      overlap_ms=overlap_ms, busy_ms=busy_ms,
                      release_ms=None if steps is None else steps.release_ms(streamed, io_ms,
-                                                                            start))
+                                                                            start),
+                     share=share)
     end = times[-1].compute_end_ms if times else start + device.embed_ms
     return Schedule(layers=tuple(times), latency_ms=end + device.pool_ms,
                     preload_bytes=preload, streamed_bytes=sum(streamed), importance=importance,

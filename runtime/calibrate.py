@@ -84,7 +84,13 @@ import torch
 from elasticplan.costmodel import Layout, Pick, Selection, Steps, every_shard, simulate
 from elasticplan.errors import CalibrationError, InvalidArgument
 from elasticplan.plans.plan import Plan, SolveStatus
-from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_GFLOPS, MAX_SPREAD, MAX_TARGET_MS
+from elasticplan.problem.limits import (
+    MAX_BANDWIDTH_MB_S,
+    MAX_CONTENTION_SHARE,
+    MAX_GFLOPS,
+    MAX_SPREAD,
+    MAX_TARGET_MS,
+)
 from elasticplan.problem.loader import load_scenario, parse_device, write_checked_yaml
 from elasticplan.problem.outputs import refuse_inputs
 from elasticplan.problem.question import Question
@@ -101,6 +107,7 @@ from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
 from runtime.executor import Executor, concurrent
 from runtime.iodev import evict
 from runtime.measurement.measure import Spacing
+from runtime.speed import SpeedProbe, median_ms, robust_sigma_pct, spread_pct
 from runtime.store import ShardStore
 
 DEFAULT_LATENCY_US = 100.0
@@ -129,6 +136,7 @@ class FitErrors:
     stream_ms_per_mb: float = 0.0
     contention_ms_per_mb: float = 0.0
     contention_ms_per_read: float = 0.0
+    contention_share: float = 0.0
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -148,6 +156,9 @@ class Fit:
     stream_ms_per_mb: float = 0.0  # compute per MB of the layer's streamed shards
     contention_ms_per_mb: float = 0.0  # compute per MB the IO thread reads beside it
     contention_ms_per_read: float = 0.0  # ... and per read request it makes beside it
+    # the same contention placed in time (Device.contention_share): of each ms the IO thread
+    # read beside a layer, fitted to what the terms above but those two leave unexplained
+    contention_share: float = 0.0
     embed_ms: float = 0.0
     pool_ms: float = 0.0
     wake_ms: float = 0.0
@@ -177,13 +188,15 @@ class Sample:
     # a decoder's); `weights` then holds those multiplied by a matrix
     vector_weights: dict[int, int] = field(default_factory=dict)
     beside_reads: float = 0.0  # read requests the IO thread made meanwhile (median)
+    beside_ms: float = 0.0  # ms the IO thread read meanwhile (median)
 
 
-def beside_features(per_run: list[tuple[float, float]]) -> dict[str, float]:
-    """A sample's contention features from each run's (MB, reads) beside its compute
+def beside_features(per_run: list[tuple[float, float, float]]) -> dict[str, float]:
+    """A sample's contention features from each run's (MB, reads, ms) beside its compute
     (runtime.executor.concurrent): the medians over the runs."""
-    return {"beside_mb": float(np.median([mb for mb, _ in per_run])),
-            "beside_reads": float(np.median([n for _, n in per_run]))}
+    return {"beside_mb": float(np.median([mb for mb, _, _ in per_run])),
+            "beside_reads": float(np.median([n for _, n, _ in per_run])),
+            "beside_ms": float(np.median([ms for _, _, ms in per_run]))}
 
 
 def fit_compute(samples: list[Sample], bits: tuple[int, ...],
@@ -246,6 +259,9 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
                        stream_ms_per_mb=float(se[stream]),
                        contention_ms_per_mb=float(se[stream + 1]),
                        contention_ms_per_read=float(se[stream + 2]))
+    share, share_se = _share_fit(A, x, y, w, stream + 1,
+                                 np.array([s.beside_ms for s in samples]))
+    stderr.contention_share = share_se
     layers = sorted({s.layer for s in samples})
     by_layer = {l: [i for i, s in enumerate(samples) if s.layer == l] for l in layers}
     return Fit(layer_overhead_ms=float(x[0]), shard_overhead_ms=float(x[1]), gflops=gflops,
@@ -253,12 +269,29 @@ def fit_compute(samples: list[Sample], bits: tuple[int, ...],
                vector_ns={b: float(x[vec + i] * 1e6) for i, b in enumerate(vector_bits)},
                stream_ms_per_mb=float(x[stream]),
                contention_ms_per_mb=float(x[stream + 1]),
-               contention_ms_per_read=float(x[stream + 2]), stderr=stderr,
+               contention_ms_per_read=float(x[stream + 2]), contention_share=share,
+               stderr=stderr,
                r2=1.0 - float(resid @ resid) / ss_tot, mae_ms=float(np.mean(np.abs(resid))),
                samples=len(y), notes=notes,
                layer_residuals_ms=[float(np.mean(resid[by_layer[l]])) for l in layers],
                layer_residuals_pct=[float(100 * np.mean(resid[by_layer[l]])
                                           / np.mean(y[by_layer[l]])) for l in layers])
+
+
+def _share_fit(A: np.ndarray, x: np.ndarray, y: np.ndarray, w: np.ndarray, first: int,
+               overlap_ms: np.ndarray) -> tuple[float, float]:
+    """The contention share and its standard error: least squares through 0 of what the
+    fitted terms but the two contention ones (columns first, first + 1) leave of each
+    sample's time, on the ms the IO thread read beside it; within [0,
+    MAX_CONTENTION_SHARE]."""
+    rest = A @ x - A[:, first:first + 2] @ x[first:first + 2]
+    r, f = (y - rest) * w, overlap_ms * w
+    ff = float(f @ f)
+    if ff <= 0:
+        return 0.0, 0.0
+    share = min(MAX_CONTENTION_SHARE, max(0.0, float(f @ r) / ff))
+    s2 = float((r - share * f) @ (r - share * f)) / max(1, len(y) - 1)
+    return share, math.sqrt(s2 / ff)
 
 
 def _subset(model: ModelProfile, li: int, bit: int, rng: np.random.Generator,
@@ -432,9 +465,11 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     with kernel if kernel is not None else contextlib.nullcontext():
         if kernel is not None:
             storage, emulate = f"{kernel.describe()} (the calibration runs read through it)", False
+        probes: list[float] = []
         runs_of, rounds, fit, why = _rounds(designed, draft_scenario, store, emulate=emulate,
                                             queries=queries, repeats=repeats, budget_s=budget_s,
-                                            groups=groups, log=log, no_readahead=throttle)
+                                            groups=groups, log=log, no_readahead=throttle,
+                                            probes=probes)
     for i, (name, _, plan) in enumerate(designed):
         log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
@@ -475,15 +510,26 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
                            sel, runs))
         linear = errors  # the throttle's settings as a linear rate
         spread, errors = stage_spread(draft_scenario, theirs, steps)
+        _, per_shard = stage_spread(draft_scenario, [
+            (dataclasses.replace(dev, contention_share=0.0), sel, runs)
+            for dev, sel, runs in theirs], steps)
         delivered = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, io_noise, errors)
         disk = delivered.disk
         storage += (f"; {delivered.describe()}; priced at the throttle's settings as a "
                     f"linear rate instead, the same plans' stage |error| would be "
-                    + "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in linear.items()))
-    device = dataclasses.replace(device_of(fit, base_device), spread=spread, disk=disk)
+                    + "; ".join(f"{k} {m:.1f} % / {p:.1f} %" for k, (m, p) in linear.items())
+                    + "; with the contention charged per shard (per MB and per read) "
+                      "instead of placed in time, "
+                    + "; ".join(f"{k} {m:.1f} % / {p:.1f} %"
+                                for k, (m, p) in per_shard.items()))
+    # the contention share is the timed replay's, which only a throttled device runs
+    device = device_of(fit, base_device)
+    device = dataclasses.replace(device, spread=spread, disk=disk, contention_share=(
+        device.contention_share if disk is not None else 0.0), reference_ms=median_ms(probes))
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
+             "probe_spread_pct": spread_pct(probes),
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
     cal = Calibration(device, fit, facts, errors, delivered)
     wide = wide_stages(errors, max_error_pct)
@@ -504,11 +550,12 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
 
 def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: bool,
             queries: list, repeats: int, budget_s: float, groups: list[list[int]],
-            log: Callable[[str], None], no_readahead: bool = False
-            ) -> tuple[list[list], int, Fit, str]:
+            log: Callable[[str], None], no_readahead: bool = False,
+            probes: list[float] | None = None) -> tuple[list[list], int, Fit, str]:
     """Run the designed plans round by round (module docstring, "Rounds"), each group's
-    executors open at once, until every term is tight or the budget is spent. Returns each
-    plan's runs, the rounds, the last fit and why the rounds stopped."""
+    executors open at once, until every term is tight or the budget is spent; `probes`
+    gets the speed probe's ms, once per round, before its first run (runtime/speed.py).
+    Returns each plan's runs, the rounds, the last fit and why the rounds stopped."""
     model = scenario.model
     quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
 
@@ -532,9 +579,14 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
         samples = _samples(model, designed, runs_of)
         return fit_compute(samples, quantised), samples
 
-    return measure_rounds(len(designed), open_plan=open_plan,
-                          run_once=lambda ex, r: spacing.run(
-                              lambda: ex.run(queries[r % len(queries)])),
+    probe = SpeedProbe() if probes is not None else None
+
+    def run_once(ex: Executor, r: int):
+        if probe is not None and len(probes) == r:  # the round's first run
+            probes.append(probe.measure())
+        return spacing.run(lambda: ex.run(queries[r % len(queries)]))
+
+    return measure_rounds(len(designed), open_plan=open_plan, run_once=run_once,
                           fit_of=fit_of, repeats=repeats, budget_s=budget_s, groups=groups,
                           log=log)
 
@@ -665,9 +717,9 @@ def run_to_run(runs_of: list[list]) -> float:
     """The machine's own noise, in %: a robust sigma of log(run / its plan's median latency)
     over every run (1.4826 x the median absolute value: a few very slow runs, which a
     median of runs shrugs off, do not inflate it as they do a root mean square)."""
-    logs = [abs(math.log(r.latency_ms / m)) for runs in runs_of
-            for m in [float(np.median([r.latency_ms for r in runs]))] for r in runs]
-    return round(100 * 1.4826 * float(np.median(logs)), 2) if logs else 0.0
+    return robust_sigma_pct([math.log(r.latency_ms / m) for runs in runs_of
+                             for m in [float(np.median([r.latency_ms for r in runs]))]
+                             for r in runs])
 
 
 def wide_stages(errors: dict[str, tuple[float, float]], max_error_pct: float) -> list[str]:
@@ -756,7 +808,8 @@ def device_of(fit: Fit, base: Device) -> Device:
         vector_ns_per_weight=tuple((b, round(ns, 5)) for b, ns in sorted(fit.vector_ns.items())),
         stream_ms_per_mb=round(fit.stream_ms_per_mb, 6),
         contention_ms_per_mb=round(fit.contention_ms_per_mb, 6),
-        contention_ms_per_read=round(fit.contention_ms_per_read, 6), embed_ms=round(fit.embed_ms, 5),
+        contention_ms_per_read=round(fit.contention_ms_per_read, 6),
+        contention_share=round(fit.contention_share, 5), embed_ms=round(fit.embed_ms, 5),
         pool_ms=round(fit.pool_ms, 5), wake_ms=round(fit.wake_ms, 5))
 
 
@@ -859,6 +912,10 @@ def device_dict(device: Device) -> dict:
                    contention_ms_per_mb=device.contention_ms_per_mb)
     if device.contention_ms_per_read:
         compute["contention_ms_per_read"] = device.contention_ms_per_read
+    if device.contention_share:
+        compute["contention_share"] = device.contention_share
+    if device.reference_ms is not None:
+        compute["reference_ms"] = device.reference_ms
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -893,9 +950,13 @@ def describe_compute(device: Device) -> str:
         parts.append(f"contention_ms_per_mb {device.contention_ms_per_mb:g}")
     if device.contention_ms_per_read:
         parts.append(f"contention_ms_per_read {device.contention_ms_per_read:g}")
+    if device.contention_share:
+        parts.append(f"contention_share {device.contention_share:g}")
     if device.embed_ms or device.pool_ms or device.wake_ms:
         parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
                      f"wake_ms {device.wake_ms:g}")
+    if device.reference_ms is not None:
+        parts.append(f"speed probe {device.reference_ms:g} ms")
     return ", ".join(parts)
 
 
@@ -915,7 +976,9 @@ def fit_report(cal: Calibration) -> str:
               f"contention_ms_per_mb {fit.contention_ms_per_mb:.4f} +- "
               f"{se.contention_ms_per_mb:.4f}",
               f"contention_ms_per_read {fit.contention_ms_per_read:.5f} +- "
-              f"{se.contention_ms_per_read:.5f}"]
+              f"{se.contention_ms_per_read:.5f}",
+              f"contention_share {fit.contention_share:.4f} +- {se.contention_share:.4f} "
+              f"(in place of the two above where the reads are placed in time)"]
     terms += [f"embed_ms {fit.embed_ms:.4f} +- {se.embed_ms:.4f}",
               f"pool_ms {fit.pool_ms:.4f} +- {se.pool_ms:.4f}",
               f"wake_ms {fit.wake_ms:.4f} +- {se.wake_ms:.4f}"]
@@ -931,7 +994,10 @@ def fit_report(cal: Calibration) -> str:
             f"{errors}.\n"
             f"Spread (rms of log measured/predicted, same runs, {d.spread.runs}): IO "
             f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}; the machine's own run-to-run "
-            f"noise (robust sigma, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.")
+            f"noise (robust sigma, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.\n"
+            f"Speed probe (runtime/speed.py), once per round: median {d.reference_ms} ms, "
+            f"spread {cal.facts.get('probe_spread_pct', 0.0):.1f} % (robust sigma): what "
+            f"`run` compares its own probes with.")
 
 
 def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,

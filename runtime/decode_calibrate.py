@@ -294,7 +294,8 @@ def calibrate_decoder(store: ShardStore, base: Scenario, *, bandwidth_mb_s: floa
         held_out.append((device_of(other, base_device), sel, runs_of[i]))
     spread, errors = decode_stage_errors(scenario, held_out)
     noise = run_to_run([[p for r in runs for p in r.passes[1:]] for runs in runs_of])
-    device = dataclasses.replace(device_of(fit, base_device), spread=spread)
+    device = dataclasses.replace(device_of(fit, base_device), spread=spread,
+                                 contention_share=0.0)  # no timed replay of a decoder
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,

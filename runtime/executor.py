@@ -118,26 +118,27 @@ class LayerTrace:
             else self.busy_ms
 
 
-def concurrent(traces: Sequence[LayerTrace], l: int) -> tuple[float, float]:
-    """(MB, read requests) the IO thread read while stage `l` of `traces` (one query's or
-    one pass's layers, a decoder's streamed head last) computed: each stage's read bytes
+def concurrent(traces: Sequence[LayerTrace], l: int) -> tuple[float, float, float]:
+    """(MB, read requests, ms) the IO thread read while stage `l` of `traces` (one query's
+    or one pass's layers, a decoder's streamed head last) computed: each stage's read bytes
     and requests spread evenly over the span in which they were really read (its IO
-    interval where the span is not known), counted where that overlaps stage l's compute.
-    The features of the contention terms (compute slowed by the reads that run beside it;
-    runtime/calibrate.py): under an emulated device the bytes are read at this machine's
-    speed, then the IO thread sleeps to the device's deadline, so the copies fall early in
-    the interval."""
+    interval where the span is not known), counted where that overlaps stage l's compute,
+    and the time those spans overlap it. The features of the contention terms (compute
+    slowed by the reads that run beside it; runtime/calibrate.py): under an emulated device
+    the bytes are read at this machine's speed, then the IO thread sleeps to the device's
+    deadline, so the copies fall early in the interval."""
     cs, ce = traces[l].compute_start_ms, traces[l].compute_end_ms
-    nbytes = reads = 0.0
+    nbytes = reads = ms = 0.0
     for t in traces:
         if not t.read_bytes:
             continue
         a, b = t.read_span_ms or (t.io_start_ms, t.io_end_ms)
-        share = max(0.0, min(ce, b) - max(cs, a)) / (b - a) if b > a else \
-            float(cs <= a <= ce)
+        both = max(0.0, min(ce, b) - max(cs, a))
+        share = both / (b - a) if b > a else float(cs <= a <= ce)
         nbytes += t.read_bytes * share
         reads += t.reads * share
-    return nbytes / 1e6, reads
+        ms += both
+    return nbytes / 1e6, reads, ms
 
 
 @dataclass

@@ -276,11 +276,16 @@ def test_delivered_storage_recovers_the_terms_the_reads_took():
     # the device file keeps it (and the contention per read the same calibration fits),
     # and reads it back
     device = dataclasses.replace(load_scenario(MINILM).device, disk=d.disk,
-                                 contention_ms_per_read=0.0123)
+                                 contention_ms_per_read=0.0123, contention_share=0.31)
     data = device_dict(device)
     assert data["storage"]["disk"] == {"bandwidth_mb_s": 250.0, "latency_us": 180.0}
     assert data["compute"]["contention_ms_per_read"] == 0.0123
+    assert data["compute"]["contention_share"] == 0.31
     assert parse_device(data, "device.yaml") == device
+    for share in (0.95, -0.1):  # a share compute could not progress under, or negative
+        bad = {**data, "compute": {**data["compute"], "contention_share": share}}
+        with pytest.raises(SpecError, match=r"device.yaml: compute.contention_share"):
+            parse_device(bad, "device.yaml")
     bad = {**data, "storage": {**data["storage"], "disk": {"bandwidth_mb_s": 250.0}}}
     with pytest.raises(SpecError, match=r"device.yaml: storage.disk.latency_us"):
         parse_device(bad, "device.yaml")
@@ -597,6 +602,12 @@ def test_kernel_limits_benchmark_parses_and_summarises(capsys):
     assert (total["emulated_plans"], total["throttled_plans"]) == (2, 1)
     assert (total["emulated_within_3pct"], total["throttled_within_3pct"]) == (2, 0)
     assert total["questions_both"] == 1 and total["median_difference"] == pytest.approx(-0.21)
+    # the error at the speed probe's speed: only the runs whose device gives its reference
+    rows[1]["speed_error"] = -0.02
+    speed = next(s for s in kernel_limits.summary(rows)
+                 if s["bandwidth"] == "all" and s["stage"] == "speed")
+    assert (speed["emulated_plans"], speed["throttled_plans"]) == (0, 1)
+    assert speed["throttled_within_3pct"] == 1 and speed["questions_both"] == 0
     # the same question on two devices has two targets: paired by the target's fraction
     fit = {**row("thr-fit", -0.05, 13.0), "fraction": 0.8}
     rows = [{**row("emulated", 0.01), "fraction": 0.8}, {**row("throttled", -0.20, 13.0),

@@ -105,20 +105,100 @@ def test_read_contention_is_charged_only_where_reads_overlap_compute():
     verify_plan(busy.with_overrides(target_latency_ms=target), plan)
 
 
+def test_contention_placed_in_time_by_hand():
+    """pipeline's `share`: while the channel reads, compute runs at 1 - share of its speed.
+    Three layers, reads 2, 4, 4 ms, compute 5 ms each, share 0.5."""
+    from elasticplan.costmodel import pipeline
+
+    def spans(times):
+        return [(t.io_start_ms, t.io_end_ms, t.compute_start_ms, t.compute_end_ms)
+                for t in times]
+
+    # unbounded window: the channel reads [0, 10]; layer 0 computes from 2 beside the
+    # reads of layers 1 and 2 (8 ms: 4 ms of work), then 1 ms alone: ends at 11
+    assert spans(pipeline([2.0, 4.0, 4.0], [5.0] * 3, share=0.5)) == \
+        [(0.0, 2.0, 2.0, 11.0), (2.0, 6.0, 11.0, 16.0), (6.0, 10.0, 16.0, 21.0)]
+    # window 1: layer 2's reads wait for layer 0's compute (ends at 9: [2, 6] beside layer
+    # 1's reads), then slow layer 1's compute for their 4 ms
+    assert spans(pipeline([2.0, 4.0, 4.0], [5.0] * 3, window=1, share=0.5)) == \
+        [(0.0, 2.0, 2.0, 9.0), (2.0, 6.0, 9.0, 16.0), (9.0, 13.0, 16.0, 21.0)]
+    # share 0 is the recurrence as it was; a share of 1 or more makes no progress
+    assert spans(pipeline([2.0, 4.0, 4.0], [5.0] * 3, share=0.0)) == \
+        spans(pipeline([2.0, 4.0, 4.0], [5.0] * 3))
+    with pytest.raises(ValueError, match="contention share"):
+        pipeline([1.0], [1.0], share=1.0)
+
+
+@given(reads=st.lists(st.floats(0, 10), min_size=1, max_size=7), data=st.data())
+def test_contention_placed_in_time_adds_share_of_the_reads_beside(reads, data):
+    """Each layer's compute takes its own time plus share x the time the channel read
+    within it (read_busy), exactly; no layer computes less than it would without
+    contention, and none more than its time / (1 - share); the reads' intervals are
+    unchanged where no window waits on a compute (unbounded)."""
+    from elasticplan.costmodel import pipeline, read_busy
+
+    L = len(reads)
+    work = data.draw(st.lists(st.floats(0, 10), min_size=L, max_size=L))
+    window = data.draw(st.sampled_from([None, *range(0, L + 1)]))
+    share = data.draw(st.sampled_from([0.2, 0.5, 0.9]))
+    wake = data.draw(st.sampled_from([0.0, 0.08]))
+    slow = pipeline(reads, work, window=window, wake_ms=wake, share=share)
+    busy = read_busy([(t.io_start_ms, t.io_end_ms) for t in slow], reads)
+    for t, w in zip(slow, work):
+        took = t.compute_end_ms - t.compute_start_ms
+        beside = sum(max(0.0, min(b, t.compute_end_ms) - max(a, t.compute_start_ms))
+                     for a, b in busy)
+        assert took == pytest.approx(w + share * beside, rel=1e-9, abs=1e-9)
+        assert w - 1e-9 <= took <= w / (1 - share) + 1e-9
+    if window is None:
+        plain = pipeline(reads, work, wake_ms=wake)
+        assert [(t.io_start_ms, t.io_end_ms) for t in slow] == \
+            [(t.io_start_ms, t.io_end_ms) for t in plain]
+        assert slow[-1].compute_end_ms >= plain[-1].compute_end_ms - 1e-9
+
+
+def test_throttled_replay_places_the_contention_in_time():
+    """simulate(..., steps=) with a device's contention_share prices the shards' compute
+    without the per-MB and per-read contention and slows each layer's compute while the
+    channel reads beside it; without a share, or without steps, the per-shard terms."""
+    from elasticplan.costmodel import Steps
+
+    sc = _hand_scenario()
+    linear = dataclasses.replace(sc.device, contention_ms_per_mb=3.0, contention_ms_per_read=0.25)
+    timed = dataclasses.replace(linear, contention_share=0.5)
+    sel = ((Pick(0, 0, False),), (Pick(0, 0, False),))
+    steps = Steps(round(sc.device.bandwidth_mb_s * 1e6))
+    at = {name: simulate(sc.with_overrides(device=d), sel, steps=s)
+          for name, d, s in (("linear", linear, steps), ("unstepped", timed, None),
+                             ("timed", timed, steps), ("none", sc.device, steps))}
+    assert at["unstepped"] == at["linear"]  # no steps: the planner's per-shard charge
+    none, t = at["none"].layers, at["timed"].layers
+    # the reads are where they were; layer 0 computes beside layer 1's reads
+    assert [(x.io_start_ms, x.io_end_ms) for x in t] == \
+        [(x.io_start_ms, x.io_end_ms) for x in none]
+    beside = max(0.0, t[1].io_end_ms - t[0].compute_start_ms)
+    assert beside > 0
+    assert t[0].compute_end_ms - t[0].compute_start_ms == pytest.approx(
+        none[0].compute_end_ms - none[0].compute_start_ms + 0.5 * beside)
+    assert t[1].compute_end_ms - t[1].compute_start_ms == pytest.approx(
+        none[1].compute_end_ms - none[1].compute_start_ms)
+
+
 def test_concurrent_spreads_each_layers_reads_over_its_interval():
     """The contention features: a layer's read bytes and requests spread evenly over its
-    IO interval, counted where that interval overlaps the layer's compute."""
+    IO interval, counted where that interval overlaps the layer's compute, and the time
+    they overlap."""
     from runtime.executor import LayerTrace, concurrent
 
     t = [LayerTrace(0, 1, 4_000_000, 0.0, 4.0, 4.0, 6.0, 0.0),   # read before it computes
          LayerTrace(1, 6, 2_000_000, 4.0, 8.0, 8.0, 9.0, 0.0),   # half of it during layer 0
          LayerTrace(2, 0, 0, 8.0, 8.0, 9.0, 9.5, 0.0)]           # nothing read
-    assert concurrent(t, 0) == pytest.approx((1.0, 3.0))
-    assert concurrent(t, 1) == pytest.approx((0.0, 0.0))
-    assert concurrent(t, 2) == pytest.approx((0.0, 0.0))
+    assert concurrent(t, 0) == pytest.approx((1.0, 3.0, 2.0))
+    assert concurrent(t, 1) == pytest.approx((0.0, 0.0, 0.0))
+    assert concurrent(t, 2) == pytest.approx((0.0, 0.0, 0.0))
     # an emulated device: layer 1's bytes really read in [4, 5], then a sleep to 8
     t[1] = dataclasses.replace(t[1], read_span_ms=(4.0, 5.0))
-    assert concurrent(t, 0) == pytest.approx((2.0, 6.0))
+    assert concurrent(t, 0) == pytest.approx((2.0, 6.0, 1.0))
 
 
 def test_window_and_memory_by_hand():
@@ -281,3 +361,33 @@ def test_embedding_and_pooling_bracket_the_layers():
     rows = 8 * (1.0 + 100 / 1e5)  # 8 reads of one 100-byte row
     assert streamed.layers[0].compute_start_ms == pytest.approx(rows + 0.3)
     assert streamed.latency_ms == pytest.approx(rows + 0.3 + 5.0 + 0.2)
+
+
+def test_at_speed_stretches_every_compute_term_and_no_read():
+    """costmodel.at_speed: a plan that reads nothing takes `factor` times as long; a
+    streaming plan's reads stay where they were; at_quantile stretches the same terms
+    (a decoder's one-vector cost among them)."""
+    from elasticplan.costmodel import at_quantile, at_speed, stretched
+    from elasticplan.problem.spec import Spread
+
+    sc = _hand_scenario()
+    d = dataclasses.replace(sc.device, embed_ms=0.5, pool_ms=0.2, wake_ms=0.1,
+                            stream_ms_per_mb=1.0, contention_ms_per_mb=2.0,
+                            contention_ms_per_read=0.1, contention_share=0.3,
+                            vector_ns_per_weight=((8, 0.4),))
+    sc = sc.with_overrides(device=d)
+    held = ((Pick(0, 0, True),), (Pick(0, 1, True),))
+    assert simulate(at_speed(sc, 1.5), held).latency_ms == \
+        pytest.approx(1.5 * simulate(sc, held).latency_ms)
+    streamed = ((Pick(0, 0, False),), (Pick(0, 1, False),))
+    fast, slow = simulate(sc, streamed), simulate(at_speed(sc, 2.0), streamed)
+    assert [(t.io_start_ms, t.io_end_ms) for t in slow.layers] == \
+        [(t.io_start_ms, t.io_end_ms) for t in fast.layers]
+    assert slow.latency_ms > fast.latency_ms
+    s = stretched(d, 1.0, 2.0)
+    assert s.vector_ns_per_weight == ((8, 0.8),) and s.contention_share == 0.3
+    with pytest.raises(ValueError, match="speed factor"):
+        at_speed(sc, 0.0)
+    q = sc.with_overrides(device=dataclasses.replace(d, spread=Spread(0.1, 0.2, 10)),
+                          latency_quantile=0.9)
+    assert at_quantile(q).device.vector_ns_per_weight[0][1] > 0.4

@@ -13,6 +13,7 @@ MIN_DEQUANT_GB_S = 1e-6
 MAX_DEQUANT_GB_S = 1e4
 MAX_NS_PER_WEIGHT = 1e6  # a millisecond per weight
 MAX_QUANTILE = 0.999
+MAX_CONTENTION_SHARE = 0.9  # compute slowed at most 10x while reads run beside it
 MAX_SPREAD = 1.0  # a stage's relative spread (rms of log measured / predicted)
 MAX_MEMORY_MB = 1e9  # 1 PB
 MAX_SEQ_LEN = 1 << 20

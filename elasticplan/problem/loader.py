@@ -30,6 +30,7 @@ from elasticplan.problem.inputs import (
 )
 from elasticplan.problem.limits import (
     MAX_BANDWIDTH_MB_S,
+    MAX_CONTENTION_SHARE,
     MAX_DEQUANT_GB_S,
     MAX_FLOPS,
     MAX_GFLOPS,
@@ -122,6 +123,11 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
                 for k in ("shard_overhead_ms", "embed_ms", "pool_ms", "wake_ms",
                           "stream_ms_per_mb", "contention_ms_per_mb",
                           "contention_ms_per_read")}
+    optional["contention_share"] = compute.number("contention_share", minimum=0,
+                                                  maximum=MAX_CONTENTION_SHARE,
+                                                  required=False) or 0.0
+    optional["reference_ms"] = compute.number("reference_ms", positive=True,
+                                              maximum=MAX_OVERHEAD_MS, required=False)
     compute.done()
     spread = f.mapping("spread", "spread: {io, compute, runs}", required=False)
     if spread is not None:

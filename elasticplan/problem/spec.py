@@ -39,8 +39,12 @@ class Device:
     it streams), and contention_ms_per_read more per read request it makes there (the IO
     thread's time on a read has a part per request as well as per byte; measured: what
     slows the compute is the time the IO thread spends reading, about a third of it, so a
-    plan of many small reads pays more per MB than one of few large ones). The terms a
-    device file leaves out are 0 (None: no per-byte dequantisation term)."""
+    plan of many small reads pays more per MB than one of few large ones). A replay that
+    places the reads in time (under a kernel throttle's steps: costmodel.simulate's
+    `steps`) prices contention where it happens instead: contention_share of each ms the
+    IO thread reads beside a layer's compute, added to that compute (0: that replay keeps
+    the per-MB and per-read terms). The terms a device file leaves out are 0 (None: no
+    per-byte dequantisation term)."""
 
     name: str
     bandwidth_mb_s: float  # sequential read bandwidth of the storage
@@ -57,6 +61,11 @@ class Device:
     stream_ms_per_mb: float = 0.0  # extra compute of a streamed shard, per MB it stores
     contention_ms_per_mb: float = 0.0  # more when its reads overlap compute (pipelined)
     contention_ms_per_read: float = 0.0  # ... and per read request it makes then
+    # ms of compute added per ms the IO thread reads beside it (a timed replay's; < 1)
+    contention_share: float = 0.0
+    # the speed probe's median ms when calibrated (runtime/speed.py; None: not measured):
+    # `run` compares the probe now with it
+    reference_ms: float | None = None
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
     # (bits, ns per weight) of a shard multiplied by one vector (Shard.vector: a decoder's
     # pass of one position, its LM head) at the bitwidths the runtime computes from their
