@@ -69,14 +69,7 @@ from benchmarks.common import (
 )
 from benchmarks.prediction import memory_list, stage_ms
 from elasticplan.cli import number_list
-from elasticplan.costmodel import (
-    Steps,
-    embedding_read_ms,
-    read_ms,
-    simulate,
-    stretched,
-    under_throttle,
-)
+from elasticplan.costmodel import Steps, embedding_read_ms, read_ms, simulate, under_throttle
 from elasticplan.errors import CalibrationError, ElasticplanError, MemoryCapExceeded
 from elasticplan.plans.baselines import baseline_plan
 from elasticplan.solvers import solve, solve_any_window
@@ -87,9 +80,7 @@ MODULE = "benchmarks.kernel_limits"
 MODES = ("emulated", "throttled", "thr-fit", "thr-steps")  # thr-fit: the throttled runs,
 # predicted with the storage terms the throttled calibration delivered; thr-steps: with
 # those terms, the throttle's steps (costmodel.Steps) and the rows from the page cache
-# speed: the total's error with the compute stretched to the speed probe's (runtime/speed.py;
-# only where the device gives the probe's reference)
-STAGES = ("total", "io", "compute", "embed_pool", "speed")
+STAGES = ("total", "io", "compute", "embed_pool")
 STRATEGIES = ("hold-in-memory", "load-then-execute", "layerwise-pipelining")
 COLUMNS = ["bandwidth_mb_s", "mode", "fraction", "target_ms", "buffer_mb", "memory_budget_mb", "shards",
            "reads", "streamed_mb", "predicted_ms", "measured_ms", *[f"{s}_error" for s in STAGES],
@@ -204,7 +195,7 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
     spaced as `run --throttle` spaces them (THROTTLE_GAP_S)."""
     runs = [[]]
     common = dict(repeats=repeat, queries=queries, reference=reference, head=None,
-                  probe_peak=lambda _: None)  # no memory probe here: the caps are measured below
+                  probe=lambda _: None)  # no memory probe here: the caps are measured below
     if mode == "emulated":
         (r,) = measure_plans([(plan, sc, None)], store, emulate=True, **common)
         check = None
@@ -220,7 +211,6 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
            "shards": plan.n_shards, "reads": r.reads_per_run,
            "streamed_mb": r.streamed_bytes / 1e6, "measured_ms": r.measured_latency_ms,
            **errors(plan, r, sc),
-           "speed_error": None if r.speed is None else r.speed.relative_error,
            "disk_equal": None if check is None else check.equal,
            "disk_bytes": None if check is None else " ".join(str(c.bytes) for c in check.runs),
            "page_bytes": None if check is None else check.page_bytes,
@@ -228,15 +218,8 @@ def run_one(mode: str, bw: float, plan, sc, store, queries, reference, repeat: i
     if mode == "emulated" or sc.device.disk is None:
         return [row]
     disk, steps = under_throttle(sc)  # as `run --throttle` predicts (thr-steps)
-
-    def on(device, steps=None) -> dict:
-        out = errors_on(plan, r, sc, device, steps)
-        out["speed_error"] = None if r.speed is None else errors_on(
-            plan, r, sc, stretched(device, 1.0, r.speed.factor), steps)["total_error"]
-        return out
-
-    return [row, {**row, "mode": "thr-fit", **on(disk.device)},
-            {**row, "mode": "thr-steps", **on(disk.device, steps)}]
+    return [row, {**row, "mode": "thr-fit", **errors_on(plan, r, sc, disk.device)},
+            {**row, "mode": "thr-steps", **errors_on(plan, r, sc, disk.device, steps)}]
 
 
 def _print_row(row: dict, buf, mem) -> None:
@@ -376,8 +359,7 @@ def summary(rows: list[dict]) -> list[dict]:
             key = f"{stage}_error"
             line = {"bandwidth": g, "stage": stage}
             for mode in MODES:
-                errs = [abs(r[key]) for r in sel
-                        if r["mode"] == mode and r.get(key) is not None]
+                errs = [abs(r[key]) for r in sel if r["mode"] == mode]
                 line[f"{mode}_plans"] = len(errs)
                 line[f"{mode}_median_abs"] = percentile(errs, 50) if errs else None
                 line[f"{mode}_p95_abs"] = percentile(errs, 95) if errs else None
@@ -386,9 +368,7 @@ def summary(rows: list[dict]) -> list[dict]:
                                 ("thr-fit", "median_difference_fit"),
                                 ("thr-steps", "median_difference_steps")):
                 diffs = [by_q[(*k[:4], other)][key] - r[key] for k, r in by_q.items()
-                         if k[4] == "emulated" and (*k[:4], other) in by_q
-                         and r.get(key) is not None
-                         and by_q[(*k[:4], other)].get(key) is not None]
+                         if k[4] == "emulated" and (*k[:4], other) in by_q]
                 if other == "throttled":
                     line["questions_both"] = len(diffs)
                 line[name] = statistics.median(diffs) if diffs else None

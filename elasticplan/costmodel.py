@@ -30,6 +30,10 @@ the verifier, the greedy baseline and the brute-force oracle evaluate them here.
   (pipelined, window >= 1), its stored bytes x contention_ms_per_mb and its read requests
   x contention_ms_per_read (the IO thread's reads slow the compute they overlap: charged
   to the shard's own layer, so that a pass pays it once per byte and request it streams).
+  The replay under a kernel throttle (simulate's `steps`) places it in time instead where
+  the device gives a contention_share: a layer's compute runs at 1 - share of its speed
+  while the channel reads, whichever layer's reads they are (pipeline's `share`; not a
+  program's rule: the programs plan on the per-shard charge).
   A layer with no shards is skipped and costs nothing (only its residual path runs).
 - The query's embedding (embed_ms) runs on the compute thread first, once the embedding
   rows are there; pooling (pool_ms) runs after the last layer.
@@ -258,15 +262,6 @@ def at_quantile(scenario: Scenario) -> Scenario:
         return scenario
     return scenario.with_overrides(device=stretched(scenario.device, io, comp),
                                    latency_quantile=0.5)
-
-
-def at_speed(scenario: Scenario, factor: float) -> Scenario:
-    """The scenario on a machine whose compute takes `factor` times as long as its device
-    says (`run`'s speed probe now over the calibration's, runtime/speed.py); its reads as
-    they were."""
-    if not factor > 0:
-        raise ValueError(f"speed factor {factor} is not > 0")
-    return scenario.with_overrides(device=stretched(scenario.device, 1.0, factor))
 
 
 def stretched(d: Device, io: float, comp: float) -> Device:

@@ -107,7 +107,6 @@ from runtime.cgroups import THROTTLE_GAP_S, IoThrottle
 from runtime.executor import Executor, concurrent
 from runtime.iodev import evict
 from runtime.measurement.measure import Spacing
-from runtime.speed import SpeedProbe, median_ms, robust_sigma_pct, spread_pct
 from runtime.store import ShardStore
 
 DEFAULT_LATENCY_US = 100.0
@@ -465,11 +464,9 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     with kernel if kernel is not None else contextlib.nullcontext():
         if kernel is not None:
             storage, emulate = f"{kernel.describe()} (the calibration runs read through it)", False
-        probes: list[float] = []
         runs_of, rounds, fit, why = _rounds(designed, draft_scenario, store, emulate=emulate,
                                             queries=queries, repeats=repeats, budget_s=budget_s,
-                                            groups=groups, log=log, no_readahead=throttle,
-                                            probes=probes)
+                                            groups=groups, log=log, no_readahead=throttle)
     for i, (name, _, plan) in enumerate(designed):
         log(f"calibration plan {i + 1}/{len(designed)} ({name}): {plan.n_shards} shards, median "
             f"latency {np.median([r.latency_ms for r in runs_of[i]]):.1f} ms")
@@ -525,11 +522,10 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     # the contention share is the timed replay's, which only a throttled device runs
     device = device_of(fit, base_device)
     device = dataclasses.replace(device, spread=spread, disk=disk, contention_share=(
-        device.contention_share if disk is not None else 0.0), reference_ms=median_ms(probes))
+        device.contention_share if disk is not None else 0.0))
     facts = {"storage": storage, "plans": plans, "repeats": rounds, "min_repeats": repeats,
              "stopped": why, "seconds": round(time.monotonic() - began, 1),
              "interleaved": len(groups) == 1, "noise_pct": noise, "emulated": emulate,
-             "probe_spread_pct": spread_pct(probes),
              "threads": torch.get_num_threads(), "seq_len": model.seq_len}
     cal = Calibration(device, fit, facts, errors, delivered)
     wide = wide_stages(errors, max_error_pct)
@@ -550,12 +546,11 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
 
 def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: bool,
             queries: list, repeats: int, budget_s: float, groups: list[list[int]],
-            log: Callable[[str], None], no_readahead: bool = False,
-            probes: list[float] | None = None) -> tuple[list[list], int, Fit, str]:
+            log: Callable[[str], None], no_readahead: bool = False
+            ) -> tuple[list[list], int, Fit, str]:
     """Run the designed plans round by round (module docstring, "Rounds"), each group's
-    executors open at once, until every term is tight or the budget is spent; `probes`
-    gets the speed probe's ms, once per round, before its first run (runtime/speed.py).
-    Returns each plan's runs, the rounds, the last fit and why the rounds stopped."""
+    executors open at once, until every term is tight or the budget is spent. Returns each
+    plan's runs, the rounds, the last fit and why the rounds stopped."""
     model = scenario.model
     quantised = tuple(b for b in model.bitwidths if b < FULL_PRECISION_BITS)
 
@@ -579,14 +574,9 @@ def _rounds(designed: list, scenario: Scenario, store: ShardStore, *, emulate: b
         samples = _samples(model, designed, runs_of)
         return fit_compute(samples, quantised), samples
 
-    probe = SpeedProbe() if probes is not None else None
-
-    def run_once(ex: Executor, r: int):
-        if probe is not None and len(probes) == r:  # the round's first run
-            probes.append(probe.measure())
-        return spacing.run(lambda: ex.run(queries[r % len(queries)]))
-
-    return measure_rounds(len(designed), open_plan=open_plan, run_once=run_once,
+    return measure_rounds(len(designed), open_plan=open_plan,
+                          run_once=lambda ex, r: spacing.run(
+                              lambda: ex.run(queries[r % len(queries)])),
                           fit_of=fit_of, repeats=repeats, budget_s=budget_s, groups=groups,
                           log=log)
 
@@ -717,9 +707,9 @@ def run_to_run(runs_of: list[list]) -> float:
     """The machine's own noise, in %: a robust sigma of log(run / its plan's median latency)
     over every run (1.4826 x the median absolute value: a few very slow runs, which a
     median of runs shrugs off, do not inflate it as they do a root mean square)."""
-    return robust_sigma_pct([math.log(r.latency_ms / m) for runs in runs_of
-                             for m in [float(np.median([r.latency_ms for r in runs]))]
-                             for r in runs])
+    logs = [abs(math.log(r.latency_ms / m)) for runs in runs_of
+            for m in [float(np.median([r.latency_ms for r in runs]))] for r in runs]
+    return round(100 * 1.4826 * float(np.median(logs)), 2) if logs else 0.0
 
 
 def wide_stages(errors: dict[str, tuple[float, float]], max_error_pct: float) -> list[str]:
@@ -914,8 +904,6 @@ def device_dict(device: Device) -> dict:
         compute["contention_ms_per_read"] = device.contention_ms_per_read
     if device.contention_share:
         compute["contention_share"] = device.contention_share
-    if device.reference_ms is not None:
-        compute["reference_ms"] = device.reference_ms
     out = {"name": device.name,
            "description": "This machine's compute, calibrated in the pipelined runtime, with "
                           "the storage stated in the header",
@@ -955,8 +943,6 @@ def describe_compute(device: Device) -> str:
     if device.embed_ms or device.pool_ms or device.wake_ms:
         parts.append(f"embed_ms {device.embed_ms:g}, pool_ms {device.pool_ms:g}, "
                      f"wake_ms {device.wake_ms:g}")
-    if device.reference_ms is not None:
-        parts.append(f"speed probe {device.reference_ms:g} ms")
     return ", ".join(parts)
 
 
@@ -994,10 +980,7 @@ def fit_report(cal: Calibration) -> str:
             f"{errors}.\n"
             f"Spread (rms of log measured/predicted, same runs, {d.spread.runs}): IO "
             f"{d.spread.io:.4f}, compute {d.spread.compute:.4f}; the machine's own run-to-run "
-            f"noise (robust sigma, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.\n"
-            f"Speed probe (runtime/speed.py), once per round: median {d.reference_ms} ms, "
-            f"spread {cal.facts.get('probe_spread_pct', 0.0):.1f} % (robust sigma): what "
-            f"`run` compares its own probes with.")
+            f"noise (robust sigma, same plan): {cal.facts.get('noise_pct', 0.0):.1f} %.")
 
 
 def write_calibration(out_dir: Path, base: Scenario, cal: Calibration,

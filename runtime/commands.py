@@ -631,7 +631,7 @@ def cmd_run(a) -> int:
         items += [(b, question, None) for b, question in baseline_questions(scenario, skipped)]
     disk_runs, checks = [[] for _ in items], []
     with throttle if throttle is not None else contextlib.nullcontext():
-        reports = measure_plans(items, store, **common, probe_peak=None if cap is None else
+        reports = measure_plans(items, store, **common, probe=None if cap is None else
                                 lambda _: cap.process_peak_above_baseline_bytes,
                                 disk=None if throttle is None else throttle.counters,
                                 disk_runs=disk_runs, throttled=throttle is not None,

@@ -24,6 +24,6 @@ for round in $(seq 1 "$ROUNDS"); do
     $B solve "$d/scenario.yaml" -o "$d/plan.json" > "$d/solve.log" 2>&1
     $B run "$d/plan.json" --throttle --baselines --repeat 5 --store "$STORE" \
       --json "$d/run.json" > "$d/run.log" 2>&1
-    grep -E "^latency|^speed|^(hold|load|layerwise)|^disk" "$d/run.log"
+    grep -E "^latency|^(hold|load|layerwise)|^disk" "$d/run.log"
   done
 done

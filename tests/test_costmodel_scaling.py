@@ -363,11 +363,11 @@ def test_embedding_and_pooling_bracket_the_layers():
     assert streamed.latency_ms == pytest.approx(rows + 0.3 + 5.0 + 0.2)
 
 
-def test_at_speed_stretches_every_compute_term_and_no_read():
-    """costmodel.at_speed: a plan that reads nothing takes `factor` times as long; a
-    streaming plan's reads stay where they were; at_quantile stretches the same terms
-    (a decoder's one-vector cost among them)."""
-    from elasticplan.costmodel import at_quantile, at_speed, stretched
+def test_at_quantile_stretches_every_compute_term():
+    """costmodel.stretched (at_quantile's): a plan that reads nothing takes the compute
+    factor times as long; every compute term is stretched (a decoder's one-vector cost
+    among them), a share of time (contention_share) is not."""
+    from elasticplan.costmodel import at_quantile, stretched
     from elasticplan.problem.spec import Spread
 
     sc = _hand_scenario()
@@ -377,17 +377,11 @@ def test_at_speed_stretches_every_compute_term_and_no_read():
                             vector_ns_per_weight=((8, 0.4),))
     sc = sc.with_overrides(device=d)
     held = ((Pick(0, 0, True),), (Pick(0, 1, True),))
-    assert simulate(at_speed(sc, 1.5), held).latency_ms == \
-        pytest.approx(1.5 * simulate(sc, held).latency_ms)
-    streamed = ((Pick(0, 0, False),), (Pick(0, 1, False),))
-    fast, slow = simulate(sc, streamed), simulate(at_speed(sc, 2.0), streamed)
-    assert [(t.io_start_ms, t.io_end_ms) for t in slow.layers] == \
-        [(t.io_start_ms, t.io_end_ms) for t in fast.layers]
-    assert slow.latency_ms > fast.latency_ms
-    s = stretched(d, 1.0, 2.0)
+    slow = sc.with_overrides(device=stretched(d, 1.0, 1.5))
+    assert simulate(slow, held).latency_ms == pytest.approx(1.5 * simulate(sc, held).latency_ms)
+    s = stretched(d, 2.0, 2.0)
     assert s.vector_ns_per_weight == ((8, 0.8),) and s.contention_share == 0.3
-    with pytest.raises(ValueError, match="speed factor"):
-        at_speed(sc, 0.0)
+    assert (s.bandwidth_mb_s, s.latency_us) == (d.bandwidth_mb_s / 2, d.latency_us * 2)
     q = sc.with_overrides(device=dataclasses.replace(d, spread=Spread(0.1, 0.2, 10)),
                           latency_quantile=0.9)
     assert at_quantile(q).device.vector_ns_per_weight[0][1] > 0.4

@@ -35,7 +35,6 @@ RUNTIME_LEVELS = {
     "runtime.schemes": 2,  # quantisation schemes (the dictionary's rounding reads a task)
     "runtime.store": 3,  # the shard store
     "runtime.iodev": 3,  # cold reads and the emulated device clock
-    "runtime.speed": 3,  # the speed probe: the machine now against its calibration
     "runtime.profiling": 4,  # importance, submodels, additivity: built on the store
     "runtime.executor": 4,  # one query exactly as a plan says
     "runtime.decode_layers": 4,  # a llama layer shard by shard, the table from its stored bytes

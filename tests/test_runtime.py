@@ -225,7 +225,7 @@ def test_streamed_rows_are_priced_per_distinct_token_and_reported_per_query(scen
     verify_plan(few, plan)
     queries = [store.tokenizer(128)([t], pad_to=128) for t in TEXTS]
     r = measure_plans([(plan, few, None)], store, repeats=2, emulate=True, queries=queries,
-                      reference=Reference(store), head=None, probe_peak=lambda p: None)[0]
+                      reference=Reference(store), head=None, probe=lambda p: None)[0]
     distinct = [len(set(q.ids[0].tolist())) for q in queries]
     assert r.embedding_rows == tuple(distinct) and r.planned_rows == 40
     assert r.planned_latency_ms == plan.predicted_latency_ms
@@ -371,35 +371,6 @@ def test_fp32_preloaded_report_and_fidelity(scenario, store, tmp_path):
     assert r.memory.measured_process_peak_bytes > 0
     assert r.tolerance == DEFAULT_TOLERANCE
     assert json.loads(json.dumps(r.to_dict()))["memory"]["preload_bytes"] == plan.preload_bytes
-    assert r.speed is None  # the device gives no speed probe reference
-
-
-def test_run_reports_the_prediction_at_the_speed_its_probe_finds(scenario, store):
-    """A device with the speed probe's reference: the probe runs before each measured run,
-    and the report gives the prediction with the compute stretched by the probe's median
-    over the reference (costmodel.at_speed), in the text and the JSON."""
-    import dataclasses
-
-    from elasticplan.costmodel import at_speed
-    from runtime.measurement.report import format_comparison, format_report
-
-    sc = scenario.with_overrides(device=dataclasses.replace(scenario.device, reference_ms=5.0))
-    plan = baseline_plan(sc, "hold-in-memory")
-    queries = query_batches(store, sc.model.seq_len, 2)
-    r = measure_plan(plan, sc, store, repeats=3, emulate=True, queries=queries,
-                     reference=Reference(store), head=None)
-    s = r.speed
-    assert len(s.probes_ms) == 3 and all(p > 0 for p in s.probes_ms)
-    assert s.probe_ms == pytest.approx(float(np.median(s.probes_ms)), abs=1e-4)
-    assert s.factor == pytest.approx(s.probe_ms / 5.0, rel=1e-4)
-    expect = simulate(at_speed(sc, s.factor), plan.selection(sc), plan.execution,
-                      plan.layout).latency_ms
-    assert s.predicted_latency_ms == pytest.approx(expect, rel=1e-6)
-    assert s.relative_error == pytest.approx(
-        (r.measured_latency_ms - s.predicted_latency_ms) / s.predicted_latency_ms)
-    assert "speed: the probe took" in format_report(r)
-    assert f"{s.relative_error:+.1%}" in format_comparison([r])
-    assert json.loads(json.dumps(r.to_dict()))["speed"]["factor"] == s.factor
 
 
 def test_baselines_verify_and_sequential_latency_is_io_plus_compute(scenario):
@@ -653,11 +624,9 @@ def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_p
     assert d.bandwidth_mb_s == 200 and d.gflops > 0 and d.dequant_gb_s is None
     assert [b for b, _ in d.dequant_ns_per_weight] == [2, 3, 4, 6, 8]
     assert d.embed_ms > 0 and d.pool_ms > 0 and d.spread.runs == 14
-    # the speed probe, once per round; an emulated device has no timed replay, no share
-    assert d.reference_ms > 0 and d.contention_share == 0.0
+    assert d.contention_share == 0.0  # an emulated device: no timed replay, no share
     header = (out / "device.yaml").read_text()
     assert "gflops" in header and "+-" in header and "Residual" in header
-    assert "Speed probe (runtime/speed.py), once per round: median" in header
     assert "Stage |error|" in capsys.readouterr().out
     assert main(["solve", str(out / "scenario.yaml"), "--solver", "greedy"]) == 0
     assert main(["calibrate", "--store", str(store_dir), "--storage-mb-s", "200",

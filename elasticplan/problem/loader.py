@@ -126,8 +126,6 @@ def parse_device(data: Any, file: str | None = None, path: str = "") -> Device:
     optional["contention_share"] = compute.number("contention_share", minimum=0,
                                                   maximum=MAX_CONTENTION_SHARE,
                                                   required=False) or 0.0
-    optional["reference_ms"] = compute.number("reference_ms", positive=True,
-                                              maximum=MAX_OVERHEAD_MS, required=False)
     compute.done()
     spread = f.mapping("spread", "spread: {io, compute, runs}", required=False)
     if spread is not None:

@@ -63,9 +63,6 @@ class Device:
     contention_ms_per_read: float = 0.0  # ... and per read request it makes then
     # ms of compute added per ms the IO thread reads beside it (a timed replay's; < 1)
     contention_share: float = 0.0
-    # the speed probe's median ms when calibrated (runtime/speed.py; None: not measured):
-    # `run` compares the probe now with it
-    reference_ms: float | None = None
     spread: "Spread | None" = None  # measured run-to-run spread per stage (calibrate)
     # (bits, ns per weight) of a shard multiplied by one vector (Shard.vector: a decoder's
     # pass of one position, its LM head) at the bitwidths the runtime computes from their

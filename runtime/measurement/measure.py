@@ -24,23 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from elasticplan.costmodel import Schedule, at_speed, simulate, under_throttle
+from elasticplan.costmodel import Schedule, simulate, under_throttle
 from elasticplan.errors import StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.problem.spec import Scenario
 from runtime.executor import Executor, RunTrace
 from runtime.families.encoder import Batch, cosine
-from runtime.measurement.report import (
-    STAGES,
-    ColdReads,
-    LayerReport,
-    MemoryReport,
-    RunReport,
-    SpeedReport,
-    StageTimes,
-)
+from runtime.measurement.report import STAGES, ColdReads, LayerReport, MemoryReport, RunReport, StageTimes
 from runtime.sources.task import TaskHead
-from runtime.speed import SpeedProbe, median_ms
 from runtime.store import ShardStore
 
 DEFAULT_TOLERANCE = 0.10
@@ -149,7 +140,7 @@ def measure_plan(plan: Plan, scenario: Scenario, store: ShardStore, *, repeats: 
 def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardStore, *,
                   repeats: int, emulate: bool, queries: list[Batch], reference: Reference,
                   head: TaskHead | None, tolerance: float = DEFAULT_TOLERANCE,
-                  probe_peak: Callable[[Plan], int | None] | None = None,
+                  probe: Callable[[Plan], int | None] | None = None,
                   disk: Callable[[], object] | None = None,
                   disk_runs: list[list] | None = None, gap_s: float = 0.0,
                   throttled: bool = False) -> list[RunReport]:
@@ -157,7 +148,7 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
     filled, one discarded warm-up run) before any is measured, then the measured runs are
     interleaved, one query per plan per round, so that the plans share the machine's
     moods (this VM's speed moves by 10-20 % within seconds) instead of each meeting its
-    own. (plan, its question, the plan's file or None) per item. `probe_peak(plan)`: the
+    own. (plan, its question, the plan's file or None) per item. `probe(plan)`: the
     process's peak above its baseline, when measured already (`run --memory-cap`: in its
     capped process); else process_peak measures it. `disk()` (`run --throttle`: the
     block-IO cgroup's counters): read-ahead is turned off on every executor's files (each
@@ -167,13 +158,8 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
     query meets the throttle's allowance afresh, as one after an idle spell does).
     `throttled`: a plan whose device gives the disk beneath the throttle (device.disk) is
     predicted as the throttle runs it (elasticplan.costmodel.under_throttle: the disk's
-    terms, the throttle's steps, a streamed table's rows from the page cache). Where a
-    plan's device gives the speed probe's reference (Device.reference_ms), the probe runs
-    before each of the plan's measured runs (within the gap, before its wait), and the
-    report gives the prediction at the speed it found (RunReport.speed)."""
+    terms, the throttle's steps, a streamed table's rows from the page cache)."""
     executors, fills = [], []
-    probe = SpeedProbe() if any(sc.device.reference_ms for _, sc, _ in items) else None
-    probes: list[list[float]] = [[] for _ in items]
     try:
         for plan, scenario, _ in items:
             ex = Executor(plan, scenario, store, emulate=emulate)
@@ -188,8 +174,6 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
         spacing.mark()  # the warm-ups
         for i in range(repeats):
             for k, ex in enumerate(executors):
-                if probe is not None and items[k][1].device.reference_ms:
-                    probes[k].append(probe.measure())
                 before = disk() if disk is not None else None
                 traces[k].append(spacing.run(lambda: ex.run(queries[i % len(queries)])))
                 if disk is not None and disk_runs is not None:
@@ -199,16 +183,15 @@ def measure_plans(items: list[tuple[Plan, Scenario, str | None]], store: ShardSt
             ex.close()
     return [_report(plan, scenario, store, ex, fill, runs, repeats=repeats, queries=queries,
                     reference=reference, head=head, tolerance=tolerance, plan_path=path,
-                    probe=probe_peak, throttled=throttled, probes=speeds)
-            for (plan, scenario, path), ex, fill, runs, speeds in zip(items, executors, fills,
-                                                                      traces, probes)]
+                    probe=probe, throttled=throttled)
+            for (plan, scenario, path), ex, fill, runs in zip(items, executors, fills, traces)]
 
 
 def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fill,
             traces: list[RunTrace], *, repeats: int, queries: list[Batch],
             reference: Reference, head: TaskHead | None, tolerance: float,
             plan_path: str | None, probe: Callable[[Plan], int | None] | None = None,
-            throttled: bool = False, probes: list[float] = ()) -> RunReport:
+            throttled: bool = False) -> RunReport:
     emulated = ex.clock.emulated
     memory, predicted = ex.memory, ex.predicted_memory
     measured = memory.peak_bytes
@@ -233,38 +216,19 @@ def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fil
             agree += mine == full
             labels.append((mine, full))
     device = scenario.device
-    rows = tuple(t.embedding_rows for t in traces) if plan.embeddings == "streamed" else ()
-
-    def latency_at(sc: Scenario) -> tuple[float, tuple]:
-        """The runs' prediction on this scenario and the stages of the median run's."""
-        if throttled and device.disk is not None:  # as the kernel's throttle runs it
-            disk, steps = under_throttle(sc)
-            at = simulate(disk, plan.selection(disk), plan.execution, plan.layout,
-                          steps=steps, rows_cached=True)
-            return round(at.latency_ms, 4), at.layers
-        if rows:  # each query priced at the rows it read
-            each = query_schedules(plan, sc, rows)
-            return round(statistics.median(each[n].latency_ms for n in rows), 4), \
-                each[trace.embedding_rows].layers
-        if sc is scenario:
-            return plan.predicted_latency_ms, plan.layers
-        return round(simulate(sc, plan.selection(sc), plan.execution,
-                              plan.layout).latency_ms, 4), ()
-
-    def error_of(ms: float) -> float:
-        return (median - ms) / ms if ms > 0 else float("inf")
-
-    predicted_ms, stages = latency_at(scenario)
-    error = error_of(predicted_ms)
-    speed = None
-    if device.reference_ms and probes:
-        now = median_ms(list(probes))
-        factor = now / device.reference_ms
-        at_now, _ = latency_at(at_speed(scenario, factor))
-        speed = SpeedReport(reference_ms=device.reference_ms, probe_ms=now,
-                            probes_ms=tuple(round(p, 4) for p in probes),
-                            factor=round(factor, 5), predicted_latency_ms=at_now,
-                            relative_error=error_of(at_now))
+    predicted_ms, stages, rows = plan.predicted_latency_ms, plan.layers, ()
+    if plan.embeddings == "streamed":
+        rows = tuple(t.embedding_rows for t in traces)
+    if throttled and device.disk is not None:  # as the kernel's throttle runs it
+        sc, steps = under_throttle(scenario)
+        at = simulate(sc, plan.selection(sc), plan.execution, plan.layout, steps=steps,
+                      rows_cached=True)
+        predicted_ms, stages = round(at.latency_ms, 4), at.layers
+    elif rows:  # each query priced at the rows it read
+        at = query_schedules(plan, scenario, rows)
+        predicted_ms = round(statistics.median(at[n].latency_ms for n in rows), 4)
+        stages = at[trace.embedding_rows].layers
+    error = (median - predicted_ms) / predicted_ms if predicted_ms > 0 else float("inf")
     layers = tuple(
         LayerReport(index=lp.index, shards=len(lp.shards),
                     preloaded=sum(c.preloaded for c in lp.shards), reads=lt.reads,
@@ -320,4 +284,4 @@ def _report(plan: Plan, scenario: Scenario, store: ShardStore, ex: Executor, fil
         repeats=repeats, warmup_runs=1,
         embed_ms=tuple(round(v, 4) for v in trace.embed_ms),
         pool_ms=tuple(round(v, 4) for v in trace.pool_ms),
-        layers=layers, speed=speed)
+        layers=layers)

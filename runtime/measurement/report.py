@@ -67,20 +67,6 @@ class MemoryReport:
 
 
 @dataclass(frozen=True)
-class SpeedReport:
-    """The machine's speed during the runs against the calibration's (runtime/speed.py):
-    the speed probe, run before each measured run, and the prediction with every compute
-    term stretched by its median over the device's reference (costmodel.at_speed)."""
-
-    reference_ms: float  # the probe's median when the device was calibrated
-    probe_ms: float  # its median over these runs
-    probes_ms: tuple[float, ...]  # before each measured run
-    factor: float  # probe_ms / reference_ms: > 1, the machine computes slower than then
-    predicted_latency_ms: float  # the prediction at this speed
-    relative_error: float  # (measured - it) / it
-
-
-@dataclass(frozen=True)
 class RunReport:
     plan: str | None  # the plan file, if run from one
     solver: str
@@ -124,7 +110,6 @@ class RunReport:
     embedding_rows: tuple[int, ...] = ()  # rows read per measured run (streamed table)
     planned_rows: int = 0  # the rows the plan is priced for (streamed table)
     median_run_rows: int = 0  # rows read by the run whose stages `layers` shows
-    speed: SpeedReport | None = None  # None: the device gives no speed probe reference
 
     def to_dict(self) -> dict:
         """The JSON form: every field, nested as in the dataclasses."""
@@ -173,12 +158,6 @@ def format_report(r: RunReport) -> str:
                f"rows (one per distinct token), predicted at each; the plan, priced at "
                f"{r.planned_rows} rows: {r.planned_latency_ms:.2f} ms"
                if r.embedding_rows else ""),
-            *([] if r.speed is None else [
-                f"speed: the probe took {r.speed.probe_ms:.2f} ms (median of "
-                f"{len(r.speed.probes_ms)}, one before each run) against "
-                f"{r.speed.reference_ms:.2f} ms when calibrated: compute "
-                f"{r.speed.factor - 1:+.1%}; at this speed predicted "
-                f"{r.speed.predicted_latency_ms:.2f} ms, error {r.speed.relative_error:+.1%}"]),
             f"output: fidelity {r.fidelity:.4f} (cosine to fp32, mean of {len(runs)} queries, "
             f"min {r.fidelity_min:.4f})"
             + (f"; task head agrees with fp32 on {r.task_agreement:.0%} of queries"
@@ -193,15 +172,14 @@ def optional_mb(nbytes: int | None) -> str:
 def format_comparison(reports: list[RunReport]) -> str:
     out = [f"{'strategy':<22} {'execution':<10} {'predicted ms':>12} {'measured ms':>11} "
            f"{'error':>7} {'preload MB':>10} {'streamed MB':>11} {'peak MB pred':>12} "
-           f"{'meas':>7} {'process':>7} {'fidelity':>8} {'at speed':>8}"]
+           f"{'meas':>7} {'process':>7} {'fidelity':>8}"]
     for r in reports:
         out.append(f"{r.solver:<22} {r.execution:<10} {r.predicted_latency_ms:>12.2f} "
                    f"{r.measured_latency_ms:>11.2f} {r.relative_error:>+7.1%} "
                    f"{r.preload_bytes / 1e6:>10.3f} {r.streamed_bytes / 1e6:>11.3f} "
                    f"{r.memory.predicted_peak_bytes / 1e6:>12.2f} "
                    f"{r.memory.measured_peak_bytes / 1e6:>7.2f} "
-                   f"{optional_mb(r.memory.measured_process_peak_bytes):>7} {r.fidelity:>8.4f} "
-                   + ("       -" if r.speed is None else f"{r.speed.relative_error:>+8.1%}"))
+                   f"{optional_mb(r.memory.measured_process_peak_bytes):>7} {r.fidelity:>8.4f}")
     return "\n".join(out)
 
 
