@@ -337,9 +337,8 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator,
 class DeliveredStorage:
     """`calibrate --throttle`: the disk beneath the kernel's throttle as the throttled reads
     delivered it, fitted like the cost model's storage terms (each layer's read interval,
-    the median over the rounds, = reads x latency + MB / bandwidth; over every (plan,
-    layer) that reads within the throttle's first slice, non-negative, each layer's error
-    relative to its interval under a robust loss: delivered_storage), with
+    the median over the rounds, = reads x latency + MB / bandwidth; non-negative least
+    squares over every (plan, layer) that reads within the throttle's first slice), with
     each term's standard error, R^2, the run-to-run noise of a layer's read interval
     (robust sigma of log run / its median), and each stage's out-of-sample error predicted
     as `run --throttle` predicts (these terms held to the throttle's steps; each plan
@@ -377,9 +376,6 @@ class DeliveredStorage:
                 "stage_errors": {k: list(v) for k, v in self.stage_errors.items()}}
 
 
-DISK_FIT_SCALE = 0.1  # the soft-L1 loss's scale: relative residuals beyond 10 % count linearly
-
-
 def delivered_storage(designed: list, runs_of: list[list], plan: int | None = None,
                       steps: Steps | None = None
                       ) -> tuple[float, float, float, float, float, int, float]:
@@ -399,8 +395,6 @@ def delivered_storage(designed: list, runs_of: list[list], plan: int | None = No
                 continue
             ms = [r.layers[l].io_end_ms - r.layers[l].io_start_ms for r in runs]
             med = float(np.median(ms))
-            if med <= 0:
-                continue
             rows.append([t.reads, t.read_bytes / 1e6])
             y.append(med)
             logs += [abs(math.log(m / med)) for m in ms if m > 0 and med > 0]
@@ -410,22 +404,13 @@ def delivered_storage(designed: list, runs_of: list[list], plan: int | None = No
     A, yv = np.array(rows), np.array(y)
     scale = np.abs(A).max(axis=0)
     scale[scale == 0] = 1.0
-    # Relative residuals under a robust loss: a layer's read interval spreads
-    # multiplicatively (35-50 % run to run), and a few large layers read beside the
-    # heaviest compute ran at half the speed of the rest; least squares in ms let those
-    # few set the bandwidth (docs/design.md, "The disk beneath the throttle, fitted
-    # robustly"). Started from non-negative least squares.
-    x0, _ = scipy.optimize.nnls(A / scale, yv)
-    fit = scipy.optimize.least_squares(lambda z: (A / scale) @ z / yv - 1.0, x0,
-                                       bounds=(0.0, np.inf), loss="soft_l1",
-                                       f_scale=DISK_FIT_SCALE)
-    x = fit.x / scale
+    x, _ = scipy.optimize.nnls(A / scale, yv)
+    x = x / scale
     resid = yv - A @ x
     active = np.flatnonzero(x > 0)
-    rel = (A @ x) / yv - 1.0
-    s2 = float(rel @ rel) / max(1, len(yv) - len(active))
+    s2 = float(resid @ resid) / max(1, len(yv) - len(active))
     se = np.zeros(2)
-    scaled = A[:, active] / scale[active] / yv[:, None]  # the relative residuals' Jacobian
+    scaled = A[:, active] / scale[active]
     se[active] = np.sqrt(np.clip(np.diag(np.linalg.pinv(scaled.T @ scaled) * s2), 0, None)) \
         / scale[active]
     ss_tot = float(np.sum((yv - yv.mean()) ** 2)) or 1.0

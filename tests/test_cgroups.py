@@ -262,21 +262,14 @@ def test_delivered_storage_recovers_the_terms_the_reads_took():
     lat1, bw1, *_ = delivered_storage(None, runs_of, plan=1)  # the others' fit
     assert (lat1, bw1) == (pytest.approx(lat_us), pytest.approx(mb_s))
     # a plan past the first slice's allowance (4 MB at 40 MB/s): its second layer waits
-    # for the step at 100 ms (held_to); with the steps it is left out of the fit; without
-    # them it is one more sample, which the robust loss keeps from moving the terms much
+    # for the step at 100 ms (held_to); with the steps it is left out of the fit, without it skews it
     steps = Steps(40_000_000)
     held = [[run([(4, 3_000_000), (4, 3_000_000)], j, held_to=104.0) for j in (0.9, 1.0, 1.1)]]
     lat2, bw2, _, _, r2b, n2, _ = delivered_storage(None, runs_of + held, steps=steps)
     assert (lat2, bw2, n2) == (pytest.approx(lat_us), pytest.approx(mb_s), 8) and \
         r2b == pytest.approx(1)
     skewed = delivered_storage(None, runs_of + held)
-    assert skewed[5] == n2 + 1 and skewed[4] < 0.99 and skewed[1] == pytest.approx(mb_s, rel=0.02)
-    # a few large layers read at half the speed of the rest (as beside the heaviest
-    # compute): relative residuals under the soft-L1 loss keep the terms near the rest's,
-    # where least squares in ms would give them most of the weight
-    slow = [[run([(20, 6_000_000)], 2.0 * j) for j in (0.9, 1.0, 1.1)] for _ in range(2)]
-    lat3, bw3, *_ = delivered_storage(None, runs_of + slow)
-    assert bw3 > 0.85 * mb_s and lat3 < 1.3 * lat_us
+    assert skewed[5] == n2 + 1 and skewed[4] < 0.99 and skewed[1] < 0.9 * mb_s
     d = DeliveredStorage(lat, bw, lat_se, bw_se, r2, n, noise, {"io": (1.0, 2.0)})
     assert d.disk == Disk(bandwidth_mb_s=round(bw, 3), latency_us=round(lat, 3))
     assert "us per read" in d.describe() and d.to_dict()["stage_errors"] == {"io": [1.0, 2.0]}
