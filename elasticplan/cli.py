@@ -523,6 +523,15 @@ def cmd_fleet(a) -> int:
     return 0
 
 
+def stopped(message: str) -> None:
+    """Say on stderr, on a line of its own, why the command stopped: a progress bar the
+    signal cut off mid-line (it came while tqdm drew the bar, before a `with` could close
+    it, so no newline ended it) is ended first."""
+    if any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm, "_instances", ()))):
+        sys.stderr.write("\n")
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; SIGTERM is handled as Ctrl-C is (exit 143) while it runs."""
     if threading.current_thread() is not threading.main_thread():
@@ -531,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except Terminated:  # before the command started (while the parser was built)
-        print("elasticplan: terminated (SIGTERM)", file=sys.stderr)
+        stopped("elasticplan: terminated (SIGTERM)")
         return EXIT_TERMINATED
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -552,10 +561,10 @@ def _main(argv: list[str] | None) -> int:
               "hold (docs/formats.md, 'Limits and ranges')", file=sys.stderr)
         return EXIT_MEMORY
     except Terminated:
-        print("elasticplan: terminated (SIGTERM)", file=sys.stderr)
+        stopped("elasticplan: terminated (SIGTERM)")
         return EXIT_TERMINATED
     except KeyboardInterrupt:
-        print("elasticplan: interrupted", file=sys.stderr)
+        stopped("elasticplan: interrupted")
         return EXIT_INTERRUPTED
     except Exception as e:  # a bug: say so, keep the traceback for the report
         fd, where = tempfile.mkstemp(prefix="elasticplan-bug-", suffix=".txt")

@@ -931,6 +931,26 @@ def _assert_terminated(rc, err):
         ["elasticplan: terminated (SIGTERM)"], err[-2000:]
 
 
+def test_the_stop_message_starts_its_own_line_after_a_bar_cut_off(capsys):
+    """A signal that lands while tqdm draws its first bar (before a `with` can close it)
+    leaves the bar without its newline: the stop message ends it first (seen: "profile:
+    0%|...|elasticplan: terminated (SIGTERM)" on one line); after a closed bar, no blank
+    line is added."""
+    from tqdm import tqdm
+
+    from elasticplan.cli import stopped
+
+    bar = tqdm(total=3, desc="profile", file=sys.stderr)  # drawn, never closed
+    stopped("elasticplan: terminated (SIGTERM)")
+    err = capsys.readouterr().err
+    bar.close()
+    assert "elasticplan: terminated (SIGTERM)" in err.splitlines()
+    capsys.readouterr()
+    stopped("elasticplan: interrupted")
+    if not any(not b.disable for b in list(tqdm._instances)):  # (no other test's bar open)
+        assert capsys.readouterr().err == "elasticplan: interrupted\n"
+
+
 def test_sigterm_to_shard_profile_and_run_cleans_up_and_exits_143(store_dir, tiny, tmp_path,
                                                                   capsys):
     from runtime.store import ShardStore, build_store
