@@ -869,7 +869,7 @@ def measure_disk(store: ShardStore, layers=(1, 4)) -> tuple[float, float]:
     for l in layers:
         for bits in store.bitwidths:
             vs = [store.variant(l, n, bits) for n in store.config.shard_names()]
-            fd = os.open(store.file(vs[0].file), os.O_RDONLY)
+            fd = store.open_file(vs[0].file)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # one read = one request
                 evict(fd)

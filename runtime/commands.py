@@ -35,7 +35,7 @@ from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for, verify_plan
 from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.outputs import refuse_inputs, write_text
+from elasticplan.problem.outputs import refuse_inputs, writable, write_text
 from runtime.defaults import DEFAULT_HEAD, DEFAULT_STORE, head_for, store_for
 from runtime.schemes import DEFAULT_NAME, REGISTRY
 from runtime.sources import PACKAGED, open_checkpoint_dir, open_packaged
@@ -457,6 +457,7 @@ def cmd_evaluate(a) -> int:
     if a.json:
         refuse_inputs(a.json, (a.plan, a.store, *([a.head] if a.head else []),
                                *scenario.files))
+        writable(a.json)
     verify_plan(scenario, plan)  # a stale or tampered plan stops here, before any compute
     store = ShardStore(a.store)
     check_model(plan, store)
@@ -530,11 +531,12 @@ def cmd_generate(a) -> int:
     inputs = (a.plan, a.store, *scenario.files)
     if a.json:
         refuse_inputs(a.json, inputs)
+        writable(a.json)
     verify_plan(scenario, plan)  # stale or invalid plans stop here, before any compute
     store = ShardStore(a.store)
     if not family(store.config.family).decoder:
-        raise InvalidArgument(f"{a.store}: the store holds an encoder; a decoder plan needs "
-                              f"its decoder's store")
+        raise StoreError(f"{a.store}: the store holds an encoder; a decoder plan needs its "
+                         f"decoder's store")
     check_model(plan, store)
     planned_variants(plan, scenario.model, store)  # in this store, the sizes the profile says
     need = workspace_bytes(store)  # the schemes' buffers the plan's memory counts
@@ -558,9 +560,16 @@ def cmd_generate(a) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    _, report = generate(plan, a.plan, scenario, store, ids, max_new_tokens=a.max_new_tokens,
-                         emulate=not a.no_emulate, threads=a.threads, on_token=on_token,
-                         compare=not a.no_compare, warm_reads=a.warm_reads)
+    try:
+        _, report = generate(plan, a.plan, scenario, store, ids,
+                             max_new_tokens=a.max_new_tokens, emulate=not a.no_emulate,
+                             threads=a.threads, on_token=on_token, compare=not a.no_compare,
+                             warm_reads=a.warm_reads)
+    except BaseException:
+        if shown[0]:  # the answer so far ends its line before the stop or error message
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     print(report.text[len(shown[0]):] if report.text.startswith(shown[0]) else "")
     print()
     print(format_report(report))
@@ -590,6 +599,7 @@ def cmd_run(a) -> int:
     for out in (a.json, a.gantt):
         if out:
             refuse_inputs(out, inputs)
+            writable(out)
     capped_scenario = a.scenario or plan.scenario.path
     if a.memory_cap is not None and a.baselines:
         raise InvalidArgument("--memory-cap caps the plan's own process: run each baseline's "

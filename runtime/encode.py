@@ -28,8 +28,8 @@ import numpy as np
 
 from elasticplan.cli import MAX_THREADS, whole
 from elasticplan.errors import InvalidArgument, SpecError
-from elasticplan.problem.inputs import fail, regular_file, typename
-from elasticplan.problem.outputs import refuse_inputs, write_bytes
+from elasticplan.problem.inputs import fail, not_unicode, regular_file, typename
+from elasticplan.problem.outputs import refuse_inputs, writable, write_bytes
 from runtime.defaults import DEFAULT_HEAD, DEFAULT_STORE
 
 CHUNK = 64  # texts per output chunk (64 x 384 float32: 98 KB, ~1 % of a 10 MB plan)
@@ -116,7 +116,9 @@ def _text_lines(lines, file: str, _key) -> Iterator[str]:
 
 
 def _csv_rows(lines, file: str, column: str) -> Iterator[str]:
-    reader = csv.reader((line for _, line in lines))
+    # strict: a quoted field never closed is an error, not the rest of the file as one text
+    reader = csv.reader((line for _, line in lines), strict=True)
+    start = 1  # the line the row being read starts on
     try:
         header = next(reader, None)
         if header is None:
@@ -127,15 +129,20 @@ def _csv_rows(lines, file: str, column: str) -> Iterator[str]:
         if header.count(column) > 1:
             raise fail(SpecError, file, "line 1", f"column {column!r} is named twice")
         ci = header.index(column)
+        start = reader.line_num + 1
         for row in reader:
-            if not row:  # a blank line
-                continue
-            text = row[ci] if ci < len(row) else ""
-            if not text.strip():
-                raise fail(SpecError, file, f"line {reader.line_num}",
-                           f"empty text (column {column!r})")
-            yield text
+            if row:  # else a blank line
+                text = row[ci] if ci < len(row) else ""
+                if not text.strip():
+                    raise fail(SpecError, file, f"line {reader.line_num}",
+                               f"empty text (column {column!r})")
+                yield text
+            start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise fail(SpecError, file, f"line {start}", "a quoted field that starts in this "
+                                                         "row is never closed (a stray \")") \
+                from None
         raise fail(SpecError, file, f"line {reader.line_num}", f"not readable CSV ({e})") \
             from None
 
@@ -161,6 +168,9 @@ def _json_lines(lines, file: str, field: str) -> Iterator[str]:
                                                      f"expected a string")
         if not text.strip():
             raise fail(SpecError, file, f"line {n}", f"empty text (field {field!r})")
+        why = not_unicode(text)
+        if why:
+            raise fail(SpecError, file, f"line {n}", f"field {field!r} {why}")
         yield text
 
 
@@ -347,6 +357,7 @@ def cmd_encode(a) -> int:
                          head=False if a.no_head else (a.head or True))
     inputs = (a.input, *checked.inputs)
     refuse_inputs(out, inputs)
+    writable(out)  # a directory or a missing one: said before any compute
     count = sum(1 for _ in read_texts(a.input, kind, key, a.limit))  # every line checked
     hidden, head = checked.store.config.hidden, checked.head
     warm_writer(suffix, hidden, head.labels if head is not None else None)

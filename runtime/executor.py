@@ -322,11 +322,11 @@ def open_files(store: ShardStore, files: set[str]) -> dict[str, int]:
     fds: dict[str, int] = {}
     for f in sorted(files):
         try:
-            fds[f] = os.open(store.file(f), os.O_RDONLY)
-        except OSError as e:
+            fds[f] = store.open_file(f)
+        except StoreError:
             for fd in fds.values():
                 os.close(fd)
-            raise StoreError(f"{store.file(f)}: cannot open shard file ({e.strerror})") from None
+            raise
     return fds
 
 

@@ -25,15 +25,18 @@ buffer and restores torch's thread count. docs/session.md has the details.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from elasticplan.cli import MAX_THREADS
 from elasticplan.errors import InvalidArgument, StoreError
 from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for, verify_plan
+from elasticplan.problem.inputs import not_unicode
 from elasticplan.problem.spec import Scenario
 from runtime.defaults import head_for, store_for
 from runtime.executor import Executor, check_model, planned_variants
@@ -85,8 +88,8 @@ def check_plan(plan_path: str | os.PathLike, *, scenario: str | os.PathLike | No
     verify_plan(sc, plan)
     shards = ShardStore(store_path)
     if family(shards.config.family).decoder:
-        raise InvalidArgument(f"{store_path}: the store holds a decoder; encode needs an "
-                              f"encoder's plan and store (a decoder answers with `generate`)")
+        raise StoreError(f"{store_path}: the store holds a decoder; encode needs an "
+                         f"encoder's plan and store (a decoder answers with `generate`)")
     check_model(plan, shards)
     planned_variants(plan, sc.model, shards)
     task_head = None
@@ -184,8 +187,13 @@ class Session:
         the session is open (1, as calibrated); `measure_process`: take the process's
         baseline first (a throwaway run of the plan, gc, malloc_trim; resets the process's
         VmHWM through /proc/self/clear_refs), so that `stats()` reports its peak."""
-        if not isinstance(threads, int) or threads < 1:
-            raise InvalidArgument(f"threads must be a whole number >= 1, got {threads!r}")
+        if not isinstance(threads, int) or isinstance(threads, bool) \
+                or not 1 <= threads <= MAX_THREADS:
+            raise InvalidArgument(f"threads must be a whole number from 1 to {MAX_THREADS}, "
+                                  f"got {threads!r}")
+        # one query at a time: the executor's buffers are the plan's memory, one query's
+        # worth; a second thread waits for the first (encode, classify, stats, close)
+        self._lock = threading.RLock()
         self.checked = checked
         self.plan, self.scenario, self.store = checked.plan, checked.scenario, checked.store
         self.head = checked.head
@@ -245,9 +253,8 @@ class Session:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """The texts' embeddings, [len(texts), hidden] float32, one query each through the
         plan's executor, pooled and normalised as the model declares. Every text must be a
-        non-empty string (InvalidArgument naming the first that is not)."""
-        if self.executor is None:
-            raise InvalidArgument("the session is closed")
+        non-empty string of Unicode text (InvalidArgument naming the first that is not).
+        Safe to call from several threads: their queries run one at a time."""
         if isinstance(texts, str):
             raise InvalidArgument("encode takes a sequence of texts, not one string: "
                                   "encode([text])")
@@ -257,14 +264,20 @@ class Session:
                 raise InvalidArgument(f"text {i} is a {type(t).__name__}, not a string")
             if not t.strip():
                 raise InvalidArgument(f"text {i} is empty")
-        out = np.empty((len(texts), self.store.config.hidden), np.float32)
-        for i, t in enumerate(texts):
-            latency, longer, rows = self._query(self.executor, t, out[i])
-            self._latency[self.queries % LATENCY_WINDOW] = latency
-            self._predicted[self.queries % LATENCY_WINDOW] = self._prediction(rows)
-            self.queries += 1
-            self.truncated += longer
-        return out
+            why = not_unicode(t)
+            if why:
+                raise InvalidArgument(f"text {i} {why}")
+        with self._lock:
+            if self.executor is None:
+                raise InvalidArgument("the session is closed")
+            out = np.empty((len(texts), self.store.config.hidden), np.float32)
+            for i, t in enumerate(texts):
+                latency, longer, rows = self._query(self.executor, t, out[i])
+                self._latency[self.queries % LATENCY_WINDOW] = latency
+                self._predicted[self.queries % LATENCY_WINDOW] = self._prediction(rows)
+                self.queries += 1
+                self.truncated += longer
+            return out
 
     def _prediction(self, rows: int) -> float:
         """A query's predicted latency: the plan's, or at the rows it read from a streamed
@@ -298,8 +311,8 @@ class Session:
         if self.head is None:
             raise InvalidArgument("the session has no task head: give one (head=FILE), or "
                                   "use encode")
-        emb = self.encode(texts)
-        return self.head_outputs(emb)
+        with self._lock:
+            return self.head_outputs(self.encode(texts))
 
     def head_outputs(self, embeddings: np.ndarray) -> Classification:
         """The task head on embeddings this session made."""
@@ -314,6 +327,10 @@ class Session:
 
     def stats(self) -> SessionStats:
         """Latency per query and peak memory so far, beside the plan's prediction."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> SessionStats:
         ex = self.executor
         if ex is None:
             raise InvalidArgument("the session is closed: take stats() before closing it")
@@ -347,13 +364,14 @@ class Session:
 
     def close(self) -> None:
         """Close the store's files, drop every buffer the executor holds, restore torch's
-        thread count. Idempotent."""
-        ex, self.executor = self.executor, None
-        if ex is not None:
-            ex.close()
-            del ex
-            release()
-        torch.set_num_threads(self._threads)
+        thread count. Idempotent; waits for a query running in another thread."""
+        with self._lock:
+            ex, self.executor = self.executor, None
+            if ex is not None:
+                ex.close()
+                del ex
+                release()
+            torch.set_num_threads(self._threads)
 
     def __enter__(self) -> "Session":
         return self

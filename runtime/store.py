@@ -424,6 +424,21 @@ class ShardStore:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def open_file(self, name: str) -> int:
+        """One of the store's files, opened read-only (a descriptor); StoreError naming it
+        when it cannot be opened or is not a regular file (a FIFO must not block the open,
+        a directory or device is not a shard file)."""
+        path = self.file(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreError(f"{path}: not a regular file (a directory, pipe or device): not "
+                             f"a store `elasticplan shard` wrote, rebuild it")
+        return fd
+
     def scheme_of(self, bits: int) -> str:
         """The name of the scheme the store's variants at `bits` are kept in (fp32: the
         default's, raw)."""
@@ -553,10 +568,7 @@ class ShardStore:
         `fd`: the variant's file, already open (else it is opened here)."""
         path = self.path / v.file
         if fd is None:
-            try:
-                own = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise StoreError(f"{path}: cannot open shard file ({e.strerror})") from None
+            own = self.open_file(v.file)
             try:
                 return self.check_into(v, view, own)
             finally:
@@ -621,6 +633,10 @@ def check_out(out: Path) -> None:
     from elasticplan.errors import InvalidArgument
 
     if not out.is_dir():
+        if out.exists() or out.is_symlink():
+            raise InvalidArgument(f"{out}: not a directory (a file, or a link to none); "
+                                  f"--out names the store's directory: choose a new or empty "
+                                  f"one")
         return
     index = out / INDEX
     if index.exists() or index.is_symlink():

@@ -175,6 +175,10 @@ BAD = [  # (file name, bytes, extra flags, exit code, the message's telling part
      "f.jsonl: line 2: no field 'text' (fields: 'body')"),
     ("n.jsonl", b'{"text": 5}\n', (), 2, "n.jsonl: line 1: field 'text' is a"),
     ("j.jsonl", b'{"text": "a"\n', (), 2, "j.jsonl: line 1: not JSON"),
+    ("s.jsonl", b'{"text": "ok"}\n{"text": "\\ud800 alone"}\n', (), 2,
+     "s.jsonl: line 2: field 'text' holds a lone surrogate (U+D800) at character 1"),
+    ("q.csv", b'text\nfine\n"a quote never closed\nsecond\nthird\n', (), 2,
+     "q.csv: line 3: a quoted field that starts in this row is never closed"),
 ]
 
 
@@ -217,7 +221,11 @@ def test_bad_plans_and_outputs(plans, texts_file, store_dir, tmp_path, capsys):
          "give one"),
         ((plans["mem10"], "--output", out, "--store", tmp_path / "nowhere"), 8,
          "no shard store here"),
+        ((plans["mem10"], "--output", tmp_path / "dir.npy"), 11, "not a regular file"),
+        ((plans["mem10"], "--output", tmp_path / "nowhere" / "o.npy"), 11,
+         "does not exist"),
     ]
+    (tmp_path / "dir.npy").mkdir()
     for argv, code, message in cases:
         rc = cli("encode", argv[0], "--input", texts_file, "--store", store_dir, "--no-head",
                  *argv[1:])
@@ -329,3 +337,38 @@ def test_the_benchmark_parses_its_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         encode_throughput.main(["--help"])
     assert e.value.code == 0 and "python -m benchmarks.encode_throughput" in capsys.readouterr().out
+
+
+def test_a_session_serves_threads_one_query_at_a_time_and_refuses_what_is_not_text(
+        plans, store_dir):
+    """Two threads on one session get what one thread gets (their queries take turns on
+    the plan's buffers); a lone surrogate and a thread count beyond the CLI's are refused."""
+    import threading
+
+    from elasticplan.cli import MAX_THREADS
+
+    texts = [TEXTS[0], TEXTS[1]]
+    with open_session(plans["mem10"], store=store_dir, head=False,
+                      measure_process=False) as s:
+        alone = {t: s.encode([t] * 3) for t in texts}
+        got, failed = {}, []
+
+        def worker(t):
+            try:
+                got[t] = [s.encode([t] * 3) for _ in range(4)]
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failed.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in texts]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not failed, failed
+        for t in texts:
+            assert all(np.array_equal(e, alone[t]) for e in got[t])
+        assert s.stats().queries == 6 + 2 * 4 * 3
+        with pytest.raises(InvalidArgument, match="text 1 holds a lone surrogate"):
+            s.encode(["fine", "\ud800"])
+    with pytest.raises(InvalidArgument, match=f"from 1 to {MAX_THREADS}"):
+        open_session(plans["mem10"], store=store_dir, threads=MAX_THREADS + 1)

@@ -100,7 +100,7 @@ def test_a_budgeted_plan_streams_and_reports_every_figure(tiny, tmp_path):
     assert r["memory_measured"]["kv_cache_bytes"] == p["memory"]["kept_bytes"]
 
 
-def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, store_dir):
     _, _, _, sc = tiny
     plan = tmp_path / "him.json"
     assert cli("baseline", "hold-in-memory", sc, "-o", plan) == 0
@@ -110,6 +110,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
         (["--prompt", "the cat sat on the mat " * 16], "longer than the 96"),
         (["--prompt", "hi", "--max-new-tokens", 9], "--max-new-tokens must be in [1, 8]"),
         (["--prompt", "hi", "--no-emulate", "--warm-reads"], "with --no-emulate this machine"),
+        (["--prompt", "caf\udce9"], "--prompt holds a lone surrogate (U+DCE9) at character 4"),
     ]
     for args, words in cases:
         assert cli("generate", plan, *args) == 2
@@ -133,6 +134,20 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     assert cli("generate", minilm, "--prompt", "hi") == 2
     err = capsys.readouterr().err
     assert "an encoder's question" in err and err.count("\n") == 1
+    assert cli("generate", plan, "--prompt", "hi", "--store", store_dir) == 8
+    err = capsys.readouterr().err
+    assert "the store holds an encoder" in err and err.count("\n") == 1
+    (tmp_path / "dir.json").mkdir()
+    assert cli("generate", plan, "--prompt", "hi", "--json", tmp_path / "dir.json") == 11
+    err = capsys.readouterr().err  # said before any token
+    assert "not a regular file" in err and err.count("\n") == 1
+    doc = json.loads(plan.read_text())
+    doc["memory"] = None
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(doc))
+    assert cli("generate", bare, "--prompt", "hi") == 2
+    err = capsys.readouterr().err
+    assert "memory: missing: a decoder's plan records its predicted memory" in err
     assert cli("calibrate", "--scenario", sc, "--warm-reads", "--out-dir", tmp_path / "c") == 2
     err = capsys.readouterr().err
     assert "--warm-reads calibrates a decoder's scenario on emulated storage" in err

@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -840,6 +841,46 @@ def test_shard_never_writes_into_a_directory_that_is_not_a_store(tiny, tmp_path,
     rc, err = _run(capsys, "shard", "--checkpoint", tiny / "ckpt", "--out", mine)
     assert rc == 2 and "not empty ('tokenizer.json') and not a shard store" in err
     assert (mine / "tokenizer.json").read_text() == "my own"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a file, not a directory")
+    rc, err = _run(capsys, "shard", "--checkpoint", tiny / "ckpt", "--out", plain)
+    assert rc == 2 and "plain.txt: not a directory" in err
+    assert plain.read_text() == "a file, not a directory"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_shard_file_that_is_not_a_file_is_named_not_waited_on(tiny, tmp_path, capsys,
+                                                                kind):
+    """A store whose shard file became a FIFO (the open must not block) or a directory:
+    exit 8 naming the file, from run."""
+    store = Path(shutil.copytree(tiny / "store", tmp_path / "store"))
+    plan = _plan(capsys, store, tmp_path, bits=32)
+    victim = store / "layer0.b32.bin"
+    victim.unlink()
+    os.mkfifo(victim) if kind == "fifo" else victim.mkdir()
+    p = cli("run", plan, "--store", store, "--repeat", 1, "--no-emulate", timeout=120)
+    assert_clean_error(p, 8, says=f"{victim}: not a regular file")
+
+
+def test_outputs_keep_permissions_and_long_names(tmp_path):
+    """A new output gets 0666 less the umask (not mkstemp's 0600), a replaced one keeps its
+    mode, and a name the file system takes is written (its temporary name kept short)."""
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        write_text(fresh, "{}")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        write_text(kept, "new")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text() == "new"
+        long = tmp_path / ("a" * 246 + ".npy")
+        write_text(long, "x")
+        assert long.read_text() == "x"
+    finally:
+        os.umask(old)
+    no_debris(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])

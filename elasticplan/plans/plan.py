@@ -271,6 +271,9 @@ class Plan:
         quantile_latency = f.number("quantile_latency_ms", minimum=0, required=False)
         times = f.mapping("decoding", "a decoder plan's predicted times", required=False)
         decoding = None if times is None else _decoding(times)
+        if decoding is not None and memory is None:  # every decoder plan was made with one
+            raise f.err("memory", "missing: a decoder's plan records its predicted memory "
+                                  "by term")
         raw_layers = f.sequence("layers")
         if len(raw_layers) > MAX_LAYERS:
             raise f.err("layers", f"{len(raw_layers)} layers; at most {MAX_LAYERS}")

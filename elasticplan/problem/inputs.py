@@ -262,6 +262,17 @@ def show(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def not_unicode(text: str) -> str | None:
+    """Why `text` is not Unicode text (a lone surrogate: what a JSON escape such as
+    "\\ud800" or an argument in an undecodable encoding gives Python), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                f"{e.start + 1}: not Unicode text")
+    return None
+
+
 class Fields:
     """Typed, checked access to one mapping; `done()` rejects keys nobody asked for."""
 

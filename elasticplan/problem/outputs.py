@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -109,31 +110,45 @@ def refuse_inputs(path: str | os.PathLike, inputs: "Inputs | Iterable[str | os.P
                               f"input {src}; choose another output path")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
-                inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
-    """Atomically replace `path` with `data` (bytes, or chunks of bytes). A link at `path`
-    is written through, or with `follow_links=False` replaced by the file."""
+def writable(path: str | os.PathLike, *, follow_links: bool = True) -> Path:
+    """The file a write of `path` replaces (a link's target, unless `follow_links` is
+    False); OutputError when it cannot be: an existing directory, device or pipe, or a
+    directory that does not exist. Commands call it before their work, write_bytes again."""
     target = Path(path)
-    refuse_inputs(target, inputs, follow_links=follow_links)
     link = target.is_symlink()
     if link and follow_links:  # write the file the link names; the link stays
         try:
             target = target.resolve(strict=False)
         except (OSError, RuntimeError) as e:
             raise OutputError(f"{path}: cannot write: {e}") from None
-    directory = target.parent
     if not (link and not follow_links) and target.exists() and not target.is_file():
         # a rename would replace the device (/dev/null), the pipe or the directory itself
         raise OutputError(f"{path}: cannot write: not a regular file (a device, pipe or "
                           f"directory); name a plain file")
-    if not directory.is_dir():
-        raise OutputError(f"{target}: cannot write: directory {directory} does not exist")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: cannot write: directory {target.parent} does not exist")
+    return target
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
+                inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
+    """Atomically replace `path` with `data` (bytes, or chunks of bytes). A link at `path`
+    is written through, or with `follow_links=False` replaced by the file."""
+    refuse_inputs(path, inputs, follow_links=follow_links)
+    target = writable(path, follow_links=follow_links)
+    directory = target.parent
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    try:  # the replaced file's permissions, else a new file's (0666 less the umask)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666 & ~_umask()
+    except OSError:
+        mode = 0o666 & ~_umask()
+    try:  # the name shortened so that the temporary one stays within NAME_MAX (255 bytes)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_short(target.name)}.",
+                                   suffix=TEMP_SUFFIX)
     except OSError as e:
         raise OutputError(f"{target}: cannot write: {e.strerror or e}") from None
     try:
+        os.fchmod(fd, mode)  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as fh:
             for c in chunks:
                 fh.write(c)
@@ -154,6 +169,25 @@ def write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes], *,
             os.close(dfd)
     except OSError:  # some file systems cannot fsync a directory; the rename stands
         pass
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _short(name: str, most: int = 200) -> str:
+    """`name` cut to at most `most` bytes of UTF-8 (whole characters)."""
+    return name.encode("utf-8", "surrogateescape")[:most].decode("utf-8", "ignore")
 
 
 def write_text(path: str | os.PathLike, text: str, *,

@@ -34,6 +34,7 @@ from elasticplan.costmodel import Schedule
 from elasticplan.decoding import answer_schedules
 from elasticplan.errors import InvalidArgument
 from elasticplan.plans.plan import Plan
+from elasticplan.problem.inputs import not_unicode
 from elasticplan.problem.spec import Scenario
 from runtime.decoding import DecodeExecutor, GenerateResult, PassTrace, ShardPick, TablePick
 from runtime.measurement.memprobe import release, status_bytes
@@ -56,6 +57,9 @@ def prompt_ids(store: ShardStore, text: str, chat: bool) -> list[int]:
 
     if not text.strip():
         raise InvalidArgument("--prompt is empty: give the text to answer")
+    why = not_unicode(text)
+    if why:  # an argument not in UTF-8 reaches Python as lone surrogates
+        raise InvalidArgument(f"--prompt {why} (is it UTF-8?)")
     if chat:
         template = store.index.chat_template
         if template is None:
