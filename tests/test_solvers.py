@@ -481,3 +481,64 @@ def test_a_fastest_schedule_proves_a_target_out_of_reach_by_its_bound():
     assert _proven_above(plan(SolveStatus.FEASIBLE, 0.1, 1e-5), 0.05)
     assert not _proven_above(plan(SolveStatus.FEASIBLE, 0.1, 0.6), 0.05)  # bound 0.04
     assert not _proven_above(plan(SolveStatus.FEASIBLE, 0.1, None), 0.05)
+
+
+def _interrupt_after(seconds: float, signum=None):
+    """Send the process `signum` (SIGINT) after `seconds`, from a timer thread."""
+    import os
+    import signal
+    import threading
+
+    t = threading.Timer(seconds, os.kill, (os.getpid(), signum or signal.SIGINT))
+    t.start()
+    return t
+
+
+def test_ctrl_c_inside_highs_stops_it_and_is_a_keyboard_interrupt():
+    """Ctrl-C while HiGHS runs (its interrupt callback is Python, where the handler would
+    raise and HiGHS would end with a solve error, exit 7): the run stops at its next
+    check, and the KeyboardInterrupt comes after it (exit 130)."""
+    import highspy
+    import numpy as np
+
+    from elasticplan.solvers.aggregated.highs_model import interrupt_at, new_highs, run
+
+    rng = np.random.default_rng(0)
+    n, m = 120, 12  # a random multi-dimensional knapsack: seconds to prove on this VM
+    h = new_highs(1)
+    h.setOptionValue("time_limit", 60.0)
+    interrupt_at(h, time.perf_counter() + 60)
+    cols = np.arange(n, dtype=np.int32)
+    for _ in range(n):
+        h.addVar(0, 1)
+    h.changeColsCost(n, cols, rng.integers(1, 1000, n).astype(float))
+    h.changeColsIntegrality(n, cols, np.array([highspy.HighsVarType.kInteger] * n))
+    for _ in range(m):
+        a = rng.integers(1, 1000, n).astype(float)
+        h.addRow(-highspy.kHighsInf, a.sum() / 2, n, cols, a)
+    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    timer = _interrupt_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        run(h)
+    timer.join()
+    assert h.getModelStatus() == highspy.HighsModelStatus.kInterrupt
+
+
+def test_ctrl_c_inside_cpsat_stops_the_search_and_is_a_keyboard_interrupt():
+    """Ctrl-C while CP-SAT searches (the main thread in C++): the search stops well before
+    its time limit and the KeyboardInterrupt follows; OR-Tools' own handler (which once
+    deadlocked in malloc) is not installed."""
+    from pathlib import Path
+
+    from elasticplan.problem.loader import load_scenario
+    from elasticplan.solvers.plain.cpsat import solve_cpsat
+
+    root = Path(__file__).resolve().parent.parent
+    sc = load_scenario(root / "problems" / "scenarios" / "bert-large-jetson.yaml")
+    sc = sc.with_overrides(target_latency_ms=300.0)
+    timer = _interrupt_after(1.0)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        solve_cpsat(sc, time_limit_s=120, threads=1, relative_gap=0.0)
+    timer.join()
+    assert time.perf_counter() - started < 60  # stopped, not run out (120 s limit)

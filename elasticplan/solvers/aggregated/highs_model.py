@@ -29,8 +29,10 @@ scheduler's workers too.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -78,14 +80,46 @@ def run(h: highspy.Highs) -> highspy.HighsStatus:
     _, threads = h.getOptionValue("threads")  # (status, value)
     if getattr(_scheduler, "threads", None) != threads:
         _reset_scheduler(threads)
-    status = h.run()
-    if status == highspy.HighsStatus.kError and \
-            h.getModelStatus() == highspy.HighsModelStatus.kNotset:
-        # Refused before solving: the scheduler may have been remade, for another size,
-        # by a run of HiGHS that did not come through here. Once more on a fresh one.
-        _reset_scheduler(threads)
+    with _signals_held():
         status = h.run()
+        if status == highspy.HighsStatus.kError and \
+                h.getModelStatus() == highspy.HighsModelStatus.kNotset:
+            # Refused before solving: the scheduler may have been remade, for another size,
+            # by a run of HiGHS that did not come through here. Once more on a fresh one.
+            _reset_scheduler(threads)
+            status = h.run()
     return status
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_signalled: list[tuple[int, object]] = []  # (signal, frame) that came during a run
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM during a run, on the main thread: noted (the interrupt callback
+    then stops HiGHS at its next check), and handed to the handlers they would have met once
+    HiGHS has returned. Raised inside the callback, their exception would reach HiGHS, which
+    ends the run as a solve error (exit 7, not 130/143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _signalled.clear()
+    previous = {s: signal.signal(s, lambda signum, frame: _signalled.append((signum, frame)))
+                for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if _signalled:
+            signum, frame = _signalled[0]
+            _signalled.clear()
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # KeyboardInterrupt, the CLI's Terminated, ...
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def _reset_scheduler(threads: int) -> None:
@@ -132,7 +166,7 @@ _INTERRUPTS = (highspy.cb.HighsCallbackType.kCallbackMipInterrupt,
 def interrupt_at(h: highspy.Highs, deadline: float) -> None:
     """Interrupt `h` at its next interrupt check after `deadline` (time.perf_counter())."""
     def check(kind, message, data_out, data_in, user_data) -> None:
-        if time.perf_counter() >= deadline:
+        if _signalled or time.perf_counter() >= deadline:
             data_in.user_interrupt = True
 
     h.setCallback(check, None)
@@ -175,6 +209,9 @@ def solve_mip(model: dict, *, deadline: float, relative_gap: float,
     except EOFError:  # the child died without an answer (out of memory, a crash)
         raise SolverError(f"HiGHS's process ended without an answer (exit code "
                           f"{child.exitcode})") from None
+    except BaseException:  # Ctrl-C, SIGTERM: the child goes with the command
+        child.kill()
+        raise
     finally:
         child.join(timeout=5)
         receive.close()
@@ -212,6 +249,7 @@ def _mip(model: dict, seconds: float, relative_gap: float,
 
 def _mip_child(send, model: dict, seconds: float, relative_gap: float,
                start: np.ndarray | None, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides
     out = _mip(model, seconds, relative_gap, start, threads)
     send.send((int(out.status), out.has_plan, out.values, out.dual_bound))
     send.close()

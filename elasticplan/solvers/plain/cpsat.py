@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
 
 from ortools.sat.python import cp_model
@@ -13,6 +17,34 @@ from elasticplan.solvers.plain import scaling
 from elasticplan.solvers.plain.program import build
 
 NAME = "cpsat"
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(stop):
+    """Ctrl-C or SIGTERM while the main thread is inside the solver (C++, where Python's
+    handlers cannot run): `stop()` is called from a watcher thread woken by the signal's
+    wake-up byte (signal.set_wakeup_fd), so the solve returns at once and the handler's
+    exception (KeyboardInterrupt, the CLI's Terminated) follows it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        if os.read(r, 1):  # empty when the solve ended and the pipe was closed
+            stop()
+
+    watcher = threading.Thread(target=watch, name="cpsat-signal-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(w)
+        watcher.join()
+        os.close(r)
 
 
 def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
@@ -46,7 +78,11 @@ def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relati
     # 6-layer problem that timed out at 30 s is proven infeasible in 0.01 s, and the shipped
     # scenarios solve as fast or faster (measured 2026-12-02, OR-Tools 9.15.6755).
     solver.parameters.cp_model_presolve = False
-    status = solver.solve(model)
+    # OR-Tools' own SIGINT handler allocates inside the handler (it deadlocked once in
+    # malloc, seen in a hostile pass); ours stops the search and Python's handler then runs
+    solver.parameters.catch_sigint_signal = False
+    with _stopped_by_signals(solver.stop_search):
+        status = solver.solve(model)
     elapsed = time.perf_counter() - started
 
     if status == cp_model.INFEASIBLE:
