@@ -97,6 +97,17 @@ def positive(text: str) -> float:
     return v
 
 
+def out_file(text: str) -> str:
+    """An output file's path (an argparse type): not empty, not ending in a separator (a
+    directory's name, which a write would otherwise take as a file's)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: name the file to write")
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text!r} names a directory (it ends in '/'): name "
+                                         f"the file to write")
+    return text
+
+
 def asked(field: str):
     """An argparse type for a question field: a number (a whole one for integer fields) in
     the field's range, checked by the question's one table (elasticplan.problem.question.
@@ -247,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override query_tokens (an encoder's question): the most distinct "
                         "tokens a query has; a streamed embedding table is read one row per "
                         "distinct token and priced at this many (default: seq_len)")
-    s.add_argument("-o", "--output", help="write the plan as JSON")
+    s.add_argument("-o", "--output", type=out_file, help="write the plan as JSON")
 
     b = sub.add_parser("baseline", help="write a classic strategy (hold-in-memory, load-on-demand, "
                                         "...), or uniform-B (every shard streamed at B bits), "
@@ -255,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(handler=cmd_baseline)
     b.add_argument("name", help=BASELINE_NAMES)
     b.add_argument("scenario")
-    b.add_argument("-o", "--output", required=True, help="write the plan as JSON")
+    b.add_argument("-o", "--output", required=True, type=out_file, help="write the plan as JSON")
 
     v = sub.add_parser("verify", help="check a plan file against its scenario")
     v.set_defaults(handler=cmd_verify)
@@ -270,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     axis.add_argument("--target-ms", type=number_list, metavar="A:B:STEP")
     _solver_args(w)
     _grid_args(w)
-    w.add_argument("--csv", help="also write the frontier as CSV")
+    w.add_argument("--csv", type=out_file, help="also write the frontier as CSV")
 
     t = sub.add_parser("table", help="solve a grid of targets x buffers into a plan table "
                                      "(solved plans are reused wherever they fit)")
@@ -280,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--buffer-mb", type=number_list, required=True, metavar="A:B:STEP")
     _solver_args(t)
     _grid_args(t)
-    t.add_argument("-o", "--output", required=True, help="write the table as JSON")
+    t.add_argument("-o", "--output", required=True, type=out_file, help="write the table as JSON")
 
     k = sub.add_parser("lookup", help="answer a target and buffer from a plan table")
     k.set_defaults(handler=cmd_lookup)
@@ -288,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--target-ms", type=target_ms, required=True)
     k.add_argument("--buffer-mb", type=buffer_mb, required=True)
     k.add_argument("--scenario", help="scenario file (default: the path the table records)")
-    k.add_argument("-o", "--output", help="write the plan as JSON")
+    k.add_argument("-o", "--output", type=out_file, help="write the plan as JSON")
 
     f = sub.add_parser("fleet", help="solve every device x model x question of a fleet file, "
                                      "locally or on a Ray cluster")

@@ -23,6 +23,7 @@ from elasticplan.cli import (
     MAX_THREADS,
     buffer_mb,
     memory_mb,
+    out_file,
     positive,
     quantile_arg,
     real,
@@ -35,7 +36,8 @@ from elasticplan.plans.plan import Plan
 from elasticplan.plans.verify import scenario_for, verify_plan
 from elasticplan.problem.limits import MAX_BANDWIDTH_MB_S, MAX_LATENCY_US, MIN_BANDWIDTH_MB_S
 from elasticplan.problem.loader import load_scenario
-from elasticplan.problem.outputs import refuse_inputs, writable, write_text
+from elasticplan.problem.outputs import figure_format, refuse_inputs, writable, write_text
+from runtime.cgroups import DEFAULT_MARGIN
 from runtime.defaults import DEFAULT_HEAD, DEFAULT_STORE, head_for, store_for
 from runtime.schemes import DEFAULT_NAME, REGISTRY
 from runtime.sources import PACKAGED, open_checkpoint_dir, open_packaged
@@ -95,7 +97,7 @@ def register(sub) -> None:
                         "fidelity only, on the tweets)")
     p.add_argument("--text-column", default="text", metavar="C", help="default text")
     p.add_argument("--label-column", default="label", metavar="C", help="default label")
-    p.add_argument("--out", help=f"profile YAML (default {DEFAULT_PROFILE} for MiniLM, "
+    p.add_argument("--out", type=out_file, help=f"profile YAML (default {DEFAULT_PROFILE} for MiniLM, "
                                  f"else STORE/profile.yaml)")
     p.add_argument("--cache", help=f"measurement cache (default {DEFAULT_CACHE} for MiniLM, "
                                    f"else build/profile/NAME)")
@@ -127,7 +129,7 @@ def register(sub) -> None:
                    help="plan for this quantile of the latency (needs the device's spread)")
     q.add_argument("--profile", help="the store's profile (default STORE/profile.yaml; "
                                      f"{DEFAULT_PROFILE} for MiniLM's store)")
-    q.add_argument("-o", "--output", required=True, help="the scenario YAML to write")
+    q.add_argument("-o", "--output", required=True, type=out_file, help="the scenario YAML to write")
 
     c = sub.add_parser("calibrate", help="measure this machine's compute in the pipelined "
                                          "runtime; write a device spec and a scenario on it")
@@ -177,7 +179,7 @@ def register(sub) -> None:
                                     f"{DEFAULT_STORE}")
     e.add_argument("--head", help=f"task head (default: the profile's, else "
                                    f"{DEFAULT_HEAD} for MiniLM)")
-    e.add_argument("--json", metavar="FILE", help="write the evaluation as JSON")
+    e.add_argument("--json", metavar="FILE", type=out_file, help="write the evaluation as JSON")
 
     r = sub.add_parser("run", help="execute a plan on the real model; measured vs predicted")
     r.set_defaults(handler=cmd_run)
@@ -201,15 +203,16 @@ def register(sub) -> None:
                         "on the same device and model, in the same run")
     r.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS}, as calibrated)")
-    r.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    r.add_argument("--gantt", metavar="PNG", help="draw predicted and measured pipelines")
+    r.add_argument("--json", metavar="FILE", type=out_file, help="write the report as JSON")
+    r.add_argument("--gantt", metavar="PNG", type=out_file, help="draw predicted and measured pipelines")
     r.add_argument("--memory-cap", nargs="?", const=True, type=positive, metavar="MB",
                    help="run the memory probe's queries in a memory cgroup capped at its "
                         "process's baseline after start-up + the plan's predicted peak (or MB) "
                         "+ --cap-margin, swap off; a process over its cap is killed by the "
                         "kernel: exit 12 (docs/runtime.md, 'Kernel limits')")
-    r.add_argument("--cap-margin", type=real(0, 1000), default=5.0, metavar="PCT",
-                   help="the cap's margin, in %% of the plan's predicted peak or MB (default 5)")
+    r.add_argument("--cap-margin", type=real(0, 1000), metavar="PCT",
+                   help=f"with --memory-cap: the cap's margin, in %% of the plan's predicted "
+                        f"peak or MB (default {100 * DEFAULT_MARGIN:g})")
     r.add_argument("--throttle", action="store_true",
                    help="no device clock: the kernel throttles the reads (a block-IO cgroup on "
                         "the store's disk at the device's bandwidth, one read per latency as "
@@ -236,7 +239,7 @@ def register(sub) -> None:
                    help="skip the full fp32 model's answer (the agreement figure)")
     g.add_argument("--threads", type=whole(1, MAX_THREADS), default=DEFAULT_RUN_THREADS,
                    help=f"torch threads (default {DEFAULT_RUN_THREADS})")
-    g.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    g.add_argument("--json", metavar="FILE", type=out_file, help="write the report as JSON")
 
     from runtime.encode import register as register_encode  # `encode`: runtime/encode.py
 
@@ -581,6 +584,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_run(a) -> int:
+    from runtime.calibrate import machine_memory_mb
     from runtime.executor import check_model
     from runtime.measurement.measure import Reference, measure_plans, query_batches
     from runtime.measurement.report import format_comparison, format_report, gantt
@@ -600,6 +604,8 @@ def cmd_run(a) -> int:
         if out:
             refuse_inputs(out, inputs)
             writable(out)
+    if a.gantt:
+        figure_format(a.gantt)
     capped_scenario = a.scenario or plan.scenario.path
     if a.memory_cap is not None and a.baselines:
         raise InvalidArgument("--memory-cap caps the plan's own process: run each baseline's "
@@ -607,6 +613,12 @@ def cmd_run(a) -> int:
     if a.throttle and a.no_emulate:
         raise InvalidArgument("--throttle and --no-emulate: give one (the kernel's throttle, "
                               "or this disk's own speed)")
+    if a.cap_margin is not None and a.memory_cap is None:
+        raise InvalidArgument("--cap-margin is --memory-cap's margin: give --memory-cap too")
+    if isinstance(a.memory_cap, float) and a.memory_cap > machine_memory_mb():
+        raise InvalidArgument(f"--memory-cap {a.memory_cap:g} MB is more than this machine's "
+                              f"{machine_memory_mb():.0f} MB of memory: a cap that caps "
+                              f"nothing")
     if a.memory_cap is not None and capped_scenario is None:
         raise InvalidArgument(f"{a.plan}: --memory-cap reloads the plan in a fresh process, "
                               f"which needs its scenario file: give --scenario")
@@ -630,7 +642,8 @@ def cmd_run(a) -> int:
 
         cap = capped_probe(plan, scenario, store, repeats=a.repeat, threads=a.threads,
                            allowance_mb=None if a.memory_cap is True else a.memory_cap,
-                           margin=a.cap_margin / 100, scenario_path=capped_scenario)
+                           margin=DEFAULT_MARGIN if a.cap_margin is None else
+                           a.cap_margin / 100, scenario_path=capped_scenario)
     queries = query_batches(store, scenario.model.seq_len, a.repeat)
     reference = Reference(store)
     common = dict(repeats=a.repeat, emulate=not (a.no_emulate or a.throttle), queries=queries,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elasticplan.cli import MAX_THREADS, whole
+from elasticplan.cli import MAX_THREADS, out_file, whole
 from elasticplan.errors import InvalidArgument, SpecError
 from elasticplan.problem.inputs import fail, not_unicode, regular_file, typename
 from elasticplan.problem.outputs import refuse_inputs, writable, write_bytes
@@ -49,7 +49,7 @@ def register(sub) -> None:
     e.add_argument("--input", required=True, metavar="FILE",
                    help="texts: one per line, or CSV (.csv, --text-column), or JSON Lines "
                         "(.jsonl/.ndjson, --field)")
-    e.add_argument("--output", required=True, metavar="FILE",
+    e.add_argument("--output", required=True, metavar="FILE", type=out_file,
                    help="embeddings: .npy (float32, one row per text) or .parquet (with the "
                         "task head's labels and probabilities)")
     e.add_argument("--text-column", metavar="C",

@@ -1194,12 +1194,12 @@ def test_a_killed_fleets_temporary_files_go_on_the_next_run(fleet_done, tmp_path
 def _descendants(pid: int) -> list[int]:
     """Every living process under `pid` (from /proc)."""
     parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = entry.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        parent[int(stat.parent.name)] = int(fields[1])
+        parent[int(entry.parent.name)] = int(fields[1])
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -1373,3 +1373,29 @@ def test_generated_task_heads(tmp_path, doc):
     f.write_text(json.dumps(doc))
     with pytest.raises(StoreError):
         TaskHead.load(f)
+
+
+def test_run_refuses_its_odd_outputs_and_caps_before_any_compute(world, tmp_path, capsys,
+                                                                  store_dir):
+    """A cap beyond this machine's memory, a margin without a cap, a figure format
+    matplotlib cannot draw, a report in a directory that does not exist: one line each
+    before anything runs, and the old report untouched."""
+    old = tmp_path / "old.json"
+    old.write_text('{"old": 1}')
+    plan = world / "plan.json"
+    for extra, code, says in (
+            (("--memory-cap", "1e300"), 2, "more than this machine's"),
+            (("--cap-margin", "3"), 2, "--cap-margin is --memory-cap's margin"),
+            (("--json", old, "--gantt", tmp_path / "g.bogus"), 2, "cannot draw a figure as"),
+            (("--json", old, "--gantt", tmp_path / "nowhere" / "g.png"), 11, "does not exist")):
+        rc, err = _run(capsys, "run", plan, "--store", store_dir, "--repeat", 1, *extra)
+        assert rc == code and says in err, (extra, rc, err)
+    assert old.read_text() == '{"old": 1}'
+
+
+@pytest.mark.parametrize("out", ["", "newdir/"])
+def test_an_output_path_that_names_no_file_is_refused(world, tmp_path, out):
+    p = cli("solve", world / "minilm-phone.yaml", "--solver", "greedy", "-o", out,
+            cwd=tmp_path)
+    assert p.returncode == 2 and "name the file to write" in p.stderr
+    assert list(tmp_path.iterdir()) == []

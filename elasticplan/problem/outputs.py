@@ -205,15 +205,24 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str], 
     write_text(path, text.getvalue(), inputs=inputs, follow_links=follow_links)
 
 
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure's file name asks for (png without a suffix); InvalidArgument
+    naming the formats matplotlib draws when it is none of them."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise InvalidArgument(f"{path}: cannot draw a figure as {fmt!r}; name a file ending in "
+                              f"one of {', '.join('.' + k for k in sorted(known))}")
+    return fmt
+
+
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120,
                 inputs: "Inputs | Iterable[str | os.PathLike | None]" = (), follow_links: bool = True) -> None:
     """A matplotlib figure, in the format its file name says, written atomically."""
     buf = io.BytesIO()
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    try:
-        fig.savefig(buf, format=fmt, dpi=dpi)
-    except ValueError as e:  # an unknown format
-        raise InvalidArgument(f"{path}: cannot draw a figure as {fmt!r}: {e}") from None
+    fig.savefig(buf, format=figure_format(path), dpi=dpi)
     write_bytes(path, buf.getvalue(), inputs=inputs, follow_links=follow_links)
 
 
