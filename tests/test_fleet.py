@@ -177,6 +177,32 @@ def test_bad_fleet_files_get_one_line(tmp_path, capsys, change, words):
     assert err.startswith("elasticplan: error:") and err.count("\n") == 1
 
 
+def test_a_pair_that_cannot_be_posed_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A fleet whose min_shards_per_layer no model can meet: one line naming the fleet file
+    and the pair, and no output folder made (it used to write the pair's scenario first and
+    name that file)."""
+    f = _fleet(tmp_path, questions={"targets_ms": [400], "buffers_mb": [0],
+                                    "min_shards_per_layer": 99})
+    out = tmp_path / "o"
+    assert main(["fleet", str(f), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"elasticplan: error: {f}: min_shards_per_layer: 99 exceeds")
+    assert "(for device" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_buffer_the_device_cannot_hold_is_explained_without_scratch_paths(tmp_path):
+    f = _fleet(tmp_path, devices=[str(PROBLEMS / "devices" / "phone-ufs31.yaml")],
+               models=[str(PROBLEMS / "models" / "minilm-l6.yaml")],
+               questions={"targets_ms": [400], "buffers_mb": [5000]})
+    out = tmp_path / "o"
+    assert main(["fleet", str(f), "-o", str(out), "--workers", "0"]) == 0
+    (row,) = _rows(out).values()
+    assert row["status"] == "infeasible"
+    assert row["explanation"].startswith("preload_budget_mb: 5000 MB does not fit")
+    assert "elasticplan-fleet-" not in row["explanation"]
+
+
 # --- issue 29: what once ended or skewed a fleet ---------------------------------------------
 
 def test_chunks_schedule_every_task_exactly_once():

@@ -251,14 +251,16 @@ class Solver:
         started = time.monotonic()
         row = {"key": task.key, "attempts": task.attempt}
 
-        def unsolved(status: str, why: Exception) -> tuple[dict, None]:
+        def unsolved(status: str, why: Exception | str) -> tuple[dict, None]:
             return {**row, "status": status, "explanation": str(why),
                     "solve_seconds": time.monotonic() - started}, None
 
         try:
             sc = self.question(task)
         except SpecError as e:  # e.g. a buffer larger than the device's memory allows
-            return unsolved("infeasible", e)
+            # said of the question, not of this worker's scratch copy of the scenario
+            return unsolved("infeasible", f"{e.key_path}: {e.message}" if e.key_path
+                            else e.message)
         try:
             plan = solve(sc, o.solver, time_limit_s=o.time_limit_s, threads=o.threads,
                          relative_gap=o.gap)

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -165,6 +166,7 @@ def prepare(fleet: Fleet, out: Path, inputs: Inputs | None = None
     inputs, resolved once by the caller (made here if not given)."""
     check(fleet)
     check_outputs(fleet, out)
+    check_pairs(fleet)
     inputs = Inputs(fleet_inputs(fleet)) if inputs is None else inputs
     for sub in SUBDIRS:
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -184,6 +186,28 @@ def prepare(fleet: Fleet, out: Path, inputs: Inputs | None = None
         tasks += [Task(task_key(scenario.content_hash, q, fleet.objective, fleet.options), pair, q)
                   for q in fleet.questions]
     return bundles, tasks, meta
+
+
+def check_pairs(fleet: Fleet) -> None:
+    """Before anything is written: each device and model with each other, as the pair's
+    scenario poses them (loaded from a scratch copy that names the files by absolute path,
+    so that an error names the device or model file itself); an error of the pair's own
+    keys (min_shards_per_layer, the first question's target) names the fleet file and the
+    pair."""
+    with tempfile.TemporaryDirectory(prefix="elasticplan-fleet-check-") as tmp:
+        for pair, (device, model, _) in _pairs(fleet, Path(tmp)).items():
+            file = Path(tmp) / f"{pair}.yaml"
+            data = pair_scenario(fleet, device, model)
+            file.write_text(scenario_text({**data, "device": str(Path(device).resolve()),
+                                           "model": str(Path(model).resolve())}),
+                            encoding="utf-8")
+            try:
+                load_scenario(file)
+            except SpecError as e:
+                if e.file != str(file):
+                    raise
+                raise SpecError(fleet.file, e.key_path, f"{e.message} (for device {device} "
+                                                        f"with model {model})") from None
 
 
 def done_rows(out: Path, fleet: Fleet, tasks: list[Task], meta: dict
