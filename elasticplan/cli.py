@@ -33,7 +33,14 @@ from tqdm import tqdm
 
 from elasticplan.answers.explain import explain_failure
 from elasticplan.answers.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
-from elasticplan.errors import ElasticplanError, InfeasibleError, InvalidArgument, PlanFormatError, SolverTimeoutError
+from elasticplan.errors import (
+    ElasticplanError,
+    InfeasibleError,
+    InvalidArgument,
+    PlanFormatError,
+    SolverTimeoutError,
+    SpecError,
+)
 from elasticplan.plans.baselines import NAMES as BASELINE_NAMES
 from elasticplan.plans.baselines import baseline_plan
 from elasticplan.plans.plan import Plan
@@ -351,7 +358,16 @@ def _question(scenario, a):
     if a.window in (AUTO_WINDOW, UNBOUNDED_WINDOW):
         changes["prefetch_window"] = None if a.window == UNBOUNDED_WINDOW else \
             scenario.prefetch_window
-    return scenario.with_overrides(**changes)
+    try:
+        return scenario.with_overrides(**changes)
+    except SpecError as e:  # a value a flag gave: said of the flag, with the scenario's file
+        flag = next((f"--{dest.replace('_', '-')}" for dest, field in QUESTION_FLAGS.items()
+                     if getattr(a, dest) is not None and e.key_path == field), None)
+        if flag is None:
+            raise
+        value = getattr(a, flag[2:].replace("-", "_"))
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise InvalidArgument(f"{flag} {shown}: {e.message} (asked of {e.file})") from None
 
 
 def cmd_solve(a) -> int:

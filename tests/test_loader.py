@@ -370,3 +370,27 @@ def test_first_bad_finds_the_first_bad_value_past_its_chunks():
     assert i == 2 * CHECK_CHUNK + 3 and np.isnan(value)
     v[CHECK_CHUNK - 1] = -2 * MAX_WEIGHT
     assert first_bad(v) == (CHECK_CHUNK - 1, -2 * MAX_WEIGHT)
+
+
+def test_exponents_without_a_point_or_sign_are_numbers():
+    """YAML 1.2's `1e9` and `1.0e7` (PyYAML's YAML 1.1 read them as strings, and a budget
+    of 1e9 was refused as "got '1e9'"); quoted, integers and hex stay what they were."""
+    from elasticplan.problem.inputs import parse_yaml
+
+    got = parse_yaml(b"a: 1e9\nb: 1.0e7\nc: -2E+3\nd: .5e-3\ne: '1e9'\nf: 12\ng: 1.0e+7\n"
+                     b"h: 1e\n", "x.yaml")
+    assert got == {"a": 1e9, "b": 1e7, "c": -2000.0, "d": 5e-4, "e": "1e9", "f": 12,
+                   "g": 1e7, "h": "1e"}
+    assert isinstance(got["f"], int)
+
+
+def test_a_misspelt_required_key_is_named_beside_the_missing_one(tmp_path):
+    data = yaml.safe_load((PROBLEMS / "scenarios" / "minilm-phone.yaml").read_text())
+    data["target_latncy_ms"] = data.pop("target_latency_ms")
+    for k in ("device", "model"):
+        data[k] = str((PROBLEMS / "scenarios" / data[k]).resolve())
+    f = tmp_path / "typo.yaml"
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="target_latency_ms: required key is missing "
+                                        r"\(is 'target_latncy_ms' a misspelling of it\?\)"):
+        load_scenario(f)

@@ -235,8 +235,10 @@ def test_plan_recorded_before_memory_still_loads_and_verifies(solved, tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--memory-mb", "1"], "memory_budget_mb: 1 MB is below what every plan"),
-    (["--memory-mb", "5000"], "exceeds the device's memory_mb"),
+    (["--memory-mb", "1"], "--memory-mb 1: 1 MB is below what every plan"),
+    (["--memory-mb", "5000"], "--memory-mb 5000: 5000 MB exceeds the device's memory_mb"),
+    (["--buffer-mb", "1e9"], "--buffer-mb 1e+09: 1e+09 MB does not fit in the device's "
+                             "memory_mb"),
 ])
 def test_bad_memory_budgets_name_the_field(args, words, capsys):
     assert main(["solve", str(MINILM), *args]) == 2

@@ -18,9 +18,11 @@ file, the key path and the rule. The limits are documented in docs/formats.md.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import os
+import re
 import stat
 from typing import Any, Iterator
 
@@ -121,6 +123,14 @@ class _Loader(_BaseLoader):
                         raise _Duplicate(key, key_node.start_mark)
                     seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a point
+# or without a sign (1e9, 1.0e7): numbers, as a user writing them means
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 class _Duplicate(Exception):
@@ -294,7 +304,10 @@ class Fields:
         self.seen.add(k)
         if k not in self.data or self.data[k] is None:
             if required:
-                raise self.err(k, "required key is missing")
+                near = difflib.get_close_matches(
+                    k, [str(o) for o in self.data if o not in self.seen], n=1, cutoff=0.85)
+                raise self.err(k, "required key is missing" + (
+                    f" (is {near[0]!r} a misspelling of it?)" if near else ""))
             return None
         return self.data[k]
 
