@@ -203,6 +203,20 @@ def test_a_buffer_the_device_cannot_hold_is_explained_without_scratch_paths(tmp_
     assert "elasticplan-fleet-" not in row["explanation"]
 
 
+def test_a_fleet_table_with_a_buffer_the_device_cannot_hold_still_looks_up(tmp_path, capsys):
+    """A buffer beyond the device's memory is refused as infeasible beside a smaller one
+    that has a plan; the table's check (infeasible above a plan only within a buffer's
+    column) keeps such a table good for `lookup`."""
+    f = _fleet(tmp_path, devices=[str(PROBLEMS / "devices" / "sbc-rpi4-sd.yaml")],
+               models=[str(PROBLEMS / "models" / "minilm-l6.yaml")],
+               questions={"targets_ms": [2000], "buffers_mb": [0, 600]})
+    out = tmp_path / "o"
+    assert main(["fleet", str(f), "-o", str(out), "--workers", "0"]) == 0
+    (table,) = (out / "tables").glob("*.json")
+    capsys.readouterr()
+    assert main(["lookup", str(table), "--target-ms", "2000", "--buffer-mb", "0"]) == 0
+
+
 # --- issue 29: what once ended or skewed a fleet ---------------------------------------------
 
 def test_chunks_schedule_every_task_exactly_once():
@@ -286,3 +300,17 @@ def test_one_failed_task_never_ends_a_fleet(tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_module.Solver, "solve", real)
     again = run_fleet(fleet, out, workers=0, progress=False)
     assert again.solved_now == 2 and again.by_status == {"optimal": 4}
+
+
+def test_pairs_whose_names_collide_are_all_kept():
+    """x/a.yaml and y/a.yaml with b.yaml and b-2.yaml: four pairs, four names (the second
+    a--b-2 once overwrote the first, and a pair was never solved)."""
+    from types import SimpleNamespace
+
+    from elasticplan.answers.fleet_run import _pairs
+
+    fleet = SimpleNamespace(devices=("x/a.yaml", "y/a.yaml"), models=("b.yaml", "b-2.yaml"))
+    pairs = _pairs(fleet, Path("o"))
+    assert len(pairs) == 4
+    assert sorted((d, m) for d, m, _ in pairs.values()) == sorted(
+        (d, m) for d in fleet.devices for m in fleet.models)

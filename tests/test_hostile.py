@@ -446,12 +446,12 @@ def test_lookup_verifies_the_plan_it_returns(world, tmp_path, capsys):
                  "--buffer-mb", "2"]) == 2
     assert "not a bound" in capsys.readouterr().err
 
-    def looser_infeasible(d):  # (25 ms, 2 MB) infeasible while (20 ms, 0 MB) has a plan
-        assert d["cells"][0][0]["plan"] is not None
-        d["cells"][-1][-1] = {"status": "infeasible", "plan": None, "bound": None}
+    def looser_infeasible(d):  # (25 ms, 2 MB) infeasible while (20 ms, 2 MB) has a plan
+        assert d["cells"][0][1]["plan"] is not None
+        d["cells"][1][1] = {"status": "infeasible", "plan": None, "bound": None}
     assert main(["lookup", str(_table(world, tmp_path, looser_infeasible)), "--target-ms",
                  "25", "--buffer-mb", "2"]) == 2
-    assert "cells[1][1]: infeasible, but cells[" in capsys.readouterr().err
+    assert "cells[1][1]: infeasible, but cells[0][1]" in capsys.readouterr().err
 
 
 def test_store_index_names_only_files_inside_the_store(store_dir, tmp_path):

@@ -542,3 +542,55 @@ def test_ctrl_c_inside_cpsat_stops_the_search_and_is_a_keyboard_interrupt():
         solve_cpsat(sc, time_limit_s=120, threads=1, relative_gap=0.0)
     timer.join()
     assert time.perf_counter() - started < 60  # stopped, not run out (120 s limit)
+
+
+def test_the_cpsat_watch_stops_only_for_ctrl_c_and_passes_every_byte_on():
+    """Another signal with a handler (SIGUSR1) does not stop the search; the wake-up fd set
+    before (as asyncio sets one) still gets every signal's byte; Ctrl-C stops it and its
+    KeyboardInterrupt follows."""
+    import os
+    import signal
+
+    from elasticplan.solvers.plain.cpsat import _stopped_by_signals
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    os.set_blocking(r, False)
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda *a: None)
+    old_fd = signal.set_wakeup_fd(w)
+    stops = []
+    try:
+        with _stopped_by_signals(lambda: stops.append(1)):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.2)
+        assert stops == [] and os.read(r, 64) == bytes([signal.SIGUSR1])
+        with pytest.raises(KeyboardInterrupt):
+            with _stopped_by_signals(lambda: stops.append(1)):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert stops == [1] and os.read(r, 64) == bytes([signal.SIGINT])
+        assert signal.set_wakeup_fd(-1) == w  # the previous fd is back
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGUSR1, old_usr1)
+        os.close(r)
+        os.close(w)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_highs_runs():
+    """With SIGINT ignored (a background job of a script), a Ctrl-C during a run neither
+    stops HiGHS nor raises: it solves as if none came."""
+    import os
+    import signal
+
+    from elasticplan.solvers.aggregated.highs_model import _signalled, _signals_held
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert _signalled == []  # the interrupt callback sees nothing to stop for
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -29,8 +29,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from elasticplan.answers.explain import explain_failure
 from elasticplan.errors import (
     ElasticplanError,
@@ -41,7 +39,7 @@ from elasticplan.errors import (
     SpecError,
 )
 from elasticplan.plans.plan import Plan
-from elasticplan.problem.inputs import Fields, load_yaml, number
+from elasticplan.problem.inputs import Fields, dump_yaml, load_yaml, number
 from elasticplan.problem.loader import load_scenario
 from elasticplan.problem.question import BOUNDS, Objective
 from elasticplan.problem.spec import Scenario
@@ -353,4 +351,4 @@ def _refuse_constant(name: str):
 
 
 def scenario_text(data: dict) -> str:
-    return yaml.safe_dump(data, sort_keys=False)
+    return dump_yaml(data, sort_keys=False)

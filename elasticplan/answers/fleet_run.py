@@ -93,10 +93,10 @@ def _pairs(fleet: Fleet, out: Path) -> dict[str, tuple[str, str, Path]]:
     pairs, seen = {}, Counter()
     for device in fleet.devices:
         for model in fleet.models:
-            name = f"{Path(device).stem}--{Path(model).stem}"
-            seen[name] += 1
-            if seen[name] > 1:
-                name += f"-{seen[name]}"
+            base = name = f"{Path(device).stem}--{Path(model).stem}"
+            while name in pairs:  # a/x.yaml and b/x.yaml; and their -2 beside a real "-2"
+                seen[base] += 1
+                name = f"{base}-{seen[base] + 1}"
             pairs[name] = (device, model, out / "scenarios" / f"{name}.yaml")
     return pairs
 

@@ -185,20 +185,20 @@ def _check_shape(t: PlanTable, file: str) -> None:
                 raise PlanFormatError(f"{file}: cells[{i}][{j}].bound: {c.bound:.9g} is below "
                                       f"its own plan's objective {plan.objective:.9g}; not a "
                                       f"bound")
-    # a plan that meets a tighter target and a smaller buffer meets this cell's question:
-    # an infeasible cell above and right of a planned one is a table tampered with
-    below: list[list[tuple[int, int] | None]] = []  # a planned cell at or below (i, j)
-    for i, row in enumerate(t.cells):
-        below.append([])
-        for j, c in enumerate(row):
-            found = (i, j) if c.plan is not None else \
-                (below[i - 1][j] if i else None) or (below[i][j - 1] if j else None)
-            below[i].append(found)
-            if c.status in (INFEASIBLE, IMPLIED_INFEASIBLE) and found is not None:
-                a, b = found
-                raise PlanFormatError(f"{file}: cells[{i}][{j}]: {c.status}, but cells[{a}][{b}] "
-                                      f"(a tighter target and buffer) holds a plan; not a table "
-                                      f"`elasticplan table` wrote")
+    # a plan that meets a tighter target meets this cell's question with the same buffer:
+    # an infeasible cell above a planned one in its buffer's column is a table tampered
+    # with (along the buffer axis a fleet's table may hold a buffer the device cannot, its
+    # question refused as infeasible, beside a smaller one that has a plan)
+    for j in range(len(t.buffers_mb)):
+        planned = None
+        for i, row in enumerate(t.cells):
+            c = row[j]
+            if c.plan is not None and planned is None:
+                planned = i
+            elif c.status in (INFEASIBLE, IMPLIED_INFEASIBLE) and planned is not None:
+                raise PlanFormatError(f"{file}: cells[{i}][{j}]: {c.status}, but cells[{planned}]"
+                                      f"[{j}] (a tighter target, the same buffer) holds a plan; "
+                                      f"not a table `elasticplan table` or `fleet` wrote")
 
 
 def build_table(scenario: Scenario, targets_ms, buffers_mb, *, solver: str,

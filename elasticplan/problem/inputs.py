@@ -125,12 +125,23 @@ class _Loader(_BaseLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Safe dumping that quotes what _Loader would read back as another type."""
+
+
 # YAML 1.2's floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a point
-# or without a sign (1e9, 1.0e7): numbers, as a user writing them means
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+# or without a sign (1e9, 1.0e7): numbers, as a user writing them means; the dumper knows
+# them too, so that a string such as '1e3' is written quoted and read back a string
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."))
+
+
+def dump_yaml(data: Any, **options) -> str:
+    """`data` as YAML text that load_yaml reads back the same (yaml.dump's options)."""
+    return yaml.dump(data, Dumper=_Dumper, **options)
 
 
 class _Duplicate(Exception):

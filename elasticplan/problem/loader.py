@@ -15,12 +15,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from elasticplan.errors import SpecError
 from elasticplan.problem.inputs import (
     MAX_YAML_BYTES,
     Fields,
+    dump_yaml,
     integer,
     load_yaml,
     number,
@@ -77,8 +76,8 @@ def write_checked_yaml(path: str | os.PathLike, data: dict, header: str, parse) 
     `header` as leading comment lines. Used by everything that generates problem files."""
     parse(data, str(path))
     comment = "".join(f"# {line}\n" for line in header.splitlines())
-    write_text(path, comment + yaml.safe_dump(data, sort_keys=False, default_flow_style=None,
-                                              width=120))
+    write_text(path, comment + dump_yaml(data, sort_keys=False, default_flow_style=None,
+                                         width=120))
 
 
 def write_model_profile(path: str | os.PathLike, data: dict, header: str) -> None:

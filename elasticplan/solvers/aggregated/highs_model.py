@@ -98,28 +98,45 @@ _signalled: list[tuple[int, object]] = []  # (signal, frame) that came during a 
 @contextlib.contextmanager
 def _signals_held():
     """Ctrl-C and SIGTERM during a run, on the main thread: noted (the interrupt callback
-    then stops HiGHS at its next check), and handed to the handlers they would have met once
-    HiGHS has returned. Raised inside the callback, their exception would reach HiGHS, which
-    ends the run as a solve error (exit 7, not 130/143)."""
+    then stops HiGHS at its next check) and handed, once HiGHS has returned, to the
+    handlers they would have met, SIGTERM first. Raised inside the callback, their
+    exception would reach HiGHS, which ends the run as a solve error (exit 7, not 130/143).
+    A signal the process ignores stays ignored; the handlers are swapped with both signals
+    blocked, so that none arrives between two swaps."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held = [s for s in _STOP_SIGNALS
+            if callable(signal.getsignal(s)) or signal.getsignal(s) == signal.SIG_DFL]
+    previous: dict[int, object] = {}
     _signalled.clear()
-    previous = {s: signal.signal(s, lambda signum, frame: _signalled.append((signum, frame)))
-                for s in _STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for s in held:
+            previous[s] = signal.signal(s, _note)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if _signalled:
-            signum, frame = _signalled[0]
-            _signalled.clear()
-            handler = previous[signum]
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        finally:  # a signal that came meanwhile now meets the handler restored
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        noted = dict(_signalled)  # signal -> its frame
+        _signalled.clear()
+        for s in sorted(noted, key=lambda s: s != signal.SIGTERM):
+            handler = previous[s]
             if callable(handler):
-                handler(signum, frame)  # KeyboardInterrupt, the CLI's Terminated, ...
+                handler(s, noted[s])  # KeyboardInterrupt, the CLI's Terminated, ...
             elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), signum)
+                os.kill(os.getpid(), s)
+
+
+def _note(signum: int, frame) -> None:
+    _signalled.append((signum, frame))
 
 
 def _reset_scheduler(threads: int) -> None:

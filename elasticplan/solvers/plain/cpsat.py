@@ -24,27 +24,37 @@ def _stopped_by_signals(stop):
     """Ctrl-C or SIGTERM while the main thread is inside the solver (C++, where Python's
     handlers cannot run): `stop()` is called from a watcher thread woken by the signal's
     wake-up byte (signal.set_wakeup_fd), so the solve returns at once and the handler's
-    exception (KeyboardInterrupt, the CLI's Terminated) follows it."""
+    exception (KeyboardInterrupt, the CLI's Terminated) follows it. Every byte is passed
+    on to the wake-up fd set before (asyncio's, say); other signals do not stop it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     r, w = os.pipe()
     os.set_blocking(w, False)
+    stops = {int(signal.SIGINT), int(signal.SIGTERM)}
     previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
     def watch() -> None:
-        if os.read(r, 1):  # empty when the solve ended and the pipe was closed
-            stop()
+        while data := os.read(r, 64):  # empty when the solve ended and the pipe closed
+            if previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(previous, data)
+            if stops.intersection(data):
+                stop()
 
     watcher = threading.Thread(target=watch, name="cpsat-signal-watch", daemon=True)
     watcher.start()
     try:
         yield
     finally:
-        signal.set_wakeup_fd(previous)
-        os.close(w)
-        watcher.join()
-        os.close(r)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            signal.set_wakeup_fd(previous)
+            os.close(w)
+            watcher.join()
+            os.close(r)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def solve_cpsat(scenario: Scenario, *, time_limit_s: float, threads: int, relative_gap: float,
