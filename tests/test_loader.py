@@ -382,6 +382,10 @@ def test_exponents_without_a_point_or_sign_are_numbers():
     assert got == {"a": 1e9, "b": 1e7, "c": -2000.0, "d": 5e-4, "e": "1e9", "f": 12,
                    "g": 1e7, "h": "1e"}
     assert isinstance(got["f"], int)
+    from elasticplan.problem.inputs import dump_yaml  # what we write reads back the same
+
+    data = {"name": "1e3", "budget": 1e9, "n": 12, "label": "2.5e-3x"}
+    assert parse_yaml(dump_yaml(data).encode(), "x.yaml") == data
 
 
 def test_a_misspelt_required_key_is_named_beside_the_missing_one(tmp_path):
