@@ -287,6 +287,20 @@ def _importances():
     return st.tuples(pair, pair)
 
 
+RESOLUTION = 1e-6  # of the largest importance; the float backends see ~1e-9 of it
+
+
+def _resolvable(imp, head):
+    """The importances with those below RESOLUTION of the largest (the head's included)
+    set to 0: the float backends resolve importance to about 1e-9 of the largest
+    (elasticplan/solvers/margins.py), and a tie between plans that differ by less is not
+    theirs to break (a hypothesis example, 2.2e-16 beside 6e-8: HiGHS's second solve
+    returned a plan 2.7e-17 under its floor, CBC proved that floor infeasible)."""
+    top = max(head, *(v for pair in imp for v in pair))
+    cut = lambda v: 0.0 if v < RESOLUTION * top else v  # noqa: E731
+    return tuple(tuple(cut(v) for v in pair) for pair in imp), cut(head)
+
+
 @settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(imp=_importances(), head=st.floats(0, 2), target=st.floats(0.15, 1.5),
        memory=st.one_of(st.none(), st.floats(0.72, 1.2)), window=st.sampled_from([None, 1, 2]),
@@ -297,6 +311,7 @@ def test_every_exact_backend_finds_brute_forces_optimum(imp, head, target, memor
     """Tiny decoders (2 layers of a KV group and an FFN slice, the table; 4 or 32 bits):
     per-token and time-to-first-token targets, memory budgets, windows, the table streamed
     whole or in 5, 3 or 2 pieces; among the plans of the importance found, the fastest."""
+    imp, head = _resolvable(imp, head)
     sc = _scenario(profile=_profile(imp=imp, head_imp=(0.0, head), piece_rows=piece_rows),
                    target_latency_ms=target, memory_budget_mb=memory, prefetch_window=window,
                    kv_bits=kv, target_ttft_ms=ttft)
@@ -332,6 +347,7 @@ def test_a_table_the_relaxation_splits_is_solved_held_and_streamed_apart(
     from elasticplan.solvers.aggregated import highs
     from elasticplan.solvers.aggregated import program as aggregated
 
+    imp, head = _resolvable(imp, head)
     sc = _scenario(profile=_profile(imp=imp, head_imp=(0.0, head), piece_rows=piece_rows),
                    target_latency_ms=target, memory_budget_mb=memory,
                    preload_budget_mb=preload, objective=objective,
