@@ -302,11 +302,15 @@ def _subset(model: ModelProfile, li: int, bit: int, rng: np.random.Generator,
 
 
 def design(model: ModelProfile, plans: int, rng: np.random.Generator,
-           held_bits: tuple[int, ...] = ()) -> list[tuple[str, Selection]]:
+           held_bits: tuple[int, ...] = (), streamed_top: bool = False
+           ) -> list[tuple[str, Selection]]:
     """The calibration plans (module docstring), `plans` of them, named. `held_bits`: more
     bitwidths to hold every shard at, preloaded, each a plan of its own in place of a
     random one (a decoder's kernel bits: runtime.decode_calibrate.kernel_bits, whose term
-    the streamed plans alone left confounded with contention)."""
+    the streamed plans alone left confounded with contention). `streamed_top`: every shard
+    at the top bitwidth, streamed, in place of a random one (`calibrate --throttle`: the
+    disk beneath the throttle is fitted on layers read whole, as the plans at 1 GB/s and
+    layer-wise pipelining read them; without it the fit ran 7-25 % slow for those)."""
     B, L = len(model.bitwidths), len(model.layers)
     if plans < B + 1:
         raise CalibrationError(f"--plans {plans} is too few: the design needs one plan per "
@@ -327,6 +331,9 @@ def design(model: ModelProfile, plans: int, rng: np.random.Generator,
     if plans > len(out):  # the fp32 costs again, on other subsets: per flop vs per shard
         out.append((f"{model.bitwidths[-1]}-bit subsets, preloaded",
                     tuple(_subset(model, li, B - 1, rng, 1.0) for li in range(L))))
+    if streamed_top and plans > len(out):
+        out.append((f"every shard at {model.bitwidths[-1]} bits, streamed",
+                    every_shard(model, B - 1, False)))
     while len(out) < plans:
         out.append(("random", tuple(_subset(model, li, int(rng.integers(B)), rng, 0.25)
                                     for li in range(L))))
@@ -458,7 +465,8 @@ def calibrate(store: ShardStore, base: Scenario, *, bandwidth_mb_s: float | None
     draft_scenario = Scenario(name="calibration", device=draft, model=model,
                               question=Question(target_latency_ms=MAX_TARGET_MS,
                                                 preload_budget_mb=0.0, min_shards_per_layer=0))
-    designed, groups = designed_plans(draft_scenario, plans, seed, memory_mb)
+    designed, groups = designed_plans(draft_scenario, plans, seed, memory_mb,
+                                      streamed_top=throttle)
     began = time.monotonic()
     kernel = IoThrottle(store.path, bandwidth_mb_s, latency_us) if throttle else None
     with kernel if kernel is not None else contextlib.nullcontext():
@@ -629,16 +637,16 @@ def measure_rounds(plans: int, *, open_plan: Callable[[int], Any],
 
 
 def designed_plans(scenario: Scenario, plans: int, seed: int, memory_mb: float,
-                   held_bits: tuple[int, ...] = ()
+                   held_bits: tuple[int, ...] = (), streamed_top: bool = False
                    ) -> tuple[list[tuple[str, Selection, Plan]], list[list[int]]]:
-    """The calibration plans of `design` (with its `held_bits`) on the scenario's model,
-    each as (name, selection, plan), and the groups whose executors may be open at once
-    (their predicted peaks within INTERLEAVE_MEMORY_SHARE of the RAM)."""
+    """The calibration plans of `design` (with its `held_bits` and `streamed_top`) on the
+    scenario's model, each as (name, selection, plan), and the groups whose executors may
+    be open at once (their predicted peaks within INTERLEAVE_MEMORY_SHARE of the RAM)."""
     rng = np.random.default_rng(seed)
     designed = [(name, sel, Plan.from_selection(scenario, sel, solver="calibration",
                                                 status=SolveStatus.FEASIBLE, gap=None,
                                                 solve_seconds=0.0))
-                for name, sel in design(scenario.model, plans, rng, held_bits)]
+                for name, sel in design(scenario.model, plans, rng, held_bits, streamed_top)]
     return designed, _groups([plan.memory.peak_bytes for _, _, plan in designed],
                              INTERLEAVE_MEMORY_SHARE * memory_mb * 1e6)
 

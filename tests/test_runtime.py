@@ -592,6 +592,13 @@ def test_calibration_design_separates_every_term(scenario):
     assert {(p.bit, p.preloaded) for picks in sel for p in picks} == {(1, True)}
     assert sum(map(len, sel)) == model.n_shards
     assert [n for n, _ in held].count("random") == [n for n, _ in plans].count("random") - 1
+    # `calibrate --throttle`: every shard at the top bitwidth, streamed (layers read whole)
+    streamed = design(model, 12, np.random.default_rng(0), streamed_top=True)
+    assert len(streamed) == 12
+    (sel,) = [sel for name, sel in streamed if name == "every shard at 32 bits, streamed"]
+    assert {(model.bitwidths[p.bit], p.preloaded) for picks in sel for p in picks} == {(32, False)}
+    assert sum(map(len, sel)) == model.n_shards
+    assert [n for n, _ in streamed].count("random") == [n for n, _ in plans].count("random") - 1
 
 
 def test_calibrate_cli_writes_a_device_and_a_scenario_that_load(store_dir, tmp_path, capsys):
