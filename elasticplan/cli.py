@@ -32,7 +32,7 @@ from importlib.metadata import entry_points
 from tqdm import tqdm
 
 from elasticplan.answers.explain import explain_failure
-from elasticplan.answers.table import IMPLIED_INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
+from elasticplan.answers.table import IMPLIED_INFEASIBLE, INFEASIBLE, REUSED, PlanTable, build_table, proven_gap
 from elasticplan.errors import (
     ElasticplanError,
     InfeasibleError,
@@ -473,6 +473,15 @@ def cmd_sweep(a) -> int:
                   f"{optional(row.get('gap'), '.1e'):>8}  "
                   f"{optional(row.get('solve_seconds'), '.2f'):>7}")
     print(_saved_line(table))
+    loosest = table.cells[-1][-1]
+    if loosest.status == INFEASIBLE:  # no point has a plan: say what is short at the loosest
+        question = base.with_overrides(target_latency_ms=table.targets_ms[-1],
+                                       preload_budget_mb=table.buffers_mb[-1])
+        why = explain_failure(question, InfeasibleError("no plan at any point"),
+                              deadline=time.monotonic() + a.time_limit, threads=a.threads)
+        print(f"no point has a plan; at the loosest ({param} "
+              f"{table.buffers_mb[-1] if param == 'buffer_mb' else table.targets_ms[-1]:g}): "
+              f"{why}")
     if a.csv:
         fields = [param, "solver", "status", "source", "importance", "latency_ms", "used_mb",
                   "gap", "solve_seconds"]

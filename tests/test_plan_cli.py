@@ -270,3 +270,12 @@ def test_min_memory_is_explained_and_bounded(capsys):
     assert main(["solve", str(MINILM), "--memory-mb", "3", "--target-ms", "14"]) == 3
     err = capsys.readouterr().err
     assert "memory_budget_mb 3 is short" in err and "raise the memory budget to >=" in err
+
+
+def test_a_sweep_with_no_plan_says_what_is_short_at_its_loosest_point(capsys):
+    assert main(["sweep", str(MINILM), "--target-ms", "0.1:0.3:0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "no point has a plan; at the loosest (target_ms 0.3): target 0.3 ms is below " \
+           "the fastest possible schedule" in out
+    assert main(["sweep", str(MINILM), "--target-ms", "20:30:10"]) == 0
+    assert "no point has a plan" not in capsys.readouterr().out
