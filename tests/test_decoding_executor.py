@@ -477,7 +477,10 @@ def test_warm_reads_keep_the_pages_and_still_wait_for_the_device(store, prompt):
     cold, warm = results[False], results[True]
     assert warm.tokens == cold.tokens
     assert all(p.cached_pages_before == 0 for p in cold.passes)
-    assert all(p.cached_pages_before == p.streamed_pages > 0 for p in warm.passes[1:])
+    # kept, not evicted: every page, but for the few the kernel may reclaim on its own (one
+    # clean-clone CI run of many found a warm pass short of its pages, 2026-12-04)
+    assert all(p.streamed_pages > 0 and p.cached_pages_before >= 0.9 * p.streamed_pages
+               for p in warm.passes[1:])
     for p in warm.passes[1:]:  # one token's reads: at least the device's time, in order
         reads = sum(0.5 + store.variant(lt.index, s.name, s.bits).nbytes / 100e3
                     for lt, row in zip(p.layers, picks) for s in row)
